@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""One entry point for people and CI: it builds the environment it needs, then runs.
+
+    python3 dev.py start [ARGS...]   install zbroker into .venv and run `zbroker start ARGS`
+    python3 dev.py test  [PYTEST...] lint, type-check and run the whole test suite
+    python3 dev.py bench [ARGS...]   run the benchmarks (see bench/README.md)
+
+Only the standard library is used here, so this works on a machine that has
+nothing but Python 3.11+ (and Node.js for the Node client's tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+NODE_CLIENT = ROOT / "clients" / "node"
+
+
+def say(msg: str) -> None:
+    print(f"[dev] {msg}", flush=True)
+
+
+def run(cmd: list[str | os.PathLike[str]], **kw: object) -> None:
+    say("$ " + " ".join(str(c) for c in cmd))
+    proc = subprocess.run([str(c) for c in cmd], **kw)  # type: ignore[call-overload]
+    if proc.returncode != 0:
+        sys.exit(proc.returncode)
+
+
+def ensure_venv(extras: str) -> None:
+    """Create .venv and (re)install the project when pyproject.toml or the extras change."""
+    if sys.version_info < (3, 11):
+        sys.exit("zbroker needs Python 3.11 or newer")
+    if not PY.exists():
+        say(f"creating virtual environment in {VENV}")
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        run([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    stamp = VENV / f".dev-stamp-{extras or 'base'}"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    target = f"{ROOT}[{extras}]" if extras else str(ROOT)
+    say(f"installing zbroker ({extras or 'runtime'} dependencies)")
+    run([PY, "-m", "pip", "install", "--quiet", "-e", target])
+    stamp.write_text(digest)
+
+
+def ensure_node_deps() -> bool:
+    if not (NODE_CLIENT / "package.json").exists():
+        return False
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        sys.exit("Node.js and npm are needed for the Node client's tests")
+    lock = NODE_CLIENT / "package-lock.json"
+    stamp = NODE_CLIENT / "node_modules" / ".dev-stamp"
+    digest = hashlib.sha256(
+        (NODE_CLIENT / "package.json").read_bytes() + (lock.read_bytes() if lock.exists() else b"")
+    ).hexdigest()
+    if not (stamp.exists() and stamp.read_text() == digest):
+        run(["npm", "ci" if lock.exists() else "install", "--no-audit", "--no-fund"], cwd=NODE_CLIENT)
+        stamp.write_text(digest)
+    return True
+
+
+def cmd_start(args: list[str]) -> None:
+    ensure_venv("")
+    os.execv(str(BIN / "zbroker"), [str(BIN / "zbroker"), "start", *args])
+
+
+def cmd_test(args: list[str]) -> None:
+    ensure_venv("test")
+    have_node = ensure_node_deps()
+    run([BIN / "ruff", "check", "zbroker", "tests", "bench", "dev.py"], cwd=ROOT)
+    run([BIN / "ruff", "format", "--check", "zbroker", "tests", "bench", "dev.py"], cwd=ROOT)
+    run([BIN / "mypy", "zbroker"], cwd=ROOT)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if have_node:
+        run(["npm", "test"], cwd=NODE_CLIENT, env=env)
+    run([PY, "-m", "pytest", *args], cwd=ROOT, env=env)
+
+
+def cmd_bench(args: list[str]) -> None:
+    ensure_venv("bench")
+    os.execv(str(PY), [str(PY), str(ROOT / "bench" / "run.py"), *args])
+
+
+def main() -> None:
+    commands = {"start": cmd_start, "test": cmd_test, "bench": cmd_bench}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__)
+        sys.exit(2)
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

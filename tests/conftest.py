@@ -1,0 +1,159 @@
+"""Shared fixtures: real broker processes on free loopback ports, tracked zmq sockets.
+
+Every socket a test opens through `zmq_ctx` is closed with linger=0 and the
+context is terminated at teardown, so a broken test fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02) -> None:
+    """Poll `predicate` until it is true; fail the test with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step_s)
+    raise AssertionError(f"condition not met within {timeout_s}s: {predicate}")
+
+
+@dataclass
+class BrokerProcess:
+    """A real `zbroker start` subprocess and where it listens."""
+
+    endpoint: str
+    events_in: str
+    events_out: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    _log: object = field(default=None, repr=False)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zbroker", "start", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Ready means: an 8/MMI query over the real socket gets an answer."""
+        ctx = zmq.Context.instance()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            try:
+                sock.connect(self.endpoint)
+                sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"ping"])
+                if sock.poll(200):
+                    sock.recv_multipart()
+                    return
+            finally:
+                sock.close(linger=0)
+        raise AssertionError(f"broker not ready within {timeout_s}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind happens in the broker."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        rc = 0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("broker did not stop on SIGTERM within 10s") from None
+        elif self.proc is not None:
+            rc = self.proc.returncode
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start brokers with extra CLI args; all are stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def make(*extra: str, heartbeat_interval: float = 0.2, start: bool = True) -> BrokerProcess:
+        n = len(started)
+        ports = [free_port() for _ in range(3)]
+        endpoint, events_in, events_out = (f"tcp://127.0.0.1:{p}" for p in ports)
+        args = [
+            "--bind",
+            endpoint,
+            "--events-in",
+            events_in,
+            "--events-out",
+            events_out,
+            "--heartbeat-interval",
+            str(heartbeat_interval),
+            "--log-level",
+            "debug",
+            *extra,
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("ZBROKER_BIND", None)
+        b = BrokerProcess(endpoint, events_in, events_out, args, tmp_path / f"broker{n}.log", env)
+        started.append(b)
+        if start:
+            b.start()
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
+    """One running broker with a 0.2 s heartbeat interval."""
+    return broker_factory()
+
+
+@pytest.fixture
+def zmq_ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A private context; every socket is closed with linger=0 and term is bounded."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

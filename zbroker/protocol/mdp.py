@@ -1,0 +1,204 @@
+"""7/MDP (Majordomo) frames <-> typed messages, and 8/MMI constants.
+
+Owns the exact byte layout of MDP as the broker sees it on its ROUTER socket.
+Never touches a socket, the clock or broker state: frames in, objects out.
+
+Frame lists handed to the decoders *exclude* the ROUTER routing id; encoders
+for broker->peer messages return the frames *after* the routing id too, so the
+caller prepends it.  All frames start with the empty delimiter frame a REQ
+socket adds (DEALER peers must send it themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from zbroker.protocol.errors import ProtocolError
+
+MDPC01 = b"MDPC01"
+MDPW01 = b"MDPW01"
+
+# 7/MDP worker commands (one byte each).
+READY = b"\x01"
+REQUEST = b"\x02"
+REPLY = b"\x03"
+HEARTBEAT = b"\x04"
+DISCONNECT = b"\x05"
+
+COMMAND_NAMES = {
+    READY: "READY",
+    REQUEST: "REQUEST",
+    REPLY: "REPLY",
+    HEARTBEAT: "HEARTBEAT",
+    DISCONNECT: "DISCONNECT",
+}
+
+# 8/MMI: the broker answers every service whose name starts with this prefix itself.
+MMI_PREFIX = b"mmi."
+MMI_SERVICE = b"mmi.service"
+MMI_FOUND = b"200"
+MMI_NOT_FOUND = b"404"
+MMI_NOT_IMPLEMENTED = b"501"
+
+EMPTY = b""
+
+
+# ---------------------------------------------------------------- messages in
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """MDPC01 request: a client asks `service` to handle `body`."""
+
+    service: bytes
+    body: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """MDPW01 READY: the worker offers `service`."""
+
+    service: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReply:
+    """MDPW01 REPLY: the worker answers the request it was given for `client`."""
+
+    client: bytes
+    body: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHeartbeat:
+    """MDPW01 HEARTBEAT."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDisconnect:
+    """MDPW01 DISCONNECT."""
+
+
+WorkerMessage = WorkerReady | WorkerReply | WorkerHeartbeat | WorkerDisconnect
+_HEARTBEAT = WorkerHeartbeat()
+_DISCONNECT = WorkerDisconnect()
+
+
+def decode_client(frames: Sequence[bytes]) -> ClientRequest:
+    """Decode an MDPC01 message (frames after the routing id: empty, header, service, body)."""
+    if len(frames) < 3:
+        raise ProtocolError("missing_frames", "MDPC01 request needs a service frame")
+    if frames[0]:
+        raise ProtocolError("bad_delimiter", "first frame must be empty")
+    return ClientRequest(frames[2], tuple(frames[3:]))
+
+
+def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
+    """Decode an MDPW01 message (frames after the routing id: empty, header, command, ...)."""
+    n = len(frames)
+    if n < 3:
+        raise ProtocolError("missing_frames", "MDPW01 message needs a command frame")
+    if frames[0]:
+        raise ProtocolError("bad_delimiter", "first frame must be empty")
+    command = frames[2]
+    if command == REPLY:
+        if n < 5:
+            raise ProtocolError("missing_frames", "REPLY needs client address and empty frame")
+        if frames[4]:
+            raise ProtocolError("bad_delimiter", "REPLY needs an empty frame after the address")
+        return WorkerReply(frames[3], tuple(frames[5:]))
+    if command == HEARTBEAT:
+        if n != 3:
+            raise ProtocolError("extra_frames", "HEARTBEAT has exactly three frames")
+        return _HEARTBEAT
+    if command == READY:
+        if n != 4:
+            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "READY: service")
+        return WorkerReady(frames[3])
+    if command == DISCONNECT:
+        if n != 3:
+            raise ProtocolError("extra_frames", "DISCONNECT has exactly three frames")
+        return _DISCONNECT
+    raise ProtocolError("unknown_command", f"unknown MDPW01 command {command[:8]!r}")
+
+
+# ---------------------------------------------------------- broker -> peer
+
+
+def client_reply(service: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Broker -> client: the reply to a request for `service`."""
+    return [EMPTY, MDPC01, service, *body]
+
+
+def worker_request(client: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Broker -> worker: handle `body` for `client`."""
+    return [EMPTY, MDPW01, REQUEST, client, EMPTY, *body]
+
+
+def worker_heartbeat() -> list[bytes]:
+    return [EMPTY, MDPW01, HEARTBEAT]
+
+
+def worker_disconnect() -> list[bytes]:
+    return [EMPTY, MDPW01, DISCONNECT]
+
+
+# ---------------------------------------- peer -> broker (used by clients)
+
+
+def client_request(service: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Client -> broker over a DEALER socket (a REQ socket adds the empty frame itself)."""
+    return [EMPTY, MDPC01, service, *body]
+
+
+def worker_ready(service: bytes) -> list[bytes]:
+    return [EMPTY, MDPW01, READY, service]
+
+
+def worker_reply(client: bytes, body: Sequence[bytes]) -> list[bytes]:
+    return [EMPTY, MDPW01, REPLY, client, EMPTY, *body]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerRequest:
+    """Broker -> worker REQUEST as a worker decodes it."""
+
+    client: bytes
+    body: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHeartbeat:
+    """Broker -> worker HEARTBEAT."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerDisconnect:
+    """Broker -> worker DISCONNECT: the worker must re-register."""
+
+
+BrokerToWorker = BrokerRequest | BrokerHeartbeat | BrokerDisconnect
+
+
+def decode_from_broker_to_worker(frames: Sequence[bytes]) -> BrokerToWorker:
+    """Worker side: decode what a DEALER worker receives (empty, MDPW01, command, ...)."""
+    if len(frames) < 3 or frames[0] or frames[1] != MDPW01:
+        raise ProtocolError("bad_header", "not an MDPW01 message")
+    command = frames[2]
+    if command == REQUEST:
+        if len(frames) < 5 or frames[4]:
+            raise ProtocolError("missing_frames", "REQUEST needs client address and empty frame")
+        return BrokerRequest(frames[3], tuple(frames[5:]))
+    if command == HEARTBEAT:
+        return BrokerHeartbeat()
+    if command == DISCONNECT:
+        return BrokerDisconnect()
+    raise ProtocolError("unknown_command", f"unexpected command {command[:8]!r} for a worker")
+
+
+def decode_reply_to_client(frames: Sequence[bytes]) -> tuple[bytes, tuple[bytes, ...]]:
+    """Client side: decode a reply on a DEALER socket (empty, MDPC01, service, body...)."""
+    if len(frames) < 3 or frames[0] or frames[1] != MDPC01:
+        raise ProtocolError("bad_header", "not an MDPC01 reply")
+    return frames[2], tuple(frames[3:])
