@@ -1,0 +1,3 @@
+from zbroker.cli import main
+
+main()

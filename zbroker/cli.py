@@ -1,0 +1,131 @@
+"""The `zbroker` command line: `zbroker start` runs a broker with embedded defaults.
+
+Every option of `start` can also be given as a `ZBROKER_*` environment variable;
+a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from zbroker import __version__
+from zbroker.config import BrokerConfig
+from zbroker.runtime import BindError, BrokerServer
+
+app = typer.Typer(
+    name="zbroker",
+    help="A ZeroMQ task broker: Majordomo request/reply, durable queues, a topic event bus.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zbroker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """zbroker command line."""
+
+
+_defaults = BrokerConfig()
+
+
+@app.command()
+def start(
+    bind: Annotated[
+        str, typer.Option(envvar="ZBROKER_BIND", help="ROUTER endpoint for MDP clients and workers.")
+    ] = _defaults.bind,
+    events_in: Annotated[
+        str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="XSUB endpoint publishers connect to.")
+    ] = _defaults.events_in,
+    events_out: Annotated[
+        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="XPUB endpoint subscribers connect to.")
+    ] = _defaults.events_out,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(
+            envvar="ZBROKER_HEARTBEAT_INTERVAL",
+            min=0.01,
+            help="Seconds between heartbeats to workers.",
+        ),
+    ] = _defaults.heartbeat_interval_s,
+    heartbeat_liveness: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_HEARTBEAT_LIVENESS",
+            min=1,
+            help="Missed heartbeat intervals after which a worker (idle or busy) is dead.",
+        ),
+    ] = _defaults.heartbeat_liveness,
+    request_expiry: Annotated[
+        float,
+        typer.Option(
+            envvar="ZBROKER_REQUEST_EXPIRY",
+            min=0.001,
+            help="Seconds a request may wait in a queue before it is dropped (and counted).",
+        ),
+    ] = _defaults.request_expiry_s,
+    max_queued: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_MAX_QUEUED",
+            min=1,
+            help="Per-service cap on queued requests; beyond it requests are refused.",
+        ),
+    ] = _defaults.max_queued_per_service,
+    max_message_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_MAX_MESSAGE_BYTES", min=64, help="Largest accepted message, in bytes."
+        ),
+    ] = _defaults.max_message_bytes,
+    log_level: Annotated[
+        str,
+        typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
+    ] = _defaults.log_level,
+) -> None:
+    """Run a broker in the foreground until SIGINT or SIGTERM."""
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = BrokerConfig(
+        bind=bind,
+        events_in=events_in,
+        events_out=events_out,
+        heartbeat_interval_s=heartbeat_interval,
+        heartbeat_liveness=heartbeat_liveness,
+        request_expiry_s=request_expiry,
+        max_queued_per_service=max_queued,
+        max_message_bytes=max_message_bytes,
+        log_level=level,
+    )
+    try:
+        server = BrokerServer(config)
+    except BindError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(1) from None
+    server.install_signal_handlers()
+    server.serve_forever()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,10 @@
+"""The broker core: a pure, deterministic state machine (no sockets, no disk, no clock).
+
+Layering (checked by tests/unit/test_layering.py):
+    cli -> runtime -> core -> protocol;  runtime -> journal;  client -> protocol.
+"""
+
+from zbroker.core.broker import Broker
+from zbroker.core.model import CoreSettings, Stats
+
+__all__ = ["Broker", "CoreSettings", "Stats"]

@@ -1,0 +1,155 @@
+"""The broker's event loop: moves frames between the ROUTER socket and the core.
+
+Each pass: poll, drain up to a batch of messages into the core, run its timers
+when due, then send everything it queued. This is the only module that talks
+to the ROUTER socket; it holds no broker state of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+import time
+from types import FrameType
+
+import zmq
+
+from zbroker.config import BrokerConfig
+from zbroker.core import Broker
+from zbroker.runtime.errors import BindError
+from zbroker.runtime.proxy import EventProxy
+
+log = logging.getLogger("zbroker.runtime")
+
+# Messages read per pass before timers and sends get their turn.
+RECV_BATCH = 512
+
+
+class BrokerServer:
+    """A running broker: ROUTER socket + event proxy + core. `serve_forever()` blocks."""
+
+    def __init__(self, config: BrokerConfig, ctx: zmq.Context[zmq.Socket[bytes]] | None = None):
+        self.config = config
+        self._ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
+        self.core = Broker(config.core_settings(), time.monotonic())
+        self._stopping = False
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.sndhwm = config.router_hwm
+        self.router.rcvhwm = config.router_hwm
+        # Refuse (instead of silently dropping) sends to peers that are gone or full,
+        # so the core learns that a worker's connection is gone.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.router.bind(config.bind)
+        except zmq.ZMQError as exc:
+            self.router.close()
+            raise BindError(f"cannot bind {config.bind}: {exc}") from exc
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.events = EventProxy(self._ctx, config.events_in, config.events_out, config.events_hwm)
+        except BindError:
+            self.router.close()
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its pass and return (safe from signal handlers)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def serve_forever(self) -> None:
+        self.events.start()
+        log.info("broker listening on %s (MDP clients and workers)", self.endpoint)
+        log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
+        log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
+        poller = zmq.Poller()
+        router = self.router
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        core = self.core
+        receive = core.receive
+        recv = router.recv_multipart
+        noblock = zmq.NOBLOCK
+        monotonic = time.monotonic
+        try:
+            while not self._stopping:
+                now = monotonic()
+                timeout_ms = max(0.0, (core.next_tick_at - now) * 1000.0)
+                ready = dict(poller.poll(timeout_ms))
+                now = monotonic()
+                if router in ready:
+                    for _ in range(RECV_BATCH):
+                        try:
+                            frames = recv(noblock)
+                        except zmq.Again:
+                            break
+                        receive(frames, now)
+                if now >= core.next_tick_at:
+                    core.tick(now)
+                if core.outbox:
+                    self._flush(now)
+                if self._wake_r in ready:
+                    self._drain_wakeups()
+        finally:
+            self._close()
+
+    def _flush(self, now: float) -> None:
+        core = self.core
+        send = self.router.send_multipart
+        noblock = zmq.NOBLOCK
+        while core.outbox:
+            batch = core.outbox
+            core.outbox = []
+            for frames in batch:
+                try:
+                    send(frames, noblock)
+                except zmq.Again:
+                    core.undeliverable(frames, now)
+                except zmq.ZMQError as exc:
+                    if exc.errno != errno.EHOSTUNREACH:
+                        raise
+                    core.undeliverable(frames, now)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _close(self) -> None:
+        stats = self.core.stats
+        log.info(
+            "broker stopped: %d requests, %d replies, %d requeued, %d expired, "
+            "%d refused (queue full), %d malformed dropped %s",
+            stats.requests,
+            stats.replies,
+            stats.requeued,
+            stats.expired,
+            stats.refused_queue_full,
+            stats.malformed_total,
+            dict(stats.malformed or {}),
+        )
+        self.events.stop()
+        self.router.close(linger=0)
+        self._wake_r.close()
+        self._wake_w.close()
+        if self._own_ctx:
+            self._ctx.term()
