@@ -39,8 +39,6 @@ def run(cmd: list[str | os.PathLike[str]], **kw: object) -> None:
 
 def ensure_venv(extras: str) -> None:
     """Create .venv and (re)install the project when pyproject.toml or the extras change."""
-    if sys.version_info < (3, 11):
-        sys.exit("zbroker needs Python 3.11 or newer")
     if not PY.exists():
         say(f"creating virtual environment in {VENV}")
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
@@ -66,7 +64,10 @@ def ensure_node_deps() -> bool:
         (NODE_CLIENT / "package.json").read_bytes() + (lock.read_bytes() if lock.exists() else b"")
     ).hexdigest()
     if not (stamp.exists() and stamp.read_text() == digest):
-        run(["npm", "ci" if lock.exists() else "install", "--no-audit", "--no-fund"], cwd=NODE_CLIENT)
+        run(
+            ["npm", "ci" if lock.exists() else "install", "--no-audit", "--no-fund"],
+            cwd=NODE_CLIENT,
+        )
         stamp.write_text(digest)
     return True
 

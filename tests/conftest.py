@@ -28,7 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02
+) -> None:
     """Poll `predicate` until it is true; fail the test with a clear message at the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -151,9 +153,31 @@ def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     return broker_factory()
 
 
+class TrackingContext(zmq.Context[zmq.Socket[bytes]]):
+    """Keeps every socket it makes alive until `close_all`, so none is left to the GC."""
+
+    # Declared on the class so pyzmq's option-setting __setattr__ treats it as an attribute.
+    opened: list[zmq.Socket[bytes]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = []
+
+    def socket(self, socket_type: int, **kwargs: object) -> zmq.Socket[bytes]:  # type: ignore[override]
+        sock = super().socket(socket_type, **kwargs)  # type: ignore[arg-type]
+        self.opened.append(sock)
+        return sock
+
+    def close_all(self) -> None:
+        for sock in self.opened:
+            sock.close(linger=0)
+        self.opened.clear()
+        self.term()
+
+
 @pytest.fixture
 def zmq_ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    """A private context; every socket is closed with linger=0 and term is bounded."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    """A private context; every socket is closed with linger=0 at teardown."""
+    ctx = TrackingContext()
     yield ctx
-    ctx.destroy(linger=0)
+    ctx.close_all()

@@ -47,7 +47,8 @@ _defaults = BrokerConfig()
 @app.command()
 def start(
     bind: Annotated[
-        str, typer.Option(envvar="ZBROKER_BIND", help="ROUTER endpoint for MDP clients and workers.")
+        str,
+        typer.Option(envvar="ZBROKER_BIND", help="ROUTER endpoint for MDP clients and workers."),
     ] = _defaults.bind,
     events_in: Annotated[
         str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="XSUB endpoint publishers connect to.")
@@ -101,7 +102,9 @@ def start(
     """Run a broker in the foreground until SIGINT or SIGTERM."""
     level = log_level.lower()
     if level not in LOG_LEVELS:
-        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+        raise typer.BadParameter(
+            f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
+        )
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",

@@ -253,9 +253,7 @@ class Broker:
             worker.request = None
             service.queue.appendleft(request)
             self.stats.requeued += 1
-            log.info(
-                "request #%d requeued: worker %s is gone", request.id, _hex(worker.identity)
-            )
+            log.info("request #%d requeued: worker %s is gone", request.id, _hex(worker.identity))
             self._dispatch(service, now)
 
     def _kick(self, worker: Worker, now: float, why: str) -> None:

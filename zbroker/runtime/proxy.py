@@ -23,7 +23,9 @@ class EventProxy:
     """Binds both endpoints at construction (so bind errors surface at once), forwards in
     a daemon thread until `stop()`."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, hwm: int):
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, hwm: int
+    ):
         self._ctx = ctx
         self.inproc_in = f"inproc://zbroker-events-in-{next(_ids)}"
         self._xsub = ctx.socket(zmq.XSUB)
@@ -40,7 +42,9 @@ class EventProxy:
         except zmq.ZMQError as exc:
             self._xsub.close()
             self._xpub.close()
-            raise BindError(f"cannot bind event endpoints {events_in} / {events_out}: {exc}") from exc
+            raise BindError(
+                f"cannot bind event endpoints {events_in} / {events_out}: {exc}"
+            ) from exc
         self.events_out = self._xpub.getsockopt_string(zmq.LAST_ENDPOINT)
         control_endpoint = f"inproc://zbroker-events-control-{next(_ids)}"
         self._control = ctx.socket(zmq.PAIR)

@@ -7,6 +7,7 @@ to the ROUTER socket; it holds no broker state of its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
@@ -50,7 +51,9 @@ class BrokerServer:
             raise BindError(f"cannot bind {config.bind}: {exc}") from exc
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
-            self.events = EventProxy(self._ctx, config.events_in, config.events_out, config.events_hwm)
+            self.events = EventProxy(
+                self._ctx, config.events_in, config.events_out, config.events_hwm
+            )
         except BindError:
             self.router.close()
             raise
@@ -61,10 +64,8 @@ class BrokerServer:
     def stop(self) -> None:
         """Ask the loop to finish its pass and return (safe from signal handlers)."""
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        except OSError:
-            pass
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -91,7 +92,7 @@ class BrokerServer:
         try:
             while not self._stopping:
                 now = monotonic()
-                timeout_ms = max(0.0, (core.next_tick_at - now) * 1000.0)
+                timeout_ms = max(0, int((core.next_tick_at - now) * 1000.0) + 1)
                 ready = dict(poller.poll(timeout_ms))
                 now = monotonic()
                 if router in ready:

@@ -1,0 +1,355 @@
+"""What every workload needs around its measurement: child processes that are always
+stopped, free loopback ports, CPU accounting from /proc, summary statistics,
+machine facts and progress lines.
+
+Nothing here knows about a particular system or protocol; workloads own that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import os
+import platform
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+JSONDict = dict[str, Any]
+Say = Callable[[str], None]
+
+
+class BenchError(RuntimeError):
+    """A run could not be completed: a process died, timed out or answered wrongly."""
+
+
+# ------------------------------------------------------------------ workloads
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What the command line decided for every workload."""
+
+    quick: bool
+    runs: int
+    log_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One benchmark: `run` measures and returns a JSON-able result, `markdown`
+    renders that result as a table for docs/performance.md."""
+
+    name: str
+    summary: str
+    run: Callable[[Options, Say], JSONDict]
+    markdown: Callable[[JSONDict], str]
+
+
+# ------------------------------------------------------------------ processes
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the benchmark itself is killed (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _pending: bytes = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, max_lines: int = 20) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-max_lines:])
+
+    def read_line(self, timeout_s: float) -> str:
+        """The next line the child writes to stdout, or BenchError after `timeout_s`."""
+        stdout = self.proc.stdout
+        assert stdout is not None, f"{self.name} was started without a stdout pipe"
+        fd = stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BenchError(f"{self.name}: no output after {timeout_s:.0f}s")
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise self.failure("exited before reporting")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def failure(self, what: str) -> BenchError:
+        code = self.proc.poll()
+        status = "still running" if code is None else f"exit code {code}"
+        tail = self.log_tail()
+        detail = f"\n--- {self.log_path} ---\n{tail}" if tail else ""
+        return BenchError(f"{self.name} {what} ({status}){detail}")
+
+
+@dataclass
+class ProcessGroup:
+    """Children started for one run. Leaving the `with` block stops every one of them,
+    whatever happened: each child leads its own process group, which is signalled
+    as a whole (SIGTERM, then SIGKILL)."""
+
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(
+        self, name: str, argv: Sequence[str], *, stdout_pipe: bool = False, cwd: Path = ROOT
+    ) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout_pipe else log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            if child.proc.poll() is not None:
+                raise child.failure("died during the run")
+
+    def stop(self, child: Child, grace_s: float = 5.0) -> int | None:
+        """SIGTERM the child's group, SIGKILL it after `grace_s`; the exit code, if any."""
+        proc = child.proc
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever the leader did, leave nothing of its group behind.
+        _signal_group(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+        _close(proc.stdout)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        # Signal everyone first so they wind down in parallel, then reap.
+        for child in self.children:
+            if child.proc.poll() is None:
+                _signal_group(child.pid, signal.SIGTERM)
+        for child in reversed(self.children):
+            self.stop(child)
+        self.children.clear()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _close(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def python_argv(script: Path, *args: object) -> list[str]:
+    """Run a bench script with the interpreter running the benchmark (the project venv)."""
+    return [sys.executable, str(script), *(str(a) for a in args)]
+
+
+# ------------------------------------------------------------------ network
+
+
+def free_tcp_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_for_listener(port: int, owner: Child, timeout_s: float = 20.0) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if owner.proc.poll() is not None:
+            raise owner.failure(f"exited before listening on port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise owner.failure(f"not listening on port {port} after {timeout_s:.0f}s")
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of every thread of `pid` so far, or None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLOCK_TICKS_PER_S
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil without floats going wrong
+    return sorted_values[min(len(sorted_values), int(rank)) - 1]
+
+
+def spread(values: Sequence[float]) -> JSONDict:
+    """Median and range of one metric over repeated runs."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": list(values),
+    }
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def progress(tag: str) -> Say:
+    def say(message: str) -> None:
+        print(f"[{tag}] {message}", flush=True)
+
+    return say
+
+
+def fmt_count(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_range(s: JSONDict, fmt: Callable[[float], str]) -> str:
+    return f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
+
+
+def machine_info() -> JSONDict:
+    import msgpack  # type: ignore[import-untyped,unused-ignore]
+    import zmq
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "zbroker_commit": _git_describe(),
+    }
+
+
+def machine_line(machine: JSONDict) -> str:
+    cpus = machine["cpus_usable"] or machine["cpu_count"]
+    return (
+        f"{cpus} CPUs ({machine['cpu_model']}), {machine['platform']}, "
+        f"Python {machine['python']}, pyzmq {machine['pyzmq']}, libzmq {machine['libzmq']}, "
+        f"zbroker {machine['zbroker_commit']}, {machine['date']}"
+    )
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _git_describe() -> str:
+    try:
+        head = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "zbroker")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}{'+dirty' if dirty else ''}"
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
+    )
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the children."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
