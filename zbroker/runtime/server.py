@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
@@ -84,6 +85,9 @@ class BrokerServer:
         router = self.router
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        monitor = self._open_monitor()
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         core = self.core
         receive = core.receive
         recv = router.recv_multipart
@@ -108,8 +112,26 @@ class BrokerServer:
                     self._flush(now)
                 if self._wake_r in ready:
                     self._drain_wakeups()
+                if monitor is not None and monitor in ready:
+                    self._log_connections(monitor)
         finally:
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
             self._close()
+
+    def _open_monitor(self) -> zmq.Socket[bytes] | None:
+        """At debug level, watch TCP connects and disconnects on the ROUTER socket."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return None
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        return self.router.get_monitor_socket(events)
+
+    def _log_connections(self, monitor: zmq.Socket[bytes]) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            what = "accepted" if event["event"] == zmq.EVENT_ACCEPTED else "closed"
+            log.debug("connection %s on %s (fd %s)", what, event["endpoint"], event["value"])
 
     def _flush(self, now: float) -> None:
         core = self.core
