@@ -13,12 +13,14 @@ import datetime as dt
 import os
 import platform
 import selectors
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ class Options:
     quick: bool
     runs: int
     log_dir: Path
+    # Where py-spy profiles of zbroker go; None: no profiling.
+    profile_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +156,19 @@ class ProcessGroup:
         self.children.append(child)
         return child
 
-    def check_alive(self) -> None:
+    def interrupt(self, child: Child, timeout_s: float = 15.0) -> int | None:
+        """SIGINT the child alone (a profiler writes its output on it) and wait for it."""
+        if child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout_s)
+        return self.stop(child)
+
+    def check_alive(self, ignoring: Sequence[Child | None] = ()) -> None:
+        """BenchError if any child has exited, other than those `ignoring`."""
         for child in self.children:
-            if child.proc.poll() is not None:
+            if child not in ignoring and child.proc.poll() is not None:
                 raise child.failure("died during the run")
 
     def stop(self, child: Child, grace_s: float = 5.0) -> int | None:
@@ -162,10 +176,8 @@ class ProcessGroup:
         proc = child.proc
         if proc.poll() is None:
             _signal_group(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever the leader did, leave nothing of its group behind.
         _signal_group(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -269,6 +281,73 @@ def spread(values: Sequence[float]) -> JSONDict:
     }
 
 
+# ------------------------------------------------------------------ profiling
+
+
+def py_spy_path() -> Path:
+    """The py-spy next to this interpreter (or on PATH); BenchError if there is none."""
+    local = Path(sys.executable).parent / "py-spy"
+    if local.exists():
+        return local
+    found = shutil.which("py-spy")
+    if found is None:
+        raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    return Path(found)
+
+
+def start_py_spy(procs: ProcessGroup, name: str, pid: int, out: Path) -> Child:
+    """Sample `pid` into a collapsed-stack file until interrupted with `procs.interrupt`.
+
+    Non-blocking sampling does not pause the target, so figures move less than with
+    py-spy's default; they still move (py-spy needs a CPU too), so profiled runs are
+    flagged in the results.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [str(py_spy_path()), "record", "--pid", str(pid), "--nonblocking"]
+    argv += ["--rate", "200", "--format", "raw", "--output", str(out)]
+    return procs.start(name, argv)
+
+
+TRUNK_SHARE = 0.95
+
+
+def top_functions(collapsed: Path, limit: int = 15) -> JSONDict:
+    """Self and inclusive shares of the busiest functions in a collapsed-stack file,
+    with line numbers dropped so each function counts once. Functions on the stack
+    of at least TRUNK_SHARE of all samples are left out."""
+    self_samples: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_function_of(frame) for frame in stack.split(";")]
+        self_samples[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def shares(counter: Counter[str]) -> list[JSONDict]:
+        rows = ((fn, n / total) for fn, n in counter.most_common() if total)
+        # The call chain nearly every sample shares (interpreter start-up, CLI, the
+        # event loop itself) says nothing about where time goes: leave it out.
+        return [{"function": fn, "share": share} for fn, share in rows if share < TRUNK_SHARE][
+            :limit
+        ]
+
+    return {"samples": total, "self": shares(self_samples), "inclusive": shares(inclusive)}
+
+
+def _function_of(frame: str) -> str:
+    # "name (path/to/file.py:123)" -> "name (path/to/file.py)"
+    head, sep, where = frame.rpartition(" (")
+    if not sep:
+        return frame
+    return f"{head} ({where.rstrip(')').rsplit(':', 1)[0]})"
+
+
 # ------------------------------------------------------------------ reporting
 
 
@@ -283,8 +362,12 @@ def fmt_count(value: float) -> str:
     return f"{value:,.0f}"
 
 
+EN_DASH = "\u2013"
+
+
 def fmt_range(s: JSONDict, fmt: Callable[[float], str]) -> str:
-    return f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
+    """`median (min to max)`, joined by an en dash as typeset tables do."""
+    return f"{fmt(s['median'])} ({fmt(s['min'])}{EN_DASH}{fmt(s['max'])})"
 
 
 def machine_info() -> JSONDict:
@@ -305,6 +388,8 @@ def machine_info() -> JSONDict:
         "libzmq": zmq.zmq_version(),
         "msgpack": ".".join(map(str, msgpack.version)),
         "zbroker_commit": _git_describe(),
+        # Other work on the machine skews every figure; this says whether there was any.
+        "load_average_1m_at_start": _load_average_1m(),
     }
 
 
@@ -315,6 +400,10 @@ def machine_line(machine: JSONDict) -> str:
         f"Python {machine['python']}, pyzmq {machine['pyzmq']}, libzmq {machine['libzmq']}, "
         f"zbroker {machine['zbroker_commit']}, {machine['date']}"
     )
+
+
+def _load_average_1m() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _cpu_model() -> str:

@@ -90,6 +90,7 @@ class BrokerProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._close_log()
 
     def stop(self) -> int:
         rc = 0
@@ -103,10 +104,13 @@ class BrokerProcess:
                 raise AssertionError("broker did not stop on SIGTERM within 10s") from None
         elif self.proc is not None:
             rc = self.proc.returncode
+        self._close_log()
+        return rc
+
+    def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
-        return rc
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -178,6 +182,6 @@ class TrackingContext(zmq.Context[zmq.Socket[bytes]]):
 @pytest.fixture
 def zmq_ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     """A private context; every socket is closed with linger=0 at teardown."""
-    ctx = TrackingContext()
+    ctx: TrackingContext = TrackingContext()
     yield ctx
     ctx.close_all()

@@ -1,7 +1,18 @@
 """zbroker: a ZeroMQ task broker for local services.
 
-Majordomo (7/MDP) request/reply with pushed work and heartbeats, a topic event
-bus, and (coming) durable task queues. See docs/ for the protocol and design.
+Majordomo (7/MDP) request/reply with pushed work and heartbeats, and a topic
+event bus. See docs/ for the protocol and the design.
 """
 
 __version__ = "0.1.0"
+
+from zbroker.client import (
+    Client,
+    Event,
+    Publisher,
+    RequestTimeout,
+    Subscriber,
+    Worker,
+)
+
+__all__ = ["Client", "Event", "Publisher", "RequestTimeout", "Subscriber", "Worker", "__version__"]

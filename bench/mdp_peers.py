@@ -1,0 +1,274 @@
+"""The processes of the mdp workload other than the broker: echo workers, the load
+client, and the bare `zmq.proxy` forwarder that is the ceiling for one hop.
+
+Run by bench/mdp.py as `python bench/mdp_peers.py ROLE ...`, one process each.
+Both systems get the same lean loop (recv_multipart, build reply, send_multipart)
+and only the standard library and pyzmq, so the difference between the two
+measurements is the hop in the middle. Frames are spelled out here instead of
+imported from zbroker: the benchmark talks to the broker as any peer would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import zmq
+from harness import percentile, process_cpu_s
+from zmq.utils.monitor import recv_monitor_message
+
+ZBROKER = "zbroker"
+FORWARDER = "forwarder"
+SYSTEMS = (ZBROKER, FORWARDER)
+
+EMPTY = b""
+MDPC01 = b"MDPC01"
+MDPW01 = b"MDPW01"
+READY = b"\x01"
+REQUEST = b"\x02"
+REPLY = b"\x03"
+HEARTBEAT = b"\x04"
+DISCONNECT = b"\x05"
+SERVICE = b"echo"
+
+# An idle worker heartbeats after this long without traffic; the broker's default
+# interval is 2.5 s with a liveness of 3, so this keeps well clear of expiry.
+WORKER_IDLE_HEARTBEAT_MS = 1000
+# A reply slower than this means the system under test is stuck: fail the run.
+CLIENT_REPLY_TIMEOUT_MS = 15_000
+CONNECT_TIMEOUT_MS = 10_000
+# Sequential round trips timed only after these, so connections and caches are warm.
+LATENCY_WARMUP = 500
+
+
+def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    return sock
+
+
+def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Connect and wait for the ZMTP handshake, so a peer reports ready only when it is."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        if not monitor.poll(CONNECT_TIMEOUT_MS):
+            sys.exit(f"no ZMTP handshake with {endpoint} within {CONNECT_TIMEOUT_MS} ms")
+        recv_monitor_message(monitor)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def zbroker_worker(endpoint: str) -> None:
+    """An MDP worker for SERVICE that echoes every request body."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
+    _connect(sock, endpoint)
+    sock.send_multipart([EMPTY, MDPW01, READY, SERVICE])
+    print("ready", flush=True)
+    recv = sock.recv_multipart
+    send = sock.send_multipart
+    heartbeat = [EMPTY, MDPW01, HEARTBEAT]
+    while True:
+        try:
+            frames = recv()
+        except zmq.Again:
+            send(heartbeat)
+            continue
+        # [empty, MDPW01, REQUEST, client, empty, body...] -> same, as REPLY.
+        command = frames[2]
+        if command == REQUEST:
+            send([EMPTY, MDPW01, REPLY, frames[3], EMPTY, *frames[5:]])
+        elif command == DISCONNECT:
+            # Never expected here; dying makes the run fail loudly instead of skewing it.
+            sys.exit("broker sent DISCONNECT")
+        # HEARTBEAT needs no answer: replies and idle heartbeats keep this worker alive.
+
+
+def forwarder_worker(endpoint: str) -> None:
+    """A worker behind the bare forwarder: echoes [client id, empty, body...] back."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
+    _connect(sock, endpoint)
+    print("ready", flush=True)
+    recv = sock.recv_multipart
+    send = sock.send_multipart
+    while True:
+        try:
+            frames = recv()
+        except zmq.Again:
+            continue  # same loop shape as the MDP worker; nothing to keep alive
+        send([frames[0], EMPTY, *frames[2:]])
+
+
+def forwarder(frontend: str, backend: str) -> None:
+    """ROUTER frontend for clients, DEALER backend for workers, libzmq's proxy between."""
+    ctx = zmq.Context()
+    front = _socket(ctx, zmq.ROUTER)
+    back = _socket(ctx, zmq.DEALER)
+    front.bind(frontend)
+    back.bind(backend)
+    zmq.proxy(front, back)
+
+
+# ------------------------------------------------------------------ client
+
+
+def request_and_reply(system: str, body: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The frames a DEALER client sends and expects back for one echo request."""
+    if system == ZBROKER:
+        return [EMPTY, MDPC01, SERVICE, body], [EMPTY, MDPC01, SERVICE, body]
+    return [EMPTY, body], [EMPTY, body]
+
+
+def pump(
+    sock: zmq.Socket[bytes],
+    request: list[bytes],
+    total: int,
+    in_flight: int,
+    check: Callable[[list[bytes]], None] | None = None,
+) -> None:
+    """Send `total` requests keeping `in_flight` outstanding; return after the last reply."""
+    send = sock.send_multipart
+    recv = sock.recv_multipart
+    sent = min(in_flight, total)
+    for _ in range(sent):
+        send(request)
+    received = 0
+    while received < total:
+        frames = recv()
+        received += 1
+        if check is not None:
+            check(frames)
+        if sent < total:
+            send(request)
+            sent += 1
+
+
+def client(
+    system: str,
+    endpoint: str,
+    requests: int,
+    warmup: int,
+    in_flight: int,
+    latency_samples: int,
+    body_bytes: int,
+    server_pid: int,
+) -> None:
+    """Warm up, time a throughput burst, then time sequential round trips; print JSON."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    sock.rcvtimeo = CLIENT_REPLY_TIMEOUT_MS
+    _connect(sock, endpoint)
+    body = bytes(i % 251 for i in range(body_bytes))
+    request, expected = request_and_reply(system, body)
+
+    def check(frames: list[bytes]) -> None:
+        if frames != expected:
+            sys.exit(f"unexpected reply {frames[:4]!r}")
+
+    try:
+        # Warm-up is checked frame by frame; it also absorbs workers still registering.
+        pump(sock, request, warmup, in_flight, check)
+
+        # Markers let the orchestrator attach a profiler to exactly this phase.
+        print("throughput-start", flush=True)
+        server_cpu_before = process_cpu_s(server_pid)
+        client_cpu_before = time.process_time()
+        started = time.perf_counter()
+        pump(sock, request, requests, in_flight)
+        elapsed_s = time.perf_counter() - started
+        client_cpu_s = time.process_time() - client_cpu_before
+        server_cpu_after = process_cpu_s(server_pid)
+        print("throughput-end", flush=True)
+
+        send = sock.send_multipart
+        recv = sock.recv_multipart
+        clock = time.perf_counter_ns
+        samples_ns: list[int] = []
+        for i in range(LATENCY_WARMUP + latency_samples):
+            t0 = clock()
+            send(request)
+            frames = recv()
+            t1 = clock()
+            check(frames)
+            if i >= LATENCY_WARMUP:
+                samples_ns.append(t1 - t0)
+    except zmq.Again:
+        sys.exit(f"no reply within {CLIENT_REPLY_TIMEOUT_MS} ms")
+
+    samples_us = sorted(ns / 1000 for ns in samples_ns)
+    server_cpu_s = (
+        None
+        if server_cpu_before is None or server_cpu_after is None
+        else server_cpu_after - server_cpu_before
+    )
+    result = {
+        "requests": requests,
+        "elapsed_s": elapsed_s,
+        "throughput_rps": requests / elapsed_s,
+        "server_cpu_s": server_cpu_s,
+        "client_cpu_s": client_cpu_s,
+        "latency_us": {
+            "samples": len(samples_us),
+            "mean": sum(samples_us) / len(samples_us),
+            **{f"p{q:g}": percentile(samples_us, q) for q in (50, 90, 99, 99.9)},
+            "max": samples_us[-1],
+        },
+    }
+    print(json.dumps(result), flush=True)
+    sock.close(linger=0)
+    ctx.term()
+
+
+# ------------------------------------------------------------------ entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    roles = parser.add_subparsers(dest="role", required=True)
+    w = roles.add_parser("worker", help="echo worker")
+    w.add_argument("--system", choices=SYSTEMS, required=True)
+    w.add_argument("--connect", required=True)
+    f = roles.add_parser("forwarder", help="bare zmq.proxy ROUTER/DEALER forwarder")
+    f.add_argument("--frontend", required=True)
+    f.add_argument("--backend", required=True)
+    c = roles.add_parser("client", help="load client; prints one JSON line")
+    c.add_argument("--system", choices=SYSTEMS, required=True)
+    c.add_argument("--connect", required=True)
+    c.add_argument("--requests", type=int, required=True)
+    c.add_argument("--warmup", type=int, required=True)
+    c.add_argument("--in-flight", type=int, required=True)
+    c.add_argument("--latency-samples", type=int, required=True)
+    c.add_argument("--body-bytes", type=int, required=True)
+    c.add_argument("--server-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    if args.role == "worker":
+        (zbroker_worker if args.system == ZBROKER else forwarder_worker)(args.connect)
+    elif args.role == "forwarder":
+        forwarder(args.frontend, args.backend)
+    else:
+        client(
+            args.system,
+            args.connect,
+            args.requests,
+            args.warmup,
+            args.in_flight,
+            args.latency_samples,
+            args.body_bytes,
+            args.server_pid,
+        )
+
+
+if __name__ == "__main__":
+    main()

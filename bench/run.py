@@ -1,0 +1,123 @@
+"""zbroker benchmarks: each workload runs zbroker next to a reference in one session.
+
+    python3 dev.py bench                 every workload, full size, 3 runs per system
+    python3 dev.py bench --quick         smaller counts, for a smoke test
+    python3 dev.py bench --only mdp --runs 5 --json /tmp/mdp.json
+
+Results go to bench/results/<workload>.json (or one file given with --json), and a
+markdown table for docs/performance.md is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import mdp
+from harness import (
+    RESULTS_DIR,
+    BenchError,
+    JSONDict,
+    Options,
+    Workload,
+    machine_info,
+    machine_line,
+    progress,
+    sigterm_as_exit,
+)
+
+# Add a workload by writing a module with a WORKLOAD and listing it here.
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (mdp.WORKLOAD,)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dev.py bench",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="workloads:\n"
+        + "\n".join(f"  {w.name:<10} {w.summary}" for w in WORKLOADS.values()),
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller counts (smoke test)")
+    parser.add_argument(
+        "--runs", type=int, default=3, metavar="N", help="runs per system (default: 3)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(WORKLOADS),
+        metavar="NAME",
+        help="run only this workload (repeatable)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write all results to PATH (default: bench/results/<workload>.json)",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        metavar="DIR",
+        help="keep the processes' logs in DIR (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the zbroker process with py-spy during throughput phases and keep the "
+        "collapsed stacks in DIR (perturbs the figures of those runs)",
+    )
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def document(machine: JSONDict, quick: bool, results: dict[str, JSONDict]) -> JSONDict:
+    return {"schema": 1, "machine": machine, "quick": quick, "workloads": results}
+
+
+def write_json(path: Path, doc: JSONDict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    print(f"[bench] wrote {path}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    selected = [WORKLOADS[name] for name in (args.only or WORKLOADS)]
+    machine = machine_info()
+    load = machine["load_average_1m_at_start"]
+    print(f"[bench] {machine_line(machine)}; load average {load}", flush=True)
+    results: dict[str, JSONDict] = {}
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="zbroker-bench-") as tmp:
+        log_dir = args.logs or Path(tmp)
+        options = Options(args.quick, args.runs, log_dir, profile_dir=args.profile)
+        for workload in selected:
+            try:
+                results[workload.name] = workload.run(options, progress(workload.name))
+            except BenchError as exc:
+                print(f"[{workload.name}] FAILED: {exc}", file=sys.stderr, flush=True)
+                return 1
+            except KeyboardInterrupt:
+                print(f"\n[{workload.name}] interrupted; all processes stopped", flush=True)
+                return 130
+            if args.json is None:
+                write_json(
+                    RESULTS_DIR / f"{workload.name}.json",
+                    document(machine, args.quick, {workload.name: results[workload.name]}),
+                )
+    if args.json is not None:
+        write_json(args.json, document(machine, args.quick, results))
+    for name, result in results.items():
+        print(f"\n### {name}\n\n{WORKLOADS[name].markdown(result)}")
+    print(f"\nMachine: {machine_line(machine)}.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Publishing and subscribing to topic events on the broker's pub/sub bus.
+
+Publishers connect a PUB socket to the broker's XSUB endpoint, subscribers a
+SUB socket to its XPUB endpoint.  Frames are built and parsed only by
+`zbroker.protocol.events`; what a peer garbles is dropped and counted here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from zbroker.client.errors import ClientClosed, connected_socket, zmq_boundary
+from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
+from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.events import Event, decode_event, encode_event
+
+
+class Publisher:
+    """Publishes events to the bus.
+
+    PUB sockets have no delivery guarantee: events published before the
+    connection (and the subscriptions flowing back over it) are established
+    are silently lost, the usual ZeroMQ "slow joiner".  Publish from a
+    long-lived Publisher, and do not rely on the very first events after
+    connecting.  When more than `hwm` events are queued for a slow link, the
+    newest are dropped rather than blocking the caller.
+
+    Not thread-safe: use one Publisher per thread.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_EVENTS_IN,
+        *,
+        source: str = "",
+        hwm: int = 10_000,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.source = source
+        self.published = 0
+        ctx = context if context is not None else zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = connected_socket(ctx, zmq.PUB, endpoint, hwm)
+
+    def publish(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        source: str | None = None,
+    ) -> Event:
+        """Publish one event with topic `type` and return it as sent.
+
+        `payload` must be serialisable by msgpack (TypeError otherwise); an
+        empty or over-long `type` raises ValueError.
+        """
+        if self._socket is None:
+            raise ClientClosed("this Publisher is closed")
+        event = Event(
+            type=type,
+            source=self.source if source is None else source,
+            payload=payload,
+            timestamp=time.time(),
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+        )
+        frames = encode_event(event)
+        with zmq_boundary(f"publishing {type!r}"):
+            self._socket.send_multipart(frames)
+        self.published += 1
+        return event
+
+    def close(self) -> None:
+        """Close the socket. Idempotent; events not yet sent are discarded."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Subscriber:
+    """Receives events whose type starts with one of `prefixes` (every event if none).
+
+    Events that cannot be decoded are dropped and counted in `dropped`; they
+    are never raised, because they are another peer's fault.
+
+    Not thread-safe: use one Subscriber per thread.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_EVENTS_OUT,
+        *prefixes: str,
+        hwm: int = 10_000,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.dropped = 0
+        self.received = 0
+        ctx = context if context is not None else zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = connected_socket(ctx, zmq.SUB, endpoint, hwm)
+        for prefix in prefixes or ("",):
+            self.subscribe(prefix)
+
+    def subscribe(self, prefix: str) -> None:
+        """Also receive events whose type starts with `prefix` ("" means all)."""
+        sock = self._open_socket()
+        with zmq_boundary("subscribing"):
+            sock.subscribe(prefix.encode())
+
+    def unsubscribe(self, prefix: str) -> None:
+        """Undo one earlier `subscribe(prefix)`."""
+        sock = self._open_socket()
+        with zmq_boundary("unsubscribing"):
+            sock.unsubscribe(prefix.encode())
+
+    def recv(self, timeout_s: float | None = None) -> Event | None:
+        """The next event, or None if none arrived within `timeout_s` (None: wait forever)."""
+        sock = self._open_socket()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with zmq_boundary("receiving an event"):
+            while True:
+                if deadline is None:
+                    sock.poll(None, zmq.POLLIN)
+                else:
+                    remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+                    if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                        return None
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                try:
+                    event = decode_event(frames)
+                except ProtocolError:
+                    self.dropped += 1
+                    continue
+                self.received += 1
+                return event
+
+    def __iter__(self) -> Iterator[Event]:
+        """Yield events as they arrive, forever: break out of the loop to stop."""
+        while True:
+            event = self.recv()
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        """Close the socket. Idempotent; queued events are discarded."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open_socket(self) -> zmq.Socket[bytes]:
+        if self._socket is None:
+            raise ClientClosed("this Subscriber is closed")
+        return self._socket
