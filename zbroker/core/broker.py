@@ -197,6 +197,13 @@ class Broker:
             worker.expires_at = now + self._worker_expiry_s
             worker.request = None
             self.stats.replies += 1
+            # Hand the worker its next request before forwarding the reply: the
+            # worker's round trip is what bounds MDP throughput.
+            service = worker.service
+            if service.queue:
+                self._deliver(worker, service.queue.popleft(), now)
+            else:
+                service.idle[identity] = worker
             self.outbox.append([request.client, _EMPTY, _MDPC01, request.service, *msg.body])
             if self._debug:
                 log.debug(
@@ -205,11 +212,6 @@ class Broker:
                     _hex(identity),
                     _hex(request.client),
                 )
-            service = worker.service
-            if service.queue:
-                self._deliver(worker, service.queue.popleft(), now)
-            else:
-                service.idle[identity] = worker
         elif kind is _WorkerHeartbeat:
             if worker is None:
                 self._send_disconnect(identity, "HEARTBEAT from unknown worker")

@@ -14,8 +14,10 @@ import signal
 import socket
 import time
 from types import FrameType
+from typing import Any
 
 import zmq
+import zmq.backend
 from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.config import BrokerConfig
@@ -27,6 +29,15 @@ log = logging.getLogger("zbroker.runtime")
 
 # Messages read per pass before timers and sends get their turn.
 RECV_BATCH = 512
+
+# The hot path calls pyzmq's backend methods with plain int flags: the friendly
+# wrappers (send_multipart, recv_multipart, enum flags) cost 3-5x more per frame,
+# which is most of a broker hop's CPU (see docs/performance.md).
+_backend_send = zmq.backend.Socket.send
+_backend_recv = zmq.backend.Socket.recv
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+POLLIN = int(zmq.POLLIN)
 
 
 class BrokerServer:
@@ -81,68 +92,65 @@ class BrokerServer:
         log.info("broker listening on %s (MDP clients and workers)", self.endpoint)
         log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
         log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
-        poller = zmq.Poller()
         router = self.router
-        poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poll_items: list[tuple[Any, int]] = [(router, POLLIN), (self._wake_r, POLLIN)]
         monitor = self._open_monitor()
         if monitor is not None:
-            poller.register(monitor, zmq.POLLIN)
+            poll_items.append((monitor, POLLIN))
         core = self.core
         receive = core.receive
-        recv = router.recv_multipart
-        noblock = zmq.NOBLOCK
+        recv_frame = _backend_recv
         monotonic = time.monotonic
         try:
             while not self._stopping:
                 now = monotonic()
-                timeout_ms = max(0, int((core.next_tick_at - now) * 1000.0) + 1)
-                ready = dict(poller.poll(timeout_ms))
-                now = monotonic()
-                if router in ready:
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = recv(noblock)
-                        except zmq.Again:
-                            break
-                        receive(frames, now)
+                # Drain what is already queued without polling: poll (a system call)
+                # only once the socket is empty, so a busy broker polls rarely.
+                received = 0
+                while received < RECV_BATCH:
+                    try:
+                        frame = recv_frame(router, NOBLOCK, False)
+                    except zmq.Again:
+                        break
+                    frames = [frame.bytes]
+                    while frame.more:
+                        frame = recv_frame(router, NOBLOCK, False)
+                        frames.append(frame.bytes)
+                    receive(frames, now)
+                    received += 1
                 if now >= core.next_tick_at:
                     core.tick(now)
                 if core.outbox:
                     self._flush(now)
-                if self._wake_r in ready:
+                if received == RECV_BATCH:
+                    continue  # more may be waiting: skip the poll
+                timeout_ms = max(0, int((core.next_tick_at - monotonic()) * 1000.0) + 1)
+                ready = zmq.zmq_poll(poll_items, timeout_ms)
+                if len(ready) > 1 or (ready and ready[0][0] is not router):
                     self._drain_wakeups()
-                if monitor is not None and monitor in ready:
-                    self._log_connections(monitor)
+                    if monitor is not None:
+                        self._log_connections(monitor)
         finally:
             if monitor is not None:
                 router.disable_monitor()
                 monitor.close(linger=0)
             self._close()
 
-    def _open_monitor(self) -> zmq.Socket[bytes] | None:
-        """At debug level, watch TCP connects and disconnects on the ROUTER socket."""
-        if not log.isEnabledFor(logging.DEBUG):
-            return None
-        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-        return self.router.get_monitor_socket(events)
-
-    def _log_connections(self, monitor: zmq.Socket[bytes]) -> None:
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)
-            what = "accepted" if event["event"] == zmq.EVENT_ACCEPTED else "closed"
-            log.debug("connection %s on %s (fd %s)", what, event["endpoint"], event["value"])
-
     def _flush(self, now: float) -> None:
         core = self.core
-        send = self.router.send_multipart
-        noblock = zmq.NOBLOCK
+        router = self.router
+        send_frame = _backend_send
         while core.outbox:
             batch = core.outbox
             core.outbox = []
             for frames in batch:
+                last = len(frames) - 1
                 try:
-                    send(frames, noblock)
+                    # The routing id goes first: with ROUTER_MANDATORY a refused peer
+                    # fails here, before any frame of the message is queued.
+                    for i in range(last):
+                        send_frame(router, frames[i], SNDMORE_NOBLOCK)
+                    send_frame(router, frames[last], NOBLOCK)
                 except zmq.Again:
                     core.undeliverable(frames, now)
                 except zmq.ZMQError as exc:
@@ -156,6 +164,19 @@ class BrokerServer:
                 pass
         except BlockingIOError:
             pass
+
+    def _open_monitor(self) -> zmq.Socket[bytes] | None:
+        """At debug level, watch TCP connects and disconnects on the ROUTER socket."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return None
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        return self.router.get_monitor_socket(events)
+
+    def _log_connections(self, monitor: zmq.Socket[bytes]) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            what = "accepted" if event["event"] == zmq.EVENT_ACCEPTED else "closed"
+            log.debug("connection %s on %s (fd %s)", what, event["endpoint"], event["value"])
 
     def _close(self) -> None:
         stats = self.core.stats
