@@ -36,7 +36,8 @@ from zbroker.protocol.events import encode_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
-# The `broker` fixture heartbeats every 0.2 s; workers must use the same interval.
+# The `broker` fixture heartbeats every 0.2 s; workers use the same interval (workers
+# answer the broker's heartbeats anyway, see the default-interval test).
 HEARTBEAT_S = 0.2
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
@@ -418,3 +419,23 @@ def test_misuse_raises_the_libraries_own_errors(broker: BrokerProcess) -> None:
         client.request("svc", b"x")
     with Client(broker.endpoint) as other, pytest.raises(TypeError):
         other.request("svc", "text")  # type: ignore[arg-type]
+
+
+def test_worker_with_default_heartbeat_keeps_pace_with_a_faster_broker(
+    stack: ExitStack, broker: BrokerProcess
+) -> None:
+    # Given a worker left at the default 2.5 s interval and a broker heartbeating
+    # every 0.2 s (so it expires silent workers after 0.6 s)
+    worker = Worker(broker.endpoint, "pace", echo_upper)
+    assert worker.heartbeat_interval_s == 2.5
+    stack.enter_context(worker)
+    wait_until(lambda: worker.connected, timeout_s=5)
+    client = open_client(stack, broker)
+    # When 1.5 s pass, far beyond the broker's 0.6 s expiry
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        # Then the broker never loses the worker, because it answers every heartbeat
+        assert client.mmi_service("pace")
+        time.sleep(0.1)
+    assert client.request("pace", b"still here") == b"STILL HERE"
+    assert worker.stats.reconnects == 0

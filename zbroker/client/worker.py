@@ -105,10 +105,12 @@ class Worker:
     ("poison") keeps bouncing, slowed only by a growing re-registration
     delay: handlers should catch what they can answer themselves.
 
-    `heartbeat_interval_s` and `liveness` must match the broker's settings:
-    the broker is presumed gone after `liveness` intervals of silence, and the
-    worker then reconnects, waiting `reconnect_delay_s` doubling up to
-    `max_reconnect_delay_s` between attempts.
+    The worker heartbeats every `heartbeat_interval_s` and also answers each
+    HEARTBEAT from the broker, so it keeps pace with a broker configured with a
+    shorter interval. The broker is presumed gone after `liveness` intervals
+    of silence (keep `heartbeat_interval_s` at or above the broker's interval,
+    or a slower broker looks dead); the worker then reconnects, waiting
+    `reconnect_delay_s` doubling up to `max_reconnect_delay_s` between attempts.
 
     A Worker runs once: `run()` in the calling thread, or `start()` in a
     background thread; `stop()` ends either.
@@ -442,6 +444,11 @@ class _Link:
                 self._backoff_s = w.reconnect_delay_s
             if isinstance(message, mdp.BrokerRequest):
                 w._inbox.put(_Job(Request(message.client, message.body), self.generation))
+            elif isinstance(message, mdp.BrokerHeartbeat):
+                # Answer at the broker's pace, so a broker configured with a shorter
+                # interval than this worker's never declares it dead. Any send resets
+                # our own timer, so heartbeats do not double up.
+                self._send(mdp.worker_heartbeat())
 
     def _on_timers(self, now: float) -> None:
         if self._dealer is None:
