@@ -38,8 +38,18 @@ from harness import (
 )
 
 PEERS = BENCH_DIR / "mdp_peers.py"
-SYSTEMS = (mdp_peers.ZBROKER, mdp_peers.FORWARDER)
-LABELS = {mdp_peers.ZBROKER: "zbroker", mdp_peers.FORWARDER: "zmq.proxy forwarder"}
+# zbroker twice: with one stock MDP worker socket per worker process (4 requests at
+# the workers at most), and with 8 sockets per process (32), the way a service gets
+# concurrency over plain MDP. Both are measured against the same forwarder.
+ZBROKER_8 = "zbroker-8"
+SOCKETS_PER_WORKER = {mdp_peers.ZBROKER: 1, ZBROKER_8: 8}
+SYSTEMS = (mdp_peers.ZBROKER, mdp_peers.FORWARDER, ZBROKER_8)
+ZBROKER_SYSTEMS = (mdp_peers.ZBROKER, ZBROKER_8)
+LABELS = {
+    mdp_peers.ZBROKER: "zbroker, 1 MDP socket per worker",
+    ZBROKER_8: "zbroker, 8 MDP sockets per worker",
+    mdp_peers.FORWARDER: "zmq.proxy forwarder",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +119,15 @@ def run_once(
 
     With `profile_to`, py-spy samples the broker (or forwarder) process during the
     throughput phase and leaves collapsed stacks there."""
-    start = _start_zbroker if system == mdp_peers.ZBROKER else _start_forwarder
+    start = _start_zbroker if system in ZBROKER_SYSTEMS else _start_forwarder
     client_endpoint, worker_endpoint, server_pid = start(procs)
+    # The peers speak plain MDP for both zbroker variants.
+    wire = mdp_peers.ZBROKER if system in ZBROKER_SYSTEMS else mdp_peers.FORWARDER
+    worker_args: list[object] = ["worker", "--system", wire, "--connect", worker_endpoint]
+    if system in ZBROKER_SYSTEMS:
+        worker_args += ["--sockets", SOCKETS_PER_WORKER[system]]
     workers = [
-        procs.start(
-            f"{system}-worker-{i}",
-            python_argv(PEERS, "worker", "--system", system, "--connect", worker_endpoint),
-            stdout_pipe=True,
-        )
+        procs.start(f"{system}-worker-{i}", python_argv(PEERS, *worker_args), stdout_pipe=True)
         for i in range(settings.workers)
     ]
     for worker in workers:
@@ -127,7 +138,7 @@ def run_once(
             PEERS,
             "client",
             "--system",
-            system,
+            wire,
             "--connect",
             client_endpoint,
             "--requests",
@@ -186,7 +197,7 @@ def run(options: Options, say: Say) -> JSONDict:
     for index, system in enumerate(order, start=1):
         tag = f"{index}/{len(order)}"
         profile_to = None
-        if options.profile_dir is not None and system == mdp_peers.ZBROKER:
+        if options.profile_dir is not None and system in ZBROKER_SYSTEMS:
             profile_to = options.profile_dir / f"mdp-{index:02d}-{system}.txt"
         with ProcessGroup(options.log_dir / f"mdp-{index:02d}-{system}") as procs:
             figures = run_once(system, settings, procs, profile_to)
@@ -261,44 +272,57 @@ def summarize(runs: list[JSONDict]) -> JSONDict:
             if values:
                 metrics[name] = spread(values)
         systems[system] = metrics
-    ratio: JSONDict = {}
-    zb, fw = systems[mdp_peers.ZBROKER], systems[mdp_peers.FORWARDER]
-    for name in METRICS:
-        if name in zb and name in fw and fw[name]["median"]:
-            ratio[name] = zb[name]["median"] / fw[name]["median"]
-    return {"systems": systems, "ratio_zbroker_to_forwarder": ratio}
+    fw = systems[mdp_peers.FORWARDER]
+    ratios: JSONDict = {}
+    for system in ZBROKER_SYSTEMS:
+        zb = systems[system]
+        ratios[system] = {
+            name: zb[name]["median"] / fw[name]["median"]
+            for name in METRICS
+            if name in zb and name in fw and fw[name]["median"]
+        }
+    return {"systems": systems, "ratio_to_forwarder": ratios}
 
 
 def markdown(result: JSONDict) -> str:
     settings = result["settings"]
     summary = result["summary"]
-    zb = summary["systems"][mdp_peers.ZBROKER]
-    fw = summary["systems"][mdp_peers.FORWARDER]
-    ratio = summary["ratio_zbroker_to_forwarder"]
+    systems = summary["systems"]
+    ratios = summary["ratio_to_forwarder"]
+    fw = systems[mdp_peers.FORWARDER]
 
     def fmt_value(name: str) -> Callable[[float], str]:
         if name.endswith("_per_100k"):
             return lambda v: f"{v:.2f}"
         return fmt_count
 
+    columns = [mdp_peers.FORWARDER, *ZBROKER_SYSTEMS]
     lines = [
         f"MDP echo request/reply over loopback TCP: {settings['workers']} worker processes, "
         f"one DEALER client with {settings['in_flight']} requests in flight for "
         f"{fmt_count(settings['requests'])} requests (after {fmt_count(settings['warmup'])} "
         f"warm-up), then {fmt_count(settings['latency_samples'])} sequential round trips; "
         f"{settings['body_bytes']}-byte bodies. Median of {result['runs_per_system']} runs "
-        f"per system (min{EN_DASH}max), systems alternated in one session.",
+        f"per system (min{EN_DASH}max), systems alternated in one session; ratios are "
+        "zbroker / forwarder.",
         "",
-        f"| Metric | {LABELS[mdp_peers.ZBROKER]} | {LABELS[mdp_peers.FORWARDER]} "
-        "| zbroker / forwarder |",
-        "|---|---:|---:|---:|",
+        "| Metric | "
+        + " | ".join(LABELS[c] for c in columns)
+        + " | "
+        + " | ".join(f"ratio, {SOCKETS_PER_WORKER[z]} socket(s)" for z in ZBROKER_SYSTEMS)
+        + " |",
+        "|---|" + "---:|" * (len(columns) + len(ZBROKER_SYSTEMS)),
     ]
     for name, label in METRICS.items():
-        if name not in zb or name not in fw:
+        if name not in fw:
             continue
         fmt = fmt_value(name)
-        r = f"{ratio[name]:.2f}" if name in ratio else "n/a"
-        lines.append(f"| {label} | {fmt_range(zb[name], fmt)} | {fmt_range(fw[name], fmt)} | {r} |")
+        cells = [fmt_range(systems[c][name], fmt) if name in systems[c] else "n/a" for c in columns]
+        cells += [
+            f"{ratios[z][name]:.2f}" if name in ratios.get(z, {}) else "n/a"
+            for z in ZBROKER_SYSTEMS
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

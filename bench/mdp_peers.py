@@ -66,8 +66,15 @@ def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
 # ------------------------------------------------------------------ workers
 
 
-def zbroker_worker(endpoint: str) -> None:
-    """An MDP worker for SERVICE that echoes every request body."""
+def zbroker_worker(endpoint: str, sockets: int = 1) -> None:
+    """An MDP worker for SERVICE that echoes every request body.
+
+    With `sockets` > 1 the process registers that many stock MDP workers and polls
+    them together: a worker process serving several requests at once, each socket
+    still holding one request at a time as MDP requires."""
+    if sockets > 1:
+        _zbroker_multi_worker(endpoint, sockets)
+        return
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.DEALER)
     sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
@@ -91,6 +98,36 @@ def zbroker_worker(endpoint: str) -> None:
             # Never expected here; dying makes the run fail loudly instead of skewing it.
             sys.exit("broker sent DISCONNECT")
         # HEARTBEAT needs no answer: replies and idle heartbeats keep this worker alive.
+
+
+def _zbroker_multi_worker(endpoint: str, sockets: int) -> None:
+    ctx = zmq.Context()
+    socks = []
+    for _ in range(sockets):
+        sock = _socket(ctx, zmq.DEALER)
+        _connect(sock, endpoint)
+        sock.send_multipart([EMPTY, MDPW01, READY, SERVICE])
+        socks.append(sock)
+    poller = zmq.Poller()
+    for sock in socks:
+        poller.register(sock, zmq.POLLIN)
+    print("ready", flush=True)
+    heartbeat = [EMPTY, MDPW01, HEARTBEAT]
+    idle_s = WORKER_IDLE_HEARTBEAT_MS / 1000
+    heartbeat_at = time.monotonic() + idle_s
+    while True:
+        for sock, _ in poller.poll(WORKER_IDLE_HEARTBEAT_MS):
+            frames = sock.recv_multipart()
+            command = frames[2]
+            if command == REQUEST:
+                sock.send_multipart([EMPTY, MDPW01, REPLY, frames[3], EMPTY, *frames[5:]])
+            elif command == DISCONNECT:
+                sys.exit("broker sent DISCONNECT")
+        if time.monotonic() >= heartbeat_at:
+            # Cheap insurance for idle sockets; a busy socket's replies already count.
+            for sock in socks:
+                sock.send_multipart(heartbeat)
+            heartbeat_at = time.monotonic() + idle_s
 
 
 def forwarder_worker(endpoint: str) -> None:
@@ -239,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     w = roles.add_parser("worker", help="echo worker")
     w.add_argument("--system", choices=SYSTEMS, required=True)
     w.add_argument("--connect", required=True)
+    w.add_argument("--sockets", type=int, default=1, help="MDP worker sockets (zbroker only)")
     f = roles.add_parser("forwarder", help="bare zmq.proxy ROUTER/DEALER forwarder")
     f.add_argument("--frontend", required=True)
     f.add_argument("--backend", required=True)
@@ -254,7 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.role == "worker":
-        (zbroker_worker if args.system == ZBROKER else forwarder_worker)(args.connect)
+        if args.system == ZBROKER:
+            zbroker_worker(args.connect, args.sockets)
+        else:
+            forwarder_worker(args.connect)
     elif args.role == "forwarder":
         forwarder(args.frontend, args.backend)
     else:
