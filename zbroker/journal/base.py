@@ -1,0 +1,191 @@
+"""The journal: where every durable task lives, queued, delayed, in flight or finished.
+
+This module is the contract between the broker core and its stores. The store
+holds the tasks themselves (not a log to replay), so queue depth is bounded by
+disk, not memory: the core keeps only a window of each queue in memory and
+asks the journal for more. Two implementations keep the same contract, checked
+by one suite (tests/contract/test_journal_contract.py): `MemoryJournal` (tests,
+and the `memory` durability mode) and `LmdbJournal`.
+
+Rules every implementation keeps:
+  1. Writes (`put`, `put_result`, `delete`) are visible to every read of the
+     same journal object at once, and become durable only at `commit()`; after
+     a crash the store holds exactly what the last successful commit held.
+  2. Indexes follow the record's `state`: a READY task is found by `ready()`,
+     a DELAYED one by `due()`, an INFLIGHT one by `inflight()`, a DEAD one by
+     `dead()`; never by another. `counts()` is exact at all times.
+  3. Payload and result frames are stored as given and returned unchanged;
+     the journal never interprets them.
+It never reads the clock: every time is an argument (seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Priority bounds: higher runs first; fits one byte in an index key.
+PRIORITY_MIN = -128
+PRIORITY_MAX = 127
+
+
+class TaskState(enum.IntEnum):
+    """Where a task is in its life. Stored as the int value."""
+
+    READY = 1  # waiting in its service's queue
+    DELAYED = 2  # waiting for `not_before` (a delayed enqueue, or a retry's backoff)
+    INFLIGHT = 3  # an attempt was handed to a worker
+    DONE = 4  # finished with a result (kept until `keep_until`)
+    DEAD = 5  # in the service's dead-letter queue (attempts exhausted, or a final failure)
+    CANCELLED = 6  # cancelled before it finished (kept until `keep_until`)
+    EXPIRED = 7  # its TTL passed before it started (kept until `keep_until`)
+
+
+FINISHED_STATES = frozenset({TaskState.DONE, TaskState.CANCELLED, TaskState.EXPIRED})
+
+
+class Durability(enum.Enum):
+    """What a confirmed write survives."""
+
+    SYNC = "sync"  # fsync at every commit: survives a power cut
+    ASYNC = "async"  # no fsync: survives a crash of the broker process, not of the machine
+    MEMORY = "memory"  # nothing survives the process: tests and benchmarks only
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task's metadata. Payload and result frames are stored beside it, not in it."""
+
+    id: str
+    service: str
+    state: TaskState
+    seq: int  # enqueue order across the whole broker, from Journal.next_seq(): FIFO tiebreak
+    created_at: float
+    priority: int = 0  # PRIORITY_MIN..PRIORITY_MAX, higher first
+    not_before: float = 0.0  # DELAYED until then
+    expires_at: float | None = None  # TTL: if not started by then, it expires
+    attempt: int = 0  # attempts started so far
+    max_attempts: int = 3
+    timeout_s: float | None = None  # run-time limit of one attempt
+    key: str | None = None  # idempotency key, unique per service while the record exists
+    headers: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the last failure's reason
+    finished_at: float | None = None
+    keep_until: float | None = None  # finished records (and results) may be deleted after this
+    # Short history for operators: [event, time, details...] lists, oldest first, bounded.
+    history: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class JournalStats:
+    """What operators see of the store."""
+
+    commits: int = 0
+    commit_seconds_total: float = 0.0
+    last_commit_seconds: float = 0.0
+    bytes_used: int = 0
+    map_size: int = 0
+
+
+class JournalError(Exception):
+    """Raised when the store fails in a way the broker cannot hide (I/O error, corruption)."""
+
+
+class SchemaMismatch(JournalError):
+    """Raised at open when the store was written with a schema version this code does not know."""
+
+
+class JournalFull(JournalError):
+    """Raised when a write does not fit and the store may not grow any further."""
+
+
+class Journal(abc.ABC):
+    """The store of durable tasks. Not thread-safe: one broker loop owns it."""
+
+    durability: Durability
+    stats: JournalStats
+
+    # ----------------------------------------------------------------- writes
+
+    @abc.abstractmethod
+    def put(self, record: TaskRecord, payload: Sequence[bytes] | None = None) -> None:
+        """Insert or replace `record` (matched by id) and move its index entries to
+        follow its state, priority, not_before, expires_at and key. `payload` is
+        stored with a new task; None keeps the stored payload untouched."""
+
+    @abc.abstractmethod
+    def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
+        """Store a finished task's result frames (replacing any earlier ones)."""
+
+    @abc.abstractmethod
+    def delete(self, task_id: str) -> None:
+        """Remove the record, its payload, its result and every index entry. No-op if absent."""
+
+    @abc.abstractmethod
+    def next_seq(self) -> int:
+        """A new sequence number, greater than any returned before, also across restarts."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make every write since the last commit durable (per `durability`), atomically."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store. Uncommitted writes are discarded."""
+
+    # ------------------------------------------------------------------ reads
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The record, or None. The returned object is a copy: mutate it, then `put` it."""
+
+    @abc.abstractmethod
+    def payload(self, task_id: str) -> list[bytes] | None:
+        """The task's payload frames, or None if the task is unknown."""
+
+    @abc.abstractmethod
+    def result(self, task_id: str) -> list[bytes] | None:
+        """The task's result frames, or None if none is stored."""
+
+    @abc.abstractmethod
+    def ready(
+        self, service: str, limit: int, after: tuple[int, int] | None = None
+    ) -> list[TaskRecord]:
+        """Up to `limit` READY tasks of `service`: highest priority first, then lowest seq.
+        `after` is the (priority, seq) of the last task of a previous call: continue
+        strictly after it in that order."""
+
+    @abc.abstractmethod
+    def due(self, now: float, limit: int) -> list[TaskRecord]:
+        """Up to `limit` DELAYED tasks with not_before <= now, earliest not_before first."""
+
+    @abc.abstractmethod
+    def next_due_at(self) -> float | None:
+        """The earliest not_before among DELAYED tasks, or None when there are none."""
+
+    @abc.abstractmethod
+    def lapsed(self, now: float, limit: int) -> list[TaskRecord]:
+        """Up to `limit` records whose time is up, earliest first: READY or DELAYED tasks
+        with expires_at <= now (TTL passed before they started), and finished records
+        (DONE, CANCELLED, EXPIRED) with keep_until <= now. DEAD records never lapse."""
+
+    @abc.abstractmethod
+    def inflight(self) -> list[TaskRecord]:
+        """Every INFLIGHT task (the broker requeues them when it starts)."""
+
+    @abc.abstractmethod
+    def dead(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
+        """Up to `limit` DEAD tasks of `service`, lowest seq first, after `after_seq`."""
+
+    @abc.abstractmethod
+    def find_key(self, service: str, key: str) -> str | None:
+        """The id of the stored task of `service` with idempotency `key`, or None."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, dict[TaskState, int]]:
+        """Exact number of records per service and state (services with none are absent)."""
