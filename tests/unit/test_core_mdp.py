@@ -197,7 +197,7 @@ def test_undeliverable_reply_is_counted_and_the_worker_kept() -> None:
     (reply,) = s.sent()
     s.broker.undeliverable(reply, s.now)
     assert s.broker.stats.replies_undeliverable == 1
-    assert b"W1" in s.broker.services[b"svc"].idle
+    assert b"W1" in s.broker.services[b"svc"].ready
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,20 @@ ever receives two replies for one request, and none is lost.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zbroker.core import Broker, CoreSettings
-from zbroker.protocol import mdp
+from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
 
-CFG = CoreSettings(heartbeat_interval_s=1.0, heartbeat_liveness=3, request_expiry_s=20.0)
-WORKERS = [b"W1", b"W2", b"W3"]
+CFG = CoreSettings(
+    heartbeat_interval_s=1.0, heartbeat_liveness=3, request_expiry_s=20.0, ack_timeout_s=2.5
+)
+WORKERS = [b"W1", b"W2", b"W3"]  # stock MDP workers
+ZWORKERS = [b"Z1", b"Z2"]  # ZBW01 workers with credit
 CLIENTS = [b"C1", b"C2"]
 SERVICES = [b"a", b"b"]
 
@@ -25,20 +29,33 @@ frames_st = st.lists(st.binary(max_size=12), max_size=7)
 
 _request = st.tuples(st.just("request"), st.sampled_from(CLIENTS), st.sampled_from(SERVICES))
 _ready = st.tuples(st.just("ready"), st.sampled_from(WORKERS), st.sampled_from(SERVICES))
+_zready = st.tuples(
+    st.just("zready"),
+    st.sampled_from(ZWORKERS),
+    st.sampled_from(SERVICES),
+    st.integers(min_value=1, max_value=4),
+)
 _reply = st.tuples(st.just("reply"), st.sampled_from(WORKERS), st.booleans())
+# (worker, which held task, whether to use the right attempt number)
+_done = st.tuples(st.just("done"), st.sampled_from(ZWORKERS), st.integers(0, 3), st.booleans())
+_fail = st.tuples(st.just("fail"), st.sampled_from(ZWORKERS), st.integers(0, 3), st.booleans())
+_ack = st.tuples(st.just("ack"), st.sampled_from(ZWORKERS), st.integers(0, 3))
 # Repeated branches weight the mix toward the conversations that move requests around.
 event_st = st.one_of(
     _request,
     _request,
     _request,
     _ready,
-    _ready,
+    _zready,
     _reply,
     _reply,
-    _reply,
-    st.tuples(st.just("heartbeat"), st.sampled_from(WORKERS)),
-    st.tuples(st.just("disconnect"), st.sampled_from(WORKERS)),
-    st.tuples(st.just("unreachable"), st.sampled_from(WORKERS)),
+    _done,
+    _done,
+    _fail,
+    _ack,
+    st.tuples(st.just("heartbeat"), st.sampled_from(WORKERS + ZWORKERS)),
+    st.tuples(st.just("disconnect"), st.sampled_from(WORKERS + ZWORKERS)),
+    st.tuples(st.just("unreachable"), st.sampled_from(WORKERS + ZWORKERS)),
     st.tuples(st.just("advance"), st.floats(min_value=0.0, max_value=8.0)),
     st.tuples(st.just("garbage"), st.sampled_from(WORKERS + CLIENTS), frames_st),
     st.tuples(st.just("mmi"), st.sampled_from(CLIENTS), st.binary(max_size=4)),
@@ -46,57 +63,105 @@ event_st = st.one_of(
 
 
 class Model:
-    """Tracks request ids the test created through their body, and what clients got."""
+    """Drives the core like peers would, tracking what each peer was given."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.broker = Broker(CFG, self.now)
         self.created = 0
         self.replies: Counter[bytes] = Counter()
-        # Each worker's last REQUEST as it saw it: (client, request tag).
+        # MDP worker -> (client, tag) of its last REQUEST.
         self.assigned: dict[bytes, tuple[bytes, bytes]] = {}
+        # ZBW01 worker -> {task id: (attempt, tag)} as it was told (TASK adds, CANCEL removes).
+        self.held: dict[bytes, dict[str, tuple[int, bytes]]] = {}
 
     def drain(self) -> None:
         for frames in self.broker.outbox:
             peer = frames[0]
             if frames[2] == mdp.MDPW01 and frames[3] == mdp.REQUEST:
                 self.assigned[peer] = (frames[4], frames[6])
+            elif frames[2] == ext.ZBW01 and frames[3] == ext.TASK:
+                meta = ext.unpack_meta(frames[4])
+                self.held.setdefault(peer, {})[meta["id"]] = (meta["attempt"], frames[5])
+            elif frames[2] == ext.ZBW01 and frames[3] == ext.CANCEL:
+                meta = ext.unpack_meta(frames[4])
+                self.held.get(peer, {}).pop(meta["id"], None)
             elif frames[2] == mdp.MDPC01 and not frames[3].startswith(b"mmi."):
                 self.replies[frames[4]] += 1
         self.broker.outbox = []
 
-    def apply(self, event: tuple[object, ...]) -> None:
+    def _pick(self, wid: bytes, index: int) -> tuple[str, int, bytes] | None:
+        tasks = list(self.held.get(wid, {}).items())
+        if not tasks:
+            return None
+        task_id, (attempt, tag) = tasks[index % len(tasks)]
+        return task_id, attempt, tag
+
+    def apply(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         b = self.broker
+        now = self.now
         if kind == "request":
             self.created += 1
             tag = b"req-%d" % self.created
-            b.receive([event[1], *mdp.client_request(event[2], [tag])], self.now)  # type: ignore[list-item]
+            b.receive([event[1], *mdp.client_request(event[2], [tag])], now)
         elif kind == "ready":
-            b.receive([event[1], *mdp.worker_ready(event[2])], self.now)  # type: ignore[list-item,arg-type]
+            b.receive([event[1], *mdp.worker_ready(event[2])], now)
+        elif kind == "zready":
+            self.held[event[1]] = {}
+            b.receive([event[1], *ext.ready(event[2].decode(), event[3])], now)
         elif kind == "reply":
             wid = event[1]
-            client, tag = self.assigned.get(wid, (b"C1", b"bogus"))  # type: ignore[arg-type]
+            client, tag = self.assigned.get(wid, (b"C1", b"bogus"))
             if not event[2]:
                 client = b"wrong-client"
-            b.receive([wid, *mdp.worker_reply(client, [tag])], self.now)  # type: ignore[list-item]
+            b.receive([wid, *mdp.worker_reply(client, [tag])], now)
+        elif kind in ("done", "fail", "ack"):
+            wid = event[1]
+            picked = self._pick(wid, event[2])
+            if picked is None:
+                task_id, attempt, tag = "m999", 1, b"bogus"
+            else:
+                task_id, attempt, tag = picked
+            if kind != "ack" and not event[3]:
+                attempt += 1  # a stale or future attempt: must be refused
+            before = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
+            if kind == "done":
+                b.receive([wid, *ext.done(task_id, attempt, [tag])], now)
+            elif kind == "fail":
+                b.receive([wid, *ext.fail(task_id, attempt, "boom", retry=True)], now)
+            else:
+                b.receive([wid, *ext.ack([(task_id, attempt)])], now)
+            if kind != "ack" and picked is not None and event[3]:
+                self.held[wid].pop(task_id, None)
+            if kind != "ack" and not event[3]:
+                self.drain()
+                after = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
+                assert after == before, "a report about the wrong attempt was accepted"
         elif kind == "heartbeat":
-            b.receive([event[1], b"", mdp.MDPW01, mdp.HEARTBEAT], self.now)  # type: ignore[list-item]
+            if event[1] in ZWORKERS:
+                b.receive([event[1], *ext.heartbeat()], now)
+            else:
+                b.receive([event[1], b"", mdp.MDPW01, mdp.HEARTBEAT], now)
         elif kind == "disconnect":
-            b.receive([event[1], b"", mdp.MDPW01, mdp.DISCONNECT], self.now)  # type: ignore[list-item]
+            if event[1] in ZWORKERS:
+                b.receive([event[1], *ext.disconnect()], now)
+            else:
+                b.receive([event[1], b"", mdp.MDPW01, mdp.DISCONNECT], now)
         elif kind == "unreachable":
-            b.undeliverable([event[1], b"", mdp.MDPW01, mdp.HEARTBEAT], self.now)  # type: ignore[list-item]
+            header = ext.ZBW01 if event[1] in ZWORKERS else mdp.MDPW01
+            b.undeliverable([event[1], b"", header, b"\x07"], now)
         elif kind == "advance":
-            end = self.now + event[1]  # type: ignore[operator]
+            end = now + event[1]
             while b.next_tick_at <= end:
                 self.now = b.next_tick_at
                 b.tick(self.now)
                 self.drain()
             self.now = end
         elif kind == "garbage":
-            b.receive([event[1], *event[2]], self.now)  # type: ignore[list-item,misc]
+            b.receive([event[1], *event[2]], now)
         elif kind == "mmi":
-            b.receive([event[1], *mdp.client_request(b"mmi.service", [event[2]])], self.now)  # type: ignore[list-item]
+            b.receive([event[1], *mdp.client_request(b"mmi.service", [event[2]])], now)
         self.drain()
 
     def check(self) -> None:
@@ -108,23 +173,27 @@ class Model:
             for wid, worker in service.workers.items():
                 assert b.workers[wid] is worker
                 assert worker.service is service
+            # Never a ready worker while requests wait.
+            assert not (service.queue and service.ready), "work waits beside a ready worker"
+            for worker in service.ready.values():
+                assert len(worker.tasks) < worker.credit, "a full worker is listed as ready"
         for worker in b.workers.values():
-            if worker.request is not None:
-                places[worker.request.id] += 1
-                assert worker.identity not in worker.service.idle, "busy worker listed as idle"
+            assert len(worker.tasks) <= worker.credit, "a worker holds more than its credit"
+            for tid, request in worker.tasks.items():
+                assert request.tid == tid
+                places[request.id] += 1
         assert all(n == 1 for n in places.values()), "a request is in two places"
         # No client got two replies for one request.
         assert all(n == 1 for n in self.replies.values()), self.replies
-        # Conservation: every created request is held, replied, expired or refused.
-        held = len(places)
+        # Conservation: every created request is held, replied, expired, failed or refused.
         s = b.stats
         assert s.requests + s.refused_queue_full == self.created
-        assert held + s.replies + s.expired == s.requests
+        assert len(places) + s.replies + s.expired + s.failed_permanently == s.requests
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(event_st, max_size=80))
-def test_random_sequences_never_raise_lose_or_duplicate(events: list[tuple[object, ...]]) -> None:
+def test_random_sequences_never_raise_lose_or_duplicate(events: list[tuple[Any, ...]]) -> None:
     model = Model()
     for event in events:
         model.apply(event)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zbroker.protocol import mdp
+from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import Event, decode_event, encode_event
 
@@ -116,3 +116,80 @@ def test_bad_events_are_protocol_errors(frames: list[bytes]) -> None:
 def test_empty_event_type_is_refused_locally() -> None:
     with pytest.raises(ValueError):
         encode_event(Event("", "s", None, 0.0))
+
+
+# ------------------------------------------------------------------ ZBW01
+
+id_st = st.text(min_size=1, max_size=12)
+attempt_st = st.integers(min_value=0, max_value=2**31)
+
+
+@given(id_st, attempt_st, body_st)
+def test_zbw_done_and_progress_round_trip(task_id: str, attempt: int, body: list[bytes]) -> None:
+    assert ext.decode_worker(ext.done(task_id, attempt, body)) == ext.Done(
+        task_id, attempt, tuple(body)
+    )
+    assert ext.decode_worker(ext.progress(task_id, attempt, body)) == ext.Progress(
+        task_id, attempt, tuple(body)
+    )
+
+
+@given(id_st, attempt_st, st.text(max_size=30), st.booleans(), st.none() | st.floats(0, 1e6))
+def test_zbw_fail_round_trip(
+    task_id: str, attempt: int, reason: str, retry: bool, delay_s: float | None
+) -> None:
+    frames = ext.fail(task_id, attempt, reason, retry=retry, delay_s=delay_s)
+    assert ext.decode_worker(frames) == ext.Fail(task_id, attempt, reason, retry, delay_s)
+
+
+def test_zbw_ready_ack_heartbeat_disconnect() -> None:
+    assert ext.decode_worker(ext.ready("tts", 4, ["gpu"])) == ext.Ready("tts", 4, ("gpu",))
+    assert ext.decode_worker(ext.ack([("a", 1), ("b", 2)])) == ext.Ack((("a", 1), ("b", 2)))
+    assert ext.decode_worker(ext.heartbeat({"cpu": 1.5})) == ext.Heartbeat({"cpu": 1.5})
+    assert ext.decode_worker(ext.heartbeat()) == ext.Heartbeat()
+    assert ext.decode_worker(ext.disconnect("bye")) == ext.Disconnect()
+
+
+@given(id_st, attempt_st, st.text(min_size=1, max_size=10), body_st)
+def test_zbw_task_round_trip(task_id: str, attempt: int, service: str, body: list[bytes]) -> None:
+    frames = [b"", ext.ZBW01, ext.TASK, ext.task_meta(task_id, attempt, service, {"k": 1}), *body]
+    got = ext.decode_for_worker(frames)
+    assert got == ext.Task(task_id, attempt, service, tuple(body), {"k": 1})
+    assert ext.decode_for_worker(ext.cancel(task_id, attempt)) == ext.Cancel(task_id, attempt)
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([b"", ext.ZBW01, ext.READY, ext.pack_meta({"service": "", "credit": 1})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.READY, ext.pack_meta({"service": "s", "credit": 0})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.READY, ext.pack_meta({"service": "s", "credit": True})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.READY, b"\xc1"], "bad_meta"),
+        ([b"", ext.ZBW01, ext.READY, ext.pack_meta([1, 2])], "bad_meta"),
+        ([b"", ext.ZBW01, ext.DONE, ext.pack_meta({"id": 5, "attempt": 1})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.DONE, ext.pack_meta({"id": "x", "attempt": "1"})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.ACK, ext.pack_meta({"tasks": []})], "bad_meta"),
+        ([b"", ext.ZBW01, ext.ACK, ext.pack_meta({"tasks": [["x"]]})], "bad_meta"),
+        (
+            [b"", ext.ZBW01, ext.FAIL, ext.pack_meta({"id": "x", "attempt": 1, "delay_s": -1})],
+            "bad_meta",
+        ),
+        ([b"", ext.ZBW01, ext.DONE], "missing_frames"),
+        ([b"", ext.ZBW01, b"\x7f"], "unknown_command"),
+        ([b"x", ext.ZBW01, ext.HEARTBEAT], "bad_delimiter"),
+    ],
+)
+def test_zbw_bad_messages_are_protocol_errors(frames: list[bytes], reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        ext.decode_worker(frames)
+    assert info.value.reason == reason
+
+
+@settings(max_examples=300)
+@given(garbage_st)
+def test_zbw_garbage_gives_protocol_errors_only(frames: list[bytes]) -> None:
+    for decode in (ext.decode_worker, ext.decode_for_worker):
+        try:
+            decode(frames)
+        except ProtocolError as exc:
+            assert exc.reason

@@ -1,15 +1,21 @@
 """The broker state machine: routes requests from clients to ready workers and back.
 
-Rules it keeps (7/MDP and 8/MMI, plus what the RFCs leave to the broker):
-  1. Work is pushed only to a worker that is ready, one request per MDP worker;
-     the worker that has waited longest gets the next request (fair rotation).
+Rules it keeps (7/MDP and 8/MMI, zbroker's ZBW01 workers, and what the RFCs
+leave to the broker):
+  1. Work is pushed only within a worker's credit: one request for a stock
+     MDP worker, the declared credit for a ZBW01 worker. Among the workers
+     with spare credit, the one that has waited longest goes first (fair
+     rotation).
   2. A request lives in exactly one place: a service queue, or one worker.
-     When that worker dies (heartbeat expiry, DISCONNECT, unreachable, protocol
-     violation) the request goes back to the *front* of its queue.
-  3. Anything from a worker the broker does not know, or a valid but unexpected
-     command, is answered with DISCONNECT; the worker then re-registers. So a
-     late REPLY from a worker declared dead is dropped, never delivered twice.
-  4. Malformed input is dropped and counted; it never raises out of `receive`.
+     When the broker takes it back (the worker died, broke the protocol, or
+     did not acknowledge in time) it goes to the *front* of its queue, and its
+     next delivery carries a higher attempt number.
+  3. Results are fenced: a REPLY, DONE, FAIL or PROGRESS about an attempt the
+     worker no longer holds is refused, so a client never gets two replies.
+  4. Anything from a worker the broker does not know, or a valid but
+     unexpected command, is answered with DISCONNECT; the worker then
+     re-registers (as after a broker restart).
+  5. Malformed input is dropped and counted; it never raises out of `receive`.
 
 It never touches a socket or reads the clock: frames and `now` come in as
 arguments, frames to send go out through `outbox`.
@@ -19,29 +25,36 @@ from __future__ import annotations
 
 import logging
 
-from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker
-from zbroker.protocol import mdp
+from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
+from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
 
 _MDPC01 = mdp.MDPC01
 _MDPW01 = mdp.MDPW01
+_ZBW01 = ext.ZBW01
 _EMPTY = mdp.EMPTY
-_REQUEST = mdp.REQUEST
-_HEARTBEAT = mdp.HEARTBEAT
-_DISCONNECT = mdp.DISCONNECT
-_WorkerReply = mdp.WorkerReply
-_WorkerHeartbeat = mdp.WorkerHeartbeat
-_WorkerReady = mdp.WorkerReady
+_MDP_REQUEST = mdp.REQUEST
+_MDP_HEARTBEAT = mdp.HEARTBEAT
+_MDP_DISCONNECT = mdp.DISCONNECT
+_ZBW_TASK = ext.TASK
+_ZBW_HEARTBEAT = ext.HEARTBEAT
+_ZBW_DISCONNECT = ext.DISCONNECT
+_MDP = WorkerDialect.MDP
+_ZBW = WorkerDialect.ZBW
 
 
 def _hex(identity: bytes) -> str:
     return identity.hex()
 
 
+def _name(service: bytes) -> str:
+    return service.decode(errors="replace")
+
+
 class Broker:
-    """Sans-IO Majordomo broker core.
+    """Sans-IO broker core.
 
     Feed it with `receive(frames, now)` for every message read from the ROUTER
     socket (frames[0] is the routing id), `tick(now)` whenever `now >=
@@ -78,17 +91,19 @@ class Broker:
             return
         header = frames[2]
         try:
-            if header == _MDPW01:
-                self._on_worker(frames[0], mdp.decode_worker(frames[1:]), now)
+            if header == _ZBW01:
+                self._on_zbw(frames[0], ext.decode_worker(frames[1:]), now)
             elif header == _MDPC01:
                 self._on_client(frames[0], mdp.decode_client(frames[1:]), now)
+            elif header == _MDPW01:
+                self._on_mdp_worker(frames[0], mdp.decode_worker(frames[1:]), now)
             else:
                 self._malformed("bad_header", frames)
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
 
     def tick(self, now: float) -> None:
-        """Timers: worker expiry, heartbeats to workers, expiry of queued requests."""
+        """Timers: worker expiry, heartbeats, acknowledgement deadlines, request expiry."""
         self.next_tick_at = now + self.settings.tick_interval_s
         interval = self._heartbeat_interval_s
         for worker in list(self.workers.values()):
@@ -97,13 +112,19 @@ class Broker:
                 log.info(
                     "worker %s (%s) expired: silent for %.1fs",
                     _hex(worker.identity),
-                    worker.service.name.decode(errors="replace"),
+                    _name(worker.service.name),
                     self._worker_expiry_s,
                 )
                 self._remove_worker(worker, now)
-            elif worker.heartbeat_at <= now:
+                continue
+            if worker.heartbeat_at <= now:
                 worker.heartbeat_at = now + interval
-                self.outbox.append([worker.identity, _EMPTY, _MDPW01, _HEARTBEAT])
+                if worker.dialect is _MDP:
+                    self.outbox.append([worker.identity, _EMPTY, _MDPW01, _MDP_HEARTBEAT])
+                else:
+                    self.outbox.append([worker.identity, _EMPTY, _ZBW01, _ZBW_HEARTBEAT])
+            if worker.dialect is _ZBW and worker.tasks:
+                self._take_back_unacked(worker, now)
         expiry = self.settings.request_expiry_s
         for name, service in list(self.services.items()):
             queue = service.queue
@@ -114,7 +135,7 @@ class Broker:
                 log.info(
                     "request #%d for %s expired after %.1fs in queue",
                     request.id,
-                    name.decode(errors="replace"),
+                    _name(name),
                     expiry,
                 )
             if not queue and not service.workers:
@@ -124,7 +145,7 @@ class Broker:
         """The socket refused `frames` (peer gone, or its pipe full)."""
         identity = frames[0]
         header = frames[2] if len(frames) > 2 else b""
-        if header == _MDPW01:
+        if header in (_MDPW01, _ZBW01):
             worker = self.workers.get(identity)
             if worker is not None:
                 self.stats.workers_unreachable += 1
@@ -147,23 +168,16 @@ class Broker:
             service = self.services[name] = Service(name)
         if len(service.queue) >= self.settings.max_queued_per_service:
             self.stats.refused_queue_full += 1
-            log.warning("queue for %s full: request refused", name.decode(errors="replace"))
+            log.warning("queue for %s full: request refused", _name(name))
             return
         request = Request(self._next_request_id, identity, name, msg.body, now)
         self._next_request_id += 1
         self.stats.requests += 1
         if self._debug:
-            log.debug(
-                "request #%d from client %s for %s",
-                request.id,
-                _hex(identity),
-                name.decode(errors="replace"),
-            )
-        if service.idle and not service.queue:
-            ident = next(iter(service.idle))
-            self._deliver(service.idle.pop(ident), request, now)
-        else:
-            service.queue.append(request)
+            log.debug("request #%d from client %s for %s", request.id, _hex(identity), _name(name))
+        service.queue.append(request)
+        if service.ready:
+            self._dispatch(service, now)
 
     def _on_mmi(self, identity: bytes, msg: mdp.ClientRequest, now: float) -> None:
         self.stats.mmi_requests += 1
@@ -177,122 +191,280 @@ class Broker:
             code = mdp.MMI_NOT_IMPLEMENTED
         self.outbox.append([identity, _EMPTY, _MDPC01, msg.service, code])
 
-    # ------------------------------------------------------------ workers
+    # ------------------------------------------------------- MDP workers
 
-    def _on_worker(self, identity: bytes, msg: mdp.WorkerMessage, now: float) -> None:
+    def _on_mdp_worker(self, identity: bytes, msg: mdp.WorkerMessage, now: float) -> None:
         worker = self.workers.get(identity)
+        if worker is not None and worker.dialect is not _MDP:
+            self._kick(worker, now, "MDPW01 command from a ZBW01 worker")
+            return
         kind = type(msg)
-        if kind is _WorkerReply:
+        if kind is mdp.WorkerReply:
             assert isinstance(msg, mdp.WorkerReply)
             if worker is None:
                 # Typically a worker we declared dead answering late: its request
                 # has been requeued, so this reply must not reach the client.
                 self.stats.late_replies_dropped += 1
-                self._send_disconnect(identity, "REPLY from unknown worker")
+                self._disconnect_mdp(identity, "REPLY from unknown worker")
                 return
-            request = worker.request
+            request = next(iter(worker.tasks.values()), None)
             if request is None or msg.client != request.client:
                 self._kick(worker, now, "REPLY without a matching request")
                 return
             worker.expires_at = now + self._worker_expiry_s
-            worker.request = None
-            self.stats.replies += 1
-            # Hand the worker its next request before forwarding the reply: the
-            # worker's round trip is what bounds MDP throughput.
-            service = worker.service
-            if service.queue:
-                self._deliver(worker, service.queue.popleft(), now)
-            else:
-                service.idle[identity] = worker
-            self.outbox.append([request.client, _EMPTY, _MDPC01, request.service, *msg.body])
-            if self._debug:
-                log.debug(
-                    "reply #%d from worker %s to client %s",
-                    request.id,
-                    _hex(identity),
-                    _hex(request.client),
-                )
-        elif kind is _WorkerHeartbeat:
+            self._complete(worker, request, msg.body, now)
+        elif kind is mdp.WorkerHeartbeat:
             if worker is None:
-                self._send_disconnect(identity, "HEARTBEAT from unknown worker")
+                self._disconnect_mdp(identity, "HEARTBEAT from unknown worker")
             else:
                 worker.expires_at = now + self._worker_expiry_s
-        elif kind is _WorkerReady:
+        elif kind is mdp.WorkerReady:
             assert isinstance(msg, mdp.WorkerReady)
             if worker is not None:
                 self._kick(worker, now, "second READY")
             elif not msg.service or msg.service.startswith(mdp.MMI_PREFIX):
-                self._send_disconnect(identity, f"READY for reserved name {msg.service!r}")
+                self._disconnect_mdp(identity, f"READY for reserved name {msg.service!r}")
             else:
-                self._register(identity, msg.service, now)
-        else:  # DISCONNECT
-            if worker is not None:
-                self.stats.workers_disconnected += 1
-                log.info("worker %s disconnected", _hex(identity))
-                self._remove_worker(worker, now)
+                self._register(identity, msg.service, now, _MDP, 1, ())
+        elif worker is not None:  # DISCONNECT
+            self.stats.workers_disconnected += 1
+            log.info("worker %s disconnected", _hex(identity))
+            self._remove_worker(worker, now)
 
-    def _register(self, identity: bytes, name: bytes, now: float) -> None:
+    # ----------------------------------------------------- ZBW01 workers
+
+    def _on_zbw(self, identity: bytes, msg: ext.WorkerMessage, now: float) -> None:
+        worker = self.workers.get(identity)
+        kind = type(msg)
+        if worker is not None and worker.dialect is not _ZBW:
+            self._kick(worker, now, "ZBW01 command from an MDP worker")
+            return
+        if worker is None:
+            if kind is ext.Ready:
+                assert isinstance(msg, ext.Ready)
+                name = msg.service.encode()
+                if name.startswith(mdp.MMI_PREFIX):
+                    self._disconnect_zbw(identity, f"service name {msg.service!r} is reserved")
+                else:
+                    self._register(identity, name, now, _ZBW, msg.credit, msg.tags)
+            elif kind is not ext.Disconnect:
+                if kind is ext.Done:
+                    self.stats.late_replies_dropped += 1
+                self._disconnect_zbw(identity, "unknown worker: send READY")
+            return
+        worker.expires_at = now + self._worker_expiry_s
+        if kind is ext.Done:
+            assert isinstance(msg, ext.Done)
+            request = self._fenced(worker, msg.id, msg.attempt)
+            if request is not None:
+                self._complete(worker, request, msg.result, now)
+        elif kind is ext.Ack:
+            assert isinstance(msg, ext.Ack)
+            for task_id, attempt in msg.tasks:
+                request = self._fenced(worker, task_id, attempt)
+                if request is not None:
+                    request.ack_by = 0.0
+        elif kind is ext.Heartbeat:
+            assert isinstance(msg, ext.Heartbeat)
+            if msg.metrics:
+                worker.metrics = msg.metrics
+        elif kind is ext.Progress:
+            assert isinstance(msg, ext.Progress)
+            request = self._fenced(worker, msg.id, msg.attempt)
+            if request is not None:
+                request.ack_by = 0.0  # progress proves the worker has the task
+        elif kind is ext.Fail:
+            assert isinstance(msg, ext.Fail)
+            request = self._fenced(worker, msg.id, msg.attempt)
+            if request is not None:
+                self._on_fail(worker, request, msg, now)
+        elif kind is ext.Ready:
+            self._kick(worker, now, "second READY")
+        else:  # DISCONNECT
+            self.stats.workers_disconnected += 1
+            log.info("worker %s disconnected", _hex(identity))
+            self._remove_worker(worker, now)
+
+    def _fenced(self, worker: Worker, task_id: str, attempt: int) -> Request | None:
+        """The request this worker holds under (task_id, attempt), else None (refused)."""
+        request = worker.tasks.get(task_id)
+        if request is None or request.attempt != attempt:
+            self.stats.stale_refused += 1
+            if self._debug:
+                log.debug(
+                    "refused stale report for %s attempt %d from worker %s",
+                    task_id,
+                    attempt,
+                    _hex(worker.identity),
+                )
+            return None
+        return request
+
+    def _on_fail(self, worker: Worker, request: Request, msg: ext.Fail, now: float) -> None:
+        self.stats.failures += 1
+        self._release(worker, request)
+        if msg.retry and request.attempt < self.settings.request_max_attempts:
+            log.info(
+                "request %s failed on attempt %d (%s): retrying",
+                request.tid,
+                request.attempt,
+                msg.reason,
+            )
+            request.ack_by = 0.0
+            worker.service.queue.appendleft(request)
+            self.stats.requeued += 1
+        else:
+            # An MDP client has no way to hear about a failure: it will time out.
+            self.stats.failed_permanently += 1
+            log.warning(
+                "request %s for %s failed for good on attempt %d: %s",
+                request.tid,
+                _name(request.service),
+                request.attempt,
+                msg.reason,
+            )
+        self._dispatch(worker.service, now)
+
+    def _take_back_unacked(self, worker: Worker, now: float) -> None:
+        late = [r for r in worker.tasks.values() if r.ack_by and r.ack_by <= now]
+        if not late:
+            return
+        service = worker.service
+        for request in reversed(late):
+            self.stats.ack_timeouts += 1
+            self.stats.requeued += 1
+            log.info(
+                "request %s attempt %d not acknowledged by worker %s: taken back",
+                request.tid,
+                request.attempt,
+                _hex(worker.identity),
+            )
+            self.outbox.append([worker.identity, *ext.cancel(request.tid, request.attempt)])
+            self._release(worker, request)
+            request.ack_by = 0.0
+            service.queue.appendleft(request)
+        self._dispatch(service, now)
+
+    # ------------------------------------------------------------ workers
+
+    def _register(
+        self,
+        identity: bytes,
+        name: bytes,
+        now: float,
+        dialect: WorkerDialect,
+        credit: int,
+        tags: tuple[str, ...],
+    ) -> None:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
-        worker = Worker(identity, service, now, self.settings)
+        worker = Worker(identity, service, now, self.settings, dialect, credit, tags)
         self.workers[identity] = worker
         service.workers[identity] = worker
-        service.idle[identity] = worker
+        service.ready[identity] = worker
         self.stats.workers_registered += 1
-        log.info("worker %s ready for %s", _hex(identity), name.decode(errors="replace"))
+        log.info(
+            "worker %s ready for %s (%s, credit %d)",
+            _hex(identity),
+            _name(name),
+            dialect.value,
+            credit,
+        )
         self._dispatch(service, now)
 
+    def _release(self, worker: Worker, request: Request) -> None:
+        """The worker no longer holds `request`; it has credit again."""
+        del worker.tasks[request.tid]
+        if worker.identity not in worker.service.ready:
+            worker.service.ready[worker.identity] = worker
+
+    def _complete(
+        self, worker: Worker, request: Request, body: tuple[bytes, ...], now: float
+    ) -> None:
+        self._release(worker, request)
+        self.stats.replies += 1
+        service = worker.service
+        # Hand out the next request before forwarding the reply: a worker's round
+        # trip through the broker is what bounds throughput.
+        if service.queue:
+            self._dispatch(service, now)
+        self.outbox.append([request.client, _EMPTY, _MDPC01, request.service, *body])
+        if self._debug:
+            log.debug(
+                "reply %s from worker %s to client %s",
+                request.tid,
+                _hex(worker.identity),
+                _hex(request.client),
+            )
+
     def _remove_worker(self, worker: Worker, now: float) -> None:
-        """Forget the worker; its request, if any, goes back to the front of the queue."""
+        """Forget the worker; the requests it held go back to the front of the queue."""
         identity = worker.identity
         service = worker.service
         del self.workers[identity]
         del service.workers[identity]
-        service.idle.pop(identity, None)
-        request = worker.request
-        if request is not None:
-            worker.request = None
-            service.queue.appendleft(request)
-            self.stats.requeued += 1
-            log.info("request #%d requeued: worker %s is gone", request.id, _hex(worker.identity))
+        service.ready.pop(identity, None)
+        if worker.tasks:
+            held = list(worker.tasks.values())
+            worker.tasks.clear()
+            for request in reversed(held):
+                request.ack_by = 0.0
+                service.queue.appendleft(request)
+            self.stats.requeued += len(held)
+            log.info("%d request(s) requeued: worker %s is gone", len(held), _hex(worker.identity))
             self._dispatch(service, now)
 
     def _kick(self, worker: Worker, now: float, why: str) -> None:
-        self._send_disconnect(worker.identity, why)
+        if worker.dialect is _MDP:
+            self._disconnect_mdp(worker.identity, why)
+        else:
+            self._disconnect_zbw(worker.identity, why)
         self.stats.workers_disconnected += 1
         self._remove_worker(worker, now)
 
-    def _send_disconnect(self, identity: bytes, why: str) -> None:
+    def _disconnect_mdp(self, identity: bytes, why: str) -> None:
         self.stats.disconnects_sent += 1
         log.info("DISCONNECT to %s: %s", _hex(identity), why)
-        self.outbox.append([identity, _EMPTY, _MDPW01, _DISCONNECT])
+        self.outbox.append([identity, _EMPTY, _MDPW01, _MDP_DISCONNECT])
+
+    def _disconnect_zbw(self, identity: bytes, why: str) -> None:
+        self.stats.disconnects_sent += 1
+        log.info("DISCONNECT to %s: %s", _hex(identity), why)
+        self.outbox.append([identity, *ext.disconnect(why)])
 
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, service: Service, now: float) -> None:
         queue = service.queue
-        idle = service.idle
-        while queue and idle:
-            ident = next(iter(idle))
-            self._deliver(idle.pop(ident), queue.popleft(), now)
-
-    def _deliver(self, worker: Worker, request: Request, now: float) -> None:
-        worker.request = request
-        request.delivered += 1
-        # The request itself tells the worker we are alive; skip the next heartbeat.
-        worker.heartbeat_at = now + self._heartbeat_interval_s
-        self.outbox.append(
-            [worker.identity, _EMPTY, _MDPW01, _REQUEST, request.client, _EMPTY, *request.body]
-        )
-        if self._debug:
-            log.debug(
-                "deliver #%d (%s, attempt %d) to worker %s",
-                request.id,
-                request.service.decode(errors="replace"),
-                request.delivered,
-                _hex(worker.identity),
-            )
+        ready = service.ready
+        ack_by = now + self.settings.ack_timeout_s
+        while queue and ready:
+            identity = next(iter(ready))
+            worker = ready.pop(identity)
+            request = queue.popleft()
+            request.attempt += 1
+            worker.tasks[request.tid] = request
+            # The delivery itself tells the worker we are alive: skip the next heartbeat.
+            worker.heartbeat_at = now + self._heartbeat_interval_s
+            if worker.dialect is _MDP:
+                self.outbox.append(
+                    [identity, _EMPTY, _MDPW01, _MDP_REQUEST, request.client, _EMPTY, *request.body]
+                )
+            else:
+                request.ack_by = ack_by
+                meta = ext.task_meta(request.tid, request.attempt, _name(service.name))
+                self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_TASK, meta, *request.body])
+                if len(worker.tasks) < worker.credit:
+                    ready[identity] = worker  # back of the rotation
+            if self._debug:
+                log.debug(
+                    "deliver %s (%s, attempt %d) to worker %s",
+                    request.tid,
+                    _name(service.name),
+                    request.attempt,
+                    _hex(identity),
+                )
 
     # ------------------------------------------------------------ errors
 

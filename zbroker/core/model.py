@@ -11,10 +11,11 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 
-class PeerProtocol(enum.Enum):
-    """Which dialect a peer speaks; replies are encoded in the dialect of the request."""
+class WorkerDialect(enum.Enum):
+    """The protocol a worker registered with."""
 
-    MDP1 = "MDP/0.1"
+    MDP = "MDPW01"  # stock 7/MDP: one request at a time, no ids
+    ZBW = "ZBW01"  # zbroker's extension: credit, task ids, attempts, ACK, DONE/FAIL
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,11 @@ class CoreSettings:
     # Whole-message cap (sum of frame sizes); larger messages are dropped and counted.
     max_message_bytes: int = 16 * 1024 * 1024
     max_frames: int = 64
+    # A task pushed to a ZBW01 worker must be acknowledged within this time, or the
+    # broker takes it back (CANCEL) and gives it to another worker.
+    ack_timeout_s: float = 10.0
+    # Attempts a request may make when ZBW01 workers report retryable failures.
+    request_max_attempts: int = 3
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -39,6 +45,10 @@ class CoreSettings:
             raise ValueError("heartbeat_liveness must be at least 1")
         if self.request_expiry_s <= 0:
             raise ValueError("request_expiry_s must be positive")
+        if self.ack_timeout_s <= 0:
+            raise ValueError("ack_timeout_s must be positive")
+        if self.request_max_attempts < 1:
+            raise ValueError("request_max_attempts must be at least 1")
 
     @property
     def worker_expiry_s(self) -> float:
@@ -53,28 +63,54 @@ class CoreSettings:
 class Request:
     """One client request while the broker holds it (queued or at a worker)."""
 
-    __slots__ = ("body", "client", "delivered", "enqueued_at", "id", "service")
+    __slots__ = ("ack_by", "attempt", "body", "client", "enqueued_at", "id", "service", "tid")
 
     def __init__(
         self, id: int, client: bytes, service: bytes, body: tuple[bytes, ...], now: float
     ) -> None:
         self.id = id
+        self.tid = f"m{id:x}"  # the task id ZBW01 workers see
         self.client = client
         self.service = service
         self.body = body
         self.enqueued_at = now
-        self.delivered = 0  # how many times it was handed to a worker
+        self.attempt = 0  # attempts handed to a worker so far (the fencing token)
+        self.ack_by = 0.0  # ZBW01: taken back unless acknowledged by then; 0 once acked
 
 
 class Worker:
-    """A registered worker: one routing id serving one service."""
+    """A registered worker: one routing id serving one service, holding up to `credit` tasks."""
 
-    __slots__ = ("expires_at", "heartbeat_at", "identity", "request", "service")
+    __slots__ = (
+        "credit",
+        "dialect",
+        "expires_at",
+        "heartbeat_at",
+        "identity",
+        "metrics",
+        "service",
+        "tags",
+        "tasks",
+    )
 
-    def __init__(self, identity: bytes, service: Service, now: float, settings: CoreSettings):
+    def __init__(
+        self,
+        identity: bytes,
+        service: Service,
+        now: float,
+        settings: CoreSettings,
+        dialect: WorkerDialect = WorkerDialect.MDP,
+        credit: int = 1,
+        tags: tuple[str, ...] = (),
+    ):
         self.identity = identity
         self.service = service
-        self.request: Request | None = None
+        self.dialect = dialect
+        self.credit = credit
+        self.tags = tags
+        self.metrics: dict[str, object] = {}
+        # The attempts this worker holds, by task id, in delivery order.
+        self.tasks: dict[str, Request] = {}
         self.expires_at = now + settings.worker_expiry_s
         self.heartbeat_at = now + settings.heartbeat_interval_s
 
@@ -82,13 +118,14 @@ class Worker:
 class Service:
     """A named queue of requests and the workers that serve it."""
 
-    __slots__ = ("idle", "name", "queue", "workers")
+    __slots__ = ("name", "queue", "ready", "workers")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.queue: deque[Request] = deque()
-        # Insertion-ordered: the front is the worker that has waited longest (fair rotation).
-        self.idle: dict[bytes, Worker] = {}
+        # Workers with spare credit, insertion-ordered: the front has waited longest
+        # (fair rotation); a worker that still has credit after a delivery goes to the back.
+        self.ready: dict[bytes, Worker] = {}
         self.workers: dict[bytes, Worker] = {}
 
 
@@ -109,6 +146,10 @@ class Stats:
     workers_unreachable: int = 0
     disconnects_sent: int = 0
     late_replies_dropped: int = 0
+    stale_refused: int = 0  # ZBW01 messages about an attempt the broker took back
+    ack_timeouts: int = 0
+    failures: int = 0  # FAIL reports from ZBW01 workers
+    failed_permanently: int = 0  # requests dropped after a final failure
     malformed: Counter[str] | None = None
 
     def __post_init__(self) -> None:

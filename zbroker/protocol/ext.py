@@ -1,0 +1,352 @@
+"""zbroker's extension worker protocol (ZBW01): what 7/MDP cannot say.
+
+A ZBW01 worker declares a credit (how many tasks it may hold at once), gets
+tasks with an id and an attempt number, acknowledges them, may report
+progress, and ends each attempt with DONE (result frames) or FAIL. Every
+worker message about a task names (id, attempt): the attempt is a fencing
+token, so messages about an attempt the broker has already taken back are
+refused.
+
+Frames after the ROUTER routing id: ["", "ZBW01", command, meta?, payload...].
+`meta` is one msgpack map; payload and result frames follow it and are never
+decoded by the broker. Pure codec: no sockets, no clock, no broker state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from zbroker.protocol.errors import ProtocolError
+
+ZBW01 = b"ZBW01"
+EMPTY = b""
+
+# Commands (one byte). Direction: w = worker -> broker, b = broker -> worker.
+READY = b"\x01"  # w: {service, credit, tags?}
+TASK = b"\x02"  # b: {id, attempt, service, headers?, timeout_s?}, payload...
+ACK = b"\x03"  # w: {tasks: [[id, attempt], ...]}
+PROGRESS = b"\x04"  # w: {id, attempt}, data...
+DONE = b"\x05"  # w: {id, attempt}, result...
+FAIL = b"\x06"  # w: {id, attempt, reason, retry?, delay_s?}
+HEARTBEAT = b"\x07"  # both; from a worker optionally {metrics}
+DISCONNECT = b"\x08"  # both; from the broker optionally {reason}
+CANCEL = b"\x09"  # b: {id, attempt}: stop working on this attempt
+
+COMMAND_NAMES = {
+    READY: "READY",
+    TASK: "TASK",
+    ACK: "ACK",
+    PROGRESS: "PROGRESS",
+    DONE: "DONE",
+    FAIL: "FAIL",
+    HEARTBEAT: "HEARTBEAT",
+    DISCONNECT: "DISCONNECT",
+    CANCEL: "CANCEL",
+}
+
+MAX_CREDIT = 10_000
+MAX_TAGS = 32
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def pack_meta(meta: dict[str, Any]) -> bytes:
+    packed: bytes = _packb(meta)
+    return packed
+
+
+def unpack_meta(frame: bytes) -> dict[str, Any]:
+    """msgpack map -> dict; anything else is the peer's fault."""
+    try:
+        meta = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("bad_meta", f"metadata is not msgpack: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("bad_meta", "metadata is not a map")
+    return meta
+
+
+# --------------------------------------------------------- worker -> broker
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker offers `service` and may hold up to `credit` tasks at once."""
+
+    service: str
+    credit: int
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The worker has taken these attempts: (task id, attempt) pairs."""
+
+    tasks: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The attempt is still running (renews its lease); optional data frames."""
+
+    id: str
+    attempt: int
+    data: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The attempt finished; `result` frames go to whoever waits for the task."""
+
+    id: str
+    attempt: int
+    result: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The attempt failed; `retry` False means no further attempt can succeed."""
+
+    id: str
+    attempt: int
+    reason: str
+    retry: bool = True
+    delay_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Liveness; a worker may attach a small map of its own metrics."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The peer is leaving (worker) or no longer knows the peer (broker)."""
+
+    reason: str = ""
+
+
+WorkerMessage = Ready | Ack | Progress | Done | Fail | Heartbeat | Disconnect
+_EMPTY_HEARTBEAT = Heartbeat()
+_EMPTY_DISCONNECT = Disconnect()
+
+
+def _task_ref(meta: dict[str, Any]) -> tuple[str, int]:
+    task_id = meta.get("id")
+    attempt = meta.get("attempt")
+    if not isinstance(task_id, str) or type(attempt) is not int:
+        raise ProtocolError("bad_meta", "needs a string id and an integer attempt")
+    return task_id, attempt
+
+
+def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
+    """Broker side: frames after the routing id, from a ZBW01 worker."""
+    n = len(frames)
+    if n < 3:
+        raise ProtocolError("missing_frames", "ZBW01 message needs a command frame")
+    if frames[0]:
+        raise ProtocolError("bad_delimiter", "first frame must be empty")
+    command = frames[2]
+    if command == DONE:
+        if n < 4:
+            raise ProtocolError("missing_frames", "DONE needs a metadata frame")
+        task_id, attempt = _task_ref(unpack_meta(frames[3]))
+        return Done(task_id, attempt, tuple(frames[4:]))
+    if command == ACK:
+        if n != 4:
+            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "ACK: one map")
+        tasks = unpack_meta(frames[3]).get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ProtocolError("bad_meta", "ACK needs a non-empty 'tasks' list")
+        refs = []
+        for ref in tasks:
+            if (
+                not isinstance(ref, list)
+                or len(ref) != 2
+                or not isinstance(ref[0], str)
+                or type(ref[1]) is not int
+            ):
+                raise ProtocolError("bad_meta", "ACK entries are [id, attempt]")
+            refs.append((ref[0], ref[1]))
+        return Ack(tuple(refs))
+    if command == HEARTBEAT:
+        if n == 3:
+            return _EMPTY_HEARTBEAT
+        if n > 4:
+            raise ProtocolError("extra_frames", "HEARTBEAT has at most one metadata frame")
+        metrics = unpack_meta(frames[3]).get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise ProtocolError("bad_meta", "'metrics' must be a map")
+        return Heartbeat(metrics)
+    if command == PROGRESS:
+        if n < 4:
+            raise ProtocolError("missing_frames", "PROGRESS needs a metadata frame")
+        task_id, attempt = _task_ref(unpack_meta(frames[3]))
+        return Progress(task_id, attempt, tuple(frames[4:]))
+    if command == FAIL:
+        if n != 4:
+            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "FAIL: one map")
+        meta = unpack_meta(frames[3])
+        task_id, attempt = _task_ref(meta)
+        reason = meta.get("reason", "")
+        retry = meta.get("retry", True)
+        delay_s = meta.get("delay_s")
+        if not isinstance(reason, str) or not isinstance(retry, bool):
+            raise ProtocolError("bad_meta", "FAIL: 'reason' is a string, 'retry' a boolean")
+        if delay_s is not None and (
+            not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or delay_s < 0
+        ):
+            raise ProtocolError("bad_meta", "FAIL: 'delay_s' is a non-negative number")
+        return Fail(task_id, attempt, reason, retry, None if delay_s is None else float(delay_s))
+    if command == READY:
+        if n != 4:
+            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "READY: one map")
+        meta = unpack_meta(frames[3])
+        service = meta.get("service")
+        credit = meta.get("credit", 1)
+        tags = meta.get("tags", [])
+        if not isinstance(service, str) or not service:
+            raise ProtocolError("bad_meta", "READY needs a non-empty 'service' string")
+        if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
+            raise ProtocolError("bad_meta", f"READY 'credit' must be an integer 1..{MAX_CREDIT}")
+        if (
+            not isinstance(tags, list)
+            or len(tags) > MAX_TAGS
+            or not all(isinstance(t, str) for t in tags)
+        ):
+            raise ProtocolError("bad_meta", f"READY 'tags' must be at most {MAX_TAGS} strings")
+        return Ready(service, credit, tuple(tags))
+    if command == DISCONNECT:
+        if n > 4:
+            raise ProtocolError("extra_frames", "DISCONNECT has at most one metadata frame")
+        return _EMPTY_DISCONNECT
+    raise ProtocolError("unknown_command", f"unknown ZBW01 command {command[:8]!r}")
+
+
+def ready(service: str, credit: int, tags: Sequence[str] = ()) -> list[bytes]:
+    meta: dict[str, Any] = {"service": service, "credit": credit}
+    if tags:
+        meta["tags"] = list(tags)
+    return [EMPTY, ZBW01, READY, pack_meta(meta)]
+
+
+def ack(tasks: Sequence[tuple[str, int]]) -> list[bytes]:
+    return [EMPTY, ZBW01, ACK, pack_meta({"tasks": [list(t) for t in tasks]})]
+
+
+def progress(task_id: str, attempt: int, data: Sequence[bytes] = ()) -> list[bytes]:
+    return [EMPTY, ZBW01, PROGRESS, pack_meta({"id": task_id, "attempt": attempt}), *data]
+
+
+def done(task_id: str, attempt: int, result: Sequence[bytes]) -> list[bytes]:
+    return [EMPTY, ZBW01, DONE, pack_meta({"id": task_id, "attempt": attempt}), *result]
+
+
+def fail(
+    task_id: str, attempt: int, reason: str, *, retry: bool = True, delay_s: float | None = None
+) -> list[bytes]:
+    meta: dict[str, Any] = {"id": task_id, "attempt": attempt, "reason": reason, "retry": retry}
+    if delay_s is not None:
+        meta["delay_s"] = delay_s
+    return [EMPTY, ZBW01, FAIL, pack_meta(meta)]
+
+
+def heartbeat(metrics: dict[str, Any] | None = None) -> list[bytes]:
+    if metrics:
+        return [EMPTY, ZBW01, HEARTBEAT, pack_meta({"metrics": metrics})]
+    return [EMPTY, ZBW01, HEARTBEAT]
+
+
+def disconnect(reason: str = "") -> list[bytes]:
+    if reason:
+        return [EMPTY, ZBW01, DISCONNECT, pack_meta({"reason": reason})]
+    return [EMPTY, ZBW01, DISCONNECT]
+
+
+# --------------------------------------------------------- broker -> worker
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One attempt of a task, as a worker receives it."""
+
+    id: str
+    attempt: int
+    service: str
+    payload: tuple[bytes, ...]
+    headers: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The broker took this attempt back (cancelled, timed out, or reassigned)."""
+
+    id: str
+    attempt: int
+
+
+BrokerMessage = Task | Cancel | Heartbeat | Disconnect
+
+
+def task_meta(
+    task_id: str,
+    attempt: int,
+    service: str,
+    headers: dict[str, Any] | None = None,
+    timeout_s: float | None = None,
+) -> bytes:
+    meta: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service}
+    if headers:
+        meta["headers"] = headers
+    if timeout_s is not None:
+        meta["timeout_s"] = timeout_s
+    return pack_meta(meta)
+
+
+def cancel(task_id: str, attempt: int) -> list[bytes]:
+    return [EMPTY, ZBW01, CANCEL, pack_meta({"id": task_id, "attempt": attempt})]
+
+
+def decode_for_worker(frames: Sequence[bytes]) -> BrokerMessage:
+    """Worker side: what a DEALER worker receives (empty, ZBW01, command, ...)."""
+    if len(frames) < 3 or frames[0] or frames[1] != ZBW01:
+        raise ProtocolError("bad_header", "not a ZBW01 message")
+    command = frames[2]
+    if command == TASK:
+        if len(frames) < 4:
+            raise ProtocolError("missing_frames", "TASK needs a metadata frame")
+        meta = unpack_meta(frames[3])
+        task_id, attempt = _task_ref(meta)
+        service = meta.get("service", "")
+        headers = meta.get("headers", {})
+        timeout_s = meta.get("timeout_s")
+        if not isinstance(service, str) or not isinstance(headers, dict):
+            raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
+        return Task(
+            task_id,
+            attempt,
+            service,
+            tuple(frames[4:]),
+            headers,
+            float(timeout_s) if isinstance(timeout_s, int | float) else None,
+        )
+    if command == HEARTBEAT:
+        return _EMPTY_HEARTBEAT
+    if command == CANCEL:
+        if len(frames) < 4:
+            raise ProtocolError("missing_frames", "CANCEL needs a metadata frame")
+        return Cancel(*_task_ref(unpack_meta(frames[3])))
+    if command == DISCONNECT:
+        reason = ""
+        if len(frames) > 3:
+            value = unpack_meta(frames[3]).get("reason", "")
+            reason = value if isinstance(value, str) else ""
+        return Disconnect(reason)
+    raise ProtocolError("unknown_command", f"unexpected command {command[:8]!r} for a worker")
