@@ -42,13 +42,23 @@ PEERS = BENCH_DIR / "mdp_peers.py"
 # the workers at most), and with 8 sockets per process (32), the way a service gets
 # concurrency over plain MDP. Both are measured against the same forwarder.
 ZBROKER_8 = "zbroker-8"
-SOCKETS_PER_WORKER = {mdp_peers.ZBROKER: 1, ZBROKER_8: 8}
-SYSTEMS = (mdp_peers.ZBROKER, mdp_peers.FORWARDER, ZBROKER_8)
-ZBROKER_SYSTEMS = (mdp_peers.ZBROKER, ZBROKER_8)
+# And with workers speaking zbroker's extension protocol (ZBW01) with a credit: each
+# worker holds up to ZBW_CREDIT tasks, as the forwarder's workers hold a pipeline.
+ZBROKER_ZBW = "zbroker-zbw"
+ZBW_CREDIT = 64
+SOCKETS_PER_WORKER = {mdp_peers.ZBROKER: 1, ZBROKER_8: 8, ZBROKER_ZBW: 1}
+SYSTEMS = (mdp_peers.ZBROKER, mdp_peers.FORWARDER, ZBROKER_8, ZBROKER_ZBW)
+ZBROKER_SYSTEMS = (mdp_peers.ZBROKER, ZBROKER_8, ZBROKER_ZBW)
 LABELS = {
     mdp_peers.ZBROKER: "zbroker, 1 MDP socket per worker",
     ZBROKER_8: "zbroker, 8 MDP sockets per worker",
+    ZBROKER_ZBW: f"zbroker, ZBW01 workers, credit {ZBW_CREDIT}",
     mdp_peers.FORWARDER: "zmq.proxy forwarder",
+}
+RATIO_LABELS = {
+    mdp_peers.ZBROKER: "ratio, 1 MDP socket",
+    ZBROKER_8: "ratio, 8 MDP sockets",
+    ZBROKER_ZBW: "ratio, ZBW01 credit",
 }
 
 
@@ -126,6 +136,8 @@ def run_once(
     worker_args: list[object] = ["worker", "--system", wire, "--connect", worker_endpoint]
     if system in ZBROKER_SYSTEMS:
         worker_args += ["--sockets", SOCKETS_PER_WORKER[system]]
+    if system == ZBROKER_ZBW:
+        worker_args += ["--zbw-credit", ZBW_CREDIT]
     workers = [
         procs.start(f"{system}-worker-{i}", python_argv(PEERS, *worker_args), stdout_pipe=True)
         for i in range(settings.workers)
@@ -309,7 +321,7 @@ def markdown(result: JSONDict) -> str:
         "| Metric | "
         + " | ".join(LABELS[c] for c in columns)
         + " | "
-        + " | ".join(f"ratio, {SOCKETS_PER_WORKER[z]} socket(s)" for z in ZBROKER_SYSTEMS)
+        + " | ".join(RATIO_LABELS[z] for z in ZBROKER_SYSTEMS)
         + " |",
         "|---|" + "---:|" * (len(columns) + len(ZBROKER_SYSTEMS)),
     ]

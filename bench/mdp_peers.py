@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import msgpack
 import zmq
 from harness import percentile, process_cpu_s
 from zmq.utils.monitor import recv_monitor_message
@@ -33,6 +34,13 @@ REPLY = b"\x03"
 HEARTBEAT = b"\x04"
 DISCONNECT = b"\x05"
 SERVICE = b"echo"
+# zbroker's extension worker protocol (docs/protocol.md): one msgpack metadata frame.
+ZBW01 = b"ZBW01"
+ZBW_READY = b"\x01"
+ZBW_TASK = b"\x02"
+ZBW_DONE = b"\x05"
+ZBW_HEARTBEAT = b"\x07"
+ZBW_DISCONNECT = b"\x08"
 
 # An idle worker heartbeats after this long without traffic; the broker's default
 # interval is 2.5 s with a liveness of 3, so this keeps well clear of expiry.
@@ -128,6 +136,35 @@ def _zbroker_multi_worker(endpoint: str, sockets: int) -> None:
             for sock in socks:
                 sock.send_multipart(heartbeat)
             heartbeat_at = time.monotonic() + idle_s
+
+
+def zbw_worker(endpoint: str, credit: int) -> None:
+    """A ZBW01 worker (zbroker's extension protocol) holding up to `credit` tasks: it
+    answers each TASK with DONE carrying the payload back. DONE also acknowledges."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
+    _connect(sock, endpoint)
+    packb = msgpack.Packer(use_bin_type=True).pack
+    unpackb = msgpack.unpackb
+    sock.send_multipart([EMPTY, ZBW01, ZBW_READY, packb({"service": "echo", "credit": credit})])
+    print("ready", flush=True)
+    recv = sock.recv_multipart
+    send = sock.send_multipart
+    heartbeat = [EMPTY, ZBW01, ZBW_HEARTBEAT]
+    while True:
+        try:
+            frames = recv()
+        except zmq.Again:
+            send(heartbeat)
+            continue
+        command = frames[2]
+        if command == ZBW_TASK:
+            meta = unpackb(frames[3])
+            done_meta = packb({"id": meta["id"], "attempt": meta["attempt"]})
+            send([EMPTY, ZBW01, ZBW_DONE, done_meta, *frames[4:]])
+        elif command == ZBW_DISCONNECT:
+            sys.exit("broker sent DISCONNECT")
 
 
 def forwarder_worker(endpoint: str) -> None:
@@ -277,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--system", choices=SYSTEMS, required=True)
     w.add_argument("--connect", required=True)
     w.add_argument("--sockets", type=int, default=1, help="MDP worker sockets (zbroker only)")
+    w.add_argument("--zbw-credit", type=int, default=0, help="speak ZBW01 with this credit")
     f = roles.add_parser("forwarder", help="bare zmq.proxy ROUTER/DEALER forwarder")
     f.add_argument("--frontend", required=True)
     f.add_argument("--backend", required=True)
@@ -292,7 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.role == "worker":
-        if args.system == ZBROKER:
+        if args.system == ZBROKER and args.zbw_credit:
+            zbw_worker(args.connect, args.zbw_credit)
+        elif args.system == ZBROKER:
             zbroker_worker(args.connect, args.sockets)
         else:
             forwarder_worker(args.connect)

@@ -22,7 +22,11 @@ class Script:
         self.broker.receive([cid, *mdp.client_request(service, body)], self.now)
 
     def ready(self, wid: bytes, service: bytes) -> None:
+        """Register a worker and consume the broker's greeting (see the greeting tests)."""
         self.broker.receive([wid, *mdp.worker_ready(service)], self.now)
+        greeting = [wid, b"", mdp.MDPW01, mdp.HEARTBEAT]
+        if self.broker.outbox and self.broker.outbox[-1] == greeting:
+            self.broker.outbox.pop()
 
     def reply(self, wid: bytes, client: bytes, *body: bytes) -> None:
         self.broker.receive([wid, *mdp.worker_reply(client, body)], self.now)
@@ -295,3 +299,16 @@ def test_forgotten_services_are_cleaned_up() -> None:
     s.client(b"C", b"typo-service", b"x")
     s.advance(SETTINGS.request_expiry_s + 1.0)
     assert b"typo-service" not in s.broker.services
+
+
+def test_new_worker_is_greeted_with_a_heartbeat_when_there_is_no_work() -> None:
+    s = Script()
+    s.broker.receive([b"W1", *mdp.worker_ready(b"svc")], s.now)
+    assert s.sent() == [[b"W1", b"", mdp.MDPW01, mdp.HEARTBEAT]]
+
+
+def test_new_worker_with_work_waiting_gets_the_work_instead_of_a_greeting() -> None:
+    s = Script()
+    s.client(b"C", b"svc", b"job")
+    s.broker.receive([b"W1", *mdp.worker_ready(b"svc")], s.now)
+    assert s.sent() == [request_to(b"W1", b"C", b"job")]

@@ -18,6 +18,13 @@ class Script:
     def send(self, peer: bytes, frames: list[bytes]) -> None:
         self.broker.receive([peer, *frames], self.now)
 
+    def zready(self, wid: bytes, service: str, credit: int) -> None:
+        """Register a ZBW01 worker and consume the broker's greeting heartbeat."""
+        self.send(wid, ext.ready(service, credit))
+        greeting = [wid, b"", ext.ZBW01, ext.HEARTBEAT]
+        if self.broker.outbox and self.broker.outbox[-1] == greeting:
+            self.broker.outbox.pop()
+
     def client(self, cid: bytes, service: bytes, *body: bytes) -> None:
         self.send(cid, mdp.client_request(service, body))
 
@@ -45,8 +52,8 @@ class Script:
 
 def test_credit_bounds_what_a_worker_holds_and_work_rotates_between_workers() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 3))
-    s.send(b"Z2", ext.ready("svc", 3))
+    s.zready(b"Z1", "svc", 3)
+    s.zready(b"Z2", "svc", 3)
     for i in range(8):
         s.client(b"C", b"svc", b"%d" % i)
     out = s.sent()
@@ -59,7 +66,7 @@ def test_credit_bounds_what_a_worker_holds_and_work_rotates_between_workers() ->
 
 def test_done_routes_the_result_to_the_mdp_client_and_frees_credit() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.client(b"C", b"svc", b"a")
     s.client(b"C", b"svc", b"b")
     ((tid, attempt, payload),) = s.tasks_to(b"Z1")
@@ -73,10 +80,10 @@ def test_done_routes_the_result_to_the_mdp_client_and_frees_credit() -> None:
 
 def test_unacknowledged_task_is_taken_back_and_redelivered_with_a_new_attempt() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.client(b"C", b"svc", b"job")
     ((tid, _attempt, _),) = s.tasks_to(b"Z1")
-    s.send(b"Z2", ext.ready("svc", 1))
+    s.zready(b"Z2", "svc", 1)
     s.send(b"Z2", ext.heartbeat())
     # When Z1 never acknowledges within ack_timeout_s
     s.advance(SETTINGS.ack_timeout_s + SETTINGS.tick_interval_s)
@@ -96,7 +103,7 @@ def test_unacknowledged_task_is_taken_back_and_redelivered_with_a_new_attempt() 
 
 def test_acknowledged_task_stays_with_its_live_worker() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.client(b"C", b"svc", b"long job")
     ((tid, attempt, _),) = s.tasks_to(b"Z1")
     s.send(b"Z1", ext.ack([(tid, attempt)]))
@@ -112,7 +119,7 @@ def test_acknowledged_task_stays_with_its_live_worker() -> None:
 
 def test_retryable_failure_retries_then_gives_up_after_max_attempts() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.client(b"C", b"svc", b"poison")
     ((tid, attempt, _),) = s.tasks_to(b"Z1")
     s.send(b"Z1", ext.fail(tid, attempt, "boom"))
@@ -126,7 +133,7 @@ def test_retryable_failure_retries_then_gives_up_after_max_attempts() -> None:
 
 def test_non_retryable_failure_is_final_at_once() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.client(b"C", b"svc", b"bad input")
     ((tid, attempt, _),) = s.tasks_to(b"Z1")
     s.send(b"Z1", ext.fail(tid, attempt, "cannot parse", retry=False))
@@ -136,12 +143,12 @@ def test_non_retryable_failure_is_final_at_once() -> None:
 
 def test_worker_disconnect_requeues_everything_it_held_in_order() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 3))
+    s.zready(b"Z1", "svc", 3)
     for body in (b"1", b"2", b"3", b"4"):
         s.client(b"C", b"svc", body)
     s.sent()
     s.send(b"Z1", ext.disconnect())
-    s.send(b"Z2", ext.ready("svc", 10))
+    s.zready(b"Z2", "svc", 10)
     assert [p for _, _, p in s.tasks_to(b"Z2")] == [b"1", b"2", b"3", b"4"]
 
 
@@ -170,14 +177,20 @@ def test_reserved_service_names_are_refused() -> None:
 
 def test_mmi_sees_zbw_workers() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("tts", 2))
+    s.zready(b"Z1", "tts", 2)
     s.client(b"C", b"mmi.service", b"tts")
     assert s.sent() == [[b"C", b"", mdp.MDPC01, b"mmi.service", b"200"]]
 
 
 def test_broker_heartbeats_zbw_workers_in_their_dialect() -> None:
     s = Script()
-    s.send(b"Z1", ext.ready("svc", 1))
+    s.zready(b"Z1", "svc", 1)
     s.advance(1.0)
     s.send(b"Z1", ext.heartbeat())
     assert [b"Z1", b"", ext.ZBW01, ext.HEARTBEAT] in s.sent()
+
+
+def test_new_zbw_worker_is_greeted_in_its_dialect() -> None:
+    s = Script()
+    s.send(b"Z1", ext.ready("svc", 4))
+    assert s.sent() == [[b"Z1", b"", ext.ZBW01, ext.HEARTBEAT]]

@@ -372,6 +372,14 @@ class Broker:
             credit,
         )
         self._dispatch(service, now)
+        if not worker.tasks:
+            # Greet at once, so the worker knows it is registered without waiting a
+            # whole heartbeat interval (a delivered task says the same).
+            worker.heartbeat_at = now + self._heartbeat_interval_s
+            if dialect is _MDP:
+                self.outbox.append([identity, _EMPTY, _MDPW01, _MDP_HEARTBEAT])
+            else:
+                self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_HEARTBEAT])
 
     def _release(self, worker: Worker, request: Request) -> None:
         """The worker no longer holds `request`; it has credit again."""
