@@ -94,6 +94,14 @@ def start(
             envvar="ZBROKER_MAX_MESSAGE_BYTES", min=64, help="Largest accepted message, in bytes."
         ),
     ] = _defaults.max_message_bytes,
+    ack_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ZBROKER_ACK_TIMEOUT",
+            min=0.001,
+            help="Seconds a ZBW01 worker has to acknowledge a task before it is taken back.",
+        ),
+    ] = _defaults.ack_timeout_s,
     log_level: Annotated[
         str,
         typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
@@ -119,6 +127,7 @@ def start(
         request_expiry_s=request_expiry,
         max_queued_per_service=max_queued,
         max_message_bytes=max_message_bytes,
+        ack_timeout_s=ack_timeout,
         log_level=level,
     )
     try:

@@ -24,6 +24,7 @@ class BrokerConfig:
     request_expiry_s: float = 60.0
     max_queued_per_service: int = 100_000
     max_message_bytes: int = 16 * 1024 * 1024
+    ack_timeout_s: float = 10.0
     # Explicit high-water marks (messages): the ROUTER's per-peer pipes and the event bus.
     router_hwm: int = 100_000
     events_hwm: int = 100_000
@@ -36,4 +37,5 @@ class BrokerConfig:
             request_expiry_s=self.request_expiry_s,
             max_queued_per_service=self.max_queued_per_service,
             max_message_bytes=self.max_message_bytes,
+            ack_timeout_s=self.ack_timeout_s,
         )
