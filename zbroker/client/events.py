@@ -141,8 +141,9 @@ class Subscriber:
                 if deadline is None:
                     sock.poll(None, zmq.POLLIN)
                 else:
-                    remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-                    if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                    # A zero (or spent) timeout still takes an event that is already here.
+                    remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                    if not sock.poll(remaining_ms, zmq.POLLIN):
                         return None
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)

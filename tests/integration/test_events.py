@@ -1,0 +1,37 @@
+"""Event bus details beyond the basic publish/subscribe flow (see test_client.py)."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+
+from tests.conftest import BrokerProcess, wait_until
+from zbroker.client import Publisher, Subscriber
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+
+def test_recv_with_zero_timeout_returns_an_event_that_is_already_waiting(
+    broker: BrokerProcess,
+) -> None:
+    with ExitStack() as stack:
+        publisher = stack.enter_context(Publisher(broker.events_in, source="t"))
+        subscriber = stack.enter_context(Subscriber(broker.events_out, "ping."))
+
+        # Given an event that has already reached the subscriber's socket
+        def subscribed() -> bool:
+            publisher.publish("ping.join", None)
+            return subscriber.recv(timeout_s=0.05) is not None
+
+        wait_until(subscribed)
+        while subscriber.recv(timeout_s=0.2) is not None:
+            pass  # drain the joining loop's leftovers
+        publisher.publish("ping.now", 42)
+        wait_until(lambda: subscriber._open_socket().poll(0) != 0)
+        # When recv is called with a zero timeout
+        event = subscriber.recv(timeout_s=0)
+        # Then the waiting event is returned, not None
+        assert event is not None and event.type == "ping.now" and event.payload == 42
+        # And with nothing waiting, a zero timeout returns None at once
+        assert subscriber.recv(timeout_s=0) is None
