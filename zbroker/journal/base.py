@@ -15,7 +15,19 @@ Rules every implementation keeps:
      a DELAYED one by `due()`, an INFLIGHT one by `inflight()`, a DEAD one by
      `dead()`; never by another. `counts()` is exact at all times.
   3. Payload and result frames are stored as given and returned unchanged;
-     the journal never interprets them.
+     the journal never interprets them. (Record fields go through msgpack:
+     tuples in `headers` or `history` come back as lists.)
+  4. A write or commit that raises discards the whole pass: reads then show
+     the last commit, and the caller must confirm nothing from that pass.
+  5. Sequence numbers are unique per task; `next_seq()` is greater than any seq
+     in a committed record and than any returned before a clean `close()` (after
+     a crash, seqs of the lost pass may be handed out again).
+  6. Not thread-safe, and LMDB ties a write transaction to a thread: the thread
+     that writes first in a pass must also commit it.
+Misuse raises at once: an idempotency key already held by another task of the
+service (ValueError), `put_result` for an unknown task (KeyError), an `after`
+cursor with a priority out of range (ValueError). INFLIGHT tasks and finished
+records without `keep_until` never lapse.
 It never reads the clock: every time is an argument (seconds since the epoch).
 """
 
@@ -85,7 +97,7 @@ class TaskRecord:
 class JournalStats:
     """What operators see of the store."""
 
-    commits: int = 0
+    commits: int = 0  # commits that wrote something
     commit_seconds_total: float = 0.0
     last_commit_seconds: float = 0.0
     bytes_used: int = 0

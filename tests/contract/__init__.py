@@ -1,0 +1,1 @@
+"""Conformance suites: one set of tests run against every implementation of an interface."""

@@ -1,0 +1,900 @@
+"""The Journal contract (zbroker/journal/base.py), run against every implementation.
+
+Every test takes the `journal` (or `stores`) fixture and so runs once per store:
+MemoryJournal and LmdbJournal (ASYNC, for speed; the durability tests also run SYNC).
+Tests that need a store that survives `close` run only where `stores.durable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zbroker.journal import (
+    FINISHED_STATES,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    Durability,
+    Journal,
+    JournalError,
+    LmdbJournal,
+    MemoryJournal,
+    TaskRecord,
+    TaskState,
+)
+
+READY, DELAYED, INFLIGHT = TaskState.READY, TaskState.DELAYED, TaskState.INFLIGHT
+DONE, DEAD, CANCELLED, EXPIRED = (
+    TaskState.DONE,
+    TaskState.DEAD,
+    TaskState.CANCELLED,
+    TaskState.EXPIRED,
+)
+MANY = 1_000_000
+
+
+class Stores:
+    """Opens journals of one kind for a test, and closes every one of them at teardown."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind = kind
+        self.root = root
+        self.opened: list[Journal] = []
+
+    @property
+    def durable(self) -> bool:
+        return self.kind != "memory"
+
+    def open(self) -> Journal:
+        journal: Journal
+        if self.kind == "memory":
+            journal = MemoryJournal()
+        else:
+            durability = Durability.SYNC if self.kind == "lmdb-sync" else Durability.ASYNC
+            journal = LmdbJournal(self.root / f"store{len(self.opened)}", durability)
+        self.opened.append(journal)
+        return journal
+
+    def reopen(self, journal: Journal) -> Journal:
+        """Close `journal` and open its store again (durable stores only)."""
+        assert isinstance(journal, LmdbJournal)
+        journal.close()
+        again = LmdbJournal(journal.path, journal.durability)
+        self.opened.append(again)
+        return again
+
+    def close_all(self) -> None:
+        for journal in self.opened:
+            journal.close()
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    opened = Stores(request.param, tmp_path)
+    yield opened
+    opened.close_all()
+
+
+@pytest.fixture(params=["lmdb", "lmdb-sync"])
+def durable_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    opened = Stores(request.param, tmp_path)
+    yield opened
+    opened.close_all()
+
+
+@pytest.fixture
+def journal(stores: Stores) -> Journal:
+    return stores.open()
+
+
+def task(journal: Journal, task_id: str, state: TaskState = READY, **fields: Any) -> TaskRecord:
+    """A record with a fresh seq from the journal, unless `seq` is given."""
+    fields.setdefault("service", "svc")
+    fields.setdefault("seq", journal.next_seq())
+    fields.setdefault("created_at", 100.0)
+    return TaskRecord(id=task_id, state=state, **fields)
+
+
+def ids(records: list[TaskRecord]) -> list[str]:
+    return [r.id for r in records]
+
+
+def found_in(journal: Journal, record: TaskRecord) -> set[str]:
+    """The reads that find `record` (rule 2: exactly the one its state names)."""
+    places = set()
+    if record.id in ids(journal.ready(record.service, MANY)):
+        places.add("ready")
+    if record.id in ids(journal.due(math.inf, MANY)):
+        places.add("due")
+    if record.id in ids(journal.inflight()):
+        places.add("inflight")
+    if record.id in ids(journal.dead(record.service, MANY)):
+        places.add("dead")
+    return places
+
+
+def moved(record: TaskRecord, **changes: Any) -> TaskRecord:
+    return dataclasses.replace(record, **changes)
+
+
+def page_ready(journal: Journal, service: str, page: int) -> list[TaskRecord]:
+    """ready() called with `after` = the last task seen, until it returns nothing."""
+    seen: list[TaskRecord] = []
+    for _ in range(10_000):
+        batch = journal.ready(service, page, (seen[-1].priority, seen[-1].seq) if seen else None)
+        assert len(batch) <= page
+        if not batch:
+            return seen
+        seen.extend(batch)
+    raise AssertionError("paging ready() with `after` never ends")
+
+
+def page_dead(journal: Journal, service: str, page: int) -> list[TaskRecord]:
+    seen: list[TaskRecord] = []
+    for _ in range(10_000):
+        batch = journal.dead(service, page, seen[-1].seq if seen else None)
+        assert len(batch) <= page
+        if not batch:
+            return seen
+        seen.extend(batch)
+    raise AssertionError("paging dead() with `after_seq` never ends")
+
+
+# ------------------------------------------------------------- records
+
+
+def test_put_then_get_returns_every_field(journal: Journal) -> None:
+    # Given a record with every field away from its default
+    record = TaskRecord(
+        id="t-1",
+        service="speech.tts",
+        state=DELAYED,
+        seq=journal.next_seq(),
+        created_at=1_700_000_000.125,
+        priority=-7,
+        not_before=1_700_000_100.5,
+        expires_at=1_700_000_900.25,
+        attempt=2,
+        max_attempts=9,
+        timeout_s=12.5,
+        key="idem-1",
+        headers={"lang": "fr", "n": 3, "nested": {"a": [1, 2.5, None, True]}, "raw": b"\x00\xff"},
+        error="worker crashed",
+        finished_at=None,
+        keep_until=1_700_086_400.0,
+        history=[["enqueued", 1_700_000_000.125], ["failed", 1_700_000_050.0, "crash", 2]],
+    )
+    # When it is stored and read back
+    journal.put(record, [b"payload"])
+    # Then every field is equal, the id included
+    assert journal.get("t-1") == record
+
+
+def test_get_returns_a_copy_and_put_stores_one(journal: Journal) -> None:
+    # Given a stored record
+    record = task(journal, "t-1", headers={"a": 1}, history=[["enqueued", 1.0]])
+    journal.put(record)
+    # When the caller mutates both the record it put and the one it got
+    record.state = DEAD
+    record.headers["a"] = 2
+    got = journal.get("t-1")
+    assert got is not None
+    got.state = INFLIGHT
+    got.history.append(["started", 2.0])
+    got.headers["b"] = 3
+    # Then the store still holds what was put, until the next `put`
+    again = journal.get("t-1")
+    assert again is not None
+    assert again.state == READY
+    assert again.headers == {"a": 1}
+    assert again.history == [["enqueued", 1.0]]
+    assert ids(journal.ready("svc", 10)) == ["t-1"]
+    assert journal.inflight() == []
+
+
+def test_unknown_task_reads_as_none(journal: Journal) -> None:
+    assert journal.get("nope") is None
+    assert journal.payload("nope") is None
+    assert journal.result("nope") is None
+    assert journal.get("") is None
+
+
+def test_state_is_returned_as_task_state(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", DONE))
+    got = journal.get("t-1")
+    assert got is not None
+    assert type(got.state) is TaskState
+    assert got.state is DONE
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("priority", PRIORITY_MAX + 1),
+        ("priority", PRIORITY_MIN - 1),
+        ("seq", -1),
+        ("state", 99),
+        ("not_before", math.nan),
+        ("id", ""),
+    ],
+)
+def test_a_record_that_cannot_be_indexed_is_refused(
+    journal: Journal, field: str, value: Any
+) -> None:
+    # Given a record with one field outside what the indexes can hold
+    record = moved(task(journal, "t-1"), **{field: value})
+    # When it is put, Then it is refused and nothing is stored
+    with pytest.raises(ValueError):
+        journal.put(record)
+    assert journal.counts() == {}
+    assert journal.get("t-1") is None
+
+
+# --------------------------------------------------------------- frames
+
+FRAME_CASES = {
+    "none": [],
+    "one empty": [b""],
+    "empties": [b"", b"", b""],
+    "binary": [bytes(range(256)), b"\x00" * 17],
+    "many": [i.to_bytes(2, "big") * i for i in range(200)],
+    "large": [b"x" * (3 * 1024 * 1024 + 1)],
+}
+
+
+@pytest.mark.parametrize("frames", FRAME_CASES.values(), ids=FRAME_CASES.keys())
+def test_payload_and_result_frames_round_trip_exactly(
+    journal: Journal, frames: list[bytes]
+) -> None:
+    # Given a task stored with these frames as payload and as result
+    journal.put(task(journal, "t-1"), frames)
+    journal.put_result("t-1", frames)
+    # When they are read back
+    payload, result = journal.payload("t-1"), journal.result("t-1")
+    # Then they are the same frames, as bytes
+    assert payload == frames
+    assert result == frames
+    assert payload is not None and all(type(f) is bytes for f in payload)
+
+
+def test_bytes_like_frames_come_back_as_bytes(journal: Journal) -> None:
+    frames = [bytearray(b"ab"), memoryview(b"cd")]
+    journal.put(task(journal, "t-1"), frames)  # type: ignore[arg-type]
+    assert journal.payload("t-1") == [b"ab", b"cd"]
+
+
+def test_frames_that_are_not_bytes_are_refused(journal: Journal) -> None:
+    with pytest.raises(TypeError):
+        journal.put(task(journal, "t-1"), ["text"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        journal.put(task(journal, "t-2"), b"one frame, not a list")  # type: ignore[arg-type]
+    assert journal.get("t-1") is None
+    assert journal.get("t-2") is None
+
+
+def test_put_without_payload_keeps_the_stored_payload(journal: Journal) -> None:
+    # Given a task stored with a payload
+    record = task(journal, "t-1")
+    journal.put(record, [b"a", b"b"])
+    # When it is put again without one (a state change)
+    journal.put(moved(record, state=INFLIGHT, attempt=1))
+    # Then the payload is untouched
+    assert journal.payload("t-1") == [b"a", b"b"]
+
+
+def test_put_with_payload_replaces_it(journal: Journal) -> None:
+    record = task(journal, "t-1")
+    journal.put(record, [b"old"])
+    journal.put(record, [b"new", b"frames"])
+    assert journal.payload("t-1") == [b"new", b"frames"]
+
+
+def test_a_task_stored_without_payload_has_no_frames(journal: Journal) -> None:
+    journal.put(task(journal, "t-1"))
+    assert journal.payload("t-1") == []
+    assert journal.result("t-1") is None
+
+
+def test_put_result_replaces_an_earlier_result(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", DONE))
+    journal.put_result("t-1", [b"first"])
+    journal.put_result("t-1", [b"second", b""])
+    assert journal.result("t-1") == [b"second", b""]
+
+
+def test_put_result_of_an_unknown_task_is_refused(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        journal.put_result("nope", [b"x"])
+    assert journal.result("nope") is None
+
+
+# ------------------------------------------------------ states and indexes
+
+
+def test_each_state_is_found_by_exactly_its_own_read(journal: Journal) -> None:
+    # Given one task in each state
+    records = {state: task(journal, f"t-{state.name}", state) for state in TaskState}
+    for record in records.values():
+        journal.put(record)
+    # Then each is found only where its state says (rule 2)
+    assert found_in(journal, records[READY]) == {"ready"}
+    assert found_in(journal, records[DELAYED]) == {"due"}
+    assert found_in(journal, records[INFLIGHT]) == {"inflight"}
+    assert found_in(journal, records[DEAD]) == {"dead"}
+    for state in FINISHED_STATES:
+        assert found_in(journal, records[state]) == set()
+
+
+def test_ready_to_inflight_leaves_ready_and_appears_in_inflight(journal: Journal) -> None:
+    # Given a READY task
+    record = task(journal, "t-1")
+    journal.put(record, [b"p"])
+    assert ids(journal.ready("svc", 10)) == ["t-1"]
+    # When it is handed to a worker
+    journal.put(moved(record, state=INFLIGHT, attempt=1))
+    # Then ready() no longer finds it and inflight() does
+    assert journal.ready("svc", 10) == []
+    assert ids(journal.inflight()) == ["t-1"]
+    assert journal.counts() == {"svc": {INFLIGHT: 1}}
+
+
+def test_inflight_back_to_ready_returns_to_the_queue(journal: Journal) -> None:
+    record = task(journal, "t-1", INFLIGHT)
+    journal.put(record)
+    journal.put(moved(record, state=READY))
+    assert journal.inflight() == []
+    assert ids(journal.ready("svc", 10)) == ["t-1"]
+
+
+def test_a_delayed_task_is_due_only_once_not_before_has_come(journal: Journal) -> None:
+    # Given a task delayed until t=50
+    record = task(journal, "t-1", DELAYED, not_before=50.0)
+    journal.put(record)
+    # Then it is not due before 50, and due at and after 50
+    assert journal.due(49.999, 10) == []
+    assert ids(journal.due(50.0, 10)) == ["t-1"]
+    assert ids(journal.due(1e12, 10)) == ["t-1"]
+    assert journal.next_due_at() == 50.0
+    # And not in the ready queue meanwhile
+    assert journal.ready("svc", 10) == []
+
+
+def test_due_then_ready_leaves_the_delayed_index(journal: Journal) -> None:
+    record = task(journal, "t-1", DELAYED, not_before=50.0)
+    journal.put(record)
+    journal.put(moved(record, state=READY))
+    assert journal.due(1e12, 10) == []
+    assert journal.next_due_at() is None
+    assert ids(journal.ready("svc", 10)) == ["t-1"]
+
+
+def test_rescheduling_a_delayed_task_moves_it(journal: Journal) -> None:
+    record = task(journal, "t-1", DELAYED, not_before=50.0)
+    journal.put(record)
+    journal.put(moved(record, not_before=80.0))
+    assert journal.due(79.0, 10) == []
+    assert journal.next_due_at() == 80.0
+
+
+def test_a_dead_task_is_listed_in_its_services_dead_letters(journal: Journal) -> None:
+    record = task(journal, "t-1", INFLIGHT)
+    journal.put(record)
+    journal.put(moved(record, state=DEAD, error="attempts exhausted"))
+    assert ids(journal.dead("svc", 10)) == ["t-1"]
+    assert journal.dead("other", 10) == []
+    assert journal.inflight() == []
+
+
+def test_done_lapses_at_keep_until(journal: Journal) -> None:
+    # Given a task finished at t=10, kept until t=70
+    record = task(journal, "t-1", INFLIGHT, expires_at=5.0)
+    journal.put(record)
+    journal.put(moved(record, state=DONE, finished_at=10.0, keep_until=70.0))
+    # Then it lapses at keep_until, not before (its spent TTL does not count)
+    assert journal.lapsed(69.0, 10) == []
+    assert ids(journal.lapsed(70.0, 10)) == ["t-1"]
+
+
+def test_dead_letters_move_when_redriven(journal: Journal) -> None:
+    record = task(journal, "t-1", DEAD)
+    journal.put(record)
+    journal.put(moved(record, state=READY, attempt=0))
+    assert journal.dead("svc", 10) == []
+    assert ids(journal.ready("svc", 10)) == ["t-1"]
+
+
+def test_changing_service_moves_queue_and_counts(journal: Journal) -> None:
+    record = task(journal, "t-1", service="a", key="k")
+    journal.put(record)
+    journal.put(moved(record, service="b"))
+    assert journal.ready("a", 10) == []
+    assert ids(journal.ready("b", 10)) == ["t-1"]
+    assert journal.counts() == {"b": {READY: 1}}
+    assert journal.find_key("a", "k") is None
+    assert journal.find_key("b", "k") == "t-1"
+
+
+# ----------------------------------------------------------------- order
+
+
+def test_ready_is_priority_first_then_fifo(journal: Journal) -> None:
+    # Given tasks enqueued in this order with these priorities
+    for name, priority in [("a", 0), ("b", 5), ("c", 0), ("d", -3), ("e", 5), ("f", 127)]:
+        journal.put(task(journal, name, priority=priority))
+    journal.put(task(journal, "g", priority=-128))
+    # Then ready() lists higher priority first, and enqueue order within a priority
+    assert ids(journal.ready("svc", 10)) == ["f", "b", "e", "a", "c", "d", "g"]
+    assert ids(journal.ready("svc", 3)) == ["f", "b", "e"]
+
+
+def test_ready_is_per_service(journal: Journal) -> None:
+    journal.put(task(journal, "a1", service="a"))
+    journal.put(task(journal, "b1", service="b"))
+    journal.put(task(journal, "a2", service="a"))
+    journal.put(task(journal, "ab", service="ab"))
+    assert ids(journal.ready("a", 10)) == ["a1", "a2"]
+    assert ids(journal.ready("b", 10)) == ["b1"]
+    assert ids(journal.ready("ab", 10)) == ["ab"]
+    assert journal.ready("unknown", 10) == []
+    assert journal.ready("a", 0) == []
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    priorities=st.lists(st.integers(PRIORITY_MIN, PRIORITY_MAX), max_size=60),
+    page=st.integers(1, 9),
+)
+def test_paging_with_after_visits_every_task_once_in_order(
+    stores: Stores, priorities: list[int], page: int
+) -> None:
+    # Given READY tasks with random priorities
+    journal = stores.open()
+    expected = []
+    for n, priority in enumerate(priorities):
+        record = task(journal, f"t{n}", priority=priority)
+        journal.put(record)
+        expected.append(record)
+    expected.sort(key=lambda r: (-r.priority, r.seq))
+    # When ready() is paged through with `after` = the last task of the previous page
+    seen = page_ready(journal, "svc", page)
+    # Then every task came exactly once, in queue order
+    assert ids(seen) == ids(expected)
+    journal.close()
+
+
+def test_after_continues_across_priorities(journal: Journal) -> None:
+    for name, priority in [("a", 3), ("b", 3), ("c", 1)]:
+        journal.put(task(journal, name, priority=priority))
+    b = journal.get("b")
+    assert b is not None
+    assert ids(journal.ready("svc", 10, after=(b.priority, b.seq))) == ["c"]
+    assert journal.ready("svc", 10, after=(PRIORITY_MIN, 2**62)) == []
+
+
+def test_due_is_earliest_first_and_limited(journal: Journal) -> None:
+    # Given delayed tasks put in an order unlike their not_before
+    for name, not_before in [("a", 30.0), ("b", 10.0), ("c", 20.0), ("d", 10.0), ("e", 99.0)]:
+        journal.put(task(journal, name, DELAYED, not_before=not_before))
+    # Then due() lists them earliest first (FIFO on ties), up to the limit
+    assert ids(journal.due(50.0, 10)) == ["b", "d", "c", "a"]
+    assert ids(journal.due(50.0, 2)) == ["b", "d"]
+    assert journal.due(50.0, 0) == []
+    assert journal.next_due_at() == 10.0
+
+
+def test_due_orders_negative_and_fractional_times(journal: Journal) -> None:
+    for name, not_before in [("a", 0.5), ("b", -2.0), ("c", 0.0), ("d", -0.0), ("e", 1e-9)]:
+        journal.put(task(journal, name, DELAYED, not_before=not_before))
+    assert ids(journal.due(1.0, 10)) == ["b", "c", "d", "e", "a"]
+    assert ids(journal.due(0.0, 10)) == ["b", "c", "d"]
+    assert journal.next_due_at() == -2.0
+
+
+def test_next_due_at_is_none_without_delayed_tasks(journal: Journal) -> None:
+    journal.put(task(journal, "t-1"))
+    assert journal.next_due_at() is None
+
+
+def test_lapsed_covers_ttl_and_keep_until_but_never_dead(journal: Journal) -> None:
+    # Given tasks whose time is up at t=10 in every way the contract names, and some not
+    journal.put(task(journal, "ready-ttl", READY, expires_at=4.0))
+    journal.put(task(journal, "delayed-ttl", DELAYED, not_before=50.0, expires_at=6.0))
+    journal.put(task(journal, "done", DONE, keep_until=3.0))
+    journal.put(task(journal, "cancelled", CANCELLED, keep_until=5.0))
+    journal.put(task(journal, "expired", EXPIRED, keep_until=10.0))
+    journal.put(task(journal, "dead", DEAD, expires_at=1.0, keep_until=1.0))
+    journal.put(task(journal, "inflight", INFLIGHT, expires_at=1.0))
+    journal.put(task(journal, "ready-later", READY, expires_at=10.5))
+    journal.put(task(journal, "done-forever", DONE))
+    journal.put(task(journal, "ready-no-ttl", READY, keep_until=1.0))
+    # Then lapsed() lists the due ones, earliest first, never a DEAD or INFLIGHT one
+    assert ids(journal.lapsed(10.0, 100)) == [
+        "done",
+        "ready-ttl",
+        "cancelled",
+        "delayed-ttl",
+        "expired",
+    ]
+    assert ids(journal.lapsed(10.0, 2)) == ["done", "ready-ttl"]
+    assert "ready-later" in ids(journal.lapsed(11.0, 100))
+
+
+def test_a_task_that_starts_no_longer_lapses_by_ttl(journal: Journal) -> None:
+    record = task(journal, "t-1", expires_at=5.0)
+    journal.put(record)
+    journal.put(moved(record, state=INFLIGHT))
+    assert journal.lapsed(100.0, 10) == []
+
+
+def test_dead_is_lowest_seq_first_with_after_seq(journal: Journal) -> None:
+    records = [task(journal, f"d{n}", DEAD) for n in range(5)]
+    for record in reversed(records):
+        journal.put(record)
+    journal.put(task(journal, "other", DEAD, service="other"))
+    assert ids(journal.dead("svc", 10)) == ["d0", "d1", "d2", "d3", "d4"]
+    assert ids(journal.dead("svc", 2, after_seq=records[1].seq)) == ["d2", "d3"]
+    assert journal.dead("svc", 10, after_seq=records[4].seq) == []
+
+
+def test_inflight_lists_every_inflight_task(journal: Journal) -> None:
+    for n in range(7):
+        journal.put(task(journal, f"t{n}", INFLIGHT, service=f"s{n % 3}"))
+    journal.put(task(journal, "queued"))
+    assert sorted(ids(journal.inflight())) == [f"t{n}" for n in range(7)]
+
+
+# ------------------------------------------------------- delete and keys
+
+
+def test_delete_removes_record_frames_indexes_and_key(journal: Journal) -> None:
+    # Given a task with payload, result, TTL and an idempotency key
+    record = task(journal, "t-1", key="k-1", expires_at=5.0)
+    journal.put(record, [b"p"])
+    journal.put_result("t-1", [b"r"])
+    # When it is deleted
+    journal.delete("t-1")
+    # Then nothing of it is left
+    assert journal.get("t-1") is None
+    assert journal.payload("t-1") is None
+    assert journal.result("t-1") is None
+    assert journal.ready("svc", 10) == []
+    assert journal.lapsed(100.0, 10) == []
+    assert journal.find_key("svc", "k-1") is None
+    assert journal.counts() == {}
+    # And the key is free for a new task
+    journal.put(task(journal, "t-2", key="k-1"))
+    assert journal.find_key("svc", "k-1") == "t-2"
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_delete_clears_every_index_of_every_state(journal: Journal, state: TaskState) -> None:
+    record = task(journal, "t-1", state, expires_at=1.0, keep_until=1.0, not_before=1.0)
+    journal.put(record)
+    journal.delete("t-1")
+    assert found_in(journal, record) == set()
+    assert journal.lapsed(math.inf, 10) == []
+    assert journal.counts() == {}
+
+
+def test_delete_of_an_unknown_task_is_a_no_op(journal: Journal) -> None:
+    journal.put(task(journal, "t-1"))
+    journal.delete("nope")
+    assert journal.counts() == {"svc": {READY: 1}}
+
+
+def test_find_key_is_per_service(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", key="k"))
+    journal.put(task(journal, "t-2", service="other", key="k"))
+    assert journal.find_key("svc", "k") == "t-1"
+    assert journal.find_key("other", "k") == "t-2"
+    assert journal.find_key("svc", "missing") is None
+    assert journal.find_key("unknown", "k") is None
+
+
+def test_a_key_stays_while_the_record_exists_in_any_state(journal: Journal) -> None:
+    record = task(journal, "t-1", key="k")
+    journal.put(record)
+    for state in TaskState:
+        journal.put(moved(record, state=state))
+        assert journal.find_key("svc", "k") == "t-1"
+
+
+def test_a_key_held_by_another_task_is_refused(journal: Journal) -> None:
+    # Given a task holding key "k"
+    journal.put(task(journal, "t-1", key="k"))
+    # When another task of the service claims it, Then the put is refused and changes nothing
+    with pytest.raises(ValueError, match="t-1"):
+        journal.put(task(journal, "t-2", key="k"))
+    assert journal.get("t-2") is None
+    assert journal.find_key("svc", "k") == "t-1"
+    assert journal.counts() == {"svc": {READY: 1}}
+
+
+def test_changing_or_dropping_a_key_moves_it(journal: Journal) -> None:
+    record = task(journal, "t-1", key="k1")
+    journal.put(record)
+    journal.put(moved(record, key="k2"))
+    assert journal.find_key("svc", "k1") is None
+    assert journal.find_key("svc", "k2") == "t-1"
+    journal.put(moved(record, key=None))
+    assert journal.find_key("svc", "k2") is None
+
+
+def test_long_keys_and_odd_names_work(journal: Journal) -> None:
+    long_key = "κ" * 2000
+    journal.put(task(journal, "t-1", service="s é/\x00x" * 40, key=long_key))
+    assert journal.find_key("s é/\x00x" * 40, long_key) == "t-1"
+    assert journal.find_key("s é/\x00x" * 40, long_key[:-1]) is None
+    assert ids(journal.ready("s é/\x00x" * 40, 10)) == ["t-1"]
+
+
+# ---------------------------------------------------------- seq and counts
+
+
+def test_next_seq_is_strictly_increasing(journal: Journal) -> None:
+    seqs = [journal.next_seq() for _ in range(2500)]
+    assert all(a < b for a, b in itertools.pairwise(seqs))
+
+
+def test_counts_are_per_service_and_state(journal: Journal) -> None:
+    journal.put(task(journal, "a", service="s1"))
+    journal.put(task(journal, "b", service="s1"))
+    journal.put(task(journal, "c", DEAD, service="s1"))
+    journal.put(task(journal, "d", DONE, service="s2"))
+    assert journal.counts() == {"s1": {READY: 2, DEAD: 1}, "s2": {DONE: 1}}
+    journal.delete("d")
+    assert journal.counts() == {"s1": {READY: 2, DEAD: 1}}
+
+
+def test_stats_count_commits(journal: Journal) -> None:
+    journal.put(task(journal, "t-1"), [b"x" * 1000])
+    journal.commit()
+    assert journal.stats.commits == 1
+    assert journal.stats.bytes_used > 0
+
+
+def test_a_closed_journal_refuses_to_work(journal: Journal) -> None:
+    journal.close()
+    with pytest.raises(JournalError):
+        journal.get("t-1")
+    with pytest.raises(JournalError):
+        journal.put(TaskRecord("t-1", "svc", READY, 1, 0.0))
+    journal.close()  # twice is fine
+
+
+# ------------------------------------------------- random operations vs a model
+
+SERVICES = ["a", "b"]
+KEYS = ["k1", "k2", None]
+TIMES = [0.0, 1.0, 2.5, 5.0]
+
+new_task = st.tuples(
+    st.just("new"),
+    st.sampled_from(SERVICES),
+    st.sampled_from(list(TaskState)),
+    st.integers(-2, 2),
+    st.sampled_from(TIMES),
+    st.sampled_from([None, *TIMES]),
+    st.sampled_from([None, *TIMES]),
+    st.sampled_from(KEYS),
+)
+change = st.tuples(
+    st.just("change"),
+    st.integers(0, 30),
+    st.sampled_from(list(TaskState)),
+    st.integers(-2, 2),
+    st.sampled_from(TIMES),
+    st.sampled_from([None, *TIMES]),
+    st.sampled_from([None, *TIMES]),
+    st.sampled_from(KEYS),
+)
+operation = st.one_of(
+    new_task,
+    change,
+    st.tuples(st.just("delete"), st.integers(0, 30)),
+    st.tuples(st.just("result"), st.integers(0, 30)),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("reopen")),
+)
+
+
+def expected_reads(model: dict[str, TaskRecord]) -> dict[str, Any]:
+    """What each read must return for the records in `model` (ids, in order)."""
+    by_state: dict[TaskState, list[TaskRecord]] = {s: [] for s in TaskState}
+    for record in model.values():
+        by_state[record.state].append(record)
+    counts: dict[str, dict[TaskState, int]] = {}
+    for record in model.values():
+        per = counts.setdefault(record.service, {})
+        per[record.state] = per.get(record.state, 0) + 1
+    reads: dict[str, Any] = {"counts": counts}
+    for service in SERVICES:
+        ready = [r for r in by_state[READY] if r.service == service]
+        reads[f"ready {service}"] = ids(sorted(ready, key=lambda r: (-r.priority, r.seq)))
+        dead = [r for r in by_state[DEAD] if r.service == service]
+        reads[f"dead {service}"] = ids(sorted(dead, key=lambda r: r.seq))
+        for key in KEYS[:-1]:
+            holders = [r.id for r in model.values() if (r.service, r.key) == (service, key)]
+            reads[f"key {service} {key}"] = holders[0] if holders else None
+    reads["inflight"] = ids(sorted(by_state[INFLIGHT], key=lambda r: r.seq))
+    delayed = sorted(by_state[DELAYED], key=lambda r: (r.not_before, r.seq))
+    reads["next_due_at"] = delayed[0].not_before if delayed else None
+    for now in TIMES:
+        reads[f"due {now}"] = ids([r for r in delayed if r.not_before <= now])
+        lapsing = [
+            (r.expires_at, r.seq, r.id)
+            for r in model.values()
+            if r.state in (READY, DELAYED) and r.expires_at is not None and r.expires_at <= now
+        ] + [
+            (r.keep_until, r.seq, r.id)
+            for r in model.values()
+            if r.state in FINISHED_STATES and r.keep_until is not None and r.keep_until <= now
+        ]
+        reads[f"lapsed {now}"] = [entry[2] for entry in sorted(lapsing)]
+    return reads
+
+
+def actual_reads(journal: Journal) -> dict[str, Any]:
+    reads: dict[str, Any] = {"counts": journal.counts()}
+    for service in SERVICES:
+        reads[f"ready {service}"] = ids(page_ready(journal, service, 3))
+        reads[f"dead {service}"] = ids(page_dead(journal, service, 2))
+        for key in KEYS[:-1]:
+            assert key is not None
+            reads[f"key {service} {key}"] = journal.find_key(service, key)
+    reads["inflight"] = ids(journal.inflight())
+    reads["next_due_at"] = journal.next_due_at()
+    for now in TIMES:
+        reads[f"due {now}"] = ids(journal.due(now, MANY))
+        reads[f"lapsed {now}"] = ids(journal.lapsed(now, MANY))
+    return reads
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(operations=st.lists(operation, max_size=60))
+def test_random_operations_keep_every_read_and_count_exact(
+    stores: Stores, operations: list[tuple[Any, ...]]
+) -> None:
+    # Given a fresh journal and a model: the records as a plain dict, and as of the last commit
+    journal = stores.open()
+    model: dict[str, TaskRecord] = {}
+    committed: dict[str, TaskRecord] = {}
+    results: dict[str, bytes] = {}
+    created = 0
+    try:
+        # When random puts, state changes, deletes, commits and reopens are applied
+        for op in operations:
+            kind = op[0]
+            if kind in ("new", "change"):
+                if kind == "new":
+                    _, service, state, priority, not_before, expires_at, keep_until, key = op
+                    record = TaskRecord(
+                        f"t{created}", service, state, journal.next_seq(), 0.0, priority
+                    )
+                    created += 1
+                else:
+                    _, pick, state, priority, not_before, expires_at, keep_until, key = op
+                    if not model:
+                        continue
+                    record = dataclasses.replace(model[sorted(model)[pick % len(model)]])
+                record.state, record.priority, record.not_before = state, priority, not_before
+                record.expires_at, record.keep_until, record.key = expires_at, keep_until, key
+                holder = journal.find_key(record.service, key) if key is not None else None
+                if holder not in (None, record.id):
+                    with pytest.raises(ValueError):
+                        journal.put(record)
+                    continue
+                journal.put(record, [record.id.encode()] if kind == "new" else None)
+                model[record.id] = dataclasses.replace(record)
+            elif kind in ("delete", "result"):
+                if not model:
+                    continue
+                task_id = sorted(model)[op[1] % len(model)]
+                if kind == "delete":
+                    journal.delete(task_id)
+                    del model[task_id]
+                    results.pop(task_id, None)
+                else:
+                    journal.put_result(task_id, [b"r", task_id.encode()])
+                    results[task_id] = task_id.encode()
+            elif kind == "commit":
+                journal.commit()
+                committed = {k: dataclasses.replace(v) for k, v in model.items()}
+            elif kind == "reopen" and stores.durable:
+                journal = stores.reopen(journal)
+                model = {k: dataclasses.replace(v) for k, v in committed.items()}
+                results = {k: v for k, v in results.items() if k in model}
+            # Then every read agrees with the model, after every step
+            assert actual_reads(journal) == expected_reads(model)
+        for task_id, record in model.items():
+            assert journal.get(task_id) == record
+            assert journal.payload(task_id) == [task_id.encode()]
+        if not stores.durable:
+            for task_id, result in results.items():
+                assert journal.result(task_id) == [b"r", result]
+        if isinstance(journal, LmdbJournal):
+            assert journal.verify() == []
+    finally:
+        journal.close()
+
+
+# ------------------------------------------------------------ durability
+
+
+def test_committed_writes_survive_reopen(durable_stores: Stores) -> None:
+    # Given a store with tasks in several states, committed
+    journal = durable_stores.open()
+    a = task(journal, "a", key="ka")
+    journal.put(a, [b"pa"])
+    journal.put(task(journal, "b", DELAYED, not_before=9.0), [b"pb"])
+    journal.put(task(journal, "c", INFLIGHT))
+    journal.put(task(journal, "d", DONE, keep_until=3.0))
+    journal.put_result("d", [b"rd"])
+    journal.commit()
+    last_seq = journal.next_seq()
+    # When it is closed and opened again
+    journal = durable_stores.reopen(journal)
+    # Then everything committed is there, indexes and counts included
+    assert journal.get("a") == a
+    assert journal.payload("a") == [b"pa"]
+    assert journal.result("d") == [b"rd"]
+    assert ids(journal.ready("svc", 10)) == ["a"]
+    assert ids(journal.due(9.0, 10)) == ["b"]
+    assert ids(journal.inflight()) == ["c"]
+    assert ids(journal.lapsed(3.0, 10)) == ["d"]
+    assert journal.find_key("svc", "ka") == "a"
+    assert journal.counts() == {"svc": {READY: 1, DELAYED: 1, INFLIGHT: 1, DONE: 1}}
+    # And sequence numbers keep growing across the restart
+    assert journal.next_seq() > last_seq
+
+
+def test_uncommitted_writes_are_gone_after_reopen(durable_stores: Stores) -> None:
+    # Given a committed task
+    journal = durable_stores.open()
+    a = task(journal, "a")
+    journal.put(a, [b"pa"])
+    journal.commit()
+    # When more writes follow without a commit, and the store is reopened
+    journal.put(task(journal, "b"), [b"pb"])
+    journal.put(moved(a, state=INFLIGHT))
+    journal.put_result("a", [b"ra"])
+    journal.delete("a")
+    journal = durable_stores.reopen(journal)
+    # Then the store holds exactly the last commit
+    assert journal.get("a") == a
+    assert journal.get("b") is None
+    assert journal.result("a") is None
+    assert ids(journal.ready("svc", 10)) == ["a"]
+    assert journal.inflight() == []
+    assert journal.counts() == {"svc": {READY: 1}}
+
+
+def test_writes_are_read_before_commit(durable_stores: Stores) -> None:
+    journal = durable_stores.open()
+    journal.put(task(journal, "a", DELAYED, not_before=1.0), [b"p"])
+    assert journal.get("a") is not None
+    assert ids(journal.due(1.0, 10)) == ["a"]
+    assert journal.counts() == {"svc": {DELAYED: 1}}
+    journal.commit()
+    assert ids(journal.due(1.0, 10)) == ["a"]
+
+
+def test_reopen_without_any_write_is_empty(durable_stores: Stores) -> None:
+    journal = durable_stores.reopen(durable_stores.open())
+    assert journal.counts() == {}
+    assert journal.inflight() == []
+    assert journal.next_due_at() is None

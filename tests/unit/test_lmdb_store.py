@@ -1,0 +1,606 @@
+"""LmdbJournal beyond the shared contract: map growth, schema, locking, crash consistency.
+
+The contract itself (every read and write) is in tests/contract/test_journal_contract.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import pytest
+
+from zbroker.journal import (
+    SCHEMA_VERSION,
+    Durability,
+    Journal,
+    JournalError,
+    JournalFull,
+    LmdbJournal,
+    MemoryJournal,
+    SchemaMismatch,
+    TaskRecord,
+    TaskState,
+    open_journal,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+READY, DELAYED, INFLIGHT, DONE, DEAD = (
+    TaskState.READY,
+    TaskState.DELAYED,
+    TaskState.INFLIGHT,
+    TaskState.DONE,
+    TaskState.DEAD,
+)
+KiB = 1024
+MANY = 1_000_000
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Journal]]:
+    """Journals a test opened; all closed at teardown (closing twice is fine)."""
+    journals: list[Journal] = []
+    yield journals
+    for journal in journals:
+        journal.close()
+
+
+def open_store(opened: list[Journal], path: Path, **options: Any) -> LmdbJournal:
+    options.setdefault("durability", Durability.ASYNC)
+    journal = LmdbJournal(path, **options)
+    opened.append(journal)
+    return journal
+
+
+def snapshot(journal: Journal) -> dict[str, Any]:
+    """Everything the journal answers, in a form two journals can be compared by."""
+    services = sorted(journal.counts())
+    records = {}
+    for record in journal.due(math.inf, MANY) + journal.lapsed(math.inf, MANY):
+        records[record.id] = record
+    for record in journal.inflight():
+        records[record.id] = record
+    for service in services:
+        for record in journal.ready(service, MANY) + journal.dead(service, MANY):
+            records[record.id] = record
+    return {
+        "counts": journal.counts(),
+        "ready": {s: [r.id for r in journal.ready(s, MANY)] for s in services},
+        "dead": {s: [r.id for r in journal.dead(s, MANY)] for s in services},
+        "inflight": [r.id for r in journal.inflight()],
+        "due": [r.id for r in journal.due(math.inf, MANY)],
+        "lapsed": [r.id for r in journal.lapsed(math.inf, MANY)],
+        "next_due_at": journal.next_due_at(),
+        "records": records,
+        "payloads": {i: journal.payload(i) for i in records},
+        "results": {i: journal.result(i) for i in records},
+        "keys": {
+            (r.service, r.key): journal.find_key(r.service, r.key)
+            for r in records.values()
+            if r.key
+        },
+    }
+
+
+def random_pass(journals: list[Journal], rng: random.Random, n: int, prefix: str) -> None:
+    """The same `n` random writes (bulky payloads, several services) applied to each journal."""
+    live: list[str] = []
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.6 or not live:
+            task_id = f"{prefix}{i}"
+            state = rng.choice([READY, READY, DELAYED, INFLIGHT, DEAD])
+            fields: dict[str, Any] = {
+                "priority": rng.randint(-3, 3),
+                "not_before": rng.choice([0.0, 5.0, 9.5]),
+                "expires_at": rng.choice([None, 3.0, 7.0]),
+                "key": rng.choice([None, f"key-{task_id}"]),
+                "headers": {"size": i},
+            }
+            service = f"svc-{rng.randint(0, 5)}"
+            payload = [rng.randbytes(rng.randint(0, 900)), b""]
+            seq = journals[0].next_seq()
+            for journal in journals[1:]:
+                journal.next_seq()
+            for journal in journals:
+                record = TaskRecord(task_id, service, state, seq, 1.0, **fields)
+                journal.put(record, payload)
+            live.append(task_id)
+        elif roll < 0.8:
+            task_id = rng.choice(live)
+            state = rng.choice(list(TaskState))
+            keep_until = rng.choice([None, 4.0])
+            for journal in journals:
+                stored = journal.get(task_id)
+                assert stored is not None
+                journal.put(dataclasses.replace(stored, state=state, keep_until=keep_until))
+        elif roll < 0.9:
+            task_id = rng.choice(live)
+            result = [rng.randbytes(rng.randint(0, 2000))]
+            for journal in journals:
+                journal.put_result(task_id, result)
+        else:
+            task_id = live.pop(rng.randrange(len(live)))
+            for journal in journals:
+                journal.delete(task_id)
+
+
+# --------------------------------------------------------------- map growth
+
+
+def test_a_pass_bigger_than_the_map_grows_it_and_loses_nothing(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store whose map holds 16 pages, and a memory journal as the model
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    model = MemoryJournal()
+    opened.append(model)
+    # When one pass (no commit between) writes megabytes, over many services
+    random_pass([journal, model], random.Random(7), 3000, "a")
+    # Then the map grew (each MapFullError replayed the whole pass) and nothing was lost
+    assert journal.stats.map_size >= 2 * 1024 * KiB
+    assert snapshot(journal) == snapshot(model)
+    # And the pass commits, and survives a reopen, with consistent indexes and counters
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    assert snapshot(journal) == snapshot(model)
+    assert journal.verify() == []
+
+
+def test_growth_across_many_small_passes_keeps_every_commit(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a tiny map
+    journal = open_store(opened, tmp_path / "j", map_size=32 * KiB)
+    model = MemoryJournal()
+    opened.append(model)
+    rng = random.Random(11)
+    # When many passes of writes are each committed
+    for n in range(40):
+        random_pass([journal, model], rng, 40, f"p{n}-")
+        journal.commit()
+    # Then the store answers like the model, before and after a reopen
+    assert snapshot(journal) == snapshot(model)
+    journal.close()
+    journal = open_store(opened, tmp_path / "j")
+    assert snapshot(journal) == snapshot(model)
+    assert journal.verify() == []
+
+
+def test_beyond_max_map_size_journal_full_leaves_the_last_commit(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store that may grow to 256 KiB, with 3 committed tasks
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB, max_map_size=256 * KiB)
+    for n in range(3):
+        journal.put(TaskRecord(f"kept{n}", "svc", READY, journal.next_seq(), 0.0), [b"k"])
+    journal.commit()
+    before = snapshot(journal)
+    # When a pass writes more than 256 KiB
+    with pytest.raises(JournalFull, match="max_map_size") as full:
+        for n in range(1000):
+            task = TaskRecord(f"lost{n}", "new-svc", READY, journal.next_seq(), 0.0)
+            journal.put(task, [b"x" * 1000])
+    # Then the error says what happened, and the journal reads as of the last commit
+    assert "discarded" in str(full.value)
+    assert snapshot(journal) == before
+    assert journal.counts() == {"svc": {READY: 3}}
+    # And it still works for writes that fit, also after a reopen
+    journal.put(TaskRecord("small", "svc", READY, journal.next_seq(), 0.0), [b"s"])
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB, max_map_size=256 * KiB)
+    assert [r.id for r in journal.ready("svc", 10)] == ["kept0", "kept1", "kept2", "small"]
+    assert journal.ready("new-svc", 10) == []
+    assert journal.verify() == []
+
+
+def test_a_full_map_at_commit_grows_and_the_pass_still_commits(
+    tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a pass of writes, and a commit whose first attempt meets a full map
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    for n in range(5):
+        journal.put(TaskRecord(f"t{n}", "svc", READY, journal.next_seq(), 0.0), [b"p"])
+    write_meta = journal._write_meta
+    failures = []
+
+    def full_once(txn: Any) -> None:
+        if not failures:
+            failures.append(1)
+            raise lmdb.MapFullError("simulated")
+        write_meta(txn)
+
+    monkeypatch.setattr(journal, "_write_meta", full_once)
+    # When it commits
+    journal.commit()
+    # Then the map grew, the pass was replayed and committed whole
+    assert failures == [1]
+    assert journal.stats.map_size == 128 * KiB
+    journal.close()
+    journal = open_store(opened, tmp_path / "j")
+    assert journal.counts() == {"svc": {READY: 5}}
+    assert journal.verify() == []
+
+
+def test_a_failed_write_discards_the_pass_and_says_so(
+    tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a committed task and a pass of two more writes
+    journal = open_store(opened, tmp_path / "j")
+    journal.put(TaskRecord("kept", "svc", READY, journal.next_seq(), 0.0))
+    journal.commit()
+    journal.put(TaskRecord("lost", "svc", READY, journal.next_seq(), 0.0))
+    apply = journal._apply
+
+    def disk_error(txn: Any, op: Any, record: Any = None) -> None:
+        apply(txn, op, record)  # half done, then the disk fails
+        raise lmdb.DiskError("simulated")
+
+    monkeypatch.setattr(journal, "_apply", disk_error)
+    # When the next write fails inside LMDB
+    with pytest.raises(JournalError, match="simulated") as failed:
+        journal.put(TaskRecord("broken", "other", DEAD, journal.next_seq(), 0.0))
+    # Then the error is the journal's own, and the whole pass is gone, not half of it
+    assert isinstance(failed.value.__cause__, lmdb.DiskError)
+    assert [r.id for r in journal.ready("svc", 10)] == ["kept"]
+    assert journal.counts() == {"svc": {READY: 1}}
+    assert journal.dead("other", 10) == []
+    monkeypatch.undo()
+    assert journal.verify() == []
+
+
+def test_reopening_with_a_smaller_map_size_keeps_the_larger_store(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store of about a megabyte
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    for n in range(300):
+        journal.put(TaskRecord(f"t{n}", "svc", READY, journal.next_seq(), 0.0), [b"x" * 3000])
+    journal.commit()
+    journal.close()
+    # When it is opened with a map smaller than its data
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    # Then everything is readable and new writes fit
+    assert journal.counts() == {"svc": {READY: 300}}
+    assert journal.stats.map_size > journal.stats.bytes_used
+    journal.put(TaskRecord("more", "svc", READY, journal.next_seq(), 0.0), [b"x" * 3000])
+    journal.commit()
+    assert journal.counts() == {"svc": {READY: 301}}
+
+
+# ----------------------------------------------------------- schema, layout
+
+
+def test_a_store_of_another_schema_version_is_refused(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store whose meta says schema version 99
+    path = tmp_path / "j"
+    open_store(opened, path).close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema_version", msgpack.packb(99), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    # When it is opened, Then SchemaMismatch names both versions
+    with pytest.raises(SchemaMismatch) as mismatch:
+        LmdbJournal(path)
+    assert "99" in str(mismatch.value)
+    assert f"version {SCHEMA_VERSION}" in str(mismatch.value)
+    # And the failed open released the store: a raw open can put the version back
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"schema_version", msgpack.packb(SCHEMA_VERSION), db=meta)
+    env.close()
+    assert open_store(opened, path).counts() == {}
+
+
+def test_an_lmdb_store_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path / "other"))
+    with env.begin(write=True) as txn:
+        txn.put(b"someone", b"else's data")
+    env.close()
+    with pytest.raises(SchemaMismatch, match="not a zbroker journal"):
+        LmdbJournal(tmp_path / "other")
+
+
+def test_lmdb_failures_surface_as_journal_errors(tmp_path: Path) -> None:
+    # Given a directory whose data file is not LMDB
+    path = tmp_path / "garbage"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"\x42" * 65536)
+    # When it is opened, Then the foreign error is translated, with its cause kept
+    with pytest.raises(JournalError) as failed:
+        LmdbJournal(path)
+    assert isinstance(failed.value.__cause__, lmdb.Error)
+
+
+def test_the_layout_is_named_databases_and_msgpack_records(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a committed task
+    journal = open_store(opened, tmp_path / "j")
+    journal.put(TaskRecord("t-1", "svc", DEAD, journal.next_seq(), 5.0, priority=2), [b"p"])
+    journal.commit()
+    journal.close()
+    # Then the store has the documented named databases, and the record is a msgpack
+    # array with the state as an int
+    env = lmdb.open(str(tmp_path / "j"), max_dbs=16, readonly=True)
+    try:
+        with env.begin() as txn:
+            names = {key for key, _ in txn.cursor()}
+            tasks = env.open_db(b"tasks", txn=txn, create=False)
+            record = msgpack.unpackb(txn.get(b"t-1", db=tasks))
+            payloads = env.open_db(b"payloads", txn=txn, create=False)
+            payload = msgpack.unpackb(txn.get(b"t-1", db=payloads))
+    finally:
+        env.close()
+    assert names == {
+        b"meta",
+        b"tasks",
+        b"payloads",
+        b"results",
+        b"keys",
+        b"ready",
+        b"delayed",
+        b"lapse",
+        b"inflight",
+        b"dead",
+    }
+    assert record[:5] == ["svc", int(DEAD), 1, 5.0, 2]
+    assert payload == [b"p"]
+
+
+def test_counts_come_from_stored_counters_not_a_scan(tmp_path: Path, opened: list[Journal]) -> None:
+    # Given a committed store whose READY counter was tampered with on disk
+    path = tmp_path / "j"
+    journal = open_store(opened, path)
+    for n in range(3):
+        journal.put(TaskRecord(f"t{n}", "svc", READY, journal.next_seq(), 0.0))
+    journal.commit()
+    journal.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        count_keys = [k for k, _ in txn.cursor(db=meta) if k.startswith(b"count/")]
+        assert len(count_keys) == 1
+        txn.put(count_keys[0], (42).to_bytes(8, "big"), db=meta)
+    env.close()
+    # When it is reopened
+    journal = open_store(opened, path)
+    # Then counts() reports the stored counter (open did not scan the tasks)
+    assert journal.counts() == {"svc": {READY: 42}}
+    # And verify(), which does scan, finds the difference
+    assert any("counters" in problem for problem in journal.verify())
+
+
+def test_verify_reports_an_index_entry_that_went_missing(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    path = tmp_path / "j"
+    journal = open_store(opened, path)
+    journal.put(TaskRecord("t-1", "svc", READY, journal.next_seq(), 0.0))
+    journal.commit()
+    assert journal.verify() == []
+    journal.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"ready", txn=txn, dupsort=True), delete=False)
+    env.close()
+    journal = open_store(opened, path)
+    assert [p for p in journal.verify() if p.startswith("ready: missing entry")]
+
+
+# --------------------------------------------------- options, locks, stats
+
+
+def test_memory_durability_is_not_an_lmdb_mode(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="MemoryJournal"):
+        LmdbJournal(tmp_path / "j", Durability.MEMORY)
+
+
+@pytest.mark.parametrize("durability,syncs", [(Durability.SYNC, True), (Durability.ASYNC, False)])
+def test_durability_sets_lmdb_sync(
+    tmp_path: Path, opened: list[Journal], durability: Durability, syncs: bool
+) -> None:
+    journal = open_store(opened, tmp_path / "j", durability=durability)
+    assert journal.durability is durability
+    flags = journal._env.flags()  # type: ignore[union-attr]
+    assert (flags["sync"], flags["metasync"]) == (syncs, syncs)
+
+
+def test_a_store_opens_only_once_at_a_time(tmp_path: Path, opened: list[Journal]) -> None:
+    # Given an open store
+    first = open_store(opened, tmp_path / "j")
+    # When it is opened a second time, Then that is refused
+    with pytest.raises(JournalError, match="in use"):
+        LmdbJournal(tmp_path / "j")
+    # And once the first is closed, it opens
+    first.close()
+    assert open_store(opened, tmp_path / "j").counts() == {}
+
+
+def test_the_directory_is_created(tmp_path: Path, opened: list[Journal]) -> None:
+    open_store(opened, tmp_path / "a" / "b" / "j")
+    assert (tmp_path / "a" / "b" / "j" / "data.mdb").is_file()
+
+
+def test_stats_report_commits_and_space(tmp_path: Path, opened: list[Journal]) -> None:
+    journal = open_store(opened, tmp_path / "j", map_size=1024 * KiB)
+    journal.commit()  # nothing to write: not a commit
+    assert journal.stats.commits == 0
+    for n in range(3):
+        journal.put(TaskRecord(f"t{n}", "svc", READY, journal.next_seq(), 0.0), [b"x" * 5000])
+        journal.commit()
+    stats = journal.stats
+    assert stats.commits == 3
+    assert 0 < stats.last_commit_seconds <= stats.commit_seconds_total
+    assert 15_000 < stats.bytes_used < stats.map_size == 1024 * KiB
+    assert stats.bytes_used % 4096 == 0
+
+
+def test_open_journal_picks_the_store(tmp_path: Path, opened: list[Journal]) -> None:
+    memory = open_journal(Durability.MEMORY, None)
+    opened.append(memory)
+    assert isinstance(memory, MemoryJournal)
+    lmdb_journal = open_journal(Durability.SYNC, tmp_path, map_size=1024 * KiB)
+    opened.append(lmdb_journal)
+    assert isinstance(lmdb_journal, LmdbJournal)
+    assert lmdb_journal.path == tmp_path / "journal"
+    assert lmdb_journal.durability is Durability.SYNC
+    assert lmdb_journal.stats.map_size == 1024 * KiB
+    with pytest.raises(ValueError, match="data directory"):
+        open_journal(Durability.ASYNC, None)
+    with pytest.raises(TypeError, match="mapsize"):
+        open_journal(Durability.MEMORY, None, mapsize=1)
+
+
+def test_a_commit_holding_only_sequence_numbers_persists_them(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    journal = open_store(opened, tmp_path / "j")
+    handed_out = [journal.next_seq() for _ in range(5)]
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, tmp_path / "j")
+    assert journal.next_seq() > max(handed_out)
+
+
+# ---------------------------------------------------------------- crashes
+
+CRASH_AFTER_UNCOMMITTED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from zbroker.journal import Durability, LmdbJournal, TaskRecord, TaskState
+
+    journal = LmdbJournal(Path(sys.argv[1]), Durability.SYNC)
+    n = int(sys.argv[2])
+    for i in range(n):
+        task = TaskRecord(f"c{i}", "svc", TaskState.READY, journal.next_seq(), 0.0, key=f"k{i}")
+        journal.put(task, [b"payload %d" % i])
+    journal.commit()
+    # Writes of the next pass, never committed: new tasks, a state change, a delete.
+    for i in range(n):
+        task = TaskRecord(f"u{i}", "other", TaskState.DELAYED, journal.next_seq(), 0.0)
+        journal.put(task, [b"lost"])
+    first = journal.get("c0")
+    first.state = TaskState.INFLIGHT
+    journal.put(first)
+    journal.delete("c1")
+    journal.put_result("c2", [b"lost result"])
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_after_sigkill_exactly_the_committed_tasks_are_there(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a process that commits 200 tasks, writes more without committing, and is killed
+    path = tmp_path / "j"
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_UNCOMMITTED, str(path), "200"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    # When the store is opened again
+    journal = open_store(opened, path)
+    # Then it holds exactly the committed tasks, with their indexes and counts
+    assert [r.id for r in journal.ready("svc", 1000)] == [f"c{i}" for i in range(200)]
+    assert journal.counts() == {"svc": {READY: 200}}
+    assert journal.inflight() == []
+    assert journal.due(math.inf, 10) == []
+    assert journal.ready("other", 10) == []
+    assert journal.find_key("svc", "k1") == "c1"
+    assert journal.payload("c1") == [b"payload 1"]
+    assert journal.result("c2") is None
+    assert journal.verify() == []
+    # And new sequence numbers are above every committed one
+    assert journal.next_seq() > 200
+
+
+CRASH_WHILE_COMMITTING = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from zbroker.journal import Durability, LmdbJournal, TaskRecord, TaskState
+
+    journal = LmdbJournal(Path(sys.argv[1]), Durability.SYNC)
+    batch = 0
+    while True:
+        for i in range(50):
+            seq = journal.next_seq()
+            task = TaskRecord(f"b{batch}-{i}", f"s{i % 3}", TaskState.READY, seq, 0.0)
+            journal.put(task, [b"x" * 200])
+        for i in range(50):
+            old = journal.get(f"b{batch - 1}-{i}")
+            if old is not None:
+                old.state = TaskState.INFLIGHT
+                journal.put(old)
+            journal.delete(f"b{batch - 3}-{i}")
+        journal.commit()
+        print(batch, flush=True)
+        batch += 1
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [1, 7, 23])
+def test_a_kill_during_commits_leaves_whole_passes_only(
+    tmp_path: Path, opened: list[Journal], kill_after: int
+) -> None:
+    # Given a process committing pass after pass (each adds 50 tasks, starts the previous
+    # pass's tasks and deletes those of three passes ago)
+    path = tmp_path / "j"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASH_WHILE_COMMITTING, str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # When it is killed once it has reported `kill_after` commits
+        assert child.stdout is not None
+        reported = -1
+        while reported < kill_after - 1:
+            line = child.stdout.readline()
+            assert line, (
+                f"the child stopped: {child.stderr.read().decode() if child.stderr else ''}"
+            )
+            reported = int(line)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    # Then the store holds the state after some whole pass, at or after the reported one
+    journal = open_store(opened, path)
+    assert journal.verify() == []
+    present = {r.id.split("-")[0] for r in journal.inflight()}
+    for service in ("s0", "s1", "s2"):
+        present |= {r.id.split("-")[0] for r in journal.ready(service, MANY)}
+    last = max(int(b[1:]) for b in present)
+    assert last >= reported
+    expected_ready = {f"b{last}-{i}" for i in range(50)}
+    expected_inflight = {f"b{b}-{i}" for b in (last - 1, last - 2) if b >= 0 for i in range(50)}
+    ready = {r.id for s in ("s0", "s1", "s2") for r in journal.ready(s, MANY)}
+    assert ready == expected_ready
+    assert {r.id for r in journal.inflight()} == expected_inflight
+    total = sum(n for per in journal.counts().values() for n in per.values())
+    assert total == len(expected_ready) + len(expected_inflight)

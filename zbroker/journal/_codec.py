@@ -1,0 +1,171 @@
+"""How a task record and a list of frames become bytes, and what a record must satisfy.
+
+Shared by both stores, so `MemoryJournal` accepts and returns exactly what
+`LmdbJournal` does. Owns the record's encoding (schema version 1); never opens a store.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from zbroker.journal.base import PRIORITY_MAX, PRIORITY_MIN, TaskRecord, TaskState
+
+# LMDB keys (and DUPSORT values) are limited to 511 bytes; index keys add up to 17.
+MAX_ID_BYTES = 480
+MAX_SEQ = 2**63 - 1
+
+_STATES = {int(s): s for s in TaskState}
+_DOUBLE = struct.Struct(">d")
+_U64 = struct.Struct(">Q")
+_SIGN = 1 << 63
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_ALL_ONES = (1 << 64) - 1
+
+
+def check_record(record: TaskRecord) -> None:
+    """Raise ValueError (or TypeError) if `record` cannot be stored and indexed faithfully."""
+    task_id = record.id
+    if type(task_id) is not str or not task_id:
+        raise ValueError(f"task id must be a non-empty str, got {task_id!r}")
+    if len(task_id.encode()) > MAX_ID_BYTES:  # also rejects ids that are not valid UTF-8
+        raise ValueError(f"task id longer than {MAX_ID_BYTES} bytes: {task_id[:40]!r}...")
+    if type(record.service) is not str:
+        raise TypeError(f"service must be a str, got {type(record.service).__name__}")
+    record.service.encode()
+    if record.state not in _STATES:
+        raise ValueError(f"unknown task state {record.state!r}")
+    priority = record.priority
+    if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(
+            f"priority must be an int in {PRIORITY_MIN}..{PRIORITY_MAX}, got {priority!r}"
+        )
+    seq = record.seq
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"seq must be an int in 0..2**63-1, got {seq!r}")
+    # x != x only for NaN, which no index can order.
+    not_before, expires_at, keep_until = record.not_before, record.expires_at, record.keep_until
+    if (
+        not_before != not_before
+        or (expires_at is not None and expires_at != expires_at)
+        or (keep_until is not None and keep_until != keep_until)
+    ):
+        raise ValueError("not_before, expires_at and keep_until must not be NaN")
+    key = record.key
+    if key is not None:
+        if type(key) is not str:
+            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+        key.encode()
+
+
+class Packer:
+    """Encodes records and frame lists; one per journal (a msgpack Packer is reused,
+    which is about twice as fast as `msgpack.packb`, but is not shareable)."""
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer().pack
+
+    def record(self, record: TaskRecord) -> bytes:
+        """The record as a msgpack array, without its id (the id is the storage key)."""
+        return self._pack(  # type: ignore[no-any-return]
+            (
+                record.service,
+                int(record.state),
+                record.seq,
+                record.created_at,
+                record.priority,
+                record.not_before,
+                record.expires_at,
+                record.attempt,
+                record.max_attempts,
+                record.timeout_s,
+                record.key,
+                record.headers,
+                record.error,
+                record.finished_at,
+                record.keep_until,
+                record.history,
+            )
+        )
+
+    def frames(self, frames: Sequence[bytes]) -> bytes:
+        """Frames as a msgpack array of bin: 1-5 bytes of overhead per frame."""
+        check_frames(frames)
+        return self._pack(list(frames))  # type: ignore[no-any-return]
+
+
+def unpack_record(task_id: str, data: bytes) -> TaskRecord:
+    """A fresh TaskRecord from `pack_record`'s bytes."""
+    (
+        service,
+        state,
+        seq,
+        created_at,
+        priority,
+        not_before,
+        expires_at,
+        attempt,
+        max_attempts,
+        timeout_s,
+        key,
+        headers,
+        error,
+        finished_at,
+        keep_until,
+        history,
+    ) = msgpack.unpackb(data, strict_map_key=False)
+    return TaskRecord(
+        task_id,
+        service,
+        _STATES[state],
+        seq,
+        created_at,
+        priority,
+        not_before,
+        expires_at,
+        attempt,
+        max_attempts,
+        timeout_s,
+        key,
+        headers,
+        error,
+        finished_at,
+        keep_until,
+        history,
+    )
+
+
+def check_frames(frames: Sequence[bytes]) -> None:
+    if isinstance(frames, (*_BYTES_LIKE, str)):
+        raise TypeError("frames must be a sequence of bytes, not a single bytes or str")
+    for frame in frames:
+        if type(frame) is not bytes and not isinstance(frame, _BYTES_LIKE):
+            raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
+
+
+def copy_frames(frames: Sequence[bytes]) -> list[bytes]:
+    """Frames as a new list of immutable bytes, checked like `Packer.frames`."""
+    check_frames(frames)
+    return [bytes(frame) for frame in frames]
+
+
+def unpack_frames(data: bytes) -> list[bytes]:
+    frames: Any = msgpack.unpackb(data)
+    return frames  # type: ignore[no-any-return]
+
+
+def time_key(t: float) -> bytes:
+    """8 bytes that sort like the float `t` (IEEE bits, sign-flipped); exact, no rounding."""
+    (bits,) = _U64.unpack(_DOUBLE.pack(t + 0.0))  # + 0.0 turns -0.0 into 0.0
+    return _U64.pack(bits ^ _ALL_ONES if bits & _SIGN else bits | _SIGN)
+
+
+def time_from_key(key: bytes) -> float:
+    (bits,) = _U64.unpack(key[:8])
+    (t,) = _DOUBLE.unpack(_U64.pack(bits ^ _SIGN if bits & _SIGN else bits ^ _ALL_ONES))
+    return float(t)

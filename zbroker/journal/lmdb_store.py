@@ -1,0 +1,727 @@
+"""The durable journal: tasks, their frames and their indexes in one LMDB environment.
+
+Owns the on-disk layout (see docs/architecture.md, "The journal"). Every write
+between two commits goes into one LMDB write transaction, so a commit is atomic
+and a crash leaves exactly the last commit. Never reads the clock, except to
+time its own commits for `stats`.
+
+Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-endian,
+"time" 8 bytes that sort like the float; index values are the task id):
+
+  tasks     id -> msgpack record             payloads  id -> msgpack list of frames
+  results   id -> msgpack list of frames     keys      svc + key -> id
+  ready     svc + (127 - priority) + seq     delayed   time(not_before) + seq
+  inflight  seq                              dead      svc + seq
+  lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
+  meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n
+
+The indexes are DUPSORT, so two tasks with an equal key (a caller reusing a seq)
+keep an entry each instead of overwriting one another.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from zbroker.journal._codec import (
+    MAX_ID_BYTES,
+    MAX_SEQ,
+    Packer,
+    check_record,
+    time_from_key,
+    time_key,
+    unpack_frames,
+    unpack_record,
+)
+from zbroker.journal.base import (
+    FINISHED_STATES,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    SCHEMA_VERSION,
+    Durability,
+    Journal,
+    JournalError,
+    JournalFull,
+    JournalStats,
+    SchemaMismatch,
+    TaskRecord,
+    TaskState,
+)
+
+MiB = 1 << 20
+TiB = 1 << 40
+
+_META_SCHEMA = b"schema_version"
+_META_SEQ = b"next_seq"
+_SERVICE = b"service/"
+_COUNT = b"count/"
+_LOCK_FILE = "zbroker.lock"
+
+# Grow the map after a commit once this share of it is used, so a write rarely
+# meets MapFullError (which costs replaying the whole pass).
+_GROW_AT = 0.75
+# Idempotency keys longer than this are indexed by their SHA-256 (LMDB keys <= 511 bytes).
+_MAX_KEY_BYTES = 400
+
+_READY = int(TaskState.READY)
+_DELAYED = int(TaskState.DELAYED)
+_INFLIGHT = int(TaskState.INFLIGHT)
+_DEAD = int(TaskState.DEAD)
+_FINISHED = frozenset(int(s) for s in FINISHED_STATES)
+_PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIORITY_MAX + 1)}
+
+# A write as it is kept for replay after the map grew: (kind, task id, data...).
+_Op = tuple[Any, ...]
+_PUT, _RESULT, _DELETE = 1, 2, 3
+
+Db = Any  # lmdb's database handle type is private (lmdb._Database)
+
+
+def _seq_bytes(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def _key_bytes(key: str) -> bytes:
+    raw = key.encode()
+    if len(raw) > _MAX_KEY_BYTES:
+        return b"\x01" + hashlib.sha256(raw).digest()
+    return b"\x00" + raw
+
+
+class LmdbJournal(Journal):
+    """Tasks in LMDB at `path` (a directory, created if missing).
+
+    SYNC fsyncs at every commit; ASYNC does not (it survives a crash of the process,
+    not of the machine). The map starts at `map_size` and doubles when full, up to
+    `max_map_size`; past that a write raises JournalFull. A write transaction belongs
+    to the thread that made the first write after a commit: use the journal from one
+    thread. Only one LmdbJournal may have a store open at a time (a file lock).
+
+    If a write or a commit raises JournalError (JournalFull included), every write
+    since the last commit is discarded: the journal reads as of the last commit.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        durability: Durability = Durability.SYNC,
+        *,
+        map_size: int = 256 * MiB,
+        max_map_size: int = 1 * TiB,
+    ) -> None:
+        if durability is Durability.MEMORY:
+            raise ValueError("LmdbJournal stores to disk: use MemoryJournal for Durability.MEMORY")
+        if not 0 < map_size <= max_map_size:
+            raise ValueError(f"need 0 < map_size <= max_map_size, got {map_size}, {max_map_size}")
+        self.durability = durability
+        self.stats = JournalStats()
+        self.path = Path(path)
+        self.max_map_size = max_map_size
+        self._packer = Packer()
+        self._wtxn: lmdb.Transaction[bytes] | None = None
+        self._ops: list[_Op] = []
+        self._services: dict[str, bytes] = {}  # name -> svc
+        self._service_names: dict[bytes, str] = {}  # svc -> name
+        self._new_services: list[str] = []  # created in the open write transaction
+        self._next_service = 1
+        self._counts: Counter[tuple[bytes, int]] = Counter()  # as of the last commit
+        self._deltas: Counter[tuple[bytes, int]] = Counter()  # since the last commit
+        self._next_seq = 1
+        self._stored_seq = 1
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise JournalError(
+                f"the journal at {self.path} is in use (open in this or another process)"
+            ) from None
+        sync = durability is Durability.SYNC
+        try:
+            self._env: lmdb.Environment | None = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=12,
+                sync=sync,
+                metasync=sync,
+            )
+        except lmdb.Error as exc:
+            os.close(self._lock_fd)
+            raise JournalError(f"cannot open the journal at {self.path}: {exc}") from exc
+        try:
+            self._page_size = int(self._env.stat()["psize"])
+            self._open_store()
+        except BaseException:
+            self._env.close()
+            self._env = None
+            os.close(self._lock_fd)
+            raise
+
+    # ----------------------------------------------------------------- writes
+
+    def put(self, record: TaskRecord, payload: Sequence[bytes] | None = None) -> None:
+        self._check_open()
+        check_record(record)  # fail here, not halfway through the write
+        if record.key is not None:
+            holder = self.find_key(record.service, record.key)
+            if holder is not None and holder != record.id:
+                raise ValueError(
+                    f"idempotency key {record.key!r} of service {record.service!r} "
+                    f"is held by task {holder!r}"
+                )
+        packed = self._packer.record(record)
+        frames = None if payload is None else self._packer.frames(payload)
+        self._write((_PUT, record.id, packed, frames), record)
+
+    def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
+        self._check_open()
+        packed = self._packer.frames(frames)
+        if self._get_raw(task_id) is None:
+            raise KeyError(f"no task {task_id!r} to store a result for")
+        self._write((_RESULT, task_id, packed))
+
+    def delete(self, task_id: str) -> None:
+        self._check_open()
+        if self._get_raw(task_id) is not None:
+            self._write((_DELETE, task_id))
+
+    def next_seq(self) -> int:
+        self._check_open()
+        seq = self._next_seq
+        if seq > MAX_SEQ:
+            raise JournalError("sequence numbers exhausted")
+        self._next_seq = seq + 1
+        return seq
+
+    def commit(self) -> None:
+        env = self._check_open()
+        if self._wtxn is None and self._next_seq == self._stored_seq:
+            return
+        started = time.perf_counter()
+        while True:
+            try:
+                txn = self._wtxn or self._begin_write()
+                self._write_meta(txn)
+                txn.commit()
+            except lmdb.MapFullError:
+                self._grow_and_replay(self._ops)
+                continue
+            except BaseException as exc:
+                self._discard()
+                if isinstance(exc, lmdb.Error):
+                    raise JournalError(f"commit to {self.path} failed: {exc}") from exc
+                raise
+            self._wtxn = None
+            break
+        self._counts.update(self._deltas)
+        self._counts = +self._counts  # drop zeros
+        self._deltas.clear()
+        self._new_services.clear()
+        self._ops.clear()
+        self._stored_seq = self._next_seq
+        elapsed = time.perf_counter() - started
+        stats = self.stats
+        stats.commits += 1
+        stats.commit_seconds_total += elapsed
+        stats.last_commit_seconds = elapsed
+        self._update_usage(env, grow=True)
+
+    def close(self) -> None:
+        env = self._env
+        if env is None:
+            return
+        try:
+            self._discard()
+            if self._next_seq != self._stored_seq:
+                self.commit()  # only the sequence: numbers handed out stay used
+            if self.durability is Durability.ASYNC:
+                env.sync(True)  # a clean stop should not depend on the OS flushing later
+        except lmdb.Error as exc:
+            raise JournalError(f"closing the journal at {self.path} failed: {exc}") from exc
+        finally:
+            self._env = None
+            env.close()
+            os.close(self._lock_fd)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        data = self._get_raw(task_id)
+        return None if data is None else unpack_record(task_id, data)
+
+    def payload(self, task_id: str) -> list[bytes] | None:
+        idb = _id_bytes(task_id)
+        if idb is None:
+            return None
+        with self._reading() as txn:
+            data = txn.get(idb, db=self._payloads)
+            if data is None:
+                return [] if txn.get(idb, db=self._tasks) is not None else None
+        return unpack_frames(data)
+
+    def result(self, task_id: str) -> list[bytes] | None:
+        idb = _id_bytes(task_id)
+        if idb is None:
+            return None
+        with self._reading() as txn:
+            data = txn.get(idb, db=self._results)
+        return None if data is None else unpack_frames(data)
+
+    def ready(
+        self, service: str, limit: int, after: tuple[int, int] | None = None
+    ) -> list[TaskRecord]:
+        self._check_open()
+        svc = self._services.get(service)
+        if svc is None or limit <= 0:
+            return []
+        start = svc
+        if after is not None:
+            priority, seq = after
+            if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+                raise ValueError(f"priority out of range in after={after!r}")
+            start = svc + _PRIORITY_BYTE[priority] + _seq_after(seq)
+        return self._scan(self._ready, start, svc, limit)
+
+    def due(self, now: float, limit: int) -> list[TaskRecord]:
+        return self._scan_until(self._delayed, time_key(now), limit)
+
+    def next_due_at(self) -> float | None:
+        self._check_open()
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._delayed)
+            if not cursor.first():
+                return None
+            return time_from_key(cursor.key())
+
+    def lapsed(self, now: float, limit: int) -> list[TaskRecord]:
+        return self._scan_until(self._lapse, time_key(now), limit)
+
+    def inflight(self) -> list[TaskRecord]:
+        self._check_open()
+        return self._scan(self._inflight, b"", b"", -1)
+
+    def dead(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
+        self._check_open()
+        svc = self._services.get(service)
+        if svc is None or limit <= 0:
+            return []
+        start = svc
+        if after_seq is not None:
+            start = svc + _seq_after(after_seq)
+        return self._scan(self._dead, start, svc, limit)
+
+    def find_key(self, service: str, key: str) -> str | None:
+        self._check_open()
+        svc = self._services.get(service)
+        if svc is None:
+            return None
+        with self._reading() as txn:
+            idb = txn.get(svc + _key_bytes(key), db=self._keys)
+        return None if idb is None else idb.decode()
+
+    def counts(self) -> dict[str, dict[TaskState, int]]:
+        self._check_open()
+        live = self._counts + self._deltas if self._deltas else self._counts
+        out: dict[str, dict[TaskState, int]] = {}
+        for (svc, state), n in live.items():
+            if n > 0:
+                out.setdefault(self._service_names[svc], {})[TaskState(state)] = n
+        return out
+
+    # ----------------------------------------------------------- maintenance
+
+    def verify(self) -> list[str]:
+        """Check every index and counter against the records (a full scan: tests and
+        operators, never the broker's loop). Returns the problems found; [] if none."""
+        self._check_open()
+        problems: list[str] = []
+        index_dbs = {
+            "ready": self._ready,
+            "delayed": self._delayed,
+            "lapse": self._lapse,
+            "inflight": self._inflight,
+            "dead": self._dead,
+            "keys": self._keys,
+        }
+        name_of = {id(db): name for name, db in index_dbs.items()}
+        expected: dict[str, set[tuple[bytes, bytes]]] = {name: set() for name in index_dbs}
+        counted: Counter[tuple[bytes, int]] = Counter()
+        max_seq = 0
+        with self._reading() as txn:
+            task_ids = set()
+            for idb, data in txn.cursor(db=self._tasks):
+                record = unpack_record(idb.decode(), data)
+                task_ids.add(idb)
+                max_seq = max(max_seq, record.seq)
+                svc = self._services.get(record.service)
+                if svc is None:
+                    problems.append(f"task {record.id}: service {record.service!r} has no number")
+                    continue
+                counted[(svc, int(record.state))] += 1
+                for db, key in self._entries(record, svc):
+                    expected[name_of[id(db)]].add((key, idb))
+            for name, db in index_dbs.items():
+                found = set(txn.cursor(db=db).iternext())
+                for key, idb in sorted(expected[name] - found):
+                    problems.append(f"{name}: missing entry {key.hex()} -> {idb.decode()}")
+                for key, idb in sorted(found - expected[name]):
+                    problems.append(f"{name}: stray entry {key.hex()} -> {idb.decode()}")
+            for name, db in (("payloads", self._payloads), ("results", self._results)):
+                for idb in txn.cursor(db=db).iternext(values=False):
+                    if idb not in task_ids:
+                        problems.append(f"{name}: frames of unknown task {idb.decode()}")
+            if self._wtxn is None:
+                stored = self._stored_counts(txn)
+                if stored != +self._counts:
+                    problems.append(f"stored counters {stored} differ from memory {self._counts}")
+        live = +(self._counts + self._deltas)
+        if live != counted:
+            problems.append(f"counters {dict(live)} differ from the records {dict(counted)}")
+        if task_ids and max_seq >= self._next_seq:
+            problems.append(f"next_seq {self._next_seq} is not above the highest seq {max_seq}")
+        return problems
+
+    # --------------------------------------------------------- private: open
+
+    def _open_store(self) -> None:
+        env = self._check_open()
+        while True:
+            try:
+                is_empty = env.stat()["entries"] == 0
+                with env.begin(write=True) as txn:
+                    self._meta = env.open_db(b"meta", txn=txn)
+                    raw = txn.get(_META_SCHEMA, db=self._meta)
+                    if raw is None and not is_empty:
+                        raise SchemaMismatch(
+                            f"{self.path} holds an LMDB store without a schema version: "
+                            "not a zbroker journal"
+                        )
+                    if raw is None:
+                        txn.put(_META_SCHEMA, msgpack.packb(SCHEMA_VERSION), db=self._meta)
+                    else:
+                        version = msgpack.unpackb(raw)
+                        if version != SCHEMA_VERSION:
+                            raise SchemaMismatch(
+                                f"the journal at {self.path} has schema version {version}; "
+                                f"this zbroker reads schema version {SCHEMA_VERSION}"
+                            )
+                    self._tasks = env.open_db(b"tasks", txn=txn)
+                    self._payloads = env.open_db(b"payloads", txn=txn)
+                    self._results = env.open_db(b"results", txn=txn)
+                    self._keys = env.open_db(b"keys", txn=txn)
+                    self._ready = env.open_db(b"ready", txn=txn, dupsort=True)
+                    self._delayed = env.open_db(b"delayed", txn=txn, dupsort=True)
+                    self._lapse = env.open_db(b"lapse", txn=txn, dupsort=True)
+                    self._inflight = env.open_db(b"inflight", txn=txn, dupsort=True)
+                    self._dead = env.open_db(b"dead", txn=txn, dupsort=True)
+                break
+            except lmdb.MapFullError:
+                self._grow_map()
+            except lmdb.Error as exc:
+                raise JournalError(f"cannot open the journal at {self.path}: {exc}") from exc
+        try:
+            with env.begin() as txn:
+                raw = txn.get(_META_SEQ, db=self._meta)
+                self._next_seq = self._stored_seq = 1 if raw is None else int.from_bytes(raw)
+                cursor = txn.cursor(db=self._meta)
+                if cursor.set_range(_SERVICE):
+                    for key, name in cursor.iternext():
+                        if not key.startswith(_SERVICE):
+                            break
+                        svc = key[len(_SERVICE) :]
+                        self._services[name.decode()] = svc
+                        self._service_names[svc] = name.decode()
+                        self._next_service = max(self._next_service, int.from_bytes(svc) + 1)
+                self._counts = self._stored_counts(txn)
+            self._update_usage(env, grow=True)
+        except lmdb.Error as exc:
+            raise JournalError(f"cannot read the journal at {self.path}: {exc}") from exc
+
+    def _stored_counts(self, txn: lmdb.Transaction[bytes]) -> Counter[tuple[bytes, int]]:
+        counts: Counter[tuple[bytes, int]] = Counter()
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(_COUNT):
+            for key, value in cursor.iternext():
+                if not key.startswith(_COUNT):
+                    break
+                counts[(key[len(_COUNT) : -1], key[-1])] = int.from_bytes(value)
+        return counts
+
+    # ------------------------------------------------------- private: writes
+
+    def _write(self, op: _Op, record: TaskRecord | None = None) -> None:
+        """Apply `op` in the open write transaction (opening one if needed); grow
+        the map and replay the pass if it is full. On any other failure, discard
+        the pass: never leave half an operation in the transaction."""
+        txn = self._wtxn
+        try:
+            if txn is None:
+                txn = self._begin_write()
+            self._apply(txn, op, record)
+        except lmdb.MapFullError:
+            self._grow_and_replay([*self._ops, op])
+            return
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, lmdb.Error):
+                raise JournalError(f"write to the journal at {self.path} failed: {exc}") from exc
+            raise
+        self._ops.append(op)
+
+    def _apply(
+        self, txn: lmdb.Transaction[bytes], op: _Op, record: TaskRecord | None = None
+    ) -> None:
+        kind, task_id = op[0], op[1]
+        idb = task_id.encode()
+        if kind == _PUT:
+            packed, frames = op[2], op[3]
+            if record is None:
+                record = unpack_record(task_id, packed)
+            svc = self._service_number(txn, record.service)
+            state = int(record.state)
+            entries = self._entries(record, svc)
+            old = txn.replace(idb, packed, db=self._tasks)
+            if old is None:
+                for db, key in entries:
+                    txn.put(key, idb, db=db)
+            else:
+                old_record = unpack_record(task_id, old)
+                old_svc = self._services[old_record.service]
+                old_entries = self._entries(old_record, old_svc)
+                for db, key in old_entries:
+                    if (db, key) not in entries:
+                        txn.delete(key, idb, db=db)
+                for db, key in entries:
+                    if (db, key) not in old_entries:
+                        txn.put(key, idb, db=db)
+                self._deltas[(old_svc, int(old_record.state))] -= 1
+            self._deltas[(svc, state)] += 1
+            if frames is not None:
+                txn.put(idb, frames, db=self._payloads)
+        elif kind == _RESULT:
+            txn.put(idb, op[2], db=self._results)
+        else:
+            old = txn.pop(idb, db=self._tasks)
+            if old is None:
+                return
+            old_record = unpack_record(task_id, old)
+            old_svc = self._services[old_record.service]
+            for db, key in self._entries(old_record, old_svc):
+                txn.delete(key, idb, db=db)
+            txn.delete(idb, db=self._payloads)
+            txn.delete(idb, db=self._results)
+            self._deltas[(old_svc, int(old_record.state))] -= 1
+
+    def _entries(self, record: TaskRecord, svc: bytes) -> list[tuple[Db, bytes]]:
+        """The index entries (database, key) that `record` holds; each maps to its id."""
+        state = int(record.state)
+        seq = _seq_bytes(record.seq)
+        entries: list[tuple[Db, bytes]] = []
+        if state == _READY:
+            entries.append((self._ready, svc + _PRIORITY_BYTE[record.priority] + seq))
+        elif state == _DELAYED:
+            entries.append((self._delayed, time_key(record.not_before) + seq))
+        elif state == _INFLIGHT:
+            entries.append((self._inflight, seq))
+        elif state == _DEAD:
+            entries.append((self._dead, svc + seq))
+        if state in (_READY, _DELAYED):
+            if record.expires_at is not None:
+                entries.append((self._lapse, time_key(record.expires_at) + seq))
+        elif state in _FINISHED and record.keep_until is not None:
+            entries.append((self._lapse, time_key(record.keep_until) + seq))
+        if record.key is not None:
+            entries.append((self._keys, svc + _key_bytes(record.key)))
+        return entries
+
+    def _service_number(self, txn: lmdb.Transaction[bytes], name: str) -> bytes:
+        svc = self._services.get(name)
+        if svc is None:
+            svc = self._next_service.to_bytes(4, "big")
+            txn.put(_SERVICE + svc, name.encode(), db=self._meta)
+            self._next_service += 1
+            self._services[name] = svc
+            self._service_names[svc] = name
+            self._new_services.append(name)
+        return svc
+
+    def _write_meta(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Counters and the sequence, in the transaction they describe."""
+        meta = self._meta
+        for (svc, state), delta in self._deltas.items():
+            if delta:
+                key = _COUNT + svc + bytes([state])
+                n = self._counts[(svc, state)] + delta
+                if n:
+                    txn.put(key, n.to_bytes(8, "big"), db=meta)
+                else:
+                    txn.delete(key, db=meta)
+        if self._next_seq != self._stored_seq:
+            txn.put(_META_SEQ, _seq_bytes(self._next_seq), db=meta)
+
+    def _begin_write(self) -> lmdb.Transaction[bytes]:
+        txn = self._check_open().begin(write=True)
+        self._wtxn = txn
+        return txn
+
+    def _rollback(self) -> None:
+        """Abort the write transaction and forget what it did to the in-memory state.
+        The replay list is the caller's business."""
+        txn, self._wtxn = self._wtxn, None
+        if txn is not None:
+            with suppress(lmdb.Error):  # already freed by a failed commit
+                txn.abort()
+        for name in self._new_services:
+            del self._service_names[self._services.pop(name)]
+        self._next_service -= len(self._new_services)
+        self._new_services.clear()
+        self._deltas.clear()
+
+    def _discard(self) -> None:
+        """Back to the last commit: the pass is lost (the caller sees an error)."""
+        self._rollback()
+        self._ops.clear()
+
+    def _grow_and_replay(self, ops: list[_Op]) -> None:
+        """The map is full: grow it and redo `ops` in a new transaction, until they fit."""
+        while True:
+            self._rollback()
+            try:
+                self._grow_map()
+            except JournalFull:
+                self._ops.clear()
+                raise
+            try:
+                txn = self._begin_write()
+                for op in ops:
+                    self._apply(txn, op)
+            except lmdb.MapFullError:
+                continue
+            except BaseException as exc:
+                self._discard()
+                if isinstance(exc, lmdb.Error):
+                    raise JournalError(f"replay into {self.path} failed: {exc}") from exc
+                raise
+            self._ops = ops
+            return
+
+    def _grow_map(self) -> None:
+        env = self._check_open()
+        size = env.info()["map_size"]
+        if size >= self.max_map_size:
+            raise JournalFull(
+                f"the journal at {self.path} is full: its map is {size} bytes and "
+                f"max_map_size is {self.max_map_size}; the writes since the last commit "
+                "were discarded"
+            )
+        try:
+            env.set_mapsize(min(2 * size, self.max_map_size))
+        except lmdb.Error as exc:
+            raise JournalError(f"cannot grow the journal at {self.path}: {exc}") from exc
+        self.stats.map_size = env.info()["map_size"]
+
+    def _update_usage(self, env: lmdb.Environment, *, grow: bool) -> None:
+        info = env.info()
+        self.stats.bytes_used = (info["last_pgno"] + 1) * self._page_size
+        self.stats.map_size = info["map_size"]
+        if grow and self.stats.bytes_used > _GROW_AT * info["map_size"]:
+            with suppress(JournalFull):  # the next write that does not fit will say so
+                self._grow_map()
+
+    # -------------------------------------------------------- private: reads
+
+    def _check_open(self) -> lmdb.Environment:
+        env = self._env
+        if env is None:
+            raise JournalError("the journal is closed")
+        return env
+
+    @contextmanager
+    def _reading(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """The open write transaction (read-your-writes), else a short read transaction."""
+        env = self._check_open()
+        try:
+            if self._wtxn is not None:
+                yield self._wtxn
+            else:
+                txn = env.begin()
+                try:
+                    yield txn
+                finally:
+                    txn.abort()
+        except lmdb.Error as exc:
+            raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
+
+    def _get_raw(self, task_id: str) -> bytes | None:
+        idb = _id_bytes(task_id)
+        if idb is None:
+            self._check_open()
+            return None
+        with self._reading() as txn:
+            return txn.get(idb, db=self._tasks)
+
+    def _scan(self, db: Db, start: bytes, prefix: bytes, limit: int) -> list[TaskRecord]:
+        """Records of the index entries from `start` on while keys begin with `prefix`
+        (`limit` < 0: no limit)."""
+        out: list[TaskRecord] = []
+        with self._reading() as txn:
+            cursor = txn.cursor(db=db)
+            if not (cursor.set_range(start) if start else cursor.first()):
+                return out
+            tasks = self._tasks
+            for key, idb in cursor.iternext():
+                if not key.startswith(prefix):
+                    break
+                out.append(self._load(txn, tasks, idb))
+                if len(out) == limit:
+                    break
+        return out
+
+    def _scan_until(self, db: Db, bound: bytes, limit: int) -> list[TaskRecord]:
+        """Records of the time-keyed index entries with time <= `bound`, earliest first."""
+        self._check_open()
+        out: list[TaskRecord] = []
+        if limit <= 0:
+            return out
+        with self._reading() as txn:
+            cursor = txn.cursor(db=db)
+            if not cursor.first():
+                return out
+            tasks = self._tasks
+            for key, idb in cursor.iternext():
+                if key[:8] > bound:
+                    break
+                out.append(self._load(txn, tasks, idb))
+                if len(out) == limit:
+                    break
+        return out
+
+    def _load(self, txn: lmdb.Transaction[bytes], tasks: Db, idb: bytes) -> TaskRecord:
+        data = txn.get(idb, db=tasks)
+        if data is None:
+            raise JournalError(f"an index of {self.path} names a missing task {idb.decode()}")
+        return unpack_record(idb.decode(), data)
+
+
+def _id_bytes(task_id: str) -> bytes | None:
+    """The id as an LMDB key, or None if no task can have it."""
+    idb = task_id.encode()
+    return idb if 0 < len(idb) <= MAX_ID_BYTES else None
+
+
+def _seq_after(seq: int) -> bytes:
+    """The smallest 8-byte seq key after `seq` (stored seqs are at most MAX_SEQ)."""
+    return _seq_bytes(min(max(seq + 1, 0), MAX_SEQ + 1))
