@@ -14,6 +14,7 @@ import typer
 
 from zbroker import __version__
 from zbroker.config import BrokerConfig
+from zbroker.core import CoreSettings
 from zbroker.runtime import BindError, BrokerServer
 
 app = typer.Typer(
@@ -63,7 +64,7 @@ def start(
             min=0.01,
             help="Seconds between heartbeats to workers.",
         ),
-    ] = _defaults.heartbeat_interval_s,
+    ] = _defaults.core.heartbeat_interval_s,
     heartbeat_liveness: Annotated[
         int,
         typer.Option(
@@ -71,7 +72,7 @@ def start(
             min=1,
             help="Missed heartbeat intervals after which a worker (idle or busy) is dead.",
         ),
-    ] = _defaults.heartbeat_liveness,
+    ] = _defaults.core.heartbeat_liveness,
     request_expiry: Annotated[
         float,
         typer.Option(
@@ -79,7 +80,7 @@ def start(
             min=0.001,
             help="Seconds a request may wait in a queue before it is dropped (and counted).",
         ),
-    ] = _defaults.request_expiry_s,
+    ] = _defaults.core.request_expiry_s,
     max_queued: Annotated[
         int,
         typer.Option(
@@ -87,13 +88,13 @@ def start(
             min=1,
             help="Per-service cap on queued requests; beyond it requests are refused.",
         ),
-    ] = _defaults.max_queued_per_service,
+    ] = _defaults.core.max_queued_per_service,
     max_message_bytes: Annotated[
         int,
         typer.Option(
             envvar="ZBROKER_MAX_MESSAGE_BYTES", min=64, help="Largest accepted message, in bytes."
         ),
-    ] = _defaults.max_message_bytes,
+    ] = _defaults.core.max_message_bytes,
     ack_timeout: Annotated[
         float,
         typer.Option(
@@ -101,7 +102,7 @@ def start(
             min=0.001,
             help="Seconds a ZBW01 worker has to acknowledge a task before it is taken back.",
         ),
-    ] = _defaults.ack_timeout_s,
+    ] = _defaults.core.ack_timeout_s,
     log_level: Annotated[
         str,
         typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
@@ -122,12 +123,14 @@ def start(
         bind=bind,
         events_in=events_in,
         events_out=events_out,
-        heartbeat_interval_s=heartbeat_interval,
-        heartbeat_liveness=heartbeat_liveness,
-        request_expiry_s=request_expiry,
-        max_queued_per_service=max_queued,
-        max_message_bytes=max_message_bytes,
-        ack_timeout_s=ack_timeout,
+        core=CoreSettings(
+            heartbeat_interval_s=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            request_expiry_s=request_expiry,
+            max_queued_per_service=max_queued,
+            max_message_bytes=max_message_bytes,
+            ack_timeout_s=ack_timeout,
+        ),
         log_level=level,
     )
     try:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from zbroker.core import Broker, CoreSettings
+from tests.unit.core_script import CoreScript
+from zbroker.core import CoreSettings
 from zbroker.protocol import mdp
 
 HB = 1.0
 SETTINGS = CoreSettings(heartbeat_interval_s=HB, heartbeat_liveness=3, request_expiry_s=10.0)
 
 
-class Script:
+class Script(CoreScript):
     """Drives a Broker with MDP messages from named peers and collects what it sends."""
 
     def __init__(self, settings: CoreSettings = SETTINGS) -> None:
-        self.now = 0.0
-        self.broker = Broker(settings, self.now)
+        super().__init__(settings)
 
     def client(self, cid: bytes, service: bytes, *body: bytes) -> None:
         self.broker.receive([cid, *mdp.client_request(service, body)], self.now)
@@ -36,19 +36,6 @@ class Script:
 
     def disconnect(self, wid: bytes) -> None:
         self.broker.receive([wid, b"", mdp.MDPW01, mdp.DISCONNECT], self.now)
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward, running the timers at every tick like the runtime does."""
-        end = self.now + seconds
-        while self.broker.next_tick_at <= end:
-            self.now = self.broker.next_tick_at
-            self.broker.tick(self.now)
-        self.now = end
-
-    def sent(self) -> list[list[bytes]]:
-        out = self.broker.outbox
-        self.broker.outbox = []
-        return out
 
     def sent_to(self, peer: bytes) -> list[list[bytes]]:
         return [m[1:] for m in self.sent() if m[0] == peer]

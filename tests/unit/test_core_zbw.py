@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from zbroker.core import Broker, CoreSettings
+from tests.unit.core_script import CoreScript
+from zbroker.core import CoreSettings
 from zbroker.protocol import ext, mdp
 
 SETTINGS = CoreSettings(
@@ -10,10 +11,9 @@ SETTINGS = CoreSettings(
 )
 
 
-class Script:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.broker = Broker(SETTINGS, self.now)
+class Script(CoreScript):
+    def __init__(self, settings: CoreSettings = SETTINGS) -> None:
+        super().__init__(settings)
 
     def send(self, peer: bytes, frames: list[bytes]) -> None:
         self.broker.receive([peer, *frames], self.now)
@@ -27,18 +27,6 @@ class Script:
 
     def client(self, cid: bytes, service: bytes, *body: bytes) -> None:
         self.send(cid, mdp.client_request(service, body))
-
-    def advance(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.broker.next_tick_at <= end:
-            self.now = self.broker.next_tick_at
-            self.broker.tick(self.now)
-        self.now = end
-
-    def sent(self) -> list[list[bytes]]:
-        out = self.broker.outbox
-        self.broker.outbox = []
-        return out
 
     def tasks_to(self, peer: bytes) -> list[tuple[str, int, bytes]]:
         """(id, attempt, payload) of every TASK sent to `peer` since the last call."""

@@ -47,7 +47,7 @@ class BrokerServer:
         self.config = config
         self._ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.core = Broker(config.core_settings(), time.monotonic())
+        self.core = Broker(config.core, time.monotonic())
         self._stopping = False
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.linger = 0
