@@ -301,3 +301,21 @@ def test_bind_failure_is_a_clear_error(broker: BrokerProcess) -> None:
     )
     assert proc.returncode == 1
     assert "cannot bind" in proc.stderr
+
+
+def test_queued_request_expires_and_the_expiry_is_counted(
+    broker_factory: Callable[..., BrokerProcess], zmq_ctx: Ctx
+) -> None:
+    # Given a broker whose queued requests expire after 0.3 s
+    broker = broker_factory("--request-expiry", "0.3")
+    client = raw_client(zmq_ctx, broker)
+    # When a request waits for a service that has no worker past that time
+    client.send_multipart([b"", b"MDPC01", b"absent", b"too late"])
+    wait_until(lambda: "expired after 0.3s in queue" in broker.log(), timeout_s=5)
+    # Then a worker arriving afterwards gets nothing, and the expiry is counted
+    worker = raw_worker(zmq_ctx, broker, b"absent")
+    frames = recv(worker)
+    assert frames == [b"", b"MDPW01", b"\x04"]  # the greeting, not a REQUEST
+    assert not client.poll(200)
+    assert broker.stop() == 0
+    assert "1 expired" in broker.log()
