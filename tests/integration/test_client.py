@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
@@ -20,6 +20,7 @@ import zmq
 
 from tests.conftest import BrokerProcess, wait_until
 from zbroker.client import (
+    DEFAULT_ENDPOINT,
     Client,
     ClientClosed,
     EndpointError,
@@ -27,9 +28,9 @@ from zbroker.client import (
     Handler,
     Publisher,
     ReplyError,
-    Request,
     RequestTimeout,
     Subscriber,
+    Task,
     Worker,
 )
 from zbroker.protocol.events import encode_event
@@ -48,8 +49,8 @@ def stack() -> Iterator[ExitStack]:
         yield resources
 
 
-def echo_upper(request: Request) -> bytes:
-    return request.payload.upper()
+def echo_upper(task: Task) -> bytes:
+    return task.payload.upper()
 
 
 def start_worker(
@@ -91,9 +92,9 @@ def test_multi_frame_bodies_travel_both_ways(broker: BrokerProcess, stack: ExitS
     # Given a worker that sees every body frame and answers with several frames
     seen: list[tuple[bytes, ...]] = []
 
-    def reverse(request: Request) -> list[bytes]:
-        seen.append(request.body)
-        return list(reversed(request.body))
+    def reverse(task: Task) -> list[bytes]:
+        seen.append(task.frames)
+        return list(reversed(task.frames))
 
     start_worker(stack, broker, "reverse", reverse)
     client = open_client(stack, broker)
@@ -150,10 +151,10 @@ def test_late_reply_to_an_abandoned_request_never_answers_the_next(
     release = threading.Event()
     stack.callback(release.set)
 
-    def held_once(request: Request) -> bytes:
-        if request.payload == b"first":
+    def held_once(task: Task) -> bytes:
+        if task.payload == b"first":
             release.wait(10)
-        return request.payload
+        return task.payload
 
     worker = start_worker(stack, broker, "held", held_once)
     client = open_client(stack, broker, timeout_s=0.3, retries=0)
@@ -190,7 +191,7 @@ def test_busy_worker_keeps_heartbeating_through_a_long_handler(
     started = threading.Event()
     release = threading.Event()
 
-    def slow(request: Request) -> bytes:
+    def slow(task: Task) -> bytes:
         started.set()
         release.wait(10)
         return b"done"
@@ -213,7 +214,8 @@ def test_busy_worker_keeps_heartbeating_through_a_long_handler(
     # and the reply reaches the client
     assert reply.result(timeout=5) == b"done"
     assert worker.stats.reconnects == 0
-    assert worker.stats.stale_replies_dropped == 0
+    assert worker.stats.stale_results_dropped == 0
+    assert worker.stats.cancelled == 0
     assert worker.connected
 
 
@@ -239,12 +241,14 @@ def test_reply_computed_across_a_reconnect_is_dropped(
     started = threading.Event()
     release = threading.Event()
     calls: list[bytes] = []
+    cancelled_seen: list[bool] = []
 
-    def handler(request: Request) -> bytes:
-        calls.append(request.payload)
+    def handler(task: Task) -> bytes:
+        calls.append(task.payload)
         if len(calls) == 1:
             started.set()
             release.wait(10)
+            cancelled_seen.append(task.cancelled)
             return b"stale"
         return b"fresh"
 
@@ -263,13 +267,15 @@ def test_reply_computed_across_a_reconnect_is_dropped(
     release.set()
     # Then its reply is not sent on the new connection; the client's resend is served
     assert reply.result(timeout=20) == b"fresh"
-    assert worker.stats.stale_replies_dropped == 1
+    assert worker.stats.stale_results_dropped == 1
+    # And the handler could see that its attempt had been taken away
+    assert cancelled_seen == [True]
 
 
 def test_two_workers_of_one_service_take_turns(broker: BrokerProcess, stack: ExitStack) -> None:
     # Given two workers for "pool"
-    start_worker(stack, broker, "pool", lambda request: b"a")
-    start_worker(stack, broker, "pool", lambda request: b"b")
+    start_worker(stack, broker, "pool", lambda task: b"a")
+    start_worker(stack, broker, "pool", lambda task: b"b")
     client = open_client(stack, broker)
     # When ten requests are sent one after another
     replies = [client.request("pool", b"%d" % i) for i in range(10)]
@@ -283,7 +289,7 @@ def test_failed_handler_hands_the_request_to_a_healthy_worker(
 ) -> None:
     # Given a worker whose handler raises, registered before a healthy one,
     # so the broker picks it first
-    def broken(request: Request) -> bytes:
+    def broken(task: Task) -> bytes:
         raise RuntimeError("model not loaded")
 
     bad = start_worker(stack, broker, "flaky", broken)
@@ -292,14 +298,16 @@ def test_failed_handler_hands_the_request_to_a_healthy_worker(
     # When a request is sent
     with caplog.at_level(logging.ERROR, logger="zbroker.client.worker"):
         reply = client.request("flaky", b"please")
-    # Then the failure is logged, and the healthy worker answers it
+    # Then the failure is logged and reported to the broker, and the healthy
+    # worker answers the retry
     assert reply == b"PLEASE"
     assert bad.stats.failed == 1
     assert good.stats.handled == 1
     assert "model not loaded" in caplog.text
-    # And the failing worker is registered again afterwards
-    wait_until(lambda: bad.connected, timeout_s=5)
-    assert bad.stats.reconnects == 1
+    wait_until(lambda: "(RuntimeError: model not loaded): retrying" in broker.log(), timeout_s=5)
+    # And the failing worker stayed registered: a failure costs no reconnect
+    assert bad.connected
+    assert bad.stats.reconnects == 0
 
 
 def test_stop_lets_the_running_handler_reply_first(broker: BrokerProcess, stack: ExitStack) -> None:
@@ -307,7 +315,7 @@ def test_stop_lets_the_running_handler_reply_first(broker: BrokerProcess, stack:
     started = threading.Event()
     release = threading.Event()
 
-    def slow(request: Request) -> bytes:
+    def slow(task: Task) -> bytes:
         started.set()
         release.wait(10)
         return b"finished"
@@ -407,18 +415,61 @@ def test_subscriber_drops_and_counts_malformed_events(
 
 def test_misuse_raises_the_libraries_own_errors(broker: BrokerProcess) -> None:
     # Given an endpoint without a transport, and a closed client
+    # Then constructors refuse the endpoint at once, Client and Worker alike
     with pytest.raises(EndpointError):
         Client("127.0.0.1:5555")
-    worker = Worker("127.0.0.1:5555", "svc", echo_upper)
+    with pytest.raises(EndpointError):
+        Worker("127.0.0.1:5555", "svc", echo_upper)
     client = Client(broker.endpoint)
     client.close()
-    # Then each use fails with an error of this library, not a zmq error
-    with pytest.raises(EndpointError):
-        worker.run()
+    # And each use fails with an error of this library, not a zmq error
     with pytest.raises(ClientClosed):
         client.request("svc", b"x")
     with Client(broker.endpoint) as other, pytest.raises(TypeError):
         other.request("svc", "text")  # type: ignore[arg-type]
+
+
+def test_worker_defaults_to_the_clients_endpoint_and_checks_its_arguments() -> None:
+    # Given a worker built from keywords only
+    worker = Worker(service="svc", handler=echo_upper)
+    # Then it uses the same default endpoint as Client, and serves one task at a time
+    with Client() as client:
+        assert worker.endpoint == DEFAULT_ENDPOINT == client.endpoint
+    assert worker.concurrency == 1
+    assert worker.service == "svc"
+    # And missing or bad arguments are refused in the constructor
+    with pytest.raises(TypeError):
+        Worker(DEFAULT_ENDPOINT, "svc")
+    with pytest.raises(ValueError):
+        Worker(DEFAULT_ENDPOINT, "mmi.service", echo_upper)
+    with pytest.raises(ValueError):
+        Worker(DEFAULT_ENDPOINT, "svc", echo_upper, concurrency=0)
+
+
+def test_worker_stopped_before_it_starts_refuses_to_start() -> None:
+    # Given a worker that was stopped before it ever ran
+    worker = Worker(service="svc", handler=echo_upper)
+    assert worker.stop() is True
+    # When it is started anyway
+    # Then it says so instead of sitting there silently dead
+    with pytest.raises(RuntimeError, match="stopped before it started"):
+        worker.start()
+    with pytest.raises(RuntimeError, match="stopped before it started"):
+        worker.run()
+    assert not worker.connected
+
+
+def test_worker_is_connected_on_the_brokers_greeting(
+    broker_factory: Callable[..., BrokerProcess], stack: ExitStack
+) -> None:
+    # Given a broker that heartbeats only every 20 s
+    slow_broker = broker_factory(heartbeat_interval=20.0)
+    worker = Worker(slow_broker.endpoint, "greet", echo_upper, heartbeat_interval_s=20.0)
+    # When the worker starts
+    stack.enter_context(worker)
+    # Then it is connected long before the first heartbeat interval ends,
+    # because the broker greets a new worker at once
+    wait_until(lambda: worker.connected, timeout_s=8)
 
 
 def test_worker_with_default_heartbeat_keeps_pace_with_a_faster_broker(

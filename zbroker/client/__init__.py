@@ -1,12 +1,15 @@
-"""The Python client of zbroker: request/reply over 7/MDP, workers, and topic events.
+"""The Python client of zbroker: request/reply over 7/MDP, ZBW01 workers, and topic events.
 
 - `Client`: blocking requests with Lazy Pirate retries, 8/MMI service lookup.
-- `Worker`: serves a service; its socket lives in an I/O thread of its own,
-  so heartbeats keep flowing while a handler works.
+- `Worker`: serves a service over zbroker's ZBW01 worker protocol, running up
+  to `concurrency` handlers at once (threads, or coroutines on one event
+  loop); its socket lives in an I/O thread of its own, so heartbeats and
+  acknowledgements keep flowing while handlers work.
 - `Publisher` / `Subscriber`: the broker's pub/sub event bus.
 
 Depends on `zbroker.protocol` and pyzmq only, never on the broker itself.
-None of these objects is thread-safe; a Worker's `stop()` is the exception.
+None of these objects is thread-safe, except a Worker's `stop()` and a
+Task's `progress()`.
 """
 
 from zbroker.client.client import Client, ClientStats
@@ -14,12 +17,14 @@ from zbroker.client.errors import (
     ClientClosed,
     ClientError,
     EndpointError,
+    NonRetryableError,
     ReplyError,
     RequestTimeout,
+    RetryLater,
     WorkerError,
 )
 from zbroker.client.events import Publisher, Subscriber
-from zbroker.client.worker import Handler, Reply, Request, Worker, WorkerStats
+from zbroker.client.worker import Handler, Metrics, Result, Task, Worker, WorkerStats
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.events import Event
 
@@ -34,12 +39,15 @@ __all__ = [
     "EndpointError",
     "Event",
     "Handler",
+    "Metrics",
+    "NonRetryableError",
     "Publisher",
-    "Reply",
     "ReplyError",
-    "Request",
     "RequestTimeout",
+    "Result",
+    "RetryLater",
     "Subscriber",
+    "Task",
     "Worker",
     "WorkerError",
     "WorkerStats",

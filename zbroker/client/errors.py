@@ -6,6 +6,7 @@ Callers catch `ClientError` for everything this package raises on purpose;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,6 +51,28 @@ class EndpointError(ClientError, ValueError):
 
 class WorkerError(ClientError):
     """Raised by `Worker.run` when its I/O thread failed and it cannot serve any more."""
+
+
+# Raised by handlers, never by the library: they tell a Worker how to report a failure.
+
+
+class NonRetryableError(Exception):
+    """Raised by a Worker's handler when no further attempt can succeed: FAIL without retry."""
+
+
+class RetryLater(Exception):
+    """Raised by a Worker's handler to fail this attempt and ask for a retry after `delay_s`."""
+
+    def __init__(self, delay_s: float, reason: str = "") -> None:
+        if (
+            isinstance(delay_s, bool)
+            or not isinstance(delay_s, int | float)
+            or not 0 <= delay_s < math.inf
+        ):
+            raise ValueError("RetryLater needs a finite delay_s of zero or more seconds")
+        super().__init__(reason)
+        self.delay_s = float(delay_s)
+        self.reason = reason
 
 
 @contextmanager

@@ -1,160 +1,321 @@
-"""A 7/MDP worker whose socket lives in an I/O thread of its own.
+"""A ZBW01 worker: declared credit, task ids and attempts, ACK, progress, DONE/FAIL, CANCEL.
 
-The I/O thread owns the DEALER socket and every timer: it registers (READY),
-heartbeats on time even while a handler runs for minutes, receives requests
-and sends replies.  The handler runs in the thread that called `Worker.run`.
-Requests cross over through a SimpleQueue, replies come back through an
-inproc PAIR socket the I/O thread polls with the DEALER, so no zmq socket is
-ever touched by two threads.
+Three roles, and only one of them touches zmq:
 
-Each connection to the broker has a generation number.  A reply computed for
-a request that arrived on an earlier connection is dropped: the broker has
-forgotten that request's worker and requeued it, so answering on the new
-connection could only confuse it.
+- The I/O thread owns the DEALER socket and every timer. It registers (READY
+  with credit = concurrency), acknowledges every TASK as soon as it is read
+  (one ACK per drain of the socket, so the broker's ACK deadline never bites a
+  busy worker), heartbeats on time however long handlers run, and sends what
+  the handlers report.
+- Handler threads run the handler: `concurrency` threads for a plain function,
+  or one thread whose asyncio loop runs up to `concurrency` coroutines for an
+  `async def` handler. They never touch zmq: reports (results, progress) go
+  through a `_Mailbox`, a SimpleQueue plus a socket pair that wakes the I/O
+  thread, so any thread may report.
+- The thread that calls `run()` supervises: it starts the others, waits for
+  `stop()`, and shuts them down in order (handlers first, so their results
+  reach the wire before DISCONNECT).
+
+Each connection has a generation number, and the I/O thread keeps the
+attempts it holds on the current connection. A result is sent only while its
+attempt is still held: results from an older connection (the broker forgot
+that worker; a restarted broker even reuses task ids) and results of attempts
+the broker took back with CANCEL are dropped here and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
 import math
 import queue
+import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import zmq
 
-from zbroker.client.errors import ClientError, WorkerError, connected_socket
-from zbroker.protocol import mdp
+from zbroker.client.errors import (
+    ClientError,
+    NonRetryableError,
+    RetryLater,
+    WorkerError,
+    connected_socket,
+)
+from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp
 from zbroker.protocol.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 
 # How long a closed DEALER may keep trying to deliver its last messages
-# (a final REPLY, DISCONNECT) before they are thrown away.
+# (final results, DISCONNECT) before they are thrown away.
 _GOODBYE_LINGER_MS = 500
+# What stop() waits beyond its own timeout: flushing results, DISCONNECT, joining the I/O thread.
+_SHUTDOWN_GRACE_S = 5.0
+_IO_JOIN_S = 4.0
+# How long run()'s thread may sleep before it gives pending signal handlers a turn.
+_SIGNAL_CHECK_S = 0.5
+# FAIL reasons and metrics travel in the metadata frame, which should stay small.
+_MAX_REASON_CHARS = 2000
+_MAX_METRICS_BYTES = 64 * 1024
+# Messages read per drain of the DEALER, so timers and reports are never starved.
+_MAX_DRAIN = 1000
 
-# Handler thread -> I/O thread, first frame of each message on the PAIR socket.
-_REPLY = b"R"  # generation, client, body...
-_FAILED = b"F"  # generation
-_STOP = b"S"
+Result = bytes | Sequence[bytes]
+Handler = Callable[["Task"], Result | Awaitable[Result]]
+Metrics = Callable[[], Mapping[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request handed to a worker's handler."""
+@dataclass(frozen=True, slots=True, eq=False)
+class Task:
+    """One attempt of a task, as the handler gets it.
 
-    client: bytes  # the requester's address at the broker: opaque, useful in logs
-    body: tuple[bytes, ...]
+    Compared by identity: two deliveries of the same task are two attempts.
+    A Task built by hand (to unit-test a handler) works too: `progress()` then
+    goes nowhere and it is never cancelled.
+    """
+
+    id: str
+    attempt: int  # 1 for the first delivery; the broker's fencing token
+    service: str
+    frames: tuple[bytes, ...] = ()
+    headers: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+    _cancel_event: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _generation: int = field(default=0, init=False, repr=False)
+    _mailbox: _Mailbox | None = field(default=None, init=False, repr=False)
 
     @property
     def payload(self) -> bytes:
-        """The first body frame, or b"" for an empty body."""
-        return self.body[0] if self.body else b""
+        """The first payload frame, or b"" when there is none."""
+        return self.frames[0] if self.frames else b""
 
+    @property
+    def cancelled(self) -> bool:
+        """True once the broker took this attempt back: its result will not be sent."""
+        return self._cancel_event.is_set()
 
-Reply = bytes | Sequence[bytes]
-Handler = Callable[[Request], Reply]
+    def wait_cancelled(self, timeout_s: float | None = None) -> bool:
+        """Wait up to `timeout_s` (None: forever) for a cancellation; True if it came."""
+        return self._cancel_event.wait(timeout_s)
+
+    def progress(self, *data: bytes) -> None:
+        """Send PROGRESS for this attempt, with optional data frames. Callable from any thread.
+
+        Progress of an attempt that is no longer held (cancelled, finished, or
+        from an earlier connection) is dropped silently: it is advisory.
+        """
+        for frame in data:
+            if not isinstance(frame, bytes):
+                raise TypeError(f"progress frames must be bytes, got {type(frame).__name__}")
+        mailbox = self._mailbox
+        if mailbox is not None:
+            mailbox.post(_Progress(self, data))
 
 
 @dataclass(slots=True)
 class WorkerStats:
     """What a Worker has done since it was created. Counters only ever grow."""
 
-    handled: int = 0  # replies sent to the broker
-    failed: int = 0  # handler calls that raised (or returned something that is not frames)
-    # Dropped because the connection they belong to was replaced meanwhile; each
-    # counter has a single writer thread, so no lock is needed.
-    stale_requests_skipped: int = 0  # queued, never handed to the handler
-    stale_replies_dropped: int = 0  # computed, never sent
+    received: int = 0  # TASK messages: attempts pushed to this worker
+    acked: int = 0  # attempts acknowledged to the broker
+    handled: int = 0  # DONE sent
+    failed: int = 0  # FAIL sent: the handler raised, or returned something that is not frames
+    cancelled: int = 0  # attempts the broker took back (CANCEL) while this worker held them
+    not_started: int = 0  # attempts never handed to the handler: cancelled, stale, or stopping
+    stale_results_dropped: int = 0  # results not sent: attempt cancelled or connection replaced
+    progress_sent: int = 0
     reconnects: int = 0  # connections opened after the first one
     malformed: int = 0  # messages from the broker that could not be decoded
+    metrics_errors: int = 0  # calls of the metrics callable that failed or returned garbage
+
+
+# ------------------------------------------------------------ internal messages
 
 
 @dataclass(frozen=True, slots=True)
-class _Job:
-    request: Request
-    generation: int
+class _Outcome:
+    """How an attempt ended: `result` frames for DONE, or None and a FAIL description."""
+
+    task: Task
+    result: tuple[bytes, ...] | None
+    reason: str = ""
+    retry: bool = True
+    delay_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class _IoFailed:
+class _Progress:
+    task: Task
+    data: tuple[bytes, ...]
+
+
+class _Shutdown:
+    """The last report: send DISCONNECT, close, end the I/O thread."""
+
+
+_SHUTDOWN = _Shutdown()
+_Report = _Outcome | _Progress | _Shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class _StopRequest:
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Crashed:
     error: BaseException
+    where: str
 
 
-class _StopSignal:
-    """Queued by `Worker.stop` to wake the handler thread."""
+_Control = _StopRequest | _Crashed
 
 
-_STOP_SIGNAL = _StopSignal()
+class _Mailbox:
+    """Reports from any thread to the I/O thread: a queue, and a socket pair to wake it."""
 
-_InboxItem = _Job | _IoFailed | _StopSignal
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[_Report] = queue.SimpleQueue()
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+        # Guards `closed` and the writer: a report must never race the close.
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def post(self, report: _Report) -> bool:
+        """Queue `report` and wake the I/O thread; False once the mailbox is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self.queue.put(report)
+            # Full of wakeups already if it would block: one is enough.
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._writer.send(b"\0")
+            return True
+
+    def clear_wakeups(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> list[_Report]:
+        """Refuse further reports; returns those nobody read."""
+        with self._lock:
+            self._closed = True
+            self.reader.close()
+            self._writer.close()
+        left: list[_Report] = []
+        while True:
+            try:
+                left.append(self.queue.get_nowait())
+            except queue.Empty:
+                return left
+
+
+# ------------------------------------------------------------ the worker
 
 
 class Worker:
-    """Serves one service: calls `handler` for each request the broker pushes to it.
+    """Serves one service over ZBW01: calls `handler(task)` for each task the broker pushes.
 
-    `handler(request)` returns the reply body, one `bytes` frame or a sequence
-    of them.  If it raises, the exception is logged and the worker
-    re-registers on a fresh connection (DISCONNECT, then READY), which makes
-    the broker requeue the request for another worker.  MDP has no way to
-    report a failure to the client, so a request that makes every worker fail
-    ("poison") keeps bouncing, slowed only by a growing re-registration
-    delay: handlers should catch what they can answer themselves.
+    Up to `concurrency` handlers run at once, and the worker declares that
+    credit to the broker. A plain function runs in `concurrency` handler
+    threads; an `async def` handler runs in one event loop (in a thread of its
+    own) as up to `concurrency` coroutines. The thread that calls `run()` only
+    supervises.
+
+    The handler returns the result, one `bytes` frame or a sequence of them
+    (sent as DONE). If it raises, the attempt fails (FAIL) and the broker
+    retries it, up to its attempt limit: raise `NonRetryableError` when no
+    attempt can succeed, or `RetryLater(delay_s)` to ask for a later retry.
+    A result that is not bytes frames fails the attempt for good.
 
     The worker heartbeats every `heartbeat_interval_s` and also answers each
-    HEARTBEAT from the broker, so it keeps pace with a broker configured with a
-    shorter interval. The broker is presumed gone after `liveness` intervals
-    of silence (keep `heartbeat_interval_s` at or above the broker's interval,
-    or a slower broker looks dead); the worker then reconnects, waiting
-    `reconnect_delay_s` doubling up to `max_reconnect_delay_s` between attempts.
+    HEARTBEAT from the broker, so it keeps pace with a broker configured with
+    a shorter interval. The broker is presumed gone after `liveness`
+    intervals of silence; the worker then reconnects, waiting
+    `reconnect_delay_s` doubling up to `max_reconnect_delay_s` between
+    attempts. If `metrics` is given, the I/O thread calls it at most once per
+    interval and attaches the map it returns to a heartbeat.
 
     A Worker runs once: `run()` in the calling thread, or `start()` in a
-    background thread; `stop()` ends either.
+    background thread; `stop()` ends either gracefully.
     """
 
     def __init__(
         self,
-        endpoint: str,
-        service: str | bytes,
-        handler: Handler,
+        endpoint: str = DEFAULT_ENDPOINT,
+        service: str | bytes | None = None,
+        handler: Handler | None = None,
         *,
+        concurrency: int = 1,
+        tags: Sequence[str] = (),
         heartbeat_interval_s: float = 2.5,
         liveness: int = 3,
         reconnect_delay_s: float = 0.1,
         max_reconnect_delay_s: float = 2.5,
+        metrics: Metrics | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        name = service.encode() if isinstance(service, str) else service
-        if not name:
-            raise ValueError("service name must not be empty")
-        if name.startswith(mdp.MMI_PREFIX):
-            raise ValueError("services starting with 'mmi.' are answered by the broker itself")
+        if service is None:
+            raise TypeError("Worker() needs a service name")
+        if handler is None or not callable(handler):
+            raise TypeError("Worker() needs a callable handler")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+            raise TypeError("concurrency must be an int")
+        if not 1 <= concurrency <= ext.MAX_CREDIT:
+            raise ValueError(f"concurrency must be between 1 and {ext.MAX_CREDIT}")
+        if isinstance(tags, str | bytes) or not all(isinstance(t, str) for t in tags):
+            raise TypeError("tags must be a sequence of str")
+        if len(tags) > ext.MAX_TAGS:
+            raise ValueError(f"at most {ext.MAX_TAGS} tags")
         if not heartbeat_interval_s > 0:
             raise ValueError("heartbeat_interval_s must be positive")
         if liveness < 1:
             raise ValueError("liveness must be at least 1")
         if not 0 < reconnect_delay_s <= max_reconnect_delay_s:
             raise ValueError("need 0 < reconnect_delay_s <= max_reconnect_delay_s")
+        if metrics is not None and not callable(metrics):
+            raise TypeError("metrics must be a callable returning a map, or None")
         self.endpoint = endpoint
-        self.service = name
+        self.service = _service_name(service)
         self.handler = handler
+        self.concurrency = concurrency
+        self.tags = tuple(tags)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.reconnect_delay_s = reconnect_delay_s
         self.max_reconnect_delay_s = max_reconnect_delay_s
+        self.metrics = metrics
+        self.is_async = _is_async(handler)
         self.stats = WorkerStats()
         self._context = context if context is not None else zmq.Context.instance()
-        self._inbox: queue.SimpleQueue[_InboxItem] = queue.SimpleQueue()
+        # Like Client: a bad endpoint fails here, not later in a background thread.
+        connected_socket(self._context, zmq.DEALER, endpoint).close(linger=0)
+        self._control: queue.SimpleQueue[_Control] = queue.SimpleQueue()
+        self._stats_lock = threading.Lock()
+        self._running = 0
         self._link: _Link | None = None
+        self._runner: _ThreadRunner | _AsyncRunner | None = None
+        self._mailbox: _Mailbox | None = None
         # Plain attributes, not locks: stop() may run inside a signal handler
         # that interrupted the very thread that holds a lock.
         self._started = False
         self._stop_requested = False
+        self._draining = False  # no new task is started once this is set
+        self._clean_stop = True
         self._run_thread_id: int | None = None
+        self._handler_thread_ids: set[int] = set()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -162,15 +323,26 @@ class Worker:
 
     @property
     def connected(self) -> bool:
-        """True while the broker is talking to this worker on its current connection."""
+        """True once the broker has greeted the current connection, until it is lost."""
         link = self._link
         return link is not None and link.connected
 
-    def run(self) -> None:
-        """Serve requests in the calling thread until `stop()` is called.
+    @property
+    def running(self) -> int:
+        """How many handler calls are running right now."""
+        return self._running
 
-        Raises `WorkerError` if the I/O thread fails (it cannot reach the
-        endpoint at all, for instance).
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called (or the worker is ending): no new task will start."""
+        return self._stop_requested or self._draining
+
+    def run(self) -> None:
+        """Serve until `stop()` is called; the calling thread supervises the handler threads.
+
+        Raises `WorkerError` if the I/O thread fails. A `KeyboardInterrupt`
+        (Ctrl-C) ends the worker at once: DISCONNECT is sent without waiting
+        for running handlers, and the broker requeues their attempts.
         """
         self._claim()
         self._run()
@@ -178,27 +350,34 @@ class Worker:
     def start(self) -> Worker:
         """Run the worker in a background (daemon) thread; returns at once."""
         self._claim()
-        name = self.service.decode(errors="replace")
-        self._thread = threading.Thread(target=self._run, name=f"zbroker-worker-{name}")
-        self._thread.daemon = True
+        self._thread = threading.Thread(
+            target=self._run, name=f"zbroker-worker-{self.service}", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self, timeout_s: float = 10.0) -> bool:
-        """Stop serving: a running handler finishes and its reply is sent, then DISCONNECT.
+        """Stop gracefully; True if every running handler finished within `timeout_s`.
 
-        Returns True once `run()` has returned (or never ran), False if it
-        is still running after `timeout_s`.  Safe to call from a signal
-        handler; called in the thread that runs `run()` it returns False at
-        once and `run()` returns shortly after.
+        No new task is started. Running handlers finish and their results are
+        sent, then DISCONNECT, which makes the broker requeue the tasks this
+        worker received but never started. Handlers still running after
+        `timeout_s` are abandoned (the broker requeues their attempts and
+        their late results are dropped) and False is returned.
+
+        Safe to call from a signal handler and from a handler; called in the
+        thread that runs `run()` or in a handler thread it returns False at
+        once and the worker stops shortly after. Before `start()`/`run()` it
+        returns True and the worker can no longer be started.
         """
         self._stop_requested = True
-        self._inbox.put(_STOP_SIGNAL)  # SimpleQueue.put is reentrant: signal-handler safe
         if not self._started:
             return True
-        if threading.get_ident() == self._run_thread_id:
+        self._control.put(_StopRequest(timeout_s))  # SimpleQueue.put is reentrant
+        me = threading.get_ident()
+        if me == self._run_thread_id or me in self._handler_thread_ids:
             return False
-        return self._finished.wait(timeout_s)
+        return self._finished.wait(timeout_s + _SHUTDOWN_GRACE_S) and self._clean_stop
 
     def __enter__(self) -> Worker:
         """Start in a background thread; leaving the block stops it."""
@@ -212,152 +391,420 @@ class Worker:
     ) -> None:
         self.stop()
 
-    # ---------------------------------------------------- the handler thread
+    # --------------------------------------------------------- supervision
 
     def _claim(self) -> None:
         if self._started:
             raise RuntimeError("a Worker runs only once; create a new one")
+        if self._stop_requested:
+            raise RuntimeError("this Worker was stopped before it started; create a new one")
         self._started = True
 
     def _run(self) -> None:
         self._run_thread_id = threading.get_ident()
         try:
-            if self._stop_requested:
-                return
-            pair_endpoint = f"inproc://zbroker-worker-{uuid.uuid4().hex}"
-            pair = self._context.socket(zmq.PAIR)
-            try:
-                pair.linger = 0
-                pair.bind(pair_endpoint)
-                self._serve_with_link(pair, pair_endpoint)
-            finally:
-                pair.close(linger=0)
+            if not self._stop_requested:  # stop() may have raced start()
+                self._supervise()
         finally:
             self._finished.set()
 
-    def _serve_with_link(self, pair: zmq.Socket[bytes], pair_endpoint: str) -> None:
-        link = _Link(self, pair_endpoint)
-        self._link = link
-        name = self.service.decode(errors="replace")
-        io_thread = threading.Thread(target=link.run, name=f"zbroker-worker-io-{name}")
-        io_thread.daemon = True
-        io_thread.start()
+    def _supervise(self) -> None:
+        mailbox = self._mailbox = _Mailbox()
+        runner = self._runner = _AsyncRunner(self) if self.is_async else _ThreadRunner(self)
+        link = self._link = _Link(self, mailbox)
+        io_thread = threading.Thread(
+            target=link.run, name=f"zbroker-worker-io-{self.service}", daemon=True
+        )
+        stop_timeout_s = 0.0
         try:
-            link.ready.wait()
-            self._serve(pair, link)
-        finally:
-            if not _send_to_io(pair, [_STOP]):
-                link.abandoned = True
-            io_thread.join(timeout=max(5.0, 2 * self.heartbeat_interval_s))
-
-    def _serve(self, pair: zmq.Socket[bytes], link: _Link) -> None:
-        while True:
-            item = self._inbox.get()
-            if self._stop_requested or isinstance(item, _StopSignal):
-                return
-            if isinstance(item, _IoFailed):
-                if isinstance(item.error, ClientError):
+            runner.start()
+            io_thread.start()
+            item = self._next_control()  # Ctrl-C in run() lands here
+            if isinstance(item, _Crashed):
+                if isinstance(item.error, ClientError) or not isinstance(item.error, Exception):
                     raise item.error
-                raise WorkerError("the worker's I/O thread failed") from item.error
-            if item.generation != link.generation:
-                self.stats.stale_requests_skipped += 1
-                continue
-            self._handle(pair, item)
+                raise WorkerError(f"{item.where} of the worker failed") from item.error
+            stop_timeout_s = item.timeout_s
+        finally:
+            self._draining = True
+            try:
+                self._clean_stop = runner.shutdown(stop_timeout_s)
+            finally:
+                # Queued behind every result the handlers reported: they go out first.
+                mailbox.post(_SHUTDOWN)
+                if io_thread.ident is not None:
+                    io_thread.join(_IO_JOIN_S)
+                left = mailbox.close()
+                dropped = sum(isinstance(r, _Outcome) for r in left)
+                if dropped:
+                    self._bump("stale_results_dropped", dropped)
 
-    def _handle(self, pair: zmq.Socket[bytes], job: _Job) -> None:
-        generation = job.generation.to_bytes(8, "big")
+    def _next_control(self) -> _Control:
+        # Wait in slices: a signal that arrives just before this thread blocks would
+        # not run its Python handler (which may call stop()) until the thread wakes.
+        while True:
+            try:
+                return self._control.get(timeout=_SIGNAL_CHECK_S)
+            except queue.Empty:
+                continue
+
+    def _crashed(self, error: BaseException, where: str) -> None:
+        self._control.put(_Crashed(error, where))
+
+    # ------------------------------------------------ shared by the runners
+
+    def _may_start(self, task: Task) -> bool:
+        link = self._link
+        if self.stopping or task.cancelled or link is None or task._generation != link.generation:
+            self._bump("not_started")
+            return False
+        return True
+
+    def _call(self, task: Task) -> _Outcome:
+        self._count_running(1)
         try:
-            frames = _reply_frames(self.handler(job.request))
-        except Exception:
-            self.stats.failed += 1
-            logger.exception(
-                "handler for service %r failed; re-registering so the broker requeues the request",
-                self.service.decode(errors="replace"),
+            try:
+                result: object = self.handler(task)
+            except Exception as exc:
+                return self._failure(task, exc)
+            return self._success(task, result)
+        finally:
+            self._count_running(-1)
+
+    async def _call_async(self, task: Task) -> _Outcome:
+        self._count_running(1)
+        try:
+            try:
+                result: object = self.handler(task)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                return self._failure(task, exc)
+            return self._success(task, result)
+        finally:
+            self._count_running(-1)
+
+    def _success(self, task: Task, result: object) -> _Outcome:
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: close it rather than leak a warning
+            reason = "handler returned an awaitable: declare it with `async def`"
+        else:
+            try:
+                return _Outcome(task, _result_frames(result))
+            except TypeError as exc:
+                reason = str(exc)
+        logger.error(
+            "handler for service %r, task %s attempt %d: %s (failed for good)",
+            self.service,
+            task.id,
+            task.attempt,
+            reason,
+        )
+        return _Outcome(task, None, reason, retry=False)
+
+    def _failure(self, task: Task, exc: Exception) -> _Outcome:
+        """Called inside the `except` block, so that logger.exception has the traceback."""
+        reason = _reason(exc)
+        if isinstance(exc, RetryLater):
+            logger.info(
+                "handler for service %r, task %s attempt %d: retry in %gs (%s)",
+                self.service,
+                task.id,
+                task.attempt,
+                exc.delay_s,
+                reason,
             )
-            _send_to_io(pair, [_FAILED, generation])
-            return
-        _send_to_io(pair, [_REPLY, generation, job.request.client, *frames])
+            return _Outcome(task, None, reason, retry=True, delay_s=exc.delay_s)
+        retry = not isinstance(exc, NonRetryableError)
+        logger.exception(
+            "handler for service %r failed on task %s attempt %d%s",
+            self.service,
+            task.id,
+            task.attempt,
+            "" if retry else " (not retryable)",
+        )
+        return _Outcome(task, None, reason, retry=retry)
+
+    def _report(self, outcome: _Outcome) -> None:
+        mailbox = self._mailbox
+        if mailbox is None or not mailbox.post(outcome):
+            self._bump("stale_results_dropped")  # the worker has stopped meanwhile
+
+    def _bump(self, counter: str, n: int = 1) -> None:
+        # Several threads count; `+=` on an attribute is not atomic.
+        with self._stats_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + n)
+
+    def _count_running(self, delta: int) -> None:
+        with self._stats_lock:
+            self._running += delta
+
+
+# ------------------------------------------------------------ handler runners
+
+
+class _ThreadRunner:
+    """A plain handler: `concurrency` threads, each running one task at a time."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(
+                target=self._serve, name=f"zbroker-worker-{worker.service}-{i}", daemon=True
+            )
+            for i in range(worker.concurrency)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, task: Task) -> None:
+        self._tasks.put(task)
+
+    def cancel(self, task: Task) -> None:
+        """A running function cannot be interrupted: it sees `task.cancelled` instead."""
+
+    def shutdown(self, timeout_s: float) -> bool:
+        """Let running handlers finish (tasks still queued are not started); True if they did."""
+        for _ in self._threads:
+            self._tasks.put(None)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _serve(self) -> None:
+        worker = self._worker
+        worker._handler_thread_ids.add(threading.get_ident())
+        try:
+            while True:
+                task = self._tasks.get()
+                if task is None:
+                    return
+                if worker._may_start(task):
+                    worker._report(worker._call(task))
+        except BaseException as exc:  # SystemExit from a handler, say: it ends the worker
+            worker._crashed(exc, "a handler thread")
+
+
+class _AsyncRunner:
+    """An `async def` handler: one thread whose event loop runs up to `concurrency` coroutines."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: asyncio.Queue[Task | None] | None = None
+        self._running: dict[Task, asyncio.Future[_Outcome]] = {}
+        self._ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, name=f"zbroker-worker-{worker.service}-loop", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def submit(self, task: Task) -> None:
+        if not self._call_soon(self._put, task):
+            self._worker._bump("not_started")
+
+    def cancel(self, task: Task) -> None:
+        """Cancel the coroutine running `task`, if any: its attempt is over."""
+        self._call_soon(self._cancel_now, task)
+
+    def shutdown(self, timeout_s: float) -> bool:
+        for _ in range(self._worker.concurrency):
+            self._call_soon(self._put, None)
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            return True
+        # Abandoned: their attempts go back to the broker with our DISCONNECT anyway.
+        self._call_soon(self._cancel_all)
+        self._thread.join(1.0)
+        return False
+
+    # In the loop's thread from here on.
+
+    def _main(self) -> None:
+        worker = self._worker
+        worker._handler_thread_ids.add(threading.get_ident())
+        try:
+            loop = self._loop = asyncio.new_event_loop()
+            self._tasks = asyncio.Queue()
+        finally:
+            self._ready.set()  # start() must not wait forever, even if that failed
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            worker._crashed(exc, "the event loop thread")
+        finally:
+            try:
+                _cancel_remaining(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the worker is stopping
+            return False
+        return True
+
+    def _put(self, task: Task | None) -> None:
+        assert self._tasks is not None
+        self._tasks.put_nowait(task)
+
+    def _cancel_now(self, task: Task) -> None:
+        future = self._running.get(task)
+        if future is not None:
+            future.cancel()
+
+    def _cancel_all(self) -> None:
+        for task, future in list(self._running.items()):
+            task._cancel_event.set()
+            future.cancel()
+
+    async def _serve(self) -> None:
+        await asyncio.gather(*(self._consume() for _ in range(self._worker.concurrency)))
+
+    async def _consume(self) -> None:
+        worker = self._worker
+        assert self._tasks is not None
+        while True:
+            task = await self._tasks.get()
+            if task is None:
+                return
+            if not worker._may_start(task):
+                continue
+            future = asyncio.ensure_future(worker._call_async(task))
+            self._running[task] = future
+            try:
+                await asyncio.wait((future,))
+            finally:
+                del self._running[task]
+            if not future.cancelled():
+                worker._report(future.result())
+            elif not task.cancelled:
+                # Cancelled by something inside the handler, not by the broker.
+                reason = "CancelledError: the handler's coroutine was cancelled"
+                logger.error("handler for service %r: %s", worker.service, reason)
+                worker._report(_Outcome(task, None, reason, retry=True))
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    pending = asyncio.all_tasks(loop)
+    if not pending:
+        return
+    for pending_task in pending:
+        pending_task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+
+# ------------------------------------------------------------ the I/O thread
 
 
 class _Link:
-    """The I/O thread of a Worker: owns the DEALER socket and every timer."""
+    """The I/O thread of a Worker: owns the DEALER socket, every timer, and the held attempts."""
 
-    def __init__(self, worker: Worker, pair_endpoint: str) -> None:
+    def __init__(self, worker: Worker, mailbox: _Mailbox) -> None:
         self._worker = worker
-        self._pair_endpoint = pair_endpoint
+        self._mailbox = mailbox
+        self._interval_s = worker.heartbeat_interval_s
         self._expiry_s = worker.heartbeat_interval_s * worker.liveness
         self._poller = zmq.Poller()
         self._dealer: zmq.Socket[bytes] | None = None
         self._expires_at = 0.0
         self._heartbeat_at = 0.0
+        self._metrics_at = 0.0
         self._reconnect_at: float | None = None
         self._backoff_s = worker.reconnect_delay_s
-        self._failure_delay_s = worker.reconnect_delay_s
-        # Read by the handler thread; only this thread writes them.
+        # The attempts held on the current connection, by task id.
+        self._held: dict[str, Task] = {}
+        # Read by other threads; only this thread writes them.
         self.generation = 0
         self.connected = False
-        self.ready = threading.Event()
-        self.abandoned = False  # set by the handler thread if it could not send _STOP
 
     def run(self) -> None:
         try:
             self._run()
         except BaseException as exc:
             logger.exception("I/O thread of worker %r failed", self._worker.service)
-            self._worker._inbox.put(_IoFailed(exc))
-        finally:
-            self.connected = False
-            self.ready.set()
-
-    def _run(self) -> None:
-        pair = self._worker._context.socket(zmq.PAIR)
-        try:
-            pair.linger = 0
-            pair.connect(self._pair_endpoint)
-            self.ready.set()
-            self._poller.register(pair, zmq.POLLIN)
-            self._open()
-            while not self.abandoned:
-                events = dict(self._poller.poll(self._poll_timeout_ms()))
-                if pair in events and not self._drain_pair(pair):
-                    return
-                if self._dealer is not None and self._dealer in events:
-                    self._drain_dealer()
-                self._on_timers(time.monotonic())
+            self._worker._crashed(exc, "the I/O thread")
         finally:
             self._close(disconnect=False)
-            pair.close(linger=0)
+
+    def _run(self) -> None:
+        wakeup = self._mailbox.reader.fileno()  # the poller reports a native socket by its fd
+        self._poller.register(wakeup, zmq.POLLIN)
+        self._open()
+        while True:
+            events = dict(self._poller.poll(self._poll_timeout_ms()))
+            if wakeup in events and not self._on_reports():
+                return
+            if self._dealer is not None and self._dealer in events:
+                self._drain_dealer()
+            self._on_timers(time.monotonic())
 
     # ------------------------------------------------------------ connection
 
     def _open(self) -> None:
         w = self._worker
         if self.generation:
-            w.stats.reconnects += 1
+            w._bump("reconnects")
         self.generation += 1
         self._dealer = connected_socket(w._context, zmq.DEALER, w.endpoint)
         self._poller.register(self._dealer, zmq.POLLIN)
         now = time.monotonic()
         self._expires_at = now + self._expiry_s
+        self._heartbeat_at = now + self._interval_s
         self._reconnect_at = None
-        self._send(mdp.worker_ready(w.service))
+        self._send(ext.ready(w.service, w.concurrency, w.tags))
         logger.debug(
-            "worker %r: READY sent to %s (connection %d)", w.service, w.endpoint, self.generation
+            "worker %r: READY (credit %d) sent to %s (connection %d)",
+            w.service,
+            w.concurrency,
+            w.endpoint,
+            self.generation,
         )
 
-    def _close(self, *, disconnect: bool, linger_ms: int = _GOODBYE_LINGER_MS) -> None:
+    def _close(
+        self, *, disconnect: bool, reason: str = "", linger_ms: int = _GOODBYE_LINGER_MS
+    ) -> None:
         dealer = self._dealer
         if dealer is None:
             return
         self.connected = False
         if disconnect:
-            self._send(mdp.worker_disconnect())
+            self._send(ext.disconnect(reason))
         self._poller.unregister(dealer)
         dealer.close(linger=linger_ms if disconnect else 0)
         self._dealer = None
+        # The broker hands these attempts to someone else: tell their handlers.
+        held = list(self._held.values())
+        self._held.clear()
+        for task in held:
+            self._cancel(task)
 
     def _reconnect_after(self, delay_s: float) -> None:
         self._reconnect_at = time.monotonic() + delay_s
+
+    def _next_backoff(self) -> float:
+        delay_s = self._backoff_s
+        self._backoff_s = min(2 * delay_s, self._worker.max_reconnect_delay_s)
+        return delay_s
 
     def _send(self, frames: list[bytes]) -> None:
         assert self._dealer is not None
@@ -370,9 +817,10 @@ class _Link:
                 "worker %r: send queue to the broker full, message dropped", self._worker.service
             )
             return
-        # Any command counts as a heartbeat, and MDP asks peers not to send
-        # HEARTBEAT alongside other commands.
-        self._heartbeat_at = time.monotonic() + self._worker.heartbeat_interval_s
+        if self._worker.metrics is None:
+            # Any message keeps the worker alive at the broker. With metrics, the
+            # heartbeat timer is left alone so that they go out every interval.
+            self._heartbeat_at = time.monotonic() + self._interval_s
 
     # --------------------------------------------------------------- the loop
 
@@ -382,77 +830,187 @@ class _Link:
         elif self._reconnect_at is not None:
             due = self._reconnect_at
         else:
-            due = time.monotonic() + self._worker.heartbeat_interval_s
+            due = time.monotonic() + self._interval_s
         return max(0, math.ceil((due - time.monotonic()) * 1000))
 
-    def _drain_pair(self, pair: zmq.Socket[bytes]) -> bool:
-        """Act on everything the handler thread sent; False when told to stop."""
-        w = self._worker
+    def _on_reports(self) -> bool:
+        """Send what the handlers reported; False on the final _SHUTDOWN."""
+        mailbox = self._mailbox
+        mailbox.clear_wakeups()
         while True:
             try:
-                message = pair.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                report = mailbox.queue.get_nowait()
+            except queue.Empty:
                 return True
-            kind = message[0]
-            if kind == _STOP:
-                # A reply queued just before is on the DEALER already: the
-                # lingering close delivers it ahead of DISCONNECT.
-                self._close(disconnect=True)
+            if isinstance(report, _Outcome):
+                self._send_outcome(report)
+            elif isinstance(report, _Progress):
+                if self._holds(report.task):
+                    self._worker._bump("progress_sent")
+                    self._send(ext.progress(report.task.id, report.task.attempt, report.data))
+            else:
+                self._close(disconnect=True, reason="worker stopping")
                 return False
-            current = int.from_bytes(message[1], "big") == self.generation and (
-                self._dealer is not None
+
+    def _holds(self, task: Task) -> bool:
+        return (
+            self._dealer is not None
+            and task._generation == self.generation
+            and self._held.get(task.id) is task
+        )
+
+    def _send_outcome(self, outcome: _Outcome) -> None:
+        w = self._worker
+        task = outcome.task
+        if not self._holds(task):
+            w._bump("stale_results_dropped")
+            logger.info(
+                "worker %r: dropped the result of task %s attempt %d: %s",
+                w.service,
+                task.id,
+                task.attempt,
+                "the broker took the attempt back" if task.cancelled else "connection replaced",
             )
-            if kind == _REPLY:
-                if current:
-                    # Counted first so that whoever gets the reply also sees the count.
-                    w.stats.handled += 1
-                    self._send(mdp.worker_reply(message[2], message[3:]))
-                    self._failure_delay_s = w.reconnect_delay_s
-                else:
-                    w.stats.stale_replies_dropped += 1
-                    logger.info("worker %r: dropped a reply from an earlier connection", w.service)
-            elif kind == _FAILED and current:
-                self._close(disconnect=True)
-                # Grows while requests keep failing, so a poison request that
-                # fails on every worker cannot spin the broker at full speed.
-                self._reconnect_after(self._failure_delay_s)
-                self._failure_delay_s = min(2 * self._failure_delay_s, w.max_reconnect_delay_s)
+            return
+        del self._held[task.id]
+        # Counted before sending, so whoever gets the result also sees the count.
+        if outcome.result is not None:
+            w._bump("handled")
+            self._send(ext.done(task.id, task.attempt, outcome.result))
+        else:
+            w._bump("failed")
+            self._send(
+                ext.fail(
+                    task.id,
+                    task.attempt,
+                    outcome.reason,
+                    retry=outcome.retry,
+                    delay_s=outcome.delay_s,
+                )
+            )
 
     def _drain_dealer(self) -> None:
         w = self._worker
         dealer = self._dealer
         assert dealer is not None
-        while True:
+        acks: list[tuple[str, int]] = []
+        for _ in range(_MAX_DRAIN):
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self._expires_at = time.monotonic() + self._expiry_s
             try:
-                message = mdp.decode_from_broker_to_worker(frames)
+                message = ext.decode_for_worker(frames)
             except ProtocolError as exc:
-                w.stats.malformed += 1
+                w._bump("malformed")
                 logger.warning("worker %r: dropped a malformed message: %s", w.service, exc)
                 continue
-            if isinstance(message, mdp.BrokerDisconnect):
-                logger.info("worker %r: broker sent DISCONNECT, re-registering", w.service)
+            if isinstance(message, ext.Disconnect):
+                logger.info(
+                    "worker %r: broker sent DISCONNECT (%s), re-registering",
+                    w.service,
+                    message.reason or "no reason given",
+                )
                 self._close(disconnect=False)
                 self._reconnect_after(self._next_backoff())
-                return
+                return  # nothing to acknowledge on a connection that is gone
             if not self.connected:
                 self.connected = True
                 self._backoff_s = w.reconnect_delay_s
-            if isinstance(message, mdp.BrokerRequest):
-                w._inbox.put(_Job(Request(message.client, message.body), self.generation))
-            elif isinstance(message, mdp.BrokerHeartbeat):
-                # Answer at the broker's pace, so a broker configured with a shorter
-                # interval than this worker's never declares it dead. Any send resets
-                # our own timer, so heartbeats do not double up.
-                self._send(mdp.worker_heartbeat())
+            if isinstance(message, ext.Task):
+                acks.append((message.id, message.attempt))
+                self._on_task(message)
+            elif isinstance(message, ext.Cancel):
+                self._on_cancel(message)
+            else:
+                # Answer at the broker's pace, so that a broker configured with a
+                # shorter interval than this worker's never declares it dead.
+                self._heartbeat()
+        if acks:
+            w._bump("acked", len(acks))
+            self._send(ext.ack(acks))
+
+    def _on_task(self, message: ext.Task) -> None:
+        w = self._worker
+        w._bump("received")
+        task = Task(
+            message.id,
+            message.attempt,
+            message.service,
+            message.payload,
+            message.headers,
+            message.timeout_s,
+        )
+        object.__setattr__(task, "_generation", self.generation)
+        object.__setattr__(task, "_mailbox", self._mailbox)
+        previous = self._held.get(task.id)
+        if previous is not None:  # delivered again: the earlier attempt is over
+            self._cancel(previous)
+        self._held[task.id] = task
+        runner = w._runner
+        if w.stopping or runner is None:
+            # Held (and acknowledged) until our DISCONNECT hands it back to the broker.
+            w._bump("not_started")
+            return
+        runner.submit(task)
+
+    def _on_cancel(self, message: ext.Cancel) -> None:
+        task = self._held.get(message.id)
+        if task is None or task.attempt != message.attempt:
+            return  # our result crossed the CANCEL on the wire: the broker refuses it
+        del self._held[message.id]
+        self._worker._bump("cancelled")
+        logger.info(
+            "worker %r: the broker took back task %s attempt %d",
+            self._worker.service,
+            task.id,
+            task.attempt,
+        )
+        self._cancel(task)
+
+    def _cancel(self, task: Task) -> None:
+        task._cancel_event.set()
+        runner = self._worker._runner
+        if runner is not None:
+            runner.cancel(task)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        frames = None
+        if self._worker.metrics is not None and now >= self._metrics_at:
+            self._metrics_at = now + self._interval_s
+            frames = self._heartbeat_with_metrics(self._worker.metrics)
+        self._send(frames or ext.heartbeat())
+        self._heartbeat_at = now + self._interval_s
+
+    def _heartbeat_with_metrics(self, metrics: Metrics) -> list[bytes] | None:
+        w = self._worker
+        try:
+            frames = ext.heartbeat(dict(metrics()))
+            if len(frames) > 3:
+                # Refuse here what the broker would refuse (non-string keys, say),
+                # because a refused heartbeat would not keep this worker alive.
+                if len(frames[3]) > _MAX_METRICS_BYTES:
+                    raise ValueError(f"metrics exceed {_MAX_METRICS_BYTES} bytes packed")
+                ext.unpack_meta(frames[3])
+        except Exception:
+            w._bump("metrics_errors")
+            logger.warning(
+                "worker %r: metrics callable failed; heartbeat sent without metrics",
+                w.service,
+                exc_info=True,
+            )
+            return None
+        return frames
 
     def _on_timers(self, now: float) -> None:
         if self._dealer is None:
-            if self._reconnect_at is not None and now >= self._reconnect_at:
+            if (
+                self._reconnect_at is not None
+                and now >= self._reconnect_at
+                and not self._worker.stopping
+            ):
                 self._open()
             return
         if now >= self._expires_at:
@@ -463,37 +1021,54 @@ class _Link:
                 self._expiry_s,
             )
             # The broker is most likely gone: do not let a goodbye linger.
-            self._close(disconnect=True, linger_ms=0)
+            self._close(disconnect=True, reason="broker silent", linger_ms=0)
             self._reconnect_after(self._next_backoff())
             return
         if now >= self._heartbeat_at:
-            self._send(mdp.worker_heartbeat())
-
-    def _next_backoff(self) -> float:
-        delay_s = self._backoff_s
-        self._backoff_s = min(2 * delay_s, self._worker.max_reconnect_delay_s)
-        return delay_s
+            self._heartbeat()
 
 
-def _send_to_io(pair: zmq.Socket[bytes], frames: list[bytes]) -> bool:
-    """Hand a message to the I/O thread without ever blocking (it may be gone)."""
+# ------------------------------------------------------------ helpers
+
+
+def _service_name(service: str | bytes) -> str:
+    if isinstance(service, bytes):
+        try:
+            service = service.decode()
+        except UnicodeDecodeError:
+            raise ValueError("service name must be valid UTF-8") from None
+    if not isinstance(service, str):
+        raise TypeError("service name must be str or bytes")
+    if not service:
+        raise ValueError("service name must not be empty")
+    if service.encode().startswith(mdp.MMI_PREFIX):
+        raise ValueError("services starting with 'mmi.' are answered by the broker itself")
+    return service
+
+
+def _is_async(handler: Callable[..., object]) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an object with `async def __call__`
+    )
+
+
+def _reason(exc: BaseException) -> str:
     try:
-        pair.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.ZMQError:
-        return False
-    return True
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason[:_MAX_REASON_CHARS]
 
 
-def _reply_frames(result: Reply) -> list[bytes]:
+def _result_frames(result: object) -> tuple[bytes, ...]:
     if isinstance(result, bytes):
-        return [result]
+        return (result,)
     if isinstance(result, str) or not isinstance(result, Sequence):
         raise TypeError(
-            f"a handler must return bytes or a sequence of bytes, not {type(result).__name__}"
+            f"handler returned {type(result).__name__}, expected bytes or a sequence of bytes"
         )
-    frames: list[bytes] = []
     for frame in result:
         if not isinstance(frame, bytes):
-            raise TypeError(f"reply frames must be bytes, got {type(frame).__name__}")
-        frames.append(frame)
-    return frames
+            raise TypeError(f"handler returned a {type(frame).__name__} frame, expected bytes")
+    return tuple(result)
