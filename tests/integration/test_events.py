@@ -7,7 +7,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.conftest import BrokerProcess, wait_until
-from zbroker.client import Publisher, Subscriber
+from zbroker.client import ClientClosed, Publisher, Subscriber
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -35,3 +35,17 @@ def test_recv_with_zero_timeout_returns_an_event_that_is_already_waiting(
         assert event is not None and event.type == "ping.now" and event.payload == 42
         # And with nothing waiting, a zero timeout returns None at once
         assert subscriber.recv(timeout_s=0) is None
+
+
+def test_publisher_and_subscriber_refuse_use_after_close(broker: BrokerProcess) -> None:
+    publisher = Publisher(broker.events_in)
+    subscriber = Subscriber(broker.events_out)
+    for owner in (publisher, subscriber):
+        assert not owner.closed
+        owner.close()
+        owner.close()  # idempotent
+        assert owner.closed
+    with pytest.raises(ClientClosed, match="Publisher is closed"):
+        publisher.publish("x.y")
+    with pytest.raises(ClientClosed, match="Subscriber is closed"):
+        subscriber.recv(timeout_s=0)

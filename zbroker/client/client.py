@@ -11,12 +11,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
 import zmq
 
+from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import (
-    ClientClosed,
     ReplyError,
     RequestTimeout,
     connected_socket,
@@ -41,7 +40,7 @@ class ClientStats:
     malformed_replies: int = 0  # not MDPC01 at all: ignored
 
 
-class Client:
+class Client(SocketOwner):
     """Sends requests to services through the broker and waits for their replies.
 
     A request that gets no reply within `timeout_s` is resent on a fresh
@@ -137,34 +136,7 @@ class Client:
             return False
         raise ReplyError("mmi_status", f"unexpected mmi.service status {code[:16]!r}")
 
-    def close(self) -> None:
-        """Close the socket. Idempotent; pending replies are discarded."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-
-    @property
-    def closed(self) -> bool:
-        """True once `close()` was called."""
-        return self._socket is None
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ---------------------------------------------------------------- private
-
-    def _open_socket(self) -> zmq.Socket[bytes]:
-        if self._socket is None:
-            raise ClientClosed("this Client is closed")
-        return self._socket
 
     def _replace_socket(self) -> zmq.Socket[bytes]:
         self.close()

@@ -10,18 +10,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 import zmq
 
-from zbroker.client.errors import ClientClosed, connected_socket, zmq_boundary
+from zbroker.client._owner import SocketOwner
+from zbroker.client.errors import connected_socket, zmq_boundary
 from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import Event, decode_event, encode_event
 
 
-class Publisher:
+class Publisher(SocketOwner):
     """Publishes events to the bus.
 
     PUB sockets have no delivery guarantee: events published before the
@@ -62,8 +62,7 @@ class Publisher:
         `payload` must be serialisable by msgpack (TypeError otherwise); an
         empty or over-long `type` raises ValueError.
         """
-        if self._socket is None:
-            raise ClientClosed("this Publisher is closed")
+        sock = self._open_socket()
         event = Event(
             type=type,
             source=self.source if source is None else source,
@@ -74,29 +73,12 @@ class Publisher:
         )
         frames = encode_event(event)
         with zmq_boundary(f"publishing {type!r}"):
-            self._socket.send_multipart(frames)
+            sock.send_multipart(frames)
         self.published += 1
         return event
 
-    def close(self) -> None:
-        """Close the socket. Idempotent; events not yet sent are discarded."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
 
-    def __enter__(self) -> Publisher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Subscriber:
+class Subscriber(SocketOwner):
     """Receives events whose type starts with one of `prefixes` (every event if none).
 
     Events that cannot be decoded are dropped and counted in `dropped`; they
@@ -163,25 +145,3 @@ class Subscriber:
             event = self.recv()
             if event is not None:
                 yield event
-
-    def close(self) -> None:
-        """Close the socket. Idempotent; queued events are discarded."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _open_socket(self) -> zmq.Socket[bytes]:
-        if self._socket is None:
-            raise ClientClosed("this Subscriber is closed")
-        return self._socket
