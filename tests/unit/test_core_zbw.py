@@ -182,3 +182,18 @@ def test_new_zbw_worker_is_greeted_in_its_dialect() -> None:
     s = Script()
     s.send(b"Z1", ext.ready("svc", 4))
     assert s.sent() == [[b"Z1", b"", ext.ZBW01, ext.HEARTBEAT]]
+
+
+def test_heartbeat_with_unreadable_metrics_still_keeps_the_worker_alive() -> None:
+    s = Script()
+    s.zready(b"Z1", "svc", 1)
+    bad = [b"", ext.ZBW01, ext.HEARTBEAT, b"\xc1"]  # not msgpack
+    non_string_keys = [b"", ext.ZBW01, ext.HEARTBEAT, ext.pack_meta({"metrics": {1: 2}})]
+    # Given a worker whose heartbeats carry metrics the broker cannot read
+    for _ in range(10):
+        s.advance(1.0)
+        s.send(b"Z1", bad if s.now % 2 else non_string_keys)
+    # Then it is alive far past its expiry, and only the metrics were counted as lost
+    assert b"Z1" in s.broker.workers
+    assert s.broker.stats.bad_metrics == 10
+    assert s.broker.stats.malformed_total == 0

@@ -268,6 +268,8 @@ class Broker:
             assert isinstance(msg, ext.Heartbeat)
             if msg.metrics:
                 worker.metrics = msg.metrics
+            elif not msg.metrics_ok:
+                self.stats.bad_metrics += 1
         elif kind is ext.Progress:
             assert isinstance(msg, ext.Progress)
             request = self._fenced(worker, msg.id, msg.attempt)

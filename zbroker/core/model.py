@@ -150,6 +150,7 @@ class Stats:
     ack_timeouts: int = 0
     failures: int = 0  # FAIL reports from ZBW01 workers
     failed_permanently: int = 0  # requests dropped after a final failure
+    bad_metrics: int = 0  # heartbeats whose metrics could not be read (liveness still kept)
     malformed: Counter[str] | None = None
 
     def __post_init__(self) -> None:

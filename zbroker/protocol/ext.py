@@ -120,9 +120,13 @@ class Fail:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness; a worker may attach a small map of its own metrics."""
+    """Liveness; a worker may attach a small map of its own metrics.
+
+    `metrics_ok` is False when metrics were attached but unreadable: the
+    heartbeat still counts as a sign of life, only the metrics are lost."""
 
     metrics: dict[str, Any] = field(default_factory=dict)
+    metrics_ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +184,12 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
             return _EMPTY_HEARTBEAT
         if n > 4:
             raise ProtocolError("extra_frames", "HEARTBEAT has at most one metadata frame")
-        metrics = unpack_meta(frames[3]).get("metrics", {})
+        try:
+            metrics = unpack_meta(frames[3]).get("metrics", {})
+        except ProtocolError:
+            return Heartbeat({}, metrics_ok=False)
         if not isinstance(metrics, dict):
-            raise ProtocolError("bad_meta", "'metrics' must be a map")
+            return Heartbeat({}, metrics_ok=False)
         return Heartbeat(metrics)
     if command == PROGRESS:
         if n < 4:
