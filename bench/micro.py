@@ -1,0 +1,145 @@
+"""Micro-measurements behind the analysis in docs/performance.md (not a workload).
+
+    .venv/bin/python bench/micro.py
+
+1. The broker core alone: one MDP request and its answer, per request, driven in a
+   loop with no sockets (stock MDP worker, and ZBW01 worker with DONE).
+2. pyzmq call patterns for a 5-frame message over inproc: `send_multipart` against
+   the backend's `send` per frame with int flags (what the broker's loop uses), and
+   `recv_multipart` against `recv(copy=False)` with `.more`.
+Each figure is the median of 5 repetitions, in microseconds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import msgpack
+import zmq
+import zmq.backend
+
+from zbroker.core import Broker, CoreSettings
+from zbroker.protocol import ext, mdp
+
+N = 50_000
+REPEATS = 5
+BODY = b"x" * 64
+
+
+def median_us(run: Callable[[], None]) -> float:
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) / N * 1e6)
+    return statistics.median(samples)
+
+
+def core_mdp() -> float:
+    broker = Broker(CoreSettings(), 0.0)
+    broker.receive([b"W", *mdp.worker_ready(b"echo")], 0.0)
+    broker.outbox.clear()
+    request = [b"C", b"", mdp.MDPC01, b"echo", BODY]
+    reply = [b"W", b"", mdp.MDPW01, mdp.REPLY, b"C", b"", BODY]
+
+    def run() -> None:
+        for _ in range(N):
+            broker.receive(request, 1.0)
+            broker.receive(reply, 1.0)
+            broker.outbox = []
+
+    return median_us(run)
+
+
+def core_zbw() -> float:
+    broker = Broker(CoreSettings(), 0.0)
+    broker.receive([b"Z", *ext.ready("echo", 64)], 0.0)
+    broker.outbox.clear()
+    request = [b"C", b"", mdp.MDPC01, b"echo", BODY]
+    pack = msgpack.Packer(use_bin_type=True).pack
+
+    def run() -> None:
+        for _ in range(N):
+            broker.receive(request, 1.0)
+            broker.outbox = []
+            # Packing DONE here costs what it costs a worker (about 1 us). The task id the core gave this request: ids are m + hex counter.
+            tid = f"m{broker._next_request_id - 1:x}"
+            done = [b"Z", b"", ext.ZBW01, ext.DONE, pack({"id": tid, "attempt": 1}), BODY]
+            broker.receive(done, 1.0)
+            broker.outbox = []
+
+    return median_us(run)
+
+
+def socket_patterns() -> dict[str, float]:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("inproc://micro")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"C")
+    dealer.connect("inproc://micro")
+    for s in (router, dealer):
+        s.sndhwm = 0
+        s.rcvhwm = 0
+    dealer.send(b"hi")
+    router.recv_multipart()
+    msg = [b"C", b"", mdp.MDPC01, b"echo", BODY]
+    send = zmq.backend.Socket.send
+    recv = zmq.backend.Socket.recv
+    more, last = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)
+
+    def send_multipart() -> None:
+        for _ in range(N):
+            router.send_multipart(msg, zmq.NOBLOCK)
+
+    def send_backend() -> None:
+        for _ in range(N):
+            for frame in msg[:-1]:
+                send(router, frame, more)
+            send(router, msg[-1], last)
+
+    def recv_multipart() -> None:
+        for _ in range(N):
+            dealer.recv_multipart(zmq.NOBLOCK)
+
+    def recv_backend() -> None:
+        for _ in range(N):
+            frame = recv(dealer, last, False)
+            parts = [frame.bytes]
+            while frame.more:
+                frame = recv(dealer, last, False)
+                parts.append(frame.bytes)
+
+    results = {}
+    for name, sender, receiver in (
+        ("send_multipart", send_multipart, recv_multipart),
+        ("backend send, int flags", send_backend, recv_backend),
+    ):
+        samples_send, samples_recv = [], []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            sender()
+            samples_send.append((time.perf_counter() - start) / N * 1e6)
+            start = time.perf_counter()
+            receiver()
+            samples_recv.append((time.perf_counter() - start) / N * 1e6)
+        results[f"send 5 frames: {name}"] = statistics.median(samples_send)
+        recv_name = "recv_multipart" if receiver is recv_multipart else "backend recv copy=False"
+        results[f"recv 5 frames: {recv_name}"] = statistics.median(samples_recv)
+    router.close(linger=0)
+    dealer.close(linger=0)
+    ctx.term()
+    return results
+
+
+def main() -> None:
+    print(f"[micro] core, MDP request + stock MDP worker reply: {core_mdp():.2f} us/request")
+    print(f"[micro] core, MDP request + ZBW01 worker DONE:     {core_zbw():.2f} us/request")
+    for name, value in socket_patterns().items():
+        print(f"[micro] {name}: {value:.2f} us/message")
+
+
+if __name__ == "__main__":
+    main()
