@@ -64,7 +64,8 @@ def core_zbw() -> float:
         for _ in range(N):
             broker.receive(request, 1.0)
             broker.outbox = []
-            # Packing DONE here costs what it costs a worker (about 1 us). The task id the core gave this request: ids are m + hex counter.
+            # Packing DONE here costs what it costs a worker (about 1 us).
+            # The id the core gave this request: ids are "m" + a hex counter.
             tid = f"m{broker._next_request_id - 1:x}"
             done = [b"Z", b"", ext.ZBW01, ext.DONE, pack({"id": tid, "attempt": 1}), BODY]
             broker.receive(done, 1.0)
