@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,3 +186,10 @@ def zmq_ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     ctx: TrackingContext = TrackingContext()
     yield ctx
     ctx.close_all()
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    """Closes whatever a test enters into it (clients, workers, executors), in reverse."""
+    with ExitStack() as resources:
+        yield resources

@@ -9,23 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Any
 
 import msgpack
 import pytest
 import zmq
 
 from tests.conftest import BrokerProcess, wait_until
+from tests.integration.running import HEARTBEAT_S, open_client, start_worker
 from zbroker.client import (
     DEFAULT_ENDPOINT,
     Client,
     ClientClosed,
     EndpointError,
     Event,
-    Handler,
     Publisher,
     ReplyError,
     RequestTimeout,
@@ -37,34 +36,11 @@ from zbroker.protocol.events import encode_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
-# The `broker` fixture heartbeats every 0.2 s; workers use the same interval (workers
-# answer the broker's heartbeats anyway, see the default-interval test).
-HEARTBEAT_S = 0.2
 Ctx = zmq.Context[zmq.Socket[bytes]]
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as resources:
-        yield resources
 
 
 def echo_upper(task: Task) -> bytes:
     return task.payload.upper()
-
-
-def start_worker(
-    stack: ExitStack, broker: BrokerProcess, service: str, handler: Handler, **kw: Any
-) -> Worker:
-    """A background worker, registered with the broker by the time this returns."""
-    worker = Worker(broker.endpoint, service, handler, heartbeat_interval_s=HEARTBEAT_S, **kw)
-    stack.enter_context(worker)
-    wait_until(lambda: worker.connected, timeout_s=5)
-    return worker
-
-
-def open_client(stack: ExitStack, broker: BrokerProcess, **kw: Any) -> Client:
-    return stack.enter_context(Client(broker.endpoint, **kw))
 
 
 def background(stack: ExitStack) -> ThreadPoolExecutor:

@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from tests.conftest import BrokerProcess, wait_until
+from tests.integration.running import open_client, start_worker
 from zbroker.client import (
     Client,
     Handler,
@@ -34,30 +35,8 @@ from zbroker.protocol import ext
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
-# The `broker` fixture heartbeats every 0.2 s; workers against it use the same interval.
-HEARTBEAT_S = 0.2
 Ctx = zmq.Context[zmq.Socket[bytes]]
 M = TypeVar("M", bound=ext.WorkerMessage)
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as resources:
-        yield resources
-
-
-def start_worker(
-    stack: ExitStack, broker: BrokerProcess, service: str, handler: Handler, **kw: Any
-) -> Worker:
-    """A background worker, registered with the broker by the time this returns."""
-    worker = Worker(broker.endpoint, service, handler, heartbeat_interval_s=HEARTBEAT_S, **kw)
-    stack.enter_context(worker)
-    wait_until(lambda: worker.connected, timeout_s=10)
-    return worker
-
-
-def open_client(stack: ExitStack, broker: BrokerProcess, **kw: Any) -> Client:
-    return stack.enter_context(Client(broker.endpoint, **kw))
 
 
 def echo(task: Task) -> bytes:
