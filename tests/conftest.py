@@ -122,7 +122,15 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers with extra CLI args; all are stopped at teardown."""
     started: list[BrokerProcess] = []
 
-    def make(*extra: str, heartbeat_interval: float = 0.2, start: bool = True) -> BrokerProcess:
+    def make(
+        *extra: str,
+        heartbeat_interval: float = 0.2,
+        start: bool = True,
+        data_dir: Path | None = None,
+    ) -> BrokerProcess:
+        """A broker on free ports with its own journal directory (`data_dir`, default
+        a fresh one under tmp_path). `start()` again after `kill()` restarts it on the
+        same ports and journal."""
         n = len(started)
         ports = [free_port() for _ in range(3)]
         endpoint, events_in, events_out = (f"tcp://127.0.0.1:{p}" for p in ports)
@@ -137,10 +145,14 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
             str(heartbeat_interval),
             "--log-level",
             "debug",
+            "--data-dir",
+            str(data_dir or tmp_path / f"data{n}"),
             *extra,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("ZBROKER_BIND", None)
+        for name in list(env):
+            if name.startswith("ZBROKER_"):
+                env.pop(name)
         b = BrokerProcess(endpoint, events_in, events_out, args, tmp_path / f"broker{n}.log", env)
         started.append(b)
         if start:

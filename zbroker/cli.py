@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,6 +16,7 @@ import typer
 from zbroker import __version__
 from zbroker.config import BrokerConfig
 from zbroker.core import CoreSettings
+from zbroker.journal import Durability, JournalError
 from zbroker.runtime import BindError, BrokerServer
 
 app = typer.Typer(
@@ -103,6 +105,60 @@ def start(
             help="Seconds a ZBW01 worker has to acknowledge a task before it is taken back.",
         ),
     ] = _defaults.core.ack_timeout_s,
+    durability: Annotated[
+        Durability,
+        typer.Option(
+            envvar="ZBROKER_DURABILITY",
+            case_sensitive=False,
+            help="What a confirmed enqueue survives: sync (fsync per commit: a power cut), "
+            "async (a crash of the broker), memory (nothing; tests and benchmarks only).",
+        ),
+    ] = _defaults.durability,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="ZBROKER_DATA_DIR",
+            file_okay=False,
+            help="Directory of the task journal (created if missing).",
+        ),
+    ] = _defaults.data_dir,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_MAX_ATTEMPTS",
+            min=1,
+            help="Attempts of a durable task unless its enqueue says otherwise "
+            "(also of an MDP request failed by ZBW01 workers).",
+        ),
+    ] = _defaults.core.default_max_attempts,
+    retry_base: Annotated[
+        float,
+        typer.Option(
+            envvar="ZBROKER_RETRY_BASE",
+            min=0.0,
+            help="Backoff before the 2nd attempt, in seconds; doubles per attempt, with jitter.",
+        ),
+    ] = _defaults.core.retry_base_s,
+    retry_max: Annotated[
+        float,
+        typer.Option(envvar="ZBROKER_RETRY_MAX", min=0.0, help="Longest retry backoff, seconds."),
+    ] = _defaults.core.retry_max_s,
+    retention: Annotated[
+        float,
+        typer.Option(
+            envvar="ZBROKER_RETENTION",
+            min=0.0,
+            help="Seconds finished tasks (results, idempotency keys) are kept.",
+        ),
+    ] = _defaults.core.retention_s,
+    max_tasks: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_MAX_TASKS",
+            min=1,
+            help="Per-service cap on waiting durable tasks; beyond it enqueues are refused.",
+        ),
+    ] = _defaults.core.max_tasks_per_service,
     log_level: Annotated[
         str,
         typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
@@ -130,16 +186,28 @@ def start(
             max_queued_per_service=max_queued,
             max_message_bytes=max_message_bytes,
             ack_timeout_s=ack_timeout,
+            request_max_attempts=max_attempts,
+            default_max_attempts=max_attempts,
+            retry_base_s=retry_base,
+            retry_max_s=max(retry_max, retry_base),
+            retention_s=retention,
+            max_tasks_per_service=max_tasks,
         ),
         log_level=level,
+        durability=durability,
+        data_dir=data_dir,
     )
     try:
         server = BrokerServer(config)
-    except BindError as exc:
+    except (BindError, JournalError) as exc:
         typer.echo(f"zbroker: {exc}", err=True)
         raise typer.Exit(1) from None
     server.install_signal_handlers()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except JournalError as exc:
+        typer.echo(f"zbroker: stopped: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -7,8 +7,10 @@ both); every field has an embedded default, so `zbroker start` alone works.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from zbroker.core.model import CoreSettings
+from zbroker.journal.base import Durability
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 
 
@@ -25,3 +27,6 @@ class BrokerConfig:
     router_hwm: int = 100_000
     events_hwm: int = 100_000
     log_level: str = "info"
+    # Where durable tasks live, and what a confirmed enqueue survives.
+    durability: Durability = Durability.SYNC
+    data_dir: Path = Path("zbroker-data")

@@ -16,6 +16,8 @@ leave to the broker):
      unexpected command, is answered with DISCONNECT; the worker then
      re-registers (as after a broker restart).
   5. Malformed input is dropped and counted; it never raises out of `receive`.
+     A ZBC01 call the broker refuses gets an ERROR its sender can read.
+Durable tasks (ZBC01 clients, the journal) follow the rules in `core.durable`.
 
 It never touches a socket or reads the clock: frames and `now` come in as
 arguments, frames to send go out through `outbox`.
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import logging
 
+from zbroker.core.durable import DurableTasks
 from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
-from zbroker.protocol import ext, mdp
+from zbroker.journal.base import Journal
+from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
@@ -34,6 +38,7 @@ log = logging.getLogger("zbroker.core")
 _MDPC01 = mdp.MDPC01
 _MDPW01 = mdp.MDPW01
 _ZBW01 = ext.ZBW01
+_ZBC01 = zbc.ZBC01
 _EMPTY = mdp.EMPTY
 _MDP_REQUEST = mdp.REQUEST
 _MDP_HEARTBEAT = mdp.HEARTBEAT
@@ -53,8 +58,13 @@ def _name(service: bytes) -> str:
     return service.decode(errors="replace")
 
 
-class Broker:
+class Broker(DurableTasks):
     """Sans-IO broker core.
+
+    `journal` holds durable tasks (None: ZBC01 calls are refused); the core
+    writes to it but never commits: the caller commits once per pass, *before*
+    sending the outbox. `now` is a monotonic clock; `now + epoch_offset` is
+    the wall-clock time (seconds since the epoch) written into task records.
 
     Feed it with `receive(frames, now)` for every message read from the ROUTER
     socket (frames[0] is the routing id), `tick(now)` whenever `now >=
@@ -63,7 +73,13 @@ class Broker:
     a complete multipart message whose first frame is the destination routing id.
     """
 
-    def __init__(self, settings: CoreSettings, now: float) -> None:
+    def __init__(
+        self,
+        settings: CoreSettings,
+        now: float,
+        journal: Journal | None = None,
+        epoch_offset: float = 0.0,
+    ) -> None:
         self.settings = settings
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, Worker] = {}
@@ -74,6 +90,7 @@ class Broker:
         self._worker_expiry_s = settings.worker_expiry_s
         self._heartbeat_interval_s = settings.heartbeat_interval_s
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._init_durable(journal, now, epoch_offset)
 
     # ------------------------------------------------------------ inputs
 
@@ -84,14 +101,21 @@ class Broker:
             self._malformed("missing_frames", frames)
             return
         if n > self.settings.max_frames:
-            self._malformed("too_many_frames", frames)
+            self._too_large("too_many_frames", frames)
             return
         if sum(map(len, frames)) > self.settings.max_message_bytes:
-            self._malformed("oversized", frames)
+            self._too_large("oversized", frames)
             return
         header = frames[2]
         try:
-            if header == _ZBW01:
+            if header == _ZBC01:
+                try:
+                    call = zbc.decode_client(frames[1:])
+                except zbc.CallError as exc:
+                    self._refuse(frames[0], exc.rid, exc.code, exc.message)
+                    return
+                self._on_zbc(frames[0], call, now)
+            elif header == _ZBW01:
                 self._on_zbw(frames[0], ext.decode_worker(frames[1:]), now)
             elif header == _MDPC01:
                 self._on_client(frames[0], mdp.decode_client(frames[1:]), now)
@@ -123,8 +147,13 @@ class Broker:
                     self.outbox.append([worker.identity, _EMPTY, _MDPW01, _MDP_HEARTBEAT])
                 else:
                     self.outbox.append([worker.identity, _EMPTY, _ZBW01, _ZBW_HEARTBEAT])
+            if worker.tasks:
+                self._check_deadlines(worker, now)
+                if worker.identity not in self.workers:
+                    continue  # an MDP worker let go for overrunning a task's timeout
             if worker.dialect is _ZBW and worker.tasks:
                 self._take_back_unacked(worker, now)
+        self._durable_tick(now)
         expiry = self.settings.request_expiry_s
         for name, service in list(self.services.items()):
             queue = service.queue
@@ -138,7 +167,7 @@ class Broker:
                     _name(name),
                     expiry,
                 )
-            if not queue and not service.workers:
+            if not queue and not service.workers and not service.waiting_count:
                 del self.services[name]
 
     def undeliverable(self, frames: list[bytes], now: float) -> None:
@@ -305,6 +334,11 @@ class Broker:
     def _on_fail(self, worker: Worker, request: Request, msg: ext.Fail, now: float) -> None:
         self.stats.failures += 1
         self._release(worker, request)
+        if request.task is not None:
+            reason = msg.reason or "failed"
+            self._take_back(request, reason, now, msg.delay_s, final=not msg.retry)
+            self._dispatch(worker.service, now)
+            return
         if msg.retry and request.attempt < self.settings.request_max_attempts:
             log.info(
                 "request %s failed on attempt %d (%s): retrying",
@@ -344,7 +378,10 @@ class Broker:
             self.outbox.append([worker.identity, *ext.cancel(request.tid, request.attempt)])
             self._release(worker, request)
             request.ack_by = 0.0
-            service.queue.appendleft(request)
+            if request.task is not None:
+                self._take_back(request, "not acknowledged in time", now, 0.0)
+            else:
+                service.queue.appendleft(request)
         self._dispatch(service, now)
 
     # ------------------------------------------------------------ workers
@@ -358,9 +395,7 @@ class Broker:
         credit: int,
         tags: tuple[str, ...],
     ) -> None:
-        service = self.services.get(name)
-        if service is None:
-            service = self.services[name] = Service(name)
+        service = self._service(name)
         worker = Worker(identity, service, now, self.settings, dialect, credit, tags)
         self.workers[identity] = worker
         service.workers[identity] = worker
@@ -383,9 +418,17 @@ class Broker:
             else:
                 self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_HEARTBEAT])
 
+    def _service(self, name: bytes) -> Service:
+        service = self.services.get(name)
+        if service is None:
+            service = self.services[name] = Service(name)
+        return service
+
     def _release(self, worker: Worker, request: Request) -> None:
         """The worker no longer holds `request`; it has credit again."""
         del worker.tasks[request.tid]
+        if request.task is not None:
+            del self._holders[request.tid]
         if worker.identity not in worker.service.ready:
             worker.service.ready[worker.identity] = worker
 
@@ -393,12 +436,15 @@ class Broker:
         self, worker: Worker, request: Request, body: tuple[bytes, ...], now: float
     ) -> None:
         self._release(worker, request)
-        self.stats.replies += 1
         service = worker.service
         # Hand out the next request before forwarding the reply: a worker's round
         # trip through the broker is what bounds throughput.
-        if service.queue:
+        if service.queue or service.ready_count:
             self._dispatch(service, now)
+        if request.task is not None:
+            self._task_done(request, body, now)
+            return
+        self.stats.replies += 1
         self.outbox.append([request.client, _EMPTY, _MDPC01, request.service, *body])
         if self._debug:
             log.debug(
@@ -418,9 +464,15 @@ class Broker:
         if worker.tasks:
             held = list(worker.tasks.values())
             worker.tasks.clear()
+            for request in held:
+                if request.task is not None:
+                    del self._holders[request.tid]
             for request in reversed(held):
                 request.ack_by = 0.0
-                service.queue.appendleft(request)
+                if request.task is not None:
+                    self._take_back(request, "the worker holding it is gone", now, 0.0)
+                else:
+                    service.queue.appendleft(request)
             self.stats.requeued += len(held)
             log.info("%d request(s) requeued: worker %s is gone", len(held), _hex(worker.identity))
             self._dispatch(service, now)
@@ -449,11 +501,19 @@ class Broker:
         queue = service.queue
         ready = service.ready
         ack_by = now + self.settings.ack_timeout_s
-        while queue and ready:
+        while ready and (queue or service.ready_count):
             identity = next(iter(ready))
-            worker = ready.pop(identity)
-            request = queue.popleft()
-            request.attempt += 1
+            if queue:
+                worker = ready.pop(identity)
+                request = queue.popleft()
+                request.attempt += 1
+            else:
+                # MDP requests first (someone is waiting on a socket), then durable tasks.
+                record = self._next_task(service, now)
+                if record is None:
+                    break
+                worker = ready.pop(identity)
+                request = self._start_attempt(record, worker, now)
             worker.tasks[request.tid] = request
             # The delivery itself tells the worker we are alive: skip the next heartbeat.
             worker.heartbeat_at = now + self._heartbeat_interval_s
@@ -463,7 +523,13 @@ class Broker:
                 )
             else:
                 request.ack_by = ack_by
-                meta = ext.task_meta(request.tid, request.attempt, _name(service.name))
+                task = request.task
+                if task is None:
+                    meta = ext.task_meta(request.tid, request.attempt, _name(service.name))
+                else:
+                    meta = ext.task_meta(
+                        request.tid, request.attempt, task.service, task.headers, task.timeout_s
+                    )
                 self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_TASK, meta, *request.body])
                 if len(worker.tasks) < worker.credit:
                     ready[identity] = worker  # back of the rotation
@@ -477,6 +543,20 @@ class Broker:
                 )
 
     # ------------------------------------------------------------ errors
+
+    def _too_large(self, reason: str, frames: list[bytes]) -> None:
+        """Over a size cap: dropped and counted; a ZBC01 call also gets an ERROR."""
+        self._malformed(reason, frames)
+        if len(frames) > 4 and frames[2] == _ZBC01 and len(frames[4]) < 65536:
+            try:
+                rid = ext.unpack_meta(frames[4]).get("rid")
+            except ProtocolError:
+                return
+            if type(rid) is int:
+                limit = (
+                    f"{self.settings.max_frames} frames, {self.settings.max_message_bytes} bytes"
+                )
+                self._refuse(frames[0], rid, zbc.E_TOO_LARGE, f"message over the cap ({limit})")
 
     def _malformed(self, reason: str, frames: list[bytes]) -> None:
         malformed = self.stats.malformed

@@ -10,6 +10,8 @@ import enum
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from zbroker.journal.base import TaskRecord
+
 
 class WorkerDialect(enum.Enum):
     """The protocol a worker registered with."""
@@ -37,6 +39,29 @@ class CoreSettings:
     ack_timeout_s: float = 10.0
     # Attempts a request may make when ZBW01 workers report retryable failures.
     request_max_attempts: int = 3
+    # --- durable tasks (ZBC01) ---
+    # Attempts a durable task may make unless its enqueue says otherwise. Every
+    # delivery is an attempt; the last one ending without DONE dead-letters the task.
+    default_max_attempts: int = 3
+    # Retry backoff after FAIL or a timed-out attempt: base * 2**(attempt-1), capped,
+    # with "equal jitter" (half fixed, half random). A FAIL's own delay_s wins.
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    # Finished tasks (results, and their idempotency keys) are kept this long.
+    retention_s: float = 3600.0
+    # Per-service cap on durable tasks waiting (ready + delayed); beyond it ENQUEUE
+    # is refused with queue_full. The queue itself lives on disk, not in memory.
+    max_tasks_per_service: int = 10_000_000
+    # Ready tasks of one service kept in memory at a time (the rest stay in the journal).
+    window_per_service: int = 512
+    # Calls waiting for a task's result (REQUEST, RESULT with wait_s), broker-wide.
+    max_waiters: int = 100_000
+    # How long a REQUEST waits for its result before answering with the task's state.
+    request_wait_s: float = 300.0
+    # Entries kept in a task's history (oldest dropped first).
+    history_limit: int = 32
+    # Seed of the retry jitter (None: unpredictable). Tests pin it.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -49,6 +74,14 @@ class CoreSettings:
             raise ValueError("ack_timeout_s must be positive")
         if self.request_max_attempts < 1:
             raise ValueError("request_max_attempts must be at least 1")
+        if self.default_max_attempts < 1:
+            raise ValueError("default_max_attempts must be at least 1")
+        if self.retry_base_s < 0 or self.retry_max_s < self.retry_base_s:
+            raise ValueError("need 0 <= retry_base_s <= retry_max_s")
+        if self.retention_s < 0:
+            raise ValueError("retention_s must not be negative")
+        if self.window_per_service < 1 or self.max_tasks_per_service < 1:
+            raise ValueError("window_per_service and max_tasks_per_service must be positive")
 
     @property
     def worker_expiry_s(self) -> float:
@@ -61,9 +94,22 @@ class CoreSettings:
 
 
 class Request:
-    """One client request while the broker holds it (queued or at a worker)."""
+    """One piece of work while a worker may hold it: an MDP client's request (queued
+    or at a worker), or an attempt of a durable task (`task` set; only while at a
+    worker: queued durable tasks live in the journal)."""
 
-    __slots__ = ("ack_by", "attempt", "body", "client", "enqueued_at", "id", "service", "tid")
+    __slots__ = (
+        "ack_by",
+        "attempt",
+        "body",
+        "client",
+        "deadline",
+        "enqueued_at",
+        "id",
+        "service",
+        "task",
+        "tid",
+    )
 
     def __init__(
         self, id: int, client: bytes, service: bytes, body: tuple[bytes, ...], now: float
@@ -76,6 +122,8 @@ class Request:
         self.enqueued_at = now
         self.attempt = 0  # attempts handed to a worker so far (the fencing token)
         self.ack_by = 0.0  # ZBW01: taken back unless acknowledged by then; 0 once acked
+        self.deadline = 0.0  # durable task with timeout_s: the attempt fails at this time
+        self.task: TaskRecord | None = None  # the durable task's record, as last written
 
 
 class Worker:
@@ -118,11 +166,17 @@ class Worker:
 class Service:
     """A named queue of requests and the workers that serve it."""
 
-    __slots__ = ("name", "queue", "ready", "workers")
+    __slots__ = ("name", "queue", "ready", "ready_count", "waiting_count", "window", "workers")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.queue: deque[Request] = deque()
+        # Durable tasks: the best READY ones, as (priority, -seq, id), sorted so the
+        # next to deliver is last. Always exactly the top len(window) READY tasks of
+        # the journal; `ready_count` counts all of them (the rest stay on disk).
+        self.window: list[tuple[int, int, str]] = []
+        self.ready_count = 0
+        self.waiting_count = 0  # READY + DELAYED durable tasks: what the cap applies to
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}
@@ -151,6 +205,18 @@ class Stats:
     failures: int = 0  # FAIL reports from ZBW01 workers
     failed_permanently: int = 0  # requests dropped after a final failure
     bad_metrics: int = 0  # heartbeats whose metrics could not be read (liveness still kept)
+    # Durable tasks.
+    tasks_enqueued: int = 0
+    tasks_deduplicated: int = 0  # enqueues answered with an existing task's id (same key)
+    tasks_done: int = 0
+    tasks_retried: int = 0  # attempts that failed or timed out and will run again
+    tasks_timed_out: int = 0  # attempts that ran past the task's timeout_s
+    tasks_dead: int = 0  # moved to a dead-letter queue
+    tasks_cancelled: int = 0
+    tasks_expired: int = 0  # TTL passed before they started
+    tasks_redriven: int = 0
+    tasks_recovered: int = 0  # in flight at the last stop: requeued at start
+    calls_refused: int = 0  # ZBC01 calls answered with ERROR
     malformed: Counter[str] | None = None
 
     def __post_init__(self) -> None:

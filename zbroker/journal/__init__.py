@@ -5,7 +5,7 @@
 """
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zbroker.journal.base import (
     FINISHED_STATES,
@@ -21,8 +21,21 @@ from zbroker.journal.base import (
     TaskRecord,
     TaskState,
 )
-from zbroker.journal.lmdb_store import LmdbJournal
 from zbroker.journal.memory import MemoryJournal
+
+if TYPE_CHECKING:
+    from zbroker.journal.lmdb_store import LmdbJournal
+
+
+def __getattr__(name: str) -> Any:
+    # The LMDB store (and the lmdb binding) load on first use only, so modules that
+    # need just the contract (the broker core imports `base`) never pull in lmdb.
+    if name == "LmdbJournal":
+        from zbroker.journal.lmdb_store import LmdbJournal
+
+        return LmdbJournal
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The options LmdbJournal takes besides its path and durability.
 _LMDB_OPTIONS = frozenset({"map_size", "max_map_size"})
@@ -39,6 +52,8 @@ def open_journal(durability: Durability, data_dir: Path | None, **options: Any) 
         return MemoryJournal()
     if data_dir is None:
         raise ValueError(f"durability {durability.value!r} needs a data directory")
+    from zbroker.journal.lmdb_store import LmdbJournal
+
     return LmdbJournal(Path(data_dir) / "journal", durability, **options)
 
 

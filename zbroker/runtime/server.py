@@ -1,8 +1,10 @@
 """The broker's event loop: moves frames between the ROUTER socket and the core.
 
 Each pass: poll, drain up to a batch of messages into the core, run its timers
-when due, then send everything it queued. This is the only module that talks
-to the ROUTER socket; it holds no broker state of its own.
+when due, commit the journal once (group commit), then send everything the
+core queued. Sending only after the commit is what makes a confirmation
+durable. This is the only module that talks to the ROUTER socket; it holds no
+broker state of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
+from zbroker.journal import Journal, JournalError, open_journal
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.proxy import EventProxy
 
@@ -47,7 +50,23 @@ class BrokerServer:
         self.config = config
         self._ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.core = Broker(config.core, time.monotonic())
+        self.journal: Journal = open_journal(config.durability, config.data_dir)
+        try:
+            started = time.monotonic()
+            self.core = Broker(
+                config.core, started, self.journal, epoch_offset=time.time() - started
+            )
+            self.journal.commit()  # what recovery changed
+        except BaseException:
+            self.journal.close()
+            raise
+        log.info(
+            "journal: %s (%s), %d tasks waiting, recovered in %.3fs",
+            config.data_dir if config.durability.value != "memory" else "in memory",
+            config.durability.value,
+            sum(s.waiting_count for s in self.core.services.values()),
+            time.monotonic() - started,
+        )
         self._stopping = False
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.linger = 0
@@ -60,6 +79,7 @@ class BrokerServer:
             self.router.bind(config.bind)
         except zmq.ZMQError as exc:
             self.router.close()
+            self.journal.close()
             raise BindError(f"cannot bind {config.bind}: {exc}") from exc
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
@@ -68,6 +88,7 @@ class BrokerServer:
             )
         except BindError:
             self.router.close()
+            self.journal.close()
             raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -99,6 +120,7 @@ class BrokerServer:
             poll_items.append((monitor, POLLIN))
         core = self.core
         receive = core.receive
+        commit = self.journal.commit
         recv_frame = _backend_recv
         monotonic = time.monotonic
         try:
@@ -120,6 +142,8 @@ class BrokerServer:
                     received += 1
                 if now >= core.next_tick_at:
                     core.tick(now)
+                # One commit for the whole pass, before anything of it is sent.
+                commit()
                 if core.outbox:
                     self._flush(now)
                 if received == RECV_BATCH:
@@ -130,6 +154,12 @@ class BrokerServer:
                     self._drain_wakeups()
                     if monitor is not None:
                         self._log_connections(monitor)
+        except JournalError as exc:
+            # Nothing of this pass was sent; the store holds the last commit, which
+            # is what a restart recovers. Stopping is the only safe answer.
+            log.critical("journal failure, stopping the broker: %s", exc)
+            core.outbox.clear()
+            raise
         finally:
             if monitor is not None:
                 router.disable_monitor()
@@ -192,6 +222,7 @@ class BrokerServer:
             dict(stats.malformed or {}),
         )
         self.events.stop()
+        self.journal.close()
         self.router.close(linger=0)
         self._wake_r.close()
         self._wake_w.close()

@@ -1,0 +1,634 @@
+"""Durable tasks: ZBC01 calls and every state change of a task, kept in the journal.
+
+Rules it keeps (DESIGN.md, "Delivery semantics"):
+  1. The journal holds the tasks themselves. Memory holds only a bounded window
+     of each service's best READY tasks (by priority, then enqueue order) and
+     the attempts workers hold right now. Every state change is written to the
+     journal in the same pass that decides it; the runtime commits once per
+     pass and sends the outbox only after the commit, so nothing is confirmed
+     (ids, results, TASKs) that a crash could take back.
+  2. Every delivery is an attempt and counts. An attempt that ends without
+     DONE (FAIL, timeout, the worker died or did not acknowledge, the broker
+     stopped) is retried while attempts remain: after a FAIL or a timeout with
+     exponential backoff and jitter (a FAIL's own delay_s wins), otherwise at
+     once. The last allowed attempt ending without DONE dead-letters the task.
+  3. Final states (done, cancelled, expired) are kept for `retention_s`, with
+     the result, so a requester can fetch it by id later; dead letters stay
+     until redriven.
+  4. Anything that waits on a task (REQUEST, RESULT with wait_s) is answered
+     exactly once: when the task reaches a final state (dead included), or
+     with its current state when the wait runs out.
+A journal failure raises out of the core: the runtime stops the broker without
+sending anything from that pass, and a restart recovers from the last commit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+from typing import Any
+
+from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
+from zbroker.journal.base import Journal, TaskRecord, TaskState
+from zbroker.protocol import ext, mdp, zbc
+
+log = logging.getLogger("zbroker.core")
+
+READY = TaskState.READY
+DELAYED = TaskState.DELAYED
+INFLIGHT = TaskState.INFLIGHT
+DONE = TaskState.DONE
+DEAD = TaskState.DEAD
+CANCELLED = TaskState.CANCELLED
+EXPIRED = TaskState.EXPIRED
+FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED})
+WAITING = frozenset({READY, DELAYED})
+
+STATE_NAMES = {state: state.name.lower() for state in TaskState}
+
+# Journal reads per timer pass (due delays, lapsed TTLs and retentions).
+TIMER_BATCH = 1000
+
+
+def record_view(record: TaskRecord) -> dict[str, Any]:
+    """A task's record as STATUS shows it."""
+    return {
+        "id": record.id,
+        "service": record.service,
+        "state": STATE_NAMES[record.state],
+        "attempt": record.attempt,
+        "max_attempts": record.max_attempts,
+        "priority": record.priority,
+        "created_at": record.created_at,
+        "not_before": record.not_before,
+        "expires_at": record.expires_at,
+        "timeout_s": record.timeout_s,
+        "key": record.key,
+        "headers": record.headers,
+        "error": record.error,
+        "finished_at": record.finished_at,
+        "keep_until": record.keep_until,
+        "history": record.history,
+    }
+
+
+def backoff_s(settings: CoreSettings, attempt: int, rng: random.Random) -> float:
+    """Delay before the attempt after `attempt` (1-based): exponential, capped, equal jitter."""
+    full = min(settings.retry_max_s, settings.retry_base_s * 2.0 ** min(attempt - 1, 60))
+    return full / 2.0 + rng.uniform(0.0, full / 2.0)
+
+
+class DurableTasks:
+    """The durable half of the broker core (mixed into `Broker`)."""
+
+    settings: CoreSettings
+    services: dict[bytes, Service]
+    outbox: list[list[bytes]]
+    stats: Stats
+    journal: Journal | None
+    next_tick_at: float
+
+    def _init_durable(self, journal: Journal | None, now: float, epoch_offset: float) -> None:
+        self.journal = journal
+        self._epoch_offset = epoch_offset
+        self._rng = random.Random(self.settings.seed)
+        # Durable task id -> the worker holding its current attempt.
+        self._holders: dict[str, Worker] = {}
+        # Task id -> calls waiting for it to end: (client, rid, deadline).
+        self._waiters: dict[str, list[tuple[bytes, int, float]]] = {}
+        self._waiter_count = 0
+        self._next_due_at = math.inf  # monotonic time of the earliest delayed task
+        if journal is not None:
+            self._recover(now)
+
+    # Provided by Broker.
+    def _dispatch(self, service: Service, now: float) -> None:
+        raise NotImplementedError
+
+    def _service(self, name: bytes) -> Service:
+        raise NotImplementedError
+
+    def _release(self, worker: Worker, request: Request) -> None:
+        raise NotImplementedError
+
+    def _kick(self, worker: Worker, now: float, why: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ start
+
+    def _recover(self, now: float) -> None:
+        """Rebuild the counters from the journal; attempts in flight at the last stop
+        go back to their queues (their attempt counted)."""
+        journal = self.journal
+        assert journal is not None
+        epoch = now + self._epoch_offset
+        for name, per_state in journal.counts().items():
+            service = self._service(name.encode())
+            service.ready_count = per_state.get(READY, 0)
+            service.waiting_count = service.ready_count + per_state.get(DELAYED, 0)
+        recovered = journal.inflight()
+        for record in recovered:
+            self.stats.tasks_recovered += 1
+            self._history(record, "recovered", epoch)
+            self._end_attempt(record, "the broker stopped during the attempt", epoch, now, 0.0)
+        if recovered:
+            log.info("%d task(s) in flight at the last stop requeued", len(recovered))
+        self._schedule_due(now)
+
+    # --------------------------------------------------------- clients
+
+    def _on_zbc(self, identity: bytes, msg: zbc.ClientMessage, now: float) -> None:
+        if self.journal is None:
+            self._refuse(identity, msg.rid, zbc.E_UNAVAILABLE, "this broker keeps no tasks")
+            return
+        kind = type(msg)
+        if kind is zbc.Enqueue:
+            assert isinstance(msg, zbc.Enqueue)
+            self._on_enqueue(identity, msg, now)
+        elif kind is zbc.Result:
+            assert isinstance(msg, zbc.Result)
+            self._on_result(identity, msg, now)
+        elif kind is zbc.Status:
+            assert isinstance(msg, zbc.Status)
+            record = self.journal.get(msg.id)
+            if record is None:
+                self._refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+            else:
+                self.outbox.append([identity, *zbc.reply(msg.rid, {"task": record_view(record)})])
+        elif kind is zbc.Cancel:
+            assert isinstance(msg, zbc.Cancel)
+            self._on_cancel(identity, msg, now)
+        elif kind is zbc.Dead:
+            assert isinstance(msg, zbc.Dead)
+            page = self.journal.dead(msg.service, msg.limit + 1, msg.after)
+            more = len(page) > msg.limit
+            page = page[: msg.limit]
+            tasks = [
+                {
+                    "id": r.id,
+                    "seq": r.seq,
+                    "attempt": r.attempt,
+                    "error": r.error,
+                    "created_at": r.created_at,
+                    "finished_at": r.finished_at,
+                }
+                for r in page
+            ]
+            nxt = page[-1].seq if more else None
+            self.outbox.append([identity, *zbc.reply(msg.rid, {"tasks": tasks, "next": nxt})])
+        else:
+            assert isinstance(msg, zbc.Redrive)
+            self._on_redrive(identity, msg, now)
+
+    def _refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
+        self.stats.calls_refused += 1
+        if code != zbc.E_NOT_FOUND:
+            log.info("call %d from %s refused (%s): %s", rid, identity.hex(), code, message)
+        self.outbox.append([identity, *zbc.error(rid, code, message)])
+
+    def _on_enqueue(self, identity: bytes, msg: zbc.Enqueue, now: float) -> None:
+        journal = self.journal
+        assert journal is not None
+        name = msg.service.encode()
+        if name.startswith(mdp.MMI_PREFIX):
+            self._refuse(identity, msg.rid, zbc.E_BAD_REQUEST, "mmi.* names are reserved")
+            return
+        service = self._service(name)
+        count = len(msg.payloads)
+        cap = self.settings.max_tasks_per_service
+        if service.waiting_count + count > cap:
+            self._refuse(
+                identity,
+                msg.rid,
+                zbc.E_QUEUE_FULL,
+                f"{msg.service} holds {service.waiting_count} waiting tasks (cap {cap})",
+            )
+            return
+        if msg.wait and self._waiter_count >= self.settings.max_waiters:
+            self._refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+            return
+        options = msg.options
+        epoch = now + self._epoch_offset
+        not_before = options.not_before or 0.0
+        if options.delay_s:
+            not_before = epoch + options.delay_s
+        expires_at = None if options.ttl_s is None else epoch + options.ttl_s
+        max_attempts = options.max_attempts or self.settings.default_max_attempts
+        keys = options.keys or (options.key,) * count
+        ids: list[str] = []
+        existing: list[int] = []
+        for i, payload in enumerate(msg.payloads):
+            key = keys[i]
+            if key is not None:
+                held = journal.find_key(msg.service, key)
+                if held is not None:
+                    ids.append(held)
+                    existing.append(i)
+                    continue
+            seq = journal.next_seq()
+            record = TaskRecord(
+                id=f"t{seq:x}",
+                service=msg.service,
+                state=DELAYED if not_before > epoch else READY,
+                seq=seq,
+                created_at=epoch,
+                priority=options.priority,
+                not_before=not_before,
+                expires_at=expires_at,
+                max_attempts=max_attempts,
+                timeout_s=options.timeout_s,
+                key=key,
+                headers=options.headers,
+                history=[["enqueued", epoch]],
+            )
+            self._store(record, None, service, payload)
+            ids.append(record.id)
+        self.stats.tasks_enqueued += count - len(existing)
+        self.stats.tasks_deduplicated += len(existing)
+        fields: dict[str, Any] = {"ids": ids}
+        if existing:
+            fields["existing"] = existing
+        self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
+        if not_before > epoch:
+            self._schedule_due(now)
+        if msg.wait:
+            self._wait(identity, msg.rid, ids[0], now + self.settings.request_wait_s)
+        if service.ready:
+            self._dispatch(service, now)
+
+    def _on_result(self, identity: bytes, msg: zbc.Result, now: float) -> None:
+        assert self.journal is not None
+        record = self.journal.get(msg.id)
+        if record is None:
+            self._refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+        elif record.state in FINAL or msg.wait_s <= 0:
+            self._answer(identity, msg.rid, record)
+        elif self._waiter_count >= self.settings.max_waiters:
+            self._refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+        else:
+            self._wait(identity, msg.rid, msg.id, now + msg.wait_s)
+
+    def _on_cancel(self, identity: bytes, msg: zbc.Cancel, now: float) -> None:
+        assert self.journal is not None
+        record = self.journal.get(msg.id)
+        if record is None:
+            self._refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+            return
+        was = record.state
+        if was in FINAL:
+            self._refuse(
+                identity, msg.rid, zbc.E_CONFLICT, f"task {msg.id} already {STATE_NAMES[was]}"
+            )
+            return
+        epoch = now + self._epoch_offset
+        worker = self._holders.get(msg.id)
+        if worker is not None:
+            request = worker.tasks[msg.id]
+            assert request.task is not None
+            record = request.task
+            self._release(worker, request)
+            if worker.dialect is WorkerDialect.ZBW:
+                self.outbox.append([worker.identity, *ext.cancel(msg.id, request.attempt)])
+                self._dispatch(worker.service, now)
+            else:
+                # 7/MDP cannot cancel a request: the worker is let go (it reconnects).
+                self._kick(worker, now, f"task {msg.id} was cancelled")
+        self.stats.tasks_cancelled += 1
+        self._history(record, "cancelled", epoch)
+        self._finish(record, CANCELLED, epoch, None)
+        self.outbox.append(
+            [
+                identity,
+                *zbc.reply(msg.rid, {"id": msg.id, "state": "cancelled", "was": STATE_NAMES[was]}),
+            ]
+        )
+
+    def _on_redrive(self, identity: bytes, msg: zbc.Redrive, now: float) -> None:
+        journal = self.journal
+        assert journal is not None
+        if msg.ids is None:
+            records = journal.dead(msg.service, zbc.MAX_BATCH)
+        else:
+            found = (journal.get(task_id) for task_id in msg.ids)
+            records = [
+                r for r in found if r is not None and r.state is DEAD and r.service == msg.service
+            ]
+        epoch = now + self._epoch_offset
+        service = self._service(msg.service.encode())
+        for record in records:
+            record.attempt = 0
+            record.finished_at = None
+            record.state = READY
+            self._history(record, "redriven", epoch)
+            self._store(record, DEAD, service)
+        self.stats.tasks_redriven += len(records)
+        if records:
+            log.info("%d dead letter(s) of %s redriven", len(records), msg.service)
+        self.outbox.append([identity, *zbc.reply(msg.rid, {"ids": [r.id for r in records]})])
+        if service.ready:
+            self._dispatch(service, now)
+
+    # ---------------------------------------------------------- waiting
+
+    def _wait(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
+        self._waiters.setdefault(task_id, []).append((identity, rid, deadline))
+        self._waiter_count += 1
+        if deadline < self.next_tick_at:
+            self.next_tick_at = deadline
+
+    def _answer(
+        self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
+    ) -> None:
+        fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
+        if record.error is not None and record.state is not DONE:
+            fields["error"] = record.error
+        if record.state is DONE and frames is None:
+            assert self.journal is not None
+            frames = tuple(self.journal.result(record.id) or ())
+        self.outbox.append([identity, *zbc.reply(rid, fields, frames or ())])
+
+    def _notify(self, record: TaskRecord, frames: tuple[bytes, ...] | None = None) -> None:
+        waiters = self._waiters.pop(record.id, None)
+        if waiters:
+            self._waiter_count -= len(waiters)
+            for identity, rid, _ in waiters:
+                self._answer(identity, rid, record, frames)
+
+    def _expire_waits(self, now: float) -> None:
+        journal = self.journal
+        assert journal is not None
+        for task_id in [t for t, ws in self._waiters.items() if any(w[2] <= now for w in ws)]:
+            waiters = self._waiters[task_id]
+            due = [w for w in waiters if w[2] <= now]
+            keep = [w for w in waiters if w[2] > now]
+            if keep:
+                self._waiters[task_id] = keep
+            else:
+                del self._waiters[task_id]
+            self._waiter_count -= len(due)
+            record = journal.get(task_id)
+            for identity, rid, _ in due:
+                if record is None:
+                    self._refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
+                else:
+                    self._answer(identity, rid, record)
+
+    # ------------------------------------------------- state transitions
+
+    def _history(self, record: TaskRecord, *entry: Any) -> None:
+        history = record.history
+        history.append(list(entry))
+        if len(history) > self.settings.history_limit:
+            del history[0]
+
+    def _store(
+        self,
+        record: TaskRecord,
+        old: TaskState | None,
+        service: Service | None = None,
+        payload: tuple[bytes, ...] | None = None,
+    ) -> None:
+        """Write `record` (now in its new state) and keep the service's counters and
+        window in step. A READY task leaving READY must already be out of the window."""
+        assert self.journal is not None
+        new = record.state
+        if service is None:
+            service = self._service(record.service.encode())
+        if old is READY:
+            service.ready_count -= 1
+        if old in WAITING:
+            service.waiting_count -= 1
+        self.journal.put(record, payload)
+        if new in WAITING:
+            service.waiting_count += 1
+            if new is READY:
+                service.ready_count += 1
+                self._window_insert(service, record)
+
+    def _window_insert(self, service: Service, record: TaskRecord) -> None:
+        window = service.window
+        entry = (record.priority, -record.seq, record.id)
+        # The window must stay the top len(window) READY tasks: take a task in if
+        # every READY task is in the window, or if it beats the window's worst.
+        if len(window) + 1 == service.ready_count or (window and entry > window[0]):
+            bisect.insort(window, entry)
+            if len(window) > self.settings.window_per_service:
+                del window[0]
+
+    def _unwindow(self, service: Service, task_id: str) -> None:
+        window = service.window
+        for i in range(len(window) - 1, -1, -1):
+            if window[i][2] == task_id:
+                del window[i]
+                return
+
+    def _refill(self, service: Service) -> None:
+        assert self.journal is not None
+        window = service.window
+        limit = self.settings.window_per_service - len(window)
+        after = None if not window else (window[0][0], -window[0][1])
+        records = self.journal.ready(service.name.decode(), limit, after)
+        window[0:0] = [(r.priority, -r.seq, r.id) for r in reversed(records)]
+
+    def _next_task(self, service: Service, now: float) -> TaskRecord | None:
+        """Take the best READY task of `service` out of its queue (the caller delivers it)."""
+        journal = self.journal
+        assert journal is not None
+        window = service.window
+        while service.ready_count > 0:
+            if not window:
+                self._refill(service)
+                if not window:
+                    log.error("%s: ready count out of step with the journal", service.name)
+                    service.ready_count = 0
+                    return None
+            task_id = window.pop()[2]
+            record = journal.get(task_id)
+            if record is None or record.state is not READY:
+                log.error("task %s in the ready window is not ready: skipped", task_id)
+                continue
+            epoch = now + self._epoch_offset
+            if record.expires_at is not None and record.expires_at <= epoch:
+                self.stats.tasks_expired += 1
+                self._finish(record, EXPIRED, epoch, "its ttl passed before it started")
+                continue
+            return record
+        return None
+
+    def _start_attempt(self, record: TaskRecord, worker: Worker, now: float) -> Request:
+        """Write `record` as delivered to `worker`; the attempt to hand over."""
+        epoch = now + self._epoch_offset
+        record.attempt += 1
+        record.state = INFLIGHT
+        self._history(record, "attempt", epoch, record.attempt, worker.identity.hex())
+        self._store(record, READY, worker.service)
+        assert self.journal is not None
+        request = Request(0, b"\0" + record.id.encode(), worker.service.name, (), now)
+        request.tid = record.id
+        request.task = record
+        request.attempt = record.attempt
+        request.body = tuple(self.journal.payload(record.id) or ())
+        if record.timeout_s is not None:
+            request.deadline = now + record.timeout_s
+            if request.deadline < self.next_tick_at:
+                self.next_tick_at = request.deadline
+        self._holders[record.id] = worker
+        return request
+
+    def _task_done(self, request: Request, body: tuple[bytes, ...], now: float) -> None:
+        record = request.task
+        assert record is not None and self.journal is not None
+        epoch = now + self._epoch_offset
+        self.stats.tasks_done += 1
+        self._history(record, "done", epoch, request.attempt)
+        record.error = None
+        self._finish(record, DONE, epoch, None, body)
+
+    def _finish(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        epoch: float,
+        error: str | None,
+        result: tuple[bytes, ...] | None = None,
+    ) -> None:
+        """A final state other than DEAD: kept (with its result) for retention_s."""
+        assert self.journal is not None
+        old = record.state
+        if old is READY:
+            self._unwindow(self._service(record.service.encode()), record.id)
+        record.state = state
+        if error is not None:
+            record.error = error
+        record.finished_at = epoch
+        record.keep_until = epoch + self.settings.retention_s
+        if self.settings.retention_s > 0:
+            self._store(record, old)
+            if result is not None:
+                self.journal.put_result(record.id, result)
+        else:
+            self._store(record, old)  # keep the counters right, then forget it
+            self.journal.delete(record.id)
+        self._notify(record, result)
+
+    def _end_attempt(
+        self,
+        record: TaskRecord,
+        reason: str,
+        epoch: float,
+        now: float,
+        delay_s: float | None,
+        final: bool = False,
+    ) -> None:
+        """An attempt ended without DONE: retry (after `delay_s`; None: backoff) or
+        dead-letter (no attempts left, or `final`: the worker said no retry can succeed)."""
+        old = record.state
+        record.error = reason
+        if final or record.attempt >= record.max_attempts:
+            self.stats.tasks_dead += 1
+            log.warning(
+                "task %s of %s dead after %d attempt(s): %s",
+                record.id,
+                record.service,
+                record.attempt,
+                reason,
+            )
+            record.state = DEAD
+            record.finished_at = epoch
+            record.keep_until = None
+            self._history(record, "dead", epoch, reason)
+            self._store(record, old)
+            self._notify(record)
+            return
+        self.stats.tasks_retried += 1
+        if delay_s is None:
+            delay_s = backoff_s(self.settings, record.attempt, self._rng)
+        if delay_s > 0:
+            record.state = DELAYED
+            record.not_before = epoch + delay_s
+            self._history(record, "retry", epoch, reason, round(delay_s, 3))
+            self._store(record, old)
+            self._schedule_at(now + delay_s)
+        else:
+            record.state = READY
+            self._history(record, "requeued", epoch, reason)
+            self._store(record, old)
+
+    def _take_back(
+        self,
+        request: Request,
+        reason: str,
+        now: float,
+        delay_s: float | None,
+        final: bool = False,
+    ) -> None:
+        """The broker no longer lets a worker hold this durable attempt (already released)."""
+        assert request.task is not None
+        self._end_attempt(request.task, reason, now + self._epoch_offset, now, delay_s, final)
+
+    # ------------------------------------------------------------ timers
+
+    def _schedule_at(self, when: float) -> None:
+        if when < self._next_due_at:
+            self._next_due_at = when
+        if when < self.next_tick_at:
+            self.next_tick_at = when
+
+    def _schedule_due(self, now: float) -> None:
+        assert self.journal is not None
+        due = self.journal.next_due_at()
+        self._next_due_at = math.inf
+        if due is not None:
+            self._schedule_at(now + max(0.0, due - (now + self._epoch_offset)))
+
+    def _durable_tick(self, now: float) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        epoch = now + self._epoch_offset
+        touched: set[bytes] = set()
+        if self._next_due_at <= now:
+            records = journal.due(epoch, TIMER_BATCH)
+            for record in records:
+                record.state = READY
+                self._history(record, "due", epoch)
+                service = self._service(record.service.encode())
+                self._store(record, DELAYED, service)
+                touched.add(service.name)
+            self._schedule_due(now)
+            if len(records) == TIMER_BATCH:
+                self._schedule_at(now)  # more are due: next pass
+        for record in journal.lapsed(epoch, TIMER_BATCH):
+            if record.state in FINAL:
+                journal.delete(record.id)
+            else:
+                self.stats.tasks_expired += 1
+                self._history(record, "expired", epoch)
+                self._finish(record, EXPIRED, epoch, "its ttl passed before it started")
+        if self._waiter_count:
+            self._expire_waits(now)
+        for name in touched:
+            woken = self.services.get(name)
+            if woken is not None and woken.ready:
+                self._dispatch(woken, now)
+
+    def _check_deadlines(self, worker: Worker, now: float) -> None:
+        """Attempts of `worker` past their task's timeout_s fail (and retry or die)."""
+        late = [r for r in worker.tasks.values() if r.deadline and r.deadline <= now]
+        for request in late:
+            assert request.task is not None
+            self.stats.tasks_timed_out += 1
+            timeout = request.task.timeout_s or 0.0
+            reason = f"attempt {request.attempt} timed out after {timeout:g}s"
+            self._release(worker, request)
+            if worker.dialect is WorkerDialect.ZBW:
+                self.outbox.append([worker.identity, *ext.cancel(request.tid, request.attempt)])
+                self._take_back(request, reason, now, None)
+            else:
+                self._take_back(request, reason, now, None)
+                self._kick(worker, now, f"task {request.tid} timed out")
+                return
+        if late:
+            self._dispatch(worker.service, now)

@@ -1,0 +1,422 @@
+"""zbroker's client protocol for durable tasks (ZBC01).
+
+What a 7/MDP client cannot say: enqueue a durable task (or a batch) and get
+its id back once it is committed, wait for or fetch a task's result by id
+(also from a new connection), ask a task's status, cancel it, list and
+redrive dead letters.
+
+Frames after the ROUTER routing id: ["", "ZBC01", command, meta, payload...].
+`meta` is one msgpack map and always carries `rid`, a number the client picks;
+the broker quotes it in its answer, so one DEALER socket may have many calls
+outstanding. Payload and result frames are never decoded by the broker.
+Pure codec: no sockets, no clock, no broker state.
+
+Calls and their answers (REPLY meta besides `rid`; any call may instead get
+ERROR {rid, code, message}, codes E_* below):
+  ENQUEUE  {service, options, counts?}, payloads
+           -> REPLY {ids: [id, ...], existing?: [index, ...]}   sent after the
+              journal commit that holds the tasks; `existing` lists the tasks
+              whose idempotency key matched a task already stored (its id is given)
+  REQUEST  {service, options}, payload
+           -> REPLY {ids: [id]} once committed, then a second answer to the same
+              rid when the task ends: the RESULT answer below
+  RESULT   {id, wait_s?}
+           -> REPLY {id, state, error?}, result frames when state is "done".
+              A task not finished yet answers with its current state at once,
+              or, with wait_s > 0, when it ends or when wait_s has passed
+  STATUS   {id}           -> REPLY {task: {id, service, state, attempt, max_attempts,
+                              priority, created_at, not_before, expires_at, timeout_s,
+                              key, headers, error, finished_at, keep_until, history}}
+  CANCEL   {id}           -> REPLY {id, state: "cancelled", was: <state before>}
+                             ERROR conflict when the task had already ended
+  DEAD     {service, limit?, after?}
+           -> REPLY {tasks: [{id, seq, attempt, error, created_at, finished_at}], next}
+              `next` is the `after` of the following page, nil on the last one
+  REDRIVE  {service, ids?} -> REPLY {ids: [id, ...]}  dead letters back to READY
+                              with their attempts reset
+States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
+expired. Final states: done, dead, cancelled, expired.
+Options (all optional): priority (int -128..127, higher first), delay_s or
+not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
+(one task) or keys (a batch: one str or nil per task), headers (map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.ext import pack_meta, unpack_meta
+
+ZBC01 = b"ZBC01"
+EMPTY = b""
+
+# Client -> broker commands (one byte).
+ENQUEUE = b"\x01"  # {rid, service, options..., counts?}, payload frames
+REQUEST = b"\x02"  # {rid, service, options...}, payload frames: enqueue and wait
+RESULT = b"\x03"  # {rid, id, wait_s?}
+STATUS = b"\x04"  # {rid, id}
+CANCEL = b"\x05"  # {rid, id}
+DEAD = b"\x06"  # {rid, service, limit?, after?}: list dead letters
+REDRIVE = b"\x07"  # {rid, service, ids?}: dead letters back to the queue
+
+# Broker -> client.
+REPLY = b"\x10"  # {rid, ...}, frames
+ERROR = b"\x11"  # {rid, code, message}
+
+COMMAND_NAMES = {
+    ENQUEUE: "ENQUEUE",
+    REQUEST: "REQUEST",
+    RESULT: "RESULT",
+    STATUS: "STATUS",
+    CANCEL: "CANCEL",
+    DEAD: "DEAD",
+    REDRIVE: "REDRIVE",
+    REPLY: "REPLY",
+    ERROR: "ERROR",
+}
+
+# Error codes the broker answers with (ERROR meta `code`).
+E_BAD_REQUEST = "bad_request"  # the call is malformed or an option is out of range
+E_NOT_FOUND = "not_found"  # no such task (never existed, or its record lapsed)
+E_QUEUE_FULL = "queue_full"  # the service's queue is at its cap: nothing was enqueued
+E_TOO_LARGE = "too_large"  # the message is over the broker's size or frame cap
+E_CONFLICT = "conflict"  # the task is not in a state the call applies to
+E_SHUTTING_DOWN = "shutting_down"  # the broker is stopping: call again after it restarts
+E_UNAVAILABLE = "unavailable"  # the broker cannot take the call now (journal failure)
+E_TOO_MANY_WAITERS = "too_many_waiters"  # too many calls are already waiting for results
+
+MAX_BATCH = 10_000
+MAX_WAIT_S = 24 * 3600.0
+MAX_LIST = 1000
+PRIORITY_MIN = -128
+PRIORITY_MAX = 127
+MAX_ATTEMPTS_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How one task (or every task of a batch) is to be run. All optional."""
+
+    priority: int = 0  # PRIORITY_MIN..PRIORITY_MAX, higher runs first
+    delay_s: float | None = None  # not before now + delay_s
+    not_before: float | None = None  # not before this time (seconds since the epoch)
+    ttl_s: float | None = None  # expire unless started within ttl_s of the enqueue
+    max_attempts: int | None = None  # None: the broker's default
+    timeout_s: float | None = None  # run-time limit of one attempt
+    key: str | None = None  # idempotency key (single task)
+    keys: tuple[str | None, ...] | None = None  # idempotency keys, one per task of a batch
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """ENQUEUE (wait False: one or more tasks) or REQUEST (wait True: one task)."""
+
+    rid: int
+    service: str
+    payloads: tuple[tuple[bytes, ...], ...]
+    options: TaskOptions
+    wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    rid: int
+    id: str
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    rid: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    rid: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    rid: int
+    service: str
+    limit: int = 100
+    after: int | None = None  # `seq` of the last entry of a previous page
+
+
+@dataclass(frozen=True, slots=True)
+class Redrive:
+    rid: int
+    service: str
+    ids: tuple[str, ...] | None = None  # None: every dead letter of the service
+
+
+ClientMessage = Enqueue | Result | Status | Cancel | Dead | Redrive
+
+
+class CallError(ProtocolError):
+    """A well-framed call the broker must refuse with an ERROR reply (the rid is known)."""
+
+    def __init__(self, rid: int, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.rid = rid
+        self.code = code
+        self.message = message
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _number(meta: dict[str, Any], name: str, rid: int, *, minimum: float = 0.0) -> float | None:
+    value = meta.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be a number")
+    if value < minimum:
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be at least {minimum:g}")
+    return float(value)
+
+
+def _int(meta: dict[str, Any], name: str, rid: int, lo: int, hi: int, default: int) -> int:
+    value = meta.get(name, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be an integer {lo}..{hi}")
+    return value
+
+
+def _str(meta: dict[str, Any], name: str, rid: int) -> str:
+    value = meta.get(name)
+    if not isinstance(value, str) or not value:
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be a non-empty string")
+    return value
+
+
+def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
+    max_attempts = meta.get("max_attempts")
+    if max_attempts is not None and (
+        type(max_attempts) is not int or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
+    ):
+        raise CallError(rid, E_BAD_REQUEST, f"'max_attempts' must be 1..{MAX_ATTEMPTS_LIMIT}")
+    key = meta.get("key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise CallError(rid, E_BAD_REQUEST, "'key' must be a non-empty string")
+    keys = meta.get("keys")
+    if keys is not None:
+        if (
+            not isinstance(keys, list)
+            or len(keys) != n_tasks
+            or not all(k is None or (isinstance(k, str) and k) for k in keys)
+        ):
+            raise CallError(rid, E_BAD_REQUEST, "'keys' must list one string or nil per task")
+        if key is not None:
+            raise CallError(rid, E_BAD_REQUEST, "give 'key' or 'keys', not both")
+        keys = tuple(keys)
+    elif key is not None and n_tasks != 1:
+        raise CallError(rid, E_BAD_REQUEST, "'key' is for one task: use 'keys' for a batch")
+    headers = meta.get("headers", {})
+    if not isinstance(headers, dict):
+        raise CallError(rid, E_BAD_REQUEST, "'headers' must be a map")
+    delay_s = _number(meta, "delay_s", rid)
+    not_before = _number(meta, "not_before", rid)
+    if delay_s is not None and not_before is not None:
+        raise CallError(rid, E_BAD_REQUEST, "give 'delay_s' or 'not_before', not both")
+    timeout_s = _number(meta, "timeout_s", rid)
+    if timeout_s is not None and timeout_s <= 0:
+        raise CallError(rid, E_BAD_REQUEST, "'timeout_s' must be positive")
+    return TaskOptions(
+        priority=_int(meta, "priority", rid, PRIORITY_MIN, PRIORITY_MAX, 0),
+        delay_s=delay_s,
+        not_before=not_before,
+        ttl_s=_number(meta, "ttl_s", rid),
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        key=key,
+        keys=keys,
+        headers=headers,
+    )
+
+
+def _split(frames: Sequence[bytes], counts: Any, rid: int) -> tuple[tuple[bytes, ...], ...]:
+    if (
+        not isinstance(counts, list)
+        or not counts
+        or len(counts) > MAX_BATCH
+        or not all(type(c) is int and c >= 0 for c in counts)
+    ):
+        raise CallError(rid, E_BAD_REQUEST, f"'counts' must list 1..{MAX_BATCH} frame counts")
+    if sum(counts) != len(frames):
+        raise CallError(rid, E_BAD_REQUEST, "'counts' does not add up to the payload frames")
+    out = []
+    i = 0
+    for c in counts:
+        out.append(tuple(frames[i : i + c]))
+        i += c
+    return tuple(out)
+
+
+# ------------------------------------------------------------ broker side
+
+
+def decode_client(frames: Sequence[bytes]) -> ClientMessage:
+    """Broker side: frames after the routing id, from a ZBC01 client.
+
+    Raises ProtocolError for a message whose sender cannot be answered (no
+    readable rid), CallError (a ProtocolError with a rid) for a call to refuse."""
+    n = len(frames)
+    if n < 4:
+        raise ProtocolError("missing_frames", "ZBC01 message needs a command and a meta frame")
+    if frames[0]:
+        raise ProtocolError("bad_delimiter", "first frame must be empty")
+    meta = unpack_meta(frames[3])
+    rid = meta.get("rid")
+    if type(rid) is not int:
+        raise ProtocolError("bad_meta", "ZBC01 meta needs an integer 'rid'")
+    command = frames[2]
+    if command in (ENQUEUE, REQUEST):
+        service = _str(meta, "service", rid)
+        body = frames[4:]
+        counts = meta.get("counts")
+        if command == REQUEST:
+            if counts is not None:
+                raise CallError(rid, E_BAD_REQUEST, "REQUEST carries one task: no 'counts'")
+            payloads: tuple[tuple[bytes, ...], ...] = (tuple(body),)
+        elif counts is None:
+            payloads = (tuple(body),)
+        else:
+            payloads = _split(body, counts, rid)
+        options = _options(meta, rid, len(payloads))
+        return Enqueue(rid, service, payloads, options, wait=command == REQUEST)
+    if n != 4:
+        raise CallError(rid, E_BAD_REQUEST, "this command takes no payload frames")
+    if command == RESULT:
+        wait_s = _number(meta, "wait_s", rid) or 0.0
+        return Result(rid, _str(meta, "id", rid), min(wait_s, MAX_WAIT_S))
+    if command == STATUS:
+        return Status(rid, _str(meta, "id", rid))
+    if command == CANCEL:
+        return Cancel(rid, _str(meta, "id", rid))
+    if command == DEAD:
+        after = meta.get("after")
+        if after is not None and type(after) is not int:
+            raise CallError(rid, E_BAD_REQUEST, "'after' must be an integer")
+        limit = _int(meta, "limit", rid, 1, MAX_LIST, 100)
+        return Dead(rid, _str(meta, "service", rid), limit, after)
+    if command == REDRIVE:
+        ids = meta.get("ids")
+        if ids is not None:
+            if (
+                not isinstance(ids, list)
+                or len(ids) > MAX_BATCH
+                or not all(isinstance(i, str) for i in ids)
+            ):
+                raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
+            ids = tuple(ids)
+        return Redrive(rid, _str(meta, "service", rid), ids)
+    raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
+
+
+def reply(rid: int, fields: dict[str, Any], frames: Sequence[bytes] = ()) -> list[bytes]:
+    """Broker -> client: the answer to call `rid` (without the routing id)."""
+    meta = dict(fields)
+    meta["rid"] = rid
+    return [EMPTY, ZBC01, REPLY, pack_meta(meta), *frames]
+
+
+def error(rid: int, code: str, message: str) -> list[bytes]:
+    return [EMPTY, ZBC01, ERROR, pack_meta({"rid": rid, "code": code, "message": message})]
+
+
+# ------------------------------------------------------------ client side
+
+
+def _option_meta(options: TaskOptions) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if options.priority:
+        meta["priority"] = options.priority
+    for name in ("delay_s", "not_before", "ttl_s", "max_attempts", "timeout_s", "key"):
+        value = getattr(options, name)
+        if value is not None:
+            meta[name] = value
+    if options.keys is not None:
+        meta["keys"] = list(options.keys)
+    if options.headers:
+        meta["headers"] = options.headers
+    return meta
+
+
+def enqueue(
+    rid: int,
+    service: str,
+    payloads: Sequence[Sequence[bytes]],
+    options: TaskOptions | None = None,
+    *,
+    batch: bool = False,
+) -> list[bytes]:
+    """ENQUEUE one task (`batch` False: `payloads` holds exactly one) or a batch."""
+    meta = _option_meta(options or TaskOptions())
+    meta["rid"] = rid
+    meta["service"] = service
+    frames: list[bytes] = []
+    if batch:
+        meta["counts"] = [len(p) for p in payloads]
+    elif len(payloads) != 1:
+        raise ValueError("a single ENQUEUE carries exactly one payload")
+    for p in payloads:
+        frames.extend(p)
+    return [EMPTY, ZBC01, ENQUEUE, pack_meta(meta), *frames]
+
+
+def request(
+    rid: int, service: str, payload: Sequence[bytes], options: TaskOptions | None = None
+) -> list[bytes]:
+    meta = _option_meta(options or TaskOptions())
+    meta["rid"] = rid
+    meta["service"] = service
+    return [EMPTY, ZBC01, REQUEST, pack_meta(meta), *payload]
+
+
+def call(command: bytes, rid: int, **fields: Any) -> list[bytes]:
+    """RESULT, STATUS, CANCEL, DEAD or REDRIVE: a meta-only call (None fields left out)."""
+    meta = {k: v for k, v in fields.items() if v is not None}
+    meta["rid"] = rid
+    return [EMPTY, ZBC01, command, pack_meta(meta)]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a client receives: a REPLY (ok) or an ERROR (code, message), for call `rid`."""
+
+    rid: int
+    ok: bool
+    meta: dict[str, Any]
+    frames: tuple[bytes, ...] = ()
+
+    @property
+    def code(self) -> str:
+        return str(self.meta.get("code", ""))
+
+    @property
+    def message(self) -> str:
+        return str(self.meta.get("message", ""))
+
+
+def decode_answer(frames: Sequence[bytes]) -> Answer:
+    """Client side: what a DEALER receives (empty, ZBC01, REPLY|ERROR, meta, frames...)."""
+    if len(frames) < 4 or frames[0] or frames[1] != ZBC01:
+        raise ProtocolError("bad_header", "not a ZBC01 answer")
+    meta = unpack_meta(frames[3])
+    rid = meta.get("rid")
+    if type(rid) is not int:
+        raise ProtocolError("bad_meta", "ZBC01 answer without an integer 'rid'")
+    command = frames[2]
+    if command == REPLY:
+        return Answer(rid, True, meta, tuple(frames[4:]))
+    if command == ERROR:
+        return Answer(rid, False, meta)
+    raise ProtocolError("unknown_command", f"unexpected ZBC01 command {command[:8]!r}")
