@@ -1,0 +1,465 @@
+"""Durable tasks in the core: ZBC01 calls against a real journal, time moved by hand.
+
+Every test runs against the in-memory journal and the LMDB store: the core must
+not depend on which one it is handed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.core_script import EPOCH, CoreScript
+from zbroker.core import CoreSettings
+from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
+from zbroker.protocol import ext, mdp, zbc
+
+SETTINGS = CoreSettings(
+    heartbeat_interval_s=1.0,
+    heartbeat_liveness=3,
+    ack_timeout_s=2.0,
+    default_max_attempts=3,
+    retry_base_s=1.0,
+    retry_max_s=8.0,
+    retention_s=100.0,
+    seed=7,
+)
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
+    j: Journal = (
+        MemoryJournal()
+        if request.param == "memory"
+        else open_journal(Durability.ASYNC, tmp_path / "data")
+    )
+    yield j
+    j.close()
+
+
+class Script(CoreScript):
+    def __init__(self, journal: Journal, settings: CoreSettings = SETTINGS) -> None:
+        super().__init__(settings, journal)
+        self.journal = journal
+        self.rid = 0
+
+    def send(self, peer: bytes, frames: list[bytes]) -> None:
+        self.broker.receive([peer, *frames], self.now)
+        self.journal.commit()  # as the runtime does at the end of each pass
+
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        self.journal.commit()
+
+    # --- client side
+    def call(self, cid: bytes, frames: list[bytes]) -> zbc.Answer:
+        """Send a call and return the (first) answer to it."""
+        self.send(cid, frames)
+        answers = self.answers(cid)
+        assert answers, "no answer"
+        return answers[0]
+
+    def answers(self, cid: bytes) -> list[zbc.Answer]:
+        return [zbc.decode_answer(f[1:]) for f in self.sent_to(cid)]
+
+    def sent_to(self, peer: bytes) -> list[list[bytes]]:
+        out = self.broker.outbox
+        mine = [f for f in out if f[0] == peer]
+        self.broker.outbox = [f for f in out if f[0] != peer]
+        return mine
+
+    def next_rid(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def enqueue(self, service: str, payload: bytes = b"x", **options: Any) -> str:
+        answer = self.call(
+            b"C",
+            zbc.enqueue(self.next_rid(), service, [[payload]], zbc.TaskOptions(**options)),
+        )
+        assert answer.ok, answer.meta
+        task_id: str = answer.meta["ids"][0]
+        return task_id
+
+    def state(self, task_id: str) -> TaskState:
+        record = self.journal.get(task_id)
+        assert record is not None
+        return record.state
+
+    def advance_alive(self, seconds: float, *workers: bytes) -> None:
+        """Move time in 0.5 s steps, the given workers heartbeating at every step."""
+        while seconds > 1e-9:
+            step = min(0.5, seconds)
+            self.advance(step)
+            seconds -= step
+            for wid in workers:
+                self.send(wid, ext.heartbeat())
+
+    # --- worker side
+    def zready(self, wid: bytes, service: str, credit: int) -> None:
+        self.send(wid, ext.ready(service, credit))
+
+    def tasks_to(self, peer: bytes) -> list[tuple[str, int, bytes, dict[str, Any]]]:
+        """(id, attempt, payload, meta) of every TASK sent to `peer` since the last call."""
+        found = []
+        for frames in self.sent_to(peer):
+            if frames[2:4] == [ext.ZBW01, ext.TASK]:
+                meta = ext.unpack_meta(frames[4])
+                found.append((meta["id"], meta["attempt"], b"".join(frames[5:]), meta))
+        return found
+
+    def cancels_to(self, peer: bytes) -> list[tuple[str, int]]:
+        return [
+            (m["id"], m["attempt"])
+            for f in self.sent_to(peer)
+            if f[2:4] == [ext.ZBW01, ext.CANCEL]
+            for m in [ext.unpack_meta(f[4])]
+        ]
+
+
+def test_enqueue_is_stored_delivered_within_credit_and_its_result_kept(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", b"hello", headers={"correlation_id": "c1"}, timeout_s=30)
+    assert s.state(task_id) is TaskState.READY
+    s.zready(b"W", "svc", 1)
+    ((tid, attempt, payload, meta),) = s.tasks_to(b"W")
+    assert (tid, attempt, payload) == (task_id, 1, b"hello")
+    assert meta["headers"] == {"correlation_id": "c1"} and meta["timeout_s"] == 30
+    assert s.state(task_id) is TaskState.INFLIGHT
+    s.send(b"W", ext.ack([(tid, 1)]))
+    s.send(b"W", ext.done(tid, 1, [b"HELLO", b"!"]))
+    record = journal.get(task_id)
+    assert record is not None and record.state is TaskState.DONE
+    assert record.keep_until == pytest.approx(record.finished_at + 100.0)  # type: ignore[operator]
+    answer = s.call(b"C2", zbc.call(zbc.RESULT, 9, id=task_id))
+    assert answer.ok and answer.meta["state"] == "done" and answer.frames == (b"HELLO", b"!")
+    assert s.broker.stats.tasks_done == 1
+
+
+def test_a_batch_is_one_enqueue_and_credit_bounds_delivery(journal: Journal) -> None:
+    s = Script(journal)
+    answer = s.call(b"C", zbc.enqueue(1, "svc", [[b"%d" % i] for i in range(5)], batch=True))
+    assert answer.ok and len(answer.meta["ids"]) == 5 and len(set(answer.meta["ids"])) == 5
+    s.zready(b"W", "svc", 2)
+    assert [t[2] for t in s.tasks_to(b"W")] == [b"0", b"1"]
+    s.send(b"W", ext.done(answer.meta["ids"][0], 1, [b"r"]))
+    assert [t[2] for t in s.tasks_to(b"W")] == [b"2"]
+
+
+def test_request_is_confirmed_then_answered_with_the_result(journal: Journal) -> None:
+    s = Script(journal)
+    s.send(b"C", zbc.request(4, "svc", [b"q"]))
+    (accepted,) = s.answers(b"C")
+    assert accepted.rid == 4 and "state" not in accepted.meta
+    (task_id,) = accepted.meta["ids"]
+    s.zready(b"W", "svc", 1)
+    s.tasks_to(b"W")
+    s.send(b"W", ext.done(task_id, 1, [b"a"]))
+    (final,) = s.answers(b"C")
+    assert final.rid == 4 and final.meta == {"rid": 4, "id": task_id, "state": "done"}
+    assert final.frames == (b"a",)
+
+
+def test_priorities_first_then_enqueue_order_with_a_small_window(journal: Journal) -> None:
+    # A window of 4 with 60 tasks: most of the queue stays in the journal, and
+    # tasks keep arriving while others are delivered.
+    s = Script(journal, CoreSettings(window_per_service=4, seed=1))
+    rng = random.Random(3)
+    expected: list[tuple[int, int, str]] = []
+    for n in range(40):
+        prio = rng.choice([-5, 0, 0, 3, 9])
+        expected.append((-prio, n, s.enqueue("svc", b"%d" % n, priority=prio)))
+    assert len(s.broker.services[b"svc"].window) <= 4
+    s.zready(b"W", "svc", 1)
+    delivered = []
+    for n in range(40, 60):
+        ((tid, attempt, _, _),) = s.tasks_to(b"W")
+        delivered.append(tid)
+        prio = rng.choice([-5, 0, 3, 9])
+        expected.append((-prio, n, s.enqueue("svc", b"%d" % n, priority=prio)))
+        s.send(b"W", ext.done(tid, attempt, []))
+    while True:
+        sent = s.tasks_to(b"W")
+        if not sent:
+            break
+        ((tid, attempt, _, _),) = sent
+        delivered.append(tid)
+        s.send(b"W", ext.done(tid, attempt, []))
+    assert len(delivered) == 60 and len(set(delivered)) == 60
+    # The tasks delivered after the last enqueue come in exact priority/FIFO order.
+    tail = delivered[20:]
+    order = {tid: (p, n) for p, n, tid in expected}
+    assert tail == sorted(tail, key=order.__getitem__)
+    assert len(s.broker.services[b"svc"].window) <= 4
+
+
+def test_delay_and_not_before_hold_a_task_in_the_journal(journal: Journal) -> None:
+    s = Script(journal)
+    s.zready(b"W", "svc", 5)
+    late = s.enqueue("svc", b"late", delay_s=5.0)
+    later = s.enqueue("svc", b"later", not_before=EPOCH + 8.0)
+    assert s.state(late) is TaskState.DELAYED and s.state(later) is TaskState.DELAYED
+    s.advance_alive(4.9, b"W")
+    assert s.tasks_to(b"W") == []
+    s.advance_alive(0.2, b"W")
+    assert [t[0] for t in s.tasks_to(b"W")] == [late]
+    s.send(b"W", ext.ack([(late, 1)]))
+    s.advance_alive(3.0, b"W")
+    assert [t[0] for t in s.tasks_to(b"W")] == [later]
+
+
+def test_ttl_expires_a_task_that_did_not_start_in_time(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", ttl_s=2.0)
+    s.advance(2.5)
+    assert s.state(task_id) is TaskState.EXPIRED
+    answer = s.call(b"C", zbc.call(zbc.RESULT, 5, id=task_id))
+    assert answer.meta["state"] == "expired" and "ttl" in answer.meta["error"]
+    s.zready(b"W", "svc", 1)
+    assert s.tasks_to(b"W") == []
+    assert s.broker.stats.tasks_expired == 1
+
+
+def test_idempotency_key_returns_the_existing_task(journal: Journal) -> None:
+    s = Script(journal)
+    first = s.enqueue("svc", key="k1")
+    answer = s.call(b"C", zbc.enqueue(2, "svc", [[b"x"]], zbc.TaskOptions(key="k1")))
+    assert answer.meta["ids"] == [first] and answer.meta["existing"] == [0]
+    batch = s.call(
+        b"C",
+        zbc.enqueue(
+            3, "svc", [[b"a"], [b"b"], [b"c"]], zbc.TaskOptions(keys=("k1", None, "k2")), batch=True
+        ),
+    )
+    ids = batch.meta["ids"]
+    assert ids[0] == first and batch.meta["existing"] == [0] and len(set(ids)) == 3
+    # The same key on another service is another task.
+    assert s.enqueue("other", key="k1") != first
+    assert s.broker.stats.tasks_deduplicated == 2
+
+
+def test_failure_retries_with_backoff_then_dead_letters_and_redrives(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", max_attempts=2)
+    s.zready(b"W", "svc", 1)
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    s.send(b"W", ext.fail(tid, attempt, "boom"))
+    record = journal.get(task_id)
+    assert record is not None and record.state is TaskState.DELAYED
+    # Equal jitter around base 1 s: between 0.5 and 1 s after the failure.
+    assert EPOCH + 0.5 <= record.not_before <= EPOCH + 1.0
+    s.advance_alive(1.01, b"W")
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    assert attempt == 2
+    s.send(b"W", ext.fail(tid, attempt, "boom again"))
+    assert s.state(task_id) is TaskState.DEAD
+    dead = s.call(b"C", zbc.call(zbc.DEAD, 7, service="svc"))
+    assert [t["id"] for t in dead.meta["tasks"]] == [task_id] and dead.meta["next"] is None
+    assert dead.meta["tasks"][0]["error"] == "boom again"
+    redriven = s.call(b"C", zbc.call(zbc.REDRIVE, 8, service="svc"))
+    assert redriven.meta["ids"] == [task_id]
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    assert (tid, attempt) == (task_id, 1)
+
+
+def test_fail_delay_wins_and_non_retryable_dead_letters_at_once(journal: Journal) -> None:
+    s = Script(journal)
+    a = s.enqueue("svc")
+    b = s.enqueue("svc")
+    s.zready(b"W", "svc", 2)
+    s.tasks_to(b"W")
+    s.send(b"W", ext.fail(a, 1, "later", delay_s=7.0))
+    s.send(b"W", ext.fail(b, 1, "bad input", retry=False))
+    record = journal.get(a)
+    assert record is not None and record.not_before == pytest.approx(EPOCH + 7.0)
+    assert s.state(b) is TaskState.DEAD
+
+
+def test_a_waiting_requester_hears_about_a_dead_letter(journal: Journal) -> None:
+    s = Script(journal)
+    s.send(b"C", zbc.request(1, "svc", [b"x"], zbc.TaskOptions(max_attempts=1)))
+    (accepted,) = s.answers(b"C")
+    s.zready(b"W", "svc", 1)
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    s.send(b"W", ext.fail(tid, attempt, "no luck"))
+    (final,) = s.answers(b"C")
+    assert final.meta["state"] == "dead" and final.meta["error"] == "no luck"
+
+
+def test_an_attempt_past_its_timeout_is_cancelled_and_retried(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", timeout_s=1.5)
+    s.zready(b"W", "svc", 1)
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    s.send(b"W", ext.ack([(tid, attempt)]))
+    s.advance(1.0)
+    s.send(b"W", ext.heartbeat())
+    s.advance(0.6)
+    assert (task_id, 1) in s.cancels_to(b"W")
+    assert s.state(task_id) is TaskState.DELAYED
+    s.send(b"W", ext.done(task_id, 1, [b"too late"]))  # fenced: refused
+    assert s.broker.stats.stale_refused == 1 and s.broker.stats.tasks_timed_out == 1
+    s.advance_alive(1.1, b"W")
+    ((tid, attempt, _, _),) = s.tasks_to(b"W")
+    assert (tid, attempt) == (task_id, 2)
+
+
+def test_a_slow_live_worker_keeps_its_acknowledged_task(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc")
+    s.zready(b"W", "svc", 1)
+    s.tasks_to(b"W")
+    s.send(b"W", ext.ack([(task_id, 1)]))
+    for _ in range(20):  # ten times the ack timeout, heartbeating all along
+        s.advance(1.0)
+        s.send(b"W", ext.heartbeat())
+    assert s.state(task_id) is TaskState.INFLIGHT and s.cancels_to(b"W") == []
+    s.send(b"W", ext.done(task_id, 1, [b"ok"]))
+    assert s.state(task_id) is TaskState.DONE
+
+
+def test_dead_worker_task_goes_to_another_worker_and_last_attempt_dead_letters(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", max_attempts=2)
+    s.zready(b"W1", "svc", 1)
+    s.tasks_to(b"W1")
+    s.zready(b"W2", "svc", 1)
+    s.send(b"W1", ext.disconnect())
+    ((tid, attempt, _, _),) = s.tasks_to(b"W2")
+    assert (tid, attempt) == (task_id, 2)
+    s.send(b"W2", ext.ack([(tid, attempt)]))
+    s.advance(3.5)  # W2 silent for 3 intervals: dead, on the last attempt
+    assert s.state(task_id) is TaskState.DEAD
+    record = journal.get(task_id)
+    assert record is not None and "gone" in (record.error or "")
+
+
+def test_unacknowledged_task_is_taken_back(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc")
+    s.zready(b"W", "svc", 1)
+    s.tasks_to(b"W")
+    s.advance(1.0)
+    s.send(b"W", ext.heartbeat())
+    s.advance(1.1)
+    frames = s.sent_to(b"W")
+    commands = [(f[3], ext.unpack_meta(f[4])) for f in frames if len(f) > 4]
+    # CANCEL of attempt 1, and (credit free again) attempt 2 at once.
+    assert [(c, m["id"], m["attempt"]) for c, m in commands] == [
+        (ext.CANCEL, task_id, 1),
+        (ext.TASK, task_id, 2),
+    ]
+
+
+def test_cancel_a_queued_task_and_a_running_one(journal: Journal) -> None:
+    s = Script(journal)
+    queued = s.enqueue("svc", b"q", priority=-1)
+    running = s.enqueue("svc", b"r")
+    s.zready(b"W", "svc", 1)
+    ((tid, _, _, _),) = s.tasks_to(b"W")
+    assert tid == running
+    answer = s.call(b"C", zbc.call(zbc.CANCEL, 3, id=queued))
+    assert answer.meta == {"rid": 3, "id": queued, "state": "cancelled", "was": "ready"}
+    answer = s.call(b"C", zbc.call(zbc.CANCEL, 4, id=running))
+    assert answer.meta["was"] == "inflight"
+    assert s.cancels_to(b"W") == [(running, 1)]
+    s.send(b"W", ext.done(running, 1, [b"late"]))
+    assert s.state(running) is TaskState.CANCELLED and s.state(queued) is TaskState.CANCELLED
+    again = s.call(b"C", zbc.call(zbc.CANCEL, 5, id=running))
+    assert not again.ok and again.code == zbc.E_CONFLICT
+    assert s.tasks_to(b"W") == []  # the cancelled queued task is never delivered
+
+
+def test_recovery_requeues_in_flight_tasks_with_their_attempt_counted(journal: Journal) -> None:
+    s = Script(journal)
+    a = s.enqueue("svc", b"a")
+    b = s.enqueue("svc", b"b")
+    c = s.enqueue("svc", b"c", delay_s=30)
+    s.zready(b"W", "svc", 1)
+    s.tasks_to(b"W")
+    s.restart(journal)  # the old core is gone as if killed; the journal is what was committed
+    journal.commit()
+    assert s.state(a) is TaskState.READY and s.state(c) is TaskState.DELAYED
+    assert s.broker.stats.tasks_recovered == 1
+    s.zready(b"W2", "svc", 2)
+    sent = s.tasks_to(b"W2")
+    assert [(t[0], t[1]) for t in sent] == [(a, 2), (b, 1)]
+    s.send(b"W2", ext.ack([(a, 2), (b, 1)]))
+    s.advance_alive(31, b"W2")
+    assert [t[0] for t in s.tasks_to(b"W2")] == []  # no credit left
+    s.send(b"W2", ext.done(a, 2, []))
+    assert [t[0] for t in s.tasks_to(b"W2")] == [c]
+
+
+def test_result_wait_answers_when_done_or_with_the_state_when_the_wait_ends(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    a = s.enqueue("svc")
+    s.send(b"C", zbc.call(zbc.RESULT, 1, id=a, wait_s=5.0))
+    assert s.answers(b"C") == []
+    s.advance(5.1)
+    (answer,) = s.answers(b"C")
+    assert answer.meta == {"rid": 1, "id": a, "state": "ready"}
+    s.send(b"C", zbc.call(zbc.RESULT, 2, id=a, wait_s=5.0))
+    s.zready(b"W", "svc", 1)
+    s.send(b"W", ext.done(a, 1, [b"r"]))
+    (answer,) = s.answers(b"C")
+    assert answer.rid == 2 and answer.frames == (b"r",)
+
+
+def test_stock_mdp_worker_serves_durable_tasks(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", b"job")
+    s.send(b"M", mdp.worker_ready(b"svc"))
+    (req,) = [f for f in s.sent_to(b"M") if f[3] == mdp.REQUEST]
+    client = req[4]
+    assert req[6:] == [b"job"]
+    s.send(b"M", mdp.worker_reply(client, (b"done",)))
+    assert s.state(task_id) is TaskState.DONE
+
+
+def test_refusals_carry_a_readable_error(journal: Journal) -> None:
+    s = Script(journal, CoreSettings(max_tasks_per_service=2))
+    s.enqueue("svc")
+    full = s.call(b"C", zbc.enqueue(2, "svc", [[b"a"], [b"b"]], batch=True))
+    assert not full.ok and full.code == zbc.E_QUEUE_FULL and "cap 2" in full.message
+    assert journal.counts()["svc"][TaskState.READY] == 1  # nothing of the batch was kept
+    bad = s.call(b"C", zbc.enqueue(3, "svc", [[b"a"]], zbc.TaskOptions(priority=500)))
+    assert bad.code == zbc.E_BAD_REQUEST and "priority" in bad.message
+    missing = s.call(b"C", zbc.call(zbc.STATUS, 4, id="t999"))
+    assert missing.code == zbc.E_NOT_FOUND
+    reserved = s.call(b"C", zbc.enqueue(5, "mmi.x", [[b"a"]]))
+    assert reserved.code == zbc.E_BAD_REQUEST
+    s.send(b"C", [b"", zbc.ZBC01, zbc.STATUS, b"\xc1"])  # no readable rid: dropped, counted
+    assert s.answers(b"C") == [] and s.broker.stats.malformed_total == 1
+
+
+def test_oversized_call_gets_too_large(journal: Journal) -> None:
+    s = Script(journal, CoreSettings(max_message_bytes=1000))
+    answer = s.call(b"C", zbc.enqueue(1, "svc", [[b"x" * 2000]]))
+    assert answer.code == zbc.E_TOO_LARGE
+
+
+def test_status_shows_the_record_and_its_history(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc", priority=3, key="k")
+    s.zready(b"W", "svc", 1)
+    answer = s.call(b"C", zbc.call(zbc.STATUS, 1, id=task_id))
+    task = answer.meta["task"]
+    assert task["state"] == "inflight" and task["priority"] == 3 and task["key"] == "k"
+    assert [h[0] for h in task["history"]] == ["enqueued", "attempt"]
+    assert task["history"][1][3] == b"W".hex()
+
+
+def test_no_journal_means_calls_are_refused_not_dropped() -> None:
+    s = CoreScript(SETTINGS)
+    s.broker.receive([b"C", *zbc.enqueue(1, "svc", [[b"x"]])], 0.0)
+    ((peer, *frames),) = s.sent()
+    assert peer == b"C" and zbc.decode_answer(frames).code == zbc.E_UNAVAILABLE
