@@ -283,6 +283,7 @@ def test_a_waiting_requester_hears_about_a_dead_letter(journal: Journal) -> None
     s = Script(journal)
     s.send(b"C", zbc.request(1, "svc", [b"x"], zbc.TaskOptions(max_attempts=1)))
     (accepted,) = s.answers(b"C")
+    assert accepted.ok and "state" not in accepted.meta
     s.zready(b"W", "svc", 1)
     ((tid, attempt, _, _),) = s.tasks_to(b"W")
     s.send(b"W", ext.fail(tid, attempt, "no luck"))

@@ -1,0 +1,243 @@
+"""Recovery on real processes: a broker killed with SIGKILL, workers killed mid-task,
+slow workers, poison tasks. The producer speaks raw ZBC01 frames so these tests
+depend on nothing but the wire protocol and the journal.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tests.conftest import ROOT, BrokerProcess, wait_until
+from zbroker.protocol import zbc
+
+
+class RawClient:
+    """A ZBC01 caller on a DEALER; after a timeout it starts over on a fresh socket."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket[bytes] | None = None
+        self.rid = 0
+
+    def call(self, make: Callable[[int], list[bytes]], timeout_s: float = 1.0) -> zbc.Answer | None:
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.DEALER)
+            self.sock.linger = 0
+            self.sock.connect(self.endpoint)
+        self.rid += 1
+        rid = self.rid
+        self.sock.send_multipart(make(rid))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
+            answer = zbc.decode_answer(self.sock.recv_multipart())
+            if answer.rid == rid:
+                return answer
+        self.sock.close(linger=0)
+        self.sock = None
+        return None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def lines(self) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [line.split() for line in self.log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(broker: BrokerProcess, service: str, concurrency: int = 1) -> WorkerProcess:
+        log = tmp_path / f"worker{len(started)}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.recovery.task_worker",
+                broker.endpoint,
+                service,
+                str(log),
+                str(concurrency),
+            ],
+            cwd=ROOT,
+        )
+        w = WorkerProcess(proc, log)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+            try:
+                w.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(10)
+
+
+def enqueue(client: RawClient, service: str, payload: str, **options: object) -> str | None:
+    answer = client.call(
+        lambda rid: zbc.enqueue(rid, service, [[payload.encode()]], zbc.TaskOptions(**options))  # type: ignore[arg-type]
+    )
+    if answer is None:
+        return None
+    assert answer.ok, answer.meta
+    task_id: str = answer.meta["ids"][0]
+    return task_id
+
+
+def test_sigkill_of_the_broker_under_load_loses_no_confirmed_task(
+    broker_factory: Callable[..., BrokerProcess],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    broker = broker_factory()  # sync durability, the default
+    pool = [workers(broker, "jobs", concurrency=4) for _ in range(2)]
+    total = 400
+    confirmed: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def produce() -> None:
+        client = RawClient(broker.endpoint)
+        try:
+            for i in range(total):
+                payload = f"p{i}"
+                # The same key on every retry: an answer lost in the crash never
+                # turns into a second task.
+                while (task_id := enqueue(client, "jobs", payload, key=payload)) is None:
+                    pass
+                confirmed[payload] = task_id
+        except BaseException as exc:  # surfaced by the main thread
+            failures.append(exc)
+        finally:
+            client.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    wait_until(lambda: len(confirmed) >= total // 3, timeout_s=60)
+    broker.kill()
+    killed_at = time.time()
+    time.sleep(0.3)
+    broker.start()  # same ports, same data directory
+    producer.join(120)
+    assert not producer.is_alive() and not failures, failures
+    assert len(confirmed) == total
+
+    def done() -> dict[str, list[list[str]]]:
+        seen: dict[str, list[list[str]]] = defaultdict(list)
+        for w in pool:
+            for line in w.lines():
+                if line[0] == "done":
+                    seen[line[3]].append(line)
+        return seen
+
+    wait_until(lambda: set(done()) >= set(confirmed), timeout_s=60)
+    finished = done()
+    # Each confirmed payload ran, under the id its enqueue returned.
+    for payload, task_id in confirmed.items():
+        assert {line[1] for line in finished[payload]} == {task_id}
+    # Duplicates only come from tasks that were running when the broker died.
+    duplicated = {p: lines for p, lines in finished.items() if len(lines) > 1}
+    for payload, lines in duplicated.items():
+        assert float(lines[0][4]) <= killed_at + 1.0, (payload, lines)
+    assert len(duplicated) <= 8  # at most what the workers' credit let them hold
+
+
+def test_a_worker_killed_mid_task_has_its_task_redelivered(
+    broker: BrokerProcess, workers: Callable[..., WorkerProcess]
+) -> None:
+    victim = workers(broker, "slow")
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "sleep:30")
+    assert task_id is not None
+    wait_until(lambda: any(line[0] == "start" for line in victim.lines()), timeout_s=20)
+    victim.proc.kill()
+    victim.proc.wait(10)
+    rescuer = workers(broker, "slow")
+    wait_until(lambda: any(line[0] == "start" for line in rescuer.lines()), timeout_s=20)
+    (start,) = [line for line in rescuer.lines() if line[0] == "start"]
+    assert start[1:3] == [task_id, "2"]
+    status = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id))
+    assert status is not None and status.meta["task"]["state"] == "inflight"
+    client.close()
+
+
+def test_a_slow_but_alive_worker_keeps_its_task_past_the_ack_timeout(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    broker = broker_factory("--ack-timeout", "0.3")
+    worker = workers(broker, "slow")
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "sleep:2")
+    assert task_id is not None
+    result = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=task_id, wait_s=20), 25)
+    assert result is not None and result.meta["state"] == "done"
+    assert result.frames == (b"SLEEP:2",)
+    assert [line[:3] for line in worker.lines() if line[0] == "start"] == [["start", task_id, "1"]]
+    client.close()
+
+
+def test_a_poison_task_ends_in_the_dead_letter_queue(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    broker = broker_factory("--retry-base", "0.05", "--max-attempts", "3")
+    worker = workers(broker, "jobs")
+    client = RawClient(broker.endpoint)
+    poison = enqueue(client, "jobs", "poison")
+    fine = enqueue(client, "jobs", "fine")
+    result = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=poison, wait_s=20), 25)
+    assert result is not None and result.meta["state"] == "dead"
+    assert "poison task" in result.meta["error"]
+    attempts = [line[2] for line in worker.lines() if line[0] == "start" and line[1] == poison]
+    assert attempts == ["1", "2", "3"]
+    dead = client.call(lambda rid: zbc.call(zbc.DEAD, rid, service="jobs"))
+    assert dead is not None and [t["id"] for t in dead.meta["tasks"]] == [poison]
+    ok = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=fine, wait_s=20), 25)
+    assert ok is not None and ok.meta["state"] == "done"
+    client.close()
+
+
+def test_delays_and_results_survive_a_restart(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    broker = broker_factory()
+    client = RawClient(broker.endpoint)
+    delayed = enqueue(client, "jobs", "later", delay_s=1.5)
+    now = enqueue(client, "jobs", "now")
+    worker = workers(broker, "jobs")
+    result = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=now, wait_s=20), 25)
+    assert result is not None and result.meta["state"] == "done"
+    broker.kill()
+    broker.start()
+    status = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=delayed), 5)
+    assert status is not None and status.meta["task"]["state"] == "delayed"
+    # The result is still there for a requester coming back after the restart.
+    again = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=now), 5)
+    assert again is not None and again.frames == (b"NOW",)
+    later = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=delayed, wait_s=20), 25)
+    assert later is not None and later.meta["state"] == "done"
+    assert any(line[0] == "done" and line[3] == "later" for line in worker.lines())
+    client.close()
