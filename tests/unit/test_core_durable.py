@@ -464,3 +464,18 @@ def test_no_journal_means_calls_are_refused_not_dropped() -> None:
     s.broker.receive([b"C", *zbc.enqueue(1, "svc", [[b"x"]])], 0.0)
     ((peer, *frames),) = s.sent()
     assert peer == b"C" and zbc.decode_answer(frames).code == zbc.E_UNAVAILABLE
+
+
+def test_request_wait_runs_out_with_the_state_then_result_fetches_it(journal: Journal) -> None:
+    s = Script(journal)
+    s.send(b"C", zbc.request(1, "svc", [b"x"], wait_s=2.0))
+    (accepted,) = s.answers(b"C")
+    (task_id,) = accepted.meta["ids"]
+    s.advance(2.1)
+    (pending,) = s.answers(b"C")
+    assert pending.meta == {"rid": 1, "id": task_id, "state": "ready"}
+    s.zready(b"W", "svc", 1)
+    s.send(b"W", ext.done(task_id, 1, [b"late but kept"]))
+    assert s.answers(b"C") == []  # that call was answered already
+    answer = s.call(b"C", zbc.call(zbc.RESULT, 2, id=task_id))
+    assert answer.frames == (b"late but kept",)

@@ -254,7 +254,8 @@ class DurableTasks:
         if not_before > epoch:
             self._schedule_due(now)
         if msg.wait:
-            self._wait(identity, msg.rid, ids[0], now + self.settings.request_wait_s)
+            wait_s = self.settings.request_wait_s if msg.wait_s is None else msg.wait_s
+            self._wait(identity, msg.rid, ids[0], now + wait_s)
         if service.ready:
             self._dispatch(service, now)
 

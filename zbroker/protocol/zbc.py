@@ -17,7 +17,7 @@ ERROR {rid, code, message}, codes E_* below):
            -> REPLY {ids: [id, ...], existing?: [index, ...]}   sent after the
               journal commit that holds the tasks; `existing` lists the tasks
               whose idempotency key matched a task already stored (its id is given)
-  REQUEST  {service, options}, payload
+  REQUEST  {service, wait_s?, options}, payload
            -> REPLY {ids: [id]} once committed, then a second answer to the same
               rid when the task ends: the RESULT answer below
   RESULT   {id, wait_s?}
@@ -43,6 +43,7 @@ not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,7 @@ class Enqueue:
     payloads: tuple[tuple[bytes, ...], ...]
     options: TaskOptions
     wait: bool = False
+    wait_s: float | None = None  # REQUEST: how long to hold the call for the result
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +178,8 @@ def _number(meta: dict[str, Any], name: str, rid: int, *, minimum: float = 0.0) 
     value = meta.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be a number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be a finite number")
     if value < minimum:
         raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be at least {minimum:g}")
     return float(value)
@@ -291,7 +293,12 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         else:
             payloads = _split(body, counts, rid)
         options = _options(meta, rid, len(payloads))
-        return Enqueue(rid, service, payloads, options, wait=command == REQUEST)
+        if command == REQUEST:
+            wait_s = _number(meta, "wait_s", rid)
+            if wait_s is not None:
+                wait_s = min(wait_s, MAX_WAIT_S)
+            return Enqueue(rid, service, payloads, options, wait=True, wait_s=wait_s)
+        return Enqueue(rid, service, payloads, options)
     if n != 4:
         raise CallError(rid, E_BAD_REQUEST, "this command takes no payload frames")
     if command == RESULT:
@@ -373,11 +380,19 @@ def enqueue(
 
 
 def request(
-    rid: int, service: str, payload: Sequence[bytes], options: TaskOptions | None = None
+    rid: int,
+    service: str,
+    payload: Sequence[bytes],
+    options: TaskOptions | None = None,
+    wait_s: float | None = None,
 ) -> list[bytes]:
+    """REQUEST: enqueue one task and have the broker hold the call for its result
+    (up to `wait_s`; None: the broker's default)."""
     meta = _option_meta(options or TaskOptions())
     meta["rid"] = rid
     meta["service"] = service
+    if wait_s is not None:
+        meta["wait_s"] = wait_s
     return [EMPTY, ZBC01, REQUEST, pack_meta(meta), *payload]
 
 

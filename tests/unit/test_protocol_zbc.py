@@ -1,0 +1,128 @@
+"""The ZBC01 codec: what clients send round-trips; anything else is a ProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zbroker.protocol import zbc
+from zbroker.protocol.errors import ProtocolError
+
+frames_st = st.lists(st.binary(max_size=20), max_size=5)
+
+
+@given(st.lists(frames_st, min_size=1, max_size=6), st.integers(-128, 127))
+def test_batch_enqueue_round_trip(payloads: list[list[bytes]], priority: int) -> None:
+    options = zbc.TaskOptions(priority=priority, ttl_s=3.5, headers={"reply_to": "x"})
+    msg = zbc.decode_client(zbc.enqueue(7, "svc", payloads, options, batch=True))
+    assert isinstance(msg, zbc.Enqueue)
+    assert msg.rid == 7 and msg.service == "svc" and not msg.wait
+    assert msg.payloads == tuple(tuple(p) for p in payloads)
+    assert msg.options == options
+
+
+def test_single_enqueue_and_request_carry_every_option() -> None:
+    options = zbc.TaskOptions(
+        priority=-3, delay_s=2.0, ttl_s=9.0, max_attempts=5, timeout_s=1.5, key="k", headers={}
+    )
+    msg = zbc.decode_client(zbc.enqueue(1, "svc", [[b"a", b"b"]], options))
+    assert isinstance(msg, zbc.Enqueue) and msg.payloads == ((b"a", b"b"),)
+    assert msg.options == options
+    req = zbc.decode_client(zbc.request(2, "svc", [b"q"], wait_s=4.0))
+    assert isinstance(req, zbc.Enqueue) and req.wait and req.wait_s == 4.0
+
+
+@pytest.mark.parametrize(
+    ("command", "fields", "expected"),
+    [
+        (zbc.RESULT, {"id": "t1", "wait_s": 2}, zbc.Result(3, "t1", 2.0)),
+        (zbc.STATUS, {"id": "t1"}, zbc.Status(3, "t1")),
+        (zbc.CANCEL, {"id": "t1"}, zbc.Cancel(3, "t1")),
+        (zbc.DEAD, {"service": "s", "limit": 5, "after": 9}, zbc.Dead(3, "s", 5, 9)),
+        (zbc.REDRIVE, {"service": "s", "ids": ["a"]}, zbc.Redrive(3, "s", ("a",))),
+        (zbc.REDRIVE, {"service": "s"}, zbc.Redrive(3, "s", None)),
+    ],
+)
+def test_calls_round_trip(command: bytes, fields: dict[str, object], expected: object) -> None:
+    assert zbc.decode_client(zbc.call(command, 3, **fields)) == expected
+
+
+@pytest.mark.parametrize(
+    ("meta", "frames", "needle"),
+    [
+        ({"service": "s", "priority": 128}, [b"x"], "priority"),
+        ({"service": "s", "priority": True}, [b"x"], "priority"),
+        ({"service": ""}, [b"x"], "service"),
+        ({"service": "s", "delay_s": -1}, [b"x"], "delay_s"),
+        ({"service": "s", "delay_s": 1, "not_before": 5}, [b"x"], "not both"),
+        ({"service": "s", "timeout_s": 0}, [b"x"], "timeout_s"),
+        ({"service": "s", "max_attempts": 0}, [b"x"], "max_attempts"),
+        ({"service": "s", "counts": [2]}, [b"x"], "add up"),
+        ({"service": "s", "counts": []}, [], "counts"),
+        ({"service": "s", "counts": [1, 1], "keys": ["a"]}, [b"x", b"y"], "keys"),
+        ({"service": "s", "counts": [1, 1], "key": "a"}, [b"x", b"y"], "'key' is for one"),
+        ({"service": "s", "headers": [1]}, [b"x"], "headers"),
+    ],
+)
+def test_bad_enqueues_are_call_errors_with_the_rid(
+    meta: dict[str, object], frames: list[bytes], needle: str
+) -> None:
+    packed = msgpack.packb({"rid": 5, **meta})
+    with pytest.raises(zbc.CallError) as caught:
+        zbc.decode_client([b"", zbc.ZBC01, zbc.ENQUEUE, packed, *frames])
+    assert caught.value.rid == 5 and caught.value.code == zbc.E_BAD_REQUEST
+    assert needle in caught.value.message
+
+
+def test_unknown_command_and_stray_frames_are_call_errors() -> None:
+    packed = msgpack.packb({"rid": 1, "id": "t"})
+    with pytest.raises(zbc.CallError):
+        zbc.decode_client([b"", zbc.ZBC01, b"\x7f", packed])
+    with pytest.raises(zbc.CallError):
+        zbc.decode_client([b"", zbc.ZBC01, zbc.STATUS, packed, b"extra"])
+
+
+@given(st.lists(st.binary(max_size=12), max_size=6))
+def test_garbage_gives_protocol_errors_only(frames: list[bytes]) -> None:
+    for message in (frames, [b"", zbc.ZBC01, *frames]):
+        with contextlib.suppress(ProtocolError):
+            zbc.decode_client(message)
+
+
+def test_answers_round_trip() -> None:
+    ok = zbc.decode_answer(zbc.reply(4, {"id": "t", "state": "done"}, [b"r"]))
+    assert ok.ok and ok.rid == 4 and ok.meta["state"] == "done" and ok.frames == (b"r",)
+    err = zbc.decode_answer(zbc.error(4, zbc.E_NOT_FOUND, "no task"))
+    assert not err.ok and err.code == zbc.E_NOT_FOUND and err.message == "no task"
+    with pytest.raises(ProtocolError):
+        zbc.decode_answer([b"", b"MDPC01", b"x", b"y"])
+
+
+values_st = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=6,
+)
+known_keys = st.sampled_from(
+    [
+        "rid", "service", "priority", "delay_s", "not_before", "ttl_s", "max_attempts",
+        "timeout_s", "key", "keys", "headers", "counts", "wait_s", "id", "limit", "after", "ids",
+    ]
+)  # fmt: skip
+
+
+@given(
+    st.sampled_from([zbc.ENQUEUE, zbc.REQUEST, zbc.RESULT, zbc.STATUS, zbc.CANCEL, zbc.DEAD,
+                     zbc.REDRIVE]),
+    st.dictionaries(known_keys, values_st, max_size=8),
+    st.lists(st.binary(max_size=4), max_size=3),
+)  # fmt: skip
+def test_wrong_field_types_give_protocol_errors_only(
+    command: bytes, meta: dict[str, object], frames: list[bytes]
+) -> None:
+    with contextlib.suppress(ProtocolError):
+        zbc.decode_client([b"", zbc.ZBC01, command, msgpack.packb(meta), *frames])
