@@ -56,7 +56,7 @@ def test_request_is_answered_by_a_worker(broker: BrokerProcess, stack: ExitStack
     worker = start_worker(stack, broker, "echo", echo_upper)
     client = open_client(stack, broker)
     # When a client sends a request
-    reply = client.request("echo", b"hello")
+    reply = client.mdp_request("echo", b"hello")
     # Then the worker's answer comes back
     assert reply == b"HELLO"
     assert worker.stats.handled == 1
@@ -75,13 +75,13 @@ def test_multi_frame_bodies_travel_both_ways(broker: BrokerProcess, stack: ExitS
     start_worker(stack, broker, "reverse", reverse)
     client = open_client(stack, broker)
     # When a client sends a three-frame body, one frame of it empty
-    reply = client.request_frames(b"reverse", [b"one", b"", b"three"])
+    reply = client.mdp_request_frames(b"reverse", [b"one", b"", b"three"])
     # Then the worker got all three frames and all of its frames came back
     assert seen == [(b"one", b"", b"three")]
     assert reply == [b"three", b"", b"one"]
-    # And request(), which promises a single frame, refuses a multi-frame reply
+    # And mdp_request(), which promises a single frame, refuses a multi-frame reply
     with pytest.raises(ReplyError):
-        client.request("reverse", [b"a", b"b"])
+        client.mdp_request("reverse", [b"a", b"b"])
 
 
 def test_request_sent_before_any_worker_is_answered_once_one_starts(
@@ -91,7 +91,7 @@ def test_request_sent_before_any_worker_is_answered_once_one_starts(
     client = open_client(stack, broker, timeout_s=10, retries=0)
     pool = background(stack)
     assert pool.submit(client.mmi_service, "late").result(timeout=5) is False
-    reply = pool.submit(client.request, "late", b"early bird")
+    reply = pool.submit(client.mdp_request, "late", b"early bird")
     wait_until(lambda: client.stats.sent == 2)
     # When a worker for "late" starts
     worker = start_worker(stack, broker, "late", echo_upper)
@@ -109,7 +109,7 @@ def test_request_times_out_when_no_worker_serves_it(
     started = time.monotonic()
     # When it sends a request
     with pytest.raises(RequestTimeout) as caught:
-        client.request("nobody", b"hello?")
+        client.mdp_request("nobody", b"hello?")
     # Then it gave up after three attempts, each waiting its full timeout
     assert caught.value.attempts == 3
     assert "nobody" in str(caught.value)
@@ -135,10 +135,10 @@ def test_late_reply_to_an_abandoned_request_never_answers_the_next(
     worker = start_worker(stack, broker, "held", held_once)
     client = open_client(stack, broker, timeout_s=0.3, retries=0)
     with pytest.raises(RequestTimeout):
-        client.request("held", b"first")
+        client.mdp_request("held", b"first")
     # When the first reply is produced after the client gave up, and it asks again
     release.set()
-    reply = client.request("held", b"second", timeout_s=5)
+    reply = client.mdp_request("held", b"second", timeout_s=5)
     # Then it gets the answer to its second request, not the late first one
     assert reply == b"second"
     assert worker.stats.handled == 2
@@ -178,7 +178,7 @@ def test_busy_worker_keeps_heartbeating_through_a_long_handler(
     pool = background(stack)
     stack.callback(release.set)
     # When the handler runs for more than five heartbeat intervals
-    reply = pool.submit(client.request, "slow", b"work")
+    reply = pool.submit(client.mdp_request, "slow", b"work")
     assert started.wait(5)
     since = time.monotonic()
     wait_until(
@@ -205,7 +205,7 @@ def test_worker_reregisters_after_broker_restart(broker: BrokerProcess, stack: E
     broker.start()
     # Then a new request is served within the client's deadline (20 x 0.5 s)
     client = open_client(stack, broker, timeout_s=0.5, retries=20)
-    assert client.request("echo", b"again") == b"AGAIN"
+    assert client.mdp_request("echo", b"again") == b"AGAIN"
     assert worker.stats.reconnects >= 1
     assert worker.connected
 
@@ -232,7 +232,7 @@ def test_reply_computed_across_a_reconnect_is_dropped(
     client = open_client(stack, broker, timeout_s=1.0, retries=20)
     pool = background(stack)
     stack.callback(release.set)
-    reply = pool.submit(client.request, "svc", b"job")
+    reply = pool.submit(client.mdp_request, "svc", b"job")
     assert started.wait(5)
     broker.kill()
     wait_until(lambda: not worker.connected, timeout_s=5)
@@ -254,7 +254,7 @@ def test_two_workers_of_one_service_take_turns(broker: BrokerProcess, stack: Exi
     start_worker(stack, broker, "pool", lambda task: b"b")
     client = open_client(stack, broker)
     # When ten requests are sent one after another
-    replies = [client.request("pool", b"%d" % i) for i in range(10)]
+    replies = [client.mdp_request("pool", b"%d" % i) for i in range(10)]
     # Then the broker rotated between them
     assert replies.count(b"a") == 5
     assert replies.count(b"b") == 5
@@ -273,7 +273,7 @@ def test_failed_handler_hands_the_request_to_a_healthy_worker(
     client = open_client(stack, broker, timeout_s=5, retries=0)
     # When a request is sent
     with caplog.at_level(logging.ERROR, logger="zbroker.client.worker"):
-        reply = client.request("flaky", b"please")
+        reply = client.mdp_request("flaky", b"please")
     # Then the failure is logged and reported to the broker, and the healthy
     # worker answers the retry
     assert reply == b"PLEASE"
@@ -301,7 +301,7 @@ def test_stop_lets_the_running_handler_reply_first(broker: BrokerProcess, stack:
     pool = background(stack)
     stopper = background(stack)
     stack.callback(release.set)
-    reply = pool.submit(client.request, "slow", b"job")
+    reply = pool.submit(client.mdp_request, "slow", b"job")
     assert started.wait(5)
     # When stop() is called while the handler still runs
     stopped = stopper.submit(worker.stop, 10)
@@ -400,9 +400,9 @@ def test_misuse_raises_the_libraries_own_errors(broker: BrokerProcess) -> None:
     client.close()
     # And each use fails with an error of this library, not a zmq error
     with pytest.raises(ClientClosed):
-        client.request("svc", b"x")
+        client.mdp_request("svc", b"x")
     with Client(broker.endpoint) as other, pytest.raises(TypeError):
-        other.request("svc", "text")  # type: ignore[arg-type]
+        other.mdp_request("svc", "text")  # type: ignore[arg-type]
 
 
 def test_worker_defaults_to_the_clients_endpoint_and_checks_its_arguments() -> None:
@@ -464,5 +464,5 @@ def test_worker_with_default_heartbeat_keeps_pace_with_a_faster_broker(
         # Then the broker never loses the worker, because it answers every heartbeat
         assert client.mmi_service("pace")
         time.sleep(0.1)
-    assert client.request("pace", b"still here") == b"STILL HERE"
+    assert client.mdp_request("pace", b"still here") == b"STILL HERE"
     assert worker.stats.reconnects == 0

@@ -62,7 +62,7 @@ def test_concurrency_n_runs_n_handlers_at_once(broker: BrokerProcess, stack: Exi
 
     def ask(i: int) -> bytes:
         with Client(broker.endpoint, timeout_s=20, retries=0) as client:
-            return client.request("meet", b"%d" % i)
+            return client.mdp_request("meet", b"%d" % i)
 
     # When 4 clients send a request each, at the same time
     replies = [pool.submit(ask, i) for i in range(n)]
@@ -94,7 +94,7 @@ def test_async_handler_runs_concurrent_coroutines_on_one_loop(
 
     def ask(i: int) -> list[bytes]:
         with Client(broker.endpoint, timeout_s=20, retries=0) as client:
-            return client.request_frames("ameet", b"%d" % i)
+            return client.mdp_request_frames("ameet", b"%d" % i)
 
     # When 3 requests arrive together
     replies = [pool.submit(ask, i) for i in range(n)]
@@ -121,7 +121,7 @@ def test_long_handler_keeps_its_task_past_the_ack_deadline(
     worker = start_worker(stack, broker, "long", long)
     client = open_client(stack, broker, timeout_s=15, retries=0)
     # When a request is sent
-    reply = client.request("long", b"work")
+    reply = client.mdp_request("long", b"work")
     # Then it is answered once, by the first attempt, which was never taken back:
     # the worker acknowledged the task as soon as it arrived
     assert reply == b"kept"
@@ -147,7 +147,7 @@ def test_non_retryable_error_fails_the_task_for_good(
     # When a request is sent
     # Then MDP has no way to tell the client: it times out
     with pytest.raises(RequestTimeout):
-        client.request("strict", b"garbage")
+        client.mdp_request("strict", b"garbage")
     # And the broker gave up at once, without a second attempt
     wait_until(lambda: "failed for good" in broker.log(), timeout_s=10)
     assert "NonRetryableError: cannot parse the input" in broker.log()
@@ -175,7 +175,7 @@ def test_retryable_failure_is_retried_with_the_next_attempt(
     worker = start_worker(stack, broker, "flaky", flaky)
     client = open_client(stack, broker, timeout_s=10, retries=0)
     # When a request is sent
-    reply = client.request("flaky", b"job")
+    reply = client.mdp_request("flaky", b"job")
     # Then the broker retried it, and the second attempt answered
     assert reply == b"ok on attempt 2"
     assert attempts == [1, 2]
@@ -206,7 +206,7 @@ def test_broker_cancels_an_unacknowledged_task_and_fences_its_result(
         raise AssertionError("the broker sent nothing but heartbeats for 10 s")
 
     # When a request arrives and the raw worker sits on it
-    reply = pool.submit(client.request, "raw", b"job")
+    reply = pool.submit(client.mdp_request, "raw", b"job")
     first = next_message()
     assert isinstance(first, ext.Task)
     assert first.attempt == 1

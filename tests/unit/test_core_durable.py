@@ -479,3 +479,26 @@ def test_request_wait_runs_out_with_the_state_then_result_fetches_it(journal: Jo
     assert s.answers(b"C") == []  # that call was answered already
     answer = s.call(b"C", zbc.call(zbc.RESULT, 2, id=task_id))
     assert answer.frames == (b"late but kept",)
+
+
+def test_a_resent_request_of_a_finished_task_is_answered_at_once(journal: Journal) -> None:
+    s = Script(journal)
+    options = zbc.TaskOptions(key="once")
+    s.send(b"C", zbc.request(1, "svc", [b"q"], options))
+    (accepted,) = s.answers(b"C")
+    (task_id,) = accepted.meta["ids"]
+    s.zready(b"W", "svc", 1)
+    s.send(b"W", ext.done(task_id, 1, [b"r"]))
+    s.answers(b"C")
+    s.send(b"C", zbc.request(2, "svc", [b"q"], options))
+    again, final = s.answers(b"C")
+    assert again.meta["ids"] == [task_id] and again.meta["existing"] == [0]
+    assert final.rid == 2 and final.meta["state"] == "done" and final.frames == (b"r",)
+
+
+def test_a_resent_enqueue_is_not_refused_by_a_full_queue(journal: Journal) -> None:
+    s = Script(journal, CoreSettings(max_tasks_per_service=1))
+    first = s.enqueue("svc", key="k")
+    assert s.enqueue("svc", key="k") == first
+    full = s.call(b"C", zbc.enqueue(9, "svc", [[b"x"]], zbc.TaskOptions(key="other")))
+    assert full.code == zbc.E_QUEUE_FULL

@@ -1,6 +1,11 @@
-"""The Python client of zbroker: request/reply over 7/MDP, ZBW01 workers, and topic events.
+"""The Python client of zbroker: durable tasks, request/reply over 7/MDP, workers, topic events.
 
-- `Client`: blocking requests with Lazy Pirate retries, 8/MMI service lookup.
+- `Client`: blocking durable-task calls over ZBC01 (enqueue, request, result,
+  status, cancel, dead letters, redrive), with retries that never duplicate a
+  task and waits that resume by task id after a reconnect; plus 7/MDP
+  requests with Lazy Pirate retries (`mdp_request`) and 8/MMI service lookup.
+- `AsyncClient`: the same durable-task calls as coroutines, many at once on
+  one socket, for asyncio programs.
 - `Worker`: serves a service over zbroker's ZBW01 worker protocol, running up
   to `concurrency` handlers at once (threads, or coroutines on one event
   loop); its socket lives in an I/O thread of its own, so heartbeats and
@@ -12,15 +17,31 @@ None of these objects is thread-safe, except a Worker's `stop()` and a
 Task's `progress()`.
 """
 
-from zbroker.client.client import Client, ClientStats
+from zbroker.client.aclient import AsyncClient
+from zbroker.client.client import DEFAULT_RESULT_TIMEOUT_S, Client, ClientStats
+from zbroker.client.durable import DeadLetter, TaskState, TaskStatus
 from zbroker.client.errors import (
+    BadRequest,
+    BrokerError,
+    BrokerUnavailable,
+    CallTimeout,
     ClientClosed,
     ClientError,
     EndpointError,
+    MessageTooLarge,
     NonRetryableError,
+    QueueFull,
     ReplyError,
     RequestTimeout,
     RetryLater,
+    TaskCancelled,
+    TaskConflict,
+    TaskDead,
+    TaskExpired,
+    TaskFailed,
+    TaskNotFound,
+    TaskPending,
+    TooManyWaiters,
     WorkerError,
 )
 from zbroker.client.events import Publisher, Subscriber
@@ -32,22 +53,41 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "DEFAULT_EVENTS_IN",
     "DEFAULT_EVENTS_OUT",
+    "DEFAULT_RESULT_TIMEOUT_S",
+    "AsyncClient",
+    "BadRequest",
+    "BrokerError",
+    "BrokerUnavailable",
+    "CallTimeout",
     "Client",
     "ClientClosed",
     "ClientError",
     "ClientStats",
+    "DeadLetter",
     "EndpointError",
     "Event",
     "Handler",
+    "MessageTooLarge",
     "Metrics",
     "NonRetryableError",
     "Publisher",
+    "QueueFull",
     "ReplyError",
     "RequestTimeout",
     "Result",
     "RetryLater",
     "Subscriber",
     "Task",
+    "TaskCancelled",
+    "TaskConflict",
+    "TaskDead",
+    "TaskExpired",
+    "TaskFailed",
+    "TaskNotFound",
+    "TaskPending",
+    "TaskState",
+    "TaskStatus",
+    "TooManyWaiters",
     "Worker",
     "WorkerError",
     "WorkerStats",

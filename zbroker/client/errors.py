@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import zmq
 
+from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
 
 # Socket-level flow control is set explicitly on every socket we open, so a
@@ -24,7 +26,11 @@ class ClientError(Exception):
 
 
 class RequestTimeout(ClientError):
-    """Raised by `Client.request` when no reply arrived within the timeout, after every retry."""
+    """No answer in time: the base of every timeout a client call raises.
+
+    Raised as such by `Client.mdp_request` when no MDP reply arrived within the
+    timeout, after every retry; `CallTimeout` and `TaskPending` derive from it.
+    """
 
     def __init__(self, service: bytes, timeout_s: float, attempts: int) -> None:
         name = service.decode(errors="replace")
@@ -75,6 +81,180 @@ class RetryLater(Exception):
         self.reason = reason
 
 
+# ------------------------------------------------------------ durable tasks (ZBC01)
+
+
+class CallTimeout(RequestTimeout):
+    """The broker answered none of the attempts of a durable call (it is down or unreachable).
+
+    `command` names the call (ENQUEUE, REQUEST, RESULT...). When the call had
+    already learnt its task's id (`request()` waiting for the result), `task_id`
+    holds it: the task is durable, fetch its result later with `result(task_id)`.
+    When an enqueue went unanswered, `key` holds the idempotency key it was
+    sent with: enqueueing again with that key stores the task at most once.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        timeout_s: float,
+        attempts: int,
+        *,
+        task_id: str | None = None,
+        key: str | None = None,
+        service: bytes = b"",
+    ) -> None:
+        message = (
+            f"no answer from the broker to {command} within {timeout_s:g}s per attempt "
+            f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+        )
+        if task_id is not None:
+            message += f"; task {task_id!r} is stored: fetch its result later with result()"
+        elif key is not None:
+            message += (
+                f"; the task may or may not be stored: enqueue it again with key={key!r} "
+                "to find out without creating a duplicate"
+            )
+        ClientError.__init__(self, message)
+        self.command = command
+        self.service = service
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.task_id = task_id
+        self.key = key
+
+
+class TaskPending(RequestTimeout):
+    """The task did not finish within the call's `timeout_s`; it still exists and may finish later.
+
+    `state` is the state the broker reported last (ready, delayed, inflight),
+    or None when the call never learnt it. Fetch the result later with
+    `result(task_id)`.
+    """
+
+    def __init__(self, task_id: str, state: str | None, timeout_s: float) -> None:
+        where = f"still {state}" if state else "not finished"
+        ClientError.__init__(
+            self,
+            f"task {task_id!r} is {where} after {timeout_s:g}s; "
+            "fetch its result later with result()",
+        )
+        self.task_id = task_id
+        self.state = state
+        self.service = b""
+        self.timeout_s = timeout_s
+        self.attempts = 1
+
+
+class TaskFailed(ClientError):
+    """The task ended without a result: base of TaskDead, TaskCancelled and TaskExpired.
+
+    `state` is its final state, `error` the reason the broker recorded (the
+    worker's last FAIL reason for a dead task), or None.
+    """
+
+    state = "failed"
+
+    def __init__(self, task_id: str, error: str | None = None) -> None:
+        message = f"task {task_id!r} is {self.state}"
+        if error:
+            message += f": {error}"
+        super().__init__(message)
+        self.task_id = task_id
+        self.error = error
+
+
+class TaskDead(TaskFailed):
+    """The task failed for good (no attempt left, or a non-retryable failure): a dead letter.
+
+    It can be listed with `dead_letters()` and put back with `redrive()`.
+    """
+
+    state = "dead"
+
+
+class TaskCancelled(TaskFailed):
+    """The task was cancelled before it finished."""
+
+    state = "cancelled"
+
+
+class TaskExpired(TaskFailed):
+    """The task's time to live ran out before any worker started it."""
+
+    state = "expired"
+
+
+class BrokerError(ClientError):
+    """The broker refused the call with an ERROR answer. `code` and `message` are the broker's.
+
+    Subclasses name the codes a caller may want to handle; an unknown code
+    raises BrokerError itself.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"broker refused the call ({code}): {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class BadRequest(BrokerError, ValueError):
+    """`bad_request`: the call is malformed or an option is out of range; nothing was done."""
+
+
+class MessageTooLarge(BrokerError, ValueError):
+    """`too_large`: the message is over the broker's size or frame cap; nothing was done."""
+
+
+class TaskNotFound(BrokerError, LookupError):
+    """`not_found`: no task has this id (it never existed, or its record has lapsed)."""
+
+
+class QueueFull(BrokerError):
+    """`queue_full`: the service's queue is at its cap; nothing of this call was enqueued."""
+
+
+class TaskConflict(BrokerError):
+    """`conflict`: the task is not in a state the call applies to (cancelling an ended task)."""
+
+
+class BrokerUnavailable(BrokerError):
+    """`unavailable` (this broker keeps no tasks: it runs without a journal) or
+    `shutting_down` (it is stopping: call again once it is back)."""
+
+
+class TooManyWaiters(BrokerError):
+    """`too_many_waiters`: too many calls are waiting for results at the broker; retry later."""
+
+
+_ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
+    zbc.E_BAD_REQUEST: BadRequest,
+    zbc.E_TOO_LARGE: MessageTooLarge,
+    zbc.E_NOT_FOUND: TaskNotFound,
+    zbc.E_QUEUE_FULL: QueueFull,
+    zbc.E_CONFLICT: TaskConflict,
+    zbc.E_SHUTTING_DOWN: BrokerUnavailable,
+    zbc.E_UNAVAILABLE: BrokerUnavailable,
+    zbc.E_TOO_MANY_WAITERS: TooManyWaiters,
+}
+
+_FAILURES_BY_STATE: dict[str, type[TaskFailed]] = {
+    "dead": TaskDead,
+    "cancelled": TaskCancelled,
+    "expired": TaskExpired,
+}
+
+
+def broker_error(code: str, message: str) -> BrokerError:
+    """The exception for an ERROR answer with `code` (BrokerError for a code not known here)."""
+    return _ERRORS_BY_CODE.get(code, BrokerError)(code, message)
+
+
+def task_failure(state: str, task_id: str, error: str | None) -> TaskFailed:
+    """The exception for a task that ended in `state` (dead, cancelled or expired)."""
+    return _FAILURES_BY_STATE[state](task_id, error)
+
+
 @contextmanager
 def zmq_boundary(what: str) -> Iterator[None]:
     """Translate zmq errors raised inside the block into this package's exceptions."""
@@ -86,9 +266,12 @@ def zmq_boundary(what: str) -> Iterator[None]:
         raise ClientError(f"{what}: {exc}") from exc
 
 
+_S = TypeVar("_S", bound=zmq.Socket[Any])
+
+
 def connected_socket(
-    context: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str, hwm: int = DEFAULT_HWM
-) -> zmq.Socket[bytes]:
+    context: zmq.Context[_S], kind: int, endpoint: str, hwm: int = DEFAULT_HWM
+) -> _S:
     """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`."""
     with zmq_boundary("opening a socket"):
         sock = context.socket(kind)

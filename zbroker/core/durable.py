@@ -197,8 +197,17 @@ class DurableTasks:
             return
         service = self._service(name)
         count = len(msg.payloads)
+        options = msg.options
+        keys = options.keys or (options.key,) * count
+        # Tasks already stored under their idempotency key are answered with their id
+        # and never count against the cap: a resend must not be refused.
+        held: dict[int, str] = {}
+        for i, key in enumerate(keys):
+            if key is not None and (task_id := journal.find_key(msg.service, key)) is not None:
+                held[i] = task_id
+        new = count - len(held)
         cap = self.settings.max_tasks_per_service
-        if service.waiting_count + count > cap:
+        if new and service.waiting_count + new > cap:
             self._refuse(
                 identity,
                 msg.rid,
@@ -209,22 +218,21 @@ class DurableTasks:
         if msg.wait and self._waiter_count >= self.settings.max_waiters:
             self._refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
             return
-        options = msg.options
         epoch = now + self._epoch_offset
         not_before = options.not_before or 0.0
         if options.delay_s:
             not_before = epoch + options.delay_s
         expires_at = None if options.ttl_s is None else epoch + options.ttl_s
         max_attempts = options.max_attempts or self.settings.default_max_attempts
-        keys = options.keys or (options.key,) * count
         ids: list[str] = []
         existing: list[int] = []
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
-                held = journal.find_key(msg.service, key)
-                if held is not None:
-                    ids.append(held)
+                # Looked up again: an earlier task of this same batch may hold the key.
+                task_id = held.get(i) or journal.find_key(msg.service, key)
+                if task_id is not None:
+                    ids.append(task_id)
                     existing.append(i)
                     continue
             seq = journal.next_seq()
@@ -254,8 +262,12 @@ class DurableTasks:
         if not_before > epoch:
             self._schedule_due(now)
         if msg.wait:
-            wait_s = self.settings.request_wait_s if msg.wait_s is None else msg.wait_s
-            self._wait(identity, msg.rid, ids[0], now + wait_s)
+            stored = journal.get(ids[0]) if existing else None
+            if stored is not None and stored.state in FINAL:
+                self._answer(identity, msg.rid, stored)  # a resent REQUEST of a finished task
+            else:
+                wait_s = self.settings.request_wait_s if msg.wait_s is None else msg.wait_s
+                self._wait(identity, msg.rid, ids[0], now + wait_s)
         if service.ready:
             self._dispatch(service, now)
 

@@ -33,7 +33,8 @@ class CoreSettings:
     max_queued_per_service: int = 100_000
     # Whole-message cap (sum of frame sizes); larger messages are dropped and counted.
     max_message_bytes: int = 16 * 1024 * 1024
-    max_frames: int = 64
+    # Frames per message: a ZBC01 batch carries one frame per task (up to 10000 tasks).
+    max_frames: int = 16_384
     # A task pushed to a ZBW01 worker must be acknowledged within this time, or the
     # broker takes it back (CANCEL) and gives it to another worker.
     ack_timeout_s: float = 10.0

@@ -90,6 +90,10 @@ E_UNAVAILABLE = "unavailable"  # the broker cannot take the call now (journal fa
 E_TOO_MANY_WAITERS = "too_many_waiters"  # too many calls are already waiting for results
 
 MAX_BATCH = 10_000
+# What a client should fit one batch into: the broker's default frame and size caps
+# (16384 frames, 16 MiB), less room for the header frames and metadata.
+BATCH_FRAMES = 16_000
+BATCH_BYTES = 15 * 1024 * 1024
 MAX_WAIT_S = 24 * 3600.0
 MAX_LIST = 1000
 PRIORITY_MIN = -128

@@ -1,0 +1,703 @@
+"""Durable-task calls (ZBC01) as sans-IO plans, shared by Client and AsyncClient.
+
+A plan is a generator that says what to do next and is told what happened:
+
+- it yields `Send(rid, frames, kind)`: put this message on the current
+  connection; from now on, answers quoting `rid` on that connection are for
+  this call. The driver sends back None.
+- it yields `Wait(timeout_s)`: the driver sends back the next answer to one
+  of this call's rids on the current connection (a `zbc.Answer`), `TIMEOUT`
+  when none came within `timeout_s`, or `REPLACED` when the connection was
+  replaced under the call (AsyncClient: another call found the broker silent),
+  so its answers will never come and it should send again at once.
+- it yields `Reconnect()`: the broker did not answer; close the connection
+  and open a fresh one (unless that already happened since this call last
+  sent). The driver sends back None.
+
+The plan returns the call's outcome, or raises the client error it ends in.
+Plans read the monotonic clock for their own deadlines but do no I/O, so the
+blocking Client and the asyncio AsyncClient run exactly the same logic.
+
+Retry rules, which make every resend safe:
+- ENQUEUE and REQUEST always carry idempotency keys (generated when the
+  caller gave none), so a resend after a lost answer never stores a task twice.
+- Once a task's id is known, waiting for its end is resumed with RESULT by id,
+  never by enqueueing again.
+- STATUS, CANCEL, DEAD and REDRIVE are resent as they are.
+- Every rid is used once, so a late answer to an abandoned attempt can never
+  be taken for the answer to another call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from zbroker.client.durable import (
+    DeadLetter,
+    TaskState,
+    TaskStatus,
+    parse_dead_letter,
+    parse_ids,
+    parse_state,
+    parse_status,
+)
+from zbroker.client.errors import (
+    CallTimeout,
+    ReplyError,
+    TaskPending,
+    broker_error,
+    task_failure,
+)
+from zbroker.protocol import zbc
+
+T = TypeVar("T")
+
+Payload = bytes | Sequence[bytes]
+When = datetime | float
+SendKind = Literal["first", "resend", "resume", "poll"]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Put `frames` on the wire; answers quoting `rid` belong to the call from now on.
+
+    `kind`: first (a call's first message), resend (the same call again after
+    no answer), resume (RESULT by id on a fresh connection), poll (RESULT again
+    after the broker answered that the task is still running).
+    """
+
+    rid: int
+    frames: list[bytes]
+    kind: SendKind = "first"
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait up to `timeout_s` for an answer to one of the call's rids."""
+
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """The broker went silent: replace the connection before sending again."""
+
+
+class _Signal:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+TIMEOUT = _Signal("TIMEOUT")
+REPLACED = _Signal("REPLACED")
+
+Op = Send | Wait | Reconnect
+Event = zbc.Answer | _Signal | None
+Plan = Generator[Op, Event, T]
+
+_FAILED_STATES = (TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED)
+# ERROR codes that mean "the broker will be back": a wait for a known task rides them out.
+_TRANSIENT = (zbc.E_SHUTTING_DOWN,)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a client's plans need from it."""
+
+    timeout_s: float  # how long each attempt waits for an answer
+    retries: int  # resends after an unanswered attempt
+    poll_s: float  # longest RESULT wait asked of the broker in one go
+    next_rid: Callable[[], int]
+
+
+# ------------------------------------------------------------ arguments
+
+
+def service_name(service: str | bytes) -> str:
+    """A service name as the ZBC01 meta carries it: a non-empty str."""
+    if isinstance(service, bytes):
+        try:
+            service = service.decode()
+        except UnicodeDecodeError:
+            raise ValueError("service name must be UTF-8") from None
+    if not isinstance(service, str) or not service:
+        raise ValueError("service name must be a non-empty str or bytes")
+    return service
+
+
+def payload_frames(payload: Payload) -> tuple[bytes, ...]:
+    """One bytes frame, or a sequence of bytes frames, as a tuple of frames."""
+    if isinstance(payload, bytes):
+        return (payload,)
+    if isinstance(payload, str):
+        raise TypeError("payload must be bytes or a sequence of bytes, not str: encode it first")
+    frames = tuple(payload)
+    for frame in frames:
+        if not isinstance(frame, bytes):
+            raise TypeError(f"payload frames must be bytes, got {type(frame).__name__}")
+    return frames
+
+
+def task_id_arg(task_id: str) -> str:
+    if not isinstance(task_id, str) or not task_id:
+        raise ValueError("task id must be a non-empty str")
+    return task_id
+
+
+def new_key() -> str:
+    """A fresh idempotency key: unique, so it only ever matches a resend of the same call."""
+    return uuid.uuid4().hex
+
+
+def _seconds(name: str, value: float | None, *, positive: bool = False) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0")
+    return float(value)
+
+
+def task_options(
+    *,
+    priority: int = 0,
+    delay_s: float | None = None,
+    not_before: When | None = None,
+    ttl_s: float | None = None,
+    max_attempts: int | None = None,
+    timeout_s: float | None = None,
+    key: str | None = None,
+    keys: Sequence[str | None] | None = None,
+    n_tasks: int = 1,
+    headers: dict[str, Any] | None = None,
+) -> zbc.TaskOptions:
+    """Check the caller's task options and fill in idempotency keys where none were given.
+
+    One task (`keys` None): `key`, or a generated one. A batch (`keys` given,
+    or `n_tasks` > 1): `keys`, whose None entries get generated keys.
+    """
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError("priority must be an int")
+    if not zbc.PRIORITY_MIN <= priority <= zbc.PRIORITY_MAX:
+        raise ValueError(f"priority must be {zbc.PRIORITY_MIN}..{zbc.PRIORITY_MAX}")
+    if delay_s is not None and not_before is not None:
+        raise ValueError("give delay_s or not_before, not both")
+    at = not_before.timestamp() if isinstance(not_before, datetime) else not_before
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= zbc.MAX_ATTEMPTS_LIMIT
+    ):
+        raise ValueError(f"max_attempts must be an int 1..{zbc.MAX_ATTEMPTS_LIMIT}")
+    if headers is not None and not isinstance(headers, dict):
+        raise TypeError("headers must be a dict")
+    batch_keys: tuple[str | None, ...] | None = None
+    if keys is not None or n_tasks != 1:
+        if key is not None:
+            raise ValueError("a batch takes keys=[...], one per task, not key=")
+        given = list(keys) if keys is not None else [None] * n_tasks
+        if len(given) != n_tasks:
+            raise ValueError(f"keys must give one key (or None) per payload: {n_tasks}")
+        base = new_key()
+        batch_keys = tuple(
+            _key_arg(k) if k is not None else f"{base}.{i}" for i, k in enumerate(given)
+        )
+        single_key = None
+    else:
+        single_key = _key_arg(key) if key is not None else new_key()
+    return zbc.TaskOptions(
+        priority=priority,
+        delay_s=_seconds("delay_s", delay_s),
+        not_before=_seconds("not_before", at),
+        ttl_s=_seconds("ttl_s", ttl_s),
+        max_attempts=max_attempts,
+        timeout_s=_seconds("timeout_s", timeout_s, positive=True),
+        key=single_key,
+        keys=batch_keys,
+        headers=dict(headers) if headers else {},
+    )
+
+
+def _key_arg(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError("an idempotency key must be a non-empty str")
+    return key
+
+
+def deadline_of(timeout_s: float | None) -> float | None:
+    """The monotonic deadline `timeout_s` from now (None: no deadline)."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+        raise TypeError("timeout_s must be a number of seconds or None")
+    if not timeout_s >= 0:
+        raise ValueError("timeout_s must be zero or more (None: no limit)")
+    return time.monotonic() + timeout_s
+
+
+# ------------------------------------------------------------------ plans
+
+
+def call(
+    s: Settings,
+    command: str,
+    build: Callable[[int], list[bytes]],
+    *,
+    key: str | None = None,
+    service: str = "",
+) -> Plan[zbc.Answer]:
+    """One call with one answer: resent (new rid, fresh connection) until the broker answers.
+
+    Returns the REPLY; an ERROR answer raises its BrokerError; no answer to
+    `retries + 1` attempts raises CallTimeout.
+    """
+    attempts = 1
+    kind: SendKind = "first"
+    while True:
+        rid = s.next_rid()
+        yield Send(rid, build(rid), kind)
+        answer_by = time.monotonic() + s.timeout_s
+        while True:
+            event = yield Wait(max(0.0, answer_by - time.monotonic()))
+            if isinstance(event, zbc.Answer):
+                if not event.ok:
+                    raise broker_error(event.code, event.message)
+                return event
+            if event is REPLACED:
+                break  # send again at once on the new connection; not a failed attempt
+            if attempts > s.retries:
+                raise CallTimeout(command, s.timeout_s, attempts, key=key, service=service.encode())
+            attempts += 1
+            yield Reconnect()
+            break
+        kind = "resend"
+
+
+def enqueue(
+    s: Settings,
+    service: str,
+    payloads: Sequence[tuple[bytes, ...]],
+    options: zbc.TaskOptions,
+    *,
+    batch: bool,
+) -> Plan[list[str]]:
+    """ENQUEUE one task or a batch of at most MAX_BATCH: their ids, in payload order."""
+    key = options.key if options.key is not None else (options.keys or (None,))[0]
+
+    def build(rid: int) -> list[bytes]:
+        return zbc.enqueue(rid, service, payloads, options, batch=batch)
+
+    answer = yield from call(s, "ENQUEUE", build, key=key, service=service)
+    return parse_ids(answer.meta, len(payloads))
+
+
+def batch_bounds(payloads: Sequence[tuple[bytes, ...]]) -> list[tuple[int, int]]:
+    """Split `payloads` into [start, end) runs that each fit one ENQUEUE: at most
+    MAX_BATCH tasks, BATCH_FRAMES frames and BATCH_BYTES bytes (a single task larger
+    than that goes alone, and the broker says whether it fits)."""
+    bounds: list[tuple[int, int]] = []
+    start = frames = size = 0
+    for i, payload in enumerate(payloads):
+        n, b = len(payload), sum(map(len, payload))
+        if i > start and (
+            i - start >= zbc.MAX_BATCH
+            or frames + n > zbc.BATCH_FRAMES
+            or size + b > zbc.BATCH_BYTES
+        ):
+            bounds.append((start, i))
+            start, frames, size = i, 0, 0
+        frames += n
+        size += b
+    if start < len(payloads):
+        bounds.append((start, len(payloads)))
+    return bounds
+
+
+def enqueue_batches(
+    s: Settings, service: str, payloads: Sequence[tuple[bytes, ...]], options: zbc.TaskOptions
+) -> Plan[list[str]]:
+    """ENQUEUE a batch of any size, MAX_BATCH tasks per message, one message after the other."""
+    ids: list[str] = []
+    keys = options.keys or ()
+    for start, end in batch_bounds(payloads):
+        chunk = payloads[start:end]
+        chunk_options = zbc.TaskOptions(
+            priority=options.priority,
+            delay_s=options.delay_s,
+            not_before=options.not_before,
+            ttl_s=options.ttl_s,
+            max_attempts=options.max_attempts,
+            timeout_s=options.timeout_s,
+            keys=tuple(keys[start:end]) if keys else None,
+            headers=options.headers,
+        )
+        ids += yield from enqueue(s, service, chunk, chunk_options, batch=True)
+    return ids
+
+
+def request(
+    s: Settings,
+    service: str,
+    payload: tuple[bytes, ...],
+    options: zbc.TaskOptions,
+    deadline: float | None,
+    timeout_s: float | None,
+) -> Plan[list[bytes]]:
+    """REQUEST: enqueue one task and wait for its end on the same call.
+
+    The REQUEST asks the broker to hold the call for at most `poll_s` (or
+    what is left of the deadline), so its second answer is due by then. The
+    receipt (`ids`) is awaited like any answer (resent with the same key when
+    lost); after it, the wait for the task's end is `await_result`, which
+    resumes with RESULT by id whenever the connection is replaced.
+    """
+    attempts = 1
+    kind: SendKind = "first"
+    while True:
+        rid = s.next_rid()
+        wait_s = _poll_wait(s, deadline)
+        yield Send(rid, zbc.request(rid, service, payload, options, wait_s), kind)
+        sent_at = time.monotonic()
+        answer_by = sent_at + s.timeout_s
+        while True:
+            event = yield Wait(max(0.0, answer_by - time.monotonic()))
+            if isinstance(event, zbc.Answer):
+                if not event.ok:
+                    raise broker_error(event.code, event.message)
+                due: float | None = sent_at + wait_s + s.timeout_s  # the second answer
+                if "ids" in event.meta:
+                    task_id = parse_ids(event.meta, 1)[0]
+                else:  # the second answer came first: the receipt was lost
+                    found = event.meta.get("id")
+                    if not isinstance(found, str):
+                        raise ReplyError("bad_answer", "REQUEST answer without 'ids' or 'id'")
+                    task_id = found
+                    outcome = settle(event, task_id)
+                    if outcome is not None:
+                        return outcome
+                    due = None  # nothing more to come on this rid: poll
+                plan = await_result(s, task_id, deadline, timeout_s, answer_due=due)
+                return (yield from plan)
+            if event is REPLACED:
+                break
+            if attempts > s.retries:
+                raise CallTimeout(
+                    "REQUEST", s.timeout_s, attempts, key=options.key, service=service.encode()
+                )
+            attempts += 1
+            yield Reconnect()
+            break
+        kind = "resend"
+
+
+def settle(answer: zbc.Answer, task_id: str) -> list[bytes] | None:
+    """A RESULT-shaped answer: the result frames when done, a TaskFailed raised when the
+    task ended otherwise, None while it is still queued or running."""
+    state = parse_state(answer.meta.get("state"))
+    if state is TaskState.DONE:
+        return list(answer.frames)
+    if state in _FAILED_STATES:
+        error = answer.meta.get("error")
+        raise task_failure(state.value, task_id, error if isinstance(error, str) else None)
+    return None
+
+
+def _poll_wait(s: Settings, deadline: float | None) -> float:
+    """How long the broker may hold the next wait: poll_s, or what is left before `deadline`."""
+    left = math.inf if deadline is None else deadline - time.monotonic()
+    return max(0.0, min(s.poll_s, left))
+
+
+def await_result(
+    s: Settings,
+    task_id: str,
+    deadline: float | None,
+    timeout_s: float | None,
+    *,
+    answer_due: float | None = None,
+) -> Plan[list[bytes]]:
+    """Wait until task `task_id` ends or `deadline` passes, surviving connection losses.
+
+    Long-polls with RESULT {id, wait_s <= poll_s}: the broker answers each poll
+    when the task ends or when wait_s has passed, so an unanswered poll (past
+    wait_s + timeout_s) means the connection is lost: the wait resumes with
+    RESULT on a fresh connection, up to `retries` times in a row. With
+    `answer_due`, a wait is already outstanding (the REQUEST whose receipt
+    came) and its answer is due by then: no poll is sent before.
+    """
+    silent = 0  # polls in a row with no answer, or answered "shutting down"
+    poll_answer_by: float | None = answer_due  # answer deadline of the outstanding wait
+    next_poll_at = 0.0  # when to poll, while no wait is outstanding
+
+    def left() -> float:
+        return math.inf if deadline is None else deadline - time.monotonic()
+
+    def poll(kind: SendKind) -> Plan[float]:
+        rid = s.next_rid()
+        wait_s = _poll_wait(s, deadline)
+        yield Send(rid, zbc.call(zbc.RESULT, rid, id=task_id, wait_s=wait_s), kind)
+        return time.monotonic() + wait_s + s.timeout_s
+
+    if answer_due is None:
+        poll_answer_by = yield from poll("first")
+    while True:
+        wake = poll_answer_by if poll_answer_by is not None else next_poll_at
+        event = yield Wait(max(0.0, wake - time.monotonic()))
+        if event is REPLACED:
+            poll_answer_by = yield from poll("resume")
+            continue
+        if not isinstance(event, zbc.Answer):  # TIMEOUT
+            if poll_answer_by is None:  # the pause after "shutting down" is over
+                yield Reconnect()
+                poll_answer_by = yield from poll("resume")
+                continue
+            silent += 1  # the wait went unanswered: presume the connection lost
+            if silent > s.retries:
+                raise CallTimeout("RESULT", s.timeout_s, silent, task_id=task_id)
+            yield Reconnect()
+            poll_answer_by = yield from poll("resume")
+            continue
+        if not event.ok:
+            if event.code in _TRANSIENT and silent < s.retries:
+                # The broker is stopping: the task is durable, so ask again on a
+                # fresh connection after a pause instead of giving up.
+                silent += 1
+                poll_answer_by = None
+                next_poll_at = time.monotonic() + min(s.timeout_s, max(0.0, left()))
+                continue
+            raise broker_error(event.code, event.message)
+        silent = 0
+        if "state" not in event.meta:
+            continue  # a duplicate receipt of the REQUEST: nothing to learn
+        outcome = settle(event, task_id)
+        if outcome is not None:
+            return outcome
+        state = parse_state(event.meta.get("state"))
+        if left() <= 0:
+            raise TaskPending(task_id, state.value, timeout_s if timeout_s is not None else 0.0)
+        poll_answer_by = yield from poll("poll")
+
+
+def status(s: Settings, task_id: str) -> Plan[TaskStatus]:
+    answer = yield from call(s, "STATUS", lambda rid: zbc.call(zbc.STATUS, rid, id=task_id))
+    return parse_status(answer.meta)
+
+
+def cancel(s: Settings, task_id: str) -> Plan[TaskState]:
+    answer = yield from call(s, "CANCEL", lambda rid: zbc.call(zbc.CANCEL, rid, id=task_id))
+    return parse_state(answer.meta.get("was"))
+
+
+def dead_letters(s: Settings, service: str, limit: int | None) -> Plan[list[DeadLetter]]:
+    """Up to `limit` dead letters (None: all), oldest first, a page of at most MAX_LIST per call."""
+    found: list[DeadLetter] = []
+    after: int | None = None
+    while limit is None or len(found) < limit:
+        page = zbc.MAX_LIST if limit is None else min(zbc.MAX_LIST, limit - len(found))
+
+        def build(rid: int, page: int = page, after: int | None = after) -> list[bytes]:
+            return zbc.call(zbc.DEAD, rid, service=service, limit=page, after=after)
+
+        answer = yield from call(s, "DEAD", build, service=service)
+        tasks = answer.meta.get("tasks")
+        if not isinstance(tasks, list):
+            raise ReplyError("bad_answer", "DEAD answer without a 'tasks' list")
+        found += (parse_dead_letter(entry) for entry in tasks[:page])
+        following = answer.meta.get("next")
+        if following is None or not tasks:
+            break
+        if type(following) is not int:
+            raise ReplyError("bad_answer", "DEAD answer 'next' is not an integer")
+        after = following
+    return found
+
+
+def redrive(s: Settings, service: str, ids: Sequence[str] | None) -> Plan[list[str]]:
+    """REDRIVE every dead letter of `service` (ids None) or those listed, MAX_BATCH per call."""
+    if ids is None:
+        answer = yield from call(
+            s, "REDRIVE", lambda rid: zbc.call(zbc.REDRIVE, rid, service=service), service=service
+        )
+        return parse_ids(answer.meta)
+    wanted = list(ids)
+    redriven: list[str] = []
+    for start in range(0, len(wanted), zbc.MAX_BATCH):
+        chunk = wanted[start : start + zbc.MAX_BATCH]
+
+        def build(rid: int, chunk: list[str] = chunk) -> list[bytes]:
+            return zbc.call(zbc.REDRIVE, rid, service=service, ids=chunk)
+
+        answer = yield from call(s, "REDRIVE", build, service=service)
+        redriven += parse_ids(answer.meta)
+    return redriven
+
+
+# ------------------------------------------------- the public calls, checked
+
+
+def plan_enqueue(
+    s: Settings,
+    service: str | bytes,
+    payload: Payload,
+    *,
+    priority: int,
+    delay_s: float | None,
+    not_before: When | None,
+    ttl_s: float | None,
+    max_attempts: int | None,
+    timeout_s: float | None,
+    key: str | None,
+    headers: dict[str, Any] | None,
+) -> Plan[str]:
+    """`enqueue()`: arguments checked now, the plan returns the task's id."""
+    options = task_options(
+        priority=priority,
+        delay_s=delay_s,
+        not_before=not_before,
+        ttl_s=ttl_s,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        key=key,
+        headers=headers,
+    )
+    return _first(
+        enqueue(s, service_name(service), (payload_frames(payload),), options, batch=False)
+    )
+
+
+def _first(plan: Plan[list[str]]) -> Plan[str]:
+    ids = yield from plan
+    return ids[0]
+
+
+def plan_enqueue_many(
+    s: Settings,
+    service: str | bytes,
+    payloads: Sequence[Payload],
+    *,
+    keys: Sequence[str | None] | None,
+    priority: int,
+    delay_s: float | None,
+    not_before: When | None,
+    ttl_s: float | None,
+    max_attempts: int | None,
+    timeout_s: float | None,
+    headers: dict[str, Any] | None,
+) -> Plan[list[str]]:
+    """`enqueue_many()`: arguments checked now, the plan returns the ids in payload order."""
+    if isinstance(payloads, bytes | str):
+        raise TypeError("payloads must be a sequence of payloads, not one bytes or str")
+    frames = [payload_frames(p) for p in payloads]
+    name = service_name(service)
+    if not frames:
+        if keys:
+            raise ValueError("keys must give one key (or None) per payload: 0")
+        return _nothing([])
+    options = task_options(
+        priority=priority,
+        delay_s=delay_s,
+        not_before=not_before,
+        ttl_s=ttl_s,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        keys=keys,
+        n_tasks=len(frames),
+        headers=headers,
+    )
+    return enqueue_batches(s, name, frames, options)
+
+
+def _nothing(value: T) -> Plan[T]:
+    return value
+    yield  # a generator that ends at once
+
+
+def plan_request(
+    s: Settings,
+    service: str | bytes,
+    payload: Payload,
+    timeout_s: float | None,
+    *,
+    priority: int,
+    delay_s: float | None,
+    not_before: When | None,
+    ttl_s: float | None,
+    max_attempts: int | None,
+    task_timeout_s: float | None,
+    key: str | None,
+    headers: dict[str, Any] | None,
+) -> Plan[list[bytes]]:
+    """`request_frames()`: arguments checked now, the plan returns the result frames."""
+    deadline = deadline_of(timeout_s)
+    options = task_options(
+        priority=priority,
+        delay_s=delay_s,
+        not_before=not_before,
+        ttl_s=ttl_s,
+        max_attempts=max_attempts,
+        timeout_s=task_timeout_s,
+        key=key,
+        headers=headers,
+    )
+    return request(s, service_name(service), payload_frames(payload), options, deadline, timeout_s)
+
+
+def plan_result(s: Settings, task_id: str, timeout_s: float | None) -> Plan[list[bytes]]:
+    deadline = deadline_of(timeout_s)
+    return await_result(s, task_id_arg(task_id), deadline, timeout_s)
+
+
+def plan_status(s: Settings, task_id: str) -> Plan[TaskStatus]:
+    return status(s, task_id_arg(task_id))
+
+
+def plan_cancel(s: Settings, task_id: str) -> Plan[TaskState]:
+    return cancel(s, task_id_arg(task_id))
+
+
+def plan_dead_letters(
+    s: Settings, service: str | bytes, limit: int | None
+) -> Plan[list[DeadLetter]]:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise TypeError("limit must be an int or None")
+    if limit is not None and limit < 1:
+        raise ValueError("limit must be at least 1 (None: all)")
+    return dead_letters(s, service_name(service), limit)
+
+
+def plan_redrive(s: Settings, service: str | bytes, ids: Sequence[str] | None) -> Plan[list[str]]:
+    if isinstance(ids, str | bytes):
+        raise TypeError("ids must be a sequence of task ids, not one str")
+    name = service_name(service)
+    return redrive(s, name, None if ids is None else [task_id_arg(i) for i in ids])
+
+
+def one_frame(frames: list[bytes]) -> bytes:
+    """The single frame of a result; ReplyError (the result stays fetchable) otherwise."""
+    if len(frames) != 1:
+        raise ReplyError(
+            "result_frames",
+            f"expected a one-frame result, got {len(frames)} frames "
+            "(the result stays available: fetch it with result_frames())",
+        )
+    return frames[0]
+
+
+def check_settings(timeout_s: float, retries: int, poll_s: float) -> None:
+    """The constructor arguments every client shares."""
+    if not timeout_s > 0:
+        raise ValueError("timeout_s must be positive")
+    if retries < 0:
+        raise ValueError("retries must be zero or more")
+    if not 0 < poll_s <= zbc.MAX_WAIT_S:
+        raise ValueError(f"poll_s must be positive and at most {zbc.MAX_WAIT_S:g}")

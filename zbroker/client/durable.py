@@ -1,0 +1,165 @@
+"""What the durable-task calls of Client and AsyncClient return: task states, status, dead letters.
+
+Plain data, decoded from the broker's ZBC01 answers (see docs/protocol.md);
+times are seconds since the Unix epoch, as the broker's clock saw them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from zbroker.client.errors import ReplyError
+
+
+class TaskState(StrEnum):
+    """Where a durable task is in its life. A str: `TaskState.DONE == "done"`."""
+
+    READY = "ready"  # queued, waiting for a worker
+    DELAYED = "delayed"  # queued, not before its `not_before` time (a delay, or a retry backoff)
+    INFLIGHT = "inflight"  # delivered to a worker, which is running it
+    DONE = "done"  # finished with a result (final)
+    DEAD = "dead"  # failed for good: a dead letter (final)
+    CANCELLED = "cancelled"  # cancelled before it finished (final)
+    EXPIRED = "expired"  # its time to live ran out before a worker started it (final)
+
+    @property
+    def final(self) -> bool:
+        """True for the states a task never leaves: done, dead, cancelled, expired."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({TaskState.DONE, TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """A durable task as the broker holds it, from `status()`.
+
+    Times are seconds since the epoch; None where the task has no such time.
+    """
+
+    id: str
+    service: str
+    state: TaskState
+    attempt: int  # deliveries so far; 0 before the first one
+    max_attempts: int
+    priority: int
+    created_at: float
+    not_before: float | None = None  # not delivered before this time
+    expires_at: float | None = None  # expires unless started by then (ttl_s)
+    timeout_s: float | None = None  # run-time limit of one attempt
+    key: str | None = None  # idempotency key (the generated one when none was given)
+    headers: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the last failure reason, if any
+    finished_at: float | None = None  # when it reached a final state
+    keep_until: float | None = None  # its record (and result) is kept until then
+    history: tuple[Any, ...] = ()  # the broker's log of the task's transitions
+
+    @property
+    def final(self) -> bool:
+        """True once the task has ended (done, dead, cancelled, expired)."""
+        return self.state.final
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One task in a service's dead-letter queue, from `dead_letters()`."""
+
+    id: str
+    seq: int  # its place in the dead-letter queue (pages are ordered by it)
+    attempt: int  # attempts made before it died
+    error: str | None  # why its last attempt failed
+    created_at: float
+    finished_at: float | None  # when it died
+
+
+# ----------------------------------------------------------------- decoding
+
+
+def parse_state(value: Any) -> TaskState:
+    """A TaskState from an answer's `state`; ReplyError for anything else."""
+    try:
+        return TaskState(value)
+    except ValueError:
+        raise ReplyError("bad_state", f"unknown task state {value!r}") from None
+
+
+def parse_status(meta: dict[str, Any]) -> TaskStatus:
+    """The `task` map of a STATUS answer."""
+    task = meta.get("task")
+    if not isinstance(task, dict):
+        raise ReplyError("bad_answer", "STATUS answer without a 'task' map")
+    headers = task.get("headers")
+    history = task.get("history")
+    return TaskStatus(
+        id=_text(task, "id"),
+        service=_text(task, "service"),
+        state=parse_state(task.get("state")),
+        attempt=_whole(task, "attempt"),
+        max_attempts=_whole(task, "max_attempts"),
+        priority=_whole(task, "priority"),
+        created_at=_time(task, "created_at") or 0.0,
+        not_before=_time(task, "not_before") or None,  # the broker says 0 for none
+        expires_at=_time(task, "expires_at"),
+        timeout_s=_time(task, "timeout_s"),
+        key=_optional_text(task, "key"),
+        headers=headers if isinstance(headers, dict) else {},
+        error=_optional_text(task, "error"),
+        finished_at=_time(task, "finished_at"),
+        keep_until=_time(task, "keep_until"),
+        history=tuple(history) if isinstance(history, list | tuple) else (),
+    )
+
+
+def parse_dead_letter(entry: Any) -> DeadLetter:
+    """One entry of a DEAD answer's `tasks`."""
+    if not isinstance(entry, dict):
+        raise ReplyError("bad_answer", "DEAD answer entry is not a map")
+    return DeadLetter(
+        id=_text(entry, "id"),
+        seq=_whole(entry, "seq"),
+        attempt=_whole(entry, "attempt"),
+        error=_optional_text(entry, "error"),
+        created_at=_time(entry, "created_at") or 0.0,
+        finished_at=_time(entry, "finished_at"),
+    )
+
+
+def parse_ids(meta: dict[str, Any], expected: int | None = None) -> list[str]:
+    """The `ids` list of an answer, checked to hold `expected` task ids when given."""
+    ids = meta.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ReplyError("bad_answer", "answer without an 'ids' list of task ids")
+    if expected is not None and len(ids) != expected:
+        raise ReplyError("bad_answer", f"expected {expected} task ids, got {len(ids)}")
+    return ids
+
+
+def _text(meta: dict[str, Any], name: str) -> str:
+    value = meta.get(name)
+    if not isinstance(value, str):
+        raise ReplyError("bad_answer", f"answer field {name!r} is not a string")
+    return value
+
+
+def _optional_text(meta: dict[str, Any], name: str) -> str | None:
+    value = meta.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _whole(meta: dict[str, Any], name: str) -> int:
+    value = meta.get(name)
+    if value is None:
+        return 0
+    if type(value) is not int:
+        raise ReplyError("bad_answer", f"answer field {name!r} is not an integer")
+    return value
+
+
+def _time(meta: dict[str, Any], name: str) -> float | None:
+    value = meta.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
