@@ -1,0 +1,382 @@
+// Type declarations for the zbroker Node.js client (hand-written; the package is plain ESM).
+
+/// <reference types="node" />
+
+import type { EventEmitter } from 'node:events'
+
+export const DEFAULT_ENDPOINT: 'tcp://127.0.0.1:5555'
+export const DEFAULT_EVENTS_IN: 'tcp://127.0.0.1:5556'
+export const DEFAULT_EVENTS_OUT: 'tcp://127.0.0.1:5557'
+
+/** One frame: strings are sent as UTF-8. */
+export type Frame = Buffer | Uint8Array | string
+/** A payload or result: one frame, or an array of frames. */
+export type Payload = Frame | Frame[]
+
+/** Final and non-final task states, as the broker names them. */
+export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'cancelled' | 'expired'
+
+// ------------------------------------------------------------ errors
+
+/** Base class of every error the library throws on purpose. */
+export class ZbrokerError extends Error {
+  code?: string
+}
+
+/** A call got no (final) answer in time. `taskId` is set when the task was enqueued. */
+export class TimeoutError extends ZbrokerError {
+  readonly code: 'timeout'
+  /** The task's id when known: the task may still run; fetch it later with `result()`. */
+  readonly taskId: string | null
+  /** The task's last known state, when a state was seen. */
+  readonly state: TaskState | null
+}
+
+/** The object was closed before or during the call. */
+export class ClosedError extends ZbrokerError {
+  readonly code: 'closed'
+}
+
+/** A peer sent something that does not follow the protocol, or a reply has an unexpected shape. */
+export class ProtocolError extends ZbrokerError {
+  readonly code: string
+  constructor (code: string, message: string)
+}
+
+/** The broker refused a ZBC01 call (ERROR). `code`: bad_request, not_found, queue_full, too_large, conflict, too_many_waiters, unavailable, shutting_down. */
+export class BrokerError extends ZbrokerError {
+  readonly code: string
+  /** The broker's own message. */
+  readonly brokerMessage: string
+  constructor (code: string, message: string)
+}
+
+/** ERROR not_found: no such task (never existed, or its record lapsed after retention). */
+export class TaskNotFound extends BrokerError {}
+
+/** ERROR queue_full: the service's queue is at its cap; nothing of the call was stored. */
+export class QueueFull extends BrokerError {}
+
+/** A task ended without a result. */
+export class TaskError extends ZbrokerError {
+  readonly taskId: string
+  readonly state: TaskState
+  /** The broker's record of why (the last failure reason, say). */
+  readonly error: string | null
+}
+
+/** The task failed for good (attempts used up, or NonRetryableError): it is in the dead-letter queue. */
+export class TaskDead extends TaskError {}
+/** The task was cancelled. */
+export class TaskCancelled extends TaskError {}
+/** The task's TTL passed before it started. */
+export class TaskExpired extends TaskError {}
+
+/** Throw from a Worker handler when no further attempt can succeed (FAIL with retry: false). */
+export class NonRetryableError extends Error {
+  constructor (message?: string, options?: ErrorOptions)
+}
+
+/** Throw from a Worker handler to fail this attempt and retry after `delayS` seconds. */
+export class RetryLater extends Error {
+  readonly delayS: number
+  readonly reason: string
+  constructor (delayS: number, reason?: string)
+}
+
+// ------------------------------------------------------------ Client
+
+export interface ClientOptions {
+  /** Broker ROUTER endpoint. Default tcp://127.0.0.1:5555. */
+  endpoint?: string
+  /** Default time limit of ZBC01 calls (enqueue, result, request...), in ms. Default 30000; Infinity: none. */
+  timeoutMs?: number
+  /** Default per-attempt timeout of MDP requests, in ms. Default 5000. */
+  mdpTimeoutMs?: number
+  /** Default MDP resends after a timeout. Default 3. */
+  retries?: number
+  /** Most ZBC01 calls in flight at once. Default 10000. */
+  maxPending?: number
+  /** Socket high-water marks (messages). Default 10000. */
+  hwm?: number
+  /** The broker's frame cap per message (its --max-frames), which enqueueMany respects. Default 64. */
+  maxFrames?: number
+  /** The broker's size cap per message (--max-message-bytes), which enqueueMany respects. Default 16 MiB. */
+  maxMessageBytes?: number
+}
+
+export interface CallOptions {
+  /** Time limit of this call in ms (default: the client's timeoutMs; Infinity: none). */
+  timeoutMs?: number
+  /** Abort the call: it rejects with `signal.reason` (the task itself is not cancelled). */
+  signal?: AbortSignal
+}
+
+export interface TaskOptions {
+  /** -128..127, higher runs first. Default 0. */
+  priority?: number
+  /** Not before now + delayS seconds. */
+  delayS?: number
+  /** Not before this time (a Date, or seconds since the epoch). */
+  notBefore?: Date | number
+  /** Expire unless started within ttlS seconds of the enqueue. */
+  ttlS?: number
+  /** Deliveries allowed before the task is dead-lettered (1..1000). Default: the broker's (3). */
+  maxAttempts?: number
+  /** Run-time limit of one attempt, in seconds (the worker sees it as `task.timeoutS`). */
+  timeoutS?: number
+  /** Idempotency key of one task. Default: a random UUID, so resends never duplicate. */
+  key?: string
+  /** Free-form map handed to the worker. */
+  headers?: Record<string, unknown>
+}
+
+export interface BatchOptions extends Omit<TaskOptions, 'key'> {
+  /** One idempotency key (or null: generated) per task. */
+  keys?: Array<string | null>
+}
+
+export interface ResultOptions extends CallOptions {
+  /** Resolve with every result frame (Buffer[]) instead of the one-frame result. */
+  frames?: boolean
+}
+
+export interface MdpOptions {
+  /** Per-attempt timeout in ms (default: the client's mdpTimeoutMs). */
+  timeoutMs?: number
+  /** Resends on fresh sockets after a timeout (default: the client's retries). */
+  retries?: number
+  signal?: AbortSignal
+}
+
+/** What the broker knows about a task (STATUS). Times are Dates; notBefore is null when unset. */
+export interface TaskStatus {
+  id: string
+  service: string
+  state: TaskState
+  attempt: number
+  maxAttempts: number
+  priority: number
+  createdAt: Date
+  notBefore: Date | null
+  expiresAt: Date | null
+  timeoutS: number | null
+  key: string | null
+  headers: Record<string, unknown>
+  error: string | null
+  finishedAt: Date | null
+  keepUntil: Date | null
+  /** [event, epoch seconds, details...], oldest first (see docs/protocol.md §11.3). */
+  history: Array<[string, number, ...unknown[]]>
+  [key: string]: unknown
+}
+
+export interface DeadLetter {
+  id: string
+  seq: number
+  attempt: number
+  error: string | null
+  createdAt: Date
+  finishedAt: Date | null
+  [key: string]: unknown
+}
+
+export interface DeadLetterPage {
+  tasks: DeadLetter[]
+  /** Pass as `after` for the next page; null on the last page. */
+  next: number | null
+}
+
+export interface CancelResult {
+  id: string
+  state: 'cancelled'
+  /** The state before the cancel (null if unknown: a resent cancel found it already cancelled). */
+  was: TaskState | null
+}
+
+export interface ClientStats {
+  calls: number
+  resends: number
+  lateAnswers: number
+  malformed: number
+  mdpRequests: number
+  mdpResends: number
+  mdpTimeouts: number
+}
+
+export class Client {
+  constructor (endpoint?: string, options?: Omit<ClientOptions, 'endpoint'>)
+  constructor (options?: ClientOptions)
+  readonly endpoint: string
+  readonly closed: boolean
+  readonly stats: ClientStats
+
+  /** Enqueue one durable task; resolves with its id once the broker has committed it. */
+  enqueue (service: string, payload: Payload, options?: TaskOptions & CallOptions): Promise<string>
+  /** Enqueue a batch (as few messages as the broker's caps allow); one id per payload, in order. */
+  enqueueMany (service: string, payloads: Payload[], options?: BatchOptions & CallOptions): Promise<string[]>
+  /** Enqueue one task and wait for its result; resumes by task id after a reconnect. */
+  request (service: string, payload: Payload, options?: TaskOptions & CallOptions & { frames?: false }): Promise<Buffer>
+  request (service: string, payload: Payload, options: TaskOptions & CallOptions & { frames: true }): Promise<Buffer[]>
+  /** Wait up to timeoutMs for task `id` to end (0: answer now) and resolve with its result. */
+  result (id: string, options?: CallOptions & { frames?: false }): Promise<Buffer>
+  result (id: string, options: CallOptions & { frames: true }): Promise<Buffer[]>
+  status (id: string, options?: CallOptions): Promise<TaskStatus>
+  cancel (id: string, options?: CallOptions): Promise<CancelResult>
+  deadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): Promise<DeadLetterPage>
+  iterDeadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): AsyncGenerator<DeadLetter, void, undefined>
+  /** Dead letters back to the queue (all, or those in `ids`); resolves with the ids moved. */
+  redrive (service: string, ids?: string[] | null, options?: CallOptions): Promise<string[]>
+  redrive (service: string, options: CallOptions): Promise<string[]>
+
+  /** Plain 7/MDP request; the reply must be one frame. */
+  mdpRequest (service: string, body: Payload, options?: MdpOptions): Promise<Buffer>
+  /** Plain 7/MDP request; every reply frame. */
+  mdpRequestFrames (service: string, body: Payload, options?: MdpOptions): Promise<Buffer[]>
+  /** 8/MMI: is a worker for `service` registered now? */
+  mmiService (service: string, options?: MdpOptions): Promise<boolean>
+
+  /** Close every socket; waiting calls reject with ClosedError. */
+  close (): void
+  [Symbol.dispose] (): void
+}
+
+// ------------------------------------------------------------ Worker
+
+/** One attempt of a task, as the handler gets it. */
+export interface Task {
+  readonly id: string
+  /** 1 for the first delivery; the broker's fencing token. */
+  readonly attempt: number
+  readonly service: string
+  /** The first payload frame (empty when there is none). */
+  readonly payload: Buffer
+  readonly frames: Buffer[]
+  readonly headers: Record<string, unknown>
+  /** Run-time limit of this attempt in seconds, when the task has one. */
+  readonly timeoutS: number | null
+  /** Aborted when the broker takes the attempt back (CANCEL), the connection is replaced, or stop() gives up on it. */
+  readonly signal: AbortSignal
+  /** Send PROGRESS (renews the lease), with optional data frames; false if the attempt is no longer held. */
+  progress (data?: Payload): boolean
+}
+
+/** A handler returns the result (frames; undefined/null: no frames) or throws to fail the attempt. */
+export type Handler = (task: Task) => Payload | null | undefined | void | Promise<Payload | null | undefined | void>
+
+export interface Logger {
+  debug?: (...args: unknown[]) => void
+  info?: (...args: unknown[]) => void
+  warn?: (...args: unknown[]) => void
+  error?: (...args: unknown[]) => void
+}
+
+export interface WorkerOptions {
+  endpoint?: string
+  service: string
+  handler: Handler
+  /** Tasks held and run at once (the credit declared to the broker), 1..10000. Default 1. */
+  concurrency?: number
+  /** Capabilities (at most 32). */
+  tags?: string[]
+  /** Heartbeat interval in ms. Default 2500. */
+  heartbeatIntervalMs?: number
+  /** Silent intervals after which the broker is presumed gone. Default 3. */
+  liveness?: number
+  /** First reconnect delay in ms, doubling up to maxReconnectDelayMs. Defaults 100 and 2500. */
+  reconnectDelayMs?: number
+  maxReconnectDelayMs?: number
+  /** Called at most once per interval; the map goes out with a heartbeat. */
+  metrics?: () => Record<string, unknown>
+  hwm?: number
+  /** Where warnings and errors go (default: console for warn/error); null: silent. */
+  logger?: Logger | null
+}
+
+export interface WorkerStats {
+  received: number
+  acked: number
+  handled: number
+  failed: number
+  cancelled: number
+  notStarted: number
+  staleResultsDropped: number
+  progressSent: number
+  reconnects: number
+  malformed: number
+  metricsErrors: number
+}
+
+/** Serves one service over ZBW01. Emits 'connected' and 'disconnected'. */
+export class Worker extends EventEmitter {
+  constructor (options: WorkerOptions)
+  readonly service: string
+  readonly endpoint: string
+  readonly concurrency: number
+  readonly connected: boolean
+  readonly running: number
+  readonly stopping: boolean
+  readonly stats: WorkerStats
+  /** Connect and register; resolves once greeted by the broker (or stopped). Never rejects. */
+  start (): Promise<void>
+  /** Graceful stop; resolves true if every running handler finished within timeoutMs (default 10000). */
+  stop (options?: { timeoutMs?: number }): Promise<boolean>
+  [Symbol.asyncDispose] (): Promise<void>
+}
+
+// ------------------------------------------------------------ events
+
+export interface Event<P = unknown> {
+  /** Frame 0 as received (equal to `type`). */
+  topic?: string
+  type: string
+  source: string
+  payload: P
+  /** Seconds since the epoch, at publication. */
+  timestamp: number
+  correlationId?: string
+  replyTo?: string
+}
+
+export interface PublishOptions {
+  source?: string
+  correlationId?: string
+  replyTo?: string
+}
+
+export class Publisher {
+  constructor (endpoint?: string, options?: { source?: string, hwm?: number })
+  constructor (options?: { endpoint?: string, source?: string, hwm?: number })
+  readonly endpoint: string
+  readonly closed: boolean
+  published: number
+  /** Publish one event; payload is anything msgpack carries (Buffers as bin). */
+  publish<P = unknown> (type: string, payload?: P, options?: PublishOptions): Promise<Event<P>>
+  close (): void
+  [Symbol.dispose] (): void
+}
+
+export interface SubscriberOptions {
+  endpoint?: string
+  /** Topic prefixes; default [''] (everything). */
+  topics?: string[] | string
+  hwm?: number
+  /** Closing signal: aborting it closes the subscriber and ends iteration. */
+  signal?: AbortSignal
+}
+
+export class Subscriber implements AsyncIterable<Event> {
+  constructor (endpoint?: string, options?: Omit<SubscriberOptions, 'endpoint'>)
+  constructor (options?: SubscriberOptions)
+  readonly endpoint: string
+  readonly closed: boolean
+  received: number
+  dropped: number
+  subscribe (...prefixes: string[]): void
+  unsubscribe (...prefixes: string[]): void
+  /** The next event, or null at the timeout or when closed meanwhile. */
+  recv (options?: { timeoutMs?: number, signal?: AbortSignal }): Promise<Event | null>
+  [Symbol.asyncIterator] (): AsyncIterator<Event>
+  close (): void
+  [Symbol.dispose] (): void
+}

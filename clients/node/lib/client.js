@@ -1,0 +1,787 @@
+// Client: durable tasks over ZBC01 (enqueue, request, result, status, cancel,
+// dead letters) on one multiplexed DEALER, and plain 7/MDP requests (Lazy
+// Pirate: one fresh DEALER per attempt).
+
+import { randomUUID } from 'node:crypto'
+import {
+  ClosedError,
+  ProtocolError,
+  TimeoutError,
+  ZbrokerError,
+  brokerError,
+  taskError
+} from './errors.js'
+import {
+  C,
+  DEFAULT_ENDPOINT,
+  FINAL_STATES,
+  MAX_ATTEMPTS_LIMIT,
+  MAX_BATCH,
+  MAX_LIST,
+  MAX_WAIT_S,
+  MMI_SERVICE,
+  PRIORITY_MAX,
+  PRIORITY_MIN,
+  decodeMdpReply,
+  decodeZbcAnswer,
+  describe,
+  isInt,
+  mdpRequest,
+  toFrames,
+  zbcCall
+} from './protocol.js'
+import {
+  DEFAULT_HWM,
+  checkEndpoint,
+  connectSocket,
+  isClosedSocketError,
+  isSendQueueFull,
+  zmq
+} from './sockets.js'
+
+// The longest single RESULT wait asked of the broker; longer waits are chained,
+// so a waiter also notices a broker that was replaced meanwhile.
+const WAIT_CHUNK_S = 60
+// How long past its wait a RESULT call may take to be answered before it times out.
+const RESULT_GRACE_MS = 1000
+// Pause before asking again for a result that is not ready yet.
+const REPOLL_MS = 20
+// What an ENQUEUE message carries besides payload frames: the routing id the
+// broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
+// counts all of them against its frame cap (--max-frames, 64 by default).
+const ZBC_OVERHEAD_FRAMES = 5
+// Room kept for the meta frame when packing a batch under the byte cap.
+const META_BUDGET_BYTES = 64 * 1024
+const PER_TASK_META_BYTES = 64
+// setTimeout's largest delay; anything longer is treated as "no limit".
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+const TIME_FIELDS = new Set(['created_at', 'not_before', 'expires_at', 'finished_at', 'keep_until'])
+
+export class Client {
+  #endpoint
+  #timeoutMs
+  #mdpTimeoutMs
+  #retries
+  #hwm
+  #channel = null
+  #maxPending
+  #maxFrames
+  #maxMessageBytes
+  #mdpAttempts = new Set() // closers of MDP attempts in progress
+  #closed = false
+
+  /**
+   * new Client(endpoint?, options?) or new Client({endpoint, ...options}).
+   * Options: timeoutMs (30000: default limit of ZBC01 calls), mdpTimeoutMs
+   * (5000: per attempt), retries (3: MDP resends), maxPending (10000 calls in
+   * flight), hwm (10000 messages), maxFrames (64) and maxMessageBytes (16 MiB):
+   * the broker's caps, which enqueueMany() splits batches to respect.
+   */
+  constructor (endpointOrOptions, options = {}) {
+    const opts = typeof endpointOrOptions === 'string'
+      ? { ...options, endpoint: endpointOrOptions }
+      : { ...(endpointOrOptions ?? {}) }
+    this.#endpoint = checkEndpoint(opts.endpoint ?? DEFAULT_ENDPOINT)
+    this.#timeoutMs = checkTimeout(opts.timeoutMs ?? 30_000, 'timeoutMs')
+    this.#mdpTimeoutMs = checkTimeout(opts.mdpTimeoutMs ?? 5000, 'mdpTimeoutMs', { positive: true })
+    this.#retries = checkInt(opts.retries ?? 3, 'retries', 0, 1000)
+    this.#maxPending = checkInt(opts.maxPending ?? 10_000, 'maxPending', 1, 1_000_000)
+    this.#hwm = checkInt(opts.hwm ?? DEFAULT_HWM, 'hwm', 1, 10_000_000)
+    this.#maxFrames = checkInt(opts.maxFrames ?? 64, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
+    this.#maxMessageBytes = checkInt(opts.maxMessageBytes ?? 16 * 1024 * 1024, 'maxMessageBytes', 1024, Number.MAX_SAFE_INTEGER)
+    /** Counters since creation; they only grow. */
+    this.stats = {
+      calls: 0, // ZBC01 calls made
+      resends: 0, // ZBC01 messages sent again after a reconnect
+      lateAnswers: 0, // answers for calls that had already ended (timed out, aborted, duplicate)
+      malformed: 0, // messages from the broker that could not be decoded
+      mdpRequests: 0,
+      mdpResends: 0,
+      mdpTimeouts: 0
+    }
+  }
+
+  get endpoint () { return this.#endpoint }
+  get closed () { return this.#closed }
+
+  // ------------------------------------------------------------ ZBC01
+
+  /**
+   * Enqueue one durable task; resolves with its id once the broker has
+   * committed it. An idempotency key is generated when none is given, so a
+   * resend after a lost answer never enqueues twice.
+   */
+  async enqueue (service, payload, options = {}) {
+    const meta = taskMeta(options, 1)
+    meta.service = checkService(service)
+    const frames = toFrames(payload)
+    const answer = await this.#call({
+      what: `ENQUEUE to ${JSON.stringify(service)}`,
+      options,
+      start: (ctl) => ctl.send(C.ENQUEUE, meta, frames),
+      answer: replyOrError
+    })
+    return taskIds(answer, 1)[0]
+  }
+
+  /**
+   * Enqueue a batch; resolves with one id per payload, in order. The batch
+   * goes in as few ENQUEUE messages as the broker's caps allow (each one
+   * journal commit): at most 10000 tasks, `maxFrames` frames and
+   * `maxMessageBytes` bytes per message. If a later message is refused, the
+   * tasks of the earlier ones stay stored: the error's `enqueuedIds` lists them.
+   */
+  async enqueueMany (service, payloads, options = {}) {
+    if (!Array.isArray(payloads)) throw new TypeError('payloads must be an array (one payload per task)')
+    if (payloads.length === 0) return []
+    const meta = taskMeta(options, payloads.length)
+    meta.service = checkService(service)
+    const perTask = payloads.map((p, i) => toFrames(p, `payloads[${i}]`))
+    const ids = []
+    for (const [start, end] of this.#batches(perTask)) {
+      const chunk = perTask.slice(start, end)
+      const chunkMeta = { ...meta, keys: meta.keys.slice(start, end), counts: chunk.map((f) => f.length) }
+      const frames = chunk.flat()
+      let answer
+      try {
+        answer = await this.#call({
+          what: `ENQUEUE of ${chunk.length} task${chunk.length === 1 ? '' : 's'} to ${JSON.stringify(service)}`,
+          options,
+          start: (ctl) => ctl.send(C.ENQUEUE, chunkMeta, frames),
+          answer: replyOrError
+        })
+      } catch (err) {
+        if (ids.length > 0 && err && typeof err === 'object') err.enqueuedIds = ids
+        throw err
+      }
+      ids.push(...taskIds(answer, chunk.length))
+    }
+    return ids
+  }
+
+  // [start, end) ranges of tasks, each range fitting one ENQUEUE message.
+  * #batches (perTask) {
+    const maxPayloadFrames = Math.max(1, this.#maxFrames - ZBC_OVERHEAD_FRAMES)
+    let start = 0
+    while (start < perTask.length) {
+      let end = start
+      let frames = 0
+      let bytes = META_BUDGET_BYTES
+      while (end < perTask.length && end - start < MAX_BATCH) {
+        const taskFrames = perTask[end].length
+        const taskBytes = perTask[end].reduce((n, f) => n + f.length, 0) + PER_TASK_META_BYTES
+        if (end > start && (frames + taskFrames > maxPayloadFrames || bytes + taskBytes > this.#maxMessageBytes)) break
+        frames += taskFrames
+        bytes += taskBytes
+        end++
+      }
+      yield [start, end]
+      start = end
+    }
+  }
+
+  /**
+   * Enqueue one task and wait for its result (ZBC01 REQUEST). Resolves with
+   * the result (a Buffer; `{frames: true}` gives every result frame); rejects
+   * with TaskDead, TaskCancelled or TaskExpired when the task ends otherwise,
+   * and with TimeoutError (its `taskId` set when the task was enqueued) after
+   * `timeoutMs`. After a reconnect to the broker it resumes waiting by task id.
+   */
+  async request (service, payload, options = {}) {
+    const meta = taskMeta(options, 1)
+    meta.service = checkService(service)
+    const frames = toFrames(payload)
+    const wantFrames = options.frames === true
+    return this.#call({
+      what: `REQUEST to ${JSON.stringify(service)}`,
+      options,
+      graceMs: RESULT_GRACE_MS,
+      start: (ctl) => {
+        // Hold the call at the broker for as long as we wait (its default is 300 s).
+        if (ctl.remainingMs() !== Infinity) meta.wait_s = waitSeconds(ctl, MAX_WAIT_S)
+        ctl.send(C.REQUEST, meta, frames)
+      },
+      answer: (ctl, answer) => {
+        if (!answer.ok) return ctl.reject(errorOf(answer))
+        if (ctl.taskId === null) {
+          const ids = answer.meta.ids
+          if (Array.isArray(ids) && typeof ids[0] === 'string') {
+            ctl.taskId = ids[0]
+            // The key matched a stored task, which may have ended already: ask
+            // for its result rather than wait for the REQUEST's own answer.
+            if (Array.isArray(answer.meta.existing) && answer.meta.existing.length > 0) {
+              ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) })
+            }
+            return // committed; the final answer follows on the same rid
+          }
+        }
+        onResultAnswer(ctl, answer, wantFrames)
+      },
+      resend: (ctl) => {
+        if (ctl.taskId === null) ctl.resendLast() // same idempotency key: never a second task
+        else ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) })
+      }
+    })
+  }
+
+  /**
+   * The result of task `id`: waits up to `timeoutMs` for it to end (0: answer
+   * with what is there now). Rejects like request(), and with TaskNotFound.
+   */
+  async result (id, options = {}) {
+    checkTaskId(id)
+    const wantFrames = options.frames === true
+    const ask = (ctl) => ctl.send(C.RESULT, { id, wait_s: waitSeconds(ctl) })
+    return this.#call({
+      what: `RESULT of task ${id}`,
+      options,
+      graceMs: RESULT_GRACE_MS,
+      taskId: id,
+      start: ask,
+      resend: ask,
+      answer: (ctl, answer) => {
+        if (!answer.ok) return ctl.reject(errorOf(answer))
+        onResultAnswer(ctl, answer, wantFrames)
+      }
+    })
+  }
+
+  /** Everything the broker knows about task `id` (keys in camelCase, times as Date). */
+  async status (id, options = {}) {
+    checkTaskId(id)
+    const answer = await this.#call({
+      what: `STATUS of task ${id}`,
+      options,
+      taskId: id,
+      start: (ctl) => ctl.send(C.STATUS, { id }),
+      answer: replyOrError
+    })
+    const task = answer.meta.task
+    if (task === null || typeof task !== 'object') throw new ProtocolError('bad_reply', 'STATUS reply without a task map')
+    return camelTask(task)
+  }
+
+  /** Cancel task `id`: resolves {id, state: 'cancelled', was}; BrokerError 'conflict' when it had already ended. */
+  async cancel (id, options = {}) {
+    checkTaskId(id)
+    let conflict = null
+    const answer = await this.#call({
+      what: `CANCEL of task ${id}`,
+      options,
+      taskId: id,
+      start: (ctl) => ctl.send(C.CANCEL, { id }),
+      answer: (ctl, answer) => {
+        if (conflict !== null) {
+          // A resent CANCEL was refused: did the first one (lost answer) do it?
+          const task = answer.ok ? answer.meta.task : null
+          if (task && task.state === 'cancelled') return ctl.resolve({ meta: { id, state: 'cancelled', was: null } })
+          return ctl.reject(conflict)
+        }
+        if (!answer.ok && answer.meta.code === 'conflict' && ctl.resent) {
+          conflict = errorOf(answer)
+          return ctl.send(C.STATUS, { id })
+        }
+        replyOrError(ctl, answer)
+      }
+    })
+    const { state = 'cancelled', was = null } = answer.meta
+    return { id, state, was }
+  }
+
+  /**
+   * One page of the dead letters of `service`: {tasks, next}. Pass
+   * `{after: page.next}` for the following page; `next` is null on the last.
+   */
+  async deadLetters (service, options = {}) {
+    const meta = { service: checkService(service) }
+    if (options.limit !== undefined) meta.limit = checkInt(options.limit, 'limit', 1, MAX_LIST)
+    if (options.after !== undefined && options.after !== null) meta.after = checkInt(options.after, 'after', Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER)
+    const answer = await this.#call({
+      what: `DEAD of ${JSON.stringify(service)}`,
+      options,
+      start: (ctl) => ctl.send(C.DEAD, meta),
+      answer: replyOrError
+    })
+    const tasks = answer.meta.tasks
+    if (!Array.isArray(tasks)) throw new ProtocolError('bad_reply', 'DEAD reply without a tasks list')
+    return { tasks: tasks.map(camelTask), next: isInt(answer.meta.next) ? answer.meta.next : null }
+  }
+
+  /** Every dead letter of `service`, page after page. */
+  async * iterDeadLetters (service, options = {}) {
+    let after = options.after ?? null
+    for (;;) {
+      const page = await this.deadLetters(service, { ...options, after })
+      yield * page.tasks
+      if (page.next === null || page.tasks.length === 0) return
+      after = page.next
+    }
+  }
+
+  /** Put dead letters of `service` back in its queue (all of them, or those in `ids`); resolves with the ids moved. */
+  async redrive (service, ids, options = {}) {
+    if (ids !== undefined && ids !== null && !Array.isArray(ids) && typeof ids === 'object') {
+      options = ids // redrive(service, options)
+      ids = undefined
+    }
+    const meta = { service: checkService(service) }
+    if (ids !== undefined && ids !== null) {
+      if (!Array.isArray(ids) || !ids.every((i) => typeof i === 'string')) throw new TypeError('ids must be an array of task id strings')
+      if (ids.length > MAX_BATCH) throw new RangeError(`at most ${MAX_BATCH} ids per call`)
+      meta.ids = ids
+    }
+    const answer = await this.#call({
+      what: `REDRIVE of ${JSON.stringify(service)}`,
+      options,
+      start: (ctl) => ctl.send(C.REDRIVE, meta),
+      answer: replyOrError
+    })
+    const moved = answer.meta.ids
+    if (!Array.isArray(moved)) throw new ProtocolError('bad_reply', 'REDRIVE reply without an ids list')
+    return moved
+  }
+
+  #call (spec) {
+    if (this.#closed) return Promise.reject(new ClosedError('client is closed'))
+    if (this.#channel === null) this.#channel = new Channel(this.#endpoint, this.#hwm, this.#maxPending, this.stats)
+    this.stats.calls++
+    const timeoutMs = spec.options.timeoutMs === undefined
+      ? this.#timeoutMs
+      : checkTimeout(spec.options.timeoutMs, 'timeoutMs')
+    return this.#channel.call(spec, timeoutMs, spec.options.signal)
+  }
+
+  // ------------------------------------------------------------ 7/MDP
+
+  /**
+   * A plain 7/MDP request; resolves with the one-frame reply as a Buffer.
+   * `timeoutMs` is per attempt; after `retries` resends on fresh sockets it
+   * rejects with TimeoutError. MDP requests are not durable.
+   */
+  async mdpRequest (service, body, options = {}) {
+    const frames = await this.mdpRequestFrames(service, body, options)
+    if (frames.length !== 1) throw new ProtocolError('reply_frames', `expected a one-frame reply, got ${frames.length} frames: use mdpRequestFrames`)
+    return frames[0]
+  }
+
+  /** Like mdpRequest, with a body of several frames allowed and every reply frame returned. */
+  async mdpRequestFrames (service, body, options = {}) {
+    if (this.#closed) throw new ClosedError('client is closed')
+    checkService(service, { mmi: true })
+    const timeoutMs = options.timeoutMs === undefined
+      ? this.#mdpTimeoutMs
+      : checkTimeout(options.timeoutMs, 'timeoutMs', { positive: true })
+    const retries = options.retries === undefined ? this.#retries : checkInt(options.retries, 'retries', 0, 1000)
+    const message = mdpRequest(service, toFrames(body, 'body'))
+    options.signal?.throwIfAborted()
+    this.stats.mdpRequests++
+    for (let attempt = 1; ; attempt++) {
+      const reply = await this.#mdpAttempt(service, message, Math.min(timeoutMs, MAX_TIMER_MS), options.signal)
+      if (reply !== null) return reply
+      if (attempt > retries) {
+        this.stats.mdpTimeouts++
+        throw new TimeoutError(`no reply from service ${JSON.stringify(service)} within ${timeoutMs}ms per attempt after ${attempt} attempt${attempt === 1 ? '' : 's'}`)
+      }
+      this.stats.mdpResends++
+    }
+  }
+
+  /** 8/MMI: true when a worker for `service` is registered with the broker now. */
+  async mmiService (service, options = {}) {
+    const [code] = await this.mdpRequestFrames(MMI_SERVICE, [checkService(service)], options)
+    const text = code?.toString('latin1')
+    if (text === '200') return true
+    if (text === '404') return false
+    throw new ProtocolError('mmi_status', `unexpected mmi.service status ${JSON.stringify(text)}`)
+  }
+
+  // One Lazy Pirate attempt on its own socket: the body frames, or null at the deadline.
+  #mdpAttempt (service, message, timeoutMs, signal) {
+    const sock = connectSocket(zmq.Dealer, this.#endpoint, { hwm: this.#hwm })
+    return new Promise((resolve, reject) => {
+      let settled = false
+      const finish = (settle, value) => {
+        if (settled) return
+        settled = true
+        clearTimeout(timer)
+        signal?.removeEventListener('abort', onAbort)
+        this.#mdpAttempts.delete(onClose)
+        sock.close() // a late reply to this attempt can never be read now
+        settle(value)
+      }
+      const timer = setTimeout(() => finish(resolve, null), timeoutMs)
+      const onAbort = () => finish(reject, signal.reason)
+      const onClose = () => finish(reject, new ClosedError('client closed during the request'))
+      signal?.addEventListener('abort', onAbort, { once: true })
+      this.#mdpAttempts.add(onClose)
+      const exchange = async () => {
+        await sock.send(message)
+        for await (const frames of sock) {
+          let reply
+          try {
+            reply = decodeMdpReply(frames)
+          } catch {
+            this.stats.malformed++
+            continue
+          }
+          if (reply.service !== service) {
+            this.stats.malformed++
+            continue
+          }
+          return finish(resolve, reply.body)
+        }
+      }
+      exchange().catch((err) => {
+        if (!settled) finish(reject, socketError(err, `MDP request to ${JSON.stringify(service)}`))
+      })
+    })
+  }
+
+  // ------------------------------------------------------------ lifetime
+
+  /** Close every socket; calls still waiting reject with ClosedError. Safe to call twice. */
+  close () {
+    if (this.#closed) return
+    this.#closed = true
+    for (const closeAttempt of [...this.#mdpAttempts]) closeAttempt()
+    this.#channel?.close()
+    this.#channel = null
+  }
+
+  [Symbol.dispose] () { this.close() }
+}
+
+// ------------------------------------------------------------ the ZBC01 channel
+
+// One DEALER socket, many calls in flight, told apart by `rid`. When the
+// connection drops and comes back (a broker restart, say), every call still
+// waiting is resent: idempotency keys make that safe for enqueues, and waits
+// resume by task id.
+class Channel {
+  #sock
+  #pending = new Map() // rid -> Call
+  #nextRid = 1
+  #maxPending
+  #stats
+  #lost = false
+  #closed = false
+
+  constructor (endpoint, hwm, maxPending, stats) {
+    this.#maxPending = maxPending
+    this.#stats = stats
+    this.#sock = connectSocket(zmq.Dealer, endpoint, { hwm })
+    this.#sock.events.on('disconnect', () => { this.#lost = true })
+    this.#sock.events.on('handshake', () => {
+      if (!this.#lost) return
+      this.#lost = false
+      for (const call of [...this.#pending.values()]) {
+        this.#stats.resends++
+        call.reconnected()
+      }
+    })
+    this.#read().catch(() => {}) // #read handles its own errors
+  }
+
+  call (spec, timeoutMs, signal) {
+    if (this.#pending.size >= this.#maxPending) {
+      return Promise.reject(new ZbrokerError(`too many calls in flight (maxPending ${this.#maxPending})`))
+    }
+    if (signal?.aborted) return Promise.reject(signal.reason)
+    const rid = this.#nextRid++
+    const call = new Call(this, rid, spec, timeoutMs, signal)
+    this.#pending.set(rid, call)
+    return call.run()
+  }
+
+  send (call, frames) {
+    this.#sock.send(frames).catch((err) => {
+      if (isSendQueueFull(err)) {
+        call.reject(new ZbrokerError(`${call.what}: send queue to the broker is full (is the broker reachable?)`))
+      } else {
+        call.reject(socketError(err, call.what))
+      }
+    })
+  }
+
+  forget (rid) { this.#pending.delete(rid) }
+
+  async #read () {
+    try {
+      for await (const frames of this.#sock) {
+        let answer
+        try {
+          answer = decodeZbcAnswer(frames)
+        } catch {
+          this.#stats.malformed++
+          continue
+        }
+        const call = this.#pending.get(answer.rid)
+        if (call === undefined) this.#stats.lateAnswers++
+        else call.answered(answer)
+      }
+    } catch (err) {
+      if (!this.#closed) this.#failAll(socketError(err, 'reading answers'))
+    }
+  }
+
+  #failAll (err) {
+    for (const call of [...this.#pending.values()]) call.reject(err)
+  }
+
+  close () {
+    if (this.#closed) return
+    this.#closed = true
+    this.#sock.close()
+    this.#failAll(new ClosedError('client closed while the call was waiting'))
+  }
+}
+
+// One call in flight: its rid, timers, abort listener and what to do with answers.
+class Call {
+  constructor (channel, rid, spec, timeoutMs, signal) {
+    this.channel = channel
+    this.rid = rid
+    this.spec = spec
+    this.what = spec.what
+    this.signal = signal
+    this.timeoutMs = timeoutMs
+    this.deadline = timeoutMs >= MAX_TIMER_MS ? Infinity : Date.now() + timeoutMs
+    this.taskId = spec.taskId ?? null
+    this.state = null // last non-final state seen, for TimeoutError
+    this.resent = false
+    this.waits = 0 // messages of this call the broker may still answer (for waits: REQUEST, RESULT)
+    this.last = null
+    this.timers = new Set()
+    this.done = false
+  }
+
+  run () {
+    return new Promise((resolve, reject) => {
+      this._resolve = resolve
+      this._reject = reject
+      if (this.deadline !== Infinity) {
+        this.later(() => this.timedOut(), Math.min(this.timeoutMs + (this.spec.graceMs ?? 0), MAX_TIMER_MS))
+      }
+      if (this.signal) {
+        this.onAbort = () => this.reject(this.signal.reason)
+        this.signal.addEventListener('abort', this.onAbort, { once: true })
+      }
+      try {
+        this.spec.start(this)
+      } catch (err) {
+        this.reject(err)
+      }
+    })
+  }
+
+  send (command, meta, payload = []) {
+    if (this.done) return
+    this.last = zbcCall(command, { ...meta, rid: this.rid }, payload)
+    this.waits++
+    this.channel.send(this, this.last)
+  }
+
+  resendLast () {
+    if (this.done || this.last === null) return
+    this.waits++
+    this.channel.send(this, this.last)
+  }
+
+  remainingMs () { return this.deadline - Date.now() }
+
+  later (fn, ms) {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer)
+      fn()
+    }, ms)
+    this.timers.add(timer)
+  }
+
+  answered (answer) {
+    if (this.done) return
+    try {
+      this.spec.answer(this, answer)
+    } catch (err) {
+      this.reject(err)
+    }
+  }
+
+  reconnected () {
+    if (this.done) return
+    this.resent = true
+    this.waits = 0 // what the lost connection carried is presumed lost
+    if (this.spec.resend) this.spec.resend(this)
+    else this.resendLast()
+  }
+
+  timedOut () {
+    const state = this.state ? ` (state: ${this.state})` : ''
+    const task = this.taskId ? ` for task ${this.taskId}` : ''
+    this.reject(new TimeoutError(`${this.what}: no answer${task} within ${this.timeoutMs}ms${state}`, { taskId: this.taskId, state: this.state }))
+  }
+
+  #finish () {
+    this.done = true
+    for (const timer of this.timers) clearTimeout(timer)
+    this.timers.clear()
+    if (this.onAbort) this.signal.removeEventListener('abort', this.onAbort)
+    this.channel.forget(this.rid)
+  }
+
+  resolve (value) {
+    if (this.done) return
+    this.#finish()
+    this._resolve(value)
+  }
+
+  reject (err) {
+    if (this.done) return
+    this.#finish()
+    this._reject(err)
+  }
+}
+
+// ------------------------------------------------------------ answer handling
+
+function errorOf (answer) {
+  return brokerError(answer.meta.code, answer.meta.message)
+}
+
+function replyOrError (ctl, answer) {
+  if (answer.ok) ctl.resolve(answer)
+  else ctl.reject(errorOf(answer))
+}
+
+function taskIds (answer, n) {
+  const ids = answer.meta.ids
+  if (!Array.isArray(ids) || ids.length !== n || !ids.every((i) => typeof i === 'string')) {
+    throw new ProtocolError('bad_reply', `expected ${n} task id${n === 1 ? '' : 's'} in the reply`)
+  }
+  return ids
+}
+
+function waitSeconds (ctl, chunkS = WAIT_CHUNK_S) {
+  const remaining = ctl.remainingMs()
+  if (remaining === Infinity) return chunkS
+  return Math.max(0, Math.min(remaining / 1000, chunkS, MAX_WAIT_S))
+}
+
+// A RESULT-shaped answer {id, state, error?} + result frames: settle the call,
+// or ask again while time remains.
+function onResultAnswer (ctl, answer, wantFrames) {
+  const { state, error } = answer.meta
+  const id = typeof answer.meta.id === 'string' ? answer.meta.id : ctl.taskId
+  if (state === 'done') {
+    if (wantFrames) return ctl.resolve(answer.frames)
+    if (answer.frames.length > 1) {
+      return ctl.reject(new ProtocolError('reply_frames', `task ${id} has a result of ${answer.frames.length} frames: pass {frames: true}`))
+    }
+    return ctl.resolve(answer.frames[0] ?? Buffer.alloc(0))
+  }
+  if (FINAL_STATES.has(state)) return ctl.reject(taskError(id, state, error))
+  if (typeof state !== 'string') return ctl.reject(new ProtocolError('bad_reply', 'result answer without a state'))
+  ctl.state = state
+  if (ctl.taskId === null) ctl.taskId = id
+  if (ctl.remainingMs() <= 0) return ctl.timedOut()
+  // Ask again only when no other wait of this call is still held by the broker.
+  ctl.waits = Math.max(0, ctl.waits - 1)
+  if (ctl.waits > 0) return
+  ctl.later(() => ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) }), REPOLL_MS)
+}
+
+function camelTask (task) {
+  if (task === null || typeof task !== 'object' || Array.isArray(task)) return task
+  const out = {}
+  for (const [key, value] of Object.entries(task)) {
+    const camel = key.replace(/_([a-z])/g, (_, c) => c.toUpperCase())
+    if (TIME_FIELDS.has(key) && typeof value === 'number') {
+      // not_before 0 is the broker's "no earliest start"
+      out[camel] = key === 'not_before' && value === 0 ? null : new Date(value * 1000)
+    } else {
+      out[camel] = value
+    }
+  }
+  return out
+}
+
+// ------------------------------------------------------------ validation
+
+function checkService (service, { mmi = false } = {}) {
+  if (typeof service !== 'string' || service.length === 0) {
+    throw new TypeError(`service must be a non-empty string, got ${describe(service)}`)
+  }
+  if (!mmi && service.startsWith('mmi.')) throw new RangeError('services starting with "mmi." are answered by the broker itself')
+  return service
+}
+
+function checkTaskId (id) {
+  if (typeof id !== 'string' || id.length === 0) throw new TypeError(`task id must be a non-empty string, got ${describe(id)}`)
+}
+
+function checkInt (value, name, lo, hi) {
+  if (!isInt(value) || value < lo || value > hi) throw new RangeError(`${name} must be an integer ${lo}..${hi}, got ${String(value)}`)
+  return value
+}
+
+function checkNumber (value, name, { positive = false } = {}) {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0 || (positive && value === 0)) {
+    throw new RangeError(`${name} must be a ${positive ? 'positive' : 'non-negative'} finite number, got ${String(value)}`)
+  }
+  return value
+}
+
+function checkTimeout (value, name, { positive = false } = {}) {
+  if (value === Infinity) return MAX_TIMER_MS
+  checkNumber(value, name, { positive })
+  return Math.min(value, MAX_TIMER_MS)
+}
+
+// Task options (camelCase) -> ZBC01 meta (snake_case), validated as the broker would.
+const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'timeoutMs', 'signal', 'frames'])
+
+function taskMeta (options, nTasks) {
+  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  for (const name of Object.keys(options)) {
+    if (!TASK_OPTIONS.has(name)) throw new TypeError(`unknown option ${JSON.stringify(name)}; known: ${[...TASK_OPTIONS].join(', ')}`)
+  }
+  const meta = {}
+  if (options.priority !== undefined) meta.priority = checkInt(options.priority, 'priority', PRIORITY_MIN, PRIORITY_MAX)
+  if (options.delayS !== undefined && options.notBefore !== undefined) throw new TypeError('give delayS or notBefore, not both')
+  if (options.delayS !== undefined) meta.delay_s = checkNumber(options.delayS, 'delayS')
+  if (options.notBefore !== undefined) {
+    const nb = options.notBefore instanceof Date ? options.notBefore.getTime() / 1000 : options.notBefore
+    meta.not_before = checkNumber(nb, 'notBefore (a Date or seconds since the epoch)')
+  }
+  if (options.ttlS !== undefined) meta.ttl_s = checkNumber(options.ttlS, 'ttlS')
+  if (options.maxAttempts !== undefined) meta.max_attempts = checkInt(options.maxAttempts, 'maxAttempts', 1, MAX_ATTEMPTS_LIMIT)
+  if (options.timeoutS !== undefined) meta.timeout_s = checkNumber(options.timeoutS, 'timeoutS', { positive: true })
+  if (options.headers !== undefined) {
+    const h = options.headers
+    if (h === null || typeof h !== 'object' || Array.isArray(h)) throw new TypeError('headers must be a plain object')
+    meta.headers = h
+  }
+  // An idempotency key for every task: a resend after a lost answer never enqueues twice.
+  if (nTasks === 1 && options.keys === undefined) {
+    if (options.key !== undefined && (typeof options.key !== 'string' || options.key.length === 0)) {
+      throw new TypeError('key must be a non-empty string')
+    }
+    meta.key = options.key ?? randomUUID()
+  } else {
+    if (options.key !== undefined) throw new TypeError('key is for one task: give keys (one per task) for a batch')
+    const keys = options.keys ?? new Array(nTasks).fill(null)
+    if (!Array.isArray(keys) || keys.length !== nTasks) throw new TypeError(`keys must list one key (or null) per task: ${nTasks}`)
+    meta.keys = keys.map((k, i) => {
+      if (k === null || k === undefined) return randomUUID()
+      if (typeof k !== 'string' || k.length === 0) throw new TypeError(`keys[${i}] must be a non-empty string or null`)
+      return k
+    })
+  }
+  return meta
+}
+
+function socketError (err, what) {
+  if (isClosedSocketError(err)) return new ClosedError(`${what}: socket closed`)
+  if (err instanceof ZbrokerError) return err
+  return new ZbrokerError(`${what}: ${err?.message ?? err}`, { cause: err })
+}

@@ -1,0 +1,109 @@
+// Every error this package throws on purpose is a ZbrokerError; the two
+// classes at the end are thrown by worker handlers, never by the library.
+
+/** Base class of every error the library throws on purpose. */
+export class ZbrokerError extends Error {
+  constructor (message, options) {
+    super(message, options)
+    this.name = new.target.name
+  }
+}
+
+/** A call got no (final) answer in time. `taskId` is set when a task id is known. */
+export class TimeoutError extends ZbrokerError {
+  constructor (message, { taskId = null, state = null } = {}) {
+    super(message)
+    this.code = 'timeout'
+    this.taskId = taskId
+    this.state = state
+  }
+}
+
+/** The Client, Worker, Publisher or Subscriber was closed (before or during the call). */
+export class ClosedError extends ZbrokerError {
+  constructor (message = 'closed') {
+    super(message)
+    this.code = 'closed'
+  }
+}
+
+/** A peer sent something that does not follow the protocol (dropped and counted, rarely thrown). */
+export class ProtocolError extends ZbrokerError {
+  constructor (code, message) {
+    super(message)
+    this.code = code
+  }
+}
+
+/** The broker refused a ZBC01 call: ERROR {code, message}. */
+export class BrokerError extends ZbrokerError {
+  constructor (code, message) {
+    super(message ? `${code}: ${message}` : code)
+    this.code = code
+    this.brokerMessage = message
+  }
+}
+
+/** ERROR not_found: no such task (never existed, or its record lapsed). */
+export class TaskNotFound extends BrokerError {}
+
+/** ERROR queue_full: the service's queue is at its cap; nothing was enqueued. */
+export class QueueFull extends BrokerError {}
+
+/** A task ended without a result. `state` is dead, cancelled or expired; `error` the broker's text. */
+export class TaskError extends ZbrokerError {
+  constructor (taskId, state, error) {
+    super(`task ${taskId} ${state}${error ? `: ${error}` : ''}`)
+    this.taskId = taskId
+    this.state = state
+    this.error = error ?? null
+  }
+}
+
+/** The task failed for good (attempts used up, or a non-retryable failure): it is a dead letter. */
+export class TaskDead extends TaskError {}
+
+/** The task was cancelled. */
+export class TaskCancelled extends TaskError {}
+
+/** The task's TTL ran out before it started. */
+export class TaskExpired extends TaskError {}
+
+const brokerErrors = { not_found: TaskNotFound, queue_full: QueueFull }
+
+/** The error for a ZBC01 ERROR answer. */
+export function brokerError (code, message) {
+  const Cls = brokerErrors[code] ?? BrokerError
+  return new Cls(String(code ?? 'unknown'), String(message ?? ''))
+}
+
+const taskErrors = { dead: TaskDead, cancelled: TaskCancelled, expired: TaskExpired }
+
+/** The error for a task that reached a final state other than done. */
+export function taskError (taskId, state, error) {
+  const Cls = taskErrors[state] ?? TaskError
+  return new Cls(taskId, state, typeof error === 'string' ? error : error == null ? null : JSON.stringify(error))
+}
+
+// -------------------------------------------- thrown by handlers
+
+/** Throw from a Worker handler when no further attempt can succeed: FAIL with retry false. */
+export class NonRetryableError extends Error {
+  constructor (message, options) {
+    super(message, options)
+    this.name = 'NonRetryableError'
+  }
+}
+
+/** Throw from a Worker handler to fail this attempt and ask for a retry after `delayS` seconds. */
+export class RetryLater extends Error {
+  constructor (delayS, reason = '') {
+    if (typeof delayS !== 'number' || !Number.isFinite(delayS) || delayS < 0) {
+      throw new RangeError('RetryLater needs a finite delayS of zero or more seconds')
+    }
+    super(reason || `retry in ${delayS}s`)
+    this.name = 'RetryLater'
+    this.delayS = delayS
+    this.reason = reason
+  }
+}

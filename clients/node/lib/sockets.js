@@ -1,0 +1,46 @@
+// Socket helpers shared by Client, Worker, Publisher and Subscriber: explicit
+// high-water marks and linger on every socket, and clear endpoint errors.
+
+import * as zmq from 'zeromq'
+import { ZbrokerError } from './errors.js'
+
+export const DEFAULT_HWM = 10_000
+
+const ENDPOINT_RE = /^[a-z][a-z0-9+.-]*:\/\/.+/i
+
+/** Throws a TypeError for something that cannot be a ZeroMQ endpoint. */
+export function checkEndpoint (endpoint) {
+  if (typeof endpoint !== 'string' || !ENDPOINT_RE.test(endpoint)) {
+    throw new TypeError(`endpoint must be a string like tcp://host:port, got ${JSON.stringify(endpoint)}`)
+  }
+  return endpoint
+}
+
+/**
+ * A new socket of class `Kind`, connected to `endpoint`. Sends never block:
+ * with `sendTimeout` 0 a send that would block (high-water mark reached)
+ * rejects at once with EAGAIN, which callers turn into a clear error.
+ */
+export function connectSocket (Kind, endpoint, { hwm = DEFAULT_HWM, linger = 0 } = {}) {
+  const options = { linger }
+  if (Kind !== zmq.Subscriber) Object.assign(options, { sendHighWaterMark: hwm, sendTimeout: 0 })
+  if (Kind !== zmq.Publisher) options.receiveHighWaterMark = hwm
+  const sock = new Kind(options)
+  try {
+    sock.connect(endpoint)
+  } catch (err) {
+    sock.close()
+    throw new ZbrokerError(`cannot connect to ${endpoint}: ${err.message}`, { cause: err })
+  }
+  return sock
+}
+
+export function isSendQueueFull (err) {
+  return err?.code === 'EAGAIN'
+}
+
+export function isClosedSocketError (err) {
+  return err?.code === 'EBADF' || err?.code === 'ENOTSOCK' || err?.code === 'ETERM'
+}
+
+export { zmq }

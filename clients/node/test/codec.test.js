@@ -1,0 +1,154 @@
+// Pure codec tests: the bytes this package puts on the wire, checked against
+// the msgpack types and frame layouts the Python broker expects.
+
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import {
+  C,
+  W,
+  decodeEvent,
+  decodeForWorker,
+  decodeMdpReply,
+  decodeZbcAnswer,
+  encodeEvent,
+  mdpRequest,
+  pack,
+  toFrames,
+  unpack,
+  zbcCall,
+  zbwEncode
+} from '../lib/protocol.js'
+import { ProtocolError, RetryLater } from '../lib/errors.js'
+
+const str = (...frames) => frames.map((f) => Buffer.from(f).toString('latin1'))
+
+test('msgpack: strings are str, buffers are bin, safe integers are int, other numbers float64', () => {
+  assert.deepEqual([...pack('ab')], [0xa2, 0x61, 0x62]) // fixstr
+  assert.deepEqual([...pack(Buffer.from([1, 2]))], [0xc4, 2, 1, 2]) // bin 8
+  assert.deepEqual([...pack(new Uint8Array([7]))], [0xc4, 1, 7])
+  assert.deepEqual([...pack(3)], [0x03]) // positive fixint
+  assert.deepEqual([...pack(-5)], [0xfb]) // negative fixint
+  assert.deepEqual([...pack(300)], [0xcd, 0x01, 0x2c]) // uint 16
+  assert.equal(pack(1.5)[0], 0xcb) // float 64
+  assert.equal(pack(Date.now() / 1000 + 0.25)[0], 0xcb)
+  assert.deepEqual([...pack(true)], [0xc3])
+  assert.deepEqual([...pack(null)], [0xc0])
+  // undefined fields are left out, not sent as nil
+  assert.deepEqual(unpack(pack({ a: 1, b: undefined })), { a: 1 })
+})
+
+test('ZBW01 frames: READY, ACK, PROGRESS, DONE, FAIL, HEARTBEAT, DISCONNECT', () => {
+  const ready = zbwEncode.ready('tts', 4, ['gpu'])
+  assert.deepEqual(str(...ready.slice(0, 3)), ['', 'ZBW01', '\x01'])
+  assert.deepEqual(unpack(ready[3]), { service: 'tts', credit: 4, tags: ['gpu'] })
+  assert.equal(ready.length, 4)
+  assert.deepEqual(unpack(zbwEncode.ready('tts', 1)[3]), { service: 'tts', credit: 1 })
+
+  const ack = zbwEncode.ack([['t1', 1], ['t2', 3]])
+  assert.equal(ack[2][0], W.ACK)
+  assert.deepEqual(unpack(ack[3]), { tasks: [['t1', 1], ['t2', 3]] })
+
+  const progress = zbwEncode.progress('t1', 2, [Buffer.from('50%')])
+  assert.equal(progress[2][0], W.PROGRESS)
+  assert.deepEqual(unpack(progress[3]), { id: 't1', attempt: 2 })
+  assert.deepEqual(str(progress[4]), ['50%'])
+  // the attempt (a fencing token the broker checks with `type(x) is int`) is a msgpack int
+  assert.deepEqual([...progress[3]].slice(-1), [0x02])
+
+  const done = zbwEncode.done('t1', 1, [Buffer.from('a'), Buffer.from('b')])
+  assert.equal(done[2][0], W.DONE)
+  assert.deepEqual(str(...done.slice(4)), ['a', 'b'])
+
+  const fail = zbwEncode.fail('t1', 1, 'Error: boom', { retry: true, delayS: 2.5 })
+  assert.equal(fail[2][0], W.FAIL)
+  assert.deepEqual(unpack(fail[3]), { id: 't1', attempt: 1, reason: 'Error: boom', retry: true, delay_s: 2.5 })
+  assert.equal(fail.length, 4)
+  assert.deepEqual(unpack(zbwEncode.fail('t1', 1, 'x', { retry: false })[3]), { id: 't1', attempt: 1, reason: 'x', retry: false })
+
+  assert.deepEqual(str(...zbwEncode.heartbeat()), ['', 'ZBW01', '\x07'])
+  assert.deepEqual(unpack(zbwEncode.heartbeat({ cpu: 0.5 })[3]), { metrics: { cpu: 0.5 } })
+  assert.deepEqual(str(...zbwEncode.disconnect()), ['', 'ZBW01', '\x08'])
+  assert.deepEqual(unpack(zbwEncode.disconnect('bye')[3]), { reason: 'bye' })
+})
+
+test('ZBW01: what a worker receives', () => {
+  const head = [Buffer.alloc(0), Buffer.from('ZBW01')]
+  const task = decodeForWorker([...head, Buffer.from([W.TASK]),
+    pack({ id: 't1', attempt: 2, service: 'tts', headers: { lang: 'de' }, timeout_s: 30 }),
+    Buffer.from('p1'), Buffer.from('p2')])
+  assert.equal(task.type, 'task')
+  assert.equal(task.id, 't1')
+  assert.equal(task.attempt, 2)
+  assert.deepEqual(task.headers, { lang: 'de' })
+  assert.equal(task.timeoutS, 30)
+  assert.deepEqual(str(...task.frames), ['p1', 'p2'])
+
+  assert.deepEqual(decodeForWorker([...head, Buffer.from([W.HEARTBEAT])]), { type: 'heartbeat' })
+  assert.deepEqual(decodeForWorker([...head, Buffer.from([W.CANCEL]), pack({ id: 't1', attempt: 2 })]),
+    { type: 'cancel', id: 't1', attempt: 2 })
+  assert.deepEqual(decodeForWorker([...head, Buffer.from([W.DISCONNECT]), pack({ reason: 'unknown worker' })]),
+    { type: 'disconnect', reason: 'unknown worker' })
+  assert.deepEqual(decodeForWorker([...head, Buffer.from([W.DISCONNECT])]), { type: 'disconnect', reason: '' })
+
+  assert.throws(() => decodeForWorker([Buffer.alloc(0), Buffer.from('MDPW01'), Buffer.from([1])]), ProtocolError)
+  assert.throws(() => decodeForWorker([...head, Buffer.from([W.TASK]), pack({ id: 't1', attempt: 1.5 })]), /integer attempt/)
+  assert.throws(() => decodeForWorker([...head, Buffer.from([W.TASK]), Buffer.from([0xc1])]), ProtocolError)
+  assert.throws(() => decodeForWorker([...head, Buffer.from([W.TASK]), pack([1, 2])]), /not a map/)
+  assert.throws(() => decodeForWorker([...head, Buffer.from([0x42])]), /unexpected command/)
+})
+
+test('ZBC01: calls carry an integer rid; answers are matched by it', () => {
+  const call = zbcCall(C.ENQUEUE, { rid: 7, service: 'tts', counts: [1, 2], keys: ['a', 'b'] }, [Buffer.from('x'), Buffer.from('y'), Buffer.from('z')])
+  assert.deepEqual(str(...call.slice(0, 3)), ['', 'ZBC01', '\x01'])
+  assert.deepEqual(unpack(call[3]), { rid: 7, service: 'tts', counts: [1, 2], keys: ['a', 'b'] })
+  assert.equal(call.length, 7)
+
+  const head = [Buffer.alloc(0), Buffer.from('ZBC01')]
+  const reply = decodeZbcAnswer([...head, Buffer.from([C.REPLY]), pack({ rid: 7, id: 't1', state: 'done' }), Buffer.from('r')])
+  assert.equal(reply.rid, 7)
+  assert.equal(reply.ok, true)
+  assert.deepEqual(str(...reply.frames), ['r'])
+  const error = decodeZbcAnswer([...head, Buffer.from([C.ERROR]), pack({ rid: 8, code: 'not_found', message: 'no task' })])
+  assert.equal(error.ok, false)
+  assert.equal(error.meta.code, 'not_found')
+  assert.throws(() => decodeZbcAnswer([...head, Buffer.from([C.REPLY]), pack({ rid: '7' })]), /integer 'rid'/)
+})
+
+test('7/MDP: request and reply frames', () => {
+  assert.deepEqual(str(...mdpRequest('echo', [Buffer.from('hi')])), ['', 'MDPC01', 'echo', 'hi'])
+  const reply = decodeMdpReply([Buffer.alloc(0), Buffer.from('MDPC01'), Buffer.from('echo'), Buffer.from('HI')])
+  assert.equal(reply.service, 'echo')
+  assert.deepEqual(str(...reply.body), ['HI'])
+  assert.throws(() => decodeMdpReply([Buffer.alloc(0), Buffer.from('MDPC02'), Buffer.from('echo')]), ProtocolError)
+})
+
+test('events: [topic, envelope] with snake_case keys on the wire', () => {
+  const frames = encodeEvent({ type: 'fs.change', source: 'watcher', payload: { path: '/a', raw: Buffer.from([1]) }, timestamp: 1700000000.5, correlationId: 'c1', replyTo: 'fs.ack' })
+  assert.equal(frames[0].toString(), 'fs.change')
+  const envelope = unpack(frames[1])
+  assert.deepEqual(Object.keys(envelope).sort(), ['correlation_id', 'payload', 'reply_to', 'source', 'timestamp', 'type'])
+  assert.equal(frames[1].includes(Buffer.from([0xc4, 1, 1])), true) // the Buffer travels as bin
+  const event = decodeEvent(frames)
+  assert.equal(event.type, 'fs.change')
+  assert.equal(event.correlationId, 'c1')
+  assert.equal(event.replyTo, 'fs.ack')
+  assert.equal(event.timestamp, 1700000000.5)
+  assert.deepEqual([...event.payload.raw], [1])
+  assert.throws(() => decodeEvent([Buffer.from('x'), pack(['not', 'a', 'map'])]), /not a map/)
+  assert.throws(() => decodeEvent([Buffer.from('x'), pack({ source: 's' })]), /type and source/)
+  assert.throws(() => decodeEvent([Buffer.from('x')]), /2 frames/)
+})
+
+test('payload conversion: Buffer, Uint8Array, string, arrays of them', () => {
+  assert.deepEqual(toFrames(undefined), [])
+  assert.deepEqual(str(...toFrames('hé')), ['h\xc3\xa9'])
+  assert.deepEqual(str(...toFrames([new Uint8Array([65]), 'B'])), ['A', 'B'])
+  assert.throws(() => toFrames(42, 'payload'), /payload must be a Buffer, Uint8Array or string, got number/)
+  assert.throws(() => toFrames([{}], 'result'), /result\[0\]/)
+})
+
+test('RetryLater needs a finite non-negative delay', () => {
+  assert.equal(new RetryLater(2).delayS, 2)
+  assert.throws(() => new RetryLater(-1), RangeError)
+  assert.throws(() => new RetryLater(Infinity), RangeError)
+})
