@@ -221,6 +221,22 @@ class BrokerServer:
             stats.malformed_total,
             dict(stats.malformed or {}),
         )
+        log.info(
+            "tasks: %d enqueued (%d deduplicated), %d done, %d retried, %d timed out, "
+            "%d dead, %d cancelled, %d expired, %d redriven, %d recovered at start; "
+            "%d calls refused",
+            stats.tasks_enqueued,
+            stats.tasks_deduplicated,
+            stats.tasks_done,
+            stats.tasks_retried,
+            stats.tasks_timed_out,
+            stats.tasks_dead,
+            stats.tasks_cancelled,
+            stats.tasks_expired,
+            stats.tasks_redriven,
+            stats.tasks_recovered,
+            stats.calls_refused,
+        )
         self.events.stop()
         self.journal.close()
         self.router.close(linger=0)
