@@ -206,6 +206,9 @@ class Model:
             assert service.waiting_count == ready + per_state.get(TaskState.DELAYED, 0)
             window = service.window
             assert window == sorted(window) and len(window) <= CFG.window_per_service
+            assert set(service.records) == {e[2] for e in window}
+            for record in service.records.values():
+                assert record == self.journal.get(record.id)
             # The window is exactly the best len(window) READY tasks.
             best = self.journal.ready(name.decode(), len(window))
             assert [e[2] for e in reversed(window)] == [r.id for r in best]

@@ -427,10 +427,14 @@ class DurableTasks:
         # every READY task is in the window, or if it beats the window's worst.
         if len(window) + 1 == service.ready_count or (window and entry > window[0]):
             bisect.insort(window, entry)
+            service.records[record.id] = record
             if len(window) > self.settings.window_per_service:
+                del service.records[window[0][2]]
                 del window[0]
 
     def _unwindow(self, service: Service, task_id: str) -> None:
+        if service.records.pop(task_id, None) is None:
+            return  # not in the window
         window = service.window
         for i in range(len(window) - 1, -1, -1):
             if window[i][2] == task_id:
@@ -444,6 +448,7 @@ class DurableTasks:
         after = None if not window else (window[0][0], -window[0][1])
         records = self.journal.ready(service.name.decode(), limit, after)
         window[0:0] = [(r.priority, -r.seq, r.id) for r in reversed(records)]
+        service.records.update((r.id, r) for r in records)
 
     def _next_task(self, service: Service, now: float) -> TaskRecord | None:
         """Take the best READY task of `service` out of its queue (the caller delivers it)."""
@@ -458,7 +463,7 @@ class DurableTasks:
                     service.ready_count = 0
                     return None
             task_id = window.pop()[2]
-            record = journal.get(task_id)
+            record = service.records.pop(task_id, None) or journal.get(task_id)
             if record is None or record.state is not READY:
                 log.error("task %s in the ready window is not ready: skipped", task_id)
                 continue

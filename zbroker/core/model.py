@@ -167,7 +167,16 @@ class Worker:
 class Service:
     """A named queue of requests and the workers that serve it."""
 
-    __slots__ = ("name", "queue", "ready", "ready_count", "waiting_count", "window", "workers")
+    __slots__ = (
+        "name",
+        "queue",
+        "ready",
+        "ready_count",
+        "records",
+        "waiting_count",
+        "window",
+        "workers",
+    )
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -176,6 +185,8 @@ class Service:
         # next to deliver is last. Always exactly the top len(window) READY tasks of
         # the journal; `ready_count` counts all of them (the rest stay on disk).
         self.window: list[tuple[int, int, str]] = []
+        # The window's records as last written (saves a journal read per delivery).
+        self.records: dict[str, TaskRecord] = {}
         self.ready_count = 0
         self.waiting_count = 0  # READY + DELAYED durable tasks: what the cap applies to
         # Workers with spare credit, insertion-ordered: the front has waited longest
