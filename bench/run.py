@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import durable
 import mdp
 from harness import (
     RESULTS_DIR,
@@ -30,7 +31,7 @@ from harness import (
 )
 
 # Add a workload by writing a module with a WORKLOAD and listing it here.
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (mdp.WORKLOAD,)}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
