@@ -60,17 +60,19 @@ def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
 
 
 def worker(endpoint: str, credit: int) -> None:
-    """A ZBW01 worker holding up to `credit` tasks. It reads every TASK already
-    waiting on its socket, acknowledges all of them with one ACK, then sends a DONE
-    with a tiny result for each. Once idle for WORKER_REPORT_IDLE_MS after doing
-    work, it prints `{"count": tasks done so far, "last_done": time.time() after
-    its last DONE}`; the orchestrator sums the counts until every task is done."""
+    """A ZBW01 worker holding up to `credit` tasks, batching like zbroker's own
+    Worker: READY says `batch`, so the broker may send several tasks in one TASKS
+    message; it reads everything already waiting on its socket, acknowledges all
+    of it with one ACK, then answers all of it with one DONES (tiny results). Once
+    idle for WORKER_REPORT_IDLE_MS after doing work, it prints `{"count": tasks
+    done so far, "last_done": time.time() after its last DONE}`; the orchestrator
+    sums the counts until every task is done."""
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.DEALER)
     _connect(sock, endpoint)
     send = sock.send_multipart
     recv = sock.recv_multipart
-    send(ext.ready(SERVICE, credit))
+    send(ext.ready(SERVICE, credit, batch=True))
     print("ready", flush=True)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -98,7 +100,9 @@ def worker(endpoint: str, credit: int) -> None:
             except zmq.Again:
                 break
             msg = decode(frames)
-            if type(msg) is Task:
+            if type(msg) is ext.Tasks:
+                tasks.extend(msg.tasks)
+            elif type(msg) is Task:
                 tasks.append(msg)
             elif type(msg) is ext.Disconnect:
                 # Never expected here; dying makes the run fail loudly instead of skewing it.
@@ -108,8 +112,9 @@ def worker(endpoint: str, credit: int) -> None:
             # HEARTBEAT needs no answer: our own traffic and heartbeats keep us alive.
         if tasks:
             send(ext.ack([(t.id, t.attempt) for t in tasks]))
-            for t in tasks:
-                send(ext.done(t.id, t.attempt, (RESULT,)))
+            for start in range(0, len(tasks), ext.MAX_BATCH):
+                chunk = tasks[start : start + ext.MAX_BATCH]
+                send(ext.dones([(t.id, t.attempt, (RESULT,)) for t in chunk]))
             count += len(tasks)
             last_done = wall()
             last_sent = monotonic()

@@ -234,12 +234,22 @@ class FakeBroker:
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.bind(endpoint)
+        self.pending: list[tuple[bytes, ext.WorkerMessage]] = []
+        self.dones_seen = 0  # DONES messages (several results in one)
 
     def recv(self, timeout_s: float = 10.0) -> tuple[bytes, ext.WorkerMessage]:
+        """The next message; a DONES is handed out as its DONEs, one per call."""
+        if self.pending:
+            return self.pending.pop(0)
         if not self.socket.poll(int(timeout_s * 1000)):
             raise AssertionError(f"nothing from the worker within {timeout_s}s")
         frames = self.socket.recv_multipart()
-        return frames[0], ext.decode_worker(frames[1:])
+        message = ext.decode_worker(frames[1:])
+        if isinstance(message, ext.Dones):
+            self.dones_seen += 1
+            self.pending = [(frames[0], done) for done in message.items]
+            return self.pending.pop(0)
+        return frames[0], message
 
     def expect(self, kind: type[M], timeout_s: float = 10.0) -> tuple[bytes, M]:
         """The next message, skipping heartbeats; it must be a `kind`."""
@@ -295,7 +305,7 @@ def test_connected_only_once_the_broker_greets(
     # Given a worker whose READY has reached the broker
     worker = make_worker(echo, concurrency=2, tags=("gpu", "fast"))
     identity, ready = fake.expect(ext.Ready)
-    assert ready == ext.Ready("svc", 2, ("gpu", "fast"))
+    assert ready == ext.Ready("svc", 2, ("gpu", "fast"), batch=True)
     assert not worker.connected
     # When the broker greets it
     fake.greet(identity)
@@ -455,7 +465,7 @@ def test_broker_disconnect_makes_the_worker_register_again(
     # Then it sends READY again, on a new connection
     new_identity, ready = fake.expect(ext.Ready)
     assert new_identity != identity
-    assert ready == ext.Ready("svc", 2)
+    assert ready == ext.Ready("svc", 2, batch=True)
     assert worker.stats.reconnects == 1
     # And serves tasks there
     fake.greet(new_identity)

@@ -502,3 +502,30 @@ def test_a_resent_enqueue_is_not_refused_by_a_full_queue(journal: Journal) -> No
     assert s.enqueue("svc", key="k") == first
     full = s.call(b"C", zbc.enqueue(9, "svc", [[b"x"]], zbc.TaskOptions(key="other")))
     assert full.code == zbc.E_QUEUE_FULL
+
+
+def test_a_batching_worker_gets_tasks_and_returns_dones_in_single_messages(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    ids = s.call(b"C", zbc.enqueue(1, "svc", [[b"%d" % i] for i in range(6)], batch=True))
+    s.send(b"W", ext.ready("svc", 4, batch=True))
+    (message,) = [f for f in s.sent_to(b"W") if f[3] != ext.HEARTBEAT]
+    tasks = ext.decode_for_worker(message[1:])
+    assert isinstance(tasks, ext.Tasks)
+    assert [(t.id, t.attempt, t.payload) for t in tasks.tasks] == [
+        (tid, 1, (b"%d" % i,)) for i, tid in enumerate(ids.meta["ids"][:4])
+    ]
+    s.send(b"W", ext.dones([(t.id, t.attempt, [t.payload[0] * 2]) for t in tasks.tasks]))
+    assert [s.state(t.id) for t in tasks.tasks] == [TaskState.DONE] * 4
+    # The credit freed by the DONES is refilled with one TASKS message.
+    (refill,) = s.sent_to(b"W")
+    rest = ext.decode_for_worker(refill[1:])
+    assert isinstance(rest, ext.Tasks) and [t.id for t in rest.tasks] == ids.meta["ids"][4:]
+    result = s.call(b"C", zbc.call(zbc.RESULT, 2, id=tasks.tasks[0].id))
+    assert result.frames == (b"00",)
+    # A stale entry in a DONES is refused alone; the others count.
+    stale = [(rest.tasks[0].id, 9, [b"x"]), (rest.tasks[1].id, 1, [b"y"])]
+    s.send(b"W", ext.dones(stale))
+    assert s.state(rest.tasks[0].id) is TaskState.INFLIGHT
+    assert s.state(rest.tasks[1].id) is TaskState.DONE

@@ -159,7 +159,10 @@ class Model:
                 self.drain()
             self.now = end
         elif kind == "garbage":
-            b.receive([event[1], *event[2]], now)
+            frames = event[2]
+            if frames[:2] == [b"", mdp.MDPC01] and len(frames) > 2 and frames[2]:
+                return  # a well-formed client request, not garbage: "request" covers those
+            b.receive([event[1], *frames], now)
         elif kind == "mmi":
             b.receive([event[1], *mdp.client_request(b"mmi.service", [event[2]])], now)
         self.drain()

@@ -193,3 +193,31 @@ def test_zbw_garbage_gives_protocol_errors_only(frames: list[bytes]) -> None:
             decode(frames)
         except ProtocolError as exc:
             assert exc.reason
+
+
+def test_zbw_tasks_and_dones_round_trip() -> None:
+    entries = [
+        ext.task_entry("a", 1, "svc", 2, {"h": 1}, 3.0),
+        ext.task_entry("b", 2, "svc", 0),
+    ]
+    message = ext.decode_for_worker([*ext.tasks_header(entries), b"p1", b"p2"])
+    assert message == ext.Tasks(
+        (ext.Task("a", 1, "svc", (b"p1", b"p2"), {"h": 1}, 3.0), ext.Task("b", 2, "svc", ()))
+    )
+    dones = ext.decode_worker(ext.dones([("a", 1, [b"r1", b"r2"]), ("b", 2, [])]))
+    assert dones == ext.Dones((ext.Done("a", 1, (b"r1", b"r2")), ext.Done("b", 2, ())))
+    assert ext.decode_worker(ext.ready("s", 3, batch=True)) == ext.Ready("s", 3, (), True)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"", ext.ZBW01, ext.DONES, msgpack.packb({"tasks": [["a", 1, 2]]}), b"only one"],
+        [b"", ext.ZBW01, ext.DONES, msgpack.packb({"tasks": []})],
+        [b"", ext.ZBW01, ext.DONES, msgpack.packb({"tasks": [["a", "1", 0]]})],
+        [b"", ext.ZBW01, ext.READY, msgpack.packb({"service": "s", "batch": 1})],
+    ],
+)
+def test_zbw_bad_batches_are_protocol_errors(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        ext.decode_worker(frames)

@@ -771,7 +771,7 @@ class _Link:
         self._expires_at = now + self._expiry_s
         self._heartbeat_at = now + self._interval_s
         self._reconnect_at = None
-        self._send(ext.ready(w.service, w.concurrency, w.tags))
+        self._send(ext.ready(w.service, w.concurrency, w.tags, batch=True))
         logger.debug(
             "worker %r: READY (credit %d) sent to %s (connection %d)",
             w.service,
@@ -837,20 +837,44 @@ class _Link:
         """Send what the handlers reported; False on the final _SHUTDOWN."""
         mailbox = self._mailbox
         mailbox.clear_wakeups()
+        # Results read in one go leave in one DONES message (in order with the rest).
+        done: list[tuple[str, int, Sequence[bytes]]] = []
         while True:
             try:
                 report = mailbox.queue.get_nowait()
             except queue.Empty:
+                self._send_dones(done)
                 return True
             if isinstance(report, _Outcome):
+                if report.result is not None and self._holds(report.task):
+                    task = report.task
+                    del self._held[task.id]
+                    self._worker._bump("handled")
+                    done.append((task.id, task.attempt, report.result))
+                    if len(done) >= ext.MAX_BATCH:
+                        self._send_dones(done)
+                    continue
+                self._send_dones(done)
                 self._send_outcome(report)
-            elif isinstance(report, _Progress):
+                continue
+            self._send_dones(done)
+            if isinstance(report, _Progress):
                 if self._holds(report.task):
                     self._worker._bump("progress_sent")
                     self._send(ext.progress(report.task.id, report.task.attempt, report.data))
             else:
                 self._close(disconnect=True, reason="worker stopping")
                 return False
+
+    def _send_dones(self, done: list[tuple[str, int, Sequence[bytes]]]) -> None:
+        if not done:
+            return
+        if len(done) == 1:
+            task_id, attempt, result = done[0]
+            self._send(ext.done(task_id, attempt, result))
+        else:
+            self._send(ext.dones(done))
+        done.clear()
 
     def _holds(self, task: Task) -> bool:
         return (
@@ -921,6 +945,10 @@ class _Link:
             if isinstance(message, ext.Task):
                 acks.append((message.id, message.attempt))
                 self._on_task(message)
+            elif isinstance(message, ext.Tasks):
+                for one in message.tasks:
+                    acks.append((one.id, one.attempt))
+                    self._on_task(one)
             elif isinstance(message, ext.Cancel):
                 self._on_cancel(message)
             else:

@@ -90,6 +90,7 @@ class Broker(DurableTasks):
         self._worker_expiry_s = settings.worker_expiry_s
         self._heartbeat_interval_s = settings.heartbeat_interval_s
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._batching = False  # completing a DONES: dispatch once, after all of them
         self._init_durable(journal, now, epoch_offset)
 
     # ------------------------------------------------------------ inputs
@@ -275,7 +276,7 @@ class Broker(DurableTasks):
                 if name.startswith(mdp.MMI_PREFIX):
                     self._disconnect_zbw(identity, f"service name {msg.service!r} is reserved")
                 else:
-                    self._register(identity, name, now, _ZBW, msg.credit, msg.tags)
+                    self._register(identity, name, now, _ZBW, msg.credit, msg.tags, msg.batch)
             elif kind is not ext.Disconnect:
                 if kind is ext.Done:
                     self.stats.late_replies_dropped += 1
@@ -287,6 +288,20 @@ class Broker(DurableTasks):
             request = self._fenced(worker, msg.id, msg.attempt)
             if request is not None:
                 self._complete(worker, request, msg.result, now)
+        elif kind is ext.Dones:
+            assert isinstance(msg, ext.Dones)
+            # Free all the credit first, then refill it with one dispatch (one TASKS).
+            self._batching = True
+            try:
+                for done in msg.items:
+                    request = self._fenced(worker, done.id, done.attempt)
+                    if request is not None:
+                        self._complete(worker, request, done.result, now)
+            finally:
+                self._batching = False
+            service = worker.service
+            if service.ready and (service.queue or service.ready_count):
+                self._dispatch(service, now)
         elif kind is ext.Ack:
             assert isinstance(msg, ext.Ack)
             for task_id, attempt in msg.tasks:
@@ -394,9 +409,11 @@ class Broker(DurableTasks):
         dialect: WorkerDialect,
         credit: int,
         tags: tuple[str, ...],
+        batch: bool = False,
     ) -> None:
         service = self._service(name)
         worker = Worker(identity, service, now, self.settings, dialect, credit, tags)
+        worker.batch = batch
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.ready[identity] = worker
@@ -439,7 +456,7 @@ class Broker(DurableTasks):
         service = worker.service
         # Hand out the next request before forwarding the reply: a worker's round
         # trip through the broker is what bounds throughput.
-        if service.queue or service.ready_count:
+        if (service.queue or service.ready_count) and not self._batching:
             self._dispatch(service, now)
         if request.task is not None:
             self._task_done(request, body, now)
@@ -501,6 +518,8 @@ class Broker(DurableTasks):
         queue = service.queue
         ready = service.ready
         ack_by = now + self.settings.ack_timeout_s
+        # Workers that take TASKS get everything of this dispatch in one message.
+        batches: dict[Worker, list[Request]] | None = None
         while ready and (queue or service.ready_count):
             identity = next(iter(ready))
             if queue:
@@ -523,14 +542,12 @@ class Broker(DurableTasks):
                 )
             else:
                 request.ack_by = ack_by
-                task = request.task
-                if task is None:
-                    meta = ext.task_meta(request.tid, request.attempt, _name(service.name))
+                if worker.batch:
+                    if batches is None:
+                        batches = {}
+                    batches.setdefault(worker, []).append(request)
                 else:
-                    meta = ext.task_meta(
-                        request.tid, request.attempt, task.service, task.headers, task.timeout_s
-                    )
-                self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_TASK, meta, *request.body])
+                    self.outbox.append([identity, *self._task_frames(request, service)])
                 if len(worker.tasks) < worker.credit:
                     ready[identity] = worker  # back of the rotation
             if self._debug:
@@ -541,6 +558,47 @@ class Broker(DurableTasks):
                     request.attempt,
                     _hex(identity),
                 )
+        if batches:
+            for worker, requests in batches.items():
+                self._send_tasks(worker, requests, service)
+
+    def _task_frames(self, request: Request, service: Service) -> list[bytes]:
+        """TASK for one attempt, without the routing id."""
+        task = request.task
+        if task is None:
+            meta = ext.task_meta(request.tid, request.attempt, _name(service.name))
+        else:
+            meta = ext.task_meta(
+                request.tid, request.attempt, task.service, task.headers, task.timeout_s
+            )
+        return [_EMPTY, _ZBW01, _ZBW_TASK, meta, *request.body]
+
+    def _send_tasks(self, worker: Worker, requests: list[Request], service: Service) -> None:
+        """Several attempts to one worker that accepts TASKS: one message per MAX_BATCH."""
+        if len(requests) == 1:
+            self.outbox.append([worker.identity, *self._task_frames(requests[0], service)])
+            return
+        name = _name(service.name)
+        for start in range(0, len(requests), ext.MAX_BATCH):
+            chunk = requests[start : start + ext.MAX_BATCH]
+            entries = []
+            frames: list[bytes] = []
+            for request in chunk:
+                task = request.task
+                if task is None:
+                    entry = ext.task_entry(request.tid, request.attempt, name, len(request.body))
+                else:
+                    entry = ext.task_entry(
+                        request.tid,
+                        request.attempt,
+                        task.service,
+                        len(request.body),
+                        task.headers,
+                        task.timeout_s,
+                    )
+                entries.append(entry)
+                frames.extend(request.body)
+            self.outbox.append([worker.identity, *ext.tasks_header(entries), *frames])
 
     # ------------------------------------------------------------ errors
 

@@ -131,6 +131,7 @@ class Worker:
     """A registered worker: one routing id serving one service, holding up to `credit` tasks."""
 
     __slots__ = (
+        "batch",
         "credit",
         "dialect",
         "expires_at",
@@ -157,6 +158,7 @@ class Worker:
         self.dialect = dialect
         self.credit = credit
         self.tags = tags
+        self.batch = False  # ZBW01: accepts TASKS (several tasks per message)
         self.metrics: dict[str, object] = {}
         # The attempts this worker holds, by task id, in delivery order.
         self.tasks: dict[str, Request] = {}

@@ -35,6 +35,8 @@ FAIL = b"\x06"  # w: {id, attempt, reason, retry?, delay_s?}
 HEARTBEAT = b"\x07"  # both; from a worker optionally {metrics}
 DISCONNECT = b"\x08"  # both; from the broker optionally {reason}
 CANCEL = b"\x09"  # b: {id, attempt}: stop working on this attempt
+TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, n}, ...]}, payloads
+DONES = b"\x0b"  # w: {tasks: [[id, attempt, n], ...]}, result frames of each in order
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -46,10 +48,13 @@ COMMAND_NAMES = {
     HEARTBEAT: "HEARTBEAT",
     DISCONNECT: "DISCONNECT",
     CANCEL: "CANCEL",
+    TASKS: "TASKS",
+    DONES: "DONES",
 }
 
 MAX_CREDIT = 10_000
 MAX_TAGS = 32
+MAX_BATCH = 1024  # tasks per TASKS or DONES message
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -80,6 +85,7 @@ class Ready:
     service: str
     credit: int
     tags: tuple[str, ...] = ()
+    batch: bool = False  # the worker accepts TASKS (several tasks in one message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +142,14 @@ class Disconnect:
     reason: str = ""
 
 
-WorkerMessage = Ready | Ack | Progress | Done | Fail | Heartbeat | Disconnect
+@dataclass(frozen=True, slots=True)
+class Dones:
+    """Several DONEs in one message (any worker may send it)."""
+
+    items: tuple[Done, ...]
+
+
+WorkerMessage = Ready | Ack | Progress | Done | Dones | Fail | Heartbeat | Disconnect
 _EMPTY_HEARTBEAT = Heartbeat()
 _EMPTY_DISCONNECT = Disconnect()
 
@@ -162,6 +175,29 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
             raise ProtocolError("missing_frames", "DONE needs a metadata frame")
         task_id, attempt = _task_ref(unpack_meta(frames[3]))
         return Done(task_id, attempt, tuple(frames[4:]))
+    if command == DONES:
+        if n < 4:
+            raise ProtocolError("missing_frames", "DONES needs a metadata frame")
+        entries = unpack_meta(frames[3]).get("tasks")
+        if not isinstance(entries, list) or not 0 < len(entries) <= MAX_BATCH:
+            raise ProtocolError("bad_meta", f"DONES needs a 'tasks' list of 1..{MAX_BATCH}")
+        items = []
+        at = 4
+        for entry in entries:
+            if (
+                not isinstance(entry, list)
+                or len(entry) != 3
+                or not isinstance(entry[0], str)
+                or type(entry[1]) is not int
+                or type(entry[2]) is not int
+                or entry[2] < 0
+            ):
+                raise ProtocolError("bad_meta", "DONES entries are [id, attempt, frames]")
+            items.append(Done(entry[0], entry[1], tuple(frames[at : at + entry[2]])))
+            at += entry[2]
+        if at != n:
+            raise ProtocolError("bad_meta", "DONES frame counts do not add up")
+        return Dones(tuple(items))
     if command == ACK:
         if n != 4:
             raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "ACK: one map")
@@ -218,6 +254,9 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
         service = meta.get("service")
         credit = meta.get("credit", 1)
         tags = meta.get("tags", [])
+        batch = meta.get("batch", False)
+        if not isinstance(batch, bool):
+            raise ProtocolError("bad_meta", "READY 'batch' must be a boolean")
         if not isinstance(service, str) or not service:
             raise ProtocolError("bad_meta", "READY needs a non-empty 'service' string")
         if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
@@ -228,7 +267,7 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
             or not all(isinstance(t, str) for t in tags)
         ):
             raise ProtocolError("bad_meta", f"READY 'tags' must be at most {MAX_TAGS} strings")
-        return Ready(service, credit, tuple(tags))
+        return Ready(service, credit, tuple(tags), batch)
     if command == DISCONNECT:
         if n > 4:
             raise ProtocolError("extra_frames", "DISCONNECT has at most one metadata frame")
@@ -236,10 +275,14 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
     raise ProtocolError("unknown_command", f"unknown ZBW01 command {command[:8]!r}")
 
 
-def ready(service: str, credit: int, tags: Sequence[str] = ()) -> list[bytes]:
+def ready(
+    service: str, credit: int, tags: Sequence[str] = (), *, batch: bool = False
+) -> list[bytes]:
     meta: dict[str, Any] = {"service": service, "credit": credit}
     if tags:
         meta["tags"] = list(tags)
+    if batch:
+        meta["batch"] = True
     return [EMPTY, ZBW01, READY, pack_meta(meta)]
 
 
@@ -253,6 +296,15 @@ def progress(task_id: str, attempt: int, data: Sequence[bytes] = ()) -> list[byt
 
 def done(task_id: str, attempt: int, result: Sequence[bytes]) -> list[bytes]:
     return [EMPTY, ZBW01, DONE, pack_meta({"id": task_id, "attempt": attempt}), *result]
+
+
+def dones(results: Sequence[tuple[str, int, Sequence[bytes]]]) -> list[bytes]:
+    """Several DONEs in one message: (id, attempt, result frames) each."""
+    entries = [[task_id, attempt, len(frames)] for task_id, attempt, frames in results]
+    out = [EMPTY, ZBW01, DONES, pack_meta({"tasks": entries})]
+    for _, _, frames in results:
+        out.extend(frames)
+    return out
 
 
 def fail(
@@ -299,7 +351,14 @@ class Cancel:
     attempt: int
 
 
-BrokerMessage = Task | Cancel | Heartbeat | Disconnect
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    """Several TASKs in one message (sent only to workers whose READY said batch)."""
+
+    tasks: tuple[Task, ...]
+
+
+BrokerMessage = Task | Tasks | Cancel | Heartbeat | Disconnect
 
 
 def task_meta(
@@ -315,6 +374,28 @@ def task_meta(
     if timeout_s is not None:
         meta["timeout_s"] = timeout_s
     return pack_meta(meta)
+
+
+def task_entry(
+    task_id: str,
+    attempt: int,
+    service: str,
+    frames: int,
+    headers: dict[str, Any] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """One task's entry in a TASKS message; `frames` counts its payload frames."""
+    entry: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service, "n": frames}
+    if headers:
+        entry["headers"] = headers
+    if timeout_s is not None:
+        entry["timeout_s"] = timeout_s
+    return entry
+
+
+def tasks_header(entries: list[dict[str, Any]]) -> list[bytes]:
+    """TASKS without its payload frames (the caller appends each task's, in order)."""
+    return [EMPTY, ZBW01, TASKS, pack_meta({"tasks": entries})]
 
 
 def cancel(task_id: str, attempt: int) -> list[bytes]:
@@ -344,6 +425,40 @@ def decode_for_worker(frames: Sequence[bytes]) -> BrokerMessage:
             headers,
             float(timeout_s) if isinstance(timeout_s, int | float) else None,
         )
+    if command == TASKS:
+        if len(frames) < 4:
+            raise ProtocolError("missing_frames", "TASKS needs a metadata frame")
+        entries = unpack_meta(frames[3]).get("tasks")
+        if not isinstance(entries, list) or not entries:
+            raise ProtocolError("bad_meta", "TASKS needs a non-empty 'tasks' list")
+        tasks = []
+        at = 4
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise ProtocolError("bad_meta", "TASKS entries are maps")
+            task_id, attempt = _task_ref(entry)
+            count = entry.get("n")
+            service = entry.get("service", "")
+            headers = entry.get("headers", {})
+            timeout_s = entry.get("timeout_s")
+            if type(count) is not int or count < 0:
+                raise ProtocolError("bad_meta", "TASKS entry needs a frame count 'n'")
+            if not isinstance(service, str) or not isinstance(headers, dict):
+                raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
+            tasks.append(
+                Task(
+                    task_id,
+                    attempt,
+                    service,
+                    tuple(frames[at : at + count]),
+                    headers,
+                    float(timeout_s) if isinstance(timeout_s, int | float) else None,
+                )
+            )
+            at += count
+        if at != len(frames):
+            raise ProtocolError("bad_meta", "TASKS frame counts do not add up")
+        return Tasks(tuple(tasks))
     if command == HEARTBEAT:
         return _EMPTY_HEARTBEAT
     if command == CANCEL:

@@ -91,6 +91,8 @@ def decode_client(frames: Sequence[bytes]) -> ClientRequest:
         raise ProtocolError("missing_frames", "MDPC01 request needs a service frame")
     if frames[0]:
         raise ProtocolError("bad_delimiter", "first frame must be empty")
+    if not frames[2]:
+        raise ProtocolError("bad_service", "empty service name")
     return ClientRequest(frames[2], tuple(frames[3:]))
 
 
