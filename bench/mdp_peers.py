@@ -41,6 +41,8 @@ ZBW_TASK = b"\x02"
 ZBW_DONE = b"\x05"
 ZBW_HEARTBEAT = b"\x07"
 ZBW_DISCONNECT = b"\x08"
+ZBW_TASKS = b"\x0a"
+ZBW_DONES = b"\x0b"
 
 # An idle worker heartbeats after this long without traffic; the broker's default
 # interval is 2.5 s with a liveness of 3, so this keeps well clear of expiry.
@@ -139,15 +141,18 @@ def _zbroker_multi_worker(endpoint: str, sockets: int) -> None:
 
 
 def zbw_worker(endpoint: str, credit: int) -> None:
-    """A ZBW01 worker (zbroker's extension protocol) holding up to `credit` tasks: it
-    answers each TASK with DONE carrying the payload back. DONE also acknowledges."""
+    """A ZBW01 worker (zbroker's extension protocol) holding up to `credit` tasks,
+    batching as zbroker's own Worker does: READY says `batch`, so tasks may come
+    several to a TASKS message; everything already waiting on the socket is
+    answered with one DONES carrying each payload back (DONE also acknowledges)."""
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.DEALER)
     sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
     _connect(sock, endpoint)
     packb = msgpack.Packer(use_bin_type=True).pack
     unpackb = msgpack.unpackb
-    sock.send_multipart([EMPTY, ZBW01, ZBW_READY, packb({"service": "echo", "credit": credit})])
+    ready_meta = packb({"service": "echo", "credit": credit, "batch": True})
+    sock.send_multipart([EMPTY, ZBW01, ZBW_READY, ready_meta])
     print("ready", flush=True)
     recv = sock.recv_multipart
     send = sock.send_multipart
@@ -158,13 +163,33 @@ def zbw_worker(endpoint: str, credit: int) -> None:
         except zmq.Again:
             send(heartbeat)
             continue
-        command = frames[2]
-        if command == ZBW_TASK:
-            meta = unpackb(frames[3])
-            done_meta = packb({"id": meta["id"], "attempt": meta["attempt"]})
-            send([EMPTY, ZBW01, ZBW_DONE, done_meta, *frames[4:]])
-        elif command == ZBW_DISCONNECT:
-            sys.exit("broker sent DISCONNECT")
+        entries: list[list[object]] = []
+        results: list[bytes] = []
+        while True:
+            command = frames[2]
+            if command == ZBW_TASK:
+                meta = unpackb(frames[3])
+                body = frames[4:]
+                entries.append([meta["id"], meta["attempt"], len(body)])
+                results.extend(body)
+            elif command == ZBW_TASKS:
+                at = 4
+                for task in unpackb(frames[3])["tasks"]:
+                    n = task["n"]
+                    entries.append([task["id"], task["attempt"], n])
+                    results.extend(frames[at : at + n])
+                    at += n
+            elif command == ZBW_DISCONNECT:
+                sys.exit("broker sent DISCONNECT")
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        if len(entries) == 1:
+            task_id, attempt, _ = entries[0]
+            send([EMPTY, ZBW01, ZBW_DONE, packb({"id": task_id, "attempt": attempt}), *results])
+        elif entries:
+            send([EMPTY, ZBW01, ZBW_DONES, packb({"tasks": entries}), *results])
 
 
 def forwarder_worker(endpoint: str) -> None:
