@@ -122,6 +122,15 @@ def start(
             help="Directory of the task journal (created if missing).",
         ),
     ] = _defaults.data_dir,
+    journal_max_mib: Annotated[
+        int,
+        typer.Option(
+            envvar="ZBROKER_JOURNAL_MAX_MIB",
+            min=1,
+            help="Largest size the journal may grow to, in MiB; past it the broker stops "
+            "with an error instead of confirming what it cannot store.",
+        ),
+    ] = _defaults.journal_max_bytes >> 20,
     max_attempts: Annotated[
         int,
         typer.Option(
@@ -196,6 +205,7 @@ def start(
         log_level=level,
         durability=durability,
         data_dir=data_dir,
+        journal_max_bytes=journal_max_mib << 20,
     )
     try:
         server = BrokerServer(config)

@@ -30,3 +30,6 @@ class BrokerConfig:
     # Where durable tasks live, and what a confirmed enqueue survives.
     durability: Durability = Durability.SYNC
     data_dir: Path = Path("zbroker-data")
+    # The journal's map grows (doubling) up to this size; past it the broker stops
+    # with a clear error rather than confirm what it cannot store.
+    journal_max_bytes: int = 1 << 40

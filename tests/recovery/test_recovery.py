@@ -241,3 +241,37 @@ def test_delays_and_results_survive_a_restart(
     assert later is not None and later.meta["state"] == "done"
     assert any(line[0] == "done" and line[3] == "later" for line in worker.lines())
     client.close()
+
+
+def test_a_full_journal_stops_the_broker_and_loses_nothing_it_confirmed(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    data = tmp_path / "small"
+    broker = broker_factory("--journal-max-mib", "2", data_dir=data)
+    client = RawClient(broker.endpoint)
+    payload = b"x" * 4096
+    confirmed: list[str] = []
+    for _ in range(200):
+        answer = client.call(
+            lambda rid: zbc.enqueue(rid, "big", [[payload]] * 50, batch=True), timeout_s=5
+        )
+        if answer is None:
+            break  # the broker stopped
+        assert answer.ok, answer.meta
+        confirmed += answer.meta["ids"]
+    else:
+        raise AssertionError("the journal never filled up")
+    assert broker.proc is not None
+    assert broker.proc.wait(10) == 2
+    assert "journal failure, stopping the broker" in broker.log()
+    assert confirmed  # some batches fitted before the limit
+    # Restarted with room to grow, every task it confirmed is there.
+    bigger = broker_factory("--journal-max-mib", "64", data_dir=data)
+    client.close()
+    client = RawClient(bigger.endpoint)
+    for task_id in confirmed[:: max(1, len(confirmed) // 20)] + confirmed[-1:]:
+        status = client.call(lambda rid, t=task_id: zbc.call(zbc.STATUS, rid, id=t), 5)  # type: ignore[misc]
+        assert status is not None and status.meta["task"]["state"] == "ready"
+    dead = client.call(lambda rid: zbc.call(zbc.DEAD, rid, service="big"), 5)
+    assert dead is not None and dead.ok
+    client.close()

@@ -50,7 +50,13 @@ class BrokerServer:
         self.config = config
         self._ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.journal: Journal = open_journal(config.durability, config.data_dir)
+        journal_options: dict[str, int] = {}
+        if config.durability.value != "memory":
+            journal_options = {
+                "max_map_size": config.journal_max_bytes,
+                "map_size": min(256 << 20, config.journal_max_bytes),
+            }
+        self.journal: Journal = open_journal(config.durability, config.data_dir, **journal_options)
         try:
             started = time.monotonic()
             self.core = Broker(
