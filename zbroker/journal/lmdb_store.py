@@ -99,9 +99,6 @@ def _key_bytes(key: str) -> bytes:
     return b"\x00" + raw
 
 
-# Records whose index entries LmdbJournal remembers (about 200 bytes each).
-_INDEX_CACHE_MAX = 100_000
-
 class LmdbJournal(Journal):
     """Tasks in LMDB at `path` (a directory, created if missing).
 
@@ -142,9 +139,6 @@ class LmdbJournal(Journal):
         self._deltas: Counter[tuple[bytes, int]] = Counter()  # since the last commit
         self._next_seq = 1
         self._stored_seq = 1
-        # Index entries of records this process wrote, by id: a replacing put then
-        # needs no decoding of the old record. Bounded; emptied on every rollback.
-        self._index_cache: dict[str, tuple[bytes, int, list[tuple[Db, bytes]]]] = {}
 
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -195,7 +189,7 @@ class LmdbJournal(Journal):
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
         self._check_open()
         packed = self._packer.frames(frames)
-        if task_id not in self._index_cache and self._get_raw(task_id) is None:
+        if self._get_raw(task_id) is None:
             raise KeyError(f"no task {task_id!r} to store a result for")
         self._write((_RESULT, task_id, packed))
 
@@ -500,36 +494,26 @@ class LmdbJournal(Journal):
             state = int(record.state)
             entries = self._entries(record, svc)
             old = txn.replace(idb, packed, db=self._tasks)
-            cache = self._index_cache
             if old is None:
                 for db, key in entries:
                     txn.put(key, idb, db=db)
             else:
-                known = cache.get(task_id)
-                if known is None:
-                    old_record = unpack_record(task_id, old)
-                    old_svc = self._services[old_record.service]
-                    old_state = int(old_record.state)
-                    old_entries = self._entries(old_record, old_svc)
-                else:
-                    old_svc, old_state, old_entries = known
+                old_record = unpack_record(task_id, old)
+                old_svc = self._services[old_record.service]
+                old_entries = self._entries(old_record, old_svc)
                 for db, key in old_entries:
                     if (db, key) not in entries:
                         txn.delete(key, idb, db=db)
                 for db, key in entries:
                     if (db, key) not in old_entries:
                         txn.put(key, idb, db=db)
-                self._deltas[(old_svc, old_state)] -= 1
+                self._deltas[(old_svc, int(old_record.state))] -= 1
             self._deltas[(svc, state)] += 1
-            if len(cache) >= _INDEX_CACHE_MAX:
-                cache.clear()
-            cache[task_id] = (svc, state, entries)
             if frames is not None:
                 txn.put(idb, frames, db=self._payloads)
         elif kind == _RESULT:
             txn.put(idb, op[2], db=self._results)
         else:
-            self._index_cache.pop(task_id, None)
             old = txn.pop(idb, db=self._tasks)
             if old is None:
                 return
@@ -597,7 +581,6 @@ class LmdbJournal(Journal):
         """Abort the write transaction and forget what it did to the in-memory state.
         The replay list is the caller's business."""
         txn, self._wtxn = self._wtxn, None
-        self._index_cache.clear()  # it may describe writes that are now undone
         if txn is not None:
             with suppress(lmdb.Error):  # already freed by a failed commit
                 txn.abort()
