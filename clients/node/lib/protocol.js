@@ -117,10 +117,14 @@ export const W = Object.freeze({
   FAIL: 0x06,
   HEARTBEAT: 0x07,
   DISCONNECT: 0x08,
-  CANCEL: 0x09
+  CANCEL: 0x09,
+  TASKS: 0x0a,
+  DONES: 0x0b
 })
 export const MAX_CREDIT = 10_000
 export const MAX_TAGS = 32
+// Entries in one DONES message (the broker refuses more); TASKS are as many as it sends.
+export const MAX_WORKER_BATCH = 1024
 
 const ZBW01_FRAME = Buffer.from(ZBW01)
 const commandFrames = new Map()
@@ -138,11 +142,27 @@ function zbw (command, meta, ...rest) {
 }
 
 export const zbwEncode = {
-  ready: (service, credit, tags = []) =>
-    zbw(W.READY, tags.length ? { service, credit, tags } : { service, credit }),
+  /** READY; `batch: true` says the worker accepts TASKS (several tasks in one message). */
+  ready: (service, credit, tags = [], { batch = false } = {}) => {
+    const meta = { service, credit }
+    if (tags.length) meta.tags = tags
+    if (batch) meta.batch = true
+    return zbw(W.READY, meta)
+  },
   ack: (refs) => zbw(W.ACK, { tasks: refs.map(([id, attempt]) => [id, attempt]) }),
   progress: (id, attempt, data = []) => zbw(W.PROGRESS, { id, attempt }, ...data),
   done: (id, attempt, result = []) => zbw(W.DONE, { id, attempt }, ...result),
+  /** Several DONEs in one message: `results` is [[id, attempt, frames], ...], 1..MAX_WORKER_BATCH. */
+  dones: (results) => {
+    if (results.length < 1 || results.length > MAX_WORKER_BATCH) {
+      throw new RangeError(`DONES carries 1..${MAX_WORKER_BATCH} results, got ${results.length}`)
+    }
+    const frames = zbw(W.DONES, { tasks: results.map(([id, attempt, result]) => [id, attempt, result.length]) })
+    for (const [, , result] of results) {
+      for (const frame of result) frames.push(frame)
+    }
+    return frames
+  },
   fail: (id, attempt, reason, { retry = true, delayS } = {}) =>
     zbw(W.FAIL, delayS === undefined || delayS === null
       ? { id, attempt, reason, retry }
@@ -158,9 +178,22 @@ function taskRef (meta) {
   return { id: meta.id, attempt: meta.attempt }
 }
 
+// One task of a TASK meta or a TASKS entry, with its payload frames.
+function taskOf (meta, frames) {
+  const { id, attempt } = taskRef(meta)
+  const service = meta.service ?? ''
+  const headers = meta.headers ?? {}
+  if (typeof service !== 'string' || !isPlainMap(headers)) {
+    throw new ProtocolError('bad_meta', "TASK 'service' is a string, 'headers' a map")
+  }
+  const timeoutS = typeof meta.timeout_s === 'number' ? meta.timeout_s : null
+  return { id, attempt, service, headers, timeoutS, frames }
+}
+
 /**
- * What a ZBW01 worker receives: {type: 'task'|'cancel'|'heartbeat'|'disconnect', ...}.
- * Throws ProtocolError for anything else.
+ * What a ZBW01 worker receives: {type: 'task'|'tasks'|'cancel'|'heartbeat'|'disconnect', ...}.
+ * A TASKS message is {type: 'tasks', tasks: [task, ...]}, each task shaped like a
+ * TASK message without its type. Throws ProtocolError for anything else.
  */
 export function decodeForWorker (frames) {
   if (frames.length < 3 || frames[0].length !== 0 || !frameIs(frames[1], ZBW01)) {
@@ -170,15 +203,26 @@ export function decodeForWorker (frames) {
   switch (command) {
     case W.TASK: {
       if (frames.length < 4) throw new ProtocolError('missing_frames', 'TASK needs a metadata frame')
-      const meta = unpackMeta(frames[3])
-      const { id, attempt } = taskRef(meta)
-      const service = meta.service ?? ''
-      const headers = meta.headers ?? {}
-      if (typeof service !== 'string' || !isPlainMap(headers)) {
-        throw new ProtocolError('bad_meta', "TASK 'service' is a string, 'headers' a map")
+      return { type: 'task', ...taskOf(unpackMeta(frames[3]), frames.slice(4)) }
+    }
+    case W.TASKS: {
+      if (frames.length < 4) throw new ProtocolError('missing_frames', 'TASKS needs a metadata frame')
+      const entries = unpackMeta(frames[3]).tasks
+      if (!Array.isArray(entries) || entries.length === 0) {
+        throw new ProtocolError('bad_meta', "TASKS needs a non-empty 'tasks' list")
       }
-      const timeoutS = typeof meta.timeout_s === 'number' ? meta.timeout_s : null
-      return { type: 'task', id, attempt, service, headers, timeoutS, frames: frames.slice(4) }
+      const tasks = []
+      let at = 4
+      for (const entry of entries) {
+        if (!isPlainMap(entry)) throw new ProtocolError('bad_meta', 'TASKS entries are maps')
+        const count = entry.n
+        if (!isInt(count) || count < 0) throw new ProtocolError('bad_meta', "TASKS entry needs a frame count 'n'")
+        if (at + count > frames.length) throw new ProtocolError('bad_meta', 'TASKS frame counts do not add up')
+        tasks.push(taskOf(entry, frames.slice(at, at + count)))
+        at += count
+      }
+      if (at !== frames.length) throw new ProtocolError('bad_meta', 'TASKS frame counts do not add up')
+      return { type: 'tasks', tasks }
     }
     case W.HEARTBEAT:
       return { type: 'heartbeat' }

@@ -1,8 +1,15 @@
 // Worker: serves one service over ZBW01. Declares its concurrency as credit,
-// acknowledges every TASK at once (one ACK per burst read), heartbeats on
+// accepts batches (READY batch: true, so the broker may send TASKS),
+// acknowledges every task at once (one ACK per burst read), heartbeats on
 // time, reports DONE/FAIL/PROGRESS, honours CANCEL through an AbortSignal,
 // reconnects and re-registers when the broker goes silent or says
 // DISCONNECT, and stops gracefully.
+//
+// Outgoing ACKs and DONEs are collected during one turn of the event loop and
+// flushed together (setImmediate): the ACK first, then the results as one
+// DONES (a single result as a plain DONE), like the Python Worker. FAIL and
+// PROGRESS go out at once, after flushing whatever was collected before them,
+// so nothing about a task ever overtakes its ACK or an earlier result.
 //
 // Each connection has a generation number, and the worker keeps the attempts
 // it holds on the current connection. A result is sent only while its attempt
@@ -16,6 +23,7 @@ import {
   EMPTY,
   MAX_CREDIT,
   MAX_TAGS,
+  MAX_WORKER_BATCH,
   decodeForWorker,
   describe,
   toFrames,
@@ -75,8 +83,9 @@ export class Worker extends EventEmitter {
   #held = new Map() // task id -> attempt context, on the current connection
   #queue = [] // attempt contexts waiting for a free handler slot (bounded by the credit)
   #running = new Set()
-  #acks = []
-  #ackScheduled = false
+  #acks = [] // [id, attempt] read but not yet acknowledged
+  #dones = [] // [id, attempt, frames] of results not yet sent (DONE/DONES)
+  #flushScheduled = false
   #expiresAt = 0
   #heartbeatAt = 0
   #metricsAt = 0
@@ -142,9 +151,9 @@ export class Worker extends EventEmitter {
     this.#registered = new Promise((resolve) => { this.#resolveRegistered = resolve })
     /** Counters since creation; they only grow. */
     this.stats = {
-      received: 0, // TASK messages: attempts pushed to this worker
+      received: 0, // attempts pushed to this worker (a TASK, or an entry of TASKS)
       acked: 0, // attempts acknowledged
-      handled: 0, // DONE sent
+      handled: 0, // results sent (a DONE, or an entry of DONES)
       failed: 0, // FAIL sent
       cancelled: 0, // attempts the broker took back (CANCEL) while held
       notStarted: 0, // attempts never handed to the handler: cancelled, stale, or stopping
@@ -209,7 +218,7 @@ export class Worker extends EventEmitter {
       this.#log.warn(`worker ${JSON.stringify(this.#service)}: ${this.#running.size} handler(s) still running after ${timeoutMs}ms; abandoning them`)
       for (const ctx of this.#running) this.#abort(ctx, 'the worker is stopping')
     }
-    this.#flushAcks()
+    this.#flush() // the last ACKs and results go out before DISCONNECT
     this.#drop({ disconnect: true, reason: 'worker stopping', lingerMs: GOODBYE_LINGER_MS })
     this.#stopped = true
     clearTimeout(this.#timer)
@@ -253,8 +262,8 @@ export class Worker extends EventEmitter {
     this.#expiresAt = t + this.#expiryMs
     this.#heartbeatAt = t + this.#intervalMs
     this.#reconnectAt = null
-    this.#send(zbwEncode.ready(this.#service, this.#concurrency, this.#tags))
-    this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${this.#concurrency}) sent to ${this.#endpoint} (connection ${generation})`)
+    this.#send(zbwEncode.ready(this.#service, this.#concurrency, this.#tags, { batch: true }))
+    this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${this.#concurrency}, batch) sent to ${this.#endpoint} (connection ${generation})`)
     this.#read(sock, generation)
     this.#arm()
   }
@@ -289,6 +298,8 @@ export class Worker extends EventEmitter {
     sock.linger = disconnect ? lingerMs : 0
     sock.close()
     this.#acks = []
+    this.stats.staleResultsDropped += this.#dones.length // the broker hands those attempts to someone else
+    this.#dones = []
     this.stats.notStarted += this.#queue.length
     this.#queue = []
     const held = [...this.#held.values()]
@@ -411,21 +422,16 @@ export class Worker extends EventEmitter {
       this.#resolveRegistered()
     }
     if (message.type === 'task') this.#onTask(message)
-    else if (message.type === 'cancel') this.#onCancel(message)
+    else if (message.type === 'tasks') {
+      for (const task of message.tasks) this.#onTask(task)
+    } else if (message.type === 'cancel') this.#onCancel(message)
     else this.#heartbeat() // answer at the broker's pace, whatever our own interval
   }
 
   #onTask (message) {
     this.stats.received++
-    this.#acks.push([message.id, message.attempt])
-    if (!this.#ackScheduled) {
-      // Every TASK read in this turn of the event loop goes into one ACK.
-      this.#ackScheduled = true
-      setImmediate(() => {
-        this.#ackScheduled = false
-        this.#flushAcks()
-      })
-    }
+    this.#acks.push([message.id, message.attempt]) // every task read in this turn goes into one ACK
+    this.#scheduleFlush()
     const controller = new AbortController()
     const ctx = { id: message.id, attempt: message.attempt, generation: this.#generation, controller, task: null }
     ctx.task = Object.freeze({
@@ -463,11 +469,34 @@ export class Worker extends EventEmitter {
     if (!ctx.controller.signal.aborted) ctx.controller.abort(new DOMException(why, 'AbortError'))
   }
 
-  #flushAcks () {
-    if (this.#acks.length === 0) return
-    const acks = this.#acks
-    this.#acks = []
-    if (this.#send(zbwEncode.ack(acks))) this.stats.acked += acks.length
+  #scheduleFlush () {
+    if (this.#flushScheduled) return
+    this.#flushScheduled = true
+    setImmediate(() => {
+      this.#flushScheduled = false
+      this.#flush()
+    })
+  }
+
+  // Send what was collected: the ACK first, then the results (one DONES, or a
+  // DONE for a single one). Called before anything else goes out about a task.
+  #flush () {
+    if (this.#acks.length > 0) {
+      const acks = this.#acks
+      this.#acks = []
+      if (this.#send(zbwEncode.ack(acks))) this.stats.acked += acks.length
+    }
+    if (this.#dones.length > 0) {
+      const dones = this.#dones
+      this.#dones = []
+      this.stats.handled += dones.length // counted before sending, so whoever gets a result sees the count
+      if (dones.length === 1) {
+        const [id, attempt, frames] = dones[0]
+        this.#send(zbwEncode.done(id, attempt, frames))
+      } else {
+        this.#send(zbwEncode.dones(dones))
+      }
+    }
   }
 
   #holds (ctx) {
@@ -477,7 +506,7 @@ export class Worker extends EventEmitter {
   #progress (ctx, data) {
     const frames = toFrames(data, 'progress data')
     if (!this.#holds(ctx)) return false // advisory: dropped once the attempt is no longer held
-    this.#flushAcks()
+    this.#flush() // never ahead of this task's ACK, nor of results finished before it
     this.stats.progressSent++
     return this.#send(zbwEncode.progress(ctx.id, ctx.attempt, frames))
   }
@@ -547,11 +576,13 @@ export class Worker extends EventEmitter {
       return
     }
     this.#held.delete(ctx.id)
-    this.#flushAcks() // the ACK goes out before the result, never after it
     if (outcome.frames !== null) {
-      this.stats.handled++
-      this.#send(zbwEncode.done(ctx.id, ctx.attempt, outcome.frames))
+      // Results finished in this turn leave together, after the ACKs read before them.
+      this.#dones.push([ctx.id, ctx.attempt, outcome.frames])
+      if (this.#dones.length >= MAX_WORKER_BATCH) this.#flush()
+      else this.#scheduleFlush()
     } else {
+      this.#flush() // the ACK and the DONEs collected so far go out before this FAIL
       this.stats.failed++
       this.#send(zbwEncode.fail(ctx.id, ctx.attempt, outcome.reason, { retry: outcome.retry, delayS: outcome.delayS }))
     }

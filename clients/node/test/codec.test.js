@@ -43,6 +43,9 @@ test('ZBW01 frames: READY, ACK, PROGRESS, DONE, FAIL, HEARTBEAT, DISCONNECT', ()
   assert.deepEqual(unpack(ready[3]), { service: 'tts', credit: 4, tags: ['gpu'] })
   assert.equal(ready.length, 4)
   assert.deepEqual(unpack(zbwEncode.ready('tts', 1)[3]), { service: 'tts', credit: 1 })
+  const batch = zbwEncode.ready('tts', 2, [], { batch: true })[3]
+  assert.deepEqual(unpack(batch), { service: 'tts', credit: 2, batch: true })
+  assert.deepEqual([...batch.subarray(-7)], [0xa5, ...Buffer.from('batch'), 0xc3]) // a msgpack bool
 
   const ack = zbwEncode.ack([['t1', 1], ['t2', 3]])
   assert.equal(ack[2][0], W.ACK)
@@ -58,6 +61,15 @@ test('ZBW01 frames: READY, ACK, PROGRESS, DONE, FAIL, HEARTBEAT, DISCONNECT', ()
   const done = zbwEncode.done('t1', 1, [Buffer.from('a'), Buffer.from('b')])
   assert.equal(done[2][0], W.DONE)
   assert.deepEqual(str(...done.slice(4)), ['a', 'b'])
+
+  const dones = zbwEncode.dones([['t1', 1, [Buffer.from('a')]], ['t2', 3, []], ['t3', 1, [Buffer.from('b'), Buffer.from('c')]]])
+  assert.equal(dones[2][0], W.DONES)
+  assert.equal(W.DONES, 0x0b)
+  assert.deepEqual(unpack(dones[3]), { tasks: [['t1', 1, 1], ['t2', 3, 0], ['t3', 1, 2]] })
+  assert.deepEqual(str(...dones.slice(4)), ['a', 'b', 'c'])
+  assert.throws(() => zbwEncode.dones([]), RangeError)
+  assert.throws(() => zbwEncode.dones(Array.from({ length: 1025 }, (_, i) => [`t${i}`, 1, []])), /1\.\.1024/)
+  assert.equal(zbwEncode.dones(Array.from({ length: 1024 }, (_, i) => [`t${i}`, 1, []])).length, 4)
 
   const fail = zbwEncode.fail('t1', 1, 'Error: boom', { retry: true, delayS: 2.5 })
   assert.equal(fail[2][0], W.FAIL)
@@ -95,6 +107,45 @@ test('ZBW01: what a worker receives', () => {
   assert.throws(() => decodeForWorker([...head, Buffer.from([W.TASK]), Buffer.from([0xc1])]), ProtocolError)
   assert.throws(() => decodeForWorker([...head, Buffer.from([W.TASK]), pack([1, 2])]), /not a map/)
   assert.throws(() => decodeForWorker([...head, Buffer.from([0x42])]), /unexpected command/)
+})
+
+test('ZBW01: TASKS is split into its tasks by their frame counts', () => {
+  const head = [Buffer.alloc(0), Buffer.from('ZBW01'), Buffer.from([W.TASKS])]
+  assert.equal(W.TASKS, 0x0a)
+  const message = decodeForWorker([...head,
+    pack({
+      tasks: [
+        { id: 'a', attempt: 1, service: 'tts', n: 2 },
+        { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeout_s: 1.5, n: 0 },
+        { id: 'c', attempt: 1, n: 1 }
+      ]
+    }),
+    Buffer.from('a1'), Buffer.from('a2'), Buffer.from('c1')])
+  assert.equal(message.type, 'tasks')
+  const [a, b, c] = message.tasks
+  assert.equal(message.tasks.length, 3)
+  assert.deepEqual({ ...a, frames: str(...a.frames) },
+    { id: 'a', attempt: 1, service: 'tts', headers: {}, timeoutS: null, frames: ['a1', 'a2'] })
+  assert.deepEqual(b, { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeoutS: 1.5, frames: [] })
+  assert.deepEqual({ ...c, frames: str(...c.frames) },
+    { id: 'c', attempt: 1, service: '', headers: {}, timeoutS: null, frames: ['c1'] })
+
+  const entry = (id, n) => ({ id, attempt: 1, service: 's', n })
+  const bad = (meta, ...frames) => () => decodeForWorker([...head, pack(meta), ...frames.map((f) => Buffer.from(f))])
+  assert.throws(() => decodeForWorker(head), /metadata frame/)
+  assert.throws(bad({ tasks: [] }), /non-empty 'tasks'/)
+  assert.throws(bad({ tasks: 'a' }), /non-empty 'tasks'/)
+  assert.throws(bad({ tasks: [['a', 1, 0]] }), /entries are maps/)
+  assert.throws(bad({ tasks: [{ id: 'a', attempt: 1 }] }), /frame count 'n'/)
+  assert.throws(bad({ tasks: [entry('a', -1)] }), /frame count 'n'/)
+  assert.throws(bad({ tasks: [entry('a', 1.5)] }, 'x'), /frame count 'n'/)
+  assert.throws(bad({ tasks: [entry('a', 2)] }, 'x'), /do not add up/)
+  assert.throws(bad({ tasks: [entry('a', 1)] }, 'x', 'y'), /do not add up/)
+  assert.throws(bad({ tasks: [{ ...entry('a', 0), attempt: 1.5 }] }), /integer attempt/)
+  assert.throws(bad({ tasks: [{ ...entry('a', 0), headers: 'x' }] }), /'headers' a map/)
+  for (const fn of [bad({ tasks: [] }), bad({ tasks: [entry('a', 2)] }, 'x')]) {
+    assert.throws(fn, (err) => err instanceof ProtocolError && err.code === 'bad_meta')
+  }
 })
 
 test('ZBC01: calls carry an integer rid; answers are matched by it', () => {

@@ -29,7 +29,7 @@ function deferred () {
   return { promise, resolve }
 }
 
-test('READY declares service, credit and tags; TASK is acknowledged before PROGRESS and DONE', async (t) => {
+test('READY declares service, credit, tags and batch; TASK is acknowledged before PROGRESS and DONE', async (t) => {
   const seen = []
   const { broker, worker, ready, identity } = await setup(t, {
     concurrency: 3,
@@ -42,7 +42,8 @@ test('READY declares service, credit and tags; TASK is acknowledged before PROGR
   })
   assert.equal(ready.header, 'ZBW01')
   assert.equal(ready.empty, true)
-  assert.deepEqual(ready.meta, { service: 'svc', credit: 3, tags: ['gpu', 'de-DE'] })
+  assert.deepEqual(ready.meta, { service: 'svc', credit: 3, tags: ['gpu', 'de-DE'], batch: true })
+  assert.ok(ready.metaFrame.includes(Buffer.from([0xa5, ...Buffer.from('batch'), 0xc3])), 'batch is msgpack true')
   assert.equal(worker.connected, true)
 
   await broker.send(identity, CMD.TASK, { id: 't1', attempt: 1, service: 'svc', headers: { lang: 'de' }, timeout_s: 2.5 }, 'p1', 'p2')
@@ -88,9 +89,9 @@ test('several TASKs are all acknowledged and run at once, up to the credit', asy
   assert.deepEqual(acked.map(([id]) => id).sort(), ['a', 'b', 'c'])
   await waitUntil(() => worker.running === 3, { what: 'three handlers running' })
   gate.resolve()
-  const done = []
-  while (done.length < 3) done.push((await broker.command(CMD.DONE)).meta.id)
-  assert.deepEqual(done.sort(), ['a', 'b', 'c'])
+  const done = await broker.results(3)
+  assert.deepEqual(done.map((r) => r.id).sort(), ['a', 'b', 'c'])
+  assert.deepEqual(done.map((r) => r.frames[0]).sort(), ['a', 'b', 'c'])
   assert.equal(most, 3)
 })
 
@@ -140,7 +141,7 @@ test('CANCEL aborts the handler signal and the result of that attempt is never s
   await broker.send(identity, CMD.TASK, { id: 'next', attempt: 1, service: 'svc' })
   const done = await broker.command(CMD.DONE)
   assert.equal(done.meta.id, 'next')
-  assert.equal(broker.seen(CMD.DONE).length, 0, 'no DONE for the cancelled attempt')
+  assert.equal(broker.seen(CMD.DONE).length + broker.seen(CMD.DONES).length, 0, 'no DONE for the cancelled attempt')
   assert.equal(worker.stats.cancelled, 1)
 })
 
@@ -179,7 +180,7 @@ test('DISCONNECT from the broker makes the worker re-register on a fresh connect
   await started.promise
   await broker.send(identity, CMD.DISCONNECT, { reason: 'unknown worker' })
   const again = await broker.command(CMD.READY)
-  assert.deepEqual(again.meta, { service: 'svc', credit: 1 })
+  assert.deepEqual(again.meta, { service: 'svc', credit: 1, batch: true })
   assert.notDeepEqual(again.identity, identity, 'a fresh socket')
   assert.equal(signal.aborted, true)
   assert.equal(worker.stats.reconnects, 1)
@@ -247,7 +248,7 @@ test('stop() abandons a handler that outlives its timeout: signal aborted, resul
   assert.equal(signal.aborted, true)
   await broker.command(CMD.DISCONNECT)
   await waitUntil(() => worker.running === 0, { what: 'handler returned' })
-  assert.equal(broker.seen(CMD.DONE).length, 0)
+  assert.equal(broker.seen(CMD.DONE).length + broker.seen(CMD.DONES).length, 0)
   assert.equal(worker.stats.staleResultsDropped, 1)
 })
 
@@ -257,6 +258,151 @@ test('a malformed broker message is dropped and counted', async (t) => {
   await broker.send(identity, CMD.TASK, { id: 'fine', attempt: 1, service: 'svc' })
   assert.equal((await broker.command(CMD.DONE)).meta.id, 'fine')
   assert.equal(worker.stats.malformed, 1)
+})
+
+test('TASKS is decoded into its tasks, all acknowledged in one ACK before any result', async (t) => {
+  const seen = []
+  const { broker, identity, worker } = await setup(t, {
+    concurrency: 3,
+    handler: async (task) => {
+      seen.push(task)
+      return task.frames
+    }
+  })
+  await broker.sendTasks(identity, [
+    { id: 'a', attempt: 1, service: 'svc', frames: ['a1', 'a2'] },
+    { id: 'b', attempt: 2, service: 'other', headers: { lang: 'de' }, timeout_s: 1.5, frames: [] },
+    { id: 'c', attempt: 1, service: 'svc', frames: ['c1'] }
+  ])
+  const ack = await broker.command(CMD.ACK)
+  assert.deepEqual(ack.meta, { tasks: [['a', 1], ['b', 2], ['c', 1]] })
+  const results = await broker.results(3)
+  assert.ok(results.every((r) => ack.seq < r.seq), 'the ACK goes first')
+  assert.deepEqual(results.map(({ id, attempt, frames }) => [id, attempt, frames]), [['a', 1, ['a1', 'a2']], ['b', 2, []], ['c', 1, ['c1']]])
+  assert.equal(broker.seen(CMD.ACK).length, 0, 'one ACK for the whole TASKS')
+
+  assert.deepEqual(seen.map((task) => task.id), ['a', 'b', 'c'])
+  const [a, b, c] = seen
+  assert.deepEqual(a.frames.map(String), ['a1', 'a2'])
+  assert.equal(a.payload.toString(), 'a1')
+  assert.deepEqual(a.headers, {})
+  assert.equal(a.timeoutS, null)
+  assert.equal(b.attempt, 2)
+  assert.equal(b.service, 'other')
+  assert.deepEqual(b.frames, [])
+  assert.equal(b.payload.length, 0)
+  assert.deepEqual(b.headers, { lang: 'de' })
+  assert.equal(b.timeoutS, 1.5)
+  assert.deepEqual(c.frames.map(String), ['c1'])
+  assert.equal(worker.stats.received, 3)
+  assert.equal(worker.stats.acked, 3)
+  assert.equal(worker.stats.handled, 3)
+})
+
+test('results finished in the same turn leave as one DONES; a single one as a plain DONE', async (t) => {
+  const gate = deferred()
+  const { broker, identity, worker } = await setup(t, {
+    concurrency: 3,
+    handler: async (task) => {
+      if (task.id === 'solo') return 'alone'
+      await gate.promise
+      return { none: null, one: 'x', two: ['y', 'z'] }[task.id]
+    }
+  })
+  await broker.sendTasks(identity, ['none', 'one', 'two'].map((id) => ({ id, attempt: 1, service: 'svc', frames: [id] })))
+  await waitUntil(() => worker.running === 3, { what: 'three handlers running' })
+  gate.resolve()
+  const dones = await broker.command(CMD.DONES)
+  assert.deepEqual(dones.meta, { tasks: [['none', 1, 0], ['one', 1, 1], ['two', 1, 2]] })
+  assert.deepEqual(dones.frames, ['x', 'y', 'z'])
+  assert.equal(worker.stats.handled, 3)
+
+  await broker.send(identity, CMD.TASK, { id: 'solo', attempt: 4, service: 'svc' })
+  const done = await broker.command(CMD.DONE)
+  assert.deepEqual(done.meta, { id: 'solo', attempt: 4 })
+  assert.deepEqual(done.frames, ['alone'])
+  assert.equal(broker.seen(CMD.DONES).length, 0)
+  assert.equal(worker.stats.handled, 4)
+})
+
+test('a DONES carries at most 1024 results; more go in the next one', async (t) => {
+  const count = 1030
+  const { broker, identity, worker } = await setup(t, { concurrency: count, handler: (task) => task.id })
+  const tasks = Array.from({ length: count }, (_, i) => ({ id: `t${i}`, attempt: 1, service: 'svc', frames: [] }))
+  await broker.sendTasks(identity, tasks)
+  const ack = await broker.command(CMD.ACK)
+  assert.equal(ack.meta.tasks.length, count)
+  const first = await broker.command(CMD.DONES)
+  const second = await broker.next((m) => m.command === CMD.DONES || m.command === CMD.DONE)
+  assert.equal(first.meta.tasks.length, 1024)
+  assert.equal(second.meta.tasks.length, count - 1024)
+  const ids = [...first.meta.tasks, ...second.meta.tasks].map(([id]) => id)
+  assert.deepEqual(ids, tasks.map((task) => task.id))
+  assert.deepEqual([...first.frames, ...second.frames], ids)
+  assert.ok(ack.seq < first.seq && first.seq < second.seq)
+  assert.equal(worker.stats.handled, count)
+})
+
+test('FAIL and PROGRESS never overtake the ACK or the DONEs finished before them', async (t) => {
+  const gate = deferred()
+  const ticks = async (n) => { for (let i = 0; i < n; i++) await null }
+  const { broker, identity } = await setup(t, {
+    concurrency: 4,
+    handler: async (task) => {
+      await gate.promise
+      if (task.id === 'bad') {
+        await ticks(5) // after ok1 and ok2 are reported, in the same turn
+        throw new Error('boom')
+      }
+      if (task.id === 'prog') {
+        await ticks(15) // after the FAIL, still in the same turn
+        task.progress('half')
+        return 'prog done'
+      }
+      return task.id
+    }
+  })
+  await broker.sendTasks(identity, ['ok1', 'ok2', 'bad', 'prog'].map((id) => ({ id, attempt: 1, service: 'svc', frames: [] })))
+  const ack = await broker.command(CMD.ACK)
+  gate.resolve()
+  const dones = await broker.command(CMD.DONES)
+  const fail = await broker.command(CMD.FAIL)
+  const progress = await broker.command(CMD.PROGRESS)
+  const last = await broker.command(CMD.DONE)
+  assert.deepEqual(ack.meta.tasks.map(([id]) => id), ['ok1', 'ok2', 'bad', 'prog'])
+  assert.deepEqual(dones.meta, { tasks: [['ok1', 1, 1], ['ok2', 1, 1]] })
+  assert.deepEqual(fail.meta, { id: 'bad', attempt: 1, reason: 'Error: boom', retry: true })
+  assert.deepEqual(progress.meta, { id: 'prog', attempt: 1 })
+  assert.deepEqual(last.meta, { id: 'prog', attempt: 1 })
+  assert.ok(ack.seq < dones.seq, 'ACK before the results')
+  assert.ok(dones.seq < fail.seq, 'the DONEs finished before the FAIL go out before it')
+  assert.ok(fail.seq < progress.seq && progress.seq < last.seq)
+})
+
+test('a malformed TASKS is dropped and counted, none of its tasks run', async (t) => {
+  const calls = []
+  const { broker, identity, worker } = await setup(t, { handler: (task) => { calls.push(task.id); return 'ok' } })
+  const entry = (id, n) => ({ id, attempt: 1, service: 'svc', n })
+  const bad = [
+    [{ tasks: [entry('x1', 2)] }, 'p'], // fewer frames than announced
+    [{ tasks: [entry('x2', 1)] }, 'p', 'extra'], // more frames than announced
+    [{ tasks: [entry('x3', 0), entry('x4', -1)] }], // negative count
+    [{ tasks: [{ id: 'x5', attempt: 1, service: 'svc' }] }], // no count
+    [{ tasks: [entry('x6', 0), ['x7', 1, 0]] }], // an entry that is not a map
+    [{ tasks: [{ ...entry('x8', 0), attempt: 'one' }] }], // bad attempt
+    [{ tasks: [{ ...entry('x9', 0), headers: [] }] }], // bad headers
+    [{ tasks: [] }], // empty
+    [{ nothing: true }] // no list
+  ]
+  for (const [meta, ...frames] of bad) await broker.send(identity, CMD.TASKS, meta, ...frames)
+  await broker.router.send([identity, '', 'ZBW01', Buffer.from([CMD.TASKS])]) // no meta at all
+  await broker.sendTasks(identity, [{ id: 'fine', attempt: 1, service: 'svc', frames: ['p'] }])
+  const [result] = await broker.results(1)
+  assert.equal(result.id, 'fine')
+  assert.equal(worker.stats.malformed, bad.length + 1)
+  assert.deepEqual(calls, ['fine'])
+  assert.deepEqual((await broker.command(CMD.ACK)).meta, { tasks: [['fine', 1]] })
+  assert.equal(broker.seen(CMD.ACK).length, 0)
 })
 
 test('constructor arguments are checked', () => {

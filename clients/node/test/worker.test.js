@@ -5,6 +5,7 @@ import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Client, NonRetryableError, RetryLater, TaskCancelled, TaskDead, Worker } from '../index.js'
 import { startBroker, waitUntil } from '../testlib/broker.js'
+import { zbwEncode } from '../lib/protocol.js'
 
 let broker
 let client
@@ -136,4 +137,24 @@ test('a worker never holds more tasks than its concurrency', async () => {
   const results = await Promise.all(ids.map((id) => client.result(id)))
   assert.deepEqual(results.map(String), ids.map((_, i) => `job-${i}`))
   assert.equal(most, 4)
+})
+
+test('batches with the real broker: waiting tasks arrive as TASKS, results leave as DONES', async (t) => {
+  // Count the DONES this process sends (the Worker encodes through this shared object).
+  const sizes = []
+  const dones = zbwEncode.dones
+  zbwEncode.dones = (results) => {
+    sizes.push(results.length)
+    return dones(results)
+  }
+  t.after(() => { zbwEncode.dones = dones })
+  const ids = await client.enqueueMany('batched', Array.from({ length: 300 }, (_, i) => `job-${i}`))
+  const worker = await startWorker('batched', (task) => [task.payload, String(task.frames.length)], { concurrency: 64 })
+  const results = await Promise.all(ids.map((id) => client.result(id, { frames: true })))
+  assert.deepEqual(results.map((frames) => frames.map(String)), ids.map((_, i) => [`job-${i}`, '1']))
+  assert.equal(worker.stats.received, 300)
+  assert.equal(worker.stats.acked, 300)
+  assert.equal(worker.stats.handled, 300)
+  assert.equal(worker.stats.malformed, 0)
+  assert.ok(sizes.length > 0 && Math.max(...sizes) > 1, `results went out in DONES (sizes ${sizes})`)
 })

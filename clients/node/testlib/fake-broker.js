@@ -4,7 +4,7 @@
 import * as zmq from 'zeromq'
 import { pack, unpack } from '../lib/protocol.js'
 
-export const CMD = { READY: 1, TASK: 2, ACK: 3, PROGRESS: 4, DONE: 5, FAIL: 6, HEARTBEAT: 7, DISCONNECT: 8, CANCEL: 9 }
+export const CMD = { READY: 1, TASK: 2, ACK: 3, PROGRESS: 4, DONE: 5, FAIL: 6, HEARTBEAT: 7, DISCONNECT: 8, CANCEL: 9, TASKS: 10, DONES: 11 }
 
 export class FakeBroker {
   constructor () {
@@ -72,6 +72,35 @@ export class FakeBroker {
   /** Messages with this command received so far (left in the inbox). */
   seen (cmd) {
     return this.inbox.filter((m) => m.command === cmd)
+  }
+
+  /**
+   * The next `count` results, whether they came as DONE or inside DONES:
+   * [{id, attempt, frames, seq, batch}], in the order they were sent; `batch`
+   * is how many results the message carrying it held.
+   */
+  async results (count, options) {
+    const out = []
+    while (out.length < count) {
+      const m = await this.next((x) => x.command === CMD.DONE || x.command === CMD.DONES, options)
+      if (m.command === CMD.DONE) {
+        out.push({ id: m.meta.id, attempt: m.meta.attempt, frames: m.frames, seq: m.seq, batch: 1 })
+        continue
+      }
+      let at = 0
+      for (const [id, attempt, n] of m.meta.tasks) {
+        out.push({ id, attempt, frames: m.frames.slice(at, at + n), seq: m.seq, batch: m.meta.tasks.length })
+        at += n
+      }
+      if (at !== m.frames.length) throw new Error('fake broker: DONES frame counts do not add up')
+    }
+    return out
+  }
+
+  /** One TASKS message: `tasks` is [{id, attempt, service, headers?, timeout_s?, frames: [...]}]. */
+  sendTasks (identity, tasks) {
+    const entries = tasks.map(({ frames = [], ...entry }) => ({ ...entry, n: frames.length }))
+    return this.send(identity, CMD.TASKS, { tasks: entries }, ...tasks.flatMap((task) => task.frames ?? []))
   }
 
   send (identity, cmd, meta, ...frames) {
