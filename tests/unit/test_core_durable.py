@@ -529,3 +529,21 @@ def test_a_batching_worker_gets_tasks_and_returns_dones_in_single_messages(
     s.send(b"W", ext.dones(stale))
     assert s.state(rest.tasks[0].id) is TaskState.INFLIGHT
     assert s.state(rest.tasks[1].id) is TaskState.DONE
+
+
+def test_lifecycle_events_only_for_topics_someone_wants(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc")
+    s.zready(b"W", "svc", 1)
+    assert s.broker.events == []  # nobody subscribed: nothing is even built
+    s.broker.set_subscriptions(frozenset({"task.done.", "worker.down"}))
+    s.send(b"W", ext.done(task_id, 1, [b"r"]))
+    s.send(b"W", ext.disconnect())
+    assert [topic for topic, _ in s.broker.events] == ["task.done.svc", "worker.down"]
+    assert s.broker.events[0][1]["id"] == task_id
+    s.broker.set_subscriptions(frozenset({""}))  # everything
+    s.broker.events.clear()
+    other = s.enqueue("svc", ttl_s=1.0)
+    s.advance(1.5)
+    assert [t for t, _ in s.broker.events] == ["task.enqueued.svc", "task.expired.svc"]
+    assert s.broker.events[1][1] == {"id": other, "was": "ready"}

@@ -140,7 +140,7 @@ class Broker(DurableTasks):
                     _name(worker.service.name),
                     self._worker_expiry_s,
                 )
-                self._remove_worker(worker, now)
+                self._remove_worker(worker, now, "expired")
                 continue
             if worker.heartbeat_at <= now:
                 worker.heartbeat_at = now + interval
@@ -180,7 +180,7 @@ class Broker(DurableTasks):
             if worker is not None:
                 self.stats.workers_unreachable += 1
                 log.info("worker %s unreachable: connection gone", _hex(identity))
-                self._remove_worker(worker, now)
+                self._remove_worker(worker, now, "unreachable")
         elif header == _MDPC01:
             self.stats.replies_undeliverable += 1
             if self._debug:
@@ -248,6 +248,8 @@ class Broker(DurableTasks):
                 self._disconnect_mdp(identity, "HEARTBEAT from unknown worker")
             else:
                 worker.expires_at = now + self._worker_expiry_s
+                if self.event_prefixes:
+                    self._ping(worker)
         elif kind is mdp.WorkerReady:
             assert isinstance(msg, mdp.WorkerReady)
             if worker is not None:
@@ -259,7 +261,7 @@ class Broker(DurableTasks):
         elif worker is not None:  # DISCONNECT
             self.stats.workers_disconnected += 1
             log.info("worker %s disconnected", _hex(identity))
-            self._remove_worker(worker, now)
+            self._remove_worker(worker, now, "disconnected")
 
     # ----------------------------------------------------- ZBW01 workers
 
@@ -314,11 +316,18 @@ class Broker(DurableTasks):
                 worker.metrics = msg.metrics
             elif not msg.metrics_ok:
                 self.stats.bad_metrics += 1
+            if self.event_prefixes:
+                self._ping(worker)
         elif kind is ext.Progress:
             assert isinstance(msg, ext.Progress)
             request = self._fenced(worker, msg.id, msg.attempt)
             if request is not None:
                 request.ack_by = 0.0  # progress proves the worker has the task
+                if request.task is not None and self.event_prefixes:
+                    self._emit(
+                        "task.progress." + request.task.service,
+                        {"id": msg.id, "attempt": msg.attempt, "data": list(msg.data)},
+                    )
         elif kind is ext.Fail:
             assert isinstance(msg, ext.Fail)
             request = self._fenced(worker, msg.id, msg.attempt)
@@ -329,7 +338,7 @@ class Broker(DurableTasks):
         else:  # DISCONNECT
             self.stats.workers_disconnected += 1
             log.info("worker %s disconnected", _hex(identity))
-            self._remove_worker(worker, now)
+            self._remove_worker(worker, now, "disconnected")
 
     def _fenced(self, worker: Worker, task_id: str, attempt: int) -> Request | None:
         """The request this worker holds under (task_id, attempt), else None (refused)."""
@@ -418,6 +427,17 @@ class Broker(DurableTasks):
         service.workers[identity] = worker
         service.ready[identity] = worker
         self.stats.workers_registered += 1
+        if self.event_prefixes:
+            self._emit(
+                "worker.ready",
+                {
+                    "worker": identity.hex(),
+                    "service": _name(name),
+                    "dialect": dialect.value,
+                    "credit": credit,
+                    "tags": list(tags),
+                },
+            )
         log.info(
             "worker %s ready for %s (%s, credit %d)",
             _hex(identity),
@@ -434,6 +454,18 @@ class Broker(DurableTasks):
                 self.outbox.append([identity, _EMPTY, _MDPW01, _MDP_HEARTBEAT])
             else:
                 self.outbox.append([identity, _EMPTY, _ZBW01, _ZBW_HEARTBEAT])
+
+    def _ping(self, worker: Worker) -> None:
+        self._emit(
+            "heartbeat.ping",
+            {
+                "worker": worker.identity.hex(),
+                "service": _name(worker.service.name),
+                "tasks": len(worker.tasks),
+                "credit": worker.credit,
+                "metrics": worker.metrics,
+            },
+        )
 
     def _service(self, name: bytes) -> Service:
         service = self.services.get(name)
@@ -471,10 +503,15 @@ class Broker(DurableTasks):
                 _hex(request.client),
             )
 
-    def _remove_worker(self, worker: Worker, now: float) -> None:
+    def _remove_worker(self, worker: Worker, now: float, why: str) -> None:
         """Forget the worker; the requests it held go back to the front of the queue."""
         identity = worker.identity
         service = worker.service
+        if self.event_prefixes:
+            self._emit(
+                "worker.down",
+                {"worker": identity.hex(), "service": _name(service.name), "reason": why},
+            )
         del self.workers[identity]
         del service.workers[identity]
         service.ready.pop(identity, None)
@@ -500,7 +537,7 @@ class Broker(DurableTasks):
         else:
             self._disconnect_zbw(worker.identity, why)
         self.stats.workers_disconnected += 1
-        self._remove_worker(worker, now)
+        self._remove_worker(worker, now, f"protocol: {why}")
 
     def _disconnect_mdp(self, identity: bytes, why: str) -> None:
         self.stats.disconnects_sent += 1

@@ -89,8 +89,15 @@ class DurableTasks:
     stats: Stats
     journal: Journal | None
     next_tick_at: float
+    # Lifecycle events for the bus: (topic, payload) pairs, published by the runtime
+    # after the pass's commit. Only topics some subscriber asked for are produced.
+    events: list[tuple[str, dict[str, Any]]]
+    event_prefixes: frozenset[str]
 
     def _init_durable(self, journal: Journal | None, now: float, epoch_offset: float) -> None:
+        self.events = []
+        self.event_prefixes = frozenset()
+        self._wanted: dict[str, bool] = {}
         self.journal = journal
         self._epoch_offset = epoch_offset
         self._rng = random.Random(self.settings.seed)
@@ -102,6 +109,22 @@ class DurableTasks:
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
         if journal is not None:
             self._recover(now)
+
+    # ------------------------------------------------------------ events
+
+    def set_subscriptions(self, prefixes: frozenset[str]) -> None:
+        """The topic prefixes subscribers of the bus hold now (the runtime tracks them)."""
+        self.event_prefixes = prefixes
+        self._wanted = {}
+
+    def _emit(self, topic: str, payload: dict[str, Any]) -> None:
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            wanted = self._wanted[topic] = any(topic.startswith(p) for p in self.event_prefixes)
+            if len(self._wanted) > 10_000:
+                self._wanted = {}
+        if wanted:
+            self.events.append((topic, payload))
 
     # Provided by Broker.
     def _dispatch(self, service: Service, now: float) -> None:
@@ -253,6 +276,16 @@ class DurableTasks:
             )
             self._store(record, None, service, payload)
             ids.append(record.id)
+            if self.event_prefixes:
+                self._emit(
+                    "task.enqueued." + msg.service,
+                    {
+                        "id": record.id,
+                        "priority": record.priority,
+                        "not_before": record.not_before or None,
+                        "headers": record.headers,
+                    },
+                )
         self.stats.tasks_enqueued += count - len(existing)
         self.stats.tasks_deduplicated += len(existing)
         fields: dict[str, Any] = {"ids": ids}
@@ -493,6 +526,11 @@ class DurableTasks:
             if request.deadline < self.next_tick_at:
                 self.next_tick_at = request.deadline
         self._holders[record.id] = worker
+        if self.event_prefixes:
+            self._emit(
+                "task.started." + record.service,
+                {"id": record.id, "attempt": record.attempt, "worker": worker.identity.hex()},
+            )
         return request
 
     def _task_done(self, request: Request, body: tuple[bytes, ...], now: float) -> None:
@@ -502,6 +540,11 @@ class DurableTasks:
         self.stats.tasks_done += 1
         self._history(record, "done", epoch, request.attempt)
         record.error = None
+        if self.event_prefixes:
+            self._emit(
+                "task.done." + record.service,
+                {"id": record.id, "attempt": request.attempt, "headers": record.headers},
+            )
         self._finish(record, DONE, epoch, None, body)
 
     def _finish(
@@ -522,6 +565,9 @@ class DurableTasks:
             record.error = error
         record.finished_at = epoch
         record.keep_until = epoch + self.settings.retention_s
+        if state is not DONE and self.event_prefixes:
+            kind = "cancelled" if state is CANCELLED else "expired"
+            self._emit(f"task.{kind}.{record.service}", {"id": record.id, "was": STATE_NAMES[old]})
         if self.settings.retention_s > 0:
             self._store(record, old)
             if result is not None:
@@ -544,7 +590,13 @@ class DurableTasks:
         dead-letter (no attempts left, or `final`: the worker said no retry can succeed)."""
         old = record.state
         record.error = reason
-        if final or record.attempt >= record.max_attempts:
+        dead = final or record.attempt >= record.max_attempts
+        if self.event_prefixes:
+            self._emit(
+                "task.failed." + record.service,
+                {"id": record.id, "attempt": record.attempt, "reason": reason, "retry": not dead},
+            )
+        if dead:
             self.stats.tasks_dead += 1
             log.warning(
                 "task %s of %s dead after %d attempt(s): %s",
@@ -559,6 +611,11 @@ class DurableTasks:
             self._history(record, "dead", epoch, reason)
             self._store(record, old)
             self._notify(record)
+            if self.event_prefixes:
+                self._emit(
+                    "task.dead." + record.service,
+                    {"id": record.id, "attempt": record.attempt, "reason": reason},
+                )
             return
         self.stats.tasks_retried += 1
         if delay_s is None:

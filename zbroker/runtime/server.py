@@ -18,6 +18,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.backend
 from zmq.utils.monitor import recv_monitor_message
@@ -96,6 +97,16 @@ class BrokerServer:
             self.router.close()
             self.journal.close()
             raise
+        # The broker's own lifecycle events enter the bus here. An XPUB (not a PUB)
+        # so that it hears which prefixes subscribers want, and the core builds
+        # only those events: with nobody listening, events cost nothing.
+        self.lifecycle = self._ctx.socket(zmq.XPUB)
+        self.lifecycle.linger = 0
+        self.lifecycle.sndhwm = config.events_hwm
+        self.lifecycle.connect(self.events.inproc_in)
+        self._subscriptions: set[str] = set()
+        self.events_dropped = 0
+        self._packb = msgpack.Packer(use_bin_type=True).pack
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -120,7 +131,11 @@ class BrokerServer:
         log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
         log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
         router = self.router
-        poll_items: list[tuple[Any, int]] = [(router, POLLIN), (self._wake_r, POLLIN)]
+        poll_items: list[tuple[Any, int]] = [
+            (router, POLLIN),
+            (self._wake_r, POLLIN),
+            (self.lifecycle, POLLIN),
+        ]
         monitor = self._open_monitor()
         if monitor is not None:
             poll_items.append((monitor, POLLIN))
@@ -152,12 +167,15 @@ class BrokerServer:
                 commit()
                 if core.outbox:
                     self._flush(now)
+                if core.events:
+                    self._publish()
                 if received == RECV_BATCH:
                     continue  # more may be waiting: skip the poll
                 timeout_ms = max(0, int((core.next_tick_at - monotonic()) * 1000.0) + 1)
                 ready = zmq.zmq_poll(poll_items, timeout_ms)
                 if len(ready) > 1 or (ready and ready[0][0] is not router):
                     self._drain_wakeups()
+                    self._read_subscriptions()
                     if monitor is not None:
                         self._log_connections(monitor)
         except JournalError as exc:
@@ -193,6 +211,47 @@ class BrokerServer:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
                     core.undeliverable(frames, now)
+
+    def _publish(self) -> None:
+        """Lifecycle events of this pass, after its commit. A full bus drops them
+        (pub/sub's contract); they are counted."""
+        events = self.core.events
+        self.core.events = []
+        timestamp = time.time()
+        pack = self._packb
+        send = self.lifecycle.send_multipart
+        for topic, payload in events:
+            envelope = {
+                "type": topic,
+                "source": "zbroker",
+                "payload": payload,
+                "timestamp": timestamp,
+            }
+            try:
+                send([topic.encode(), pack(envelope)], zmq.NOBLOCK)
+            except zmq.Again:
+                self.events_dropped += 1
+
+    def _read_subscriptions(self) -> None:
+        """What subscribers of the bus want, as the proxy forwards it: b"\x01prefix" to
+        subscribe, b"\x00prefix" to unsubscribe (the last subscriber of it left)."""
+        changed = False
+        while True:
+            try:
+                message = self.lifecycle.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not message or message[0] not in (0, 1):
+                continue
+            prefix = message[1:].decode(errors="replace")
+            if message[0] == 1:
+                self._subscriptions.add(prefix)
+            else:
+                self._subscriptions.discard(prefix)
+            changed = True
+        if changed:
+            log.debug("lifecycle events: subscribers want %s", sorted(self._subscriptions))
+            self.core.set_subscriptions(frozenset(self._subscriptions))
 
     def _drain_wakeups(self) -> None:
         try:
@@ -243,6 +302,7 @@ class BrokerServer:
             stats.tasks_recovered,
             stats.calls_refused,
         )
+        self.lifecycle.close(linger=0)
         self.events.stop()
         self.journal.close()
         self.router.close(linger=0)
