@@ -67,11 +67,14 @@ FORWARDER = mdp_peers.FORWARDER
 QUEUE = "queue"
 DURABILITIES = ("sync", "async", "memory")
 MODES = ("single", "batch")
-TASK_SYSTEMS = tuple(f"{d}-{m}" for d in DURABILITIES for m in MODES)
+# The same as sync-batch with a subscriber taking every task.* lifecycle event.
+EVENTS_SYSTEM = "sync-batch+events"
+TASK_SYSTEMS = (*(f"{d}-{m}" for d in DURABILITIES for m in MODES), EVENTS_SYSTEM)
 SYSTEMS = (FORWARDER, *TASK_SYSTEMS, QUEUE)
 LABELS = {
     **{f"{d}-single": f"{d}, single-task ENQUEUEs" for d in DURABILITIES},
     **{f"{d}-batch": f"{d}, ENQUEUE batches" for d in DURABILITIES},
+    EVENTS_SYSTEM: "sync, ENQUEUE batches, a subscriber to every task.* event",
 }
 
 # The issue's bars (issue 3).
@@ -131,14 +134,15 @@ class Settings:
 
 def _start_broker(
     procs: ProcessGroup, name: str, durability: str, data_dir: Path, log_level: str = "warning"
-) -> tuple[str, Child]:
+) -> tuple[str, Child, str]:
+    """A broker; returns (ROUTER endpoint, its process, the bus's XPUB endpoint)."""
     port, events_in, events_out = free_tcp_ports(3)
     endpoint = f"tcp://127.0.0.1:{port}"
     broker = procs.start(
         name, _broker_argv(endpoint, events_in, events_out, durability, data_dir, log_level)
     )
     wait_for_listener(port, broker)
-    return endpoint, broker
+    return endpoint, broker, f"tcp://127.0.0.1:{events_out}"
 
 
 def _broker_argv(
@@ -242,7 +246,18 @@ def run_tasks(
 ) -> JSONDict:
     """One end-to-end run: fresh broker, workers, producers; returns the figures."""
     durability, mode = system.split("-")
-    endpoint, broker = _start_broker(procs, "zbroker", durability, data_dir)
+    with_events = mode.endswith("+events")
+    mode = mode.removesuffix("+events")
+    endpoint, broker, events_out = _start_broker(procs, "zbroker", durability, data_dir)
+    subscriber = None
+    if with_events:
+        subscriber = procs.start(
+            "subscriber",
+            python_argv(PEERS, "subscriber", "--connect", events_out, "--prefix", "task."),
+            stdout_pipe=True,
+        )
+        _expect(subscriber, "ready", timeout_s=20)
+        time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
     workers = [
         procs.start(
             f"worker-{i}",
@@ -294,6 +309,14 @@ def run_tasks(
     if profiler is not None:
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
+    events = None
+    if subscriber is not None:
+        # At least enqueued, started and done per task; read its last report.
+        while True:
+            report = _read_json(subscriber, settings.run_timeout_s())
+            events = report["events"]
+            if events >= 3 * settings.tasks:
+                break
 
     started = min(r["started"] for r in produced)
     confirmed = max(r["ended"] for r in produced)
@@ -320,6 +343,7 @@ def run_tasks(
         "workers_cpu_s_per_100k": None if worker_cpu is None else worker_cpu * per_100k,
         "producers_cpu_s_per_100k": producer_cpu * per_100k,
         "done_per_worker": [r["count"] for r in done],
+        "events_received": events,
     }
 
 
@@ -548,7 +572,7 @@ def run(options: Options, say: Say) -> JSONDict:
         tempfile.TemporaryDirectory(prefix="zbroker-durable-probe-") as tmp,
         ProcessGroup(options.log_dir / "durable-probe") as procs,
     ):
-        endpoint, _ = _start_broker(procs, "zbroker", "memory", Path(tmp))
+        endpoint, _, _ = _start_broker(procs, "zbroker", "memory", Path(tmp))
         batch, batch_refusal = _largest_batch(endpoint, settings.batch_tasks, body)
         fill_batch, fill_refusal = _largest_batch(endpoint, settings.fill_batch, body)
     for wanted, got, refusal in (
@@ -825,6 +849,14 @@ def markdown(result: JSONDict) -> str:
             for name in TASK_METRICS
         ]
         lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {ratios[system]:.2f} |")
+    plain = systems["sync-batch"]["throughput_tps"]["median"]
+    with_events = systems[EVENTS_SYSTEM]["throughput_tps"]["median"]
+    lines += [
+        "",
+        f"Lifecycle events: with a subscriber taking every `task.*` event (at least three "
+        f"per task), sync batches ran at {with_events / plain:.2f} of the rate without one "
+        f"({fmt_count(with_events)} against {fmt_count(plain)} tasks/s, medians).",
+    ]
     queue = summary["queue"]
     depth = queue["restart_depth"]
     mib = lambda v: f"{v:.1f}"  # noqa: E731

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -215,6 +216,32 @@ def producer(
 # ------------------------------------------------------------------ entry
 
 
+def subscriber(endpoint: str, prefix: str) -> None:
+    """A SUB socket on the bus counting events under `prefix` (decoding each envelope,
+    as a real subscriber would). Once idle for WORKER_REPORT_IDLE_MS after events,
+    it prints `{"events": count so far}`."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.SUB)
+    sock.subscribe(prefix.encode())
+    _connect(sock, endpoint)
+    print("ready", flush=True)
+    unpackb = msgpack.unpackb
+    count = reported = 0
+    while True:
+        if not sock.poll(WORKER_REPORT_IDLE_MS):
+            if count != reported:
+                print(json.dumps({"events": count}), flush=True)
+                reported = count
+            continue
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            unpackb(frames[1])
+            count += 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     roles = parser.add_subparsers(dest="role", required=True)
@@ -228,9 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--in-flight", type=int, required=True)
     p.add_argument("--body-bytes", type=int, required=True)
     p.add_argument("--wait-for-signal", action="store_true", help="start on SIGUSR1")
+    e = roles.add_parser("subscriber", help="SUB on the bus; counts events")
+    e.add_argument("--connect", required=True)
+    e.add_argument("--prefix", default="")
     args = parser.parse_args(argv)
     if args.role == "worker":
         worker(args.connect, args.credit)
+    elif args.role == "subscriber":
+        subscriber(args.connect, args.prefix)
     else:
         producer(
             args.connect,
