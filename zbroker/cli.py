@@ -6,17 +6,23 @@ a flag wins over the environment.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from zbroker import __version__
+from zbroker.client import Subscriber
+from zbroker.client.errors import EndpointError
 from zbroker.config import BrokerConfig
 from zbroker.core import CoreSettings
 from zbroker.journal import Durability, JournalError
+from zbroker.protocol import DEFAULT_EVENTS_OUT
 from zbroker.runtime import BindError, BrokerServer
 
 app = typer.Typer(
@@ -218,6 +224,66 @@ def start(
     except JournalError as exc:
         typer.echo(f"zbroker: stopped: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _jsonable(value: Any) -> Any:
+    """Event payloads as JSON: bytes become text when they are UTF-8, else "base64:..."."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@app.command()
+def tail(
+    prefixes: Annotated[
+        list[str] | None,
+        typer.Argument(help="Topic prefixes to follow (task., worker.ready, fs.); none: all."),
+    ] = None,
+    events: Annotated[
+        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
+    ] = DEFAULT_EVENTS_OUT,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per event and line.")
+    ] = False,
+    count: Annotated[int, typer.Option(min=0, help="Stop after this many events (0: never).")] = 0,
+) -> None:
+    """Print events from the bus as they come (the broker's lifecycle events included)."""
+    seen = 0
+    try:
+        with Subscriber(events, *(prefixes or [])) as sub:
+            for event in sub:
+                record = {
+                    "type": event.type,
+                    "source": event.source,
+                    "payload": _jsonable(event.payload),
+                    "timestamp": event.timestamp,
+                }
+                if event.correlation_id is not None:
+                    record["correlation_id"] = event.correlation_id
+                if event.reply_to is not None:
+                    record["reply_to"] = event.reply_to
+                if as_json:
+                    line = json.dumps(record, separators=(",", ":"))
+                else:
+                    when = datetime.datetime.fromtimestamp(event.timestamp).strftime("%H:%M:%S.%f")
+                    payload = json.dumps(record["payload"], separators=(",", ":"))
+                    line = f"{when[:-3]}  {event.type:<28} {event.source:<12} {payload}"
+                typer.echo(line)
+                seen += 1
+                if count and seen >= count:
+                    return
+    except KeyboardInterrupt:
+        return
+    except EndpointError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:
