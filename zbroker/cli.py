@@ -17,12 +17,12 @@ from typing import Annotated, Any
 import typer
 
 from zbroker import __version__
-from zbroker.client import Subscriber
-from zbroker.client.errors import EndpointError
+from zbroker.client import Client, Subscriber
+from zbroker.client.errors import ClientError, EndpointError
 from zbroker.config import BrokerConfig
 from zbroker.core import CoreSettings
 from zbroker.journal import Durability, JournalError
-from zbroker.protocol import DEFAULT_EVENTS_OUT
+from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
 from zbroker.runtime import BindError, BrokerServer
 
 app = typer.Typer(
@@ -284,6 +284,75 @@ def tail(
     except EndpointError as exc:
         typer.echo(f"zbroker: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+_Endpoint = Annotated[
+    str,
+    typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
+]
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+_Timeout = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the broker's answer.")]
+
+
+def _ask(endpoint: str, timeout_s: float, what: str) -> list[dict[str, Any]]:
+    """An admin call through the Python client; errors end the command with exit 1."""
+    try:
+        with Client(endpoint, timeout_s=timeout_s, retries=0) as client:
+            rows: list[dict[str, Any]] = getattr(client, what)()
+            return rows
+    except ClientError as exc:
+        typer.echo(f"zbroker: {what} from {endpoint}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":")) if value else "-"
+    return str(value)
+
+
+@app.command()
+def queues(
+    endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
+) -> None:
+    """Every service's queue: tasks ready, delayed, in flight, dead; workers; oldest age."""
+    rows = _ask(endpoint, timeout, "queues")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo("no services")
+    else:
+        columns = ["service", "ready", "delayed", "inflight", "dead", "done", "requests"]
+        _table(rows, [*columns, "workers", "credit_in_use", "credit", "oldest_age_s"])
+
+
+@app.command()
+def workers(
+    endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
+) -> None:
+    """Every registered worker: service, protocol, credit, tasks held, metrics."""
+    rows = _ask(endpoint, timeout, "workers")
+    if as_json:
+        typer.echo(json.dumps(_jsonable(rows), indent=2))
+    elif not rows:
+        typer.echo("no workers")
+    else:
+        for row in rows:
+            row["held"] = len(row["tasks"])
+        columns = ["worker", "service", "dialect", "credit", "held", "tags", "last_seen_s"]
+        _table(rows, [*columns, "metrics"])
 
 
 def main() -> None:

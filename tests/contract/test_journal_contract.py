@@ -898,3 +898,25 @@ def test_reopen_without_any_write_is_empty(durable_stores: Stores) -> None:
     assert journal.counts() == {}
     assert journal.inflight() == []
     assert journal.next_due_at() is None
+
+
+def test_oldest_ready_looks_across_priorities(journal: Journal) -> None:
+    # Oldest first: seq 1 (priority 0), then newer tasks of higher and lower priority.
+    for seq, priority in [(5, 0), (6, 9), (7, -3), (8, 9)]:
+        journal.put(
+            TaskRecord(
+                id=f"t{seq}",
+                service="s",
+                state=TaskState.READY,
+                seq=seq,
+                created_at=float(seq),
+                priority=priority,
+            ),
+            [b"x"],
+        )
+    oldest = journal.oldest_ready("s")
+    assert oldest is not None and oldest.id == "t5"
+    assert journal.oldest_ready("nothing") is None
+    journal.delete("t5")
+    oldest = journal.oldest_ready("s")
+    assert oldest is not None and oldest.id == "t6"

@@ -661,6 +661,16 @@ def plan_status(s: Settings, task_id: str) -> Plan[TaskStatus]:
     return status(s, task_id_arg(task_id))
 
 
+def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any]]]:
+    """QUEUES or WORKERS: the list the broker answers under `key`."""
+    name = "QUEUES" if command == zbc.QUEUES else "WORKERS"
+    answer = yield from call(s, name, lambda rid: zbc.call(command, rid))
+    rows = answer.meta.get(key)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ReplyError("bad_meta", f"{name} answer without a '{key}' list of maps")
+    return rows
+
+
 def plan_cancel(s: Settings, task_id: str) -> Plan[TaskState]:
     return cancel(s, task_id_arg(task_id))
 

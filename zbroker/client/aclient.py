@@ -282,6 +282,19 @@ class AsyncClient:
         """`result()` for results of any number of frames: returns every result frame."""
         return await self._run(_calls.plan_result(self._settings(), task_id, timeout_s), "result")
 
+    async def queues(self) -> list[dict[str, Any]]:
+        """Every service's queue figures, exact at the moment of the call: ready,
+        delayed, inflight, dead, done (retained), requests (MDP, waiting), workers,
+        credit, credit_in_use, oldest_age_s (of the oldest waiting task or request)."""
+        return await self._run(_calls.plan_admin(self._settings(), zbc.QUEUES, "queues"), "queues")
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker: worker (routing id, hex), service, dialect, credit,
+        tasks (ids held), tags, metrics (from its heartbeats), last_seen_s."""
+        return await self._run(
+            _calls.plan_admin(self._settings(), zbc.WORKERS, "workers"), "workers"
+        )
+
     async def status(self, task_id: str) -> TaskStatus:
         """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
         return await self._run(_calls.plan_status(self._settings(), task_id), "status")

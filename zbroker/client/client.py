@@ -283,6 +283,17 @@ class Client(SocketOwner):
         """`result()` for results of any number of frames: returns every result frame."""
         return self._run(_calls.plan_result(self._settings(), task_id, timeout_s), "result")
 
+    def queues(self) -> list[dict[str, Any]]:
+        """Every service's queue figures, exact at the moment of the call: ready,
+        delayed, inflight, dead, done (retained), requests (MDP, waiting), workers,
+        credit, credit_in_use, oldest_age_s (of the oldest waiting task or request)."""
+        return self._run(_calls.plan_admin(self._settings(), zbc.QUEUES, "queues"), "queues")
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker: worker (routing id, hex), service, dialect, credit,
+        tasks (ids held), tags, metrics (from its heartbeats), last_seen_s."""
+        return self._run(_calls.plan_admin(self._settings(), zbc.WORKERS, "workers"), "workers")
+
     def status(self, task_id: str) -> TaskStatus:
         """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
         return self._run(_calls.plan_status(self._settings(), task_id), "status")

@@ -163,6 +163,12 @@ class DurableTasks:
     # --------------------------------------------------------- clients
 
     def _on_zbc(self, identity: bytes, msg: zbc.ClientMessage, now: float) -> None:
+        if type(msg) is zbc.Queues:
+            self.outbox.append([identity, *zbc.reply(msg.rid, {"queues": self._queues(now)})])
+            return
+        if type(msg) is zbc.Workers:
+            self.outbox.append([identity, *zbc.reply(msg.rid, {"workers": self._workers(now)})])
+            return
         if self.journal is None:
             self._refuse(identity, msg.rid, zbc.E_UNAVAILABLE, "this broker keeps no tasks")
             return
@@ -204,6 +210,58 @@ class DurableTasks:
         else:
             assert isinstance(msg, zbc.Redrive)
             self._on_redrive(identity, msg, now)
+
+    def _queues(self, now: float) -> list[dict[str, Any]]:
+        """Every service's figures, exact: counters from the journal, workers from memory."""
+        counts = self.journal.counts() if self.journal is not None else {}
+        names = {name.decode(errors="replace") for name in self.services} | set(counts)
+        epoch = now + self._epoch_offset
+        out = []
+        for name in sorted(names):
+            per_state = counts.get(name, {})
+            service = self.services.get(name.encode())
+            workers = list(service.workers.values()) if service is not None else []
+            oldest = 0.0
+            if per_state.get(READY) and self.journal is not None:
+                record = self.journal.oldest_ready(name)
+                if record is not None:
+                    oldest = max(0.0, epoch - record.created_at)
+            if service is not None and service.queue:
+                oldest = max(oldest, now - min(r.enqueued_at for r in service.queue))
+            out.append(
+                {
+                    "service": name,
+                    "ready": per_state.get(READY, 0),
+                    "delayed": per_state.get(DELAYED, 0),
+                    "inflight": per_state.get(INFLIGHT, 0),
+                    "dead": per_state.get(DEAD, 0),
+                    "done": per_state.get(DONE, 0),
+                    "requests": len(service.queue) if service is not None else 0,
+                    "workers": len(workers),
+                    "credit": sum(w.credit for w in workers),
+                    "credit_in_use": sum(len(w.tasks) for w in workers),
+                    "oldest_age_s": round(oldest, 3),
+                }
+            )
+        return out
+
+    def _workers(self, now: float) -> list[dict[str, Any]]:
+        expiry = self.settings.worker_expiry_s
+        return [
+            {
+                "worker": service_worker.identity.hex(),
+                "service": service_worker.service.name.decode(errors="replace"),
+                "dialect": service_worker.dialect.value,
+                "credit": service_worker.credit,
+                "tasks": list(service_worker.tasks),
+                "tags": list(service_worker.tags),
+                "metrics": service_worker.metrics,
+                # Any message renews expires_at = last message + expiry.
+                "last_seen_s": round(max(0.0, now - (service_worker.expires_at - expiry)), 3),
+            }
+            for service in self.services.values()
+            for service_worker in service.workers.values()
+        ]
 
     def _refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
         self.stats.calls_refused += 1

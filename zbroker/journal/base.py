@@ -44,6 +44,7 @@ SCHEMA_VERSION = 1
 # Priority bounds: higher runs first; fits one byte in an index key.
 PRIORITY_MIN = -128
 PRIORITY_MAX = 127
+_LAST_SEQ = 2**62  # greater than any seq a store hands out
 
 
 class TaskState(enum.IntEnum):
@@ -197,6 +198,22 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def find_key(self, service: str, key: str) -> str | None:
         """The id of the stored task of `service` with idempotency `key`, or None."""
+
+    def oldest_ready(self, service: str) -> TaskRecord | None:
+        """The READY task of `service` enqueued first (lowest seq), whatever its priority.
+        One `ready()` read per priority level in use, so cheap at any queue depth."""
+        oldest: TaskRecord | None = None
+        after: tuple[int, int] | None = None
+        while True:
+            found = self.ready(service, 1, after)
+            if not found:
+                return oldest
+            first = found[0]  # the oldest of its priority level
+            if oldest is None or first.seq < oldest.seq:
+                oldest = first
+            if first.priority == PRIORITY_MIN:
+                return oldest
+            after = (first.priority, _LAST_SEQ)  # on to the next level down
 
     @abc.abstractmethod
     def counts(self) -> dict[str, dict[TaskState, int]]:

@@ -34,6 +34,10 @@ ERROR {rid, code, message}, codes E_* below):
               `next` is the `after` of the following page, nil on the last one
   REDRIVE  {service, ids?} -> REPLY {ids: [id, ...]}  dead letters back to READY
                               with their attempts reset
+  QUEUES   {}  -> REPLY {queues: [{service, ready, delayed, inflight, dead, requests,
+                  workers, credit, credit_in_use, oldest_age_s}, ...]}
+  WORKERS  {}  -> REPLY {workers: [{worker, service, dialect, credit, tasks, tags,
+                  metrics, last_seen_s}, ...]}
 States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
 expired. Final states: done, dead, cancelled, expired.
 Options (all optional): priority (int -128..127, higher first), delay_s or
@@ -62,6 +66,8 @@ STATUS = b"\x04"  # {rid, id}
 CANCEL = b"\x05"  # {rid, id}
 DEAD = b"\x06"  # {rid, service, limit?, after?}: list dead letters
 REDRIVE = b"\x07"  # {rid, service, ids?}: dead letters back to the queue
+QUEUES = b"\x08"  # {rid}: every service's queue figures (admin)
+WORKERS = b"\x09"  # {rid}: every registered worker (admin)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -75,6 +81,8 @@ COMMAND_NAMES = {
     CANCEL: "CANCEL",
     DEAD: "DEAD",
     REDRIVE: "REDRIVE",
+    QUEUES: "QUEUES",
+    WORKERS: "WORKERS",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -162,7 +170,17 @@ class Redrive:
     ids: tuple[str, ...] | None = None  # None: every dead letter of the service
 
 
-ClientMessage = Enqueue | Result | Status | Cancel | Dead | Redrive
+@dataclass(frozen=True, slots=True)
+class Queues:
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Workers:
+    rid: int
+
+
+ClientMessage = Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers
 
 
 class CallError(ProtocolError):
@@ -329,6 +347,10 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
                 raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
             ids = tuple(ids)
         return Redrive(rid, _str(meta, "service", rid), ids)
+    if command == QUEUES:
+        return Queues(rid)
+    if command == WORKERS:
+        return Workers(rid)
     raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
 
 

@@ -1,0 +1,103 @@
+"""`zbroker queues` and `zbroker workers` against a real broker with a known workload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from contextlib import ExitStack
+
+from tests.conftest import ROOT, BrokerProcess, wait_until
+from tests.integration.running import open_client, start_worker
+from zbroker import NonRetryableError, Task
+from zbroker.client import TaskState
+
+
+def zbroker(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zbroker", *args, "--endpoint", broker.endpoint],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_queues_and_workers_show_exact_figures(broker: BrokerProcess, stack: ExitStack) -> None:
+    release = threading.Event()
+    started: list[str] = []
+
+    def handler(task: Task) -> bytes:
+        if task.payload == b"poison":
+            raise NonRetryableError("cannot parse")
+        started.append(task.id)
+        release.wait(30)
+        return b"ok"
+
+    stack.callback(release.set)
+    client = open_client(stack, broker)
+    poison = client.enqueue("jobs", b"poison")
+    worker = start_worker(stack, broker, "jobs", handler, concurrency=2)
+    wait_until(lambda: client.status(poison).state is TaskState.DEAD, timeout_s=10)
+    held = [client.enqueue("jobs", b"hold") for _ in range(2)]
+    wait_until(lambda: len(started) == 2, timeout_s=10)
+    waiting = client.enqueue_many("jobs", [b"hold"] * 3)
+    client.enqueue("jobs", b"later", delay_s=60)
+    client.enqueue("other", b"x", priority=5)
+
+    result = zbroker(broker, "queues", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["service"]: row for row in json.loads(result.stdout)}
+    jobs = rows["jobs"]
+    assert {k: jobs[k] for k in ("ready", "delayed", "inflight", "dead", "workers")} == {
+        "ready": 3,
+        "delayed": 1,
+        "inflight": 2,
+        "dead": 1,
+        "workers": 1,
+    }
+    assert jobs["credit"] == 2 and jobs["credit_in_use"] == 2
+    assert jobs["oldest_age_s"] >= 0 and rows["other"]["ready"] == 1
+    assert rows["other"]["workers"] == 0
+
+    result = zbroker(broker, "workers", "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["service"] == "jobs" and row["dialect"] == "ZBW01" and row["credit"] == 2
+    assert sorted(row["tasks"]) == sorted(held)
+    assert row["last_seen_s"] < 5
+
+    table = zbroker(broker, "queues")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:5] == [
+        "service",
+        "ready",
+        "delayed",
+        "inflight",
+        "dead",
+    ]
+    jobs_line = next(line for line in table.stdout.splitlines() if line.startswith("jobs"))
+    assert jobs_line.split()[1:5] == ["3", "1", "2", "1"]
+    release.set()
+    assert [client.result(t, timeout_s=10) for t in waiting] == [b"ok"] * 3
+    worker.stop()
+
+
+def test_admin_commands_say_clearly_when_no_broker_answers() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zbroker",
+            "queues",
+            "--endpoint",
+            "tcp://127.0.0.1:9",
+            "--timeout",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "zbroker: queues from tcp://127.0.0.1:9" in result.stderr
