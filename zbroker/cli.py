@@ -7,6 +7,7 @@ a flag wins over the environment.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import json
 import logging
@@ -353,6 +354,166 @@ def workers(
             row["held"] = len(row["tasks"])
         columns = ["worker", "service", "dialect", "credit", "held", "tags", "last_seen_s"]
         _table(rows, [*columns, "metrics"])
+
+
+def _client_call(endpoint: str, timeout_s: float, what: str, call: Any) -> Any:
+    """Run `call(client)`; a client error ends the command with its message, exit 1."""
+    try:
+        with Client(endpoint, timeout_s=timeout_s, retries=1) as client:
+            return call(client)
+    except ClientError as exc:
+        typer.echo(f"zbroker: {what}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _payload(data: str | None, file: Path | None) -> bytes:
+    if (data is None) == (file is None):
+        raise typer.BadParameter("give exactly one of --data and --file")
+    if file is not None:
+        try:
+            return file.read_bytes()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {file}: {exc}") from None
+    assert data is not None
+    return data.encode()
+
+
+def _task_dict(status: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(status)
+    out["state"] = status.state.value
+    return _jsonable(out)  # type: ignore[no-any-return]
+
+
+_Data = Annotated[str | None, typer.Option(help="The payload, as UTF-8 text.")]
+_File = Annotated[Path | None, typer.Option(help="Read the payload from this file.")]
+_Priority = Annotated[int, typer.Option(min=-128, max=127, help="Higher runs first.")]
+_Key = Annotated[str | None, typer.Option(help="Idempotency key.")]
+
+
+@app.command()
+def task(
+    task_id: Annotated[str, typer.Argument(help="The task id (from enqueue).")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    as_json: _Json = False,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """One task's full record and history."""
+    status = _client_call(endpoint, timeout, f"task {task_id}", lambda c: c.status(task_id))
+    record = _task_dict(status)
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    history = record.pop("history")
+    for name, value in record.items():
+        if value not in (None, {}, ""):
+            typer.echo(f"{name:<13} {_cell(value)}")
+    typer.echo("history")
+    for entry in history:
+        when = datetime.datetime.fromtimestamp(entry[1]).strftime("%H:%M:%S.%f")[:-3]
+        typer.echo(f"  {when}  {entry[0]:<10} {' '.join(map(str, entry[2:]))}".rstrip())
+
+
+@app.command()
+def enqueue(
+    service: Annotated[str, typer.Argument(help="The service (queue) to enqueue to.")],
+    data: _Data = None,
+    file: _File = None,
+    priority: _Priority = 0,
+    delay: Annotated[float | None, typer.Option(min=0.0, help="Seconds before it may run.")] = None,
+    ttl: Annotated[
+        float | None, typer.Option(min=0.0, help="Expire unless started by then.")
+    ] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1, max=1000)] = None,
+    task_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Run-time limit of one attempt, seconds.")
+    ] = None,
+    key: _Key = None,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Enqueue one durable task; prints its id once the broker has stored it."""
+    payload = _payload(data, file)
+    task_id = _client_call(
+        endpoint,
+        timeout,
+        f"enqueue to {service}",
+        lambda c: c.enqueue(
+            service,
+            payload,
+            priority=priority,
+            delay_s=delay,
+            ttl_s=ttl,
+            max_attempts=max_attempts,
+            timeout_s=task_timeout,
+            key=key,
+        ),
+    )
+    typer.echo(task_id)
+
+
+@app.command()
+def request(
+    service: Annotated[str, typer.Argument(help="The service to ask.")],
+    data: _Data = None,
+    file: _File = None,
+    priority: _Priority = 0,
+    wait: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the result.")] = 60.0,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Enqueue a task and wait for its result, written to standard output as is."""
+    payload = _payload(data, file)
+    result = _client_call(
+        endpoint,
+        timeout,
+        f"request to {service}",
+        lambda c: c.request(service, payload, timeout_s=wait, priority=priority),
+    )
+    sys.stdout.buffer.write(result)
+    if sys.stdout.isatty():
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+
+
+dlq_app = typer.Typer(help="Dead-letter queues: list and redrive.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    service: Annotated[str, typer.Argument(help="The service whose dead letters to list.")],
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    as_json: _Json = False,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """A service's dead letters, oldest first, with why each died."""
+    letters = _client_call(
+        endpoint, timeout, f"dlq list {service}", lambda c: c.dead_letters(service, limit=limit)
+    )
+    rows = [dataclasses.asdict(letter) for letter in letters]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo(f"no dead letters in {service}")
+    else:
+        _table(rows, ["id", "attempt", "error"])
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    service: Annotated[str, typer.Argument(help="The service whose dead letters to redrive.")],
+    ids: Annotated[list[str] | None, typer.Argument(help="Only these task ids.")] = None,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Put dead letters back in their queue (attempts reset); prints their ids."""
+    moved = _client_call(
+        endpoint, timeout, f"dlq redrive {service}", lambda c: c.redrive(service, ids or None)
+    )
+    for task_id in moved:
+        typer.echo(task_id)
+    typer.echo(f"{len(moved)} task(s) redriven", err=True)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from contextlib import ExitStack
+from pathlib import Path
 
 from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
@@ -101,3 +102,48 @@ def test_admin_commands_say_clearly_when_no_broker_answers() -> None:
         timeout=60,
     )
     assert result.returncode == 1 and "zbroker: queues from tcp://127.0.0.1:9" in result.stderr
+
+
+def test_enqueue_task_request_and_dead_letters_from_the_command_line(
+    broker: BrokerProcess, stack: ExitStack, tmp_path: Path
+) -> None:
+    enqueued = zbroker(broker, "enqueue", "upper", "--data", "hello", "--priority", "3")
+    assert enqueued.returncode == 0, enqueued.stderr
+    task_id = enqueued.stdout.strip()
+    shown = zbroker(broker, "task", task_id, "--json")
+    record = json.loads(shown.stdout)
+    assert record["state"] == "ready" and record["priority"] == 3 and record["service"] == "upper"
+
+    def upper(task: Task) -> bytes:
+        if task.payload == b"poison":
+            raise NonRetryableError("cannot shout that")
+        return task.payload.upper()
+
+    start_worker(stack, broker, "upper", upper)
+    client = open_client(stack, broker)
+    assert client.result(task_id, timeout_s=10) == b"HELLO"
+    text = zbroker(broker, "task", task_id)
+    assert "state         done" in text.stdout and "attempt" in text.stdout
+    assert [line.split()[1] for line in text.stdout.splitlines() if line.startswith("  ")] == [
+        "enqueued",
+        "attempt",
+        "done",
+    ]
+    payload = tmp_path / "in.txt"
+    payload.write_bytes(b"from a file")
+    answered = zbroker(broker, "request", "upper", "--file", str(payload))
+    assert answered.returncode == 0 and answered.stdout == "FROM A FILE"
+
+    poison = zbroker(broker, "enqueue", "upper", "--data", "poison").stdout.strip()
+    wait_until(lambda: client.status(poison).state is TaskState.DEAD, timeout_s=10)
+    listed = zbroker(broker, "dlq", "list", "upper", "--json")
+    (letter,) = json.loads(listed.stdout)
+    assert letter["id"] == poison and "cannot shout that" in letter["error"]
+    redriven = zbroker(broker, "dlq", "redrive", "upper", poison)
+    assert redriven.returncode == 0 and redriven.stdout.split() == [poison]
+    assert "1 task(s) redriven" in redriven.stderr
+
+    missing = zbroker(broker, "task", "t-nope")
+    assert missing.returncode == 1 and "t-nope" in missing.stderr
+    both = zbroker(broker, "enqueue", "upper")
+    assert both.returncode == 2 and "--data" in both.stderr
