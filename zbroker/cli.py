@@ -475,6 +475,39 @@ def request(
     sys.stdout.flush()
 
 
+@app.command()
+def drain(
+    worker: Annotated[str, typer.Argument(help="The worker id, as `zbroker workers` shows it.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Give a worker no new tasks; the ones it holds finish."""
+    held = _client_call(endpoint, timeout, f"drain {worker}", lambda c: c.drain(worker))
+    typer.echo(f"worker {worker} draining, {held} task(s) to finish")
+
+
+@app.command()
+def pause(
+    service: Annotated[str, typer.Argument(help="The service to pause.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Stop deliveries of a service until `zbroker resume` (enqueues still work)."""
+    _client_call(endpoint, timeout, f"pause {service}", lambda c: c.pause(service))
+    typer.echo(f"{service} paused")
+
+
+@app.command()
+def resume(
+    service: Annotated[str, typer.Argument(help="The service to resume.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Deliver a paused service's work again."""
+    _client_call(endpoint, timeout, f"resume {service}", lambda c: c.resume(service))
+    typer.echo(f"{service} resumed")
+
+
 dlq_app = typer.Typer(help="Dead-letter queues: list and redrive.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 

@@ -147,3 +147,43 @@ def test_enqueue_task_request_and_dead_letters_from_the_command_line(
     assert missing.returncode == 1 and "t-nope" in missing.stderr
     both = zbroker(broker, "enqueue", "upper")
     assert both.returncode == 2 and "--data" in both.stderr
+
+
+def test_drain_and_pause_stop_new_deliveries(broker: BrokerProcess, stack: ExitStack) -> None:
+    release = threading.Event()
+    stack.callback(release.set)
+    seen: list[bytes] = []
+
+    def slow(task: Task) -> bytes:
+        seen.append(task.payload)
+        release.wait(30)
+        return b"ok"
+
+    client = open_client(stack, broker)
+    start_worker(stack, broker, "jobs", slow, concurrency=2)
+    first = client.enqueue("jobs", b"1")
+    wait_until(lambda: seen == [b"1"], timeout_s=10)
+    (row,) = client.workers()
+    assert row["state"] == "ready"
+    drained = zbroker(broker, "drain", row["worker"])
+    assert drained.returncode == 0 and "1 task(s) to finish" in drained.stdout
+    client.enqueue("jobs", b"2")
+    (row,) = client.workers()
+    assert row["state"] == "draining" and row["tasks"] == [first]
+    release.set()
+    assert client.result(first, timeout_s=10) == b"ok"
+    # The drained worker has credit again but gets nothing: task 2 waits.
+    (queue,) = [q for q in client.queues() if q["service"] == "jobs"]
+    assert queue["ready"] == 1 and queue["inflight"] == 0 and seen == [b"1"]
+    # A fresh worker takes it; pausing the service stops that one too.
+    assert zbroker(broker, "pause", "jobs").returncode == 0
+    other: list[bytes] = []
+    start_worker(stack, broker, "jobs", lambda task: other.append(task.payload) or b"ok")
+    later = client.enqueue("jobs", b"3")
+    (queue,) = [q for q in client.queues() if q["service"] == "jobs"]
+    assert queue["paused"] is True and queue["ready"] == 2 and other == []
+    assert zbroker(broker, "resume", "jobs").returncode == 0
+    assert client.result(later, timeout_s=10) == b"ok"
+    assert sorted(other) == [b"2", b"3"]
+    unknown = zbroker(broker, "drain", "00ff")
+    assert unknown.returncode == 1 and "no worker 00ff" in unknown.stderr

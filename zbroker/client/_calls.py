@@ -671,6 +671,13 @@ def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any
     return rows
 
 
+def plan_control(s: Settings, command: bytes, **fields: str) -> Plan[dict[str, Any]]:
+    """DRAIN, PAUSE or RESUME: the broker's answer fields."""
+    name = zbc.COMMAND_NAMES[command]
+    answer = yield from call(s, name, lambda rid: zbc.call(command, rid, **fields))
+    return dict(answer.meta)
+
+
 def plan_cancel(s: Settings, task_id: str) -> Plan[TaskState]:
     return cancel(s, task_id_arg(task_id))
 

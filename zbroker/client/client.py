@@ -289,6 +289,22 @@ class Client(SocketOwner):
         credit, credit_in_use, oldest_age_s (of the oldest waiting task or request)."""
         return self._run(_calls.plan_admin(self._settings(), zbc.QUEUES, "queues"), "queues")
 
+    def drain(self, worker: str) -> int:
+        """Stop giving tasks to `worker` (its id in hex, from `workers()`); the tasks it
+        holds finish. Returns how many it holds. Raises a BrokerError with code
+        `not_found` (TaskNotFound) for an unknown worker."""
+        answer = self._run(_calls.plan_control(self._settings(), zbc.DRAIN, worker=worker), "drain")
+        return int(answer["tasks"])
+
+    def pause(self, service: str) -> None:
+        """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
+        Not kept across a broker restart."""
+        self._run(_calls.plan_control(self._settings(), zbc.PAUSE, service=service), "pause")
+
+    def resume(self, service: str) -> None:
+        """Deliver `service`'s work again after `pause()`."""
+        self._run(_calls.plan_control(self._settings(), zbc.RESUME, service=service), "resume")
+
     def workers(self) -> list[dict[str, Any]]:
         """Every registered worker: worker (routing id, hex), service, dialect, credit,
         tasks (ids held), tags, metrics (from its heartbeats), last_seen_s."""

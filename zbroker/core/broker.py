@@ -168,7 +168,12 @@ class Broker(DurableTasks):
                     _name(name),
                     expiry,
                 )
-            if not queue and not service.workers and not service.waiting_count:
+            if (
+                not queue
+                and not service.workers
+                and not service.waiting_count
+                and not service.paused
+            ):
                 del self.services[name]
 
     def undeliverable(self, frames: list[bytes], now: float) -> None:
@@ -478,7 +483,7 @@ class Broker(DurableTasks):
         del worker.tasks[request.tid]
         if request.task is not None:
             del self._holders[request.tid]
-        if worker.identity not in worker.service.ready:
+        if worker.identity not in worker.service.ready and not worker.draining:
             worker.service.ready[worker.identity] = worker
 
     def _complete(
@@ -552,6 +557,8 @@ class Broker(DurableTasks):
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, service: Service, now: float) -> None:
+        if service.paused:
+            return
         queue = service.queue
         ready = service.ready
         ack_by = now + self.settings.ack_timeout_s

@@ -169,6 +169,14 @@ class DurableTasks:
         if type(msg) is zbc.Workers:
             self.outbox.append([identity, *zbc.reply(msg.rid, {"workers": self._workers(now)})])
             return
+        if type(msg) is zbc.Drain:
+            assert isinstance(msg, zbc.Drain)
+            self._on_drain(identity, msg)
+            return
+        if type(msg) is zbc.Pause:
+            assert isinstance(msg, zbc.Pause)
+            self._on_pause(identity, msg, now)
+            return
         if self.journal is None:
             self._refuse(identity, msg.rid, zbc.E_UNAVAILABLE, "this broker keeps no tasks")
             return
@@ -241,6 +249,7 @@ class DurableTasks:
                     "credit": sum(w.credit for w in workers),
                     "credit_in_use": sum(len(w.tasks) for w in workers),
                     "oldest_age_s": round(oldest, 3),
+                    "paused": service is not None and service.paused,
                 }
             )
         return out
@@ -258,10 +267,46 @@ class DurableTasks:
                 "metrics": service_worker.metrics,
                 # Any message renews expires_at = last message + expiry.
                 "last_seen_s": round(max(0.0, now - (service_worker.expires_at - expiry)), 3),
+                "state": "draining"
+                if service_worker.draining
+                else ("busy" if len(service_worker.tasks) >= service_worker.credit else "ready"),
             }
             for service in self.services.values()
             for service_worker in service.workers.values()
         ]
+
+    def _on_drain(self, identity: bytes, msg: zbc.Drain) -> None:
+        worker = None
+        for service in self.services.values():
+            for candidate in service.workers.values():
+                if candidate.identity.hex() == msg.worker:
+                    worker = candidate
+        if worker is None:
+            self._refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no worker {msg.worker}")
+            return
+        if not worker.draining:
+            worker.draining = True
+            worker.service.ready.pop(worker.identity, None)
+            log.info(
+                "worker %s (%s) draining: no new tasks, %d to finish",
+                msg.worker,
+                worker.service.name.decode(errors="replace"),
+                len(worker.tasks),
+            )
+        fields = {"worker": msg.worker, "tasks": len(worker.tasks)}
+        self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
+
+    def _on_pause(self, identity: bytes, msg: zbc.Pause, now: float) -> None:
+        name = msg.service.encode()
+        service = self._service(name)
+        if service.paused != msg.paused:
+            service.paused = msg.paused
+            log.info("service %s %s", msg.service, "paused" if msg.paused else "resumed")
+        self.outbox.append(
+            [identity, *zbc.reply(msg.rid, {"service": msg.service, "paused": msg.paused})]
+        )
+        if not msg.paused and service.ready:
+            self._dispatch(service, now)
 
     def _refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
         self.stats.calls_refused += 1

@@ -134,6 +134,7 @@ class Worker:
         "batch",
         "credit",
         "dialect",
+        "draining",
         "expires_at",
         "heartbeat_at",
         "identity",
@@ -159,6 +160,7 @@ class Worker:
         self.credit = credit
         self.tags = tags
         self.batch = False  # ZBW01: accepts TASKS (several tasks per message)
+        self.draining = False  # an operator asked: no new tasks, current ones finish
         self.metrics: dict[str, object] = {}
         # The attempts this worker holds, by task id, in delivery order.
         self.tasks: dict[str, Request] = {}
@@ -171,6 +173,7 @@ class Service:
 
     __slots__ = (
         "name",
+        "paused",
         "queue",
         "ready",
         "ready_count",
@@ -191,6 +194,7 @@ class Service:
         self.records: dict[str, TaskRecord] = {}
         self.ready_count = 0
         self.waiting_count = 0  # READY + DELAYED durable tasks: what the cap applies to
+        self.paused = False  # an operator paused deliveries (not kept across a restart)
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}

@@ -37,7 +37,10 @@ ERROR {rid, code, message}, codes E_* below):
   QUEUES   {}  -> REPLY {queues: [{service, ready, delayed, inflight, dead, requests,
                   workers, credit, credit_in_use, oldest_age_s}, ...]}
   WORKERS  {}  -> REPLY {workers: [{worker, service, dialect, credit, tasks, tags,
-                  metrics, last_seen_s}, ...]}
+                  metrics, last_seen_s, state}, ...]}
+  DRAIN    {worker} -> REPLY {worker, tasks}   (ERROR not_found for an unknown worker)
+  PAUSE    {service} -> REPLY {service, paused: true}
+  RESUME   {service} -> REPLY {service, paused: false}
 States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
 expired. Final states: done, dead, cancelled, expired.
 Options (all optional): priority (int -128..127, higher first), delay_s or
@@ -68,6 +71,9 @@ DEAD = b"\x06"  # {rid, service, limit?, after?}: list dead letters
 REDRIVE = b"\x07"  # {rid, service, ids?}: dead letters back to the queue
 QUEUES = b"\x08"  # {rid}: every service's queue figures (admin)
 WORKERS = b"\x09"  # {rid}: every registered worker (admin)
+DRAIN = b"\x0a"  # {rid, worker}: no new tasks for that worker (admin)
+PAUSE = b"\x0b"  # {rid, service}: no deliveries for that service until RESUME (admin)
+RESUME = b"\x0c"  # {rid, service}
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -83,6 +89,9 @@ COMMAND_NAMES = {
     REDRIVE: "REDRIVE",
     QUEUES: "QUEUES",
     WORKERS: "WORKERS",
+    DRAIN: "DRAIN",
+    PAUSE: "PAUSE",
+    RESUME: "RESUME",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -180,7 +189,22 @@ class Workers:
     rid: int
 
 
-ClientMessage = Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers
+@dataclass(frozen=True, slots=True)
+class Drain:
+    rid: int
+    worker: str  # routing id in hex, as WORKERS shows it
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    rid: int
+    service: str
+    paused: bool  # False: RESUME
+
+
+ClientMessage = (
+    Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers | Drain | Pause
+)
 
 
 class CallError(ProtocolError):
@@ -351,6 +375,10 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         return Queues(rid)
     if command == WORKERS:
         return Workers(rid)
+    if command == DRAIN:
+        return Drain(rid, _str(meta, "worker", rid))
+    if command in (PAUSE, RESUME):
+        return Pause(rid, _str(meta, "service", rid), command == PAUSE)
     raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
 
 
