@@ -476,6 +476,35 @@ def request(
 
 
 @app.command()
+def status(
+    endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
+) -> None:
+    """The broker at a glance: uptime, services, workers, counters, journal."""
+    view = _client_call(endpoint, timeout, "status", lambda c: c.broker_stats())
+    view.pop("rid", None)
+    if as_json:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    typer.echo(f"broker at {endpoint}, up {view['uptime_s']:.0f}s")
+    typer.echo(
+        f"services {view['services']}  workers {view['workers']}  "
+        f"waiting calls {view['waiting_calls']}"
+    )
+    journal = view.get("journal")
+    if journal:
+        typer.echo(
+            f"journal {journal['durability']}, {journal['commits']} commits, "
+            f"{journal['bytes_used'] / 1048576:.1f} MiB used of a "
+            f"{journal['map_size'] / 1048576:.0f} MiB map"
+        )
+    for name, value in view["stats"].items():
+        if value:
+            typer.echo(f"  {name:<24} {value}")
+    for reason, n in view["malformed"].items():
+        typer.echo(f"  malformed {reason:<14} {n}")
+
+
+@app.command()
 def drain(
     worker: Annotated[str, typer.Argument(help="The worker id, as `zbroker workers` shows it.")],
     endpoint: _Endpoint = DEFAULT_ENDPOINT,

@@ -9,6 +9,8 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
+import zmq
+
 from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
 from zbroker import NonRetryableError, Task
@@ -187,3 +189,23 @@ def test_drain_and_pause_stop_new_deliveries(broker: BrokerProcess, stack: ExitS
     assert sorted(other) == [b"2", b"3"]
     unknown = zbroker(broker, "drain", "00ff")
     assert unknown.returncode == 1 and "no worker 00ff" in unknown.stderr
+
+
+def test_status_counts_a_known_workload(broker: BrokerProcess, stack: ExitStack) -> None:
+    start_worker(stack, broker, "echo", lambda task: task.payload)
+    client = open_client(stack, broker)
+    ids = client.enqueue_many("echo", [b"a", b"b"])
+    assert [client.result(i, timeout_s=10) for i in ids] == [b"a", b"b"]
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(broker.endpoint)
+    raw.send_multipart([b"", b"NOPE", b"x", b"y"])  # malformed: dropped and counted
+    raw.close(linger=2000)  # delivered before the socket goes
+    wait_until(lambda: client.broker_stats()["malformed"].get("bad_header") == 1, timeout_s=10)
+    result = zbroker(broker, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["stats"]["tasks_enqueued"] == 2 and view["stats"]["tasks_done"] == 2
+    assert view["workers"] == 1 and view["malformed"] == {"bad_header": 1}
+    assert view["journal"]["durability"] == "sync" and view["journal"]["commits"] >= 2
+    text = zbroker(broker, "status")
+    assert "tasks_done               2" in text.stdout and "malformed bad_header" in text.stdout

@@ -297,6 +297,11 @@ class AsyncClient:
         )
         return int(answer["tasks"])
 
+    async def broker_stats(self) -> dict[str, Any]:
+        """The broker's counters (requests, tasks enqueued/done/retried/dead..., malformed
+        input by reason), its journal's figures and its uptime."""
+        return await self._run(_calls.plan_control(self._settings(), zbc.STATS), "stats")
+
     async def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

@@ -296,6 +296,11 @@ class Client(SocketOwner):
         answer = self._run(_calls.plan_control(self._settings(), zbc.DRAIN, worker=worker), "drain")
         return int(answer["tasks"])
 
+    def broker_stats(self) -> dict[str, Any]:
+        """The broker's counters (requests, tasks enqueued/done/retried/dead..., malformed
+        input by reason), its journal's figures and its uptime."""
+        return self._run(_calls.plan_control(self._settings(), zbc.STATS), "stats")
+
     def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

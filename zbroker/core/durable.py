@@ -25,6 +25,7 @@ sending anything from that pass, and a restart recovers from the last commit.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 import random
@@ -99,6 +100,7 @@ class DurableTasks:
         self.event_prefixes = frozenset()
         self._wanted: dict[str, bool] = {}
         self.journal = journal
+        self._started_at = now
         self._epoch_offset = epoch_offset
         self._rng = random.Random(self.settings.seed)
         # Durable task id -> the worker holding its current attempt.
@@ -168,6 +170,9 @@ class DurableTasks:
             return
         if type(msg) is zbc.Workers:
             self.outbox.append([identity, *zbc.reply(msg.rid, {"workers": self._workers(now)})])
+            return
+        if type(msg) is zbc.Stats:
+            self.outbox.append([identity, *zbc.reply(msg.rid, self._stats_view(now))])
             return
         if type(msg) is zbc.Drain:
             assert isinstance(msg, zbc.Drain)
@@ -274,6 +279,33 @@ class DurableTasks:
             for service in self.services.values()
             for service_worker in service.workers.values()
         ]
+
+    def _stats_view(self, now: float) -> dict[str, Any]:
+        stats = self.stats
+        counters = {
+            f.name: getattr(stats, f.name)
+            for f in dataclasses.fields(stats)
+            if f.name != "malformed"
+        }
+        view: dict[str, Any] = {
+            "stats": counters,
+            "malformed": dict(stats.malformed or {}),
+            "uptime_s": round(now - self._started_at, 3),
+            "services": len(self.services),
+            "workers": sum(len(s.workers) for s in self.services.values()),
+            "waiting_calls": self._waiter_count,
+        }
+        if self.journal is not None:
+            js = self.journal.stats
+            view["journal"] = {
+                "durability": self.journal.durability.value,
+                "commits": js.commits,
+                "commit_seconds_total": round(js.commit_seconds_total, 6),
+                "last_commit_seconds": round(js.last_commit_seconds, 6),
+                "bytes_used": js.bytes_used,
+                "map_size": js.map_size,
+            }
+        return view
 
     def _on_drain(self, identity: bytes, msg: zbc.Drain) -> None:
         worker = None

@@ -39,6 +39,8 @@ ERROR {rid, code, message}, codes E_* below):
   WORKERS  {}  -> REPLY {workers: [{worker, service, dialect, credit, tasks, tags,
                   metrics, last_seen_s, state}, ...]}
   DRAIN    {worker} -> REPLY {worker, tasks}   (ERROR not_found for an unknown worker)
+  STATS    {} -> REPLY {stats: {counter: value...}, malformed: {reason: n},
+                  journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
 States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
@@ -74,6 +76,7 @@ WORKERS = b"\x09"  # {rid}: every registered worker (admin)
 DRAIN = b"\x0a"  # {rid, worker}: no new tasks for that worker (admin)
 PAUSE = b"\x0b"  # {rid, service}: no deliveries for that service until RESUME (admin)
 RESUME = b"\x0c"  # {rid, service}
+STATS = b"\x0d"  # {rid}: the broker's counters (admin)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -92,6 +95,7 @@ COMMAND_NAMES = {
     DRAIN: "DRAIN",
     PAUSE: "PAUSE",
     RESUME: "RESUME",
+    STATS: "STATS",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -202,8 +206,13 @@ class Pause:
     paused: bool  # False: RESUME
 
 
+@dataclass(frozen=True, slots=True)
+class Stats:
+    rid: int
+
+
 ClientMessage = (
-    Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers | Drain | Pause
+    Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers | Drain | Pause | Stats
 )
 
 
@@ -377,6 +386,8 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         return Workers(rid)
     if command == DRAIN:
         return Drain(rid, _str(meta, "worker", rid))
+    if command == STATS:
+        return Stats(rid)
     if command in (PAUSE, RESUME):
         return Pause(rid, _str(meta, "service", rid), command == PAUSE)
     raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
