@@ -9,13 +9,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import enum
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 
 from zbroker import __version__
 from zbroker.client import Client, Subscriber
@@ -56,6 +59,17 @@ _defaults = BrokerConfig()
 
 @app.command()
 def start(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="ZBROKER_CONFIG",
+            dir_okay=False,
+            help="A TOML file of options (the names below, with underscores); "
+            "the environment and flags override it.",
+        ),
+    ] = None,
     bind: Annotated[
         str,
         typer.Option(envvar="ZBROKER_BIND", help="ROUTER endpoint for MDP clients and workers."),
@@ -181,6 +195,18 @@ def start(
     ] = _defaults.log_level,
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
+    layered = resolve_options(ctx, config_file)
+    values = {name: value for name, (value, _) in layered.items()}
+    bind, events_in, events_out = values["bind"], values["events_in"], values["events_out"]
+    heartbeat_interval = values["heartbeat_interval"]
+    heartbeat_liveness = values["heartbeat_liveness"]
+    request_expiry, max_queued = values["request_expiry"], values["max_queued"]
+    max_message_bytes, ack_timeout = values["max_message_bytes"], values["ack_timeout"]
+    durability, data_dir = values["durability"], values["data_dir"]
+    journal_max_mib, max_attempts = values["journal_max_mib"], values["max_attempts"]
+    retry_base, retry_max = values["retry_base"], values["retry_max"]
+    retention, max_tasks = values["retention"], values["max_tasks"]
+    log_level = values["log_level"]
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise typer.BadParameter(
@@ -214,6 +240,10 @@ def start(
         data_dir=data_dir,
         journal_max_bytes=journal_max_mib << 20,
     )
+    log = logging.getLogger("zbroker.config")
+    for name, (value, source) in layered.items():
+        if source != "default":
+            log.info("option %s = %s (%s)", name, _shown(value), source)
     try:
         server = BrokerServer(config)
     except (BindError, JournalError) as exc:
@@ -225,6 +255,88 @@ def start(
     except JournalError as exc:
         typer.echo(f"zbroker: stopped: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _shown(value: Any) -> str:
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
+
+
+# Where a value came from, by the name of the parameter source typer reports.
+_SOURCES = {
+    "COMMANDLINE": "flag",
+    "ENVIRONMENT": "environment",
+    "DEFAULT": "default",
+    "DEFAULT_MAP": "default",
+}
+
+
+def resolve_options(ctx: typer.Context, config_file: Path | None) -> dict[str, tuple[Any, str]]:
+    """Every option of `ctx`'s command as (value, source): a flag or the environment
+    wins over the TOML file, which wins over the embedded default."""
+    from_file: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with config_file.open("rb") as f:
+                from_file = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise typer.BadParameter(
+                f"cannot read {config_file}: {exc}", param_hint="--config"
+            ) from None
+    params = {p.name: p for p in ctx.command.params if p.name and p.name != "config_file"}
+    unknown = sorted(set(from_file) - set(params))
+    if unknown:
+        raise typer.BadParameter(
+            f"{config_file}: unknown option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(params))}",
+            param_hint="--config",
+        )
+    out: dict[str, tuple[Any, str]] = {}
+    for name, param in params.items():
+        value = ctx.params.get(name)
+        reported = ctx.get_parameter_source(name)
+        source = _SOURCES.get(getattr(reported, "name", ""), "default")
+        envvar = getattr(param, "envvar", None)
+        if source == "environment" and envvar:
+            source = f"environment {envvar}"
+        if source == "default" and name in from_file:
+            try:
+                value = param.process_value(ctx, from_file[name])
+            except typer.BadParameter as exc:
+                raise typer.BadParameter(
+                    f"{config_file}: {name}: {exc.message}", param_hint="--config"
+                ) from None
+            source = f"file {config_file}"
+        out[name] = (value, source)
+    return out
+
+
+config_app = typer.Typer(help="The broker's configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def config_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The configuration `zbroker start` would run with, and where each value comes
+    from. Takes the same options as `start` (--config, flags; the environment too)."""
+    start_command = typer.main.get_command(app).commands["start"]  # type: ignore[attr-defined]
+    try:
+        with start_command.make_context("start", list(ctx.args)) as start_ctx:
+            layered = resolve_options(start_ctx, start_ctx.params.get("config_file"))
+    except typer.TyperException as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        rows = {n: {"value": _shown(v), "source": s} for n, (v, s) in layered.items()}
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max(map(len, layered))
+    for name, (value, source) in layered.items():
+        typer.echo(f"{name:<{width}}  {_shown(value):<28} {source}")
 
 
 def _jsonable(value: Any) -> Any:
