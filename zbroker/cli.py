@@ -39,6 +39,27 @@ app = typer.Typer(
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: time (seconds since the epoch), level, logger,
+    message, and the exception text when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"zbroker {__version__}")
@@ -193,6 +214,14 @@ def start(
         str,
         typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
     ] = _defaults.log_level,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            envvar="ZBROKER_LOG_FORMAT",
+            case_sensitive=False,
+            help="text, or json: one JSON object per line (time, level, logger, message).",
+        ),
+    ] = LogFormat.TEXT,
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
     layered = resolve_options(ctx, config_file)
@@ -206,17 +235,18 @@ def start(
     journal_max_mib, max_attempts = values["journal_max_mib"], values["max_attempts"]
     retry_base, retry_max = values["retry_base"], values["retry_max"]
     retention, max_tasks = values["retention"], values["max_tasks"]
-    log_level = values["log_level"]
+    log_level, log_format = values["log_level"], values["log_format"]
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise typer.BadParameter(
             f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
         )
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format is LogFormat.JSON:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     config = BrokerConfig(
         bind=bind,
         events_in=events_in,

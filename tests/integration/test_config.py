@@ -71,3 +71,15 @@ def test_start_runs_with_the_file(
     assert f"option durability = memory (file {config})" in log
     assert "journal: in memory (memory)" in log
     assert "option heartbeat_interval = 0.2 (flag)" in log
+
+
+def test_json_logs_are_one_object_per_line(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    broker = broker_factory("--log-format", "json")
+    broker.stop()
+    lines = broker.log().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["message"].startswith("broker listening on") for r in records)
+    assert any(r["logger"] == "zbroker.runtime" and r["level"] == "info" for r in records)

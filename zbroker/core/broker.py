@@ -315,6 +315,14 @@ class Broker(DurableTasks):
                 request = self._fenced(worker, task_id, attempt)
                 if request is not None:
                     request.ack_by = 0.0
+                    if self._debug:
+                        log.debug(
+                            "ack %s attempt %d (%s) from worker %s",
+                            task_id,
+                            attempt,
+                            _name(worker.service.name),
+                            _hex(identity),
+                        )
         elif kind is ext.Heartbeat:
             assert isinstance(msg, ext.Heartbeat)
             if msg.metrics:
