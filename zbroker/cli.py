@@ -214,6 +214,15 @@ def start(
         str,
         typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
     ] = _defaults.log_level,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="ZBROKER_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics and /health on this port (127.0.0.1).",
+        ),
+    ] = None,
     log_format: Annotated[
         LogFormat,
         typer.Option(
@@ -236,6 +245,7 @@ def start(
     retry_base, retry_max = values["retry_base"], values["retry_max"]
     retention, max_tasks = values["retention"], values["max_tasks"]
     log_level, log_format = values["log_level"], values["log_format"]
+    metrics_port = values["metrics_port"]
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise typer.BadParameter(
@@ -269,6 +279,7 @@ def start(
         durability=durability,
         data_dir=data_dir,
         journal_max_bytes=journal_max_mib << 20,
+        metrics_port=metrics_port,
     )
     log = logging.getLogger("zbroker.config")
     for name, (value, source) in layered.items():

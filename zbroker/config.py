@@ -33,3 +33,6 @@ class BrokerConfig:
     # The journal's map grows (doubling) up to this size; past it the broker stops
     # with a clear error rather than confirm what it cannot store.
     journal_max_bytes: int = 1 << 40
+    # Prometheus metrics and /health over HTTP on this port (None: off).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"

@@ -27,6 +27,7 @@ from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.journal import Journal, JournalError, open_journal
 from zbroker.runtime.errors import BindError
+from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
 
 log = logging.getLogger("zbroker.runtime")
@@ -107,6 +108,21 @@ class BrokerServer:
         self._subscriptions: set[str] = set()
         self.events_dropped = 0
         self._packb = msgpack.Packer(use_bin_type=True).pack
+        self.metrics: MetricsServer | None = None
+        if config.metrics_port is not None:
+            local = self.endpoint.replace("0.0.0.0", "127.0.0.1").replace("://*", "://127.0.0.1")
+            try:
+                self.metrics = MetricsServer(
+                    self._ctx, local, config.metrics_host, config.metrics_port
+                )
+            except OSError as exc:
+                self.lifecycle.close()
+                self.events.stop()
+                self.router.close()
+                self.journal.close()
+                raise BindError(
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
+                ) from exc
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -127,6 +143,13 @@ class BrokerServer:
 
     def serve_forever(self) -> None:
         self.events.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            log.info(
+                "metrics: http://%s:%d/metrics and /health",
+                self.config.metrics_host,
+                self.metrics.port,
+            )
         log.info("broker listening on %s (MDP clients and workers)", self.endpoint)
         log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
         log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
@@ -302,6 +325,8 @@ class BrokerServer:
             stats.tasks_recovered,
             stats.calls_refused,
         )
+        if self.metrics is not None:
+            self.metrics.stop()
         self.lifecycle.close(linger=0)
         self.events.stop()
         self.journal.close()

@@ -1,0 +1,183 @@
+"""Prometheus metrics and a health check over HTTP, in a thread of the broker process.
+
+Every scrape asks the broker itself, over its own ROUTER socket, with the
+admin calls QUEUES and STATS (docs/protocol.md §11): the figures are the
+broker's exact bookkeeping, the same `zbroker queues --json` and `zbroker
+status` print, never numbers rebuilt from events. The loop answers those
+calls between two passes, so a scrape never sees half a pass.
+
+  GET /metrics  Prometheus text format
+  GET /health   200 {"status": "ok", ...} when the broker answers, else 503
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import zmq
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from zbroker.protocol import zbc
+from zbroker.protocol.errors import ProtocolError
+
+log = logging.getLogger("zbroker.metrics")
+
+# Queue figures exported as gauges: QUEUES field -> (metric name, help).
+_QUEUE_GAUGES = {
+    "ready": ("zbroker_tasks_ready", "Durable tasks waiting to be delivered."),
+    "delayed": ("zbroker_tasks_delayed", "Durable tasks waiting for their time (delay, backoff)."),
+    "inflight": ("zbroker_tasks_inflight", "Durable tasks with an attempt at a worker."),
+    "dead": ("zbroker_tasks_dead", "Durable tasks in the dead-letter queue."),
+    "done": ("zbroker_tasks_done_retained", "Finished tasks whose result is still kept."),
+    "requests": ("zbroker_requests_queued", "MDP requests waiting for a worker."),
+    "workers": ("zbroker_workers", "Registered workers."),
+    "credit": ("zbroker_worker_credit", "Tasks the service's workers may hold at once."),
+    "credit_in_use": ("zbroker_worker_credit_in_use", "Tasks the service's workers hold."),
+    "oldest_age_s": ("zbroker_oldest_waiting_seconds", "Age of the oldest waiting task."),
+}
+
+
+class BrokerAsker:
+    """Admin calls to the broker from another thread: one DEALER per call (cheap at
+    scrape rates, and nothing is shared with the broker's own thread)."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout_s: float):
+        self._ctx = ctx
+        self._endpoint = endpoint
+        self._timeout_ms = int(timeout_s * 1000)
+        self._rid = 0
+        self._lock = threading.Lock()
+
+    def call(self, command: bytes) -> dict[str, Any]:
+        with self._lock:
+            self._rid += 1
+            rid = self._rid
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(self._endpoint)
+            sock.send_multipart(zbc.call(command, rid))
+            while sock.poll(self._timeout_ms):
+                answer = zbc.decode_answer(sock.recv_multipart())
+                if answer.rid == rid and answer.ok:
+                    return answer.meta
+            raise TimeoutError(f"no answer from the broker at {self._endpoint}")
+        finally:
+            sock.close(linger=0)
+
+
+class BrokerCollector:
+    """A prometheus_client collector reading QUEUES and STATS at each scrape."""
+
+    def __init__(self, asker: BrokerAsker) -> None:
+        self._asker = asker
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            queues = self._asker.call(zbc.QUEUES)["queues"]
+            stats = self._asker.call(zbc.STATS)
+        except (TimeoutError, ProtocolError, zmq.ZMQError, KeyError) as exc:
+            log.warning("metrics scrape failed: %s", exc)
+            up = GaugeMetricFamily("zbroker_up", "1 when the broker answered this scrape.")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("zbroker_up", "1 when the broker answered this scrape.")
+        up.add_metric([], 1)
+        yield up
+        for field, (name, text) in _QUEUE_GAUGES.items():
+            gauge = GaugeMetricFamily(name, text, labels=["service"])
+            for row in queues:
+                gauge.add_metric([row["service"]], float(row[field]))
+            yield gauge
+        paused = GaugeMetricFamily("zbroker_service_paused", "1 while paused.", labels=["service"])
+        for row in queues:
+            paused.add_metric([row["service"]], 1.0 if row.get("paused") else 0.0)
+        yield paused
+        for counter, value in stats["stats"].items():
+            family = CounterMetricFamily(
+                f"zbroker_{counter}", f"Broker counter {counter} since start."
+            )
+            family.add_metric([], float(value))
+            yield family
+        malformed = CounterMetricFamily(
+            "zbroker_malformed", "Malformed messages dropped, by reason.", labels=["reason"]
+        )
+        for reason, value in stats["malformed"].items():
+            malformed.add_metric([reason], float(value))
+        yield malformed
+        uptime = GaugeMetricFamily("zbroker_uptime_seconds", "Seconds since the broker started.")
+        uptime.add_metric([], float(stats["uptime_s"]))
+        yield uptime
+        journal = stats.get("journal")
+        if journal:
+            commits = CounterMetricFamily(
+                "zbroker_journal_commits", "Journal commits that wrote something."
+            )
+            commits.add_metric([], float(journal["commits"]))
+            yield commits
+            seconds = CounterMetricFamily(
+                "zbroker_journal_commit_seconds", "Time spent in journal commits (fsync included)."
+            )
+            seconds.add_metric([], float(journal["commit_seconds_total"]))
+            yield seconds
+            size = GaugeMetricFamily("zbroker_journal_bytes", "Bytes the journal uses on disk.")
+            size.add_metric([], float(journal["bytes_used"]))
+            yield size
+
+
+class MetricsServer:
+    """The HTTP endpoint, in a daemon thread; `stop()` shuts it down."""
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], broker_endpoint: str, host: str, port: int
+    ) -> None:
+        asker = BrokerAsker(ctx, broker_endpoint, timeout_s=2.0)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(asker))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif self.path == "/health":
+                    try:
+                        stats = asker.call(zbc.STATS)
+                        body = {"status": "ok", "uptime_s": stats["uptime_s"]}
+                        self._send(200, "application/json", json.dumps(body).encode())
+                    except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
+                        body = {"status": "unavailable", "error": str(exc)}
+                        self._send(503, "application/json", json.dumps(body).encode())
+                else:
+                    self._send(404, "text/plain", b"not found: try /metrics or /health\n")
+
+            def _send(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("http %s", format % args)
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="zbroker-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
