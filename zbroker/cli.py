@@ -669,6 +669,19 @@ def drain(
 
 
 @app.command()
+def limit(
+    service: Annotated[str, typer.Argument(help="The service to limit.")],
+    tasks: Annotated[int, typer.Argument(min=0, help="At most this many at once; 0: no limit.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Cap how many of a service's tasks run at once across all its workers (e.g. tts 2)."""
+    cap = tasks or None
+    _client_call(endpoint, timeout, f"limit {service}", lambda c: c.limit(service, cap))
+    typer.echo(f"{service}: at most {tasks} at once" if cap else f"{service}: no limit")
+
+
+@app.command()
 def pause(
     service: Annotated[str, typer.Argument(help="The service to pause.")],
     endpoint: _Endpoint = DEFAULT_ENDPOINT,

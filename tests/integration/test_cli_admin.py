@@ -209,3 +209,29 @@ def test_status_counts_a_known_workload(broker: BrokerProcess, stack: ExitStack)
     assert view["journal"]["durability"] == "sync" and view["journal"]["commits"] >= 2
     text = zbroker(broker, "status")
     assert "tasks_done               2" in text.stdout and "malformed bad_header" in text.stdout
+
+
+def test_a_concurrency_limit_holds_across_workers(broker: BrokerProcess, stack: ExitStack) -> None:
+    release = threading.Event()
+    stack.callback(release.set)
+    running: list[bytes] = []
+
+    def slow(task: Task) -> bytes:
+        running.append(task.payload)
+        release.wait(30)
+        return b"ok"
+
+    client = open_client(stack, broker)
+    assert zbroker(broker, "limit", "tts", "2").returncode == 0
+    for _ in range(2):
+        start_worker(stack, broker, "tts", slow, concurrency=3)
+    ids = client.enqueue_many("tts", [b"%d" % i for i in range(5)])
+    wait_until(lambda: len(running) == 2, timeout_s=10)
+    (queue,) = [q for q in client.queues() if q["service"] == "tts"]
+    assert queue["limit"] == 2 and queue["inflight"] == 2 and queue["ready"] == 3
+    assert queue["credit"] == 6  # the workers could take more: the limit holds them back
+    unlimited = zbroker(broker, "limit", "tts", "0")
+    assert unlimited.returncode == 0 and "no limit" in unlimited.stdout
+    wait_until(lambda: len(running) == 5, timeout_s=10)
+    release.set()
+    assert [client.result(i, timeout_s=10) for i in ids] == [b"ok"] * 5

@@ -54,7 +54,7 @@ from zbroker.client.errors import (
     broker_error,
     task_failure,
 )
-from zbroker.protocol import zbc
+from zbroker.protocol import ext, zbc
 
 T = TypeVar("T")
 
@@ -671,10 +671,17 @@ def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any
     return rows
 
 
-def plan_control(s: Settings, command: bytes, **fields: str) -> Plan[dict[str, Any]]:
-    """DRAIN, PAUSE or RESUME: the broker's answer fields."""
+def plan_control(s: Settings, command: bytes, **fields: Any) -> Plan[dict[str, Any]]:
+    """An admin call (DRAIN, PAUSE, RESUME, LIMIT, STATS): the broker's answer fields."""
     name = zbc.COMMAND_NAMES[command]
-    answer = yield from call(s, name, lambda rid: zbc.call(command, rid, **fields))
+    # nil is meaningful here (LIMIT without a limit): keep None fields in the meta.
+    meta = {"rid": 0, **fields}
+
+    def build(rid: int) -> list[bytes]:
+        meta["rid"] = rid
+        return [zbc.EMPTY, zbc.ZBC01, command, ext.pack_meta(meta)]
+
+    answer = yield from call(s, name, build)
     return dict(answer.meta)
 
 

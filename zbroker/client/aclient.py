@@ -302,6 +302,14 @@ class AsyncClient:
         input by reason), its journal's figures and its uptime."""
         return await self._run(_calls.plan_control(self._settings(), zbc.STATS), "stats")
 
+    async def limit(self, service: str, limit: int | None) -> None:
+        """At most `limit` tasks and requests of `service` at its workers together
+        (None: no limit). Not kept across a broker restart."""
+        await self._run(
+            _calls.plan_control(self._settings(), zbc.LIMIT, service=service, limit=limit),
+            "limit",
+        )
+
     async def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

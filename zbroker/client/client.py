@@ -301,6 +301,14 @@ class Client(SocketOwner):
         input by reason), its journal's figures and its uptime."""
         return self._run(_calls.plan_control(self._settings(), zbc.STATS), "stats")
 
+    def limit(self, service: str, limit: int | None) -> None:
+        """At most `limit` tasks and requests of `service` at its workers together
+        (None: no limit). Not kept across a broker restart."""
+        self._run(
+            _calls.plan_control(self._settings(), zbc.LIMIT, service=service, limit=limit),
+            "limit",
+        )
+
     def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

@@ -173,6 +173,7 @@ class Broker(DurableTasks):
                 and not service.workers
                 and not service.waiting_count
                 and not service.paused
+                and service.limit is None
             ):
                 del self.services[name]
 
@@ -572,7 +573,11 @@ class Broker(DurableTasks):
         ack_by = now + self.settings.ack_timeout_s
         # Workers that take TASKS get everything of this dispatch in one message.
         batches: dict[Worker, list[Request]] | None = None
-        while ready and (queue or service.ready_count):
+        room = -1  # deliveries left under the service's concurrency limit; -1: no limit
+        if service.limit is not None:
+            room = service.limit - sum(len(w.tasks) for w in service.workers.values())
+        while ready and (queue or service.ready_count) and room != 0:
+            room -= 1
             identity = next(iter(ready))
             if queue:
                 worker = ready.pop(identity)

@@ -174,6 +174,16 @@ class DurableTasks:
         if type(msg) is zbc.Stats:
             self.outbox.append([identity, *zbc.reply(msg.rid, self._stats_view(now))])
             return
+        if type(msg) is zbc.Limit:
+            assert isinstance(msg, zbc.Limit)
+            service = self._service(msg.service.encode())
+            service.limit = msg.limit
+            log.info("service %s concurrency limit: %s", msg.service, msg.limit or "none")
+            fields = {"service": msg.service, "limit": msg.limit}
+            self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
+            if service.ready:
+                self._dispatch(service, now)
+            return
         if type(msg) is zbc.Drain:
             assert isinstance(msg, zbc.Drain)
             self._on_drain(identity, msg)
@@ -255,6 +265,7 @@ class DurableTasks:
                     "credit_in_use": sum(len(w.tasks) for w in workers),
                     "oldest_age_s": round(oldest, 3),
                     "paused": service is not None and service.paused,
+                    "limit": service.limit if service is not None else None,
                 }
             )
         return out

@@ -172,6 +172,7 @@ class Service:
     """A named queue of requests and the workers that serve it."""
 
     __slots__ = (
+        "limit",
         "name",
         "paused",
         "queue",
@@ -195,6 +196,8 @@ class Service:
         self.ready_count = 0
         self.waiting_count = 0  # READY + DELAYED durable tasks: what the cap applies to
         self.paused = False  # an operator paused deliveries (not kept across a restart)
+        # At most this many tasks and requests at this service's workers together.
+        self.limit: int | None = None
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}

@@ -41,6 +41,7 @@ ERROR {rid, code, message}, codes E_* below):
   DRAIN    {worker} -> REPLY {worker, tasks}   (ERROR not_found for an unknown worker)
   STATS    {} -> REPLY {stats: {counter: value...}, malformed: {reason: n},
                   journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
+  LIMIT    {service, limit} -> REPLY {service, limit}   (limit nil: none)
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
 States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
@@ -77,6 +78,7 @@ DRAIN = b"\x0a"  # {rid, worker}: no new tasks for that worker (admin)
 PAUSE = b"\x0b"  # {rid, service}: no deliveries for that service until RESUME (admin)
 RESUME = b"\x0c"  # {rid, service}
 STATS = b"\x0d"  # {rid}: the broker's counters (admin)
+LIMIT = b"\x0e"  # {rid, service, limit}: concurrency across the service's workers (admin)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -96,6 +98,7 @@ COMMAND_NAMES = {
     PAUSE: "PAUSE",
     RESUME: "RESUME",
     STATS: "STATS",
+    LIMIT: "LIMIT",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -211,8 +214,26 @@ class Stats:
     rid: int
 
 
+@dataclass(frozen=True, slots=True)
+class Limit:
+    rid: int
+    service: str
+    limit: int | None  # None: no limit
+
+
 ClientMessage = (
-    Enqueue | Result | Status | Cancel | Dead | Redrive | Queues | Workers | Drain | Pause | Stats
+    Enqueue
+    | Result
+    | Status
+    | Cancel
+    | Dead
+    | Redrive
+    | Queues
+    | Workers
+    | Drain
+    | Pause
+    | Stats
+    | Limit
 )
 
 
@@ -388,6 +409,11 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         return Drain(rid, _str(meta, "worker", rid))
     if command == STATS:
         return Stats(rid)
+    if command == LIMIT:
+        cap = meta.get("limit")
+        if cap is not None and (type(cap) is not int or not 1 <= cap <= 1_000_000):
+            raise CallError(rid, E_BAD_REQUEST, "'limit' must be an integer 1..1000000 or nil")
+        return Limit(rid, _str(meta, "service", rid), cap)
     if command in (PAUSE, RESUME):
         return Pause(rid, _str(meta, "service", rid), command == PAUSE)
     raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
