@@ -669,6 +669,17 @@ def drain(
 
 
 @app.command()
+def purge(
+    service: Annotated[str, typer.Argument(help="The service whose waiting tasks to cancel.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Cancel every waiting (ready or delayed) task of a service; running ones finish."""
+    purged = _client_call(endpoint, timeout, f"purge {service}", lambda c: c.purge(service))
+    typer.echo(f"{purged} task(s) of {service} purged")
+
+
+@app.command()
 def limit(
     service: Annotated[str, typer.Argument(help="The service to limit.")],
     tasks: Annotated[int, typer.Argument(min=0, help="At most this many at once; 0: no limit.")],
@@ -703,7 +714,7 @@ def resume(
     typer.echo(f"{service} resumed")
 
 
-dlq_app = typer.Typer(help="Dead-letter queues: list and redrive.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead-letter queues: list, redrive, drop.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
 
@@ -726,6 +737,20 @@ def dlq_list(
         typer.echo(f"no dead letters in {service}")
     else:
         _table(rows, ["id", "attempt", "error"])
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    service: Annotated[str, typer.Argument(help="The service whose dead letters to delete.")],
+    ids: Annotated[list[str] | None, typer.Argument(help="Only these task ids.")] = None,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Delete dead letters for good (all of the service's, or those listed)."""
+    dropped = _client_call(
+        endpoint, timeout, f"dlq drop {service}", lambda c: c.drop_dead_letters(service, ids)
+    )
+    typer.echo(f"{dropped} dead letter(s) dropped")
 
 
 @dlq_app.command("redrive")

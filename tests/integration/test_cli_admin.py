@@ -235,3 +235,32 @@ def test_a_concurrency_limit_holds_across_workers(broker: BrokerProcess, stack: 
     wait_until(lambda: len(running) == 5, timeout_s=10)
     release.set()
     assert [client.result(i, timeout_s=10) for i in ids] == [b"ok"] * 5
+
+
+def test_purge_cancels_waiting_tasks_and_dlq_drop_deletes_dead_letters(
+    broker: BrokerProcess, stack: ExitStack
+) -> None:
+    client = open_client(stack, broker)
+    waiting = client.enqueue_many("ocr", [b"a", b"b", b"c"])
+    later = client.enqueue("ocr", b"d", delay_s=60)
+    other = client.enqueue("stt", b"keep")
+    purged = zbroker(broker, "purge", "ocr")
+    assert purged.returncode == 0 and "4 task(s) of ocr purged" in purged.stdout
+    assert {client.status(t).state for t in [*waiting, later]} == {TaskState.CANCELLED}
+    assert client.status(other).state is TaskState.READY
+    (row,) = [q for q in client.queues() if q["service"] == "ocr"]
+    assert row["ready"] == 0 and row["delayed"] == 0
+
+    def refuse(task: Task) -> bytes:
+        raise NonRetryableError("unreadable")
+
+    start_worker(stack, broker, "ocr", refuse)
+    dead = [client.enqueue("ocr", b"x%d" % i) for i in range(3)]
+    wait_until(lambda: all(client.status(t).state is TaskState.DEAD for t in dead), timeout_s=10)
+    one = zbroker(broker, "dlq", "drop", "ocr", dead[0])
+    assert one.returncode == 0 and "1 dead letter(s) dropped" in one.stdout
+    rest = zbroker(broker, "dlq", "drop", "ocr")
+    assert "2 dead letter(s) dropped" in rest.stdout
+    assert client.dead_letters("ocr") == []
+    missing = zbroker(broker, "task", dead[1])
+    assert missing.returncode == 1

@@ -310,6 +310,32 @@ class AsyncClient:
             "limit",
         )
 
+    async def purge(self, service: str) -> int:
+        """Cancel every waiting (ready or delayed) task of `service`; how many. Running
+        tasks are left alone."""
+        total = 0
+        while True:
+            answer = await self._run(
+                _calls.plan_control(self._settings(), zbc.PURGE, service=service), "purge"
+            )
+            total += int(answer["purged"])
+            if not answer.get("more") or not answer["purged"]:
+                return total
+
+    async def drop_dead_letters(self, service: str, ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters of `service` (those listed, or all); how many."""
+        total = 0
+        while True:
+            fields: dict[str, Any] = {"service": service}
+            if ids is not None:
+                fields["ids"] = list(ids)
+            answer = await self._run(
+                _calls.plan_control(self._settings(), zbc.DROP, **fields), "drop"
+            )
+            total += int(answer["dropped"])
+            if ids is not None or not answer.get("more") or not answer["dropped"]:
+                return total
+
     async def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

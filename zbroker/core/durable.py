@@ -51,6 +51,7 @@ STATE_NAMES = {state: state.name.lower() for state in TaskState}
 
 # Journal reads per timer pass (due delays, lapsed TTLs and retentions).
 TIMER_BATCH = 1000
+_FAR_FUTURE_S = 100 * 365 * 86400.0
 
 
 def record_view(record: TaskRecord) -> dict[str, Any]:
@@ -173,6 +174,14 @@ class DurableTasks:
             return
         if type(msg) is zbc.Stats:
             self.outbox.append([identity, *zbc.reply(msg.rid, self._stats_view(now))])
+            return
+        if type(msg) is zbc.Purge:
+            assert isinstance(msg, zbc.Purge)
+            self._on_purge(identity, msg, now)
+            return
+        if type(msg) is zbc.Drop:
+            assert isinstance(msg, zbc.Drop)
+            self._on_drop(identity, msg)
             return
         if type(msg) is zbc.Limit:
             assert isinstance(msg, zbc.Limit)
@@ -317,6 +326,48 @@ class DurableTasks:
                 "map_size": js.map_size,
             }
         return view
+
+    def _on_purge(self, identity: bytes, msg: zbc.Purge, now: float) -> None:
+        """Cancel up to MAX_BATCH waiting (ready or delayed) tasks of the service."""
+        journal = self.journal
+        assert journal is not None
+        epoch = now + self._epoch_offset
+        records = journal.ready(msg.service, zbc.MAX_BATCH)
+        if len(records) < zbc.MAX_BATCH:
+            # Delayed tasks are indexed by time across services: read them all, keep ours.
+            later = journal.due(epoch + _FAR_FUTURE_S, 10 * zbc.MAX_BATCH)
+            records += [r for r in later if r.service == msg.service][
+                : zbc.MAX_BATCH - len(records)
+            ]
+        for record in records:
+            self.stats.tasks_cancelled += 1
+            self._history(record, "purged", epoch)
+            self._finish(record, CANCELLED, epoch, "purged by an operator")
+        service = self.services.get(msg.service.encode())
+        more = service is not None and service.waiting_count > 0
+        if records:
+            log.warning("%d waiting task(s) of %s purged", len(records), msg.service)
+        fields = {"purged": len(records), "more": more}
+        self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
+
+    def _on_drop(self, identity: bytes, msg: zbc.Drop) -> None:
+        """Delete dead letters of the service (the listed ones, or up to MAX_BATCH)."""
+        journal = self.journal
+        assert journal is not None
+        if msg.ids is None:
+            records = journal.dead(msg.service, zbc.MAX_BATCH)
+        else:
+            found = (journal.get(task_id) for task_id in msg.ids)
+            records = [
+                r for r in found if r is not None and r.state is DEAD and r.service == msg.service
+            ]
+        for record in records:
+            journal.delete(record.id)
+        if records:
+            log.warning("%d dead letter(s) of %s dropped", len(records), msg.service)
+        more = msg.ids is None and bool(journal.dead(msg.service, 1))
+        fields = {"dropped": len(records), "more": more}
+        self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
 
     def _on_drain(self, identity: bytes, msg: zbc.Drain) -> None:
         worker = None

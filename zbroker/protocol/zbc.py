@@ -42,6 +42,8 @@ ERROR {rid, code, message}, codes E_* below):
   STATS    {} -> REPLY {stats: {counter: value...}, malformed: {reason: n},
                   journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
   LIMIT    {service, limit} -> REPLY {service, limit}   (limit nil: none)
+  PURGE    {service} -> REPLY {purged, more}   waiting tasks cancelled, MAX_BATCH per call
+  DROP     {service, ids?} -> REPLY {dropped, more}   dead letters deleted
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
 States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
@@ -79,6 +81,8 @@ PAUSE = b"\x0b"  # {rid, service}: no deliveries for that service until RESUME (
 RESUME = b"\x0c"  # {rid, service}
 STATS = b"\x0d"  # {rid}: the broker's counters (admin)
 LIMIT = b"\x0e"  # {rid, service, limit}: concurrency across the service's workers (admin)
+PURGE = b"\x0f"  # {rid, service}: cancel the service's waiting tasks (admin)
+DROP = b"\x10"  # {rid, service, ids?}: delete dead letters (admin)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -99,6 +103,8 @@ COMMAND_NAMES = {
     RESUME: "RESUME",
     STATS: "STATS",
     LIMIT: "LIMIT",
+    PURGE: "PURGE",
+    DROP: "DROP",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -215,6 +221,19 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class Purge:
+    rid: int
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    rid: int
+    service: str
+    ids: tuple[str, ...] | None = None  # None: every dead letter (MAX_BATCH per call)
+
+
+@dataclass(frozen=True, slots=True)
 class Limit:
     rid: int
     service: str
@@ -234,6 +253,8 @@ ClientMessage = (
     | Pause
     | Stats
     | Limit
+    | Purge
+    | Drop
 )
 
 
@@ -409,6 +430,15 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         return Drain(rid, _str(meta, "worker", rid))
     if command == STATS:
         return Stats(rid)
+    if command == PURGE:
+        return Purge(rid, _str(meta, "service", rid))
+    if command == DROP:
+        drop_ids = meta.get("ids")
+        if drop_ids is not None:
+            if not isinstance(drop_ids, list) or not all(isinstance(i, str) for i in drop_ids):
+                raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
+            drop_ids = tuple(drop_ids[:MAX_BATCH])
+        return Drop(rid, _str(meta, "service", rid), drop_ids)
     if command == LIMIT:
         cap = meta.get("limit")
         if cap is not None and (type(cap) is not int or not 1 <= cap <= 1_000_000):
