@@ -468,6 +468,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.1f}"
     if isinstance(value, list):
@@ -489,7 +491,8 @@ def queues(
         typer.echo("no services")
     else:
         columns = ["service", "ready", "delayed", "inflight", "dead", "done", "requests"]
-        _table(rows, [*columns, "workers", "credit_in_use", "credit", "oldest_age_s"])
+        columns += ["workers", "credit_in_use", "credit", "oldest_age_s", "done_rate", "wait_s_p95"]
+        _table(rows, columns)
 
 
 @app.command()

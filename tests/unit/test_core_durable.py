@@ -547,3 +547,23 @@ def test_lifecycle_events_only_for_topics_someone_wants(journal: Journal) -> Non
     s.advance(1.5)
     assert [t for t, _ in s.broker.events] == ["task.enqueued.svc", "task.expired.svc"]
     assert s.broker.events[1][1] == {"id": other, "was": "ready"}
+
+
+def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> None:
+    s = Script(journal)
+    a = s.enqueue("svc", b"a")
+    b = s.enqueue("svc", b"b")
+    s.advance(1.0)
+    s.zready(b"W", "svc", 2)  # both start 1 s after their enqueue
+    s.send(b"W", ext.ack([(a, 1), (b, 1)]))
+    s.advance_alive(2.0, b"W")
+    s.send(b"W", ext.done(a, 1, [b"ok"]))  # ran 2 s
+    s.send(b"W", ext.fail(b, 1, "flaky", delay_s=0))  # back at once: a redelivery
+    s.send(b"W", ext.done(b, 2, [b"ok"]))  # ran 0 s
+    answer = s.call(b"C", zbc.call(zbc.QUEUES, 9))
+    (row,) = answer.meta["queues"]
+    assert row["enqueued_total"] == 2 and row["done_total"] == 2
+    assert row["failed_total"] == 1 and row["redeliveries_total"] == 1 and row["dead_total"] == 0
+    assert row["wait_s_mean"] == pytest.approx(1.0) and row["wait_s_p95"] == pytest.approx(1.0)
+    assert row["run_s_mean"] == pytest.approx(1.0) and row["run_s_p95"] == pytest.approx(2.0)
+    assert row["done_rate"] > 0 and row["enqueue_rate"] >= 0

@@ -31,7 +31,15 @@ import math
 import random
 from typing import Any
 
-from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
+from zbroker.core.model import (
+    CoreSettings,
+    Request,
+    Service,
+    ServiceFigures,
+    Stats,
+    Worker,
+    WorkerDialect,
+)
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
 
@@ -275,6 +283,7 @@ class DurableTasks:
                     "oldest_age_s": round(oldest, 3),
                     "paused": service is not None and service.paused,
                     "limit": service.limit if service is not None else None,
+                    **(service.figures if service is not None else ServiceFigures()).view(now),
                 }
             )
         return out
@@ -484,6 +493,7 @@ class DurableTasks:
                     },
                 )
         self.stats.tasks_enqueued += count - len(existing)
+        service.figures.enqueued += count - len(existing)
         self.stats.tasks_deduplicated += len(existing)
         fields: dict[str, Any] = {"ids": ids}
         if existing:
@@ -708,6 +718,11 @@ class DurableTasks:
     def _start_attempt(self, record: TaskRecord, worker: Worker, now: float) -> Request:
         """Write `record` as delivered to `worker`; the attempt to hand over."""
         epoch = now + self._epoch_offset
+        figures = worker.service.figures
+        if record.attempt == 0:
+            figures.waits.append(max(0.0, epoch - max(record.created_at, record.not_before)))
+        else:
+            figures.redeliveries += 1
         record.attempt += 1
         record.state = INFLIGHT
         self._history(record, "attempt", epoch, record.attempt, worker.identity.hex())
@@ -735,6 +750,9 @@ class DurableTasks:
         assert record is not None and self.journal is not None
         epoch = now + self._epoch_offset
         self.stats.tasks_done += 1
+        figures = self._service(record.service.encode()).figures
+        figures.done += 1
+        figures.runs.append(max(0.0, now - request.enqueued_at))
         self._history(record, "done", epoch, request.attempt)
         record.error = None
         if self.event_prefixes:
@@ -788,6 +806,9 @@ class DurableTasks:
         old = record.state
         record.error = reason
         dead = final or record.attempt >= record.max_attempts
+        figures = self._service(record.service.encode()).figures
+        figures.failed += 1
+        figures.dead += dead
         if self.event_prefixes:
             self._emit(
                 "task.failed." + record.service,
@@ -881,6 +902,8 @@ class DurableTasks:
                 self._finish(record, EXPIRED, epoch, "its ttl passed before it started")
         if self._waiter_count:
             self._expire_waits(now)
+        for service in self.services.values():
+            service.figures.snapshot(now)
         for name in touched:
             woken = self.services.get(name)
             if woken is not None and woken.ready:

@@ -168,10 +168,77 @@ class Worker:
         self.heartbeat_at = now + settings.heartbeat_interval_s
 
 
+class ServiceFigures:
+    """What operators see of a service's durable tasks over time: totals since the
+    broker started, rates over the last minute, and wait and run times over the
+    last SAMPLES tasks. Bounded memory."""
+
+    SAMPLES = 1000
+    RATE_WINDOW_S = 60.0
+    SNAPSHOT_EVERY_S = 5.0
+
+    __slots__ = ("dead", "done", "enqueued", "failed", "redeliveries", "runs", "snapshots", "waits")
+
+    def __init__(self) -> None:
+        self.enqueued = 0
+        self.done = 0
+        self.failed = 0  # attempts that ended without DONE
+        self.dead = 0
+        self.redeliveries = 0  # deliveries after the first of a task
+        self.waits: deque[float] = deque(maxlen=self.SAMPLES)  # enqueue (or due) to start
+        self.runs: deque[float] = deque(maxlen=self.SAMPLES)  # start to DONE
+        # (time, enqueued, done, failed), one per SNAPSHOT_EVERY_S, for the rates.
+        self.snapshots: deque[tuple[float, int, int, int]] = deque(
+            maxlen=int(self.RATE_WINDOW_S / self.SNAPSHOT_EVERY_S) + 1
+        )
+
+    def snapshot(self, now: float) -> None:
+        if not self.snapshots or now - self.snapshots[-1][0] >= self.SNAPSHOT_EVERY_S:
+            self.snapshots.append((now, self.enqueued, self.done, self.failed))
+
+    def view(self, now: float) -> dict[str, float | int | None]:
+        rates: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        if self.snapshots:
+            t0, e0, d0, f0 = self.snapshots[0]
+            span = now - t0
+            if span > 0:
+                rates = (
+                    (self.enqueued - e0) / span,
+                    (self.done - d0) / span,
+                    (self.failed - f0) / span,
+                )
+        return {
+            "enqueued_total": self.enqueued,
+            "done_total": self.done,
+            "failed_total": self.failed,
+            "dead_total": self.dead,
+            "redeliveries_total": self.redeliveries,
+            "enqueue_rate": round(rates[0], 3),
+            "done_rate": round(rates[1], 3),
+            "fail_rate": round(rates[2], 3),
+            "wait_s_mean": _mean(self.waits),
+            "wait_s_p95": _p95(self.waits),
+            "run_s_mean": _mean(self.runs),
+            "run_s_p95": _p95(self.runs),
+        }
+
+
+def _mean(values: deque[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _p95(values: deque[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 6)
+
+
 class Service:
     """A named queue of requests and the workers that serve it."""
 
     __slots__ = (
+        "figures",
         "limit",
         "name",
         "paused",
@@ -198,6 +265,7 @@ class Service:
         self.paused = False  # an operator paused deliveries (not kept across a restart)
         # At most this many tasks and requests at this service's workers together.
         self.limit: int | None = None
+        self.figures = ServiceFigures()
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}

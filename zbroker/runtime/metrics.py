@@ -44,6 +44,21 @@ _QUEUE_GAUGES = {
 }
 
 
+# Per-service totals since the broker started: QUEUES field prefix -> help.
+_SERVICE_COUNTERS = {
+    "enqueued": "Durable tasks enqueued.",
+    "done": "Durable tasks done.",
+    "failed": "Attempts that ended without DONE.",
+    "dead": "Durable tasks moved to the dead-letter queue.",
+    "redeliveries": "Deliveries after the first of a task.",
+}
+# Over the last 1000 tasks of the service (mean and 95th percentile).
+_SERVICE_TIMES = {
+    "wait": "Time from enqueue (or due time) to the first delivery.",
+    "run": "Time from delivery to DONE.",
+}
+
+
 class BrokerAsker:
     """Admin calls to the broker from another thread: one DEALER per call (cheap at
     scrape rates, and nothing is shared with the broker's own thread)."""
@@ -96,6 +111,21 @@ class BrokerCollector:
             gauge = GaugeMetricFamily(name, text, labels=["service"])
             for row in queues:
                 gauge.add_metric([row["service"]], float(row[field]))
+            yield gauge
+        for field, text in _SERVICE_COUNTERS.items():
+            counter = CounterMetricFamily(f"zbroker_service_{field}", text, labels=["service"])
+            for row in queues:
+                counter.add_metric([row["service"]], float(row.get(f"{field}_total", 0)))
+            yield counter
+        for field, text in _SERVICE_TIMES.items():
+            gauge = GaugeMetricFamily(
+                f"zbroker_task_{field}_seconds", text, labels=["service", "stat"]
+            )
+            for row in queues:
+                for stat in ("mean", "p95"):
+                    value = row.get(f"{field}_s_{stat}")
+                    if value is not None:
+                        gauge.add_metric([row["service"], stat], float(value))
             yield gauge
         paused = GaugeMetricFamily("zbroker_service_paused", "1 while paused.", labels=["service"])
         for row in queues:
