@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -567,6 +568,45 @@ def task(
     for entry in history:
         when = datetime.datetime.fromtimestamp(entry[1]).strftime("%H:%M:%S.%f")[:-3]
         typer.echo(f"  {when}  {entry[0]:<10} {' '.join(map(str, entry[2:]))}".rstrip())
+
+
+@app.command()
+def tasks(
+    service: Annotated[str, typer.Option(help="The service whose tasks to list.")],
+    state: Annotated[
+        str, typer.Option(help="ready, delayed, inflight, dead, done, cancelled or expired.")
+    ] = "ready",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
+    older_than: Annotated[
+        float, typer.Option(min=0.0, help="Only tasks enqueued at least this many seconds ago.")
+    ] = 0.0,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    as_json: _Json = False,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """List a service's tasks in one state (ready ones in delivery order)."""
+    rows: list[dict[str, Any]] = []
+    after: int | None = 0
+    while after is not None and len(rows) < limit:
+        size = min(1000, limit - len(rows))
+        page, after = _client_call(
+            endpoint,
+            timeout,
+            f"tasks of {service}",
+            lambda c, a=after, n=size: c.tasks(
+                service, state, limit=n, after=a, older_than_s=older_than
+            ),
+        )
+        rows += page
+    if as_json:
+        typer.echo(json.dumps(_jsonable(rows), indent=2))
+    elif not rows:
+        typer.echo(f"no {state} tasks in {service}")
+    else:
+        now = time.time()
+        for row in rows:
+            row["age_s"] = now - row["created_at"]
+        _table(rows, ["id", "state", "priority", "attempt", "age_s", "error"])
 
 
 @app.command()

@@ -264,3 +264,31 @@ def test_purge_cancels_waiting_tasks_and_dlq_drop_deletes_dead_letters(
     assert client.dead_letters("ocr") == []
     missing = zbroker(broker, "task", dead[1])
     assert missing.returncode == 1
+
+
+def test_tasks_lists_a_service_by_state_in_pages(broker: BrokerProcess, stack: ExitStack) -> None:
+    client = open_client(stack, broker)
+    low = client.enqueue_many("ocr", [b"%d" % i for i in range(5)])
+    high = client.enqueue("ocr", b"urgent", priority=9)
+    later = client.enqueue("ocr", b"later", delay_s=60)
+    client.enqueue("stt", b"elsewhere")
+    listed = zbroker(broker, "tasks", "--service", "ocr", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["id"] for r in json.loads(listed.stdout)] == [high, *low]  # delivery order
+    page, after = client.tasks("ocr", "ready", limit=4)
+    assert [r["id"] for r in page] == [high, *low[:3]] and after == 4
+    page, after = client.tasks("ocr", "ready", limit=4, after=after)
+    assert [r["id"] for r in page] == low[3:] and after is None
+    delayed = json.loads(zbroker(broker, "tasks", "--service", "ocr", "--state", "delayed",
+                                 "--json").stdout)  # fmt: skip
+    assert [r["id"] for r in delayed] == [later]
+    none_old = zbroker(broker, "tasks", "--service", "ocr", "--older-than", "3600")
+    assert "no ready tasks in ocr" in none_old.stdout
+    client.cancel(low[0])
+    cancelled = json.loads(zbroker(broker, "tasks", "--service", "ocr", "--state", "cancelled",
+                                   "--json").stdout)  # fmt: skip
+    assert [r["id"] for r in cancelled] == [low[0]]
+    table = zbroker(broker, "tasks", "--service", "ocr", "--limit", "2")
+    assert table.stdout.splitlines()[0].split()[:3] == ["id", "state", "priority"]
+    bad = zbroker(broker, "tasks", "--service", "ocr", "--state", "sleeping")
+    assert bad.returncode == 1 and "state" in bad.stderr

@@ -333,6 +333,27 @@ class Client(SocketOwner):
             if ids is not None or not answer.get("more") or not answer["dropped"]:
                 return total
 
+    def tasks(
+        self,
+        service: str,
+        state: str,
+        *,
+        limit: int = 100,
+        after: int = 0,
+        older_than_s: float = 0.0,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """A page of `service`'s tasks in `state` (ready, delayed, inflight, dead, done,
+        cancelled, expired) at least `older_than_s` old: (records, next `after` or None)."""
+        fields = {
+            "service": service,
+            "state": state,
+            "limit": limit,
+            "after": after,
+            "older_than_s": older_than_s,
+        }
+        answer = self._run(_calls.plan_control(self._settings(), zbc.TASKS, **fields), "tasks")
+        return list(answer["tasks"]), answer.get("next")
+
     def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
         Not kept across a broker restart."""

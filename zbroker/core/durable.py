@@ -60,6 +60,8 @@ STATE_NAMES = {state: state.name.lower() for state in TaskState}
 # Journal reads per timer pass (due delays, lapsed TTLs and retentions).
 TIMER_BATCH = 1000
 _FAR_FUTURE_S = 100 * 365 * 86400.0
+# Records one TASKS call reads at most.
+LIST_SCAN = 100_000
 
 
 def record_view(record: TaskRecord) -> dict[str, Any]:
@@ -182,6 +184,10 @@ class DurableTasks:
             return
         if type(msg) is zbc.Stats:
             self.outbox.append([identity, *zbc.reply(msg.rid, self._stats_view(now))])
+            return
+        if type(msg) is zbc.ListTasks:
+            assert isinstance(msg, zbc.ListTasks)
+            self._on_list(identity, msg, now)
             return
         if type(msg) is zbc.Purge:
             assert isinstance(msg, zbc.Purge)
@@ -335,6 +341,41 @@ class DurableTasks:
                 "map_size": js.map_size,
             }
         return view
+
+    def _on_list(self, identity: bytes, msg: zbc.ListTasks, now: float) -> None:
+        """A page of a service's tasks in one state, oldest first where the journal
+        keeps that order (ready: delivery order). Ready and dead tasks are read from
+        their per-service index; the others by scanning their index across services,
+        at most LIST_SCAN records per call."""
+        journal = self.journal
+        assert journal is not None
+        epoch = now + self._epoch_offset
+        want = msg.after + msg.limit + 1
+        state = TaskState[msg.state.upper()]
+        if state is READY:
+            found = journal.ready(msg.service, min(want, LIST_SCAN))
+        elif state is DEAD:
+            found = journal.dead(msg.service, min(want, LIST_SCAN))
+        elif state is INFLIGHT:
+            found = [r for r in journal.inflight() if r.service == msg.service]
+        elif state is DELAYED:
+            found = journal.due(epoch + _FAR_FUTURE_S, LIST_SCAN)
+        else:
+            found = journal.lapsed(epoch + _FAR_FUTURE_S, LIST_SCAN)
+        matching = [
+            r
+            for r in found
+            if r.service == msg.service
+            and r.state is state
+            and epoch - r.created_at >= msg.older_than_s
+        ]
+        page = matching[msg.after : msg.after + msg.limit]
+        more = len(matching) > msg.after + msg.limit
+        fields = {
+            "tasks": [record_view(r) | {"history": None} for r in page],
+            "next": msg.after + len(page) if more else None,
+        }
+        self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
 
     def _on_purge(self, identity: bytes, msg: zbc.Purge, now: float) -> None:
         """Cancel up to MAX_BATCH waiting (ready or delayed) tasks of the service."""

@@ -83,6 +83,7 @@ STATS = b"\x0d"  # {rid}: the broker's counters (admin)
 LIMIT = b"\x0e"  # {rid, service, limit}: concurrency across the service's workers (admin)
 PURGE = b"\x0f"  # {rid, service}: cancel the service's waiting tasks (admin)
 DROP = b"\x10"  # {rid, service, ids?}: delete dead letters (admin)
+TASKS = b"\x11"  # {rid, service, state, limit?, after?, older_than_s?}: list tasks (admin)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -105,6 +106,7 @@ COMMAND_NAMES = {
     LIMIT: "LIMIT",
     PURGE: "PURGE",
     DROP: "DROP",
+    TASKS: "TASKS",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -234,6 +236,19 @@ class Drop:
 
 
 @dataclass(frozen=True, slots=True)
+class ListTasks:
+    rid: int
+    service: str
+    state: str
+    limit: int = 100
+    after: int = 0  # how many of the list a previous page already gave
+    older_than_s: float = 0.0
+
+
+LISTABLE_STATES = ("ready", "delayed", "inflight", "dead", "done", "cancelled", "expired")
+
+
+@dataclass(frozen=True, slots=True)
 class Limit:
     rid: int
     service: str
@@ -255,6 +270,7 @@ ClientMessage = (
     | Limit
     | Purge
     | Drop
+    | ListTasks
 )
 
 
@@ -430,6 +446,18 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         return Drain(rid, _str(meta, "worker", rid))
     if command == STATS:
         return Stats(rid)
+    if command == TASKS:
+        state = _str(meta, "state", rid)
+        if state not in LISTABLE_STATES:
+            raise CallError(rid, E_BAD_REQUEST, f"'state' must be one of {LISTABLE_STATES}")
+        return ListTasks(
+            rid,
+            _str(meta, "service", rid),
+            state,
+            _int(meta, "limit", rid, 1, MAX_LIST, 100),
+            _int(meta, "after", rid, 0, 10**9, 0),
+            _number(meta, "older_than_s", rid) or 0.0,
+        )
     if command == PURGE:
         return Purge(rid, _str(meta, "service", rid))
     if command == DROP:
