@@ -571,6 +571,21 @@ def task(
 
 
 @app.command()
+def top(
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option(help="Print one frame and exit.")] = False,
+) -> None:
+    """A live dashboard: queue depths over time, rates, wait and run times, workers."""
+    from zbroker import top as dashboard
+
+    try:
+        dashboard.run(endpoint, interval, once)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
 def tasks(
     service: Annotated[str, typer.Option(help="The service whose tasks to list.")],
     state: Annotated[

@@ -292,3 +292,30 @@ def test_tasks_lists_a_service_by_state_in_pages(broker: BrokerProcess, stack: E
     assert table.stdout.splitlines()[0].split()[:3] == ["id", "state", "priority"]
     bad = zbroker(broker, "tasks", "--service", "ocr", "--state", "sleeping")
     assert bad.returncode == 1 and "state" in bad.stderr
+
+
+def test_top_renders_queues_workers_and_counters(broker: BrokerProcess, stack: ExitStack) -> None:
+    client = open_client(stack, broker)
+    start_worker(stack, broker, "tts", lambda task: b"ok", metrics=lambda: {"gpu": 1})
+    done = client.enqueue("tts", b"x")
+    assert client.result(done, timeout_s=10) == b"ok"
+    client.enqueue_many("stt", [b"a", b"b", b"c"])
+    frame = zbroker(broker, "top", "--once")
+    assert frame.returncode == 0, frame.stderr
+    out = frame.stdout
+    assert "zbroker top" in out and "1 done" in out and "4 enqueued" in out
+    stt = next(line for line in out.splitlines() if "│ stt" in line)
+    assert stt.split("│")[2].strip() == "3"  # ready
+    worker_line = next(line for line in out.splitlines() if "│ tts" in line and "gpu=1" in line)
+    assert "ready" in worker_line
+
+
+def test_top_says_when_the_broker_does_not_answer() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "zbroker", "top", "--once", "--endpoint", "tcp://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0 and "broker at tcp://127.0.0.1:9" in result.stdout

@@ -1,0 +1,146 @@
+"""`zbroker top`: a live terminal view of the broker, refreshed from its admin calls.
+
+Every refresh asks the broker for QUEUES, WORKERS and STATS (the same figures
+`zbroker queues`, `workers` and `status` print) and keeps a short history of
+each service's depth, drawn as a sparkline, so a backlog building up or
+draining shows at a glance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from zbroker.client import Client
+from zbroker.client.errors import ClientError
+
+SPARKS = "▁▂▃▄▅▆▇█"
+HISTORY = 60  # refreshes of depth history per service
+
+
+def sparkline(values: list[int]) -> str:
+    if not values:
+        return ""
+    top = max(values)
+    if top == 0:
+        return SPARKS[0] * len(values)
+    return "".join(SPARKS[min(len(SPARKS) - 1, v * (len(SPARKS) - 1) // top)] for v in values)
+
+
+class Dashboard:
+    """Holds the depth history between refreshes and renders one frame."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.depths: dict[str, deque[int]] = defaultdict(lambda: deque(maxlen=HISTORY))
+
+    def frame(self, client: Client) -> Group:
+        try:
+            queues = client.queues()
+            workers = client.workers()
+            stats = client.broker_stats()
+        except ClientError as exc:
+            return Group(Text(f"broker at {self.endpoint}: {exc}", style="bold red"))
+        for row in queues:
+            self.depths[row["service"]].append(row["ready"] + row["delayed"] + row["requests"])
+        return Group(self._header(stats), self._queues(queues), self._workers(workers))
+
+    def _header(self, stats: dict[str, Any]) -> Panel:
+        counters = stats["stats"]
+        journal = stats.get("journal") or {}
+        malformed = sum(stats["malformed"].values())
+        text = Text()
+        text.append(f"{self.endpoint}", style="bold")
+        text.append(f"   up {stats['uptime_s']:.0f}s   services {stats['services']}")
+        text.append(f"   workers {stats['workers']}   waiting calls {stats['waiting_calls']}\n")
+        text.append(
+            f"tasks: {counters['tasks_enqueued']} enqueued, {counters['tasks_done']} done, "
+            f"{counters['tasks_retried']} retried, {counters['tasks_dead']} dead   "
+            f"requests: {counters['requests']} in, {counters['replies']} replied"
+        )
+        if malformed:
+            text.append(f"   malformed dropped: {malformed}", style="yellow")
+        if journal:
+            text.append(
+                f"\njournal {journal['durability']}: {journal['commits']} commits, "
+                f"{journal['bytes_used'] / 1048576:.1f} MiB"
+            )
+        return Panel(text, title="zbroker top", title_align="left")
+
+    def _queues(self, queues: list[dict[str, Any]]) -> Table:
+        table = Table(title="queues", title_justify="left", expand=True)
+        for name, justify in [
+            ("service", "left"),
+            ("ready", "right"),
+            ("delayed", "right"),
+            ("inflight", "right"),
+            ("dead", "right"),
+            ("workers", "right"),
+            ("credit", "right"),
+            ("oldest", "right"),
+            ("done/s", "right"),
+            ("fail/s", "right"),
+            ("wait p95", "right"),
+            ("run p95", "right"),
+            ("depth", "left"),
+        ]:
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for row in queues:
+            state = " (paused)" if row.get("paused") else ""
+            table.add_row(
+                row["service"] + state,
+                str(row["ready"] + row["requests"]),
+                str(row["delayed"]),
+                str(row["inflight"]),
+                Text(str(row["dead"]), style="red" if row["dead"] else ""),
+                Text(str(row["workers"]), style="" if row["workers"] else "red"),
+                f"{row['credit_in_use']}/{row['credit']}",
+                f"{row['oldest_age_s']:.1f}s",
+                f"{row['done_rate']:.1f}",
+                f"{row['fail_rate']:.1f}",
+                _seconds(row["wait_s_p95"]),
+                _seconds(row["run_s_p95"]),
+                sparkline(list(self.depths[row["service"]])),
+            )
+        return table
+
+    def _workers(self, workers: list[dict[str, Any]]) -> Table:
+        table = Table(title="workers", title_justify="left", expand=True)
+        for name in ("worker", "service", "state", "held", "seen", "metrics"):
+            table.add_column(name)
+        for row in workers:
+            seen = row["last_seen_s"]
+            table.add_row(
+                row["worker"],
+                row["service"],
+                row["state"],
+                f"{len(row['tasks'])}/{row['credit']}",
+                Text(f"{seen:.1f}s ago", style="yellow" if seen > 5 else ""),
+                ", ".join(f"{k}={v}" for k, v in row["metrics"].items()) or "-",
+            )
+        return table
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+def run(endpoint: str, interval_s: float, once: bool) -> None:
+    dashboard = Dashboard(endpoint)
+    with Client(endpoint, timeout_s=max(1.0, interval_s), retries=0) as client:
+        if once:
+            from rich.console import Console
+
+            Console(width=160).print(dashboard.frame(client))
+            return
+        with Live(dashboard.frame(client), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(dashboard.frame(client))
