@@ -63,6 +63,8 @@ def test_metrics_match_the_queues_command_and_health_answers(
     assert metrics["zbroker_tasks_enqueued_total"] == 5
     assert metrics["zbroker_up"] == 1 and metrics["zbroker_journal_commits_total"] >= 1
     assert metrics['zbroker_service_enqueued_total{service="tts"}'] == 4
+    assert metrics['zbroker_task_wait_seconds_count{service="tts"}'] == 0
+    assert metrics['zbroker_task_run_seconds_bucket{le="+Inf",service="tts"}'] == 0
     status, body = get(f"http://127.0.0.1:{port}/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
     assert get(f"http://127.0.0.1:{port}/nope")[0] == 404

@@ -567,3 +567,9 @@ def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> 
     assert row["wait_s_mean"] == pytest.approx(1.0) and row["wait_s_p95"] == pytest.approx(1.0)
     assert row["run_s_mean"] == pytest.approx(1.0) and row["run_s_p95"] == pytest.approx(2.0)
     assert row["done_rate"] > 0 and row["enqueue_rate"] >= 0
+    runs = row["run_histogram"]
+    assert runs["count"] == 2 and runs["sum"] == pytest.approx(2.0)
+    # 0 s falls in the first bucket, 2 s in the 2.5 s one; counts are cumulative.
+    assert runs["buckets"][0] == [0.005, 1] and dict(map(tuple, runs["buckets"]))[2.5] == 2
+    assert runs["buckets"][-1] == ["+Inf", 2]
+    assert row["wait_histogram"]["count"] == 2  # first deliveries only: not the redelivery

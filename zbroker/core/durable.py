@@ -761,7 +761,7 @@ class DurableTasks:
         epoch = now + self._epoch_offset
         figures = worker.service.figures
         if record.attempt == 0:
-            figures.waits.append(max(0.0, epoch - max(record.created_at, record.not_before)))
+            figures.observe_wait(max(0.0, epoch - max(record.created_at, record.not_before)))
         else:
             figures.redeliveries += 1
         record.attempt += 1
@@ -793,7 +793,7 @@ class DurableTasks:
         self.stats.tasks_done += 1
         figures = self._service(record.service.encode()).figures
         figures.done += 1
-        figures.runs.append(max(0.0, now - request.enqueued_at))
+        figures.observe_run(max(0.0, now - request.enqueued_at))
         self._history(record, "done", epoch, request.attempt)
         record.error = None
         if self.event_prefixes:

@@ -6,9 +6,11 @@ No I/O, no clock: every time here is a float passed in by the caller.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any
 
 from zbroker.journal.base import TaskRecord
 
@@ -177,7 +179,21 @@ class ServiceFigures:
     RATE_WINDOW_S = 60.0
     SNAPSHOT_EVERY_S = 5.0
 
-    __slots__ = ("dead", "done", "enqueued", "failed", "redeliveries", "runs", "snapshots", "waits")
+    # Histogram bucket bounds (seconds) for wait and run times, Prometheus style.
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+    __slots__ = (
+        "dead",
+        "done",
+        "enqueued",
+        "failed",
+        "redeliveries",
+        "run_hist",
+        "runs",
+        "snapshots",
+        "wait_hist",
+        "waits",
+    )
 
     def __init__(self) -> None:
         self.enqueued = 0
@@ -187,16 +203,32 @@ class ServiceFigures:
         self.redeliveries = 0  # deliveries after the first of a task
         self.waits: deque[float] = deque(maxlen=self.SAMPLES)  # enqueue (or due) to start
         self.runs: deque[float] = deque(maxlen=self.SAMPLES)  # start to DONE
+        # Since start: counts per bucket (the last one is +Inf) and the sum of seconds.
+        self.wait_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
+        self.run_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
         # (time, enqueued, done, failed), one per SNAPSHOT_EVERY_S, for the rates.
         self.snapshots: deque[tuple[float, int, int, int]] = deque(
             maxlen=int(self.RATE_WINDOW_S / self.SNAPSHOT_EVERY_S) + 1
         )
 
+    def observe_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self._observe(self.wait_hist, seconds)
+
+    def observe_run(self, seconds: float) -> None:
+        self.runs.append(seconds)
+        self._observe(self.run_hist, seconds)
+
+    def _observe(self, hist: list[float], seconds: float) -> None:
+        i = bisect.bisect_left(self.BUCKETS, seconds)
+        hist[i] += 1  # index len(BUCKETS): above every bound
+        hist[-1] += seconds
+
     def snapshot(self, now: float) -> None:
         if not self.snapshots or now - self.snapshots[-1][0] >= self.SNAPSHOT_EVERY_S:
             self.snapshots.append((now, self.enqueued, self.done, self.failed))
 
-    def view(self, now: float) -> dict[str, float | int | None]:
+    def view(self, now: float) -> dict[str, Any]:
         rates: tuple[float, float, float] = (0.0, 0.0, 0.0)
         if self.snapshots:
             t0, e0, d0, f0 = self.snapshots[0]
@@ -220,7 +252,18 @@ class ServiceFigures:
             "wait_s_p95": _p95(self.waits),
             "run_s_mean": _mean(self.runs),
             "run_s_p95": _p95(self.runs),
+            "wait_histogram": self._histogram(self.wait_hist),
+            "run_histogram": self._histogram(self.run_hist),
         }
+
+    def _histogram(self, hist: list[float]) -> dict[str, Any]:
+        """Cumulative counts per upper bound, as Prometheus wants them."""
+        cumulative = []
+        total = 0.0
+        for bound, count in zip((*self.BUCKETS, float("inf")), hist[:-1], strict=True):
+            total += count
+            cumulative.append([bound if bound != float("inf") else "+Inf", int(total)])
+        return {"buckets": cumulative, "sum": round(hist[-1], 6), "count": int(total)}
 
 
 def _mean(values: deque[float]) -> float | None:

@@ -21,7 +21,12 @@ from typing import Any
 
 import zmq
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from zbroker.protocol import zbc
@@ -52,7 +57,7 @@ _SERVICE_COUNTERS = {
     "dead": "Durable tasks moved to the dead-letter queue.",
     "redeliveries": "Deliveries after the first of a task.",
 }
-# Over the last 1000 tasks of the service (mean and 95th percentile).
+# Histograms since the broker started.
 _SERVICE_TIMES = {
     "wait": "Time from enqueue (or due time) to the first delivery.",
     "run": "Time from delivery to DONE.",
@@ -118,15 +123,15 @@ class BrokerCollector:
                 counter.add_metric([row["service"]], float(row.get(f"{field}_total", 0)))
             yield counter
         for field, text in _SERVICE_TIMES.items():
-            gauge = GaugeMetricFamily(
-                f"zbroker_task_{field}_seconds", text, labels=["service", "stat"]
+            histogram = HistogramMetricFamily(
+                f"zbroker_task_{field}_seconds", text, labels=["service"]
             )
             for row in queues:
-                for stat in ("mean", "p95"):
-                    value = row.get(f"{field}_s_{stat}")
-                    if value is not None:
-                        gauge.add_metric([row["service"], stat], float(value))
-            yield gauge
+                data = row.get(f"{field}_histogram")
+                if data:
+                    buckets = [(str(bound), float(n)) for bound, n in data["buckets"]]
+                    histogram.add_metric([row["service"]], buckets, float(data["sum"]))
+            yield histogram
         paused = GaugeMetricFamily("zbroker_service_paused", "1 while paused.", labels=["service"])
         for row in queues:
             paused.add_metric([row["service"]], 1.0 if row.get("paused") else 0.0)
