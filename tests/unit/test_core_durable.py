@@ -573,3 +573,15 @@ def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> 
     assert runs["buckets"][0] == [0.005, 1] and dict(map(tuple, runs["buckets"]))[2.5] == 2
     assert runs["buckets"][-1] == ["+Inf", 2]
     assert row["wait_histogram"]["count"] == 2  # first deliveries only: not the redelivery
+
+
+def test_progress_is_recorded_in_the_history(journal: Journal) -> None:
+    s = Script(journal)
+    task_id = s.enqueue("svc")
+    s.zready(b"W", "svc", 1)
+    s.send(b"W", ext.progress(task_id, 1, [b"50%"]))
+    s.send(b"W", ext.progress(task_id, 7, [b"stale"]))  # refused: not recorded
+    record = journal.get(task_id)
+    assert record is not None and record.state is TaskState.INFLIGHT
+    assert [h[0] for h in record.history] == ["enqueued", "attempt", "progress"]
+    assert record.history[-1][2:] == [1, "50%"]

@@ -337,6 +337,8 @@ class Broker(DurableTasks):
             request = self._fenced(worker, msg.id, msg.attempt)
             if request is not None:
                 request.ack_by = 0.0  # progress proves the worker has the task
+                if request.task is not None:
+                    self._record_progress(request, msg.data, now)
                 if request.task is not None and self.event_prefixes:
                     self._emit(
                         "task.progress." + request.task.service,

@@ -786,6 +786,14 @@ class DurableTasks:
             )
         return request
 
+    def _record_progress(self, request: Request, data: tuple[bytes, ...], now: float) -> None:
+        """PROGRESS goes into the task's history (with up to 200 bytes of its first frame)."""
+        record = request.task
+        assert record is not None
+        note = data[0][:200].decode(errors="replace") if data else ""
+        self._history(record, "progress", now + self._epoch_offset, request.attempt, note)
+        self._store(record, INFLIGHT)
+
     def _task_done(self, request: Request, body: tuple[bytes, ...], now: float) -> None:
         record = request.task
         assert record is not None and self.journal is not None
