@@ -449,17 +449,6 @@ _Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a tab
 _Timeout = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the broker's answer.")]
 
 
-def _ask(endpoint: str, timeout_s: float, what: str) -> list[dict[str, Any]]:
-    """An admin call through the Python client; errors end the command with exit 1."""
-    try:
-        with Client(endpoint, timeout_s=timeout_s, retries=0) as client:
-            rows: list[dict[str, Any]] = getattr(client, what)()
-            return rows
-    except ClientError as exc:
-        typer.echo(f"zbroker: {what} from {endpoint}: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
@@ -485,7 +474,7 @@ def queues(
     endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
 ) -> None:
     """Every service's queue: tasks ready, delayed, in flight, dead; workers; oldest age."""
-    rows = _ask(endpoint, timeout, "queues")
+    rows = _client_call(endpoint, timeout, f"queues from {endpoint}", lambda c: c.queues())
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif not rows:
@@ -501,7 +490,7 @@ def workers(
     endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
 ) -> None:
     """Every registered worker: service, protocol, credit, tasks held, metrics."""
-    rows = _ask(endpoint, timeout, "workers")
+    rows = _client_call(endpoint, timeout, f"workers from {endpoint}", lambda c: c.workers())
     if as_json:
         typer.echo(json.dumps(_jsonable(rows), indent=2))
     elif not rows:

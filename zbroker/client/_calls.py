@@ -663,10 +663,10 @@ def plan_status(s: Settings, task_id: str) -> Plan[TaskStatus]:
 
 def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any]]]:
     """QUEUES or WORKERS: the list the broker answers under `key`."""
-    name = "QUEUES" if command == zbc.QUEUES else "WORKERS"
-    answer = yield from call(s, name, lambda rid: zbc.call(command, rid))
-    rows = answer.meta.get(key)
+    meta = yield from plan_control(s, command)
+    rows = meta.get(key)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        name = zbc.COMMAND_NAMES[command]
         raise ReplyError("bad_meta", f"{name} answer without a '{key}' list of maps")
     return rows
 

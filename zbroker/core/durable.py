@@ -97,6 +97,7 @@ class DurableTasks:
 
     settings: CoreSettings
     services: dict[bytes, Service]
+    workers: dict[bytes, Worker]
     outbox: list[list[bytes]]
     stats: Stats
     journal: Journal | None
@@ -420,11 +421,10 @@ class DurableTasks:
         self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
 
     def _on_drain(self, identity: bytes, msg: zbc.Drain) -> None:
-        worker = None
-        for service in self.services.values():
-            for candidate in service.workers.values():
-                if candidate.identity.hex() == msg.worker:
-                    worker = candidate
+        try:
+            worker = self.workers.get(bytes.fromhex(msg.worker))
+        except ValueError:
+            worker = None
         if worker is None:
             self._refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no worker {msg.worker}")
             return
@@ -799,7 +799,7 @@ class DurableTasks:
         assert record is not None and self.journal is not None
         epoch = now + self._epoch_offset
         self.stats.tasks_done += 1
-        figures = self._service(record.service.encode()).figures
+        figures = self._service(request.service).figures
         figures.done += 1
         figures.observe_run(max(0.0, now - request.enqueued_at))
         self._history(record, "done", epoch, request.attempt)
