@@ -29,6 +29,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (the OS may hand the same free port out twice)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02
 ) -> None:
@@ -132,7 +141,7 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
         a fresh one under tmp_path). `start()` again after `kill()` restarts it on the
         same ports and journal."""
         n = len(started)
-        ports = [free_port() for _ in range(3)]
+        ports = free_ports(3)
         endpoint, events_in, events_out = (f"tcp://127.0.0.1:{p}" for p in ports)
         args = [
             "--bind",

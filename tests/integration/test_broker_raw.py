@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.conftest import BrokerProcess, free_port, wait_until
+from tests.conftest import BrokerProcess, free_ports, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -265,7 +265,7 @@ def test_sigterm_stops_cleanly(broker: BrokerProcess) -> None:
 
 
 def test_environment_variables_configure_start(tmp_path: Path, zmq_ctx: Ctx) -> None:
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     env = dict(
         os.environ,
         ZBROKER_BIND=f"tcp://127.0.0.1:{ports[0]}",
