@@ -656,6 +656,23 @@ def test_counts_are_per_service_and_state(journal: Journal) -> None:
     assert journal.counts() == {"s1": {READY: 2, DEAD: 1}}
 
 
+def test_service_options_are_stored_replaced_and_removed(journal: Journal) -> None:
+    assert journal.service_options() == {}
+    journal.put_service_options("tts", {"paused": True, "limit": 2})
+    journal.put_service_options("stt", {"limit": 4})
+    assert journal.service_options() == {"tts": {"paused": True, "limit": 2}, "stt": {"limit": 4}}
+    journal.put_service_options("tts", {"limit": 3})
+    journal.put_service_options("stt", {})
+    journal.commit()
+    assert journal.service_options() == {"tts": {"limit": 3}}
+
+
+def test_service_options_must_be_msgpack_able(journal: Journal) -> None:
+    with pytest.raises(TypeError):
+        journal.put_service_options("tts", {"paused": object()})
+    assert journal.service_options() == {}
+
+
 def test_stats_count_commits(journal: Journal) -> None:
     journal.put(task(journal, "t-1"), [b"x" * 1000])
     journal.commit()
@@ -860,6 +877,16 @@ def test_committed_writes_survive_reopen(durable_stores: Stores) -> None:
     assert journal.counts() == {"svc": {READY: 1, DELAYED: 1, INFLIGHT: 1, DONE: 1}}
     # And sequence numbers keep growing across the restart
     assert journal.next_seq() > last_seq
+
+
+def test_service_options_survive_reopen_only_once_committed(durable_stores: Stores) -> None:
+    journal = durable_stores.open()
+    journal.put_service_options("tts", {"paused": True})
+    journal.commit()
+    journal.put_service_options("tts", {})  # not committed
+    journal.put_service_options("stt", {"limit": 1})  # not committed
+    journal = durable_stores.reopen(journal)
+    assert journal.service_options() == {"tts": {"paused": True}}
 
 
 def test_uncommitted_writes_are_gone_after_reopen(durable_stores: Stores) -> None:

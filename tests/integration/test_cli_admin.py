@@ -191,6 +191,39 @@ def test_drain_and_pause_stop_new_deliveries(broker: BrokerProcess, stack: ExitS
     assert unknown.returncode == 1 and "no worker 00ff" in unknown.stderr
 
 
+def test_pause_and_limit_outlive_a_killed_broker(broker: BrokerProcess, stack: ExitStack) -> None:
+    assert zbroker(broker, "pause", "jobs").returncode == 0
+    assert zbroker(broker, "limit", "jobs", "1").returncode == 0
+    client = open_client(stack, broker)
+    first = client.enqueue("jobs", b"1")
+    second = client.enqueue("jobs", b"2")
+    broker.kill()  # SIGKILL: the operator's settings must already be in the journal
+    broker.start()
+    listed = zbroker(broker, "queues", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [q for q in json.loads(listed.stdout) if q["service"] == "jobs"]
+    assert row["paused"] is True and row["limit"] == 1 and row["ready"] == 2
+    release = threading.Event()
+    stack.callback(release.set)
+    running: list[bytes] = []
+
+    def held(task: Task) -> bytes:
+        running.append(task.payload)
+        release.wait(30)
+        return b"ok"
+
+    start_worker(stack, broker, "jobs", held, concurrency=2)
+    wait_until(lambda: any(w["service"] == "jobs" for w in client.workers()), timeout_s=10)
+    assert running == []  # still paused
+    assert zbroker(broker, "resume", "jobs").returncode == 0
+    wait_until(lambda: running == [b"1"], timeout_s=10)
+    (row,) = [q for q in client.queues() if q["service"] == "jobs"]
+    assert row["inflight"] == 1 and row["ready"] == 1  # the limit of 1 still holds
+    release.set()
+    assert client.result(first, timeout_s=10) == b"ok"
+    assert client.result(second, timeout_s=10) == b"ok"
+
+
 def test_status_counts_a_known_workload(broker: BrokerProcess, stack: ExitStack) -> None:
     start_worker(stack, broker, "echo", lambda task: task.payload)
     client = open_client(stack, broker)

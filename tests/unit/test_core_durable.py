@@ -585,3 +585,27 @@ def test_progress_is_recorded_in_the_history(journal: Journal) -> None:
     assert record is not None and record.state is TaskState.INFLIGHT
     assert [h[0] for h in record.history] == ["enqueued", "attempt", "progress"]
     assert record.history[-1][2:] == [1, "50%"]
+
+
+def test_pause_and_limit_are_kept_across_a_restart(journal: Journal) -> None:
+    s = Script(journal)
+    assert s.call(b"C", zbc.call(zbc.PAUSE, s.next_rid(), service="tts")).ok
+    assert s.call(b"C", zbc.call(zbc.LIMIT, s.next_rid(), service="tts", limit=1)).ok
+    a = s.enqueue("tts", b"a")
+    b = s.enqueue("tts", b"b")
+    s.restart(journal)  # as if killed: only what was committed is left
+    journal.commit()
+    (row,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+    assert row["paused"] is True and row["limit"] == 1
+    s.zready(b"W", "tts", 5)
+    assert s.tasks_to(b"W") == []  # still paused after the restart
+    assert s.call(b"C", zbc.call(zbc.RESUME, s.next_rid(), service="tts")).ok
+    assert [t[0] for t in s.tasks_to(b"W")] == [a]  # the limit of 1 holds as well
+    s.send(b"W", ext.done(a, 1, []))
+    assert [t[0] for t in s.tasks_to(b"W")] == [b]
+    # Resumed and unlimited is the default again: nothing is kept for the service.
+    assert s.call(b"C", zbc.call(zbc.LIMIT, s.next_rid(), service="tts", limit=None)).ok
+    assert journal.service_options() == {}
+    s.restart(journal)
+    (row,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+    assert row["paused"] is False and row["limit"] is None

@@ -165,6 +165,17 @@ class DurableTasks:
             service = self._service(name.encode())
             service.ready_count = per_state.get(READY, 0)
             service.waiting_count = service.ready_count + per_state.get(DELAYED, 0)
+        for name, options in journal.service_options().items():
+            service = self._service(name.encode())
+            service.paused = options.get("paused") is True
+            limit = options.get("limit")
+            service.limit = limit if type(limit) is int and limit > 0 else None
+            log.info(
+                "service %s: %s, concurrency limit %s (kept from the last run)",
+                name,
+                "paused" if service.paused else "not paused",
+                service.limit or "none",
+            )
         recovered = journal.inflight()
         for record in recovered:
             self.stats.tasks_recovered += 1
@@ -202,6 +213,7 @@ class DurableTasks:
             assert isinstance(msg, zbc.Limit)
             service = self._service(msg.service.encode())
             service.limit = msg.limit
+            self._keep_options(service)
             log.info("service %s concurrency limit: %s", msg.service, msg.limit or "none")
             fields = {"service": msg.service, "limit": msg.limit}
             self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
@@ -445,12 +457,25 @@ class DurableTasks:
         service = self._service(name)
         if service.paused != msg.paused:
             service.paused = msg.paused
+            self._keep_options(service)
             log.info("service %s %s", msg.service, "paused" if msg.paused else "resumed")
         self.outbox.append(
             [identity, *zbc.reply(msg.rid, {"service": msg.service, "paused": msg.paused})]
         )
         if not msg.paused and service.ready:
             self._dispatch(service, now)
+
+    def _keep_options(self, service: Service) -> None:
+        """Write the operator's settings of `service` to the journal (in this pass's
+        commit, before the reply goes out), so a restart keeps them."""
+        if self.journal is None:
+            return
+        options: dict[str, Any] = {}
+        if service.paused:
+            options["paused"] = True
+        if service.limit:
+            options["limit"] = service.limit
+        self.journal.put_service_options(service.name.decode(), options)
 
     def _refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
         self.stats.calls_refused += 1

@@ -305,7 +305,7 @@ class Service:
         self.records: dict[str, TaskRecord] = {}
         self.ready_count = 0
         self.waiting_count = 0  # READY + DELAYED durable tasks: what the cap applies to
-        self.paused = False  # an operator paused deliveries (not kept across a restart)
+        self.paused = False  # an operator paused deliveries (kept in the journal)
         # At most this many tasks and requests at this service's workers together.
         self.limit: int | None = None
         self.figures = ServiceFigures()

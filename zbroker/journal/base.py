@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,16 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def delete(self, task_id: str) -> None:
         """Remove the record, its payload, its result and every index entry. No-op if absent."""
+
+    @abc.abstractmethod
+    def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
+        """Store the operator's options for `service` (paused, limit, ...) with the next
+        commit, replacing earlier ones; an empty mapping removes them. Values must be
+        msgpack-able."""
+
+    @abc.abstractmethod
+    def service_options(self) -> dict[str, dict[str, Any]]:
+        """Every service's stored options (services with none are absent)."""
 
     @abc.abstractmethod
     def next_seq(self) -> int:

@@ -13,7 +13,8 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   ready     svc + (127 - priority) + seq     delayed   time(not_before) + seq
   inflight  seq                              dead      svc + seq
   lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
-  meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n
+  meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
+            options/<service name> -> msgpack map of the operator's options (paused, limit)
 
 The indexes are DUPSORT, so two tasks with an equal key (a caller reusing a seq)
 keep an entry each instead of overwriting one another.
@@ -26,7 +27,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ TiB = 1 << 40
 _META_SCHEMA = b"schema_version"
 _META_SEQ = b"next_seq"
 _SERVICE = b"service/"
+_OPTIONS = b"options/"
 _COUNT = b"count/"
 _LOCK_FILE = "zbroker.lock"
 
@@ -83,7 +85,7 @@ _PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIO
 
 # A write as it is kept for replay after the map grew: (kind, task id, data...).
 _Op = tuple[Any, ...]
-_PUT, _RESULT, _DELETE = 1, 2, 3
+_PUT, _RESULT, _DELETE, _SERVICE_OPTIONS = 1, 2, 3, 4
 
 Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
@@ -197,6 +199,23 @@ class LmdbJournal(Journal):
         self._check_open()
         if self._get_raw(task_id) is not None:
             self._write((_DELETE, task_id))
+
+    def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
+        self._check_open()
+        packed = msgpack.packb(dict(options)) if options else None
+        self._write((_SERVICE_OPTIONS, service, packed))
+
+    def service_options(self) -> dict[str, dict[str, Any]]:
+        self._check_open()
+        out: dict[str, dict[str, Any]] = {}
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(_OPTIONS):
+                for key, value in cursor.iternext():
+                    if not key.startswith(_OPTIONS):
+                        break
+                    out[key[len(_OPTIONS) :].decode()] = msgpack.unpackb(value)
+        return out
 
     def next_seq(self) -> int:
         self._check_open()
@@ -486,7 +505,13 @@ class LmdbJournal(Journal):
     ) -> None:
         kind, task_id = op[0], op[1]
         idb = task_id.encode()
-        if kind == _PUT:
+        if kind == _SERVICE_OPTIONS:
+            key = _OPTIONS + idb  # the service's name
+            if op[2] is None:
+                txn.delete(key, db=self._meta)
+            else:
+                txn.put(key, op[2], db=self._meta)
+        elif kind == _PUT:
             packed, frames = op[2], op[3]
             if record is None:
                 record = unpack_record(task_id, packed)

@@ -8,8 +8,10 @@ a blocked sorted list, so put, ready, due and lapsed cost O(log n), never O(n).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import msgpack
 
 from zbroker.journal._codec import Packer, check_record, copy_frames, unpack_record
 from zbroker.journal.base import (
@@ -149,6 +151,7 @@ class MemoryJournal(Journal):
         self._inflight = SortedKeys()  # (seq, id)
         self._keys: dict[tuple[str, str], str] = {}
         self._counts: dict[str, dict[int, int]] = {}
+        self._options: dict[str, dict[str, Any]] = {}
         self._seq = 0
         self._dirty = False
         self._bytes = 0  # records, payloads and results: what `stats.bytes_used` reports
@@ -226,6 +229,19 @@ class MemoryJournal(Journal):
         result = self._results.pop(task_id, None)
         self._bytes -= len(packed) + _size(payload) + _size(result)
         self._dirty = True
+
+    def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
+        self._check_open()
+        stored = msgpack.unpackb(msgpack.packb(dict(options)))  # msgpack-able, a copy
+        if stored:
+            self._options[service] = stored
+        else:
+            self._options.pop(service, None)
+        self._dirty = True
+
+    def service_options(self) -> dict[str, dict[str, Any]]:
+        self._check_open()
+        return {name: dict(options) for name, options in self._options.items()}
 
     def next_seq(self) -> int:
         self._check_open()
