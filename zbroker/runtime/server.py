@@ -242,7 +242,8 @@ class BrokerServer:
         self.core.events = []
         timestamp = time.time()
         pack = self._packb
-        send = self.lifecycle.send_multipart
+        lifecycle = self.lifecycle
+        send_frame = _backend_send  # as in _flush: no per-call flag arithmetic
         for topic, payload in events:
             envelope = {
                 "type": topic,
@@ -251,7 +252,10 @@ class BrokerServer:
                 "timestamp": timestamp,
             }
             try:
-                send([topic.encode(), pack(envelope)], zmq.NOBLOCK)
+                # Two frames to the proxy's inproc XSUB: once the first is queued the
+                # second always is (a message is admitted or refused whole).
+                send_frame(lifecycle, topic.encode(), SNDMORE_NOBLOCK)
+                send_frame(lifecycle, pack(envelope), NOBLOCK)
             except zmq.Again:
                 self.events_dropped += 1
 
