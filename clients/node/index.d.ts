@@ -99,7 +99,7 @@ export interface ClientOptions {
   maxPending?: number
   /** Socket high-water marks (messages). Default 10000. */
   hwm?: number
-  /** The broker's frame cap per message (its --max-frames), which enqueueMany respects. Default 64. */
+  /** Frames per message enqueueMany stays under (the broker refuses more than 16384). Default 16000, as the Python client. */
   maxFrames?: number
   /** The broker's size cap per message (--max-message-bytes), which enqueueMany respects. Default 16 MiB. */
   maxMessageBytes?: number
@@ -352,7 +352,8 @@ export class Publisher {
   published: number
   /** Publish one event; payload is anything msgpack carries (Buffers as bin). */
   publish<P = unknown> (type: string, payload?: P, options?: PublishOptions): Promise<Event<P>>
-  close (): void
+  /** Close; events not yet sent are discarded, unless `lingerMs` (default 0) gives them time to leave. */
+  close (options?: { lingerMs?: number }): void
   [Symbol.dispose] (): void
 }
 
@@ -379,4 +380,95 @@ export class Subscriber implements AsyncIterable<Event> {
   [Symbol.asyncIterator] (): AsyncIterator<Event>
   close (): void
   [Symbol.dispose] (): void
+}
+
+// ------------------------------------------------------------ Service
+
+/** Topic prefix of service heartbeats: `service.heartbeat.<name>` (a client-library convention). */
+export const SERVICE_HEARTBEAT_PREFIX: 'service.heartbeat.'
+
+export interface ServiceOptions {
+  /** Broker ROUTER endpoint, for the workers. Default tcp://127.0.0.1:5555. */
+  endpoint?: string
+  /** Broker XSUB endpoint, for the publisher. Default tcp://127.0.0.1:5556. */
+  eventsIn?: string
+  /** Broker XPUB endpoint, for the subscriber. Default tcp://127.0.0.1:5557. */
+  eventsOut?: string
+  /** Interval of the `service.heartbeat.<name>` events in ms. Default 5000; 0 or null: none. */
+  heartbeatMs?: number | null
+  /** How long stop() (and a signal) lets running handlers finish, in ms. Default 10000. */
+  graceMs?: number
+  /** Where the service and its workers log (default: console for warn/error); null: silent. */
+  logger?: Logger | null
+}
+
+export interface ServiceTaskOptions {
+  /** Tasks of this queue run at once (the worker's credit), 1..10000. Default 1. */
+  concurrency?: number
+  /** Publish each result as an event of this topic (correlationId = task id, replyTo = the task's `reply_to` header). */
+  publish?: string | null
+  /** The worker's tags. */
+  tags?: string[]
+}
+
+/** A task handler of a Service: returns anything msgpack can pack (a Buffer/Uint8Array is the result as it is). */
+export type ServiceTaskHandler = (task: Task) => unknown
+/** An event handler of a Service; what it throws is logged and counted, never fatal. */
+export type EventHandler = (event: Event) => unknown
+
+export interface ServiceStats {
+  tasksDone: number
+  tasksFailed: number
+  eventsHandled: number
+  eventsFailed: number
+  resultsPublished: number
+  publishErrors: number
+  heartbeats: number
+}
+
+/** The payload of a `service.heartbeat.<name>` event (snake_case: the same from Python and Node). */
+export interface ServiceHeartbeat {
+  name: string
+  pid: number
+  host: string
+  uptime_s: number
+  tasks_done: number
+  tasks_failed: number
+  events_handled: number
+  events_failed: number
+  queues: string[]
+  topics: string[]
+}
+
+/** Task queues, topic handlers, result events, heartbeats and a clean stop, in one object. */
+export class Service {
+  constructor (name: string, options?: ServiceOptions)
+  readonly name: string
+  readonly queues: string[]
+  readonly topics: string[]
+  /** The Worker of each queue, once started. */
+  readonly workers: Map<string, Worker>
+  /** Every worker registered and the subscriptions in place. */
+  readonly ready: boolean
+  readonly stopping: boolean
+  readonly stopped: boolean
+  /** After the shutdown: true if every running handler finished within graceMs. */
+  readonly cleanStop: boolean | null
+  readonly stats: ServiceStats
+  /** Serve task queue `queue`; chainable. */
+  task (queue: string, handler: ServiceTaskHandler, options?: ServiceTaskOptions): this
+  /** Handle events whose type starts with `prefix` ('' for all); chainable. */
+  on (prefix: string, handler: EventHandler): this
+  /** Start; resolves true once ready, false if stopped first. */
+  start (): Promise<boolean>
+  /** Start and serve until stop(), SIGINT/SIGTERM (unless handleSignals is false) or `signal`; resolves with cleanStop. */
+  run (options?: { signal?: AbortSignal, handleSignals?: boolean }): Promise<boolean | null>
+  /** Resolves true once ready; false at the timeout or when stopped first. */
+  waitReady (options?: { timeoutMs?: number, signal?: AbortSignal }): Promise<boolean>
+  /** Graceful stop; resolves true if every running handler finished within timeoutMs (default graceMs). */
+  stop (options?: { timeoutMs?: number }): Promise<boolean>
+  /** Publish an event with the service's name as source. */
+  publish<P = unknown> (type: string, payload?: P, options?: { correlationId?: string, replyTo?: string }): Promise<Event<P>>
+  heartbeatPayload (): ServiceHeartbeat
+  [Symbol.asyncDispose] (): Promise<void>
 }

@@ -1,8 +1,10 @@
-// zbroker: Node.js client for the zbroker task broker (7/MDP, ZBW01, ZBC01, topic events).
+// zbroker: Node.js client for the zbroker task broker (7/MDP, ZBW01, ZBC01, topic events),
+// and Service, which puts workers and events together into one service.
 
 export { Client } from './lib/client.js'
 export { Worker } from './lib/worker.js'
 export { Publisher, Subscriber } from './lib/events.js'
+export { Service, SERVICE_HEARTBEAT_PREFIX } from './lib/service.js'
 export {
   ZbrokerError,
   TimeoutError,

@@ -536,6 +536,15 @@ def test_a_multi_frame_result_refused_by_result_stays_fetchable(
         future.result(WAIT_S)
 
 
+def test_a_result_of_no_frames_reads_as_empty_bytes(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    client = connect()
+    future = client.call("result", "t1")
+    fake.reply(fake.recv(), done(), ())
+    assert future.result(WAIT_S) == b""
+
+
 # ------------------------------------------------------------ errors
 
 

@@ -11,10 +11,13 @@
   loop); its socket lives in an I/O thread of its own, so heartbeats and
   acknowledgements keep flowing while handlers work.
 - `Publisher` / `Subscriber`: the broker's pub/sub event bus.
+- `Service`: workers, a subscriber and a publisher in one object: serves task
+  queues, handles topic events, publishes results and heartbeats, and stops
+  cleanly on SIGINT/SIGTERM.
 
 Depends on `zbroker.protocol` and pyzmq only, never on the broker itself.
-None of these objects is thread-safe, except a Worker's `stop()` and a
-Task's `progress()`.
+None of these objects is thread-safe, except a Worker's `stop()`, a
+Task's `progress()`, and a Service's `stop()` and `publish()`.
 """
 
 from zbroker.client.aclient import AsyncClient
@@ -45,6 +48,7 @@ from zbroker.client.errors import (
     WorkerError,
 )
 from zbroker.client.events import Publisher, Subscriber
+from zbroker.client.service import SERVICE_HEARTBEAT_PREFIX, Service, ServiceStats
 from zbroker.client.worker import Handler, Metrics, Result, Task, Worker, WorkerStats
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.events import Event
@@ -54,6 +58,7 @@ __all__ = [
     "DEFAULT_EVENTS_IN",
     "DEFAULT_EVENTS_OUT",
     "DEFAULT_RESULT_TIMEOUT_S",
+    "SERVICE_HEARTBEAT_PREFIX",
     "AsyncClient",
     "BadRequest",
     "BrokerError",
@@ -76,6 +81,8 @@ __all__ = [
     "RequestTimeout",
     "Result",
     "RetryLater",
+    "Service",
+    "ServiceStats",
     "Subscriber",
     "Task",
     "TaskCancelled",

@@ -707,7 +707,10 @@ def plan_redrive(s: Settings, service: str | bytes, ids: Sequence[str] | None) -
 
 
 def one_frame(frames: list[bytes]) -> bytes:
-    """The single frame of a result; ReplyError (the result stays fetchable) otherwise."""
+    """The single frame of a result (b"" for a result of no frames, as a handler that
+    returns nothing gives); ReplyError (the result stays fetchable) for several."""
+    if not frames:
+        return b""
     if len(frames) != 1:
         raise ReplyError(
             "result_frames",

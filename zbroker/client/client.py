@@ -212,8 +212,8 @@ class Client(SocketOwner):
         Raises TaskDead, TaskCancelled or TaskExpired when the task ended
         without a result; TaskPending when it has not ended after `timeout_s`
         (it still runs: fetch its result later with `result(e.task_id)`);
-        ReplyError when the result has other than exactly one frame (use
-        `request_frames`); BrokerError subclasses when refused; CallTimeout
+        ReplyError when the result has several frames (use `request_frames`; a
+        result of no frames reads as b""); BrokerError subclasses when refused; CallTimeout
         when the broker stopped answering.
         """
         return _calls.one_frame(
@@ -272,8 +272,8 @@ class Client(SocketOwner):
         waiting. If the connection is lost while waiting, the wait resumes on a
         fresh socket. Raises TaskPending when the task has not ended in time,
         TaskDead / TaskCancelled / TaskExpired when it ended without a result,
-        TaskNotFound for an unknown id, ReplyError unless the result is exactly
-        one frame (use `result_frames`), CallTimeout when the broker is silent.
+        TaskNotFound for an unknown id, ReplyError when the result has several
+        frames (use `result_frames`; no frames reads as b""), CallTimeout when the broker is silent.
         """
         return _calls.one_frame(self.result_frames(task_id, timeout_s))
 

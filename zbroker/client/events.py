@@ -77,6 +77,20 @@ class Publisher(SocketOwner):
         self.published += 1
         return event
 
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket. Idempotent.
+
+        Events not yet sent are discarded at once by default. With `linger_s`,
+        ZeroMQ keeps sending them in the background for up to that long:
+        while the process lives on, or while terminating the context waits
+        for them.
+        """
+        if not 0 <= linger_s < math.inf:
+            raise ValueError("linger_s must be a finite number of seconds >= 0")
+        if self._socket is not None:
+            self._socket.close(linger=math.ceil(linger_s * 1000))
+            self._socket = None
+
 
 class Subscriber(SocketOwner):
     """Receives events whose type starts with one of `prefixes` (every event if none).

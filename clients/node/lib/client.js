@@ -48,7 +48,7 @@ const RESULT_GRACE_MS = 1000
 const REPOLL_MS = 20
 // What an ENQUEUE message carries besides payload frames: the routing id the
 // broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
-// counts all of them against its frame cap (--max-frames, 64 by default).
+// counts all of them against its frame cap (16384 frames per message).
 const ZBC_OVERHEAD_FRAMES = 5
 // Room kept for the meta frame when packing a batch under the byte cap.
 const META_BUDGET_BYTES = 64 * 1024
@@ -75,7 +75,7 @@ export class Client {
    * new Client(endpoint?, options?) or new Client({endpoint, ...options}).
    * Options: timeoutMs (30000: default limit of ZBC01 calls), mdpTimeoutMs
    * (5000: per attempt), retries (3: MDP resends), maxPending (10000 calls in
-   * flight), hwm (10000 messages), maxFrames (64) and maxMessageBytes (16 MiB):
+   * flight), hwm (10000 messages), maxFrames (16000) and maxMessageBytes (16 MiB):
    * the broker's caps, which enqueueMany() splits batches to respect.
    */
   constructor (endpointOrOptions, options = {}) {
@@ -88,7 +88,7 @@ export class Client {
     this.#retries = checkInt(opts.retries ?? 3, 'retries', 0, 1000)
     this.#maxPending = checkInt(opts.maxPending ?? 10_000, 'maxPending', 1, 1_000_000)
     this.#hwm = checkInt(opts.hwm ?? DEFAULT_HWM, 'hwm', 1, 10_000_000)
-    this.#maxFrames = checkInt(opts.maxFrames ?? 64, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
+    this.#maxFrames = checkInt(opts.maxFrames ?? 16000, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
     this.#maxMessageBytes = checkInt(opts.maxMessageBytes ?? 16 * 1024 * 1024, 'maxMessageBytes', 1024, Number.MAX_SAFE_INTEGER)
     /** Counters since creation; they only grow. */
     this.stats = {

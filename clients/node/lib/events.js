@@ -86,9 +86,18 @@ export class Publisher {
     return event
   }
 
-  close () {
+  /**
+   * Close the socket. Events not yet sent are discarded at once, unless
+   * `lingerMs` gives them that long to leave (in the background; the process
+   * waits for them at exit).
+   */
+  close ({ lingerMs = 0 } = {}) {
     if (this.#closed) return
+    if (typeof lingerMs !== 'number' || !(lingerMs >= 0) || !Number.isFinite(lingerMs)) {
+      throw new RangeError('lingerMs must be a finite number >= 0')
+    }
     this.#closed = true
+    this.#sock.linger = Math.ceil(lingerMs)
     this.#sock.close()
   }
 

@@ -291,10 +291,27 @@ export const MAX_TOPIC_BYTES = 255
 /** [topic, msgpack envelope] for one event. */
 export function encodeEvent ({ type, source, payload, timestamp, correlationId, replyTo }) {
   const topic = Buffer.from(type, 'utf8')
-  const envelope = { type, source, payload: payload === undefined ? null : payload, timestamp }
-  if (correlationId !== undefined && correlationId !== null) envelope.correlation_id = correlationId
-  if (replyTo !== undefined && replyTo !== null) envelope.reply_to = replyTo
-  return [topic, pack(envelope)]
+  // The envelope is a map built pair by pair so that `timestamp` is always a msgpack
+  // float64, as the protocol says, even when it falls on a whole second (the generic
+  // encoder would pack 1700000000 as an integer).
+  const pairs = [
+    pack('type'), pack(type),
+    pack('source'), pack(source),
+    pack('payload'), pack(payload === undefined ? null : payload),
+    pack('timestamp'), packFloat64(timestamp)
+  ]
+  if (correlationId !== undefined && correlationId !== null) pairs.push(pack('correlation_id'), pack(correlationId))
+  if (replyTo !== undefined && replyTo !== null) pairs.push(pack('reply_to'), pack(replyTo))
+  return [topic, Buffer.concat([Buffer.from([0x80 | (pairs.length / 2)]), ...pairs])]
+}
+
+/** `x` as a msgpack float64 (0xcb and 8 bytes, big-endian). */
+export function packFloat64 (x) {
+  if (typeof x !== 'number') throw new TypeError(`expected a number, got ${typeof x}`)
+  const out = Buffer.alloc(9)
+  out[0] = 0xcb
+  out.writeDoubleBE(x, 1)
+  return out
 }
 
 /** [topic, envelope] -> event object, or a ProtocolError. */

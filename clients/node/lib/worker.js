@@ -18,6 +18,7 @@
 
 import { EventEmitter } from 'node:events'
 import { NonRetryableError, RetryLater } from './errors.js'
+import { makeLogger } from './logger.js'
 import {
   DEFAULT_ENDPOINT,
   EMPTY,
@@ -46,20 +47,6 @@ const MAX_REASON_CHARS = 2000
 const MAX_METRICS_BYTES = 64 * 1024
 
 const noop = () => {}
-
-function makeLogger (logger) {
-  if (logger === null || logger === false) return { debug: noop, info: noop, warn: noop, error: noop }
-  if (logger === undefined) {
-    return {
-      debug: noop,
-      info: noop,
-      warn: (...args) => console.warn('[zbroker worker]', ...args),
-      error: (...args) => console.error('[zbroker worker]', ...args)
-    }
-  }
-  const bind = (name) => typeof logger[name] === 'function' ? logger[name].bind(logger) : noop
-  return { debug: bind('debug'), info: bind('info'), warn: bind('warn'), error: bind('error') }
-}
 
 const now = () => performance.now()
 
@@ -147,7 +134,7 @@ export class Worker extends EventEmitter {
     this.#backoffMs = reconnectDelayMs
     this.#metrics = metrics ?? null
     this.#hwm = hwm
-    this.#log = makeLogger(logger)
+    this.#log = makeLogger(logger, 'worker')
     this.#registered = new Promise((resolve) => { this.#resolveRegistered = resolve })
     /** Counters since creation; they only grow. */
     this.stats = {
