@@ -4,7 +4,11 @@
 
 1. The broker core alone: one MDP request and its answer, per request, driven in a
    loop with no sockets (stock MDP worker, and ZBW01 worker with DONE).
-2. pyzmq call patterns for a 5-frame message over inproc: `send_multipart` against
+2. The broker core with its journal, per durable task: ENQUEUE batches of 100
+   tasks of 100 bytes, two batching ZBW01 workers (credit 64) answering ACK and
+   DONES, a commit after every message, as the runtime's passes would; for the
+   memory journal and LMDB in `async` and `sync` mode. CPU time per task.
+3. pyzmq call patterns for a 5-frame message over inproc: `send_multipart` against
    the backend's `send` per frame with int flags (what the broker's loop uses), and
    `recv_multipart` against `recv(copy=False)` with `.more`.
 Each figure is the median of 5 repetitions, in microseconds.
@@ -13,15 +17,18 @@ Each figure is the median of 5 repetitions, in microseconds.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import zmq
 import zmq.backend
 
 from zbroker.core import Broker, CoreSettings
-from zbroker.protocol import ext, mdp
+from zbroker.journal import Durability, Journal, open_journal
+from zbroker.protocol import ext, mdp, zbc
 
 N = 50_000
 REPEATS = 5
@@ -72,6 +79,58 @@ def core_zbw() -> float:
             broker.outbox = []
 
     return median_us(run)
+
+
+def core_durable(durability: Durability, tasks: int = 20_000) -> float:
+    """CPU microseconds per durable task through the core and journal (median of 3)."""
+    samples = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="zbroker-micro-") as tmp:
+            journal = open_journal(durability, Path(tmp) / "data")
+            try:
+                samples.append(_durable_run(journal, tasks))
+            finally:
+                journal.close()
+    return statistics.median(samples)
+
+
+def _durable_run(journal: Journal, tasks: int) -> float:
+    now = 0.0
+    broker = Broker(CoreSettings(), now, journal, epoch_offset=time.time())
+    workers = (b"W1", b"W2")
+    for w in workers:
+        broker.receive([w, *ext.ready("echo", 64, batch=True)], now)
+    journal.commit()
+    broker.outbox = []
+    batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)
+    meta = ext.unpack_meta(batch[3])
+    sent = done = 0
+    started = time.process_time()
+    while done < tasks:
+        if sent < tasks:
+            meta["rid"] = sent
+            broker.receive([b"C", *batch[:3], ext.pack_meta(meta), *batch[4:]], now)
+            journal.commit()
+            sent += 100
+        while broker.outbox:
+            out, broker.outbox = broker.outbox, []
+            for frames in out:
+                if frames[0] not in workers or frames[3] not in (ext.TASK, ext.TASKS):
+                    continue
+                if frames[3] == ext.TASK:
+                    entries = [ext.unpack_meta(frames[4])]
+                else:
+                    entries = ext.unpack_meta(frames[4])["tasks"]
+                held = [(e["id"], e["attempt"]) for e in entries]
+                broker.receive([frames[0], *ext.ack(held)], now)
+                journal.commit()
+                broker.receive([frames[0], *ext.dones([(t, a, [b"ok"]) for t, a in held])], now)
+                journal.commit()
+                done += len(held)
+        now += 0.001
+        if now >= broker.next_tick_at:
+            broker.tick(now)
+    return (time.process_time() - started) / done * 1e6
 
 
 def socket_patterns() -> dict[str, float]:
@@ -138,6 +197,9 @@ def socket_patterns() -> dict[str, float]:
 def main() -> None:
     print(f"[micro] core, MDP request + stock MDP worker reply: {core_mdp():.2f} us/request")
     print(f"[micro] core, MDP request + ZBW01 worker DONE:     {core_zbw():.2f} us/request")
+    for durability in (Durability.MEMORY, Durability.ASYNC, Durability.SYNC):
+        figure = core_durable(durability)
+        print(f"[micro] core + {durability.value} journal, durable task: {figure:.2f} us CPU/task")
     for name, value in socket_patterns().items():
         print(f"[micro] {name}: {value:.2f} us/message")
 
