@@ -92,6 +92,11 @@ class TaskRecord:
     keep_until: float | None = None  # finished records (and results) may be deleted after this
     # Short history for operators: [event, time, details...] lists, oldest first, bounded.
     history: list[list[Any]] = field(default_factory=list)
+    # Opaque to everyone but the store that set it: what the store holds for this
+    # object as of its last write or read (bytes, index entries), so the next `put`
+    # of the same object can skip decoding the stored copy. A store checks it
+    # against what it actually holds before trusting it. Never stored or compared.
+    store_memo: Any = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(slots=True)

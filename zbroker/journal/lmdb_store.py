@@ -141,6 +141,7 @@ class LmdbJournal(Journal):
         self._deltas: Counter[tuple[bytes, int]] = Counter()  # since the last commit
         self._next_seq = 1
         self._stored_seq = 1
+        self._last_put: str | None = None  # the id of the last record put in this pass
 
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -191,7 +192,8 @@ class LmdbJournal(Journal):
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
         self._check_open()
         packed = self._packer.frames(frames)
-        if self._get_raw(task_id) is None:
+        # The common case, a result stored right after its record: no lookup needed.
+        if task_id != self._last_put and self._get_raw(task_id) is None:
             raise KeyError(f"no task {task_id!r} to store a result for")
         self._write((_RESULT, task_id, packed))
 
@@ -279,12 +281,20 @@ class LmdbJournal(Journal):
 
     def get(self, task_id: str) -> TaskRecord | None:
         data = self._get_raw(task_id)
-        return None if data is None else unpack_record(task_id, data)
+        return None if data is None else self._unpack(task_id, data)
 
     def payload(self, task_id: str) -> list[bytes] | None:
         idb = _id_bytes(task_id)
         if idb is None:
             return None
+        txn = self._wtxn
+        if txn is not None:  # inside a pass: read its writes, no context manager
+            try:
+                data = txn.get(idb, db=self._payloads)
+                if data is not None:
+                    return unpack_frames(data)
+            except lmdb.Error as exc:
+                raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
         with self._reading() as txn:
             data = txn.get(idb, db=self._payloads)
             if data is None:
@@ -523,22 +533,32 @@ class LmdbJournal(Journal):
                 for db, key in entries:
                     txn.put(key, idb, db=db)
             else:
-                old_record = unpack_record(task_id, old)
-                old_svc = self._services[old_record.service]
-                old_entries = self._entries(old_record, old_svc)
+                memo = record.store_memo
+                if memo is not None and memo[0] is self and memo[1] == old:
+                    # What this object last wrote to or read from this store is what
+                    # it holds: the old index entries are known without decoding.
+                    _, _, old_svc, old_state, old_entries = memo
+                else:
+                    old_record = unpack_record(task_id, old)
+                    old_svc = self._services[old_record.service]
+                    old_state = int(old_record.state)
+                    old_entries = self._entries(old_record, old_svc)
                 for db, key in old_entries:
                     if (db, key) not in entries:
                         txn.delete(key, idb, db=db)
                 for db, key in entries:
                     if (db, key) not in old_entries:
                         txn.put(key, idb, db=db)
-                self._deltas[(old_svc, int(old_record.state))] -= 1
+                self._deltas[(old_svc, old_state)] -= 1
             self._deltas[(svc, state)] += 1
             if frames is not None:
                 txn.put(idb, frames, db=self._payloads)
+            record.store_memo = (self, packed, svc, state, entries)
+            self._last_put = task_id
         elif kind == _RESULT:
             txn.put(idb, op[2], db=self._results)
         else:
+            self._last_put = None
             old = txn.pop(idb, db=self._tasks)
             if old is None:
                 return
@@ -606,6 +626,7 @@ class LmdbJournal(Journal):
         """Abort the write transaction and forget what it did to the in-memory state.
         The replay list is the caller's business."""
         txn, self._wtxn = self._wtxn, None
+        self._last_put = None
         if txn is not None:
             with suppress(lmdb.Error):  # already freed by a failed commit
                 txn.abort()
@@ -738,7 +759,15 @@ class LmdbJournal(Journal):
         data = txn.get(idb, db=tasks)
         if data is None:
             raise JournalError(f"an index of {self.path} names a missing task {idb.decode()}")
-        return unpack_record(idb.decode(), data)
+        return self._unpack(idb.decode(), data)
+
+    def _unpack(self, task_id: str, data: bytes) -> TaskRecord:
+        """The record in `data`, with the memo that spares its next put a decode."""
+        record = unpack_record(task_id, data)
+        svc = self._services.get(record.service)
+        if svc is not None:
+            record.store_memo = (self, data, svc, int(record.state), self._entries(record, svc))
+        return record
 
 
 def _id_bytes(task_id: str) -> bytes | None:
