@@ -4,6 +4,7 @@
     python3 dev.py start [ARGS...]   install zbroker into .venv and run `zbroker start ARGS`
     python3 dev.py test  [PYTEST...] lint, type-check and run the whole test suite
     python3 dev.py bench [ARGS...]   run the benchmarks (see bench/README.md)
+    python3 dev.py example [ARGS...] run the example system (examples/voice-pipeline; --demo)
 
 Only the standard library is used here, so this works on a machine that has
 nothing but Python 3.11+ (and Node.js for the Node client's tests).
@@ -80,8 +81,9 @@ def cmd_start(args: list[str]) -> None:
 def cmd_test(args: list[str]) -> None:
     ensure_venv("test")
     have_node = ensure_node_deps()
-    run([BIN / "ruff", "check", "zbroker", "tests", "bench", "dev.py"], cwd=ROOT)
-    run([BIN / "ruff", "format", "--check", "zbroker", "tests", "bench", "dev.py"], cwd=ROOT)
+    linted = ["zbroker", "tests", "bench", "examples", "dev.py"]
+    run([BIN / "ruff", "check", *linted], cwd=ROOT)
+    run([BIN / "ruff", "format", "--check", *linted], cwd=ROOT)
     run([BIN / "mypy", "zbroker"], cwd=ROOT)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if have_node:
@@ -94,8 +96,15 @@ def cmd_bench(args: list[str]) -> None:
     os.execv(str(PY), [str(PY), str(ROOT / "bench" / "run.py"), *args])
 
 
+def cmd_example(args: list[str]) -> None:
+    ensure_venv("")
+    ensure_node_deps()  # the example's speaker is a Node service
+    run_py = ROOT / "examples" / "voice-pipeline" / "run.py"
+    os.execv(str(PY), [str(PY), str(run_py), *args])
+
+
 def main() -> None:
-    commands = {"start": cmd_start, "test": cmd_test, "bench": cmd_bench}
+    commands = {"start": cmd_start, "test": cmd_test, "bench": cmd_bench, "example": cmd_example}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(__doc__)
         sys.exit(2)

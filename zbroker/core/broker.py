@@ -537,14 +537,23 @@ class Broker(DurableTasks):
             for request in held:
                 if request.task is not None:
                     del self._holders[request.tid]
+            requests = 0
             for request in reversed(held):
                 request.ack_by = 0.0
                 if request.task is not None:
                     self._take_back(request, "the worker holding it is gone", now, 0.0)
                 else:
                     service.queue.appendleft(request)
-            self.stats.requeued += len(held)
-            log.info("%d request(s) requeued: worker %s is gone", len(held), _hex(worker.identity))
+                    requests += 1
+            # Durable tasks are counted as retried by _take_back; `requeued` is for
+            # MDP requests only, as everywhere else.
+            self.stats.requeued += requests
+            log.info(
+                "worker %s is gone: %d MDP request(s) requeued, %d task(s) taken back",
+                _hex(worker.identity),
+                requests,
+                len(held) - requests,
+            )
             self._dispatch(service, now)
 
     def _kick(self, worker: Worker, now: float, why: str) -> None:
