@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -138,7 +138,13 @@ class ProcessGroup:
         self.stop_all()
 
     def start(
-        self, name: str, argv: Sequence[str], *, stdout_pipe: bool = False, cwd: Path = ROOT
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdout_pipe: bool = False,
+        cwd: Path = ROOT,
+        env: Mapping[str, str] | None = None,
     ) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -149,6 +155,7 @@ class ProcessGroup:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if stdout_pipe else log,
                 stderr=log,
+                env=None if env is None else dict(env),
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )

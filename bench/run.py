@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import compare
 import durable
 import mdp
 from harness import (
@@ -31,7 +32,9 @@ from harness import (
 )
 
 # Add a workload by writing a module with a WORKLOAD and listing it here.
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD)
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smaller counts (smoke test)")
     parser.add_argument(
-        "--runs", type=int, default=3, metavar="N", help="runs per system (default: 3)"
+        "--runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs per system (default: 3, or 1 with --quick)",
     )
     parser.add_argument(
         "--only",
@@ -73,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "collapsed stacks in DIR (perturbs the figures of those runs)",
     )
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
