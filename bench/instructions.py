@@ -1,0 +1,123 @@
+"""Instructions per durable task through the broker core and the LMDB journal, counted
+by valgrind (callgrind): a figure that does not move with the machine's load, for
+comparing two versions of the core or the journal.
+
+    .venv/bin/python bench/instructions.py            # both queue shapes, ~3 minutes
+    .venv/bin/python bench/instructions.py --shape deep
+
+Each shape is driven twice under `valgrind --tool=callgrind`, for SMALL and for
+LARGE tasks; (instructions(LARGE) - instructions(SMALL)) / (LARGE - SMALL) is the
+cost of one task with start-up, imports and the journal's creation cancelled out.
+
+- short: bench/micro.py's durable loop (ENQUEUE batches of 100 while two batching
+  workers with credit 64 answer ACK and DONES; the queue stays short, so tasks
+  reach workers from the core's window without a journal read);
+- deep: every task is enqueued first, then the workers drain the queue, so tasks
+  come out of the journal in window refills, as under a backlog.
+
+The journal is LMDB with `async` durability (an fsync is not an instruction of the
+process, and `sync` differs from `async` only by it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SMALL = 1_000
+LARGE = 6_000
+SHAPES = ("short", "deep")
+
+
+def drive(shape: str, tasks: int) -> None:
+    """The measured loop (runs under valgrind)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import micro
+
+    from zbroker.core import Broker, CoreSettings
+    from zbroker.journal import Durability, open_journal
+    from zbroker.protocol import ext, zbc
+
+    with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
+        journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
+        try:
+            if shape == "short":
+                micro._durable_run(journal, tasks)
+                return
+            broker = Broker(CoreSettings(), 0.0, journal, epoch_offset=time.time())
+            batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)
+            for _ in range(tasks // 100):
+                broker.receive([b"C", *batch], 0.0)
+                journal.commit()
+            broker.outbox = []
+            workers = (b"W1", b"W2")
+            for w in workers:
+                broker.receive([w, *ext.ready("echo", 64, batch=True)], 0.0)
+            journal.commit()
+            done = 0
+            while done < tasks:
+                out, broker.outbox = broker.outbox, []
+                for frames in out:
+                    if frames[0] not in workers or frames[3] not in (ext.TASK, ext.TASKS):
+                        continue
+                    if frames[3] == ext.TASK:
+                        entries = [ext.unpack_meta(frames[4])]
+                    else:
+                        entries = ext.unpack_meta(frames[4])["tasks"]
+                    held = [(e["id"], e["attempt"]) for e in entries]
+                    broker.receive([frames[0], *ext.ack(held)], 0.0)
+                    journal.commit()
+                    results = [(t, a, [b"ok"]) for t, a in held]
+                    broker.receive([frames[0], *ext.dones(results)], 0.0)
+                    journal.commit()
+                    done += len(held)
+        finally:
+            journal.close()
+
+
+def count(shape: str, tasks: int) -> int:
+    proc = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--drive",
+            shape,
+            str(tasks),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        sys.exit(f"valgrind failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, action="append")
+    parser.add_argument("--drive", nargs=2, metavar=("SHAPE", "TASKS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.drive:
+        drive(args.drive[0], int(args.drive[1]))
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed: apt-get install valgrind")
+    for shape in args.shape or SHAPES:
+        print(f"[instructions] {shape}: counting {SMALL} and {LARGE} tasks...", flush=True)
+        per_task = (count(shape, LARGE) - count(shape, SMALL)) / (LARGE - SMALL)
+        print(f"[instructions] {shape} queue: {per_task:,.0f} instructions per task", flush=True)
+
+
+if __name__ == "__main__":
+    main()
