@@ -32,6 +32,7 @@ from zbroker.client import (
     Task,
     TaskDead,
     TaskState,
+    WorkerError,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -417,3 +418,42 @@ def test_sigterm_lets_the_task_in_flight_finish_and_exits_zero(
     # And the queued task was never started: it waits for the next worker
     assert not (tmp_path / "started-two").exists()
     assert not client.status(second).state.final
+
+
+def test_a_queue_worker_that_fails_stops_the_service_with_its_error(
+    broker: BrokerProcess, client: Client
+) -> None:
+    # Given a service whose task handler ends its worker (SystemExit is not a task failure)
+    svc = make_service(broker, "doomed")
+
+    @svc.task("doomed")
+    def fatal(task: Task) -> bytes:
+        raise SystemExit("the handler pulled the plug")
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            svc.run()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        assert svc.wait_ready(timeout_s=10)
+        # When a task reaches it
+        client.enqueue("doomed", b"x")
+        runner.join(20)
+        # Then the service does not carry on without that queue: run() raises, and says why
+        assert not runner.is_alive() and svc.stopped
+        (error,) = outcome
+        assert isinstance(error, WorkerError) and "queue 'doomed'" in str(error)
+        assert isinstance(error.__cause__, SystemExit)
+        assert svc.error is error
+        (worker,) = svc.workers.values()
+        assert worker.stopped and isinstance(worker.error, SystemExit)
+        wait_until(lambda: not client.mmi_service("doomed"))
+    finally:
+        svc.stop()
+        runner.join(15)

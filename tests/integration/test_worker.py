@@ -634,3 +634,22 @@ def test_stop_from_a_signal_handler_ends_run_in_the_main_thread(
     assert answers == [False]
     assert not worker.connected
     fake.expect(ext.Disconnect)
+
+
+def test_a_background_worker_that_fails_says_so(broker: BrokerProcess, stack: ExitStack) -> None:
+    def fatal(task: Task) -> bytes:
+        raise SystemExit("the handler pulled the plug")  # not a task failure: it ends the worker
+
+    worker = start_worker(stack, broker, "fatal", fatal)
+    assert not worker.stopped and worker.error is None
+    client = open_client(stack, broker)
+    client.enqueue("fatal", b"x")
+    wait_until(lambda: worker.stopped, timeout_s=10)
+    assert isinstance(worker.error, SystemExit)
+    wait_until(lambda: not client.mmi_service("fatal"), timeout_s=10)
+
+
+def test_a_cleanly_stopped_worker_has_no_error(broker: BrokerProcess, stack: ExitStack) -> None:
+    worker = start_worker(stack, broker, "fine", lambda task: task.payload)
+    assert worker.stop(5) is True
+    assert worker.stopped and worker.error is None

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import msgpack
 import zmq
 
-from zbroker.client.errors import ClientClosed, NonRetryableError
+from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
 from zbroker.client.events import Publisher, Subscriber
 from zbroker.client.worker import Task, Worker, _is_async, _service_name
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
@@ -271,6 +271,12 @@ class Service:
         return self._finished.is_set()
 
     @property
+    def error(self) -> BaseException | None:
+        """What stopped the service when it failed (a queue's worker that stopped by
+        itself, say); `run()` raises it. None while it runs and after a clean stop."""
+        return self._crash
+
+    @property
     def clean_stop(self) -> bool | None:
         """After the shutdown: True if every running handler finished within `grace_s`."""
         return self._clean
@@ -454,9 +460,27 @@ class Service:
                     self._control.get(timeout=_SIGNAL_CHECK_S)
                     break
                 except queue.Empty:
-                    continue
+                    if self._lost_worker():
+                        break
         finally:
             self._shutdown()
+
+    def _lost_worker(self) -> bool:
+        """True if a queue's worker ended by itself (it failed): the whole service then
+        stops and `run()` raises, so that whatever supervises the process restarts it,
+        rather than a service that looks alive but no longer serves that queue."""
+        for queue_name, worker in self._workers.items():
+            if worker.stopped:  # the service has not asked it to stop: that comes later
+                why = worker.error
+                self._crash = WorkerError(
+                    f"service {self.name!r}: the worker of queue {queue_name!r} stopped"
+                    + (f": {why}" if why is not None else "")
+                )
+                if why is not None:
+                    self._crash.__cause__ = why
+                logger.error("%s; stopping the service", self._crash)
+                return True
+        return False
 
     def _shutdown(self) -> None:
         """Stop taking work, let running handlers finish within grace_s, close, flush."""

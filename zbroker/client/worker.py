@@ -318,6 +318,7 @@ class Worker:
         self._handler_thread_ids: set[int] = set()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -337,6 +338,17 @@ class Worker:
         """True once `stop()` was called (or the worker is ending): no new task will start."""
         return self._stop_requested or self._draining
 
+    @property
+    def stopped(self) -> bool:
+        """True once the worker has ended, stopped or failed: it serves nothing any more."""
+        return self._finished.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended a worker started with `start()` when it failed (`run()` raises it
+        instead); None while it runs and after a clean stop."""
+        return self._error
+
     def run(self) -> None:
         """Serve until `stop()` is called; the calling thread supervises the handler threads.
 
@@ -351,7 +363,7 @@ class Worker:
         """Run the worker in a background (daemon) thread; returns at once."""
         self._claim()
         self._thread = threading.Thread(
-            target=self._run, name=f"zbroker-worker-{self.service}", daemon=True
+            target=self._run_in_background, name=f"zbroker-worker-{self.service}", daemon=True
         )
         self._thread.start()
         return self
@@ -400,11 +412,20 @@ class Worker:
             raise RuntimeError("this Worker was stopped before it started; create a new one")
         self._started = True
 
-    def _run(self) -> None:
+    def _run_in_background(self) -> None:
+        self._run(background=True)
+
+    def _run(self, background: bool = False) -> None:
         self._run_thread_id = threading.get_ident()
         try:
             if not self._stop_requested:  # stop() may have raced start()
                 self._supervise()
+        except BaseException as exc:
+            if not background:
+                raise
+            # Nobody waits on this thread: keep the error where `error` shows it, and say it.
+            self._error = exc
+            logger.error("worker for %r failed and stopped: %s", self.service, exc, exc_info=exc)
         finally:
             self._finished.set()
 
