@@ -62,21 +62,7 @@ def drive(shape: str, tasks: int) -> None:
             journal.commit()
             done = 0
             while done < tasks:
-                out, broker.outbox = broker.outbox, []
-                for frames in out:
-                    if frames[0] not in workers or frames[3] not in (ext.TASK, ext.TASKS):
-                        continue
-                    if frames[3] == ext.TASK:
-                        entries = [ext.unpack_meta(frames[4])]
-                    else:
-                        entries = ext.unpack_meta(frames[4])["tasks"]
-                    held = [(e["id"], e["attempt"]) for e in entries]
-                    broker.receive([frames[0], *ext.ack(held)], 0.0)
-                    journal.commit()
-                    results = [(t, a, [b"ok"]) for t, a in held]
-                    broker.receive([frames[0], *ext.dones(results)], 0.0)
-                    journal.commit()
-                    done += len(held)
+                done += micro.answer_tasks(broker, journal, workers, 0.0)
         finally:
             journal.close()
 
