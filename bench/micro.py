@@ -94,6 +94,33 @@ def core_durable(durability: Durability, tasks: int = 20_000) -> float:
     return statistics.median(samples)
 
 
+def core_keyed_enqueue(tasks: int = 20_000) -> float:
+    """CPU microseconds per single-task ENQUEUE with an idempotency key (as the Python
+    client sends every call), core and LMDB `async` journal, no workers, a commit
+    every 64 calls (median of 3)."""
+    samples = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="zbroker-micro-") as tmp:
+            journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
+            try:
+                broker = Broker(CoreSettings(), 0.0, journal, epoch_offset=time.time())
+                calls = [
+                    [b"C", *zbc.enqueue(i, "echo", [[b"x" * 100]], zbc.TaskOptions(key=f"k{i}"))]
+                    for i in range(tasks)
+                ]
+                started = time.process_time()
+                for i, call in enumerate(calls):
+                    broker.receive(call, 0.0)
+                    if i % 64 == 63:
+                        journal.commit()
+                        broker.outbox = []
+                journal.commit()
+                samples.append((time.process_time() - started) / tasks * 1e6)
+            finally:
+                journal.close()
+    return statistics.median(samples)
+
+
 def answer_tasks(broker: Broker, journal: Journal, workers: tuple[bytes, ...], now: float) -> int:
     """Play batching workers for what the broker has sent so far: every TASK or TASKS to
     `workers` gets one ACK, then one DONES, each committed as a runtime pass would.
@@ -206,6 +233,7 @@ def socket_patterns() -> dict[str, float]:
 def main() -> None:
     print(f"[micro] core, MDP request + stock MDP worker reply: {core_mdp():.2f} us/request")
     print(f"[micro] core, MDP request + ZBW01 worker DONE:     {core_zbw():.2f} us/request")
+    print(f"[micro] core + async journal, keyed single ENQUEUE: {core_keyed_enqueue():.2f} us CPU")
     for durability in (Durability.MEMORY, Durability.ASYNC, Durability.SYNC):
         figure = core_durable(durability)
         print(f"[micro] core + {durability.value} journal, durable task: {figure:.2f} us CPU/task")

@@ -240,6 +240,16 @@ def test_idempotency_key_returns_the_existing_task(journal: Journal) -> None:
     # The same key on another service is another task.
     assert s.enqueue("other", key="k1") != first
     assert s.broker.stats.tasks_deduplicated == 2
+    # A key repeated inside one batch: the first of them is stored, the others get its id.
+    repeated = s.call(
+        b"C",
+        zbc.enqueue(
+            4, "svc", [[b"d"], [b"e"], [b"f"]], zbc.TaskOptions(keys=("k3", "k4", "k3")), batch=True
+        ),
+    )
+    d, e, f = repeated.meta["ids"]
+    assert f == d != e and repeated.meta["existing"] == [2]
+    assert journal.payload(d) == [b"d"] and journal.find_key("svc", "k3") == d
 
 
 def test_failure_retries_with_backoff_then_dead_letters_and_redrives(journal: Journal) -> None:

@@ -521,11 +521,12 @@ class DurableTasks:
         max_attempts = options.max_attempts or self.settings.default_max_attempts
         ids: list[str] = []
         existing: list[int] = []
+        stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
-                # Looked up again: an earlier task of this same batch may hold the key.
-                task_id = held.get(i) or journal.find_key(msg.service, key)
+                # Stored before this call (looked up above), or by an earlier task of it.
+                task_id = held.get(i) or stored_keys.get(key)
                 if task_id is not None:
                     ids.append(task_id)
                     existing.append(i)
@@ -548,6 +549,8 @@ class DurableTasks:
             )
             self._store(record, None, service, payload)
             ids.append(record.id)
+            if key is not None:
+                stored_keys[key] = record.id
             if self.event_prefixes:
                 self._emit(
                     "task.enqueued." + msg.service,

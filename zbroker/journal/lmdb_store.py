@@ -287,18 +287,9 @@ class LmdbJournal(Journal):
         idb = _id_bytes(task_id)
         if idb is None:
             return None
-        txn = self._wtxn
-        if txn is not None:  # inside a pass: read its writes, no context manager
-            try:
-                data = txn.get(idb, db=self._payloads)
-                if data is not None:
-                    return unpack_frames(data)
-            except lmdb.Error as exc:
-                raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
-        with self._reading() as txn:
-            data = txn.get(idb, db=self._payloads)
-            if data is None:
-                return [] if txn.get(idb, db=self._tasks) is not None else None
+        data = self._get(idb, self._payloads)
+        if data is None:
+            return [] if self._get(idb, self._tasks) is not None else None
         return unpack_frames(data)
 
     def result(self, task_id: str) -> list[bytes] | None:
@@ -357,8 +348,7 @@ class LmdbJournal(Journal):
         svc = self._services.get(service)
         if svc is None:
             return None
-        with self._reading() as txn:
-            idb = txn.get(svc + _key_bytes(key), db=self._keys)
+        idb = self._get(svc + _key_bytes(key), self._keys)
         return None if idb is None else idb.decode()
 
     def counts(self) -> dict[str, dict[TaskState, int]]:
@@ -716,8 +706,19 @@ class LmdbJournal(Journal):
         if idb is None:
             self._check_open()
             return None
-        with self._reading() as txn:
-            return txn.get(idb, db=self._tasks)
+        return self._get(idb, self._tasks)
+
+    def _get(self, key: bytes, db: Db) -> bytes | None:
+        """One value: inside a pass from its write transaction (read-your-writes) without
+        the context manager, which costs more than the read; else a short read transaction."""
+        txn = self._wtxn
+        if txn is None:
+            with self._reading() as txn:
+                return txn.get(key, db=db)
+        try:
+            return txn.get(key, db=db)
+        except lmdb.Error as exc:
+            raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
 
     def _scan(self, db: Db, start: bytes, prefix: bytes, limit: int) -> list[TaskRecord]:
         """Records of the index entries from `start` on while keys begin with `prefix`
