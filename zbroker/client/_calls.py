@@ -685,6 +685,45 @@ def plan_control(s: Settings, command: bytes, **fields: Any) -> Plan[dict[str, A
     return dict(answer.meta)
 
 
+def plan_purge(s: Settings, service: str) -> Plan[int]:
+    """PURGE until nothing waiting is left (the broker purges a bounded number per call)."""
+    total = 0
+    while True:
+        answer = yield from plan_control(s, zbc.PURGE, service=service)
+        total += int(answer["purged"])
+        if not answer.get("more") or not answer["purged"]:
+            return total
+
+
+def plan_drop(s: Settings, service: str, ids: Sequence[str] | None) -> Plan[int]:
+    """DROP the dead letters listed, or (ids None) all of them, a bounded number per call."""
+    fields: dict[str, Any] = {"service": service}
+    if ids is not None:
+        fields["ids"] = list(ids)
+    total = 0
+    while True:
+        answer = yield from plan_control(s, zbc.DROP, **fields)
+        total += int(answer["dropped"])
+        if ids is not None or not answer.get("more") or not answer["dropped"]:
+            return total
+
+
+def plan_tasks(
+    s: Settings, service: str, state: str, limit: int, after: int, older_than_s: float
+) -> Plan[tuple[list[dict[str, Any]], int | None]]:
+    """One page of TASKS: (records, the `after` of the next page or None)."""
+    answer = yield from plan_control(
+        s,
+        zbc.TASKS,
+        service=service,
+        state=state,
+        limit=limit,
+        after=after,
+        older_than_s=older_than_s,
+    )
+    return list(answer["tasks"]), answer.get("next")
+
+
 def plan_cancel(s: Settings, task_id: str) -> Plan[TaskState]:
     return cancel(s, task_id_arg(task_id))
 

@@ -303,7 +303,7 @@ class Client(SocketOwner):
 
     def limit(self, service: str, limit: int | None) -> None:
         """At most `limit` tasks and requests of `service` at its workers together
-        (None: no limit). Not kept across a broker restart."""
+        (None: no limit). Kept in the journal: it holds across a broker restart."""
         self._run(
             _calls.plan_control(self._settings(), zbc.LIMIT, service=service, limit=limit),
             "limit",
@@ -312,26 +312,11 @@ class Client(SocketOwner):
     def purge(self, service: str) -> int:
         """Cancel every waiting (ready or delayed) task of `service`; how many. Running
         tasks are left alone."""
-        total = 0
-        while True:
-            answer = self._run(
-                _calls.plan_control(self._settings(), zbc.PURGE, service=service), "purge"
-            )
-            total += int(answer["purged"])
-            if not answer.get("more") or not answer["purged"]:
-                return total
+        return self._run(_calls.plan_purge(self._settings(), service), "purge")
 
     def drop_dead_letters(self, service: str, ids: Sequence[str] | None = None) -> int:
         """Delete dead letters of `service` (those listed, or all); how many."""
-        total = 0
-        while True:
-            fields: dict[str, Any] = {"service": service}
-            if ids is not None:
-                fields["ids"] = list(ids)
-            answer = self._run(_calls.plan_control(self._settings(), zbc.DROP, **fields), "drop")
-            total += int(answer["dropped"])
-            if ids is not None or not answer.get("more") or not answer["dropped"]:
-                return total
+        return self._run(_calls.plan_drop(self._settings(), service, ids), "drop")
 
     def tasks(
         self,
@@ -344,19 +329,12 @@ class Client(SocketOwner):
     ) -> tuple[list[dict[str, Any]], int | None]:
         """A page of `service`'s tasks in `state` (ready, delayed, inflight, dead, done,
         cancelled, expired) at least `older_than_s` old: (records, next `after` or None)."""
-        fields = {
-            "service": service,
-            "state": state,
-            "limit": limit,
-            "after": after,
-            "older_than_s": older_than_s,
-        }
-        answer = self._run(_calls.plan_control(self._settings(), zbc.TASKS, **fields), "tasks")
-        return list(answer["tasks"]), answer.get("next")
+        plan = _calls.plan_tasks(self._settings(), service, state, limit, after, older_than_s)
+        return self._run(plan, "tasks")
 
     def pause(self, service: str) -> None:
         """Stop deliveries of `service` (tasks and requests wait) until `resume()`.
-        Not kept across a broker restart."""
+        Kept in the journal: it holds across a broker restart."""
         self._run(_calls.plan_control(self._settings(), zbc.PAUSE, service=service), "pause")
 
     def resume(self, service: str) -> None:
