@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from zbroker.core.model import (
@@ -413,17 +414,21 @@ class DurableTasks:
         fields = {"purged": len(records), "more": more}
         self.outbox.append([identity, *zbc.reply(msg.rid, fields)])
 
+    def _dead_letters(self, service: str, ids: Sequence[str] | None) -> list[TaskRecord]:
+        """The dead letters of `service` named by `ids` (others are skipped), or with ids
+        None the oldest MAX_BATCH of them: what DROP and REDRIVE act on."""
+        journal = self.journal
+        assert journal is not None
+        if ids is None:
+            return journal.dead(service, zbc.MAX_BATCH)
+        found = (journal.get(task_id) for task_id in ids)
+        return [r for r in found if r is not None and r.state is DEAD and r.service == service]
+
     def _on_drop(self, identity: bytes, msg: zbc.Drop) -> None:
         """Delete dead letters of the service (the listed ones, or up to MAX_BATCH)."""
         journal = self.journal
         assert journal is not None
-        if msg.ids is None:
-            records = journal.dead(msg.service, zbc.MAX_BATCH)
-        else:
-            found = (journal.get(task_id) for task_id in msg.ids)
-            records = [
-                r for r in found if r is not None and r.state is DEAD and r.service == msg.service
-            ]
+        records = self._dead_letters(msg.service, msg.ids)
         for record in records:
             journal.delete(record.id)
         if records:
@@ -630,13 +635,7 @@ class DurableTasks:
     def _on_redrive(self, identity: bytes, msg: zbc.Redrive, now: float) -> None:
         journal = self.journal
         assert journal is not None
-        if msg.ids is None:
-            records = journal.dead(msg.service, zbc.MAX_BATCH)
-        else:
-            found = (journal.get(task_id) for task_id in msg.ids)
-            records = [
-                r for r in found if r is not None and r.state is DEAD and r.service == msg.service
-            ]
+        records = self._dead_letters(msg.service, msg.ids)
         epoch = now + self._epoch_offset
         service = self._service(msg.service.encode())
         for record in records:
