@@ -48,7 +48,7 @@ def drive(shape: str, tasks: int) -> None:
         journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
         try:
             if shape == "short":
-                micro._durable_run(journal, tasks)
+                micro.durable_run(journal, tasks)
                 return
             broker = Broker(CoreSettings(), 0.0, journal, epoch_offset=time.time())
             batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)

@@ -88,7 +88,7 @@ def core_durable(durability: Durability, tasks: int = 20_000) -> float:
         with tempfile.TemporaryDirectory(prefix="zbroker-micro-") as tmp:
             journal = open_journal(durability, Path(tmp) / "data")
             try:
-                samples.append(_durable_run(journal, tasks))
+                samples.append(durable_run(journal, tasks))
             finally:
                 journal.close()
     return statistics.median(samples)
@@ -143,7 +143,7 @@ def answer_tasks(broker: Broker, journal: Journal, workers: tuple[bytes, ...], n
     return done
 
 
-def _durable_run(journal: Journal, tasks: int) -> float:
+def durable_run(journal: Journal, tasks: int) -> float:
     now = 0.0
     broker = Broker(CoreSettings(), now, journal, epoch_offset=time.time())
     workers = (b"W1", b"W2")
