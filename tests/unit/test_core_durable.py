@@ -619,3 +619,37 @@ def test_pause_and_limit_are_kept_across_a_restart(journal: Journal) -> None:
     s.restart(journal)
     (row,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
     assert row["paused"] is False and row["limit"] is None
+
+
+def test_single_enqueues_of_one_pass_reach_a_batching_worker_as_one_tasks(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    s.send(b"W", ext.ready("svc", 8, batch=True))
+    s.sent()
+    # Five single-task ENQUEUEs read in one pass, as the runtime feeds them.
+    calls = [[b"C", *zbc.enqueue(rid, "svc", [[b"%d" % rid]])] for rid in range(5)]
+    s.broker.receive_many(calls, s.now)
+    journal.commit()
+    out = s.sent()
+    answers = [zbc.decode_answer(f[1:]) for f in out if f[0] == b"C"]
+    ids = [a.meta["ids"][0] for a in answers]
+    assert [a.rid for a in answers] == list(range(5))
+    (message,) = [f for f in out if f[0] == b"W"]
+    tasks = ext.decode_for_worker(message[1:])
+    assert isinstance(tasks, ext.Tasks)
+    assert [(t.id, t.payload) for t in tasks.tasks] == [
+        (tid, (b"%d" % i,)) for i, tid in enumerate(ids)
+    ]
+    assert [s.state(tid) for tid in ids] == [TaskState.INFLIGHT] * 5
+    # DONES and new work in the same pass: results stored, credit refilled once.
+    more = [b"C", *zbc.enqueue(9, "svc", [[b"x"]])]
+    dones = [b"W", *ext.dones([(t.id, t.attempt, [b"r"]) for t in tasks.tasks])]
+    s.broker.receive_many([dones, more], s.now)
+    journal.commit()
+    out = s.sent()
+    assert [s.state(tid) for tid in ids] == [TaskState.DONE] * 5
+    (refill,) = [f for f in out if f[0] == b"W"]
+    (answer,) = [zbc.decode_answer(f[1:]) for f in out if f[0] == b"C"]
+    task = ext.decode_for_worker(refill[1:])
+    assert isinstance(task, ext.Task) and task.id == answer.meta["ids"][0]

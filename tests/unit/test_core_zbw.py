@@ -197,3 +197,40 @@ def test_heartbeat_with_unreadable_metrics_still_keeps_the_worker_alive() -> Non
     assert b"Z1" in s.broker.workers
     assert s.broker.stats.bad_metrics == 10
     assert s.broker.stats.malformed_total == 0
+
+
+def test_requests_of_one_pass_leave_together_and_still_rotate() -> None:
+    s = Script()
+    s.send(b"Z1", ext.ready("svc", 4, batch=True))
+    s.send(b"Z2", ext.ready("svc", 4, batch=True))
+    s.sent()
+    requests = [[b"C", *mdp.client_request(b"svc", [b"%d" % i])] for i in range(10)]
+    s.broker.receive_many(requests, s.now)
+    out = s.sent()
+    # One TASKS per worker, work alternating between them, the rest queued.
+    assert sorted(f[0] for f in out) == [b"Z1", b"Z2"]
+    got = {}
+    for frames in out:
+        message = ext.decode_for_worker(frames[1:])
+        assert isinstance(message, ext.Tasks)
+        got[frames[0]] = [t.payload[0] for t in message.tasks]
+    assert got == {b"Z1": [b"0", b"2", b"4", b"6"], b"Z2": [b"1", b"3", b"5", b"7"]}
+    assert [r.body for r in s.broker.services[b"svc"].queue] == [(b"8",), (b"9",)]
+
+
+def test_a_full_queue_in_a_pass_delivers_before_it_refuses() -> None:
+    s = Script(CoreSettings(heartbeat_interval_s=1.0, max_queued_per_service=2))
+    s.send(b"Z1", ext.ready("svc", 3, batch=True))
+    s.sent()
+    requests = [[b"C", *mdp.client_request(b"svc", [b"%d" % i])] for i in range(6)]
+    s.broker.receive_many(requests, s.now)
+    # Three go to the worker, two wait in the queue (its cap), one is refused:
+    # as if each had been received alone.
+    delivered = [f for f in s.sent() if f[0] == b"Z1"]
+    held = sum(
+        len(m.tasks) if isinstance(m, ext.Tasks) else 1
+        for m in (ext.decode_for_worker(f[1:]) for f in delivered)
+    )
+    assert held == 3
+    assert len(s.broker.services[b"svc"].queue) == 2
+    assert s.broker.stats.refused_queue_full == 1

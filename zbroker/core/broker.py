@@ -67,7 +67,10 @@ class Broker(DurableTasks):
     the wall-clock time (seconds since the epoch) written into task records.
 
     Feed it with `receive(frames, now)` for every message read from the ROUTER
-    socket (frames[0] is the routing id), `tick(now)` whenever `now >=
+    socket (frames[0] is the routing id), or `receive_many(messages, now)` for all
+    the messages of one pass (the same, except that deliveries are decided once,
+    after the last message: requests that arrive together leave together, as one
+    TASKS per worker that takes them), `tick(now)` whenever `now >=
     next_tick_at`, and `undeliverable(frames, now)` for every outgoing message
     the socket refused. After each call, send and clear `outbox`: each entry is
     a complete multipart message whose first frame is the destination routing id.
@@ -91,6 +94,8 @@ class Broker(DurableTasks):
         self._heartbeat_interval_s = settings.heartbeat_interval_s
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._batching = False  # completing a DONES: dispatch once, after all of them
+        # While receive_many runs: the services to dispatch once it has read everything.
+        self._deferred: dict[bytes, Service] | None = None
         self._init_durable(journal, now, epoch_offset)
 
     # ------------------------------------------------------------ inputs
@@ -126,6 +131,22 @@ class Broker(DurableTasks):
                 self._malformed("bad_header", frames)
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
+
+    def receive_many(self, messages: list[list[bytes]], now: float) -> None:
+        """`receive` each message, then dispatch every service they gave work or
+        credit to, once. Deferring the dispatch to the end of the pass changes no
+        outcome (nothing is sent before the pass ends anyway), only how the
+        deliveries are grouped into messages."""
+        deferred: dict[bytes, Service] = {}
+        self._deferred = deferred
+        try:
+            receive = self.receive
+            for frames in messages:
+                receive(frames, now)
+        finally:
+            self._deferred = None
+        for service in deferred.values():
+            self._deliver(service, now)
 
     def tick(self, now: float) -> None:
         """Timers: worker expiry, heartbeats, acknowledgement deadlines, request expiry."""
@@ -202,6 +223,10 @@ class Broker(DurableTasks):
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
+        if len(service.queue) >= self.settings.max_queued_per_service and self._deferred:
+            # A deferred dispatch would have made room by now: make it.
+            self._deferred.pop(name, None)
+            self._deliver(service, now)
         if len(service.queue) >= self.settings.max_queued_per_service:
             self.stats.refused_queue_full += 1
             log.warning("queue for %s full: request refused", _name(name))
@@ -577,6 +602,15 @@ class Broker(DurableTasks):
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, service: Service, now: float) -> None:
+        """Deliver what `service` has to its ready workers: now, or at the end of
+        receive_many's pass."""
+        deferred = self._deferred
+        if deferred is None:
+            self._deliver(service, now)
+        else:
+            deferred[service.name] = service
+
+    def _deliver(self, service: Service, now: float) -> None:
         if service.paused:
             return
         queue = service.queue

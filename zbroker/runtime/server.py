@@ -163,7 +163,7 @@ class BrokerServer:
         if monitor is not None:
             poll_items.append((monitor, POLLIN))
         core = self.core
-        receive = core.receive
+        receive_many = core.receive_many
         commit = self.journal.commit
         recv_frame = _backend_recv
         monotonic = time.monotonic
@@ -172,8 +172,8 @@ class BrokerServer:
                 now = monotonic()
                 # Drain what is already queued without polling: poll (a system call)
                 # only once the socket is empty, so a busy broker polls rarely.
-                received = 0
-                while received < RECV_BATCH:
+                messages: list[list[bytes]] = []
+                while len(messages) < RECV_BATCH:
                     try:
                         frame = recv_frame(router, NOBLOCK, False)
                     except zmq.Again:
@@ -182,8 +182,12 @@ class BrokerServer:
                     while frame.more:
                         frame = recv_frame(router, NOBLOCK, False)
                         frames.append(frame.bytes)
-                    receive(frames, now)
-                    received += 1
+                    messages.append(frames)
+                received = len(messages)
+                if received:
+                    # Deliveries are decided once for the whole pass: requests that
+                    # came in together go to a worker together (one TASKS).
+                    receive_many(messages, now)
                 if now >= core.next_tick_at:
                     core.tick(now)
                 # One commit for the whole pass, before anything of it is sent.
