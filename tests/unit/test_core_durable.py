@@ -653,3 +653,27 @@ def test_single_enqueues_of_one_pass_reach_a_batching_worker_as_one_tasks(
     (answer,) = [zbc.decode_answer(f[1:]) for f in out if f[0] == b"C"]
     task = ext.decode_for_worker(refill[1:])
     assert isinstance(task, ext.Task) and task.id == answer.meta["ids"][0]
+
+
+def test_payloads_are_delivered_exactly_from_the_window_and_from_the_store(
+    journal: Journal,
+) -> None:
+    # A window of 2: small payloads of windowed tasks are delivered from memory,
+    # the others (out of the window, too big to keep, or after a restart) are
+    # read from the store. Every delivery carries exactly what was enqueued.
+    s = Script(journal, CoreSettings(window_per_service=2))
+    payloads = [b"small-0", b"L" * 5000, b"small-2", b"small-3", b"small-4"]
+    ids = [s.enqueue("svc", p) for p in payloads]
+    window = s.broker.services[b"svc"].records
+    assert set(window) == set(ids[:2])
+    assert window[ids[0]].frames_memo == (b"small-0",)
+    assert window[ids[1]].frames_memo is None  # over the size kept in memory
+    s.zready(b"W", "svc", 3)
+    first = {tid: payload for tid, _, payload, _ in s.tasks_to(b"W")}
+    assert first == dict(zip(ids[:3], payloads[:3], strict=True))
+    # A restart: the window is rebuilt from the store, without payloads in memory.
+    s.restart(journal)
+    assert all(r.frames_memo is None for r in s.broker.services[b"svc"].records.values())
+    s.zready(b"W2", "svc", 5)
+    again = {tid: payload for tid, _, payload, _ in s.tasks_to(b"W2")}
+    assert again == dict(zip(ids, payloads, strict=True))  # the three in flight come back too

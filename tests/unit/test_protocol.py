@@ -174,6 +174,24 @@ def test_zbw_task_round_trip(task_id: str, attempt: int, service: str, body: lis
             [b"", ext.ZBW01, ext.FAIL, ext.pack_meta({"id": "x", "attempt": 1, "delay_s": -1})],
             "bad_meta",
         ),
+        (
+            [
+                b"",
+                ext.ZBW01,
+                ext.FAIL,
+                ext.pack_meta({"id": "x", "attempt": 1, "delay_s": float("nan")}),
+            ],
+            "bad_meta",
+        ),
+        (
+            [
+                b"",
+                ext.ZBW01,
+                ext.FAIL,
+                ext.pack_meta({"id": "x", "attempt": 1, "delay_s": float("inf")}),
+            ],
+            "bad_meta",
+        ),
         ([b"", ext.ZBW01, ext.DONE], "missing_frames"),
         ([b"", ext.ZBW01, b"\x7f"], "unknown_command"),
         ([b"x", ext.ZBW01, ext.HEARTBEAT], "bad_delimiter"),

@@ -55,6 +55,10 @@ CANCELLED = TaskState.CANCELLED
 EXPIRED = TaskState.EXPIRED
 FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED})
 WAITING = frozenset({READY, DELAYED})
+# Payloads up to this size stay in memory with their record while it waits in the
+# window (at most window_per_service of them per service), so delivering it needs
+# no read of the store.
+_MEMO_PAYLOAD_BYTES = 4096
 
 STATE_NAMES = {state: state.name.lower() for state in TaskState}
 
@@ -726,6 +730,9 @@ class DurableTasks:
             service.waiting_count += 1
             if new is READY:
                 service.ready_count += 1
+                if payload is not None and sum(map(len, payload)) <= _MEMO_PAYLOAD_BYTES:
+                    # Goes with the record if the window keeps it: delivered from memory.
+                    record.frames_memo = payload
                 self._window_insert(service, record)
 
     def _window_insert(self, service: Service, record: TaskRecord) -> None:
@@ -800,7 +807,12 @@ class DurableTasks:
         request.tid = record.id
         request.task = record
         request.attempt = record.attempt
-        request.body = tuple(self.journal.payload(record.id) or ())
+        body = record.frames_memo
+        if body is None:
+            body = tuple(self.journal.payload(record.id) or ())
+        else:
+            record.frames_memo = None  # the request holds it from here
+        request.body = body
         if record.timeout_s is not None:
             request.deadline = now + record.timeout_s
             if request.deadline < self.next_tick_at:

@@ -97,6 +97,12 @@ class TaskRecord:
     # of the same object can skip decoding the stored copy. A store checks it
     # against what it actually holds before trusting it. Never stored or compared.
     store_memo: Any = field(default=None, init=False, repr=False, compare=False)
+    # The payload frames, kept on the object by the broker core while a small task
+    # waits in its in-memory window, so its delivery needs no read of the store.
+    # Never stored or compared; stores neither set nor read it.
+    frames_memo: tuple[bytes, ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ decoded by the broker. Pure codec: no sockets, no clock, no broker state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,9 +244,11 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
         if not isinstance(reason, str) or not isinstance(retry, bool):
             raise ProtocolError("bad_meta", "FAIL: 'reason' is a string, 'retry' a boolean")
         if delay_s is not None and (
-            not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or delay_s < 0
+            not isinstance(delay_s, int | float)
+            or isinstance(delay_s, bool)
+            or not 0 <= delay_s < math.inf  # also refuses NaN
         ):
-            raise ProtocolError("bad_meta", "FAIL: 'delay_s' is a non-negative number")
+            raise ProtocolError("bad_meta", "FAIL: 'delay_s' is a finite non-negative number")
         return Fail(task_id, attempt, reason, retry, None if delay_s is None else float(delay_s))
     if command == READY:
         if n != 4:
