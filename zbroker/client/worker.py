@@ -67,6 +67,8 @@ _MAX_METRICS_BYTES = 64 * 1024
 # Messages read per drain of the DEALER, so timers and reports are never starved.
 _MAX_DRAIN = 1000
 
+_EVENT_LOCK = threading.Lock()
+
 Result = bytes | Sequence[bytes]
 Handler = Callable[["Task"], Result | Awaitable[Result]]
 Metrics = Callable[[], Mapping[str, Any]]
@@ -87,7 +89,8 @@ class Task:
     frames: tuple[bytes, ...] = ()
     headers: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
-    _cancel_event: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    # Made on first use: most tasks are never cancelled nor waited on.
+    _cancel_event: threading.Event | None = field(default=None, init=False, repr=False)
     _generation: int = field(default=0, init=False, repr=False)
     _mailbox: _Mailbox | None = field(default=None, init=False, repr=False)
 
@@ -99,11 +102,22 @@ class Task:
     @property
     def cancelled(self) -> bool:
         """True once the broker took this attempt back: its result will not be sent."""
-        return self._cancel_event.is_set()
+        event = self._cancel_event
+        return event is not None and event.is_set()
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
         """Wait up to `timeout_s` (None: forever) for a cancellation; True if it came."""
-        return self._cancel_event.wait(timeout_s)
+        return self._event().wait(timeout_s)
+
+    def _event(self) -> threading.Event:
+        event = self._cancel_event
+        if event is None:
+            with _EVENT_LOCK:  # the I/O thread and a handler may both get here first
+                event = self._cancel_event
+                if event is None:
+                    event = threading.Event()
+                    object.__setattr__(self, "_cancel_event", event)
+        return event
 
     def progress(self, *data: bytes) -> None:
         """Send PROGRESS for this attempt, with optional data frames. Callable from any thread.
@@ -189,6 +203,8 @@ class _Mailbox:
         # Guards `closed` and the writer: a report must never race the close.
         self._lock = threading.Lock()
         self._closed = False
+        # A wakeup is on its way: the I/O thread will read the queue, no need for another.
+        self._woken = False
 
     def post(self, report: _Report) -> bool:
         """Queue `report` and wake the I/O thread; False once the mailbox is closed."""
@@ -196,17 +212,24 @@ class _Mailbox:
             if self._closed:
                 return False
             self.queue.put(report)
-            # Full of wakeups already if it would block: one is enough.
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                self._writer.send(b"\0")
+            if not self._woken:
+                self._woken = True
+                # Full of wakeups already if it would block: one is enough.
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    self._writer.send(b"\0")
             return True
 
     def clear_wakeups(self) -> None:
+        """Called by the I/O thread before it reads the queue: a report posted after
+        this point wakes it again."""
         try:
             while self.reader.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        # Only now, with every wakeup read: a poster that still saw True put its
+        # report in the queue before this line, so the read that follows gets it.
+        self._woken = False
 
     def close(self) -> list[_Report]:
         """Refuse further reports; returns those nobody read."""
@@ -582,8 +605,10 @@ class _ThreadRunner:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, task: Task) -> None:
-        self._tasks.put(task)
+    def submit(self, tasks: list[Task]) -> None:
+        put = self._tasks.put
+        for task in tasks:
+            put(task)
 
     def cancel(self, task: Task) -> None:
         """A running function cannot be interrupted: it sees `task.cancelled` instead."""
@@ -629,9 +654,10 @@ class _AsyncRunner:
         self._thread.start()
         self._ready.wait()
 
-    def submit(self, task: Task) -> None:
-        if not self._call_soon(self._put, task):
-            self._worker._bump("not_started")
+    def submit(self, tasks: list[Task]) -> None:
+        # One wakeup of the loop for everything one read of the socket brought.
+        if not self._call_soon(self._put_many, tasks):
+            self._worker._bump("not_started", len(tasks))
 
     def cancel(self, task: Task) -> None:
         """Cancel the coroutine running `task`, if any: its attempt is over."""
@@ -688,6 +714,11 @@ class _AsyncRunner:
         assert self._tasks is not None
         self._tasks.put_nowait(task)
 
+    def _put_many(self, tasks: list[Task]) -> None:
+        assert self._tasks is not None
+        for task in tasks:
+            self._tasks.put_nowait(task)
+
     def _cancel_now(self, task: Task) -> None:
         future = self._running.get(task)
         if future is not None:
@@ -695,7 +726,7 @@ class _AsyncRunner:
 
     def _cancel_all(self) -> None:
         for task, future in list(self._running.items()):
-            task._cancel_event.set()
+            task._event().set()
             future.cancel()
 
     async def _serve(self) -> None:
@@ -704,20 +735,28 @@ class _AsyncRunner:
     async def _consume(self) -> None:
         worker = self._worker
         assert self._tasks is not None
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         while True:
             task = await self._tasks.get()
             if task is None:
                 return
             if not worker._may_start(task):
                 continue
-            future = asyncio.ensure_future(worker._call_async(task))
+            # The handler runs as its own asyncio task, so that cancelling it (the
+            # broker took the attempt back) leaves this consumer running.
+            future = loop.create_task(worker._call_async(task))
             self._running[task] = future
+            outcome: _Outcome | None = None
             try:
-                await asyncio.wait((future,))
+                outcome = await future
+            except asyncio.CancelledError:
+                if me is not None and me.cancelling():
+                    raise  # this consumer itself is being cancelled: the loop is closing
             finally:
                 del self._running[task]
-            if not future.cancelled():
-                worker._report(future.result())
+            if outcome is not None:
+                worker._report(outcome)
             elif not task.cancelled:
                 # Cancelled by something inside the handler, not by the broker.
                 reason = "CancelledError: the handler's coroutine was cancelled"
@@ -939,6 +978,7 @@ class _Link:
         dealer = self._dealer
         assert dealer is not None
         acks: list[tuple[str, int]] = []
+        to_run: list[Task] = []
         for _ in range(_MAX_DRAIN):
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
@@ -959,28 +999,38 @@ class _Link:
                 )
                 self._close(disconnect=False)
                 self._reconnect_after(self._next_backoff())
-                return  # nothing to acknowledge on a connection that is gone
+                # Nothing to acknowledge on a connection that is gone, and nothing
+                # it brought may start: those attempts are the broker's again.
+                w._bump("not_started", len(to_run))
+                return
             if not self.connected:
                 self.connected = True
                 self._backoff_s = w.reconnect_delay_s
             if isinstance(message, ext.Task):
                 acks.append((message.id, message.attempt))
-                self._on_task(message)
+                self._on_task(message, to_run)
             elif isinstance(message, ext.Tasks):
                 for one in message.tasks:
                     acks.append((one.id, one.attempt))
-                    self._on_task(one)
+                    self._on_task(one, to_run)
             elif isinstance(message, ext.Cancel):
                 self._on_cancel(message)
             else:
                 # Answer at the broker's pace, so that a broker configured with a
                 # shorter interval than this worker's never declares it dead.
                 self._heartbeat()
+        if to_run:
+            runner = w._runner
+            if runner is not None:
+                runner.submit(to_run)
+            else:  # stopped meanwhile: held until our DISCONNECT hands them back
+                w._bump("not_started", len(to_run))
         if acks:
             w._bump("acked", len(acks))
             self._send(ext.ack(acks))
 
-    def _on_task(self, message: ext.Task) -> None:
+    def _on_task(self, message: ext.Task, to_run: list[Task]) -> None:
+        """Hold the attempt; add it to `to_run` unless the worker is stopping."""
         w = self._worker
         w._bump("received")
         task = Task(
@@ -1002,7 +1052,7 @@ class _Link:
             # Held (and acknowledged) until our DISCONNECT hands it back to the broker.
             w._bump("not_started")
             return
-        runner.submit(task)
+        to_run.append(task)
 
     def _on_cancel(self, message: ext.Cancel) -> None:
         task = self._held.get(message.id)
@@ -1019,7 +1069,7 @@ class _Link:
         self._cancel(task)
 
     def _cancel(self, task: Task) -> None:
-        task._cancel_event.set()
+        task._event().set()
         runner = self._worker._runner
         if runner is not None:
             runner.cancel(task)
