@@ -2,7 +2,7 @@
 by valgrind (callgrind): a figure that does not move with the machine's load, for
 comparing two versions of the core or the journal.
 
-    .venv/bin/python bench/instructions.py            # both queue shapes, ~3 minutes
+    .venv/bin/python bench/instructions.py            # every shape, ~4 minutes
     .venv/bin/python bench/instructions.py --shape deep
 
 Each shape is driven twice under `valgrind --tool=callgrind`, for SMALL and for
@@ -13,7 +13,9 @@ cost of one task with start-up, imports and the journal's creation cancelled out
   workers with credit 64 answer ACK and DONES; the queue stays short, so tasks
   reach workers from the core's window without a journal read);
 - deep: every task is enqueued first, then the workers drain the queue, so tasks
-  come out of the journal in window refills, as under a backlog.
+  come out of the journal in window refills, as under a backlog;
+- single: as short, but every task comes in its own ENQUEUE (100 of them read in
+  one pass), so the count includes decoding and answering one call per task.
 
 The journal is LMDB with `async` durability (an fsync is not an instruction of the
 process, and `sync` differs from `async` only by it).
@@ -32,7 +34,7 @@ from pathlib import Path
 
 SMALL = 1_000
 LARGE = 6_000
-SHAPES = ("short", "deep")
+SHAPES = ("short", "deep", "single")
 
 
 def drive(shape: str, tasks: int) -> None:
@@ -47,8 +49,8 @@ def drive(shape: str, tasks: int) -> None:
     with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
         journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
         try:
-            if shape == "short":
-                micro.durable_run(journal, tasks)
+            if shape in ("short", "single"):
+                micro.durable_run(journal, tasks, per_call=100 if shape == "short" else 1)
                 return
             broker = Broker(CoreSettings(), 0.0, journal, epoch_offset=time.time())
             batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)

@@ -7,16 +7,26 @@
 2. The broker core with its journal, per durable task: ENQUEUE batches of 100
    tasks of 100 bytes, two batching ZBW01 workers (credit 64) answering ACK and
    DONES, a commit after every message, as the runtime's passes would; for the
-   memory journal and LMDB in `async` and `sync` mode. CPU time per task.
+   memory journal and LMDB in `async` and `sync` mode. CPU time per task. Then
+   the same with one ENQUEUE per task (LMDB `async`): 100 ENQUEUEs per pass.
 3. pyzmq call patterns for a 5-frame message over inproc: `send_multipart` against
    the backend's `send` per frame with int flags (what the broker's loop uses), and
    `recv_multipart` against `recv(copy=False)` with `.more`.
-Each figure is the median of 5 repetitions, in microseconds.
+4. Lifecycle events, per event: what the core spends building them (2. with a
+   subscription to every topic, against none, memory journal), what the runtime's
+   loop spends publishing them (`BrokerServer._publish`, the loop's thread), and
+   what the event bus's proxy and I/O threads spend moving them to a subscriber
+   in another process (the broker process's CPU minus the loop's thread).
+Each figure is the median of 5 repetitions (3 for 2. and 4.), in microseconds.
 """
 
 from __future__ import annotations
 
+import resource
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,9 +36,11 @@ import msgpack
 import zmq
 import zmq.backend
 
+from zbroker.config import BrokerConfig
 from zbroker.core import Broker, CoreSettings
 from zbroker.journal import Durability, Journal, open_journal
 from zbroker.protocol import ext, mdp, zbc
+from zbroker.runtime.server import BrokerServer
 
 N = 50_000
 REPEATS = 5
@@ -94,6 +106,19 @@ def core_durable(durability: Durability, tasks: int = 20_000) -> float:
     return statistics.median(samples)
 
 
+def core_single_enqueues(tasks: int = 20_000) -> float:
+    """As core_durable (async LMDB), but every task comes in its own ENQUEUE."""
+    samples = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="zbroker-micro-") as tmp:
+            journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
+            try:
+                samples.append(durable_run(journal, tasks, per_call=1))
+            finally:
+                journal.close()
+    return statistics.median(samples)
+
+
 def core_keyed_enqueue(tasks: int = 20_000) -> float:
     """CPU microseconds per single-task ENQUEUE with an idempotency key (as the Python
     client sends every call), core and LMDB `async` journal, no workers, a commit
@@ -143,29 +168,48 @@ def answer_tasks(broker: Broker, journal: Journal, workers: tuple[bytes, ...], n
     return done
 
 
-def durable_run(journal: Journal, tasks: int) -> float:
+def durable_run(
+    journal: Journal,
+    tasks: int,
+    subscriptions: frozenset[str] = frozenset(),
+    events_built: list[int] | None = None,
+    per_call: int = 100,
+) -> float:
+    """CPU microseconds per task; with `subscriptions`, the core also builds the
+    lifecycle events under those prefixes (their count is appended to `events_built`)."""
     now = 0.0
     broker = Broker(CoreSettings(), now, journal, epoch_offset=time.time())
+    broker.set_subscriptions(subscriptions)
+    events = 0
     workers = (b"W1", b"W2")
     for w in workers:
         broker.receive([w, *ext.ready("echo", 64, batch=True)], now)
     journal.commit()
     broker.outbox = []
-    batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)
+    batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * per_call, batch=per_call > 1)
     meta = ext.unpack_meta(batch[3])
     sent = done = 0
     started = time.process_time()
     while done < tasks:
         if sent < tasks:
-            meta["rid"] = sent
-            broker.receive([b"C", *batch[:3], ext.pack_meta(meta), *batch[4:]], now)
+            # 100 tasks per pass, in one ENQUEUE or in 100 (per_call 1), read in one
+            # pass and committed once, as the runtime does under load.
+            calls = []
+            for _ in range(100 // per_call):
+                meta["rid"] = sent
+                calls.append([b"C", *batch[:3], ext.pack_meta(meta), *batch[4:]])
+                sent += per_call
+            broker.receive_many(calls, now)
             journal.commit()
-            sent += 100
         while broker.outbox:
             done += answer_tasks(broker, journal, workers, now)
         now += 0.001
         if now >= broker.next_tick_at:
             broker.tick(now)
+        events += len(broker.events)
+        broker.events.clear()  # as the runtime's publish does after every pass
+    if events_built is not None:
+        events_built.append(events)
     return (time.process_time() - started) / done * 1e6
 
 
@@ -230,6 +274,86 @@ def socket_patterns() -> dict[str, float]:
     return results
 
 
+def core_event_cost(tasks: int = 20_000) -> float:
+    """Extra core CPU per lifecycle event with a subscriber to every topic."""
+    plain, with_events, per_task = [], [], []
+    for _ in range(3):
+        plain.append(durable_run(open_journal(Durability.MEMORY, None), tasks))
+        built: list[int] = []
+        journal = open_journal(Durability.MEMORY, None)
+        with_events.append(durable_run(journal, tasks, frozenset({""}), built))
+        per_task.append(built[0] / tasks)
+    extra = statistics.median(with_events) - statistics.median(plain)
+    return extra / statistics.median(per_task)
+
+
+_SUBSCRIBER = """
+import sys, zmq
+ctx = zmq.Context(); sub = ctx.socket(zmq.SUB); sub.rcvhwm = 0
+sub.setsockopt(zmq.SUBSCRIBE, b""); sub.connect(sys.argv[1]); sub.rcvtimeo = 1000
+n = 0
+try:
+    while True:
+        sub.recv_multipart(); n += 1
+except zmq.Again:
+    print(n, flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def publish_event_cost(events: int = 20_000, chunk: int = 500) -> tuple[float, float]:
+    """(loop thread, bus threads) CPU microseconds per lifecycle event published by a
+    real BrokerServer to a subscriber process (median of 3)."""
+    loop_us, bus_us = [], []
+    payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
+    for _ in range(3):
+        ports = [_free_port() for _ in range(3)]
+        config = BrokerConfig(
+            bind=f"tcp://127.0.0.1:{ports[0]}",
+            events_in=f"tcp://127.0.0.1:{ports[1]}",
+            events_out=f"tcp://127.0.0.1:{ports[2]}",
+            durability=Durability.MEMORY,
+        )
+        server = BrokerServer(config)
+        try:
+            server.events.start()
+            sub = subprocess.Popen(
+                [sys.executable, "-c", _SUBSCRIBER, config.events_out],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 10.0
+            while not server._subscriptions and time.monotonic() < deadline:
+                server.lifecycle.poll(100)  # the subscription reaches the loop's XPUB
+                server._read_subscriptions()
+            if not server._subscriptions:
+                raise RuntimeError("the subscriber's subscription never arrived")
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            process_before = usage.ru_utime + usage.ru_stime
+            loop = 0.0
+            for _ in range(events // chunk):
+                server.core.events = [("task.done.echo", payload)] * chunk
+                started = time.thread_time()
+                server._publish()
+                loop += time.thread_time() - started
+                time.sleep(0.005)  # keep under the bus's high-water marks: count, not drop
+            received = int(sub.communicate(timeout=30)[0])
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            process = usage.ru_utime + usage.ru_stime - process_before
+            if received != events or server.events_dropped:
+                raise RuntimeError(f"{received} of {events} events arrived")
+            loop_us.append(loop / events * 1e6)
+            bus_us.append((process - loop) / events * 1e6)
+        finally:
+            server._close()
+    return statistics.median(loop_us), statistics.median(bus_us)
+
+
 def main() -> None:
     print(f"[micro] core, MDP request + stock MDP worker reply: {core_mdp():.2f} us/request")
     print(f"[micro] core, MDP request + ZBW01 worker DONE:     {core_zbw():.2f} us/request")
@@ -237,8 +361,14 @@ def main() -> None:
     for durability in (Durability.MEMORY, Durability.ASYNC, Durability.SYNC):
         figure = core_durable(durability)
         print(f"[micro] core + {durability.value} journal, durable task: {figure:.2f} us CPU/task")
+    single = core_single_enqueues()
+    print(f"[micro] core + async journal, one ENQUEUE per task: {single:.2f} us CPU/task")
     for name, value in socket_patterns().items():
         print(f"[micro] {name}: {value:.2f} us/message")
+    print(f"[micro] lifecycle event, built by the core: {core_event_cost():.2f} us/event")
+    loop, bus = publish_event_cost()
+    print(f"[micro] lifecycle event, published by the loop: {loop:.2f} us/event")
+    print(f"[micro] lifecycle event, bus threads to a subscriber: {bus:.2f} us/event")
 
 
 if __name__ == "__main__":

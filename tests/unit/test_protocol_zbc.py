@@ -126,3 +126,12 @@ def test_wrong_field_types_give_protocol_errors_only(
 ) -> None:
     with contextlib.suppress(ProtocolError):
         zbc.decode_client([b"", zbc.ZBC01, command, msgpack.packb(meta), *frames])
+
+
+def test_a_call_without_options_gets_the_defaults_each_its_own() -> None:
+    first = zbc.decode_client(zbc.enqueue(1, "svc", [[b"a"]]))
+    second = zbc.decode_client(zbc.request(2, "svc", [b"b"], wait_s=3.0))
+    assert isinstance(first, zbc.Enqueue) and isinstance(second, zbc.Enqueue)
+    assert first.options == second.options == zbc.TaskOptions()
+    assert first.options.headers is not second.options.headers  # never shared
+    assert second.wait and second.wait_s == 3.0

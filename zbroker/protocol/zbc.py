@@ -312,7 +312,13 @@ def _str(meta: dict[str, Any], name: str, rid: int) -> str:
     return value
 
 
+# Fields of an ENQUEUE or REQUEST that are not task options.
+_NOT_OPTIONS = frozenset({"rid", "service", "counts", "wait_s"})
+
+
 def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
+    if meta.keys() <= _NOT_OPTIONS:
+        return TaskOptions()  # no options given: nothing to check
     max_attempts = meta.get("max_attempts")
     if max_attempts is not None and (
         type(max_attempts) is not int or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
