@@ -89,7 +89,10 @@ class Ready:
     batch: bool = False  # the worker accepts TASKS (several tasks in one message)
 
 
-@dataclass(frozen=True, slots=True)
+# Built once per message (or task) on the hot path: not frozen, whose __init__ costs
+# about 3x more in CPython 3.11 (bench/instructions.py). Treat it as a value all the same
+# (it hashes by its fields, as a frozen one would).
+@dataclass(slots=True, unsafe_hash=True)
 class Ack:
     """The worker has taken these attempts: (task id, attempt) pairs."""
 
@@ -105,7 +108,10 @@ class Progress:
     data: tuple[bytes, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+# Built once per message (or task) on the hot path: not frozen, whose __init__ costs
+# about 3x more in CPython 3.11 (bench/instructions.py). Treat it as a value all the same
+# (it hashes by its fields, as a frozen one would).
+@dataclass(slots=True, unsafe_hash=True)
 class Done:
     """The attempt finished; `result` frames go to whoever waits for the task."""
 
@@ -334,7 +340,10 @@ def disconnect(reason: str = "") -> list[bytes]:
 # --------------------------------------------------------- broker -> worker
 
 
-@dataclass(frozen=True, slots=True)
+# Built once per message (or task) on the hot path: not frozen, whose __init__ costs
+# about 3x more in CPython 3.11 (bench/instructions.py). Treat it as a value all the same
+# (it hashes by its fields, as a frozen one would).
+@dataclass(slots=True, unsafe_hash=True)
 class Task:
     """One attempt of a task, as a worker receives it."""
 
