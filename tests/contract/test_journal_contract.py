@@ -947,3 +947,30 @@ def test_oldest_ready_looks_across_priorities(journal: Journal) -> None:
     journal.delete("t5")
     oldest = journal.oldest_ready("s")
     assert oldest is not None and oldest.id == "t6"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("key", "k1"), ("priority", 1000), ("seq", -1), ("id", ""), ("keep_until", math.nan)],
+)
+def test_a_record_changed_in_place_is_checked_like_a_new_one(
+    journal: Journal, field: str, value: Any
+) -> None:
+    # Given two stored tasks, the second one's object kept and put again (a store
+    # may remember what it holds for an object it wrote)
+    journal.put(task(journal, "t-1", key="k1"))
+    record = task(journal, "t-2", key="k2")
+    journal.put(record)
+    journal.put(record)
+    journal.commit()
+    # When that same object is changed in place in a way no put may accept
+    setattr(record, field, value)
+    # Then the put is refused and nothing changes
+    with pytest.raises(ValueError):
+        journal.put(record)
+    journal.commit()
+    assert journal.find_key("svc", "k1") == "t-1"
+    assert journal.find_key("svc", "k2") == "t-2"
+    stored = journal.get("t-2")
+    assert stored is not None and stored.key == "k2" and stored.priority == 0
+    assert journal.counts() == {"svc": {READY: 2}}
