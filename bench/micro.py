@@ -23,7 +23,6 @@ Each figure is the median of 5 repetitions (3 for 2. and 4.), in microseconds.
 from __future__ import annotations
 
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import msgpack
 import zmq
 import zmq.backend
+from harness import free_tcp_ports
 
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker, CoreSettings
@@ -300,19 +300,13 @@ except zmq.Again:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def publish_event_cost(events: int = 20_000, chunk: int = 500) -> tuple[float, float]:
     """(loop thread, bus threads) CPU microseconds per lifecycle event published by a
     real BrokerServer to a subscriber process (median of 3)."""
     loop_us, bus_us = [], []
     payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
     for _ in range(3):
-        ports = [_free_port() for _ in range(3)]
+        ports = free_tcp_ports(3)
         config = BrokerConfig(
             bind=f"tcp://127.0.0.1:{ports[0]}",
             events_in=f"tcp://127.0.0.1:{ports[1]}",

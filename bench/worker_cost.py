@@ -30,16 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (
-    ROOT,
-    BenchError,
-    Child,
-    ProcessGroup,
-    free_tcp_ports,
-    process_cpu_s,
-    python_argv,
-    wait_for_listener,
-)
+import durable
+from harness import ROOT, BenchError, Child, ProcessGroup, process_cpu_s, python_argv
 
 HERE = Path(__file__).resolve().parent
 SERVICE = "bench"  # durable_peers' service name
@@ -80,29 +72,8 @@ def _queue_empty(endpoint: str) -> bool:
 
 
 def run_once(kind: str, tasks: int, log_dir: Path) -> dict[str, float]:
-    port, events_in, events_out = free_tcp_ports(3)
-    endpoint = f"tcp://127.0.0.1:{port}"
     with ProcessGroup(log_dir / kind) as procs, tempfile.TemporaryDirectory() as data:
-        broker = procs.start(
-            "broker",
-            [
-                sys.executable,
-                "-m",
-                "zbroker",
-                "start",
-                "--bind",
-                endpoint,
-                "--events-in",
-                f"tcp://127.0.0.1:{events_in}",
-                "--events-out",
-                f"tcp://127.0.0.1:{events_out}",
-                "--durability",
-                "memory",
-                "--data-dir",
-                data,
-            ],
-        )
-        wait_for_listener(port, broker)
+        endpoint, _, _ = durable._start_broker(procs, "broker", "memory", Path(data))
         producer = procs.start(
             "producer",
             python_argv(
