@@ -26,6 +26,8 @@ arguments, frames to send go out through `outbox`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from zbroker.core.durable import DurableTasks
 from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
@@ -93,8 +95,7 @@ class Broker(DurableTasks):
         self._worker_expiry_s = settings.worker_expiry_s
         self._heartbeat_interval_s = settings.heartbeat_interval_s
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self._batching = False  # completing a DONES: dispatch once, after all of them
-        # While receive_many runs: the services to dispatch once it has read everything.
+        # Inside _one_dispatch: the services to dispatch once, when it ends.
         self._deferred: dict[bytes, Service] | None = None
         self._init_durable(journal, now, epoch_offset)
 
@@ -137,12 +138,22 @@ class Broker(DurableTasks):
         credit to, once. Deferring the dispatch to the end of the pass changes no
         outcome (nothing is sent before the pass ends anyway), only how the
         deliveries are grouped into messages."""
-        deferred: dict[bytes, Service] = {}
-        self._deferred = deferred
-        try:
+        with self._one_dispatch(now):
             receive = self.receive
             for frames in messages:
                 receive(frames, now)
+
+    @contextmanager
+    def _one_dispatch(self, now: float) -> Iterator[None]:
+        """Defer every dispatch inside the block to its end, one per service (inside
+        another such block: to the end of that one). Not on an exception."""
+        if self._deferred is not None:
+            yield
+            return
+        deferred: dict[bytes, Service] = {}
+        self._deferred = deferred
+        try:
+            yield
         finally:
             self._deferred = None
         for service in deferred.values():
@@ -324,17 +335,11 @@ class Broker(DurableTasks):
         elif kind is ext.Dones:
             assert isinstance(msg, ext.Dones)
             # Free all the credit first, then refill it with one dispatch (one TASKS).
-            self._batching = True
-            try:
+            with self._one_dispatch(now):
                 for done in msg.items:
                     request = self._fenced(worker, done.id, done.attempt)
                     if request is not None:
                         self._complete(worker, request, done.result, now)
-            finally:
-                self._batching = False
-            service = worker.service
-            if service.ready and (service.queue or service.ready_count):
-                self._dispatch(service, now)
         elif kind is ext.Ack:
             assert isinstance(msg, ext.Ack)
             for task_id, attempt in msg.tasks:
@@ -529,7 +534,7 @@ class Broker(DurableTasks):
         service = worker.service
         # Hand out the next request before forwarding the reply: a worker's round
         # trip through the broker is what bounds throughput.
-        if (service.queue or service.ready_count) and not self._batching:
+        if service.queue or service.ready_count:
             self._dispatch(service, now)
         if request.task is not None:
             self._task_done(request, body, now)
@@ -602,8 +607,8 @@ class Broker(DurableTasks):
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, service: Service, now: float) -> None:
-        """Deliver what `service` has to its ready workers: now, or at the end of
-        receive_many's pass."""
+        """Deliver what `service` has to its ready workers: now, or at the end of the
+        enclosing _one_dispatch block (a pass of receive_many, a DONES)."""
         deferred = self._deferred
         if deferred is None:
             self._deliver(service, now)
