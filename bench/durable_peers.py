@@ -19,11 +19,10 @@ import signal
 import sys
 import time
 
-import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from zbroker.protocol import ext, zbc
+from zbroker.protocol import events, ext, zbc
 
 SERVICE = "bench"
 # A worker with nothing to do heartbeats this often; the broker's default interval is
@@ -217,15 +216,15 @@ def producer(
 
 
 def subscriber(endpoint: str, prefix: str) -> None:
-    """A SUB socket on the bus counting events under `prefix` (decoding each envelope,
-    as a real subscriber would). Once idle for WORKER_REPORT_IDLE_MS after events,
-    it prints `{"events": count so far}`."""
+    """A SUB socket on the bus counting events under `prefix` (decoding each message
+    into its events, batches included, as a real subscriber would). Once idle for
+    WORKER_REPORT_IDLE_MS after events, it prints `{"events": count so far}`."""
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.SUB)
     sock.subscribe(prefix.encode())
     _connect(sock, endpoint)
     print("ready", flush=True)
-    unpackb = msgpack.unpackb
+    decode = events.decode_events
     count = reported = 0
     while True:
         if not sock.poll(WORKER_REPORT_IDLE_MS):
@@ -238,8 +237,7 @@ def subscriber(endpoint: str, prefix: str) -> None:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            unpackb(frames[1])
-            count += 1
+            count += len(decode(frames))
 
 
 def main(argv: list[str] | None = None) -> None:

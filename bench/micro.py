@@ -16,7 +16,9 @@
    subscription to every topic, against none, memory journal), what the runtime's
    loop spends publishing them (`BrokerServer._publish`, the loop's thread), and
    what the event bus's proxy and I/O threads spend moving them to a subscriber
-   in another process (the broker process's CPU minus the loop's thread).
+   in another process (the broker process's CPU minus the loop's thread); for
+   passes of 500 events of one topic (one batch message) and of two alternating
+   topics (no batching: one message per event).
 Each figure is the median of 5 repetitions (3 for 2. and 4.), in microseconds.
 """
 
@@ -289,22 +291,28 @@ def core_event_cost(tasks: int = 20_000) -> float:
 
 _SUBSCRIBER = """
 import sys, zmq
+from zbroker.protocol.events import decode_events
 ctx = zmq.Context(); sub = ctx.socket(zmq.SUB); sub.rcvhwm = 0
 sub.setsockopt(zmq.SUBSCRIBE, b""); sub.connect(sys.argv[1]); sub.rcvtimeo = 1000
 n = 0
 try:
     while True:
-        sub.recv_multipart(); n += 1
+        n += len(decode_events(sub.recv_multipart()))
 except zmq.Again:
     print(n, flush=True)
 """
 
 
-def publish_event_cost(events: int = 20_000, chunk: int = 500) -> tuple[float, float]:
+def publish_event_cost(
+    events: int = 20_000, chunk: int = 500, topics: int = 1
+) -> tuple[float, float]:
     """(loop thread, bus threads) CPU microseconds per lifecycle event published by a
-    real BrokerServer to a subscriber process (median of 3)."""
+    real BrokerServer to a subscriber process (median of 3). The events of a pass
+    cycle through `topics` topics: with 1, a pass is one batch message; with 2, no
+    two neighbours share a topic and every event is a message of its own."""
     loop_us, bus_us = [], []
     payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
+    pass_events = [(f"task.done.echo{i % topics or ''}", payload) for i in range(chunk)]
     for _ in range(3):
         ports = free_tcp_ports(3)
         config = BrokerConfig(
@@ -331,7 +339,7 @@ def publish_event_cost(events: int = 20_000, chunk: int = 500) -> tuple[float, f
             process_before = usage.ru_utime + usage.ru_stime
             loop = 0.0
             for _ in range(events // chunk):
-                server.core.events = [("task.done.echo", payload)] * chunk
+                server.core.events = list(pass_events)
                 started = time.thread_time()
                 server._publish()
                 loop += time.thread_time() - started
@@ -360,9 +368,10 @@ def main() -> None:
     for name, value in socket_patterns().items():
         print(f"[micro] {name}: {value:.2f} us/message")
     print(f"[micro] lifecycle event, built by the core: {core_event_cost():.2f} us/event")
-    loop, bus = publish_event_cost()
-    print(f"[micro] lifecycle event, published by the loop: {loop:.2f} us/event")
-    print(f"[micro] lifecycle event, bus threads to a subscriber: {bus:.2f} us/event")
+    for topics, shape in ((1, "one topic per pass (batched)"), (2, "topics alternating")):
+        loop, bus = publish_event_cost(topics=topics)
+        print(f"[micro] lifecycle event, {shape}, published by the loop: {loop:.2f} us/event")
+        print(f"[micro] lifecycle event, {shape}, bus threads to a subscriber: {bus:.2f} us/event")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,13 @@ export class Publisher {
   published: number
   /** Publish one event; payload is anything msgpack carries (Buffers as bin). */
   publish<P = unknown> (type: string, payload?: P, options?: PublishOptions): Promise<Event<P>>
+  /**
+   * Publish a batch of events of one type as one message (`payloads`, protocol §6):
+   * one event per element, in order, sharing source, timestamp, correlationId and
+   * replyTo. Resolves with the events as sent; `published` grows by their number.
+   * TypeError when `payloads` is not an array, RangeError when it is empty.
+   */
+  publishMany<P = unknown> (type: string, payloads: readonly P[], options?: PublishOptions): Promise<Array<Event<P>>>
   /** Close; events not yet sent are discarded, unless `lingerMs` (default 0) gives them time to leave. */
   close (options?: { lingerMs?: number }): void
   [Symbol.dispose] (): void
@@ -371,11 +378,13 @@ export class Subscriber implements AsyncIterable<Event> {
   constructor (options?: SubscriberOptions)
   readonly endpoint: string
   readonly closed: boolean
+  /** Events handed out (each event of a batch counts). */
   received: number
+  /** Messages dropped because they could not be decoded. */
   dropped: number
   subscribe (...prefixes: string[]): void
   unsubscribe (...prefixes: string[]): void
-  /** The next event, or null at the timeout or when closed meanwhile. */
+  /** The next event (a batch is handed out one event at a time), or null at the timeout or when closed meanwhile. */
   recv (options?: { timeoutMs?: number, signal?: AbortSignal }): Promise<Event | null>
   [Symbol.asyncIterator] (): AsyncIterator<Event>
   close (): void

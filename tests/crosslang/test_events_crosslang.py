@@ -17,7 +17,7 @@ import zmq
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.crosslang.nodeproc import NodeFactory, NodeProcess, b64, unb64
-from zbroker.client import Event, Publisher, Subscriber
+from zbroker.client import Client, Event, Publisher, Subscriber
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -200,3 +200,31 @@ def test_node_timestamp_is_a_msgpack_float_even_on_a_whole_second(
     # Then the timestamp is still a msgpack float (0xcb float 64 or 0xca float 32)
     timestamp_marker = envelope[envelope.index(b"timestamp") + len(b"timestamp")]
     assert timestamp_marker in (0xCA, 0xCB), hex(timestamp_marker)
+
+
+def test_batches_reach_the_node_subscriber_as_separate_events_in_order(
+    broker: BrokerProcess, node_events: NodeProcess, stack: ExitStack
+) -> None:
+    # Given a Node subscriber of the broker's task.enqueued.* events and of "sync."
+    node_events.call("subscribe", topics=["task.enqueued.", "sync."])
+    pub = stack.enter_context(Publisher(broker.events_in, source="py-batcher"))
+
+    def probe_arrived() -> bool:
+        pub.publish("sync.probe")
+        return bool(node_events.seen(lambda m: m.get("type") == "sync.probe"))
+
+    wait_until(probe_arrived)
+    # When the broker stores 30 tasks in one pass (one batch message on the wire)
+    # and a Python publisher sends a batch of its own
+    with Client(broker.endpoint) as client:
+        ids = client.enqueue_many("xl", [b"%d" % i for i in range(30)])
+    pub.publish_many("sync.batch", [1, 2, 3], correlation_id="b-1")
+    pub.publish("sync.end")
+    node_events.wait_for(lambda m: m.get("type") == "sync.end", what="sync.end")
+    # Then the Node subscriber handed out every event on its own, in order
+    enqueued = node_events.seen(lambda m: m.get("type") == "task.enqueued.xl")
+    assert [unpack(m["payload"])["id"] for m in enqueued] == ids
+    assert {m["source"] for m in enqueued} == {"zbroker"}
+    batch = node_events.seen(lambda m: m.get("type") == "sync.batch")
+    assert [unpack(m["payload"]) for m in batch] == [1, 2, 3]
+    assert {m["correlationId"] for m in batch} == {"b-1"}

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import msgpack
+import zmq
+
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
 from zbroker import NonRetryableError, Task
 from zbroker.client import Subscriber
-from zbroker.protocol.events import Event
+from zbroker.protocol.events import Event, decode_events
 
 
 def subscribe(stack: ExitStack, broker: BrokerProcess, *prefixes: str) -> Subscriber:
@@ -96,3 +99,44 @@ def test_heartbeats_carry_worker_metrics_and_unwanted_topics_are_not_sent(
     for _ in range(5):
         event = sub.recv(timeout_s=0.3)
         assert event is None or event.type == "heartbeat.ping"
+
+
+def test_events_of_one_pass_go_out_batched_and_are_handed_out_one_by_one(
+    broker: BrokerProcess, stack: ExitStack
+) -> None:
+    # A raw SUB socket sees the wire; a Subscriber sees what applications see.
+    raw = stack.enter_context(zmq.Context()).socket(zmq.SUB)
+    stack.callback(raw.close, 0)
+    raw.subscribe(b"task.enqueued.batch")
+    raw.connect(broker.events_out)
+    sub = subscribe(stack, broker, "task.")
+    wait_until(lambda: "'task.enqueued.batch'" in broker.log().split("subscribers want")[-1])
+    client = open_client(stack, broker)
+    # Given 50 tasks stored by one ENQUEUE (one pass of the broker's loop)
+    ids = client.enqueue_many("batched", [b"%d" % i for i in range(50)])
+    # Then the raw socket receives one message holding all 50, in the order of the ids
+    assert raw.poll(10_000)
+    frames = raw.recv_multipart()
+    assert frames[0] == b"task.enqueued.batched"
+    envelope = msgpack.unpackb(frames[1])
+    assert "payload" not in envelope and envelope["source"] == "zbroker"
+    assert [p["id"] for p in envelope["payloads"]] == ids
+    assert decode_events(frames) == [
+        Event("task.enqueued.batched", "zbroker", p, envelope["timestamp"])
+        for p in envelope["payloads"]
+    ]
+    # And the Subscriber hands out 50 separate events in that order, counted one by one
+    got = [sub.recv(timeout_s=10) for _ in ids]
+    assert [e.payload["id"] for e in got if e is not None] == ids
+    assert sub.received == 50 and sub.dropped == 0
+    # And a worker's run through the same tasks keeps every task's own order:
+    # enqueued before started before done, whatever was batched with what.
+    start_worker(stack, broker, "batched", lambda task: task.payload, concurrency=8)
+    for task_id in ids:
+        client.result(task_id, timeout_s=10)
+    seen: dict[str, list[str]] = {task_id: ["enqueued"] for task_id in ids}
+    while sum(kinds[-1] == "done" for kinds in seen.values()) < len(ids):
+        event = sub.recv(timeout_s=10)
+        assert event is not None, f"events stopped: {seen}"
+        seen[event.payload["id"]].append(event.type.split(".")[1])
+    assert set(map(tuple, seen.values())) == {("enqueued", "started", "done")}

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
-from zbroker.protocol.events import Event, decode_event, encode_event
+from zbroker.protocol.events import (
+    Event,
+    decode_event,
+    decode_events,
+    encode_event,
+    encode_events,
+)
 
 body_st = st.lists(st.binary(max_size=64), max_size=5)
 
@@ -64,6 +70,7 @@ def test_garbage_gives_protocol_errors_only(frames: list[bytes]) -> None:
         mdp.decode_from_broker_to_worker,
         mdp.decode_reply_to_client,
         decode_event,
+        decode_events,
     ):
         try:
             decode(frames)
@@ -116,6 +123,47 @@ def test_bad_events_are_protocol_errors(frames: list[bytes]) -> None:
 def test_empty_event_type_is_refused_locally() -> None:
     with pytest.raises(ValueError):
         encode_event(Event("", "s", None, 0.0))
+
+
+def test_a_batch_envelope_is_its_events_in_order_with_the_shared_fields() -> None:
+    frames = encode_events("task.done.tts", "zbroker", [{"id": "a"}, None, [1]], 2.5, "c-7")
+    assert frames[0] == b"task.done.tts"
+    assert msgpack.unpackb(frames[1])["payloads"] == [{"id": "a"}, None, [1]]
+    events = decode_events(frames)
+    assert [e.payload for e in events] == [{"id": "a"}, None, [1]]
+    assert {(e.type, e.source, e.timestamp, e.correlation_id) for e in events} == {
+        ("task.done.tts", "zbroker", 2.5, "c-7")
+    }
+    # A single event is a list of one; decode_event refuses a batch of several.
+    assert decode_events(encode_event(Event("a", "s", 5, 1.0))) == [Event("a", "s", 5, 1.0)]
+    assert decode_event(encode_events("a", "s", [5], 1.0)) == Event("a", "s", 5, 1.0)
+    with pytest.raises(ProtocolError, match="holds 3 events"):
+        decode_event(frames)
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"type": "t", "payloads": []},  # empty batch
+        {"type": "t", "payloads": {"a": 1}},  # not an array
+        {"type": "t", "payloads": "ab"},
+        {"type": "t", "payloads": [1], "payload": 1},  # both forms
+        {"type": "t", "source": 3, "payloads": [1]},
+    ],
+)
+def test_bad_batches_are_protocol_errors(envelope: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_events([b"t", msgpack.packb(envelope)])
+
+
+def test_an_envelope_without_payload_is_one_event_with_a_nil_payload() -> None:
+    assert decode_events([b"t", msgpack.packb({"type": "t"})]) == [Event("t", "", None, 0.0)]
+
+
+@pytest.mark.parametrize("payloads", [[], (), b"ab", "ab"])
+def test_an_empty_or_non_sequence_batch_is_refused_locally(payloads: object) -> None:
+    with pytest.raises(ValueError):
+        encode_events("t", "s", payloads, 0.0)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ ZBW01

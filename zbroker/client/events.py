@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -18,7 +19,7 @@ from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import connected_socket, zmq_boundary
 from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.errors import ProtocolError
-from zbroker.protocol.events import Event, decode_event, encode_event
+from zbroker.protocol.events import Event, decode_events, encode_event, encode_events
 
 
 class Publisher(SocketOwner):
@@ -77,6 +78,34 @@ class Publisher(SocketOwner):
         self.published += 1
         return event
 
+    def publish_many(
+        self,
+        type: str,
+        payloads: Sequence[Any],
+        *,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        source: str | None = None,
+    ) -> list[Event]:
+        """Publish one event of type `type` per payload, in order, as one batch message
+        (docs/protocol.md §6): subscribers receive them as separate events, and the
+        bus delivers or drops the batch whole. Returns the events as sent.
+
+        `payloads` must be a non-empty sequence (ValueError otherwise) of values
+        msgpack can serialise (TypeError otherwise).
+        """
+        sock = self._open_socket()
+        resolved = self.source if source is None else source
+        timestamp = time.time()
+        frames = encode_events(type, resolved, payloads, timestamp, correlation_id, reply_to)
+        with zmq_boundary(f"publishing {type!r}"):
+            sock.send_multipart(frames)
+        self.published += len(payloads)
+        return [
+            Event(type, resolved, payload, timestamp, correlation_id, reply_to)
+            for payload in payloads
+        ]
+
     def close(self, linger_s: float = 0.0) -> None:
         """Close the socket. Idempotent.
 
@@ -95,8 +124,10 @@ class Publisher(SocketOwner):
 class Subscriber(SocketOwner):
     """Receives events whose type starts with one of `prefixes` (every event if none).
 
-    Events that cannot be decoded are dropped and counted in `dropped`; they
-    are never raised, because they are another peer's fault.
+    Events that cannot be decoded are dropped and counted in `dropped` (one per
+    message); they are never raised, because they are another peer's fault. A
+    batch message (docs/protocol.md §6) is handed out one event at a time, in
+    order; `received` counts events.
 
     Not thread-safe: use one Subscriber per thread.
     """
@@ -111,6 +142,7 @@ class Subscriber(SocketOwner):
         self.endpoint = endpoint
         self.dropped = 0
         self.received = 0
+        self._pending: deque[Event] = deque()  # the rest of a batch already received
         ctx = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = connected_socket(ctx, zmq.SUB, endpoint, hwm)
         for prefix in prefixes or ("",):
@@ -131,6 +163,9 @@ class Subscriber(SocketOwner):
     def recv(self, timeout_s: float | None = None) -> Event | None:
         """The next event, or None if none arrived within `timeout_s` (None: wait forever)."""
         sock = self._open_socket()
+        if self._pending:
+            self.received += 1
+            return self._pending.popleft()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with zmq_boundary("receiving an event"):
             while True:
@@ -146,12 +181,14 @@ class Subscriber(SocketOwner):
                 except zmq.Again:
                     continue
                 try:
-                    event = decode_event(frames)
+                    events = decode_events(frames)
                 except ProtocolError:
                     self.dropped += 1
                     continue
                 self.received += 1
-                return event
+                if len(events) > 1:
+                    self._pending.extend(events[1:])
+                return events[0]
 
     def __iter__(self) -> Iterator[Event]:
         """Yield events as they arrive, forever: break out of the loop to stop."""

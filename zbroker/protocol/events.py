@@ -2,7 +2,9 @@
 
 Frame 0 is the event type used as the topic (subscribers filter by prefix),
 frame 1 is a msgpack map ``{type, source, payload, timestamp}`` plus the
-optional ``correlation_id`` and ``reply_to``.  Pure codec, no sockets.
+optional ``correlation_id`` and ``reply_to``.  A batch of events of one type
+carries ``payloads`` (a non-empty array, one event per element) instead of
+``payload`` (docs/protocol.md §6).  Pure codec, no sockets.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import msgpack
 from zbroker.protocol.errors import ProtocolError
 
 MAX_TOPIC_BYTES = 255
+# Events in one batch message, as the broker sends them; receivers accept any number.
+MAX_BATCH_EVENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,24 +36,68 @@ class Event:
 
 def encode_event(event: Event) -> list[bytes]:
     """Event -> [topic, envelope]. Raises ValueError for a type no subscriber could match."""
-    topic = event.type.encode()
+    return _encode(
+        event.type,
+        event.source,
+        event.timestamp,
+        "payload",
+        event.payload,
+        event.correlation_id,
+        event.reply_to,
+    )
+
+
+def encode_events(
+    type: str,
+    source: str,
+    payloads: Sequence[Any],
+    timestamp: float,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+) -> list[bytes]:
+    """A batch: [topic, envelope with `payloads`], one event per payload, in order."""
+    if isinstance(payloads, (str, bytes, bytearray, memoryview)) or not payloads:
+        raise ValueError("payloads must be a non-empty sequence (one payload per event)")
+    return _encode(type, source, timestamp, "payloads", list(payloads), correlation_id, reply_to)
+
+
+def _encode(
+    type: str,
+    source: str,
+    timestamp: float,
+    key: str,
+    data: Any,
+    correlation_id: str | None,
+    reply_to: str | None,
+) -> list[bytes]:
+    topic = type.encode()
     if not topic or len(topic) > MAX_TOPIC_BYTES:
         raise ValueError(f"event type must be 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
     envelope: dict[str, Any] = {
-        "type": event.type,
-        "source": event.source,
-        "payload": event.payload,
-        "timestamp": event.timestamp,
+        "type": type,
+        "source": source,
+        key: data,
+        "timestamp": float(timestamp),
     }
-    if event.correlation_id is not None:
-        envelope["correlation_id"] = event.correlation_id
-    if event.reply_to is not None:
-        envelope["reply_to"] = event.reply_to
+    if correlation_id is not None:
+        envelope["correlation_id"] = correlation_id
+    if reply_to is not None:
+        envelope["reply_to"] = reply_to
     return [topic, msgpack.packb(envelope, use_bin_type=True)]
 
 
 def decode_event(frames: Sequence[bytes]) -> Event:
-    """[topic, envelope] -> Event; anything else is a ProtocolError."""
+    """[topic, envelope] of one event -> Event; anything else (a batch of several
+    events included) is a ProtocolError."""
+    events = decode_events(frames)
+    if len(events) != 1:
+        raise ProtocolError("bad_event", f"the envelope holds {len(events)} events")
+    return events[0]
+
+
+def decode_events(frames: Sequence[bytes]) -> list[Event]:
+    """[topic, envelope] -> its events in order: one, or each of a batch's `payloads`.
+    A message that breaks docs/protocol.md §6 is a ProtocolError."""
     if len(frames) != 2:
         raise ProtocolError("bad_event", f"an event has 2 frames, got {len(frames)}")
     try:
@@ -68,11 +116,19 @@ def decode_event(frames: Sequence[bytes]) -> Event:
         raise ProtocolError("bad_event", "type and source must be strings")
     correlation_id = envelope.get("correlation_id")
     reply_to = envelope.get("reply_to")
-    return Event(
-        type=event_type,
-        source=source,
-        payload=envelope.get("payload"),
-        timestamp=timestamp,
-        correlation_id=correlation_id if isinstance(correlation_id, str) else None,
-        reply_to=reply_to if isinstance(reply_to, str) else None,
-    )
+    if not isinstance(correlation_id, str):
+        correlation_id = None
+    if not isinstance(reply_to, str):
+        reply_to = None
+    if "payloads" in envelope:
+        payloads = envelope["payloads"]
+        if "payload" in envelope:
+            raise ProtocolError("bad_event", "envelope holds both payload and payloads")
+        if not isinstance(payloads, list) or not payloads:
+            raise ProtocolError("bad_event", "payloads must be a non-empty array")
+    else:
+        payloads = [envelope.get("payload")]
+    return [
+        Event(event_type, source, payload, timestamp, correlation_id, reply_to)
+        for payload in payloads
+    ]

@@ -26,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.journal import Journal, JournalError, open_journal
+from zbroker.protocol.events import MAX_BATCH_EVENTS
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
@@ -240,28 +241,38 @@ class BrokerServer:
                     core.undeliverable(frames, now)
 
     def _publish(self) -> None:
-        """Lifecycle events of this pass, after its commit. A full bus drops them
-        (pub/sub's contract); they are counted."""
+        """Lifecycle events of this pass, after its commit. Consecutive events with the
+        same topic go out as one batch message (docs/protocol.md §6), so the order of
+        all events is kept. A full bus drops a message whole (pub/sub's contract); the
+        events in it are counted."""
         events = self.core.events
         self.core.events = []
         timestamp = time.time()
         pack = self._packb
         lifecycle = self.lifecycle
         send_frame = _backend_send  # as in _flush: no per-call flag arithmetic
-        for topic, payload in events:
-            envelope = {
-                "type": topic,
-                "source": "zbroker",
-                "payload": payload,
-                "timestamp": timestamp,
-            }
+        end = len(events)
+        start = 0
+        while start < end:
+            topic = events[start][0]
+            stop = start + 1
+            limit = min(end, start + MAX_BATCH_EVENTS)
+            while stop < limit and events[stop][0] == topic:
+                stop += 1
+            envelope: dict[str, Any] = {"type": topic, "source": "zbroker"}
+            if stop - start == 1:
+                envelope["payload"] = events[start][1]
+            else:
+                envelope["payloads"] = [payload for _, payload in events[start:stop]]
+            envelope["timestamp"] = timestamp
             try:
                 # Two frames to the proxy's inproc XSUB: once the first is queued the
                 # second always is (a message is admitted or refused whole).
                 send_frame(lifecycle, topic.encode(), SNDMORE_NOBLOCK)
                 send_frame(lifecycle, pack(envelope), NOBLOCK)
             except zmq.Again:
-                self.events_dropped += 1
+                self.events_dropped += stop - start
+            start = stop
 
     def _read_subscriptions(self) -> None:
         """What subscribers of the bus want, as the proxy forwards it: b"\x01prefix" to

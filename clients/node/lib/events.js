@@ -1,15 +1,18 @@
 // Topic events: a Publisher's PUB socket connects to the broker's XSUB
 // endpoint, a Subscriber's SUB socket to its XPUB endpoint. An event is two
-// frames: the topic (= event type) and a msgpack envelope.
+// frames: the topic (= event type) and a msgpack envelope, whose `payloads`
+// may carry a batch of events of one type (docs/protocol.md §6); a Subscriber
+// hands those out one by one.
 
 import { ClosedError, ZbrokerError } from './errors.js'
 import {
   DEFAULT_EVENTS_IN,
   DEFAULT_EVENTS_OUT,
   MAX_TOPIC_BYTES,
-  decodeEvent,
+  decodeEvents,
   describe,
-  encodeEvent
+  encodeEvent,
+  encodeEvents
 } from './protocol.js'
 import { DEFAULT_HWM, checkEndpoint, connectSocket, isClosedSocketError, zmq } from './sockets.js'
 
@@ -55,13 +58,7 @@ export class Publisher {
    * `payload` is anything msgpack can carry (Buffers travel as bin, strings as str).
    */
   async publish (type, payload = null, { source, correlationId, replyTo } = {}) {
-    if (this.#closed) throw new ClosedError('publisher is closed')
-    if (typeof type !== 'string') throw new TypeError(`event type must be a string, got ${describe(type)}`)
-    const topicBytes = Buffer.byteLength(type, 'utf8')
-    if (topicBytes === 0 || topicBytes > MAX_TOPIC_BYTES) throw new RangeError(`event type must be 1..${MAX_TOPIC_BYTES} bytes of UTF-8`)
-    checkOptionalString(source, 'source')
-    checkOptionalString(correlationId, 'correlationId')
-    checkOptionalString(replyTo, 'replyTo')
+    this.#check(type, source, correlationId, replyTo)
     const event = {
       type,
       source: source ?? this.#source,
@@ -70,9 +67,57 @@ export class Publisher {
       ...(correlationId != null && { correlationId }),
       ...(replyTo != null && { replyTo })
     }
+    await this.#send(type, () => encodeEvent(event))
+    this.published++
+    return event
+  }
+
+  /**
+   * Publish a batch: one message carrying one event per element of `payloads`
+   * (a non-empty array), in order, all with topic `type`, the same source,
+   * correlation id, reply-to and timestamp. Subscribers of this package (and of
+   * the Python client) receive them as separate events. Resolves with the
+   * events as sent, an array shaped like publish()'s result; `published`
+   * grows by their number.
+   */
+  async publishMany (type, payloads, { source, correlationId, replyTo } = {}) {
+    this.#check(type, source, correlationId, replyTo)
+    if (!Array.isArray(payloads)) throw new TypeError(`payloads must be an array, got ${describe(payloads)}`)
+    if (payloads.length === 0) throw new RangeError('payloads must hold at least one payload')
+    const common = {
+      type,
+      source: source ?? this.#source,
+      timestamp: Date.now() / 1000,
+      ...(correlationId != null && { correlationId }),
+      ...(replyTo != null && { replyTo })
+    }
+    const list = [...payloads]
+    await this.#send(type, () => encodeEvents({ ...common, payloads: list }))
+    this.published += list.length
+    return list.map((payload) => ({
+      type: common.type,
+      source: common.source,
+      payload: payload === undefined ? null : payload,
+      timestamp: common.timestamp,
+      ...(correlationId != null && { correlationId }),
+      ...(replyTo != null && { replyTo })
+    }))
+  }
+
+  #check (type, source, correlationId, replyTo) {
+    if (this.#closed) throw new ClosedError('publisher is closed')
+    if (typeof type !== 'string') throw new TypeError(`event type must be a string, got ${describe(type)}`)
+    const topicBytes = Buffer.byteLength(type, 'utf8')
+    if (topicBytes === 0 || topicBytes > MAX_TOPIC_BYTES) throw new RangeError(`event type must be 1..${MAX_TOPIC_BYTES} bytes of UTF-8`)
+    checkOptionalString(source, 'source')
+    checkOptionalString(correlationId, 'correlationId')
+    checkOptionalString(replyTo, 'replyTo')
+  }
+
+  async #send (type, encode) {
     let frames
     try {
-      frames = encodeEvent(event)
+      frames = encode()
     } catch (err) {
       throw new TypeError(`event payload cannot be encoded as msgpack: ${err.message}`)
     }
@@ -82,8 +127,6 @@ export class Publisher {
       if (isClosedSocketError(err)) throw new ClosedError('publisher is closed')
       throw new ZbrokerError(`publishing ${JSON.stringify(type)}: ${err.message}`, { cause: err })
     }
-    this.published++
-    return event
   }
 
   /**
@@ -107,14 +150,17 @@ export class Publisher {
 /**
  * Receives events whose type starts with one of `topics` (every event when
  * none is given). Iterate it with `for await`; `recv({timeoutMs})` takes one
- * event. Events that cannot be decoded are dropped and counted in `dropped`.
+ * event. A batch message is handed out as its events, one at a time, in
+ * order. `received` counts the events handed out; messages that cannot be
+ * decoded are dropped and counted in `dropped`.
  */
 export class Subscriber {
   #sock
   #closed = false
   #receiving = false
-  #stash = null // frames that arrived after their recv() gave up
-  #waiters = [] // recv() calls waiting, oldest first
+  #queue = [] // decoded events not yet handed out, from #head on, oldest first (the rest
+  #head = 0 //   of a batch, or what arrived after its recv() gave up)
+  #waiters = [] // recv() calls waiting, oldest first; only while #queue is empty
   #forget = null // removes the constructor signal's listener
 
   /** new Subscriber(endpoint?, {topics, hwm, signal}) or new Subscriber({endpoint, topics, hwm, signal}). */
@@ -167,29 +213,14 @@ export class Subscriber {
   async recv ({ timeoutMs, signal } = {}) {
     if (this.#closed) throw new ClosedError('subscriber is closed')
     signal?.throwIfAborted()
+    if (this.#head < this.#queue.length) return this.#take()
     const deadline = timeoutMs === undefined ? Infinity : performance.now() + timeoutMs
-    for (;;) {
-      const frames = await this.#next(deadline, signal)
-      if (frames === null) return null
-      let event
-      try {
-        event = decodeEvent(frames)
-      } catch {
-        this.dropped++
-        continue
-      }
-      this.received++
-      return event
-    }
+    return this.#next(deadline, signal)
   }
 
+  // Waits for the next event (the queue is empty): resolves with it, or null
+  // at the deadline or at close().
   #next (deadline, signal) {
-    if (this.#closed) return Promise.resolve(null)
-    if (this.#stash !== null) {
-      const frames = this.#stash
-      this.#stash = null
-      return Promise.resolve(frames)
-    }
     return new Promise((resolve, reject) => {
       let timer = null
       const done = (settle, value) => {
@@ -200,7 +231,7 @@ export class Subscriber {
         settle(value)
       }
       const waiter = {
-        deliver: (frames) => done(resolve, frames),
+        deliver: (event) => done(resolve, event),
         fail: (err) => done(reject, err),
         close: () => done(resolve, null)
       }
@@ -212,17 +243,25 @@ export class Subscriber {
     })
   }
 
-  // One receive() at a time (zeromq allows no more); what arrives when no
-  // recv() waits any more is kept for the next one, so nothing is lost to a timeout.
+  // One receive() at a time (zeromq allows no more), and only while a recv()
+  // waits. A message's events go to the waiting recv() calls in order; what
+  // is left (the rest of a batch, or a message that arrived after its recv()
+  // gave up) is queued for the next ones, so nothing is lost to a timeout.
   #receive () {
     if (this.#receiving || this.#closed || this.#waiters.length === 0) return
     this.#receiving = true
     this.#sock.receive().then(
       (frames) => {
         this.#receiving = false
-        const waiter = this.#waiters.shift()
-        if (waiter) waiter.deliver(frames)
-        else this.#stash = frames
+        if (this.#closed) return
+        try {
+          for (const event of decodeEvents(frames)) this.#queue.push(event)
+        } catch {
+          this.dropped++
+        }
+        while (this.#head < this.#queue.length && this.#waiters.length > 0) {
+          this.#waiters.shift().deliver(this.#take())
+        }
         this.#receive()
       },
       (err) => {
@@ -233,6 +272,21 @@ export class Subscriber {
         for (const w of waiters) closed ? w.close() : w.fail(error)
       }
     )
+  }
+
+  // The oldest queued event (there is one), counted as received.
+  #take () {
+    const event = this.#queue[this.#head]
+    this.#queue[this.#head++] = undefined
+    if (this.#head === this.#queue.length) {
+      this.#queue = []
+      this.#head = 0
+    } else if (this.#head >= 1024 && this.#head * 2 >= this.#queue.length) {
+      this.#queue = this.#queue.slice(this.#head)
+      this.#head = 0
+    }
+    this.received++
+    return event
   }
 
   /** Yields events as they arrive until close() (or the constructor's signal). */
@@ -249,6 +303,8 @@ export class Subscriber {
     this.#closed = true
     this.#forget?.()
     this.#sock.close()
+    this.#queue = []
+    this.#head = 0
     for (const w of this.#waiters.splice(0)) w.close()
   }
 

@@ -290,6 +290,22 @@ export const MAX_TOPIC_BYTES = 255
 
 /** [topic, msgpack envelope] for one event. */
 export function encodeEvent ({ type, source, payload, timestamp, correlationId, replyTo }) {
+  return encodeEnvelope(type, source, timestamp, 'payload', payload === undefined ? null : payload, correlationId, replyTo)
+}
+
+/**
+ * [topic, msgpack envelope] for a batch: one message whose `payloads` (a
+ * non-empty array) stands for one event per element, in order, all with the
+ * same type, source, timestamp, correlation id and reply-to (docs/protocol.md §6).
+ */
+export function encodeEvents ({ type, source, payloads, timestamp, correlationId, replyTo }) {
+  if (!Array.isArray(payloads)) throw new TypeError(`payloads must be an array, got ${describe(payloads)}`)
+  if (payloads.length === 0) throw new RangeError('payloads must hold at least one payload')
+  const data = payloads.map((p) => p === undefined ? null : p)
+  return encodeEnvelope(type, source, timestamp, 'payloads', data, correlationId, replyTo)
+}
+
+function encodeEnvelope (type, source, timestamp, key, data, correlationId, replyTo) {
   const topic = Buffer.from(type, 'utf8')
   // The envelope is a map built pair by pair so that `timestamp` is always a msgpack
   // float64, as the protocol says, even when it falls on a whole second (the generic
@@ -297,7 +313,7 @@ export function encodeEvent ({ type, source, payload, timestamp, correlationId, 
   const pairs = [
     pack('type'), pack(type),
     pack('source'), pack(source),
-    pack('payload'), pack(payload === undefined ? null : payload),
+    pack(key), pack(data),
     pack('timestamp'), packFloat64(timestamp)
   ]
   if (correlationId !== undefined && correlationId !== null) pairs.push(pack('correlation_id'), pack(correlationId))
@@ -314,8 +330,22 @@ export function packFloat64 (x) {
   return out
 }
 
-/** [topic, envelope] -> event object, or a ProtocolError. */
+/**
+ * [topic, envelope] of one event -> event object; a ProtocolError for anything
+ * else, a batch of several events included (decodeEvents reads both forms).
+ */
 export function decodeEvent (frames) {
+  const events = decodeEvents(frames)
+  if (events.length !== 1) throw new ProtocolError('bad_event', `the envelope holds ${events.length} events`)
+  return events[0]
+}
+
+/**
+ * [topic, envelope] -> its events, in order: one for a `payload` envelope (or
+ * one with neither key, its payload null), one per element of a `payloads`
+ * batch. A message that breaks docs/protocol.md §6 is a ProtocolError.
+ */
+export function decodeEvents (frames) {
   if (frames.length !== 2) throw new ProtocolError('bad_event', `an event has 2 frames, got ${frames.length}`)
   const envelope = unpack(frames[1], 'event envelope')
   if (!isPlainMap(envelope)) throw new ProtocolError('bad_event', 'envelope is not a map')
@@ -324,14 +354,23 @@ export function decodeEvent (frames) {
     throw new ProtocolError('bad_event', 'type and source must be strings')
   }
   if (typeof timestamp !== 'number') throw new ProtocolError('bad_event', 'timestamp must be a number')
-  const event = {
-    topic: frames[0].toString('utf8'),
-    type,
-    source,
-    payload: envelope.payload === undefined ? null : envelope.payload,
-    timestamp
+  let payloads
+  if (Object.hasOwn(envelope, 'payloads')) {
+    if (Object.hasOwn(envelope, 'payload')) throw new ProtocolError('bad_event', 'envelope holds both payload and payloads')
+    payloads = envelope.payloads
+    if (!Array.isArray(payloads) || payloads.length === 0) {
+      throw new ProtocolError('bad_event', 'payloads must be a non-empty array')
+    }
+  } else {
+    payloads = [envelope.payload === undefined ? null : envelope.payload]
   }
-  if (typeof envelope.correlation_id === 'string') event.correlationId = envelope.correlation_id
-  if (typeof envelope.reply_to === 'string') event.replyTo = envelope.reply_to
-  return event
+  const topic = frames[0].toString('utf8')
+  const correlationId = typeof envelope.correlation_id === 'string' ? envelope.correlation_id : undefined
+  const replyTo = typeof envelope.reply_to === 'string' ? envelope.reply_to : undefined
+  return payloads.map((payload) => {
+    const event = { topic, type, source, payload, timestamp }
+    if (correlationId !== undefined) event.correlationId = correlationId
+    if (replyTo !== undefined) event.replyTo = replyTo
+    return event
+  })
 }

@@ -7,10 +7,12 @@ import {
   C,
   W,
   decodeEvent,
+  decodeEvents,
   decodeForWorker,
   decodeMdpReply,
   decodeZbcAnswer,
   encodeEvent,
+  encodeEvents,
   mdpRequest,
   pack,
   toFrames,
@@ -188,6 +190,109 @@ test('events: [topic, envelope] with snake_case keys on the wire', () => {
   assert.throws(() => decodeEvent([Buffer.from('x'), pack(['not', 'a', 'map'])]), /not a map/)
   assert.throws(() => decodeEvent([Buffer.from('x'), pack({ source: 's' })]), /type and source/)
   assert.throws(() => decodeEvent([Buffer.from('x')]), /2 frames/)
+})
+
+const topic = (t) => Buffer.from(t, 'utf8')
+
+test('decodeEvents: a single event is a list of one; neither payload key is one event with a null payload', () => {
+  const frames = encodeEvent({ type: 'fs.change', source: 'watcher', payload: { path: '/a' }, timestamp: 1700000000.25 })
+  const events = decodeEvents(frames)
+  assert.deepEqual(events, [{ topic: 'fs.change', type: 'fs.change', source: 'watcher', payload: { path: '/a' }, timestamp: 1700000000.25 }])
+  assert.deepEqual(decodeEvent(frames), events[0])
+  const bare = decodeEvents([topic('x.y'), pack({ type: 'x.y', source: 's', timestamp: 1 })])
+  assert.deepEqual(bare, [{ topic: 'x.y', type: 'x.y', source: 's', payload: null, timestamp: 1 }])
+  // an explicit nil payload, an integer timestamp, no source at all
+  assert.deepEqual(decodeEvents([topic('x'), pack({ type: 'x', payload: null, timestamp: 1700000000 })]),
+    [{ topic: 'x', type: 'x', source: '', payload: null, timestamp: 1700000000 }])
+})
+
+test('decodeEvents: a batch of 3 is 3 events in array order, sharing the envelope fields', () => {
+  const envelope = {
+    type: 'task.enqueued.tts',
+    source: 'zbroker',
+    timestamp: 1700000000.5,
+    payloads: [{ id: 't1' }, { id: 't2' }, { id: 't3' }]
+  }
+  const events = decodeEvents([topic('task.enqueued.tts'), pack(envelope)])
+  assert.equal(events.length, 3)
+  assert.deepEqual(events.map((e) => e.payload.id), ['t1', 't2', 't3'])
+  for (const e of events) {
+    assert.deepEqual(Object.keys(e).sort(), ['payload', 'source', 'timestamp', 'topic', 'type'])
+    assert.equal(e.topic, 'task.enqueued.tts')
+    assert.equal(e.type, 'task.enqueued.tts')
+    assert.equal(e.source, 'zbroker')
+    assert.equal(e.timestamp, 1700000000.5)
+  }
+  // decodeEvent reads the single form only: a batch of several is an error, a batch of one is its event
+  assert.throws(() => decodeEvent([topic('task.enqueued.tts'), pack(envelope)]), (err) => err instanceof ProtocolError && err.code === 'bad_event' && /3 events/.test(err.message))
+  const one = decodeEvent([topic('a'), pack({ type: 'a', source: 's', timestamp: 2, payloads: ['only'] })])
+  assert.equal(one.payload, 'only')
+})
+
+test('decodeEvents: a batch with correlation_id and reply_to gives them to every event', () => {
+  const events = decodeEvents([topic('job.step'), pack({ type: 'job.step', source: 'w', timestamp: 3.5, correlation_id: 'job-7', reply_to: 'job.ack', payloads: [1, null, Buffer.from([9])] })])
+  assert.deepEqual(events.map((e) => [e.correlationId, e.replyTo]), [['job-7', 'job.ack'], ['job-7', 'job.ack'], ['job-7', 'job.ack']])
+  assert.equal(events[0].payload, 1)
+  assert.equal(events[1].payload, null)
+  assert.deepEqual([...events[2].payload], [9])
+  // a non-string correlation_id is ignored, not an error
+  const [e] = decodeEvents([topic('a'), pack({ type: 'a', source: 's', timestamp: 1, correlation_id: 5, payloads: ['x'] })])
+  assert.equal('correlationId' in e, false)
+})
+
+test('decodeEvents: every malformed message is a bad_event ProtocolError', () => {
+  const ok = { type: 'a', source: 's', timestamp: 1 }
+  const cases = [
+    ['one frame', [topic('a')], /2 frames/],
+    ['three frames', [topic('a'), pack({ ...ok, payload: 1 }), Buffer.alloc(0)], /2 frames/],
+    ['not msgpack', [topic('a'), Buffer.from([0xc1])], /not msgpack/],
+    ['envelope an array', [topic('a'), pack(['not', 'a', 'map'])], /not a map/],
+    ['envelope a string', [topic('a'), pack('a')], /not a map/],
+    ['no type', [topic('a'), pack({ source: 's', timestamp: 1, payload: 1 })], /type and source/],
+    ['type not a string', [topic('a'), pack({ ...ok, type: 7, payload: 1 })], /type and source/],
+    ['source not a string', [topic('a'), pack({ ...ok, source: Buffer.from('s'), payload: 1 })], /type and source/],
+    ['timestamp not a number', [topic('a'), pack({ ...ok, timestamp: '1', payload: 1 })], /timestamp/],
+    ['both payload and payloads', [topic('a'), pack({ ...ok, payload: 1, payloads: [1] })], /both payload and payloads/],
+    ['both, payload nil', [topic('a'), pack({ ...ok, payload: null, payloads: [1] })], /both payload and payloads/],
+    ['payloads empty', [topic('a'), pack({ ...ok, payloads: [] })], /non-empty array/],
+    ['payloads a map', [topic('a'), pack({ ...ok, payloads: { 0: 'x' } })], /non-empty array/],
+    ['payloads a string', [topic('a'), pack({ ...ok, payloads: 'abc' })], /non-empty array/],
+    ['payloads bin', [topic('a'), pack({ ...ok, payloads: Buffer.from([1, 2]) })], /non-empty array/],
+    ['payloads nil', [topic('a'), pack({ ...ok, payloads: null })], /non-empty array/]
+  ]
+  for (const [what, frames, message] of cases) {
+    for (const decode of [decodeEvents, decodeEvent]) {
+      assert.throws(() => decode(frames), (err) => err instanceof ProtocolError && (err.code === 'bad_event' || err.code === 'bad_meta') && message.test(err.message), `${decode.name}: ${what}`)
+    }
+  }
+})
+
+test('encodeEvents: a batch envelope with payloads and a float64 timestamp, round trip', () => {
+  const frames = encodeEvents({ type: 'fs.change', source: 'watcher', payloads: [{ path: '/a' }, 'two', Buffer.from([3]), undefined], timestamp: 1700000000, correlationId: 'c1', replyTo: 'fs.ack' })
+  assert.equal(frames.length, 2)
+  assert.equal(frames[0].toString(), 'fs.change')
+  const envelope = unpack(frames[1])
+  assert.deepEqual(Object.keys(envelope).sort(), ['correlation_id', 'payloads', 'reply_to', 'source', 'timestamp', 'type'])
+  // a whole second still travels as float64, exactly as encodeEvent does it
+  const at = frames[1].indexOf(Buffer.from([0xa9, ...Buffer.from('timestamp')]))
+  assert.deepEqual([...frames[1].subarray(at + 10, at + 19)], [...encodeEvent({ type: 'x', source: '', timestamp: 1700000000 })[1].subarray(-9)])
+  assert.equal(frames[1][at + 10], 0xcb)
+  const events = decodeEvents(frames)
+  assert.deepEqual(events.map((e) => e.payload), [{ path: '/a' }, 'two', events[2].payload, null])
+  assert.deepEqual([...events[2].payload], [3])
+  for (const e of events) {
+    assert.equal(e.type, 'fs.change')
+    assert.equal(e.source, 'watcher')
+    assert.equal(e.timestamp, 1700000000)
+    assert.equal(e.correlationId, 'c1')
+    assert.equal(e.replyTo, 'fs.ack')
+  }
+  // optional fields are left out when there is none
+  const plain = unpack(encodeEvents({ type: 'a', source: 's', payloads: [1], timestamp: 1.5 })[1])
+  assert.deepEqual(plain, { type: 'a', source: 's', payloads: [1], timestamp: 1.5 })
+  assert.throws(() => encodeEvents({ type: 'a', source: 's', payloads: [], timestamp: 1 }), RangeError)
+  assert.throws(() => encodeEvents({ type: 'a', source: 's', payloads: 'abc', timestamp: 1 }), TypeError)
+  assert.throws(() => encodeEvents({ type: 'a', source: 's', payloads: undefined, timestamp: 1 }), TypeError)
 })
 
 test('payload conversion: Buffer, Uint8Array, string, arrays of them', () => {
