@@ -15,7 +15,11 @@ cost of one task with start-up, imports and the journal's creation cancelled out
 - deep: every task is enqueued first, then the workers drain the queue, so tasks
   come out of the journal in window refills, as under a backlog;
 - single: as short, but every task comes in its own ENQUEUE (100 of them read in
-  one pass), so the count includes decoding and answering one call per task.
+  one pass), so the count includes decoding and answering one call per task;
+- events: as short, with a subscriber to every lifecycle event: the core builds
+  them and the runtime's `lifecycle_messages` packs each pass's into messages
+  (what publishing adds on the broker's loop, short of the socket sends: one per
+  batch message, not per event).
 
 The journal is LMDB with `async` durability (an fsync is not an instruction of the
 process, and `sync` differs from `async` only by it).
@@ -31,10 +35,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import msgpack
 
 SMALL = 1_000
 LARGE = 6_000
-SHAPES = ("short", "deep", "single")
+SHAPES = ("short", "deep", "single", "events")
 
 
 def drive(shape: str, tasks: int) -> None:
@@ -45,12 +52,21 @@ def drive(shape: str, tasks: int) -> None:
     from zbroker.core import Broker, CoreSettings
     from zbroker.journal import Durability, open_journal
     from zbroker.protocol import ext, zbc
+    from zbroker.runtime.server import lifecycle_messages
 
     with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
         journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
         try:
             if shape in ("short", "single"):
                 micro.durable_run(journal, tasks, per_call=100 if shape == "short" else 1)
+                return
+            if shape == "events":
+                pack = msgpack.Packer(use_bin_type=True).pack
+
+                def publish(events: list[tuple[str, list[dict[str, Any]]]]) -> None:
+                    lifecycle_messages(events, time.time(), pack)
+
+                micro.durable_run(journal, tasks, frozenset({""}), publish=publish)
                 return
             broker = Broker(CoreSettings(), 0.0, journal, epoch_offset=time.time())
             batch = zbc.enqueue(0, "echo", [[b"x" * 100]] * 100, batch=True)

@@ -7,6 +7,7 @@ not depend on which one it is handed.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tests.unit.core_script import EPOCH, CoreScript
 from zbroker.core import CoreSettings
 from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
 from zbroker.protocol import ext, mdp, zbc
+from zbroker.protocol.events import MAX_BATCH_EVENTS
 
 SETTINGS = CoreSettings(
     heartbeat_interval_s=1.0,
@@ -550,13 +552,44 @@ def test_lifecycle_events_only_for_topics_someone_wants(journal: Journal) -> Non
     s.send(b"W", ext.done(task_id, 1, [b"r"]))
     s.send(b"W", ext.disconnect())
     assert [topic for topic, _ in s.broker.events] == ["task.done.svc", "worker.down"]
-    assert s.broker.events[0][1]["id"] == task_id
+    assert [p["id"] for p in s.broker.events[0][1]] == [task_id]
     s.broker.set_subscriptions(frozenset({""}))  # everything
     s.broker.events.clear()
     other = s.enqueue("svc", ttl_s=1.0)
     s.advance(1.5)
     assert [t for t, _ in s.broker.events] == ["task.enqueued.svc", "task.expired.svc"]
-    assert s.broker.events[1][1] == {"id": other, "was": "ready"}
+    assert s.broker.events[1][1] == [{"id": other, "was": "ready"}]
+
+
+def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
+    journal: Journal,
+) -> None:
+    s = Script(journal, replace(SETTINGS, max_tasks_per_service=5000))
+    s.broker.set_subscriptions(frozenset({"task."}))
+    # Given a batch of 3 tasks stored in one call, then a worker taking two of them
+    answer = s.call(b"C", zbc.enqueue(s.next_rid(), "svc", [[b"a"], [b"b"], [b"c"]], batch=True))
+    ids = answer.meta["ids"]
+    s.zready(b"W", "svc", 2)
+    # Then each run of one topic is one entry, in the order the events happened
+    assert [(t, [p["id"] for p in ps]) for t, ps in s.broker.events] == [
+        ("task.enqueued.svc", ids),
+        ("task.started.svc", ids[:2]),
+    ]
+    s.broker.events.clear()
+    # And topics that alternate are never merged across one another
+    for topic, n in (("task.a", 1), ("task.b", 2), ("task.a", 3), ("task.a", 4)):
+        s.broker._emit(topic, {"n": n})
+    assert s.broker.events == [
+        ("task.a", [{"n": 1}]),
+        ("task.b", [{"n": 2}]),
+        ("task.a", [{"n": 3}, {"n": 4}]),
+    ]
+    # And an entry holds at most MAX_BATCH_EVENTS events
+    s.broker.events.clear()
+    count = MAX_BATCH_EVENTS + 10
+    s.call(b"C", zbc.enqueue(s.next_rid(), "big", [[b"x"]] * count, batch=True))
+    sizes = [len(ps) for t, ps in s.broker.events if t == "task.enqueued.big"]
+    assert sizes == [MAX_BATCH_EVENTS, 10]
 
 
 def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> None:

@@ -43,6 +43,7 @@ from zbroker.core.model import (
 )
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
+from zbroker.protocol.events import MAX_BATCH_EVENTS
 
 log = logging.getLogger("zbroker.core")
 
@@ -107,9 +108,11 @@ class DurableTasks:
     stats: Stats
     journal: Journal | None
     next_tick_at: float
-    # Lifecycle events for the bus: (topic, payload) pairs, published by the runtime
-    # after the pass's commit. Only topics some subscriber asked for are produced.
-    events: list[tuple[str, dict[str, Any]]]
+    # Lifecycle events for the bus, in the order they happened: (topic, payloads)
+    # with consecutive events of one topic in one entry (at most MAX_BATCH_EVENTS),
+    # published by the runtime after the pass's commit, an entry per message. Only
+    # topics some subscriber asked for are produced.
+    events: list[tuple[str, list[dict[str, Any]]]]
     event_prefixes: frozenset[str]
 
     def _init_durable(self, journal: Journal | None, now: float, epoch_offset: float) -> None:
@@ -143,7 +146,13 @@ class DurableTasks:
             if len(self._wanted) > 10_000:
                 self._wanted = {}
         if wanted:
-            self.events.append((topic, payload))
+            # Consecutive events with one topic share an entry: the runtime publishes
+            # each entry as one batch message (docs/protocol.md §6), in this order.
+            events = self.events
+            if events and events[-1][0] == topic and len(events[-1][1]) < MAX_BATCH_EVENTS:
+                events[-1][1].append(payload)
+            else:
+                events.append((topic, [payload]))
 
     # Provided by Broker.
     def _dispatch(self, service: Service, now: float) -> None:

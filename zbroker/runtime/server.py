@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -26,7 +27,6 @@ from zmq.utils.monitor import recv_monitor_message
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.journal import Journal, JournalError, open_journal
-from zbroker.protocol.events import MAX_BATCH_EVENTS
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
@@ -44,6 +44,25 @@ _backend_recv = zmq.backend.Socket.recv
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
+
+
+def lifecycle_messages(
+    events: list[tuple[str, list[dict[str, Any]]]],
+    timestamp: float,
+    pack: Callable[[Any], bytes],
+) -> list[tuple[bytes, bytes, int]]:
+    """(topic, envelope, events in it) for each entry of the core's `events`: a
+    `payload` envelope for one event, a `payloads` batch for several (§6)."""
+    out = []
+    for topic, payloads in events:
+        envelope: dict[str, Any]
+        if len(payloads) == 1:
+            envelope = {"type": topic, "source": "zbroker", "payload": payloads[0]}
+        else:
+            envelope = {"type": topic, "source": "zbroker", "payloads": payloads}
+        envelope["timestamp"] = timestamp
+        out.append((topic.encode(), pack(envelope), len(payloads)))
+    return out
 
 
 class BrokerServer:
@@ -241,38 +260,21 @@ class BrokerServer:
                     core.undeliverable(frames, now)
 
     def _publish(self) -> None:
-        """Lifecycle events of this pass, after its commit. Consecutive events with the
-        same topic go out as one batch message (docs/protocol.md §6), so the order of
-        all events is kept. A full bus drops a message whole (pub/sub's contract); the
-        events in it are counted."""
+        """Lifecycle events of this pass, after its commit: one message per entry of
+        `core.events` (a batch when it holds several). A full bus drops a message
+        whole (pub/sub's contract); the events in it are counted."""
         events = self.core.events
         self.core.events = []
-        timestamp = time.time()
-        pack = self._packb
         lifecycle = self.lifecycle
         send_frame = _backend_send  # as in _flush: no per-call flag arithmetic
-        end = len(events)
-        start = 0
-        while start < end:
-            topic = events[start][0]
-            stop = start + 1
-            limit = min(end, start + MAX_BATCH_EVENTS)
-            while stop < limit and events[stop][0] == topic:
-                stop += 1
-            envelope: dict[str, Any] = {"type": topic, "source": "zbroker"}
-            if stop - start == 1:
-                envelope["payload"] = events[start][1]
-            else:
-                envelope["payloads"] = [payload for _, payload in events[start:stop]]
-            envelope["timestamp"] = timestamp
+        for topic, envelope, count in lifecycle_messages(events, time.time(), self._packb):
             try:
                 # Two frames to the proxy's inproc XSUB: once the first is queued the
                 # second always is (a message is admitted or refused whole).
-                send_frame(lifecycle, topic.encode(), SNDMORE_NOBLOCK)
-                send_frame(lifecycle, pack(envelope), NOBLOCK)
+                send_frame(lifecycle, topic, SNDMORE_NOBLOCK)
+                send_frame(lifecycle, envelope, NOBLOCK)
             except zmq.Again:
-                self.events_dropped += stop - start
-            start = stop
+                self.events_dropped += count
 
     def _read_subscriptions(self) -> None:
         """What subscribers of the bus want, as the proxy forwards it: b"\x01prefix" to
