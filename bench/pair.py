@@ -1,0 +1,103 @@
+"""Two systems of the `durable` workload, alternated round by round: paired ratios
+and the broker's CPU per thread (a noisy machine needs many paired rounds).
+
+    .venv/bin/python bench/pair.py sync-batch sync-batch+events --rounds 7
+    .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
+
+Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
+bench/README.md, "durable"). Per run it prints tasks/s end to end, the broker's
+CPU per task split by thread (the loop's thread, libzmq's I/O thread, the event
+proxy's thread, from /proc/PID/task/*/stat), and the workers' and producers' CPU;
+at the end, per system, the median rate and the ratio to the first system round
+by round with their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import durable
+from harness import ProcessGroup
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of `pid`, keyed "name:tid" ({} once it is gone)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        out[f"{name}:{tid}"] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("systems", nargs=2, choices=durable.TASK_SYSTEMS, metavar="SYSTEM")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    args = parser.parse_args()
+    settings = replace(durable.Settings.for_mode(False), tasks=args.tasks)
+    # run_tasks reads the broker's CPU from /proc before and after the timed phase:
+    # snapshot its threads at the same two moments.
+    snapshots: dict[int, list[dict[str, float]]] = {}
+    process_cpu_s = durable.process_cpu_s
+
+    def with_threads(pid: int) -> float | None:
+        snapshots.setdefault(pid, []).append(thread_cpu_s(pid))
+        return process_cpu_s(pid)
+
+    durable.process_cpu_s = with_threads
+    rates: dict[str, list[float]] = {system: [] for system in args.systems}
+    for round_no in range(1, args.rounds + 1):
+        for system in args.systems:
+            snapshots.clear()
+            with (
+                tempfile.TemporaryDirectory(prefix="zbroker-pair-") as tmp,
+                ProcessGroup(Path(tmp) / "logs") as procs,
+            ):
+                figures = durable.run_tasks(system, settings, 100, procs, Path(tmp) / "data")
+            broker = next(iter(snapshots))  # run_tasks reads the broker's CPU first
+            before, after = snapshots[broker][0], snapshots[broker][-1]
+            per_task_us = 1e6 / figures["done"]
+            threads = ", ".join(
+                f"{name.split(':')[0]} {(after[name] - before.get(name, 0.0)) * per_task_us:.1f}"
+                for name in sorted(after, key=lambda n: int(n.rsplit(":", 1)[1]))
+                if after[name] - before.get(name, 0.0) > 0
+            )
+            rates[system].append(figures["throughput_tps"])
+            print(
+                f"round {round_no} {system}: {figures['throughput_tps']:,.0f} tasks/s; "
+                f"broker µs/task by thread: {threads}; workers "
+                f"{figures['workers_cpu_s_per_100k']:.2f}, producers "
+                f"{figures['producers_cpu_s_per_100k']:.2f} s/100k",
+                flush=True,
+            )
+    first = args.systems[0]
+    for system in args.systems:
+        ratios = [a / b for a, b in zip(rates[system], rates[first], strict=True)]
+        print(
+            f"{system}: median {statistics.median(rates[system]):,.0f} tasks/s; ratio to "
+            f"{first} by round {', '.join(f'{r:.2f}' for r in ratios)} "
+            f"(median {statistics.median(ratios):.2f})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
