@@ -23,6 +23,15 @@ cost of one task with start-up, imports and the journal's creation cancelled out
 
 The journal is LMDB with `async` durability (an fsync is not an instruction of the
 process, and `sync` differs from `async` only by it).
+
+    .venv/bin/python bench/instructions.py --broker sync-batch --broker sync-batch+events
+
+counts instead a real `zbroker start` process end to end, sockets, libzmq's I/O
+thread and the event proxy included: the `durable` workload's run
+(bench/durable.py `run_tasks`: 2 workers, producers, a subscriber for `+events`)
+with the broker under callgrind, for SMALL and LARGE tasks. The broker runs about
+a hundred times slower there, so its passes hold more messages than in a timed
+run: compare two systems or two versions with it, not with a timed figure.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,9 @@ import msgpack
 SMALL = 1_000
 LARGE = 6_000
 SHAPES = ("short", "deep", "single", "events")
+# Tasks per end-to-end broker run (--broker): the broker runs ~100x slower under valgrind.
+SMALL_BROKER = 2_000
+LARGE_BROKER = 6_000
 
 
 def drive(shape: str, tasks: int) -> None:
@@ -107,9 +120,46 @@ def count(shape: str, tasks: int) -> int:
     return int(found.group(1))
 
 
+def count_broker(system: str, tasks: int) -> int:
+    """Instructions of a broker process through one `durable` run of `system`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import durable
+    from harness import ProcessGroup
+
+    plain_argv, plain_wait = durable._broker_argv, durable.wait_for_listener
+    durable._broker_argv = lambda *a: [  # type: ignore[assignment]
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        *plain_argv(*a),
+    ]
+    # Python's start-up under valgrind takes far longer than the usual 20 s allowance.
+    durable.wait_for_listener = lambda port, owner: plain_wait(port, owner, timeout_s=300.0)  # type: ignore[assignment]
+    try:
+        settings = replace(durable.Settings.for_mode(True), tasks=tasks)
+        with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
+            logs = Path(tmp) / "logs"
+            with ProcessGroup(logs) as procs:  # stopping the broker makes valgrind report
+                durable.run_tasks(system, settings, 100, procs, Path(tmp) / "data")
+            log = (logs / "zbroker.log").read_text(errors="replace")
+    finally:
+        durable._broker_argv, durable.wait_for_listener = plain_argv, plain_wait
+    found = re.search(r"Collected : (\d+)", log)
+    if found is None:
+        sys.exit(f"valgrind gave no count; the broker's log ends with:\n{log[-2000:]}")
+    return int(found.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, action="append")
+    parser.add_argument(
+        "--broker",
+        action="append",
+        metavar="SYSTEM",
+        help="count a real broker process through the durable workload's SYSTEM "
+        "(sync-batch, sync-batch+events, async-single, ...)",
+    )
     parser.add_argument("--drive", nargs=2, metavar=("SHAPE", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -117,6 +167,14 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
+    for system in args.broker or ():
+        print(f"[instructions] broker, {system}: {SMALL_BROKER} and {LARGE_BROKER} tasks...")
+        per_task = (count_broker(system, LARGE_BROKER) - count_broker(system, SMALL_BROKER)) / (
+            LARGE_BROKER - SMALL_BROKER
+        )
+        print(f"[instructions] broker, {system}: {per_task:,.0f} instructions per task", flush=True)
+    if args.broker and not args.shape:
+        return
     for shape in args.shape or SHAPES:
         print(f"[instructions] {shape}: counting {SMALL} and {LARGE} tasks...", flush=True)
         per_task = (count(shape, LARGE) - count(shape, SMALL)) / (LARGE - SMALL)

@@ -140,19 +140,22 @@ class DurableTasks:
         self._wanted = {}
 
     def _emit(self, topic: str, payload: dict[str, Any]) -> None:
+        # Consecutive events with one topic share an entry: the runtime publishes each
+        # entry as one batch message (docs/protocol.md §6), in this order. The last
+        # entry's topic was wanted when it was made: no need to ask again.
+        events = self.events
+        if events:
+            last_topic, group = events[-1]
+            if last_topic == topic and len(group) < MAX_BATCH_EVENTS:
+                group.append(payload)
+                return
         wanted = self._wanted.get(topic)
         if wanted is None:
             wanted = self._wanted[topic] = any(topic.startswith(p) for p in self.event_prefixes)
             if len(self._wanted) > 10_000:
                 self._wanted = {}
         if wanted:
-            # Consecutive events with one topic share an entry: the runtime publishes
-            # each entry as one batch message (docs/protocol.md §6), in this order.
-            events = self.events
-            if events and events[-1][0] == topic and len(events[-1][1]) < MAX_BATCH_EVENTS:
-                events[-1][1].append(payload)
-            else:
-                events.append((topic, [payload]))
+            events.append((topic, [payload]))
 
     # Provided by Broker.
     def _dispatch(self, service: Service, now: float) -> None:
@@ -809,7 +812,8 @@ class DurableTasks:
             figures.redeliveries += 1
         record.attempt += 1
         record.state = INFLIGHT
-        self._history(record, "attempt", epoch, record.attempt, worker.identity.hex())
+        worker_hex = worker.identity.hex()
+        self._history(record, "attempt", epoch, record.attempt, worker_hex)
         self._store(record, READY, worker.service)
         assert self.journal is not None
         request = Request(0, b"\0" + record.id.encode(), worker.service.name, (), now)
@@ -830,7 +834,7 @@ class DurableTasks:
         if self.event_prefixes:
             self._emit(
                 "task.started." + record.service,
-                {"id": record.id, "attempt": record.attempt, "worker": worker.identity.hex()},
+                {"id": record.id, "attempt": record.attempt, "worker": worker_hex},
             )
         return request
 
