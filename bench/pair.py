@@ -3,6 +3,7 @@ and the broker's CPU per thread (a noisy machine needs many paired rounds).
 
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --rounds 7
     .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
+    .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin
 
 Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
 bench/README.md, "durable"). Per run it prints tasks/s end to end, the broker's
@@ -52,7 +53,16 @@ def main() -> None:
     parser.add_argument("systems", nargs=2, choices=durable.TASK_SYSTEMS, metavar="SYSTEM")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the broker on CPU 0 and every other process on CPU 1 (taskset)",
+    )
     args = parser.parse_args()
+    if args.pin:
+        broker_argv, peer_argv = durable._broker_argv, durable.python_argv
+        durable._broker_argv = lambda *a: ["taskset", "-c", "0", *broker_argv(*a)]
+        durable.python_argv = lambda *a: ["taskset", "-c", "1", *peer_argv(*a)]
     settings = replace(durable.Settings.for_mode(False), tasks=args.tasks)
     # run_tasks reads the broker's CPU from /proc before and after the timed phase:
     # snapshot its threads at the same two moments.
