@@ -17,9 +17,9 @@ cost of one task with start-up, imports and the journal's creation cancelled out
 - single: as short, but every task comes in its own ENQUEUE (100 of them read in
   one pass), so the count includes decoding and answering one call per task;
 - events: as short, with a subscriber to every lifecycle event: the core builds
-  them and the runtime's `lifecycle_messages` packs each pass's into messages
-  (what publishing adds on the broker's loop, short of the socket sends: one per
-  batch message, not per event).
+  them and `zbroker.protocol.events.encode_runs` packs each pass's into messages
+  as the runtime does (what publishing adds on the broker's loop, short of the
+  socket sends: one per batch message, not per event).
 
 The journal is LMDB with `async` durability (an fsync is not an instruction of the
 process, and `sync` differs from `async` only by it).
@@ -65,7 +65,7 @@ def drive(shape: str, tasks: int) -> None:
     from zbroker.core import Broker, CoreSettings
     from zbroker.journal import Durability, open_journal
     from zbroker.protocol import ext, zbc
-    from zbroker.runtime.server import lifecycle_messages
+    from zbroker.protocol.events import encode_runs
 
     with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
         journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
@@ -77,7 +77,7 @@ def drive(shape: str, tasks: int) -> None:
                 pack = msgpack.Packer(use_bin_type=True).pack
 
                 def publish(events: list[tuple[str, list[dict[str, Any]]]]) -> None:
-                    lifecycle_messages(events, time.time(), pack)
+                    encode_runs(events, "zbroker", time.time(), pack)
 
                 micro.durable_run(journal, tasks, frozenset({""}), publish=publish)
                 return

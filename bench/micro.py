@@ -19,6 +19,8 @@
    in another process (the broker process's CPU minus the loop's thread); for
    passes of 500 events of one topic (one batch message) and of two alternating
    topics (no batching: one message per event).
+5. What a Python subscriber spends in `decode_events` per event, for one-event
+   messages and for batches of 64 (a batch's events skip `Event.__init__`).
 Each figure is the median of 5 repetitions (3 for 2. and 4.), in microseconds.
 """
 
@@ -43,6 +45,7 @@ from zbroker.config import BrokerConfig
 from zbroker.core import Broker, CoreSettings
 from zbroker.journal import Durability, Journal, open_journal
 from zbroker.protocol import ext, mdp, zbc
+from zbroker.protocol.events import Event, decode_events, encode_event, encode_events
 from zbroker.runtime.server import BrokerServer
 
 N = 50_000
@@ -317,13 +320,7 @@ def publish_event_cost(
     two neighbours share a topic and every event is a message of its own."""
     loop_us, bus_us = [], []
     payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
-    pass_events: list[tuple[str, list[dict[str, Any]]]] = []
-    for i in range(chunk):  # grouped as the core groups them (runs of one topic)
-        topic = f"task.done.echo{i % topics or ''}"
-        if pass_events and pass_events[-1][0] == topic:
-            pass_events[-1][1].append(payload)
-        else:
-            pass_events.append((topic, [payload]))
+    pass_topics = [f"task.done.echo{i % topics or ''}" for i in range(chunk)]
     for _ in range(3):
         ports = free_tcp_ports(3)
         config = BrokerConfig(
@@ -350,7 +347,10 @@ def publish_event_cost(
             process_before = usage.ru_utime + usage.ru_stime
             loop = 0.0
             for _ in range(events // chunk):
-                server.core.events = [(topic, list(group)) for topic, group in pass_events]
+                core = server.core
+                core.set_subscriptions(frozenset({""}))
+                for topic in pass_topics:  # grouped by the core's own _emit, not timed
+                    core._emit(topic, payload)
                 started = time.thread_time()
                 server._publish()
                 loop += time.thread_time() - started
@@ -367,6 +367,17 @@ def publish_event_cost(
     return statistics.median(loop_us), statistics.median(bus_us)
 
 
+def decode_cost(batch: int = 64) -> tuple[float, float]:
+    """Microseconds per event a Python subscriber spends in `decode_events`: for
+    one-event messages, and for batches of `batch` events (median of 5)."""
+    payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
+    single = encode_event(Event("task.done.echo", "zbroker", payload, 1.0))
+    many = encode_events("task.done.echo", "zbroker", [payload] * batch, 1.0)
+    one_each = median_us(lambda: [decode_events(single) for _ in range(N)])
+    batched = median_us(lambda: [decode_events(many) for _ in range(N // batch)])
+    return one_each, batched
+
+
 def main() -> None:
     print(f"[micro] core, MDP request + stock MDP worker reply: {core_mdp():.2f} us/request")
     print(f"[micro] core, MDP request + ZBW01 worker DONE:     {core_zbw():.2f} us/request")
@@ -379,6 +390,9 @@ def main() -> None:
     for name, value in socket_patterns().items():
         print(f"[micro] {name}: {value:.2f} us/message")
     print(f"[micro] lifecycle event, built by the core: {core_event_cost():.2f} us/event")
+    one_each, batched = decode_cost()
+    print(f"[micro] subscriber decode_events, one event per message: {one_each:.2f} us/event")
+    print(f"[micro] subscriber decode_events, batches of 64: {batched:.2f} us/event")
     for topics, shape in ((1, "one topic per pass (batched)"), (2, "topics alternating")):
         loop, bus = publish_event_cost(topics=topics)
         print(f"[micro] lifecycle event, {shape}, published by the loop: {loop:.2f} us/event")

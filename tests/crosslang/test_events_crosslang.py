@@ -72,6 +72,22 @@ def node_publish(
     return sent
 
 
+def node_subscribed(
+    stack: ExitStack, broker: BrokerProcess, proc: NodeProcess, topics: list[str], source: str
+) -> Publisher:
+    """Subscribe the Node process to `topics` (one of them "sync.") and return a Python
+    Publisher whose "sync.probe" events it has begun to receive."""
+    proc.call("subscribe", topics=topics)
+    pub = stack.enter_context(Publisher(broker.events_in, source=source))
+
+    def probe_arrived() -> bool:
+        pub.publish("sync.probe")
+        return bool(proc.seen(lambda m: m.get("type") == "sync.probe"))
+
+    wait_until(probe_arrived)
+    return pub
+
+
 def test_node_publisher_to_python_subscriber(
     broker: BrokerProcess, node_events: NodeProcess, stack: ExitStack
 ) -> None:
@@ -117,14 +133,7 @@ def test_python_publisher_to_node_subscriber(
     broker: BrokerProcess, node_events: NodeProcess, stack: ExitStack
 ) -> None:
     # Given a Node subscriber of the prefixes "fs." and "sync."
-    node_events.call("subscribe", topics=["fs.", "sync."])
-    pub = stack.enter_context(Publisher(broker.events_in, source="py-watcher"))
-
-    def probe_arrived() -> bool:
-        pub.publish("sync.probe")
-        return bool(node_events.seen(lambda m: m.get("type") == "sync.probe"))
-
-    wait_until(probe_arrived)
+    pub = node_subscribed(stack, broker, node_events, ["fs.", "sync."], "py-watcher")
     # When the Python publisher publishes events on four topics, then an end marker
     sent = {t: pub.publish(t, p, correlation_id=c, reply_to=r) for t, p, c, r in SEQUENCE}
     pub.publish("sync.end")
@@ -206,14 +215,7 @@ def test_batches_reach_the_node_subscriber_as_separate_events_in_order(
     broker: BrokerProcess, node_events: NodeProcess, stack: ExitStack
 ) -> None:
     # Given a Node subscriber of the broker's task.enqueued.* events and of "sync."
-    node_events.call("subscribe", topics=["task.enqueued.", "sync."])
-    pub = stack.enter_context(Publisher(broker.events_in, source="py-batcher"))
-
-    def probe_arrived() -> bool:
-        pub.publish("sync.probe")
-        return bool(node_events.seen(lambda m: m.get("type") == "sync.probe"))
-
-    wait_until(probe_arrived)
+    pub = node_subscribed(stack, broker, node_events, ["task.enqueued.", "sync."], "py-batcher")
     # When the broker stores 30 tasks in one pass (one batch message on the wire)
     # and a Python publisher sends a batch of its own
     with Client(broker.endpoint) as client:

@@ -17,6 +17,7 @@ from zbroker.protocol.events import (
     decode_events,
     encode_event,
     encode_events,
+    encode_runs,
 )
 
 body_st = st.lists(st.binary(max_size=64), max_size=5)
@@ -287,3 +288,16 @@ def test_zbw_tasks_and_dones_round_trip() -> None:
 def test_zbw_bad_batches_are_protocol_errors(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
         ext.decode_worker(frames)
+
+
+def test_runs_become_one_message_each_a_single_event_in_the_plain_form() -> None:
+    runs = [("task.a", [{"n": 1}]), ("task.b", [{"n": 2}, {"n": 3}])]
+    messages = encode_runs(runs, "zbroker", 4.0, msgpack.Packer(use_bin_type=True).pack)
+    assert [(topic, count) for topic, _, count in messages] == [(b"task.a", 1), (b"task.b", 2)]
+    assert "payload" in msgpack.unpackb(messages[0][1])
+    assert "payloads" in msgpack.unpackb(messages[1][1])
+    decoded = [decode_events([topic, envelope]) for topic, envelope, _ in messages]
+    assert decoded == [
+        [Event("task.a", "zbroker", {"n": 1}, 4.0)],
+        [Event("task.b", "zbroker", {"n": 2}, 4.0), Event("task.b", "zbroker", {"n": 3}, 4.0)],
+    ]

@@ -9,7 +9,7 @@ carries ``payloads`` (a non-empty array, one event per element) instead of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -38,12 +38,15 @@ def encode_event(event: Event) -> list[bytes]:
     """Event -> [topic, envelope]. Raises ValueError for a type no subscriber could match."""
     return _encode(
         event.type,
-        event.source,
-        event.timestamp,
-        "payload",
-        event.payload,
-        event.correlation_id,
-        event.reply_to,
+        _envelope(
+            event.type,
+            event.source,
+            float(event.timestamp),
+            "payload",
+            event.payload,
+            event.correlation_id,
+            event.reply_to,
+        ),
     )
 
 
@@ -58,10 +61,40 @@ def encode_events(
     """A batch: [topic, envelope with `payloads`], one event per payload, in order."""
     if isinstance(payloads, (str, bytes, bytearray, memoryview)) or not payloads:
         raise ValueError("payloads must be a non-empty sequence (one payload per event)")
-    return _encode(type, source, timestamp, "payloads", list(payloads), correlation_id, reply_to)
+    data = list(payloads)
+    return _encode(
+        type, _envelope(type, source, float(timestamp), "payloads", data, correlation_id, reply_to)
+    )
 
 
-def _encode(
+def _encode(type: str, envelope: dict[str, Any]) -> list[bytes]:
+    topic = type.encode()
+    if not topic or len(topic) > MAX_TOPIC_BYTES:
+        raise ValueError(f"event type must be 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+    return [topic, msgpack.packb(envelope, use_bin_type=True)]
+
+
+def encode_runs(
+    runs: Sequence[tuple[str, list[Any]]],
+    source: str,
+    timestamp: float,
+    pack: Callable[[Any], bytes],
+) -> list[tuple[bytes, bytes, int]]:
+    """(topic, envelope, number of events) for each (type, payloads) run, as the broker
+    publishes its lifecycle events: a `payload` envelope for a run of one, a `payloads`
+    batch for more. `pack` is a msgpack packer's `pack` (reused by the caller); types
+    are not checked (the caller makes them)."""
+    out = []
+    for type, payloads in runs:
+        if len(payloads) == 1:
+            envelope = _envelope(type, source, timestamp, "payload", payloads[0], None, None)
+        else:
+            envelope = _envelope(type, source, timestamp, "payloads", payloads, None, None)
+        out.append((type.encode(), pack(envelope), len(payloads)))
+    return out
+
+
+def _envelope(
     type: str,
     source: str,
     timestamp: float,
@@ -69,21 +102,14 @@ def _encode(
     data: Any,
     correlation_id: str | None,
     reply_to: str | None,
-) -> list[bytes]:
-    topic = type.encode()
-    if not topic or len(topic) > MAX_TOPIC_BYTES:
-        raise ValueError(f"event type must be 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
-    envelope: dict[str, Any] = {
-        "type": type,
-        "source": source,
-        key: data,
-        "timestamp": float(timestamp),
-    }
+) -> dict[str, Any]:
+    """The envelope map of §6; `key` is "payload" (one event) or "payloads" (a batch)."""
+    envelope: dict[str, Any] = {"type": type, "source": source, key: data, "timestamp": timestamp}
     if correlation_id is not None:
         envelope["correlation_id"] = correlation_id
     if reply_to is not None:
         envelope["reply_to"] = reply_to
-    return [topic, msgpack.packb(envelope, use_bin_type=True)]
+    return envelope
 
 
 def decode_event(frames: Sequence[bytes]) -> Event:

@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -27,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.journal import Journal, JournalError, open_journal
+from zbroker.protocol.events import encode_runs
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
@@ -44,25 +44,6 @@ _backend_recv = zmq.backend.Socket.recv
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
-
-
-def lifecycle_messages(
-    events: list[tuple[str, list[dict[str, Any]]]],
-    timestamp: float,
-    pack: Callable[[Any], bytes],
-) -> list[tuple[bytes, bytes, int]]:
-    """(topic, envelope, events in it) for each entry of the core's `events`: a
-    `payload` envelope for one event, a `payloads` batch for several (§6)."""
-    out = []
-    for topic, payloads in events:
-        envelope: dict[str, Any]
-        if len(payloads) == 1:
-            envelope = {"type": topic, "source": "zbroker", "payload": payloads[0]}
-        else:
-            envelope = {"type": topic, "source": "zbroker", "payloads": payloads}
-        envelope["timestamp"] = timestamp
-        out.append((topic.encode(), pack(envelope), len(payloads)))
-    return out
 
 
 class BrokerServer:
@@ -267,7 +248,7 @@ class BrokerServer:
         self.core.events = []
         lifecycle = self.lifecycle
         send_frame = _backend_send  # as in _flush: no per-call flag arithmetic
-        for topic, envelope, count in lifecycle_messages(events, time.time(), self._packb):
+        for topic, envelope, count in encode_runs(events, "zbroker", time.time(), self._packb):
             try:
                 # Two frames to the proxy's inproc XSUB: once the first is queued the
                 # second always is (a message is admitted or refused whole).
