@@ -68,14 +68,19 @@ FORWARDER = mdp_peers.FORWARDER
 QUEUE = "queue"
 DURABILITIES = ("sync", "async", "memory")
 MODES = ("single", "batch")
-# The same as sync-batch with a subscriber taking every task.* lifecycle event.
+# The same as sync-batch with a subscriber taking every task.* lifecycle event: the
+# broker's cost of publishing them (the subscriber counts each message's events with
+# msgpack alone). "+objects": the subscriber makes a Python Event of every event as
+# zbroker's Subscriber does (its own CPU shares the cores; bench/pair.py only).
 EVENTS_SYSTEM = "sync-batch+events"
+OBJECTS_SYSTEM = "sync-batch+objects"
 TASK_SYSTEMS = (*(f"{d}-{m}" for d in DURABILITIES for m in MODES), EVENTS_SYSTEM)
 SYSTEMS = (FORWARDER, *TASK_SYSTEMS, QUEUE)
 LABELS = {
     **{f"{d}-single": f"{d}, single-task ENQUEUEs" for d in DURABILITIES},
     **{f"{d}-batch": f"{d}, ENQUEUE batches" for d in DURABILITIES},
     EVENTS_SYSTEM: "sync, ENQUEUE batches, a subscriber to every task.* event",
+    OBJECTS_SYSTEM: "sync, ENQUEUE batches, a subscriber decoding every task.* event",
 }
 
 # The issue's bars (issue 3).
@@ -247,16 +252,14 @@ def run_tasks(
 ) -> JSONDict:
     """One end-to-end run: fresh broker, workers, producers; returns the figures."""
     durability, mode = system.split("-")
-    with_events = mode.endswith("+events")
-    mode = mode.removesuffix("+events")
+    mode, _, events_kind = mode.partition("+")
     endpoint, broker, events_out = _start_broker(procs, "zbroker", durability, data_dir)
     subscriber = None
-    if with_events:
-        subscriber = procs.start(
-            "subscriber",
-            python_argv(PEERS, "subscriber", "--connect", events_out, "--prefix", "task."),
-            stdout_pipe=True,
-        )
+    if events_kind:
+        argv = ["subscriber", "--connect", events_out, "--prefix", "task."]
+        if events_kind == "objects":
+            argv.append("--decode")
+        subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
         _expect(subscriber, "ready", timeout_s=20)
         time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
     workers = [
@@ -299,6 +302,8 @@ def run_tasks(
 
     cpu_before = process_cpu_s(broker.pid)
     workers_cpu_before = [process_cpu_s(w.pid) for w in workers]
+    listeners = [] if subscriber is None else [subscriber]
+    subscriber_cpu_before = [process_cpu_s(s.pid) for s in listeners]
     profiler = None
     if profile_to is not None:
         profiler = start_py_spy(procs, "py-spy", broker.pid, profile_to)
@@ -307,6 +312,7 @@ def run_tasks(
     produced, done = _collect(procs, producers, workers, settings.tasks, settings.run_timeout_s())
     cpu_after = process_cpu_s(broker.pid)
     workers_cpu_after = [process_cpu_s(w.pid) for w in workers]
+    subscriber_cpu_after = [process_cpu_s(s.pid) for s in listeners]
     if profiler is not None:
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
@@ -328,6 +334,7 @@ def run_tasks(
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     worker_cpu = _cpu_delta(workers_cpu_before, workers_cpu_after)
     producer_cpu = sum(r["cpu_s"] for r in produced)
+    subscriber_cpu = _cpu_delta(subscriber_cpu_before, subscriber_cpu_after) if listeners else 0.0
     per_100k = 100_000 / settings.tasks
     return {
         "tasks": settings.tasks,
@@ -343,6 +350,8 @@ def run_tasks(
         "broker_cpu_s_per_100k": None if cpu is None else cpu * per_100k,
         "workers_cpu_s_per_100k": None if worker_cpu is None else worker_cpu * per_100k,
         "producers_cpu_s_per_100k": producer_cpu * per_100k,
+        # the subscriber's CPU while the tasks ran (it may finish reading later)
+        "subscriber_cpu_s_per_100k": None if subscriber_cpu is None else subscriber_cpu * per_100k,
         "done_per_worker": [r["count"] for r in done],
         "events_received": events,
     }

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -215,16 +216,17 @@ def producer(
 # ------------------------------------------------------------------ entry
 
 
-def subscriber(endpoint: str, prefix: str) -> None:
-    """A SUB socket on the bus counting events under `prefix` (decoding each message
-    into its events, batches included, as a real subscriber would). Once idle for
-    WORKER_REPORT_IDLE_MS after events, it prints `{"events": count so far}`."""
+def subscriber(endpoint: str, prefix: str, decode: bool) -> None:
+    """A SUB socket on the bus counting events under `prefix`: each message's events
+    counted with msgpack alone (the broker's side of publishing is what is measured),
+    or, with `decode`, turned into zbroker Events one by one as the Python Subscriber
+    hands them out. Once idle for WORKER_REPORT_IDLE_MS after events, it prints
+    `{"events": count so far}`."""
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.SUB)
     sock.subscribe(prefix.encode())
     _connect(sock, endpoint)
     print("ready", flush=True)
-    decode = events.decode_events
     count = reported = 0
     while True:
         if not sock.poll(WORKER_REPORT_IDLE_MS):
@@ -237,7 +239,19 @@ def subscriber(endpoint: str, prefix: str) -> None:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            count += len(decode(frames))
+            count += len(events.decode_events(frames)) if decode else _events_in(frames)
+
+
+def _events_in(frames: list[bytes]) -> int:
+    """How many events one bus message holds (docs/protocol.md §6), or 0 if malformed."""
+    try:
+        envelope = msgpack.unpackb(frames[1])
+    except Exception:
+        return 0
+    if not isinstance(envelope, dict):
+        return 0
+    payloads = envelope.get("payloads")
+    return len(payloads) if isinstance(payloads, list) else 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,11 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     e = roles.add_parser("subscriber", help="SUB on the bus; counts events")
     e.add_argument("--connect", required=True)
     e.add_argument("--prefix", default="")
+    e.add_argument("--decode", action="store_true", help="make an Event of every event")
     args = parser.parse_args(argv)
     if args.role == "worker":
         worker(args.connect, args.credit)
     elif args.role == "subscriber":
-        subscriber(args.connect, args.prefix)
+        subscriber(args.connect, args.prefix, args.decode)
     else:
         producer(
             args.connect,

@@ -1,16 +1,20 @@
-"""Two systems of the `durable` workload, alternated round by round: paired ratios
+"""Systems of the `durable` workload, alternated round by round: paired ratios
 and the broker's CPU per thread (a noisy machine needs many paired rounds).
 
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --rounds 7
     .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin
+    .venv/bin/python bench/pair.py sync-batch sync-batch sync-batch+events --rounds 9
 
 Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
 bench/README.md, "durable"). Per run it prints tasks/s end to end, the broker's
 CPU per task split by thread (the loop's thread, libzmq's I/O thread, the event
 proxy's thread, from /proc/PID/task/*/stat), and the workers' and producers' CPU;
-at the end, per system, the median rate and the ratio to the first system round
-by round with their median.
+at the end, per system, the median rate and broker CPU per task, and the ratios
+of both to the first system round by round with their medians. Naming one system
+twice (an A/A pair) shows how far two runs of the same code differ on this machine:
+the spread an A/B ratio must leave before it means anything. Each round starts
+with the next system in turn, so that none always runs first.
 """
 
 from __future__ import annotations
@@ -50,7 +54,12 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("systems", nargs=2, choices=durable.TASK_SYSTEMS, metavar="SYSTEM")
+    parser.add_argument(
+        "systems",
+        nargs="+",
+        choices=(*durable.TASK_SYSTEMS, durable.OBJECTS_SYSTEM),
+        metavar="SYSTEM",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument(
@@ -59,6 +68,8 @@ def main() -> None:
         help="run the broker on CPU 0 and every other process on CPU 1 (taskset)",
     )
     args = parser.parse_args()
+    if len(args.systems) < 2:
+        parser.error("name two systems or more (the same one twice for an A/A run)")
     if args.pin:
         broker_argv, peer_argv = durable._broker_argv, durable.python_argv
         durable._broker_argv = lambda *a: ["taskset", "-c", "0", *broker_argv(*a)]
@@ -74,9 +85,13 @@ def main() -> None:
         return process_cpu_s(pid)
 
     durable.process_cpu_s = with_threads
-    rates: dict[str, list[float]] = {system: [] for system in args.systems}
+    rates: list[list[float]] = [[] for _ in args.systems]
+    broker_us: list[list[float]] = [[] for _ in args.systems]  # the broker's CPU per task
+    count = len(args.systems)
     for round_no in range(1, args.rounds + 1):
-        for system in args.systems:
+        # Each round starts one system later, so that no system always runs first.
+        for position in [(round_no - 1 + k) % count for k in range(count)]:
+            system = args.systems[position]
             snapshots.clear()
             with (
                 tempfile.TemporaryDirectory(prefix="zbroker-pair-") as tmp,
@@ -91,21 +106,33 @@ def main() -> None:
                 for name in sorted(after, key=lambda n: int(n.rsplit(":", 1)[1]))
                 if after[name] - before.get(name, 0.0) > 0
             )
-            rates[system].append(figures["throughput_tps"])
+            rates[position].append(figures["throughput_tps"])
+            cpu = figures["broker_cpu_s_per_100k"]  # s per 100k tasks = 10 µs per task
+            broker_us[position].append(float("nan") if cpu is None else cpu * 10)
             print(
-                f"round {round_no} {system}: {figures['throughput_tps']:,.0f} tasks/s; "
+                f"round {round_no} {system} (#{position + 1}): "
+                f"{figures['throughput_tps']:,.0f} tasks/s; "
                 f"broker µs/task by thread: {threads}; workers "
                 f"{figures['workers_cpu_s_per_100k']:.2f}, producers "
-                f"{figures['producers_cpu_s_per_100k']:.2f} s/100k",
+                f"{figures['producers_cpu_s_per_100k']:.2f}"
+                + (
+                    f", subscriber {figures['subscriber_cpu_s_per_100k']:.2f}"
+                    if figures["events_received"] is not None
+                    else ""
+                )
+                + " s/100k",
                 flush=True,
             )
-    first = args.systems[0]
-    for system in args.systems:
-        ratios = [a / b for a, b in zip(rates[system], rates[first], strict=True)]
+    for position, system in enumerate(args.systems):
+        rate_ratios = [a / b for a, b in zip(rates[position], rates[0], strict=True)]
+        cpu_ratios = [a / b for a, b in zip(broker_us[position], broker_us[0], strict=True)]
         print(
-            f"{system}: median {statistics.median(rates[system]):,.0f} tasks/s; ratio to "
-            f"{first} by round {', '.join(f'{r:.2f}' for r in ratios)} "
-            f"(median {statistics.median(ratios):.2f})"
+            f"{system} (#{position + 1}): median {statistics.median(rates[position]):,.0f} "
+            f"tasks/s, broker {statistics.median(broker_us[position]):.1f} µs/task; "
+            f"to #1 by round: rate {', '.join(f'{r:.2f}' for r in rate_ratios)} "
+            f"(median {statistics.median(rate_ratios):.2f}), broker CPU "
+            f"{', '.join(f'{r:.2f}' for r in cpu_ratios)} "
+            f"(median {statistics.median(cpu_ratios):.2f})"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import msgpack
 import pytest
@@ -13,6 +14,7 @@ from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import (
     Event,
+    TaskPayloads,
     decode_event,
     decode_events,
     encode_event,
@@ -291,8 +293,9 @@ def test_zbw_bad_batches_are_protocol_errors(frames: list[bytes]) -> None:
 
 
 def test_runs_become_one_message_each_a_single_event_in_the_plain_form() -> None:
-    runs = [("task.a", [{"n": 1}]), ("task.b", [{"n": 2}, {"n": 3}])]
-    messages = encode_runs(runs, "zbroker", 4.0, msgpack.Packer(use_bin_type=True).pack)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    runs = [("task.a", [pack({"n": 1})]), ("task.b", [pack({"n": 2}), pack({"n": 3})])]
+    messages = encode_runs(runs, "zbroker", 4.0)
     assert [(topic, count) for topic, _, count in messages] == [(b"task.a", 1), (b"task.b", 2)]
     assert "payload" in msgpack.unpackb(messages[0][1])
     assert "payloads" in msgpack.unpackb(messages[1][1])
@@ -301,3 +304,38 @@ def test_runs_become_one_message_each_a_single_event_in_the_plain_form() -> None
         [Event("task.a", "zbroker", {"n": 1}, 4.0)],
         [Event("task.b", "zbroker", {"n": 2}, 4.0), Event("task.b", "zbroker", {"n": 3}, 4.0)],
     ]
+
+
+@pytest.mark.parametrize("count", [1, 2, 15, 16, 17, 0xFFFF, 0x10000])
+def test_spliced_runs_are_the_bytes_msgpack_makes_of_the_envelope(count: int) -> None:
+    # encode_runs splices packed payloads into a hand-made envelope: it must be byte
+    # for byte what msgpack makes of the map (every array header size included).
+    payloads = [
+        {"id": f"t{i}", "n": i, "headers": {"k": "v"} if i % 2 else {}} for i in range(count)
+    ]
+    pack = msgpack.Packer(use_bin_type=True).pack
+    [(topic, envelope, n)] = encode_runs([("task.x.é", [pack(p) for p in payloads])], "zb", 2.5)
+    key, data = ("payload", payloads[0]) if count == 1 else ("payloads", payloads)
+    expected = {"type": "task.x.é", "source": "zb", key: data, "timestamp": 2.5}
+    assert (topic, n) == ("task.x.é".encode(), count)
+    assert envelope == msgpack.packb(expected, use_bin_type=True)
+
+
+@given(
+    st.text(min_size=1, max_size=40),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.one_of(st.none(), st.floats(allow_nan=False)),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-5, 300), st.text(), st.binary())),
+    st.text(max_size=40),
+)
+def test_task_payloads_are_the_bytes_msgpack_makes_of_the_documented_maps(
+    task_id: str, number: int, not_before: float | None, headers: dict[str, Any], worker: str
+) -> None:
+    payloads = TaskPayloads()
+    head, tail = payloads.enqueued(number, not_before, headers)
+    documented = {"id": task_id, "priority": number, "not_before": not_before, "headers": headers}
+    assert head + payloads.pack(task_id) + tail == msgpack.packb(documented)
+    started = {"id": task_id, "attempt": number, "worker": worker}
+    assert payloads.started(task_id, number, worker) == msgpack.packb(started)
+    done = {"id": task_id, "attempt": number, "headers": headers}
+    assert payloads.done(task_id, number, headers) == msgpack.packb(done)

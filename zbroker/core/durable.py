@@ -43,7 +43,7 @@ from zbroker.core.model import (
 )
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
-from zbroker.protocol.events import MAX_BATCH_EVENTS
+from zbroker.protocol.events import MAX_BATCH_EVENTS, TaskPayloads
 
 log = logging.getLogger("zbroker.core")
 
@@ -111,14 +111,18 @@ class DurableTasks:
     # Lifecycle events for the bus, in the order they happened: (topic, payloads)
     # with consecutive events of one topic in one entry (at most MAX_BATCH_EVENTS),
     # published by the runtime after the pass's commit, an entry per message. Only
-    # topics some subscriber asked for are produced.
-    events: list[tuple[str, list[dict[str, Any]]]]
+    # topics some subscriber asked for are produced. Each payload is packed (msgpack)
+    # as it is emitted: the pass holds bytes, which the garbage collector never
+    # scans, instead of a map per event until the commit.
+    events: list[tuple[str, list[bytes]]]
     event_prefixes: frozenset[str]
 
     def _init_durable(self, journal: Journal | None, now: float, epoch_offset: float) -> None:
         self.events = []
         self.event_prefixes = frozenset()
         self._wanted: dict[str, bool] = {}
+        self._payloads = TaskPayloads()
+        self._pack_event = self._payloads.pack
         self.journal = journal
         self._started_at = now
         self._epoch_offset = epoch_offset
@@ -140,9 +144,13 @@ class DurableTasks:
         self._wanted = {}
 
     def _emit(self, topic: str, payload: dict[str, Any]) -> None:
+        self._emit_packed(topic, self._pack_event(payload))
+
+    def _emit_packed(self, topic: str, payload: bytes) -> None:
         # Consecutive events with one topic share an entry: the runtime publishes each
         # entry as one batch message (docs/protocol.md §6), in this order. The last
-        # entry's topic was wanted when it was made: no need to ask again.
+        # entry's topic was wanted when it was made: no need to ask again. Callers
+        # ask `event_prefixes` first, so no payload is made when nobody listens.
         events = self.events
         if events:
             last_topic, group = events[-1]
@@ -543,6 +551,14 @@ class DurableTasks:
         ids: list[str] = []
         existing: list[int] = []
         stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
+        topic = None
+        head = tail = b""
+        pack = self._pack_event
+        if self.event_prefixes:
+            topic = "task.enqueued." + msg.service
+            head, tail = self._payloads.enqueued(
+                options.priority, not_before or None, options.headers
+            )
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
@@ -572,16 +588,8 @@ class DurableTasks:
             ids.append(record.id)
             if key is not None:
                 stored_keys[key] = record.id
-            if self.event_prefixes:
-                self._emit(
-                    "task.enqueued." + msg.service,
-                    {
-                        "id": record.id,
-                        "priority": record.priority,
-                        "not_before": record.not_before or None,
-                        "headers": record.headers,
-                    },
-                )
+            if topic is not None:  # the payload of task.enqueued, all but the id made once
+                self._emit_packed(topic, head + pack(record.id) + tail)
         self.stats.tasks_enqueued += count - len(existing)
         service.figures.enqueued += count - len(existing)
         self.stats.tasks_deduplicated += len(existing)
@@ -832,9 +840,9 @@ class DurableTasks:
                 self.next_tick_at = request.deadline
         self._holders[record.id] = worker
         if self.event_prefixes:
-            self._emit(
+            self._emit_packed(
                 "task.started." + record.service,
-                {"id": record.id, "attempt": record.attempt, "worker": worker_hex},
+                self._payloads.started(record.id, record.attempt, worker_hex),
             )
         return request
 
@@ -857,9 +865,9 @@ class DurableTasks:
         self._history(record, "done", epoch, request.attempt)
         record.error = None
         if self.event_prefixes:
-            self._emit(
+            self._emit_packed(
                 "task.done." + record.service,
-                {"id": record.id, "attempt": request.attempt, "headers": record.headers},
+                self._payloads.done(record.id, request.attempt, record.headers),
             )
         self._finish(record, DONE, epoch, None, body)
 
