@@ -72,8 +72,11 @@ MODES = ("single", "batch")
 # broker's cost of publishing them (the subscriber counts each message's events with
 # msgpack alone). "+objects": the subscriber makes a Python Event of every event as
 # zbroker's Subscriber does (its own CPU shares the cores; bench/pair.py only).
+# "+done": a subscriber to task.done.* alone, as a coordinator waiting for results
+# would hold (bench/pair.py only).
 EVENTS_SYSTEM = "sync-batch+events"
 OBJECTS_SYSTEM = "sync-batch+objects"
+DONE_SYSTEM = "sync-batch+done"
 TASK_SYSTEMS = (*(f"{d}-{m}" for d in DURABILITIES for m in MODES), EVENTS_SYSTEM)
 SYSTEMS = (FORWARDER, *TASK_SYSTEMS, QUEUE)
 LABELS = {
@@ -81,6 +84,7 @@ LABELS = {
     **{f"{d}-batch": f"{d}, ENQUEUE batches" for d in DURABILITIES},
     EVENTS_SYSTEM: "sync, ENQUEUE batches, a subscriber to every task.* event",
     OBJECTS_SYSTEM: "sync, ENQUEUE batches, a subscriber decoding every task.* event",
+    DONE_SYSTEM: "sync, ENQUEUE batches, a subscriber to task.done.* events",
 }
 
 # The issue's bars (issue 3).
@@ -256,7 +260,8 @@ def run_tasks(
     endpoint, broker, events_out = _start_broker(procs, "zbroker", durability, data_dir)
     subscriber = None
     if events_kind:
-        argv = ["subscriber", "--connect", events_out, "--prefix", "task."]
+        prefix = "task.done." if events_kind == "done" else "task."
+        argv = ["subscriber", "--connect", events_out, "--prefix", prefix]
         if events_kind == "objects":
             argv.append("--decode")
         subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
@@ -316,13 +321,15 @@ def run_tasks(
     if profiler is not None:
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
-    events = None
+    events = event_messages = None
     if subscriber is not None:
-        # At least enqueued, started and done per task; read its last report.
+        # At least enqueued, started and done per task (done alone for "+done");
+        # read its last report.
+        least = settings.tasks if events_kind == "done" else 3 * settings.tasks
         while True:
             report = _read_json(subscriber, settings.run_timeout_s())
-            events = report["events"]
-            if events >= 3 * settings.tasks:
+            events, event_messages = report["events"], report["messages"]
+            if events >= least:
                 break
 
     started = min(r["started"] for r in produced)
@@ -354,6 +361,8 @@ def run_tasks(
         "subscriber_cpu_s_per_100k": None if subscriber_cpu is None else subscriber_cpu * per_100k,
         "done_per_worker": [r["count"] for r in done],
         "events_received": events,
+        # bus messages they came in (the broker batches consecutive events of a topic)
+        "event_messages": event_messages,
     }
 
 

@@ -221,17 +221,17 @@ def subscriber(endpoint: str, prefix: str, decode: bool) -> None:
     counted with msgpack alone (the broker's side of publishing is what is measured),
     or, with `decode`, turned into zbroker Events one by one as the Python Subscriber
     hands them out. Once idle for WORKER_REPORT_IDLE_MS after events, it prints
-    `{"events": count so far}`."""
+    `{"events": count so far, "messages": bus messages they came in}`."""
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.SUB)
     sock.subscribe(prefix.encode())
     _connect(sock, endpoint)
     print("ready", flush=True)
-    count = reported = 0
+    count = reported = messages = 0
     while True:
         if not sock.poll(WORKER_REPORT_IDLE_MS):
             if count != reported:
-                print(json.dumps({"events": count}), flush=True)
+                print(json.dumps({"events": count, "messages": messages}), flush=True)
                 reported = count
             continue
         while True:
@@ -240,6 +240,7 @@ def subscriber(endpoint: str, prefix: str, decode: bool) -> None:
             except zmq.Again:
                 break
             count += len(events.decode_events(frames)) if decode else _events_in(frames)
+            messages += 1
 
 
 def _events_in(frames: list[bytes]) -> int:

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument(
         "systems",
         nargs="+",
-        choices=(*durable.TASK_SYSTEMS, durable.OBJECTS_SYSTEM),
+        choices=(*durable.TASK_SYSTEMS, durable.OBJECTS_SYSTEM, durable.DONE_SYSTEM),
         metavar="SYSTEM",
     )
     parser.add_argument("--rounds", type=int, default=5)
@@ -116,11 +116,12 @@ def main() -> None:
                 f"{figures['workers_cpu_s_per_100k']:.2f}, producers "
                 f"{figures['producers_cpu_s_per_100k']:.2f}"
                 + (
-                    f", subscriber {figures['subscriber_cpu_s_per_100k']:.2f}"
+                    f", subscriber {figures['subscriber_cpu_s_per_100k']:.2f} s/100k; "
+                    f"{figures['events_received'] / figures['event_messages']:.1f} "
+                    "events per bus message"
                     if figures["events_received"] is not None
-                    else ""
-                )
-                + " s/100k",
+                    else " s/100k"
+                ),
                 flush=True,
             )
     for position, system in enumerate(args.systems):

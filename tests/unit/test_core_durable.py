@@ -562,6 +562,44 @@ def test_lifecycle_events_only_for_topics_someone_wants(journal: Journal) -> Non
     assert emitted(s)[1][1] == [{"id": other, "was": "ready"}]
 
 
+def test_a_subscriber_to_one_topic_has_no_payloads_made_for_the_others(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    made: list[str] = []
+    payloads = s.broker._payloads
+
+    class Spy:  # records which task payloads the core asks for
+        pack = payloads.pack
+
+        def enqueued(self, *args: Any) -> tuple[bytes, bytes]:
+            made.append("enqueued")
+            return payloads.enqueued(*args)
+
+        def started(self, *args: Any) -> bytes:
+            made.append("started")
+            return payloads.started(*args)
+
+        def done(self, *args: Any) -> bytes:
+            made.append("done")
+            return payloads.done(*args)
+
+    s.broker._payloads = Spy()  # type: ignore[assignment]
+    # Given a subscriber to the results of one service only
+    s.broker.set_subscriptions(frozenset({"task.done.tts"}))
+    # When tasks of it and of another service are stored, started and done
+    for service in ("tts", "stt"):
+        s.call(b"C", zbc.enqueue(s.next_rid(), service, [[b"a"], [b"b"]], batch=True))
+        s.send(b"W" + service.encode(), ext.ready(service, 2, batch=True))
+        (message,) = [f for f in s.sent_to(b"W" + service.encode()) if f[3] != ext.HEARTBEAT]
+        tasks = ext.decode_for_worker(message[1:])
+        assert isinstance(tasks, ext.Tasks)
+        s.send(b"W" + service.encode(), ext.dones([(t.id, t.attempt, [b"r"]) for t in tasks.tasks]))
+    # Then only its task.done payloads were made, and only they are published
+    assert made == ["done", "done"]
+    assert [(t, len(ps)) for t, ps in emitted(s)] == [("task.done.tts", 2)]
+
+
 def emitted(s: Script) -> list[tuple[str, list[Any]]]:
     """The core's events of the pass so far, payloads unpacked."""
     return [(topic, [msgpack.unpackb(p) for p in packed]) for topic, packed in s.broker.events]
@@ -596,6 +634,13 @@ def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
     s.call(b"C", zbc.enqueue(s.next_rid(), "big", [[b"x"]] * count, batch=True))
     sizes = [len(ps) for t, ps in s.broker.events if t == "task.enqueued.big"]
     assert sizes == [MAX_BATCH_EVENTS, 10]
+    # And a call whose events continue a run fills its last entry first, in order
+    s.broker.events.clear()
+    first = s.call(b"C", zbc.enqueue(s.next_rid(), "more", [[b"x"]] * 10, batch=True))
+    second = s.call(b"C", zbc.enqueue(s.next_rid(), "more", [[b"y"]] * count, batch=True))
+    runs = [[p["id"] for p in ps] for t, ps in emitted(s) if t == "task.enqueued.more"]
+    assert [len(r) for r in runs] == [MAX_BATCH_EVENTS, 20]
+    assert [i for run in runs for i in run] == first.meta["ids"] + second.meta["ids"]
 
 
 def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> None:

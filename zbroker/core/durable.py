@@ -143,27 +143,46 @@ class DurableTasks:
         self.event_prefixes = prefixes
         self._wanted = {}
 
+    def _wants(self, topic: str) -> bool:
+        """Whether a subscriber holds a prefix of `topic` (the answer cached per topic).
+        Asked before an event's payload is made: a subscriber to `task.done.tts` costs
+        nothing for the other topics."""
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) >= 10_000:
+                self._wanted = {}
+            wanted = self._wanted[topic] = any(topic.startswith(p) for p in self.event_prefixes)
+        return wanted
+
     def _emit(self, topic: str, payload: dict[str, Any]) -> None:
-        self._emit_packed(topic, self._pack_event(payload))
+        if self._wants(topic):
+            self._emit_packed(topic, self._pack_event(payload))
 
     def _emit_packed(self, topic: str, payload: bytes) -> None:
-        # Consecutive events with one topic share an entry: the runtime publishes each
-        # entry as one batch message (docs/protocol.md §6), in this order. The last
-        # entry's topic was wanted when it was made: no need to ask again. Callers
-        # ask `event_prefixes` first, so no payload is made when nobody listens.
+        """Add an event of a wanted topic (the caller asked `_wants`). Consecutive events
+        with one topic share an entry: the runtime publishes each entry as one batch
+        message (docs/protocol.md §6), in this order."""
         events = self.events
         if events:
             last_topic, group = events[-1]
             if last_topic == topic and len(group) < MAX_BATCH_EVENTS:
                 group.append(payload)
                 return
-        wanted = self._wanted.get(topic)
-        if wanted is None:
-            wanted = self._wanted[topic] = any(topic.startswith(p) for p in self.event_prefixes)
-            if len(self._wanted) > 10_000:
-                self._wanted = {}
-        if wanted:
-            events.append((topic, [payload]))
+        events.append((topic, [payload]))
+
+    def _emit_run(self, topic: str, payloads: list[bytes]) -> None:
+        """Add several events of one wanted topic in a row, as `_emit_packed` each."""
+        self._emit_packed(topic, payloads[0])
+        group = self.events[-1][1]
+        done, count = 1, len(payloads)
+        while done < count:
+            room = MAX_BATCH_EVENTS - len(group)
+            if room <= 0:
+                group = []
+                self.events.append((topic, group))
+                room = MAX_BATCH_EVENTS
+            group.extend(payloads[done : done + room])
+            done += room
 
     # Provided by Broker.
     def _dispatch(self, service: Service, now: float) -> None:
@@ -551,11 +570,13 @@ class DurableTasks:
         ids: list[str] = []
         existing: list[int] = []
         stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
-        topic = None
+        # task.enqueued payloads differ only by the id: the rest is packed once.
+        topic = "task.enqueued." + msg.service
+        wanted = bool(self.event_prefixes) and self._wants(topic)
+        enqueued: list[bytes] | None = [] if wanted else None
         head = tail = b""
         pack = self._pack_event
-        if self.event_prefixes:
-            topic = "task.enqueued." + msg.service
+        if enqueued is not None:
             head, tail = self._payloads.enqueued(
                 options.priority, not_before or None, options.headers
             )
@@ -588,8 +609,10 @@ class DurableTasks:
             ids.append(record.id)
             if key is not None:
                 stored_keys[key] = record.id
-            if topic is not None:  # the payload of task.enqueued, all but the id made once
-                self._emit_packed(topic, head + pack(record.id) + tail)
+            if enqueued is not None:
+                enqueued.append(head + pack(record.id) + tail)
+        if enqueued:
+            self._emit_run(topic, enqueued)
         self.stats.tasks_enqueued += count - len(existing)
         service.figures.enqueued += count - len(existing)
         self.stats.tasks_deduplicated += len(existing)
@@ -840,10 +863,12 @@ class DurableTasks:
                 self.next_tick_at = request.deadline
         self._holders[record.id] = worker
         if self.event_prefixes:
-            self._emit_packed(
-                "task.started." + record.service,
-                self._payloads.started(record.id, record.attempt, worker_hex),
-            )
+            topic = "task.started." + record.service
+            wanted = self._wanted.get(topic)  # _wants, without a call when cached
+            if wanted or (wanted is None and self._wants(topic)):
+                self._emit_packed(
+                    topic, self._payloads.started(record.id, record.attempt, worker_hex)
+                )
         return request
 
     def _record_progress(self, request: Request, data: tuple[bytes, ...], now: float) -> None:
@@ -865,10 +890,12 @@ class DurableTasks:
         self._history(record, "done", epoch, request.attempt)
         record.error = None
         if self.event_prefixes:
-            self._emit_packed(
-                "task.done." + record.service,
-                self._payloads.done(record.id, request.attempt, record.headers),
-            )
+            topic = "task.done." + record.service
+            wanted = self._wanted.get(topic)  # _wants, without a call when cached
+            if wanted or (wanted is None and self._wants(topic)):
+                self._emit_packed(
+                    topic, self._payloads.done(record.id, request.attempt, record.headers)
+                )
         self._finish(record, DONE, epoch, None, body)
 
     def _finish(

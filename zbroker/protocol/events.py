@@ -10,7 +10,7 @@ carries ``payloads`` (a non-empty array, one event per element) instead of
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -142,7 +142,14 @@ class TaskPayloads:
     def started(self, task_id: str, attempt: int, worker: str) -> bytes:
         pack = self.pack
         return b"".join(
-            (_STARTED_HEAD, pack(task_id), _ATTEMPT, _small(attempt, pack), _WORKER, pack(worker))
+            (
+                _STARTED_HEAD,
+                pack(task_id),
+                _ATTEMPT,
+                _SMALL_INTS[attempt] if 0 <= attempt < 128 else pack(attempt),
+                _WORKER,
+                pack(worker),
+            )
         )
 
     def done(self, task_id: str, attempt: int, headers: dict[str, Any]) -> bytes:
@@ -152,15 +159,11 @@ class TaskPayloads:
                 _DONE_HEAD,
                 pack(task_id),
                 _ATTEMPT,
-                _small(attempt, pack),
+                _SMALL_INTS[attempt] if 0 <= attempt < 128 else pack(attempt),
                 _HEADERS,
                 pack(headers) if headers else _EMPTY_MAP,
             )
         )
-
-
-def _small(n: int, pack: Callable[[Any], bytes]) -> bytes:
-    return _SMALL_INTS[n] if 0 <= n < 128 else pack(n)
 
 
 _SMALL_INTS = tuple(msgpack.packb(n) for n in range(128))  # positive fixints
