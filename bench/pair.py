@@ -9,7 +9,9 @@ and the broker's CPU per thread (a noisy machine needs many paired rounds).
 Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
 bench/README.md, "durable"). Per run it prints tasks/s end to end, the broker's
 CPU per task split by thread (the loop's thread, libzmq's I/O thread, the event
-proxy's thread, from /proc/PID/task/*/stat), and the workers' and producers' CPU;
+proxy's thread, from /proc/PID/task/*/stat), the loop's context switches per 100
+tasks (voluntary: polls that slept; involuntary: preemptions), and the workers',
+producers' and any subscriber's CPU;
 at the end, per system, the median rate and broker CPU per task, and the ratios
 of both to the first system round by round with their medians. Naming one system
 twice (an A/A pair) shows how far two runs of the same code differ on this machine:
@@ -52,6 +54,21 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def loop_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far of the process's main thread,
+    the broker's loop: a voluntary one is a poll that found nothing to do and slept,
+    an involuntary one a preemption by another thread or process."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return (0, 0)
+    return (
+        int(status.get("voluntary_ctxt_switches", 0)),
+        int(status.get("nonvoluntary_ctxt_switches", 0)),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -80,8 +97,11 @@ def main() -> None:
     snapshots: dict[int, list[dict[str, float]]] = {}
     process_cpu_s = durable.process_cpu_s
 
+    switches: dict[int, list[tuple[int, int]]] = {}
+
     def with_threads(pid: int) -> float | None:
         snapshots.setdefault(pid, []).append(thread_cpu_s(pid))
+        switches.setdefault(pid, []).append(loop_switches(pid))
         return process_cpu_s(pid)
 
     durable.process_cpu_s = with_threads
@@ -93,6 +113,7 @@ def main() -> None:
         for position in [(round_no - 1 + k) % count for k in range(count)]:
             system = args.systems[position]
             snapshots.clear()
+            switches.clear()
             with (
                 tempfile.TemporaryDirectory(prefix="zbroker-pair-") as tmp,
                 ProcessGroup(Path(tmp) / "logs") as procs,
@@ -105,6 +126,12 @@ def main() -> None:
                 f"{name.split(':')[0]} {(after[name] - before.get(name, 0.0)) * per_task_us:.1f}"
                 for name in sorted(after, key=lambda n: int(n.rsplit(":", 1)[1]))
                 if after[name] - before.get(name, 0.0) > 0
+            )
+            (vol0, invol0), (vol1, invol1) = switches[broker][0], switches[broker][-1]
+            per_100 = 100 / figures["done"]
+            threads += (
+                f" (loop's context switches per 100 tasks: {(vol1 - vol0) * per_100:.1f} "
+                f"voluntary, {(invol1 - invol0) * per_100:.1f} involuntary)"
             )
             rates[position].append(figures["throughput_tps"])
             cpu = figures["broker_cpu_s_per_100k"]  # s per 100k tasks = 10 µs per task
