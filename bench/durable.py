@@ -73,10 +73,13 @@ MODES = ("single", "batch")
 # msgpack alone). "+objects": the subscriber makes a Python Event of every event as
 # zbroker's Subscriber does (its own CPU shares the cores; bench/pair.py only).
 # "+done": a subscriber to task.done.* alone, as a coordinator waiting for results
-# would hold (bench/pair.py only).
+# would hold (bench/pair.py only). "+stopped", a control: the +events subscriber
+# is stopped (SIGSTOP) once subscribed, so the broker publishes every event (the
+# bus drops what its queue cannot hold) but no subscriber process shares the CPU.
 EVENTS_SYSTEM = "sync-batch+events"
 OBJECTS_SYSTEM = "sync-batch+objects"
 DONE_SYSTEM = "sync-batch+done"
+STOPPED_SYSTEM = "sync-batch+stopped"
 TASK_SYSTEMS = (*(f"{d}-{m}" for d in DURABILITIES for m in MODES), EVENTS_SYSTEM)
 SYSTEMS = (FORWARDER, *TASK_SYSTEMS, QUEUE)
 LABELS = {
@@ -85,6 +88,7 @@ LABELS = {
     EVENTS_SYSTEM: "sync, ENQUEUE batches, a subscriber to every task.* event",
     OBJECTS_SYSTEM: "sync, ENQUEUE batches, a subscriber decoding every task.* event",
     DONE_SYSTEM: "sync, ENQUEUE batches, a subscriber to task.done.* events",
+    STOPPED_SYSTEM: "sync, ENQUEUE batches, every task.* event to a stopped subscriber",
 }
 
 # The issue's bars (issue 3).
@@ -267,6 +271,8 @@ def run_tasks(
         subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
         _expect(subscriber, "ready", timeout_s=20)
         time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
+        if events_kind == "stopped":
+            os.kill(subscriber.pid, signal.SIGSTOP)
     workers = [
         procs.start(
             f"worker-{i}",
@@ -322,7 +328,10 @@ def run_tasks(
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
     events = event_messages = None
-    if subscriber is not None:
+    if events_kind == "stopped":
+        assert subscriber is not None
+        os.kill(subscriber.pid, signal.SIGCONT)  # its count means nothing: not read
+    elif subscriber is not None:
         # At least enqueued, started and done per task (done alone for "+done");
         # read its last report.
         least = settings.tasks if events_kind == "done" else 3 * settings.tasks

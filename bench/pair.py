@@ -74,7 +74,12 @@ def main() -> None:
     parser.add_argument(
         "systems",
         nargs="+",
-        choices=(*durable.TASK_SYSTEMS, durable.OBJECTS_SYSTEM, durable.DONE_SYSTEM),
+        choices=(
+            *durable.TASK_SYSTEMS,
+            durable.OBJECTS_SYSTEM,
+            durable.DONE_SYSTEM,
+            durable.STOPPED_SYSTEM,
+        ),
         metavar="SYSTEM",
     )
     parser.add_argument("--rounds", type=int, default=5)
