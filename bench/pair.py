@@ -4,6 +4,7 @@ and the broker's CPU per thread (a noisy machine needs many paired rounds).
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --rounds 7
     .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin
+    .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin-broker
     .venv/bin/python bench/pair.py sync-batch sync-batch sync-batch+events --rounds 9
 
 Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
@@ -89,12 +90,18 @@ def main() -> None:
         action="store_true",
         help="run the broker on CPU 0 and every other process on CPU 1 (taskset)",
     )
+    parser.add_argument(
+        "--pin-broker",
+        action="store_true",
+        help="run the broker (all its threads) on CPU 0, the other processes anywhere",
+    )
     args = parser.parse_args()
     if len(args.systems) < 2:
         parser.error("name two systems or more (the same one twice for an A/A run)")
-    if args.pin:
-        broker_argv, peer_argv = durable._broker_argv, durable.python_argv
+    broker_argv, peer_argv = durable._broker_argv, durable.python_argv
+    if args.pin or args.pin_broker:
         durable._broker_argv = lambda *a: ["taskset", "-c", "0", *broker_argv(*a)]
+    if args.pin:
         durable.python_argv = lambda *a: ["taskset", "-c", "1", *peer_argv(*a)]
     settings = replace(durable.Settings.for_mode(False), tasks=args.tasks)
     # run_tasks reads the broker's CPU from /proc before and after the timed phase:
