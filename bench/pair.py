@@ -5,6 +5,7 @@ and the broker's CPU per thread (a noisy machine needs many paired rounds).
     .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin-broker
+    .venv/bin/python bench/pair.py sync-batch sync-batch@0 sync-batch+events@0
     .venv/bin/python bench/pair.py sync-batch sync-batch sync-batch+events --rounds 9
 
 Each run is `durable.run_tasks` (fresh broker, 2 workers, producers; see
@@ -75,13 +76,9 @@ def main() -> None:
     parser.add_argument(
         "systems",
         nargs="+",
-        choices=(
-            *durable.TASK_SYSTEMS,
-            durable.OBJECTS_SYSTEM,
-            durable.DONE_SYSTEM,
-            durable.STOPPED_SYSTEM,
-        ),
-        metavar="SYSTEM",
+        metavar="SYSTEM[@CPU]",
+        help="a durable system (sync-batch, sync-batch+events, ...); @CPU runs its "
+        "broker on that CPU alone (taskset), so pinned and unpinned can be paired",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100_000)
@@ -98,9 +95,17 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.systems) < 2:
         parser.error("name two systems or more (the same one twice for an A/A run)")
+    known = (
+        *durable.TASK_SYSTEMS,
+        durable.OBJECTS_SYSTEM,
+        durable.DONE_SYSTEM,
+        durable.STOPPED_SYSTEM,
+    )
+    for system in args.systems:
+        name, _, cpu = system.partition("@")
+        if name not in known or (cpu and not cpu.isdigit()):
+            parser.error(f"{system!r}: a system is one of {', '.join(known)}, then @CPU or not")
     broker_argv, peer_argv = durable._broker_argv, durable.python_argv
-    if args.pin or args.pin_broker:
-        durable._broker_argv = lambda *a: ["taskset", "-c", "0", *broker_argv(*a)]
     if args.pin:
         durable.python_argv = lambda *a: ["taskset", "-c", "1", *peer_argv(*a)]
     settings = replace(durable.Settings.for_mode(False), tasks=args.tasks)
@@ -123,7 +128,12 @@ def main() -> None:
     for round_no in range(1, args.rounds + 1):
         # Each round starts one system later, so that no system always runs first.
         for position in [(round_no - 1 + k) % count for k in range(count)]:
-            system = args.systems[position]
+            system, _, cpu = args.systems[position].partition("@")
+            if args.pin or args.pin_broker:
+                cpu = cpu or "0"
+            durable._broker_argv = (
+                (lambda *a, c=cpu: ["taskset", "-c", c, *broker_argv(*a)]) if cpu else broker_argv
+            )
             snapshots.clear()
             switches.clear()
             with (
