@@ -80,6 +80,7 @@ EVENTS_SYSTEM = "sync-batch+events"
 OBJECTS_SYSTEM = "sync-batch+objects"
 DONE_SYSTEM = "sync-batch+done"
 STOPPED_SYSTEM = "sync-batch+stopped"
+PAIR_ONLY_SYSTEMS = (OBJECTS_SYSTEM, DONE_SYSTEM, STOPPED_SYSTEM)
 TASK_SYSTEMS = (*(f"{d}-{m}" for d in DURABILITIES for m in MODES), EVENTS_SYSTEM)
 SYSTEMS = (FORWARDER, *TASK_SYSTEMS, QUEUE)
 LABELS = {
@@ -313,8 +314,7 @@ def run_tasks(
 
     cpu_before = process_cpu_s(broker.pid)
     workers_cpu_before = [process_cpu_s(w.pid) for w in workers]
-    listeners = [] if subscriber is None else [subscriber]
-    subscriber_cpu_before = [process_cpu_s(s.pid) for s in listeners]
+    subscriber_cpu_before = None if subscriber is None else process_cpu_s(subscriber.pid)
     profiler = None
     if profile_to is not None:
         profiler = start_py_spy(procs, "py-spy", broker.pid, profile_to)
@@ -323,7 +323,7 @@ def run_tasks(
     produced, done = _collect(procs, producers, workers, settings.tasks, settings.run_timeout_s())
     cpu_after = process_cpu_s(broker.pid)
     workers_cpu_after = [process_cpu_s(w.pid) for w in workers]
-    subscriber_cpu_after = [process_cpu_s(s.pid) for s in listeners]
+    subscriber_cpu_after = None if subscriber is None else process_cpu_s(subscriber.pid)
     if profiler is not None:
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
@@ -350,7 +350,11 @@ def run_tasks(
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     worker_cpu = _cpu_delta(workers_cpu_before, workers_cpu_after)
     producer_cpu = sum(r["cpu_s"] for r in produced)
-    subscriber_cpu = _cpu_delta(subscriber_cpu_before, subscriber_cpu_after) if listeners else 0.0
+    subscriber_cpu = (
+        None
+        if subscriber_cpu_before is None or subscriber_cpu_after is None
+        else subscriber_cpu_after - subscriber_cpu_before
+    )
     per_100k = 100_000 / settings.tasks
     return {
         "tasks": settings.tasks,
@@ -366,7 +370,8 @@ def run_tasks(
         "broker_cpu_s_per_100k": None if cpu is None else cpu * per_100k,
         "workers_cpu_s_per_100k": None if worker_cpu is None else worker_cpu * per_100k,
         "producers_cpu_s_per_100k": producer_cpu * per_100k,
-        # the subscriber's CPU while the tasks ran (it may finish reading later)
+        # the subscriber's CPU while the tasks ran (it may finish reading later); None
+        # without one
         "subscriber_cpu_s_per_100k": None if subscriber_cpu is None else subscriber_cpu * per_100k,
         "done_per_worker": [r["count"] for r in done],
         "events_received": events,

@@ -4,7 +4,6 @@ and the broker's CPU per thread (a noisy machine needs many paired rounds).
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --rounds 7
     .venv/bin/python bench/pair.py sync-single async-single --rounds 5 --tasks 50000
     .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin
-    .venv/bin/python bench/pair.py sync-batch sync-batch+events --pin-broker
     .venv/bin/python bench/pair.py sync-batch sync-batch@0 sync-batch+events@0
     .venv/bin/python bench/pair.py sync-batch sync-batch sync-batch+events --rounds 9
 
@@ -87,20 +86,10 @@ def main() -> None:
         action="store_true",
         help="run the broker on CPU 0 and every other process on CPU 1 (taskset)",
     )
-    parser.add_argument(
-        "--pin-broker",
-        action="store_true",
-        help="run the broker (all its threads) on CPU 0, the other processes anywhere",
-    )
     args = parser.parse_args()
     if len(args.systems) < 2:
         parser.error("name two systems or more (the same one twice for an A/A run)")
-    known = (
-        *durable.TASK_SYSTEMS,
-        durable.OBJECTS_SYSTEM,
-        durable.DONE_SYSTEM,
-        durable.STOPPED_SYSTEM,
-    )
+    known = (*durable.TASK_SYSTEMS, *durable.PAIR_ONLY_SYSTEMS)
     for system in args.systems:
         name, _, cpu = system.partition("@")
         if name not in known or (cpu and not cpu.isdigit()):
@@ -129,7 +118,7 @@ def main() -> None:
         # Each round starts one system later, so that no system always runs first.
         for position in [(round_no - 1 + k) % count for k in range(count)]:
             system, _, cpu = args.systems[position].partition("@")
-            if args.pin or args.pin_broker:
+            if args.pin:
                 cpu = cpu or "0"
             durable._broker_argv = (
                 (lambda *a, c=cpu: ["taskset", "-c", c, *broker_argv(*a)]) if cpu else broker_argv
