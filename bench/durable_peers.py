@@ -251,8 +251,8 @@ def _events_in(frames: list[bytes]) -> int:
         return 0
     if not isinstance(envelope, dict):
         return 0
-    payloads = envelope.get("payloads")
-    return len(payloads) if isinstance(payloads, list) else 1
+    batch = envelope.get("rows", envelope.get("payloads"))  # a batch in rows, or payloads
+    return len(batch) if isinstance(batch, list) else 1
 
 
 def main(argv: list[str] | None = None) -> None:

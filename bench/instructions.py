@@ -21,6 +21,15 @@ cost of one task with start-up, imports and the journal's creation cancelled out
   as the runtime does (what publishing adds on the broker's loop, short of the
   socket sends: one per batch message, not per event).
 
+    .venv/bin/python bench/instructions.py --floor
+
+counts the least any CPython code could spend on one lifecycle event, as a
+yardstick for the `events` shape's extra: a loop over task records that appends
+a tuple of three of a record's attributes to a list and packs the list with one
+msgpack call every 90 events (a message's worth), against the same loop doing
+nothing else; the difference, per event. No map, no topic, no check: what is
+left of an event once everything that can be taken away is.
+
 The journal is LMDB with `async` durability (an fsync is not an instruction of the
 process, and `sync` differs from `async` only by it).
 
@@ -45,10 +54,15 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 SMALL = 1_000
 LARGE = 6_000
 SHAPES = ("short", "deep", "single", "events")
+# The least a CPython broker could do per lifecycle event (--floor): the base loop
+# alone, then the same loop recording one event per turn.
+FLOOR_SHAPES = ("floor-base", "floor")
+ROWS_PER_MESSAGE = 90  # events per bus message in a `durable` run (bench/pair.py)
 # Tasks per end-to-end broker run (--broker): the broker runs ~100x slower under valgrind.
 SMALL_BROKER = 2_000
 LARGE_BROKER = 6_000
@@ -64,6 +78,9 @@ def drive(shape: str, tasks: int) -> None:
     from zbroker.protocol import ext, zbc
     from zbroker.protocol.events import encode_runs
 
+    if shape in FLOOR_SHAPES:
+        drive_floor(shape == "floor", tasks)
+        return
     with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
         journal = open_journal(Durability.ASYNC, Path(tmp) / "data")
         try:
@@ -72,7 +89,7 @@ def drive(shape: str, tasks: int) -> None:
                 return
             if shape == "events":
 
-                def publish(events: list[tuple[str, list[bytes]]]) -> None:
+                def publish(events: list[tuple[str, tuple[str, ...] | None, list[Any]]]) -> None:
                     encode_runs(events, "zbroker", time.time())
 
                 micro.durable_run(journal, tasks, frozenset({""}), publish=publish)
@@ -92,6 +109,36 @@ def drive(shape: str, tasks: int) -> None:
                 done += micro.answer_tasks(broker, journal, workers, 0.0)
         finally:
             journal.close()
+
+
+class _Record:
+    __slots__ = ("attempt", "id", "service")
+
+    def __init__(self, n: int) -> None:
+        self.id, self.attempt, self.service = f"t{n:x}", 1, "echo"
+
+
+def drive_floor(record_events: bool, events: int) -> None:
+    """`events` turns of a loop over 1,024 task records, each recording one event
+    (`record_events`) or nothing: see --floor."""
+    import msgpack
+
+    pool = [_Record(n) for n in range(1024)]
+    worker = "00d1ce5e0000002a"
+    pack = msgpack.Packer(use_bin_type=True).pack
+    rows: list[tuple[str, int, str]] = []
+    append = rows.append
+    if not record_events:
+        for i in range(events):
+            record = pool[i & 1023]
+        return
+    for i in range(events):
+        record = pool[i & 1023]
+        append((record.id, record.attempt, worker))
+        if len(rows) == ROWS_PER_MESSAGE:
+            pack(rows)
+            rows = []
+            append = rows.append
 
 
 def count(shape: str, tasks: int) -> int:
@@ -156,6 +203,9 @@ def main() -> None:
         help="count a real broker process through the durable workload's SYSTEM "
         "(sync-batch, sync-batch+events, async-single, ...)",
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="the least CPython can spend per event"
+    )
     parser.add_argument("--drive", nargs=2, metavar=("SHAPE", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -169,7 +219,17 @@ def main() -> None:
             LARGE_BROKER - SMALL_BROKER
         )
         print(f"[instructions] broker, {system}: {per_task:,.0f} instructions per task", flush=True)
-    if args.broker and not args.shape:
+    if args.floor:
+        large, small = LARGE * 10, SMALL * 10
+        base, floor = (
+            (count(shape, large) - count(shape, small)) / (large - small) for shape in FLOOR_SHAPES
+        )
+        print(
+            f"[instructions] floor: {floor - base:,.0f} instructions per event "
+            f"(the loop alone {base:,.0f}, recording an event {floor:,.0f} per turn)",
+            flush=True,
+        )
+    if (args.broker or args.floor) and not args.shape:
         return
     for shape in args.shape or SHAPES:
         print(f"[instructions] {shape}: counting {SMALL} and {LARGE} tasks...", flush=True)

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import zmq
@@ -180,7 +181,7 @@ def durable_run(
     subscriptions: frozenset[str] = frozenset(),
     events_built: list[int] | None = None,
     per_call: int = 100,
-    publish: Callable[[list[tuple[str, list[bytes]]]], object] | None = None,
+    publish: Callable[[list[tuple[str, tuple[str, ...] | None, list[Any]]]], object] | None = None,
 ) -> float:
     """CPU microseconds per task; with `subscriptions`, the core also builds the
     lifecycle events under those prefixes (their count is appended to `events_built`),
@@ -214,7 +215,7 @@ def durable_run(
         now += 0.001
         if now >= broker.next_tick_at:
             broker.tick(now)
-        events += sum(len(group) for _, group in broker.events)
+        events += sum(len(group) for _, _, group in broker.events)
         if publish is not None:
             publish(broker.events)
         broker.events.clear()  # as the runtime's publish does after every pass

@@ -565,7 +565,19 @@ def test_lifecycle_events_follow_a_task(broker: BrokerProcess, zmq_ctx: Ctx) -> 
     for topic, envelope in events:
         assert envelope["type"] == topic.decode() and envelope["source"] == "zbroker"
         assert isinstance(envelope["timestamp"], float)
-    enqueued, started, progress, done = (e["payload"] for _, e in events)
+    # One event each: a batch in rows of one for the per-task events, else `payload`.
+    fields = {
+        b"task.enqueued.evt": ["id", "priority", "not_before", "headers"],
+        b"task.started.evt": ["id", "attempt", "worker"],
+        b"task.done.evt": ["id", "attempt", "headers"],
+    }
+    for topic, envelope in events:
+        if topic in fields:
+            assert envelope["fields"] == fields[topic] and len(envelope["rows"]) == 1
+    enqueued, started, progress, done = (
+        e["payload"] if "payload" in e else dict(zip(e["fields"], e["rows"][0], strict=True))
+        for _, e in events
+    )
     assert enqueued == {"id": task_id, "priority": 0, "not_before": None, "headers": headers}
     assert set(started) == {"id", "attempt", "worker"} and started["attempt"] == 1
     assert progress == {"id": task_id, "attempt": 1, "data": [b"half"]}

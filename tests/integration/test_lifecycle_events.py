@@ -120,10 +120,17 @@ def test_events_of_one_pass_go_out_batched_and_are_handed_out_one_by_one(
     assert frames[0] == b"task.enqueued.batched"
     envelope = msgpack.unpackb(frames[1])
     assert "payload" not in envelope and envelope["source"] == "zbroker"
-    assert [p["id"] for p in envelope["payloads"]] == ids
+    # as rows of the documented fields (docs/protocol.md §6.1)
+    assert envelope["fields"] == ["id", "priority", "not_before", "headers"]
+    assert envelope["rows"] == [[task_id, 0, None, {}] for task_id in ids]
     assert decode_events(frames) == [
-        Event("task.enqueued.batched", "zbroker", p, envelope["timestamp"])
-        for p in envelope["payloads"]
+        Event(
+            "task.enqueued.batched",
+            "zbroker",
+            {"id": task_id, "priority": 0, "not_before": None, "headers": {}},
+            envelope["timestamp"],
+        )
+        for task_id in ids
     ]
     # And the Subscriber hands out 50 separate events in that order, counted one by one
     got = [sub.recv(timeout_s=10) for _ in ids]

@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
 from tests.unit.core_script import EPOCH, CoreScript
@@ -566,25 +565,6 @@ def test_a_subscriber_to_one_topic_has_no_payloads_made_for_the_others(
     journal: Journal,
 ) -> None:
     s = Script(journal)
-    made: list[str] = []
-    payloads = s.broker._payloads
-
-    class Spy:  # records which task payloads the core asks for
-        pack = payloads.pack
-
-        def enqueued(self, *args: Any) -> tuple[bytes, bytes]:
-            made.append("enqueued")
-            return payloads.enqueued(*args)
-
-        def started(self, *args: Any) -> bytes:
-            made.append("started")
-            return payloads.started(*args)
-
-        def done(self, *args: Any) -> bytes:
-            made.append("done")
-            return payloads.done(*args)
-
-    s.broker._payloads = Spy()  # type: ignore[assignment]
     # Given a subscriber to the results of one service only
     s.broker.set_subscriptions(frozenset({"task.done.tts"}))
     # When tasks of it and of another service are stored, started and done
@@ -595,14 +575,25 @@ def test_a_subscriber_to_one_topic_has_no_payloads_made_for_the_others(
         tasks = ext.decode_for_worker(message[1:])
         assert isinstance(tasks, ext.Tasks)
         s.send(b"W" + service.encode(), ext.dones([(t.id, t.attempt, [b"r"]) for t in tasks.tasks]))
-    # Then only its task.done payloads were made, and only they are published
-    assert made == ["done", "done"]
+    # Then only its task.done events were made: a row goes straight into the pass's
+    # events, and the topics nobody wants are remembered as such per service
     assert [(t, len(ps)) for t, ps in emitted(s)] == [("task.done.tts", 2)]
+    assert s.broker._started_topics == {"tts": None, "stt": None}
+    assert s.broker._done_topics == {"tts": "task.done.tts", "stt": None}
+    # And a new subscription is heard at once
+    s.broker.set_subscriptions(frozenset({"task.started.stt"}))
+    s.broker.events.clear()
+    s.call(b"C", zbc.enqueue(s.next_rid(), "stt", [[b"c"]], batch=True))
+    s.send(b"Wstt", ext.heartbeat())
+    assert [t for t, _ in emitted(s)] == ["task.started.stt"]
 
 
 def emitted(s: Script) -> list[tuple[str, list[Any]]]:
-    """The core's events of the pass so far, payloads unpacked."""
-    return [(topic, [msgpack.unpackb(p) for p in packed]) for topic, packed in s.broker.events]
+    """The core's events of the pass so far, each row as the payload map it stands for."""
+    return [
+        (topic, items if fields is None else [dict(zip(fields, r, strict=True)) for r in items])
+        for topic, fields, items in s.broker.events
+    ]
 
 
 def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
@@ -632,7 +623,7 @@ def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
     s.broker.events.clear()
     count = MAX_BATCH_EVENTS + 10
     s.call(b"C", zbc.enqueue(s.next_rid(), "big", [[b"x"]] * count, batch=True))
-    sizes = [len(ps) for t, ps in s.broker.events if t == "task.enqueued.big"]
+    sizes = [len(ps) for t, _, ps in s.broker.events if t == "task.enqueued.big"]
     assert sizes == [MAX_BATCH_EVENTS, 10]
     # And a call whose events continue a run fills its last entry first, in order
     s.broker.events.clear()

@@ -13,12 +13,15 @@ from hypothesis import strategies as st
 from zbroker.protocol import ext, mdp
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import (
+    DONE_FIELDS,
+    ENQUEUED_FIELDS,
+    STARTED_FIELDS,
     Event,
-    TaskPayloads,
     decode_event,
     decode_events,
     encode_event,
     encode_events,
+    encode_rows,
     encode_runs,
 )
 
@@ -152,6 +155,17 @@ def test_a_batch_envelope_is_its_events_in_order_with_the_shared_fields() -> Non
         {"type": "t", "payloads": "ab"},
         {"type": "t", "payloads": [1], "payload": 1},  # both forms
         {"type": "t", "source": 3, "payloads": [1]},
+        {"type": "t", "fields": ["a"], "rows": [[1]], "payload": 1},  # two forms
+        {"type": "t", "fields": ["a"], "rows": [[1]], "payloads": [1]},
+        {"type": "t", "rows": [[1]]},  # rows without fields
+        {"type": "t", "fields": [], "rows": [[]]},
+        {"type": "t", "fields": "a", "rows": [[1]]},
+        {"type": "t", "fields": ["a", "a"], "rows": [[1, 2]]},  # a name twice
+        {"type": "t", "fields": ["a", 1], "rows": [[1, 2]]},
+        {"type": "t", "fields": ["a"], "rows": []},  # empty batch
+        {"type": "t", "fields": ["a"], "rows": [1]},  # a row that is not an array
+        {"type": "t", "fields": ["a", "b"], "rows": [[1, 2], [3]]},  # a short row
+        {"type": "t", "fields": ["a"], "rows": [[1, 2]]},  # a long row
     ],
 )
 def test_bad_batches_are_protocol_errors(envelope: dict[str, object]) -> None:
@@ -161,6 +175,27 @@ def test_bad_batches_are_protocol_errors(envelope: dict[str, object]) -> None:
 
 def test_an_envelope_without_payload_is_one_event_with_a_nil_payload() -> None:
     assert decode_events([b"t", msgpack.packb({"type": "t"})]) == [Event("t", "", None, 0.0)]
+
+
+def test_a_rows_batch_is_one_event_per_row_its_payload_the_fields_map() -> None:
+    frames = encode_rows("task.started.tts", "zb", ["id", "n"], [("a", 1), ["b", None]], 3.0, "c")
+    assert frames[0] == b"task.started.tts"
+    envelope = msgpack.unpackb(frames[1])
+    assert (envelope["fields"], envelope["rows"]) == (["id", "n"], [["a", 1], ["b", None]])
+    assert decode_events(frames) == [
+        Event("task.started.tts", "zb", {"id": "a", "n": 1}, 3.0, "c"),
+        Event("task.started.tts", "zb", {"id": "b", "n": None}, 3.0, "c"),
+    ]
+    assert decode_event(encode_rows("t", "s", ["x"], [[7]], 1.0)) == Event("t", "s", {"x": 7}, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "rows"),
+    [([], [[]]), ("ab", [["a", "b"]]), (["a", "a"], [[1, 2]]), (["a"], []), (["a"], [[1, 2]])],
+)
+def test_a_bad_rows_batch_is_refused_locally(fields: list[str], rows: list[list[int]]) -> None:
+    with pytest.raises(ValueError):
+        encode_rows("t", "s", fields, rows, 0.0)
 
 
 @pytest.mark.parametrize("payloads", [[], (), b"ab", "ab"])
@@ -292,50 +327,73 @@ def test_zbw_bad_batches_are_protocol_errors(frames: list[bytes]) -> None:
         ext.decode_worker(frames)
 
 
-def test_runs_become_one_message_each_a_single_event_in_the_plain_form() -> None:
-    pack = msgpack.Packer(use_bin_type=True).pack
-    runs = [("task.a", [pack({"n": 1})]), ("task.b", [pack({"n": 2}), pack({"n": 3})])]
+def test_runs_become_one_message_each_rows_or_payloads() -> None:
+    runs = [
+        ("task.a", None, [{"n": 1}]),
+        ("task.b", None, [{"n": 2}, {"n": 3}]),
+        ("task.started.c", STARTED_FIELDS, [("t1", 1, "ab"), ("t2", 2, "cd")]),
+    ]
     messages = encode_runs(runs, "zbroker", 4.0)
-    assert [(topic, count) for topic, _, count in messages] == [(b"task.a", 1), (b"task.b", 2)]
+    assert [(topic, count) for topic, _, count in messages] == [
+        (b"task.a", 1),
+        (b"task.b", 2),
+        (b"task.started.c", 2),
+    ]
     assert "payload" in msgpack.unpackb(messages[0][1])
     assert "payloads" in msgpack.unpackb(messages[1][1])
+    assert "rows" in msgpack.unpackb(messages[2][1])
     decoded = [decode_events([topic, envelope]) for topic, envelope, _ in messages]
     assert decoded == [
         [Event("task.a", "zbroker", {"n": 1}, 4.0)],
         [Event("task.b", "zbroker", {"n": 2}, 4.0), Event("task.b", "zbroker", {"n": 3}, 4.0)],
+        [
+            Event("task.started.c", "zbroker", {"id": "t1", "attempt": 1, "worker": "ab"}, 4.0),
+            Event("task.started.c", "zbroker", {"id": "t2", "attempt": 2, "worker": "cd"}, 4.0),
+        ],
     ]
-
-
-@pytest.mark.parametrize("count", [1, 2, 15, 16, 17, 0xFFFF, 0x10000])
-def test_spliced_runs_are_the_bytes_msgpack_makes_of_the_envelope(count: int) -> None:
-    # encode_runs splices packed payloads into a hand-made envelope: it must be byte
-    # for byte what msgpack makes of the map (every array header size included).
-    payloads = [
-        {"id": f"t{i}", "n": i, "headers": {"k": "v"} if i % 2 else {}} for i in range(count)
-    ]
-    pack = msgpack.Packer(use_bin_type=True).pack
-    [(topic, envelope, n)] = encode_runs([("task.x.é", [pack(p) for p in payloads])], "zb", 2.5)
-    key, data = ("payload", payloads[0]) if count == 1 else ("payloads", payloads)
-    expected = {"type": "task.x.é", "source": "zb", key: data, "timestamp": 2.5}
-    assert (topic, n) == ("task.x.é".encode(), count)
-    assert envelope == msgpack.packb(expected, use_bin_type=True)
 
 
 @given(
-    st.text(min_size=1, max_size=40),
-    st.integers(min_value=-(2**40), max_value=2**40),
-    st.one_of(st.none(), st.floats(allow_nan=False)),
-    st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-5, 300), st.text(), st.binary())),
-    st.text(max_size=40),
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=40),
+            st.integers(min_value=-(2**40), max_value=2**40),
+            st.one_of(st.none(), st.floats(allow_nan=False)),
+            st.dictionaries(
+                st.text(max_size=8), st.one_of(st.integers(-5, 300), st.text(), st.binary())
+            ),
+            st.text(max_size=40),
+        ),
+        min_size=1,
+        max_size=20,
+    )
 )
-def test_task_payloads_are_the_bytes_msgpack_makes_of_the_documented_maps(
-    task_id: str, number: int, not_before: float | None, headers: dict[str, Any], worker: str
+def test_the_task_rows_decode_to_the_documented_payload_maps(
+    events: list[tuple[str, int, float | None, dict[str, Any], str]],
 ) -> None:
-    payloads = TaskPayloads()
-    head, tail = payloads.enqueued(number, not_before, headers)
-    documented = {"id": task_id, "priority": number, "not_before": not_before, "headers": headers}
-    assert head + payloads.pack(task_id) + tail == msgpack.packb(documented)
-    started = {"id": task_id, "attempt": number, "worker": worker}
-    assert payloads.started(task_id, number, worker) == msgpack.packb(started)
-    done = {"id": task_id, "attempt": number, "headers": headers}
-    assert payloads.done(task_id, number, headers) == msgpack.packb(done)
+    # The broker's rows for task.enqueued/started/done (§6.1): what a subscriber gets
+    # is the documented map for every row.
+    runs = [
+        ("task.enqueued.s", ENQUEUED_FIELDS, [(i, n, nb, h) for i, n, nb, h, _ in events]),
+        ("task.started.s", STARTED_FIELDS, [(i, n, w) for i, n, _, _, w in events]),
+        ("task.done.s", DONE_FIELDS, [(i, n, h) for i, n, _, h, _ in events]),
+    ]
+    enqueued, started, done = (
+        [e.payload for e in decode_events([topic, envelope])]
+        for topic, envelope, _ in encode_runs(runs, "zbroker", 1.0)
+    )
+    assert enqueued == [
+        {"id": i, "priority": n, "not_before": nb, "headers": h} for i, n, nb, h, _ in events
+    ]
+    assert started == [{"id": i, "attempt": n, "worker": w} for i, n, _, _, w in events]
+    assert done == [{"id": i, "attempt": n, "headers": h} for i, n, _, h, _ in events]
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 0xFFFF, 0x10000])
+def test_runs_of_every_array_size_decode_whole(count: int) -> None:
+    rows = [(f"t{i}", i, {"k": "v"} if i % 2 else {}) for i in range(count)]
+    [(topic, envelope, n)] = encode_runs([("task.done.é", DONE_FIELDS, rows)], "zb", 2.5)
+    assert (topic, n) == ("task.done.é".encode(), count)
+    events = decode_events([topic, envelope])
+    assert len(events) == count
+    assert events[-1].payload == dict(zip(DONE_FIELDS, rows[-1], strict=True))

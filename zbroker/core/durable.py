@@ -43,7 +43,12 @@ from zbroker.core.model import (
 )
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
-from zbroker.protocol.events import MAX_BATCH_EVENTS, TaskPayloads
+from zbroker.protocol.events import (
+    DONE_FIELDS,
+    ENQUEUED_FIELDS,
+    MAX_BATCH_EVENTS,
+    STARTED_FIELDS,
+)
 
 log = logging.getLogger("zbroker.core")
 
@@ -108,19 +113,23 @@ class DurableTasks:
     stats: Stats
     journal: Journal | None
     next_tick_at: float
-    # Lifecycle events for the bus, in the order they happened: (topic, payloads)
+    # Lifecycle events for the bus, in the order they happened: (topic, fields, items)
     # with consecutive events of one topic in one entry (at most MAX_BATCH_EVENTS),
     # published by the runtime after the pass's commit, an entry per message. Only
-    # topics some subscriber asked for are produced. Each payload is packed (msgpack)
-    # as it is emitted: the pass holds bytes, not a map per event, until the commit.
-    events: list[tuple[str, list[bytes]]]
+    # topics some subscriber asked for are produced. task.enqueued/started/done items
+    # are rows, a tuple per event in the order of `fields` (no map built per event;
+    # they go out as a `rows` batch, docs/protocol.md §6); other topics' items are
+    # payload maps and `fields` is None.
+    events: list[tuple[str, tuple[str, ...] | None, list[Any]]]
     event_prefixes: frozenset[str]
 
     def _init_durable(self, journal: Journal | None, now: float, epoch_offset: float) -> None:
         self.events = []
         self.event_prefixes = frozenset()
         self._wanted: dict[str, bool] = {}
-        self._payloads = TaskPayloads()
+        # Service -> its task.started / task.done topic if wanted, else None.
+        self._started_topics: dict[str, str | None] = {}
+        self._done_topics: dict[str, str | None] = {}
         self.journal = journal
         self._started_at = now
         self._epoch_offset = epoch_offset
@@ -140,6 +149,8 @@ class DurableTasks:
         """The topic prefixes subscribers of the bus hold now (the runtime tracks them)."""
         self.event_prefixes = prefixes
         self._wanted = {}
+        self._started_topics = {}
+        self._done_topics = {}
 
     def _wants(self, topic: str) -> bool:
         """Whether a subscriber holds a prefix of `topic` (the answer cached per topic).
@@ -152,34 +163,40 @@ class DurableTasks:
             wanted = self._wanted[topic] = any(topic.startswith(p) for p in self.event_prefixes)
         return wanted
 
+    def _task_topic(self, topics: dict[str, str | None], kind: str, service: str) -> str | None:
+        """`kind` + `service` if a subscriber wants it, else None, kept in `topics` (the
+        task.started and task.done sites look there first: the topic's string is made
+        and hashed once per service, not per event)."""
+        topic = kind + service
+        wanted = topic if self._wants(topic) else None
+        if len(topics) >= 10_000:
+            topics.clear()
+        topics[service] = wanted
+        return wanted
+
     def _emit(self, topic: str, payload: dict[str, Any]) -> None:
         if self._wants(topic):
-            self._emit_packed(topic, self._payloads.pack(payload))
+            self._add_events(topic, None, [payload])
 
-    def _emit_packed(self, topic: str, payload: bytes) -> None:
-        """Add an event of a wanted topic (the caller asked `_wants`). Consecutive events
-        with one topic share an entry: the runtime publishes each entry as one batch
-        message (docs/protocol.md §6), in this order."""
+    def _add_events(self, topic: str, fields: tuple[str, ...] | None, items: list[Any]) -> None:
+        """Add events of one wanted topic in a row (the caller asked `_wants`): rows of
+        `fields`, or payloads when `fields` is None. Consecutive events with one topic
+        share an entry, at most MAX_BATCH_EVENTS: the runtime publishes each entry as
+        one batch message (docs/protocol.md §6), in this order."""
         events = self.events
-        if events:
-            last_topic, group = events[-1]
-            if last_topic == topic and len(group) < MAX_BATCH_EVENTS:
-                group.append(payload)
-                return
-        events.append((topic, [payload]))
-
-    def _emit_run(self, topic: str, payloads: list[bytes]) -> None:
-        """Add several events of one wanted topic in a row, as `_emit_packed` each."""
-        self._emit_packed(topic, payloads[0])
-        group = self.events[-1][1]
-        done, count = 1, len(payloads)
+        if events and events[-1][0] == topic:
+            group = events[-1][2]
+        else:
+            group = []
+            events.append((topic, fields, group))
+        done, count = 0, len(items)
         while done < count:
             room = MAX_BATCH_EVENTS - len(group)
             if room <= 0:
                 group = []
-                self.events.append((topic, group))
+                events.append((topic, fields, group))
                 room = MAX_BATCH_EVENTS
-            group.extend(payloads[done : done + room])
+            group.extend(items[done : done + room])
             done += room
 
     # Provided by Broker.
@@ -568,15 +585,9 @@ class DurableTasks:
         ids: list[str] = []
         existing: list[int] = []
         stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
-        # task.enqueued payloads differ only by the id: the rest is packed once.
         topic = "task.enqueued." + msg.service
-        enqueued: list[bytes] | None = [] if self.event_prefixes and self._wants(topic) else None
-        head = tail = b""
-        pack = self._payloads.pack
-        if enqueued is not None:
-            head, tail = self._payloads.enqueued(
-                options.priority, not_before or None, options.headers
-            )
+        enqueued: list[Any] | None = [] if self.event_prefixes and self._wants(topic) else None
+        priority, event_not_before, headers = options.priority, not_before or None, options.headers
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
@@ -607,9 +618,9 @@ class DurableTasks:
             if key is not None:
                 stored_keys[key] = record.id
             if enqueued is not None:
-                enqueued.append(head + pack(record.id) + tail)
+                enqueued.append((record.id, priority, event_not_before, headers))
         if enqueued:
-            self._emit_run(topic, enqueued)
+            self._add_events(topic, ENQUEUED_FIELDS, enqueued)
         self.stats.tasks_enqueued += count - len(existing)
         service.figures.enqueued += count - len(existing)
         self.stats.tasks_deduplicated += len(existing)
@@ -860,14 +871,18 @@ class DurableTasks:
                 self.next_tick_at = request.deadline
         self._holders[record.id] = worker
         if self.event_prefixes:
-            topic = "task.started." + record.service
-            # `_wants` inline when the answer is cached: a call per event costs about
-            # 650 instructions (bench/instructions.py --shape events)
-            wanted = self._wanted.get(topic)
-            if wanted or (wanted is None and self._wants(topic)):
-                self._emit_packed(
-                    topic, self._payloads.started(record.id, record.attempt, worker_hex)
-                )
+            # `_add_events` inline (as in _task_done): a call per event costs about
+            # 600 instructions (bench/instructions.py --shape events)
+            topic = self._started_topics.get(record.service, "")
+            if topic == "":
+                topic = self._task_topic(self._started_topics, "task.started.", record.service)
+            if topic is not None:
+                row = (record.id, record.attempt, worker_hex)
+                events = self.events
+                if events and events[-1][0] is topic and len(events[-1][2]) < MAX_BATCH_EVENTS:
+                    events[-1][2].append(row)
+                else:
+                    events.append((topic, STARTED_FIELDS, [row]))
         return request
 
     def _record_progress(self, request: Request, data: tuple[bytes, ...], now: float) -> None:
@@ -889,14 +904,16 @@ class DurableTasks:
         self._history(record, "done", epoch, request.attempt)
         record.error = None
         if self.event_prefixes:
-            topic = "task.done." + record.service
-            # `_wants` inline when the answer is cached: a call per event costs about
-            # 650 instructions (bench/instructions.py --shape events)
-            wanted = self._wanted.get(topic)
-            if wanted or (wanted is None and self._wants(topic)):
-                self._emit_packed(
-                    topic, self._payloads.done(record.id, request.attempt, record.headers)
-                )
+            topic = self._done_topics.get(record.service, "")
+            if topic == "":
+                topic = self._task_topic(self._done_topics, "task.done.", record.service)
+            if topic is not None:
+                row = (record.id, request.attempt, record.headers)
+                events = self.events
+                if events and events[-1][0] is topic and len(events[-1][2]) < MAX_BATCH_EVENTS:
+                    events[-1][2].append(row)
+                else:
+                    events.append((topic, DONE_FIELDS, [row]))
         self._finish(record, DONE, epoch, None, body)
 
     def _finish(

@@ -3,13 +3,13 @@
 Frame 0 is the event type used as the topic (subscribers filter by prefix),
 frame 1 is a msgpack map ``{type, source, payload, timestamp}`` plus the
 optional ``correlation_id`` and ``reply_to``.  A batch of events of one type
-carries ``payloads`` (a non-empty array, one event per element) instead of
-``payload`` (docs/protocol.md §6).  Pure codec, no sockets.
+carries instead of ``payload`` either ``payloads`` (a non-empty array, one event
+per element) or ``fields`` and ``rows`` (one event per row, its payload the map
+of the fields to the row's values) (docs/protocol.md §6).  Pure codec, no sockets.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -75,109 +75,74 @@ def _encode(type: str, envelope: dict[str, Any]) -> list[bytes]:
     return [topic, msgpack.packb(envelope, use_bin_type=True)]
 
 
+# The fields of the broker's three per-task events (docs/protocol.md §6.1), in the
+# order of the rows the core makes for them.
+ENQUEUED_FIELDS = ("id", "priority", "not_before", "headers")
+STARTED_FIELDS = ("id", "attempt", "worker")
+DONE_FIELDS = ("id", "attempt", "headers")
+
+
+def encode_rows(
+    type: str,
+    source: str,
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    timestamp: float,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+) -> list[bytes]:
+    """A batch in rows: [topic, envelope with `fields` and `rows`], one event per row,
+    its payload the map of `fields` to the row's values (docs/protocol.md §6)."""
+    _check_rows(fields, rows, ValueError)
+    envelope = _envelope(type, source, float(timestamp), "fields", list(fields), None, None)
+    envelope["rows"] = [list(row) for row in rows]
+    _set_correlation(envelope, correlation_id, reply_to)
+    return _encode(type, envelope)
+
+
 def encode_runs(
-    runs: Sequence[tuple[str, Sequence[bytes]]], source: str, timestamp: float
+    runs: Sequence[tuple[str, Sequence[str] | None, Sequence[Any]]],
+    source: str,
+    timestamp: float,
 ) -> list[tuple[bytes, bytes, int]]:
-    """(topic, envelope, number of events) for each (type, payloads) run, as the broker
-    publishes its lifecycle events: a `payload` envelope for a run of one, a `payloads`
-    batch for more. Each payload comes packed already (msgpack, `use_bin_type`), and
-    is spliced into the envelope as it is: the bytes are those msgpack would make of
-    the map `_envelope` builds. Types are not checked (the caller makes them)."""
-    src = _SOURCE_KEY + msgpack.packb(source)
-    tail = _TIMESTAMP_KEY + _FLOAT64.pack(0xCB, float(timestamp))
+    """(topic, envelope, number of events) for each (type, fields, items) run, as the
+    broker publishes its lifecycle events: with `fields`, the items are rows (tuples in
+    the order of `fields`) and go out as a `rows` batch; without, they are payloads,
+    a `payload` envelope for a run of one, a `payloads` batch for more. One msgpack
+    call per message and nothing built per event; nothing is checked (the core makes
+    the runs)."""
+    pack = msgpack.Packer(use_bin_type=True).pack
     out = []
-    for type, payloads in runs:
-        count = len(payloads)
-        head = _TYPE_KEY + msgpack.packb(type) + src
-        if count == 1:
-            envelope = b"".join((head, _PAYLOAD_KEY, payloads[0], tail))
+    for type, run_fields, items in runs:
+        count = len(items)
+        if run_fields is not None:
+            envelope = {
+                "type": type,
+                "source": source,
+                "fields": run_fields,
+                "rows": items,
+                "timestamp": timestamp,
+            }
+        elif count == 1:
+            envelope = {"type": type, "source": source, "payload": items[0], "timestamp": timestamp}
         else:
-            envelope = b"".join((head, _PAYLOADS_KEY, _array_header(count), *payloads, tail))
-        out.append((type.encode(), envelope, count))
+            envelope = {"type": type, "source": source, "payloads": items, "timestamp": timestamp}
+        out.append((type.encode(), pack(envelope), count))
     return out
 
 
-# The envelope's fixed parts, for encode_runs: a map of four entries and its keys in
-# `_envelope`'s order; a float is float64 (msgpack's choice for a Python float).
-_TYPE_KEY = b"\x84" + msgpack.packb("type")
-_SOURCE_KEY = msgpack.packb("source")
-_PAYLOAD_KEY = msgpack.packb("payload")
-_PAYLOADS_KEY = msgpack.packb("payloads")
-_TIMESTAMP_KEY = msgpack.packb("timestamp")
-_FLOAT64 = struct.Struct(">Bd")
-
-
-def _array_header(count: int) -> bytes:
-    """msgpack's array header for `count` elements (fixarray, array 16, array 32)."""
-    if count < 16:
-        return bytes((0x90 | count,))
-    if count < 0x10000:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
-
-
-class TaskPayloads:
-    """Packs the payloads of the three events every task has (`task.enqueued`,
-    `task.started`, `task.done`; docs/protocol.md §6.1) for `encode_runs`: the maps'
-    headers and keys are packed once, the values spliced in after them (no dict made
-    and packed per event). The bytes are msgpack's own for the documented maps, in
-    their key order. One per thread (it holds a Packer). `started` and `done` share
-    their first four parts but each spells them out: they run once per task, and a
-    helper call would cost more than the lines it saves."""
-
-    __slots__ = ("pack",)
-
-    def __init__(self) -> None:
-        self.pack = msgpack.Packer(use_bin_type=True).pack
-
-    def enqueued(
-        self, priority: int, not_before: float | None, headers: dict[str, Any]
-    ) -> tuple[bytes, bytes]:
-        """(head, tail) of the task.enqueued payloads of one call, whose tasks share
-        all but the id: a payload is head + pack(id) + tail."""
-        pack = self.pack
-        tail = b"".join(
-            (_PRIORITY, pack(priority), _NOT_BEFORE, pack(not_before), _HEADERS, pack(headers))
-        )
-        return _ENQUEUED_HEAD, tail
-
-    def started(self, task_id: str, attempt: int, worker: str) -> bytes:
-        pack = self.pack
-        return b"".join(
-            (
-                _STARTED_HEAD,
-                pack(task_id),
-                _ATTEMPT,
-                _SMALL_INTS[attempt] if 0 <= attempt < 128 else pack(attempt),
-                _WORKER,
-                pack(worker),
-            )
-        )
-
-    def done(self, task_id: str, attempt: int, headers: dict[str, Any]) -> bytes:
-        pack = self.pack
-        return b"".join(
-            (
-                _DONE_HEAD,
-                pack(task_id),
-                _ATTEMPT,
-                _SMALL_INTS[attempt] if 0 <= attempt < 128 else pack(attempt),
-                _HEADERS,
-                pack(headers) if headers else _EMPTY_MAP,
-            )
-        )
-
-
-_SMALL_INTS = tuple(msgpack.packb(n) for n in range(128))  # positive fixints
-_EMPTY_MAP = msgpack.packb({})
-_ENQUEUED_HEAD = b"\x84" + msgpack.packb("id")  # {id, priority, not_before, headers}
-_STARTED_HEAD = b"\x83" + msgpack.packb("id")  # {id, attempt, worker}
-_DONE_HEAD = _STARTED_HEAD  # {id, attempt, headers}
-_PRIORITY = msgpack.packb("priority")
-_NOT_BEFORE = msgpack.packb("not_before")
-_HEADERS = msgpack.packb("headers")
-_ATTEMPT = msgpack.packb("attempt")
-_WORKER = msgpack.packb("worker")
+def _check_rows(fields: Sequence[Any], rows: Any, error: type[Exception]) -> None:
+    """What §6 asks of a `rows` batch, raised as `error`."""
+    if isinstance(fields, (str, bytes)) or not isinstance(fields, (list, tuple)) or not fields:
+        raise error("fields must be a non-empty array of field names")
+    if not all(isinstance(name, str) for name in fields) or len(set(fields)) != len(fields):
+        raise error("fields must be distinct strings")
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)) or not rows:
+        raise error("rows must be a non-empty array (one row per event)")
+    width = len(fields)
+    for row in rows:
+        if not isinstance(row, (list, tuple)) or len(row) != width:
+            raise error(f"every row must be an array of {width} values, one per field")
 
 
 def _envelope(
@@ -189,13 +154,20 @@ def _envelope(
     correlation_id: str | None,
     reply_to: str | None,
 ) -> dict[str, Any]:
-    """The envelope map of §6; `key` is "payload" (one event) or "payloads" (a batch)."""
+    """The envelope map of §6; `key` is "payload" (one event), "payloads" or "fields"
+    (a batch; "fields" goes with "rows", which the caller adds)."""
     envelope: dict[str, Any] = {"type": type, "source": source, key: data, "timestamp": timestamp}
+    _set_correlation(envelope, correlation_id, reply_to)
+    return envelope
+
+
+def _set_correlation(
+    envelope: dict[str, Any], correlation_id: str | None, reply_to: str | None
+) -> None:
     if correlation_id is not None:
         envelope["correlation_id"] = correlation_id
     if reply_to is not None:
         envelope["reply_to"] = reply_to
-    return envelope
 
 
 def decode_event(frames: Sequence[bytes]) -> Event:
@@ -208,8 +180,9 @@ def decode_event(frames: Sequence[bytes]) -> Event:
 
 
 def decode_events(frames: Sequence[bytes]) -> list[Event]:
-    """[topic, envelope] -> its events in order: one, or each of a batch's `payloads`.
-    A message that breaks docs/protocol.md §6 is a ProtocolError."""
+    """[topic, envelope] -> its events in order: one, or one per element of a batch's
+    `payloads`, or one per row of a batch in rows (its payload the map of `fields` to
+    the row). A message that breaks docs/protocol.md §6 is a ProtocolError."""
     if len(frames) != 2:
         raise ProtocolError("bad_event", f"an event has 2 frames, got {len(frames)}")
     try:
@@ -232,10 +205,19 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
         correlation_id = None
     if not isinstance(reply_to, str):
         reply_to = None
-    if "payloads" in envelope:
+    forms = ("payload" in envelope) + ("payloads" in envelope) + ("rows" in envelope)
+    if forms > 1:
+        raise ProtocolError("bad_event", "envelope holds more than one of payload, payloads, rows")
+    if "rows" in envelope:
+        names: Any = envelope.get("fields")
+        rows: Any = envelope["rows"]
+        try:
+            _check_rows(names, rows, ValueError)
+        except ValueError as exc:
+            raise ProtocolError("bad_event", str(exc)) from None
+        payloads: list[Any] = [dict(zip(names, row, strict=True)) for row in rows]
+    elif "payloads" in envelope:
         payloads = envelope["payloads"]
-        if "payload" in envelope:
-            raise ProtocolError("bad_event", "envelope holds both payload and payloads")
         if not isinstance(payloads, list) or not payloads:
             raise ProtocolError("bad_event", "payloads must be a non-empty array")
     else:

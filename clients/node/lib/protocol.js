@@ -341,9 +341,33 @@ export function decodeEvent (frames) {
 }
 
 /**
+ * The payloads of a `rows` batch (protocol §6): one object per row, mapping each
+ * of `fields` to the row's value at its position.
+ */
+function rowsToPayloads (fields, rows) {
+  if (!Array.isArray(fields) || fields.length === 0) {
+    throw new ProtocolError('bad_event', 'fields must be a non-empty array of field names')
+  }
+  if (!fields.every((name) => typeof name === 'string') || new Set(fields).size !== fields.length) {
+    throw new ProtocolError('bad_event', 'fields must be distinct strings')
+  }
+  if (!Array.isArray(rows) || rows.length === 0) {
+    throw new ProtocolError('bad_event', 'rows must be a non-empty array (one row per event)')
+  }
+  return rows.map((row) => {
+    if (!Array.isArray(row) || row.length !== fields.length) {
+      throw new ProtocolError('bad_event', `every row must be an array of ${fields.length} values, one per field`)
+    }
+    // fromEntries makes own properties, so a field named __proto__ is just a field
+    return Object.fromEntries(fields.map((name, i) => [name, row[i]]))
+  })
+}
+
+/**
  * [topic, envelope] -> its events, in order: one for a `payload` envelope (or
- * one with neither key, its payload null), one per element of a `payloads`
- * batch. A message that breaks docs/protocol.md §6 is a ProtocolError.
+ * one with none of the keys, its payload null), one per element of a `payloads`
+ * batch, one per row of a `rows` batch (its payload an object of `fields`).
+ * A message that breaks docs/protocol.md §6 is a ProtocolError.
  */
 export function decodeEvents (frames) {
   if (frames.length !== 2) throw new ProtocolError('bad_event', `an event has 2 frames, got ${frames.length}`)
@@ -355,8 +379,14 @@ export function decodeEvents (frames) {
   }
   if (typeof timestamp !== 'number') throw new ProtocolError('bad_event', 'timestamp must be a number')
   let payloads
-  if (Object.hasOwn(envelope, 'payloads')) {
-    if (Object.hasOwn(envelope, 'payload')) throw new ProtocolError('bad_event', 'envelope holds both payload and payloads')
+  const forms = ['payload', 'payloads', 'rows'].filter((key) => Object.hasOwn(envelope, key))
+  if (forms.length > 1) {
+    const which = forms.length === 2 ? `both ${forms[0]} and ${forms[1]}` : 'payload, payloads and rows'
+    throw new ProtocolError('bad_event', `envelope holds ${which}: one is allowed`)
+  }
+  if (forms[0] === 'rows') {
+    payloads = rowsToPayloads(envelope.fields, envelope.rows)
+  } else if (forms[0] === 'payloads') {
     payloads = envelope.payloads
     if (!Array.isArray(payloads) || payloads.length === 0) {
       throw new ProtocolError('bad_event', 'payloads must be a non-empty array')

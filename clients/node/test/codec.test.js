@@ -240,6 +240,25 @@ test('decodeEvents: a batch with correlation_id and reply_to gives them to every
   assert.equal('correlationId' in e, false)
 })
 
+test('decodeEvents: a rows batch is one event per row, its payload the fields mapped to the row', () => {
+  const envelope = {
+    type: 'task.started.tts',
+    source: 'zbroker',
+    timestamp: 5.5,
+    fields: ['id', 'attempt', 'worker', '__proto__'],
+    rows: [['t1', 1, 'ab', null], ['t2', 2, 'cd', { polluted: true }]]
+  }
+  const events = decodeEvents([topic('task.started.tts'), pack(envelope)])
+  assert.deepEqual(events.map((e) => [e.type, e.source, e.timestamp]), [['task.started.tts', 'zbroker', 5.5], ['task.started.tts', 'zbroker', 5.5]])
+  assert.deepEqual(events.map((e) => [e.payload.id, e.payload.attempt, e.payload.worker]), [['t1', 1, 'ab'], ['t2', 2, 'cd']])
+  // a field named __proto__ is an own field, never the object's prototype
+  assert.deepEqual(Object.getOwnPropertyDescriptor(events[1].payload, '__proto__').value, { polluted: true })
+  assert.equal(Object.getPrototypeOf(events[1].payload), Object.prototype)
+  assert.equal({}.polluted, undefined)
+  const one = decodeEvent([topic('a'), pack({ type: 'a', source: 's', timestamp: 1, fields: ['n'], rows: [[7]] })])
+  assert.deepEqual(one.payload, { n: 7 })
+})
+
 test('decodeEvents: every malformed message is a bad_event ProtocolError', () => {
   const ok = { type: 'a', source: 's', timestamp: 1 }
   const cases = [
@@ -258,7 +277,16 @@ test('decodeEvents: every malformed message is a bad_event ProtocolError', () =>
     ['payloads a map', [topic('a'), pack({ ...ok, payloads: { 0: 'x' } })], /non-empty array/],
     ['payloads a string', [topic('a'), pack({ ...ok, payloads: 'abc' })], /non-empty array/],
     ['payloads bin', [topic('a'), pack({ ...ok, payloads: Buffer.from([1, 2]) })], /non-empty array/],
-    ['payloads nil', [topic('a'), pack({ ...ok, payloads: null })], /non-empty array/]
+    ['payloads nil', [topic('a'), pack({ ...ok, payloads: null })], /non-empty array/],
+    ['rows and payload', [topic('a'), pack({ ...ok, fields: ['x'], rows: [[1]], payload: 1 })], /both payload and rows/],
+    ['all three forms', [topic('a'), pack({ ...ok, fields: ['x'], rows: [[1]], payload: 1, payloads: [1] })], /payload, payloads and rows/],
+    ['rows without fields', [topic('a'), pack({ ...ok, rows: [[1]] })], /fields must be a non-empty array/],
+    ['fields empty', [topic('a'), pack({ ...ok, fields: [], rows: [[]] })], /fields must be a non-empty array/],
+    ['a field twice', [topic('a'), pack({ ...ok, fields: ['x', 'x'], rows: [[1, 2]] })], /distinct strings/],
+    ['a field not a string', [topic('a'), pack({ ...ok, fields: ['x', 3], rows: [[1, 2]] })], /distinct strings/],
+    ['rows empty', [topic('a'), pack({ ...ok, fields: ['x'], rows: [] })], /rows must be a non-empty array/],
+    ['a row not an array', [topic('a'), pack({ ...ok, fields: ['x'], rows: [1] })], /every row/],
+    ['a short row', [topic('a'), pack({ ...ok, fields: ['x', 'y'], rows: [[1, 2], [3]] })], /every row must be an array of 2/]
   ]
   for (const [what, frames, message] of cases) {
     for (const decode of [decodeEvents, decodeEvent]) {
