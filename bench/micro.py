@@ -20,7 +20,8 @@
    passes of 500 events of one topic (one batch message) and of two alternating
    topics (no batching: one message per event).
 5. What a Python subscriber spends in `decode_events` per event, for one-event
-   messages and for batches of 64 (a batch's events skip `Event.__init__`).
+   messages and for batches of 64, as `payloads` and in rows (a batch's events
+   skip `Event.__init__`).
 Each figure is the median of 5 repetitions (3 for 2. and 4.), in microseconds.
 """
 
@@ -46,7 +47,14 @@ from zbroker.config import BrokerConfig
 from zbroker.core import Broker, CoreSettings
 from zbroker.journal import Durability, Journal, open_journal
 from zbroker.protocol import ext, mdp, zbc
-from zbroker.protocol.events import Event, decode_events, encode_event, encode_events
+from zbroker.protocol.events import (
+    DONE_FIELDS,
+    Event,
+    decode_events,
+    encode_event,
+    encode_events,
+    encode_rows,
+)
 from zbroker.runtime.server import BrokerServer
 
 N = 50_000
@@ -391,15 +399,19 @@ def publish_event_cost(
     return statistics.median(loop_us), statistics.median(bus_us)
 
 
-def decode_cost(batch: int = 64) -> tuple[float, float]:
+def decode_cost(batch: int = 64) -> tuple[float, float, float]:
     """Microseconds per event a Python subscriber spends in `decode_events`: for
-    one-event messages, and for batches of `batch` events (median of 5)."""
+    one-event messages, for `payloads` batches of `batch` events and for batches in
+    rows of as many, as the broker sends its task events (median of 5)."""
     payload = {"id": "t1a2b3c", "attempt": 1, "headers": {}}
     single = encode_event(Event("task.done.echo", "zbroker", payload, 1.0))
     many = encode_events("task.done.echo", "zbroker", [payload] * batch, 1.0)
+    rows = encode_rows("task.done.echo", "zbroker", DONE_FIELDS, [("t1a2b3c", 1, {})] * batch, 1.0)
+    assert decode_events(rows) == decode_events(many)
     one_each = median_us(lambda: [decode_events(single) for _ in range(N)])
     batched = median_us(lambda: [decode_events(many) for _ in range(N // batch)])
-    return one_each, batched
+    in_rows = median_us(lambda: [decode_events(rows) for _ in range(N // batch)])
+    return one_each, batched, in_rows
 
 
 def main() -> None:
@@ -421,9 +433,10 @@ def main() -> None:
         "[micro] garbage collections (generations 0/1/2) per 20,000 tasks: "
         + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in collections.items())
     )
-    one_each, batched = decode_cost()
+    one_each, batched, in_rows = decode_cost()
     print(f"[micro] subscriber decode_events, one event per message: {one_each:.2f} us/event")
     print(f"[micro] subscriber decode_events, batches of 64: {batched:.2f} us/event")
+    print(f"[micro] subscriber decode_events, batches of 64 in rows: {in_rows:.2f} us/event")
     for topics, shape in ((1, "one topic per pass (batched)"), (2, "topics alternating")):
         loop, bus = publish_event_cost(topics=topics)
         print(f"[micro] lifecycle event, {shape}, published by the loop: {loop:.2f} us/event")
