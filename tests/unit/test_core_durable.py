@@ -614,6 +614,7 @@ def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
     # And topics that alternate are never merged across one another
     for topic, n in (("task.a", 1), ("task.b", 2), ("task.a", 3), ("task.a", 4)):
         s.broker._emit(topic, {"n": n})
+    s.broker._add_events("task.c", None, [])  # nothing to add: no (empty) entry
     assert emitted(s) == [
         ("task.a", [{"n": 1}]),
         ("task.b", [{"n": 2}]),

@@ -183,6 +183,8 @@ class DurableTasks:
         `fields`, or payloads when `fields` is None. Consecutive events with one topic
         share an entry, at most MAX_BATCH_EVENTS: the runtime publishes each entry as
         one batch message (docs/protocol.md §6), in this order."""
+        if not items:
+            return  # an entry is never empty: a batch holds at least one event
         events = self.events
         if events and events[-1][0] == topic:
             group = events[-1][2]
@@ -871,8 +873,9 @@ class DurableTasks:
                 self.next_tick_at = request.deadline
         self._holders[record.id] = worker
         if self.event_prefixes:
-            # `_add_events` inline (as in _task_done): a call per event costs about
-            # 600 instructions (bench/instructions.py --shape events)
+            # `_add_events` inline (as in _task_done): calling it per event cost about
+            # 2,400 instructions more (bench/instructions.py --shape events: 264,352
+            # against 259,425 per task)
             topic = self._started_topics.get(record.service, "")
             if topic == "":
                 topic = self._task_topic(self._started_topics, "task.started.", record.service)
