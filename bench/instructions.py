@@ -56,6 +56,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 SMALL = 1_000
 LARGE = 6_000
 SHAPES = ("short", "deep", "single", "events")
@@ -88,9 +90,10 @@ def drive(shape: str, tasks: int) -> None:
                 micro.durable_run(journal, tasks, per_call=100 if shape == "short" else 1)
                 return
             if shape == "events":
+                pack = msgpack.Packer(use_bin_type=True).pack  # one per loop, as the runtime's
 
                 def publish(events: list[tuple[str, tuple[str, ...] | None, list[Any]]]) -> None:
-                    encode_runs(events, "zbroker", time.time())
+                    encode_runs(events, "zbroker", time.time(), pack)
 
                 micro.durable_run(journal, tasks, frozenset({""}), publish=publish)
                 return
@@ -121,8 +124,6 @@ class _Record:
 def drive_floor(record_events: bool, events: int) -> None:
     """`events` turns of a loop over 1,024 task records, each recording one event
     (`record_events`) or nothing: see --floor."""
-    import msgpack
-
     pool = [_Record(n) for n in range(1024)]
     worker = "00d1ce5e0000002a"
     pack = msgpack.Packer(use_bin_type=True).pack

@@ -380,7 +380,7 @@ def publish_event_cost(
                 core = server.core
                 core.set_subscriptions(frozenset({""}))
                 started = time.thread_time()
-                for topic in pass_topics:  # grouped and packed by the core's own _emit
+                for topic in pass_topics:  # grouped by the core's own _emit
                     core._emit(topic, payload)
                 emitted = time.thread_time()
                 server._publish()
@@ -425,9 +425,7 @@ def main() -> None:
     print(f"[micro] core + async journal, one ENQUEUE per task: {single:.2f} us CPU/task")
     for name, value in socket_patterns().items():
         print(f"[micro] {name}: {value:.2f} us/message")
-    print(
-        f"[micro] lifecycle event, built and packed by the core: {core_event_cost():.2f} us/event"
-    )
+    print(f"[micro] lifecycle event, built by the core: {core_event_cost():.2f} us/event")
     collections = gc_collections()
     print(
         "[micro] garbage collections (generations 0/1/2) per 20,000 tasks: "

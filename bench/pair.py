@@ -145,8 +145,8 @@ def main() -> None:
                 f"voluntary, {(invol1 - invol0) * per_100:.1f} involuntary)"
             )
             rates[position].append(figures["throughput_tps"])
-            cpu = figures["broker_cpu_s_per_100k"]  # s per 100k tasks = 10 µs per task
-            broker_us[position].append(float("nan") if cpu is None else cpu * 10)
+            broker_cpu = figures["broker_cpu_s_per_100k"]  # s per 100k tasks = 10 µs/task
+            broker_us[position].append(float("nan") if broker_cpu is None else broker_cpu * 10)
             print(
                 f"round {round_no} {system} (#{position + 1}): "
                 f"{figures['throughput_tps']:,.0f} tasks/s; "

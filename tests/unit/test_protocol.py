@@ -25,6 +25,7 @@ from zbroker.protocol.events import (
     encode_runs,
 )
 
+PACK = msgpack.Packer(use_bin_type=True).pack  # as the runtime's, reused
 body_st = st.lists(st.binary(max_size=64), max_size=5)
 
 
@@ -333,7 +334,7 @@ def test_runs_become_one_message_each_rows_or_payloads() -> None:
         ("task.b", None, [{"n": 2}, {"n": 3}]),
         ("task.started.c", STARTED_FIELDS, [("t1", 1, "ab"), ("t2", 2, "cd")]),
     ]
-    messages = encode_runs(runs, "zbroker", 4.0)
+    messages = encode_runs(runs, "zbroker", 4.0, PACK)
     assert [(topic, count) for topic, _, count in messages] == [
         (b"task.a", 1),
         (b"task.b", 2),
@@ -380,7 +381,7 @@ def test_the_task_rows_decode_to_the_documented_payload_maps(
     ]
     enqueued, started, done = (
         [e.payload for e in decode_events([topic, envelope])]
-        for topic, envelope, _ in encode_runs(runs, "zbroker", 1.0)
+        for topic, envelope, _ in encode_runs(runs, "zbroker", 1.0, PACK)
     )
     assert enqueued == [
         {"id": i, "priority": n, "not_before": nb, "headers": h} for i, n, nb, h, _ in events
@@ -392,7 +393,7 @@ def test_the_task_rows_decode_to_the_documented_payload_maps(
 @pytest.mark.parametrize("count", [1, 15, 16, 0xFFFF, 0x10000])
 def test_runs_of_every_array_size_decode_whole(count: int) -> None:
     rows = [(f"t{i}", i, {"k": "v"} if i % 2 else {}) for i in range(count)]
-    [(topic, envelope, n)] = encode_runs([("task.done.é", DONE_FIELDS, rows)], "zb", 2.5)
+    [(topic, envelope, n)] = encode_runs([("task.done.é", DONE_FIELDS, rows)], "zb", 2.5, PACK)
     assert (topic, n) == ("task.done.é".encode(), count)
     events = decode_events([topic, envelope])
     assert len(events) == count

@@ -10,7 +10,7 @@ of the fields to the row's values) (docs/protocol.md §6).  Pure codec, no socke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -93,10 +93,11 @@ def encode_rows(
 ) -> list[bytes]:
     """A batch in rows: [topic, envelope with `fields` and `rows`], one event per row,
     its payload the map of `fields` to the row's values (docs/protocol.md §6)."""
-    _check_rows(fields, rows, ValueError)
-    envelope = _envelope(type, source, float(timestamp), "fields", list(fields), None, None)
+    _check_rows(fields, rows)
+    envelope = _envelope(
+        type, source, float(timestamp), "fields", list(fields), correlation_id, reply_to
+    )
     envelope["rows"] = [list(row) for row in rows]
-    _set_correlation(envelope, correlation_id, reply_to)
     return _encode(type, envelope)
 
 
@@ -104,45 +105,40 @@ def encode_runs(
     runs: Sequence[tuple[str, Sequence[str] | None, Sequence[Any]]],
     source: str,
     timestamp: float,
+    pack: Callable[[Any], bytes],
 ) -> list[tuple[bytes, bytes, int]]:
     """(topic, envelope, number of events) for each (type, fields, items) run, as the
     broker publishes its lifecycle events: with `fields`, the items are rows (tuples in
     the order of `fields`) and go out as a `rows` batch; without, they are payloads,
-    a `payload` envelope for a run of one, a `payloads` batch for more. One msgpack
-    call per message and nothing built per event; nothing is checked (the core makes
-    the runs)."""
-    pack = msgpack.Packer(use_bin_type=True).pack
+    a `payload` envelope for a run of one, a `payloads` batch for more. `pack` is a
+    msgpack packer's `pack` (reused by the caller): one call per message, nothing
+    built per event; nothing is checked (the core makes the runs)."""
     out = []
     for type, run_fields, items in runs:
         count = len(items)
         if run_fields is not None:
-            envelope = {
-                "type": type,
-                "source": source,
-                "fields": run_fields,
-                "rows": items,
-                "timestamp": timestamp,
-            }
+            envelope = _envelope(type, source, timestamp, "fields", run_fields, None, None)
+            envelope["rows"] = items
         elif count == 1:
-            envelope = {"type": type, "source": source, "payload": items[0], "timestamp": timestamp}
+            envelope = _envelope(type, source, timestamp, "payload", items[0], None, None)
         else:
-            envelope = {"type": type, "source": source, "payloads": items, "timestamp": timestamp}
+            envelope = _envelope(type, source, timestamp, "payloads", items, None, None)
         out.append((type.encode(), pack(envelope), count))
     return out
 
 
-def _check_rows(fields: Sequence[Any], rows: Any, error: type[Exception]) -> None:
-    """What §6 asks of a `rows` batch, raised as `error`."""
+def _check_rows(fields: Any, rows: Any) -> None:
+    """What §6 asks of a `rows` batch; ValueError says what is wrong."""
     if isinstance(fields, (str, bytes)) or not isinstance(fields, (list, tuple)) or not fields:
-        raise error("fields must be a non-empty array of field names")
+        raise ValueError("fields must be a non-empty array of field names")
     if not all(isinstance(name, str) for name in fields) or len(set(fields)) != len(fields):
-        raise error("fields must be distinct strings")
+        raise ValueError("fields must be distinct strings")
     if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)) or not rows:
-        raise error("rows must be a non-empty array (one row per event)")
+        raise ValueError("rows must be a non-empty array (one row per event)")
     width = len(fields)
     for row in rows:
         if not isinstance(row, (list, tuple)) or len(row) != width:
-            raise error(f"every row must be an array of {width} values, one per field")
+            raise ValueError(f"every row must be an array of {width} values, one per field")
 
 
 def _envelope(
@@ -157,17 +153,11 @@ def _envelope(
     """The envelope map of §6; `key` is "payload" (one event), "payloads" or "fields"
     (a batch; "fields" goes with "rows", which the caller adds)."""
     envelope: dict[str, Any] = {"type": type, "source": source, key: data, "timestamp": timestamp}
-    _set_correlation(envelope, correlation_id, reply_to)
-    return envelope
-
-
-def _set_correlation(
-    envelope: dict[str, Any], correlation_id: str | None, reply_to: str | None
-) -> None:
     if correlation_id is not None:
         envelope["correlation_id"] = correlation_id
     if reply_to is not None:
         envelope["reply_to"] = reply_to
+    return envelope
 
 
 def decode_event(frames: Sequence[bytes]) -> Event:
@@ -212,7 +202,7 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
         names: Any = envelope.get("fields")
         rows: Any = envelope["rows"]
         try:
-            _check_rows(names, rows, ValueError)
+            _check_rows(names, rows)
         except ValueError as exc:
             raise ProtocolError("bad_event", str(exc)) from None
         payloads: list[Any] = [dict(zip(names, row, strict=True)) for row in rows]

@@ -18,6 +18,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.backend
 from zmq.utils.monitor import recv_monitor_message
@@ -107,6 +108,7 @@ class BrokerServer:
         self.lifecycle.connect(self.events.inproc_in)
         self._subscriptions: set[str] = set()
         self.events_dropped = 0
+        self._packb = msgpack.Packer(use_bin_type=True).pack  # the loop's, for _publish
         self.metrics: MetricsServer | None = None
         if config.metrics_port is not None:
             local = self.endpoint.replace("0.0.0.0", "127.0.0.1").replace("://*", "://127.0.0.1")
@@ -246,7 +248,7 @@ class BrokerServer:
         self.core.events = []
         lifecycle = self.lifecycle
         send_frame = _backend_send  # as in _flush: no per-call flag arithmetic
-        for topic, envelope, count in encode_runs(events, "zbroker", time.time()):
+        for topic, envelope, count in encode_runs(events, "zbroker", time.time(), self._packb):
             try:
                 # Two frames to the proxy's inproc XSUB: once the first is queued the
                 # second always is (a message is admitted or refused whole).
