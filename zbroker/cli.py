@@ -631,7 +631,11 @@ def enqueue(
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
 ) -> None:
-    """Enqueue one durable task; prints its id once the broker has stored it."""
+    """Enqueue one durable task; prints its id once the broker has stored it.
+
+    With --key, a key that matches a stored task of the service stores nothing:
+    the stored task's id is printed, and a note on stderr says so.
+    """
     payload = _payload(data, file)
     task_id = _client_call(
         endpoint,
@@ -649,6 +653,8 @@ def enqueue(
         ),
     )
     typer.echo(task_id)
+    if task_id.existing:
+        typer.echo(f"key {key!r} matched task {task_id}: nothing new stored", err=True)
 
 
 @app.command()

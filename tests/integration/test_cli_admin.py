@@ -112,6 +112,12 @@ def test_enqueue_task_request_and_dead_letters_from_the_command_line(
     enqueued = zbroker(broker, "enqueue", "upper", "--data", "hello", "--priority", "3")
     assert enqueued.returncode == 0, enqueued.stderr
     task_id = enqueued.stdout.strip()
+    assert enqueued.stderr == ""
+    keyed = zbroker(broker, "enqueue", "upper", "--data", "hi", "--key", "greeting")
+    assert keyed.returncode == 0 and keyed.stderr == ""
+    again = zbroker(broker, "enqueue", "upper", "--data", "hi", "--key", "greeting")
+    assert again.returncode == 0 and again.stdout == keyed.stdout
+    assert f"key 'greeting' matched task {keyed.stdout.strip()}: nothing new stored" in again.stderr
     shown = zbroker(broker, "task", task_id, "--json")
     record = json.loads(shown.stdout)
     assert record["state"] == "ready" and record["priority"] == 3 and record["service"] == "upper"

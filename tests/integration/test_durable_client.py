@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from zbroker import AsyncClient, Client, NonRetryableError, Task, TaskState
+from zbroker import AsyncClient, Client, NonRetryableError, Task, TaskId, TaskState
 from zbroker.client import (
     TaskCancelled,
     TaskConflict,
@@ -61,8 +61,17 @@ def test_enqueue_many_stores_every_task_once_even_when_sent_again(
     # When a batch is enqueued before any worker runs, then sent again with the same keys
     ids = client.enqueue_many("letters", payloads, keys=keys)
     assert len(set(ids)) == 4
-    assert client.enqueue_many("letters", payloads, keys=keys) == ids
-    assert client.enqueue("letters", b"a", key="batch-0") == ids[0]
+    assert not any(i.existing for i in ids)  # all new
+    again = client.enqueue_many("letters", [b"e", *payloads], keys=[None, *keys])
+    # Then the resend names the stored tasks and says so; only the new payload is stored
+    assert again[1:] == ids
+    assert [i.existing for i in again] == [False, True, True, True, True]
+    assert client.status(again[0]).state is TaskState.READY
+    one = client.enqueue("letters", b"a", key="batch-0")
+    assert one == ids[0] and one.existing
+    assert client.status(one).key == "batch-0"
+    ids.append(again[0])
+    payloads.append(b"e")
     assert all(client.status(i).state is TaskState.READY for i in ids)
     # Then a worker runs each task exactly once, and every result is there
     seen: list[bytes] = []
@@ -72,8 +81,16 @@ def test_enqueue_many_stores_every_task_once_even_when_sent_again(
         return task.payload * 2
 
     start_worker(stack, broker, "letters", record)
-    assert [client.result(i, timeout_s=10) for i in ids] == [b"aa", b"bb", b"cc", b"dd"]
+    assert [client.result(i, timeout_s=10) for i in ids] == [b"aa", b"bb", b"cc", b"dd", b"ee"]
     assert sorted(seen) == payloads
+    # And a key of a finished, retained task still matches, from an AsyncClient too
+    again_async = asyncio.run(enqueue_with_async_client(broker, "batch-3"))
+    assert again_async == ids[3] and again_async.existing
+
+
+async def enqueue_with_async_client(broker: BrokerProcess, key: str) -> TaskId:
+    async with AsyncClient(broker.endpoint) as client:
+        return await client.enqueue("letters", b"d", key=key)
 
 
 def test_request_waits_for_the_result(broker: BrokerProcess, stack: ExitStack) -> None:

@@ -9,6 +9,8 @@ thread for AsyncClient), so most tests run once per client kind.
 from __future__ import annotations
 
 import asyncio
+import json
+import pickle
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +40,7 @@ from zbroker.client import (
     TaskConflict,
     TaskDead,
     TaskExpired,
+    TaskId,
     TaskNotFound,
     TaskPending,
     TaskState,
@@ -253,6 +256,8 @@ def test_unanswered_enqueue_is_resent_on_a_fresh_socket_with_the_same_key(
     fake.reply(second, {"ids": ["t1"], "existing": [0]})
     assert future.result(WAIT_S) == "t1"
     assert client.stats.resends == 1
+    # And the match is the call's own first send (its key was generated): not "existing"
+    assert future.result(WAIT_S).existing is False
 
 
 def test_a_silent_broker_ends_the_call_with_call_timeout_naming_the_key(
@@ -327,6 +332,64 @@ def test_enqueue_many_splits_a_batch_over_max_batch(
     fake.reply(second, {"ids": ["last"]})
     ids = future.result(WAIT_S)
     assert len(ids) == n and ids[-1] == "last"
+
+
+def test_a_key_of_the_callers_that_matched_a_stored_task_is_reported_existing(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    client = connect()
+    # One task with the caller's key, matched by the broker
+    future = client.call("enqueue", "svc", b"x", key="file-3f2a")
+    fake.reply(fake.recv(), {"ids": ["t7"], "existing": [0]})
+    task_id = future.result(WAIT_S)
+    assert task_id == "t7" and task_id.existing is True
+    # The same key, not matched this time (say, the stored task's record expired)
+    future = client.call("enqueue", "svc", b"x", key="file-3f2a")
+    fake.reply(fake.recv(), {"ids": ["t8"]})
+    assert future.result(WAIT_S).existing is False
+    # A batch: only the caller's keys can be existing, a generated key never is
+    future = client.call("enqueue_many", "svc", [b"a", b"b", b"c"], keys=["k-a", None, "k-c"])
+    fake.reply(fake.recv(), {"ids": ["t1", "t2", "t3"], "existing": [0, 1]})
+    ids = future.result(WAIT_S)
+    assert ids == ["t1", "t2", "t3"]
+    assert [i.existing for i in ids] == [True, False, False]
+
+
+def test_existing_indexes_of_a_split_batch_map_to_their_own_message(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    client = connect()
+    n = zbc.MAX_BATCH + 2
+    keys = [f"k{i}" for i in range(n)]
+    future = client.call("enqueue_many", "svc", [b"%d" % i for i in range(n)], keys=keys)
+    first = fake.recv()
+    fake.reply(first, {"ids": [f"a{i}" for i in range(zbc.MAX_BATCH)], "existing": [3]})
+    second = fake.recv()
+    assert isinstance(second.msg, zbc.Enqueue) and len(second.msg.payloads) == 2
+    # Index 1 of the second message is task MAX_BATCH + 1 of the call
+    fake.reply(second, {"ids": ["b0", "b1"], "existing": [1]})
+    ids = future.result(WAIT_S)
+    assert [i for i, task_id in enumerate(ids) if task_id.existing] == [3, zbc.MAX_BATCH + 1]
+
+
+@pytest.mark.parametrize("existing", [0, "0", [2], [-1], [0, 0], [0.0], [True], [None]], ids=repr)
+def test_a_malformed_existing_list_is_a_reply_error(
+    connect: Callable[..., Driver], fake: FakeBroker, existing: Any
+) -> None:
+    client = connect()
+    future = client.call("enqueue_many", "svc", [b"a", b"b"], keys=["k1", "k2"])
+    fake.reply(fake.recv(), {"ids": ["t1", "t2"], "existing": existing})
+    with pytest.raises(ReplyError, match="existing"):
+        future.result(WAIT_S)
+
+
+def test_a_task_id_is_a_str_that_keeps_existing_through_pickle() -> None:
+    task_id = TaskId("t9", existing=True)
+    assert task_id == "t9" and isinstance(task_id, str) and hash(task_id) == hash("t9")
+    assert f"{task_id}" == "t9" and json.dumps([task_id]) == '["t9"]'
+    copy = pickle.loads(pickle.dumps(task_id))
+    assert copy == "t9" and copy.existing is True and type(copy) is TaskId
+    assert TaskId("t1").existing is False
 
 
 def test_an_answer_with_the_wrong_number_of_ids_is_a_reply_error(

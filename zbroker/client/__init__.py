@@ -22,7 +22,7 @@ Task's `progress()`, and a Service's `stop()` and `publish()`.
 
 from zbroker.client.aclient import AsyncClient
 from zbroker.client.client import DEFAULT_RESULT_TIMEOUT_S, Client, ClientStats
-from zbroker.client.durable import DeadLetter, TaskState, TaskStatus
+from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import (
     BadRequest,
     BrokerError,
@@ -90,6 +90,7 @@ __all__ = [
     "TaskDead",
     "TaskExpired",
     "TaskFailed",
+    "TaskId",
     "TaskNotFound",
     "TaskPending",
     "TaskState",

@@ -40,9 +40,11 @@ from typing import Any, Literal, TypeVar
 
 from zbroker.client.durable import (
     DeadLetter,
+    TaskId,
     TaskState,
     TaskStatus,
     parse_dead_letter,
+    parse_existing,
     parse_ids,
     parse_state,
     parse_status,
@@ -290,15 +292,22 @@ def enqueue(
     options: zbc.TaskOptions,
     *,
     batch: bool,
-) -> Plan[list[str]]:
-    """ENQUEUE one task or a batch of at most MAX_BATCH: their ids, in payload order."""
+    own_keys: Sequence[bool],
+) -> Plan[list[TaskId]]:
+    """ENQUEUE one task or a batch of at most MAX_BATCH: their ids, in payload order.
+
+    `own_keys` says, per task, whether its key is the caller's (not generated):
+    only those can be reported as matching a stored task (`TaskId.existing`).
+    """
     key = options.key if options.key is not None else (options.keys or (None,))[0]
 
     def build(rid: int) -> list[bytes]:
         return zbc.enqueue(rid, service, payloads, options, batch=batch)
 
     answer = yield from call(s, "ENQUEUE", build, key=key, service=service)
-    return parse_ids(answer.meta, len(payloads))
+    ids = parse_ids(answer.meta, len(payloads))
+    existing = parse_existing(answer.meta, len(payloads))
+    return [TaskId(id_, i in existing and own_keys[i]) for i, id_ in enumerate(ids)]
 
 
 def batch_bounds(payloads: Sequence[tuple[bytes, ...]]) -> list[tuple[int, int]]:
@@ -324,10 +333,14 @@ def batch_bounds(payloads: Sequence[tuple[bytes, ...]]) -> list[tuple[int, int]]
 
 
 def enqueue_batches(
-    s: Settings, service: str, payloads: Sequence[tuple[bytes, ...]], options: zbc.TaskOptions
-) -> Plan[list[str]]:
+    s: Settings,
+    service: str,
+    payloads: Sequence[tuple[bytes, ...]],
+    options: zbc.TaskOptions,
+    own_keys: Sequence[bool],
+) -> Plan[list[TaskId]]:
     """ENQUEUE a batch of any size, MAX_BATCH tasks per message, one message after the other."""
-    ids: list[str] = []
+    ids: list[TaskId] = []
     keys = options.keys or ()
     for start, end in batch_bounds(payloads):
         chunk = payloads[start:end]
@@ -341,7 +354,9 @@ def enqueue_batches(
             keys=tuple(keys[start:end]) if keys else None,
             headers=options.headers,
         )
-        ids += yield from enqueue(s, service, chunk, chunk_options, batch=True)
+        ids += yield from enqueue(
+            s, service, chunk, chunk_options, batch=True, own_keys=own_keys[start:end]
+        )
     return ids
 
 
@@ -558,7 +573,7 @@ def plan_enqueue(
     timeout_s: float | None,
     key: str | None,
     headers: dict[str, Any] | None,
-) -> Plan[str]:
+) -> Plan[TaskId]:
     """`enqueue()`: arguments checked now, the plan returns the task's id."""
     options = task_options(
         priority=priority,
@@ -570,12 +585,13 @@ def plan_enqueue(
         key=key,
         headers=headers,
     )
+    frames = (payload_frames(payload),)
     return _first(
-        enqueue(s, service_name(service), (payload_frames(payload),), options, batch=False)
+        enqueue(s, service_name(service), frames, options, batch=False, own_keys=(key is not None,))
     )
 
 
-def _first(plan: Plan[list[str]]) -> Plan[str]:
+def _first(plan: Plan[list[TaskId]]) -> Plan[TaskId]:
     ids = yield from plan
     return ids[0]
 
@@ -593,7 +609,7 @@ def plan_enqueue_many(
     max_attempts: int | None,
     timeout_s: float | None,
     headers: dict[str, Any] | None,
-) -> Plan[list[str]]:
+) -> Plan[list[TaskId]]:
     """`enqueue_many()`: arguments checked now, the plan returns the ids in payload order."""
     if isinstance(payloads, bytes | str):
         raise TypeError("payloads must be a sequence of payloads, not one bytes or str")
@@ -614,7 +630,8 @@ def plan_enqueue_many(
         n_tasks=len(frames),
         headers=headers,
     )
-    return enqueue_batches(s, name, frames, options)
+    own_keys = [k is not None for k in keys] if keys is not None else [False] * len(frames)
+    return enqueue_batches(s, name, frames, options, own_keys)
 
 
 def _nothing(value: T) -> Plan[T]:

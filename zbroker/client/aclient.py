@@ -29,7 +29,7 @@ import zmq.asyncio
 from zbroker.client import _calls
 from zbroker.client._calls import Payload, When
 from zbroker.client.client import DEFAULT_RESULT_TIMEOUT_S, ClientStats
-from zbroker.client.durable import DeadLetter, TaskState, TaskStatus
+from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import CallTimeout, ClientClosed, connected_socket, zmq_boundary
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
 from zbroker.protocol.errors import ProtocolError
@@ -152,7 +152,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
-    ) -> str:
+    ) -> TaskId:
         """Store one task; return its id once committed. See `Client.enqueue`.
 
         Without `key`, one is generated for the call, so a resend after a lost
@@ -186,7 +186,7 @@ class AsyncClient:
         max_attempts: int | None = None,
         timeout_s: float | None = None,
         headers: dict[str, Any] | None = None,
-    ) -> list[str]:
+    ) -> list[TaskId]:
         """Store a batch of tasks; return their ids in payload order. See `Client.enqueue_many`."""
         plan = _calls.plan_enqueue_many(
             self._settings(),

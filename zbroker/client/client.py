@@ -22,7 +22,7 @@ import zmq
 from zbroker.client import _calls
 from zbroker.client._calls import Payload, When
 from zbroker.client._owner import SocketOwner
-from zbroker.client.durable import DeadLetter, TaskState, TaskStatus
+from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import (
     CallTimeout,
     ReplyError,
@@ -117,7 +117,7 @@ class Client(SocketOwner):
         timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
-    ) -> str:
+    ) -> TaskId:
         """Store one task for `service` and return its id once the broker has committed it.
 
         When this returns, the task is in the broker's journal and will run
@@ -127,7 +127,8 @@ class Client(SocketOwner):
         epoch), `ttl_s` (expire unless started within it), `max_attempts`,
         `timeout_s` (run-time limit of one attempt), `key` (idempotency key: an
         enqueue whose key matches a stored task returns that task's id and
-        stores nothing), `headers` (a map given to the worker).
+        stores nothing; the returned TaskId then has `existing` True),
+        `headers` (a map given to the worker).
 
         Without `key`, one is generated for this call, so a resend after a lost
         answer never stores the task twice. Raises QueueFull, BadRequest or
@@ -161,15 +162,17 @@ class Client(SocketOwner):
         max_attempts: int | None = None,
         timeout_s: float | None = None,
         headers: dict[str, Any] | None = None,
-    ) -> list[str]:
+    ) -> list[TaskId]:
         """Store a batch of tasks for `service`, with the same options; return their ids in order.
 
         One ENQUEUE message (one journal commit) carries up to 10,000 tasks;
         a larger batch goes as several messages, one after the other, and if
         one of them fails, the ones before it stay stored. `keys`, when given,
         holds one idempotency key or None per payload; every task without a
-        key gets a generated one, so resends never store duplicates. The
-        other options are those of `enqueue()`. An empty batch returns [].
+        key gets a generated one, so resends never store duplicates. Each
+        returned TaskId's `existing` says whether its key matched a stored
+        task. The other options are those of `enqueue()`. An empty batch
+        returns [].
         """
         plan = _calls.plan_enqueue_many(
             self._settings(),

@@ -33,6 +33,31 @@ class TaskState(StrEnum):
 _FINAL = frozenset({TaskState.DONE, TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED})
 
 
+class TaskId(str):
+    """A task id as `enqueue()` and `enqueue_many()` return it: a str, and whether
+    the call's idempotency key matched a task the broker already held.
+
+    `existing` is True when the broker stored nothing for this task because a
+    task of the service with the same key was stored already (queued, running,
+    dead, or finished and still retained): the id is that task's. It is only
+    ever True for a key the caller gave. A generated key is new to the broker,
+    except when the client resent the call after a lost answer, and a match
+    then is this call's own first send: `existing` stays False. With a key of
+    the caller's, a resent call is ambiguous the same way: `existing` may mean
+    that the call's own first send stored the task.
+    """
+
+    existing: bool
+
+    def __new__(cls, value: str, existing: bool = False) -> TaskId:
+        self = super().__new__(cls, value)
+        self.existing = existing
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskId, (str(self), self.existing))
+
+
 @dataclass(frozen=True, slots=True)
 class TaskStatus:
     """A durable task as the broker holds it, from `status()`.
@@ -135,6 +160,20 @@ def parse_ids(meta: dict[str, Any], expected: int | None = None) -> list[str]:
     if expected is not None and len(ids) != expected:
         raise ReplyError("bad_answer", f"expected {expected} task ids, got {len(ids)}")
     return ids
+
+
+def parse_existing(meta: dict[str, Any], n: int) -> frozenset[int]:
+    """The `existing` indexes of an ENQUEUE answer for `n` tasks (none when absent)."""
+    existing = meta.get("existing")
+    if existing is None:
+        return frozenset()
+    if (
+        not isinstance(existing, list)
+        or not all(type(i) is int and 0 <= i < n for i in existing)
+        or len(set(existing)) != len(existing)
+    ):
+        raise ReplyError("bad_answer", f"'existing' is not a list of distinct task indexes < {n}")
+    return frozenset(existing)
 
 
 def _text(meta: dict[str, Any], name: str) -> str:
