@@ -136,6 +136,29 @@ export interface BatchOptions extends Omit<TaskOptions, 'key'> {
   keys?: Array<string | null>
 }
 
+/**
+ * What enqueue() and enqueueMany() resolve with under `{receipt: true}`: the
+ * task id, and whether the idempotency key matched a task the broker already
+ * held (queued, running, dead, or finished and still retained), so that
+ * nothing new was stored and `id` is that task's.
+ *
+ * `existing` is only ever true for a key the caller gave (`key`, or a
+ * non-null `keys[i]`). A generated key is random, so a match on it can only be
+ * this call's own first send, after the client resent the call because the
+ * answer was lost (a reconnect): it stays false. With a caller's key the same
+ * resend is ambiguous: `existing: true` may then mean that the call's own
+ * first send stored the task (like a NATS JetStream duplicate ack).
+ */
+export interface Receipt {
+  id: string
+  existing: boolean
+}
+
+export interface ReceiptOption {
+  /** Resolve with a Receipt ({id, existing}) per task instead of the id string. Default false. */
+  receipt?: boolean
+}
+
 export interface ResultOptions extends CallOptions {
   /** Resolve with every result frame (Buffer[]) instead of the one-frame result. */
   frames?: boolean
@@ -212,9 +235,19 @@ export class Client {
   readonly stats: ClientStats
 
   /** Enqueue one durable task; resolves with its id once the broker has committed it. */
-  enqueue (service: string, payload: Payload, options?: TaskOptions & CallOptions): Promise<string>
-  /** Enqueue a batch (as few messages as the broker's caps allow); one id per payload, in order. */
-  enqueueMany (service: string, payloads: Payload[], options?: BatchOptions & CallOptions): Promise<string[]>
+  enqueue (service: string, payload: Payload, options?: TaskOptions & CallOptions & { receipt?: false }): Promise<string>
+  /** Enqueue one durable task; resolves with {id, existing} once the broker has committed it. */
+  enqueue (service: string, payload: Payload, options: TaskOptions & CallOptions & { receipt: true }): Promise<Receipt>
+  enqueue (service: string, payload: Payload, options: TaskOptions & CallOptions & ReceiptOption): Promise<string | Receipt>
+  /**
+   * Enqueue a batch (as few messages as the broker's caps allow); one id per payload, in order.
+   * If a later message is refused, the error's `enqueuedIds` (string[]) lists the tasks stored
+   * by the earlier ones, and with `receipt: true` its `enqueuedReceipts` (Receipt[]) too.
+   */
+  enqueueMany (service: string, payloads: Payload[], options?: BatchOptions & CallOptions & { receipt?: false }): Promise<string[]>
+  /** Enqueue a batch; one {id, existing} per payload, in order. */
+  enqueueMany (service: string, payloads: Payload[], options: BatchOptions & CallOptions & { receipt: true }): Promise<Receipt[]>
+  enqueueMany (service: string, payloads: Payload[], options: BatchOptions & CallOptions & ReceiptOption): Promise<string[] | Receipt[]>
   /** Enqueue one task and wait for its result; resumes by task id after a reconnect. */
   request (service: string, payload: Payload, options?: TaskOptions & CallOptions & { frames?: false }): Promise<Buffer>
   request (service: string, payload: Payload, options: TaskOptions & CallOptions & { frames: true }): Promise<Buffer[]>

@@ -105,6 +105,19 @@ def test_enqueue_options_reach_the_python_worker(
     again = node_client.call("enqueue", service=SERVICE, frames=[b64(b"hi")], options=options)
     assert again == task_id
     assert len(recorder.attempts(task_id)) == 1
+    # And with a receipt the Node client says the key matched the stored task
+    receipt = node_client.call(
+        "enqueue", service=SERVICE, frames=[b64(b"hi")], options={**options, "receipt": True}
+    )
+    assert receipt == {"id": task_id, "existing": True}
+    receipts = node_client.call(
+        "enqueueMany",
+        service=SERVICE,
+        payloads=[[b64(b"new")], [b64(b"hi")], [b64(b"anon")]],
+        options={"keys": ["node-key-2", "node-key-1", None], "receipt": True},
+    )
+    assert [r["existing"] for r in receipts] == [False, True, False]
+    assert receipts[1]["id"] == task_id and len({r["id"] for r in receipts}) == 3
 
 
 def test_request_round_trip_and_single_frame_payload(

@@ -110,10 +110,15 @@ export class Client {
   /**
    * Enqueue one durable task; resolves with its id once the broker has
    * committed it. An idempotency key is generated when none is given, so a
-   * resend after a lost answer never enqueues twice.
+   * resend after a lost answer never enqueues twice. With `{receipt: true}`
+   * it resolves with `{id, existing}` instead: `existing` is true when the
+   * broker stored nothing because a task of the service already held the
+   * caller's `key` (the id is that task's); never true for a generated key.
    */
   async enqueue (service, payload, options = {}) {
-    const meta = taskMeta(options, 1)
+    const meta = taskMeta(options, 1, { extra: ENQUEUE_OPTIONS })
+    const receipt = checkReceipt(options)
+    const own = callerKeys(options, 1)
     meta.service = checkService(service)
     const frames = toFrames(payload)
     const answer = await this.#call({
@@ -122,42 +127,53 @@ export class Client {
       start: (ctl) => ctl.send(C.ENQUEUE, meta, frames),
       answer: replyOrError
     })
-    return taskIds(answer, 1)[0]
+    const [receipt0] = receipts(answer, own)
+    return receipt ? receipt0 : receipt0.id
   }
 
   /**
-   * Enqueue a batch; resolves with one id per payload, in order. The batch
-   * goes in as few ENQUEUE messages as the broker's caps allow (each one
-   * journal commit): at most 10000 tasks, `maxFrames` frames and
+   * Enqueue a batch; resolves with one id per payload, in order (with
+   * `{receipt: true}`: one `{id, existing}` per payload, as enqueue()). The
+   * batch goes in as few ENQUEUE messages as the broker's caps allow (each
+   * one journal commit): at most 10000 tasks, `maxFrames` frames and
    * `maxMessageBytes` bytes per message. If a later message is refused, the
-   * tasks of the earlier ones stay stored: the error's `enqueuedIds` lists them.
+   * tasks of the earlier ones stay stored: the error's `enqueuedIds` lists
+   * them (and with `receipt`, `enqueuedReceipts` their receipts).
    */
   async enqueueMany (service, payloads, options = {}) {
     if (!Array.isArray(payloads)) throw new TypeError('payloads must be an array (one payload per task)')
     if (payloads.length === 0) return []
-    const meta = taskMeta(options, payloads.length)
+    const meta = taskMeta(options, payloads.length, { batch: true, extra: ENQUEUE_OPTIONS })
+    const receipt = checkReceipt(options)
+    const own = callerKeys(options, payloads.length, { batch: true })
     meta.service = checkService(service)
     const perTask = payloads.map((p, i) => toFrames(p, `payloads[${i}]`))
     const ids = []
+    const done = [] // receipts, in payload order
     for (const [start, end] of this.#batches(perTask)) {
       const chunk = perTask.slice(start, end)
       const chunkMeta = { ...meta, keys: meta.keys.slice(start, end), counts: chunk.map((f) => f.length) }
       const frames = chunk.flat()
-      let answer
       try {
-        answer = await this.#call({
+        const answer = await this.#call({
           what: `ENQUEUE of ${chunk.length} task${chunk.length === 1 ? '' : 's'} to ${JSON.stringify(service)}`,
           options,
           start: (ctl) => ctl.send(C.ENQUEUE, chunkMeta, frames),
           answer: replyOrError
         })
+        // `existing` indexes are relative to this message's chunk.
+        const chunkReceipts = receipts(answer, own.slice(start, end))
+        done.push(...chunkReceipts)
+        ids.push(...chunkReceipts.map((r) => r.id))
       } catch (err) {
-        if (ids.length > 0 && err && typeof err === 'object') err.enqueuedIds = ids
+        if (ids.length > 0 && err && typeof err === 'object') {
+          err.enqueuedIds = ids
+          if (receipt) err.enqueuedReceipts = done
+        }
         throw err
       }
-      ids.push(...taskIds(answer, chunk.length))
     }
-    return ids
+    return receipt ? done : ids
   }
 
   // [start, end) ranges of tasks, each range fitting one ENQUEUE message.
@@ -661,6 +677,28 @@ function taskIds (answer, n) {
   return ids
 }
 
+// The `existing` indexes of an ENQUEUE answer for `n` tasks (empty when absent):
+// an array of distinct integers in [0, n), or the answer is malformed.
+function existingIndexes (answer, n) {
+  const existing = answer.meta.existing
+  if (existing === undefined || existing === null) return new Set()
+  const set = Array.isArray(existing) ? new Set(existing) : null
+  if (set === null || set.size !== existing.length || !existing.every((i) => isInt(i) && i >= 0 && i < n)) {
+    throw new ProtocolError('bad_reply', `'existing' in the reply must list distinct task indexes 0..${n - 1}`)
+  }
+  return set
+}
+
+// {id, existing} per task of an ENQUEUE answer; `own[i]` tells whether task
+// i's key is the caller's. A generated key is random: if the broker matched
+// it, the match is this call's own earlier send (a resend after a lost
+// answer), so it is not reported as existing.
+function receipts (answer, own) {
+  const ids = taskIds(answer, own.length)
+  const existing = existingIndexes(answer, own.length)
+  return ids.map((id, i) => ({ id, existing: existing.has(i) && own[i] }))
+}
+
 function waitSeconds (ctl, chunkS = WAIT_CHUNK_S) {
   const remaining = ctl.remainingMs()
   if (remaining === Infinity) return chunkS
@@ -739,11 +777,17 @@ function checkTimeout (value, name, { positive = false } = {}) {
 
 // Task options (camelCase) -> ZBC01 meta (snake_case), validated as the broker would.
 const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'timeoutMs', 'signal', 'frames'])
+// Options of enqueue() and enqueueMany() only.
+const ENQUEUE_OPTIONS = new Set(['receipt'])
+const NO_OPTIONS = new Set()
 
-function taskMeta (options, nTasks) {
+// `batch`: an enqueueMany() (keys, one per task, even for one task).
+function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) {
   if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
   for (const name of Object.keys(options)) {
-    if (!TASK_OPTIONS.has(name)) throw new TypeError(`unknown option ${JSON.stringify(name)}; known: ${[...TASK_OPTIONS].join(', ')}`)
+    if (!TASK_OPTIONS.has(name) && !extra.has(name)) {
+      throw new TypeError(`unknown option ${JSON.stringify(name)}; known: ${[...TASK_OPTIONS, ...extra].join(', ')}`)
+    }
   }
   const meta = {}
   if (options.priority !== undefined) meta.priority = checkInt(options.priority, 'priority', PRIORITY_MIN, PRIORITY_MAX)
@@ -762,7 +806,7 @@ function taskMeta (options, nTasks) {
     meta.headers = h
   }
   // An idempotency key for every task: a resend after a lost answer never enqueues twice.
-  if (nTasks === 1 && options.keys === undefined) {
+  if (!batch && nTasks === 1 && options.keys === undefined) {
     if (options.key !== undefined && (typeof options.key !== 'string' || options.key.length === 0)) {
       throw new TypeError('key must be a non-empty string')
     }
@@ -778,6 +822,21 @@ function taskMeta (options, nTasks) {
     })
   }
   return meta
+}
+
+// Per task, whether its idempotency key is the caller's (true) or generated
+// (false); as taskMeta chooses them, after it has validated the options.
+function callerKeys (options, nTasks, { batch = false } = {}) {
+  if (!batch && nTasks === 1 && options.keys === undefined) return [options.key !== undefined]
+  const keys = options.keys ?? new Array(nTasks).fill(null)
+  return keys.map((k) => k !== null && k !== undefined)
+}
+
+function checkReceipt (options) {
+  if (options.receipt !== undefined && typeof options.receipt !== 'boolean') {
+    throw new TypeError(`receipt must be a boolean, got ${describe(options.receipt)}`)
+  }
+  return options.receipt === true
 }
 
 function socketError (err, what) {

@@ -239,3 +239,149 @@ test('maxPending bounds the calls in flight', async (t) => {
   assert.ok((await a) instanceof TimeoutError)
   assert.ok((await b) instanceof TimeoutError)
 })
+
+// ------------------------------------------------------------ receipts: did a key match a stored task?
+
+test('enqueue receipt: a caller key listed in existing is existing: true, not listed is false', async (t) => {
+  const { broker, client } = await setup(t)
+  const matched = client.enqueue('svc', 'x', { key: 'file-abc', receipt: true })
+  const fresh = client.enqueue('svc', 'y', { key: 'file-def', receipt: true })
+  const c1 = await broker.next(CALL.ENQUEUE)
+  const c2 = await broker.next(CALL.ENQUEUE)
+  assert.equal(c1.meta.key, 'file-abc')
+  assert.equal(c1.meta.receipt, undefined) // a client-side option: not sent
+  await broker.reply(c1, { ids: ['t-old'], existing: [0] })
+  await broker.reply(c2, { ids: ['t-new'] })
+  assert.deepEqual(await matched, { id: 't-old', existing: true })
+  assert.deepEqual(await fresh, { id: 't-new', existing: false })
+  const empty = client.enqueue('svc', 'z', { key: 'file-ghi', receipt: true })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t3'], existing: [] })
+  assert.deepEqual(await empty, { id: 't3', existing: false })
+})
+
+test('enqueue receipt: a generated key the broker matched (a resend after a lost answer) is not existing; a caller key is', async (t) => {
+  const first = await new FakeZbcBroker().bind()
+  const endpoint = first.endpoint
+  const client = new Client(endpoint)
+  let second = null
+  t.after(() => {
+    client.close()
+    first.close()
+    second?.close()
+  })
+  const generated = client.enqueue('svc', 'x', { receipt: true })
+  const given = client.enqueue('svc', 'y', { key: 'mine', receipt: true })
+  const g1 = await first.next(CALL.ENQUEUE)
+  const k1 = await first.next(CALL.ENQUEUE)
+  await sleep(20)
+  first.close() // stored, but the answers are lost with the broker
+
+  second = await new FakeZbcBroker().bind(endpoint)
+  const g2 = await second.next(CALL.ENQUEUE)
+  const k2 = await second.next(CALL.ENQUEUE)
+  assert.equal(g2.meta.key, g1.meta.key) // the resend: same generated key
+  assert.equal(k2.meta.key, k1.meta.key)
+  await second.reply(g2, { ids: ['t1'], existing: [0] })
+  await second.reply(k2, { ids: ['t2'], existing: [0] })
+  assert.deepEqual(await generated, { id: 't1', existing: false })
+  // A caller's key is reported, though here the match may be the call's own first send.
+  assert.deepEqual(await given, { id: 't2', existing: true })
+  assert.ok(client.stats.resends >= 2)
+})
+
+test('enqueueMany receipt: existing indexes of each message map back to the tasks of its chunk', async (t) => {
+  const { broker, client } = await setup(t, { maxFrames: 8 }) // 3 payload frames per message
+  const pending = client.enqueueMany('svc', ['a', 'b', 'c', 'd', 'e'], { keys: [null, 'k1', null, 'k3', null], receipt: true })
+  const m1 = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual(m1.meta.counts, [1, 1, 1])
+  await broker.reply(m1, { ids: ['t0', 't1', 't2'], existing: [0] }) // index 0: a generated key
+  const m2 = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual(m2.meta.counts, [1, 1])
+  assert.equal(m2.meta.keys[0], 'k3')
+  await broker.reply(m2, { ids: ['t3', 't4'], existing: [0] }) // the 4th task of the batch
+  assert.deepEqual(await pending, [
+    { id: 't0', existing: false },
+    { id: 't1', existing: false }, // a caller's key, not listed in its own message
+    { id: 't2', existing: false },
+    { id: 't3', existing: true },
+    { id: 't4', existing: false }
+  ])
+})
+
+test('enqueueMany receipt: a refused later message keeps enqueuedIds as ids and adds enqueuedReceipts', async (t) => {
+  const { broker, client } = await setup(t, { maxFrames: 7 }) // 2 payload frames per message
+  const withReceipt = client.enqueueMany('svc', ['a', 'b', 'c'], { keys: ['ka', 'kb', 'kc'], receipt: true })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'], existing: [1] })
+  await broker.error(await broker.next(CALL.ENQUEUE), 'queue_full', 'full')
+  const err = await withReceipt.catch((e) => e)
+  assert.ok(err instanceof QueueFull)
+  assert.deepEqual(err.enqueuedIds, ['t1', 't2'])
+  assert.deepEqual(err.enqueuedReceipts, [{ id: 't1', existing: false }, { id: 't2', existing: true }])
+
+  const plain = client.enqueueMany('svc', ['a', 'b', 'c'])
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'] })
+  await broker.error(await broker.next(CALL.ENQUEUE), 'queue_full', 'full')
+  const plainErr = await plain.catch((e) => e)
+  assert.deepEqual(plainErr.enqueuedIds, ['t1', 't2'])
+  assert.equal('enqueuedReceipts' in plainErr, false)
+})
+
+test('a malformed existing rejects with bad_reply, with or without receipt', async (t) => {
+  const { broker, client } = await setup(t, { maxFrames: 7 }) // 2 payload frames per message
+  const bad = ['0', { 0: 0 }, true, [1], [-1], [0, 0], [0.5], ['0'], [null], [true]]
+  for (const receipt of [true, false]) {
+    for (const existing of bad) {
+      const what = `enqueue, receipt ${receipt}, existing ${JSON.stringify(existing)}`
+      const one = client.enqueue('svc', 'x', { key: 'k', receipt })
+      await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1'], existing })
+      await assert.rejects(one, (e) => e instanceof ProtocolError && e.code === 'bad_reply', what)
+    }
+    for (const existing of [[2], [1, 1], [0, 1, 0]]) {
+      const what = `enqueueMany, receipt ${receipt}, existing ${JSON.stringify(existing)}`
+      const many = client.enqueueMany('svc', ['a', 'b'], { keys: ['ka', 'kb'], receipt })
+      await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'], existing })
+      await assert.rejects(many, (e) => e instanceof ProtocolError && e.code === 'bad_reply', what)
+    }
+    // In a later message: the index is checked against that message's chunk (2 tasks), not the batch (3).
+    const split = client.enqueueMany('svc', ['a', 'b', 'c'], { receipt })
+    await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'] })
+    await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t3'], existing: [1] })
+    const err = await split.catch((e) => e)
+    assert.ok(err instanceof ProtocolError && err.code === 'bad_reply', `split, receipt ${receipt}`)
+    assert.deepEqual(err.enqueuedIds, ['t1', 't2']) // the first message's tasks are stored
+  }
+})
+
+test('without receipt, enqueue and enqueueMany resolve with id strings, existing or not', async (t) => {
+  const { broker, client } = await setup(t, { maxFrames: 7 }) // 2 payload frames per message
+  const one = client.enqueue('svc', 'x', { key: 'k' })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1'], existing: [0] })
+  assert.equal(await one, 't1')
+  const off = client.enqueue('svc', 'x', { key: 'k', receipt: false })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1'], existing: [0] })
+  assert.equal(await off, 't1')
+  const many = client.enqueueMany('svc', ['a', 'b', 'c'], { keys: ['ka', null, 'kc'] })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'], existing: [0] })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t3'], existing: [0] })
+  assert.deepEqual(await many, ['t1', 't2', 't3'])
+})
+
+test('enqueueMany of one payload sends keys and counts (with or without receipt); receipt must be a boolean', async (t) => {
+  const { broker, client } = await setup(t)
+  const plain = client.enqueueMany('svc', ['only'])
+  const m1 = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual(m1.meta.counts, [1])
+  assert.equal(m1.meta.keys.length, 1)
+  assert.match(m1.meta.keys[0], /^[0-9a-f-]{36}$/)
+  assert.equal(m1.meta.key, undefined)
+  await broker.reply(m1, { ids: ['t1'] })
+  assert.deepEqual(await plain, ['t1'])
+  const keyed = client.enqueueMany('svc', ['only'], { keys: ['k1'], receipt: true })
+  const m2 = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual(m2.meta.keys, ['k1'])
+  await broker.reply(m2, { ids: ['t0'], existing: [0] })
+  assert.deepEqual(await keyed, [{ id: 't0', existing: true }])
+  await assert.rejects(client.enqueueMany('svc', ['only'], { key: 'k' }), /keys/)
+  await assert.rejects(client.enqueue('svc', 'x', { receipt: 'yes' }), TypeError)
+  await assert.rejects(client.request('svc', 'x', { receipt: true }), /unknown option "receipt"/) // enqueue only
+})
