@@ -315,6 +315,21 @@ def test_enqueue_many_sends_one_batch_with_counts_and_a_key_per_task(
     assert future.result(WAIT_S) == ["t1", "t2", "t3"]
 
 
+def test_enqueue_many_of_one_payload_is_a_batch_of_one_with_a_key(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    client = connect()
+    future = client.call("enqueue_many", "svc", [b"only"])
+    got = fake.recv()
+    assert isinstance(got.msg, zbc.Enqueue)
+    assert got.meta["counts"] == [1] and got.msg.payloads == ((b"only",),)
+    # never without an idempotency key: a resend must not store it twice
+    keys = got.msg.options.keys
+    assert got.msg.options.key is None and keys is not None and len(keys) == 1 and keys[0]
+    fake.reply(got, {"ids": ["t1"]})
+    assert future.result(WAIT_S) == ["t1"]
+
+
 def test_enqueue_many_splits_a_batch_over_max_batch(
     connect: Callable[..., Driver], fake: FakeBroker
 ) -> None:

@@ -626,7 +626,9 @@ def plan_enqueue_many(
         ttl_s=ttl_s,
         max_attempts=max_attempts,
         timeout_s=timeout_s,
-        keys=keys,
+        # Always keys, one per task (a batch of one too): a single `key` would not
+        # survive the split into messages, and the task would go without one.
+        keys=keys if keys is not None else [None] * len(frames),
         n_tasks=len(frames),
         headers=headers,
     )
