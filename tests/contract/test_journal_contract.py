@@ -667,6 +667,33 @@ def test_service_options_are_stored_replaced_and_removed(journal: Journal) -> No
     assert journal.service_options() == {"tts": {"limit": 3}}
 
 
+def test_service_options_of_any_service_name_length(stores: Stores) -> None:
+    # Names longer than an LMDB key can hold (511 bytes), and one just under the cut
+    long_name, wide_name, edge = "s" * 600, "ü" * 400, "e" * 400
+    journal = stores.open()
+    for i, name in enumerate((long_name, wide_name, edge, "tts")):
+        journal.put_service_options(name, {"paused": True, "limit": i + 1})
+    journal.put(task(journal, "t-1", service=long_name))
+    journal.commit()
+    if stores.durable:
+        journal = stores.reopen(journal)
+    assert journal.service_options() == {
+        long_name: {"paused": True, "limit": 1},
+        wide_name: {"paused": True, "limit": 2},
+        edge: {"paused": True, "limit": 3},
+        "tts": {"paused": True, "limit": 4},
+    }
+    journal.put_service_options(long_name, {"limit": 9})
+    journal.put_service_options(wide_name, {})
+    journal.commit()
+    assert journal.service_options() == {
+        long_name: {"limit": 9},
+        edge: {"paused": True, "limit": 3},
+        "tts": {"paused": True, "limit": 4},
+    }
+    assert journal.counts() == {long_name: {READY: 1}}
+
+
 def test_service_options_must_be_msgpack_able(journal: Journal) -> None:
     with pytest.raises(TypeError):
         journal.put_service_options("tts", {"paused": object()})

@@ -203,12 +203,18 @@ def test_pause_and_limit_outlive_a_killed_broker(broker: BrokerProcess, stack: E
     client = open_client(stack, broker)
     first = client.enqueue("jobs", b"1")
     second = client.enqueue("jobs", b"2")
+    # A name longer than an LMDB key (511 bytes) is kept too, and stops nothing
+    long_name = "j" * 600
+    client.pause(long_name)
+    client.limit(long_name, 3)
     broker.kill()  # SIGKILL: the operator's settings must already be in the journal
     broker.start()
     listed = zbroker(broker, "queues", "--json")
     assert listed.returncode == 0, listed.stderr
     (row,) = [q for q in json.loads(listed.stdout) if q["service"] == "jobs"]
     assert row["paused"] is True and row["limit"] == 1 and row["ready"] == 2
+    (row,) = [q for q in json.loads(listed.stdout) if q["service"] == long_name]
+    assert row["paused"] is True and row["limit"] == 3
     release = threading.Event()
     stack.callback(release.set)
     running: list[bytes] = []

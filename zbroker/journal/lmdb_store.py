@@ -14,7 +14,8 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   inflight  seq                              dead      svc + seq
   lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
-            options/<service name> -> msgpack map of the operator's options (paused, limit)
+            options/<service name> -> msgpack map of the operator's options (paused, limit);
+            a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
 
 The indexes are DUPSORT, so two tasks with an equal key (a caller reusing a seq)
 keep an entry each instead of overwriting one another.
@@ -75,6 +76,8 @@ _LOCK_FILE = "zbroker.lock"
 _GROW_AT = 0.75
 # Idempotency keys longer than this are indexed by their SHA-256 (LMDB keys <= 511 bytes).
 _MAX_KEY_BYTES = 400
+# Marks a service options key made from the hash of a name longer than that.
+_HASHED_NAME = b"\xff"
 
 _READY = int(TaskState.READY)
 _DELAYED = int(TaskState.DELAYED)
@@ -92,6 +95,17 @@ Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
+
+
+def _options_key(name: bytes) -> tuple[bytes, bool]:
+    """The meta key of a service's options, and whether it is a long name's hash.
+
+    A name too long for an LMDB key is indexed by its SHA-256 behind a 0xFF byte
+    (never the first byte of a UTF-8 name), and the value then holds the name.
+    """
+    if len(name) > _MAX_KEY_BYTES:
+        return _OPTIONS + _HASHED_NAME + hashlib.sha256(name).digest(), True
+    return _OPTIONS + name, False
 
 
 def _key_bytes(key: str) -> bytes:
@@ -216,7 +230,11 @@ class LmdbJournal(Journal):
                 for key, value in cursor.iternext():
                     if not key.startswith(_OPTIONS):
                         break
-                    out[key[len(_OPTIONS) :].decode()] = msgpack.unpackb(value)
+                    if key[len(_OPTIONS) :].startswith(_HASHED_NAME):
+                        name, packed = msgpack.unpackb(value)
+                        out[name] = msgpack.unpackb(packed)
+                    else:
+                        out[key[len(_OPTIONS) :].decode()] = msgpack.unpackb(value)
         return out
 
     def next_seq(self) -> int:
@@ -506,9 +524,11 @@ class LmdbJournal(Journal):
         kind, task_id = op[0], op[1]
         idb = task_id.encode()
         if kind == _SERVICE_OPTIONS:
-            key = _OPTIONS + idb  # the service's name
+            key, long_name = _options_key(idb)  # the service's name
             if op[2] is None:
                 txn.delete(key, db=self._meta)
+            elif long_name:
+                txn.put(key, msgpack.packb([task_id, op[2]]), db=self._meta)
             else:
                 txn.put(key, op[2], db=self._meta)
         elif kind == _PUT:
