@@ -696,6 +696,27 @@ def test_pause_and_limit_are_kept_across_a_restart(journal: Journal) -> None:
     assert row["paused"] is False and row["limit"] is None
 
 
+def test_a_limit_lowered_below_the_running_tasks_holds_until_they_drop_under_it(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    ids = [s.enqueue("tts", b"%d" % i) for i in range(8)]
+    s.zready(b"W", "tts", 4)
+    assert [t[0] for t in s.tasks_to(b"W")] == ids[:4]
+    # When the operator lowers the limit to 2 while 4 run
+    assert s.call(b"C", zbc.call(zbc.LIMIT, s.next_rid(), service="tts", limit=2)).ok
+    # Then finishing one delivers nothing (3 still run), nor does the next (2 run)
+    s.send(b"W", ext.done(ids[0], 1, []))
+    assert s.tasks_to(b"W") == []
+    s.send(b"W", ext.done(ids[1], 1, []))
+    assert s.tasks_to(b"W") == []
+    # And only below the limit do deliveries start again, one for one
+    s.send(b"W", ext.done(ids[2], 1, []))
+    assert [t[0] for t in s.tasks_to(b"W")] == [ids[4]]
+    (row,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+    assert row["limit"] == 2 and row["inflight"] == 2
+
+
 def test_single_enqueues_of_one_pass_reach_a_batching_worker_as_one_tasks(
     journal: Journal,
 ) -> None:

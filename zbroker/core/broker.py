@@ -625,7 +625,8 @@ class Broker(DurableTasks):
         batches: dict[Worker, list[Request]] | None = None
         room = -1  # deliveries left under the service's concurrency limit; -1: no limit
         if service.limit is not None:
-            room = service.limit - sum(len(w.tasks) for w in service.workers.values())
+            # None left, too, when the limit was lowered below what is running now.
+            room = max(0, service.limit - sum(len(w.tasks) for w in service.workers.values()))
         while ready and (queue or service.ready_count) and room != 0:
             room -= 1
             identity = next(iter(ready))
