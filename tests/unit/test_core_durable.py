@@ -278,6 +278,26 @@ def test_failure_retries_with_backoff_then_dead_letters_and_redrives(journal: Jo
     assert (tid, attempt) == (task_id, 1)
 
 
+def test_an_id_listed_twice_is_redriven_or_dropped_once(journal: Journal) -> None:
+    s = Script(journal)
+    a, b = s.enqueue("svc", max_attempts=1), s.enqueue("svc", max_attempts=1)
+    s.zready(b"W", "svc", 2)
+    for tid, attempt, _, _ in s.tasks_to(b"W"):
+        s.send(b"W", ext.fail(tid, attempt, "no", retry=False))
+    s.send(b"W", ext.disconnect())  # nobody to run a redriven task: it stays ready
+    redriven = s.call(b"C", zbc.call(zbc.REDRIVE, s.next_rid(), service="svc", ids=[a, a]))
+    assert redriven.meta["ids"] == [a]
+    dropped = s.call(b"C", zbc.call(zbc.DROP, s.next_rid(), service="svc", ids=[b, b]))
+    assert dropped.meta["dropped"] == 1
+    (row,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+    assert (row["ready"], row["dead"]) == (1, 0)
+    assert journal.counts() == {"svc": {TaskState.READY: 1}}
+    # The broker's own count of waiting tasks is right too: a purge empties the queue
+    purged = s.call(b"C", zbc.call(zbc.PURGE, s.next_rid(), service="svc"))
+    assert purged.meta["purged"] == 1 and purged.meta["more"] is False
+    assert s.broker.stats.tasks_redriven == 1
+
+
 def test_fail_delay_wins_and_non_retryable_dead_letters_at_once(journal: Journal) -> None:
     s = Script(journal)
     a = s.enqueue("svc")

@@ -481,7 +481,8 @@ class DurableTasks:
         assert journal is not None
         if ids is None:
             return journal.dead(service, zbc.MAX_BATCH)
-        found = (journal.get(task_id) for task_id in ids)
+        # An id listed twice is one task: acting on it twice would count it twice.
+        found = (journal.get(task_id) for task_id in dict.fromkeys(ids))
         return [r for r in found if r is not None and r.state is DEAD and r.service == service]
 
     def _on_drop(self, identity: bytes, msg: zbc.Drop) -> None:
