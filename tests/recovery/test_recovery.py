@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from tests.conftest import ROOT, BrokerProcess, wait_until
-from zbroker.protocol import zbc
+from zbroker.protocol import ext, zbc
 
 
 class RawClient:
@@ -279,3 +279,63 @@ def test_a_full_journal_stops_the_broker_and_loses_nothing_it_confirmed(
     dead = client.call(lambda rid: zbc.call(zbc.DEAD, rid, service="big"), 5)
     assert dead is not None and dead.ok
     client.close()
+
+
+def raw_worker(endpoint: str, service: str) -> zmq.Socket[bytes]:
+    """A ZBW01 worker on a bare DEALER, ready for one task at a time."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    sock.send_multipart(ext.ready(service, 1))
+    return sock
+
+
+def next_task(sock: zmq.Socket[bytes], timeout_s: float) -> ext.Task:
+    """The next TASK the worker is sent (heartbeats skipped)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000) + 1):
+            message = ext.decode_for_worker(sock.recv_multipart())
+            if isinstance(message, ext.Task):
+                return message
+    raise AssertionError(f"no task in {timeout_s}s")
+
+
+def test_a_task_handed_on_after_a_refused_send_is_committed_before_it_is_sent(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    # Given a broker whose passes are rare (heartbeats every second) and a task on W1
+    broker = broker_factory(heartbeat_interval=1.0)
+    client = RawClient(broker.endpoint)
+    first = raw_worker(broker.endpoint, "svc")
+    task_id = enqueue(client, "svc", "x", max_attempts=3)
+    assert task_id is not None
+    task = next_task(first, 5)
+    assert (task.id, task.attempt) == (task_id, 1)
+    first.send_multipart(ext.ack([(task_id, 1)]))
+    second = raw_worker(broker.endpoint, "svc")
+    wait_until(lambda: broker_sees_workers(client, 2), timeout_s=5)
+    # When W1's connection goes: the broker learns it from a refused heartbeat, takes
+    # the task back and hands it to W2 in the same send loop, outside any pass
+    first.close(linger=0)
+    handed_on = next_task(second, 5)
+    assert (handed_on.id, handed_on.attempt) == (task_id, 2)
+    # And the broker is killed the moment W2 has it
+    broker.kill()
+    broker.start()
+    # Then the journal already held attempt 2: the delivery was committed before it
+    # was sent, so no crash can hand out more attempts than max_attempts allows
+    client.close()
+    client = RawClient(broker.endpoint)
+    answer = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id), timeout_s=5)
+    assert answer is not None and answer.ok
+    record = answer.meta["task"]
+    assert record["attempt"] == 2, record["history"]
+    assert [h[0] for h in record["history"]].count("attempt") == 2
+    second.close(linger=0)
+    client.close()
+
+
+def broker_sees_workers(client: RawClient, n: int) -> bool:
+    answer = client.call(lambda rid: zbc.call(zbc.WORKERS, rid))
+    return answer is not None and len(answer.meta["workers"]) == n

@@ -222,7 +222,14 @@ class BrokerServer:
         core = self.core
         router = self.router
         send_frame = _backend_send
+        first = True
         while core.outbox:
+            if not first:
+                # A refused send (core.undeliverable) took a worker's tasks back and
+                # may have handed them to another worker, or ended a task: what it
+                # wrote is committed before any of what followed from it is sent.
+                self.journal.commit()
+            first = False
             batch = core.outbox
             core.outbox = []
             for frames in batch:
