@@ -226,6 +226,45 @@ def test_ttl_expires_a_task_that_did_not_start_in_time(journal: Journal) -> None
     assert s.broker.stats.tasks_expired == 1
 
 
+def test_ttl_bounds_only_the_wait_for_a_first_start(journal: Journal) -> None:
+    s = Script(journal)
+    retried, orphaned, poisoned = (s.enqueue("svc", ttl_s=2.0, max_attempts=m) for m in (3, 3, 1))
+    s.zready(b"W", "svc", 3)
+    assert {t[0] for t in s.tasks_to(b"W")} == {retried, orphaned, poisoned}
+    record = journal.get(retried)
+    assert record is not None and record.expires_at is None  # started: no longer expires
+    s.send(b"W", ext.ack([(retried, 1), (orphaned, 1), (poisoned, 1)]))
+    s.advance_alive(3.0, b"W")  # every ttl has passed
+    # When one attempt fails, its worker's connection goes, and a dead letter is redriven
+    s.send(b"W", ext.fail(retried, 1, "flaky", delay_s=0))
+    s.send(b"W", ext.fail(poisoned, 1, "bad", retry=False))
+    s.send(b"W", ext.disconnect())
+    redriven = s.call(b"C", zbc.call(zbc.REDRIVE, s.next_rid(), service="svc", ids=[poisoned]))
+    assert redriven.meta["ids"] == [poisoned]
+    # Then all three run again on the next worker: none is expired
+    s.zready(b"W2", "svc", 3)
+    again = {t[0]: t[1] for t in s.tasks_to(b"W2")}
+    # (the retry went straight back to W as attempt 2, then came back with W's connection)
+    assert again == {retried: 3, orphaned: 2, poisoned: 1}
+    assert s.broker.stats.tasks_expired == 0
+
+
+def test_a_ttl_that_passes_while_ready_expires_the_task_with_a_history_entry(
+    journal: Journal,
+) -> None:
+    s = Script(journal)
+    s.zready(b"W", "svc", 1)
+    busy = s.enqueue("svc")
+    late = s.enqueue("svc", ttl_s=1.0)
+    assert [t[0] for t in s.tasks_to(b"W")] == [busy]
+    s.now += 1.5  # no timer pass: the dispatch is the first to see the ttl passed
+    s.send(b"W", ext.done(busy, 1, []))
+    assert s.tasks_to(b"W") == []
+    record = journal.get(late)
+    assert record is not None and record.state is TaskState.EXPIRED
+    assert [h[0] for h in record.history] == ["enqueued", "expired"]
+
+
 def test_idempotency_key_returns_the_existing_task(journal: Journal) -> None:
     s = Script(journal)
     first = s.enqueue("svc", key="k1")

@@ -699,6 +699,7 @@ class DurableTasks:
         for record in records:
             record.attempt = 0
             record.finished_at = None
+            record.expires_at = None  # it had started: its ttl no longer applies
             record.state = READY
             self._history(record, "redriven", epoch)
             self._store(record, DEAD, service)
@@ -839,6 +840,7 @@ class DurableTasks:
             epoch = now + self._epoch_offset
             if record.expires_at is not None and record.expires_at <= epoch:
                 self.stats.tasks_expired += 1
+                self._history(record, "expired", epoch)
                 self._finish(record, EXPIRED, epoch, "its ttl passed before it started")
                 continue
             return record
@@ -850,6 +852,9 @@ class DurableTasks:
         figures = worker.service.figures
         if record.attempt == 0:
             figures.observe_wait(max(0.0, epoch - max(record.created_at, record.not_before)))
+            # ttl_s bounds the wait for a first start: once started, a task no longer
+            # expires (a retry, or a take-back from a dead worker, runs).
+            record.expires_at = None
         else:
             figures.redeliveries += 1
         record.attempt += 1
