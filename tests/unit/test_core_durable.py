@@ -337,6 +337,29 @@ def test_an_id_listed_twice_is_redriven_or_dropped_once(journal: Journal) -> Non
     assert s.broker.stats.tasks_redriven == 1
 
 
+def test_purge_reaches_delayed_tasks_behind_many_of_other_services(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Script(journal)
+    # Given many delayed tasks of another service, all due before the victim's ones
+    answer = s.call(
+        b"C",
+        zbc.enqueue(
+            s.next_rid(), "other", [[b"o"]] * 250, zbc.TaskOptions(delay_s=60.0), batch=True
+        ),
+    )
+    assert answer.ok
+    victims = [s.enqueue("victim", b"v", delay_s=120.0) for _ in range(3)]
+    # And a purge batch of 10 (so the first window, 10 batches, holds only "other")
+    monkeypatch.setattr(zbc, "MAX_BATCH", 10)
+    # When the victim's queue is purged
+    purged = s.call(b"C", zbc.call(zbc.PURGE, s.next_rid(), service="victim"))
+    # Then its delayed tasks are cancelled, and the answer says nothing is left
+    assert purged.meta["purged"] == 3 and purged.meta["more"] is False
+    assert {s.state(t) for t in victims} == {TaskState.CANCELLED}
+    assert journal.counts()["other"] == {TaskState.DELAYED: 250}
+
+
 def test_fail_delay_wins_and_non_retryable_dead_letters_at_once(journal: Journal) -> None:
     s = Script(journal)
     a = s.enqueue("svc")

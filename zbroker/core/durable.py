@@ -457,17 +457,25 @@ class DurableTasks:
         assert journal is not None
         epoch = now + self._epoch_offset
         records = journal.ready(msg.service, zbc.MAX_BATCH)
-        if len(records) < zbc.MAX_BATCH:
-            # Delayed tasks are indexed by time across services: read them all, keep ours.
-            later = journal.due(epoch + _FAR_FUTURE_S, 10 * zbc.MAX_BATCH)
-            records += [r for r in later if r.service == msg.service][
-                : zbc.MAX_BATCH - len(records)
-            ]
+        service = self.services.get(msg.service.encode())
+        need = zbc.MAX_BATCH - len(records)
+        if need > 0 and service is not None and service.waiting_count > len(records):
+            # Delayed tasks are indexed by time across services: read them in a wider
+            # and wider window until it holds enough of ours or the whole index, so a
+            # service's delayed tasks are reached however many other services have.
+            scan = 10 * zbc.MAX_BATCH
+            while True:
+                later = journal.due(epoch + _FAR_FUTURE_S, scan)
+                ours = [r for r in later if r.service == msg.service]
+                if len(ours) >= need or len(later) < scan:
+                    break
+                scan *= 4
+            records += ours[:need]
         for record in records:
             self.stats.tasks_cancelled += 1
             self._history(record, "purged", epoch)
             self._finish(record, CANCELLED, epoch, "purged by an operator")
-        service = self.services.get(msg.service.encode())
+        service = self.services.get(msg.service.encode())  # may be gone once empty
         more = service is not None and service.waiting_count > 0
         if records:
             log.warning("%d waiting task(s) of %s purged", len(records), msg.service)
