@@ -742,6 +742,28 @@ def test_queues_report_totals_rates_and_wait_and_run_times(journal: Journal) -> 
     assert row["wait_histogram"]["count"] == 2  # first deliveries only: not the redelivery
 
 
+def test_totals_outlive_an_idle_service_and_carry_on_when_it_returns(journal: Journal) -> None:
+    s = Script(journal)
+    ids = [s.enqueue("svc", b"%d" % i) for i in range(3)]
+    s.zready(b"W", "svc", 3)
+    for tid in ids:
+        s.send(b"W", ext.done(tid, 1, []))
+    s.send(b"W", ext.disconnect())
+    s.advance(2.0)  # the timers let the idle service's object go
+    assert b"svc" not in s.broker.services
+
+    def row() -> dict[str, Any]:
+        (found,) = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+        return dict(found)
+
+    # The totals since the start stay (a Prometheus counter never goes back)
+    assert (row()["enqueued_total"], row()["done_total"], row()["done"]) == (3, 3, 3)
+    assert row()["run_histogram"]["count"] == 3
+    # And they carry on when the service is back
+    s.enqueue("svc")
+    assert row()["enqueued_total"] == 4 and row()["done_total"] == 3
+
+
 def test_progress_is_recorded_in_the_history(journal: Journal) -> None:
     s = Script(journal)
     task_id = s.enqueue("svc")

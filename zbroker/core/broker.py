@@ -30,7 +30,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from zbroker.core.durable import DurableTasks
-from zbroker.core.model import CoreSettings, Request, Service, Stats, Worker, WorkerDialect
+from zbroker.core.model import (
+    CoreSettings,
+    Request,
+    Service,
+    ServiceFigures,
+    Stats,
+    Worker,
+    WorkerDialect,
+)
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.errors import ProtocolError
@@ -87,6 +95,9 @@ class Broker(DurableTasks):
     ) -> None:
         self.settings = settings
         self.services: dict[bytes, Service] = {}
+        # The figures of services whose idle Service object was let go: their totals
+        # since the start carry on when the service comes back (counters never fall).
+        self.kept_figures: dict[bytes, ServiceFigures] = {}
         self.workers: dict[bytes, Worker] = {}
         self.outbox: list[list[bytes]] = []
         self.stats = Stats()
@@ -208,6 +219,8 @@ class Broker(DurableTasks):
                 and service.limit is None
             ):
                 del self.services[name]
+                if service.figures.counted:
+                    self.kept_figures[name] = service.figures
 
     def undeliverable(self, frames: list[bytes], now: float) -> None:
         """The socket refused `frames` (peer gone, or its pipe full)."""
@@ -233,7 +246,7 @@ class Broker(DurableTasks):
             return
         service = self.services.get(name)
         if service is None:
-            service = self.services[name] = Service(name)
+            service = self._service(name)
         if len(service.queue) >= self.settings.max_queued_per_service and self._deferred:
             # A deferred dispatch would have made room by now: make it.
             self._deferred.pop(name, None)
@@ -517,6 +530,9 @@ class Broker(DurableTasks):
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
+            kept = self.kept_figures.pop(name, None)
+            if kept is not None:
+                service.figures = kept
         return service
 
     def _release(self, worker: Worker, request: Request) -> None:

@@ -108,6 +108,7 @@ class DurableTasks:
 
     settings: CoreSettings
     services: dict[bytes, Service]
+    kept_figures: dict[bytes, ServiceFigures]
     workers: dict[bytes, Worker]
     outbox: list[list[bytes]]
     stats: Stats
@@ -363,7 +364,7 @@ class DurableTasks:
                     "oldest_age_s": round(oldest, 3),
                     "paused": service is not None and service.paused,
                     "limit": service.limit if service is not None else None,
-                    **(service.figures if service is not None else ServiceFigures()).view(now),
+                    **self._figures(name.encode(), service).view(now),
                 }
             )
         return out
@@ -415,6 +416,13 @@ class DurableTasks:
                 "map_size": js.map_size,
             }
         return view
+
+    def _figures(self, name: bytes, service: Service | None) -> ServiceFigures:
+        """A service's figures: its own, or kept from its last Service object."""
+        if service is not None:
+            return service.figures
+        kept = self.kept_figures.get(name)
+        return kept if kept is not None else ServiceFigures()
 
     def _on_list(self, identity: bytes, msg: zbc.ListTasks, now: float) -> None:
         """A page of a service's tasks in one state, oldest first where the journal
@@ -1075,6 +1083,8 @@ class DurableTasks:
             self._expire_waits(now)
         for service in self.services.values():
             service.figures.snapshot(now)
+        for figures in self.kept_figures.values():
+            figures.snapshot(now)
         for name in touched:
             woken = self.services.get(name)
             if woken is not None and woken.ready:

@@ -224,6 +224,11 @@ class ServiceFigures:
         hist[i] += 1  # index len(BUCKETS): above every bound
         hist[-1] += seconds
 
+    @property
+    def counted(self) -> bool:
+        """Whether any total has moved: such figures outlive an idle Service object."""
+        return bool(self.enqueued or self.done or self.failed or self.redeliveries)
+
     def snapshot(self, now: float) -> None:
         if not self.snapshots or now - self.snapshots[-1][0] >= self.SNAPSHOT_EVERY_S:
             self.snapshots.append((now, self.enqueued, self.done, self.failed))
