@@ -536,6 +536,22 @@ def test_refusals_carry_a_readable_error(journal: Journal) -> None:
     assert s.answers(b"C") == [] and s.broker.stats.malformed_total == 1
 
 
+def test_a_key_repeated_within_a_batch_is_one_task_for_the_cap(journal: Journal) -> None:
+    s = Script(journal, CoreSettings(max_tasks_per_service=3))
+    s.enqueue("svc", key="a")
+    # Two new tasks (b, and c twice) and a stored one (a): 1 + 2 waiting, within the cap
+    options = zbc.TaskOptions(keys=("b", "c", "c", "a"))
+    payloads = [[b"b"], [b"c"], [b"c2"], [b"a"]]
+    answer = s.call(b"C", zbc.enqueue(2, "svc", payloads, options, batch=True))
+    assert answer.ok, answer.message
+    ids = answer.meta["ids"]
+    assert ids[1] == ids[2] and answer.meta["existing"] == [2, 3]
+    assert journal.counts()["svc"][TaskState.READY] == 3
+    # One more new task would pass the cap: refused
+    full = s.call(b"C", zbc.enqueue(3, "svc", [[b"d"]], zbc.TaskOptions(key="d")))
+    assert full.code == zbc.E_QUEUE_FULL
+
+
 def test_oversized_call_gets_too_large(journal: Journal) -> None:
     s = Script(journal, CoreSettings(max_message_bytes=1000))
     answer = s.call(b"C", zbc.enqueue(1, "svc", [[b"x" * 2000]]))

@@ -579,10 +579,17 @@ class DurableTasks:
         # Tasks already stored under their idempotency key are answered with their id
         # and never count against the cap: a resend must not be refused.
         held: dict[int, str] = {}
+        new = count
+        fresh: set[str] = set()  # keys new to the journal: a repeat within the call is one task
         for i, key in enumerate(keys):
-            if key is not None and (task_id := journal.find_key(msg.service, key)) is not None:
-                held[i] = task_id
-        new = count - len(held)
+            if key is not None:
+                if (task_id := journal.find_key(msg.service, key)) is not None:
+                    held[i] = task_id
+                    new -= 1
+                elif key in fresh:
+                    new -= 1
+                else:
+                    fresh.add(key)
         cap = self.settings.max_tasks_per_service
         if new and service.waiting_count + new > cap:
             self._refuse(
