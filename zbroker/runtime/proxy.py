@@ -24,7 +24,12 @@ class EventProxy:
     a daemon thread until `stop()`."""
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, hwm: int
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        events_in: str,
+        events_out: str,
+        hwm: int,
+        max_frame_bytes: int = -1,
     ):
         self._ctx = ctx
         self.inproc_in = f"inproc://zbroker-events-in-{next(_ids)}"
@@ -34,6 +39,9 @@ class EventProxy:
             sock.linger = 0
             sock.sndhwm = hwm
             sock.rcvhwm = hwm
+            # A peer that sends a larger frame is disconnected by libzmq before the
+            # frame is read into memory (-1: no limit).
+            sock.maxmsgsize = max_frame_bytes
         try:
             self._xsub.bind(events_in)
             self.events_in = self._xsub.getsockopt_string(zmq.LAST_ENDPOINT)

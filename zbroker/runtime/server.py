@@ -35,6 +35,16 @@ log = logging.getLogger("zbroker.runtime")
 
 # Messages read per pass before timers and sends get their turn.
 RECV_BATCH = 512
+# A frame over this many times --max-message-bytes is never read (see frame_cap).
+FRAME_CAP_FACTOR = 4
+
+
+def frame_cap(max_message_bytes: int) -> int:
+    """The largest frame a peer may send (ZMQ_MAXMSGSIZE, which libzmq checks per frame
+    before reading it: a larger one disconnects its sender). Messages between the cap
+    and this are still read, and refused with a too_large the sender can read."""
+    return FRAME_CAP_FACTOR * max_message_bytes
+
 
 # The hot path calls pyzmq's backend methods with plain int flags: the friendly
 # wrappers (send_multipart, recv_multipart, enum flags) cost 3-5x more per frame,
@@ -84,6 +94,10 @@ class BrokerServer:
         # Refuse (instead of silently dropping) sends to peers that are gone or full,
         # so the core learns that a worker's connection is gone.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # The core refuses a message over --max-message-bytes with a readable
+        # too_large, but only once it has been read whole. A frame far over the cap
+        # is never read: libzmq disconnects its sender (memory stays bounded).
+        self.router.maxmsgsize = frame_cap(config.core.max_message_bytes)
         try:
             self.router.bind(config.bind)
         except zmq.ZMQError as exc:
@@ -93,7 +107,11 @@ class BrokerServer:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
             self.events = EventProxy(
-                self._ctx, config.events_in, config.events_out, config.events_hwm
+                self._ctx,
+                config.events_in,
+                config.events_out,
+                config.events_hwm,
+                frame_cap(config.core.max_message_bytes),
             )
         except BindError:
             self.router.close()
@@ -222,16 +240,10 @@ class BrokerServer:
         core = self.core
         router = self.router
         send_frame = _backend_send
-        first = True
         while core.outbox:
-            if not first:
-                # A refused send (core.undeliverable) took a worker's tasks back and
-                # may have handed them to another worker, or ended a task: what it
-                # wrote is committed before any of what followed from it is sent.
-                self.journal.commit()
-            first = False
             batch = core.outbox
             core.outbox = []
+            refused = False
             for frames in batch:
                 last = len(frames) - 1
                 try:
@@ -242,10 +254,17 @@ class BrokerServer:
                     send_frame(router, frames[last], NOBLOCK)
                 except zmq.Again:
                     core.undeliverable(frames, now)
+                    refused = True
                 except zmq.ZMQError as exc:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
                     core.undeliverable(frames, now)
+                    refused = True
+            if refused:
+                # A refused send took a worker's tasks back, and may have handed them
+                # to another worker or ended them: what that wrote is committed before
+                # any message or event that follows from it goes out.
+                self.journal.commit()
 
     def _publish(self) -> None:
         """Lifecycle events of this pass, after its commit: one message per entry of
