@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -272,7 +273,7 @@ def start(
             request_max_attempts=max_attempts,
             default_max_attempts=max_attempts,
             retry_base_s=retry_base,
-            retry_max_s=max(retry_max, retry_base),
+            retry_max_s=retry_max,
             retention_s=retention,
             max_tasks_per_service=max_tasks,
         ),
@@ -290,6 +291,9 @@ def start(
         server = BrokerServer(config)
     except (BindError, JournalError) as exc:
         typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the data directory cannot be made or opened, say
+        typer.echo(f"zbroker: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     server.install_signal_handlers()
     try:
@@ -325,6 +329,7 @@ def resolve_options(ctx: typer.Context, config_file: Path | None) -> dict[str, t
                 f"cannot read {config_file}: {exc}", param_hint="--config"
             ) from None
     params = {p.name: p for p in ctx.command.params if p.name and p.name != "config_file"}
+    hints = typing.get_type_hints(ctx.command.callback) if ctx.command.callback else {}
     unknown = sorted(set(from_file) - set(params))
     if unknown:
         raise typer.BadParameter(
@@ -341,15 +346,42 @@ def resolve_options(ctx: typer.Context, config_file: Path | None) -> dict[str, t
         if source == "environment" and envvar:
             source = f"environment {envvar}"
         if source == "default" and name in from_file:
+            raw = from_file[name]
+            wrong = _wrong_toml_type(hints.get(name), raw)
+            if wrong:
+                raise typer.BadParameter(
+                    f"{config_file}: {name}: {raw!r} is {wrong}", param_hint="--config"
+                )
             try:
-                value = param.process_value(ctx, from_file[name])
+                value = param.process_value(ctx, raw)
             except typer.BadParameter as exc:
                 raise typer.BadParameter(
                     f"{config_file}: {name}: {exc.message}", param_hint="--config"
                 ) from None
             source = f"file {config_file}"
         out[name] = (value, source)
+    if "retry_base" in out and "retry_max" in out:
+        (base, base_source), (most, most_source) = out["retry_base"], out["retry_max"]
+        if most < base:
+            if most_source != "default":
+                raise typer.BadParameter(
+                    f"retry_max ({most:g}, {most_source}) must be at least "
+                    f"retry_base ({base:g}, {base_source})",
+                    param_hint="--retry-max",
+                )
+            out["retry_max"] = (base, "default, raised to retry_base")
     return out
+
+
+def _wrong_toml_type(hint: Any, raw: Any) -> str | None:
+    """Why a TOML value does not fit a numeric option (`hint`: its annotation), which
+    click would coerce (true -> 1, 2.5 -> 2); None when it fits or is not numeric."""
+    kinds = set(typing.get_args(hint)) or {hint}
+    if kinds & {int, float} and isinstance(raw, bool):
+        return "a boolean, not a number"
+    if int in kinds and float not in kinds and isinstance(raw, float):
+        return "not an integer"
+    return None
 
 
 config_app = typer.Typer(help="The broker's configuration.", no_args_is_help=True)

@@ -59,6 +59,41 @@ def test_bad_files_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     broken.write_text("= nothing\n")
     result = show("--config", str(broken))
     assert result.returncode == 2 and "cannot read" in result.stderr
+    # Values click would coerce silently (true -> 1, 2.5 -> 2) are refused too
+    for text, why in [
+        ("heartbeat_liveness = true", "a boolean"),
+        ("heartbeat_liveness = 2.5", "not an integer"),
+        ("retry_base = false", "a boolean"),
+    ]:
+        coerced = tmp_path / "coerced.toml"
+        coerced.write_text(text + "\n")
+        result = show("--config", str(coerced))
+        assert result.returncode == 2 and why in result.stderr, (text, result.stderr)
+
+
+def test_retry_max_below_retry_base_is_raised_when_defaulted_and_refused_when_given() -> None:
+    raised = json.loads(show("--retry-base", "500").stdout)
+    assert raised["retry_max"] == {"value": "500.0", "source": "default, raised to retry_base"}
+    refused = show("--retry-base", "5", "--retry-max", "1")
+    assert refused.returncode == 2
+    assert "retry_max (1, flag) must be at least retry_base (5, flag)" in refused.stderr
+
+
+def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ZBROKER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "zbroker", "start", "--data-dir", str(not_a_dir / "sub")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=clean,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "zbroker: cannot start: [Errno 20] Not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_start_runs_with_the_file(

@@ -89,6 +89,22 @@ def test_unacknowledged_task_is_taken_back_and_redelivered_with_a_new_attempt() 
     assert s.broker.stats.stale_refused == 1
 
 
+def test_a_request_never_acknowledged_is_given_up_after_max_attempts() -> None:
+    s = Script()
+    s.zready(b"Z1", "svc", 1)
+    s.client(b"C", b"svc", b"job")
+    attempts = []
+    # When the only worker heartbeats but never acknowledges anything
+    for _ in range(10):
+        attempts += [a for _, a, _ in s.tasks_to(b"Z1")]
+        s.advance(SETTINGS.ack_timeout_s + SETTINGS.tick_interval_s)
+        s.send(b"Z1", ext.heartbeat())
+    # Then the request is taken back each time, and dropped after request_max_attempts
+    assert attempts == [1, 2]
+    assert s.broker.stats.ack_timeouts == 2 and s.broker.stats.failed_permanently == 1
+    assert not s.broker.services[b"svc"].queue and not s.broker.workers[b"Z1"].tasks
+
+
 def test_acknowledged_task_stays_with_its_live_worker() -> None:
     s = Script()
     s.zready(b"Z1", "svc", 1)

@@ -422,27 +422,29 @@ class Broker(DurableTasks):
             self._take_back(request, reason, now, msg.delay_s, final=not msg.retry)
             self._dispatch(worker.service, now)
             return
-        if msg.retry and request.attempt < self.settings.request_max_attempts:
+        self._retry_request(worker.service, request, msg.reason, retry=msg.retry)
+        self._dispatch(worker.service, now)
+
+    def _retry_request(self, service: Service, request: Request, why: str, retry: bool) -> None:
+        """An MDP-origin request whose attempt failed: back to the front of its queue,
+        unless it was not to be retried or has had request_max_attempts already."""
+        if retry and request.attempt < self.settings.request_max_attempts:
             log.info(
-                "request %s failed on attempt %d (%s): retrying",
-                request.tid,
-                request.attempt,
-                msg.reason,
+                "request %s failed on attempt %d (%s): retrying", request.tid, request.attempt, why
             )
             request.ack_by = 0.0
-            worker.service.queue.appendleft(request)
+            service.queue.appendleft(request)
             self.stats.requeued += 1
-        else:
-            # An MDP client has no way to hear about a failure: it will time out.
-            self.stats.failed_permanently += 1
-            log.warning(
-                "request %s for %s failed for good on attempt %d: %s",
-                request.tid,
-                _name(request.service),
-                request.attempt,
-                msg.reason,
-            )
-        self._dispatch(worker.service, now)
+            return
+        # An MDP client has no way to hear about a failure: it will time out.
+        self.stats.failed_permanently += 1
+        log.warning(
+            "request %s for %s failed for good on attempt %d: %s",
+            request.tid,
+            _name(request.service),
+            request.attempt,
+            why,
+        )
 
     def _take_back_unacked(self, worker: Worker, now: float) -> None:
         late = [r for r in worker.tasks.values() if r.ack_by and r.ack_by <= now]
@@ -451,7 +453,6 @@ class Broker(DurableTasks):
         service = worker.service
         for request in reversed(late):
             self.stats.ack_timeouts += 1
-            self.stats.requeued += 1
             log.info(
                 "request %s attempt %d not acknowledged by worker %s: taken back",
                 request.tid,
@@ -462,9 +463,12 @@ class Broker(DurableTasks):
             self._release(worker, request)
             request.ack_by = 0.0
             if request.task is not None:
+                self.stats.requeued += 1
                 self._take_back(request, "not acknowledged in time", now, 0.0)
             else:
-                service.queue.appendleft(request)
+                # Counted as an attempt, as a FAIL would be: a worker that never
+                # acknowledges cannot take the same request forever.
+                self._retry_request(service, request, "not acknowledged in time", retry=True)
         self._dispatch(service, now)
 
     # ------------------------------------------------------------ workers
