@@ -12,6 +12,7 @@ import datetime
 import enum
 import json
 import logging
+import math
 import sys
 import time
 import tomllib
@@ -424,7 +425,19 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or infinity
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return repr(value)  # a msgpack extension type, say: shown, never a crash
+
+
+def _clock(timestamp: float) -> str:
+    """An event's time as HH:MM:SS.mmm, or its raw number when no clock can show it."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).strftime("%H:%M:%S.%f")[:-3]
+    except (OverflowError, ValueError, OSError):
+        return f"{timestamp:.3f}"
 
 
 @app.command()
@@ -459,9 +472,10 @@ def tail(
                 if as_json:
                     line = json.dumps(record, separators=(",", ":"))
                 else:
-                    when = datetime.datetime.fromtimestamp(event.timestamp).strftime("%H:%M:%S.%f")
                     payload = json.dumps(record["payload"], separators=(",", ":"))
-                    line = f"{when[:-3]}  {event.type:<28} {event.source:<12} {payload}"
+                    line = (
+                        f"{_clock(event.timestamp)}  {event.type:<28} {event.source:<12} {payload}"
+                    )
                 typer.echo(line)
                 seen += 1
                 if count and seen >= count:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
 from contextlib import ExitStack
+
+import msgpack
+import zmq
 
 from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
@@ -70,3 +74,34 @@ def test_tail_refuses_a_bad_endpoint() -> None:
         timeout=30,
     )
     assert result.returncode == 1 and "zbroker:" in result.stderr
+
+
+def test_tail_shows_events_no_clock_or_json_can_hold_and_keeps_going(
+    broker: BrokerProcess,
+) -> None:
+    # Given a publisher of events with a timestamp beyond any clock, a payload holding
+    # a msgpack timestamp and a NaN, and a well-formed event after them
+    tail = start_tail(broker, "odd.", "--count", "2")
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.linger = 0
+    pub.connect(broker.events_in)
+    when = msgpack.Timestamp.from_datetime(datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC))
+    odd = {"type": "odd.one", "source": "fuzz", "timestamp": 1e300}
+    odd["payload"] = {"at": when, "x": float("nan")}
+    try:
+        # Publish until the tail's subscription has reached the bus (slow joiner).
+        def delivered() -> bool:
+            pub.send_multipart([b"odd.one", msgpack.packb(odd, datetime=False)])
+            return tail.poll() is not None
+
+        wait_until(delivered, timeout_s=15)
+        out, err = tail.communicate(timeout=10)
+    finally:
+        tail.kill()
+        pub.close()
+    # Then both are printed, neither stops the tail
+    assert tail.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all("odd.one" in line for line in lines)
+    assert lines[0].startswith("1e+300") or lines[0].startswith("10000000")
+    assert '"x":"nan"' in lines[0] and "Timestamp(" in lines[0]

@@ -120,6 +120,11 @@ def test_event_topic_is_the_type_so_prefix_subscriptions_work() -> None:
         [b"t", msgpack.packb([1, 2])],
         [b"t", msgpack.packb({"source": "x"})],
         [b"t", msgpack.packb({"type": 5})],
+        [b"t", msgpack.packb({"type": "t", "timestamp": "1e300"})],  # a string
+        [b"t", msgpack.packb({"type": "t", "timestamp": float("nan")})],
+        [b"t", msgpack.packb({"type": "t", "timestamp": float("inf")})],
+        [b"t", msgpack.packb({"type": "t", "timestamp": True})],
+        [b"t", msgpack.packb({"type": "t", "timestamp": 2**63})],
     ],
 )
 def test_bad_events_are_protocol_errors(frames: list[bytes]) -> None:

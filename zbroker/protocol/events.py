@@ -10,6 +10,7 @@ of the fields to the row's values) (docs/protocol.md §6).  Pure codec, no socke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -181,14 +182,17 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
         raise ProtocolError("bad_event", f"envelope is not msgpack: {exc}") from None
     if not isinstance(envelope, dict):
         raise ProtocolError("bad_event", "envelope is not a map")
-    try:
-        event_type = envelope["type"]
-        source = envelope.get("source", "")
-        timestamp = float(envelope.get("timestamp", 0.0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError("bad_event", f"envelope field missing or wrong: {exc}") from None
+    event_type = envelope.get("type")
+    source = envelope.get("source", "")
     if not isinstance(event_type, str) or not isinstance(source, str):
         raise ProtocolError("bad_event", "type and source must be strings")
+    timestamp = envelope.get("timestamp", 0.0)
+    if type(timestamp) is not float:
+        if type(timestamp) is not int:
+            raise ProtocolError("bad_event", "timestamp must be a number")
+        timestamp = float(timestamp) if abs(timestamp) < 1 << 53 else math.inf
+    if not math.isfinite(timestamp):
+        raise ProtocolError("bad_event", "timestamp must be a finite number")
     correlation_id = envelope.get("correlation_id")
     reply_to = envelope.get("reply_to")
     if not isinstance(correlation_id, str):
