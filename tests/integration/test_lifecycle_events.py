@@ -147,3 +147,21 @@ def test_events_of_one_pass_go_out_batched_and_are_handed_out_one_by_one(
         assert event is not None, f"events stopped: {seen}"
         seen[event.payload["id"]].append(event.type.split(".")[1])
     assert set(map(tuple, seen.values())) == {("enqueued", "started", "done")}
+
+
+def test_a_prefix_that_ends_inside_a_character_still_gets_its_events(
+    broker: BrokerProcess, stack: ExitStack
+) -> None:
+    # Given a raw subscriber whose prefix stops halfway through the "é" of "café"
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    stack.callback(sub.close, 0)
+    sub.connect(broker.events_out)
+    sub.subscribe("task.enqueued.café".encode()[:-1])
+    wait_until(lambda: "'task.enqueued.caf'" in broker.log(), timeout_s=10)
+    # When a task of "café" is stored
+    task_id = open_client(stack, broker).enqueue("café", b"x")
+    # Then the subscriber hears of it (libzmq's byte match lets it through, and the
+    # broker built it)
+    assert sub.poll(10_000), "no event"
+    (event,) = decode_events(sub.recv_multipart())
+    assert event.type == "task.enqueued.café" and event.payload["id"] == task_id

@@ -780,6 +780,22 @@ def test_totals_outlive_an_idle_service_and_carry_on_when_it_returns(journal: Jo
     assert row()["enqueued_total"] == 4 and row()["done_total"] == 3
 
 
+def test_queues_keeps_services_whose_names_are_not_utf8_apart(journal: Journal) -> None:
+    s = Script(journal)
+    # Given MDP workers of two services whose names are not UTF-8, and one request queued
+    s.send(b"W1", mdp.worker_ready(b"\xff\xfe"))
+    s.send(b"W2", mdp.worker_ready(b"\xfe"))
+    s.send(b"W3", mdp.worker_ready(b"\xfe"))
+    s.send(b"C1", mdp.client_request(b"\xff\xfe", [b"a"]))
+    s.send(b"C2", mdp.client_request(b"\xff\xfe", [b"b"]))  # waits: W1 holds one
+    rows = s.call(b"C", zbc.call(zbc.QUEUES, s.next_rid())).meta["queues"]
+    # Then each has its own row, with its workers and queue, its name escaped
+    view = {r["service"]: (r["workers"], r["requests"]) for r in rows}
+    assert view == {"\\xfe": (2, 0), "\\xff\\xfe": (1, 1)}
+    workers = s.call(b"C", zbc.call(zbc.WORKERS, s.next_rid())).meta["workers"]
+    assert sorted(w["service"] for w in workers) == ["\\xfe", "\\xfe", "\\xff\\xfe"]
+
+
 def test_progress_is_recorded_in_the_history(journal: Journal) -> None:
     s = Script(journal)
     task_id = s.enqueue("svc")

@@ -335,12 +335,15 @@ class DurableTasks:
     def _queues(self, now: float) -> list[dict[str, Any]]:
         """Every service's figures, exact: counters from the journal, workers from memory."""
         counts = self.journal.counts() if self.journal is not None else {}
-        names = {name.decode(errors="replace") for name in self.services} | set(counts)
+        # By the bytes of the name: MDP allows any, and two names that are not UTF-8
+        # must not share a row (nor miss their service). They show backslash-escaped.
+        raw_names = set(self.services) | {name.encode() for name in counts}
         epoch = now + self._epoch_offset
         out = []
-        for name in sorted(names):
+        for raw in sorted(raw_names):
+            name = raw.decode(errors="backslashreplace")
             per_state = counts.get(name, {})
-            service = self.services.get(name.encode())
+            service = self.services.get(raw)
             workers = list(service.workers.values()) if service is not None else []
             oldest = 0.0
             if per_state.get(READY) and self.journal is not None:
@@ -364,7 +367,7 @@ class DurableTasks:
                     "oldest_age_s": round(oldest, 3),
                     "paused": service is not None and service.paused,
                     "limit": service.limit if service is not None else None,
-                    **self._figures(name.encode(), service).view(now),
+                    **self._figures(raw, service).view(now),
                 }
             )
         return out
@@ -374,7 +377,7 @@ class DurableTasks:
         return [
             {
                 "worker": service_worker.identity.hex(),
-                "service": service_worker.service.name.decode(errors="replace"),
+                "service": service_worker.service.name.decode(errors="backslashreplace"),
                 "dialect": service_worker.dialect.value,
                 "credit": service_worker.credit,
                 "tasks": list(service_worker.tasks),

@@ -39,6 +39,17 @@ RECV_BATCH = 512
 FRAME_CAP_FACTOR = 4
 
 
+def _text_prefix(prefix: bytes) -> str:
+    """A subscription's byte prefix as the text prefix the core matches topics with:
+    its longest part that is whole UTF-8. A prefix that ends inside a character then
+    still covers every topic that libzmq's byte match lets through (the core may build
+    a few events nobody gets; it never misses one somebody wants)."""
+    try:
+        return prefix.decode()
+    except UnicodeDecodeError as exc:
+        return prefix[: exc.start].decode()
+
+
 def frame_cap(max_message_bytes: int) -> int:
     """The largest frame a peer may send (ZMQ_MAXMSGSIZE, which libzmq checks per frame
     before reading it: a larger one disconnects its sender). Messages between the cap
@@ -124,7 +135,7 @@ class BrokerServer:
         self.lifecycle.linger = 0
         self.lifecycle.sndhwm = config.events_hwm
         self.lifecycle.connect(self.events.inproc_in)
-        self._subscriptions: set[str] = set()
+        self._subscriptions: set[bytes] = set()
         self.events_dropped = 0
         self._packb = msgpack.Packer(use_bin_type=True).pack  # the loop's, for _publish
         self.metrics: MetricsServer | None = None
@@ -294,15 +305,16 @@ class BrokerServer:
                 break
             if not message or message[0] not in (0, 1):
                 continue
-            prefix = message[1:].decode(errors="replace")
+            prefix = message[1:]
             if message[0] == 1:
                 self._subscriptions.add(prefix)
             else:
                 self._subscriptions.discard(prefix)
             changed = True
         if changed:
-            log.debug("lifecycle events: subscribers want %s", sorted(self._subscriptions))
-            self.core.set_subscriptions(frozenset(self._subscriptions))
+            wanted = frozenset(map(_text_prefix, self._subscriptions))
+            log.debug("lifecycle events: subscribers want %s", sorted(wanted))
+            self.core.set_subscriptions(wanted)
 
     def _drain_wakeups(self) -> None:
         try:
