@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, BrokerProcess, free_port
 from tests.integration.running import open_client
@@ -57,7 +62,7 @@ def test_metrics_match_the_queues_command_and_health_answers(
         assert metrics[f"zbroker_tasks_ready{label}"] == row["ready"]
         assert metrics[f"zbroker_tasks_delayed{label}"] == row["delayed"]
         assert metrics[f"zbroker_tasks_inflight{label}"] == row["inflight"]
-        assert metrics[f"zbroker_tasks_dead{label}"] == row["dead"]
+        assert metrics[f"zbroker_dead_letters{label}"] == row["dead"]
         assert metrics[f"zbroker_workers{label}"] == row["workers"]
     assert metrics['zbroker_tasks_ready{service="tts"}'] == 3
     assert metrics["zbroker_tasks_enqueued_total"] == 5
@@ -84,3 +89,25 @@ def test_metrics_port_in_use_is_a_clear_start_error(
         timeout=60,
     )
     assert result.returncode == 1 and "cannot serve metrics" in result.stderr
+
+
+def test_metric_families_are_unique_and_a_dropped_scrape_is_no_traceback(
+    broker_factory: Callable[..., BrokerProcess], stack: ExitStack
+) -> None:
+    port = free_port()
+    broker = broker_factory("--metrics-port", str(port))
+    open_client(stack, broker).enqueue("tts", b"a")
+    # Every family appears once (a gauge and a counter once shared a name)
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    names = [family.name for family in text_string_to_metric_families(text)]
+    assert status == 200 and len(names) == len(set(names)), sorted(names)
+    # Scrapers that reset their connection mid-answer leave no traceback behind
+    for _ in range(5):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    time.sleep(1.0)
+    assert get(f"http://127.0.0.1:{port}/health")[0] == 200
+    assert broker.stop() == 0
+    assert "Traceback" not in broker.log()

@@ -299,3 +299,14 @@ def test_new_worker_with_work_waiting_gets_the_work_instead_of_a_greeting() -> N
     s.client(b"C", b"svc", b"job")
     s.broker.receive([b"W1", *mdp.worker_ready(b"svc")], s.now)
     assert s.sent() == [request_to(b"W1", b"C", b"job")]
+
+
+def test_a_huge_service_name_is_cut_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    s = Script()
+    name = b"s" * 100_000
+    with caplog.at_level("DEBUG", logger="zbroker.core"):
+        s.ready(b"W", name)
+        s.client(b"C", name, b"job")
+        s.disconnect(b"W")
+    assert caplog.records and all(len(r.getMessage()) < 1000 for r in caplog.records)
+    assert any("(100000 bytes)" in r.getMessage() for r in caplog.records)

@@ -65,7 +65,14 @@ def _hex(identity: bytes) -> str:
 
 
 def _name(service: bytes) -> str:
+    """A service name for the log: whole when short, else cut (a peer's name may be
+    megabytes long, and every log line would carry it)."""
+    if len(service) > _NAME_SHOWN:
+        return f"{service[:_NAME_SHOWN].decode(errors='replace')}... ({len(service)} bytes)"
     return service.decode(errors="replace")
+
+
+_NAME_SHOWN = 200
 
 
 class Broker(DurableTasks):
@@ -331,7 +338,7 @@ class Broker(DurableTasks):
                 assert isinstance(msg, ext.Ready)
                 name = msg.service.encode()
                 if name.startswith(mdp.MMI_PREFIX):
-                    self._disconnect_zbw(identity, f"service name {msg.service!r} is reserved")
+                    self._disconnect_zbw(identity, f"service name {_name(name)!r} is reserved")
                 else:
                     self._register(identity, name, now, _ZBW, msg.credit, msg.tags, msg.batch)
             elif kind is not ext.Disconnect:

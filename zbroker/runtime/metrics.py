@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +40,8 @@ _QUEUE_GAUGES = {
     "ready": ("zbroker_tasks_ready", "Durable tasks waiting to be delivered."),
     "delayed": ("zbroker_tasks_delayed", "Durable tasks waiting for their time (delay, backoff)."),
     "inflight": ("zbroker_tasks_inflight", "Durable tasks with an attempt at a worker."),
-    "dead": ("zbroker_tasks_dead", "Durable tasks in the dead-letter queue."),
+    # Not zbroker_tasks_dead: that family is the broker's counter of tasks that died.
+    "dead": ("zbroker_dead_letters", "Durable tasks in the dead-letter queue."),
     "done": ("zbroker_tasks_done_retained", "Finished tasks whose result is still kept."),
     "requests": ("zbroker_requests_queued", "MDP requests waiting for a worker."),
     "workers": ("zbroker_workers", "Registered workers."),
@@ -168,6 +170,14 @@ class BrokerCollector:
             yield size
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A scraper that drops its connection is logged (debug), not printed to stderr
+    as a traceback past the broker's log format."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: request from %s failed: %r", client_address, sys.exc_info()[1])
+
+
 class MetricsServer:
     """The HTTP endpoint, in a daemon thread; `stop()` shuts it down."""
 
@@ -179,6 +189,8 @@ class MetricsServer:
         registry.register(BrokerCollector(asker))
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10.0  # seconds a connection may sit idle before it is closed
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
@@ -203,7 +215,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http %s", format % args)
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _QuietHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
