@@ -9,9 +9,11 @@ thread for AsyncClient), so most tests run once per client kind.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -46,6 +48,7 @@ from zbroker.client import (
     TaskState,
     TaskStatus,
     TooManyWaiters,
+    _calls,
 )
 from zbroker.protocol import zbc
 from zbroker.protocol.ext import unpack_meta
@@ -623,6 +626,77 @@ def test_a_result_of_no_frames_reads_as_empty_bytes(
     assert future.result(WAIT_S) == b""
 
 
+@pytest.mark.parametrize("method", ["result", "request"])
+def test_a_wait_with_a_deadline_ends_soon_after_it_when_the_broker_is_silent(
+    connect: Callable[..., Driver], fake: FakeBroker, method: str
+) -> None:
+    # Given a client with many retries, and a broker that never answers
+    client = connect(timeout_s=0.2, retries=10, poll_s=10)
+    deadline_s = 0.6
+    args = ("t1",) if method == "result" else ("svc", b"job")
+    # When a wait is given a deadline of its own
+    started = time.monotonic()
+    future = client.call(method, *args, deadline_s)
+    with pytest.raises(CallTimeout) as caught:
+        future.result(WAIT_S)
+    elapsed = time.monotonic() - started
+    # Then it ends by the deadline plus one timeout_s for the last answer
+    # (not after every retry: 0.8 s + 10 x 0.2 s), and says what to pick up
+    assert deadline_s <= elapsed < 3 * deadline_s
+    if method == "result":
+        assert (caught.value.command, caught.value.task_id) == ("RESULT", "t1")
+    else:
+        assert caught.value.command == "REQUEST" and caught.value.key
+
+
+def test_plans_count_a_replaced_connection_as_an_unanswered_attempt() -> None:
+    rids = itertools.count(1)
+    s = _calls.Settings(timeout_s=5.0, retries=1, poll_s=10.0, next_rid=lambda: next(rids))
+    # A call: each replacement under it is an attempt; it resends at once, no Reconnect
+    plan = _calls.plan_status(s, "t1")
+    first = plan.send(None)
+    assert isinstance(first, _calls.Send) and first.kind == "first"
+    assert isinstance(plan.send(None), _calls.Wait)
+    again = plan.send(_calls.REPLACED)
+    assert isinstance(again, _calls.Send) and again.kind == "resend" and again.rid != first.rid
+    assert isinstance(plan.send(None), _calls.Wait)
+    with pytest.raises(CallTimeout) as caught:
+        plan.send(_calls.REPLACED)
+    assert caught.value.attempts == 2
+    # A REQUEST's receipt: the same, and every resend keeps the idempotency key
+    options = _calls.task_options(key="k1")
+    request = _calls.request(s, "svc", (b"job",), options, None, None)
+    sent = request.send(None)
+    assert isinstance(sent, _calls.Send) and sent.kind == "first"
+    assert isinstance(request.send(None), _calls.Wait)
+    resent = request.send(_calls.REPLACED)
+    assert isinstance(resent, _calls.Send) and resent.kind == "resend"
+    msg = zbc.decode_client(resent.frames)
+    assert isinstance(msg, zbc.Enqueue) and msg.options.key == "k1"
+    assert isinstance(request.send(None), _calls.Wait)
+    with pytest.raises(CallTimeout) as caught:
+        request.send(_calls.REPLACED)
+    assert (caught.value.command, caught.value.key) == ("REQUEST", "k1")
+    # A wait: a replacement right after the REQUEST's receipt (heard since the
+    # last send) does not count; one after a poll nothing answered does
+    wait = _calls.await_result(s, "t1", None, None, answer_due=time.monotonic() + 10)
+    assert isinstance(wait.send(None), _calls.Wait)
+    for _ in range(2):
+        resumed = wait.send(_calls.REPLACED)
+        assert isinstance(resumed, _calls.Send) and resumed.kind == "resume"
+        assert isinstance(wait.send(None), _calls.Wait)
+    # An answer in between starts the count again
+    running = zbc.Answer(resumed.rid, True, {"id": "t1", "state": "inflight"})
+    polled = wait.send(running)
+    assert isinstance(polled, _calls.Send) and polled.kind == "poll"
+    assert isinstance(wait.send(None), _calls.Wait)
+    assert isinstance(wait.send(_calls.REPLACED), _calls.Send)
+    assert isinstance(wait.send(None), _calls.Wait)
+    with pytest.raises(CallTimeout) as caught:
+        wait.send(_calls.REPLACED)
+    assert (caught.value.command, caught.value.task_id) == ("RESULT", "t1")
+
+
 # ------------------------------------------------------------ errors
 
 
@@ -852,6 +926,65 @@ def test_async_socket_replacement_makes_every_outstanding_call_resend(
         fake.reply(g, {"ids": [g.msg.payloads[0][0].decode()]})
     assert sorted(f.result(WAIT_S) for f in futures) == ["0", "1"]
     assert client.stats.resends == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "deadline_s", "retries"),
+    [("result", None, 1), ("request", None, 1), ("result", 0.6, 20), ("request", 0.6, 20)],
+)
+def test_async_a_wait_keeps_its_bounds_while_other_calls_replace_the_socket(
+    async_client: Callable[..., Driver],
+    fake: FakeBroker,
+    event_loop_thread: asyncio.AbstractEventLoop,
+    method: str,
+    deadline_s: float | None,
+    retries: int,
+) -> None:
+    # Given a broker that confirms REQUESTs but answers nothing else, and another
+    # coroutine whose calls keep timing out, each time replacing the socket
+    # under every outstanding call
+    client = async_client(timeout_s=0.2, retries=retries, poll_s=0.4)
+    aclient = client.client
+    assert isinstance(aclient, AsyncClient)
+    stop = threading.Event()
+
+    def broker() -> None:
+        while not stop.is_set():
+            if fake.sock.poll(20):
+                got = fake.recv()
+                if isinstance(got.msg, zbc.Enqueue):
+                    fake.reply(got, {"ids": ["t1"]})
+
+    async def keep_calling() -> None:
+        while True:
+            try:
+                await aclient.status("other")
+            except CallTimeout:
+                continue
+            except ClientClosed:
+                return
+
+    serving = threading.Thread(target=broker)
+    serving.start()
+    other = asyncio.run_coroutine_threadsafe(keep_calling(), event_loop_thread)
+    try:
+        time.sleep(0.1)  # the calls' timeouts are staggered
+        # When a wait starts on the same client
+        args = ("t1",) if method == "result" else ("svc", b"job")
+        started = time.monotonic()
+        future = client.call(method, *args, deadline_s)
+        # Then it ends with CallTimeout within its documented bound: without a
+        # deadline, (retries + 1) x (poll_s + timeout_s); with one, the deadline
+        # plus one timeout_s. Other calls' replacements do not keep it alive.
+        bound = (retries + 1) * (0.4 + 0.2) if deadline_s is None else deadline_s + 0.2
+        with pytest.raises(CallTimeout) as caught:
+            future.result(3 * bound)
+        assert time.monotonic() - started < 3 * bound
+        assert caught.value.task_id == "t1"
+    finally:
+        other.cancel()
+        stop.set()
+        serving.join(WAIT_S)
 
 
 def test_async_close_ends_a_waiting_call_with_client_closed(

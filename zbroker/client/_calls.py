@@ -9,7 +9,8 @@ A plan is a generator that says what to do next and is told what happened:
   of this call's rids on the current connection (a `zbc.Answer`), `TIMEOUT`
   when none came within `timeout_s`, or `REPLACED` when the connection was
   replaced under the call (AsyncClient: another call found the broker silent),
-  so its answers will never come and it should send again at once.
+  so its answers will never come and it should send again at once. An answer
+  that arrived before the replacement is still handed over first.
 - it yields `Reconnect()`: the broker did not answer; close the connection
   and open a fresh one (unless that already happened since this call last
   sent). The driver sends back None.
@@ -26,6 +27,17 @@ Retry rules, which make every resend safe:
 - STATUS, CANCEL, DEAD and REDRIVE are resent as they are.
 - Every rid is used once, so a late answer to an abandoned attempt can never
   be taken for the answer to another call.
+
+Bounds, which hold whatever other calls on the same connection do:
+- An attempt ends unanswered when its wait runs out (TIMEOUT), or when the
+  connection is replaced under it (REPLACED) while the call has heard nothing
+  since it last sent: the broker was silent to another call on that
+  connection for a whole `timeout_s`, and this call's answer is lost with it.
+  Either counts against the call's `retries`, and every attempt waits at most
+  its own window (`timeout_s`, or `wait_s + timeout_s` for a long poll), so
+  a silent broker fails the call within `retries + 1` windows.
+- A wait with a deadline (`request`, `result` with `timeout_s`) ends by the
+  deadline plus one `timeout_s` for the last answer, answered or not.
 """
 
 from __future__ import annotations
@@ -261,27 +273,25 @@ def call(
     """One call with one answer: resent (new rid, fresh connection) until the broker answers.
 
     Returns the REPLY; an ERROR answer raises its BrokerError; no answer to
-    `retries + 1` attempts raises CallTimeout.
+    `retries + 1` attempts raises CallTimeout. An attempt whose connection is
+    replaced under it (REPLACED) went unanswered too: it counts, and the call
+    sends again at once on the new connection.
     """
     attempts = 1
     kind: SendKind = "first"
     while True:
         rid = s.next_rid()
         yield Send(rid, build(rid), kind)
-        answer_by = time.monotonic() + s.timeout_s
-        while True:
-            event = yield Wait(max(0.0, answer_by - time.monotonic()))
-            if isinstance(event, zbc.Answer):
-                if not event.ok:
-                    raise broker_error(event.code, event.message)
-                return event
-            if event is REPLACED:
-                break  # send again at once on the new connection; not a failed attempt
-            if attempts > s.retries:
-                raise CallTimeout(command, s.timeout_s, attempts, key=key, service=service.encode())
-            attempts += 1
+        event = yield Wait(s.timeout_s)
+        if isinstance(event, zbc.Answer):
+            if not event.ok:
+                raise broker_error(event.code, event.message)
+            return event
+        if attempts > s.retries:
+            raise CallTimeout(command, s.timeout_s, attempts, key=key, service=service.encode())
+        attempts += 1
+        if event is not REPLACED:
             yield Reconnect()
-            break
         kind = "resend"
 
 
@@ -375,43 +385,43 @@ def request(
     receipt (`ids`) is awaited like any answer (resent with the same key when
     lost); after it, the wait for the task's end is `await_result`, which
     resumes with RESULT by id whenever the connection is replaced.
+
+    The receipt is retried as `call` retries (REPLACED counts as an unanswered
+    attempt), and no later than the deadline plus one `timeout_s`.
     """
     attempts = 1
     kind: SendKind = "first"
+    stop_at = _stop_at(s, deadline)
     while True:
         rid = s.next_rid()
         wait_s = _poll_wait(s, deadline)
         yield Send(rid, zbc.request(rid, service, payload, options, wait_s), kind)
         sent_at = time.monotonic()
-        answer_by = sent_at + s.timeout_s
-        while True:
-            event = yield Wait(max(0.0, answer_by - time.monotonic()))
-            if isinstance(event, zbc.Answer):
-                if not event.ok:
-                    raise broker_error(event.code, event.message)
-                due: float | None = sent_at + wait_s + s.timeout_s  # the second answer
-                if "ids" in event.meta:
-                    task_id = parse_ids(event.meta, 1)[0]
-                else:  # the second answer came first: the receipt was lost
-                    found = event.meta.get("id")
-                    if not isinstance(found, str):
-                        raise ReplyError("bad_answer", "REQUEST answer without 'ids' or 'id'")
-                    task_id = found
-                    outcome = settle(event, task_id)
-                    if outcome is not None:
-                        return outcome
-                    due = None  # nothing more to come on this rid: poll
-                plan = await_result(s, task_id, deadline, timeout_s, answer_due=due)
-                return (yield from plan)
-            if event is REPLACED:
-                break
-            if attempts > s.retries:
-                raise CallTimeout(
-                    "REQUEST", s.timeout_s, attempts, key=options.key, service=service.encode()
-                )
-            attempts += 1
+        event = yield Wait(_until(sent_at + s.timeout_s, stop_at))
+        if isinstance(event, zbc.Answer):
+            if not event.ok:
+                raise broker_error(event.code, event.message)
+            due: float | None = sent_at + wait_s + s.timeout_s  # the second answer
+            if "ids" in event.meta:
+                task_id = parse_ids(event.meta, 1)[0]
+            else:  # the second answer came first: the receipt was lost
+                found = event.meta.get("id")
+                if not isinstance(found, str):
+                    raise ReplyError("bad_answer", "REQUEST answer without 'ids' or 'id'")
+                task_id = found
+                outcome = settle(event, task_id)
+                if outcome is not None:
+                    return outcome
+                due = None  # nothing more to come on this rid: poll
+            plan = await_result(s, task_id, deadline, timeout_s, answer_due=due)
+            return (yield from plan)
+        if attempts > s.retries or _past(stop_at):
+            raise CallTimeout(
+                "REQUEST", s.timeout_s, attempts, key=options.key, service=service.encode()
+            )
+        attempts += 1
+        if event is not REPLACED:
             yield Reconnect()
-            break
         kind = "resend"
 
 
@@ -433,6 +443,21 @@ def _poll_wait(s: Settings, deadline: float | None) -> float:
     return max(0.0, min(s.poll_s, left))
 
 
+def _stop_at(s: Settings, deadline: float | None) -> float | None:
+    """When a wait with `deadline` gives up on an answer: one `timeout_s` after it."""
+    return None if deadline is None else deadline + s.timeout_s
+
+
+def _until(wake: float, stop_at: float | None) -> float:
+    """Seconds from now until `wake`, or until `stop_at` if that comes first."""
+    end = wake if stop_at is None else min(wake, stop_at)
+    return max(0.0, end - time.monotonic())
+
+
+def _past(stop_at: float | None) -> bool:
+    return stop_at is not None and time.monotonic() >= stop_at
+
+
 def await_result(
     s: Settings,
     task_id: str,
@@ -446,42 +471,56 @@ def await_result(
     Long-polls with RESULT {id, wait_s <= poll_s}: the broker answers each poll
     when the task ends or when wait_s has passed, so an unanswered poll (past
     wait_s + timeout_s) means the connection is lost: the wait resumes with
-    RESULT on a fresh connection, up to `retries` times in a row. With
-    `answer_due`, a wait is already outstanding (the REQUEST whose receipt
+    RESULT on a fresh connection, up to `retries` times in a row. A poll whose
+    connection is replaced under it (REPLACED) before the call heard anything
+    since it last sent counts as unanswered too (another call found the broker
+    silent), so other calls' replacements cannot keep the wait alive forever.
+    With `answer_due`, a wait is already outstanding (the REQUEST whose receipt
     came) and its answer is due by then: no poll is sent before.
+
+    With a deadline, the wait ends by the deadline plus one `timeout_s` for the
+    last answer: CallTimeout when that answer does not come.
     """
     silent = 0  # polls in a row with no answer, or answered "shutting down"
+    # Whether an answer came since the call last sent: a receipt, when the
+    # REQUEST is still outstanding.
+    heard = answer_due is not None
     poll_answer_by: float | None = answer_due  # answer deadline of the outstanding wait
     next_poll_at = 0.0  # when to poll, while no wait is outstanding
+    stop_at = _stop_at(s, deadline)
 
     def left() -> float:
         return math.inf if deadline is None else deadline - time.monotonic()
 
     def poll(kind: SendKind) -> Plan[float]:
+        nonlocal heard
         rid = s.next_rid()
         wait_s = _poll_wait(s, deadline)
         yield Send(rid, zbc.call(zbc.RESULT, rid, id=task_id, wait_s=wait_s), kind)
+        heard = False
         return time.monotonic() + wait_s + s.timeout_s
 
     if answer_due is None:
         poll_answer_by = yield from poll("first")
     while True:
         wake = poll_answer_by if poll_answer_by is not None else next_poll_at
-        event = yield Wait(max(0.0, wake - time.monotonic()))
-        if event is REPLACED:
-            poll_answer_by = yield from poll("resume")
-            continue
-        if not isinstance(event, zbc.Answer):  # TIMEOUT
-            if poll_answer_by is None:  # the pause after "shutting down" is over
-                yield Reconnect()
+        event = yield Wait(_until(wake, stop_at))
+        if not isinstance(event, zbc.Answer):  # TIMEOUT or REPLACED
+            if poll_answer_by is None:  # pausing after "shutting down": nothing outstanding
+                if event is REPLACED:
+                    continue  # the pause goes on; the poll after it uses the new connection
+                yield Reconnect()  # the pause is over
                 poll_answer_by = yield from poll("resume")
                 continue
-            silent += 1  # the wait went unanswered: presume the connection lost
-            if silent > s.retries:
-                raise CallTimeout("RESULT", s.timeout_s, silent, task_id=task_id)
-            yield Reconnect()
+            if event is TIMEOUT or not heard:
+                silent += 1  # the wait went unanswered: presume the connection lost
+            if silent > s.retries or _past(stop_at):
+                raise CallTimeout("RESULT", s.timeout_s, max(silent, 1), task_id=task_id)
+            if event is TIMEOUT:
+                yield Reconnect()
             poll_answer_by = yield from poll("resume")
             continue
+        heard = True
         if not event.ok:
             if event.code in _TRANSIENT and silent < s.retries:
                 # The broker is stopping: the task is durable, so ask again on a

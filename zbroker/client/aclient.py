@@ -10,7 +10,9 @@ When a call finds the broker silent, the socket is replaced, as the blocking
 Client does; every other call outstanding on the old socket is told at once
 and sends again on the new one (an enqueue with its idempotency key, a wait
 for a result as RESULT by task id), so none of them waits for a timeout of
-its own.
+its own. For a call that has heard nothing since it last sent, the
+replacement counts as an unanswered attempt (see `_calls`), so a call's
+bounds hold whatever the other calls on the socket do.
 """
 
 from __future__ import annotations
@@ -410,6 +412,8 @@ class AsyncClient:
                         await sock.send_multipart(op.frames)
                         self.stats.count_send(op.kind)
                     elif isinstance(op, _calls.Wait):
+                        # REPLACED when another call replaced the socket since this
+                        # one sent; the plan counts it against this call's retries.
                         event = await self._next_event(call, op.timeout_s)
                     elif call.generation == self._generation:
                         # The broker was silent to this call on the current socket:
