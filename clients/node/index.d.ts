@@ -290,7 +290,12 @@ export interface Task {
   readonly timeoutS: number | null
   /** Aborted when the broker takes the attempt back (CANCEL), the connection is replaced, or stop() gives up on it. */
   readonly signal: AbortSignal
-  /** Send PROGRESS (renews the lease), with optional data frames; false if the attempt is no longer held. */
+  /**
+   * Send PROGRESS (renews the lease), with optional data frames. False when it
+   * is not sent: the attempt is no longer held, the data cannot fit in one
+   * message (maxMessageBytes, maxFrames), or the socket is backed up (PROGRESS
+   * is dropped under back-pressure, counted in stats.progressDropped).
+   */
   progress (data?: Payload): boolean
 }
 
@@ -321,7 +326,16 @@ export interface WorkerOptions {
   maxReconnectDelayMs?: number
   /** Called at most once per interval; the map goes out with a heartbeat. */
   metrics?: () => Record<string, unknown>
+  /** Send and receive high-water marks, in messages. Default 10000. */
   hwm?: number
+  /**
+   * The broker's --max-message-bytes (default 16 MiB, at least 4096): no message
+   * goes out larger. Results are split across DONES to fit; a result that cannot
+   * fit alone fails its attempt for good (FAIL retry: false, reason naming size and cap).
+   */
+  maxMessageBytes?: number
+  /** The broker's frame cap per message, routing id included. Default 16384. */
+  maxFrames?: number
   /** Where warnings and errors go (default: console for warn/error); null: silent. */
   logger?: Logger | null
 }
@@ -333,8 +347,14 @@ export interface WorkerStats {
   failed: number
   cancelled: number
   notStarted: number
+  /** Results not sent: attempt taken back, or connection replaced before they left. */
   staleResultsDropped: number
+  /** Results over maxMessageBytes/maxFrames, failed for good instead (also counted in failed). */
+  tooLarge: number
+  /** PROGRESS handed to the socket. */
   progressSent: number
+  /** PROGRESS not sent: back-pressure, too large, or connection replaced. */
+  progressDropped: number
   reconnects: number
   malformed: number
   metricsErrors: number
@@ -440,6 +460,8 @@ export interface ServiceOptions {
   heartbeatMs?: number | null
   /** How long stop() (and a signal) lets running handlers finish, in ms. Default 10000. */
   graceMs?: number
+  /** The broker's --max-message-bytes, given to the service's workers (default: the Worker's, 16 MiB). */
+  maxMessageBytes?: number
   /** Where the service and its workers log (default: console for warn/error); null: silent. */
   logger?: Logger | null
 }

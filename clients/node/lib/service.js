@@ -79,6 +79,7 @@ export class Service {
   #heartbeatTimer = null
   #eventLoop = null
 
+  #maxMessageBytes
   #started = false
   #startedAt = 0
   #stopRequested = false
@@ -90,8 +91,9 @@ export class Service {
   #resolveFinished
 
   /**
-   * new Service(name, { endpoint, eventsIn, eventsOut, heartbeatMs, graceMs, logger }).
+   * new Service(name, { endpoint, eventsIn, eventsOut, heartbeatMs, graceMs, maxMessageBytes, logger }).
    * heartbeatMs 0 or null: no heartbeats. graceMs: how long stop() lets running handlers finish.
+   * maxMessageBytes: the broker's --max-message-bytes, handed to the workers (default theirs).
    */
   constructor (name, options = {}) {
     const {
@@ -100,6 +102,7 @@ export class Service {
       eventsOut = DEFAULT_EVENTS_OUT,
       heartbeatMs = 5000,
       graceMs = 10_000,
+      maxMessageBytes,
       logger
     } = options
     if (typeof name !== 'string' || name.length === 0) throw new TypeError('a Service needs a name (non-empty string)')
@@ -112,12 +115,16 @@ export class Service {
     if (typeof graceMs !== 'number' || !(graceMs >= 0) || !Number.isFinite(graceMs)) {
       throw new RangeError('graceMs must be a finite number >= 0')
     }
+    if (maxMessageBytes !== undefined && (!Number.isSafeInteger(maxMessageBytes) || maxMessageBytes < 4096)) {
+      throw new RangeError("maxMessageBytes must be an integer >= 4096 (the broker's --max-message-bytes)")
+    }
     this.#name = name
     this.#endpoint = checkEndpoint(endpoint)
     this.#eventsIn = checkEndpoint(eventsIn)
     this.#eventsOut = checkEndpoint(eventsOut)
     this.#heartbeatMs = heartbeatMs || null
     this.#graceMs = graceMs
+    this.#maxMessageBytes = maxMessageBytes
     this.#logger = logger
     this.#log = makeLogger(logger, 'service')
     this.#finished = new Promise((resolve) => { this.#resolveFinished = resolve })
@@ -319,6 +326,7 @@ export class Service {
         handler: this.#taskHandler(q),
         concurrency: q.concurrency,
         tags: q.tags,
+        ...(this.#maxMessageBytes === undefined ? {} : { maxMessageBytes: this.#maxMessageBytes }),
         logger: this.#logger
       }))
     }

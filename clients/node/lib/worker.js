@@ -6,10 +6,28 @@
 // DISCONNECT, and stops gracefully.
 //
 // Outgoing ACKs and DONEs are collected during one turn of the event loop and
-// flushed together (setImmediate): the ACK first, then the results as one
-// DONES (a single result as a plain DONE), like the Python Worker. FAIL and
-// PROGRESS go out at once, after flushing whatever was collected before them,
-// so nothing about a task ever overtakes its ACK or an earlier result.
+// flushed together (setImmediate): the ACK first, then the results as DONES (a
+// single result as a plain DONE), like the Python Worker. FAIL and PROGRESS go
+// out at once, after flushing whatever was collected before them, so nothing
+// about a task ever overtakes its ACK or an earlier result.
+//
+// The broker silently drops a message over its caps (--max-message-bytes,
+// 16 MiB by default, and 16384 frames), which would leave the tasks it carried
+// inflight for good. So DONES are split to stay within `maxMessageBytes` and
+// `maxFrames`, and a result that cannot fit in any message fails its attempt
+// for good (FAIL retry: false, naming the size and the cap) instead of going
+// out; a PROGRESS that cannot fit is dropped.
+//
+// Sends never throw away an outcome. A message goes to the socket at once while
+// it can take it (sendTimeout 0, after checking `writable`); once the socket is
+// at its high-water mark, ACK, DONE, FAIL and DISCONNECT wait in an outbox, in
+// order, and one send at a time waits for room. PROGRESS and HEARTBEAT are
+// dropped instead while the outbox is not empty (PROGRESS counted in
+// stats.progressDropped). The outbox only holds what concerns tasks held, so
+// the credit bounds it. A result counts as handled (and a FAIL as failed) once
+// it is handed to the socket; one still in the outbox when its connection is
+// replaced counts in staleResultsDropped, like a result of that connection not
+// yet flushed: the broker gives those attempts to someone else.
 //
 // Each connection has a generation number, and the worker keeps the attempts
 // it holds on the current connection. A result is sent only while its attempt
@@ -45,8 +63,27 @@ const GOODBYE_LINGER_MS = 500
 // FAIL reasons and metrics travel in the metadata frame, which should stay small.
 const MAX_REASON_CHARS = 2000
 const MAX_METRICS_BYTES = 64 * 1024
+// The broker's caps on one message, counting every frame it receives (routing
+// id included): --max-message-bytes (default 16 MiB) and 16384 frames.
+const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+const DEFAULT_MAX_FRAMES = 16_384
+const MIN_MESSAGE_BYTES = 4096
+// What a DONE, DONES or PROGRESS carries besides its results: the routing id the
+// broker adds (at most 255 bytes), "", "ZBW01", the command and the metadata frame
+// (map and list headers), an upper bound ...
+const MESSAGE_OVERHEAD_BYTES = 512
+const MESSAGE_OVERHEAD_FRAMES = 5
+// ... plus, per result, its entry in the metadata ([id, attempt, n], or {id, attempt}):
+// at most this many bytes besides the id itself.
+const ENTRY_OVERHEAD_BYTES = 32
 
-const noop = () => {}
+// What an outbox entry is, for the counters once it is sent or dropped.
+const ACK = 1
+const DONE = 2
+const FAIL = 3
+const PROGRESS = 4
+const HEARTBEAT = 5
+const CONTROL = 6 // READY, DISCONNECT
 
 const now = () => performance.now()
 
@@ -62,6 +99,8 @@ export class Worker extends EventEmitter {
   #maxReconnectDelayMs
   #metrics
   #hwm
+  #maxMessageBytes
+  #maxFrames
   #log
 
   #sock = null
@@ -71,7 +110,10 @@ export class Worker extends EventEmitter {
   #queue = [] // attempt contexts waiting for a free handler slot (bounded by the credit)
   #running = new Set()
   #acks = [] // [id, attempt] read but not yet acknowledged
-  #dones = [] // [id, attempt, frames] of results not yet sent (DONE/DONES)
+  #dones = [] // [id, attempt, frames, bytes] of results not yet sent (DONE/DONES)
+  #outbox = [] // {frames, kind, count} waiting for room in the socket, in order
+  #writer = null // the socket a send is waiting on (the outbox is being drained)
+  #onDrained = null
   #flushScheduled = false
   #expiresAt = 0
   #heartbeatAt = 0
@@ -102,6 +144,8 @@ export class Worker extends EventEmitter {
       maxReconnectDelayMs = 2500,
       metrics,
       hwm = DEFAULT_HWM,
+      maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+      maxFrames = DEFAULT_MAX_FRAMES,
       logger
     } = options
     if (typeof service !== 'string' || service.length === 0) throw new TypeError('Worker needs a service name (non-empty string)')
@@ -122,6 +166,12 @@ export class Worker extends EventEmitter {
     if (metrics !== undefined && metrics !== null && typeof metrics !== 'function') {
       throw new TypeError('metrics must be a function returning a plain object')
     }
+    if (!Number.isSafeInteger(maxMessageBytes) || maxMessageBytes < MIN_MESSAGE_BYTES) {
+      throw new RangeError(`maxMessageBytes must be an integer >= ${MIN_MESSAGE_BYTES} (the broker's --max-message-bytes)`)
+    }
+    if (!Number.isSafeInteger(maxFrames) || maxFrames < MESSAGE_OVERHEAD_FRAMES + 1) {
+      throw new RangeError(`maxFrames must be an integer >= ${MESSAGE_OVERHEAD_FRAMES + 1} (the broker's frame cap, 16384)`)
+    }
     this.#endpoint = checkEndpoint(endpoint)
     this.#service = service
     this.#handler = handler
@@ -134,6 +184,8 @@ export class Worker extends EventEmitter {
     this.#backoffMs = reconnectDelayMs
     this.#metrics = metrics ?? null
     this.#hwm = hwm
+    this.#maxMessageBytes = maxMessageBytes
+    this.#maxFrames = maxFrames
     this.#log = makeLogger(logger, 'worker')
     this.#registered = new Promise((resolve) => { this.#resolveRegistered = resolve })
     /** Counters since creation; they only grow. */
@@ -145,7 +197,9 @@ export class Worker extends EventEmitter {
       cancelled: 0, // attempts the broker took back (CANCEL) while held
       notStarted: 0, // attempts never handed to the handler: cancelled, stale, or stopping
       staleResultsDropped: 0, // results not sent: attempt taken back or connection replaced
-      progressSent: 0,
+      tooLarge: 0, // results over maxMessageBytes/maxFrames: failed for good instead (also in failed)
+      progressSent: 0, // PROGRESS handed to the socket
+      progressDropped: 0, // PROGRESS not sent: back-pressure, too large, or connection replaced
       reconnects: 0, // connections opened after the first one
       malformed: 0, // broker messages that could not be decoded
       metricsErrors: 0
@@ -200,18 +254,38 @@ export class Worker extends EventEmitter {
     }
     this.stats.notStarted += this.#queue.length
     this.#queue = [] // still held: our DISCONNECT hands them back to the broker
+    const deadline = now() + timeoutMs
     const clean = await this.#waitIdle(timeoutMs)
     if (!clean) {
       this.#log.warn(`worker ${JSON.stringify(this.#service)}: ${this.#running.size} handler(s) still running after ${timeoutMs}ms; abandoning them`)
       for (const ctx of this.#running) this.#abort(ctx, 'the worker is stopping')
     }
     this.#flush() // the last ACKs and results go out before DISCONNECT
-    this.#drop({ disconnect: true, reason: 'worker stopping', lingerMs: GOODBYE_LINGER_MS })
+    this.#send(zbwEncode.disconnect('worker stopping'), CONTROL) // behind them, waiting for room like them
+    // Hand all of it to the socket within the time left (at least the goodbye
+    // linger), which then has the linger to deliver it.
+    await this.#waitDrained(Math.max(GOODBYE_LINGER_MS, deadline - now()))
+    this.#drop({ disconnect: false, lingerMs: GOODBYE_LINGER_MS })
     this.#stopped = true
     clearTimeout(this.#timer)
     this.#timer = null
     this.#resolveRegistered()
     return clean
+  }
+
+  #waitDrained (timeoutMs) {
+    if (this.#outbox.length === 0 || this.#sock === null) return Promise.resolve(true)
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.#onDrained = null
+        resolve(false)
+      }, Math.min(Math.max(0, timeoutMs), 2 ** 31 - 1))
+      this.#onDrained = () => {
+        clearTimeout(timer)
+        this.#onDrained = null
+        resolve(true)
+      }
+    })
   }
 
   #waitIdle (timeoutMs) {
@@ -249,7 +323,7 @@ export class Worker extends EventEmitter {
     this.#expiresAt = t + this.#expiryMs
     this.#heartbeatAt = t + this.#intervalMs
     this.#reconnectAt = null
-    this.#send(zbwEncode.ready(this.#service, this.#concurrency, this.#tags, { batch: true }))
+    this.#send(zbwEncode.ready(this.#service, this.#concurrency, this.#tags, { batch: true }), CONTROL)
     this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${this.#concurrency}, batch) sent to ${this.#endpoint} (connection ${generation})`)
     this.#read(sock, generation)
     this.#arm()
@@ -280,9 +354,14 @@ export class Worker extends EventEmitter {
     if (sock === null) return
     const wasConnected = this.#connected
     this.#connected = false
-    if (disconnect) sock.send(zbwEncode.disconnect(reason)).catch(noop)
+    // A best-effort goodbye: only if it can leave now (not behind a blocked outbox).
+    if (disconnect && this.#outbox.length === 0) this.#sendNow(sock, zbwEncode.disconnect(reason))
     this.#sock = null
-    sock.linger = disconnect ? lingerMs : 0
+    for (const item of this.#outbox) this.#lost(item) // never handed to the socket: the broker gives those attempts to someone else
+    this.#outbox = []
+    this.#writer = null
+    if (this.#onDrained !== null) this.#onDrained()
+    sock.linger = lingerMs
     sock.close()
     this.#acks = []
     this.stats.staleResultsDropped += this.#dones.length // the broker hands those attempts to someone else
@@ -306,20 +385,98 @@ export class Worker extends EventEmitter {
     return delay
   }
 
-  #send (frames) {
+  // Send `frames` on the current connection, in order with everything sent
+  // before. `kind` says what the counters make of it (`count` results or acks).
+  // ACK, DONE, FAIL and READY are never dropped while the connection lasts:
+  // when the socket has no room they wait in the outbox. PROGRESS and HEARTBEAT
+  // are dropped instead (false). True once sent or queued.
+  #send (frames, kind = CONTROL, count = 1) {
     const sock = this.#sock
-    if (sock === null) return false
-    sock.send(frames).catch((err) => {
-      if (isSendQueueFull(err)) {
-        // Only when the broker has been unreachable long enough to fill the pipe;
-        // the liveness timer replaces this connection anyway.
-        this.#log.warn(`worker ${JSON.stringify(this.#service)}: send queue to the broker full, message dropped`)
-      } else if (!isClosedSocketError(err)) {
-        this.#log.warn(`worker ${JSON.stringify(this.#service)}: send failed: ${err.message}`)
-      }
-    })
+    if (sock === null) {
+      if (kind === PROGRESS) this.stats.progressDropped++
+      return false
+    }
+    if (this.#outbox.length === 0 && this.#sendNow(sock, frames)) {
+      this.#sent({ kind, count })
+    } else if (kind === PROGRESS || kind === HEARTBEAT) {
+      if (kind === PROGRESS) this.stats.progressDropped++
+      return false // advisory: not worth waiting for
+    } else {
+      this.#outbox.push({ frames, kind, count })
+      if (this.#writer !== sock) this.#drain(sock)
+    }
     if (this.#metrics === null) this.#heartbeatAt = now() + this.#intervalMs
     return true
+  }
+
+  // Hand `frames` to the socket if it has room now. The socket's sendTimeout is
+  // 0, so a send either queues at once or fails; `writable` (ZMQ_EVENTS) says
+  // beforehand which, so nothing is lost to an EAGAIN seen too late.
+  #sendNow (sock, frames) {
+    try {
+      if (!sock.writable) return false
+      sock.send(frames).catch((err) => this.#sendFailed(err))
+      return true
+    } catch (err) { // the socket is closed
+      this.#sendFailed(err)
+      return false
+    }
+  }
+
+  #sendFailed (err) {
+    if (isClosedSocketError(err)) return
+    this.#log.error(`worker ${JSON.stringify(this.#service)}: a message to the broker was lost: ${err.message}${isSendQueueFull(err) ? ' (send queue full)' : ''}`)
+  }
+
+  // Drain the outbox of `sock` in order: at once while the socket has room,
+  // else waiting for room with one send (sendTimeout -1 for it alone). Ends
+  // when the outbox is empty or the connection is replaced (#drop has then
+  // counted what was left as dropped).
+  async #drain (sock) {
+    this.#writer = sock
+    try {
+      while (this.#sock === sock && this.#outbox.length > 0) {
+        const item = this.#outbox[0]
+        if (!this.#sendNow(sock, item.frames)) {
+          let failed = null
+          sock.sendTimeout = -1
+          try {
+            await sock.send(item.frames)
+          } catch (err) {
+            failed = err
+          } finally {
+            if (!sock.closed) sock.sendTimeout = 0
+          }
+          if (this.#sock !== sock) return // closed while waiting: #drop counted the outbox
+          if (failed !== null) {
+            // Not expected of a Dealer with no send timeout; the liveness timer replaces a broken connection.
+            this.#log.error(`worker ${JSON.stringify(this.#service)}: a message to the broker was lost: ${failed.message}`)
+            this.#outbox.shift()
+            this.#lost(item)
+            continue
+          }
+        }
+        this.#outbox.shift()
+        this.#sent(item)
+      }
+    } finally {
+      if (this.#writer === sock) {
+        this.#writer = null
+        if (this.#outbox.length === 0 && this.#onDrained !== null) this.#onDrained()
+      }
+    }
+  }
+
+  #sent ({ kind, count }) {
+    if (kind === ACK) this.stats.acked += count
+    else if (kind === DONE) this.stats.handled += count
+    else if (kind === FAIL) this.stats.failed += count
+    else if (kind === PROGRESS) this.stats.progressSent += count
+  }
+
+  #lost ({ kind, count }) {
+    if (kind === DONE || kind === FAIL) this.stats.staleResultsDropped += count
+    else if (kind === PROGRESS) this.stats.progressDropped += count
   }
 
   // ------------------------------------------------------------ timers
@@ -362,7 +519,7 @@ export class Worker extends EventEmitter {
       this.#metricsAt = t + this.#intervalMs
       frames = this.#heartbeatWithMetrics()
     }
-    this.#send(frames ?? zbwEncode.heartbeat())
+    this.#send(frames ?? zbwEncode.heartbeat(), HEARTBEAT)
     this.#heartbeatAt = t + this.#intervalMs
   }
 
@@ -373,8 +530,9 @@ export class Worker extends EventEmitter {
         throw new TypeError(`metrics() returned ${describe(metrics)}, expected a plain object`)
       }
       const frames = zbwEncode.heartbeat(metrics)
-      if (frames.length > 3 && frames[3].length > MAX_METRICS_BYTES) {
-        throw new RangeError(`metrics exceed ${MAX_METRICS_BYTES} bytes packed`)
+      const limit = Math.min(MAX_METRICS_BYTES, this.#maxMessageBytes - MESSAGE_OVERHEAD_BYTES)
+      if (frames.length > 3 && frames[3].length > limit) {
+        throw new RangeError(`metrics exceed ${limit} bytes packed`)
       }
       return frames
     } catch (err) {
@@ -467,23 +625,73 @@ export class Worker extends EventEmitter {
 
   // Send what was collected: the ACK first, then the results (one DONES, or a
   // DONE for a single one). Called before anything else goes out about a task.
+  // The results go in as few messages as the broker's caps allow: at most
+  // MAX_WORKER_BATCH results, maxMessageBytes bytes and maxFrames frames each.
+  // Each result was checked to fit alone (#call).
   #flush () {
+    const byteBudget = this.#maxMessageBytes - MESSAGE_OVERHEAD_BYTES
     if (this.#acks.length > 0) {
       const acks = this.#acks
       this.#acks = []
-      if (this.#send(zbwEncode.ack(acks))) this.stats.acked += acks.length
+      // One ACK, unless its metadata alone would pass the byte cap (a huge credit, a small cap).
+      let start = 0
+      let bytes = 0
+      for (let i = 0; i < acks.length; i++) {
+        const cost = Buffer.byteLength(acks[i][0], 'utf8') + ENTRY_OVERHEAD_BYTES
+        if (i > start && bytes + cost > byteBudget) {
+          this.#send(zbwEncode.ack(acks.slice(start, i)), ACK, i - start)
+          start = i
+          bytes = 0
+        }
+        bytes += cost
+      }
+      this.#send(zbwEncode.ack(start === 0 ? acks : acks.slice(start)), ACK, acks.length - start)
     }
     if (this.#dones.length > 0) {
       const dones = this.#dones
       this.#dones = []
-      this.stats.handled += dones.length // counted before sending, so whoever gets a result sees the count
-      if (dones.length === 1) {
-        const [id, attempt, frames] = dones[0]
-        this.#send(zbwEncode.done(id, attempt, frames))
-      } else {
-        this.#send(zbwEncode.dones(dones))
+      const frameBudget = this.#maxFrames - MESSAGE_OVERHEAD_FRAMES
+      let start = 0
+      while (start < dones.length) {
+        let end = start
+        let bytes = 0
+        let frames = 0
+        while (end < dones.length && end - start < MAX_WORKER_BATCH) {
+          const [, , result, size] = dones[end]
+          if (end > start && (bytes + size > byteBudget || frames + result.length > frameBudget)) break
+          bytes += size
+          frames += result.length
+          end++
+        }
+        if (end - start === 1) {
+          const [id, attempt, result] = dones[start]
+          this.#send(zbwEncode.done(id, attempt, result), DONE, 1)
+        } else {
+          this.#send(zbwEncode.dones(start === 0 && end === dones.length ? dones : dones.slice(start, end)), DONE, end - start)
+        }
+        start = end
       }
     }
+  }
+
+  // What a result costs in a DONES: its frames and its entry in the metadata.
+  #cost (id, frames) {
+    let bytes = Buffer.byteLength(id, 'utf8') + ENTRY_OVERHEAD_BYTES
+    for (const frame of frames) bytes += frame.length
+    return bytes
+  }
+
+  // Null when `frames` (a result or PROGRESS data of task `id`) fit in one
+  // message the broker accepts; else a readable reason naming size and caps.
+  #tooLarge (what, id, frames) {
+    let size = 0
+    for (const frame of frames) size += frame.length
+    const maxBytes = this.#maxMessageBytes - MESSAGE_OVERHEAD_BYTES - ENTRY_OVERHEAD_BYTES - Buffer.byteLength(id, 'utf8')
+    const maxFrames = this.#maxFrames - MESSAGE_OVERHEAD_FRAMES
+    if (size <= maxBytes && frames.length <= maxFrames) return null
+    return `${what} too large: ${size} bytes in ${frames.length} frame${frames.length === 1 ? '' : 's'}; ` +
+      `one message to the broker carries at most ${maxBytes} bytes and ${maxFrames} frames of it ` +
+      `(maxMessageBytes ${this.#maxMessageBytes}, maxFrames ${this.#maxFrames}: the broker drops larger messages, see its --max-message-bytes)`
   }
 
   #holds (ctx) {
@@ -493,9 +701,14 @@ export class Worker extends EventEmitter {
   #progress (ctx, data) {
     const frames = toFrames(data, 'progress data')
     if (!this.#holds(ctx)) return false // advisory: dropped once the attempt is no longer held
+    const tooLarge = this.#tooLarge('progress data', ctx.id, frames)
+    if (tooLarge !== null) {
+      this.stats.progressDropped++
+      this.#log.warn(`worker ${JSON.stringify(this.#service)}: PROGRESS of task ${ctx.id} attempt ${ctx.attempt} dropped: ${tooLarge}`)
+      return false
+    }
     this.#flush() // never ahead of this task's ACK, nor of results finished before it
-    this.stats.progressSent++
-    return this.#send(zbwEncode.progress(ctx.id, ctx.attempt, frames))
+    return this.#send(zbwEncode.progress(ctx.id, ctx.attempt, frames), PROGRESS) // false if dropped under back-pressure
   }
 
   // ------------------------------------------------------------ running handlers
@@ -532,12 +745,21 @@ export class Worker extends EventEmitter {
     } catch (err) {
       return this.#failure(ctx, err)
     }
+    let frames
     try {
-      return { frames: toFrames(result, 'handler result') }
+      frames = toFrames(result, 'handler result')
     } catch (err) {
       this.#log.error(`handler for service ${JSON.stringify(this.#service)}, task ${ctx.id} attempt ${ctx.attempt}: ${err.message} (failed for good)`)
       return { frames: null, reason: truncate(err.message), retry: false }
     }
+    // A DONE the broker would drop leaves the task inflight for good: fail it readably instead.
+    const tooLarge = this.#tooLarge('result', ctx.id, frames)
+    if (tooLarge !== null) {
+      this.stats.tooLarge++
+      this.#log.error(`handler for service ${JSON.stringify(this.#service)}, task ${ctx.id} attempt ${ctx.attempt}: ${tooLarge} (failed for good)`)
+      return { frames: null, reason: truncate(tooLarge), retry: false }
+    }
+    return { frames }
   }
 
   #failure (ctx, err) {
@@ -565,13 +787,12 @@ export class Worker extends EventEmitter {
     this.#held.delete(ctx.id)
     if (outcome.frames !== null) {
       // Results finished in this turn leave together, after the ACKs read before them.
-      this.#dones.push([ctx.id, ctx.attempt, outcome.frames])
+      this.#dones.push([ctx.id, ctx.attempt, outcome.frames, this.#cost(ctx.id, outcome.frames)])
       if (this.#dones.length >= MAX_WORKER_BATCH) this.#flush()
       else this.#scheduleFlush()
     } else {
       this.#flush() // the ACK and the DONEs collected so far go out before this FAIL
-      this.stats.failed++
-      this.#send(zbwEncode.fail(ctx.id, ctx.attempt, outcome.reason, { retry: outcome.retry, delayS: outcome.delayS }))
+      this.#send(zbwEncode.fail(ctx.id, ctx.attempt, outcome.reason, { retry: outcome.retry, delayS: outcome.delayS }), FAIL, 1)
     }
   }
 }

@@ -106,6 +106,18 @@ test('a task result is returned and published with the task id as correlationId'
   assert.equal(svc.workers.get('tts').concurrency, 2)
 })
 
+test("maxMessageBytes reaches the service's workers and is checked", async () => {
+  assert.throws(() => new Service('x', { maxMessageBytes: 100 }), RangeError)
+  // A worker held to 4096 bytes fails a 5000-byte result for good (the broker would take it)
+  const svc = makeService('capped', { maxMessageBytes: 4096 })
+  svc.task('capped', () => Buffer.alloc(5000))
+  await started(svc)
+  const id = await client.enqueue('capped', 'x')
+  const err = await client.result(id).catch((e) => e)
+  assert.ok(err instanceof TaskDead, String(err))
+  assert.match(err.error, /too large/)
+})
+
 test('a Buffer result is the task result and the event payload as it is', async (t) => {
   const svc = makeService('buffers')
   svc.task('raw', (task) => Buffer.concat([Buffer.from('audio:'), task.payload]), { publish: 'raw.done' })
