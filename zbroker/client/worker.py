@@ -21,6 +21,16 @@ attempts it holds on the current connection. A result is sent only while its
 attempt is still held: results from an older connection (the broker forgot
 that worker; a restarted broker even reuses task ids) and results of attempts
 the broker took back with CANCEL are dropped here and counted.
+
+What the broker must get (ACK, DONE, DONES, FAIL) is never dropped while its
+connection lasts: when the socket's send queue is full (the broker is alive
+but behind), it waits in the link's outbox, in order, and goes out as soon as
+the socket is writable again (POLLOUT); the I/O thread never blocks on it and
+keeps reading and timing meanwhile. PROGRESS is advisory: it is dropped and
+counted then.
+Every message fits the broker's caps (`max_message_bytes`, 16384 frames):
+results are split across DONES, and a result too large to send at all fails
+its attempt for good.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -66,6 +77,21 @@ _MAX_REASON_CHARS = 2000
 _MAX_METRICS_BYTES = 64 * 1024
 # Messages read per drain of the DEALER, so timers and reports are never starved.
 _MAX_DRAIN = 1000
+# The broker drops, without a word, any message over its --max-message-bytes (16 MiB by
+# default) or over 16384 frames, counting the routing id it prepends (docs/protocol.md §7).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_MIN_MESSAGE_BYTES = 4096
+# Result (or progress) frames per message: the cap less routing id, "", ZBW01, command, meta.
+_MAX_FRAMES = 16_384 - 5
+# Room kept in every message for what is not result bytes: the routing id (up to 255
+# bytes), the delimiter, header and command frames, and the meta map's own header.
+_MESSAGE_OVERHEAD = 512
+# What one result adds to the meta frame besides its id: [id, attempt, n] or {id, attempt}.
+_ENTRY_OVERHEAD = 32
+# Dropped progress is logged at most this often.
+_PROGRESS_WARN_EVERY_S = 60.0
+# How long a graceful stop lets outcomes held back by a slow broker drain before DISCONNECT.
+_FLUSH_ON_STOP_S = 2.0
 
 _EVENT_LOCK = threading.Lock()
 
@@ -139,12 +165,14 @@ class WorkerStats:
 
     received: int = 0  # TASK messages: attempts pushed to this worker
     acked: int = 0  # attempts acknowledged to the broker
-    handled: int = 0  # DONE sent
-    failed: int = 0  # FAIL sent: the handler raised, or returned something that is not frames
+    handled: int = 0  # results sent (DONE, or one entry of a DONES), counted as they go out
+    failed: int = 0  # FAIL sent: the handler raised, or returned something unsendable
     cancelled: int = 0  # attempts the broker took back (CANCEL) while this worker held them
     not_started: int = 0  # attempts never handed to the handler: cancelled, stale, or stopping
     stale_results_dropped: int = 0  # results not sent: attempt cancelled or connection replaced
     progress_sent: int = 0
+    progress_dropped: int = 0  # PROGRESS not sent: the broker was behind, or it was too large
+    results_too_large: int = 0  # results over the broker's message cap: failed for good instead
     reconnects: int = 0  # connections opened after the first one
     malformed: int = 0  # messages from the broker that could not be decoded
     metrics_errors: int = 0  # calls of the metrics callable that failed or returned garbage
@@ -271,6 +299,12 @@ class Worker:
     attempts. If `metrics` is given, the I/O thread calls it at most once per
     interval and attaches the map it returns to a heartbeat.
 
+    Every message stays within `max_message_bytes` (set it to the broker's
+    `--max-message-bytes`) and the broker's 16384 frames: results that finish
+    together leave in as many DONES as that takes, and a result too large to
+    be sent at all fails its attempt for good. Outcomes are never dropped when
+    the broker falls behind: they wait, in order, until the socket takes them.
+
     A Worker runs once: `run()` in the calling thread, or `start()` in a
     background thread; `stop()` ends either gracefully.
     """
@@ -288,6 +322,7 @@ class Worker:
         reconnect_delay_s: float = 0.1,
         max_reconnect_delay_s: float = 2.5,
         metrics: Metrics | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         if service is None:
@@ -310,6 +345,10 @@ class Worker:
             raise ValueError("need 0 < reconnect_delay_s <= max_reconnect_delay_s")
         if metrics is not None and not callable(metrics):
             raise TypeError("metrics must be a callable returning a map, or None")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
+            raise TypeError("max_message_bytes must be an int")
+        if max_message_bytes < _MIN_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be at least {_MIN_MESSAGE_BYTES}")
         self.endpoint = endpoint
         self.service = _service_name(service)
         self.handler = handler
@@ -320,6 +359,9 @@ class Worker:
         self.reconnect_delay_s = reconnect_delay_s
         self.max_reconnect_delay_s = max_reconnect_delay_s
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        # What the results (and their meta entries) of one DONE or DONES may add up to.
+        self._results_budget = max_message_bytes - _MESSAGE_OVERHEAD
         self.is_async = _is_async(handler)
         self.stats = WorkerStats()
         self._context = context if context is not None else zmq.Context.instance()
@@ -535,9 +577,15 @@ class Worker:
             reason = "handler returned an awaitable: declare it with `async def`"
         else:
             try:
-                return _Outcome(task, _result_frames(result))
+                frames = _result_frames(result)
             except TypeError as exc:
                 reason = str(exc)
+            else:
+                too_large = self._too_large(task, frames)
+                if too_large is None:
+                    return _Outcome(task, frames)
+                reason = too_large
+                self._bump("results_too_large")
         logger.error(
             "handler for service %r, task %s attempt %d: %s (failed for good)",
             self.service,
@@ -546,6 +594,21 @@ class Worker:
             reason,
         )
         return _Outcome(task, None, reason, retry=False)
+
+    def _too_large(self, task: Task, frames: tuple[bytes, ...]) -> str | None:
+        """Why `frames` cannot be one DONE the broker accepts, or None if they can."""
+        if len(frames) > _MAX_FRAMES:
+            return (
+                f"result of {len(frames)} frames is over the broker's message cap"
+                f" ({_MAX_FRAMES} frames)"
+            )
+        size = sum(map(len, frames))
+        if _entry_bytes(task.id, size) > self._results_budget:
+            return (
+                f"result of {size} bytes is over the broker's message cap"
+                f" ({self.max_message_bytes} bytes, Worker max_message_bytes)"
+            )
+        return None
 
     def _failure(self, task: Task, exc: Exception) -> _Outcome:
         """Called inside the `except` block, so that logger.exception has the traceback."""
@@ -776,6 +839,19 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 # ------------------------------------------------------------ the I/O thread
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A message the broker must get (ACK, DONE, DONES, FAIL), in the order it was made."""
+
+    frames: list[bytes]
+    stat: str  # the WorkerStats counter it adds `n` to as it goes out
+    n: int
+    counted: bool = False
+
+
+_OUTCOME_STATS = ("handled", "failed")
+
+
 class _Link:
     """The I/O thread of a Worker: owns the DEALER socket, every timer, and the held attempts."""
 
@@ -793,6 +869,12 @@ class _Link:
         self._backoff_s = worker.reconnect_delay_s
         # The attempts held on the current connection, by task id.
         self._held: dict[str, Task] = {}
+        # Messages of the current connection that may not be dropped and that the
+        # socket could not take yet (its send queue is full: the broker is behind).
+        # Sent first, in order, as soon as it is writable again (POLLOUT).
+        self._outbox: deque[_Pending] = deque()
+        self._watching_out = False
+        self._progress_warned_at: float | None = None  # when dropped progress was last logged
         # Read by other threads; only this thread writes them.
         self.generation = 0
         self.connected = False
@@ -814,8 +896,12 @@ class _Link:
             events = dict(self._poller.poll(self._poll_timeout_ms()))
             if wakeup in events and not self._on_reports():
                 return
-            if self._dealer is not None and self._dealer in events:
-                self._drain_dealer()
+            dealer = self._dealer
+            if dealer is not None and dealer in events:
+                if events[dealer] & zmq.POLLIN:
+                    self._drain_dealer()
+                if events[dealer] & zmq.POLLOUT and self._dealer is dealer:
+                    self._flush()
             self._on_timers(time.monotonic())
 
     # ------------------------------------------------------------ connection
@@ -831,7 +917,8 @@ class _Link:
         self._expires_at = now + self._expiry_s
         self._heartbeat_at = now + self._interval_s
         self._reconnect_at = None
-        self._send(ext.ready(w.service, w.concurrency, w.tags, batch=True))
+        if not self._send(ext.ready(w.service, w.concurrency, w.tags, batch=True)):
+            logger.warning("worker %r: READY could not be sent", w.service)
         logger.debug(
             "worker %r: READY (credit %d) sent to %s (connection %d)",
             w.service,
@@ -841,17 +928,26 @@ class _Link:
         )
 
     def _close(
-        self, *, disconnect: bool, reason: str = "", linger_ms: int = _GOODBYE_LINGER_MS
+        self,
+        *,
+        disconnect: bool,
+        reason: str = "",
+        linger_ms: int = _GOODBYE_LINGER_MS,
+        flush_s: float = 0.0,
     ) -> None:
         dealer = self._dealer
         if dealer is None:
             return
         self.connected = False
+        if self._outbox and flush_s > 0:
+            self._flush_within(flush_s)
         if disconnect:
-            self._send(ext.disconnect(reason))
+            self._send(ext.disconnect(reason))  # best effort: the broker expires us anyway
         self._poller.unregister(dealer)
+        self._watching_out = False
         dealer.close(linger=linger_ms if disconnect else 0)
         self._dealer = None
+        self._drop_outbox()
         # The broker hands these attempts to someone else: tell their handlers.
         held = list(self._held.values())
         self._held.clear()
@@ -866,21 +962,81 @@ class _Link:
         self._backoff_s = min(2 * delay_s, self._worker.max_reconnect_delay_s)
         return delay_s
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes]) -> bool:
+        """Send a message that may be lost (READY on a fresh socket, HEARTBEAT,
+        PROGRESS, DISCONNECT); False if the send queue is full."""
         assert self._dealer is not None
         try:
             self._dealer.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            # Only when the broker has been unreachable long enough to fill the
-            # pipe; the liveness timer will replace this connection anyway.
-            logger.warning(
-                "worker %r: send queue to the broker full, message dropped", self._worker.service
-            )
-            return
+            return False
+        self._sent()
+        return True
+
+    def _sent(self) -> None:
         if self._worker.metrics is None:
             # Any message keeps the worker alive at the broker. With metrics, the
             # heartbeat timer is left alone so that they go out every interval.
             self._heartbeat_at = time.monotonic() + self._interval_s
+
+    def _send_reliably(self, frames: list[bytes], stat: str, n: int) -> None:
+        """Send a message the broker must get, after those still waiting; never dropped
+        while this connection lasts."""
+        self._outbox.append(_Pending(frames, stat, n))
+        if len(self._outbox) == 1:  # else the socket is full: POLLOUT calls _flush
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what waits in the outbox, in order, until the socket is full."""
+        dealer = self._dealer
+        assert dealer is not None
+        outbox = self._outbox
+        while outbox:
+            item = outbox[0]
+            if not item.counted:
+                # Counted just before it goes, so that whoever gets the result also
+                # sees the count; and only once the socket will take it, so that
+                # nothing waiting here is counted as sent.
+                if not cast(int, dealer.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                    break
+                item.counted = True
+                self._worker._bump(item.stat, item.n)
+            try:
+                dealer.send_multipart(item.frames, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            outbox.popleft()
+            self._sent()
+        self._watch_writable(bool(outbox))
+
+    def _watch_writable(self, on: bool) -> None:
+        if on != self._watching_out and self._dealer is not None:
+            self._watching_out = on
+            self._poller.modify(self._dealer, zmq.POLLIN | zmq.POLLOUT if on else zmq.POLLIN)
+
+    def _flush_within(self, timeout_s: float) -> None:
+        """Stopping: give what waits in the outbox up to `timeout_s` to go out."""
+        dealer = self._dealer
+        assert dealer is not None
+        deadline = time.monotonic() + timeout_s
+        while self._outbox:
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not dealer.poll(remaining_ms, zmq.POLLOUT):
+                return
+            self._flush()
+
+    def _drop_outbox(self) -> None:
+        """The connection is gone: its attempts are the broker's again (fenced)."""
+        outcomes = sum(item.n for item in self._outbox if item.stat in _OUTCOME_STATS)
+        self._outbox.clear()
+        if outcomes:
+            self._worker._bump("stale_results_dropped", outcomes)
+            logger.info(
+                "worker %r: dropped %d results the broker had not read before the"
+                " connection closed",
+                self._worker.service,
+                outcomes,
+            )
 
     # --------------------------------------------------------------- the loop
 
@@ -897,8 +1053,13 @@ class _Link:
         """Send what the handlers reported; False on the final _SHUTDOWN."""
         mailbox = self._mailbox
         mailbox.clear_wakeups()
-        # Results read in one go leave in one DONES message (in order with the rest).
+        # Results read in one go leave together (in order with the rest), in as few
+        # DONES as the broker's caps allow: each within MAX_BATCH entries, _MAX_FRAMES
+        # frames and the worker's byte budget. A result over the caps alone never
+        # gets here: the handler's thread turned it into a FAIL.
         done: list[tuple[str, int, Sequence[bytes]]] = []
+        budget = self._worker._results_budget
+        frames = size = 0
         while True:
             try:
                 report = mailbox.queue.get_nowait()
@@ -906,24 +1067,32 @@ class _Link:
                 self._send_dones(done)
                 return True
             if isinstance(report, _Outcome):
-                if report.result is not None and self._holds(report.task):
-                    task = report.task
+                task, result = report.task, report.result
+                if result is not None and self._holds(task):
                     del self._held[task.id]
-                    self._worker._bump("handled")
-                    done.append((task.id, task.attempt, report.result))
-                    if len(done) >= ext.MAX_BATCH:
+                    cost = _entry_bytes(task.id, sum(map(len, result)))
+                    if done and (
+                        len(done) >= ext.MAX_BATCH
+                        or frames + len(result) > _MAX_FRAMES
+                        or size + cost > budget
+                    ):
                         self._send_dones(done)
+                        frames = size = 0
+                    done.append((task.id, task.attempt, result))
+                    frames += len(result)
+                    size += cost
                     continue
                 self._send_dones(done)
+                frames = size = 0
                 self._send_outcome(report)
                 continue
             self._send_dones(done)
+            frames = size = 0
             if isinstance(report, _Progress):
                 if self._holds(report.task):
-                    self._worker._bump("progress_sent")
-                    self._send(ext.progress(report.task.id, report.task.attempt, report.data))
+                    self._send_progress(report)
             else:
-                self._close(disconnect=True, reason="worker stopping")
+                self._close(disconnect=True, reason="worker stopping", flush_s=_FLUSH_ON_STOP_S)
                 return False
 
     def _send_dones(self, done: list[tuple[str, int, Sequence[bytes]]]) -> None:
@@ -931,10 +1100,41 @@ class _Link:
             return
         if len(done) == 1:
             task_id, attempt, result = done[0]
-            self._send(ext.done(task_id, attempt, result))
+            self._send_reliably(ext.done(task_id, attempt, result), "handled", 1)
         else:
-            self._send(ext.dones(done))
+            self._send_reliably(ext.dones(done), "handled", len(done))
         done.clear()
+
+    def _send_progress(self, report: _Progress) -> None:
+        """PROGRESS is advisory: dropped (and counted) rather than queued when the
+        broker is behind, so that it never holds back an outcome."""
+        w = self._worker
+        task, data = report.task, report.data
+        if len(data) > _MAX_FRAMES or _entry_bytes(task.id, sum(map(len, data))) > (
+            w._results_budget
+        ):
+            w._bump("progress_dropped")
+            logger.warning(
+                "worker %r: progress of task %s dropped: over the broker's message cap",
+                w.service,
+                task.id,
+            )
+            return
+        if not self._outbox and self._send(ext.progress(task.id, task.attempt, data)):
+            w._bump("progress_sent")
+            return
+        w._bump("progress_dropped")
+        now = time.monotonic()
+        last = self._progress_warned_at
+        if last is None or now - last >= _PROGRESS_WARN_EVERY_S:
+            self._progress_warned_at = now
+            logger.warning(
+                "worker %r: the broker is not keeping up: progress reports are dropped"
+                " while it is behind (results wait and are sent in order; this warning"
+                " is repeated at most every %gs, stats.progress_dropped counts them all)",
+                w.service,
+                _PROGRESS_WARN_EVERY_S,
+            )
 
     def _holds(self, task: Task) -> bool:
         return (
@@ -957,21 +1157,13 @@ class _Link:
             )
             return
         del self._held[task.id]
-        # Counted before sending, so whoever gets the result also sees the count.
         if outcome.result is not None:
-            w._bump("handled")
-            self._send(ext.done(task.id, task.attempt, outcome.result))
+            self._send_reliably(ext.done(task.id, task.attempt, outcome.result), "handled", 1)
         else:
-            w._bump("failed")
-            self._send(
-                ext.fail(
-                    task.id,
-                    task.attempt,
-                    outcome.reason,
-                    retry=outcome.retry,
-                    delay_s=outcome.delay_s,
-                )
+            frames = ext.fail(
+                task.id, task.attempt, outcome.reason, retry=outcome.retry, delay_s=outcome.delay_s
             )
+            self._send_reliably(frames, "failed", 1)
 
     def _drain_dealer(self) -> None:
         w = self._worker
@@ -1026,8 +1218,7 @@ class _Link:
             else:  # stopped meanwhile: held until our DISCONNECT hands them back
                 w._bump("not_started", len(to_run))
         if acks:
-            w._bump("acked", len(acks))
-            self._send(ext.ack(acks))
+            self._send_reliably(ext.ack(acks), "acked", len(acks))
 
     def _on_task(self, message: ext.Task, to_run: list[Task]) -> None:
         """Hold the attempt; add it to `to_run` unless the worker is stopping."""
@@ -1158,6 +1349,11 @@ def _reason(exc: BaseException) -> str:
         text = "<unprintable>"
     reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return reason[:_MAX_REASON_CHARS]
+
+
+def _entry_bytes(task_id: str, size: int) -> int:
+    """What a result of `size` bytes adds to a DONE or DONES, its meta entry included."""
+    return size + len(task_id.encode()) + _ENTRY_OVERHEAD
 
 
 def _result_frames(result: object) -> tuple[bytes, ...]:
