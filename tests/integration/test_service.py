@@ -181,6 +181,24 @@ def test_a_failing_task_follows_the_worker_semantics_and_publishes_nothing(
     assert svc.stats.results_published == 0
 
 
+def test_max_message_bytes_reaches_the_services_workers(
+    broker: BrokerProcess, client: Client, stack: ExitStack
+) -> None:
+    with pytest.raises(ValueError):
+        make_service(broker, "x", max_message_bytes=100)
+    # A worker held to 4096 bytes fails a 5000-byte result for good (the broker would take it)
+    svc = make_service(broker, "capped", max_message_bytes=4096)
+
+    @svc.task("capped")
+    def big(task: Task) -> bytes:
+        return bytes(5000)
+
+    started(stack, svc)
+    with pytest.raises(TaskDead) as dead:
+        client.request("capped", b"x", timeout_s=10)
+    assert dead.value.error is not None and "over the broker's message cap" in dead.value.error
+
+
 # ------------------------------------------------------------ events
 
 

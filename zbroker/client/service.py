@@ -42,7 +42,14 @@ import zmq
 
 from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
 from zbroker.client.events import Publisher, Subscriber
-from zbroker.client.worker import Task, Worker, _is_async, _service_name
+from zbroker.client.worker import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Task,
+    Worker,
+    _is_async,
+    _service_name,
+    check_message_bytes,
+)
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
 from zbroker.protocol.events import MAX_TOPIC_BYTES, Event
 
@@ -120,6 +127,7 @@ class Service:
         events_out: str = DEFAULT_EVENTS_OUT,
         heartbeat_s: float | None = 5.0,
         grace_s: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         if not isinstance(name, str):
@@ -133,6 +141,8 @@ class Service:
             raise ValueError("heartbeat_s must be a finite number >= 0, or None")
         if not 0 <= grace_s < math.inf:
             raise ValueError("grace_s must be a finite number >= 0")
+        check_message_bytes(max_message_bytes)
+        self.max_message_bytes = max_message_bytes
         self.name = name
         self.endpoint = endpoint
         self.events_in = events_in
@@ -430,6 +440,7 @@ class Service:
                 self._task_handler(q),
                 concurrency=q.concurrency,
                 tags=q.tags,
+                max_message_bytes=self.max_message_bytes,
                 context=context,
             )
         for worker in self._workers.values():

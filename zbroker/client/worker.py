@@ -81,6 +81,16 @@ _MAX_DRAIN = 1000
 # default) or over 16384 frames, counting the routing id it prepends (docs/protocol.md §7).
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _MIN_MESSAGE_BYTES = 4096
+
+
+def check_message_bytes(max_message_bytes: int) -> None:
+    """Raise unless `max_message_bytes` (the broker's --max-message-bytes) is usable."""
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
+        raise TypeError("max_message_bytes must be an int")
+    if max_message_bytes < _MIN_MESSAGE_BYTES:
+        raise ValueError(f"max_message_bytes must be at least {_MIN_MESSAGE_BYTES}")
+
+
 # Result (or progress) frames per message: the cap less routing id, "", ZBW01, command, meta.
 _MAX_FRAMES = 16_384 - 5
 # Room kept in every message for what is not result bytes: the routing id (up to 255
@@ -345,10 +355,7 @@ class Worker:
             raise ValueError("need 0 < reconnect_delay_s <= max_reconnect_delay_s")
         if metrics is not None and not callable(metrics):
             raise TypeError("metrics must be a callable returning a map, or None")
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
-            raise TypeError("max_message_bytes must be an int")
-        if max_message_bytes < _MIN_MESSAGE_BYTES:
-            raise ValueError(f"max_message_bytes must be at least {_MIN_MESSAGE_BYTES}")
+        check_message_bytes(max_message_bytes)
         self.endpoint = endpoint
         self.service = _service_name(service)
         self.handler = handler
