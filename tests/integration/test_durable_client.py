@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -17,6 +18,7 @@ from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
 from zbroker import AsyncClient, Client, NonRetryableError, Task, TaskId, TaskState
 from zbroker.client import (
+    MessageTooLarge,
     TaskCancelled,
     TaskConflict,
     TaskDead,
@@ -217,3 +219,21 @@ def test_a_large_batch_goes_through_in_one_call(broker: BrokerProcess, stack: Ex
     ids = client.enqueue_many("bulk", [b"%d" % i for i in range(2500)])
     assert len(set(ids)) == 2500
     assert client.status(ids[-1]).state is TaskState.READY
+
+
+def test_batches_with_long_keys_and_headers_fit_a_small_cap(
+    broker_factory: Callable[..., BrokerProcess], stack: ExitStack
+) -> None:
+    broker = broker_factory("--max-message-bytes", str(1 << 20))
+    client = stack.enter_context(Client(broker.endpoint, max_message_bytes=1 << 20))
+    keys = [f"{i:06d}" + "k" * 200 for i in range(2000)]
+    headers = {"blob": "h" * 100_000}
+    # 2000 x (400 bytes + a 206-byte key), with 100 kB of headers in every message:
+    # over 1 MiB in all, so it goes as several messages, none over the cap
+    ids = client.enqueue_many("long", [b"p" * 400] * 2000, keys=keys, headers=headers)
+    assert len(set(ids)) == 2000 and client.stats.resends == 0
+    assert client.status(ids[-1]).key == keys[-1]
+    # And one task that cannot fit is refused by the client, before the wire
+    with pytest.raises(MessageTooLarge):
+        client.enqueue("long", b"x" * (1 << 20))
+    assert client.enqueue("long", b"small") is not None  # the client carries on

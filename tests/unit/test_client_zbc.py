@@ -1032,3 +1032,25 @@ def test_batches_are_split_to_fit_the_broker_caps() -> None:
     big = [(b"x" * (6 * 1024 * 1024),)] * 3  # 18 MiB: two messages
     assert batch_bounds(big) == [(0, 2), (2, 3)]
     assert batch_bounds([]) == []
+    # Keys count too: 2000 tasks of 400 bytes with 200-byte keys are 1.2 MB of a message
+    keyed = [(b"p" * 400,)] * 2000
+    keys = ["k" * 200] * 2000
+    chunks = batch_bounds(keyed, keys, budget=1024 * 1024 - 4096)
+    assert len(chunks) == 2 and chunks[0] == (0, 1695)  # 1044480 // (400 + 16 + 200)
+
+
+@pytest.mark.parametrize("method", ["enqueue", "request"])
+def test_a_message_over_the_cap_is_refused_before_it_is_sent(
+    connect: Callable[..., Driver], fake: FakeBroker, method: str
+) -> None:
+    client = connect(max_message_bytes=4096)
+    future = client.call(method, "svc", b"x" * 5000)
+    with pytest.raises(MessageTooLarge, match="over the broker's cap"):
+        future.result(WAIT_S)
+    assert fake.nothing_more(0.2)  # nothing reached the wire
+    # A batch whose (first) message would be over the cap is refused the same way
+    future = client.call("enqueue_many", "svc", [b"x" * 5000, b"ok"])
+    with pytest.raises(MessageTooLarge):
+        future.result(WAIT_S)
+    with pytest.raises(ValueError):
+        connect(max_message_bytes=100)

@@ -63,6 +63,7 @@ from zbroker.client.durable import (
 )
 from zbroker.client.errors import (
     CallTimeout,
+    MessageTooLarge,
     ReplyError,
     TaskPending,
     broker_error,
@@ -123,6 +124,35 @@ _FAILED_STATES = (TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED)
 _TRANSIENT = (zbc.E_SHUTTING_DOWN,)
 
 
+# The broker's default --max-message-bytes, and its fixed cap on frames per message
+# (the routing id included, so a client's message may hold one frame less).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_FRAMES = 16384
+
+
+def check_message_bytes(max_message_bytes: int) -> None:
+    """Raise unless `max_message_bytes` (the broker's --max-message-bytes) is usable."""
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
+        raise TypeError("max_message_bytes must be an int")
+    if max_message_bytes < 4096:
+        raise ValueError("max_message_bytes must be at least 4096")
+
+
+def check_fits(s: Settings, command: str, frames: Sequence[bytes]) -> None:
+    """Refuse, before it is sent, a message the broker would refuse as too_large.
+
+    One far over the cap would not even be read: the broker's libzmq drops the
+    connection, and resending it on a fresh one would only repeat that.
+    """
+    size = sum(map(len, frames))
+    if size > s.max_message_bytes or len(frames) >= MAX_FRAMES:
+        raise MessageTooLarge(
+            zbc.E_TOO_LARGE,
+            f"{command} of {size} bytes in {len(frames)} frames is over the broker's cap "
+            f"({s.max_message_bytes} bytes, client max_message_bytes; {MAX_FRAMES} frames)",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What a client's plans need from it."""
@@ -131,6 +161,7 @@ class Settings:
     retries: int  # resends after an unanswered attempt
     poll_s: float  # longest RESULT wait asked of the broker in one go
     next_rid: Callable[[], int]
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the broker's --max-message-bytes
 
 
 # ------------------------------------------------------------ arguments
@@ -281,7 +312,10 @@ def call(
     kind: SendKind = "first"
     while True:
         rid = s.next_rid()
-        yield Send(rid, build(rid), kind)
+        frames = build(rid)
+        if kind == "first":
+            check_fits(s, command, frames)
+        yield Send(rid, frames, kind)
         event = yield Wait(s.timeout_s)
         if isinstance(event, zbc.Answer):
             if not event.ok:
@@ -320,18 +354,29 @@ def enqueue(
     return [TaskId(id_, i in existing and own_keys[i]) for i, id_ in enumerate(ids)]
 
 
-def batch_bounds(payloads: Sequence[tuple[bytes, ...]]) -> list[tuple[int, int]]:
+# Meta bytes per task of a batch besides its key: the key's msgpack header, its entry
+# in `counts`, slack. And what a batch's meta holds besides keys, counts and headers.
+_TASK_META_BYTES = 16
+_BATCH_META_BYTES = 4096
+
+
+def batch_bounds(
+    payloads: Sequence[tuple[bytes, ...]],
+    keys: Sequence[str | None] = (),
+    budget: int = zbc.BATCH_BYTES,
+) -> list[tuple[int, int]]:
     """Split `payloads` into [start, end) runs that each fit one ENQUEUE: at most
-    MAX_BATCH tasks, BATCH_FRAMES frames and BATCH_BYTES bytes (a single task larger
-    than that goes alone, and the broker says whether it fits)."""
+    MAX_BATCH tasks, BATCH_FRAMES frames and `budget` bytes of payload and per-task
+    meta (its key, its count). A single task larger than that goes alone, and is
+    refused before it is sent if the whole message is over the cap."""
     bounds: list[tuple[int, int]] = []
     start = frames = size = 0
     for i, payload in enumerate(payloads):
-        n, b = len(payload), sum(map(len, payload))
+        key = keys[i] if i < len(keys) else None
+        n = len(payload)
+        b = sum(map(len, payload)) + _TASK_META_BYTES + (len(key.encode()) if key else 0)
         if i > start and (
-            i - start >= zbc.MAX_BATCH
-            or frames + n > zbc.BATCH_FRAMES
-            or size + b > zbc.BATCH_BYTES
+            i - start >= zbc.MAX_BATCH or frames + n > zbc.BATCH_FRAMES or size + b > budget
         ):
             bounds.append((start, i))
             start, frames, size = i, 0, 0
@@ -352,7 +397,10 @@ def enqueue_batches(
     """ENQUEUE a batch of any size, MAX_BATCH tasks per message, one message after the other."""
     ids: list[TaskId] = []
     keys = options.keys or ()
-    for start, end in batch_bounds(payloads):
+    # What one message may carry besides the shared meta (headers are in every one).
+    shared = _BATCH_META_BYTES + (len(ext.pack_meta(options.headers)) if options.headers else 0)
+    budget = min(zbc.BATCH_BYTES, s.max_message_bytes - shared)
+    for start, end in batch_bounds(payloads, keys, budget):
         chunk = payloads[start:end]
         chunk_options = zbc.TaskOptions(
             priority=options.priority,
@@ -395,7 +443,10 @@ def request(
     while True:
         rid = s.next_rid()
         wait_s = _poll_wait(s, deadline)
-        yield Send(rid, zbc.request(rid, service, payload, options, wait_s), kind)
+        frames = zbc.request(rid, service, payload, options, wait_s)
+        if kind == "first":
+            check_fits(s, "REQUEST", frames)
+        yield Send(rid, frames, kind)
         sent_at = time.monotonic()
         event = yield Wait(_until(sent_at + s.timeout_s, stop_at))
         if isinstance(event, zbc.Answer):

@@ -88,9 +88,12 @@ class Client(SocketOwner):
         timeout_s: float = 5.0,
         retries: int = 3,
         poll_s: float = 10.0,
+        max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         _calls.check_settings(timeout_s, retries, poll_s)
+        _calls.check_message_bytes(max_message_bytes)
+        self.max_message_bytes = max_message_bytes
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retries = retries
@@ -454,7 +457,9 @@ class Client(SocketOwner):
 
     def _settings(self) -> _calls.Settings:
         _calls.check_settings(self.timeout_s, self.retries, self.poll_s)
-        return _calls.Settings(self.timeout_s, self.retries, self.poll_s, self._next_rid)
+        return _calls.Settings(
+            self.timeout_s, self.retries, self.poll_s, self._next_rid, self.max_message_bytes
+        )
 
     def _next_rid(self) -> int:
         return next(self._rids)

@@ -40,16 +40,10 @@ from typing import Any, TypeVar
 import msgpack
 import zmq
 
+from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, check_message_bytes
 from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
 from zbroker.client.events import Publisher, Subscriber
-from zbroker.client.worker import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    Task,
-    Worker,
-    _is_async,
-    _service_name,
-    check_message_bytes,
-)
+from zbroker.client.worker import Task, Worker, _is_async, _service_name
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
 from zbroker.protocol.events import MAX_TOPIC_BYTES, Event
 

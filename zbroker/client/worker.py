@@ -52,6 +52,7 @@ from typing import Any, cast
 
 import zmq
 
+from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, check_message_bytes
 from zbroker.client.errors import (
     ClientError,
     NonRetryableError,
@@ -79,16 +80,6 @@ _MAX_METRICS_BYTES = 64 * 1024
 _MAX_DRAIN = 1000
 # The broker drops, without a word, any message over its --max-message-bytes (16 MiB by
 # default) or over 16384 frames, counting the routing id it prepends (docs/protocol.md §7).
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-_MIN_MESSAGE_BYTES = 4096
-
-
-def check_message_bytes(max_message_bytes: int) -> None:
-    """Raise unless `max_message_bytes` (the broker's --max-message-bytes) is usable."""
-    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
-        raise TypeError("max_message_bytes must be an int")
-    if max_message_bytes < _MIN_MESSAGE_BYTES:
-        raise ValueError(f"max_message_bytes must be at least {_MIN_MESSAGE_BYTES}")
 
 
 # Result (or progress) frames per message: the cap less routing id, "", ZBW01, command, meta.
