@@ -796,6 +796,26 @@ def test_queues_keeps_services_whose_names_are_not_utf8_apart(journal: Journal) 
     assert sorted(w["service"] for w in workers) == ["\\xfe", "\\xfe", "\\xff\\xfe"]
 
 
+def test_retention_keeps_up_with_any_number_of_lapsed_records(journal: Journal) -> None:
+    from zbroker.core.durable import TIMER_BATCH
+    from zbroker.journal import TaskRecord
+
+    s = Script(journal)
+    # Given more finished records past their retention than one timer batch deletes
+    for _ in range(2 * TIMER_BATCH + 500):
+        seq = journal.next_seq()
+        done = TaskRecord(f"t{seq:x}", "svc", TaskState.DONE, seq, EPOCH, keep_until=EPOCH)
+        journal.put(done, [b"x"])
+    journal.commit()
+    # When the first tick comes, it asks for the next at once while a full batch lapsed
+    first = s.now = s.broker.next_tick_at
+    s.broker.tick(first)
+    assert s.broker.next_tick_at == first
+    # Then within the same instant every record is gone
+    s.advance(0.0)
+    assert journal.counts() == {}
+
+
 def test_progress_is_recorded_in_the_history(journal: Journal) -> None:
     s = Script(journal)
     task_id = s.enqueue("svc")

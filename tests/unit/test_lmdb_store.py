@@ -327,6 +327,43 @@ def test_lmdb_failures_surface_as_journal_errors(tmp_path: Path) -> None:
     assert isinstance(failed.value.__cause__, lmdb.Error)
 
 
+def test_a_damaged_data_file_is_a_clear_error_not_a_crash_or_an_empty_start(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a journal of a few hundred pages
+    path = tmp_path / "j"
+    journal = open_store(opened, path)
+    for i in range(2000):
+        journal.put(TaskRecord(f"t{i}", "svc", READY, journal.next_seq(), 0.0), [b"x" * 512])
+    journal.commit()
+    journal.close()
+    data = path / "data.mdb"
+    whole = data.read_bytes()
+    opener = "import sys; from zbroker.journal import LmdbJournal; LmdbJournal(sys.argv[1])"
+    for size, says in [
+        (0, "data.mdb is empty"),
+        (8192, "truncated"),
+        (len(whole) // 2, "truncated"),
+    ]:
+        # When data.mdb is cut to `size` bytes and opened (in a child: a bus error would
+        # kill the process that reads past the file's end)
+        data.write_bytes(whole[:size])
+        child = subprocess.run(
+            [sys.executable, "-c", opener, str(path)], capture_output=True, text=True, timeout=60
+        )
+        # Then the open fails with a JournalError saying so
+        assert child.returncode == 1, (size, child.returncode, child.stderr[-500:])
+        assert "JournalError" in child.stderr and says in child.stderr, (size, child.stderr)
+    # And a schema version that is not msgpack is a SchemaMismatch, not a decoder's error
+    data.write_bytes(whole)
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema_version", b"\xc1", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(SchemaMismatch, match="unreadable"):
+        LmdbJournal(path)
+
+
 def test_the_layout_is_named_databases_and_msgpack_records(
     tmp_path: Path, opened: list[Journal]
 ) -> None:

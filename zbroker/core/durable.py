@@ -1082,13 +1082,18 @@ class DurableTasks:
             self._schedule_due(now)
             if len(records) == TIMER_BATCH:
                 self._schedule_at(now)  # more are due: next pass
-        for record in journal.lapsed(epoch, TIMER_BATCH):
+        lapsed = journal.lapsed(epoch, TIMER_BATCH)
+        for record in lapsed:
             if record.state in FINAL:
                 journal.delete(record.id)
             else:
                 self.stats.tasks_expired += 1
                 self._history(record, "expired", epoch)
                 self._finish(record, EXPIRED, epoch, "its ttl passed before it started")
+        if len(lapsed) == TIMER_BATCH and now < self.next_tick_at:
+            # More have lapsed: the next pass ticks again, so retention keeps up with
+            # any rate of finished tasks (a batch per tick interval would cap it).
+            self.next_tick_at = now
         if self._waiter_count:
             self._expire_waits(now)
         for service in self.services.values():

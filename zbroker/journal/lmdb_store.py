@@ -166,6 +166,14 @@ class LmdbJournal(Journal):
             raise JournalError(
                 f"the journal at {self.path} is in use (open in this or another process)"
             ) from None
+        data_file = self.path / "data.mdb"
+        if data_file.exists() and data_file.stat().st_size == 0:
+            os.close(self._lock_fd)
+            raise JournalError(
+                f"the journal at {self.path} is damaged: data.mdb is empty. Starting on it "
+                "would lose every task silently; if this directory never held tasks, remove "
+                "data.mdb and start again"
+            )
         sync = durability is Durability.SYNC
         try:
             self._env: lmdb.Environment | None = lmdb.open(
@@ -435,6 +443,15 @@ class LmdbJournal(Journal):
 
     def _open_store(self) -> None:
         env = self._check_open()
+        # A data.mdb shorter than its last page (truncated by a full disk or a bad copy)
+        # would crash the process with SIGBUS on the first read past its end.
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = (self.path / "data.mdb").stat().st_size
+        if size < needed:
+            raise JournalError(
+                f"the journal at {self.path} is damaged: data.mdb is {size} bytes, but its "
+                f"pages reach {needed} bytes (truncated?); restore it from a copy"
+            )
         while True:
             try:
                 is_empty = env.stat()["entries"] == 0
@@ -449,7 +466,10 @@ class LmdbJournal(Journal):
                     if raw is None:
                         txn.put(_META_SCHEMA, msgpack.packb(SCHEMA_VERSION), db=self._meta)
                     else:
-                        version = msgpack.unpackb(raw)
+                        try:
+                            version = msgpack.unpackb(raw)
+                        except Exception:  # msgpack raises several types on garbage
+                            version = f"unreadable ({raw[:16]!r})"
                         if version != SCHEMA_VERSION:
                             raise SchemaMismatch(
                                 f"the journal at {self.path} has schema version {version}; "
