@@ -247,37 +247,53 @@ def test_delays_and_results_survive_a_restart(
     client.close()
 
 
-def test_a_full_journal_stops_the_broker_and_loses_nothing_it_confirmed(
-    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+def test_a_nearly_full_journal_refuses_enqueues_and_the_broker_carries_on(
+    broker_factory: Callable[..., BrokerProcess],
+    workers: Callable[..., WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "small"
-    broker = broker_factory("--journal-max-mib", "2", data_dir=data)
+    broker = broker_factory("--journal-max-mib", "2", "--retention", "0", data_dir=data)
     client = RawClient(broker.endpoint)
     payload = b"x" * 4096
     confirmed: list[str] = []
-    for _ in range(200):
+
+    def enqueue_batch() -> zbc.Answer:
         answer = client.call(
             lambda rid: zbc.enqueue(rid, "big", [[payload]] * 50, batch=True), timeout_s=5
         )
-        if answer is None:
-            break  # the broker stopped
-        assert answer.ok, answer.meta
+        assert answer is not None, "the broker did not answer"
+        return answer
+
+    # When batches are enqueued until the journal is nearly full
+    for _ in range(200):
+        answer = enqueue_batch()
+        if not answer.ok:
+            break
         confirmed += answer.meta["ids"]
     else:
         raise AssertionError("the journal never filled up")
-    assert broker.proc is not None
-    assert broker.proc.wait(10) == 2
-    assert "journal failure, stopping the broker" in broker.log()
+    # Then the next one is refused with a reason its sender can read, and nothing of it stored
+    assert answer.code == zbc.E_QUEUE_FULL and "journal is nearly full" in answer.message
     assert confirmed  # some batches fitted before the limit
-    # Restarted with room to grow, every task it confirmed is there.
-    bigger = broker_factory("--journal-max-mib", "64", data_dir=data)
+    assert broker.proc is not None and broker.proc.poll() is None  # still running
+    # And after a kill -9 it starts again on the same journal, with every confirmed task
+    broker.kill()
+    broker.start()
     client.close()
-    client = RawClient(bigger.endpoint)
+    client = RawClient(broker.endpoint)
     for task_id in confirmed[:: max(1, len(confirmed) // 20)] + confirmed[-1:]:
         status = client.call(lambda rid, t=task_id: zbc.call(zbc.STATUS, rid, id=t), 5)  # type: ignore[misc]
         assert status is not None and status.meta["task"]["state"] == "ready"
-    dead = client.call(lambda rid: zbc.call(zbc.DEAD, rid, service="big"), 5)
-    assert dead is not None and dead.ok
+    # And once workers have run them (the reserve holds what finishing writes), there
+    # is room again
+    pool = workers(broker, "big", concurrency=4)
+
+    def finished() -> bool:
+        return sum(1 for line in pool.lines() if line[0] == "done") >= len(confirmed)
+
+    wait_until(finished, timeout_s=60)
+    wait_until(lambda: enqueue_batch().ok, timeout_s=20)
     client.close()
 
 

@@ -30,6 +30,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 from zbroker.core.model import (
@@ -70,6 +71,8 @@ STATE_NAMES = {state: state.name.lower() for state in TaskState}
 
 # Journal reads per timer pass (due delays, lapsed TTLs and retentions).
 TIMER_BATCH = 1000
+# Share of a size-limited journal that enqueues may not take (see _journal_refuses).
+JOURNAL_RESERVE = 0.1
 _FAR_FUTURE_S = 100 * 365 * 86400.0
 # Records one TASKS call reads at most.
 LIST_SCAN = 100_000
@@ -128,6 +131,8 @@ class DurableTasks:
         self.events = []
         self.event_prefixes = frozenset()
         self._wanted: dict[str, bool] = {}
+        self._admitted = 0  # bytes of enqueues admitted since the journal's last commit
+        self._admitted_at = -1  # the journal's commit count when that was reset
         # Service -> its task.started / task.done topic if wanted, else None.
         self._started_topics: dict[str, str | None] = {}
         self._done_topics: dict[str, str | None] = {}
@@ -568,6 +573,34 @@ class DurableTasks:
             log.info("call %d from %s refused (%s): %s", rid, identity.hex(), code, message)
         self.outbox.append([identity, *zbc.error(rid, code, message)])
 
+    def _journal_refuses(self, identity: bytes, msg: zbc.Enqueue, new: int) -> bool:
+        """Refuse (queue_full) an ENQUEUE that would bring a size-limited journal near
+        its limit: JOURNAL_RESERVE of it stays for what finishing, retrying and
+        requeueing tasks write, so the broker never has to stop for a full journal
+        because of what clients sent. Counts what this pass admitted already, since
+        the journal's figures move only at commits."""
+        assert self.journal is not None
+        js = self.journal.stats
+        if not js.bytes_max:
+            return False
+        if js.commits != self._admitted_at:
+            self._admitted_at, self._admitted = js.commits, 0
+        # A record, its index entries and B-tree slack, besides its payload.
+        incoming = 2 * (sum(map(len, chain.from_iterable(msg.payloads))) + 512 * new)
+        allowed = js.bytes_max * (1.0 - JOURNAL_RESERVE)
+        if js.bytes_live + self._admitted + incoming <= allowed:
+            self._admitted += incoming
+            return False
+        self._refuse(
+            identity,
+            msg.rid,
+            zbc.E_QUEUE_FULL,
+            f"the journal is nearly full ({js.bytes_live >> 20} of {js.bytes_max >> 20} MiB "
+            f"in use; {JOURNAL_RESERVE:.0%} is kept for finishing tasks): nothing was stored; "
+            "raise --journal-max-mib, or let tasks finish",
+        )
+        return True
+
     def _on_enqueue(self, identity: bytes, msg: zbc.Enqueue, now: float) -> None:
         journal = self.journal
         assert journal is not None
@@ -601,6 +634,8 @@ class DurableTasks:
                 zbc.E_QUEUE_FULL,
                 f"{msg.service} holds {service.waiting_count} waiting tasks (cap {cap})",
             )
+            return
+        if new and self._journal_refuses(identity, msg, new):
             return
         if msg.wait and self._waiter_count >= self.settings.max_waiters:
             self._refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")

@@ -114,6 +114,11 @@ class JournalStats:
     last_commit_seconds: float = 0.0
     bytes_used: int = 0
     map_size: int = 0
+    # Bytes in pages that hold data now (freed pages, which writes reuse, excluded),
+    # and the most the store may hold (0: no limit). The broker refuses enqueues that
+    # would take bytes_live near bytes_max, so finishing tasks always has room.
+    bytes_live: int = 0
+    bytes_max: int = 0
 
 
 class JournalError(Exception):

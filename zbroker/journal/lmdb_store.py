@@ -74,6 +74,8 @@ _LOCK_FILE = "zbroker.lock"
 # Grow the map after a commit once this share of it is used, so a write rarely
 # meets MapFullError (which costs replaying the whole pass).
 _GROW_AT = 0.75
+# Past this share of max_map_size, usage is counted page by page (stats.bytes_live).
+_COUNT_LIVE_AT = 0.5
 # Idempotency keys longer than this are indexed by their SHA-256 (LMDB keys <= 511 bytes).
 _MAX_KEY_BYTES = 400
 # Marks a service options key made from the hash of a name longer than that.
@@ -713,9 +715,37 @@ class LmdbJournal(Journal):
         info = env.info()
         self.stats.bytes_used = (info["last_pgno"] + 1) * self._page_size
         self.stats.map_size = info["map_size"]
+        self.stats.bytes_max = self.max_map_size
+        # The high-water mark never falls, though deleted records free their pages
+        # for reuse; near the limit, count the pages that hold data (a few stats).
+        if self.stats.bytes_used > _COUNT_LIVE_AT * self.max_map_size:
+            self.stats.bytes_live = self._live_bytes(env)
+        else:
+            self.stats.bytes_live = self.stats.bytes_used
         if grow and self.stats.bytes_used > _GROW_AT * info["map_size"]:
             with suppress(JournalFull):  # the next write that does not fit will say so
                 self._grow_map()
+
+    def _live_bytes(self, env: lmdb.Environment) -> int:
+        """Bytes in the pages every database holds now, the two meta pages included."""
+        pages = 2
+        with env.begin() as txn:
+            for db in (
+                None,
+                self._meta,
+                self._tasks,
+                self._payloads,
+                self._results,
+                self._keys,
+                self._ready,
+                self._delayed,
+                self._lapse,
+                self._inflight,
+                self._dead,
+            ):
+                st = txn.stat(db) if db is not None else env.stat()
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return pages * self._page_size
 
     # -------------------------------------------------------- private: reads
 

@@ -252,7 +252,7 @@ class MemoryJournal(Journal):
         self._check_open()
         if self._dirty:
             self.stats.commits += 1
-            self.stats.bytes_used = self._bytes
+            self.stats.bytes_used = self.stats.bytes_live = self._bytes
             self._dirty = False
 
     def close(self) -> None:
