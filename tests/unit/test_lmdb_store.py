@@ -364,6 +364,25 @@ def test_a_damaged_data_file_is_a_clear_error_not_a_crash_or_an_empty_start(
         LmdbJournal(path)
 
 
+def test_live_bytes_fall_when_records_are_deleted_near_the_limit(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    journal = open_store(opened, tmp_path / "j", map_size=1024 * KiB, max_map_size=1024 * KiB)
+    for i in range(150):
+        journal.put(TaskRecord(f"t{i}", "svc", READY, journal.next_seq(), 0.0), [b"x" * 4000])
+    journal.commit()
+    full = journal.stats
+    assert full.bytes_max == 1024 * KiB and full.bytes_used > 512 * KiB  # past the count point
+    assert 0 < full.bytes_live <= full.bytes_used
+    live_before = full.bytes_live
+    for i in range(150):
+        journal.delete(f"t{i}")
+    journal.commit()
+    # The high-water mark stays; the pages in use are counted again, and are few
+    assert journal.stats.bytes_used >= live_before
+    assert journal.stats.bytes_live < live_before // 4
+
+
 def test_the_layout_is_named_databases_and_msgpack_records(
     tmp_path: Path, opened: list[Journal]
 ) -> None:
