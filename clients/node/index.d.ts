@@ -30,6 +30,21 @@ export class TimeoutError extends ZbrokerError {
   readonly taskId: string | null
   /** The task's last known state, when a state was seen. */
   readonly state: TaskState | null
+  /**
+   * enqueue() and request(): the idempotency key the task was sent with (yours or
+   * generated). The task may or may not be stored (its message may still reach the
+   * broker later): enqueue again with this key to find out, without a duplicate.
+   * null for other calls.
+   */
+  readonly key: string | null
+  /**
+   * enqueueMany(): the keys of the tasks not known to be stored, in payload order:
+   * those of the unanswered message and of every later one, i.e. of
+   * `payloads.slice(enqueuedIds?.length ?? 0)`. null for other calls.
+   */
+  readonly keys: string[] | null
+  /** enqueueMany(): the ids stored by the messages answered before (absent when none), as on its other errors. */
+  readonly enqueuedIds?: string[]
 }
 
 /** The object was closed before or during the call. */
@@ -101,7 +116,12 @@ export interface ClientOptions {
   hwm?: number
   /** Frames per message enqueueMany stays under (the broker refuses more than 16384). Default 16000, as the Python client. */
   maxFrames?: number
-  /** The broker's size cap per message (--max-message-bytes), which enqueueMany respects. Default 16 MiB. */
+  /**
+   * The broker's size cap per message (--max-message-bytes; set it to the broker's
+   * when that is changed). enqueueMany splits batches under it, meta included; an
+   * enqueue, request or batch task that cannot fit is refused before it is sent,
+   * with BrokerError code 'too_large'. Default 16 MiB.
+   */
   maxMessageBytes?: number
 }
 
@@ -219,8 +239,15 @@ export interface CancelResult {
 
 export interface ClientStats {
   calls: number
+  /** Calls sent again after a reconnect. */
   resends: number
+  /**
+   * Answers that settled nothing: for calls that had ended (timed out, aborted), or
+   * superseded (the second answer to a call whose message reached the broker twice,
+   * an older message's refusal or wait while a newer one of the call is out).
+   */
   lateAnswers: number
+  /** Broker messages that could not be decoded (dropped). */
   malformed: number
   mdpRequests: number
   mdpResends: number
@@ -402,6 +429,11 @@ export class Publisher {
   constructor (options?: { endpoint?: string, source?: string, hwm?: number })
   readonly endpoint: string
   readonly closed: boolean
+  /**
+   * Events handed to the socket (a batch counts its events), including those the PUB
+   * socket then drops (at its high-water mark, or while not connected): ZeroMQ
+   * pub/sub never tells, so this is not a count of events delivered.
+   */
   published: number
   /** Publish one event; payload is anything msgpack carries (Buffers as bin). */
   publish<P = unknown> (type: string, payload?: P, options?: PublishOptions): Promise<Event<P>>

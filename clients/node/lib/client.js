@@ -27,6 +27,7 @@ import {
   describe,
   isInt,
   mdpRequest,
+  pack,
   toFrames,
   zbcCall
 } from './protocol.js'
@@ -50,9 +51,12 @@ const REPOLL_MS = 20
 // broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
 // counts all of them against its frame cap (16384 frames per message).
 const ZBC_OVERHEAD_FRAMES = 5
-// Room kept for the meta frame when packing a batch under the byte cap.
-const META_BUDGET_BYTES = 64 * 1024
-const PER_TASK_META_BYTES = 64
+// The bytes of a ZBC01 message besides meta and payload, as the broker counts
+// them against --max-message-bytes: the routing id its ROUTER adds (5 bytes),
+// "", "ZBC01" and the command byte.
+const ZBC_HEADER_BYTES = 5 + 0 + 5 + 1
+// The largest rid, as packed into meta when a message's size is worked out in advance.
+const RID_BOUND = Number.MAX_SAFE_INTEGER
 // setTimeout's largest delay; anything longer is treated as "no limit".
 const MAX_TIMER_MS = 2 ** 31 - 1
 
@@ -94,7 +98,7 @@ export class Client {
     this.stats = {
       calls: 0, // ZBC01 calls made
       resends: 0, // ZBC01 messages sent again after a reconnect
-      lateAnswers: 0, // answers for calls that had already ended (timed out, aborted, duplicate)
+      lateAnswers: 0, // answers that settled nothing: for calls that had ended (timed out, aborted), or superseded (below)
       malformed: 0, // messages from the broker that could not be decoded
       mdpRequests: 0,
       mdpResends: 0,
@@ -121,9 +125,12 @@ export class Client {
     const own = callerKeys(options, 1)
     meta.service = checkService(service)
     const frames = toFrames(payload)
+    const what = `ENQUEUE to ${JSON.stringify(service)}`
+    this.#checkSize(what, messageBytes(meta, frames))
     const answer = await this.#call({
-      what: `ENQUEUE to ${JSON.stringify(service)}`,
+      what,
       options,
+      key: meta.key,
       start: (ctl) => ctl.send(C.ENQUEUE, meta, frames),
       answer: replyOrError
     })
@@ -136,9 +143,11 @@ export class Client {
    * `{receipt: true}`: one `{id, existing}` per payload, as enqueue()). The
    * batch goes in as few ENQUEUE messages as the broker's caps allow (each
    * one journal commit): at most 10000 tasks, `maxFrames` frames and
-   * `maxMessageBytes` bytes per message. If a later message is refused, the
-   * tasks of the earlier ones stay stored: the error's `enqueuedIds` lists
-   * them (and with `receipt`, `enqueuedReceipts` their receipts).
+   * `maxMessageBytes` bytes per message, meta included. A payload too large
+   * for any message refuses the whole batch before anything is sent. If a
+   * later message is refused, the tasks of the earlier ones stay stored: the
+   * error's `enqueuedIds` lists them (and with `receipt`, `enqueuedReceipts`
+   * their receipts); a TimeoutError's `keys` are those of the tasks after them.
    */
   async enqueueMany (service, payloads, options = {}) {
     if (!Array.isArray(payloads)) throw new TypeError('payloads must be an array (one payload per task)')
@@ -148,9 +157,19 @@ export class Client {
     const own = callerKeys(options, payloads.length, { batch: true })
     meta.service = checkService(service)
     const perTask = payloads.map((p, i) => toFrames(p, `payloads[${i}]`))
+    // What each message will weigh, meta included: the shared part (with empty
+    // keys and counts, the largest rid and room for both arrays' headers to
+    // grow to 5 bytes), then per task its key, its count and its frames.
+    const baseBytes = ZBC_HEADER_BYTES + pack({ ...meta, keys: [], counts: [], rid: RID_BOUND }).length + 8
+    const taskBytes = perTask.map((f, i) => packedStrBytes(meta.keys[i]) + packedUintBytes(f.length) + frameBytes(f))
+    const chunks = [...this.#batches(perTask, taskBytes, baseBytes)]
+    for (const [start, end] of chunks) {
+      // Only a task alone can be over the cap: refuse the batch before sending any of it.
+      if (end - start === 1) this.#checkSize(`ENQUEUE of payloads[${start}] to ${JSON.stringify(service)}`, baseBytes + taskBytes[start])
+    }
     const ids = []
     const done = [] // receipts, in payload order
-    for (const [start, end] of this.#batches(perTask)) {
+    for (const [start, end] of chunks) {
       const chunk = perTask.slice(start, end)
       const chunkMeta = { ...meta, keys: meta.keys.slice(start, end), counts: chunk.map((f) => f.length) }
       const frames = chunk.flat()
@@ -158,6 +177,7 @@ export class Client {
         const answer = await this.#call({
           what: `ENQUEUE of ${chunk.length} task${chunk.length === 1 ? '' : 's'} to ${JSON.stringify(service)}`,
           options,
+          keys: () => meta.keys.slice(start), // for a TimeoutError: this message's tasks and those not sent yet
           start: (ctl) => ctl.send(C.ENQUEUE, chunkMeta, frames),
           answer: replyOrError
         })
@@ -176,24 +196,34 @@ export class Client {
     return receipt ? done : ids
   }
 
-  // [start, end) ranges of tasks, each range fitting one ENQUEUE message.
-  * #batches (perTask) {
+  // [start, end) ranges of tasks, each range fitting one ENQUEUE message: its
+  // message weighs `baseBytes` plus `taskBytes[i]` per task. A task too large
+  // for any message is a range of its own.
+  * #batches (perTask, taskBytes, baseBytes) {
     const maxPayloadFrames = Math.max(1, this.#maxFrames - ZBC_OVERHEAD_FRAMES)
     let start = 0
     while (start < perTask.length) {
       let end = start
       let frames = 0
-      let bytes = META_BUDGET_BYTES
+      let bytes = baseBytes
       while (end < perTask.length && end - start < MAX_BATCH) {
         const taskFrames = perTask[end].length
-        const taskBytes = perTask[end].reduce((n, f) => n + f.length, 0) + PER_TASK_META_BYTES
-        if (end > start && (frames + taskFrames > maxPayloadFrames || bytes + taskBytes > this.#maxMessageBytes)) break
+        if (end > start && (frames + taskFrames > maxPayloadFrames || bytes + taskBytes[end] > this.#maxMessageBytes)) break
         frames += taskFrames
-        bytes += taskBytes
+        bytes += taskBytes[end]
         end++
       }
       yield [start, end]
       start = end
+    }
+  }
+
+  // A message over the broker's size cap is refused here, never sent: the
+  // broker would answer too_large, or, past four times its cap, drop the
+  // connection, which the client would open again and resend on, forever.
+  #checkSize (what, bytes) {
+    if (bytes > this.#maxMessageBytes) {
+      throw brokerError('too_large', `${what}: a message of ${bytes} bytes is over the cap of ${this.#maxMessageBytes} (maxMessageBytes); not sent`)
     }
   }
 
@@ -209,33 +239,38 @@ export class Client {
     meta.service = checkService(service)
     const frames = toFrames(payload)
     const wantFrames = options.frames === true
+    const what = `REQUEST to ${JSON.stringify(service)}`
+    this.#checkSize(what, messageBytes({ ...meta, wait_s: 0.5 }, frames))
+    const ask = (ctl) => {
+      // Hold the call at the broker for as long as we wait (its default is 300 s).
+      if (ctl.remainingMs() !== Infinity) meta.wait_s = waitSeconds(ctl, MAX_WAIT_S)
+      ctl.send(C.REQUEST, meta, frames) // the same idempotency key every time: never a second task
+    }
     return this.#call({
-      what: `REQUEST to ${JSON.stringify(service)}`,
+      what,
       options,
       graceMs: RESULT_GRACE_MS,
-      start: (ctl) => {
-        // Hold the call at the broker for as long as we wait (its default is 300 s).
-        if (ctl.remainingMs() !== Infinity) meta.wait_s = waitSeconds(ctl, MAX_WAIT_S)
-        ctl.send(C.REQUEST, meta, frames)
-      },
-      answer: (ctl, answer) => {
+      key: meta.key,
+      start: ask,
+      answer: (ctl, answer, sent) => {
         if (!answer.ok) return ctl.reject(errorOf(answer))
-        if (ctl.taskId === null) {
-          const ids = answer.meta.ids
-          if (Array.isArray(ids) && typeof ids[0] === 'string') {
-            ctl.taskId = ids[0]
-            // The key matched a stored task, which may have ended already: ask
-            // for its result rather than wait for the REQUEST's own answer.
-            if (Array.isArray(answer.meta.existing) && answer.meta.existing.length > 0) {
-              ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) })
-            }
-            return // committed; the final answer follows on the same rid
+        if (sent.command === C.REQUEST && Object.hasOwn(answer.meta, 'ids')) {
+          // An acceptance. Once the task's id is known, another one is a copy's
+          // (the REQUEST was sent again after a reconnect, and libzmq delivered the
+          // first one too): the task is the same, and its wait is already on.
+          if (ctl.taskId !== null) return ctl.superseded()
+          ctl.taskId = taskIds(answer, 1)[0]
+          // The key matched a stored task, which may have ended already: ask
+          // for its result rather than wait for the REQUEST's own answer.
+          if (Array.isArray(answer.meta.existing) && answer.meta.existing.length > 0) {
+            ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) })
           }
+          return // committed; the final answer follows
         }
-        onResultAnswer(ctl, answer, wantFrames)
+        onResultAnswer(ctl, answer, wantFrames, sent)
       },
       resend: (ctl) => {
-        if (ctl.taskId === null) ctl.resendLast() // same idempotency key: never a second task
+        if (ctl.taskId === null) ask(ctl)
         else ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) })
       }
     })
@@ -256,9 +291,9 @@ export class Client {
       taskId: id,
       start: ask,
       resend: ask,
-      answer: (ctl, answer) => {
+      answer: (ctl, answer, sent) => {
         if (!answer.ok) return ctl.reject(errorOf(answer))
-        onResultAnswer(ctl, answer, wantFrames)
+        onResultAnswer(ctl, answer, wantFrames, sent)
       }
     })
   }
@@ -287,13 +322,14 @@ export class Client {
       options,
       taskId: id,
       start: (ctl) => ctl.send(C.CANCEL, { id }),
-      answer: (ctl, answer) => {
-        if (conflict !== null) {
-          // A resent CANCEL was refused: did the first one (lost answer) do it?
+      answer: (ctl, answer, sent) => {
+        if (sent.command === C.STATUS) {
+          // A resent CANCEL was refused: did an earlier one (lost answer) do it?
           const task = answer.ok ? answer.meta.task : null
           if (task && task.state === 'cancelled') return ctl.resolve({ meta: { id, state: 'cancelled', was: null } })
           return ctl.reject(conflict)
         }
+        // A CANCEL's answer (an earlier copy's success may still come after the STATUS went out).
         if (!answer.ok && answer.meta.code === 'conflict' && ctl.resent) {
           conflict = errorOf(answer)
           return ctl.send(C.STATUS, { id })
@@ -470,13 +506,23 @@ export class Client {
 
 // ------------------------------------------------------------ the ZBC01 channel
 
-// One DEALER socket, many calls in flight, told apart by `rid`. When the
-// connection drops and comes back (a broker restart, say), every call still
-// waiting is resent: idempotency keys make that safe for enqueues, and waits
+// One DEALER socket, many calls in flight. Every message a call sends has a rid
+// of its own, so each answer tells which message of which call it answers. When
+// the connection drops and comes back (a broker restart, say), every call still
+// waiting sends again: idempotency keys make that safe for enqueues, and waits
 // resume by task id.
+//
+// A message sent again may reach the broker twice: libzmq keeps what was queued
+// while the connection was down (or not yet written when it dropped) and
+// delivers it on the next connection, besides the copy sent after the
+// reconnect. Each copy is answered. So a call settles on the first answer that
+// says something final; an ERROR for a message that a newer one of the same
+// call has superseded is ignored (the newer one is answered too), and so is a
+// second acceptance of a REQUEST whose task id is known.
 class Channel {
   #sock
-  #pending = new Map() // rid -> Call
+  #pending = new Map() // rid -> Call: every message sent and not yet fully answered
+  #calls = new Set() // the calls in flight
   #nextRid = 1
   #maxPending
   #stats
@@ -491,7 +537,7 @@ class Channel {
     this.#sock.events.on('handshake', () => {
       if (!this.#lost) return
       this.#lost = false
-      for (const call of [...this.#pending.values()]) {
+      for (const call of [...this.#calls]) {
         this.#stats.resends++
         call.reconnected()
       }
@@ -499,16 +545,27 @@ class Channel {
     this.#read().catch(() => {}) // #read handles its own errors
   }
 
+  get stats () { return this.#stats }
+
   call (spec, timeoutMs, signal) {
-    if (this.#pending.size >= this.#maxPending) {
+    if (this.#calls.size >= this.#maxPending) {
       return Promise.reject(new ZbrokerError(`too many calls in flight (maxPending ${this.#maxPending})`))
     }
     if (signal?.aborted) return Promise.reject(signal.reason)
-    const rid = this.#nextRid++
-    const call = new Call(this, rid, spec, timeoutMs, signal)
-    this.#pending.set(rid, call)
+    const call = new Call(this, spec, timeoutMs, signal)
+    this.#calls.add(call)
     return call.run()
   }
+
+  /** A new rid for a message of `call`. */
+  rid (call) {
+    const rid = this.#nextRid++
+    this.#pending.set(rid, call)
+    return rid
+  }
+
+  /** The message with this rid will not be answered again. */
+  answeredFully (rid) { this.#pending.delete(rid) }
 
   send (call, frames) {
     this.#sock.send(frames).catch((err) => {
@@ -520,7 +577,10 @@ class Channel {
     })
   }
 
-  forget (rid) { this.#pending.delete(rid) }
+  forget (call) {
+    this.#calls.delete(call)
+    for (const rid of call.sent.keys()) this.#pending.delete(rid)
+  }
 
   async #read () {
     try {
@@ -542,7 +602,7 @@ class Channel {
   }
 
   #failAll (err) {
-    for (const call of [...this.#pending.values()]) call.reject(err)
+    for (const call of [...this.#calls]) call.reject(err)
   }
 
   close () {
@@ -553,11 +613,10 @@ class Channel {
   }
 }
 
-// One call in flight: its rid, timers, abort listener and what to do with answers.
+// One call in flight: the messages it sent, timers, abort listener and what to do with answers.
 class Call {
-  constructor (channel, rid, spec, timeoutMs, signal) {
+  constructor (channel, spec, timeoutMs, signal) {
     this.channel = channel
-    this.rid = rid
     this.spec = spec
     this.what = spec.what
     this.signal = signal
@@ -566,8 +625,9 @@ class Call {
     this.taskId = spec.taskId ?? null
     this.state = null // last non-final state seen, for TimeoutError
     this.resent = false
-    this.waits = 0 // messages of this call the broker may still answer (for waits: REQUEST, RESULT)
-    this.last = null
+    this.sent = new Map() // rid -> command, of the messages that may still be answered
+    this.latest = null // rid of the newest message
+    this.last = null // {command, meta, payload} of the newest message
     this.timers = new Set()
     this.done = false
   }
@@ -593,15 +653,22 @@ class Call {
 
   send (command, meta, payload = []) {
     if (this.done) return
-    this.last = zbcCall(command, { ...meta, rid: this.rid }, payload)
-    this.waits++
-    this.channel.send(this, this.last)
+    this.last = { command, meta, payload }
+    this.#transmit()
   }
 
+  /** Send the newest message again, under a new rid. */
   resendLast () {
     if (this.done || this.last === null) return
-    this.waits++
-    this.channel.send(this, this.last)
+    this.#transmit()
+  }
+
+  #transmit () {
+    const { command, meta, payload } = this.last
+    const rid = this.channel.rid(this)
+    this.sent.set(rid, command)
+    this.latest = rid
+    this.channel.send(this, zbcCall(command, { ...meta, rid }, payload))
   }
 
   remainingMs () { return this.deadline - Date.now() }
@@ -616,17 +683,29 @@ class Call {
 
   answered (answer) {
     if (this.done) return
+    const command = this.sent.get(answer.rid)
+    const latest = answer.rid === this.latest
+    // Every message is answered once, but a REQUEST twice: its acceptance, then its end.
+    if (!(command === C.REQUEST && answer.ok && Object.hasOwn(answer.meta, 'ids'))) {
+      this.sent.delete(answer.rid)
+      this.channel.answeredFully(answer.rid)
+    }
+    // An older message refused while a newer one of the call is out (a copy sent
+    // after a reconnect, or the next step): that one answers for the call.
+    if (!answer.ok && !latest) return this.superseded()
     try {
-      this.spec.answer(this, answer)
+      this.spec.answer(this, answer, { command, latest })
     } catch (err) {
       this.reject(err)
     }
   }
 
+  /** An answer that settles nothing: a newer message of this call answers for it. */
+  superseded () { this.channel.stats.lateAnswers++ }
+
   reconnected () {
     if (this.done) return
     this.resent = true
-    this.waits = 0 // what the lost connection carried is presumed lost
     if (this.spec.resend) this.spec.resend(this)
     else this.resendLast()
   }
@@ -634,7 +713,15 @@ class Call {
   timedOut () {
     const state = this.state ? ` (state: ${this.state})` : ''
     const task = this.taskId ? ` for task ${this.taskId}` : ''
-    this.reject(new TimeoutError(`${this.what}: no answer${task} within ${this.timeoutMs}ms${state}`, { taskId: this.taskId, state: this.state }))
+    const key = this.spec.key ?? null
+    const keys = this.spec.keys ? this.spec.keys() : null
+    let hint = ''
+    if (this.taskId === null && key !== null) {
+      hint = `; the task may or may not be stored: send it again with key ${JSON.stringify(key)} to find out without a duplicate`
+    } else if (keys !== null) {
+      hint = '; its tasks may or may not be stored: enqueue them again with the same keys (the error\'s keys) to find out without duplicates'
+    }
+    this.reject(new TimeoutError(`${this.what}: no answer${task} within ${this.timeoutMs}ms${state}${hint}`, { taskId: this.taskId, state: this.state, key, keys }))
   }
 
   #finish () {
@@ -642,7 +729,7 @@ class Call {
     for (const timer of this.timers) clearTimeout(timer)
     this.timers.clear()
     if (this.onAbort) this.signal.removeEventListener('abort', this.onAbort)
-    this.channel.forget(this.rid)
+    this.channel.forget(this)
   }
 
   resolve (value) {
@@ -699,6 +786,27 @@ function receipts (answer, own) {
   return ids.map((id, i) => ({ id, existing: existing.has(i) && own[i] }))
 }
 
+// The bytes of the ZBC01 message carrying `meta` (with any rid) and `frames`, as the broker counts them.
+function messageBytes (meta, frames) {
+  return ZBC_HEADER_BYTES + pack({ ...meta, rid: RID_BOUND }).length + frameBytes(frames)
+}
+
+function frameBytes (frames) {
+  let n = 0
+  for (const frame of frames) n += frame.length
+  return n
+}
+
+// The packed size of a msgpack str / of an unsigned int.
+function packedStrBytes (text) {
+  const n = Buffer.byteLength(text, 'utf8')
+  return n + (n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5)
+}
+
+function packedUintBytes (n) {
+  return n < 128 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : n < 2 ** 32 ? 5 : 9
+}
+
 function waitSeconds (ctl, chunkS = WAIT_CHUNK_S) {
   const remaining = ctl.remainingMs()
   if (remaining === Infinity) return chunkS
@@ -706,8 +814,8 @@ function waitSeconds (ctl, chunkS = WAIT_CHUNK_S) {
 }
 
 // A RESULT-shaped answer {id, state, error?} + result frames: settle the call,
-// or ask again while time remains.
-function onResultAnswer (ctl, answer, wantFrames) {
+// or ask again while time remains. `sent` tells which message it answers.
+function onResultAnswer (ctl, answer, wantFrames, sent) {
   const { state, error } = answer.meta
   const id = typeof answer.meta.id === 'string' ? answer.meta.id : ctl.taskId
   if (state === 'done') {
@@ -722,9 +830,9 @@ function onResultAnswer (ctl, answer, wantFrames) {
   ctl.state = state
   if (ctl.taskId === null) ctl.taskId = id
   if (ctl.remainingMs() <= 0) return ctl.timedOut()
-  // Ask again only when no other wait of this call is still held by the broker.
-  ctl.waits = Math.max(0, ctl.waits - 1)
-  if (ctl.waits > 0) return
+  // Ask again only when this answers the newest wait of the call; an older one's
+  // end (a copy, or the REQUEST's own wait after a RESULT went out) changes nothing.
+  if (!sent.latest) return ctl.superseded()
   ctl.later(() => ctl.send(C.RESULT, { id: ctl.taskId, wait_s: waitSeconds(ctl) }), REPOLL_MS)
 }
 
@@ -736,6 +844,8 @@ function camelTask (task) {
     if (TIME_FIELDS.has(key) && typeof value === 'number') {
       // not_before 0 is the broker's "no earliest start"
       out[camel] = key === 'not_before' && value === 0 ? null : new Date(value * 1000)
+    } else if (camel === '__proto__') {
+      Object.defineProperty(out, camel, { value, writable: true, enumerable: true, configurable: true })
     } else {
       out[camel] = value
     }

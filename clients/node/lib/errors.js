@@ -9,13 +9,22 @@ export class ZbrokerError extends Error {
   }
 }
 
-/** A call got no (final) answer in time. `taskId` is set when a task id is known. */
+/**
+ * A call got no (final) answer in time. `taskId` is set when a task id is known.
+ * An enqueue or request that timed out may still have stored its task (its
+ * message may reach the broker later still): `key` (enqueue, request) or `keys`
+ * (enqueueMany: the tasks not known to be stored, in order) hold the
+ * idempotency keys it was sent with, so enqueueing again with them finds out,
+ * without a duplicate, whether the task was stored.
+ */
 export class TimeoutError extends ZbrokerError {
-  constructor (message, { taskId = null, state = null } = {}) {
+  constructor (message, { taskId = null, state = null, key = null, keys = null } = {}) {
     super(message)
     this.code = 'timeout'
     this.taskId = taskId
     this.state = state
+    this.key = key
+    this.keys = keys
   }
 }
 

@@ -3,7 +3,7 @@
 // events. Pure functions: no sockets, no clock, no state. The reference is the
 // Python codecs in zbroker/protocol/ and docs/protocol.md.
 
-import { Decoder, Encoder } from '@msgpack/msgpack'
+import { Encoder, ExtensionCodec } from '@msgpack/msgpack'
 import { ProtocolError } from './errors.js'
 
 export const DEFAULT_ENDPOINT = 'tcp://127.0.0.1:5555'
@@ -18,7 +18,6 @@ export const EMPTY = Buffer.alloc(0)
 // msgpack int and every other number as float64. Keys whose value is
 // `undefined` are left out, so optional fields are simply absent.
 const encoder = new Encoder({ ignoreUndefined: true })
-const decoder = new Decoder()
 
 /** msgpack-encode `value` into a Buffer (copied, so it may be kept). */
 export function pack (value) {
@@ -26,12 +25,188 @@ export function pack (value) {
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
 }
 
-/** Decode one msgpack value; a ProtocolError for anything that is not msgpack. */
+/**
+ * Decode one msgpack value; a ProtocolError for anything that is not msgpack
+ * (invalid UTF-8 in a str included, as Python's decoder refuses it).
+ */
 export function unpack (frame, what = 'metadata') {
   try {
-    return decoder.decode(frame)
+    return decodeMsgpack(frame)
   } catch (err) {
     throw new ProtocolError('bad_meta', `${what} is not msgpack: ${err.message}`)
+  }
+}
+
+// The decoder is our own rather than @msgpack/msgpack's, which refuses a map key
+// "__proto__" (valid msgpack that free-form headers and payloads may carry) and
+// decodes invalid UTF-8 without complaint. Values come out as that library gives
+// them: maps as plain objects (keys str or int), bin as a Buffer sharing the
+// frame's memory, ints beyond 2^53 as the nearest number, ext -1 as a Date and
+// other exts as ExtData. A key "__proto__" becomes an own, ordinary property
+// (never the object's prototype). Nesting is capped at 1024 levels, as in
+// msgpack-python.
+const MAX_DEPTH = 1024
+const SHORT_STR = 64 // strings up to this many bytes are tried as ASCII first
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+const extensions = ExtensionCodec.defaultCodec
+// Recently decoded map keys of 1..16 bytes, by length: decoding a key is mostly a lookup.
+const KEY_CACHE_SIZE = 16
+const keyCache = Array.from({ length: 16 }, () => [])
+
+/** Decode exactly one msgpack value from `input` (a Buffer or Uint8Array); throws on anything else. */
+export function decodeMsgpack (input) {
+  const buf = Buffer.isBuffer(input) ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength)
+  const reader = new MsgpackReader(buf)
+  const value = reader.value(0)
+  if (reader.pos !== buf.length) throw new RangeError(`${buf.length - reader.pos} extra byte(s) after the value`)
+  return value
+}
+
+class MsgpackReader {
+  constructor (buf) {
+    this.buf = buf
+    this.pos = 0
+  }
+
+  // Step over `n` bytes; their offset.
+  take (n) {
+    const start = this.pos
+    if (start + n > this.buf.length) throw new RangeError('truncated msgpack data')
+    this.pos = start + n
+    return start
+  }
+
+  value (depth) {
+    const buf = this.buf
+    if (this.pos >= buf.length) throw new RangeError('truncated msgpack data')
+    const b = buf[this.pos++]
+    if (b < 0x80) return b
+    if (b >= 0xe0) return b - 0x100
+    if (b < 0x90) return this.map(b & 0x0f, depth)
+    if (b < 0xa0) return this.array(b & 0x0f, depth)
+    if (b < 0xc0) return this.str(b & 0x1f)
+    let at
+    switch (b) {
+      case 0xc0: return null
+      case 0xc2: return false
+      case 0xc3: return true
+      case 0xc4: at = this.take(1); return this.bin(buf[at])
+      case 0xc5: at = this.take(2); return this.bin(buf.readUInt16BE(at))
+      case 0xc6: at = this.take(4); return this.bin(buf.readUInt32BE(at))
+      case 0xc7: at = this.take(1); return this.ext(buf[at])
+      case 0xc8: at = this.take(2); return this.ext(buf.readUInt16BE(at))
+      case 0xc9: at = this.take(4); return this.ext(buf.readUInt32BE(at))
+      case 0xca: at = this.take(4); return buf.readFloatBE(at)
+      case 0xcb: at = this.take(8); return buf.readDoubleBE(at)
+      case 0xcc: at = this.take(1); return buf[at]
+      case 0xcd: at = this.take(2); return buf.readUInt16BE(at)
+      case 0xce: at = this.take(4); return buf.readUInt32BE(at)
+      case 0xcf: at = this.take(8); return buf.readUInt32BE(at) * 4294967296 + buf.readUInt32BE(at + 4)
+      case 0xd0: at = this.take(1); return buf.readInt8(at)
+      case 0xd1: at = this.take(2); return buf.readInt16BE(at)
+      case 0xd2: at = this.take(4); return buf.readInt32BE(at)
+      case 0xd3: at = this.take(8); return buf.readInt32BE(at) * 4294967296 + buf.readUInt32BE(at + 4)
+      case 0xd4: return this.ext(1)
+      case 0xd5: return this.ext(2)
+      case 0xd6: return this.ext(4)
+      case 0xd7: return this.ext(8)
+      case 0xd8: return this.ext(16)
+      case 0xd9: at = this.take(1); return this.str(buf[at])
+      case 0xda: at = this.take(2); return this.str(buf.readUInt16BE(at))
+      case 0xdb: at = this.take(4); return this.str(buf.readUInt32BE(at))
+      case 0xdc: at = this.take(2); return this.array(buf.readUInt16BE(at), depth)
+      case 0xdd: at = this.take(4); return this.array(buf.readUInt32BE(at), depth)
+      case 0xde: at = this.take(2); return this.map(buf.readUInt16BE(at), depth)
+      case 0xdf: at = this.take(4); return this.map(buf.readUInt32BE(at), depth)
+      default: throw new RangeError('0xc1 is not a msgpack type')
+    }
+  }
+
+  str (n) {
+    const start = this.take(n)
+    const end = start + n
+    const buf = this.buf
+    if (n <= SHORT_STR) {
+      let out = ''
+      for (let i = start; i < end; i++) {
+        const c = buf[i]
+        if (c >= 0x80) return decodeUtf8(buf, start, end)
+        out += String.fromCharCode(c)
+      }
+      return out
+    }
+    return decodeUtf8(buf, start, end)
+  }
+
+  // A map key: a fixstr of 1..16 bytes through the key cache, anything else as a value.
+  key (depth) {
+    const buf = this.buf
+    const b = this.pos < buf.length ? buf[this.pos] : 0
+    if (b < 0xa1 || b > 0xb0) return this.value(depth)
+    const n = b & 0x1f
+    const start = this.pos + 1
+    const end = start + n
+    if (end > buf.length) throw new RangeError('truncated msgpack data')
+    const records = keyCache[n - 1]
+    next: for (let r = 0; r < records.length; r++) {
+      const bytes = records[r].bytes
+      for (let j = 0; j < n; j++) if (bytes[j] !== buf[start + j]) continue next
+      this.pos = end
+      return records[r].str
+    }
+    this.pos = start
+    const str = this.str(n) // validated: only valid UTF-8 is cached
+    const record = { bytes: Uint8Array.prototype.slice.call(buf, start, end), str }
+    if (records.length < KEY_CACHE_SIZE) records.push(record)
+    else records[(Math.random() * KEY_CACHE_SIZE) | 0] = record
+    return str
+  }
+
+  bin (n) {
+    const start = this.take(n)
+    return this.buf.subarray(start, start + n)
+  }
+
+  ext (n) {
+    const type = this.buf.readInt8(this.take(1))
+    const start = this.take(n)
+    return extensions.decode(this.buf.subarray(start, start + n), type, undefined)
+  }
+
+  array (n, depth) {
+    if (depth >= MAX_DEPTH) throw new RangeError(`msgpack data nested deeper than ${MAX_DEPTH} levels`)
+    if (n > this.buf.length - this.pos) throw new RangeError('truncated msgpack data') // 1+ byte per element
+    const out = new Array(n)
+    for (let i = 0; i < n; i++) out[i] = this.value(depth + 1)
+    return out
+  }
+
+  map (n, depth) {
+    if (depth >= MAX_DEPTH) throw new RangeError(`msgpack data nested deeper than ${MAX_DEPTH} levels`)
+    if (n * 2 > this.buf.length - this.pos) throw new RangeError('truncated msgpack data') // 2+ bytes per entry
+    const out = {}
+    for (let i = 0; i < n; i++) {
+      const key = this.key(depth + 1)
+      if (typeof key !== 'string' && typeof key !== 'number') {
+        throw new TypeError(`a map key must be a str or an int, got ${key === null ? 'nil' : describe(key)}`)
+      }
+      const value = this.value(depth + 1)
+      if (key === '__proto__') {
+        // Assigning would set the object's prototype: define an own property instead.
+        Object.defineProperty(out, key, { value, writable: true, enumerable: true, configurable: true })
+      } else {
+        out[key] = value
+      }
+    }
+    return out
+  }
+}
+
+function decodeUtf8 (buf, start, end) {
+  try {
+    return strictUtf8.decode(buf.subarray(start, end))
+  } catch {
+    throw new TypeError('a str is not valid UTF-8')
   }
 }
 
@@ -371,13 +546,24 @@ function rowsToPayloads (fields, rows) {
  */
 export function decodeEvents (frames) {
   if (frames.length !== 2) throw new ProtocolError('bad_event', `an event has 2 frames, got ${frames.length}`)
-  const envelope = unpack(frames[1], 'event envelope')
+  let envelope
+  try {
+    envelope = decodeMsgpack(frames[1])
+  } catch (err) {
+    throw new ProtocolError('bad_event', `event envelope is not msgpack: ${err.message}`)
+  }
   if (!isPlainMap(envelope)) throw new ProtocolError('bad_event', 'envelope is not a map')
   const { type, source = '', timestamp = 0 } = envelope
   if (typeof type !== 'string' || typeof source !== 'string') {
     throw new ProtocolError('bad_event', 'type and source must be strings')
   }
   if (typeof timestamp !== 'number') throw new ProtocolError('bad_event', 'timestamp must be a number')
+  // Finite, as §6 says. An int of 2^53 or more cannot be held exactly: Python reads
+  // it as infinite and drops the event, and so do we (a float that large, a date
+  // past the year 285 million, cannot be told from one once decoded).
+  if (!Number.isFinite(timestamp) || (Number.isInteger(timestamp) && Math.abs(timestamp) >= 2 ** 53)) {
+    throw new ProtocolError('bad_event', 'timestamp must be a finite number')
+  }
   let payloads
   const forms = ['payload', 'payloads', 'rows'].filter((key) => Object.hasOwn(envelope, key))
   if (forms.length > 1) {

@@ -36,15 +36,18 @@ class FakeZbcBroker {
   }
 
   async #loop (router) {
-    for await (const [identity, , header, command, meta, ...frames] of router) {
-      this.inbox.push({ identity, header: header.toString(), command: command[0], meta: unpack(meta), frames: frames.map(String) })
+    for await (const message of router) {
+      const [identity, , header, command, meta, ...frames] = message
+      // `bytes`: the whole message as the broker counts it against its cap, routing id included
+      const bytes = message.reduce((n, f) => n + f.length, 0)
+      this.inbox.push({ identity, header: header.toString(), command: command[0], meta: unpack(meta), frames: frames.map(String), bytes })
       for (const wake of [...this.waiters]) wake()
     }
   }
 
-  next (command, timeoutMs = 5000) {
+  next (command, timeoutMs = 5000, match = () => true) {
     const take = () => {
-      const i = this.inbox.findIndex((m) => m.command === command)
+      const i = this.inbox.findIndex((m) => m.command === command && match(m))
       return i < 0 ? undefined : this.inbox.splice(i, 1)[0]
     }
     const found = take()
@@ -136,7 +139,7 @@ test('request: ids first, a wait that runs out is resumed with RESULT, then the 
   await broker.reply(call, { ids: ['t9'] })
   await broker.reply(call, { id: 't9', state: 'inflight' }) // the broker's wait ran out
   const again = await broker.next(CALL.RESULT)
-  assert.equal(again.meta.rid, call.meta.rid)
+  assert.notEqual(again.meta.rid, call.meta.rid) // every message of a call has a rid of its own
   assert.equal(again.meta.id, 't9')
   assert.ok(again.meta.wait_s > 0)
   await broker.reply(again, { id: 't9', state: 'done' }, 'the answer')
@@ -213,7 +216,7 @@ test('after the broker comes back on the same endpoint, waiting calls are resent
 
   second = await new FakeZbcBroker().bind(endpoint)
   const e2 = await second.next(CALL.ENQUEUE)
-  assert.equal(e2.meta.rid, e1.meta.rid)
+  assert.notEqual(e2.meta.rid, e1.meta.rid) // a new rid: an answer to the first send is told apart
   assert.equal(e2.meta.key, 'k1') // same key: the broker cannot store it twice
   await second.reply(e2, { ids: ['t1'], existing: [0] })
   assert.equal(await enqueued, 't1')
@@ -384,4 +387,229 @@ test('enqueueMany of one payload sends keys and counts (with or without receipt)
   await assert.rejects(client.enqueueMany('svc', ['only'], { key: 'k' }), /keys/)
   await assert.rejects(client.enqueue('svc', 'x', { receipt: 'yes' }), TypeError)
   await assert.rejects(client.request('svc', 'x', { receipt: true }), /unknown option "receipt"/) // enqueue only
+})
+
+// ------------------------------------------------------------ duplicates: a call answered twice
+
+// Calls made while the broker is away reach it twice once it is back: libzmq
+// delivers what was queued meanwhile, and the client sends every waiting call
+// again after the reconnect (it cannot know what the lost connection took).
+// `makeCalls(client)` makes the calls; the broker that comes back is returned.
+async function whileAway (t, makeCalls, options) {
+  const first = await new FakeZbcBroker().bind()
+  const endpoint = first.endpoint
+  const client = new Client(endpoint, { timeoutMs: 10_000, ...options })
+  let second = null
+  t.after(() => {
+    client.close()
+    first.close()
+    second?.close()
+  })
+  const warm = client.status('warm') // opens the connection
+  await first.reply(await first.next(CALL.STATUS), { task: { id: 'warm' } })
+  await warm
+  first.close()
+  await sleep(300) // the client has seen the connection go
+  const calls = makeCalls(client)
+  await sleep(50)
+  second = await new FakeZbcBroker().bind(endpoint)
+  return { client, broker: second, calls }
+}
+
+// Both copies of one call (the same idempotency key or task id), in the order they came.
+async function bothCopies (broker, command, match = () => true) {
+  const a = await broker.next(command, 5000, match)
+  const b = await broker.next(command, 5000, match)
+  return [a, b]
+}
+
+test('request made while the broker is away: the copy\'s acceptance is ignored once the task id is known', async (t) => {
+  const { client, broker, calls: [pending] } = await whileAway(t, (c) => [c.request('svc', 'x')])
+  const [a, b] = await bothCopies(broker, CALL.REQUEST)
+  assert.equal(a.meta.key, b.meta.key) // the same task: the broker stores it once
+  await broker.reply(a, { ids: ['t1'] })
+  await broker.reply(b, { ids: ['t1'], existing: [0] }) // the key matched the first copy's task
+  // Both waits run out: only the newest one's end leads to a RESULT.
+  await broker.reply(a, { id: 't1', state: 'ready' })
+  await broker.reply(b, { id: 't1', state: 'ready' })
+  const poll = await broker.next(CALL.RESULT)
+  assert.equal(poll.meta.id, 't1')
+  await sleep(100)
+  assert.equal(broker.inbox.length, 0, 'one RESULT, no more')
+  await broker.reply(poll, { id: 't1', state: 'done' }, 'the result')
+  assert.equal((await pending).toString(), 'the result')
+  assert.ok(client.stats.resends >= 1)
+  assert.equal(client.stats.lateAnswers, 2) // the copy's acceptance, the older wait's end
+  assert.notEqual(a.meta.rid, b.meta.rid) // every message has a rid of its own
+})
+
+test('two answers to each call made while the broker was away, in any order: settled once, never misread', async (t) => {
+  const { client, broker, calls } = await whileAway(t, (c) => [
+    c.enqueue('svc', 'x', { key: 'ka', receipt: true }),
+    c.enqueue('svc', 'y', { key: 'kb' }),
+    c.result('t1'),
+    c.status('t2'),
+    c.cancel('t3'),
+    c.deadLetters('svc'),
+    c.redrive('svc')
+  ])
+  const byKey = (key) => (m) => m.meta.key === key
+  // ENQUEUE: the older copy refused (the queue was full then), the newer one stored.
+  const [ea1, ea2] = await bothCopies(broker, CALL.ENQUEUE, byKey('ka'))
+  await broker.error(ea1, 'queue_full', 'full')
+  await broker.reply(ea2, { ids: ['ta'] })
+  // ENQUEUE: both stored it (the second found the first one's task by key).
+  const [eb1, eb2] = await bothCopies(broker, CALL.ENQUEUE, byKey('kb'))
+  await broker.reply(eb1, { ids: ['tb'] })
+  await broker.reply(eb2, { ids: ['tb'], existing: [0] })
+  // RESULT: the older wait ran out (not final), the newer one saw the end.
+  const [r1, r2] = await bothCopies(broker, CALL.RESULT)
+  await broker.reply(r1, { id: 't1', state: 'ready' })
+  await broker.reply(r2, { id: 't1', state: 'done' }, 'one')
+  // STATUS: the first answer is the call's.
+  const [s1, s2] = await bothCopies(broker, CALL.STATUS)
+  await broker.reply(s1, { task: { id: 't2', state: 'ready' } })
+  await broker.reply(s2, { task: { id: 't2', state: 'inflight' } })
+  // CANCEL: the newer copy's conflict comes first, the client checks with STATUS,
+  // then the older copy's success arrives: that is the call's answer.
+  const [c1, c2] = await bothCopies(broker, CALL.CANCEL)
+  await broker.error(c2, 'conflict', 'task t3 already cancelled')
+  const check = await broker.next(CALL.STATUS)
+  await broker.reply(c1, { id: 't3', state: 'cancelled', was: 'inflight' })
+  await broker.reply(check, { task: { id: 't3', state: 'cancelled' } })
+  // DEAD: the older copy refused, the newer one answered.
+  const [d1, d2] = await bothCopies(broker, CALL.DEAD)
+  await broker.error(d1, 'unavailable', 'journal failure')
+  await broker.reply(d2, { tasks: [], next: null })
+  // REDRIVE: the first moved the task, the second found nothing left to move.
+  const [x1, x2] = await bothCopies(broker, CALL.REDRIVE)
+  await broker.reply(x1, { ids: ['t4'] })
+  await broker.reply(x2, { ids: [] })
+
+  const [a, b, result, status, cancelled, dead, redriven] = await Promise.all(calls)
+  assert.deepEqual(a, { id: 'ta', existing: false })
+  assert.equal(b, 'tb')
+  assert.equal(result.toString(), 'one')
+  assert.equal(status.state, 'ready')
+  assert.deepEqual(cancelled, { id: 't3', state: 'cancelled', was: 'inflight' })
+  assert.deepEqual(dead, { tasks: [], next: null })
+  assert.deepEqual(redriven, ['t4'])
+  await sleep(100)
+  assert.deepEqual(broker.inbox.map((m) => m.command), [], 'nothing more was asked')
+  assert.equal(client.stats.lateAnswers, 7)
+})
+
+// ------------------------------------------------------------ a decoder that takes any valid msgpack
+
+test('a "__proto__" key in an answer (task headers) is an own property; nothing is polluted', async (t) => {
+  const { broker, client } = await setup(t)
+  const headers = JSON.parse('{"__proto__": {"polluted": true}, "reply_to": "a"}')
+  const pending = client.status('t1', { timeoutMs: 2000 })
+  await broker.reply(await broker.next(CALL.STATUS), { task: { id: 't1', state: 'ready', headers } })
+  const status = await pending
+  assert.ok(Object.hasOwn(status.headers, '__proto__'))
+  assert.deepEqual(status.headers.__proto__, { polluted: true }) // eslint-disable-line no-proto
+  assert.equal(Object.getPrototypeOf(status.headers), Object.prototype)
+  assert.equal(status.headers.reply_to, 'a')
+  assert.equal({}.polluted, undefined)
+  assert.equal(client.stats.malformed, 0)
+})
+
+// ------------------------------------------------------------ a timed-out enqueue names its keys
+
+test('TimeoutError of enqueue, request and enqueueMany carries the idempotency keys sent', async (t) => {
+  const { broker, client } = await setup(t, { maxFrames: 7 }) // 2 payload frames per message
+  const one = client.enqueue('svc', 'x', { timeoutMs: 100 })
+  const sent = await broker.next(CALL.ENQUEUE)
+  const err = await one.catch((e) => e)
+  assert.ok(err instanceof TimeoutError)
+  assert.equal(err.key, sent.meta.key) // generated, and named so a retry cannot duplicate
+  assert.equal(err.keys, null)
+  assert.ok(err.message.includes(sent.meta.key))
+
+  const mine = client.enqueue('svc', 'x', { key: 'k1', timeoutMs: 50 })
+  await broker.next(CALL.ENQUEUE)
+  assert.equal((await mine.catch((e) => e)).key, 'k1')
+
+  const req = client.request('svc', 'x', { timeoutMs: 100 })
+  const reqSent = await broker.next(CALL.REQUEST)
+  const reqErr = await req.catch((e) => e)
+  assert.ok(reqErr instanceof TimeoutError)
+  assert.equal(reqErr.taskId, null)
+  assert.equal(reqErr.key, reqSent.meta.key)
+
+  const many = client.enqueueMany('svc', ['a', 'b', 'c', 'd', 'e'], { keys: [null, 'kb', null, 'kd', null], timeoutMs: 200 })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t1', 't2'] })
+  const unanswered = await broker.next(CALL.ENQUEUE)
+  const manyErr = await many.catch((e) => e)
+  assert.ok(manyErr instanceof TimeoutError)
+  assert.deepEqual(manyErr.enqueuedIds, ['t1', 't2'])
+  // The keys of every task not known to be stored: the unanswered message's, then the unsent ones'.
+  assert.equal(manyErr.keys.length, 3)
+  assert.deepEqual(manyErr.keys.slice(0, 2), unanswered.meta.keys)
+  assert.equal(manyErr.keys[1], 'kd')
+  assert.equal(manyErr.key, null)
+})
+
+// ------------------------------------------------------------ message size: refused before it is sent
+
+test('an enqueue or request over maxMessageBytes is refused with too_large and never sent', async (t) => {
+  const cap = 4096
+  const { broker, client } = await setup(t, { maxMessageBytes: cap })
+  for (const call of [
+    () => client.enqueue('svc', Buffer.alloc(cap)),
+    () => client.request('svc', ['a', Buffer.alloc(cap)]),
+    () => client.enqueue('svc', 'x', { headers: { blob: 'y'.repeat(cap) } }),
+    () => client.enqueueMany('svc', ['a', Buffer.alloc(cap), 'b']) // one payload too large: nothing sent
+  ]) {
+    const err = await call().catch((e) => e)
+    assert.ok(err instanceof BrokerError, String(err))
+    assert.equal(err.code, 'too_large')
+    assert.match(err.message, /maxMessageBytes/)
+  }
+  await sleep(100)
+  assert.deepEqual(broker.inbox, [])
+  assert.equal(client.stats.calls, 0)
+
+  // The largest payload that fits is sent, and its message is within the cap as the broker counts it.
+  const meta = pack({ key: 'k', service: 'svc', rid: Number.MAX_SAFE_INTEGER })
+  const largest = cap - (5 + 5 + 1 + meta.length)
+  const fits = client.enqueue('svc', Buffer.alloc(largest), { key: 'k' })
+  const m = await broker.next(CALL.ENQUEUE)
+  assert.ok(m.bytes <= cap)
+  await broker.reply(m, { ids: ['t1'] })
+  assert.equal(await fits, 't1')
+  await assert.rejects(client.enqueue('svc', Buffer.alloc(largest + 1), { key: 'k' }), (e) => e.code === 'too_large')
+})
+
+test('enqueueMany counts keys and headers: every message within maxMessageBytes, none far below', async (t) => {
+  const cap = 256 * 1024
+  const { broker, client } = await setup(t, { maxMessageBytes: cap })
+  const check = async (pending, n) => {
+    const ids = []
+    const sizes = []
+    while (ids.length < n) {
+      const m = await broker.next(CALL.ENQUEUE)
+      sizes.push(m.bytes)
+      const chunk = m.meta.counts.map((_, i) => `t${ids.length + i}`)
+      ids.push(...chunk)
+      await broker.reply(m, { ids: chunk })
+    }
+    assert.deepEqual(await pending, ids)
+    for (const [i, size] of sizes.entries()) {
+      assert.ok(size <= cap, `message ${i}: ${size} bytes > ${cap}`)
+      if (i < sizes.length - 1) assert.ok(size > cap - 1024, `message ${i}: ${size} bytes, far below the cap`)
+    }
+    return sizes
+  }
+  // Long keys: 200-byte keys with 100-byte payloads (the keys are two thirds of the meta frame).
+  const n = 2000
+  const keys = Array.from({ length: n }, (_, i) => `k${i}:` + 'x'.repeat(200))
+  const sizes = await check(client.enqueueMany('svc', Array.from({ length: n }, () => Buffer.alloc(100)), { keys }), n)
+  assert.ok(sizes.length >= 2)
+  // Large headers (shared by every task, in every message): 100 KiB of them.
+  await check(client.enqueueMany('svc', Array.from({ length: n }, () => Buffer.alloc(100)), { headers: { blob: 'y'.repeat(100 * 1024) } }), n)
+  // Non-ASCII keys count in UTF-8 bytes.
+  const wide = Array.from({ length: n }, (_, i) => `ключ-${i}-` + 'ж'.repeat(60))
+  await check(client.enqueueMany('svc', Array.from({ length: n }, () => Buffer.alloc(50)), { keys: wide }), n)
 })

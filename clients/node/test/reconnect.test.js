@@ -4,7 +4,7 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Client, Worker } from '../index.js'
-import { startBroker, waitUntil } from '../testlib/broker.js'
+import { sleep, startBroker, waitUntil } from '../testlib/broker.js'
 
 let broker
 const closers = []
@@ -77,4 +77,39 @@ test('an enqueue made while the broker is down is delivered once it is back', as
   assert.equal((await client.result(id)).toString(), 'queued while down')
   const { tasks } = await client.deadLetters('offline')
   assert.deepEqual(tasks, [])
+})
+
+test('a request() made while the broker is down resolves once it is back (its copy is answered too, harmlessly)', async () => {
+  const client = newClient({ timeoutMs: 20_000 })
+  assert.equal(typeof (await client.enqueue('down-req', 'warm-up')), 'string')
+  await broker.kill()
+  await sleep(300) // the client has seen the connection go
+  const pending = client.request('down-req', 'asked while down')
+  await broker.start()
+  const worker = startWorker('down-req', (task) => `ok:${task.payload}`)
+  await worker.start()
+  assert.equal((await pending).toString(), 'ok:asked while down')
+  assert.equal(worker.stats.handled, 2) // the warm-up and this one: the copy did not make a second task
+  assert.equal(client.stats.malformed, 0)
+})
+
+test('an enqueue that timed out while the broker was down names its key: enqueueing again with it finds the stored task', async () => {
+  const client = newClient({ timeoutMs: 20_000 })
+  assert.equal(typeof (await client.enqueue('ghost', 'warm-up')), 'string')
+  await broker.kill()
+  const err = await client.enqueue('ghost', 'A', { timeoutMs: 300 }).catch((e) => e)
+  assert.equal(err.name, 'TimeoutError')
+  assert.equal(typeof err.key, 'string')
+  const batchErr = await client.enqueueMany('ghost', ['B', 'C'], { timeoutMs: 300 }).catch((e) => e)
+  assert.equal(batchErr.name, 'TimeoutError')
+  assert.equal(batchErr.keys.length, 2)
+  await broker.start()
+  // libzmq still delivers the messages of the ended calls once the broker is back:
+  // a retry with the keys finds those tasks instead of storing them twice.
+  const again = await client.enqueue('ghost', 'A', { key: err.key, receipt: true })
+  const batchAgain = await client.enqueueMany('ghost', ['B', 'C'], { keys: batchErr.keys, receipt: true })
+  const status = await client.status(again.id)
+  assert.equal(status.key, err.key)
+  assert.deepEqual(batchAgain.map((r) => r.existing), [true, true])
+  assert.equal(again.existing, true)
 })

@@ -212,3 +212,22 @@ test('an AbortSignal rejects a waiting call with its reason', async () => {
   await assert.rejects(pending, /not interested any more/)
   await assert.rejects(client.status(id, { signal: AbortSignal.abort() }), { name: 'AbortError' })
 })
+
+test('headers with a "__proto__" key (valid msgpack) reach the worker and come back in status() as an own property', async () => {
+  const headers = JSON.parse('{"__proto__": {"polluted": true}, "reply_to": "x.y"}')
+  let seen = null
+  await startWorker('proto', (task) => {
+    seen = task.headers
+    return 'ok'
+  })
+  const id = await client.enqueue('proto', 'x', { headers })
+  assert.equal((await client.result(id)).toString(), 'ok')
+  for (const [what, got] of [['worker', seen], ['status', (await client.status(id)).headers]]) {
+    assert.ok(Object.hasOwn(got, '__proto__'), what)
+    assert.deepEqual(Object.getOwnPropertyDescriptor(got, '__proto__').value, { polluted: true }, what)
+    assert.equal(Object.getPrototypeOf(got), Object.prototype, what)
+    assert.equal(got.reply_to, 'x.y', what)
+  }
+  assert.equal({}.polluted, undefined)
+  assert.equal(client.stats.malformed, 0)
+})
