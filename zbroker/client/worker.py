@@ -48,11 +48,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
-from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, check_message_bytes
+from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAMES, check_message_bytes
 from zbroker.client.errors import (
     ClientError,
     NonRetryableError,
@@ -83,7 +83,7 @@ _MAX_DRAIN = 1000
 
 
 # Result (or progress) frames per message: the cap less routing id, "", ZBW01, command, meta.
-_MAX_FRAMES = 16_384 - 5
+_MAX_FRAMES = MAX_FRAMES - 5
 # Room kept in every message for what is not result bytes: the routing id (up to 255
 # bytes), the delimiter, header and command frames, and the meta map's own header.
 _MESSAGE_OVERHEAD = 512
@@ -593,7 +593,7 @@ class Worker:
         )
         return _Outcome(task, None, reason, retry=False)
 
-    def _too_large(self, task: Task, frames: tuple[bytes, ...]) -> str | None:
+    def _too_large(self, task: Task, frames: Sequence[bytes]) -> str | None:
         """Why `frames` cannot be one DONE the broker accepts, or None if they can."""
         if len(frames) > _MAX_FRAMES:
             return (
@@ -844,7 +844,6 @@ class _Pending:
     frames: list[bytes]
     stat: str  # the WorkerStats counter it adds `n` to as it goes out
     n: int
-    counted: bool = False
 
 
 _OUTCOME_STATS = ("handled", "failed")
@@ -989,19 +988,17 @@ class _Link:
         dealer = self._dealer
         assert dealer is not None
         outbox = self._outbox
+        bump = self._worker._bump
         while outbox:
             item = outbox[0]
-            if not item.counted:
-                # Counted just before it goes, so that whoever gets the result also
-                # sees the count; and only once the socket will take it, so that
-                # nothing waiting here is counted as sent.
-                if not cast(int, dealer.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
-                    break
-                item.counted = True
-                self._worker._bump(item.stat, item.n)
+            # Counted just before it goes, so that whoever gets the result also sees
+            # the count; taken back if the socket refuses it, so that nothing waiting
+            # here is counted as sent.
+            bump(item.stat, item.n)
             try:
                 dealer.send_multipart(item.frames, zmq.NOBLOCK)
             except zmq.Again:
+                bump(item.stat, -item.n)
                 break
             outbox.popleft()
             self._sent()
@@ -1108,9 +1105,7 @@ class _Link:
         broker is behind, so that it never holds back an outcome."""
         w = self._worker
         task, data = report.task, report.data
-        if len(data) > _MAX_FRAMES or _entry_bytes(task.id, sum(map(len, data))) > (
-            w._results_budget
-        ):
+        if w._too_large(task, data) is not None:
             w._bump("progress_dropped")
             logger.warning(
                 "worker %r: progress of task %s dropped: over the broker's message cap",

@@ -491,7 +491,6 @@ class DurableTasks:
             self.stats.tasks_cancelled += 1
             self._history(record, "purged", epoch)
             self._finish(record, CANCELLED, epoch, "purged by an operator")
-        service = self.services.get(msg.service.encode())  # may be gone once empty
         more = service is not None and service.waiting_count > 0
         if records:
             log.warning("%d waiting task(s) of %s purged", len(records), msg.service)

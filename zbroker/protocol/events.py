@@ -98,7 +98,7 @@ def encode_rows(
     envelope = _envelope(
         type, source, float(timestamp), "fields", list(fields), correlation_id, reply_to
     )
-    envelope["rows"] = [list(row) for row in rows]
+    envelope["rows"] = rows  # tuples pack as arrays, as lists do
     return _encode(type, envelope)
 
 
