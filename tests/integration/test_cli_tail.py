@@ -79,8 +79,8 @@ def test_tail_refuses_a_bad_endpoint() -> None:
 def test_tail_shows_events_no_clock_or_json_can_hold_and_keeps_going(
     broker: BrokerProcess,
 ) -> None:
-    # Given a publisher of events with a timestamp beyond any clock, a payload holding
-    # a msgpack timestamp and a NaN, and a well-formed event after them
+    # Given a publisher of an event with a timestamp beyond any clock and a payload
+    # holding a msgpack timestamp and a NaN, sent until the tail has printed two
     tail = start_tail(broker, "odd.", "--count", "2")
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.linger = 0

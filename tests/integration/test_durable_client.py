@@ -236,4 +236,5 @@ def test_batches_with_long_keys_and_headers_fit_a_small_cap(
     # And one task that cannot fit is refused by the client, before the wire
     with pytest.raises(MessageTooLarge):
         client.enqueue("long", b"x" * (1 << 20))
-    assert client.enqueue("long", b"small") is not None  # the client carries on
+    carried_on = client.enqueue("long", b"small")  # the client carries on
+    assert client.status(carried_on).state is TaskState.READY

@@ -282,21 +282,26 @@ def fake(zmq_ctx: Ctx) -> FakeBroker:
     return FakeBroker(zmq_ctx, "inproc://fake-broker")
 
 
-@pytest.fixture
-def make_worker(fake: FakeBroker, zmq_ctx: Ctx) -> Iterator[Callable[..., Worker]]:
-    """Start workers on the fake broker's endpoint; all are stopped before the sockets close."""
+def worker_maker(endpoint: str, ctx: Ctx) -> Iterator[Callable[..., Worker]]:
+    """For a fixture: yields make(handler, **kw), which starts a worker of "svc" on
+    `endpoint`; all are stopped when the fixture ends, before the sockets close."""
     workers: list[Worker] = []
 
     def make(handler: Handler, **kw: Any) -> Worker:
         # A long interval: the fake broker does not heartbeat on its own.
         kw.setdefault("heartbeat_interval_s", 5.0)
-        worker = Worker(fake.endpoint, "svc", handler, context=zmq_ctx, **kw)
+        worker = Worker(endpoint, "svc", handler, context=ctx, **kw)
         workers.append(worker)
         return worker.start()
 
     yield make
     for worker in workers:
         worker.stop(timeout_s=2)
+
+
+@pytest.fixture
+def make_worker(fake: FakeBroker, zmq_ctx: Ctx) -> Iterator[Callable[..., Worker]]:
+    yield from worker_maker(fake.endpoint, zmq_ctx)
 
 
 def test_connected_only_once_the_broker_greets(

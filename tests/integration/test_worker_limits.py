@@ -20,14 +20,13 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any
 
 import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from tests.integration.test_worker import Ctx, FakeBroker
-from zbroker.client import Handler, Task, TaskDead, Worker
+from tests.integration.test_worker import Ctx, FakeBroker, worker_maker
+from zbroker.client import Task, TaskDead, Worker
 from zbroker.client.errors import DEFAULT_HWM
 from zbroker.protocol import ext
 
@@ -144,18 +143,7 @@ def fake(zmq_ctx: Ctx) -> RawFake:
 
 @pytest.fixture
 def make_worker(fake: RawFake, zmq_ctx: Ctx) -> Iterator[Callable[..., Worker]]:
-    """Start workers on the fake broker's endpoint; all are stopped before the sockets close."""
-    workers: list[Worker] = []
-
-    def make(handler: Handler, **kw: Any) -> Worker:
-        kw.setdefault("heartbeat_interval_s", 5.0)  # the fake does not heartbeat
-        worker = Worker(fake.endpoint, "svc", handler, context=zmq_ctx, **kw)
-        workers.append(worker)
-        return worker.start()
-
-    yield make
-    for worker in workers:
-        worker.stop(timeout_s=2)
+    yield from worker_maker(fake.endpoint, zmq_ctx)
 
 
 def send_tasks(fake: RawFake, identity: bytes, n: int) -> None:
@@ -248,18 +236,27 @@ def read_until(fake: RawFake, kind: type[ext.WorkerMessage]) -> list[ext.WorkerM
             return seen
 
 
-def test_a_result_held_back_by_a_full_send_queue_still_reaches_the_broker(
-    fake: RawFake, make_worker: Callable[..., Worker]
-) -> None:
-    # Given a handler flooding progress at a broker that reads nothing meanwhile
+def flooded(fake: RawFake, make_worker: Callable[..., Worker]) -> Worker:
+    """A worker whose one task flooded progress at the fake, which read nothing: its
+    handler has returned, and its result waits behind a full send queue."""
     worker = make_worker(flood)
     identity = fake.register()
     fake.send_task(identity, "t1", 1, b"job")
     stats = worker.stats
     wait_until(lambda: stats.progress_sent + stats.progress_dropped == FLOOD, timeout_s=10)
     wait_until(lambda: worker.running == 0, timeout_s=10)
-    # Then the result waits, not counted as sent, and the progress that found no room is dropped
-    assert stats.handled == 0
+    assert stats.handled == 0  # the result has not gone out
+    return worker
+
+
+def test_a_result_held_back_by_a_full_send_queue_still_reaches_the_broker(
+    fake: RawFake, make_worker: Callable[..., Worker]
+) -> None:
+    # Given a handler flooding progress at a broker that reads nothing meanwhile
+    worker = flooded(fake, make_worker)
+    stats = worker.stats
+    # Then the result waits, not counted as sent (`flooded` checked), and the progress
+    # that found no room is dropped
     assert stats.progress_dropped > 0
     # When the broker reads again
     seen = read_until(fake, ext.Done)
@@ -275,12 +272,8 @@ def test_stop_sends_results_held_back_by_a_full_send_queue_before_disconnect(
     fake: RawFake, make_worker: Callable[..., Worker]
 ) -> None:
     # Given a result held back by a broker that reads nothing
-    worker = make_worker(flood)
-    identity = fake.register()
-    fake.send_task(identity, "t1", 1, b"job")
+    worker = flooded(fake, make_worker)
     stats = worker.stats
-    wait_until(lambda: stats.progress_sent + stats.progress_dropped == FLOOD, timeout_s=10)
-    wait_until(lambda: worker.running == 0, timeout_s=10)
     # When the worker is stopped and the broker reads again
     stopped: list[bool] = []
     stopper = threading.Thread(target=lambda: stopped.append(worker.stop(timeout_s=5)))
