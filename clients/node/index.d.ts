@@ -21,6 +21,13 @@ export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'ca
 /** Base class of every error the library throws on purpose. */
 export class ZbrokerError extends Error {
   code?: string
+  /**
+   * enqueueMany(), on any error after some of its messages were answered: the ids
+   * stored by those earlier messages, in payload order (absent when none).
+   */
+  readonly enqueuedIds?: string[]
+  /** enqueueMany() with `receipt: true`: the receipts of `enqueuedIds`, as it would have resolved with them. */
+  readonly enqueuedReceipts?: Receipt[]
 }
 
 /** A call got no (final) answer in time. `taskId` is set when the task was enqueued. */
@@ -43,8 +50,6 @@ export class TimeoutError extends ZbrokerError {
    * `payloads.slice(enqueuedIds?.length ?? 0)`. null for other calls.
    */
   readonly keys: string[] | null
-  /** enqueueMany(): the ids stored by the messages answered before (absent when none), as on its other errors. */
-  readonly enqueuedIds?: string[]
 }
 
 /** The object was closed before or during the call. */

@@ -14,14 +14,17 @@ import {
 import {
   C,
   DEFAULT_ENDPOINT,
+  DEFAULT_MAX_MESSAGE_BYTES,
   FINAL_STATES,
   MAX_ATTEMPTS_LIMIT,
   MAX_BATCH,
   MAX_LIST,
   MAX_WAIT_S,
+  MIN_CLIENT_MESSAGE_BYTES,
   MMI_SERVICE,
   PRIORITY_MAX,
   PRIORITY_MIN,
+  checkMaxMessageBytes,
   decodeMdpReply,
   decodeZbcAnswer,
   describe,
@@ -33,6 +36,7 @@ import {
 } from './protocol.js'
 import {
   DEFAULT_HWM,
+  MAX_TIMER_MS,
   checkEndpoint,
   connectSocket,
   isClosedSocketError,
@@ -57,8 +61,6 @@ const ZBC_OVERHEAD_FRAMES = 5
 const ZBC_HEADER_BYTES = 5 + 0 + 5 + 1
 // The largest rid, as packed into meta when a message's size is worked out in advance.
 const RID_BOUND = Number.MAX_SAFE_INTEGER
-// setTimeout's largest delay; anything longer is treated as "no limit".
-const MAX_TIMER_MS = 2 ** 31 - 1
 
 const TIME_FIELDS = new Set(['created_at', 'not_before', 'expires_at', 'finished_at', 'keep_until'])
 
@@ -93,7 +95,7 @@ export class Client {
     this.#maxPending = checkInt(opts.maxPending ?? 10_000, 'maxPending', 1, 1_000_000)
     this.#hwm = checkInt(opts.hwm ?? DEFAULT_HWM, 'hwm', 1, 10_000_000)
     this.#maxFrames = checkInt(opts.maxFrames ?? 16000, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
-    this.#maxMessageBytes = checkInt(opts.maxMessageBytes ?? 16 * 1024 * 1024, 'maxMessageBytes', 1024, Number.MAX_SAFE_INTEGER)
+    this.#maxMessageBytes = checkMaxMessageBytes(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, 'maxMessageBytes', MIN_CLIENT_MESSAGE_BYTES)
     /** Counters since creation; they only grow. */
     this.stats = {
       calls: 0, // ZBC01 calls made
@@ -126,7 +128,7 @@ export class Client {
     meta.service = checkService(service)
     const frames = toFrames(payload)
     const what = `ENQUEUE to ${JSON.stringify(service)}`
-    this.#checkSize(what, messageBytes(meta, frames))
+    this.#checkMessage(what, meta, frames)
     const answer = await this.#call({
       what,
       options,
@@ -221,6 +223,14 @@ export class Client {
   // A message over the broker's size cap is refused here, never sent: the
   // broker would answer too_large, or, past four times its cap, drop the
   // connection, which the client would open again and resend on, forever.
+  // `meta` (with `extra` and any rid) and `frames` as one message: packed and
+  // measured only when a cheap upper bound on its size is not already within the cap.
+  #checkMessage (what, meta, frames, extra = undefined) {
+    const payloadBytes = frameBytes(frames)
+    if (messageBound(meta, payloadBytes) <= this.#maxMessageBytes) return
+    this.#checkSize(what, messageBytes(extra === undefined ? meta : { ...meta, ...extra }, payloadBytes))
+  }
+
   #checkSize (what, bytes) {
     if (bytes > this.#maxMessageBytes) {
       throw brokerError('too_large', `${what}: a message of ${bytes} bytes is over the cap of ${this.#maxMessageBytes} (maxMessageBytes); not sent`)
@@ -240,7 +250,7 @@ export class Client {
     const frames = toFrames(payload)
     const wantFrames = options.frames === true
     const what = `REQUEST to ${JSON.stringify(service)}`
-    this.#checkSize(what, messageBytes({ ...meta, wait_s: 0.5 }, frames))
+    this.#checkMessage(what, meta, frames, { wait_s: 0.5 })
     const ask = (ctl) => {
       // Hold the call at the broker for as long as we wait (its default is 300 s).
       if (ctl.remainingMs() !== Infinity) meta.wait_s = waitSeconds(ctl, MAX_WAIT_S)
@@ -786,9 +796,26 @@ function receipts (answer, own) {
   return ids.map((id, i) => ({ id, existing: existing.has(i) && own[i] }))
 }
 
-// The bytes of the ZBC01 message carrying `meta` (with any rid) and `frames`, as the broker counts them.
-function messageBytes (meta, frames) {
-  return ZBC_HEADER_BYTES + pack({ ...meta, rid: RID_BOUND }).length + frameBytes(frames)
+// The bytes of the ZBC01 message carrying `meta` (with any rid) and frames of
+// `payloadBytes` in all, as the broker counts them.
+function messageBytes (meta, payloadBytes) {
+  return ZBC_HEADER_BYTES + pack({ ...meta, rid: RID_BOUND }).length + payloadBytes
+}
+
+// Room, in a bound on a message's size, for every meta field of an enqueue or
+// request but its strings and headers: a few numbers, map keys, a rid, wait_s.
+const META_SLACK_BYTES = 64 * 1024
+
+// An upper bound, without packing, on messageBytes(meta, payloadBytes) for a
+// task meta with no headers (Infinity with headers: those are measured): its
+// strings at most 3 bytes of UTF-8 per UTF-16 unit plus a 5-byte str header.
+function messageBound (meta, payloadBytes) {
+  if (meta.headers !== undefined) return Infinity
+  let strings = 0
+  for (const text of [meta.service, meta.key, ...(meta.keys ?? [])]) {
+    if (text !== undefined) strings += 3 * text.length + 5
+  }
+  return ZBC_HEADER_BYTES + META_SLACK_BYTES + strings + payloadBytes
 }
 
 function frameBytes (frames) {

@@ -12,6 +12,24 @@ export const DEFAULT_EVENTS_OUT = 'tcp://127.0.0.1:5557'
 
 export const EMPTY = Buffer.alloc(0)
 
+// The broker's cap on one message (--max-message-bytes, default 16 MiB), counting
+// every frame it receives. A Worker or Service needs room for its own metadata
+// (at least MIN_MESSAGE_BYTES); a Client accepts caps down to MIN_CLIENT_MESSAGE_BYTES.
+export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+export const MIN_MESSAGE_BYTES = 4096
+export const MIN_CLIENT_MESSAGE_BYTES = 1024
+
+/**
+ * `value` when it is a safe integer >= `min` (a cap the broker's
+ * --max-message-bytes can match); a RangeError naming `name` otherwise.
+ */
+export function checkMaxMessageBytes (value, name = 'maxMessageBytes', min = MIN_MESSAGE_BYTES) {
+  if (!Number.isSafeInteger(value) || value < min) {
+    throw new RangeError(`${name} must be an integer >= ${min} (the broker's --max-message-bytes), got ${String(value)}`)
+  }
+  return value
+}
+
 // ------------------------------------------------------------------ msgpack
 
 // Strings are packed as msgpack str, Buffer/Uint8Array as bin, safe integers as

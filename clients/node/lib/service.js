@@ -24,10 +24,11 @@ import {
   DEFAULT_EVENTS_OUT,
   MAX_CREDIT,
   MAX_TOPIC_BYTES,
+  checkMaxMessageBytes,
   describe,
   pack
 } from './protocol.js'
-import { checkEndpoint } from './sockets.js'
+import { MAX_TIMER_MS, checkEndpoint } from './sockets.js'
 import { Publisher, Subscriber } from './events.js'
 import { Worker } from './worker.js'
 
@@ -54,7 +55,7 @@ function checkTopic (topic, what) {
 /** Resolves with the promise's value, or with `fallback` after `ms` (the timer never outlives it). */
 function within (promise, ms, fallback) {
   let timer
-  const timeout = new Promise((resolve) => { timer = setTimeout(() => resolve(fallback), Math.min(Math.max(0, ms), 2 ** 31 - 1)) })
+  const timeout = new Promise((resolve) => { timer = setTimeout(() => resolve(fallback), Math.min(Math.max(0, ms), MAX_TIMER_MS)) })
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
 }
 
@@ -115,9 +116,7 @@ export class Service {
     if (typeof graceMs !== 'number' || !(graceMs >= 0) || !Number.isFinite(graceMs)) {
       throw new RangeError('graceMs must be a finite number >= 0')
     }
-    if (maxMessageBytes !== undefined && (!Number.isSafeInteger(maxMessageBytes) || maxMessageBytes < 4096)) {
-      throw new RangeError("maxMessageBytes must be an integer >= 4096 (the broker's --max-message-bytes)")
-    }
+    if (maxMessageBytes !== undefined) checkMaxMessageBytes(maxMessageBytes, 'maxMessageBytes')
     this.#name = name
     this.#endpoint = checkEndpoint(endpoint)
     this.#eventsIn = checkEndpoint(eventsIn)

@@ -5,6 +5,8 @@ import * as zmq from 'zeromq'
 import { ZbrokerError } from './errors.js'
 
 export const DEFAULT_HWM = 10_000
+// setTimeout's largest delay; longer ones are clamped to it (or mean "no limit").
+export const MAX_TIMER_MS = 2 ** 31 - 1
 
 const ENDPOINT_RE = /^[a-z][a-z0-9+.-]*:\/\/.+/i
 

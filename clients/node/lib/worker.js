@@ -39,10 +39,13 @@ import { NonRetryableError, RetryLater } from './errors.js'
 import { makeLogger } from './logger.js'
 import {
   DEFAULT_ENDPOINT,
+  DEFAULT_MAX_MESSAGE_BYTES,
   EMPTY,
   MAX_CREDIT,
   MAX_TAGS,
   MAX_WORKER_BATCH,
+  MIN_MESSAGE_BYTES,
+  checkMaxMessageBytes,
   decodeForWorker,
   describe,
   toFrames,
@@ -50,6 +53,7 @@ import {
 } from './protocol.js'
 import {
   DEFAULT_HWM,
+  MAX_TIMER_MS,
   checkEndpoint,
   connectSocket,
   isClosedSocketError,
@@ -65,9 +69,8 @@ const MAX_REASON_CHARS = 2000
 const MAX_METRICS_BYTES = 64 * 1024
 // The broker's caps on one message, counting every frame it receives (routing
 // id included): --max-message-bytes (default 16 MiB) and 16384 frames.
-const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+// (DEFAULT_MAX_MESSAGE_BYTES and MIN_MESSAGE_BYTES come from protocol.js.)
 const DEFAULT_MAX_FRAMES = 16_384
-const MIN_MESSAGE_BYTES = 4096
 // What a DONE, DONES or PROGRESS carries besides its results: the routing id the
 // broker adds (at most 255 bytes), "", "ZBW01", the command and the metadata frame
 // (map and list headers), an upper bound ...
@@ -166,9 +169,7 @@ export class Worker extends EventEmitter {
     if (metrics !== undefined && metrics !== null && typeof metrics !== 'function') {
       throw new TypeError('metrics must be a function returning a plain object')
     }
-    if (!Number.isSafeInteger(maxMessageBytes) || maxMessageBytes < MIN_MESSAGE_BYTES) {
-      throw new RangeError(`maxMessageBytes must be an integer >= ${MIN_MESSAGE_BYTES} (the broker's --max-message-bytes)`)
-    }
+    checkMaxMessageBytes(maxMessageBytes, 'maxMessageBytes', MIN_MESSAGE_BYTES)
     if (!Number.isSafeInteger(maxFrames) || maxFrames < MESSAGE_OVERHEAD_FRAMES + 1) {
       throw new RangeError(`maxFrames must be an integer >= ${MESSAGE_OVERHEAD_FRAMES + 1} (the broker's frame cap, 16384)`)
     }
@@ -275,32 +276,12 @@ export class Worker extends EventEmitter {
 
   #waitDrained (timeoutMs) {
     if (this.#outbox.length === 0 || this.#sock === null) return Promise.resolve(true)
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        this.#onDrained = null
-        resolve(false)
-      }, Math.min(Math.max(0, timeoutMs), 2 ** 31 - 1))
-      this.#onDrained = () => {
-        clearTimeout(timer)
-        this.#onDrained = null
-        resolve(true)
-      }
-    })
+    return waitForHook((hook) => { this.#onDrained = hook }, timeoutMs)
   }
 
   #waitIdle (timeoutMs) {
     if (this.#running.size === 0) return Promise.resolve(true)
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        this.#onIdle = null
-        resolve(false)
-      }, Math.min(Math.max(0, timeoutMs), 2 ** 31 - 1))
-      this.#onIdle = () => {
-        clearTimeout(timer)
-        this.#onIdle = null
-        resolve(true)
-      }
-    })
+    return waitForHook((hook) => { this.#onIdle = hook }, timeoutMs)
   }
 
   // ------------------------------------------------------------ connection
@@ -674,18 +655,9 @@ export class Worker extends EventEmitter {
     }
   }
 
-  // What a result costs in a DONES: its frames and its entry in the metadata.
-  #cost (id, frames) {
-    let bytes = Buffer.byteLength(id, 'utf8') + ENTRY_OVERHEAD_BYTES
-    for (const frame of frames) bytes += frame.length
-    return bytes
-  }
-
-  // Null when `frames` (a result or PROGRESS data of task `id`) fit in one
-  // message the broker accepts; else a readable reason naming size and caps.
-  #tooLarge (what, id, frames) {
-    let size = 0
-    for (const frame of frames) size += frame.length
+  // Null when `frames` (a result or PROGRESS data of task `id`, `size` bytes in
+  // all) fit in one message the broker accepts; else a readable reason naming size and caps.
+  #tooLarge (what, id, frames, size) {
     const maxBytes = this.#maxMessageBytes - MESSAGE_OVERHEAD_BYTES - ENTRY_OVERHEAD_BYTES - Buffer.byteLength(id, 'utf8')
     const maxFrames = this.#maxFrames - MESSAGE_OVERHEAD_FRAMES
     if (size <= maxBytes && frames.length <= maxFrames) return null
@@ -701,7 +673,7 @@ export class Worker extends EventEmitter {
   #progress (ctx, data) {
     const frames = toFrames(data, 'progress data')
     if (!this.#holds(ctx)) return false // advisory: dropped once the attempt is no longer held
-    const tooLarge = this.#tooLarge('progress data', ctx.id, frames)
+    const tooLarge = this.#tooLarge('progress data', ctx.id, frames, frameBytes(frames))
     if (tooLarge !== null) {
       this.stats.progressDropped++
       this.#log.warn(`worker ${JSON.stringify(this.#service)}: PROGRESS of task ${ctx.id} attempt ${ctx.attempt} dropped: ${tooLarge}`)
@@ -753,13 +725,14 @@ export class Worker extends EventEmitter {
       return { frames: null, reason: truncate(err.message), retry: false }
     }
     // A DONE the broker would drop leaves the task inflight for good: fail it readably instead.
-    const tooLarge = this.#tooLarge('result', ctx.id, frames)
+    const size = frameBytes(frames)
+    const tooLarge = this.#tooLarge('result', ctx.id, frames, size)
     if (tooLarge !== null) {
       this.stats.tooLarge++
       this.#log.error(`handler for service ${JSON.stringify(this.#service)}, task ${ctx.id} attempt ${ctx.attempt}: ${tooLarge} (failed for good)`)
       return { frames: null, reason: truncate(tooLarge), retry: false }
     }
-    return { frames }
+    return { frames, size }
   }
 
   #failure (ctx, err) {
@@ -787,7 +760,9 @@ export class Worker extends EventEmitter {
     this.#held.delete(ctx.id)
     if (outcome.frames !== null) {
       // Results finished in this turn leave together, after the ACKs read before them.
-      this.#dones.push([ctx.id, ctx.attempt, outcome.frames, this.#cost(ctx.id, outcome.frames)])
+      // Its cost in a DONES: its frames (sized once, in #call) and its entry in the metadata.
+      const cost = outcome.size + Buffer.byteLength(ctx.id, 'utf8') + ENTRY_OVERHEAD_BYTES
+      this.#dones.push([ctx.id, ctx.attempt, outcome.frames, cost])
       if (this.#dones.length >= MAX_WORKER_BATCH) this.#flush()
       else this.#scheduleFlush()
     } else {
@@ -806,6 +781,26 @@ function reasonOf (err) {
   }
 }
 
+function frameBytes (frames) {
+  let n = 0
+  for (const frame of frames) n += frame.length
+  return n
+}
+
 function truncate (text) {
   return text.length > MAX_REASON_CHARS ? text.slice(0, MAX_REASON_CHARS) : text
+}
+
+// Resolves true once the hook installed with `setHook` is called, or false after
+// `timeoutMs`; either way the hook is removed again (set to null).
+function waitForHook (setHook, timeoutMs) {
+  return new Promise((resolve) => {
+    const settle = (ok) => {
+      clearTimeout(timer)
+      setHook(null)
+      resolve(ok)
+    }
+    const timer = setTimeout(settle, Math.min(Math.max(0, timeoutMs), MAX_TIMER_MS), false)
+    setHook(() => settle(true))
+  })
 }

@@ -2,19 +2,15 @@
 
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { Client, ClosedError, ProtocolError, TimeoutError, Worker } from '../index.js'
+import { Client, ClosedError, ProtocolError, TimeoutError } from '../index.js'
 import { startBroker } from '../testlib/broker.js'
+import { workerStarter } from '../testlib/helpers.js'
 
 let broker
 let client
 const workers = []
 
-async function startWorker (service, handler, options = {}) {
-  const worker = new Worker({ endpoint: broker.endpoint, service, handler, heartbeatIntervalMs: 200, logger: null, ...options })
-  workers.push(worker)
-  await worker.start()
-  return worker
-}
+const startWorker = workerStarter(() => broker.endpoint, workers)
 
 before(async () => {
   broker = await startBroker()

@@ -5,8 +5,9 @@
 
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { Client, NonRetryableError, TaskDead, Worker } from '../index.js'
+import { Client, NonRetryableError, TaskDead } from '../index.js'
 import { startBroker } from '../testlib/broker.js'
+import { deferred, workerStarter } from '../testlib/helpers.js'
 
 const MiB = 1024 * 1024
 
@@ -14,18 +15,7 @@ let broker
 let client
 const workers = []
 
-async function startWorker (service, handler, options = {}) {
-  const worker = new Worker({ endpoint: broker.endpoint, service, handler, heartbeatIntervalMs: 200, logger: null, ...options })
-  workers.push(worker)
-  await worker.start()
-  return worker
-}
-
-function deferred () {
-  let resolve
-  const promise = new Promise((r) => { resolve = r })
-  return { promise, resolve }
-}
+const startWorker = workerStarter(() => broker.endpoint, workers)
 
 before(async () => {
   // the broker's default caps: 16 MiB and 16384 frames per message
@@ -120,7 +110,7 @@ test('send high-water mark 1: a burst of DONEs and FAILs all reach the broker, e
     await gate.promise
     const n = Number(task.payload.toString())
     if (n % 2 === 1) throw new NonRetryableError(`odd ${n}`)
-    task.progress('almost')
+    task.progress(Buffer.alloc(64 * 1024)) // large enough to fill the socket: back-pressure
     return `even ${n}`
   }, { concurrency: count, hwm: 1 })
   const ids = await client.enqueueMany('burst', Array.from({ length: count }, (_, i) => String(i)))
@@ -140,4 +130,7 @@ test('send high-water mark 1: a burst of DONEs and FAILs all reach the broker, e
   assert.equal(worker.stats.handled, count / 2)
   assert.equal(worker.stats.failed, count / 2)
   assert.equal(worker.stats.progressSent + worker.stats.progressDropped, count / 2)
+  // Back-pressure did happen: with the socket full, PROGRESS (advisory) was dropped
+  // rather than queued, while the DONEs and FAILs waited in the outbox.
+  assert.ok(worker.stats.progressDropped > 0, `progressDropped ${worker.stats.progressDropped}: the socket was never full`)
 })

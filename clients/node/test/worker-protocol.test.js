@@ -5,6 +5,7 @@ import assert from 'node:assert/strict'
 import { NonRetryableError, RetryLater, Worker } from '../index.js'
 import { CMD, FakeBroker } from '../testlib/fake-broker.js'
 import { waitUntil } from '../testlib/broker.js'
+import { deferred } from '../testlib/helpers.js'
 
 const INTERVAL_MS = 100
 
@@ -21,12 +22,6 @@ async function setup (t, options) {
   await broker.send(ready.identity, CMD.HEARTBEAT)
   await started
   return { broker, worker, ready, identity: ready.identity }
-}
-
-function deferred () {
-  let resolve
-  const promise = new Promise((r) => { resolve = r })
-  return { promise, resolve }
 }
 
 test('READY declares service, credit, tags and batch; TASK is acknowledged before PROGRESS and DONE', async (t) => {

@@ -6,17 +6,13 @@ import assert from 'node:assert/strict'
 import { Client, NonRetryableError, RetryLater, TaskCancelled, TaskDead, Worker } from '../index.js'
 import { startBroker, waitUntil } from '../testlib/broker.js'
 import { zbwEncode } from '../lib/protocol.js'
+import { workerStarter } from '../testlib/helpers.js'
 
 let broker
 let client
 const workers = []
 
-async function startWorker (service, handler, options = {}) {
-  const worker = new Worker({ endpoint: broker.endpoint, service, handler, heartbeatIntervalMs: 200, logger: null, ...options })
-  workers.push(worker)
-  await worker.start()
-  return worker
-}
+const startWorker = workerStarter(() => broker.endpoint, workers)
 
 before(async () => {
   broker = await startBroker({ args: ['--durability', 'memory', '--retry-base', '0.05', '--retry-max', '0.1'] })
