@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zbroker.core.model import CoreSettings
+from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import Durability
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 

@@ -5,6 +5,7 @@ Layering (checked by tests/unit/test_layering.py):
 """
 
 from zbroker.core.broker import Broker
-from zbroker.core.model import CoreSettings, Stats
+from zbroker.core.model import Stats
+from zbroker.core.settings import CoreSettings
 
 __all__ = ["Broker", "CoreSettings", "Stats"]

@@ -31,7 +31,6 @@ from contextlib import contextmanager
 
 from zbroker.core.durable import DurableTasks
 from zbroker.core.model import (
-    CoreSettings,
     Request,
     Service,
     ServiceFigures,
@@ -39,6 +38,7 @@ from zbroker.core.model import (
     Worker,
     WorkerDialect,
 )
+from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.errors import ProtocolError

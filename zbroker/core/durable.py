@@ -34,7 +34,6 @@ from itertools import chain
 from typing import Any
 
 from zbroker.core.model import (
-    CoreSettings,
     Request,
     Service,
     ServiceFigures,
@@ -42,6 +41,7 @@ from zbroker.core.model import (
     Worker,
     WorkerDialect,
 )
+from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.events import (
