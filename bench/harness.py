@@ -29,6 +29,8 @@ from typing import IO, Any
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+# Every run's JSON, kept: bench/results/<workload>.json is only the latest.
+RUNS_DIR = RESULTS_DIR / "runs"
 
 JSONDict = dict[str, Any]
 Say = Callable[[str], None]
@@ -398,6 +400,14 @@ def machine_info() -> JSONDict:
         # Other work on the machine skews every figure; this says whether there was any.
         "load_average_1m_at_start": _load_average_1m(),
     }
+
+
+def run_file_name(machine: JSONDict, workload: str, quick: bool) -> str:
+    """The name of a run's JSON in RUNS_DIR: when it started, the workload, the commit
+    measured, e.g. `20261123T184814Z-mdp-98afb055e6be.json` (names sort by date)."""
+    started = dt.datetime.fromisoformat(machine["date"]).astimezone(dt.UTC)
+    commit = str(machine["zbroker_commit"]).replace("+", "-")
+    return f"{started:%Y%m%dT%H%M%SZ}-{workload}-{commit}{'-quick' if quick else ''}.json"
 
 
 def machine_line(machine: JSONDict) -> str:

@@ -4,8 +4,9 @@
     python3 dev.py bench --quick         smaller counts, for a smoke test
     python3 dev.py bench --only mdp --runs 5 --json /tmp/mdp.json
 
-Results go to bench/results/<workload>.json (or one file given with --json), and a
-markdown table for docs/performance.md is printed at the end.
+Results go to bench/results/<workload>.json (the latest run) and, kept for the record,
+bench/results/runs/<date>-<workload>-<commit>.json (or all to one file given with
+--json); a markdown table for docs/performance.md is printed at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import durable
 import mdp
 from harness import (
     RESULTS_DIR,
+    RUNS_DIR,
     BenchError,
     JSONDict,
     Options,
@@ -28,6 +30,7 @@ from harness import (
     machine_info,
     machine_line,
     progress,
+    run_file_name,
     sigterm_as_exit,
 )
 
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json",
         type=Path,
         metavar="PATH",
-        help="write all results to PATH (default: bench/results/<workload>.json)",
+        help="write all results to PATH (default: bench/results/<workload>.json, "
+        "and a copy in bench/results/runs/ named by date, workload and commit)",
     )
     parser.add_argument(
         "--logs",
@@ -117,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n[{workload.name}] interrupted; all processes stopped", flush=True)
                 return 130
             if args.json is None:
-                write_json(
-                    RESULTS_DIR / f"{workload.name}.json",
-                    document(machine, args.quick, {workload.name: results[workload.name]}),
-                )
+                doc = document(machine, args.quick, {workload.name: results[workload.name]})
+                write_json(RESULTS_DIR / f"{workload.name}.json", doc)
+                write_json(RUNS_DIR / run_file_name(machine, workload.name, args.quick), doc)
     if args.json is not None:
         write_json(args.json, document(machine, args.quick, results))
     for name, result in results.items():
