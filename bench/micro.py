@@ -100,7 +100,7 @@ def core_zbw() -> float:
             broker.outbox = []
             # Packing DONE here costs what it costs a worker (about 1 us).
             # The id the core gave this request: ids are "m" + a hex counter.
-            tid = f"m{broker._next_request_id - 1:x}"
+            tid = f"m{broker.requests.issued:x}"
             done = [b"Z", b"", ext.ZBW01, ext.DONE, pack({"id": tid, "attempt": 1}), BODY]
             broker.receive(done, 1.0)
             broker.outbox = []
@@ -381,7 +381,7 @@ def publish_event_cost(
                 core.set_subscriptions(frozenset({""}))
                 started = time.thread_time()
                 for topic in pass_topics:  # grouped by the core's own _emit
-                    core._emit(topic, payload)
+                    core.sink.emit(topic, payload)
                 emitted = time.thread_time()
                 server._publish()
                 loop += time.thread_time() - emitted

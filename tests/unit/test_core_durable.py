@@ -676,8 +676,8 @@ def test_a_subscriber_to_one_topic_has_no_payloads_made_for_the_others(
     # Then only its task.done events were made: a row goes straight into the pass's
     # events, and the topics nobody wants are remembered as such per service
     assert [(t, len(ps)) for t, ps in emitted(s)] == [("task.done.tts", 2)]
-    assert s.broker._started_topics == {"tts": None, "stt": None}
-    assert s.broker._done_topics == {"tts": "task.done.tts", "stt": None}
+    assert s.broker.sink.started_topics == {"tts": None, "stt": None}
+    assert s.broker.sink.done_topics == {"tts": "task.done.tts", "stt": None}
     # And a new subscription is heard at once
     s.broker.set_subscriptions(frozenset({"task.started.stt"}))
     s.broker.events.clear()
@@ -710,8 +710,8 @@ def test_consecutive_events_of_one_topic_share_an_entry_and_keep_their_order(
     s.broker.events.clear()
     # And topics that alternate are never merged across one another
     for topic, n in (("task.a", 1), ("task.b", 2), ("task.a", 3), ("task.a", 4)):
-        s.broker._emit(topic, {"n": n})
-    s.broker._add_events("task.c", None, [])  # nothing to add: no (empty) entry
+        s.broker.sink.emit(topic, {"n": n})
+    s.broker.sink.add("task.c", None, [])  # nothing to add: no (empty) entry
     assert emitted(s) == [
         ("task.a", [{"n": 1}]),
         ("task.b", [{"n": 2}]),
@@ -797,7 +797,7 @@ def test_queues_keeps_services_whose_names_are_not_utf8_apart(journal: Journal) 
 
 
 def test_retention_keeps_up_with_any_number_of_lapsed_records(journal: Journal) -> None:
-    from zbroker.core.durable import TIMER_BATCH
+    from zbroker.core.tasks import TIMER_BATCH
     from zbroker.journal import TaskRecord
 
     s = Script(journal)

@@ -1,32 +1,49 @@
-"""The broker's bookkeeping records: services, workers, requests, settings, counters.
+"""The core's records: services, workers, the work a worker holds, counters.
 
-Plain mutable records with __slots__, owned and mutated only by `core.broker`.
-No I/O, no clock: every time here is a float passed in by the caller.
+Plain mutable records with __slots__. Each part of the core owns the records it
+creates (docs/architecture.md, "The core's parts"); no record does I/O or reads a
+clock: every time here is a float passed in by the caller.
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import TaskRecord
 
-
-class WorkerDialect(enum.Enum):
-    """The protocol a worker registered with."""
-
-    MDP = "MDPW01"  # stock 7/MDP: one request at a time, no ids
-    ZBW = "ZBW01"  # zbroker's extension: credit, task ids, attempts, ACK, DONE/FAIL
+if TYPE_CHECKING:
+    from zbroker.core.dialects import Dialect
 
 
-class Request:
-    """One piece of work while a worker may hold it: an MDP client's request (queued
-    or at a worker), or an attempt of a durable task (`task` set; only while at a
-    worker: queued durable tasks live in the journal)."""
+class AttemptOwner(Protocol):
+    """The part that decides what happens when a worker's hold on some work ends."""
+
+    def complete(self, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        """The worker answered (DONE, or an MDP REPLY)."""
+
+    def fail(self, held: Held, reason: str, delay_s: float | None, retry: bool, now: float) -> None:
+        """The worker reported a failure (FAIL), or the attempt ran out of time."""
+
+    def not_acknowledged(self, held: Held, now: float) -> None:
+        """A ZBW01 worker did not acknowledge it in time; the broker took it back."""
+
+    def take_back(self, held: Held, reason: str, now: float) -> None:
+        """The broker stopped letting the worker hold it (the worker is gone)."""
+
+    def timed_out(self, held: Held, now: float) -> None:
+        """It ran past its time limit (`deadline`); the broker took it back."""
+
+    def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """The worker reported progress on it (which also proves it holds it)."""
+
+
+class MdpRequest:
+    """An MDP client's request: queued in its service, or held by one worker.
+    It lives in memory only; a broker restart forgets it (7/MDP promises no more)."""
 
     __slots__ = (
         "ack_by",
@@ -36,24 +53,72 @@ class Request:
         "deadline",
         "enqueued_at",
         "id",
+        "owner",
         "service",
-        "task",
         "tid",
     )
 
     def __init__(
-        self, id: int, client: bytes, service: bytes, body: tuple[bytes, ...], now: float
+        self,
+        owner: AttemptOwner,
+        id: int,
+        client: bytes,
+        service: bytes,
+        body: tuple[bytes, ...],
+        now: float,
     ) -> None:
+        self.owner = owner
         self.id = id
         self.tid = f"m{id:x}"  # the task id ZBW01 workers see
-        self.client = client
+        self.client = client  # the MDP client's routing id: the reply goes there
         self.service = service
         self.body = body
         self.enqueued_at = now
         self.attempt = 0  # attempts handed to a worker so far (the fencing token)
         self.ack_by = 0.0  # ZBW01: taken back unless acknowledged by then; 0 once acked
-        self.deadline = 0.0  # durable task with timeout_s: the attempt fails at this time
-        self.task: TaskRecord | None = None  # the durable task's record, as last written
+        self.deadline = 0.0  # requests have no time limit of their own
+
+
+class TaskAttempt:
+    """One attempt of a durable task, while a worker holds it. The task itself lives
+    in the journal; this exists from delivery until the attempt ends."""
+
+    __slots__ = (
+        "ack_by",
+        "attempt",
+        "body",
+        "client",
+        "deadline",
+        "owner",
+        "record",
+        "service",
+        "started_at",
+        "tid",
+    )
+
+    def __init__(
+        self,
+        owner: AttemptOwner,
+        record: TaskRecord,
+        service: bytes,
+        body: tuple[bytes, ...],
+        now: float,
+    ) -> None:
+        self.owner = owner
+        self.record = record  # the task's record, as last written
+        self.tid = record.id
+        self.attempt = record.attempt
+        # What an MDP worker must echo in its REPLY (7/MDP's client address frame).
+        self.client = b"\0" + record.id.encode()
+        self.service = service
+        self.body = body
+        self.started_at = now
+        self.ack_by = 0.0
+        self.deadline = 0.0  # with the task's timeout_s: the attempt fails at this time
+
+
+# What a worker holds: either kind of work, each ended by its own owner.
+Held = MdpRequest | TaskAttempt
 
 
 class Worker:
@@ -79,7 +144,7 @@ class Worker:
         service: Service,
         now: float,
         settings: CoreSettings,
-        dialect: WorkerDialect = WorkerDialect.MDP,
+        dialect: Dialect,
         credit: int = 1,
         tags: tuple[str, ...] = (),
     ):
@@ -91,8 +156,8 @@ class Worker:
         self.batch = False  # ZBW01: accepts TASKS (several tasks per message)
         self.draining = False  # an operator asked: no new tasks, current ones finish
         self.metrics: dict[str, object] = {}
-        # The attempts this worker holds, by task id, in delivery order.
-        self.tasks: dict[str, Request] = {}
+        # What this worker holds, by task id, in delivery order.
+        self.tasks: dict[str, Held] = {}
         self.expires_at = now + settings.worker_expiry_s
         self.heartbeat_at = now + settings.heartbeat_interval_s
 
@@ -228,7 +293,7 @@ class Service:
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.queue: deque[Request] = deque()
+        self.queue: deque[MdpRequest] = deque()
         # Durable tasks: the best READY ones, as (priority, -seq, id), sorted so the
         # next to deliver is last. Always exactly the top len(window) READY tasks of
         # the journal; `ready_count` counts all of them (the rest stay on disk).

@@ -1,13 +1,46 @@
 """The broker core's tunables: one frozen record, validated once when it is made.
 
-Every bound a setting must keep is checked in `CoreSettings.__post_init__`; the
-command line, the environment and the TOML file reach it through `zbroker.config`
-and report its ValueError as it is.
+Every bound a setting must keep is checked here, in `CoreSettings.__post_init__`,
+and nowhere else: the command line, the environment and the TOML file only parse
+types, and report a `SettingError` with their own option names and sources.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+
+class SettingError(ValueError):
+    """A setting is outside its bounds (raised when a settings record is made).
+
+    `template` says what is wrong with a `{field}` placeholder for each setting
+    involved, the one to change first; `values` holds those settings' values.
+    `str()` fills each placeholder with `name (value)`; a caller that knows the
+    settings by other names (the command line's options) fills them with `render`.
+    """
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template = template
+        self.values = values
+        super().__init__(self.render(lambda name, value: f"{name} ({shown(value)})"))
+
+    def render(self, describe: Callable[[str, object], str]) -> str:
+        """The message, each setting described by `describe(name, value)`."""
+        return self.template.format_map({n: describe(n, v) for n, v in self.values.items()})
+
+
+def shown(value: object) -> str:
+    """A setting's value in a message: a whole float without its `.0` (5, 0.25, 1e+300)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return str(value)
+
+
+def at_least(name: str, value: float, least: float) -> None:
+    """Refuse `value` below `least` (NaN too: it is below every bound)."""
+    if not value >= least:
+        raise SettingError(f"{{{name}}} must be at least {shown(least)}", **{name: value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,24 +88,30 @@ class CoreSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError("heartbeat_interval_s must be positive")
-        if self.heartbeat_liveness < 1:
-            raise ValueError("heartbeat_liveness must be at least 1")
-        if self.request_expiry_s <= 0:
-            raise ValueError("request_expiry_s must be positive")
-        if self.ack_timeout_s <= 0:
-            raise ValueError("ack_timeout_s must be positive")
-        if self.request_max_attempts < 1:
-            raise ValueError("request_max_attempts must be at least 1")
-        if self.default_max_attempts < 1:
-            raise ValueError("default_max_attempts must be at least 1")
-        if self.retry_base_s < 0 or self.retry_max_s < self.retry_base_s:
-            raise ValueError("need 0 <= retry_base_s <= retry_max_s")
-        if self.retention_s < 0:
-            raise ValueError("retention_s must not be negative")
-        if self.window_per_service < 1 or self.max_tasks_per_service < 1:
-            raise ValueError("window_per_service and max_tasks_per_service must be positive")
+        at_least("heartbeat_interval_s", self.heartbeat_interval_s, 0.01)
+        at_least("heartbeat_liveness", self.heartbeat_liveness, 1)
+        at_least("request_expiry_s", self.request_expiry_s, 0.001)
+        at_least("max_queued_per_service", self.max_queued_per_service, 1)
+        # Room for the smallest MDP and ZBC01 messages, with their envelopes.
+        at_least("max_message_bytes", self.max_message_bytes, 64)
+        at_least("max_frames", self.max_frames, 1)
+        at_least("ack_timeout_s", self.ack_timeout_s, 0.001)
+        at_least("request_max_attempts", self.request_max_attempts, 1)
+        at_least("default_max_attempts", self.default_max_attempts, 1)
+        at_least("retry_base_s", self.retry_base_s, 0.0)
+        if not self.retry_max_s >= self.retry_base_s:
+            raise SettingError(
+                "{retry_max_s} must be at least {retry_base_s}",
+                retry_max_s=self.retry_max_s,
+                retry_base_s=self.retry_base_s,
+            )
+        at_least("retention_s", self.retention_s, 0.0)
+        at_least("max_tasks_per_service", self.max_tasks_per_service, 1)
+        at_least("window_per_service", self.window_per_service, 1)
+        at_least("max_waiters", self.max_waiters, 0)
+        at_least("request_wait_s", self.request_wait_s, 0.0)
+        # The newest entry is always kept: a task's history is never empty.
+        at_least("history_limit", self.history_limit, 1)
 
     @property
     def worker_expiry_s(self) -> float:

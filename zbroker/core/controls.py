@@ -1,0 +1,138 @@
+"""Operator controls: PURGE, REDRIVE, DROP, PAUSE, LIMIT and DRAIN.
+
+Each control acts through the part that owns what it changes (tasks move only
+through `DurableTasks.apply`, workers drain through `Routing.drain`); what an
+operator sets on a service (paused, its limit) is written to the journal in the
+same pass, so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from zbroker.core import lifecycle
+from zbroker.core.model import Service, Worker
+from zbroker.core.routing import Routing
+from zbroker.core.services import ServiceDirectory
+from zbroker.core.sink import Outputs
+from zbroker.core.tasks import DurableTasks
+from zbroker.protocol import zbc
+
+log = logging.getLogger("zbroker.core")
+
+
+class OperatorControls:
+    """The admin calls that change state; each answers its caller before any delivery
+    it allows goes out."""
+
+    def __init__(
+        self,
+        out: Outputs,
+        directory: ServiceDirectory,
+        workers: dict[bytes, Worker],
+        routing: Routing,
+        tasks: DurableTasks,
+    ) -> None:
+        self._out = out
+        self._directory = directory
+        self._workers = workers
+        self._routing = routing
+        self._tasks = tasks
+
+    def purge(self, identity: bytes, msg: zbc.Purge, now: float) -> None:
+        """Cancel up to MAX_BATCH waiting (ready or delayed) tasks of the service."""
+        tasks = self._tasks
+        records = tasks.waiting_to_purge(msg.service, now)
+        epoch = tasks.epoch(now)
+        for record in records:
+            record.error = "purged by an operator"
+            tasks.apply(record, lifecycle.PURGE, epoch)
+        service = self._directory.services.get(msg.service.encode())
+        more = service is not None and service.waiting_count > 0
+        if records:
+            log.warning("%d waiting task(s) of %s purged", len(records), msg.service)
+        self._reply(identity, msg.rid, {"purged": len(records), "more": more})
+
+    def drop(self, identity: bytes, msg: zbc.Drop, now: float) -> None:
+        """Delete dead letters of the service (the listed ones, or up to MAX_BATCH)."""
+        tasks = self._tasks
+        records = tasks.dead_letters(msg.service, msg.ids)
+        epoch = tasks.epoch(now)
+        for record in records:
+            tasks.apply(record, lifecycle.FORGET, epoch)
+        if records:
+            log.warning("%d dead letter(s) of %s dropped", len(records), msg.service)
+        journal = tasks.journal
+        assert journal is not None
+        more = msg.ids is None and bool(journal.dead(msg.service, 1))
+        self._reply(identity, msg.rid, {"dropped": len(records), "more": more})
+
+    def redrive(self, identity: bytes, msg: zbc.Redrive, now: float) -> None:
+        """Dead letters of the service back to its queue, their attempts reset."""
+        tasks = self._tasks
+        records = tasks.dead_letters(msg.service, msg.ids)
+        service = self._directory.get(msg.service.encode())
+        for record in records:
+            tasks.redrive(record, service, now)
+        if records:
+            log.info("%d dead letter(s) of %s redriven", len(records), msg.service)
+        self._reply(identity, msg.rid, {"ids": [r.id for r in records]})
+        if service.ready:
+            self._routing.dispatch(service, now)
+
+    def limit(self, identity: bytes, msg: zbc.Limit, now: float) -> None:
+        """At most `limit` tasks and requests of the service at its workers at once."""
+        service = self._directory.get(msg.service.encode())
+        service.limit = msg.limit
+        self._keep_options(service)
+        log.info("service %s concurrency limit: %s", msg.service, msg.limit or "none")
+        self._reply(identity, msg.rid, {"service": msg.service, "limit": msg.limit})
+        if service.ready:
+            self._routing.dispatch(service, now)
+
+    def pause(self, identity: bytes, msg: zbc.Pause, now: float) -> None:
+        """No deliveries for the service while paused (what workers hold, they finish)."""
+        service = self._directory.get(msg.service.encode())
+        if service.paused != msg.paused:
+            service.paused = msg.paused
+            self._keep_options(service)
+            log.info("service %s %s", msg.service, "paused" if msg.paused else "resumed")
+        self._reply(identity, msg.rid, {"service": msg.service, "paused": msg.paused})
+        if not msg.paused and service.ready:
+            self._routing.dispatch(service, now)
+
+    def drain(self, identity: bytes, msg: zbc.Drain) -> None:
+        """No new work for the worker (None: no such worker)."""
+        try:
+            worker = self._workers.get(bytes.fromhex(msg.worker))
+        except ValueError:
+            worker = None
+        if worker is None:
+            self._tasks.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no worker {msg.worker}")
+            return
+        if not worker.draining:
+            self._routing.drain(worker)
+            log.info(
+                "worker %s (%s) draining: no new tasks, %d to finish",
+                msg.worker,
+                worker.service.name.decode(errors="replace"),
+                len(worker.tasks),
+            )
+        self._reply(identity, msg.rid, {"worker": msg.worker, "tasks": len(worker.tasks)})
+
+    def _reply(self, identity: bytes, rid: int, fields: dict[str, Any]) -> None:
+        self._out.outbox.append([identity, *zbc.reply(rid, fields)])
+
+    def _keep_options(self, service: Service) -> None:
+        """Write the operator's settings of `service` to the journal (in this pass's
+        commit, before the reply goes out), so a restart keeps them."""
+        journal = self._tasks.journal
+        if journal is None:
+            return
+        options: dict[str, Any] = {}
+        if service.paused:
+            options["paused"] = True
+        if service.limit:
+            options["limit"] = service.limit
+        journal.put_service_options(service.name.decode(), options)

@@ -1,0 +1,97 @@
+"""The two worker dialects, 7/MDP (MDPW01) and zbroker's ZBW01: how each is spoken to.
+
+Everything that differs between them is here, as data and small methods, so the
+routing decides once and frames through `worker.dialect`: what a heartbeat and a
+DISCONNECT look like, whether the worker acknowledges (and so can be taken back
+for not doing it), whether work can be withdrawn from it with a CANCEL, and how
+a delivery is framed. It decides nothing.
+"""
+
+from __future__ import annotations
+
+from zbroker.core.model import Held, TaskAttempt
+from zbroker.protocol import ext, mdp
+
+_EMPTY = mdp.EMPTY
+
+
+class Dialect:
+    """How the broker speaks to the workers of one protocol (one instance each)."""
+
+    __slots__ = ("acknowledges", "header", "heartbeat", "value")
+
+    def __init__(self, header: bytes, heartbeat: bytes, acknowledges: bool) -> None:
+        self.header = header
+        self.value = header.decode()  # the name operators see
+        # Frames of a HEARTBEAT, without the routing id.
+        self.heartbeat = [_EMPTY, header, heartbeat]
+        # ZBW01 workers ACK each task (unacknowledged ones are taken back), hold up to
+        # their credit, take TASKS and can be told to drop a task (CANCEL); MDP
+        # workers do none of it, and are let go where a ZBW01 worker gets a CANCEL.
+        self.acknowledges = acknowledges
+
+    def disconnect(self, why: str) -> list[bytes]:
+        """A DISCONNECT, without the routing id."""
+        raise NotImplementedError
+
+    def task(self, held: Held, service_name: str) -> list[bytes]:
+        """One delivery, without the routing id."""
+        raise NotImplementedError
+
+
+class MdpDialect(Dialect):
+    """7/MDP workers (MDPW01): one request at a time, no ids, no acknowledgement."""
+
+    __slots__ = ()
+
+    def disconnect(self, why: str) -> list[bytes]:
+        return [_EMPTY, mdp.MDPW01, mdp.DISCONNECT]  # 7/MDP carries no reason
+
+    def task(self, held: Held, service_name: str) -> list[bytes]:
+        return [_EMPTY, mdp.MDPW01, mdp.REQUEST, held.client, _EMPTY, *held.body]
+
+
+class ZbwDialect(Dialect):
+    """zbroker's ZBW01 workers: credit, task ids, attempts, ACK, DONE/FAIL, CANCEL."""
+
+    __slots__ = ()
+
+    def disconnect(self, why: str) -> list[bytes]:
+        return ext.disconnect(why)
+
+    def cancel(self, held: Held) -> list[bytes]:
+        """A CANCEL of `held`, without the routing id."""
+        return ext.cancel(held.tid, held.attempt)
+
+    def task(self, held: Held, service_name: str) -> list[bytes]:
+        if type(held) is TaskAttempt:
+            task = held.record
+            meta = ext.task_meta(held.tid, held.attempt, task.service, task.headers, task.timeout_s)
+        else:
+            meta = ext.task_meta(held.tid, held.attempt, service_name)
+        return [_EMPTY, ext.ZBW01, ext.TASK, meta, *held.body]
+
+    def tasks(self, chunk: list[Held], service_name: str) -> list[bytes]:
+        """Several deliveries in one TASKS (at most ext.MAX_BATCH), without the routing id."""
+        entries = []
+        frames: list[bytes] = []
+        for held in chunk:
+            if type(held) is TaskAttempt:
+                task = held.record
+                entry = ext.task_entry(
+                    held.tid,
+                    held.attempt,
+                    task.service,
+                    len(held.body),
+                    task.headers,
+                    task.timeout_s,
+                )
+            else:
+                entry = ext.task_entry(held.tid, held.attempt, service_name, len(held.body))
+            entries.append(entry)
+            frames.extend(held.body)
+        return [*ext.tasks_header(entries), *frames]
+
+
+MDP = MdpDialect(mdp.MDPW01, mdp.HEARTBEAT, acknowledges=False)
+ZBW = ZbwDialect(ext.ZBW01, ext.HEARTBEAT, acknowledges=True)

@@ -1,0 +1,168 @@
+"""MDP clients' requests (7/MDP, 8/MMI): queued in memory, answered once, or expired.
+
+Rules it keeps:
+  1. A request lives in exactly one place: its service's queue, or one worker.
+     Taken back from a worker (gone, broke the protocol) it goes to the *front*
+     of its queue; its next delivery carries a higher attempt number.
+  2. A request a ZBW01 worker failed, or did not acknowledge in time, runs again
+     while it has had fewer than request_max_attempts; then it is dropped and
+     counted (an MDP client has no way to hear of a failure: it times out).
+  3. A request still queued after request_expiry_s is dropped and counted; a
+     full queue refuses new ones.
+Requests are never written to the journal: 7/MDP promises no durability.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from zbroker.core.model import Held, MdpRequest, Service, Stats
+from zbroker.core.names import hex_id, shown
+from zbroker.core.services import ServiceDirectory
+from zbroker.core.settings import CoreSettings
+from zbroker.core.sink import Outputs
+from zbroker.protocol import mdp
+
+if TYPE_CHECKING:
+    from zbroker.core.routing import Routing
+
+log = logging.getLogger("zbroker.core")
+
+_EMPTY = mdp.EMPTY
+_MDPC01 = mdp.MDPC01
+
+
+class MdpRequests:
+    """MDP clients' requests, from arrival to reply; the owner of every MdpRequest."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        stats: Stats,
+        out: Outputs,
+        directory: ServiceDirectory,
+    ) -> None:
+        self._settings = settings
+        self._stats = stats
+        self._out = out
+        self._directory = directory
+        self._routing: Routing | None = None
+        self._next_id = 1
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    def connect(self, routing: Routing) -> None:
+        """The routing that delivers this part's requests (made after it)."""
+        self._routing = routing
+
+    @property
+    def issued(self) -> int:
+        """Requests numbered so far (ids run from 1)."""
+        return self._next_id - 1
+
+    # ------------------------------------------------------------ arrivals
+
+    def on_request(self, identity: bytes, msg: mdp.ClientRequest, now: float) -> None:
+        """An MDPC01 REQUEST from a client (mmi.* names are answered at once)."""
+        name = msg.service
+        if name.startswith(mdp.MMI_PREFIX):
+            self._on_mmi(identity, msg, now)
+            return
+        routing = self._routing
+        assert routing is not None
+        service = self._directory.get(name)
+        cap = self._settings.max_queued_per_service
+        if len(service.queue) >= cap:
+            # A dispatch deferred to the end of this pass would have made room by now.
+            routing.catch_up(service, now)
+        if len(service.queue) >= cap:
+            self._stats.refused_queue_full += 1
+            log.warning("queue for %s full: request refused", shown(name))
+            return
+        request = MdpRequest(self, self._next_id, identity, name, msg.body, now)
+        self._next_id += 1
+        self._stats.requests += 1
+        if self._debug:
+            log.debug(
+                "request #%d from client %s for %s", request.id, hex_id(identity), shown(name)
+            )
+        service.queue.append(request)
+        if service.ready:
+            routing.dispatch(service, now)
+
+    def _on_mmi(self, identity: bytes, msg: mdp.ClientRequest, now: float) -> None:
+        self._stats.mmi_requests += 1
+        if msg.service == mdp.MMI_SERVICE:
+            service = self._directory.services.get(msg.body[0]) if msg.body else None
+            alive = service is not None and any(
+                w.expires_at > now for w in service.workers.values()
+            )
+            code = mdp.MMI_FOUND if alive else mdp.MMI_NOT_FOUND
+        else:
+            code = mdp.MMI_NOT_IMPLEMENTED
+        self._out.outbox.append([identity, _EMPTY, _MDPC01, msg.service, code])
+
+    def expire(self, service: Service, now: float) -> None:
+        """Drop the requests of `service` queued for longer than request_expiry_s."""
+        queue = service.queue
+        expiry = self._settings.request_expiry_s
+        # Requeued requests go to the front and are older, so the front is the oldest.
+        while queue and queue[0].enqueued_at + expiry <= now:
+            request = queue.popleft()
+            self._stats.expired += 1
+            log.info(
+                "request #%d for %s expired after %.1fs in queue",
+                request.id,
+                shown(service.name),
+                expiry,
+            )
+
+    # ------------------------------------------- the end of a worker's hold
+
+    def complete(self, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        """The reply goes to the client that asked."""
+        self._stats.replies += 1
+        self._out.outbox.append([held.client, _EMPTY, _MDPC01, held.service, *body])
+        if self._debug:
+            log.debug("reply %s to client %s", held.tid, hex_id(held.client))
+
+    def fail(self, held: Held, reason: str, delay_s: float | None, retry: bool, now: float) -> None:
+        """Back to the front of its queue, unless it was not to be retried or has had
+        request_max_attempts already (`delay_s` does not apply: nothing waits here)."""
+        assert type(held) is MdpRequest
+        if retry and held.attempt < self._settings.request_max_attempts:
+            log.info(
+                "request %s failed on attempt %d (%s): retrying", held.tid, held.attempt, reason
+            )
+            held.ack_by = 0.0
+            self._directory.get(held.service).queue.appendleft(held)
+            self._stats.requeued += 1
+            return
+        # An MDP client has no way to hear about a failure: it will time out.
+        self._stats.failed_permanently += 1
+        log.warning(
+            "request %s for %s failed for good on attempt %d: %s",
+            held.tid,
+            shown(held.service),
+            held.attempt,
+            reason,
+        )
+
+    def not_acknowledged(self, held: Held, now: float) -> None:
+        """Counted as an attempt, as a FAIL would be: a worker that never acknowledges
+        cannot take the same request forever."""
+        self.fail(held, "not acknowledged in time", None, True, now)
+
+    def timed_out(self, held: Held, now: float) -> None:
+        """Requests have no time limit of their own (their deadline stays 0)."""
+        self.fail(held, "timed out", None, True, now)
+
+    def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """Nothing to keep: an MDP client cannot be told of progress."""
+
+    def take_back(self, held: Held, reason: str, now: float) -> None:
+        """Its worker is gone: to the front of the queue, first to go again."""
+        assert type(held) is MdpRequest
+        held.ack_by = 0.0
+        self._directory.get(held.service).queue.appendleft(held)
+        self._stats.requeued += 1

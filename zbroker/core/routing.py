@@ -1,0 +1,499 @@
+"""Routing: workers of both dialects, and the delivery of work within their credit.
+
+Rules it keeps (7/MDP, zbroker's ZBW01, and what the RFCs leave to the broker):
+  1. Work is pushed only within a worker's credit: one request for a stock MDP
+     worker, the declared credit for a ZBW01 worker. Among the workers with
+     spare credit, the one that has waited longest goes first (fair rotation).
+     MDP requests go before durable tasks (someone is waiting on a socket).
+  2. Results are fenced: a REPLY, DONE, FAIL or PROGRESS about an attempt the
+     worker no longer holds is refused, so nothing is answered twice.
+  3. Whatever ends a worker's hold on some work (an answer, a failure, a
+     timeout, the worker's death), the owner of that work decides what follows
+     (`MdpRequests` or `DurableTasks`, through `AttemptOwner`); routing only
+     frees the credit and refills it.
+  4. Anything from a worker the broker does not know, or a valid but
+     unexpected command, is answered with DISCONNECT; the worker then
+     re-registers (as after a broker restart).
+It owns the Worker records and each service's ready rotation; it never writes
+the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from zbroker.core.dialects import MDP, ZBW, Dialect, ZbwDialect
+from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker
+from zbroker.core.names import hex_id, shown
+from zbroker.core.services import ServiceDirectory
+from zbroker.core.settings import CoreSettings
+from zbroker.core.sink import EventSink, Outputs
+from zbroker.core.tasks import DurableTasks
+from zbroker.protocol import ext, mdp
+
+log = logging.getLogger("zbroker.core")
+
+
+class Routing:
+    """Workers (MDPW01 and ZBW01) and the delivery of requests and tasks to them."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        stats: Stats,
+        out: Outputs,
+        sink: EventSink,
+        directory: ServiceDirectory,
+        tasks: DurableTasks,
+    ) -> None:
+        self._settings = settings
+        self._stats = stats
+        self._out = out
+        self._sink = sink
+        self._directory = directory
+        self._tasks = tasks
+        self.workers: dict[bytes, Worker] = {}
+        self._worker_expiry_s = settings.worker_expiry_s
+        self._heartbeat_interval_s = settings.heartbeat_interval_s
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        # Inside a deferral block: the services to dispatch once, when it ends.
+        self._deferred: dict[bytes, Service] | None = None
+
+    # ------------------------------------------------------------ dispatch
+
+    @contextmanager
+    def one_dispatch(self, now: float) -> Iterator[None]:
+        """Defer every dispatch inside the block to its end, one per service (inside
+        another such block: to the end of that one). Not on an exception. Nothing is
+        sent before a pass ends anyway: this changes only how deliveries are grouped
+        into messages (requests that arrive together leave together, one TASKS per
+        worker that takes them)."""
+        if self._deferred is not None:
+            yield
+            return
+        deferred: dict[bytes, Service] = {}
+        self._deferred = deferred
+        try:
+            yield
+        finally:
+            self._deferred = None
+        for service in deferred.values():
+            self._deliver(service, now)
+
+    def dispatch(self, service: Service, now: float) -> None:
+        """Deliver what `service` has to its ready workers: now, or at the end of the
+        enclosing `one_dispatch` block."""
+        deferred = self._deferred
+        if deferred is None:
+            self._deliver(service, now)
+        else:
+            deferred[service.name] = service
+
+    def catch_up(self, service: Service, now: float) -> None:
+        """Make a dispatch of `service` that is deferred to the end of the block now."""
+        if self._deferred is not None:
+            self._deferred.pop(service.name, None)
+            self._deliver(service, now)
+
+    def _deliver(self, service: Service, now: float) -> None:
+        if service.paused:
+            return
+        queue = service.queue
+        ready = service.ready
+        tasks = self._tasks
+        outbox = self._out.outbox
+        ack_by = now + self._settings.ack_timeout_s
+        # Workers that take TASKS get everything of this dispatch in one message.
+        batches: dict[Worker, list[Held]] | None = None
+        room = -1  # deliveries left under the service's concurrency limit; -1: no limit
+        if service.limit is not None:
+            # None left, too, when the limit was lowered below what is running now.
+            room = max(0, service.limit - sum(len(w.tasks) for w in service.workers.values()))
+        while ready and (queue or service.ready_count) and room != 0:
+            room -= 1
+            identity = next(iter(ready))
+            held: Held
+            if queue:
+                worker = ready.pop(identity)
+                held = queue.popleft()
+                held.attempt += 1
+            else:
+                record = tasks.next_ready(service, now)
+                if record is None:
+                    break
+                worker = ready.pop(identity)
+                held = tasks.start(record, worker, now)
+            worker.tasks[held.tid] = held
+            # The delivery itself tells the worker we are alive: skip the next heartbeat.
+            worker.heartbeat_at = now + self._heartbeat_interval_s
+            dialect = worker.dialect
+            if dialect.acknowledges:
+                held.ack_by = ack_by
+                if worker.batch:
+                    if batches is None:
+                        batches = {}
+                    batches.setdefault(worker, []).append(held)
+                else:
+                    outbox.append([identity, *dialect.task(held, shown(service.name))])
+                if len(worker.tasks) < worker.credit:
+                    ready[identity] = worker  # back of the rotation
+            else:
+                outbox.append([identity, *dialect.task(held, "")])
+            if self._debug:
+                log.debug(
+                    "deliver %s (%s, attempt %d) to worker %s",
+                    held.tid,
+                    shown(service.name),
+                    held.attempt,
+                    hex_id(identity),
+                )
+        if batches:
+            name = shown(service.name)
+            for worker, held_list in batches.items():
+                self._send_tasks(worker, held_list, name)
+
+    def _send_tasks(self, worker: Worker, held_list: list[Held], name: str) -> None:
+        """Several deliveries to one worker that accepts TASKS: a message per MAX_BATCH."""
+        dialect = worker.dialect
+        assert isinstance(dialect, ZbwDialect)
+        outbox = self._out.outbox
+        if len(held_list) == 1:
+            outbox.append([worker.identity, *dialect.task(held_list[0], name)])
+            return
+        for start in range(0, len(held_list), ext.MAX_BATCH):
+            chunk = held_list[start : start + ext.MAX_BATCH]
+            outbox.append([worker.identity, *dialect.tasks(chunk, name)])
+
+    # ------------------------------------------------------- MDP workers
+
+    def on_mdp_worker(self, identity: bytes, msg: mdp.WorkerMessage, now: float) -> None:
+        worker = self.workers.get(identity)
+        if worker is not None and worker.dialect is not MDP:
+            self._kick(worker, now, "MDPW01 command from a ZBW01 worker")
+            return
+        kind = type(msg)
+        if kind is mdp.WorkerReply:
+            assert isinstance(msg, mdp.WorkerReply)
+            if worker is None:
+                # Typically a worker we declared dead answering late: its request
+                # has been requeued, so this reply must not reach the client.
+                self._stats.late_replies_dropped += 1
+                self._disconnect(identity, MDP, "REPLY from unknown worker")
+                return
+            held = next(iter(worker.tasks.values()), None)
+            if held is None or msg.client != held.client:
+                self._kick(worker, now, "REPLY without a matching request")
+                return
+            worker.expires_at = now + self._worker_expiry_s
+            self._complete(worker, held, msg.body, now)
+        elif kind is mdp.WorkerHeartbeat:
+            if worker is None:
+                self._disconnect(identity, MDP, "HEARTBEAT from unknown worker")
+            else:
+                worker.expires_at = now + self._worker_expiry_s
+                if self._sink.prefixes:
+                    self._ping(worker)
+        elif kind is mdp.WorkerReady:
+            assert isinstance(msg, mdp.WorkerReady)
+            if worker is not None:
+                self._kick(worker, now, "second READY")
+            elif not msg.service or msg.service.startswith(mdp.MMI_PREFIX):
+                self._disconnect(identity, MDP, f"READY for reserved name {msg.service!r}")
+            else:
+                self._register(identity, msg.service, now, MDP, 1, ())
+        elif worker is not None:  # DISCONNECT
+            self._stats.workers_disconnected += 1
+            log.info("worker %s disconnected", hex_id(identity))
+            self.remove(worker, now, "disconnected")
+
+    # ----------------------------------------------------- ZBW01 workers
+
+    def on_zbw_worker(self, identity: bytes, msg: ext.WorkerMessage, now: float) -> None:
+        worker = self.workers.get(identity)
+        kind = type(msg)
+        if worker is not None and worker.dialect is not ZBW:
+            self._kick(worker, now, "ZBW01 command from an MDP worker")
+            return
+        if worker is None:
+            if kind is ext.Ready:
+                assert isinstance(msg, ext.Ready)
+                name = msg.service.encode()
+                if name.startswith(mdp.MMI_PREFIX):
+                    self._disconnect(identity, ZBW, f"service name {shown(name)!r} is reserved")
+                else:
+                    self._register(identity, name, now, ZBW, msg.credit, msg.tags, msg.batch)
+            elif kind is not ext.Disconnect:
+                if kind is ext.Done:
+                    self._stats.late_replies_dropped += 1
+                self._disconnect(identity, ZBW, "unknown worker: send READY")
+            return
+        worker.expires_at = now + self._worker_expiry_s
+        if kind is ext.Done:
+            assert isinstance(msg, ext.Done)
+            held = self._fenced(worker, msg.id, msg.attempt)
+            if held is not None:
+                self._complete(worker, held, msg.result, now)
+        elif kind is ext.Dones:
+            assert isinstance(msg, ext.Dones)
+            # Free all the credit first, then refill it with one dispatch (one TASKS).
+            with self.one_dispatch(now):
+                for done in msg.items:
+                    held = self._fenced(worker, done.id, done.attempt)
+                    if held is not None:
+                        self._complete(worker, held, done.result, now)
+        elif kind is ext.Ack:
+            assert isinstance(msg, ext.Ack)
+            for task_id, attempt in msg.tasks:
+                held = self._fenced(worker, task_id, attempt)
+                if held is not None:
+                    held.ack_by = 0.0
+                    if self._debug:
+                        log.debug(
+                            "ack %s attempt %d (%s) from worker %s",
+                            task_id,
+                            attempt,
+                            shown(worker.service.name),
+                            hex_id(identity),
+                        )
+        elif kind is ext.Heartbeat:
+            assert isinstance(msg, ext.Heartbeat)
+            if msg.metrics:
+                worker.metrics = msg.metrics
+            elif not msg.metrics_ok:
+                self._stats.bad_metrics += 1
+            if self._sink.prefixes:
+                self._ping(worker)
+        elif kind is ext.Progress:
+            assert isinstance(msg, ext.Progress)
+            held = self._fenced(worker, msg.id, msg.attempt)
+            if held is not None:
+                held.ack_by = 0.0  # progress proves the worker has the task
+                held.owner.progress(held, msg.data, now)
+        elif kind is ext.Fail:
+            assert isinstance(msg, ext.Fail)
+            held = self._fenced(worker, msg.id, msg.attempt)
+            if held is not None:
+                self._stats.failures += 1
+                self._release(worker, held)
+                held.owner.fail(held, msg.reason or "failed", msg.delay_s, msg.retry, now)
+                self.dispatch(worker.service, now)
+        elif kind is ext.Ready:
+            self._kick(worker, now, "second READY")
+        else:  # DISCONNECT
+            self._stats.workers_disconnected += 1
+            log.info("worker %s disconnected", hex_id(identity))
+            self.remove(worker, now, "disconnected")
+
+    def _fenced(self, worker: Worker, task_id: str, attempt: int) -> Held | None:
+        """What this worker holds under (task_id, attempt), else None (refused)."""
+        held = worker.tasks.get(task_id)
+        if held is None or held.attempt != attempt:
+            self._stats.stale_refused += 1
+            if self._debug:
+                log.debug(
+                    "refused stale report for %s attempt %d from worker %s",
+                    task_id,
+                    attempt,
+                    hex_id(worker.identity),
+                )
+            return None
+        return held
+
+    # ------------------------------------------------------------ workers
+
+    def _register(
+        self,
+        identity: bytes,
+        name: bytes,
+        now: float,
+        dialect: Dialect,
+        credit: int,
+        tags: tuple[str, ...],
+        batch: bool = False,
+    ) -> None:
+        service = self._directory.get(name)
+        worker = Worker(identity, service, now, self._settings, dialect, credit, tags)
+        worker.batch = batch
+        self.workers[identity] = worker
+        service.workers[identity] = worker
+        service.ready[identity] = worker
+        self._stats.workers_registered += 1
+        if self._sink.prefixes:
+            self._sink.emit(
+                "worker.ready",
+                {
+                    "worker": hex_id(identity),
+                    "service": shown(name),
+                    "dialect": dialect.value,
+                    "credit": credit,
+                    "tags": list(tags),
+                },
+            )
+        log.info(
+            "worker %s ready for %s (%s, credit %d)",
+            hex_id(identity),
+            shown(name),
+            dialect.value,
+            credit,
+        )
+        self.dispatch(service, now)
+        if not worker.tasks:
+            # Greet at once, so the worker knows it is registered without waiting a
+            # whole heartbeat interval (a delivered task says the same).
+            worker.heartbeat_at = now + self._heartbeat_interval_s
+            self._out.outbox.append([identity, *dialect.heartbeat])
+
+    def _ping(self, worker: Worker) -> None:
+        self._sink.emit(
+            "heartbeat.ping",
+            {
+                "worker": hex_id(worker.identity),
+                "service": shown(worker.service.name),
+                "tasks": len(worker.tasks),
+                "credit": worker.credit,
+                "metrics": worker.metrics,
+            },
+        )
+
+    def _release(self, worker: Worker, held: Held) -> None:
+        """The worker no longer holds `held`; it has credit again."""
+        del worker.tasks[held.tid]
+        if worker.identity not in worker.service.ready and not worker.draining:
+            worker.service.ready[worker.identity] = worker
+
+    def _complete(self, worker: Worker, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        self._release(worker, held)
+        service = worker.service
+        # Hand out the next piece of work before answering: a worker's round trip
+        # through the broker is what bounds throughput.
+        if service.queue or service.ready_count:
+            self.dispatch(service, now)
+        held.owner.complete(held, body, now)
+
+    def withdraw(self, worker: Worker, held: Held, now: float, why: str) -> None:
+        """Take `held` from its worker without an outcome (its owner already decided):
+        a ZBW01 worker gets a CANCEL, an MDP worker (7/MDP cannot cancel) is let go."""
+        self._release(worker, held)
+        dialect = worker.dialect
+        if isinstance(dialect, ZbwDialect):
+            self._out.outbox.append([worker.identity, *dialect.cancel(held)])
+            self.dispatch(worker.service, now)
+        else:
+            self._kick(worker, now, why)
+
+    def drain(self, worker: Worker) -> None:
+        """No new work for `worker`; what it holds, it finishes."""
+        worker.draining = True
+        worker.service.ready.pop(worker.identity, None)
+
+    def remove(self, worker: Worker, now: float, why: str) -> None:
+        """Forget the worker; its owners take back what it held (requests to the front
+        of their queue, task attempts ended)."""
+        identity = worker.identity
+        service = worker.service
+        if self._sink.prefixes:
+            self._sink.emit(
+                "worker.down",
+                {"worker": hex_id(identity), "service": shown(service.name), "reason": why},
+            )
+        del self.workers[identity]
+        del service.workers[identity]
+        service.ready.pop(identity, None)
+        if worker.tasks:
+            held_list = list(worker.tasks.values())
+            worker.tasks.clear()
+            for held in reversed(held_list):  # requests keep their order at the front
+                held.ack_by = 0.0
+                held.owner.take_back(held, "the worker holding it is gone", now)
+            requests = sum(1 for held in held_list if type(held) is MdpRequest)
+            log.info(
+                "worker %s is gone: %d MDP request(s) requeued, %d task(s) taken back",
+                hex_id(identity),
+                requests,
+                len(held_list) - requests,
+            )
+            self.dispatch(service, now)
+
+    def _kick(self, worker: Worker, now: float, why: str) -> None:
+        self._disconnect(worker.identity, worker.dialect, why)
+        self._stats.workers_disconnected += 1
+        self.remove(worker, now, f"protocol: {why}")
+
+    def _disconnect(self, identity: bytes, dialect: Dialect, why: str) -> None:
+        self._stats.disconnects_sent += 1
+        log.info("DISCONNECT to %s: %s", hex_id(identity), why)
+        self._out.outbox.append([identity, *dialect.disconnect(why)])
+
+    def gone(self, identity: bytes, now: float) -> None:
+        """A message to worker `identity` could not be sent: its connection is gone."""
+        worker = self.workers.get(identity)
+        if worker is not None:
+            self._stats.workers_unreachable += 1
+            log.info("worker %s unreachable: connection gone", hex_id(identity))
+            self.remove(worker, now, "unreachable")
+
+    # ------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> None:
+        """Worker expiry, heartbeats, task deadlines and acknowledgement deadlines."""
+        interval = self._heartbeat_interval_s
+        outbox = self._out.outbox
+        for worker in list(self.workers.values()):
+            if worker.expires_at <= now:
+                self._stats.workers_expired += 1
+                log.info(
+                    "worker %s (%s) expired: silent for %.1fs",
+                    hex_id(worker.identity),
+                    shown(worker.service.name),
+                    self._worker_expiry_s,
+                )
+                self.remove(worker, now, "expired")
+                continue
+            if worker.heartbeat_at <= now:
+                worker.heartbeat_at = now + interval
+                outbox.append([worker.identity, *worker.dialect.heartbeat])
+            if worker.tasks:
+                self._check_deadlines(worker, now)
+                if worker.identity not in self.workers:
+                    continue  # an MDP worker let go for overrunning a task's timeout
+            if worker.dialect.acknowledges and worker.tasks:
+                self._take_back_unacked(worker, now)
+
+    def _check_deadlines(self, worker: Worker, now: float) -> None:
+        """Work of `worker` past its time limit fails (and retries or dies)."""
+        late = [h for h in worker.tasks.values() if h.deadline and h.deadline <= now]
+        for held in late:
+            self._stats.tasks_timed_out += 1
+            self._release(worker, held)
+            dialect = worker.dialect
+            if isinstance(dialect, ZbwDialect):
+                self._out.outbox.append([worker.identity, *dialect.cancel(held)])
+                held.owner.timed_out(held, now)
+            else:
+                held.owner.timed_out(held, now)
+                self._kick(worker, now, f"task {held.tid} timed out")
+                return
+        if late:
+            self.dispatch(worker.service, now)
+
+    def _take_back_unacked(self, worker: Worker, now: float) -> None:
+        late = [h for h in worker.tasks.values() if h.ack_by and h.ack_by <= now]
+        if not late:
+            return
+        dialect = worker.dialect
+        assert isinstance(dialect, ZbwDialect)
+        for held in reversed(late):
+            self._stats.ack_timeouts += 1
+            log.info(
+                "request %s attempt %d not acknowledged by worker %s: taken back",
+                held.tid,
+                held.attempt,
+                hex_id(worker.identity),
+            )
+            self._out.outbox.append([worker.identity, *dialect.cancel(held)])
+            self._release(worker, held)
+            held.ack_by = 0.0
+            held.owner.not_acknowledged(held, now)
+        self.dispatch(worker.service, now)

@@ -1,0 +1,821 @@
+"""Durable tasks: every state change of a task, kept in the journal.
+
+Rules it keeps (DESIGN.md, "Delivery semantics"):
+  1. The journal holds the tasks themselves. Memory holds only a bounded window
+     of each service's best READY tasks (by priority, then enqueue order) and
+     the attempts workers hold right now. Every state change is written to the
+     journal in the same pass that decides it; the runtime commits once per
+     pass and sends the outbox only after the commit, so nothing is confirmed
+     (ids, results, TASKs) that a crash could take back.
+  2. A task moves only through `apply`, by a transition of the lifecycle table
+     (core/lifecycle.py); `apply` keeps the service's counters and window, the
+     history, the Stats counters, lifecycle events and waiters in step.
+  3. Every delivery is an attempt and counts. An attempt that ends without
+     DONE (FAIL, timeout, the worker died or did not acknowledge, the broker
+     stopped) is retried while attempts remain: after a FAIL or a timeout with
+     exponential backoff and jitter (a FAIL's own delay_s wins), otherwise at
+     once. The last allowed attempt ending without DONE dead-letters the task.
+  4. Final states (done, cancelled, expired) are kept for `retention_s`, with
+     the result, so a requester can fetch it by id later; dead letters stay
+     until redriven or dropped.
+  5. Anything that waits on a task (REQUEST, RESULT with wait_s) is answered
+     exactly once: when the task reaches a final state (dead included), or
+     with its current state when the wait runs out.
+A journal failure raises out of the core: the runtime stops the broker without
+sending anything from that pass, and a restart recovers from the last commit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+from collections.abc import Sequence
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+from zbroker.core import lifecycle
+from zbroker.core.lifecycle import (
+    DEAD,
+    DELAYED,
+    DONE,
+    FINAL,
+    INFLIGHT,
+    READY,
+    STATE_NAMES,
+    IllegalTransition,
+    Transition,
+)
+from zbroker.core.model import Held, Service, Stats, TaskAttempt, Worker
+from zbroker.core.services import ServiceDirectory
+from zbroker.core.settings import CoreSettings
+from zbroker.core.sink import EventSink, Outputs
+from zbroker.journal.base import Journal, TaskRecord, TaskState
+from zbroker.protocol import mdp, zbc
+from zbroker.protocol.events import (
+    DONE_FIELDS,
+    ENQUEUED_FIELDS,
+    MAX_BATCH_EVENTS,
+    STARTED_FIELDS,
+)
+
+if TYPE_CHECKING:
+    from zbroker.core.routing import Routing
+
+log = logging.getLogger("zbroker.core")
+
+# Payloads up to this size stay in memory with their record while it waits in the
+# window (at most window_per_service of them per service), so delivering it needs
+# no read of the store.
+_MEMO_PAYLOAD_BYTES = 4096
+# Journal reads per timer pass (due delays, lapsed TTLs and retentions).
+TIMER_BATCH = 1000
+# Share of a size-limited journal that enqueues may not take (see _journal_refuses).
+JOURNAL_RESERVE = 0.1
+# "Any time from now on", for scans of the time-ordered indexes.
+FAR_FUTURE_S = 100 * 365 * 86400.0
+
+
+def record_view(record: TaskRecord) -> dict[str, Any]:
+    """A task's record as STATUS shows it."""
+    return {
+        "id": record.id,
+        "service": record.service,
+        "state": STATE_NAMES[record.state],
+        "attempt": record.attempt,
+        "max_attempts": record.max_attempts,
+        "priority": record.priority,
+        "created_at": record.created_at,
+        "not_before": record.not_before,
+        "expires_at": record.expires_at,
+        "timeout_s": record.timeout_s,
+        "key": record.key,
+        "headers": record.headers,
+        "error": record.error,
+        "finished_at": record.finished_at,
+        "keep_until": record.keep_until,
+        "history": record.history,
+    }
+
+
+def backoff_s(settings: CoreSettings, attempt: int, rng: random.Random) -> float:
+    """Delay before the attempt after `attempt` (1-based): exponential, capped, equal jitter."""
+    full = min(settings.retry_max_s, settings.retry_base_s * 2.0 ** min(attempt - 1, 60))
+    return full / 2.0 + rng.uniform(0.0, full / 2.0)
+
+
+class DurableTasks:
+    """Durable tasks from ENQUEUE to their end: the journal, each service's window of
+    ready tasks, the attempts workers hold, and the calls waiting for a task. The
+    owner of every TaskAttempt."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        stats: Stats,
+        out: Outputs,
+        sink: EventSink,
+        directory: ServiceDirectory,
+        journal: Journal | None,
+        epoch_offset: float,
+    ) -> None:
+        self._settings = settings
+        self._stats = stats
+        self._out = out
+        self._sink = sink
+        self._directory = directory
+        self.journal = journal
+        self._routing: Routing | None = None
+        self._epoch_offset = epoch_offset
+        self._rng = random.Random(settings.seed)
+        self._history_limit = settings.history_limit
+        self._admitted = 0  # bytes of enqueues admitted since the journal's last commit
+        self._admitted_at = -1  # the journal's commit count when that was reset
+        # Task id -> the attempt a worker holds now, and that worker.
+        self._attempts: dict[str, tuple[TaskAttempt, Worker]] = {}
+        # Task id -> calls waiting for it to end: (client, rid, deadline).
+        self._waiters: dict[str, list[tuple[bytes, int, float]]] = {}
+        self._waiter_count = 0
+        self._next_due_at = math.inf  # monotonic time of the earliest delayed task
+        # The earliest time this part needs a tick (a due task, a deadline, a wait).
+        self.wake_at = math.inf
+
+    def connect(self, routing: Routing) -> None:
+        """The routing that delivers this part's tasks (made after it)."""
+        self._routing = routing
+
+    @property
+    def waiter_count(self) -> int:
+        """Calls waiting for a task to end, broker-wide."""
+        return self._waiter_count
+
+    def epoch(self, now: float) -> float:
+        """The wall-clock time (written into records) at monotonic `now`."""
+        return now + self._epoch_offset
+
+    # ------------------------------------------------------- the one mover
+
+    def apply(
+        self,
+        record: TaskRecord,
+        move: Transition,
+        epoch: float,
+        service: Service | None = None,
+        payload: tuple[bytes, ...] | None = None,
+        result: tuple[bytes, ...] | None = None,
+        detail: tuple[Any, ...] = (),
+        new_record: bool = False,
+    ) -> None:
+        """Move `record` by `move` (a transition of core/lifecycle.py) and keep in step
+        what follows: the service's waiting and ready counts and its window, the
+        history entry, the Stats counter, the journal write (with `payload` or
+        `result`), finished_at and retention, lifecycle events, waiters. The caller
+        has set the record's own fields (attempt, error, not_before...) before.
+        `new_record`: the record is not stored yet (its state is not read)."""
+        journal = self.journal
+        assert journal is not None
+        old = None if new_record else record.state
+        if old not in move.sources:
+            raise IllegalTransition(old, move.event)
+        new = move.target
+        history = record.history
+        history.append([move.history, epoch, *detail])
+        if len(history) > self._history_limit:
+            del history[0]
+        counter = move.counter
+        if counter is not None:
+            stats = self._stats
+            setattr(stats, counter, getattr(stats, counter) + 1)
+        if new is None:  # forgotten: a finished task, no longer counted anywhere
+            journal.delete(record.id)
+            return
+        if service is None:
+            service = self._directory.get(record.service.encode())
+        if old is READY:
+            service.ready_count -= 1
+            service.waiting_count -= 1
+            self._unwindow(service, record.id)
+        elif old is DELAYED:
+            service.waiting_count -= 1
+        record.state = new
+        if move.final:
+            record.finished_at = epoch
+            keep = new is not DEAD  # dead letters stay until redriven or dropped
+            record.keep_until = epoch + self._settings.retention_s if keep else None
+            journal.put(record, payload)
+            if keep:
+                if self._settings.retention_s > 0:
+                    if result is not None:
+                        journal.put_result(record.id, result)
+                else:
+                    journal.delete(record.id)  # counted above; nothing to keep
+            self._finished(record, old, service, result)
+            return
+        journal.put(record, payload)
+        if new is READY:
+            service.waiting_count += 1
+            service.ready_count += 1
+            if payload is not None and sum(map(len, payload)) <= _MEMO_PAYLOAD_BYTES:
+                # Goes with the record if the window keeps it: delivered from memory.
+                record.frames_memo = payload
+            self._window_insert(service, record)
+        elif new is DELAYED:
+            service.waiting_count += 1
+
+    def _finished(
+        self,
+        record: TaskRecord,
+        old: TaskState | None,
+        service: Service,
+        result: tuple[bytes, ...] | None,
+    ) -> None:
+        """What follows a task's end: its figures, its lifecycle event, its waiters."""
+        new = record.state
+        sink = self._sink
+        if new is DEAD:
+            service.figures.dead += 1
+            log.warning(
+                "task %s of %s dead after %d attempt(s): %s",
+                record.id,
+                record.service,
+                record.attempt,
+                record.error,
+            )
+        elif new is not DONE and sink.prefixes:
+            sink.emit(
+                f"task.{STATE_NAMES[new]}.{record.service}",
+                {"id": record.id, "was": STATE_NAMES[old] if old is not None else None},
+            )
+        self._notify(record, result)
+        if new is DEAD and sink.prefixes:
+            sink.emit(
+                "task.dead." + record.service,
+                {"id": record.id, "attempt": record.attempt, "reason": record.error},
+            )
+
+    # ------------------------------------------------------------ the window
+
+    def _window_insert(self, service: Service, record: TaskRecord) -> None:
+        window = service.window
+        entry = (record.priority, -record.seq, record.id)
+        # The window must stay the top len(window) READY tasks: take a task in if
+        # every READY task is in the window, or if it beats the window's worst.
+        if len(window) + 1 == service.ready_count or (window and entry > window[0]):
+            bisect.insort(window, entry)
+            service.records[record.id] = record
+            if len(window) > self._settings.window_per_service:
+                del service.records[window[0][2]]
+                del window[0]
+
+    def _unwindow(self, service: Service, task_id: str) -> None:
+        if service.records.pop(task_id, None) is None:
+            return  # not in the window (a started task left it in next_ready)
+        window = service.window
+        for i in range(len(window) - 1, -1, -1):
+            if window[i][2] == task_id:
+                del window[i]
+                return
+
+    def _refill(self, service: Service) -> None:
+        assert self.journal is not None
+        window = service.window
+        limit = self._settings.window_per_service - len(window)
+        after = None if not window else (window[0][0], -window[0][1])
+        records = self.journal.ready(service.name.decode(), limit, after)
+        window[0:0] = [(r.priority, -r.seq, r.id) for r in reversed(records)]
+        service.records.update((r.id, r) for r in records)
+
+    def next_ready(self, service: Service, now: float) -> TaskRecord | None:
+        """Take the best READY task of `service` out of its window (the caller starts
+        it at once); a task whose ttl passed meanwhile expires instead."""
+        journal = self.journal
+        assert journal is not None
+        window = service.window
+        while service.ready_count > 0:
+            if not window:
+                self._refill(service)
+                if not window:
+                    log.error("%s: ready count out of step with the journal", service.name)
+                    service.ready_count = 0
+                    return None
+            task_id = window.pop()[2]
+            record = service.records.pop(task_id, None) or journal.get(task_id)
+            if record is None or record.state is not READY:
+                log.error("task %s in the ready window is not ready: skipped", task_id)
+                continue
+            epoch = now + self._epoch_offset
+            if record.expires_at is not None and record.expires_at <= epoch:
+                record.error = "its ttl passed before it started"
+                self.apply(record, lifecycle.EXPIRE, epoch, service)
+                continue
+            return record
+        return None
+
+    def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
+        """Write `record` (from next_ready) as delivered to `worker`; the attempt to hand over."""
+        epoch = now + self._epoch_offset
+        service = worker.service
+        figures = service.figures
+        if record.attempt == 0:
+            figures.observe_wait(max(0.0, epoch - max(record.created_at, record.not_before)))
+            # ttl_s bounds the wait for a first start: once started, a task no longer
+            # expires (a retry, or a take-back from a dead worker, runs).
+            record.expires_at = None
+        else:
+            figures.redeliveries += 1
+        record.attempt += 1
+        worker_hex = worker.identity.hex()
+        self.apply(
+            record, lifecycle.START, epoch, service, None, None, (record.attempt, worker_hex)
+        )
+        body = record.frames_memo
+        if body is None:
+            assert self.journal is not None
+            body = tuple(self.journal.payload(record.id) or ())
+        else:
+            record.frames_memo = None  # the attempt holds it from here
+        attempt = TaskAttempt(self, record, service.name, body, now)
+        if record.timeout_s is not None:
+            attempt.deadline = now + record.timeout_s
+            if attempt.deadline < self.wake_at:
+                self.wake_at = attempt.deadline
+        self._attempts[record.id] = (attempt, worker)
+        sink = self._sink
+        if sink.prefixes:
+            # Rows appended inline (as in complete): a call per event cost about
+            # 2,400 instructions more (bench/instructions.py --shape events).
+            topic = sink.started_topics.get(record.service, "")
+            if topic == "":
+                topic = sink.task_topic(sink.started_topics, "task.started.", record.service)
+            if topic is not None:
+                row = (record.id, record.attempt, worker_hex)
+                events = self._out.events
+                if events and events[-1][0] is topic and len(events[-1][2]) < MAX_BATCH_EVENTS:
+                    events[-1][2].append(row)
+                else:
+                    events.append((topic, STARTED_FIELDS, [row]))
+        return attempt
+
+    # --------------------------------- the end of a worker's hold (AttemptOwner)
+
+    def complete(self, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        """DONE: the task is done and its result kept."""
+        assert type(held) is TaskAttempt
+        record = held.record
+        del self._attempts[record.id]
+        epoch = now + self._epoch_offset
+        service = self._directory.get(held.service)
+        figures = service.figures
+        figures.done += 1
+        figures.observe_run(max(0.0, now - held.started_at))
+        record.error = None
+        sink = self._sink
+        if sink.prefixes:
+            topic = sink.done_topics.get(record.service, "")
+            if topic == "":
+                topic = sink.task_topic(sink.done_topics, "task.done.", record.service)
+            if topic is not None:
+                row = (record.id, held.attempt, record.headers)
+                events = self._out.events
+                if events and events[-1][0] is topic and len(events[-1][2]) < MAX_BATCH_EVENTS:
+                    events[-1][2].append(row)
+                else:
+                    events.append((topic, DONE_FIELDS, [row]))
+        self.apply(record, lifecycle.COMPLETE, epoch, service, None, body, (held.attempt,))
+
+    def fail(self, held: Held, reason: str, delay_s: float | None, retry: bool, now: float) -> None:
+        """The worker's FAIL: retried after `delay_s` (None: backoff), or dead-lettered
+        when no attempt is left or the worker said no retry can succeed."""
+        assert type(held) is TaskAttempt
+        del self._attempts[held.tid]
+        self._end_attempt(held.record, reason, now, delay_s, final=not retry)
+
+    def timed_out(self, held: Held, now: float) -> None:
+        """The attempt ran past the task's timeout_s: retried after a backoff."""
+        assert type(held) is TaskAttempt
+        timeout = held.record.timeout_s or 0.0
+        reason = f"attempt {held.attempt} timed out after {timeout:g}s"
+        del self._attempts[held.tid]
+        self._end_attempt(held.record, reason, now, None)
+
+    def not_acknowledged(self, held: Held, now: float) -> None:
+        """Not acknowledged in time: runs again at once (the attempt counts)."""
+        self._stats.requeued += 1
+        self.take_back(held, "not acknowledged in time", now)
+
+    def take_back(self, held: Held, reason: str, now: float) -> None:
+        """The worker is gone: runs again at once (the attempt counts)."""
+        assert type(held) is TaskAttempt
+        del self._attempts[held.tid]
+        self._end_attempt(held.record, reason, now, 0.0)
+
+    def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """PROGRESS goes into the task's history (with up to 200 bytes of its first
+        frame) and out as a task.progress event."""
+        assert type(held) is TaskAttempt
+        record = held.record
+        note = data[0][:200].decode(errors="replace") if data else ""
+        epoch = now + self._epoch_offset
+        self.apply(record, lifecycle.PROGRESS, epoch, None, None, None, (held.attempt, note))
+        if self._sink.prefixes:
+            self._sink.emit(
+                "task.progress." + record.service,
+                {"id": held.tid, "attempt": held.attempt, "data": list(data)},
+            )
+
+    def _end_attempt(
+        self,
+        record: TaskRecord,
+        reason: str,
+        now: float,
+        delay_s: float | None,
+        final: bool = False,
+    ) -> None:
+        """An attempt ended without DONE: retry (after `delay_s`; None: backoff) or
+        dead-letter (no attempts left, or `final`: the worker said no retry can succeed)."""
+        epoch = now + self._epoch_offset
+        record.error = reason
+        dead = final or record.attempt >= record.max_attempts
+        service = self._directory.get(record.service.encode())
+        service.figures.failed += 1
+        if self._sink.prefixes:
+            self._sink.emit(
+                "task.failed." + record.service,
+                {"id": record.id, "attempt": record.attempt, "reason": reason, "retry": not dead},
+            )
+        if dead:
+            self.apply(record, lifecycle.DEAD_LETTER, epoch, service, None, None, (reason,))
+            return
+        if delay_s is None:
+            delay_s = backoff_s(self._settings, record.attempt, self._rng)
+        if delay_s > 0:
+            record.not_before = epoch + delay_s
+            detail = (reason, round(delay_s, 3))
+            self.apply(record, lifecycle.RETRY_LATER, epoch, service, None, None, detail)
+            self._schedule_at(now + delay_s)
+        else:
+            self.apply(record, lifecycle.REQUEUE, epoch, service, None, None, (reason,))
+
+    def holder(self, task_id: str) -> tuple[TaskAttempt, Worker] | None:
+        """The attempt of `task_id` a worker holds now, and that worker."""
+        return self._attempts.get(task_id)
+
+    # ------------------------------------------------------------ start
+
+    def recover(self, now: float) -> None:
+        """Rebuild the counters from the journal; attempts in flight at the last stop
+        go back to their queues (their attempt counted)."""
+        journal = self.journal
+        assert journal is not None
+        epoch = now + self._epoch_offset
+        directory = self._directory
+        for name, per_state in journal.counts().items():
+            service = directory.get(name.encode())
+            service.ready_count = per_state.get(READY, 0)
+            service.waiting_count = service.ready_count + per_state.get(DELAYED, 0)
+        for name, options in journal.service_options().items():
+            service = directory.get(name.encode())
+            service.paused = options.get("paused") is True
+            limit = options.get("limit")
+            service.limit = limit if type(limit) is int and limit > 0 else None
+            log.info(
+                "service %s: %s, concurrency limit %s (kept from the last run)",
+                name,
+                "paused" if service.paused else "not paused",
+                service.limit or "none",
+            )
+        recovered = journal.inflight()
+        for record in recovered:
+            self.apply(record, lifecycle.RECOVER, epoch)
+            self._end_attempt(record, "the broker stopped during the attempt", now, 0.0)
+        if recovered:
+            log.info("%d task(s) in flight at the last stop requeued", len(recovered))
+        self._schedule_due(now)
+
+    # --------------------------------------------------------- client calls
+
+    def refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
+        """Answer a ZBC01 call with ERROR (and count it)."""
+        self._stats.calls_refused += 1
+        if code != zbc.E_NOT_FOUND:
+            log.info("call %d from %s refused (%s): %s", rid, identity.hex(), code, message)
+        self._out.outbox.append([identity, *zbc.error(rid, code, message)])
+
+    def _journal_refuses(self, identity: bytes, msg: zbc.Enqueue, new: int) -> bool:
+        """Refuse (queue_full) an ENQUEUE that would bring a size-limited journal near
+        its limit: JOURNAL_RESERVE of it stays for what finishing, retrying and
+        requeueing tasks write, so the broker never has to stop for a full journal
+        because of what clients sent. Counts what this pass admitted already, since
+        the journal's figures move only at commits."""
+        assert self.journal is not None
+        js = self.journal.stats
+        if not js.bytes_max:
+            return False
+        if js.commits != self._admitted_at:
+            self._admitted_at, self._admitted = js.commits, 0
+        # A record, its index entries and B-tree slack, besides its payload.
+        incoming = 2 * (sum(map(len, chain.from_iterable(msg.payloads))) + 512 * new)
+        allowed = js.bytes_max * (1.0 - JOURNAL_RESERVE)
+        if js.bytes_live + self._admitted + incoming <= allowed:
+            self._admitted += incoming
+            return False
+        self.refuse(
+            identity,
+            msg.rid,
+            zbc.E_QUEUE_FULL,
+            f"the journal is nearly full ({js.bytes_live >> 20} of {js.bytes_max >> 20} MiB "
+            f"in use; {JOURNAL_RESERVE:.0%} is kept for finishing tasks): nothing was stored; "
+            "raise --journal-max-mib, or let tasks finish",
+        )
+        return True
+
+    def enqueue(self, identity: bytes, msg: zbc.Enqueue, now: float) -> None:
+        """ENQUEUE (and REQUEST, which waits): store the tasks, answer with their ids."""
+        journal = self.journal
+        assert journal is not None
+        name = msg.service.encode()
+        if name.startswith(mdp.MMI_PREFIX):
+            self.refuse(identity, msg.rid, zbc.E_BAD_REQUEST, "mmi.* names are reserved")
+            return
+        service = self._directory.get(name)
+        count = len(msg.payloads)
+        options = msg.options
+        keys = options.keys or (options.key,) * count
+        # Tasks already stored under their idempotency key are answered with their id
+        # and never count against the cap: a resend must not be refused.
+        held: dict[int, str] = {}
+        new = count
+        fresh: set[str] = set()  # keys new to the journal: a repeat within the call is one task
+        for i, key in enumerate(keys):
+            if key is not None:
+                if (task_id := journal.find_key(msg.service, key)) is not None:
+                    held[i] = task_id
+                    new -= 1
+                elif key in fresh:
+                    new -= 1
+                else:
+                    fresh.add(key)
+        cap = self._settings.max_tasks_per_service
+        if new and service.waiting_count + new > cap:
+            self.refuse(
+                identity,
+                msg.rid,
+                zbc.E_QUEUE_FULL,
+                f"{msg.service} holds {service.waiting_count} waiting tasks (cap {cap})",
+            )
+            return
+        if new and self._journal_refuses(identity, msg, new):
+            return
+        if msg.wait and self._waiter_count >= self._settings.max_waiters:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+            return
+        epoch = now + self._epoch_offset
+        not_before = options.not_before or 0.0
+        if options.delay_s:
+            not_before = epoch + options.delay_s
+        expires_at = None if options.ttl_s is None else epoch + options.ttl_s
+        max_attempts = options.max_attempts or self._settings.default_max_attempts
+        move = lifecycle.ENQUEUE_DELAYED if not_before > epoch else lifecycle.ENQUEUE
+        ids: list[str] = []
+        existing: list[int] = []
+        stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
+        topic = "task.enqueued." + msg.service
+        sink = self._sink
+        enqueued: list[Any] | None = [] if sink.prefixes and sink.wants(topic) else None
+        priority, event_not_before, headers = options.priority, not_before or None, options.headers
+        apply = self.apply
+        for i, payload in enumerate(msg.payloads):
+            key = keys[i]
+            if key is not None:
+                # Stored before this call (looked up above), or by an earlier task of it.
+                task_id = held.get(i) or stored_keys.get(key)
+                if task_id is not None:
+                    ids.append(task_id)
+                    existing.append(i)
+                    continue
+            seq = journal.next_seq()
+            record = TaskRecord(
+                id=f"t{seq:x}",
+                service=msg.service,
+                state=READY,  # set by apply
+                seq=seq,
+                created_at=epoch,
+                priority=priority,
+                not_before=not_before,
+                expires_at=expires_at,
+                max_attempts=max_attempts,
+                timeout_s=options.timeout_s,
+                key=key,
+                headers=headers,
+            )
+            apply(record, move, epoch, service, payload, None, (), True)
+            ids.append(record.id)
+            if key is not None:
+                stored_keys[key] = record.id
+            if enqueued is not None:
+                enqueued.append((record.id, priority, event_not_before, headers))
+        if enqueued:
+            sink.add(topic, ENQUEUED_FIELDS, enqueued)
+        self._stats.tasks_enqueued += count - len(existing)
+        service.figures.enqueued += count - len(existing)
+        self._stats.tasks_deduplicated += len(existing)
+        fields: dict[str, Any] = {"ids": ids}
+        if existing:
+            fields["existing"] = existing
+        self._out.outbox.append([identity, *zbc.reply(msg.rid, fields)])
+        if not_before > epoch:
+            self._schedule_due(now)
+        if msg.wait:
+            stored = journal.get(ids[0]) if existing else None
+            if stored is not None and stored.state in FINAL:
+                self._answer(identity, msg.rid, stored)  # a resent REQUEST of a finished task
+            else:
+                wait_s = self._settings.request_wait_s if msg.wait_s is None else msg.wait_s
+                self._wait(identity, msg.rid, ids[0], now + wait_s)
+        if service.ready:
+            routing = self._routing
+            assert routing is not None
+            routing.dispatch(service, now)
+
+    def result(self, identity: bytes, msg: zbc.Result, now: float) -> None:
+        """RESULT: the task's outcome now, or when it ends (within wait_s)."""
+        assert self.journal is not None
+        record = self.journal.get(msg.id)
+        if record is None:
+            self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+        elif record.state in FINAL or msg.wait_s <= 0:
+            self._answer(identity, msg.rid, record)
+        elif self._waiter_count >= self._settings.max_waiters:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+        else:
+            self._wait(identity, msg.rid, msg.id, now + msg.wait_s)
+
+    def cancel(self, identity: bytes, msg: zbc.Cancel, now: float) -> None:
+        """CANCEL: a waiting or running task ends as cancelled (its worker is told)."""
+        assert self.journal is not None
+        record = self.journal.get(msg.id)
+        if record is None:
+            self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+            return
+        was = record.state
+        if was in FINAL:
+            self.refuse(
+                identity, msg.rid, zbc.E_CONFLICT, f"task {msg.id} already {STATE_NAMES[was]}"
+            )
+            return
+        epoch = now + self._epoch_offset
+        holder = self._attempts.pop(msg.id, None)
+        if holder is not None:
+            attempt, worker = holder
+            record = attempt.record
+            routing = self._routing
+            assert routing is not None
+            routing.withdraw(worker, attempt, now, f"task {msg.id} was cancelled")
+        self.apply(record, lifecycle.CANCEL, epoch)
+        self._out.outbox.append(
+            [
+                identity,
+                *zbc.reply(msg.rid, {"id": msg.id, "state": "cancelled", "was": STATE_NAMES[was]}),
+            ]
+        )
+
+    # ------------------------------------------------ operators' actions
+
+    def waiting_to_purge(self, service_name: str, now: float) -> list[TaskRecord]:
+        """Up to MAX_BATCH waiting (ready, then delayed) tasks of the service."""
+        journal = self.journal
+        assert journal is not None
+        epoch = now + self._epoch_offset
+        records = journal.ready(service_name, zbc.MAX_BATCH)
+        service = self._directory.services.get(service_name.encode())
+        need = zbc.MAX_BATCH - len(records)
+        if need > 0 and service is not None and service.waiting_count > len(records):
+            # Delayed tasks are indexed by time across services: read them in a wider
+            # and wider window until it holds enough of ours or the whole index, so a
+            # service's delayed tasks are reached however many other services have.
+            scan = 10 * zbc.MAX_BATCH
+            while True:
+                later = journal.due(epoch + FAR_FUTURE_S, scan)
+                ours = [r for r in later if r.service == service_name]
+                if len(ours) >= need or len(later) < scan:
+                    break
+                scan *= 4
+            records += ours[:need]
+        return records
+
+    def dead_letters(self, service: str, ids: Sequence[str] | None) -> list[TaskRecord]:
+        """The dead letters of `service` named by `ids` (others are skipped), or with ids
+        None the oldest MAX_BATCH of them: what DROP and REDRIVE act on."""
+        journal = self.journal
+        assert journal is not None
+        if ids is None:
+            return journal.dead(service, zbc.MAX_BATCH)
+        # An id listed twice is one task: acting on it twice would count it twice.
+        found = (journal.get(task_id) for task_id in dict.fromkeys(ids))
+        return [r for r in found if r is not None and r.state is DEAD and r.service == service]
+
+    def redrive(self, record: TaskRecord, service: Service, now: float) -> None:
+        """A dead letter goes back to its queue with its attempts reset."""
+        record.attempt = 0
+        record.finished_at = None
+        record.expires_at = None  # it had started: its ttl no longer applies
+        self.apply(record, lifecycle.REDRIVE, now + self._epoch_offset, service)
+
+    # ---------------------------------------------------------- waiting
+
+    def _wait(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
+        self._waiters.setdefault(task_id, []).append((identity, rid, deadline))
+        self._waiter_count += 1
+        if deadline < self.wake_at:
+            self.wake_at = deadline
+
+    def _answer(
+        self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
+    ) -> None:
+        fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
+        if record.error is not None and record.state is not DONE:
+            fields["error"] = record.error
+        if record.state is DONE and frames is None:
+            assert self.journal is not None
+            frames = tuple(self.journal.result(record.id) or ())
+        self._out.outbox.append([identity, *zbc.reply(rid, fields, frames or ())])
+
+    def _notify(self, record: TaskRecord, frames: tuple[bytes, ...] | None = None) -> None:
+        waiters = self._waiters.pop(record.id, None)
+        if waiters:
+            self._waiter_count -= len(waiters)
+            for identity, rid, _ in waiters:
+                self._answer(identity, rid, record, frames)
+
+    def _expire_waits(self, now: float) -> None:
+        journal = self.journal
+        assert journal is not None
+        for task_id in [t for t, ws in self._waiters.items() if any(w[2] <= now for w in ws)]:
+            waiters = self._waiters[task_id]
+            due = [w for w in waiters if w[2] <= now]
+            keep = [w for w in waiters if w[2] > now]
+            if keep:
+                self._waiters[task_id] = keep
+            else:
+                del self._waiters[task_id]
+            self._waiter_count -= len(due)
+            record = journal.get(task_id)
+            for identity, rid, _ in due:
+                if record is None:
+                    self.refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
+                else:
+                    self._answer(identity, rid, record)
+
+    # ------------------------------------------------------------ timers
+
+    def _schedule_at(self, when: float) -> None:
+        if when < self._next_due_at:
+            self._next_due_at = when
+        if when < self.wake_at:
+            self.wake_at = when
+
+    def _schedule_due(self, now: float) -> None:
+        assert self.journal is not None
+        due = self.journal.next_due_at()
+        self._next_due_at = math.inf
+        if due is not None:
+            self._schedule_at(now + max(0.0, due - (now + self._epoch_offset)))
+
+    def tick(self, now: float) -> None:
+        """Delays that are over, ttls and retentions that lapsed, waits that ran out."""
+        journal = self.journal
+        if journal is None:
+            return
+        epoch = now + self._epoch_offset
+        touched: dict[bytes, Service] = {}
+        if self._next_due_at <= now:
+            records = journal.due(epoch, TIMER_BATCH)
+            for record in records:
+                service = self._directory.get(record.service.encode())
+                self.apply(record, lifecycle.DUE, epoch, service)
+                touched[service.name] = service
+            self._schedule_due(now)
+            if len(records) == TIMER_BATCH:
+                self._schedule_at(now)  # more are due: next pass
+        lapsed = journal.lapsed(epoch, TIMER_BATCH)
+        for record in lapsed:
+            if record.state in FINAL:
+                self.apply(record, lifecycle.FORGET, epoch)
+            else:
+                record.error = "its ttl passed before it started"
+                self.apply(record, lifecycle.EXPIRE, epoch)
+        if len(lapsed) == TIMER_BATCH:
+            # More have lapsed: the next pass ticks again, so retention keeps up with
+            # any rate of finished tasks (a batch per tick interval would cap it).
+            self.wake_at = now
+        if self._waiter_count:
+            self._expire_waits(now)
+        routing = self._routing
+        assert routing is not None
+        for name, service in touched.items():
+            if self._directory.services.get(name) is service and service.ready:
+                routing.dispatch(service, now)
+
+
+__all__ = ["FAR_FUTURE_S", "INFLIGHT", "TIMER_BATCH", "DurableTasks", "backoff_s", "record_view"]

@@ -1,0 +1,196 @@
+"""Admin views: what QUEUES, WORKERS, STATS, STATUS, TASKS and DEAD show.
+
+Read-only: it reads the journal, the service directory, the workers and the
+counters, and changes none of them, so the CLI, the console, Prometheus and any
+client see the same exact figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from zbroker.core.lifecycle import DEAD, DELAYED, DONE, INFLIGHT, READY
+from zbroker.core.model import Stats, Worker
+from zbroker.core.services import ServiceDirectory
+from zbroker.core.settings import CoreSettings
+from zbroker.core.tasks import FAR_FUTURE_S, DurableTasks, record_view
+from zbroker.journal.base import TaskState
+from zbroker.protocol import zbc
+
+# Records one TASKS call reads at most.
+LIST_SCAN = 100_000
+
+
+class AdminViews:
+    """Answers to the inspection calls, built from the other parts' state."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        stats: Stats,
+        directory: ServiceDirectory,
+        workers: dict[bytes, Worker],
+        tasks: DurableTasks,
+        started_at: float,
+    ) -> None:
+        self._settings = settings
+        self._stats = stats
+        self._directory = directory
+        self._workers = workers
+        self._tasks = tasks
+        self._started_at = started_at
+
+    def queues(self, now: float) -> dict[str, Any]:
+        """Every service's figures, exact: counters from the journal, workers from memory."""
+        journal = self._tasks.journal
+        counts = journal.counts() if journal is not None else {}
+        services = self._directory.services
+        # By the bytes of the name: MDP allows any, and two names that are not UTF-8
+        # must not share a row (nor miss their service). They show backslash-escaped.
+        raw_names = set(services) | {name.encode() for name in counts}
+        epoch = self._tasks.epoch(now)
+        out = []
+        for raw in sorted(raw_names):
+            name = raw.decode(errors="backslashreplace")
+            per_state = counts.get(name, {})
+            service = services.get(raw)
+            workers = list(service.workers.values()) if service is not None else []
+            oldest = 0.0
+            if per_state.get(READY) and journal is not None:
+                record = journal.oldest_ready(name)
+                if record is not None:
+                    oldest = max(0.0, epoch - record.created_at)
+            if service is not None and service.queue:
+                oldest = max(oldest, now - min(r.enqueued_at for r in service.queue))
+            out.append(
+                {
+                    "service": name,
+                    "ready": per_state.get(READY, 0),
+                    "delayed": per_state.get(DELAYED, 0),
+                    "inflight": per_state.get(INFLIGHT, 0),
+                    "dead": per_state.get(DEAD, 0),
+                    "done": per_state.get(DONE, 0),
+                    "requests": len(service.queue) if service is not None else 0,
+                    "workers": len(workers),
+                    "credit": sum(w.credit for w in workers),
+                    "credit_in_use": sum(len(w.tasks) for w in workers),
+                    "oldest_age_s": round(oldest, 3),
+                    "paused": service is not None and service.paused,
+                    "limit": service.limit if service is not None else None,
+                    **self._directory.figures(raw).view(now),
+                }
+            )
+        return {"queues": out}
+
+    def workers(self, now: float) -> dict[str, Any]:
+        expiry = self._settings.worker_expiry_s
+        rows = [
+            {
+                "worker": worker.identity.hex(),
+                "service": worker.service.name.decode(errors="backslashreplace"),
+                "dialect": worker.dialect.value,
+                "credit": worker.credit,
+                "tasks": list(worker.tasks),
+                "tags": list(worker.tags),
+                "metrics": worker.metrics,
+                # Any message renews expires_at = last message + expiry.
+                "last_seen_s": round(max(0.0, now - (worker.expires_at - expiry)), 3),
+                "state": "draining"
+                if worker.draining
+                else ("busy" if len(worker.tasks) >= worker.credit else "ready"),
+            }
+            for service in self._directory.services.values()
+            for worker in service.workers.values()
+        ]
+        return {"workers": rows}
+
+    def stats(self, now: float) -> dict[str, Any]:
+        stats = self._stats
+        counters = {
+            f.name: getattr(stats, f.name)
+            for f in dataclasses.fields(stats)
+            if f.name != "malformed"
+        }
+        services = self._directory.services
+        view: dict[str, Any] = {
+            "stats": counters,
+            "malformed": dict(stats.malformed or {}),
+            "uptime_s": round(now - self._started_at, 3),
+            "services": len(services),
+            "workers": sum(len(s.workers) for s in services.values()),
+            "waiting_calls": self._tasks.waiter_count,
+        }
+        journal = self._tasks.journal
+        if journal is not None:
+            js = journal.stats
+            view["journal"] = {
+                "durability": journal.durability.value,
+                "commits": js.commits,
+                "commit_seconds_total": round(js.commit_seconds_total, 6),
+                "last_commit_seconds": round(js.last_commit_seconds, 6),
+                "bytes_used": js.bytes_used,
+                "map_size": js.map_size,
+            }
+        return view
+
+    def status(self, msg: zbc.Status) -> dict[str, Any] | None:
+        """A task's record and history (None: no such task)."""
+        journal = self._tasks.journal
+        assert journal is not None
+        record = journal.get(msg.id)
+        return None if record is None else {"task": record_view(record)}
+
+    def dead(self, msg: zbc.Dead) -> dict[str, Any]:
+        """A page of a service's dead letters, oldest first."""
+        journal = self._tasks.journal
+        assert journal is not None
+        page = journal.dead(msg.service, msg.limit + 1, msg.after)
+        more = len(page) > msg.limit
+        page = page[: msg.limit]
+        tasks = [
+            {
+                "id": r.id,
+                "seq": r.seq,
+                "attempt": r.attempt,
+                "error": r.error,
+                "created_at": r.created_at,
+                "finished_at": r.finished_at,
+            }
+            for r in page
+        ]
+        return {"tasks": tasks, "next": page[-1].seq if more else None}
+
+    def list_tasks(self, msg: zbc.ListTasks, now: float) -> dict[str, Any]:
+        """A page of a service's tasks in one state, oldest first where the journal
+        keeps that order (ready: delivery order). Ready and dead tasks are read from
+        their per-service index; the others by scanning their index across services,
+        at most LIST_SCAN records per call."""
+        journal = self._tasks.journal
+        assert journal is not None
+        epoch = self._tasks.epoch(now)
+        want = msg.after + msg.limit + 1
+        state = TaskState[msg.state.upper()]
+        if state is READY:
+            found = journal.ready(msg.service, min(want, LIST_SCAN))
+        elif state is DEAD:
+            found = journal.dead(msg.service, min(want, LIST_SCAN))
+        elif state is INFLIGHT:
+            found = [r for r in journal.inflight() if r.service == msg.service]
+        elif state is DELAYED:
+            found = journal.due(epoch + FAR_FUTURE_S, LIST_SCAN)
+        else:
+            found = journal.lapsed(epoch + FAR_FUTURE_S, LIST_SCAN)
+        matching = [
+            r
+            for r in found
+            if r.service == msg.service
+            and r.state is state
+            and epoch - r.created_at >= msg.older_than_s
+        ]
+        page = matching[msg.after : msg.after + msg.limit]
+        more = len(matching) > msg.after + msg.limit
+        return {
+            "tasks": [record_view(r) | {"history": None} for r in page],
+            "next": msg.after + len(page) if more else None,
+        }
