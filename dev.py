@@ -3,6 +3,7 @@
 
     python3 dev.py start [ARGS...]   install zbroker into .venv and run `zbroker start ARGS`
     python3 dev.py test  [PYTEST...] lint, type-check and run the whole test suite
+    python3 dev.py unasync           regenerate zbroker/client/client.py from aclient.py
     python3 dev.py bench [ARGS...]   run the benchmarks (see bench/README.md)
     python3 dev.py example [ARGS...] run the example system (examples/voice-pipeline; --demo)
 
@@ -25,6 +26,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 NODE_CLIENT = ROOT / "clients" / "node"
+UNASYNC = ROOT / "scripts" / "unasync.py"
 
 
 def say(msg: str) -> None:
@@ -81,14 +83,20 @@ def cmd_start(args: list[str]) -> None:
 def cmd_test(args: list[str]) -> None:
     ensure_venv("test")
     have_node = ensure_node_deps()
-    linted = ["zbroker", "tests", "bench", "examples", "dev.py"]
+    linted = ["zbroker", "tests", "bench", "examples", "scripts", "dev.py"]
     run([BIN / "ruff", "check", *linted], cwd=ROOT)
     run([BIN / "ruff", "format", "--check", *linted], cwd=ROOT)
-    run([BIN / "mypy", "zbroker"], cwd=ROOT)
+    run([BIN / "mypy", "zbroker", "scripts"], cwd=ROOT)
+    # The blocking Client is generated from AsyncClient: fail while it is stale.
+    run([sys.executable, UNASYNC, "--check"], cwd=ROOT)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if have_node:
         run(["npm", "test"], cwd=NODE_CLIENT, env=env)
     run([PY, "-m", "pytest", *args], cwd=ROOT, env=env)
+
+
+def cmd_unasync(args: list[str]) -> None:
+    run([sys.executable, UNASYNC, *args], cwd=ROOT)
 
 
 def cmd_bench(args: list[str]) -> None:
@@ -104,7 +112,13 @@ def cmd_example(args: list[str]) -> None:
 
 
 def main() -> None:
-    commands = {"start": cmd_start, "test": cmd_test, "bench": cmd_bench, "example": cmd_example}
+    commands = {
+        "start": cmd_start,
+        "test": cmd_test,
+        "unasync": cmd_unasync,
+        "bench": cmd_bench,
+        "example": cmd_example,
+    }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(__doc__)
         sys.exit(2)

@@ -9,6 +9,7 @@ thread for AsyncClient), so most tests run once per client kind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import pickle
@@ -44,6 +45,7 @@ from zbroker.client import (
     TaskExpired,
     TaskId,
     TaskNotFound,
+    TaskOptions,
     TaskPending,
     TaskState,
     TaskStatus,
@@ -238,6 +240,77 @@ def test_each_enqueue_gets_its_own_key_and_a_given_key_is_kept(
         future.result(WAIT_S)
     assert keys[0] != keys[1]
     assert keys[2] == "order-17"
+
+
+def test_an_options_value_goes_on_the_wire_as_the_keywords_do(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    # Given a client, and options as keywords and as one value
+    client = connect()
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    keywords: dict[str, Any] = {
+        "priority": -5,
+        "not_before": when,
+        "ttl_s": 60,
+        "max_attempts": 4,
+        "headers": {"reply_to": "chat"},
+        "key": "k",
+    }
+    value = TaskOptions(timeout_s=30, **keywords)
+    sent = []
+    # When each call sends them both ways (request calls the run-time limit task_timeout_s)
+    for name, args, limit in [
+        ("enqueue", ("tts", b"x"), {"timeout_s": 30}),
+        ("request", ("tts", b"x", 5), {"task_timeout_s": 30}),
+        ("request_frames", ("tts", b"x", 5), {"task_timeout_s": 30}),
+    ]:
+        for kw in ({**keywords, **limit}, {"options": value}):
+            future = client.call(name, *args, **kw)
+            got = fake.recv()
+            assert isinstance(got.msg, zbc.Enqueue)
+            sent.append(got.msg.options)
+            fake.reply(got, {"id": "t1", "state": "done"} if got.msg.wait else {"ids": ["t1"]})
+            future.result(WAIT_S)
+    future = client.call(
+        "enqueue_many", "tts", [b"x"], options=dataclasses.replace(value, key=None)
+    )
+    got = fake.recv()
+    assert isinstance(got.msg, zbc.Enqueue)
+    batch = got.msg.options
+    fake.reply(got, {"ids": ["t2"]})
+    future.result(WAIT_S)
+    # Then every message carries the same options
+    expected = zbc.TaskOptions(
+        priority=-5,
+        not_before=when.timestamp(),
+        ttl_s=60.0,
+        max_attempts=4,
+        timeout_s=30.0,
+        key="k",
+        headers={"reply_to": "chat"},
+    )
+    assert sent == [expected] * 6
+    assert batch == dataclasses.replace(expected, key=None, keys=batch.keys)
+    assert batch.keys is not None and len(batch.keys) == 1
+
+
+def test_options_with_keywords_are_refused_before_anything_is_sent(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    client = connect()
+    value = TaskOptions(priority=1)
+    refused: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
+        ("enqueue", ("svc", b"x"), {"ttl_s": 5}, "ttl_s"),
+        ("enqueue_many", ("svc", [b"x"]), {"priority": 2}, "priority"),
+        ("request", ("svc", b"x"), {"task_timeout_s": 1, "key": "k"}, "task_timeout_s, key"),
+        ("request_frames", ("svc", b"x"), {"headers": {"a": 1}}, "headers"),
+    ]
+    for name, args, kw, named in refused:
+        with pytest.raises(TypeError, match=f"not both \\(also given: {named}\\)"):
+            client.call(name, *args, options=value, **kw).result(WAIT_S)
+    with pytest.raises(TypeError, match="options must be a TaskOptions"):
+        client.call("enqueue", "svc", b"x", options={"priority": 1}).result(WAIT_S)
+    assert fake.nothing_more()
 
 
 def test_unanswered_enqueue_is_resent_on_a_fresh_socket_with_the_same_key(

@@ -5,7 +5,9 @@
   task and waits that resume by task id after a reconnect; plus 7/MDP
   requests with Lazy Pirate retries (`mdp_request`) and 8/MMI service lookup.
 - `AsyncClient`: the same durable-task calls as coroutines, many at once on
-  one socket, for asyncio programs.
+  one socket, for asyncio programs. It is the source Client is generated from.
+- `TaskOptions`: a task's options (priority, delay, TTL...) as one value, for
+  either client's `options=`.
 - `Worker`: serves a service over zbroker's ZBW01 worker protocol, running up
   to `concurrency` handlers at once (threads, or coroutines on one event
   loop); its socket lives in an I/O thread of its own, so heartbeats and
@@ -20,8 +22,9 @@ None of these objects is thread-safe, except a Worker's `stop()`, a
 Task's `progress()`, and a Service's `stop()` and `publish()`.
 """
 
+from zbroker.client._base import DEFAULT_RESULT_TIMEOUT_S, ClientStats
 from zbroker.client.aclient import AsyncClient
-from zbroker.client.client import DEFAULT_RESULT_TIMEOUT_S, Client, ClientStats
+from zbroker.client.client import Client
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import (
     BadRequest,
@@ -48,6 +51,7 @@ from zbroker.client.errors import (
     WorkerError,
 )
 from zbroker.client.events import Publisher, Subscriber
+from zbroker.client.options import TaskOptions
 from zbroker.client.service import SERVICE_HEARTBEAT_PREFIX, Service, ServiceStats
 from zbroker.client.worker import Handler, Metrics, Result, Task, Worker, WorkerStats
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
@@ -92,6 +96,7 @@ __all__ = [
     "TaskFailed",
     "TaskId",
     "TaskNotFound",
+    "TaskOptions",
     "TaskPending",
     "TaskState",
     "TaskStatus",

@@ -47,7 +47,6 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from zbroker.client.durable import (
@@ -69,12 +68,12 @@ from zbroker.client.errors import (
     broker_error,
     task_failure,
 )
+from zbroker.client.options import TaskOptions, When, check_key, seconds
 from zbroker.protocol import ext, zbc
 
 T = TypeVar("T")
 
 Payload = bytes | Sequence[bytes]
-When = datetime | float
 SendKind = Literal["first", "resend", "resume", "poll"]
 
 
@@ -203,16 +202,6 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
-def _seconds(name: str, value: float | None, *, positive: bool = False) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0")
-    return float(value)
-
-
 def task_options(
     *,
     priority: int = 0,
@@ -226,57 +215,53 @@ def task_options(
     n_tasks: int = 1,
     headers: dict[str, Any] | None = None,
 ) -> zbc.TaskOptions:
-    """Check the caller's task options and fill in idempotency keys where none were given.
+    """Check the caller's task options and fill in idempotency keys: see `wire_options`."""
+    options = TaskOptions(
+        priority=priority,
+        delay_s=delay_s,
+        not_before=not_before,
+        ttl_s=ttl_s,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        key=key,
+        headers=headers,
+    )
+    return wire_options(options, keys=keys, n_tasks=n_tasks)
 
-    One task (`keys` None): `key`, or a generated one. A batch (`keys` given,
-    or `n_tasks` > 1): `keys`, whose None entries get generated keys.
+
+def wire_options(
+    options: TaskOptions, *, keys: Sequence[str | None] | None = None, n_tasks: int = 1
+) -> zbc.TaskOptions:
+    """The options as ZBC01 carries them, with idempotency keys where none were given.
+
+    One task (`keys` None): `options.key`, or a generated one. A batch (`keys`
+    given, or `n_tasks` > 1): `keys`, whose None entries get generated keys.
     """
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise TypeError("priority must be an int")
-    if not zbc.PRIORITY_MIN <= priority <= zbc.PRIORITY_MAX:
-        raise ValueError(f"priority must be {zbc.PRIORITY_MIN}..{zbc.PRIORITY_MAX}")
-    if delay_s is not None and not_before is not None:
-        raise ValueError("give delay_s or not_before, not both")
-    at = not_before.timestamp() if isinstance(not_before, datetime) else not_before
-    if max_attempts is not None and (
-        isinstance(max_attempts, bool)
-        or not isinstance(max_attempts, int)
-        or not 1 <= max_attempts <= zbc.MAX_ATTEMPTS_LIMIT
-    ):
-        raise ValueError(f"max_attempts must be an int 1..{zbc.MAX_ATTEMPTS_LIMIT}")
-    if headers is not None and not isinstance(headers, dict):
-        raise TypeError("headers must be a dict")
     batch_keys: tuple[str | None, ...] | None = None
     if keys is not None or n_tasks != 1:
-        if key is not None:
+        if options.key is not None:
             raise ValueError("a batch takes keys=[...], one per task, not key=")
         given = list(keys) if keys is not None else [None] * n_tasks
         if len(given) != n_tasks:
             raise ValueError(f"keys must give one key (or None) per payload: {n_tasks}")
         base = new_key()
         batch_keys = tuple(
-            _key_arg(k) if k is not None else f"{base}.{i}" for i, k in enumerate(given)
+            check_key(k) if k is not None else f"{base}.{i}" for i, k in enumerate(given)
         )
         single_key = None
     else:
-        single_key = _key_arg(key) if key is not None else new_key()
+        single_key = options.key if options.key is not None else new_key()
     return zbc.TaskOptions(
-        priority=priority,
-        delay_s=_seconds("delay_s", delay_s),
-        not_before=_seconds("not_before", at),
-        ttl_s=_seconds("ttl_s", ttl_s),
-        max_attempts=max_attempts,
-        timeout_s=_seconds("timeout_s", timeout_s, positive=True),
+        priority=options.priority,
+        delay_s=seconds("delay_s", options.delay_s),
+        not_before=seconds("not_before", options.not_before_s),
+        ttl_s=seconds("ttl_s", options.ttl_s),
+        max_attempts=options.max_attempts,
+        timeout_s=seconds("timeout_s", options.timeout_s),
         key=single_key,
         keys=batch_keys,
-        headers=dict(headers) if headers else {},
+        headers=dict(options.headers) if options.headers else {},
     )
-
-
-def _key_arg(key: object) -> str:
-    if not isinstance(key, str) or not key:
-        raise ValueError("an idempotency key must be a non-empty str")
-    return key
 
 
 def deadline_of(timeout_s: float | None) -> float | None:
@@ -651,34 +636,13 @@ def redrive(s: Settings, service: str, ids: Sequence[str] | None) -> Plan[list[s
 
 
 def plan_enqueue(
-    s: Settings,
-    service: str | bytes,
-    payload: Payload,
-    *,
-    priority: int,
-    delay_s: float | None,
-    not_before: When | None,
-    ttl_s: float | None,
-    max_attempts: int | None,
-    timeout_s: float | None,
-    key: str | None,
-    headers: dict[str, Any] | None,
+    s: Settings, service: str | bytes, payload: Payload, options: TaskOptions
 ) -> Plan[TaskId]:
     """`enqueue()`: arguments checked now, the plan returns the task's id."""
-    options = task_options(
-        priority=priority,
-        delay_s=delay_s,
-        not_before=not_before,
-        ttl_s=ttl_s,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        key=key,
-        headers=headers,
-    )
+    wire = wire_options(options)
     frames = (payload_frames(payload),)
-    return _first(
-        enqueue(s, service_name(service), frames, options, batch=False, own_keys=(key is not None,))
-    )
+    own_keys = (options.key is not None,)
+    return _first(enqueue(s, service_name(service), frames, wire, batch=False, own_keys=own_keys))
 
 
 def _first(plan: Plan[list[TaskId]]) -> Plan[TaskId]:
@@ -690,15 +654,8 @@ def plan_enqueue_many(
     s: Settings,
     service: str | bytes,
     payloads: Sequence[Payload],
-    *,
     keys: Sequence[str | None] | None,
-    priority: int,
-    delay_s: float | None,
-    not_before: When | None,
-    ttl_s: float | None,
-    max_attempts: int | None,
-    timeout_s: float | None,
-    headers: dict[str, Any] | None,
+    options: TaskOptions,
 ) -> Plan[list[TaskId]]:
     """`enqueue_many()`: arguments checked now, the plan returns the ids in payload order."""
     if isinstance(payloads, bytes | str):
@@ -709,21 +666,13 @@ def plan_enqueue_many(
         if keys:
             raise ValueError("keys must give one key (or None) per payload: 0")
         return _nothing([])
-    options = task_options(
-        priority=priority,
-        delay_s=delay_s,
-        not_before=not_before,
-        ttl_s=ttl_s,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        # Always keys, one per task (a batch of one too): a single `key` would not
-        # survive the split into messages, and the task would go without one.
-        keys=keys if keys is not None else [None] * len(frames),
-        n_tasks=len(frames),
-        headers=headers,
+    # Always keys, one per task (a batch of one too): a single key would not
+    # survive the split into messages, and the task would go without one.
+    wire = wire_options(
+        options, keys=keys if keys is not None else [None] * len(frames), n_tasks=len(frames)
     )
     own_keys = [k is not None for k in keys] if keys is not None else [False] * len(frames)
-    return enqueue_batches(s, name, frames, options, own_keys)
+    return enqueue_batches(s, name, frames, wire, own_keys)
 
 
 def _nothing(value: T) -> Plan[T]:
@@ -736,29 +685,12 @@ def plan_request(
     service: str | bytes,
     payload: Payload,
     timeout_s: float | None,
-    *,
-    priority: int,
-    delay_s: float | None,
-    not_before: When | None,
-    ttl_s: float | None,
-    max_attempts: int | None,
-    task_timeout_s: float | None,
-    key: str | None,
-    headers: dict[str, Any] | None,
+    options: TaskOptions,
 ) -> Plan[list[bytes]]:
     """`request_frames()`: arguments checked now, the plan returns the result frames."""
     deadline = deadline_of(timeout_s)
-    options = task_options(
-        priority=priority,
-        delay_s=delay_s,
-        not_before=not_before,
-        ttl_s=ttl_s,
-        max_attempts=max_attempts,
-        timeout_s=task_timeout_s,
-        key=key,
-        headers=headers,
-    )
-    return request(s, service_name(service), payload_frames(payload), options, deadline, timeout_s)
+    wire = wire_options(options)
+    return request(s, service_name(service), payload_frames(payload), wire, deadline, timeout_s)
 
 
 def plan_result(s: Settings, task_id: str, timeout_s: float | None) -> Plan[list[bytes]]:

@@ -1,78 +1,55 @@
-"""The asyncio client for durable tasks (ZBC01): many coroutines, one DEALER socket.
+"""AsyncClient: the durable-task calls (ZBC01), their options and their documentation.
 
-Every call picks request ids (rids) that are never reused and registers them;
-one reader task receives every answer and hands it to the call that owns its
-rid, so any number of calls may be outstanding on the socket at once. The
-retry and resume logic is the blocking Client's (`_calls`), driven here with
-awaits instead of blocking polls.
+Written once, in zbroker/client/aclient.py, for both clients:
+scripts/unasync.py generates zbroker/client/client.py from it by token
+substitution (the asyncio names become the blocking ones, awaits go). Edit
+aclient.py, then run `python3 dev.py unasync`; `python3 dev.py test` fails
+while client.py is stale.
 
-When a call finds the broker silent, the socket is replaced, as the blocking
-Client does; every other call outstanding on the old socket is told at once
-and sends again on the new one (an enqueue with its idempotency key, a wait
-for a result as RESULT by task id), so none of them waits for a timeout of
-its own. For a call that has heard nothing since it last sent, the
-replacement counts as an unanswered attempt (see `_calls`), so a call's
-bounds hold whatever the other calls on the socket do.
+How the calls use the socket is what differs between the two clients, and
+is written twice, in `_base`. What the calls send, resend and resume is
+written once too, as the sans-IO plans of `_calls`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self, TypeVar
-
-import zmq
-import zmq.asyncio
+from typing import Any
 
 from zbroker.client import _calls
-from zbroker.client._calls import Payload, When
-from zbroker.client.client import DEFAULT_RESULT_TIMEOUT_S, ClientStats
+from zbroker.client._base import (
+    DEFAULT_RESULT_TIMEOUT_S,
+    AsyncClientBase,
+    AsyncClientContext,
+    ClientStats,
+)
+from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
-from zbroker.client.errors import CallTimeout, ClientClosed, connected_socket, zmq_boundary
+from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
-from zbroker.protocol.errors import ProtocolError
-
-T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Replaced:
-    generation: int  # the connection that replaced the call's one
+class AsyncClient(AsyncClientBase):
+    """A client of the broker's durable tasks (ZBC01): store them, wait for their ends, steer them.
 
+    Durable calls (`enqueue`, `enqueue_many`, `request`, `result`, `status`,
+    `cancel`, `dead_letters`, `redrive`, and the admin calls behind the
+    `zbroker` command) wait up to `timeout_s` for each answer; an unanswered
+    attempt is sent again on a fresh socket, up to `retries` times, then
+    `CallTimeout` is raised. Resending is always safe: enqueues carry an
+    idempotency key (generated when none is given), a wait for a task's end is
+    resumed by its id, and every other call is harmless to repeat.
 
-class _Closed:
-    pass
+    Task options go either as keywords (`priority=5`) or as one
+    `options=TaskOptions(priority=5)`; a call given both raises TypeError.
 
-
-_CLOSED = _Closed()
-
-_Item = zbc.Answer | _Replaced | _Closed
-
-
-@dataclass(eq=False, slots=True)
-class _Call:
-    """One outstanding call: its inbox, and the rids it sent on connection `generation`."""
-
-    generation: int
-    inbox: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
-    rids: set[int] = field(default_factory=set)
-
-
-class AsyncClient:
-    """The durable-task calls of `Client`, as coroutines, for asyncio programs.
-
-    Same methods, options, errors and guarantees as the blocking Client's
-    durable calls (`enqueue`, `enqueue_many`, `request`, `request_frames`,
-    `result`, `result_frames`, `status`, `cancel`, `dead_letters`, `redrive`);
-    calls from many coroutines share one socket and run concurrently. Use it
-    from one event loop; it has no MDP calls (use Client for those).
-
-    `async with AsyncClient(...) as client:` closes it on exit; `close()` does
-    the same from synchronous code. Calls still outstanding then raise ClientClosed.
+    The asyncio client's calls are coroutines: calls from many coroutines share
+    one socket and run concurrently; use it from one event loop, and close it
+    with `async with` or `aclose()`. The blocking client's calls block; it is
+    not thread-safe (use one per thread), closes with `with` or `close()`, and
+    also speaks plain 7/MDP (`mdp_request`, Lazy Pirate: a resent MDP request
+    may run twice on the service side) and 8/MMI (`mmi_service`).
     """
 
     def __init__(
@@ -83,7 +60,7 @@ class AsyncClient:
         retries: int = 3,
         poll_s: float = 10.0,
         max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
-        context: zmq.Context[Any] | None = None,
+        context: AsyncClientContext | None = None,
     ) -> None:
         _calls.check_settings(timeout_s, retries, poll_s)
         _calls.check_message_bytes(max_message_bytes)
@@ -94,53 +71,7 @@ class AsyncClient:
         self.poll_s = poll_s
         self.stats = ClientStats()
         self._rids = itertools.count(1)
-        self._context = _async_context(context)
-        self._socket: zmq.asyncio.Socket | None = connected_socket(
-            self._context, zmq.DEALER, endpoint
-        )
-        self._generation = 0  # bumped each time the socket is replaced
-        self._routes: dict[int, _Call] = {}  # rid -> call, for the current socket
-        self._calls: set[_Call] = set()
-        self._reader: asyncio.Task[None] | None = None
-
-    # ------------------------------------------------------------ lifecycle
-
-    @property
-    def closed(self) -> bool:
-        """True once `close()` was called."""
-        return self._socket is None
-
-    def close(self) -> None:
-        """Close the socket; outstanding calls raise ClientClosed. Idempotent."""
-        if self._socket is None:
-            return
-        if self._reader is not None and not self._reader.done():
-            # The reader's loop may be gone already (closed at interpreter exit).
-            with contextlib.suppress(RuntimeError):
-                self._reader.cancel()
-        self._socket.close(linger=0)
-        self._socket = None
-        self._routes.clear()
-        for call in self._calls:
-            call.inbox.put_nowait(_CLOSED)
-
-    async def aclose(self) -> None:
-        """`close()`, then wait for the reader task to finish."""
-        reader = self._reader
-        self.close()
-        if reader is not None and not reader.done():
-            await asyncio.wait([reader])
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        super().__init__(context)
 
     # ------------------------------------------------------------ durable tasks
 
@@ -157,25 +88,39 @@ class AsyncClient:
         timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> TaskId:
-        """Store one task; return its id once committed. See `Client.enqueue`.
+        """Store one task for `service` and return its id once the broker has committed it.
 
-        Without `key`, one is generated for the call, so a resend after a lost
-        answer never stores the task twice.
+        When this returns, the task is in the broker's journal and will run
+        (at least once) on a worker of `service`. `payload` is one bytes frame
+        or a sequence of frames. Options: `priority` (-128..127, higher runs
+        first), `delay_s` or `not_before` (a datetime, or seconds since the
+        epoch), `ttl_s` (expire unless started within it), `max_attempts`,
+        `timeout_s` (run-time limit of one attempt), `key` (idempotency key: an
+        enqueue whose key matches a stored task returns that task's id and
+        stores nothing; the returned TaskId then has `existing` True),
+        `headers` (a map given to the worker); or all of them as one
+        `options=TaskOptions(...)` instead (TypeError when both are given).
+
+        Without `key`, one is generated for this call, so a resend after a lost
+        answer never stores the task twice. Raises QueueFull, BadRequest or
+        another BrokerError when refused, CallTimeout when the broker never answered.
         """
-        plan = _calls.plan_enqueue(
-            self._settings(),
-            service,
-            payload,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-            key=key,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=timeout_s,
+                key=key,
+                headers=headers,
+            ),
         )
+        plan = _calls.plan_enqueue(self._settings(), service, payload, chosen)
         return await self._run(plan, "enqueue")
 
     async def enqueue_many(
@@ -191,21 +136,32 @@ class AsyncClient:
         max_attempts: int | None = None,
         timeout_s: float | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> list[TaskId]:
-        """Store a batch of tasks; return their ids in payload order. See `Client.enqueue_many`."""
-        plan = _calls.plan_enqueue_many(
-            self._settings(),
-            service,
-            payloads,
-            keys=keys,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-            headers=headers,
+        """Store a batch of tasks for `service`, with the same options; return their ids in order.
+
+        One ENQUEUE message (one journal commit) carries up to 10,000 tasks;
+        a larger batch goes as several messages, one after the other, and if
+        one of them fails, the ones before it stay stored. `keys`, when given,
+        holds one idempotency key or None per payload; every task without a
+        key gets a generated one, so resends never store duplicates. Each
+        returned TaskId's `existing` says whether its key matched a stored
+        task. The other options are those of `enqueue()` (`options` may not
+        hold a `key`: a batch takes `keys`). An empty batch returns [].
+        """
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=timeout_s,
+                headers=headers,
+            ),
         )
+        plan = _calls.plan_enqueue_many(self._settings(), service, payloads, keys, chosen)
         return await self._run(plan, "enqueue_many")
 
     async def request(
@@ -222,26 +178,41 @@ class AsyncClient:
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> bytes:
-        """Enqueue one task and wait until it ends; its one-frame result. See `Client.request`.
+        """Enqueue one durable task and wait until it ends; return its one-frame result.
 
-        A lost connection is survived by resuming the wait with RESULT by task
-        id, never by enqueueing again.
+        Like `enqueue()` followed by `result()`, in one round trip. `timeout_s`
+        bounds the wait for the task to end (None: no bound); the task's own
+        run-time limit is `task_timeout_s` (`timeout_s` of a TaskOptions), the
+        other options are those of `enqueue()`. If the connection is lost while
+        waiting, the wait resumes by task id (RESULT) on a fresh socket: the
+        task is never enqueued twice.
+
+        Raises TaskDead, TaskCancelled or TaskExpired when the task ended
+        without a result; TaskPending when it has not ended after `timeout_s`
+        (it still runs: fetch its result later with `result(e.task_id)`);
+        ReplyError when the result has several frames (use `request_frames`; a
+        result of no frames reads as b""); BrokerError subclasses when refused; CallTimeout
+        when the broker stopped answering.
         """
-        frames = await self.request_frames(
-            service,
-            payload,
-            timeout_s,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            task_timeout_s=task_timeout_s,
-            key=key,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=task_timeout_s,
+                key=key,
+                headers=headers,
+            ),
+            timeout_name="task_timeout_s",
         )
-        return _calls.one_frame(frames)
+        return _calls.one_frame(
+            await self.request_frames(service, payload, timeout_s, options=chosen),
+        )
 
     async def request_frames(
         self,
@@ -257,28 +228,41 @@ class AsyncClient:
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> list[bytes]:
         """`request()` for results of any number of frames: returns every result frame."""
-        plan = _calls.plan_request(
-            self._settings(),
-            service,
-            payload,
-            timeout_s,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            task_timeout_s=task_timeout_s,
-            key=key,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=task_timeout_s,
+                key=key,
+                headers=headers,
+            ),
+            timeout_name="task_timeout_s",
         )
+        plan = _calls.plan_request(self._settings(), service, payload, timeout_s, chosen)
         return await self._run(plan, "request")
 
     async def result(
-        self, task_id: str, timeout_s: float | None = DEFAULT_RESULT_TIMEOUT_S
+        self,
+        task_id: str,
+        timeout_s: float | None = DEFAULT_RESULT_TIMEOUT_S,
     ) -> bytes:
-        """Wait up to `timeout_s` for task `task_id` to end; its result. See `Client.result`."""
+        """Wait up to `timeout_s` (None: no bound) for task `task_id` to end; return its result.
+
+        Works from any connection, any time after the enqueue, for as long as
+        the broker keeps the task's record. `timeout_s=0` asks once without
+        waiting. If the connection is lost while waiting, the wait resumes on a
+        fresh socket. Raises TaskPending when the task has not ended in time,
+        TaskDead / TaskCancelled / TaskExpired when it ended without a result,
+        TaskNotFound for an unknown id, ReplyError when the result has several
+        frames (use `result_frames`; no frames reads as b""), CallTimeout when the broker is silent.
+        """
         return _calls.one_frame(await self.result_frames(task_id, timeout_s))
 
     async def result_frames(
@@ -297,9 +281,8 @@ class AsyncClient:
         """Stop giving tasks to `worker` (its id in hex, from `workers()`); the tasks it
         holds finish. Returns how many it holds. Raises a BrokerError with code
         `not_found` (TaskNotFound) for an unknown worker."""
-        answer = await self._run(
-            _calls.plan_control(self._settings(), zbc.DRAIN, worker=worker), "drain"
-        )
+        plan = _calls.plan_control(self._settings(), zbc.DRAIN, worker=worker)
+        answer = await self._run(plan, "drain")
         return int(answer["tasks"])
 
     async def broker_stats(self) -> dict[str, Any]:
@@ -345,32 +328,47 @@ class AsyncClient:
 
     async def resume(self, service: str) -> None:
         """Deliver `service`'s work again after `pause()`."""
-        await self._run(
-            _calls.plan_control(self._settings(), zbc.RESUME, service=service), "resume"
-        )
+        plan = _calls.plan_control(self._settings(), zbc.RESUME, service=service)
+        await self._run(plan, "resume")
 
     async def workers(self) -> list[dict[str, Any]]:
         """Every registered worker: worker (routing id, hex), service, dialect, credit,
         tasks (ids held), tags, metrics (from its heartbeats), last_seen_s."""
-        return await self._run(
-            _calls.plan_admin(self._settings(), zbc.WORKERS, "workers"), "workers"
-        )
+        plan = _calls.plan_admin(self._settings(), zbc.WORKERS, "workers")
+        return await self._run(plan, "workers")
 
     async def status(self, task_id: str) -> TaskStatus:
         """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
         return await self._run(_calls.plan_status(self._settings(), task_id), "status")
 
     async def cancel(self, task_id: str) -> TaskState:
-        """Cancel task `task_id` unless it has ended; the state it was in. See `Client.cancel`."""
+        """Cancel task `task_id` unless it has already ended; return the state it was in.
+
+        A queued or delayed task never runs; a running one is taken back from
+        its worker and its result is discarded. Raises TaskConflict when the
+        task had already ended (done, dead, cancelled, expired) and TaskNotFound
+        for an unknown id. If the answer to a first attempt was lost, the
+        resend finds the task cancelled and raises TaskConflict: `status()` then
+        shows `cancelled`.
+        """
         return await self._run(_calls.plan_cancel(self._settings(), task_id), "cancel")
 
     async def dead_letters(self, service: str | bytes, limit: int | None = 100) -> list[DeadLetter]:
-        """Up to `limit` dead letters of `service` (None: all), oldest first, page by page."""
+        """Up to `limit` dead letters of `service` (None: all), oldest first.
+
+        Fetched in pages of up to 1000, one call each; the list is a snapshot
+        taken page by page, not one atomic read.
+        """
         plan = _calls.plan_dead_letters(self._settings(), service, limit)
         return await self._run(plan, "dead_letters")
 
     async def redrive(self, service: str | bytes, ids: Sequence[str] | None = None) -> list[str]:
-        """Put dead letters of `service` (all, or those in `ids`) back in its queue; their ids."""
+        """Put dead letters of `service` back in its queue (all of them, or those in `ids`).
+
+        Each redriven task is ready again with its attempts reset. Returns the
+        ids actually redriven: listed ids that are not dead letters of
+        `service` are skipped.
+        """
         return await self._run(_calls.plan_redrive(self._settings(), service, ids), "redrive")
 
     # ---------------------------------------------------------------- private
@@ -383,135 +381,3 @@ class AsyncClient:
 
     def _next_rid(self) -> int:
         return next(self._rids)
-
-    def _open_socket(self) -> zmq.asyncio.Socket:
-        if self._socket is None:
-            raise ClientClosed("this AsyncClient is closed")
-        return self._socket
-
-    async def _run(self, plan: _calls.Plan[T], what: str) -> T:
-        """Carry out a durable-call plan (see `_calls`) on the shared socket."""
-        call: _Call | None = None
-        try:
-            self._open_socket()
-            self._ensure_reader()
-            self.stats.calls += 1
-            call = _Call(self._generation)
-            self._calls.add(call)
-            event: _calls.Event = None
-            with zmq_boundary(what):
-                while True:
-                    try:
-                        op = plan.send(event)
-                    except StopIteration as finished:
-                        result: T = finished.value
-                        return result
-                    event = None
-                    if isinstance(op, _calls.Send):
-                        sock = self._open_socket()
-                        if call.generation != self._generation:
-                            call.generation = self._generation
-                            call.rids.clear()
-                        call.rids.add(op.rid)
-                        self._routes[op.rid] = call
-                        await sock.send_multipart(op.frames)
-                        self.stats.count_send(op.kind)
-                    elif isinstance(op, _calls.Wait):
-                        # REPLACED when another call replaced the socket since this
-                        # one sent; the plan counts it against this call's retries.
-                        event = await self._next_event(call, op.timeout_s)
-                    elif call.generation == self._generation:
-                        # The broker was silent to this call on the current socket:
-                        # replace it (unless another call already has since we sent).
-                        self._replace_socket()
-        except CallTimeout:
-            self.stats.timeouts += 1
-            raise
-        finally:
-            plan.close()
-            if call is not None:
-                self._calls.discard(call)
-                for rid in call.rids:
-                    if self._routes.get(rid) is call:
-                        del self._routes[rid]
-
-    async def _next_event(self, call: _Call, timeout_s: float) -> _calls.Event:
-        """The call's next answer, TIMEOUT, or REPLACED (its socket was replaced)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            self._ensure_reader()
-            remaining = deadline - loop.time()
-            if remaining <= 0 and call.inbox.empty():
-                return _calls.TIMEOUT
-            try:
-                item = await asyncio.wait_for(call.inbox.get(), max(0.0, remaining))
-            except TimeoutError:
-                return _calls.TIMEOUT
-            if isinstance(item, _Closed):
-                raise ClientClosed("this AsyncClient was closed while the call waited")
-            if isinstance(item, _Replaced):
-                if item.generation <= call.generation:
-                    continue  # it has already sent on the new socket
-                return _calls.REPLACED
-            return item
-
-    def _ensure_reader(self) -> None:
-        """A reader task for the current socket, running on the current event loop."""
-        sock = self._open_socket()
-        loop = asyncio.get_running_loop()
-        reader = self._reader
-        if reader is not None and not reader.done() and reader.get_loop() is loop:
-            return
-        if reader is not None and not reader.done():
-            with contextlib.suppress(RuntimeError):
-                reader.cancel()  # left behind on another event loop
-        self._reader = loop.create_task(self._read(sock), name="zbroker-aclient-reader")
-
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        """Hand every answer on `sock` to the call that owns its rid, until the socket closes."""
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except zmq.ZMQError:
-                return  # closed or replaced under us
-            self._dispatch(frames)
-
-    def _dispatch(self, frames: list[bytes]) -> None:
-        if len(frames) < 2 or frames[1] != zbc.ZBC01:
-            self.stats.malformed_replies += 1
-            return
-        try:
-            answer = zbc.decode_answer(frames)
-        except ProtocolError:
-            self.stats.malformed_replies += 1
-            return
-        call = self._routes.get(answer.rid)
-        if call is None:
-            self.stats.unexpected_answers += 1
-            return
-        self.stats.answers += 1
-        call.inbox.put_nowait(answer)
-
-    def _replace_socket(self) -> None:
-        """Close the socket, open a fresh one, and tell every outstanding call to send again."""
-        old = self._open_socket()
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-        self._reader = None
-        old.close(linger=0)
-        self._routes.clear()
-        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
-        self._generation += 1
-        self._ensure_reader()
-        for call in self._calls:
-            call.inbox.put_nowait(_Replaced(self._generation))
-
-
-def _async_context(context: zmq.Context[Any] | None) -> zmq.asyncio.Context:
-    """An asyncio context: the shared one, the one given, or a shadow of a plain one."""
-    if context is None:
-        return zmq.asyncio.Context.instance()
-    if isinstance(context, zmq.asyncio.Context):
-        return context
-    return zmq.asyncio.Context(context)

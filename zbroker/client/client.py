@@ -1,84 +1,57 @@
-"""The blocking client: durable tasks over ZBC01, plus 7/MDP request/reply and 8/MMI.
+# GENERATED FILE: do not edit by hand. It is made from zbroker/client/aclient.py
+# by scripts/unasync.py: edit aclient.py, then run `python3 dev.py unasync`.
+"""Client: the durable-task calls (ZBC01), their options and their documentation.
 
-Owns one DEALER socket at a time and replaces it after every unanswered
-attempt (Lazy Pirate), so a late reply to an abandoned MDP attempt can never
-be taken for the answer to a later request. Durable calls quote a request id
-(rid) that is never reused, so answers are matched to calls exactly; their
-retry and resume logic lives in `_calls` and is shared with AsyncClient.
-Speaks only through `zbroker.protocol`; no broker internals.
+Written once, in zbroker/client/aclient.py, for both clients:
+scripts/unasync.py generates zbroker/client/client.py from it by token
+substitution (the asyncio names become the blocking ones, awaits go). Edit
+aclient.py, then run `python3 dev.py unasync`; `python3 dev.py test` fails
+while client.py is stale.
+
+How the calls use the socket is what differs between the two clients, and
+is written twice, in `_base`. What the calls send, resend and resume is
+written once too, as the sans-IO plans of `_calls`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import zmq
+from typing import Any
 
 from zbroker.client import _calls
-from zbroker.client._calls import Payload, When
-from zbroker.client._owner import SocketOwner
-from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
-from zbroker.client.errors import (
-    CallTimeout,
-    ReplyError,
-    RequestTimeout,
-    connected_socket,
-    zmq_boundary,
+from zbroker.client._base import (
+    DEFAULT_RESULT_TIMEOUT_S,
+    ClientBase,
+    ClientContext,
+    ClientStats,
 )
-from zbroker.protocol import DEFAULT_ENDPOINT, mdp, zbc
-from zbroker.protocol.errors import ProtocolError
-
-T = TypeVar("T")
-Body = bytes | Sequence[bytes]
-
-# How long request() and result() wait for a task to end unless told otherwise.
-DEFAULT_RESULT_TIMEOUT_S = 60.0
+from zbroker.client._calls import Payload
+from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
+from zbroker.client.options import TaskOptions, When, pick_options
+from zbroker.protocol import DEFAULT_ENDPOINT, zbc
 
 
-@dataclass(slots=True)
-class ClientStats:
-    """What a Client or AsyncClient has seen since it was created. Counters only ever grow."""
-
-    requests: int = 0  # MDP calls: mdp_request(), mdp_request_frames(), mmi_service()
-    calls: int = 0  # durable-task calls (enqueue, request, result, status...)
-    sent: int = 0  # messages put on the wire, resends included
-    resends: int = 0  # a message sent again after its attempt got no answer
-    resumes: int = 0  # RESULT sent on a fresh connection to pick up a wait by task id
-    replies: int = 0  # MDP replies received
-    answers: int = 0  # ZBC01 answers received for a waiting call
-    timeouts: int = 0  # calls that raised RequestTimeout or CallTimeout (broker silent)
-    unexpected_answers: int = 0  # ZBC01 answers no call waits for (late, abandoned): ignored
-    mismatched_replies: int = 0  # MDP replies for another service: ignored
-    malformed_replies: int = 0  # neither an MDP reply nor a ZBC01 answer: ignored
-
-    def count_send(self, kind: str) -> None:
-        self.sent += 1
-        if kind == "resend":
-            self.resends += 1
-        elif kind == "resume":
-            self.resumes += 1
-
-
-class Client(SocketOwner):
-    """A blocking client of the broker: durable tasks (ZBC01), and 7/MDP request/reply.
+class Client(ClientBase):
+    """A client of the broker's durable tasks (ZBC01): store them, wait for their ends, steer them.
 
     Durable calls (`enqueue`, `enqueue_many`, `request`, `result`, `status`,
-    `cancel`, `dead_letters`, `redrive`) wait up to `timeout_s` for each
-    answer; an unanswered attempt is sent again on a fresh socket, up to
-    `retries` times, then `CallTimeout` is raised. Resending is always safe:
-    enqueues carry an idempotency key (generated when none is given), a wait
-    for a task's end is resumed by its id, and every other call is harmless to
-    repeat.
+    `cancel`, `dead_letters`, `redrive`, and the admin calls behind the
+    `zbroker` command) wait up to `timeout_s` for each answer; an unanswered
+    attempt is sent again on a fresh socket, up to `retries` times, then
+    `CallTimeout` is raised. Resending is always safe: enqueues carry an
+    idempotency key (generated when none is given), a wait for a task's end is
+    resumed by its id, and every other call is harmless to repeat.
 
-    `mdp_request` speaks plain 7/MDP (Lazy Pirate): a resent MDP request may
-    run twice on the service side.
+    Task options go either as keywords (`priority=5`) or as one
+    `options=TaskOptions(priority=5)`; a call given both raises TypeError.
 
-    Not thread-safe: use one Client per thread (or AsyncClient on an event loop).
+    The asyncio client's calls are coroutines: calls from many coroutines share
+    one socket and run concurrently; use it from one event loop, and close it
+    with `async with` or `aclose()`. The blocking client's calls block; it is
+    not thread-safe (use one per thread), closes with `with` or `close()`, and
+    also speaks plain 7/MDP (`mdp_request`, Lazy Pirate: a resent MDP request
+    may run twice on the service side) and 8/MMI (`mmi_service`).
     """
 
     def __init__(
@@ -89,7 +62,7 @@ class Client(SocketOwner):
         retries: int = 3,
         poll_s: float = 10.0,
         max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        context: ClientContext | None = None,
     ) -> None:
         _calls.check_settings(timeout_s, retries, poll_s)
         _calls.check_message_bytes(max_message_bytes)
@@ -100,10 +73,7 @@ class Client(SocketOwner):
         self.poll_s = poll_s
         self.stats = ClientStats()
         self._rids = itertools.count(1)
-        self._context = context if context is not None else zmq.Context.instance()
-        self._socket: zmq.Socket[bytes] | None = connected_socket(
-            self._context, zmq.DEALER, endpoint
-        )
+        super().__init__(context)
 
     # ------------------------------------------------------------ durable tasks
 
@@ -120,6 +90,7 @@ class Client(SocketOwner):
         timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> TaskId:
         """Store one task for `service` and return its id once the broker has committed it.
 
@@ -131,25 +102,27 @@ class Client(SocketOwner):
         `timeout_s` (run-time limit of one attempt), `key` (idempotency key: an
         enqueue whose key matches a stored task returns that task's id and
         stores nothing; the returned TaskId then has `existing` True),
-        `headers` (a map given to the worker).
+        `headers` (a map given to the worker); or all of them as one
+        `options=TaskOptions(...)` instead (TypeError when both are given).
 
         Without `key`, one is generated for this call, so a resend after a lost
         answer never stores the task twice. Raises QueueFull, BadRequest or
         another BrokerError when refused, CallTimeout when the broker never answered.
         """
-        plan = _calls.plan_enqueue(
-            self._settings(),
-            service,
-            payload,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-            key=key,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=timeout_s,
+                key=key,
+                headers=headers,
+            ),
         )
+        plan = _calls.plan_enqueue(self._settings(), service, payload, chosen)
         return self._run(plan, "enqueue")
 
     def enqueue_many(
@@ -165,6 +138,7 @@ class Client(SocketOwner):
         max_attempts: int | None = None,
         timeout_s: float | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> list[TaskId]:
         """Store a batch of tasks for `service`, with the same options; return their ids in order.
 
@@ -174,22 +148,22 @@ class Client(SocketOwner):
         holds one idempotency key or None per payload; every task without a
         key gets a generated one, so resends never store duplicates. Each
         returned TaskId's `existing` says whether its key matched a stored
-        task. The other options are those of `enqueue()`. An empty batch
-        returns [].
+        task. The other options are those of `enqueue()` (`options` may not
+        hold a `key`: a batch takes `keys`). An empty batch returns [].
         """
-        plan = _calls.plan_enqueue_many(
-            self._settings(),
-            service,
-            payloads,
-            keys=keys,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=timeout_s,
+                headers=headers,
+            ),
         )
+        plan = _calls.plan_enqueue_many(self._settings(), service, payloads, keys, chosen)
         return self._run(plan, "enqueue_many")
 
     def request(
@@ -206,14 +180,16 @@ class Client(SocketOwner):
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> bytes:
         """Enqueue one durable task and wait until it ends; return its one-frame result.
 
         Like `enqueue()` followed by `result()`, in one round trip. `timeout_s`
         bounds the wait for the task to end (None: no bound); the task's own
-        run-time limit is `task_timeout_s`, the other options are those of
-        `enqueue()`. If the connection is lost while waiting, the wait resumes
-        by task id (RESULT) on a fresh socket: the task is never enqueued twice.
+        run-time limit is `task_timeout_s` (`timeout_s` of a TaskOptions), the
+        other options are those of `enqueue()`. If the connection is lost while
+        waiting, the wait resumes by task id (RESULT) on a fresh socket: the
+        task is never enqueued twice.
 
         Raises TaskDead, TaskCancelled or TaskExpired when the task ended
         without a result; TaskPending when it has not ended after `timeout_s`
@@ -222,20 +198,22 @@ class Client(SocketOwner):
         result of no frames reads as b""); BrokerError subclasses when refused; CallTimeout
         when the broker stopped answering.
         """
-        return _calls.one_frame(
-            self.request_frames(
-                service,
-                payload,
-                timeout_s,
+        chosen = pick_options(
+            options,
+            TaskOptions(
                 priority=priority,
                 delay_s=delay_s,
                 not_before=not_before,
                 ttl_s=ttl_s,
                 max_attempts=max_attempts,
-                task_timeout_s=task_timeout_s,
+                timeout_s=task_timeout_s,
                 key=key,
                 headers=headers,
-            )
+            ),
+            timeout_name="task_timeout_s",
+        )
+        return _calls.one_frame(
+            self.request_frames(service, payload, timeout_s, options=chosen),
         )
 
     def request_frames(
@@ -252,25 +230,31 @@ class Client(SocketOwner):
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
     ) -> list[bytes]:
         """`request()` for results of any number of frames: returns every result frame."""
-        plan = _calls.plan_request(
-            self._settings(),
-            service,
-            payload,
-            timeout_s,
-            priority=priority,
-            delay_s=delay_s,
-            not_before=not_before,
-            ttl_s=ttl_s,
-            max_attempts=max_attempts,
-            task_timeout_s=task_timeout_s,
-            key=key,
-            headers=headers,
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=task_timeout_s,
+                key=key,
+                headers=headers,
+            ),
+            timeout_name="task_timeout_s",
         )
+        plan = _calls.plan_request(self._settings(), service, payload, timeout_s, chosen)
         return self._run(plan, "request")
 
-    def result(self, task_id: str, timeout_s: float | None = DEFAULT_RESULT_TIMEOUT_S) -> bytes:
+    def result(
+        self,
+        task_id: str,
+        timeout_s: float | None = DEFAULT_RESULT_TIMEOUT_S,
+    ) -> bytes:
         """Wait up to `timeout_s` (None: no bound) for task `task_id` to end; return its result.
 
         Works from any connection, any time after the enqueue, for as long as
@@ -299,7 +283,8 @@ class Client(SocketOwner):
         """Stop giving tasks to `worker` (its id in hex, from `workers()`); the tasks it
         holds finish. Returns how many it holds. Raises a BrokerError with code
         `not_found` (TaskNotFound) for an unknown worker."""
-        answer = self._run(_calls.plan_control(self._settings(), zbc.DRAIN, worker=worker), "drain")
+        plan = _calls.plan_control(self._settings(), zbc.DRAIN, worker=worker)
+        answer = self._run(plan, "drain")
         return int(answer["tasks"])
 
     def broker_stats(self) -> dict[str, Any]:
@@ -345,12 +330,14 @@ class Client(SocketOwner):
 
     def resume(self, service: str) -> None:
         """Deliver `service`'s work again after `pause()`."""
-        self._run(_calls.plan_control(self._settings(), zbc.RESUME, service=service), "resume")
+        plan = _calls.plan_control(self._settings(), zbc.RESUME, service=service)
+        self._run(plan, "resume")
 
     def workers(self) -> list[dict[str, Any]]:
         """Every registered worker: worker (routing id, hex), service, dialect, credit,
         tasks (ids held), tags, metrics (from its heartbeats), last_seen_s."""
-        return self._run(_calls.plan_admin(self._settings(), zbc.WORKERS, "workers"), "workers")
+        plan = _calls.plan_admin(self._settings(), zbc.WORKERS, "workers")
+        return self._run(plan, "workers")
 
     def status(self, task_id: str) -> TaskStatus:
         """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
@@ -386,73 +373,6 @@ class Client(SocketOwner):
         """
         return self._run(_calls.plan_redrive(self._settings(), service, ids), "redrive")
 
-    # ------------------------------------------------------------------- MDP
-
-    def mdp_request(
-        self, service: str | bytes, body: Body, timeout_s: float | None = None
-    ) -> bytes:
-        """7/MDP: send `body` to `service` and return the reply, which must be exactly one frame.
-
-        Not durable: the broker holds MDP requests in memory only, and a resend
-        after a timeout may run the request twice. Raises `ReplyError` when the
-        reply has zero or several frames (use `mdp_request_frames` for those
-        services) and `RequestTimeout` when no reply came back.
-        """
-        frames = self.mdp_request_frames(service, body, timeout_s)
-        if len(frames) != 1:
-            raise ReplyError(
-                "reply_frames", f"expected a one-frame reply, got {len(frames)} frames"
-            )
-        return frames[0]
-
-    def mdp_request_frames(
-        self, service: str | bytes, body: Body, timeout_s: float | None = None
-    ) -> list[bytes]:
-        """7/MDP: send `body` (one frame or several) to `service` and return every reply frame.
-
-        `timeout_s` overrides the client's per-attempt timeout for this call.
-        """
-        sock = self._open_socket()
-        service_b = _service_name(service)
-        message = mdp.client_request(service_b, _body_frames(body))
-        attempt_timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if not attempt_timeout_s > 0:
-            raise ValueError("timeout_s must be positive")
-        self.stats.requests += 1
-        attempts = 0
-        with zmq_boundary(f"request to {service_b!r}"):
-            while True:
-                attempts += 1
-                sock.send_multipart(message)
-                self.stats.sent += 1
-                try:
-                    reply = self._await_reply(sock, service_b, attempt_timeout_s)
-                except BaseException:
-                    # Interrupted (Ctrl-C, say) with the request outstanding: its
-                    # reply must not become the answer to this client's next call.
-                    self._replace_socket()
-                    raise
-                if reply is not None:
-                    self.stats.replies += 1
-                    return reply
-                # Lazy Pirate: the abandoned attempt may still be answered; that
-                # answer must land on a socket nobody reads any more.
-                sock = self._replace_socket()
-                if attempts > self.retries:
-                    self.stats.timeouts += 1
-                    raise RequestTimeout(service_b, attempt_timeout_s, attempts)
-                self.stats.resends += 1
-
-    def mmi_service(self, name: str | bytes, timeout_s: float | None = None) -> bool:
-        """8/MMI: True when a worker for service `name` is registered with the broker now."""
-        reply = self.mdp_request_frames(mdp.MMI_SERVICE, [_service_name(name)], timeout_s)
-        code = reply[0] if reply else b""
-        if code == mdp.MMI_FOUND:
-            return True
-        if code == mdp.MMI_NOT_FOUND:
-            return False
-        raise ReplyError("mmi_status", f"unexpected mmi.service status {code[:16]!r}")
-
     # ---------------------------------------------------------------- private
 
     def _settings(self) -> _calls.Settings:
@@ -463,108 +383,3 @@ class Client(SocketOwner):
 
     def _next_rid(self) -> int:
         return next(self._rids)
-
-    def _run(self, plan: _calls.Plan[T], what: str) -> T:
-        """Carry out a durable-call plan on this client's socket (see `_calls`)."""
-        try:
-            sock = self._open_socket()
-            self.stats.calls += 1
-            mine: set[int] = set()  # rids of this call on the current socket
-            event: _calls.Event = None
-            with zmq_boundary(what):
-                while True:
-                    try:
-                        op = plan.send(event)
-                    except StopIteration as finished:
-                        result: T = finished.value
-                        return result
-                    if isinstance(op, _calls.Send):
-                        mine.add(op.rid)
-                        sock.send_multipart(op.frames)
-                        self.stats.count_send(op.kind)
-                        event = None
-                    elif isinstance(op, _calls.Wait):
-                        event = self._await_answer(sock, mine, op.timeout_s)
-                    else:
-                        sock = self._replace_socket()
-                        mine.clear()
-                        event = None
-        except CallTimeout:
-            self.stats.timeouts += 1
-            raise
-        finally:
-            plan.close()
-
-    def _await_answer(
-        self, sock: zmq.Socket[bytes], rids: set[int], timeout_s: float
-    ) -> _calls.Event:
-        """The next ZBC01 answer to one of `rids`, or TIMEOUT after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining_ms, zmq.POLLIN):
-                return _calls.TIMEOUT
-            frames = sock.recv_multipart()
-            if len(frames) < 2 or frames[1] != zbc.ZBC01:
-                if len(frames) >= 2 and frames[1] == mdp.MDPC01:
-                    self.stats.mismatched_replies += 1  # a stray MDP reply
-                else:
-                    self.stats.malformed_replies += 1
-                continue
-            try:
-                answer = zbc.decode_answer(frames)
-            except ProtocolError:
-                self.stats.malformed_replies += 1
-                continue
-            if answer.rid not in rids:
-                self.stats.unexpected_answers += 1
-                continue
-            self.stats.answers += 1
-            return answer
-
-    def _replace_socket(self) -> zmq.Socket[bytes]:
-        self.close()
-        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
-        return self._socket
-
-    def _await_reply(
-        self, sock: zmq.Socket[bytes], service: bytes, timeout_s: float
-    ) -> list[bytes] | None:
-        """The body of the next MDP reply for `service`, or None at the deadline."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
-                return None
-            frames = sock.recv_multipart()
-            if len(frames) >= 2 and frames[1] == zbc.ZBC01:
-                self.stats.unexpected_answers += 1  # a late answer to a durable call
-                continue
-            try:
-                reply_service, body = mdp.decode_reply_to_client(frames)
-            except ProtocolError:
-                self.stats.malformed_replies += 1
-                continue
-            if reply_service != service:
-                self.stats.mismatched_replies += 1
-                continue
-            return list(body)
-
-
-def _service_name(service: str | bytes) -> bytes:
-    name = service.encode() if isinstance(service, str) else service
-    if not isinstance(name, bytes) or not name:
-        raise ValueError("service name must be a non-empty str or bytes")
-    return name
-
-
-def _body_frames(body: Body) -> list[bytes]:
-    if isinstance(body, bytes):
-        return [body]
-    if isinstance(body, str):
-        raise TypeError("body must be bytes or a sequence of bytes, not str: encode it first")
-    frames = list(body)
-    for frame in frames:
-        if not isinstance(frame, bytes):
-            raise TypeError(f"body frames must be bytes, got {type(frame).__name__}")
-    return frames

@@ -1,0 +1,502 @@
+"""How the two clients use their socket: the one part of them that is written twice.
+
+Everything else of Client and AsyncClient (their calls, options and
+documentation) is written once, in `aclient.py`, and Client is generated from
+it (scripts/unasync.py). Each client class derives from its base here:
+
+- `AsyncClientBase`: many calls at once on one DEALER socket; a reader task
+  hands every answer to the call that owns its rid (request id), and a socket
+  found silent is replaced for every call on it at once.
+- `ClientBase`: one call at a time; each polls the socket for its own answers,
+  and the socket is replaced after every unanswered attempt (Lazy Pirate). It
+  also speaks 7/MDP request/reply and 8/MMI, which only the blocking client has.
+
+Both carry out the sans-IO plans of `_calls` with `_run(plan, what)`; neither
+knows what a plan does. Speaks only through `zbroker.protocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeAlias, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from zbroker.client import _calls
+from zbroker.client._owner import SocketOwner
+from zbroker.client.errors import (
+    CallTimeout,
+    ClientClosed,
+    ReplyError,
+    RequestTimeout,
+    connected_socket,
+    zmq_boundary,
+)
+from zbroker.protocol import mdp, zbc
+from zbroker.protocol.errors import ProtocolError
+
+T = TypeVar("T")
+Body = bytes | Sequence[bytes]
+
+# What each client's `context=` takes: the blocking one, a plain context; the asyncio one,
+# an asyncio context or a plain one it shadows.
+ClientContext: TypeAlias = zmq.Context[zmq.Socket[bytes]]
+AsyncClientContext: TypeAlias = zmq.Context[Any]
+
+# How long request() and result() wait for a task to end unless told otherwise.
+DEFAULT_RESULT_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """What a Client or AsyncClient has seen since it was created. Counters only ever grow."""
+
+    requests: int = 0  # MDP calls: mdp_request(), mdp_request_frames(), mmi_service()
+    calls: int = 0  # durable-task calls (enqueue, request, result, status...)
+    sent: int = 0  # messages put on the wire, resends included
+    resends: int = 0  # a message sent again after its attempt got no answer
+    resumes: int = 0  # RESULT sent on a fresh connection to pick up a wait by task id
+    replies: int = 0  # MDP replies received
+    answers: int = 0  # ZBC01 answers received for a waiting call
+    timeouts: int = 0  # calls that raised RequestTimeout or CallTimeout (broker silent)
+    unexpected_answers: int = 0  # ZBC01 answers no call waits for (late, abandoned): ignored
+    mismatched_replies: int = 0  # MDP replies for another service: ignored
+    malformed_replies: int = 0  # neither an MDP reply nor a ZBC01 answer: ignored
+
+    def count_send(self, kind: str) -> None:
+        self.sent += 1
+        if kind == "resend":
+            self.resends += 1
+        elif kind == "resume":
+            self.resumes += 1
+
+
+# ------------------------------------------------------------ the asyncio client
+
+
+@dataclass(frozen=True, slots=True)
+class _Replaced:
+    generation: int  # the connection that replaced the call's one
+
+
+class _Closed:
+    pass
+
+
+_CLOSED = _Closed()
+
+_Item = zbc.Answer | _Replaced | _Closed
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One outstanding call: its inbox, and the rids it sent on connection `generation`."""
+
+    generation: int
+    inbox: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    rids: set[int] = field(default_factory=set)
+
+
+class AsyncClientBase:
+    """AsyncClient's socket: any number of calls at once, from coroutines of one event loop.
+
+    Every call picks rids that are never reused and registers them; one reader
+    task receives every answer and hands it to the call that owns its rid. When
+    a call finds the broker silent, the socket is replaced, as the blocking
+    client does; every other call outstanding on the old socket is told at
+    once and sends again on the new one (an enqueue with its idempotency key,
+    a wait for a result as RESULT by task id), so none of them waits for a
+    timeout of its own. For a call that has heard nothing since it last sent,
+    the replacement counts as an unanswered attempt (see `_calls`), so a
+    call's bounds hold whatever the other calls on the socket do.
+
+    `async with` closes it on exit; `close()` does the same from synchronous
+    code. Calls still outstanding then raise ClientClosed.
+    """
+
+    endpoint: str
+    stats: ClientStats
+
+    def __init__(self, context: AsyncClientContext | None) -> None:
+        self._context = _async_context(context)
+        self._socket: zmq.asyncio.Socket | None = connected_socket(
+            self._context, zmq.DEALER, self.endpoint
+        )
+        self._generation = 0  # bumped each time the socket is replaced
+        self._routes: dict[int, _Call] = {}  # rid -> call, for the current socket
+        self._calls: set[_Call] = set()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._socket is None
+
+    def close(self) -> None:
+        """Close the socket; outstanding calls raise ClientClosed. Idempotent."""
+        if self._socket is None:
+            return
+        if self._reader is not None and not self._reader.done():
+            # The reader's loop may be gone already (closed at interpreter exit).
+            with contextlib.suppress(RuntimeError):
+                self._reader.cancel()
+        self._socket.close(linger=0)
+        self._socket = None
+        self._routes.clear()
+        for call in self._calls:
+            call.inbox.put_nowait(_CLOSED)
+
+    async def aclose(self) -> None:
+        """`close()`, then wait for the reader task to finish."""
+        reader = self._reader
+        self.close()
+        if reader is not None and not reader.done():
+            await asyncio.wait([reader])
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _open_socket(self) -> zmq.asyncio.Socket:
+        if self._socket is None:
+            raise ClientClosed(f"this {type(self).__name__} is closed")
+        return self._socket
+
+    async def _run(self, plan: _calls.Plan[T], what: str) -> T:
+        """Carry out a durable-call plan (see `_calls`) on the shared socket."""
+        call: _Call | None = None
+        try:
+            self._open_socket()
+            self._ensure_reader()
+            self.stats.calls += 1
+            call = _Call(self._generation)
+            self._calls.add(call)
+            event: _calls.Event = None
+            with zmq_boundary(what):
+                while True:
+                    try:
+                        op = plan.send(event)
+                    except StopIteration as finished:
+                        result: T = finished.value
+                        return result
+                    event = None
+                    if isinstance(op, _calls.Send):
+                        sock = self._open_socket()
+                        if call.generation != self._generation:
+                            call.generation = self._generation
+                            call.rids.clear()
+                        call.rids.add(op.rid)
+                        self._routes[op.rid] = call
+                        await sock.send_multipart(op.frames)
+                        self.stats.count_send(op.kind)
+                    elif isinstance(op, _calls.Wait):
+                        # REPLACED when another call replaced the socket since this
+                        # one sent; the plan counts it against this call's retries.
+                        event = await self._next_event(call, op.timeout_s)
+                    elif call.generation == self._generation:
+                        # The broker was silent to this call on the current socket:
+                        # replace it (unless another call already has since we sent).
+                        self._replace_socket()
+        except CallTimeout:
+            self.stats.timeouts += 1
+            raise
+        finally:
+            plan.close()
+            if call is not None:
+                self._calls.discard(call)
+                for rid in call.rids:
+                    if self._routes.get(rid) is call:
+                        del self._routes[rid]
+
+    async def _next_event(self, call: _Call, timeout_s: float) -> _calls.Event:
+        """The call's next answer, TIMEOUT, or REPLACED (its socket was replaced)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            self._ensure_reader()
+            remaining = deadline - loop.time()
+            if remaining <= 0 and call.inbox.empty():
+                return _calls.TIMEOUT
+            try:
+                item = await asyncio.wait_for(call.inbox.get(), max(0.0, remaining))
+            except TimeoutError:
+                return _calls.TIMEOUT
+            if isinstance(item, _Closed):
+                raise ClientClosed(f"this {type(self).__name__} was closed while the call waited")
+            if isinstance(item, _Replaced):
+                if item.generation <= call.generation:
+                    continue  # it has already sent on the new socket
+                return _calls.REPLACED
+            return item
+
+    def _ensure_reader(self) -> None:
+        """A reader task for the current socket, running on the current event loop."""
+        sock = self._open_socket()
+        loop = asyncio.get_running_loop()
+        reader = self._reader
+        if reader is not None and not reader.done() and reader.get_loop() is loop:
+            return
+        if reader is not None and not reader.done():
+            with contextlib.suppress(RuntimeError):
+                reader.cancel()  # left behind on another event loop
+        self._reader = loop.create_task(self._read(sock), name="zbroker-aclient-reader")
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        """Hand every answer on `sock` to the call that owns its rid, until the socket closes."""
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError:
+                return  # closed or replaced under us
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or frames[1] != zbc.ZBC01:
+            self.stats.malformed_replies += 1
+            return
+        try:
+            answer = zbc.decode_answer(frames)
+        except ProtocolError:
+            self.stats.malformed_replies += 1
+            return
+        call = self._routes.get(answer.rid)
+        if call is None:
+            self.stats.unexpected_answers += 1
+            return
+        self.stats.answers += 1
+        call.inbox.put_nowait(answer)
+
+    def _replace_socket(self) -> None:
+        """Close the socket, open a fresh one, and tell every outstanding call to send again."""
+        old = self._open_socket()
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        self._reader = None
+        old.close(linger=0)
+        self._routes.clear()
+        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
+        self._generation += 1
+        self._ensure_reader()
+        for call in self._calls:
+            call.inbox.put_nowait(_Replaced(self._generation))
+
+
+def _async_context(context: AsyncClientContext | None) -> zmq.asyncio.Context:
+    """An asyncio context: the shared one, the one given, or a shadow of a plain one."""
+    if context is None:
+        return zmq.asyncio.Context.instance()
+    if isinstance(context, zmq.asyncio.Context):
+        return context
+    return zmq.asyncio.Context(context)
+
+
+# ------------------------------------------------------------ the blocking client
+
+
+class ClientBase(SocketOwner):
+    """Client's socket: one call at a time, and 7/MDP request/reply beside the durable calls.
+
+    Owns one DEALER socket at a time and replaces it after every unanswered
+    attempt (Lazy Pirate), so a late reply to an abandoned MDP attempt can never
+    be taken for the answer to a later request. Durable calls quote a rid that
+    is never reused, so answers are matched to calls exactly.
+    """
+
+    endpoint: str
+    stats: ClientStats
+    timeout_s: float
+    retries: int
+
+    def __init__(self, context: ClientContext | None) -> None:
+        self._context = context if context is not None else zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = connected_socket(
+            self._context, zmq.DEALER, self.endpoint
+        )
+
+    # ------------------------------------------------------------------- MDP
+
+    def mdp_request(
+        self, service: str | bytes, body: Body, timeout_s: float | None = None
+    ) -> bytes:
+        """7/MDP: send `body` to `service` and return the reply, which must be exactly one frame.
+
+        Not durable: the broker holds MDP requests in memory only, and a resend
+        after a timeout may run the request twice. Raises `ReplyError` when the
+        reply has zero or several frames (use `mdp_request_frames` for those
+        services) and `RequestTimeout` when no reply came back.
+        """
+        frames = self.mdp_request_frames(service, body, timeout_s)
+        if len(frames) != 1:
+            raise ReplyError(
+                "reply_frames", f"expected a one-frame reply, got {len(frames)} frames"
+            )
+        return frames[0]
+
+    def mdp_request_frames(
+        self, service: str | bytes, body: Body, timeout_s: float | None = None
+    ) -> list[bytes]:
+        """7/MDP: send `body` (one frame or several) to `service` and return every reply frame.
+
+        `timeout_s` overrides the client's per-attempt timeout for this call.
+        """
+        sock = self._open_socket()
+        service_b = _service_name(service)
+        message = mdp.client_request(service_b, _body_frames(body))
+        attempt_timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not attempt_timeout_s > 0:
+            raise ValueError("timeout_s must be positive")
+        self.stats.requests += 1
+        attempts = 0
+        with zmq_boundary(f"request to {service_b!r}"):
+            while True:
+                attempts += 1
+                sock.send_multipart(message)
+                self.stats.sent += 1
+                try:
+                    reply = self._await_reply(sock, service_b, attempt_timeout_s)
+                except BaseException:
+                    # Interrupted (Ctrl-C, say) with the request outstanding: its
+                    # reply must not become the answer to this client's next call.
+                    self._replace_socket()
+                    raise
+                if reply is not None:
+                    self.stats.replies += 1
+                    return reply
+                # Lazy Pirate: the abandoned attempt may still be answered; that
+                # answer must land on a socket nobody reads any more.
+                sock = self._replace_socket()
+                if attempts > self.retries:
+                    self.stats.timeouts += 1
+                    raise RequestTimeout(service_b, attempt_timeout_s, attempts)
+                self.stats.resends += 1
+
+    def mmi_service(self, name: str | bytes, timeout_s: float | None = None) -> bool:
+        """8/MMI: True when a worker for service `name` is registered with the broker now."""
+        reply = self.mdp_request_frames(mdp.MMI_SERVICE, [_service_name(name)], timeout_s)
+        code = reply[0] if reply else b""
+        if code == mdp.MMI_FOUND:
+            return True
+        if code == mdp.MMI_NOT_FOUND:
+            return False
+        raise ReplyError("mmi_status", f"unexpected mmi.service status {code[:16]!r}")
+
+    # ---------------------------------------------------------------- private
+
+    def _run(self, plan: _calls.Plan[T], what: str) -> T:
+        """Carry out a durable-call plan on this client's socket (see `_calls`)."""
+        try:
+            sock = self._open_socket()
+            self.stats.calls += 1
+            mine: set[int] = set()  # rids of this call on the current socket
+            event: _calls.Event = None
+            with zmq_boundary(what):
+                while True:
+                    try:
+                        op = plan.send(event)
+                    except StopIteration as finished:
+                        result: T = finished.value
+                        return result
+                    if isinstance(op, _calls.Send):
+                        mine.add(op.rid)
+                        sock.send_multipart(op.frames)
+                        self.stats.count_send(op.kind)
+                        event = None
+                    elif isinstance(op, _calls.Wait):
+                        event = self._await_answer(sock, mine, op.timeout_s)
+                    else:
+                        sock = self._replace_socket()
+                        mine.clear()
+                        event = None
+        except CallTimeout:
+            self.stats.timeouts += 1
+            raise
+        finally:
+            plan.close()
+
+    def _await_answer(
+        self, sock: zmq.Socket[bytes], rids: set[int], timeout_s: float
+    ) -> _calls.Event:
+        """The next ZBC01 answer to one of `rids`, or TIMEOUT after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if not sock.poll(remaining_ms, zmq.POLLIN):
+                return _calls.TIMEOUT
+            frames = sock.recv_multipart()
+            if len(frames) < 2 or frames[1] != zbc.ZBC01:
+                if len(frames) >= 2 and frames[1] == mdp.MDPC01:
+                    self.stats.mismatched_replies += 1  # a stray MDP reply
+                else:
+                    self.stats.malformed_replies += 1
+                continue
+            try:
+                answer = zbc.decode_answer(frames)
+            except ProtocolError:
+                self.stats.malformed_replies += 1
+                continue
+            if answer.rid not in rids:
+                self.stats.unexpected_answers += 1
+                continue
+            self.stats.answers += 1
+            return answer
+
+    def _replace_socket(self) -> zmq.Socket[bytes]:
+        self.close()
+        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
+        return self._socket
+
+    def _await_reply(
+        self, sock: zmq.Socket[bytes], service: bytes, timeout_s: float
+    ) -> list[bytes] | None:
+        """The body of the next MDP reply for `service`, or None at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                return None
+            frames = sock.recv_multipart()
+            if len(frames) >= 2 and frames[1] == zbc.ZBC01:
+                self.stats.unexpected_answers += 1  # a late answer to a durable call
+                continue
+            try:
+                reply_service, body = mdp.decode_reply_to_client(frames)
+            except ProtocolError:
+                self.stats.malformed_replies += 1
+                continue
+            if reply_service != service:
+                self.stats.mismatched_replies += 1
+                continue
+            return list(body)
+
+
+def _service_name(service: str | bytes) -> bytes:
+    name = service.encode() if isinstance(service, str) else service
+    if not isinstance(name, bytes) or not name:
+        raise ValueError("service name must be a non-empty str or bytes")
+    return name
+
+
+def _body_frames(body: Body) -> list[bytes]:
+    if isinstance(body, bytes):
+        return [body]
+    if isinstance(body, str):
+        raise TypeError("body must be bytes or a sequence of bytes, not str: encode it first")
+    frames = list(body)
+    for frame in frames:
+        if not isinstance(frame, bytes):
+            raise TypeError(f"body frames must be bytes, got {type(frame).__name__}")
+    return frames
