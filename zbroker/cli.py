@@ -1,7 +1,9 @@
 """The `zbroker` command line: `zbroker start` runs a broker with embedded defaults.
 
-Every option of `start` can also be given as a `ZBROKER_*` environment variable;
-a flag wins over the environment.
+`start`'s options come from the one table in zbroker.config (OPTIONS): each is a
+flag, a `ZBROKER_*` environment variable and a TOML key; a flag wins over the
+environment, which wins over the file. Here they are only parsed; the settings
+records check their bounds.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import base64
 import dataclasses
 import datetime
 import enum
+import inspect
 import json
 import logging
 import math
 import sys
 import time
 import tomllib
-import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,9 +29,19 @@ import typer.main
 from zbroker import __version__
 from zbroker.client import Client, Subscriber
 from zbroker.client.errors import ClientError, EndpointError
-from zbroker.config import BrokerConfig
-from zbroker.core import CoreSettings
-from zbroker.journal import Durability, JournalError
+from zbroker.config import (
+    OPTION_NAMES,
+    OPTIONS,
+    BrokerConfig,
+    LogFormat,
+    Option,
+    OptionError,
+    OptionValue,
+    Origin,
+    build_config,
+    settle,
+)
+from zbroker.journal import JournalError
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
 from zbroker.runtime import BindError, BrokerServer
 
@@ -38,13 +51,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class LogFormat(enum.Enum):
-    TEXT = "text"
-    JSON = "json"
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -78,10 +84,38 @@ def _root(
     """zbroker command line."""
 
 
-_defaults = BrokerConfig()
+def _parameter(option: Option) -> inspect.Parameter:
+    """`option` as a keyword parameter, from which typer makes its flag (and reads
+    its variable). Only types are parsed here; bounds are the settings' to check."""
+    kind: Any = option.kind
+    info = typer.Option(
+        option.default,
+        option.flag,
+        envvar=option.envvar,
+        help=option.help,
+        case_sensitive=False,
+        file_okay=not option.directory,
+    )
+    return inspect.Parameter(
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=info,
+        annotation=kind | None if option.optional else kind,
+    )
+
+
+def _with_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` (taking `**options`) with one parameter per entry of OPTIONS in
+    its signature, which is what typer builds a command's options from."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    parameters = [*own, *map(_parameter, OPTIONS)]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return command
 
 
 @app.command()
+@_with_options
 def start(
     ctx: typer.Context,
     config_file: Annotated[
@@ -94,200 +128,20 @@ def start(
             "the environment and flags override it.",
         ),
     ] = None,
-    bind: Annotated[
-        str,
-        typer.Option(envvar="ZBROKER_BIND", help="ROUTER endpoint for MDP clients and workers."),
-    ] = _defaults.bind,
-    events_in: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="XSUB endpoint publishers connect to.")
-    ] = _defaults.events_in,
-    events_out: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="XPUB endpoint subscribers connect to.")
-    ] = _defaults.events_out,
-    heartbeat_interval: Annotated[
-        float,
-        typer.Option(
-            envvar="ZBROKER_HEARTBEAT_INTERVAL",
-            min=0.01,
-            help="Seconds between heartbeats to workers.",
-        ),
-    ] = _defaults.core.heartbeat_interval_s,
-    heartbeat_liveness: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_HEARTBEAT_LIVENESS",
-            min=1,
-            help="Missed heartbeat intervals after which a worker (idle or busy) is dead.",
-        ),
-    ] = _defaults.core.heartbeat_liveness,
-    request_expiry: Annotated[
-        float,
-        typer.Option(
-            envvar="ZBROKER_REQUEST_EXPIRY",
-            min=0.001,
-            help="Seconds a request may wait in a queue before it is dropped (and counted).",
-        ),
-    ] = _defaults.core.request_expiry_s,
-    max_queued: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_MAX_QUEUED",
-            min=1,
-            help="Per-service cap on queued requests; beyond it requests are refused.",
-        ),
-    ] = _defaults.core.max_queued_per_service,
-    max_message_bytes: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_MAX_MESSAGE_BYTES", min=64, help="Largest accepted message, in bytes."
-        ),
-    ] = _defaults.core.max_message_bytes,
-    ack_timeout: Annotated[
-        float,
-        typer.Option(
-            envvar="ZBROKER_ACK_TIMEOUT",
-            min=0.001,
-            help="Seconds a ZBW01 worker has to acknowledge a task before it is taken back.",
-        ),
-    ] = _defaults.core.ack_timeout_s,
-    durability: Annotated[
-        Durability,
-        typer.Option(
-            envvar="ZBROKER_DURABILITY",
-            case_sensitive=False,
-            help="What a confirmed enqueue survives: sync (fsync per commit: a power cut), "
-            "async (a crash of the broker), memory (nothing; tests and benchmarks only).",
-        ),
-    ] = _defaults.durability,
-    data_dir: Annotated[
-        Path,
-        typer.Option(
-            envvar="ZBROKER_DATA_DIR",
-            file_okay=False,
-            help="Directory of the task journal (created if missing).",
-        ),
-    ] = _defaults.data_dir,
-    journal_max_mib: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_JOURNAL_MAX_MIB",
-            min=1,
-            help="Largest size the journal may grow to, in MiB; past it the broker stops "
-            "with an error instead of confirming what it cannot store.",
-        ),
-    ] = _defaults.journal_max_bytes >> 20,
-    max_attempts: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_MAX_ATTEMPTS",
-            min=1,
-            help="Attempts of a durable task unless its enqueue says otherwise "
-            "(also of an MDP request failed by ZBW01 workers).",
-        ),
-    ] = _defaults.core.default_max_attempts,
-    retry_base: Annotated[
-        float,
-        typer.Option(
-            envvar="ZBROKER_RETRY_BASE",
-            min=0.0,
-            help="Backoff before the 2nd attempt, in seconds; doubles per attempt, with jitter.",
-        ),
-    ] = _defaults.core.retry_base_s,
-    retry_max: Annotated[
-        float,
-        typer.Option(envvar="ZBROKER_RETRY_MAX", min=0.0, help="Longest retry backoff, seconds."),
-    ] = _defaults.core.retry_max_s,
-    retention: Annotated[
-        float,
-        typer.Option(
-            envvar="ZBROKER_RETENTION",
-            min=0.0,
-            help="Seconds finished tasks (results, idempotency keys) are kept.",
-        ),
-    ] = _defaults.core.retention_s,
-    max_tasks: Annotated[
-        int,
-        typer.Option(
-            envvar="ZBROKER_MAX_TASKS",
-            min=1,
-            help="Per-service cap on waiting durable tasks; beyond it enqueues are refused.",
-        ),
-    ] = _defaults.core.max_tasks_per_service,
-    log_level: Annotated[
-        str,
-        typer.Option(envvar="ZBROKER_LOG_LEVEL", help="debug, info, warning or error."),
-    ] = _defaults.log_level,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            envvar="ZBROKER_METRICS_PORT",
-            min=0,
-            max=65535,
-            help="Serve Prometheus /metrics and /health on this port (127.0.0.1).",
-        ),
-    ] = None,
-    log_format: Annotated[
-        LogFormat,
-        typer.Option(
-            envvar="ZBROKER_LOG_FORMAT",
-            case_sensitive=False,
-            help="text, or json: one JSON object per line (time, level, logger, message).",
-        ),
-    ] = LogFormat.TEXT,
+    **options: Any,  # one per entry of OPTIONS, read back with their sources from ctx
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
-    layered = resolve_options(ctx, config_file)
-    values = {name: value for name, (value, _) in layered.items()}
-    bind, events_in, events_out = values["bind"], values["events_in"], values["events_out"]
-    heartbeat_interval = values["heartbeat_interval"]
-    heartbeat_liveness = values["heartbeat_liveness"]
-    request_expiry, max_queued = values["request_expiry"], values["max_queued"]
-    max_message_bytes, ack_timeout = values["max_message_bytes"], values["ack_timeout"]
-    durability, data_dir = values["durability"], values["data_dir"]
-    journal_max_mib, max_attempts = values["journal_max_mib"], values["max_attempts"]
-    retry_base, retry_max = values["retry_base"], values["retry_max"]
-    retention, max_tasks = values["retention"], values["max_tasks"]
-    log_level, log_format = values["log_level"], values["log_format"]
-    metrics_port = values["metrics_port"]
-    level = log_level.lower()
-    if level not in LOG_LEVELS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
-        )
+    values, config = configure(ctx, config_file)
     handler = logging.StreamHandler(sys.stderr)
-    if log_format is LogFormat.JSON:
+    if config.log_format is LogFormat.JSON:
         handler.setFormatter(JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-    config = BrokerConfig(
-        bind=bind,
-        events_in=events_in,
-        events_out=events_out,
-        core=CoreSettings(
-            heartbeat_interval_s=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-            request_expiry_s=request_expiry,
-            max_queued_per_service=max_queued,
-            max_message_bytes=max_message_bytes,
-            ack_timeout_s=ack_timeout,
-            request_max_attempts=max_attempts,
-            default_max_attempts=max_attempts,
-            retry_base_s=retry_base,
-            retry_max_s=retry_max,
-            retention_s=retention,
-            max_tasks_per_service=max_tasks,
-        ),
-        log_level=level,
-        durability=durability,
-        data_dir=data_dir,
-        journal_max_bytes=journal_max_mib << 20,
-        metrics_port=metrics_port,
-    )
+    logging.basicConfig(level=config.log_level.value.upper(), handlers=[handler])
     log = logging.getLogger("zbroker.config")
-    for name, (value, source) in layered.items():
-        if source != "default":
-            log.info("option %s = %s (%s)", name, _shown(value), source)
+    for name, given in values.items():
+        if given.source != "default":
+            log.info("option %s = %s (%s)", name, _shown(given.value), given.source)
     try:
         server = BrokerServer(config)
     except (BindError, JournalError) as exc:
@@ -308,81 +162,71 @@ def _shown(value: Any) -> str:
     return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
+def configure(
+    ctx: typer.Context, config_file: Path | None
+) -> tuple[dict[str, OptionValue], BrokerConfig]:
+    """The options of `ctx` (a `start` context) with their sources, and the settings
+    they make. A file or value refused ends the command with one line on stderr
+    (exit 2), naming the option and where its value came from."""
+    try:
+        values = settle(resolve_options(ctx, config_file))
+        return values, build_config(values)
+    except OptionError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 # Where a value came from, by the name of the parameter source typer reports.
-_SOURCES = {
-    "COMMANDLINE": "flag",
-    "ENVIRONMENT": "environment",
-    "DEFAULT": "default",
-    "DEFAULT_MAP": "default",
-}
+_ORIGINS = {"COMMANDLINE": Origin.FLAG, "ENVIRONMENT": Origin.ENVIRONMENT}
 
 
-def resolve_options(ctx: typer.Context, config_file: Path | None) -> dict[str, tuple[Any, str]]:
-    """Every option of `ctx`'s command as (value, source): a flag or the environment
-    wins over the TOML file, which wins over the embedded default."""
-    from_file: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            with config_file.open("rb") as f:
-                from_file = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise typer.BadParameter(
-                f"cannot read {config_file}: {exc}", param_hint="--config"
-            ) from None
-    params = {p.name: p for p in ctx.command.params if p.name and p.name != "config_file"}
-    hints = typing.get_type_hints(ctx.command.callback) if ctx.command.callback else {}
-    unknown = sorted(set(from_file) - set(params))
+def resolve_options(ctx: typer.Context, config_file: Path | None) -> dict[str, OptionValue]:
+    """Every option of OPTIONS from `ctx` (a `start` context) with its source: a flag
+    or the environment wins over the TOML file, which wins over the default."""
+    from_file = _read_toml(config_file)
+    unknown = sorted(set(from_file) - OPTION_NAMES)
     if unknown:
-        raise typer.BadParameter(
+        raise OptionError(
             f"{config_file}: unknown option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(params))}",
-            param_hint="--config",
+            f"known: {', '.join(sorted(OPTION_NAMES))}"
         )
-    out: dict[str, tuple[Any, str]] = {}
-    for name, param in params.items():
-        value = ctx.params.get(name)
-        reported = ctx.get_parameter_source(name)
-        source = _SOURCES.get(getattr(reported, "name", ""), "default")
-        envvar = getattr(param, "envvar", None)
-        if source == "environment" and envvar:
-            source = f"environment {envvar}"
-        if source == "default" and name in from_file:
-            raw = from_file[name]
-            wrong = _wrong_toml_type(hints.get(name), raw)
-            if wrong:
-                raise typer.BadParameter(
-                    f"{config_file}: {name}: {raw!r} is {wrong}", param_hint="--config"
-                )
-            try:
-                value = param.process_value(ctx, raw)
-            except typer.BadParameter as exc:
-                raise typer.BadParameter(
-                    f"{config_file}: {name}: {exc.message}", param_hint="--config"
-                ) from None
-            source = f"file {config_file}"
-        out[name] = (value, source)
-    if "retry_base" in out and "retry_max" in out:
-        (base, base_source), (most, most_source) = out["retry_base"], out["retry_max"]
-        if most < base:
-            if most_source != "default":
-                raise typer.BadParameter(
-                    f"retry_max ({most:g}, {most_source}) must be at least "
-                    f"retry_base ({base:g}, {base_source})",
-                    param_hint="--retry-max",
-                )
-            out["retry_max"] = (base, "default, raised to retry_base")
+    params = {p.name: p for p in ctx.command.params}
+    out: dict[str, OptionValue] = {}
+    for option in OPTIONS:
+        reported = ctx.get_parameter_source(option.name)
+        origin = _ORIGINS.get(getattr(reported, "name", ""), Origin.DEFAULT)
+        if origin is Origin.ENVIRONMENT:
+            out[option.name] = OptionValue(ctx.params[option.name], origin, option.envvar)
+        elif origin is Origin.DEFAULT and option.name in from_file:
+            where = f"{config_file}: {option.name}"
+            value = _parse_toml(ctx, params[option.name], option, from_file[option.name], where)
+            out[option.name] = OptionValue(value, Origin.FILE, str(config_file))
+        else:
+            out[option.name] = OptionValue(ctx.params[option.name], origin)
     return out
 
 
-def _wrong_toml_type(hint: Any, raw: Any) -> str | None:
-    """Why a TOML value does not fit a numeric option (`hint`: its annotation), which
-    click would coerce (true -> 1, 2.5 -> 2); None when it fits or is not numeric."""
-    kinds = set(typing.get_args(hint)) or {hint}
-    if kinds & {int, float} and isinstance(raw, bool):
-        return "a boolean, not a number"
-    if int in kinds and float not in kinds and isinstance(raw, float):
-        return "not an integer"
-    return None
+def _read_toml(config_file: Path | None) -> dict[str, Any]:
+    if config_file is None:
+        return {}
+    try:
+        with config_file.open("rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise OptionError(f"cannot read {config_file}: {exc}") from None
+
+
+def _parse_toml(ctx: typer.Context, param: Any, option: Option, raw: Any, where: str) -> Any:
+    """A TOML value parsed as `option`'s kind by its flag's `param`; values that
+    parser would coerce (true -> 1, 2.5 -> 2) are refused."""
+    if option.kind in (int, float) and isinstance(raw, bool):
+        raise OptionError(f"{where}: {raw!r} is a boolean, not a number")
+    if option.kind is int and isinstance(raw, float):
+        raise OptionError(f"{where}: {raw!r} is not an integer")
+    try:
+        return param.process_value(ctx, raw)
+    except typer.BadParameter as exc:
+        raise OptionError(f"{where}: {exc.message}") from None
 
 
 config_app = typer.Typer(help="The broker's configuration.", no_args_is_help=True)
@@ -401,17 +245,17 @@ def config_show(
     start_command = typer.main.get_command(app).commands["start"]  # type: ignore[attr-defined]
     try:
         with start_command.make_context("start", list(ctx.args)) as start_ctx:
-            layered = resolve_options(start_ctx, start_ctx.params.get("config_file"))
-    except typer.TyperException as exc:
-        typer.echo(f"zbroker: {exc}", err=True)
+            values, _ = configure(start_ctx, start_ctx.params.get("config_file"))
+    except typer.TyperException as exc:  # a flag or variable that does not parse
+        typer.echo(f"zbroker: {exc.format_message()}", err=True)
         raise typer.Exit(2) from None
     if as_json:
-        rows = {n: {"value": _shown(v), "source": s} for n, (v, s) in layered.items()}
+        rows = {n: {"value": _shown(v.value), "source": v.source} for n, v in values.items()}
         typer.echo(json.dumps(rows, indent=2))
         return
-    width = max(map(len, layered))
-    for name, (value, source) in layered.items():
-        typer.echo(f"{name:<{width}}  {_shown(value):<28} {source}")
+    width = max(map(len, values))
+    for name, given in values.items():
+        typer.echo(f"{name:<{width}}  {_shown(given.value):<28} {given.source}")
 
 
 def _jsonable(value: Any) -> Any:
