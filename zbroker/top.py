@@ -20,6 +20,15 @@ from rich.text import Text
 
 from zbroker.client import Client
 from zbroker.client.errors import ClientError
+from zbroker.protocol.states import TaskState
+
+# The QUEUES fields shown: state counts, under the states' wire names.
+READY, DELAYED, INFLIGHT, DEAD = (
+    TaskState.READY.value,
+    TaskState.DELAYED.value,
+    TaskState.INFLIGHT.value,
+    TaskState.DEAD.value,
+)
 
 SPARKS = "▁▂▃▄▅▆▇█"
 HISTORY = 60  # refreshes of depth history per service
@@ -49,7 +58,7 @@ class Dashboard:
         except ClientError as exc:
             return Group(Text(f"broker at {self.endpoint}: {exc}", style="bold red"))
         for row in queues:
-            self.depths[row["service"]].append(row["ready"] + row["delayed"] + row["requests"])
+            self.depths[row["service"]].append(row[READY] + row[DELAYED] + row["requests"])
         return Group(self._header(stats), self._queues(queues), self._workers(workers))
 
     def _header(self, stats: dict[str, Any]) -> Panel:
@@ -78,10 +87,10 @@ class Dashboard:
         table = Table(title="queues", title_justify="left", expand=True)
         for name, justify in [
             ("service", "left"),
-            ("ready", "right"),
-            ("delayed", "right"),
-            ("inflight", "right"),
-            ("dead", "right"),
+            (READY, "right"),
+            (DELAYED, "right"),
+            (INFLIGHT, "right"),
+            (DEAD, "right"),
             ("workers", "right"),
             ("credit", "right"),
             ("oldest", "right"),
@@ -96,10 +105,10 @@ class Dashboard:
             state = " (paused)" if row.get("paused") else ""
             table.add_row(
                 row["service"] + state,
-                str(row["ready"] + row["requests"]),
-                str(row["delayed"]),
-                str(row["inflight"]),
-                Text(str(row["dead"]), style="red" if row["dead"] else ""),
+                str(row[READY] + row["requests"]),
+                str(row[DELAYED]),
+                str(row[INFLIGHT]),
+                Text(str(row[DEAD]), style="red" if row[DEAD] else ""),
                 Text(str(row["workers"]), style="" if row["workers"] else "red"),
                 f"{row['credit_in_use']}/{row['credit']}",
                 f"{row['oldest_age_s']:.1f}s",

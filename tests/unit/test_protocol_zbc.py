@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.states import TaskState
 
 frames_st = st.lists(st.binary(max_size=20), max_size=5)
 
@@ -45,6 +46,13 @@ def test_single_enqueue_and_request_carry_every_option() -> None:
         (zbc.DEAD, {"service": "s", "limit": 5, "after": 9}, zbc.Dead(3, "s", 5, 9)),
         (zbc.REDRIVE, {"service": "s", "ids": ["a"]}, zbc.Redrive(3, "s", ("a",))),
         (zbc.REDRIVE, {"service": "s"}, zbc.Redrive(3, "s", None)),
+        (zbc.DROP, {"service": "s", "ids": ["a", "b"]}, zbc.Drop(3, "s", ("a", "b"))),
+        (zbc.DROP, {"service": "s"}, zbc.Drop(3, "s", None)),
+        (
+            zbc.TASKS,
+            {"service": "s", "state": "inflight", "limit": 7, "after": 2},
+            zbc.ListTasks(3, "s", TaskState.INFLIGHT, 7, 2),
+        ),
     ],
 )
 def test_calls_round_trip(command: bytes, fields: dict[str, object], expected: object) -> None:
@@ -135,3 +143,47 @@ def test_a_call_without_options_gets_the_defaults_each_its_own() -> None:
     assert first.options == second.options == zbc.TaskOptions()
     assert first.options.headers is not second.options.headers  # never shared
     assert second.wait and second.wait_s == 3.0
+
+
+@pytest.mark.parametrize(
+    ("command", "answer_type"), [(zbc.REDRIVE, zbc.Redrive), (zbc.DROP, zbc.Drop)]
+)
+def test_redrive_and_drop_take_up_to_max_batch_ids(
+    command: bytes, answer_type: type[zbc.Redrive] | type[zbc.Drop]
+) -> None:
+    # Given exactly MAX_BATCH ids, when decoded, then every one of them is kept
+    ids = [f"t{i}" for i in range(zbc.MAX_BATCH)]
+    msg = zbc.decode_client(zbc.call(command, 9, service="s", ids=ids))
+    assert isinstance(msg, answer_type) and msg.ids == tuple(ids)
+
+
+@pytest.mark.parametrize("command", [zbc.REDRIVE, zbc.DROP])
+def test_redrive_and_drop_refuse_a_list_over_max_batch_whole(command: bytes) -> None:
+    # Given one id more than MAX_BATCH, then the call is refused, not cut short
+    ids = [f"t{i}" for i in range(zbc.MAX_BATCH + 1)]
+    with pytest.raises(zbc.CallError) as caught:
+        zbc.decode_client(zbc.call(command, 9, service="s", ids=ids))
+    assert caught.value.rid == 9 and caught.value.code == zbc.E_BAD_REQUEST
+    assert f"{zbc.MAX_BATCH + 1} task ids" in caught.value.message
+    assert f"at most {zbc.MAX_BATCH}" in caught.value.message
+
+
+@pytest.mark.parametrize("command", [zbc.REDRIVE, zbc.DROP])
+@pytest.mark.parametrize("ids", ["t1", ["t1", 2], {"t1": 1}])
+def test_redrive_and_drop_refuse_ids_that_are_not_a_list_of_strings(
+    command: bytes, ids: object
+) -> None:
+    with pytest.raises(zbc.CallError) as caught:
+        zbc.decode_client(zbc.call(command, 4, service="s", ids=ids))
+    assert caught.value.code == zbc.E_BAD_REQUEST and "'ids'" in caught.value.message
+
+
+def test_tasks_takes_every_state_by_its_wire_name_and_nothing_else() -> None:
+    for state in TaskState:
+        msg = zbc.decode_client(zbc.call(zbc.TASKS, 1, service="s", state=state.value))
+        assert isinstance(msg, zbc.ListTasks) and msg.state is state
+    for wrong in ("READY", "running", 3):
+        with pytest.raises(zbc.CallError) as caught:
+            zbc.decode_client(zbc.call(zbc.TASKS, 1, service="s", state=wrong))
+        assert caught.value.code == zbc.E_BAD_REQUEST
+        assert ", ".join(zbc.LISTABLE_STATES) in caught.value.message

@@ -7,30 +7,12 @@ times are seconds since the Unix epoch, as the broker's clock saw them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from zbroker.client.errors import ReplyError
 
-
-class TaskState(StrEnum):
-    """Where a durable task is in its life. A str: `TaskState.DONE == "done"`."""
-
-    READY = "ready"  # queued, waiting for a worker
-    DELAYED = "delayed"  # queued, not before its `not_before` time (a delay, or a retry backoff)
-    INFLIGHT = "inflight"  # delivered to a worker, which is running it
-    DONE = "done"  # finished with a result (final)
-    DEAD = "dead"  # failed for good: a dead letter (final)
-    CANCELLED = "cancelled"  # cancelled before it finished (final)
-    EXPIRED = "expired"  # its time to live ran out before a worker started it (final)
-
-    @property
-    def final(self) -> bool:
-        """True for the states a task never leaves: done, dead, cancelled, expired."""
-        return self in _FINAL
-
-
-_FINAL = frozenset({TaskState.DONE, TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED})
+# The protocol's own enum, handed to callers as it is (a str: `TaskState.DONE == "done"`).
+from zbroker.protocol.states import TaskState as TaskState
 
 
 class TaskId(str):

@@ -15,6 +15,7 @@ import zmq
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.states import TaskState
 
 # Socket-level flow control is set explicitly on every socket we open, so a
 # slow peer costs bounded memory instead of whatever the library default is.
@@ -153,7 +154,7 @@ class TaskFailed(ClientError):
     worker's last FAIL reason for a dead task), or None.
     """
 
-    state = "failed"
+    state: str = "failed"
 
     def __init__(self, task_id: str, error: str | None = None) -> None:
         message = f"task {task_id!r} is {self.state}"
@@ -170,19 +171,19 @@ class TaskDead(TaskFailed):
     It can be listed with `dead_letters()` and put back with `redrive()`.
     """
 
-    state = "dead"
+    state = TaskState.DEAD
 
 
 class TaskCancelled(TaskFailed):
     """The task was cancelled before it finished."""
 
-    state = "cancelled"
+    state = TaskState.CANCELLED
 
 
 class TaskExpired(TaskFailed):
     """The task's time to live ran out before any worker started it."""
 
-    state = "expired"
+    state = TaskState.EXPIRED
 
 
 class BrokerError(ClientError):
@@ -238,10 +239,9 @@ _ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
     zbc.E_TOO_MANY_WAITERS: TooManyWaiters,
 }
 
+# One class per failed state (zbroker.protocol.states.FAILED_STATES).
 _FAILURES_BY_STATE: dict[str, type[TaskFailed]] = {
-    "dead": TaskDead,
-    "cancelled": TaskCancelled,
-    "expired": TaskExpired,
+    failure.state: failure for failure in (TaskDead, TaskCancelled, TaskExpired)
 }
 
 

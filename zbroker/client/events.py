@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from zbroker.client._owner import SocketOwner
-from zbroker.client.errors import connected_socket, zmq_boundary
+from zbroker.client.errors import DEFAULT_HWM, connected_socket, zmq_boundary
 from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import Event, decode_events, encode_event, encode_events
@@ -40,7 +40,7 @@ class Publisher(SocketOwner):
         endpoint: str = DEFAULT_EVENTS_IN,
         *,
         source: str = "",
-        hwm: int = 10_000,
+        hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -136,7 +136,7 @@ class Subscriber(SocketOwner):
         self,
         endpoint: str = DEFAULT_EVENTS_OUT,
         *prefixes: str,
-        hwm: int = 10_000,
+        hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.endpoint = endpoint

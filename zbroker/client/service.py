@@ -40,12 +40,13 @@ from typing import Any, TypeVar
 import msgpack
 import zmq
 
-from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, check_message_bytes
+from zbroker.client._calls import check_message_bytes
 from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
 from zbroker.client.events import Publisher, Subscriber
 from zbroker.client.worker import Task, Worker, _is_async, _service_name
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
-from zbroker.protocol.events import MAX_TOPIC_BYTES, Event
+from zbroker.protocol.events import Event
+from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_TOPIC_BYTES
 
 logger = logging.getLogger(__name__)
 

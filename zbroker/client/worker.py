@@ -28,7 +28,7 @@ but behind), it waits in the link's outbox, in order, and goes out as soon as
 the socket is writable again (POLLOUT); the I/O thread never blocks on it and
 keeps reading and timing meanwhile. PROGRESS is advisory: it is dropped and
 counted then.
-Every message fits the broker's caps (`max_message_bytes`, 16384 frames):
+Every message fits the broker's caps (`max_message_bytes`, MAX_FRAMES frames):
 results are split across DONES, and a result too large to send at all fails
 its attempt for good.
 """
@@ -52,7 +52,7 @@ from typing import Any
 
 import zmq
 
-from zbroker.client._calls import DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAMES, check_message_bytes
+from zbroker.client._calls import check_message_bytes
 from zbroker.client.errors import (
     ClientError,
     NonRetryableError,
@@ -62,6 +62,7 @@ from zbroker.client.errors import (
 )
 from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp
 from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAMES
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ _MAX_METRICS_BYTES = 64 * 1024
 # Messages read per drain of the DEALER, so timers and reports are never starved.
 _MAX_DRAIN = 1000
 # The broker drops, without a word, any message over its --max-message-bytes (16 MiB by
-# default) or over 16384 frames, counting the routing id it prepends (docs/protocol.md §7).
+# default) or over MAX_FRAMES frames, counting the routing id it prepends (docs/protocol.md §7).
 
 
 # Result (or progress) frames per message: the cap less routing id, "", ZBW01, command, meta.

@@ -39,6 +39,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zbroker.protocol.states import FINAL_STATES as _FINAL
+from zbroker.protocol.states import TaskState as WireState
+
 SCHEMA_VERSION = 1
 
 # Priority bounds: higher runs first; fits one byte in an index key.
@@ -48,7 +51,12 @@ _LAST_SEQ = 2**62  # greater than any seq a store hands out
 
 
 class TaskState(enum.IntEnum):
-    """Where a task is in its life. Stored as the int value."""
+    """Where a task is in its life. Stored as the int value.
+
+    The states and their names are the protocol's (zbroker.protocol.states): a
+    member's `wire` is the state as the wire names it, and a state either side lacks
+    fails this module's import. Only the numbers are the journal's: never renumber.
+    """
 
     READY = 1  # waiting in its service's queue
     DELAYED = 2  # waiting for `not_before` (a delayed enqueue, or a retry's backoff)
@@ -58,8 +66,24 @@ class TaskState(enum.IntEnum):
     CANCELLED = 6  # cancelled before it finished (kept until `keep_until`)
     EXPIRED = 7  # its TTL passed before it started (kept until `keep_until`)
 
+    @property
+    def wire(self) -> WireState:
+        """The state as ZBC01 answers, TASKS and events name it."""
+        return _TO_WIRE[self]
 
-FINISHED_STATES = frozenset({TaskState.DONE, TaskState.CANCELLED, TaskState.EXPIRED})
+    @classmethod
+    def from_wire(cls, state: str) -> TaskState:
+        """The stored state for a wire name; ValueError for a name the protocol lacks."""
+        return _FROM_WIRE[WireState(state)]
+
+
+# Both directions are built from the names, so a state added on one side only fails here.
+_TO_WIRE = {state: WireState[state.name] for state in TaskState}
+_FROM_WIRE = {wire: TaskState[wire.name] for wire in WireState}
+
+# Final states whose records lapse after `keep_until`. DEAD is final too, but a dead
+# letter stays in its service's dead-letter index until it is redriven or dropped.
+FINISHED_STATES = frozenset(s for s in TaskState if s.wire in _FINAL) - {TaskState.DEAD}
 
 
 class Durability(enum.Enum):

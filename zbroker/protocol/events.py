@@ -18,10 +18,8 @@ from typing import Any
 import msgpack
 
 from zbroker.protocol.errors import ProtocolError
-
-MAX_TOPIC_BYTES = 255
-# Events in one batch message, as the broker sends them; receivers accept any number.
-MAX_BATCH_EVENTS = 1024
+from zbroker.protocol.limits import MAX_BATCH_EVENTS as MAX_BATCH_EVENTS
+from zbroker.protocol.limits import MAX_TOPIC_BYTES as MAX_TOPIC_BYTES
 
 
 @dataclass(frozen=True, slots=True)

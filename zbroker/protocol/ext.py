@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from zbroker.protocol import limits
 from zbroker.protocol.errors import ProtocolError
 
 ZBW01 = b"ZBW01"
@@ -53,9 +54,11 @@ COMMAND_NAMES = {
     DONES: "DONES",
 }
 
-MAX_CREDIT = 10_000
-MAX_TAGS = 32
-MAX_BATCH = 1024  # tasks per TASKS or DONES message
+# The limits of ZBW01, under the names this module has always given them (their
+# home, with the reason for each, is zbroker.protocol.limits).
+MAX_CREDIT = limits.MAX_CREDIT
+MAX_TAGS = limits.MAX_TAGS
+MAX_BATCH = limits.ZBW_MAX_BATCH  # tasks per TASKS or DONES message
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 

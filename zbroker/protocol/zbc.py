@@ -33,7 +33,7 @@ ERROR {rid, code, message}, codes E_* below):
            -> REPLY {tasks: [{id, seq, attempt, error, created_at, finished_at}], next}
               `next` is the `after` of the following page, nil on the last one
   REDRIVE  {service, ids?} -> REPLY {ids: [id, ...]}  dead letters back to READY
-                              with their attempts reset
+                              with their attempts reset (MAX_BATCH per call)
   QUEUES   {}  -> REPLY {queues: [{service, ready, delayed, inflight, dead, requests,
                   workers, credit, credit_in_use, oldest_age_s}, ...]}
   WORKERS  {}  -> REPLY {workers: [{worker, service, dialect, credit, tasks, tags,
@@ -43,11 +43,15 @@ ERROR {rid, code, message}, codes E_* below):
                   journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
   LIMIT    {service, limit} -> REPLY {service, limit}   (limit nil: none)
   PURGE    {service} -> REPLY {purged, more}   waiting tasks cancelled, MAX_BATCH per call
-  DROP     {service, ids?} -> REPLY {dropped, more}   dead letters deleted
+  DROP     {service, ids?} -> REPLY {dropped, more}   dead letters deleted (MAX_BATCH
+                              per call)
+`ids` (REDRIVE, DROP) lists at most MAX_BATCH task ids: a longer list is refused
+with bad_request, never acted on in part.
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
-States are lower-case strings: ready, delayed, inflight, done, dead, cancelled,
-expired. Final states: done, dead, cancelled, expired.
+States are lower-case strings (zbroker.protocol.states): ready, delayed, inflight,
+done, dead, cancelled, expired. Final states: done, dead, cancelled, expired.
+Limits (MAX_BATCH and the others below) come from zbroker.protocol.limits.
 Options (all optional): priority (int -128..127, higher first), delay_s or
 not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
 (one task) or keys (a batch: one str or nil per task), headers (map).
@@ -60,8 +64,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zbroker.protocol import limits
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.ext import pack_meta, unpack_meta
+from zbroker.protocol.states import LISTABLE_STATES as _LISTABLE
+from zbroker.protocol.states import TaskState
 
 ZBC01 = b"ZBC01"
 EMPTY = b""
@@ -121,16 +128,16 @@ E_SHUTTING_DOWN = "shutting_down"  # the broker is stopping: call again after it
 E_UNAVAILABLE = "unavailable"  # the broker cannot take the call now (journal failure)
 E_TOO_MANY_WAITERS = "too_many_waiters"  # too many calls are already waiting for results
 
-MAX_BATCH = 10_000
-# What a client should fit one batch into: the broker's default frame and size caps
-# (16384 frames, 16 MiB), less room for the header frames and metadata.
-BATCH_FRAMES = 16_000
-BATCH_BYTES = 15 * 1024 * 1024
-MAX_WAIT_S = 24 * 3600.0
-MAX_LIST = 1000
-PRIORITY_MIN = -128
-PRIORITY_MAX = 127
-MAX_ATTEMPTS_LIMIT = 1000
+# The limits of ZBC01 calls, under the names this module has always given them
+# (their home, with the reason for each, is zbroker.protocol.limits).
+MAX_BATCH = limits.ZBC_MAX_BATCH
+BATCH_FRAMES = limits.BATCH_FRAMES
+BATCH_BYTES = limits.BATCH_BYTES
+MAX_WAIT_S = limits.MAX_WAIT_S
+MAX_LIST = limits.MAX_LIST
+PRIORITY_MIN = limits.PRIORITY_MIN
+PRIORITY_MAX = limits.PRIORITY_MAX
+MAX_ATTEMPTS_LIMIT = limits.MAX_ATTEMPTS_LIMIT
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -197,7 +204,7 @@ class Dead:
 class Redrive:
     rid: int
     service: str
-    ids: tuple[str, ...] | None = None  # None: every dead letter of the service
+    ids: tuple[str, ...] | None = None  # None: the oldest MAX_BATCH dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,20 +245,21 @@ class Purge:
 class Drop:
     rid: int
     service: str
-    ids: tuple[str, ...] | None = None  # None: every dead letter (MAX_BATCH per call)
+    ids: tuple[str, ...] | None = None  # None: the oldest MAX_BATCH dead letters
 
 
 @dataclass(frozen=True, slots=True)
 class ListTasks:
     rid: int
     service: str
-    state: str
+    state: TaskState
     limit: int = 100
     after: int = 0  # how many of the list a previous page already gave
     older_than_s: float = 0.0
 
 
-LISTABLE_STATES = ("ready", "delayed", "inflight", "dead", "done", "cancelled", "expired")
+# What TASKS may list, as plain strings (zbroker.protocol.states has them as TaskState).
+LISTABLE_STATES = tuple(state.value for state in _LISTABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +377,25 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
     )
 
 
+def _ids(meta: dict[str, Any], rid: int) -> tuple[str, ...] | None:
+    """The `ids` of a REDRIVE or DROP: nil (the call picks), or 0..MAX_BATCH task ids.
+
+    A longer list is refused whole: acting on its first MAX_BATCH ids and answering
+    as if that were all would leave the caller believing the rest were handled."""
+    ids = meta.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
+    if len(ids) > MAX_BATCH:
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"'ids' lists {len(ids)} task ids: at most {MAX_BATCH} per call, nothing was done",
+        )
+    return tuple(ids)
+
+
 def _split(frames: Sequence[bytes], counts: Any, rid: int) -> tuple[tuple[bytes, ...], ...]:
     if (
         not isinstance(counts, list)
@@ -440,16 +467,7 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
         limit = _int(meta, "limit", rid, 1, MAX_LIST, 100)
         return Dead(rid, _str(meta, "service", rid), limit, after)
     if command == REDRIVE:
-        ids = meta.get("ids")
-        if ids is not None:
-            if (
-                not isinstance(ids, list)
-                or len(ids) > MAX_BATCH
-                or not all(isinstance(i, str) for i in ids)
-            ):
-                raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
-            ids = tuple(ids)
-        return Redrive(rid, _str(meta, "service", rid), ids)
+        return Redrive(rid, _str(meta, "service", rid), _ids(meta, rid))
     if command == QUEUES:
         return Queues(rid)
     if command == WORKERS:
@@ -459,30 +477,31 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
     if command == STATS:
         return Stats(rid)
     if command == TASKS:
-        state = _str(meta, "state", rid)
-        if state not in LISTABLE_STATES:
-            raise CallError(rid, E_BAD_REQUEST, f"'state' must be one of {LISTABLE_STATES}")
+        state = meta.get("state")
+        if not isinstance(state, str) or state not in LISTABLE_STATES:
+            raise CallError(
+                rid, E_BAD_REQUEST, f"'state' must be one of {', '.join(LISTABLE_STATES)}"
+            )
         return ListTasks(
             rid,
             _str(meta, "service", rid),
-            state,
+            TaskState(state),
             _int(meta, "limit", rid, 1, MAX_LIST, 100),
-            _int(meta, "after", rid, 0, 10**9, 0),
+            _int(meta, "after", rid, 0, limits.MAX_LIST_AFTER, 0),
             _number(meta, "older_than_s", rid) or 0.0,
         )
     if command == PURGE:
         return Purge(rid, _str(meta, "service", rid))
     if command == DROP:
-        drop_ids = meta.get("ids")
-        if drop_ids is not None:
-            if not isinstance(drop_ids, list) or not all(isinstance(i, str) for i in drop_ids):
-                raise CallError(rid, E_BAD_REQUEST, "'ids' must be a list of task ids")
-            drop_ids = tuple(drop_ids[:MAX_BATCH])
-        return Drop(rid, _str(meta, "service", rid), drop_ids)
+        return Drop(rid, _str(meta, "service", rid), _ids(meta, rid))
     if command == LIMIT:
         cap = meta.get("limit")
-        if cap is not None and (type(cap) is not int or not 1 <= cap <= 1_000_000):
-            raise CallError(rid, E_BAD_REQUEST, "'limit' must be an integer 1..1000000 or nil")
+        if cap is not None and (type(cap) is not int or not 1 <= cap <= limits.MAX_SERVICE_LIMIT):
+            raise CallError(
+                rid,
+                E_BAD_REQUEST,
+                f"'limit' must be an integer 1..{limits.MAX_SERVICE_LIMIT} or nil",
+            )
         return Limit(rid, _str(meta, "service", rid), cap)
     if command in (PAUSE, RESUME):
         return Pause(rid, _str(meta, "service", rid), command == PAUSE)

@@ -32,17 +32,26 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.states import QUEUE_COUNTS, TaskState
 
 log = logging.getLogger("zbroker.metrics")
 
-# Queue figures exported as gauges: QUEUES field -> (metric name, help).
-_QUEUE_GAUGES = {
-    "ready": ("zbroker_tasks_ready", "Durable tasks waiting to be delivered."),
-    "delayed": ("zbroker_tasks_delayed", "Durable tasks waiting for their time (delay, backoff)."),
-    "inflight": ("zbroker_tasks_inflight", "Durable tasks with an attempt at a worker."),
+# The per-state counts of QUEUES, exported as gauges: state -> (metric name, help).
+_STATE_GAUGES = {
+    TaskState.READY: ("zbroker_tasks_ready", "Durable tasks waiting to be delivered."),
+    TaskState.DELAYED: (
+        "zbroker_tasks_delayed",
+        "Durable tasks waiting for their time (delay, backoff).",
+    ),
+    TaskState.INFLIGHT: ("zbroker_tasks_inflight", "Durable tasks with an attempt at a worker."),
     # Not zbroker_tasks_dead: that family is the broker's counter of tasks that died.
-    "dead": ("zbroker_dead_letters", "Durable tasks in the dead-letter queue."),
-    "done": ("zbroker_tasks_done_retained", "Finished tasks whose result is still kept."),
+    TaskState.DEAD: ("zbroker_dead_letters", "Durable tasks in the dead-letter queue."),
+    TaskState.DONE: ("zbroker_tasks_done_retained", "Finished tasks whose result is still kept."),
+}
+# Queue figures exported as gauges: QUEUES field -> (metric name, help). Every state
+# count QUEUES gives has its gauge (a state added to QUEUE_COUNTS alone fails here).
+_QUEUE_GAUGES = {
+    **{state.value: _STATE_GAUGES[state] for state in QUEUE_COUNTS},
     "requests": ("zbroker_requests_queued", "MDP requests waiting for a worker."),
     "workers": ("zbroker_workers", "Registered workers."),
     "credit": ("zbroker_worker_credit", "Tasks the service's workers may hold at once."),

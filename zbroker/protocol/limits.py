@@ -1,0 +1,63 @@
+"""Every number the wire protocols fix, in one place: caps, batch sizes, ranges.
+
+The codecs, the broker core, both Python clients and the docs take these from
+here; the Node client keeps its own copies, which tests/crosslang/test_shared_vocabulary.py
+compares with these. Pure constants: nothing to import, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ------------------------------------------------ any message on the ROUTER (§7)
+
+# The broker's --max-message-bytes default: what one message may cost it in memory.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+# Frames per message, the routing id included: a ZBC01 batch carries a frame per task,
+# so MAX_BATCH one-frame tasks must fit, and per-message bookkeeping stays bounded.
+MAX_FRAMES: Final = 16_384
+# Smallest max_message_bytes a worker or service (and a Python client) accepts: its
+# own metadata (ids, FAIL reasons, heartbeat metrics) must always fit beside a result.
+MIN_MESSAGE_BYTES: Final = 4096
+# A ZBC01 call over a cap is answered with too_large only if its meta frame is
+# smaller than this: reading a huge frame just to find its rid would defeat the cap.
+MAX_OVERSIZED_META_BYTES: Final = 64 * 1024
+
+# ----------------------------------------------------------- ZBC01 calls (§11)
+
+# Tasks per ENQUEUE, ids per REDRIVE or DROP, tasks acted on per PURGE: one call is
+# one journal commit, and its size must stay bounded. A longer list is refused.
+ZBC_MAX_BATCH: Final = 10_000
+# What a client should fit one ENQUEUE batch into: MAX_FRAMES and the default byte
+# cap, less room for the routing id, header frames and the meta map.
+BATCH_FRAMES: Final = 16_000
+BATCH_BYTES: Final = 15 * 1024 * 1024
+# Longest a REQUEST or RESULT call is held for a result: a day; clients poll for longer.
+MAX_WAIT_S: Final = 24 * 3600.0
+# Entries per page of DEAD and TASKS: an answer stays far below the message cap.
+MAX_LIST: Final = 1000
+# Largest TASKS `after` (entries skipped): far above any list a scan can produce.
+MAX_LIST_AFTER: Final = 10**9
+# Task priority, higher first: one byte in the journal's index keys.
+PRIORITY_MIN: Final = -128
+PRIORITY_MAX: Final = 127
+# Most attempts a task may ask for: a retry loop must end.
+MAX_ATTEMPTS_LIMIT: Final = 1000
+# Largest concurrency LIMIT of a service (tasks its workers hold together).
+MAX_SERVICE_LIMIT: Final = 1_000_000
+
+# -------------------------------------------------------- ZBW01 workers (§10)
+
+# Tasks one worker may hold at once (READY `credit`): bounds what a lost worker strands.
+MAX_CREDIT: Final = 10_000
+# Tags in a READY: they are kept per worker and shown by WORKERS.
+MAX_TAGS: Final = 32
+# Entries of one TASKS or DONES message: one message, one bounded meta map.
+ZBW_MAX_BATCH: Final = 1024
+
+# ------------------------------------------------------------ topic events (§6)
+
+# Bytes of an event type (the topic frame): services build topics from their names.
+MAX_TOPIC_BYTES: Final = 255
+# Events in one batch message as the broker publishes them; receivers take any number.
+MAX_BATCH_EVENTS: Final = 1024
