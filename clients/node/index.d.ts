@@ -13,8 +13,11 @@ export type Frame = Buffer | Uint8Array | string
 /** A payload or result: one frame, or an array of frames. */
 export type Payload = Frame | Frame[]
 
-/** Final and non-final task states, as the broker names them. */
+/** Final and non-final task states, as the broker names them (done, dead, cancelled and expired are final). */
 export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'cancelled' | 'expired'
+
+/** The `code` of a ZBC01 ERROR answer (docs/protocol.md §11.4). */
+export type BrokerErrorCode = 'bad_request' | 'not_found' | 'queue_full' | 'too_large' | 'conflict' | 'shutting_down' | 'unavailable' | 'too_many_waiters'
 
 // ------------------------------------------------------------ errors
 
@@ -63,9 +66,9 @@ export class ProtocolError extends ZbrokerError {
   constructor (code: string, message: string)
 }
 
-/** The broker refused a ZBC01 call (ERROR). `code`: bad_request, not_found, queue_full, too_large, conflict, too_many_waiters, unavailable, shutting_down. */
+/** The broker refused a ZBC01 call (ERROR). A code not in BrokerErrorCode (a newer broker's) is still a refusal of the call. */
 export class BrokerError extends ZbrokerError {
-  readonly code: string
+  readonly code: BrokerErrorCode | (string & {})
   /** The broker's own message. */
   readonly brokerMessage: string
   constructor (code: string, message: string)
@@ -290,7 +293,10 @@ export class Client {
   cancel (id: string, options?: CallOptions): Promise<CancelResult>
   deadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): Promise<DeadLetterPage>
   iterDeadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): AsyncGenerator<DeadLetter, void, undefined>
-  /** Dead letters back to the queue (all, or those in `ids`); resolves with the ids moved. */
+  /**
+   * Dead letters back to the queue (up to 10000 of them, or those in `ids`); resolves with the
+   * ids moved. At most 10000 ids per call: a longer list is a RangeError, and nothing is sent.
+   */
   redrive (service: string, ids?: string[] | null, options?: CallOptions): Promise<string[]>
   redrive (service: string, options: CallOptions): Promise<string[]>
 

@@ -5,6 +5,7 @@
 import { randomUUID } from 'node:crypto'
 import {
   ClosedError,
+  ERROR_CODES,
   ProtocolError,
   TimeoutError,
   ZbrokerError,
@@ -12,6 +13,7 @@ import {
   taskError
 } from './errors.js'
 import {
+  BATCH_FRAMES,
   C,
   DEFAULT_ENDPOINT,
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -53,7 +55,7 @@ const RESULT_GRACE_MS = 1000
 const REPOLL_MS = 20
 // What an ENQUEUE message carries besides payload frames: the routing id the
 // broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
-// counts all of them against its frame cap (16384 frames per message).
+// counts all of them against its frame cap (MAX_FRAMES per message).
 const ZBC_OVERHEAD_FRAMES = 5
 // The bytes of a ZBC01 message besides meta and payload, as the broker counts
 // them against --max-message-bytes: the routing id its ROUTER adds (5 bytes),
@@ -94,7 +96,7 @@ export class Client {
     this.#retries = checkInt(opts.retries ?? 3, 'retries', 0, 1000)
     this.#maxPending = checkInt(opts.maxPending ?? 10_000, 'maxPending', 1, 1_000_000)
     this.#hwm = checkInt(opts.hwm ?? DEFAULT_HWM, 'hwm', 1, 10_000_000)
-    this.#maxFrames = checkInt(opts.maxFrames ?? 16000, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
+    this.#maxFrames = checkInt(opts.maxFrames ?? BATCH_FRAMES, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
     this.#maxMessageBytes = checkMaxMessageBytes(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, 'maxMessageBytes', MIN_CLIENT_MESSAGE_BYTES)
     /** Counters since creation; they only grow. */
     this.stats = {
@@ -233,7 +235,7 @@ export class Client {
 
   #checkSize (what, bytes) {
     if (bytes > this.#maxMessageBytes) {
-      throw brokerError('too_large', `${what}: a message of ${bytes} bytes is over the cap of ${this.#maxMessageBytes} (maxMessageBytes); not sent`)
+      throw brokerError(ERROR_CODES.TOO_LARGE, `${what}: a message of ${bytes} bytes is over the cap of ${this.#maxMessageBytes} (maxMessageBytes); not sent`)
     }
   }
 
@@ -340,7 +342,7 @@ export class Client {
           return ctl.reject(conflict)
         }
         // A CANCEL's answer (an earlier copy's success may still come after the STATUS went out).
-        if (!answer.ok && answer.meta.code === 'conflict' && ctl.resent) {
+        if (!answer.ok && answer.meta.code === ERROR_CODES.CONFLICT && ctl.resent) {
           conflict = errorOf(answer)
           return ctl.send(C.STATUS, { id })
         }

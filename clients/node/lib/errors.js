@@ -44,6 +44,19 @@ export class ProtocolError extends ZbrokerError {
   }
 }
 
+// The `code` of a ZBC01 ERROR answer (docs/protocol.md §11.4; zbroker/protocol/zbc.py E_*).
+// A code not listed here is still a refusal of the call.
+export const ERROR_CODES = Object.freeze({
+  BAD_REQUEST: 'bad_request',
+  NOT_FOUND: 'not_found',
+  QUEUE_FULL: 'queue_full',
+  TOO_LARGE: 'too_large',
+  CONFLICT: 'conflict',
+  SHUTTING_DOWN: 'shutting_down',
+  UNAVAILABLE: 'unavailable',
+  TOO_MANY_WAITERS: 'too_many_waiters'
+})
+
 /** The broker refused a ZBC01 call: ERROR {code, message}. */
 export class BrokerError extends ZbrokerError {
   constructor (code, message) {
@@ -78,7 +91,7 @@ export class TaskCancelled extends TaskError {}
 /** The task's TTL ran out before it started. */
 export class TaskExpired extends TaskError {}
 
-const brokerErrors = { not_found: TaskNotFound, queue_full: QueueFull }
+const brokerErrors = { [ERROR_CODES.NOT_FOUND]: TaskNotFound, [ERROR_CODES.QUEUE_FULL]: QueueFull }
 
 /** The error for a ZBC01 ERROR answer. */
 export function brokerError (code, message) {

@@ -2,6 +2,10 @@
 // socket (7/MDP client, ZBW01 worker, ZBC01 durable-task client) and for topic
 // events. Pure functions: no sockets, no clock, no state. The reference is the
 // Python codecs in zbroker/protocol/ and docs/protocol.md.
+//
+// The limits and state names below are copies of zbroker/protocol/limits.py and
+// states.py (the reason for each limit is given there);
+// tests/crosslang/test_shared_vocabulary.py fails when the two differ.
 
 import { Encoder, ExtensionCodec } from '@msgpack/msgpack'
 import { ProtocolError } from './errors.js'
@@ -18,6 +22,11 @@ export const EMPTY = Buffer.alloc(0)
 export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 export const MIN_MESSAGE_BYTES = 4096
 export const MIN_CLIENT_MESSAGE_BYTES = 1024
+// The broker's fixed cap on frames per message, counting the routing id it prepends.
+export const MAX_FRAMES = 16_384
+// Frames per message enqueueMany stays under by default: MAX_FRAMES less room for
+// the routing id, header frames and metadata (as the Python client).
+export const BATCH_FRAMES = 16_000
 
 /**
  * `value` when it is a safe integer >= `min` (a cap the broker's
@@ -455,6 +464,9 @@ export const MAX_LIST = 1000
 export const PRIORITY_MIN = -128
 export const PRIORITY_MAX = 127
 export const MAX_ATTEMPTS_LIMIT = 1000
+
+// Task states as the broker names them (ZBC01 answers), and those a task never leaves.
+export const TASK_STATES = Object.freeze(['ready', 'delayed', 'inflight', 'done', 'dead', 'cancelled', 'expired'])
 export const FINAL_STATES = new Set(['done', 'dead', 'cancelled', 'expired'])
 
 const ZBC01_FRAME = Buffer.from(ZBC01)

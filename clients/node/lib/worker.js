@@ -42,6 +42,7 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   EMPTY,
   MAX_CREDIT,
+  MAX_FRAMES,
   MAX_TAGS,
   MAX_WORKER_BATCH,
   MIN_MESSAGE_BYTES,
@@ -68,9 +69,8 @@ const GOODBYE_LINGER_MS = 500
 const MAX_REASON_CHARS = 2000
 const MAX_METRICS_BYTES = 64 * 1024
 // The broker's caps on one message, counting every frame it receives (routing
-// id included): --max-message-bytes (default 16 MiB) and 16384 frames.
-// (DEFAULT_MAX_MESSAGE_BYTES and MIN_MESSAGE_BYTES come from protocol.js.)
-const DEFAULT_MAX_FRAMES = 16_384
+// id included): --max-message-bytes (default DEFAULT_MAX_MESSAGE_BYTES) and
+// MAX_FRAMES frames, both from protocol.js.
 // What a DONE, DONES or PROGRESS carries besides its results: the routing id the
 // broker adds (at most 255 bytes), "", "ZBW01", the command and the metadata frame
 // (map and list headers), an upper bound ...
@@ -148,7 +148,7 @@ export class Worker extends EventEmitter {
       metrics,
       hwm = DEFAULT_HWM,
       maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
-      maxFrames = DEFAULT_MAX_FRAMES,
+      maxFrames = MAX_FRAMES,
       logger
     } = options
     if (typeof service !== 'string' || service.length === 0) throw new TypeError('Worker needs a service name (non-empty string)')
@@ -171,7 +171,7 @@ export class Worker extends EventEmitter {
     }
     checkMaxMessageBytes(maxMessageBytes, 'maxMessageBytes', MIN_MESSAGE_BYTES)
     if (!Number.isSafeInteger(maxFrames) || maxFrames < MESSAGE_OVERHEAD_FRAMES + 1) {
-      throw new RangeError(`maxFrames must be an integer >= ${MESSAGE_OVERHEAD_FRAMES + 1} (the broker's frame cap, 16384)`)
+      throw new RangeError(`maxFrames must be an integer >= ${MESSAGE_OVERHEAD_FRAMES + 1} (the broker's frame cap, ${MAX_FRAMES})`)
     }
     this.#endpoint = checkEndpoint(endpoint)
     this.#service = service

@@ -6,7 +6,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import * as zmq from 'zeromq'
 import { BrokerError, Client, ProtocolError, QueueFull, TaskDead, TimeoutError } from '../index.js'
-import { pack, unpack } from '../lib/protocol.js'
+import { MAX_BATCH, pack, unpack } from '../lib/protocol.js'
 import { sleep } from '../testlib/broker.js'
 
 const CALL = { ENQUEUE: 1, REQUEST: 2, RESULT: 3, STATUS: 4, CANCEL: 5, DEAD: 6, REDRIVE: 7 }
@@ -180,6 +180,19 @@ test('ERROR answers become typed errors', async (t) => {
   const bad = client.redrive('svc', ['t1'])
   await broker.error(await broker.next(CALL.REDRIVE), 'bad_request', 'nope')
   await assert.rejects(bad, (e) => e instanceof BrokerError && e.code === 'bad_request')
+})
+
+test('redrive sends at most MAX_BATCH ids: a longer list is a RangeError and nothing goes out', async (t) => {
+  const { broker, client } = await setup(t)
+  const ids = Array.from({ length: MAX_BATCH + 1 }, (_, i) => `t${i}`)
+  await assert.rejects(client.redrive('svc', ids), RangeError)
+  // The next call on the socket is the first the broker sees: MAX_BATCH ids, all sent.
+  const moved = client.redrive('svc', ids.slice(0, MAX_BATCH))
+  const call = await broker.next(CALL.REDRIVE)
+  assert.equal(call.meta.ids.length, MAX_BATCH)
+  assert.equal(broker.inbox.length, 0)
+  await broker.reply(call, { ids: ['t0'] })
+  assert.deepEqual(await moved, ['t0'])
 })
 
 test('a call nobody answers times out; the error carries the task id when known', async (t) => {
