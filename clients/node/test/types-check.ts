@@ -1,0 +1,115 @@
+// Compiled by `tsc --noEmit` (npm test), never run: typed uses of the public API, so
+// that index.d.ts is checked as a caller sees it. Each `@ts-expect-error` is a misuse
+// the typings must refuse; tsc fails if one of them is accepted.
+
+import {
+  BrokerError,
+  type BrokerErrorCode,
+  Client,
+  DEFAULT_ENDPOINT,
+  type Event,
+  type Payload,
+  Publisher,
+  type Receipt,
+  RetryLater,
+  Service,
+  Subscriber,
+  type Task,
+  TaskDead,
+  TaskError,
+  type TaskState,
+  type TaskStatus,
+  TimeoutError,
+  Worker
+} from 'zbroker'
+
+// Exhaustive over TaskState: a state added to or removed from the union breaks this.
+const FINAL: Record<TaskState, boolean> = {
+  ready: false,
+  delayed: false,
+  inflight: false,
+  done: true,
+  dead: true,
+  cancelled: true,
+  expired: true
+}
+
+export function isFinal (state: TaskState): boolean {
+  return FINAL[state]
+}
+
+export async function durableTasks (client: Client): Promise<void> {
+  const id: string = await client.enqueue('ocr', 'page-1', { priority: 5, ttlS: 60, key: 'k1' })
+  const receipt: Receipt = await client.enqueue('ocr', Buffer.from('x'), { receipt: true })
+  const existing: boolean = receipt.existing
+  const ids: string[] = await client.enqueueMany('ocr', ['a', ['b', 'c']], { keys: ['k2', null] })
+  const receipts: Receipt[] = await client.enqueueMany('ocr', ['a'], { receipt: true })
+  const one: Buffer = await client.request('ocr', 'page-2', { timeoutMs: 1000 })
+  const frames: Buffer[] = await client.result(id, { frames: true })
+  const status: TaskStatus = await client.status(id)
+  const state: TaskState = status.state
+  const when: Date | null = status.finishedAt
+  const cancelled = await client.cancel(id)
+  const was: TaskState | null = cancelled.was
+  const page = await client.deadLetters('ocr', { limit: 10 })
+  for await (const letter of client.iterDeadLetters('ocr')) letter.id.toUpperCase()
+  const moved: string[] = await client.redrive('ocr', page.tasks.map((t) => t.id))
+  await client.redrive('ocr', { timeoutMs: 500 })
+  void [existing, ids, receipts, one, frames, state, when, was, moved]
+
+  // @ts-expect-error a priority is a number
+  await client.enqueue('ocr', 'x', { priority: 'high' })
+  // @ts-expect-error a batch takes `keys`, not one `key`
+  await client.enqueueMany('ocr', ['x'], { key: 'k' })
+  // @ts-expect-error 'running' is not a task state
+  const wrong: TaskState = 'running'
+  void wrong
+}
+
+export function errors (err: unknown): string {
+  if (err instanceof TaskDead) return `${err.taskId} ${err.state} ${err.error ?? ''}`
+  if (err instanceof TaskError) {
+    const state: TaskState = err.state
+    return state
+  }
+  if (err instanceof BrokerError) {
+    const code: BrokerErrorCode | string = err.code
+    return `${code}: ${err.brokerMessage}`
+  }
+  if (err instanceof TimeoutError) return err.key ?? err.keys?.join(',') ?? err.taskId ?? ''
+  return String(err)
+}
+
+export async function worker (): Promise<boolean> {
+  const handler = async (task: Task): Promise<Payload> => {
+    task.progress('half')
+    if (task.attempt > 2) throw new RetryLater(1.5, 'busy')
+    return [task.payload, Buffer.from(task.id)]
+  }
+  const w = new Worker({ endpoint: DEFAULT_ENDPOINT, service: 'ocr', handler, concurrency: 4 })
+  await w.start()
+  const held: number = w.stats.received - w.stats.handled
+  void held
+  // @ts-expect-error a worker needs a handler
+  void new Worker({ service: 'ocr' })
+  return await w.stop({ timeoutMs: 100 })
+}
+
+export async function events (): Promise<void> {
+  const publisher = new Publisher({ source: 'types-check' })
+  const sent: Event<{ n: number }> = await publisher.publish('count', { n: 1 })
+  const batch: Array<Event<number>> = await publisher.publishMany('count', [1, 2])
+  const subscriber = new Subscriber({ topics: ['count'] })
+  const next: Event | null = await subscriber.recv({ timeoutMs: 10 })
+  for await (const event of subscriber) event.type.toUpperCase()
+  void [sent, batch, next]
+  publisher.close({ lingerMs: 10 })
+}
+
+export async function service (): Promise<boolean | null> {
+  const s = new Service('ocr', { heartbeatMs: null })
+    .task('ocr', (task) => task.payload.length, { concurrency: 2, publish: 'ocr.done' })
+    .on('config.', (event) => event.payload)
+  await s.waitReady({ timeoutMs: 100 })
+  return await s.run({ handleSignals: false })
+}
