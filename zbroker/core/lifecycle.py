@@ -141,7 +141,7 @@ def next_state(state: TaskState | None, event: TaskEvent) -> Transition:
 
 
 def mermaid() -> str:
-    """The table as a Mermaid state diagram (docs/architecture.md embeds it)."""
+    """The table as a Mermaid state diagram."""
     lines = ["stateDiagram-v2"]
     for t in TRANSITIONS:
         for source in t.sources:
@@ -149,3 +149,18 @@ def mermaid() -> str:
             b = "[*]" if t.target is None else STATE_NAMES[t.target]
             lines.append(f"    {a} --> {b}: {t.event.name}")
     return "\n".join(lines) + "\n"
+
+
+def markdown() -> str:
+    """The table as docs/architecture.md shows it: the diagram, then one row per
+    transition (tests/unit/test_lifecycle.py fails when the page differs)."""
+    rows = [
+        "| event | from | to | history entry | counter |",
+        "|---|---|---|---|---|",
+    ]
+    for t in TRANSITIONS:
+        sources = ", ".join("(new)" if s is None else STATE_NAMES[s] for s in t.sources)
+        target = "(deleted)" if t.target is None else STATE_NAMES[t.target]
+        counter = f"`{t.counter}`" if t.counter else ""
+        rows.append(f"| {t.event.name} | {sources} | {target} | `{t.history}` | {counter} |")
+    return "```mermaid\n" + mermaid() + "```\n\n" + "\n".join(rows) + "\n"

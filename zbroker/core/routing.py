@@ -21,8 +21,9 @@ the journal.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from zbroker.core.dialects import MDP, ZBW, Dialect, ZbwDialect
 from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker
@@ -60,6 +61,17 @@ class Routing:
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Inside a deferral block: the services to dispatch once, when it ends.
         self._deferred: dict[bytes, Service] | None = None
+        # A registered ZBW01 worker's message, by type -> its handler.
+        self._zbw_handlers: dict[type, Callable[[Worker, Any, float], None]] = {
+            ext.Done: self._zbw_done,
+            ext.Dones: self._zbw_dones,
+            ext.Ack: self._zbw_ack,
+            ext.Heartbeat: self._zbw_heartbeat,
+            ext.Progress: self._zbw_progress,
+            ext.Fail: self._zbw_fail,
+            ext.Ready: self._zbw_second_ready,
+            ext.Disconnect: self._zbw_disconnect,
+        }
 
     # ------------------------------------------------------------ dispatch
 
@@ -212,79 +224,85 @@ class Routing:
 
     def on_zbw_worker(self, identity: bytes, msg: ext.WorkerMessage, now: float) -> None:
         worker = self.workers.get(identity)
-        kind = type(msg)
-        if worker is not None and worker.dialect is not ZBW:
-            self._kick(worker, now, "ZBW01 command from an MDP worker")
-            return
         if worker is None:
-            if kind is ext.Ready:
-                assert isinstance(msg, ext.Ready)
-                name = msg.service.encode()
-                if name.startswith(mdp.MMI_PREFIX):
-                    self._disconnect(identity, ZBW, f"service name {shown(name)!r} is reserved")
-                else:
-                    self._register(identity, name, now, ZBW, msg.credit, msg.tags, msg.batch)
-            elif kind is not ext.Disconnect:
-                if kind is ext.Done:
-                    self._stats.late_replies_dropped += 1
-                self._disconnect(identity, ZBW, "unknown worker: send READY")
-            return
-        worker.expires_at = now + self._worker_expiry_s
-        if kind is ext.Done:
-            assert isinstance(msg, ext.Done)
-            held = self._fenced(worker, msg.id, msg.attempt)
-            if held is not None:
-                self._complete(worker, held, msg.result, now)
-        elif kind is ext.Dones:
-            assert isinstance(msg, ext.Dones)
-            # Free all the credit first, then refill it with one dispatch (one TASKS).
-            with self.one_dispatch(now):
-                for done in msg.items:
-                    held = self._fenced(worker, done.id, done.attempt)
-                    if held is not None:
-                        self._complete(worker, held, done.result, now)
-        elif kind is ext.Ack:
-            assert isinstance(msg, ext.Ack)
-            for task_id, attempt in msg.tasks:
-                held = self._fenced(worker, task_id, attempt)
+            self._zbw_stranger(identity, msg, now)
+        elif worker.dialect is not ZBW:
+            self._kick(worker, now, "ZBW01 command from an MDP worker")
+        else:
+            worker.expires_at = now + self._worker_expiry_s
+            self._zbw_handlers[type(msg)](worker, msg, now)
+
+    def _zbw_stranger(self, identity: bytes, msg: ext.WorkerMessage, now: float) -> None:
+        """A ZBW01 message from a routing id that is no registered worker."""
+        kind = type(msg)
+        if kind is ext.Ready:
+            assert isinstance(msg, ext.Ready)
+            name = msg.service.encode()
+            if name.startswith(mdp.MMI_PREFIX):
+                self._disconnect(identity, ZBW, f"service name {shown(name)!r} is reserved")
+            else:
+                self._register(identity, name, now, ZBW, msg.credit, msg.tags, msg.batch)
+        elif kind is not ext.Disconnect:
+            if kind is ext.Done:
+                self._stats.late_replies_dropped += 1
+            self._disconnect(identity, ZBW, "unknown worker: send READY")
+
+    def _zbw_done(self, worker: Worker, msg: ext.Done, now: float) -> None:
+        held = self._fenced(worker, msg.id, msg.attempt)
+        if held is not None:
+            self._complete(worker, held, msg.result, now)
+
+    def _zbw_dones(self, worker: Worker, msg: ext.Dones, now: float) -> None:
+        # Free all the credit first, then refill it with one dispatch (one TASKS).
+        with self.one_dispatch(now):
+            for done in msg.items:
+                held = self._fenced(worker, done.id, done.attempt)
                 if held is not None:
-                    held.ack_by = 0.0
-                    if self._debug:
-                        log.debug(
-                            "ack %s attempt %d (%s) from worker %s",
-                            task_id,
-                            attempt,
-                            shown(worker.service.name),
-                            hex_id(identity),
-                        )
-        elif kind is ext.Heartbeat:
-            assert isinstance(msg, ext.Heartbeat)
-            if msg.metrics:
-                worker.metrics = msg.metrics
-            elif not msg.metrics_ok:
-                self._stats.bad_metrics += 1
-            if self._sink.prefixes:
-                self._ping(worker)
-        elif kind is ext.Progress:
-            assert isinstance(msg, ext.Progress)
-            held = self._fenced(worker, msg.id, msg.attempt)
+                    self._complete(worker, held, done.result, now)
+
+    def _zbw_ack(self, worker: Worker, msg: ext.Ack, now: float) -> None:
+        for task_id, attempt in msg.tasks:
+            held = self._fenced(worker, task_id, attempt)
             if held is not None:
-                held.ack_by = 0.0  # progress proves the worker has the task
-                held.owner.progress(held, msg.data, now)
-        elif kind is ext.Fail:
-            assert isinstance(msg, ext.Fail)
-            held = self._fenced(worker, msg.id, msg.attempt)
-            if held is not None:
-                self._stats.failures += 1
-                self._release(worker, held)
-                held.owner.fail(held, msg.reason or "failed", msg.delay_s, msg.retry, now)
-                self.dispatch(worker.service, now)
-        elif kind is ext.Ready:
-            self._kick(worker, now, "second READY")
-        else:  # DISCONNECT
-            self._stats.workers_disconnected += 1
-            log.info("worker %s disconnected", hex_id(identity))
-            self.remove(worker, now, "disconnected")
+                held.ack_by = 0.0
+                if self._debug:
+                    log.debug(
+                        "ack %s attempt %d (%s) from worker %s",
+                        task_id,
+                        attempt,
+                        shown(worker.service.name),
+                        hex_id(worker.identity),
+                    )
+
+    def _zbw_heartbeat(self, worker: Worker, msg: ext.Heartbeat, now: float) -> None:
+        if msg.metrics:
+            worker.metrics = msg.metrics
+        elif not msg.metrics_ok:
+            self._stats.bad_metrics += 1
+        if self._sink.prefixes:
+            self._ping(worker)
+
+    def _zbw_progress(self, worker: Worker, msg: ext.Progress, now: float) -> None:
+        held = self._fenced(worker, msg.id, msg.attempt)
+        if held is not None:
+            held.ack_by = 0.0  # progress proves the worker has the task
+            held.owner.progress(held, msg.data, now)
+
+    def _zbw_fail(self, worker: Worker, msg: ext.Fail, now: float) -> None:
+        held = self._fenced(worker, msg.id, msg.attempt)
+        if held is not None:
+            self._stats.failures += 1
+            self._release(worker, held)
+            held.owner.fail(held, msg.reason or "failed", msg.delay_s, msg.retry, now)
+            self.dispatch(worker.service, now)
+
+    def _zbw_second_ready(self, worker: Worker, msg: ext.Ready, now: float) -> None:
+        self._kick(worker, now, "second READY")
+
+    def _zbw_disconnect(self, worker: Worker, msg: ext.Disconnect, now: float) -> None:
+        self._stats.workers_disconnected += 1
+        log.info("worker %s disconnected", hex_id(worker.identity))
+        self.remove(worker, now, "disconnected")
 
     def _fenced(self, worker: Worker, task_id: str, attempt: int) -> Held | None:
         """What this worker holds under (task_id, attempt), else None (refused)."""

@@ -200,17 +200,7 @@ class DurableTasks:
             service.waiting_count -= 1
         record.state = new
         if move.final:
-            record.finished_at = epoch
-            keep = new is not DEAD  # dead letters stay until redriven or dropped
-            record.keep_until = epoch + self._settings.retention_s if keep else None
-            journal.put(record, payload)
-            if keep:
-                if self._settings.retention_s > 0:
-                    if result is not None:
-                        journal.put_result(record.id, result)
-                else:
-                    journal.delete(record.id)  # counted above; nothing to keep
-            self._finished(record, old, service, result)
+            self._finish(record, epoch, old, service, result)
             return
         journal.put(record, payload)
         if new is READY:
@@ -223,14 +213,28 @@ class DurableTasks:
         elif new is DELAYED:
             service.waiting_count += 1
 
-    def _finished(
+    def _finish(
         self,
         record: TaskRecord,
+        epoch: float,
         old: TaskState | None,
         service: Service,
         result: tuple[bytes, ...] | None,
     ) -> None:
-        """What follows a task's end: its figures, its lifecycle event, its waiters."""
+        """What follows a task's end (part of `apply`): retention, the result kept,
+        its figures, its lifecycle event, its waiters."""
+        journal = self.journal
+        assert journal is not None
+        record.finished_at = epoch
+        keep = record.state is not DEAD  # dead letters stay until redriven or dropped
+        record.keep_until = epoch + self._settings.retention_s if keep else None
+        journal.put(record)
+        if keep:
+            if self._settings.retention_s > 0:
+                if result is not None:
+                    journal.put_result(record.id, result)
+            else:
+                journal.delete(record.id)  # counted already; nothing to keep
         new = record.state
         sink = self._sink
         if new is DEAD:
@@ -530,6 +534,46 @@ class DurableTasks:
         )
         return True
 
+    def _stored_keys(
+        self, service_name: str, keys: Sequence[str | None]
+    ) -> tuple[dict[int, str], int]:
+        """The ids of tasks already stored under the call's idempotency keys (by the
+        key's index), and how many tasks the call will store."""
+        journal = self.journal
+        assert journal is not None
+        held: dict[int, str] = {}
+        new = len(keys)
+        fresh: set[str] = set()  # keys new to the journal: a repeat within the call is one task
+        for i, key in enumerate(keys):
+            if key is not None:
+                if (task_id := journal.find_key(service_name, key)) is not None:
+                    held[i] = task_id
+                    new -= 1
+                elif key in fresh:
+                    new -= 1
+                else:
+                    fresh.add(key)
+        return held, new
+
+    def _admits(self, identity: bytes, msg: zbc.Enqueue, service: Service, new: int) -> bool:
+        """Whether the call may store `new` tasks (else it is refused, and answered).
+        Tasks already stored under their key never count: a resend is not refused."""
+        cap = self._settings.max_tasks_per_service
+        if new and service.waiting_count + new > cap:
+            self.refuse(
+                identity,
+                msg.rid,
+                zbc.E_QUEUE_FULL,
+                f"{msg.service} holds {service.waiting_count} waiting tasks (cap {cap})",
+            )
+            return False
+        if new and self._journal_refuses(identity, msg, new):
+            return False
+        if msg.wait and self._waiter_count >= self._settings.max_waiters:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+            return False
+        return True
+
     def enqueue(self, identity: bytes, msg: zbc.Enqueue, now: float) -> None:
         """ENQUEUE (and REQUEST, which waits): store the tasks, answer with their ids."""
         journal = self.journal
@@ -542,33 +586,8 @@ class DurableTasks:
         count = len(msg.payloads)
         options = msg.options
         keys = options.keys or (options.key,) * count
-        # Tasks already stored under their idempotency key are answered with their id
-        # and never count against the cap: a resend must not be refused.
-        held: dict[int, str] = {}
-        new = count
-        fresh: set[str] = set()  # keys new to the journal: a repeat within the call is one task
-        for i, key in enumerate(keys):
-            if key is not None:
-                if (task_id := journal.find_key(msg.service, key)) is not None:
-                    held[i] = task_id
-                    new -= 1
-                elif key in fresh:
-                    new -= 1
-                else:
-                    fresh.add(key)
-        cap = self._settings.max_tasks_per_service
-        if new and service.waiting_count + new > cap:
-            self.refuse(
-                identity,
-                msg.rid,
-                zbc.E_QUEUE_FULL,
-                f"{msg.service} holds {service.waiting_count} waiting tasks (cap {cap})",
-            )
-            return
-        if new and self._journal_refuses(identity, msg, new):
-            return
-        if msg.wait and self._waiter_count >= self._settings.max_waiters:
-            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+        held, new = self._stored_keys(msg.service, keys)
+        if not self._admits(identity, msg, service, new):
             return
         epoch = now + self._epoch_offset
         not_before = options.not_before or 0.0
@@ -620,23 +639,30 @@ class DurableTasks:
         self._stats.tasks_enqueued += count - len(existing)
         service.figures.enqueued += count - len(existing)
         self._stats.tasks_deduplicated += len(existing)
+        if not_before > epoch:
+            self._schedule_due(now)
+        self._answer_enqueue(identity, msg, ids, existing, now)
+        if service.ready:
+            routing = self._routing
+            assert routing is not None
+            routing.dispatch(service, now)
+
+    def _answer_enqueue(
+        self, identity: bytes, msg: zbc.Enqueue, ids: list[str], existing: list[int], now: float
+    ) -> None:
+        """The ids (and which were stored before); a REQUEST also waits for the first."""
         fields: dict[str, Any] = {"ids": ids}
         if existing:
             fields["existing"] = existing
         self._out.outbox.append([identity, *zbc.reply(msg.rid, fields)])
-        if not_before > epoch:
-            self._schedule_due(now)
         if msg.wait:
-            stored = journal.get(ids[0]) if existing else None
+            assert self.journal is not None
+            stored = self.journal.get(ids[0]) if existing else None
             if stored is not None and stored.state in FINAL:
                 self._answer(identity, msg.rid, stored)  # a resent REQUEST of a finished task
             else:
                 wait_s = self._settings.request_wait_s if msg.wait_s is None else msg.wait_s
                 self._wait(identity, msg.rid, ids[0], now + wait_s)
-        if service.ready:
-            routing = self._routing
-            assert routing is not None
-            routing.dispatch(service, now)
 
     def result(self, identity: bytes, msg: zbc.Result, now: float) -> None:
         """RESULT: the task's outcome now, or when it ends (within wait_s)."""
