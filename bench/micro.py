@@ -1,4 +1,4 @@
-"""Micro-measurements behind the analysis in docs/performance.md (not a workload).
+"""Micro-measurements behind the analysis in bench/results/HISTORY.md (not a workload).
 
     .venv/bin/python bench/micro.py
 

@@ -43,6 +43,7 @@ from zbroker.config import (
 )
 from zbroker.journal import JournalError
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
+from zbroker.protocol.states import LISTABLE_STATES, QUEUE_COUNTS
 from zbroker.runtime import BindError, BrokerServer
 
 app = typer.Typer(
@@ -370,7 +371,7 @@ def queues(
     elif not rows:
         typer.echo("no services")
     else:
-        columns = ["service", "ready", "delayed", "inflight", "dead", "done", "requests"]
+        columns = ["service", *QUEUE_COUNTS, "requests"]
         columns += ["workers", "credit_in_use", "credit", "oldest_age_s", "done_rate", "wait_s_p95"]
         _table(rows, columns)
 
@@ -467,9 +468,7 @@ def top(
 @app.command()
 def tasks(
     service: Annotated[str, typer.Option(help="The service whose tasks to list.")],
-    state: Annotated[
-        str, typer.Option(help="ready, delayed, inflight, dead, done, cancelled or expired.")
-    ] = "ready",
+    state: Annotated[str, typer.Option(help=f"One of {', '.join(LISTABLE_STATES)}.")] = "ready",
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
     older_than: Annotated[
         float, typer.Option(min=0.0, help="Only tasks enqueued at least this many seconds ago.")

@@ -70,6 +70,15 @@ from zbroker.client.errors import (
 )
 from zbroker.client.options import TaskOptions, When, check_key, seconds
 from zbroker.protocol import ext, zbc
+from zbroker.protocol.limits import (
+    BATCH_BYTES,
+    BATCH_FRAMES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAMES,
+    MIN_MESSAGE_BYTES,
+)
+from zbroker.protocol.limits import ZBC_MAX_BATCH as MAX_BATCH
+from zbroker.protocol.states import FAILED_STATES
 
 T = TypeVar("T")
 
@@ -118,23 +127,16 @@ Op = Send | Wait | Reconnect
 Event = zbc.Answer | _Signal | None
 Plan = Generator[Op, Event, T]
 
-_FAILED_STATES = (TaskState.DEAD, TaskState.CANCELLED, TaskState.EXPIRED)
 # ERROR codes that mean "the broker will be back": a wait for a known task rides them out.
 _TRANSIENT = (zbc.E_SHUTTING_DOWN,)
-
-
-# The broker's default --max-message-bytes, and its fixed cap on frames per message
-# (the routing id included, so a client's message may hold one frame less).
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-MAX_FRAMES = 16384
 
 
 def check_message_bytes(max_message_bytes: int) -> None:
     """Raise unless `max_message_bytes` (the broker's --max-message-bytes) is usable."""
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
         raise TypeError("max_message_bytes must be an int")
-    if max_message_bytes < 4096:
-        raise ValueError("max_message_bytes must be at least 4096")
+    if max_message_bytes < MIN_MESSAGE_BYTES:
+        raise ValueError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES}")
 
 
 def check_fits(s: Settings, command: str, frames: Sequence[bytes]) -> None:
@@ -348,7 +350,7 @@ _BATCH_META_BYTES = 4096
 def batch_bounds(
     payloads: Sequence[tuple[bytes, ...]],
     keys: Sequence[str | None] = (),
-    budget: int = zbc.BATCH_BYTES,
+    budget: int = BATCH_BYTES,
 ) -> list[tuple[int, int]]:
     """Split `payloads` into [start, end) runs that each fit one ENQUEUE: at most
     MAX_BATCH tasks, BATCH_FRAMES frames and `budget` bytes of payload and per-task
@@ -360,9 +362,7 @@ def batch_bounds(
         key = keys[i] if i < len(keys) else None
         n = len(payload)
         b = sum(map(len, payload)) + _TASK_META_BYTES + (len(key.encode()) if key else 0)
-        if i > start and (
-            i - start >= zbc.MAX_BATCH or frames + n > zbc.BATCH_FRAMES or size + b > budget
-        ):
+        if i > start and (i - start >= MAX_BATCH or frames + n > BATCH_FRAMES or size + b > budget):
             bounds.append((start, i))
             start, frames, size = i, 0, 0
         frames += n
@@ -384,7 +384,7 @@ def enqueue_batches(
     keys = options.keys or ()
     # What one message may carry besides the shared meta (headers are in every one).
     shared = _BATCH_META_BYTES + (len(ext.pack_meta(options.headers)) if options.headers else 0)
-    budget = min(zbc.BATCH_BYTES, s.max_message_bytes - shared)
+    budget = min(BATCH_BYTES, s.max_message_bytes - shared)
     for start, end in batch_bounds(payloads, keys, budget):
         chunk = payloads[start:end]
         chunk_options = zbc.TaskOptions(
@@ -467,7 +467,7 @@ def settle(answer: zbc.Answer, task_id: str) -> list[bytes] | None:
     state = parse_state(answer.meta.get("state"))
     if state is TaskState.DONE:
         return list(answer.frames)
-    if state in _FAILED_STATES:
+    if state in FAILED_STATES:
         error = answer.meta.get("error")
         raise task_failure(state.value, task_id, error if isinstance(error, str) else None)
     return None
@@ -621,8 +621,8 @@ def redrive(s: Settings, service: str, ids: Sequence[str] | None) -> Plan[list[s
         return parse_ids(answer.meta)
     wanted = list(ids)
     redriven: list[str] = []
-    for start in range(0, len(wanted), zbc.MAX_BATCH):
-        chunk = wanted[start : start + zbc.MAX_BATCH]
+    for start in range(0, len(wanted), MAX_BATCH):
+        chunk = wanted[start : start + MAX_BATCH]
 
         def build(rid: int, chunk: list[str] = chunk) -> list[bytes]:
             return zbc.call(zbc.REDRIVE, rid, service=service, ids=chunk)
@@ -738,14 +738,19 @@ def plan_purge(s: Settings, service: str) -> Plan[int]:
 
 def plan_drop(s: Settings, service: str, ids: Sequence[str] | None) -> Plan[int]:
     """DROP the dead letters listed, or (ids None) all of them, a bounded number per call."""
-    fields: dict[str, Any] = {"service": service}
-    if ids is not None:
-        fields["ids"] = list(ids)
     total = 0
+    if ids is not None:
+        # MAX_BATCH ids per call: the broker refuses a longer list whole.
+        wanted = list(ids)
+        for start in range(0, len(wanted), MAX_BATCH):
+            chunk = wanted[start : start + MAX_BATCH]
+            answer = yield from plan_control(s, zbc.DROP, service=service, ids=chunk)
+            total += int(answer["dropped"])
+        return total
     while True:
-        answer = yield from plan_control(s, zbc.DROP, **fields)
+        answer = yield from plan_control(s, zbc.DROP, service=service)
         total += int(answer["dropped"])
-        if ids is not None or not answer.get("more") or not answer["dropped"]:
+        if not answer.get("more") or not answer["dropped"]:
             return total
 
 

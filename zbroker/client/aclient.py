@@ -28,6 +28,7 @@ from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
+from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 
 class AsyncClient(AsyncClientBase):
@@ -59,7 +60,7 @@ class AsyncClient(AsyncClientBase):
         timeout_s: float = 5.0,
         retries: int = 3,
         poll_s: float = 10.0,
-        max_message_bytes: int = _calls.DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: AsyncClientContext | None = None,
     ) -> None:
         _calls.check_settings(timeout_s, retries, poll_s)

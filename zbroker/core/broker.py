@@ -41,7 +41,7 @@ from zbroker.core.sink import EventEntry, EventSink, Outputs
 from zbroker.core.tasks import DurableTasks
 from zbroker.core.views import AdminViews
 from zbroker.journal.base import Journal
-from zbroker.protocol import ext, mdp, zbc
+from zbroker.protocol import ext, limits, mdp, zbc
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
@@ -260,7 +260,11 @@ class Broker:
     def _too_large(self, reason: str, frames: list[bytes]) -> None:
         """Over a size cap: dropped and counted; a ZBC01 call also gets an ERROR."""
         self._malformed(reason, frames)
-        if len(frames) > 4 and frames[2] == _ZBC01 and len(frames[4]) < 65536:
+        if (
+            len(frames) > 4
+            and frames[2] == _ZBC01
+            and len(frames[4]) < limits.MAX_OVERSIZED_META_BYTES
+        ):
             try:
                 rid = ext.unpack_meta(frames[4]).get("rid")
             except ProtocolError:

@@ -38,6 +38,11 @@ class Dialect:
         """One delivery, without the routing id."""
         raise NotImplementedError
 
+    def cancel(self, held: Held) -> list[bytes] | None:
+        """A CANCEL of `held`, without the routing id; None where the dialect has none
+        (the worker must then be let go to take the work from it)."""
+        raise NotImplementedError
+
 
 class MdpDialect(Dialect):
     """7/MDP workers (MDPW01): one request at a time, no ids, no acknowledgement."""
@@ -50,6 +55,9 @@ class MdpDialect(Dialect):
     def task(self, held: Held, service_name: str) -> list[bytes]:
         return [_EMPTY, mdp.MDPW01, mdp.REQUEST, held.client, _EMPTY, *held.body]
 
+    def cancel(self, held: Held) -> None:
+        return None  # 7/MDP cannot withdraw a request
+
 
 class ZbwDialect(Dialect):
     """zbroker's ZBW01 workers: credit, task ids, attempts, ACK, DONE/FAIL, CANCEL."""
@@ -60,7 +68,6 @@ class ZbwDialect(Dialect):
         return ext.disconnect(why)
 
     def cancel(self, held: Held) -> list[bytes]:
-        """A CANCEL of `held`, without the routing id."""
         return ext.cancel(held.tid, held.attempt)
 
     def task(self, held: Held, service_name: str) -> list[bytes]:
@@ -72,7 +79,7 @@ class ZbwDialect(Dialect):
         return [_EMPTY, ext.ZBW01, ext.TASK, meta, *held.body]
 
     def tasks(self, chunk: list[Held], service_name: str) -> list[bytes]:
-        """Several deliveries in one TASKS (at most ext.MAX_BATCH), without the routing id."""
+        """Several deliveries in one TASKS (at most ZBW_MAX_BATCH), without the routing id."""
         entries = []
         frames: list[bytes] = []
         for held in chunk:

@@ -32,7 +32,8 @@ FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED})
 # Waiting for a worker: what a service's queue cap counts.
 WAITING = frozenset({READY, DELAYED})
 
-STATE_NAMES = {state: state.name.lower() for state in TaskState}
+# Each state as the wire names it (zbroker.protocol.states).
+STATE_NAMES = {state: str(state.wire) for state in TaskState}
 
 
 class TaskEvent(enum.Enum):

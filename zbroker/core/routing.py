@@ -33,6 +33,7 @@ from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
 from zbroker.core.tasks import DurableTasks
 from zbroker.protocol import ext, mdp
+from zbroker.protocol.limits import ZBW_MAX_BATCH
 
 log = logging.getLogger("zbroker.core")
 
@@ -174,8 +175,8 @@ class Routing:
         if len(held_list) == 1:
             outbox.append([worker.identity, *dialect.task(held_list[0], name)])
             return
-        for start in range(0, len(held_list), ext.MAX_BATCH):
-            chunk = held_list[start : start + ext.MAX_BATCH]
+        for start in range(0, len(held_list), ZBW_MAX_BATCH):
+            chunk = held_list[start : start + ZBW_MAX_BATCH]
             outbox.append([worker.identity, *dialect.tasks(chunk, name)])
 
     # ------------------------------------------------------- MDP workers
@@ -394,12 +395,12 @@ class Routing:
         """Take `held` from its worker without an outcome (its owner already decided):
         a ZBW01 worker gets a CANCEL, an MDP worker (7/MDP cannot cancel) is let go."""
         self._release(worker, held)
-        dialect = worker.dialect
-        if isinstance(dialect, ZbwDialect):
-            self._out.outbox.append([worker.identity, *dialect.cancel(held)])
-            self.dispatch(worker.service, now)
-        else:
+        cancel = worker.dialect.cancel(held)
+        if cancel is None:
             self._kick(worker, now, why)
+        else:
+            self._out.outbox.append([worker.identity, *cancel])
+            self.dispatch(worker.service, now)
 
     def drain(self, worker: Worker) -> None:
         """No new work for `worker`; what it holds, it finishes."""
@@ -485,14 +486,12 @@ class Routing:
         for held in late:
             self._stats.tasks_timed_out += 1
             self._release(worker, held)
-            dialect = worker.dialect
-            if isinstance(dialect, ZbwDialect):
-                self._out.outbox.append([worker.identity, *dialect.cancel(held)])
-                held.owner.timed_out(held, now)
-            else:
-                held.owner.timed_out(held, now)
+            cancel = worker.dialect.cancel(held)
+            held.owner.timed_out(held, now)
+            if cancel is None:
                 self._kick(worker, now, f"task {held.tid} timed out")
                 return
+            self._out.outbox.append([worker.identity, *cancel])
         if late:
             self.dispatch(worker.service, now)
 
@@ -501,7 +500,6 @@ class Routing:
         if not late:
             return
         dialect = worker.dialect
-        assert isinstance(dialect, ZbwDialect)
         for held in reversed(late):
             self._stats.ack_timeouts += 1
             log.info(
@@ -510,7 +508,9 @@ class Routing:
                 held.attempt,
                 hex_id(worker.identity),
             )
-            self._out.outbox.append([worker.identity, *dialect.cancel(held)])
+            cancel = dialect.cancel(held)
+            if cancel is not None:  # only workers that acknowledge get here
+                self._out.outbox.append([worker.identity, *cancel])
             self._release(worker, held)
             held.ack_by = 0.0
             held.owner.not_acknowledged(held, now)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from zbroker.protocol import limits
+
 
 class SettingError(ValueError):
     """A setting is outside its bounds (raised when a settings record is made).
@@ -55,9 +57,9 @@ class CoreSettings:
     # Per-service cap on queued requests; beyond it new requests are refused and counted.
     max_queued_per_service: int = 100_000
     # Whole-message cap (sum of frame sizes); larger messages are dropped and counted.
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = limits.DEFAULT_MAX_MESSAGE_BYTES
     # Frames per message: a ZBC01 batch carries one frame per task (up to 10000 tasks).
-    max_frames: int = 16_384
+    max_frames: int = limits.MAX_FRAMES
     # A task pushed to a ZBW01 worker must be acknowledged within this time, or the
     # broker takes it back (CANCEL) and gives it to another worker.
     ack_timeout_s: float = 10.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zbroker.protocol.events import MAX_BATCH_EVENTS
+from zbroker.protocol.limits import MAX_BATCH_EVENTS
 
 # Topics whose "is it wanted?" answer is kept, at most: a peer's service names are
 # unbounded, the cache is not.

@@ -53,12 +53,8 @@ from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import mdp, zbc
-from zbroker.protocol.events import (
-    DONE_FIELDS,
-    ENQUEUED_FIELDS,
-    MAX_BATCH_EVENTS,
-    STARTED_FIELDS,
-)
+from zbroker.protocol.events import DONE_FIELDS, ENQUEUED_FIELDS, STARTED_FIELDS
+from zbroker.protocol.limits import MAX_BATCH_EVENTS, ZBC_MAX_BATCH
 
 if TYPE_CHECKING:
     from zbroker.core.routing import Routing
@@ -713,14 +709,14 @@ class DurableTasks:
         journal = self.journal
         assert journal is not None
         epoch = now + self._epoch_offset
-        records = journal.ready(service_name, zbc.MAX_BATCH)
+        records = journal.ready(service_name, ZBC_MAX_BATCH)
         service = self._directory.services.get(service_name.encode())
-        need = zbc.MAX_BATCH - len(records)
+        need = ZBC_MAX_BATCH - len(records)
         if need > 0 and service is not None and service.waiting_count > len(records):
             # Delayed tasks are indexed by time across services: read them in a wider
             # and wider window until it holds enough of ours or the whole index, so a
             # service's delayed tasks are reached however many other services have.
-            scan = 10 * zbc.MAX_BATCH
+            scan = 10 * ZBC_MAX_BATCH
             while True:
                 later = journal.due(epoch + FAR_FUTURE_S, scan)
                 ours = [r for r in later if r.service == service_name]
@@ -736,7 +732,7 @@ class DurableTasks:
         journal = self.journal
         assert journal is not None
         if ids is None:
-            return journal.dead(service, zbc.MAX_BATCH)
+            return journal.dead(service, ZBC_MAX_BATCH)
         # An id listed twice is one task: acting on it twice would count it twice.
         found = (journal.get(task_id) for task_id in dict.fromkeys(ids))
         return [r for r in found if r is not None and r.state is DEAD and r.service == service]

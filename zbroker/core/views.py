@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from zbroker.core.lifecycle import DEAD, DELAYED, DONE, INFLIGHT, READY
+from zbroker.core.lifecycle import DEAD, DELAYED, INFLIGHT, READY
 from zbroker.core.model import Stats, Worker
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.tasks import FAR_FUTURE_S, DurableTasks, record_view
 from zbroker.journal.base import TaskState
 from zbroker.protocol import zbc
+from zbroker.protocol.states import QUEUE_COUNTS
 
 # Records one TASKS call reads at most.
 LIST_SCAN = 100_000
@@ -55,6 +56,9 @@ class AdminViews:
             name = raw.decode(errors="backslashreplace")
             per_state = counts.get(name, {})
             service = services.get(raw)
+            by_state: dict[str, int] = {
+                str(wire): per_state.get(TaskState.from_wire(wire), 0) for wire in QUEUE_COUNTS
+            }
             workers = list(service.workers.values()) if service is not None else []
             oldest = 0.0
             if per_state.get(READY) and journal is not None:
@@ -66,11 +70,7 @@ class AdminViews:
             out.append(
                 {
                     "service": name,
-                    "ready": per_state.get(READY, 0),
-                    "delayed": per_state.get(DELAYED, 0),
-                    "inflight": per_state.get(INFLIGHT, 0),
-                    "dead": per_state.get(DEAD, 0),
-                    "done": per_state.get(DONE, 0),
+                    **by_state,
                     "requests": len(service.queue) if service is not None else 0,
                     "workers": len(workers),
                     "credit": sum(w.credit for w in workers),
@@ -170,7 +170,7 @@ class AdminViews:
         assert journal is not None
         epoch = self._tasks.epoch(now)
         want = msg.after + msg.limit + 1
-        state = TaskState[msg.state.upper()]
+        state = TaskState.from_wire(msg.state)
         if state is READY:
             found = journal.ready(msg.service, min(want, LIST_SCAN))
         elif state is DEAD:

@@ -39,14 +39,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zbroker.protocol import limits
 from zbroker.protocol.states import FINAL_STATES as _FINAL
 from zbroker.protocol.states import TaskState as WireState
 
 SCHEMA_VERSION = 1
 
-# Priority bounds: higher runs first; fits one byte in an index key.
-PRIORITY_MIN = -128
-PRIORITY_MAX = 127
+# Priority bounds (the protocol's): higher runs first; one byte in an index key.
+PRIORITY_MIN = limits.PRIORITY_MIN
+PRIORITY_MAX = limits.PRIORITY_MAX
 _LAST_SEQ = 2**62  # greater than any seq a store hands out
 
 

@@ -59,7 +59,7 @@ def frame_cap(max_message_bytes: int) -> int:
 
 # The hot path calls pyzmq's backend methods with plain int flags: the friendly
 # wrappers (send_multipart, recv_multipart, enum flags) cost 3-5x more per frame,
-# which is most of a broker hop's CPU (see docs/performance.md).
+# which is most of a broker hop's CPU (see bench/results/HISTORY.md, "what was optimized").
 _backend_send = zmq.backend.Socket.send
 _backend_recv = zmq.backend.Socket.recv
 NOBLOCK = int(zmq.NOBLOCK)
