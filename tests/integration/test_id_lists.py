@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from tests.conftest import BrokerProcess
+from zbroker.client import Client, TaskNotFound
 from zbroker.protocol import ext, zbc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -76,3 +77,25 @@ def test_an_id_list_over_max_batch_is_refused_and_nothing_is_done(
         assert done.meta["ids"] == [task_id]
     else:
         assert done.meta["dropped"] == 1
+
+
+@pytest.mark.parametrize("call", ["redrive", "drop_dead_letters"])
+def test_the_python_client_sends_a_long_id_list_in_calls_the_broker_takes(
+    broker: BrokerProcess, zmq_ctx: Ctx, call: str
+) -> None:
+    # Given a dead letter
+    raw = dealer(zmq_ctx, broker)
+    task_id = dead_letter(zmq_ctx, broker, raw)
+    # When the client redrives or drops it among more ids than one call may carry
+    ids = [*(f"nosuch{i}" for i in range(zbc.MAX_BATCH)), task_id]
+    with Client(broker.endpoint, timeout_s=10.0) as client:
+        outcome = getattr(client, call)("ocr", ids)
+        # Then the calls were taken (none refused), and the dead letter was acted on
+        state = client.status(task_id).state if call == "redrive" else None
+        if call == "redrive":
+            assert outcome == [task_id]
+            assert state in {"ready", "inflight"}
+        else:
+            assert outcome == 1
+            with pytest.raises(TaskNotFound):
+                client.status(task_id)
