@@ -494,6 +494,11 @@ def _past(stop_at: float | None) -> bool:
     return stop_at is not None and time.monotonic() >= stop_at
 
 
+def _left(deadline: float | None) -> float:
+    """Seconds until `deadline` (monotonic); infinite without one."""
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
 def await_result(
     s: Settings,
     task_id: str,
@@ -524,9 +529,6 @@ def await_result(
     poll_answer_by: float | None = answer_due  # answer deadline of the outstanding wait
     next_poll_at = 0.0  # when to poll, while no wait is outstanding
     stop_at = _stop_at(s, deadline)
-
-    def left() -> float:
-        return math.inf if deadline is None else deadline - time.monotonic()
 
     def poll(kind: SendKind) -> Plan[float]:
         nonlocal heard
@@ -563,7 +565,7 @@ def await_result(
                 # fresh connection after a pause instead of giving up.
                 silent += 1
                 poll_answer_by = None
-                next_poll_at = time.monotonic() + min(s.timeout_s, max(0.0, left()))
+                next_poll_at = time.monotonic() + min(s.timeout_s, max(0.0, _left(deadline)))
                 continue
             raise broker_error(event.code, event.message)
         silent = 0
@@ -573,8 +575,8 @@ def await_result(
         if outcome is not None:
             return outcome
         state = parse_state(event.meta.get("state"))
-        if left() <= 0:
-            raise TaskPending(task_id, state.value, timeout_s if timeout_s is not None else 0.0)
+        if _left(deadline) <= 0:
+            raise TaskPending(task_id, state.value, timeout_s or 0.0)
         poll_answer_by = yield from poll("poll")
 
 

@@ -546,13 +546,7 @@ class LmdbJournal(Journal):
         kind, task_id = op[0], op[1]
         idb = task_id.encode()
         if kind == _SERVICE_OPTIONS:
-            key, long_name = _options_key(idb)  # the service's name
-            if op[2] is None:
-                txn.delete(key, db=self._meta)
-            elif long_name:
-                txn.put(key, msgpack.packb([task_id, op[2]]), db=self._meta)
-            else:
-                txn.put(key, op[2], db=self._meta)
+            self._apply_options(txn, task_id, idb, op[2])
         elif kind == _PUT:
             packed, frames = op[2], op[3]
             if record is None:
@@ -590,17 +584,33 @@ class LmdbJournal(Journal):
         elif kind == _RESULT:
             txn.put(idb, op[2], db=self._results)
         else:
-            self._last_put = None
-            old = txn.pop(idb, db=self._tasks)
-            if old is None:
-                return
-            old_record = unpack_record(task_id, old)
-            old_svc = self._services[old_record.service]
-            for db, key in self._entries(old_record, old_svc):
-                txn.delete(key, idb, db=db)
-            txn.delete(idb, db=self._payloads)
-            txn.delete(idb, db=self._results)
-            self._deltas[(old_svc, int(old_record.state))] -= 1
+            self._apply_delete(txn, task_id, idb)
+
+    def _apply_options(
+        self, txn: lmdb.Transaction[bytes], name: str, idb: bytes, packed: bytes | None
+    ) -> None:
+        """Write (or, with None, remove) a service's operator options."""
+        key, long_name = _options_key(idb)  # the service's name
+        if packed is None:
+            txn.delete(key, db=self._meta)
+        elif long_name:
+            txn.put(key, msgpack.packb([name, packed]), db=self._meta)
+        else:
+            txn.put(key, packed, db=self._meta)
+
+    def _apply_delete(self, txn: lmdb.Transaction[bytes], task_id: str, idb: bytes) -> None:
+        """Remove a task with its index entries, payload and result."""
+        self._last_put = None
+        old = txn.pop(idb, db=self._tasks)
+        if old is None:
+            return
+        old_record = unpack_record(task_id, old)
+        old_svc = self._services[old_record.service]
+        for db, key in self._entries(old_record, old_svc):
+            txn.delete(key, idb, db=db)
+        txn.delete(idb, db=self._payloads)
+        txn.delete(idb, db=self._results)
+        self._deltas[(old_svc, int(old_record.state))] -= 1
 
     def _entries(self, record: TaskRecord, svc: bytes) -> list[tuple[Db, bytes]]:
         """The index entries (database, key) that `record` holds; each maps to its id."""

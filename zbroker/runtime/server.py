@@ -171,7 +171,8 @@ class BrokerServer:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
-    def serve_forever(self) -> None:
+    def _start_threads(self) -> None:
+        """The event proxy and the metrics server, each in its thread; say where."""
         self.events.start()
         if self.metrics is not None:
             self.metrics.start()
@@ -183,6 +184,9 @@ class BrokerServer:
         log.info("broker listening on %s (MDP clients and workers)", self.endpoint)
         log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
         log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
+
+    def serve_forever(self) -> None:
+        self._start_threads()
         router = self.router
         poll_items: list[tuple[Any, int]] = [
             (router, POLLIN),
