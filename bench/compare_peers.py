@@ -356,97 +356,122 @@ def _rabbitmq_producer(
     keeping `in_flight` calls unconfirmed (a call is one message, or `per_call`
     messages published back to back: AMQP 0-9-1 has no batch publish)."""
     import pika
-    from pika.spec import Basic
 
-    properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
-    clock = time.perf_counter_ns
-    state: dict[str, Any] = {"next": 0, "tag": 0, "low": 1, "done": 0, "error": None}
-    pending: dict[int, int] = {}  # delivery tag -> call
-    remaining: dict[int, int] = {}  # call -> messages not yet confirmed
-    sent_at: dict[int, int] = {}
-    latencies: list[int] = []
-    channel: Any = None
+    run = _RabbitmqConfirms(calls, in_flight, recorder, wait_for_signal)
+    run.connection = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=run.on_open,
+        on_open_error_callback=run.on_failed,
+        on_close_callback=run.on_closed,
+    )
+    run.connection.ioloop.start()
+    if run.error is not None:
+        sys.exit(run.error)
+    # No error: the connection was closed by on_confirm once every call was confirmed.
+    assert run.started is not None and run.ended is not None and run.cpu_s is not None
+    _report(run.started, run.ended, run.cpu_s, run.latencies, calls.count)
 
-    def publish_more() -> None:
-        while state["next"] < calls.n and len(remaining) < in_flight:
-            i = state["next"]
-            state["next"] += 1
+
+class _RabbitmqConfirms:
+    """The callbacks of `_rabbitmq_producer`'s connection and what they share: pika calls
+    on_open, on_channel, on_declared, on_confirm_mode, then on_confirm per confirm."""
+
+    def __init__(
+        self, calls: Calls, in_flight: int, recorder: Recorder, wait_for_signal: bool
+    ) -> None:
+        import pika
+        from pika.spec import Basic
+
+        self.calls, self.in_flight = calls, in_flight
+        self.recorder, self.wait_for_signal = recorder, wait_for_signal
+        self.properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+        self.nack = Basic.Nack
+        self.clock = time.perf_counter_ns
+        self.next_call = 0
+        self.tag = 0  # the last delivery tag published
+        self.low = 1  # tags below it are confirmed
+        self.done = 0  # calls confirmed
+        self.error: str | None = None
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.cpu = 0.0
+        self.cpu_s: float | None = None
+        self.pending: dict[int, int] = {}  # delivery tag -> call
+        self.remaining: dict[int, int] = {}  # call -> messages not yet confirmed
+        self.sent_at: dict[int, int] = {}
+        self.latencies: list[int] = []
+        self.channel: Any = None
+        self.connection: Any = None
+
+    def publish_more(self) -> None:
+        calls, remaining, pending = self.calls, self.remaining, self.pending
+        while self.next_call < calls.n and len(remaining) < self.in_flight:
+            i = self.next_call
+            self.next_call += 1
             payloads = calls.bodies(i)
             remaining[i] = len(payloads)
-            sent_at[i] = clock()
+            self.sent_at[i] = self.clock()
             for p in payloads:
-                state["tag"] += 1
-                pending[state["tag"]] = i
-                channel.basic_publish("", QUEUE, p, properties)
+                self.tag += 1
+                pending[self.tag] = i
+                self.channel.basic_publish("", QUEUE, p, self.properties)
 
-    def confirmed(tag: int) -> None:
-        i = pending.pop(tag)
-        remaining[i] -= 1
-        if remaining[i] == 0:
-            del remaining[i]
-            latencies.append((clock() - sent_at.pop(i)) // 1000)
-            recorder.add(list(calls.seqs(i)))
-            state["done"] += 1
+    def confirmed(self, tag: int) -> None:
+        i = self.pending.pop(tag)
+        self.remaining[i] -= 1
+        if self.remaining[i] == 0:
+            del self.remaining[i]
+            self.latencies.append((self.clock() - self.sent_at.pop(i)) // 1000)
+            self.recorder.add(list(self.calls.seqs(i)))
+            self.done += 1
 
-    def on_confirm(frame: Any) -> None:
+    def on_confirm(self, frame: Any) -> None:
         method = frame.method
-        if isinstance(method, Basic.Nack):
-            state["error"] = f"the broker refused (nack) delivery tag {method.delivery_tag}"
-            connection.close()
+        if isinstance(method, self.nack):
+            self.error = f"the broker refused (nack) delivery tag {method.delivery_tag}"
+            self.connection.close()
             return
         if method.multiple:
             # Every tag up to this one; those below `low` were confirmed before.
-            for tag in range(state["low"], method.delivery_tag + 1):
-                if tag in pending:
-                    confirmed(tag)
-            state["low"] = method.delivery_tag + 1
+            for tag in range(self.low, method.delivery_tag + 1):
+                if tag in self.pending:
+                    self.confirmed(tag)
+            self.low = method.delivery_tag + 1
         else:
-            confirmed(method.delivery_tag)
-        if state["done"] == calls.n:
-            state["ended"] = time.time()
-            state["cpu_s"] = time.process_time() - state["cpu"]
-            connection.close()
+            self.confirmed(method.delivery_tag)
+        if self.done == self.calls.n:
+            self.ended = time.time()
+            self.cpu_s = time.process_time() - self.cpu
+            self.connection.close()
         else:
-            publish_more()
+            self.publish_more()
 
-    def on_confirm_mode(_frame: Any) -> None:
+    def on_confirm_mode(self, _frame: Any) -> None:
         print("ready", flush=True)
-        if wait_for_signal:
+        if self.wait_for_signal:
             signal.sigwait({signal.SIGUSR1})
-        state["started"] = time.time()
-        state["cpu"] = time.process_time()
-        publish_more()
+        self.started = time.time()
+        self.cpu = time.process_time()
+        self.publish_more()
 
-    def on_declared(_frame: Any) -> None:
-        channel.confirm_delivery(on_confirm, callback=on_confirm_mode)
+    def on_declared(self, _frame: Any) -> None:
+        self.channel.confirm_delivery(self.on_confirm, callback=self.on_confirm_mode)
 
-    def on_channel(ch: Any) -> None:
-        nonlocal channel
-        channel = ch
-        ch.queue_declare(QUEUE, durable=True, callback=on_declared)
+    def on_channel(self, ch: Any) -> None:
+        self.channel = ch
+        ch.queue_declare(QUEUE, durable=True, callback=self.on_declared)
 
-    def on_open(conn: Any) -> None:
-        conn.channel(on_open_callback=on_channel)
+    def on_open(self, conn: Any) -> None:
+        conn.channel(on_open_callback=self.on_channel)
 
-    def on_failed(_conn: Any, exc: BaseException) -> None:
-        state["error"] = f"connection failed: {exc!r}"
-        connection.ioloop.stop()
+    def on_failed(self, _conn: Any, exc: BaseException) -> None:
+        self.error = f"connection failed: {exc!r}"
+        self.connection.ioloop.stop()
 
-    def on_closed(_conn: Any, reason: BaseException) -> None:
-        if "ended" not in state and state["error"] is None:
-            state["error"] = f"connection closed: {reason!r}"
-        connection.ioloop.stop()
-
-    connection = pika.SelectConnection(
-        pika.URLParameters(url),
-        on_open_callback=on_open,
-        on_open_error_callback=on_failed,
-        on_close_callback=on_closed,
-    )
-    connection.ioloop.start()
-    if state["error"] is not None:
-        sys.exit(state["error"])
-    _report(state["started"], state["ended"], state["cpu_s"], latencies, calls.count)
+    def on_closed(self, _conn: Any, reason: BaseException) -> None:
+        if self.ended is None and self.error is None:
+            self.error = f"connection closed: {reason!r}"
+        self.connection.ioloop.stop()
 
 
 def _framework_producer(

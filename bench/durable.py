@@ -263,17 +263,7 @@ def run_tasks(
     durability, mode = system.split("-")
     mode, _, events_kind = mode.partition("+")
     endpoint, broker, events_out = _start_broker(procs, "zbroker", durability, data_dir)
-    subscriber = None
-    if events_kind:
-        prefix = "task.done." if events_kind == "done" else "task."
-        argv = ["subscriber", "--connect", events_out, "--prefix", prefix]
-        if events_kind == "objects":
-            argv.append("--decode")
-        subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
-        _expect(subscriber, "ready", timeout_s=20)
-        time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
-        if events_kind == "stopped":
-            os.kill(subscriber.pid, signal.SIGSTOP)
+    subscriber = _start_subscriber(procs, events_out, events_kind) if events_kind else None
     workers = [
         procs.start(
             f"worker-{i}",
@@ -328,18 +318,8 @@ def run_tasks(
         procs.interrupt(profiler)
     procs.check_alive(ignoring=(*producers, profiler))
     events = event_messages = None
-    if events_kind == "stopped":
-        assert subscriber is not None
-        os.kill(subscriber.pid, signal.SIGCONT)  # its count means nothing: not read
-    elif subscriber is not None:
-        # At least enqueued, started and done per task (done alone for "+done");
-        # read its last report.
-        least = settings.tasks if events_kind == "done" else 3 * settings.tasks
-        while True:
-            report = _read_json(subscriber, settings.run_timeout_s())
-            events, event_messages = report["events"], report["messages"]
-            if events >= least:
-                break
+    if subscriber is not None:
+        events, event_messages = _subscriber_counts(subscriber, events_kind, settings)
 
     started = min(r["started"] for r in produced)
     confirmed = max(r["ended"] for r in produced)
@@ -378,6 +358,39 @@ def run_tasks(
         # bus messages they came in (the broker batches consecutive events of a topic)
         "event_messages": event_messages,
     }
+
+
+def _start_subscriber(procs: ProcessGroup, events_out: str, events_kind: str) -> Child:
+    """The events subscriber of a `+<events_kind>` run, subscribed (and SIGSTOPped for
+    "stopped")."""
+    prefix = "task.done." if events_kind == "done" else "task."
+    argv = ["subscriber", "--connect", events_out, "--prefix", prefix]
+    if events_kind == "objects":
+        argv.append("--decode")
+    subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
+    _expect(subscriber, "ready", timeout_s=20)
+    time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
+    if events_kind == "stopped":
+        os.kill(subscriber.pid, signal.SIGSTOP)
+    return subscriber
+
+
+def _subscriber_counts(
+    subscriber: Child, events_kind: str, settings: Settings
+) -> tuple[int | None, int | None]:
+    """(events, bus messages) the subscriber received once it has them all; (None, None)
+    for a stopped one, which is let go on instead (its count means nothing: not read)."""
+    if events_kind == "stopped":
+        os.kill(subscriber.pid, signal.SIGCONT)
+        return None, None
+    # At least enqueued, started and done per task (done alone for "+done");
+    # read its last report.
+    least = settings.tasks if events_kind == "done" else 3 * settings.tasks
+    while True:
+        report = _read_json(subscriber, settings.run_timeout_s())
+        events, event_messages = report["events"], report["messages"]
+        if events >= least:
+            return events, event_messages
 
 
 def _cpu_delta(before: list[float | None], after: list[float | None]) -> float | None:

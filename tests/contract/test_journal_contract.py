@@ -804,6 +804,75 @@ def actual_reads(journal: Journal) -> dict[str, Any]:
     return reads
 
 
+class ModelledJournal:
+    """A journal under test, and its model: the records as a plain dict, and as of the
+    last commit, plus the results put."""
+
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+        self.journal = stores.open()
+        self.model: dict[str, TaskRecord] = {}
+        self.committed: dict[str, TaskRecord] = {}
+        self.results: dict[str, bytes] = {}
+        self.created = 0
+
+    def apply(self, op: tuple[Any, ...]) -> bool:
+        """Applies `op` to both; False if it was skipped or refused (then no read is
+        compared)."""
+        kind = op[0]
+        if kind in ("new", "change"):
+            return self._put(op)
+        if kind in ("delete", "result"):
+            return self._delete_or_put_result(op)
+        if kind == "commit":
+            self.journal.commit()
+            self.committed = {k: dataclasses.replace(v) for k, v in self.model.items()}
+        elif kind == "reopen" and self.stores.durable:
+            self.journal = self.stores.reopen(self.journal)
+            self.model = {k: dataclasses.replace(v) for k, v in self.committed.items()}
+            self.results = {k: v for k, v in self.results.items() if k in self.model}
+        return True
+
+    def _put(self, op: tuple[Any, ...]) -> bool:
+        """A new task, or a change to one picked from the model; skipped if there is none
+        to change, refused (and checked to be) if another task holds the key."""
+        kind = op[0]
+        if kind == "new":
+            _, service, state, priority, not_before, expires_at, keep_until, key = op
+            record = TaskRecord(
+                f"t{self.created}", service, state, self.journal.next_seq(), 0.0, priority
+            )
+            self.created += 1
+        else:
+            _, pick, state, priority, not_before, expires_at, keep_until, key = op
+            if not self.model:
+                return False
+            record = dataclasses.replace(self.model[sorted(self.model)[pick % len(self.model)]])
+        record.state, record.priority, record.not_before = state, priority, not_before
+        record.expires_at, record.keep_until, record.key = expires_at, keep_until, key
+        holder = self.journal.find_key(record.service, key) if key is not None else None
+        if holder not in (None, record.id):
+            with pytest.raises(ValueError):
+                self.journal.put(record)
+            return False
+        self.journal.put(record, [record.id.encode()] if kind == "new" else None)
+        self.model[record.id] = dataclasses.replace(record)
+        return True
+
+    def _delete_or_put_result(self, op: tuple[Any, ...]) -> bool:
+        if not self.model:
+            return False
+        task_id = sorted(self.model)[op[1] % len(self.model)]
+        if op[0] == "delete":
+            self.journal.delete(task_id)
+            del self.model[task_id]
+            self.results.pop(task_id, None)
+        else:
+            self.journal.put_result(task_id, [b"r", task_id.encode()])
+            self.results[task_id] = task_id.encode()
+        return True
+
+
 @settings(
     max_examples=100,
     deadline=None,
@@ -813,67 +882,25 @@ def actual_reads(journal: Journal) -> dict[str, Any]:
 def test_random_operations_keep_every_read_and_count_exact(
     stores: Stores, operations: list[tuple[Any, ...]]
 ) -> None:
-    # Given a fresh journal and a model: the records as a plain dict, and as of the last commit
-    journal = stores.open()
-    model: dict[str, TaskRecord] = {}
-    committed: dict[str, TaskRecord] = {}
-    results: dict[str, bytes] = {}
-    created = 0
+    # Given a fresh journal and its model
+    run = ModelledJournal(stores)
     try:
         # When random puts, state changes, deletes, commits and reopens are applied
         for op in operations:
-            kind = op[0]
-            if kind in ("new", "change"):
-                if kind == "new":
-                    _, service, state, priority, not_before, expires_at, keep_until, key = op
-                    record = TaskRecord(
-                        f"t{created}", service, state, journal.next_seq(), 0.0, priority
-                    )
-                    created += 1
-                else:
-                    _, pick, state, priority, not_before, expires_at, keep_until, key = op
-                    if not model:
-                        continue
-                    record = dataclasses.replace(model[sorted(model)[pick % len(model)]])
-                record.state, record.priority, record.not_before = state, priority, not_before
-                record.expires_at, record.keep_until, record.key = expires_at, keep_until, key
-                holder = journal.find_key(record.service, key) if key is not None else None
-                if holder not in (None, record.id):
-                    with pytest.raises(ValueError):
-                        journal.put(record)
-                    continue
-                journal.put(record, [record.id.encode()] if kind == "new" else None)
-                model[record.id] = dataclasses.replace(record)
-            elif kind in ("delete", "result"):
-                if not model:
-                    continue
-                task_id = sorted(model)[op[1] % len(model)]
-                if kind == "delete":
-                    journal.delete(task_id)
-                    del model[task_id]
-                    results.pop(task_id, None)
-                else:
-                    journal.put_result(task_id, [b"r", task_id.encode()])
-                    results[task_id] = task_id.encode()
-            elif kind == "commit":
-                journal.commit()
-                committed = {k: dataclasses.replace(v) for k, v in model.items()}
-            elif kind == "reopen" and stores.durable:
-                journal = stores.reopen(journal)
-                model = {k: dataclasses.replace(v) for k, v in committed.items()}
-                results = {k: v for k, v in results.items() if k in model}
+            if not run.apply(op):
+                continue
             # Then every read agrees with the model, after every step
-            assert actual_reads(journal) == expected_reads(model)
-        for task_id, record in model.items():
-            assert journal.get(task_id) == record
-            assert journal.payload(task_id) == [task_id.encode()]
+            assert actual_reads(run.journal) == expected_reads(run.model)
+        for task_id, record in run.model.items():
+            assert run.journal.get(task_id) == record
+            assert run.journal.payload(task_id) == [task_id.encode()]
         if not stores.durable:
-            for task_id, result in results.items():
-                assert journal.result(task_id) == [b"r", result]
-        if isinstance(journal, LmdbJournal):
-            assert journal.verify() == []
+            for task_id, result in run.results.items():
+                assert run.journal.result(task_id) == [b"r", result]
+        if isinstance(run.journal, LmdbJournal):
+            assert run.journal.verify() == []
     finally:
-        journal.close()
+        run.journal.close()
 
 
 # ------------------------------------------------------------ durability

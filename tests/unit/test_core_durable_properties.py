@@ -11,6 +11,7 @@ finish everything, nothing ready is left behind.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given, settings
@@ -80,6 +81,20 @@ class Model:
         self.answered: Counter[int] = Counter()
         self.completed: Counter[str] = Counter()
         self.held: dict[bytes, list[tuple[str, int]]] = {w: [] for w in ZWORKERS}
+        # Event kind -> the step that plays it.
+        self._steps: dict[str, Callable[[tuple[Any, ...]], None]] = {
+            "enqueue": self._enqueue,
+            "zready": self._zready,
+            "done": self._done_or_fail,
+            "fail": self._done_or_fail,
+            "ack": self._ack,
+            "heartbeat": self._heartbeat,
+            "disconnect": self._disconnect,
+            "cancel": self._cancel_or_result,
+            "result": self._cancel_or_result,
+            "redrive": self._redrive,
+            "advance": self._advance,
+        }
 
     def send(self, peer: bytes, frames: list[bytes]) -> None:
         self.broker.receive([peer, *frames], self.now)
@@ -128,74 +143,87 @@ class Model:
         return sorted(self.confirmed)
 
     def apply(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == "enqueue":
-            _, service, n, prio, delay, ttl, attempts, key, wait = event
-            self.rid += 1
-            options = zbc.TaskOptions(
-                priority=prio,
-                delay_s=delay,
-                ttl_s=ttl,
-                max_attempts=attempts,
-                key=key if n == 1 else None,
-            )
-            if wait:
-                self.pending_rids[self.rid] = ""
-                self.send(b"C", zbc.request(self.rid, service, [b"p"], options, wait_s=5.0))
-            else:
-                payloads = [[b"p%d" % i] for i in range(n)]
-                self.send(b"C", zbc.enqueue(self.rid, service, payloads, options, batch=n > 1))
-        elif kind == "zready":
-            _, wid, service, credit = event
-            self.held[wid].clear()
-            self.send(wid, ext.ready(service, credit))
-        elif kind == "done" or kind == "fail":
-            wid, index, right = event[1], event[2], event[3]
-            ref = self.pick(wid, index)
-            if ref is None:
-                return
-            task_id, attempt = ref
-            attempt = attempt if right else attempt + 1
-            record_before = self.journal.get(task_id)
-            if kind == "done":
-                self.send(wid, ext.done(task_id, attempt, [b"r"]))
-                record = self.journal.get(task_id)
-                if (
-                    record is not None
-                    and record.state is TaskState.DONE
-                    and (record_before is None or record_before.state is not TaskState.DONE)
-                ):
-                    self.completed[task_id] += 1
-            else:
-                self.send(wid, ext.fail(task_id, attempt, "x", retry=event[4]))
-            if right and ref in self.held[wid]:
-                self.held[wid].remove(ref)
-        elif kind == "ack":
-            ref = self.pick(event[1], event[2])
-            if ref is not None:
-                self.send(event[1], ext.ack([ref]))
-        elif kind == "heartbeat":
-            self.send(event[1], ext.heartbeat())
-        elif kind == "disconnect":
-            self.held[event[1]].clear()
-            self.send(event[1], ext.disconnect())
-        elif kind in ("cancel", "result"):
-            ids = self.task_ids()
-            if not ids:
-                return
-            task_id = ids[event[1] % len(ids)]
-            self.rid += 1
-            if kind == "cancel":
-                self.send(b"C", zbc.call(zbc.CANCEL, self.rid, id=task_id))
-            else:
-                if event[2] > 0:
-                    self.pending_rids[self.rid] = task_id
-                self.send(b"C", zbc.call(zbc.RESULT, self.rid, id=task_id, wait_s=event[2]))
-        elif kind == "redrive":
-            self.rid += 1
-            self.send(b"C", zbc.call(zbc.REDRIVE, self.rid, service=event[1]))
+        self._steps[event[0]](event)
+
+    def _enqueue(self, event: tuple[Any, ...]) -> None:
+        _, service, n, prio, delay, ttl, attempts, key, wait = event
+        self.rid += 1
+        options = zbc.TaskOptions(
+            priority=prio,
+            delay_s=delay,
+            ttl_s=ttl,
+            max_attempts=attempts,
+            key=key if n == 1 else None,
+        )
+        if wait:
+            self.pending_rids[self.rid] = ""
+            self.send(b"C", zbc.request(self.rid, service, [b"p"], options, wait_s=5.0))
         else:
-            self.advance(event[1])
+            payloads = [[b"p%d" % i] for i in range(n)]
+            self.send(b"C", zbc.enqueue(self.rid, service, payloads, options, batch=n > 1))
+
+    def _zready(self, event: tuple[Any, ...]) -> None:
+        _, wid, service, credit = event
+        self.held[wid].clear()
+        self.send(wid, ext.ready(service, credit))
+
+    def _done_or_fail(self, event: tuple[Any, ...]) -> None:
+        kind, wid, index, right = event[0], event[1], event[2], event[3]
+        ref = self.pick(wid, index)
+        if ref is None:
+            return
+        task_id, attempt = ref
+        attempt = attempt if right else attempt + 1
+        if kind == "done":
+            self._done(wid, task_id, attempt)
+        else:
+            self.send(wid, ext.fail(task_id, attempt, "x", retry=event[4]))
+        if right and ref in self.held[wid]:
+            self.held[wid].remove(ref)
+
+    def _done(self, wid: bytes, task_id: str, attempt: int) -> None:
+        """Sends DONE and counts the task as completed if this DONE is what completed it."""
+        record_before = self.journal.get(task_id)
+        self.send(wid, ext.done(task_id, attempt, [b"r"]))
+        record = self.journal.get(task_id)
+        if (
+            record is not None
+            and record.state is TaskState.DONE
+            and (record_before is None or record_before.state is not TaskState.DONE)
+        ):
+            self.completed[task_id] += 1
+
+    def _ack(self, event: tuple[Any, ...]) -> None:
+        ref = self.pick(event[1], event[2])
+        if ref is not None:
+            self.send(event[1], ext.ack([ref]))
+
+    def _heartbeat(self, event: tuple[Any, ...]) -> None:
+        self.send(event[1], ext.heartbeat())
+
+    def _disconnect(self, event: tuple[Any, ...]) -> None:
+        self.held[event[1]].clear()
+        self.send(event[1], ext.disconnect())
+
+    def _cancel_or_result(self, event: tuple[Any, ...]) -> None:
+        ids = self.task_ids()
+        if not ids:
+            return
+        task_id = ids[event[1] % len(ids)]
+        self.rid += 1
+        if event[0] == "cancel":
+            self.send(b"C", zbc.call(zbc.CANCEL, self.rid, id=task_id))
+        else:
+            if event[2] > 0:
+                self.pending_rids[self.rid] = task_id
+            self.send(b"C", zbc.call(zbc.RESULT, self.rid, id=task_id, wait_s=event[2]))
+
+    def _redrive(self, event: tuple[Any, ...]) -> None:
+        self.rid += 1
+        self.send(b"C", zbc.call(zbc.REDRIVE, self.rid, service=event[1]))
+
+    def _advance(self, event: tuple[Any, ...]) -> None:
+        self.advance(event[1])
 
     def check(self) -> None:
         broker = self.broker

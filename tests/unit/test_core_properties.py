@@ -8,6 +8,7 @@ ever receives two replies for one request, and none is lost.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given, settings
@@ -62,6 +63,17 @@ event_st = st.one_of(
     st.tuples(st.just("mmi"), st.sampled_from(CLIENTS), st.binary(max_size=4)),
 )
 
+# What a ZBW01 worker sends for ("done" | "fail" | "ack", task id, attempt, tag).
+_REPORTS: dict[str, Callable[[str, int, bytes], list[bytes]]] = {
+    "done": lambda task_id, attempt, tag: ext.done(task_id, attempt, [tag]),
+    "fail": lambda task_id, attempt, tag: ext.fail(task_id, attempt, "boom", retry=True),
+    "ack": lambda task_id, attempt, tag: ext.ack([(task_id, attempt)]),
+}
+
+
+def _is_client_request(frames: list[bytes]) -> bool:
+    return frames[:2] == [b"", mdp.MDPC01] and len(frames) > 2 and bool(frames[2])
+
 
 class Model:
     """Drives the core like peers would, tracking what each peer was given."""
@@ -78,6 +90,22 @@ class Model:
         self.assigned: dict[bytes, tuple[bytes, bytes]] = {}
         # ZBW01 worker -> {task id: (attempt, tag)} as it was told (TASK adds, CANCEL removes).
         self.held: dict[bytes, dict[str, tuple[int, bytes]]] = {}
+        # Event kind -> the step that plays it.
+        self._steps: dict[str, Callable[[tuple[Any, ...]], None]] = {
+            "request": self._request,
+            "ready": self._ready,
+            "zready": self._zready,
+            "reply": self._reply,
+            "done": self._report,
+            "fail": self._report,
+            "ack": self._report,
+            "heartbeat": self._heartbeat,
+            "disconnect": self._disconnect,
+            "unreachable": self._unreachable,
+            "advance": self._advance,
+            "garbage": self._garbage,
+            "mmi": self._mmi,
+        }
 
     def drain(self) -> None:
         for frames in self.broker.outbox:
@@ -117,79 +145,84 @@ class Model:
         return task_id, attempt, tag
 
     def apply(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        b = self.broker
-        now = self.now
-        if kind == "request":
-            self.created += 1
-            tag = b"req-%d" % self.created
-            self.send([event[1], *mdp.client_request(event[2], [tag])])
-        elif kind == "ready":
-            self.send([event[1], *mdp.worker_ready(event[2])])
-        elif kind == "zready":
-            self.held[event[1]] = {}
-            self.send([event[1], *ext.ready(event[2].decode(), event[3], batch=event[4])])
-        elif kind == "reply":
-            wid = event[1]
-            client, tag = self.assigned.get(wid, (b"C1", b"bogus"))
-            if not event[2]:
-                client = b"wrong-client"
-            self.send([wid, *mdp.worker_reply(client, [tag])])
-        elif kind in ("done", "fail", "ack"):
-            wid = event[1]
-            picked = self._pick(wid, event[2])
-            if picked is None:
-                task_id, attempt, tag = "m999", 1, b"bogus"
-            else:
-                task_id, attempt, tag = picked
-            if kind != "ack" and not event[3]:
-                attempt += 1  # a stale or future attempt: must be refused
-            stale = kind != "ack" and not event[3]
-            if stale:
-                self.end_pass()  # measure this message alone
-            before = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
-            if kind == "done":
-                self.send([wid, *ext.done(task_id, attempt, [tag])])
-            elif kind == "fail":
-                self.send([wid, *ext.fail(task_id, attempt, "boom", retry=True)])
-            else:
-                self.send([wid, *ext.ack([(task_id, attempt)])])
-            if kind != "ack" and picked is not None and event[3]:
-                self.held[wid].pop(task_id, None)
-            if stale:
-                self.end_pass()
-                after = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
-                assert after == before, "a report about the wrong attempt was accepted"
-        elif kind == "heartbeat":
-            if event[1] in ZWORKERS:
-                self.send([event[1], *ext.heartbeat()])
-            else:
-                self.send([event[1], b"", mdp.MDPW01, mdp.HEARTBEAT])
-        elif kind == "disconnect":
-            if event[1] in ZWORKERS:
-                self.send([event[1], *ext.disconnect()])
-            else:
-                self.send([event[1], b"", mdp.MDPW01, mdp.DISCONNECT])
-        elif kind == "unreachable":
-            self.end_pass()
-            header = ext.ZBW01 if event[1] in ZWORKERS else mdp.MDPW01
-            b.undeliverable([event[1], b"", header, b"\x07"], now)
-        elif kind == "advance":
-            self.end_pass()
-            end = now + event[1]
-            while b.next_tick_at <= end:
-                self.now = b.next_tick_at
-                b.tick(self.now)
-                self.drain()
-            self.now = end
-        elif kind == "garbage":
-            frames = event[2]
-            if frames[:2] == [b"", mdp.MDPC01] and len(frames) > 2 and frames[2]:
-                return  # a well-formed client request, not garbage: "request" covers those
-            self.send([event[1], *frames])
-        elif kind == "mmi":
-            self.send([event[1], *mdp.client_request(b"mmi.service", [event[2]])])
+        if event[0] == "garbage" and _is_client_request(event[2]):
+            return  # a well-formed client request, not garbage: "request" covers those
+        self._steps[event[0]](event)
         self.drain()
+
+    def _request(self, event: tuple[Any, ...]) -> None:
+        self.created += 1
+        tag = b"req-%d" % self.created
+        self.send([event[1], *mdp.client_request(event[2], [tag])])
+
+    def _ready(self, event: tuple[Any, ...]) -> None:
+        self.send([event[1], *mdp.worker_ready(event[2])])
+
+    def _zready(self, event: tuple[Any, ...]) -> None:
+        self.held[event[1]] = {}
+        self.send([event[1], *ext.ready(event[2].decode(), event[3], batch=event[4])])
+
+    def _reply(self, event: tuple[Any, ...]) -> None:
+        wid = event[1]
+        client, tag = self.assigned.get(wid, (b"C1", b"bogus"))
+        if not event[2]:
+            client = b"wrong-client"
+        self.send([wid, *mdp.worker_reply(client, [tag])])
+
+    def _report(self, event: tuple[Any, ...]) -> None:
+        """DONE, FAIL or ACK of a task the worker holds (a bogus one if it holds none)."""
+        kind, wid = event[0], event[1]
+        b = self.broker
+        picked = self._pick(wid, event[2])
+        if picked is None:
+            task_id, attempt, tag = "m999", 1, b"bogus"
+        else:
+            task_id, attempt, tag = picked
+        stale = kind != "ack" and not event[3]
+        if stale:
+            attempt += 1  # a stale or future attempt: must be refused
+            self.end_pass()  # measure this message alone
+        before = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
+        self.send([wid, *_REPORTS[kind](task_id, attempt, tag)])
+        if kind != "ack" and picked is not None and event[3]:
+            self.held[wid].pop(task_id, None)
+        if stale:
+            self.end_pass()
+            after = (sum(self.replies.values()), b.stats.failures, b.stats.replies)
+            assert after == before, "a report about the wrong attempt was accepted"
+
+    def _heartbeat(self, event: tuple[Any, ...]) -> None:
+        if event[1] in ZWORKERS:
+            self.send([event[1], *ext.heartbeat()])
+        else:
+            self.send([event[1], b"", mdp.MDPW01, mdp.HEARTBEAT])
+
+    def _disconnect(self, event: tuple[Any, ...]) -> None:
+        if event[1] in ZWORKERS:
+            self.send([event[1], *ext.disconnect()])
+        else:
+            self.send([event[1], b"", mdp.MDPW01, mdp.DISCONNECT])
+
+    def _unreachable(self, event: tuple[Any, ...]) -> None:
+        self.end_pass()
+        header = ext.ZBW01 if event[1] in ZWORKERS else mdp.MDPW01
+        self.broker.undeliverable([event[1], b"", header, b"\x07"], self.now)
+
+    def _advance(self, event: tuple[Any, ...]) -> None:
+        self.end_pass()
+        b = self.broker
+        end = self.now + event[1]
+        while b.next_tick_at <= end:
+            self.now = b.next_tick_at
+            b.tick(self.now)
+            self.drain()
+        self.now = end
+
+    def _garbage(self, event: tuple[Any, ...]) -> None:
+        self.send([event[1], *event[2]])
+
+    def _mmi(self, event: tuple[Any, ...]) -> None:
+        self.send([event[1], *mdp.client_request(b"mmi.service", [event[2]])])
 
     def check(self) -> None:
         b = self.broker
