@@ -6,8 +6,10 @@ that owns what it is about; it never decides anything itself. The parts
 
   ServiceDirectory  the services by name, made on first use, let go when idle
   MdpRequests       MDP clients' requests and 8/MMI; owner of MdpRequest
-  DurableTasks      durable tasks: journal, ready windows, attempts, waiters,
-                    and `apply`, the only mover of the task lifecycle table
+  DurableTasks      durable tasks in the journal, the attempts workers hold,
+                    and `apply`, the only mover of the task lifecycle table;
+                    with ReadyWindows (each service's best ready tasks in
+                    memory) and Waiters (calls waiting for a task to end)
   Routing           workers of both dialects, delivery within credit, fences,
                     heartbeats, expiry and time limits
   AdminViews        QUEUES, WORKERS, STATS, STATUS, TASKS, DEAD (read only)

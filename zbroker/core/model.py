@@ -10,13 +10,10 @@ from __future__ import annotations
 import bisect
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import TaskRecord
-
-if TYPE_CHECKING:
-    from zbroker.core.dialects import Dialect
 
 
 class AttemptOwner(Protocol):
@@ -39,6 +36,45 @@ class AttemptOwner(Protocol):
 
     def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
         """The worker reported progress on it (which also proves it holds it)."""
+
+
+class Delivery(Protocol):
+    """What the parts that own work ask of the routing (core/routing.py)."""
+
+    def dispatch(self, service: Service, now: float) -> None:
+        """Deliver what `service` has to its ready workers (now, or at the end of the
+        pass's dispatch block)."""
+
+    def catch_up(self, service: Service, now: float) -> None:
+        """Make a dispatch of `service` deferred to the end of the block now."""
+
+    def withdraw(self, worker: Worker, held: Held, now: float, why: str) -> None:
+        """Take `held` from `worker` without an outcome (its owner decided already)."""
+
+
+class WorkerDialect(Protocol):
+    """How the broker speaks to a worker (core/dialects.py has the two there are)."""
+
+    @property
+    def value(self) -> str:
+        """The protocol's name, as operators see it."""
+
+    @property
+    def acknowledges(self) -> bool:
+        """Whether the worker ACKs each task (and holds up to a credit of them)."""
+
+    @property
+    def heartbeat(self) -> list[bytes]:
+        """A HEARTBEAT, without the routing id."""
+
+    def disconnect(self, why: str) -> list[bytes]:
+        """A DISCONNECT, without the routing id."""
+
+    def task(self, held: Held, service_name: str) -> list[bytes]:
+        """One delivery, without the routing id."""
+
+    def cancel(self, held: Held) -> list[bytes] | None:
+        """A CANCEL of `held`, without the routing id; None where there is none."""
 
 
 class MdpRequest:
@@ -144,7 +180,7 @@ class Worker:
         service: Service,
         now: float,
         settings: CoreSettings,
-        dialect: Dialect,
+        dialect: WorkerDialect,
         credit: int = 1,
         tags: tuple[str, ...] = (),
     ):

@@ -15,17 +15,13 @@ Requests are never written to the journal: 7/MDP promises no durability.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-from zbroker.core.model import Held, MdpRequest, Service, Stats
+from zbroker.core.model import Delivery, Held, MdpRequest, Service, Stats
 from zbroker.core.names import hex_id, shown
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import Outputs
 from zbroker.protocol import mdp
-
-if TYPE_CHECKING:
-    from zbroker.core.routing import Routing
 
 log = logging.getLogger("zbroker.core")
 
@@ -47,11 +43,11 @@ class MdpRequests:
         self._stats = stats
         self._out = out
         self._directory = directory
-        self._routing: Routing | None = None
+        self._routing: Delivery | None = None
         self._next_id = 1
         self._debug = log.isEnabledFor(logging.DEBUG)
 
-    def connect(self, routing: Routing) -> None:
+    def connect(self, routing: Delivery) -> None:
         """The routing that delivers this part's requests (made after it)."""
         self._routing = routing
 

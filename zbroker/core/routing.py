@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from zbroker.core.dialects import MDP, ZBW, Dialect, ZbwDialect
-from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker
+from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker, WorkerDialect
 from zbroker.core.names import hex_id, shown
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
@@ -440,7 +440,7 @@ class Routing:
         self._stats.workers_disconnected += 1
         self.remove(worker, now, f"protocol: {why}")
 
-    def _disconnect(self, identity: bytes, dialect: Dialect, why: str) -> None:
+    def _disconnect(self, identity: bytes, dialect: WorkerDialect, why: str) -> None:
         self._stats.disconnects_sent += 1
         log.info("DISCONNECT to %s: %s", hex_id(identity), why)
         self._out.outbox.append([identity, *dialect.disconnect(why)])

@@ -27,13 +27,12 @@ sending anything from that pass, and a restart recovers from the last commit.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import random
 from collections.abc import Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zbroker.core import lifecycle
 from zbroker.core.lifecycle import (
@@ -47,17 +46,16 @@ from zbroker.core.lifecycle import (
     IllegalTransition,
     Transition,
 )
-from zbroker.core.model import Held, Service, Stats, TaskAttempt, Worker
+from zbroker.core.model import Delivery, Held, Service, Stats, TaskAttempt, Worker
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
+from zbroker.core.waiters import Waiters
+from zbroker.core.window import ReadyWindows
 from zbroker.journal.base import Journal, TaskRecord, TaskState
 from zbroker.protocol import mdp, zbc
 from zbroker.protocol.events import DONE_FIELDS, ENQUEUED_FIELDS, STARTED_FIELDS
 from zbroker.protocol.limits import MAX_BATCH_EVENTS, ZBC_MAX_BATCH
-
-if TYPE_CHECKING:
-    from zbroker.core.routing import Routing
 
 log = logging.getLogger("zbroker.core")
 
@@ -122,7 +120,7 @@ class DurableTasks:
         self._sink = sink
         self._directory = directory
         self.journal = journal
-        self._routing: Routing | None = None
+        self._routing: Delivery | None = None
         self._epoch_offset = epoch_offset
         self._rng = random.Random(settings.seed)
         self._history_limit = settings.history_limit
@@ -131,20 +129,20 @@ class DurableTasks:
         # Task id -> the attempt a worker holds now, and that worker.
         self._attempts: dict[str, tuple[TaskAttempt, Worker]] = {}
         # Task id -> calls waiting for it to end: (client, rid, deadline).
-        self._waiters: dict[str, list[tuple[bytes, int, float]]] = {}
-        self._waiter_count = 0
+        self._waiters = Waiters(out, journal)
+        self._windows = ReadyWindows(journal, settings.window_per_service)
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
         # The earliest time this part needs a tick (a due task, a deadline, a wait).
         self.wake_at = math.inf
 
-    def connect(self, routing: Routing) -> None:
+    def connect(self, routing: Delivery) -> None:
         """The routing that delivers this part's tasks (made after it)."""
         self._routing = routing
 
     @property
     def waiter_count(self) -> int:
         """Calls waiting for a task to end, broker-wide."""
-        return self._waiter_count
+        return self._waiters.count
 
     def epoch(self, now: float) -> float:
         """The wall-clock time (written into records) at monotonic `now`."""
@@ -191,7 +189,7 @@ class DurableTasks:
         if old is READY:
             service.ready_count -= 1
             service.waiting_count -= 1
-            self._unwindow(service, record.id)
+            self._windows.remove(service, record.id)
         elif old is DELAYED:
             service.waiting_count -= 1
         record.state = new
@@ -205,7 +203,7 @@ class DurableTasks:
             if payload is not None and sum(map(len, payload)) <= _MEMO_PAYLOAD_BYTES:
                 # Goes with the record if the window keeps it: delivered from memory.
                 record.frames_memo = payload
-            self._window_insert(service, record)
+            self._windows.insert(service, record)
         elif new is DELAYED:
             service.waiting_count += 1
 
@@ -247,70 +245,29 @@ class DurableTasks:
                 f"task.{STATE_NAMES[new]}.{record.service}",
                 {"id": record.id, "was": STATE_NAMES[old] if old is not None else None},
             )
-        self._notify(record, result)
+        self._waiters.notify(record, result)
         if new is DEAD and sink.prefixes:
             sink.emit(
                 "task.dead." + record.service,
                 {"id": record.id, "attempt": record.attempt, "reason": record.error},
             )
 
-    # ------------------------------------------------------------ the window
-
-    def _window_insert(self, service: Service, record: TaskRecord) -> None:
-        window = service.window
-        entry = (record.priority, -record.seq, record.id)
-        # The window must stay the top len(window) READY tasks: take a task in if
-        # every READY task is in the window, or if it beats the window's worst.
-        if len(window) + 1 == service.ready_count or (window and entry > window[0]):
-            bisect.insort(window, entry)
-            service.records[record.id] = record
-            if len(window) > self._settings.window_per_service:
-                del service.records[window[0][2]]
-                del window[0]
-
-    def _unwindow(self, service: Service, task_id: str) -> None:
-        if service.records.pop(task_id, None) is None:
-            return  # not in the window (a started task left it in next_ready)
-        window = service.window
-        for i in range(len(window) - 1, -1, -1):
-            if window[i][2] == task_id:
-                del window[i]
-                return
-
-    def _refill(self, service: Service) -> None:
-        assert self.journal is not None
-        window = service.window
-        limit = self._settings.window_per_service - len(window)
-        after = None if not window else (window[0][0], -window[0][1])
-        records = self.journal.ready(service.name.decode(), limit, after)
-        window[0:0] = [(r.priority, -r.seq, r.id) for r in reversed(records)]
-        service.records.update((r.id, r) for r in records)
+    # ------------------------------------------------------------ delivery
 
     def next_ready(self, service: Service, now: float) -> TaskRecord | None:
         """Take the best READY task of `service` out of its window (the caller starts
         it at once); a task whose ttl passed meanwhile expires instead."""
-        journal = self.journal
-        assert journal is not None
-        window = service.window
-        while service.ready_count > 0:
-            if not window:
-                self._refill(service)
-                if not window:
-                    log.error("%s: ready count out of step with the journal", service.name)
-                    service.ready_count = 0
-                    return None
-            task_id = window.pop()[2]
-            record = service.records.pop(task_id, None) or journal.get(task_id)
-            if record is None or record.state is not READY:
-                log.error("task %s in the ready window is not ready: skipped", task_id)
-                continue
+        take = self._windows.take
+        while True:
+            record = take(service)
+            if record is None:
+                return None
             epoch = now + self._epoch_offset
             if record.expires_at is not None and record.expires_at <= epoch:
                 record.error = "its ttl passed before it started"
                 self.apply(record, lifecycle.EXPIRE, epoch, service)
                 continue
             return record
-        return None
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
         """Write `record` (from next_ready) as delivered to `worker`; the attempt to hand over."""
@@ -565,7 +522,7 @@ class DurableTasks:
             return False
         if new and self._journal_refuses(identity, msg, new):
             return False
-        if msg.wait and self._waiter_count >= self._settings.max_waiters:
+        if msg.wait and self._waiters.count >= self._settings.max_waiters:
             self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
             return False
         return True
@@ -655,7 +612,9 @@ class DurableTasks:
             assert self.journal is not None
             stored = self.journal.get(ids[0]) if existing else None
             if stored is not None and stored.state in FINAL:
-                self._answer(identity, msg.rid, stored)  # a resent REQUEST of a finished task
+                self._waiters.answer(
+                    identity, msg.rid, stored
+                )  # a resent REQUEST of a finished task
             else:
                 wait_s = self._settings.request_wait_s if msg.wait_s is None else msg.wait_s
                 self._wait(identity, msg.rid, ids[0], now + wait_s)
@@ -667,8 +626,8 @@ class DurableTasks:
         if record is None:
             self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
         elif record.state in FINAL or msg.wait_s <= 0:
-            self._answer(identity, msg.rid, record)
-        elif self._waiter_count >= self._settings.max_waiters:
+            self._waiters.answer(identity, msg.rid, record)
+        elif self._waiters.count >= self._settings.max_waiters:
             self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
         else:
             self._wait(identity, msg.rid, msg.id, now + msg.wait_s)
@@ -747,47 +706,9 @@ class DurableTasks:
     # ---------------------------------------------------------- waiting
 
     def _wait(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
-        self._waiters.setdefault(task_id, []).append((identity, rid, deadline))
-        self._waiter_count += 1
+        self._waiters.add(identity, rid, task_id, deadline)
         if deadline < self.wake_at:
             self.wake_at = deadline
-
-    def _answer(
-        self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
-    ) -> None:
-        fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
-        if record.error is not None and record.state is not DONE:
-            fields["error"] = record.error
-        if record.state is DONE and frames is None:
-            assert self.journal is not None
-            frames = tuple(self.journal.result(record.id) or ())
-        self._out.outbox.append([identity, *zbc.reply(rid, fields, frames or ())])
-
-    def _notify(self, record: TaskRecord, frames: tuple[bytes, ...] | None = None) -> None:
-        waiters = self._waiters.pop(record.id, None)
-        if waiters:
-            self._waiter_count -= len(waiters)
-            for identity, rid, _ in waiters:
-                self._answer(identity, rid, record, frames)
-
-    def _expire_waits(self, now: float) -> None:
-        journal = self.journal
-        assert journal is not None
-        for task_id in [t for t, ws in self._waiters.items() if any(w[2] <= now for w in ws)]:
-            waiters = self._waiters[task_id]
-            due = [w for w in waiters if w[2] <= now]
-            keep = [w for w in waiters if w[2] > now]
-            if keep:
-                self._waiters[task_id] = keep
-            else:
-                del self._waiters[task_id]
-            self._waiter_count -= len(due)
-            record = journal.get(task_id)
-            for identity, rid, _ in due:
-                if record is None:
-                    self.refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
-                else:
-                    self._answer(identity, rid, record)
 
     # ------------------------------------------------------------ timers
 
@@ -831,8 +752,8 @@ class DurableTasks:
             # More have lapsed: the next pass ticks again, so retention keeps up with
             # any rate of finished tasks (a batch per tick interval would cap it).
             self.wake_at = now
-        if self._waiter_count:
-            self._expire_waits(now)
+        if self._waiters.count:
+            self._waiters.expire(now, self.refuse)
         routing = self._routing
         assert routing is not None
         for name, service in touched.items():

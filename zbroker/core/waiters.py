@@ -1,0 +1,77 @@
+"""Calls waiting for a durable task to end: REQUEST, and RESULT with wait_s.
+
+Rules it keeps:
+  1. Every waiting call is answered exactly once: when its task reaches a final
+     state (dead included), or with the task's state when its wait runs out.
+  2. At most max_waiters calls wait broker-wide; the caller refuses the rest.
+It reads the journal (a result, a record), never writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zbroker.core.lifecycle import DONE, STATE_NAMES
+from zbroker.core.sink import Outputs
+from zbroker.journal.base import Journal, TaskRecord
+from zbroker.protocol import zbc
+
+# Answers a call with an ERROR: (client, rid, code, message).
+Refuse = Callable[[bytes, int, str, str], None]
+
+
+class Waiters:
+    """Task id -> the calls waiting for it to end: (client, rid, deadline)."""
+
+    __slots__ = ("_by_task", "_journal", "_out", "count")
+
+    def __init__(self, out: Outputs, journal: Journal | None) -> None:
+        self._out = out
+        self._journal = journal
+        self._by_task: dict[str, list[tuple[bytes, int, float]]] = {}
+        self.count = 0  # calls waiting, broker-wide
+
+    def add(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
+        self._by_task.setdefault(task_id, []).append((identity, rid, deadline))
+        self.count += 1
+
+    def answer(
+        self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
+    ) -> None:
+        """The task's state (and its result, or its error) to one call."""
+        fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
+        if record.error is not None and record.state is not DONE:
+            fields["error"] = record.error
+        if record.state is DONE and frames is None:
+            assert self._journal is not None
+            frames = tuple(self._journal.result(record.id) or ())
+        self._out.outbox.append([identity, *zbc.reply(rid, fields, frames or ())])
+
+    def notify(self, record: TaskRecord, frames: tuple[bytes, ...] | None = None) -> None:
+        """The task ended: answer every call waiting for it."""
+        waiting = self._by_task.pop(record.id, None)
+        if waiting:
+            self.count -= len(waiting)
+            for identity, rid, _ in waiting:
+                self.answer(identity, rid, record, frames)
+
+    def expire(self, now: float, refuse: Refuse) -> None:
+        """Answer the calls whose wait ran out with their task's state now."""
+        by_task = self._by_task
+        for task_id in [t for t, ws in by_task.items() if any(w[2] <= now for w in ws)]:
+            waiting = by_task[task_id]
+            due = [w for w in waiting if w[2] <= now]
+            keep = [w for w in waiting if w[2] > now]
+            if keep:
+                by_task[task_id] = keep
+            else:
+                del by_task[task_id]
+            self.count -= len(due)
+            assert self._journal is not None
+            record = self._journal.get(task_id)
+            for identity, rid, _ in due:
+                if record is None:
+                    refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
+                else:
+                    self.answer(identity, rid, record)
