@@ -172,6 +172,29 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
     """[topic, envelope] -> its events in order: one, or one per element of a batch's
     `payloads`, or one per row of a batch in rows (its payload the map of `fields` to
     the row). A message that breaks docs/protocol.md §6 is a ProtocolError."""
+    envelope = _unpack_envelope(frames)
+    event_type = envelope.get("type")
+    source = envelope.get("source", "")
+    if not isinstance(event_type, str) or not isinstance(source, str):
+        raise ProtocolError("bad_event", "type and source must be strings")
+    timestamp = _timestamp(envelope.get("timestamp", 0.0))
+    correlation_id = envelope.get("correlation_id")
+    reply_to = envelope.get("reply_to")
+    if not isinstance(correlation_id, str):
+        correlation_id = None
+    if not isinstance(reply_to, str):
+        reply_to = None
+    payloads = _payloads(envelope)
+    if len(payloads) == 1:
+        return [Event(event_type, source, payloads[0], timestamp, correlation_id, reply_to)]
+    return [
+        _event(event_type, source, payload, timestamp, correlation_id, reply_to)
+        for payload in payloads
+    ]
+
+
+def _unpack_envelope(frames: Sequence[bytes]) -> dict[Any, Any]:
+    """The envelope map of [topic, envelope] (§6), or a ProtocolError."""
     if len(frames) != 2:
         raise ProtocolError("bad_event", f"an event has 2 frames, got {len(frames)}")
     try:
@@ -180,23 +203,26 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
         raise ProtocolError("bad_event", f"envelope is not msgpack: {exc}") from None
     if not isinstance(envelope, dict):
         raise ProtocolError("bad_event", "envelope is not a map")
-    event_type = envelope.get("type")
-    source = envelope.get("source", "")
-    if not isinstance(event_type, str) or not isinstance(source, str):
-        raise ProtocolError("bad_event", "type and source must be strings")
-    timestamp = envelope.get("timestamp", 0.0)
-    if type(timestamp) is not float:
-        if type(timestamp) is not int:
-            raise ProtocolError("bad_event", "timestamp must be a number")
-        timestamp = float(timestamp) if abs(timestamp) < 1 << 53 else math.inf
+    return envelope
+
+
+def _timestamp(value: Any) -> float:
+    """An envelope's `timestamp` as a finite float (an integer one too large for a
+    float is refused as not finite)."""
+    if type(value) is float:
+        timestamp: float = value
+    elif type(value) is int:
+        timestamp = float(value) if abs(value) < 1 << 53 else math.inf
+    else:
+        raise ProtocolError("bad_event", "timestamp must be a number")
     if not math.isfinite(timestamp):
         raise ProtocolError("bad_event", "timestamp must be a finite number")
-    correlation_id = envelope.get("correlation_id")
-    reply_to = envelope.get("reply_to")
-    if not isinstance(correlation_id, str):
-        correlation_id = None
-    if not isinstance(reply_to, str):
-        reply_to = None
+    return timestamp
+
+
+def _payloads(envelope: dict[Any, Any]) -> list[Any]:
+    """One payload per event of the envelope: its `payload`, its `payloads`, or a map
+    per row of its `rows` (at most one of the three, §6)."""
     forms = ("payload" in envelope) + ("payloads" in envelope) + ("rows" in envelope)
     if forms > 1:
         raise ProtocolError("bad_event", "envelope holds more than one of payload, payloads, rows")
@@ -207,19 +233,13 @@ def decode_events(frames: Sequence[bytes]) -> list[Event]:
             _check_rows(names, rows)
         except ValueError as exc:
             raise ProtocolError("bad_event", str(exc)) from None
-        payloads: list[Any] = [dict(zip(names, row, strict=True)) for row in rows]
-    elif "payloads" in envelope:
+        return [dict(zip(names, row, strict=True)) for row in rows]
+    if "payloads" in envelope:
         payloads = envelope["payloads"]
         if not isinstance(payloads, list) or not payloads:
             raise ProtocolError("bad_event", "payloads must be a non-empty array")
-    else:
-        payloads = [envelope.get("payload")]
-    if len(payloads) == 1:
-        return [Event(event_type, source, payloads[0], timestamp, correlation_id, reply_to)]
-    return [
-        _event(event_type, source, payload, timestamp, correlation_id, reply_to)
-        for payload in payloads
-    ]
+        return payloads
+    return [envelope.get("payload")]
 
 
 # A batch makes one Event per element: built through the slots' own descriptors,

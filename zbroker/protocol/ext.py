@@ -15,7 +15,7 @@ decoded by the broker. Pure codec: no sockets, no clock, no broker state.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,149 @@ def _task_ref(meta: dict[str, Any]) -> tuple[str, int]:
     return task_id, attempt
 
 
+# One decoder per worker command, each given the frames after the routing id and
+# their number (decode_worker has checked that there are at least 3, the first
+# empty). The checks inside a decoder run in the order they always have: when a
+# message breaks several rules, the same one is reported.
+
+
+def _decode_done(frames: Sequence[bytes], n: int) -> Done:
+    if n < 4:
+        raise ProtocolError("missing_frames", "DONE needs a metadata frame")
+    task_id, attempt = _task_ref(unpack_meta(frames[3]))
+    return Done(task_id, attempt, tuple(frames[4:]))
+
+
+def _decode_dones(frames: Sequence[bytes], n: int) -> Dones:
+    if n < 4:
+        raise ProtocolError("missing_frames", "DONES needs a metadata frame")
+    entries = unpack_meta(frames[3]).get("tasks")
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_BATCH:
+        raise ProtocolError("bad_meta", f"DONES needs a 'tasks' list of 1..{MAX_BATCH}")
+    items = []
+    at = 4
+    # Checked inline, not through a helper: this loop runs once per task the broker's
+    # workers finish.
+    for entry in entries:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not isinstance(entry[0], str)
+            or type(entry[1]) is not int
+            or type(entry[2]) is not int
+            or entry[2] < 0
+        ):
+            raise ProtocolError("bad_meta", "DONES entries are [id, attempt, frames]")
+        items.append(Done(entry[0], entry[1], tuple(frames[at : at + entry[2]])))
+        at += entry[2]
+    if at != n:
+        raise ProtocolError("bad_meta", "DONES frame counts do not add up")
+    return Dones(tuple(items))
+
+
+def _decode_ack(frames: Sequence[bytes], n: int) -> Ack:
+    if n != 4:
+        raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "ACK: one map")
+    tasks = unpack_meta(frames[3]).get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ProtocolError("bad_meta", "ACK needs a non-empty 'tasks' list")
+    refs = []
+    for ref in tasks:  # inline checks, as in DONES: once per task
+        if (
+            not isinstance(ref, list)
+            or len(ref) != 2
+            or not isinstance(ref[0], str)
+            or type(ref[1]) is not int
+        ):
+            raise ProtocolError("bad_meta", "ACK entries are [id, attempt]")
+        refs.append((ref[0], ref[1]))
+    return Ack(tuple(refs))
+
+
+def _decode_heartbeat(frames: Sequence[bytes], n: int) -> Heartbeat:
+    if n == 3:
+        return _EMPTY_HEARTBEAT
+    if n > 4:
+        raise ProtocolError("extra_frames", "HEARTBEAT has at most one metadata frame")
+    # Unreadable metrics lose only the metrics: the heartbeat still counts.
+    try:
+        metrics = unpack_meta(frames[3]).get("metrics", {})
+    except ProtocolError:
+        return Heartbeat({}, metrics_ok=False)
+    if not isinstance(metrics, dict):
+        return Heartbeat({}, metrics_ok=False)
+    return Heartbeat(metrics)
+
+
+def _decode_progress(frames: Sequence[bytes], n: int) -> Progress:
+    if n < 4:
+        raise ProtocolError("missing_frames", "PROGRESS needs a metadata frame")
+    task_id, attempt = _task_ref(unpack_meta(frames[3]))
+    return Progress(task_id, attempt, tuple(frames[4:]))
+
+
+def _decode_fail(frames: Sequence[bytes], n: int) -> Fail:
+    if n != 4:
+        raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "FAIL: one map")
+    meta = unpack_meta(frames[3])
+    task_id, attempt = _task_ref(meta)
+    reason = meta.get("reason", "")
+    retry = meta.get("retry", True)
+    delay_s = meta.get("delay_s")
+    if not isinstance(reason, str) or not isinstance(retry, bool):
+        raise ProtocolError("bad_meta", "FAIL: 'reason' is a string, 'retry' a boolean")
+    if delay_s is None:
+        return Fail(task_id, attempt, reason, retry)
+    if (
+        not isinstance(delay_s, int | float)
+        or isinstance(delay_s, bool)
+        or not 0 <= delay_s < math.inf  # also refuses NaN
+    ):
+        raise ProtocolError("bad_meta", "FAIL: 'delay_s' is a finite non-negative number")
+    return Fail(task_id, attempt, reason, retry, float(delay_s))
+
+
+def _decode_ready(frames: Sequence[bytes], n: int) -> Ready:
+    if n != 4:
+        raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "READY: one map")
+    meta = unpack_meta(frames[3])
+    service = meta.get("service")
+    credit = meta.get("credit", 1)
+    tags = meta.get("tags", [])
+    batch = meta.get("batch", False)
+    if not isinstance(batch, bool):
+        raise ProtocolError("bad_meta", "READY 'batch' must be a boolean")
+    if not isinstance(service, str) or not service:
+        raise ProtocolError("bad_meta", "READY needs a non-empty 'service' string")
+    if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
+        raise ProtocolError("bad_meta", f"READY 'credit' must be an integer 1..{MAX_CREDIT}")
+    if (
+        not isinstance(tags, list)
+        or len(tags) > MAX_TAGS
+        or not all(isinstance(t, str) for t in tags)
+    ):
+        raise ProtocolError("bad_meta", f"READY 'tags' must be at most {MAX_TAGS} strings")
+    return Ready(service, credit, tuple(tags), batch)
+
+
+def _decode_disconnect(frames: Sequence[bytes], n: int) -> Disconnect:
+    if n > 4:
+        raise ProtocolError("extra_frames", "DISCONNECT has at most one metadata frame")
+    return _EMPTY_DISCONNECT
+
+
+_WORKER_DECODERS: dict[bytes, Callable[[Sequence[bytes], int], WorkerMessage]] = {
+    DONE: _decode_done,
+    DONES: _decode_dones,
+    ACK: _decode_ack,
+    HEARTBEAT: _decode_heartbeat,
+    PROGRESS: _decode_progress,
+    FAIL: _decode_fail,
+    READY: _decode_ready,
+    DISCONNECT: _decode_disconnect,
+}
+
+
 def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
     """Broker side: frames after the routing id, from a ZBW01 worker."""
     n = len(frames)
@@ -179,112 +322,10 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
         raise ProtocolError("missing_frames", "ZBW01 message needs a command frame")
     if frames[0]:
         raise ProtocolError("bad_delimiter", "first frame must be empty")
-    command = frames[2]
-    if command == DONE:
-        if n < 4:
-            raise ProtocolError("missing_frames", "DONE needs a metadata frame")
-        task_id, attempt = _task_ref(unpack_meta(frames[3]))
-        return Done(task_id, attempt, tuple(frames[4:]))
-    if command == DONES:
-        if n < 4:
-            raise ProtocolError("missing_frames", "DONES needs a metadata frame")
-        entries = unpack_meta(frames[3]).get("tasks")
-        if not isinstance(entries, list) or not 0 < len(entries) <= MAX_BATCH:
-            raise ProtocolError("bad_meta", f"DONES needs a 'tasks' list of 1..{MAX_BATCH}")
-        items = []
-        at = 4
-        for entry in entries:
-            if (
-                not isinstance(entry, list)
-                or len(entry) != 3
-                or not isinstance(entry[0], str)
-                or type(entry[1]) is not int
-                or type(entry[2]) is not int
-                or entry[2] < 0
-            ):
-                raise ProtocolError("bad_meta", "DONES entries are [id, attempt, frames]")
-            items.append(Done(entry[0], entry[1], tuple(frames[at : at + entry[2]])))
-            at += entry[2]
-        if at != n:
-            raise ProtocolError("bad_meta", "DONES frame counts do not add up")
-        return Dones(tuple(items))
-    if command == ACK:
-        if n != 4:
-            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "ACK: one map")
-        tasks = unpack_meta(frames[3]).get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise ProtocolError("bad_meta", "ACK needs a non-empty 'tasks' list")
-        refs = []
-        for ref in tasks:
-            if (
-                not isinstance(ref, list)
-                or len(ref) != 2
-                or not isinstance(ref[0], str)
-                or type(ref[1]) is not int
-            ):
-                raise ProtocolError("bad_meta", "ACK entries are [id, attempt]")
-            refs.append((ref[0], ref[1]))
-        return Ack(tuple(refs))
-    if command == HEARTBEAT:
-        if n == 3:
-            return _EMPTY_HEARTBEAT
-        if n > 4:
-            raise ProtocolError("extra_frames", "HEARTBEAT has at most one metadata frame")
-        try:
-            metrics = unpack_meta(frames[3]).get("metrics", {})
-        except ProtocolError:
-            return Heartbeat({}, metrics_ok=False)
-        if not isinstance(metrics, dict):
-            return Heartbeat({}, metrics_ok=False)
-        return Heartbeat(metrics)
-    if command == PROGRESS:
-        if n < 4:
-            raise ProtocolError("missing_frames", "PROGRESS needs a metadata frame")
-        task_id, attempt = _task_ref(unpack_meta(frames[3]))
-        return Progress(task_id, attempt, tuple(frames[4:]))
-    if command == FAIL:
-        if n != 4:
-            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "FAIL: one map")
-        meta = unpack_meta(frames[3])
-        task_id, attempt = _task_ref(meta)
-        reason = meta.get("reason", "")
-        retry = meta.get("retry", True)
-        delay_s = meta.get("delay_s")
-        if not isinstance(reason, str) or not isinstance(retry, bool):
-            raise ProtocolError("bad_meta", "FAIL: 'reason' is a string, 'retry' a boolean")
-        if delay_s is not None and (
-            not isinstance(delay_s, int | float)
-            or isinstance(delay_s, bool)
-            or not 0 <= delay_s < math.inf  # also refuses NaN
-        ):
-            raise ProtocolError("bad_meta", "FAIL: 'delay_s' is a finite non-negative number")
-        return Fail(task_id, attempt, reason, retry, None if delay_s is None else float(delay_s))
-    if command == READY:
-        if n != 4:
-            raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "READY: one map")
-        meta = unpack_meta(frames[3])
-        service = meta.get("service")
-        credit = meta.get("credit", 1)
-        tags = meta.get("tags", [])
-        batch = meta.get("batch", False)
-        if not isinstance(batch, bool):
-            raise ProtocolError("bad_meta", "READY 'batch' must be a boolean")
-        if not isinstance(service, str) or not service:
-            raise ProtocolError("bad_meta", "READY needs a non-empty 'service' string")
-        if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
-            raise ProtocolError("bad_meta", f"READY 'credit' must be an integer 1..{MAX_CREDIT}")
-        if (
-            not isinstance(tags, list)
-            or len(tags) > MAX_TAGS
-            or not all(isinstance(t, str) for t in tags)
-        ):
-            raise ProtocolError("bad_meta", f"READY 'tags' must be at most {MAX_TAGS} strings")
-        return Ready(service, credit, tuple(tags), batch)
-    if command == DISCONNECT:
-        if n > 4:
-            raise ProtocolError("extra_frames", "DISCONNECT has at most one metadata frame")
-        return _EMPTY_DISCONNECT
-    raise ProtocolError("unknown_command", f"unknown ZBW01 command {command[:8]!r}")
+    decode = _WORKER_DECODERS.get(frames[2])
+    if decode is None:
+        raise ProtocolError("unknown_command", f"unknown ZBW01 command {frames[2][:8]!r}")
+    return decode(frames, n)
 
 
 def ready(
@@ -417,73 +458,89 @@ def cancel(task_id: str, attempt: int) -> list[bytes]:
     return [EMPTY, ZBW01, CANCEL, pack_meta({"id": task_id, "attempt": attempt})]
 
 
+# One decoder per broker command, each given all the frames (decode_for_worker has
+# checked the header: empty, ZBW01, command).
+
+
+def _task(meta: dict[str, Any], task_id: str, attempt: int, payload: tuple[bytes, ...]) -> Task:
+    """The Task a TASK meta or a TASKS entry describes (its id and attempt read already)."""
+    service = meta.get("service", "")
+    headers = meta.get("headers", {})
+    timeout_s = meta.get("timeout_s")
+    if not isinstance(service, str) or not isinstance(headers, dict):
+        raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
+    return Task(
+        task_id,
+        attempt,
+        service,
+        payload,
+        headers,
+        float(timeout_s) if isinstance(timeout_s, int | float) else None,
+    )
+
+
+def _decode_task(frames: Sequence[bytes]) -> Task:
+    if len(frames) < 4:
+        raise ProtocolError("missing_frames", "TASK needs a metadata frame")
+    meta = unpack_meta(frames[3])
+    task_id, attempt = _task_ref(meta)
+    return _task(meta, task_id, attempt, tuple(frames[4:]))
+
+
+def _decode_tasks(frames: Sequence[bytes]) -> Tasks:
+    if len(frames) < 4:
+        raise ProtocolError("missing_frames", "TASKS needs a metadata frame")
+    entries = unpack_meta(frames[3]).get("tasks")
+    if not isinstance(entries, list) or not entries:
+        raise ProtocolError("bad_meta", "TASKS needs a non-empty 'tasks' list")
+    tasks = []
+    at = 4
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ProtocolError("bad_meta", "TASKS entries are maps")
+        task_id, attempt = _task_ref(entry)
+        count = entry.get("n")
+        if type(count) is not int or count < 0:
+            raise ProtocolError("bad_meta", "TASKS entry needs a frame count 'n'")
+        tasks.append(_task(entry, task_id, attempt, tuple(frames[at : at + count])))
+        at += count
+    if at != len(frames):
+        raise ProtocolError("bad_meta", "TASKS frame counts do not add up")
+    return Tasks(tuple(tasks))
+
+
+def _decode_heartbeat_for_worker(frames: Sequence[bytes]) -> Heartbeat:
+    return _EMPTY_HEARTBEAT
+
+
+def _decode_cancel(frames: Sequence[bytes]) -> Cancel:
+    if len(frames) < 4:
+        raise ProtocolError("missing_frames", "CANCEL needs a metadata frame")
+    return Cancel(*_task_ref(unpack_meta(frames[3])))
+
+
+def _decode_disconnect_for_worker(frames: Sequence[bytes]) -> Disconnect:
+    reason = ""
+    if len(frames) > 3:
+        value = unpack_meta(frames[3]).get("reason", "")
+        reason = value if isinstance(value, str) else ""
+    return Disconnect(reason)
+
+
+_BROKER_DECODERS: dict[bytes, Callable[[Sequence[bytes]], BrokerMessage]] = {
+    TASK: _decode_task,
+    TASKS: _decode_tasks,
+    HEARTBEAT: _decode_heartbeat_for_worker,
+    CANCEL: _decode_cancel,
+    DISCONNECT: _decode_disconnect_for_worker,
+}
+
+
 def decode_for_worker(frames: Sequence[bytes]) -> BrokerMessage:
     """Worker side: what a DEALER worker receives (empty, ZBW01, command, ...)."""
     if len(frames) < 3 or frames[0] or frames[1] != ZBW01:
         raise ProtocolError("bad_header", "not a ZBW01 message")
-    command = frames[2]
-    if command == TASK:
-        if len(frames) < 4:
-            raise ProtocolError("missing_frames", "TASK needs a metadata frame")
-        meta = unpack_meta(frames[3])
-        task_id, attempt = _task_ref(meta)
-        service = meta.get("service", "")
-        headers = meta.get("headers", {})
-        timeout_s = meta.get("timeout_s")
-        if not isinstance(service, str) or not isinstance(headers, dict):
-            raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
-        return Task(
-            task_id,
-            attempt,
-            service,
-            tuple(frames[4:]),
-            headers,
-            float(timeout_s) if isinstance(timeout_s, int | float) else None,
-        )
-    if command == TASKS:
-        if len(frames) < 4:
-            raise ProtocolError("missing_frames", "TASKS needs a metadata frame")
-        entries = unpack_meta(frames[3]).get("tasks")
-        if not isinstance(entries, list) or not entries:
-            raise ProtocolError("bad_meta", "TASKS needs a non-empty 'tasks' list")
-        tasks = []
-        at = 4
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise ProtocolError("bad_meta", "TASKS entries are maps")
-            task_id, attempt = _task_ref(entry)
-            count = entry.get("n")
-            service = entry.get("service", "")
-            headers = entry.get("headers", {})
-            timeout_s = entry.get("timeout_s")
-            if type(count) is not int or count < 0:
-                raise ProtocolError("bad_meta", "TASKS entry needs a frame count 'n'")
-            if not isinstance(service, str) or not isinstance(headers, dict):
-                raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
-            tasks.append(
-                Task(
-                    task_id,
-                    attempt,
-                    service,
-                    tuple(frames[at : at + count]),
-                    headers,
-                    float(timeout_s) if isinstance(timeout_s, int | float) else None,
-                )
-            )
-            at += count
-        if at != len(frames):
-            raise ProtocolError("bad_meta", "TASKS frame counts do not add up")
-        return Tasks(tuple(tasks))
-    if command == HEARTBEAT:
-        return _EMPTY_HEARTBEAT
-    if command == CANCEL:
-        if len(frames) < 4:
-            raise ProtocolError("missing_frames", "CANCEL needs a metadata frame")
-        return Cancel(*_task_ref(unpack_meta(frames[3])))
-    if command == DISCONNECT:
-        reason = ""
-        if len(frames) > 3:
-            value = unpack_meta(frames[3]).get("reason", "")
-            reason = value if isinstance(value, str) else ""
-        return Disconnect(reason)
-    raise ProtocolError("unknown_command", f"unexpected command {command[:8]!r} for a worker")
+    decode = _BROKER_DECODERS.get(frames[2])
+    if decode is None:
+        raise ProtocolError("unknown_command", f"unexpected command {frames[2][:8]!r} for a worker")
+    return decode(frames)

@@ -60,7 +60,7 @@ not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,6 +417,136 @@ def _split(frames: Sequence[bytes], counts: Any, rid: int) -> tuple[tuple[bytes,
 # ------------------------------------------------------------ broker side
 
 
+# One decoder per command. ENQUEUE and REQUEST are given their payload frames; every
+# other call is its meta alone (decode_client refuses payload frames for them first).
+# The checks inside a decoder run in the order they always have: when a call breaks
+# several rules, the same one is reported.
+
+
+def _decode_enqueue(meta: dict[str, Any], rid: int, body: Sequence[bytes]) -> Enqueue:
+    service = _str(meta, "service", rid)
+    counts = meta.get("counts")
+    payloads = (tuple(body),) if counts is None else _split(body, counts, rid)
+    return Enqueue(rid, service, payloads, _options(meta, rid, len(payloads)))
+
+
+def _decode_request(meta: dict[str, Any], rid: int, body: Sequence[bytes]) -> Enqueue:
+    service = _str(meta, "service", rid)
+    if meta.get("counts") is not None:
+        raise CallError(rid, E_BAD_REQUEST, "REQUEST carries one task: no 'counts'")
+    options = _options(meta, rid, 1)
+    wait_s = _number(meta, "wait_s", rid)
+    if wait_s is not None:
+        wait_s = min(wait_s, MAX_WAIT_S)
+    return Enqueue(rid, service, (tuple(body),), options, wait=True, wait_s=wait_s)
+
+
+def _decode_result(meta: dict[str, Any], rid: int) -> Result:
+    wait_s = _number(meta, "wait_s", rid) or 0.0
+    return Result(rid, _str(meta, "id", rid), min(wait_s, MAX_WAIT_S))
+
+
+def _decode_status(meta: dict[str, Any], rid: int) -> Status:
+    return Status(rid, _str(meta, "id", rid))
+
+
+def _decode_cancel(meta: dict[str, Any], rid: int) -> Cancel:
+    return Cancel(rid, _str(meta, "id", rid))
+
+
+def _decode_dead(meta: dict[str, Any], rid: int) -> Dead:
+    after = meta.get("after")
+    if after is not None and type(after) is not int:
+        raise CallError(rid, E_BAD_REQUEST, "'after' must be an integer")
+    limit = _int(meta, "limit", rid, 1, MAX_LIST, 100)
+    return Dead(rid, _str(meta, "service", rid), limit, after)
+
+
+def _decode_redrive(meta: dict[str, Any], rid: int) -> Redrive:
+    return Redrive(rid, _str(meta, "service", rid), _ids(meta, rid))
+
+
+def _decode_queues(meta: dict[str, Any], rid: int) -> Queues:
+    return Queues(rid)
+
+
+def _decode_workers(meta: dict[str, Any], rid: int) -> Workers:
+    return Workers(rid)
+
+
+def _decode_drain(meta: dict[str, Any], rid: int) -> Drain:
+    return Drain(rid, _str(meta, "worker", rid))
+
+
+def _decode_stats(meta: dict[str, Any], rid: int) -> Stats:
+    return Stats(rid)
+
+
+def _decode_tasks(meta: dict[str, Any], rid: int) -> ListTasks:
+    state = meta.get("state")
+    if not isinstance(state, str) or state not in LISTABLE_STATES:
+        raise CallError(rid, E_BAD_REQUEST, f"'state' must be one of {', '.join(LISTABLE_STATES)}")
+    return ListTasks(
+        rid,
+        _str(meta, "service", rid),
+        TaskState(state),
+        _int(meta, "limit", rid, 1, MAX_LIST, 100),
+        _int(meta, "after", rid, 0, limits.MAX_LIST_AFTER, 0),
+        _number(meta, "older_than_s", rid) or 0.0,
+    )
+
+
+def _decode_purge(meta: dict[str, Any], rid: int) -> Purge:
+    return Purge(rid, _str(meta, "service", rid))
+
+
+def _decode_drop(meta: dict[str, Any], rid: int) -> Drop:
+    return Drop(rid, _str(meta, "service", rid), _ids(meta, rid))
+
+
+def _decode_limit(meta: dict[str, Any], rid: int) -> Limit:
+    cap = meta.get("limit")
+    if cap is not None and (type(cap) is not int or not 1 <= cap <= limits.MAX_SERVICE_LIMIT):
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"'limit' must be an integer 1..{limits.MAX_SERVICE_LIMIT} or nil",
+        )
+    return Limit(rid, _str(meta, "service", rid), cap)
+
+
+def _decode_pause(meta: dict[str, Any], rid: int) -> Pause:
+    return Pause(rid, _str(meta, "service", rid), True)
+
+
+def _decode_resume(meta: dict[str, Any], rid: int) -> Pause:
+    return Pause(rid, _str(meta, "service", rid), False)
+
+
+# The calls that carry payload frames (frames after meta), and those that carry none.
+_PAYLOAD_DECODERS: dict[bytes, Callable[[dict[str, Any], int, Sequence[bytes]], Enqueue]] = {
+    ENQUEUE: _decode_enqueue,
+    REQUEST: _decode_request,
+}
+_CALL_DECODERS: dict[bytes, Callable[[dict[str, Any], int], ClientMessage]] = {
+    RESULT: _decode_result,
+    STATUS: _decode_status,
+    CANCEL: _decode_cancel,
+    DEAD: _decode_dead,
+    REDRIVE: _decode_redrive,
+    QUEUES: _decode_queues,
+    WORKERS: _decode_workers,
+    DRAIN: _decode_drain,
+    PAUSE: _decode_pause,
+    RESUME: _decode_resume,
+    STATS: _decode_stats,
+    LIMIT: _decode_limit,
+    PURGE: _decode_purge,
+    DROP: _decode_drop,
+    TASKS: _decode_tasks,
+}
+
+
 def decode_client(frames: Sequence[bytes]) -> ClientMessage:
     """Broker side: frames after the routing id, from a ZBC01 client.
 
@@ -432,80 +562,15 @@ def decode_client(frames: Sequence[bytes]) -> ClientMessage:
     if type(rid) is not int:
         raise ProtocolError("bad_meta", "ZBC01 meta needs an integer 'rid'")
     command = frames[2]
-    if command in (ENQUEUE, REQUEST):
-        service = _str(meta, "service", rid)
-        body = frames[4:]
-        counts = meta.get("counts")
-        if command == REQUEST:
-            if counts is not None:
-                raise CallError(rid, E_BAD_REQUEST, "REQUEST carries one task: no 'counts'")
-            payloads: tuple[tuple[bytes, ...], ...] = (tuple(body),)
-        elif counts is None:
-            payloads = (tuple(body),)
-        else:
-            payloads = _split(body, counts, rid)
-        options = _options(meta, rid, len(payloads))
-        if command == REQUEST:
-            wait_s = _number(meta, "wait_s", rid)
-            if wait_s is not None:
-                wait_s = min(wait_s, MAX_WAIT_S)
-            return Enqueue(rid, service, payloads, options, wait=True, wait_s=wait_s)
-        return Enqueue(rid, service, payloads, options)
+    with_payload = _PAYLOAD_DECODERS.get(command)
+    if with_payload is not None:
+        return with_payload(meta, rid, frames[4:])
     if n != 4:
         raise CallError(rid, E_BAD_REQUEST, "this command takes no payload frames")
-    if command == RESULT:
-        wait_s = _number(meta, "wait_s", rid) or 0.0
-        return Result(rid, _str(meta, "id", rid), min(wait_s, MAX_WAIT_S))
-    if command == STATUS:
-        return Status(rid, _str(meta, "id", rid))
-    if command == CANCEL:
-        return Cancel(rid, _str(meta, "id", rid))
-    if command == DEAD:
-        after = meta.get("after")
-        if after is not None and type(after) is not int:
-            raise CallError(rid, E_BAD_REQUEST, "'after' must be an integer")
-        limit = _int(meta, "limit", rid, 1, MAX_LIST, 100)
-        return Dead(rid, _str(meta, "service", rid), limit, after)
-    if command == REDRIVE:
-        return Redrive(rid, _str(meta, "service", rid), _ids(meta, rid))
-    if command == QUEUES:
-        return Queues(rid)
-    if command == WORKERS:
-        return Workers(rid)
-    if command == DRAIN:
-        return Drain(rid, _str(meta, "worker", rid))
-    if command == STATS:
-        return Stats(rid)
-    if command == TASKS:
-        state = meta.get("state")
-        if not isinstance(state, str) or state not in LISTABLE_STATES:
-            raise CallError(
-                rid, E_BAD_REQUEST, f"'state' must be one of {', '.join(LISTABLE_STATES)}"
-            )
-        return ListTasks(
-            rid,
-            _str(meta, "service", rid),
-            TaskState(state),
-            _int(meta, "limit", rid, 1, MAX_LIST, 100),
-            _int(meta, "after", rid, 0, limits.MAX_LIST_AFTER, 0),
-            _number(meta, "older_than_s", rid) or 0.0,
-        )
-    if command == PURGE:
-        return Purge(rid, _str(meta, "service", rid))
-    if command == DROP:
-        return Drop(rid, _str(meta, "service", rid), _ids(meta, rid))
-    if command == LIMIT:
-        cap = meta.get("limit")
-        if cap is not None and (type(cap) is not int or not 1 <= cap <= limits.MAX_SERVICE_LIMIT):
-            raise CallError(
-                rid,
-                E_BAD_REQUEST,
-                f"'limit' must be an integer 1..{limits.MAX_SERVICE_LIMIT} or nil",
-            )
-        return Limit(rid, _str(meta, "service", rid), cap)
-    if command in (PAUSE, RESUME):
-        return Pause(rid, _str(meta, "service", rid), command == PAUSE)
-    raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
+    decode = _CALL_DECODERS.get(command)
+    if decode is None:
+        raise CallError(rid, E_BAD_REQUEST, f"unknown ZBC01 command {command[:8]!r}")
+    return decode(meta, rid)
 
 
 def reply(rid: int, fields: dict[str, Any], frames: Sequence[bytes] = ()) -> list[bytes]:
