@@ -56,6 +56,9 @@ class BrokerConfig:
     # Prometheus metrics and /health over HTTP on this port (None: off).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # On SIGTERM/SIGINT: how long deliveries stay stopped while the results of the
+    # attempts in flight come in, before the broker stops (0: stop at once).
+    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         at_least("router_hwm", self.router_hwm, 0)  # 0: no limit (libzmq's meaning)
@@ -65,6 +68,11 @@ class BrokerConfig:
             raise SettingError(
                 "{journal_max_bytes} must be at least 1 MiB",
                 journal_max_bytes=self.journal_max_bytes,
+            )
+        if not 0 <= self.drain_timeout_s <= 86400:  # also refuses NaN
+            raise SettingError(
+                "{drain_timeout_s} must be between 0 and 86400 seconds",
+                drain_timeout_s=self.drain_timeout_s,
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingError(
@@ -230,6 +238,14 @@ OPTIONS: tuple[Option, ...] = (
         "Serve Prometheus /metrics and /health on this port (127.0.0.1).",
         ("metrics_port",),
         optional=True,
+    ),
+    Option(
+        "drain_timeout",
+        float,
+        "On SIGTERM, seconds to wait for the results in flight (no new deliveries)"
+        " before stopping; 0 stops at once. A second signal stops at once.",
+        ("drain_timeout_s",),
+        unit="s",
     ),
     Option(
         "log_format",

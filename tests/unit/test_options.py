@@ -60,6 +60,7 @@ CASES = {
     "max_tasks": Case("99", "99", "99", {"core.max_tasks_per_service": 99}),
     "log_level": Case("Warning", '"warning"', "warning", {"log_level": LogLevel.WARNING}),
     "metrics_port": Case("9464", "9464", "9464", {"metrics_port": 9464}),
+    "drain_timeout": Case("2.5", "2.5", "2.5", {"drain_timeout_s": 2.5}),
     "log_format": Case("json", '"json"', "json", {"log_format": LogFormat.JSON}),
 }  # fmt: skip
 

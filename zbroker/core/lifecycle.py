@@ -47,7 +47,7 @@ class TaskEvent(enum.Enum):
     REQUEUE = "requeued"  # the attempt ended without DONE; runs again at once
     RETRY_LATER = "retry"  # the attempt ended without DONE; runs again after a backoff
     DEAD_LETTER = "dead"  # the attempt ended without DONE and no attempt is left
-    RECOVER = "recovered"  # found in flight when the broker started
+    RECOVER = "recovered"  # found in flight when the broker started: runs again, uncharged
     DUE = "due"  # its delay is over
     EXPIRE = "expired"  # its ttl_s passed before it started
     CANCEL = "cancelled"  # a client cancelled it
@@ -85,7 +85,7 @@ ENQUEUE_DELAYED = Transition(E.ENQUEUE_DELAYED, (None,), DELAYED)
 DUE = Transition(E.DUE, (DELAYED,), READY)
 START = Transition(E.START, (READY,), INFLIGHT)
 PROGRESS = Transition(E.PROGRESS, (INFLIGHT,), INFLIGHT)
-RECOVER = Transition(E.RECOVER, (INFLIGHT,), INFLIGHT, "tasks_recovered")
+RECOVER = Transition(E.RECOVER, (INFLIGHT,), READY, "tasks_recovered")
 COMPLETE = Transition(E.COMPLETE, (INFLIGHT,), DONE, "tasks_done")
 REQUEUE = Transition(E.REQUEUE, (INFLIGHT,), READY, "tasks_retried")
 RETRY_LATER = Transition(E.RETRY_LATER, (INFLIGHT,), DELAYED, "tasks_retried")

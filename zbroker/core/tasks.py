@@ -10,11 +10,14 @@ Rules it keeps (DESIGN.md, "Delivery semantics"):
   2. A task moves only through `apply`, by a transition of the lifecycle table
      (core/lifecycle.py); `apply` keeps the service's counters and window, the
      history, the Stats counters, lifecycle events and waiters in step.
-  3. Every delivery is an attempt and counts. An attempt that ends without
-     DONE (FAIL, timeout, the worker died or did not acknowledge, the broker
-     stopped) is retried while attempts remain: after a FAIL or a timeout with
-     exponential backoff and jitter (a FAIL's own delay_s wins), otherwise at
-     once. The last allowed attempt ending without DONE dead-letters the task.
+  3. Every delivery is an attempt with a new number (the fencing token). An
+     attempt that ends without DONE (FAIL, timeout, the worker died or did not
+     acknowledge) counts against max_attempts and is retried while attempts
+     remain: after a FAIL or a timeout with exponential backoff and jitter (a
+     FAIL's own delay_s wins), otherwise at once. The last allowed attempt
+     ending without DONE dead-letters the task. An attempt cut short by the
+     broker itself (it stopped or died while the attempt ran) is not charged:
+     `recover` puts the task back at once and counts it in `uncharged`.
   4. Final states (done, cancelled, expired) are kept for `retention_s`, with
      the result, so a requester can fetch it by id later; dead letters stay
      until redriven or dropped.
@@ -78,6 +81,7 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "service": record.service,
         "state": STATE_NAMES[record.state],
         "attempt": record.attempt,
+        "uncharged": record.uncharged,
         "max_attempts": record.max_attempts,
         "priority": record.priority,
         "created_at": record.created_at,
@@ -132,6 +136,8 @@ class DurableTasks:
         self._waiters = Waiters(out, journal)
         self._windows = ReadyWindows(journal, settings.window_per_service)
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
+        # The broker is stopping (core/stopping.py): no task starts any more.
+        self.stopping = False
         # The earliest time this part needs a tick (a due task, a deadline, a wait).
         self.wake_at = math.inf
 
@@ -256,7 +262,10 @@ class DurableTasks:
 
     def next_ready(self, service: Service, now: float) -> TaskRecord | None:
         """Take the best READY task of `service` out of its window (the caller starts
-        it at once); a task whose ttl passed meanwhile expires instead."""
+        it at once); a task whose ttl passed meanwhile expires instead. None once
+        the broker is stopping."""
+        if self.stopping:
+            return None
         take = self._windows.take
         while True:
             record = take(service)
@@ -393,7 +402,8 @@ class DurableTasks:
         dead-letter (no attempts left, or `final`: the worker said no retry can succeed)."""
         epoch = now + self._epoch_offset
         record.error = reason
-        dead = final or record.attempt >= record.max_attempts
+        charged = record.attempt - record.uncharged
+        dead = final or charged >= record.max_attempts
         service = self._directory.get(record.service.encode())
         service.figures.failed += 1
         if self._sink.prefixes:
@@ -405,7 +415,7 @@ class DurableTasks:
             self.apply(record, lifecycle.DEAD_LETTER, epoch, service, None, None, (reason,))
             return
         if delay_s is None:
-            delay_s = backoff_s(self._settings, record.attempt, self._rng)
+            delay_s = backoff_s(self._settings, charged, self._rng)
         if delay_s > 0:
             record.not_before = epoch + delay_s
             detail = (reason, round(delay_s, 3))
@@ -422,7 +432,7 @@ class DurableTasks:
 
     def recover(self, now: float) -> None:
         """Rebuild the counters from the journal; attempts in flight at the last stop
-        go back to their queues (their attempt counted)."""
+        go back to their queues, not charged against max_attempts."""
         journal = self.journal
         assert journal is not None
         epoch = now + self._epoch_offset
@@ -444,10 +454,17 @@ class DurableTasks:
             )
         recovered = journal.inflight()
         for record in recovered:
-            self.apply(record, lifecycle.RECOVER, epoch)
-            self._end_attempt(record, "the broker stopped during the attempt", now, 0.0)
+            # The broker cut the attempt short, not the task or its worker: it runs
+            # again at once, and the attempt is not charged against max_attempts.
+            # Its number stays used, so a late result of it is still refused.
+            record.uncharged += 1
+            record.error = "the broker stopped during the attempt"
+            self.apply(record, lifecycle.RECOVER, epoch, None, None, None, (record.attempt,))
         if recovered:
-            log.info("%d task(s) in flight at the last stop requeued", len(recovered))
+            log.info(
+                "%d task(s) in flight at the last stop requeued (attempts not charged)",
+                len(recovered),
+            )
         self._schedule_due(now)
 
     # --------------------------------------------------------- client calls
@@ -699,6 +716,7 @@ class DurableTasks:
     def redrive(self, record: TaskRecord, service: Service, now: float) -> None:
         """A dead letter goes back to its queue with its attempts reset."""
         record.attempt = 0
+        record.uncharged = 0
         record.finished_at = None
         record.expires_at = None  # it had started: its ttl no longer applies
         self.apply(record, lifecycle.REDRIVE, now + self._epoch_offset, service)

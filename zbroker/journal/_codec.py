@@ -2,6 +2,10 @@
 
 Shared by both stores, so `MemoryJournal` accepts and returns exactly what
 `LmdbJournal` does. Owns the record's encoding (schema version 1); never opens a store.
+
+A record is a msgpack array of 16 fields, or 17 when its `uncharged` count is not 0:
+a store written before that field existed reads unchanged (as 0), and a record
+that never had an uncharged attempt is written exactly as before.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def check_record(record: TaskRecord) -> None:
         or (keep_until is not None and keep_until != keep_until)
     ):
         raise ValueError("not_before, expires_at and keep_until must not be NaN")
+    uncharged = record.uncharged
+    if type(uncharged) is not int or not 0 <= uncharged <= MAX_SEQ:
+        raise ValueError(f"uncharged must be an int >= 0, got {uncharged!r}")
     key = record.key
     if key is not None:
         if type(key) is not str:
@@ -72,26 +79,27 @@ class Packer:
 
     def record(self, record: TaskRecord) -> bytes:
         """The record as a msgpack array, without its id (the id is the storage key)."""
-        return self._pack(  # type: ignore[no-any-return]
-            (
-                record.service,
-                int(record.state),
-                record.seq,
-                record.created_at,
-                record.priority,
-                record.not_before,
-                record.expires_at,
-                record.attempt,
-                record.max_attempts,
-                record.timeout_s,
-                record.key,
-                record.headers,
-                record.error,
-                record.finished_at,
-                record.keep_until,
-                record.history,
-            )
+        fields: tuple[Any, ...] = (
+            record.service,
+            int(record.state),
+            record.seq,
+            record.created_at,
+            record.priority,
+            record.not_before,
+            record.expires_at,
+            record.attempt,
+            record.max_attempts,
+            record.timeout_s,
+            record.key,
+            record.headers,
+            record.error,
+            record.finished_at,
+            record.keep_until,
+            record.history,
         )
+        if record.uncharged:
+            fields += (record.uncharged,)
+        return self._pack(fields)  # type: ignore[no-any-return]
 
     def frames(self, frames: Sequence[bytes]) -> bytes:
         """Frames as a msgpack array of bin: 1-5 bytes of overhead per frame."""
@@ -101,6 +109,8 @@ class Packer:
 
 def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     """A fresh TaskRecord from `pack_record`'s bytes."""
+    fields = msgpack.unpackb(data, strict_map_key=False)
+    uncharged = fields[16] if len(fields) > 16 else 0
     (
         service,
         state,
@@ -118,7 +128,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         finished_at,
         keep_until,
         history,
-    ) = msgpack.unpackb(data, strict_map_key=False)
+    ) = fields[:16]
     return TaskRecord(
         task_id,
         service,
@@ -137,6 +147,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         finished_at,
         keep_until,
         history,
+        uncharged,
     )
 
 

@@ -117,6 +117,10 @@ class TaskRecord:
     keep_until: float | None = None  # finished records (and results) may be deleted after this
     # Short history for operators: [event, time, details...] lists, oldest first, bounded.
     history: list[list[Any]] = field(default_factory=list)
+    # Of the `attempt` attempts started, how many were cut short by the broker stopping
+    # or dying: they move the attempt number (the fencing token) on but are not charged
+    # against `max_attempts`. Stored only when not 0, so older stores read as 0.
+    uncharged: int = 0
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it

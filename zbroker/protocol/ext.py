@@ -39,6 +39,7 @@ DISCONNECT = b"\x08"  # both; from the broker optionally {reason}
 CANCEL = b"\x09"  # b: {id, attempt}: stop working on this attempt
 TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, n}, ...]}, payloads
 DONES = b"\x0b"  # w: {tasks: [[id, attempt, n], ...]}, result frames of each in order
+STOPPING = b"\x0c"  # b: {drain_s}: the broker is stopping; no new task; results still taken
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -52,6 +53,7 @@ COMMAND_NAMES = {
     CANCEL: "CANCEL",
     TASKS: "TASKS",
     DONES: "DONES",
+    STOPPING: "STOPPING",
 }
 
 # The limits of ZBW01, under the names this module has always given them (their
@@ -414,7 +416,15 @@ class Tasks:
     tasks: tuple[Task, ...]
 
 
-BrokerMessage = Task | Tasks | Cancel | Heartbeat | Disconnect
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """The broker is stopping: it sends no new task, and takes the results of the
+    attempts the worker holds for up to `drain_s` seconds more."""
+
+    drain_s: float
+
+
+BrokerMessage = Task | Tasks | Cancel | Heartbeat | Disconnect | Stopping
 
 
 def task_meta(
@@ -456,6 +466,11 @@ def tasks_header(entries: list[dict[str, Any]]) -> list[bytes]:
 
 def cancel(task_id: str, attempt: int) -> list[bytes]:
     return [EMPTY, ZBW01, CANCEL, pack_meta({"id": task_id, "attempt": attempt})]
+
+
+def stopping(drain_s: float) -> list[bytes]:
+    """STOPPING: the broker waits up to `drain_s` seconds for results, then stops."""
+    return [EMPTY, ZBW01, STOPPING, pack_meta({"drain_s": float(drain_s)})]
 
 
 # One decoder per broker command, each given all the frames (decode_for_worker has
@@ -527,12 +542,22 @@ def _decode_disconnect_for_worker(frames: Sequence[bytes]) -> Disconnect:
     return Disconnect(reason)
 
 
+def _decode_stopping(frames: Sequence[bytes]) -> Stopping:
+    if len(frames) < 4:
+        raise ProtocolError("missing_frames", "STOPPING needs a metadata frame")
+    drain_s = unpack_meta(frames[3]).get("drain_s")
+    if not isinstance(drain_s, int | float) or not 0 <= drain_s < math.inf:
+        raise ProtocolError("bad_meta", "STOPPING needs a finite 'drain_s' >= 0")
+    return Stopping(float(drain_s))
+
+
 _BROKER_DECODERS: dict[bytes, Callable[[Sequence[bytes]], BrokerMessage]] = {
     TASK: _decode_task,
     TASKS: _decode_tasks,
     HEARTBEAT: _decode_heartbeat_for_worker,
     CANCEL: _decode_cancel,
     DISCONNECT: _decode_disconnect_for_worker,
+    STOPPING: _decode_stopping,
 }
 
 

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
+from zbroker.core.stopping import Drain, halt_deliveries
 from zbroker.journal import Journal, JournalError, open_journal
 from zbroker.protocol.events import encode_runs
 from zbroker.runtime.errors import BindError
@@ -98,6 +99,9 @@ class BrokerServer:
             time.monotonic() - started,
         )
         self._stopping = False
+        # SIGTERM/SIGINT asked for a drain (runtime/server.py `on_signal`), and the drain.
+        self._drain_asked = False
+        self._drain: Drain | None = None
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.sndhwm = config.router_hwm
@@ -163,10 +167,30 @@ class BrokerServer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
+    def drain_and_stop(self) -> None:
+        """Stop delivering, wait up to --drain-timeout for the results in flight, then
+        stop; called again (or with a drain timeout of 0), stop at once. Safe from
+        signal handlers."""
+        if self._drain_asked or self.config.drain_timeout_s <= 0:
+            self.stop()
+            return
+        self._drain_asked = True
+        halt_deliveries(self.core)  # at once: the drain itself begins between two passes
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            self.stop()
+            name = signal.Signals(signum).name
+            if self._drain_asked or self.config.drain_timeout_s <= 0:
+                log.info("received %s: stopping now", name)
+            else:
+                log.info(
+                    "received %s: draining for up to %gs (send it again to stop now)",
+                    name,
+                    self.config.drain_timeout_s,
+                )
+            self.drain_and_stop()
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -230,15 +254,14 @@ class BrokerServer:
                     self._flush(now)
                 if core.events:
                     self._publish()
+                if self._drain_asked:
+                    self._drain_pass(now)
                 if received == RECV_BATCH:
                     continue  # more may be waiting: skip the poll
-                timeout_ms = max(0, int((core.next_tick_at - monotonic()) * 1000.0) + 1)
+                timeout_ms = max(0, int((self._wake_at() - monotonic()) * 1000.0) + 1)
                 ready = zmq.zmq_poll(poll_items, timeout_ms)
                 if len(ready) > 1 or (ready and ready[0][0] is not router):
-                    self._drain_wakeups()
-                    self._read_subscriptions()
-                    if monitor is not None:
-                        self._log_connections(monitor)
+                    self._on_side_sockets(monitor)
         except JournalError as exc:
             # Nothing of this pass was sent; the store holds the last commit, which
             # is what a restart recovers. Stopping is the only safe answer.
@@ -250,6 +273,29 @@ class BrokerServer:
                 router.disable_monitor()
                 monitor.close(linger=0)
             self._close()
+
+    def _drain_pass(self, now: float) -> None:
+        """The drain's part of a pass, after its commit: begin the drain or tell the
+        workers that registered since (STOPPING goes out at once), then end the loop
+        once nothing is in flight or the drain timed out."""
+        drain = self._drain
+        if drain is None:
+            drain = self._drain = Drain(self.core, now, self.config.drain_timeout_s)
+        else:
+            drain.tell(now)
+        if self.core.outbox:
+            self._flush(now)
+        if drain.over(time.monotonic()):
+            self._stopping = True
+
+    def _wake_at(self) -> float:
+        """When the loop must look again without a message: the next timer, the end
+        of the drain, or at once when it is to stop."""
+        if self._stopping:
+            return 0.0
+        if self._drain is not None:
+            return min(self.core.next_tick_at, self._drain.deadline)
+        return self.core.next_tick_at
 
     def _flush(self, now: float) -> None:
         core = self.core
@@ -319,6 +365,18 @@ class BrokerServer:
             wanted = frozenset(map(_text_prefix, self._subscriptions))
             log.debug("lifecycle events: subscribers want %s", sorted(wanted))
             self.core.set_subscriptions(wanted)
+
+    def _on_side_sockets(self, monitor: zmq.Socket[bytes] | None) -> None:
+        """Something other than the ROUTER woke the poll: a signal, subscriptions, the
+        connection monitor."""
+        self._drain_wakeups()
+        if self._drain_asked and self._drain is None:
+            # Before the next pass reads anything: what arrives after the signal is
+            # stored and answered, never delivered.
+            self._drain = Drain(self.core, time.monotonic(), self.config.drain_timeout_s)
+        self._read_subscriptions()
+        if monitor is not None:
+            self._log_connections(monitor)
 
     def _drain_wakeups(self) -> None:
         try:

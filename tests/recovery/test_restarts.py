@@ -1,0 +1,91 @@
+"""Restarts cost nothing: a broker stopped by SIGTERM drains the results in flight,
+and an attempt cut short by the broker dying is not charged against max_attempts.
+
+Real `zbroker start` processes and real worker processes (tests/recovery/task_worker.py,
+which logs "start|done <id> <attempt> <payload> <time>"); the producer speaks raw ZBC01.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import BrokerProcess, wait_until
+from tests.recovery.test_recovery import RawClient, WorkerProcess, enqueue, workers
+from zbroker.protocol import zbc
+
+__all__ = ["workers"]  # the fixture, shared with test_recovery
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def status(client: RawClient, task_id: str) -> dict[str, Any]:
+    answer = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id), 5.0)
+    assert answer is not None and answer.ok, answer
+    task: dict[str, Any] = answer.meta["task"]
+    return task
+
+
+def lines_of(worker: WorkerProcess, kind: str, task_id: str) -> list[list[str]]:
+    return [line for line in worker.lines() if line[0] == kind and line[1] == task_id]
+
+
+def test_sigterm_drains_the_result_in_flight_before_the_broker_stops(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    # Given a task with max_attempts=1 that a slow worker has started
+    broker = broker_factory("--drain-timeout", "15")
+    worker = workers(broker, "slow", concurrency=2)
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "sleep:2", max_attempts=1)
+    assert task_id is not None
+    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    # When the broker is sent SIGTERM
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+    # Then it still confirms a new task, but hands it to nobody
+    later = enqueue(client, "slow", "later", max_attempts=1)
+    assert later is not None
+    # And it exits cleanly once the result is in, within the drain timeout
+    assert broker.proc.wait(15) == 0
+    assert time.monotonic() - signalled_at < 15
+    assert broker.stop() == 0  # (it has exited: this closes its log)
+    assert [line[2] for line in lines_of(worker, "done", task_id)] == ["1"]
+    assert lines_of(worker, "start", later) == []
+    assert "every attempt in flight has ended" in broker.log()
+    # And after a restart the task is done with its one attempt, not dead
+    broker.start()
+    done = status(client, task_id)
+    assert (done["state"], done["attempt"], done["uncharged"]) == ("done", 1, 0)
+    # And the task confirmed during the drain runs now
+    wait_until(lambda: bool(lines_of(worker, "done", later)), timeout_s=20)
+    client.close()
+
+
+def test_kill_9_mid_attempt_neither_charges_nor_dead_letters_the_task(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    # Given a task with max_attempts=1 that a worker is running
+    broker = broker_factory()
+    worker = workers(broker, "slow", concurrency=2)
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "sleep:3", max_attempts=1)
+    assert task_id is not None
+    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    # When the broker is killed mid-attempt and started again
+    broker.kill()
+    broker.start()
+    # Then the task runs again, with the next attempt number (on the worker's free handler)
+    wait_until(lambda: len(lines_of(worker, "start", task_id)) == 2, timeout_s=30)
+    assert [line[2] for line in lines_of(worker, "start", task_id)] == ["1", "2"]
+    # And it ends done, not dead-lettered: the attempt the broker cut short was not charged
+    wait_until(lambda: status(client, task_id)["state"] in ("done", "dead"), timeout_s=30)
+    final = status(client, task_id)
+    assert (final["state"], final["attempt"], final["uncharged"]) == ("done", 2, 1)
+    assert [entry[0] for entry in final["history"]].count("recovered") == 1
+    client.close()
