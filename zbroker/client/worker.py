@@ -3,7 +3,8 @@
 Three roles, and only one of them touches zmq:
 
 - The I/O thread owns the DEALER socket and every timer. It registers (READY
-  with credit = concurrency), acknowledges every TASK as soon as it is read
+  with credit = the handlers free: concurrency less those still running attempts
+  of an earlier connection), acknowledges every TASK as soon as it is read
   (one ACK per drain of the socket, so the broker's ACK deadline never bites a
   busy worker), heartbeats on time however long handlers run, and sends what
   the handlers report.
@@ -178,6 +179,7 @@ class WorkerStats:
     reconnects: int = 0  # connections opened after the first one
     malformed: int = 0  # messages from the broker that could not be decoded
     metrics_errors: int = 0  # calls of the metrics callable that failed or returned garbage
+    broker_stopping: int = 0  # STOPPING notices: the broker was stopping (a restart, say)
 
 
 # ------------------------------------------------------------ internal messages
@@ -391,6 +393,14 @@ class Worker:
         """True once the broker has greeted the current connection, until it is lost."""
         link = self._link
         return link is not None and link.connected
+
+    @property
+    def credit(self) -> int:
+        """The credit the current connection declared: `concurrency` less the handlers
+        that were still running attempts of an older connection when it registered
+        (0 before the first READY)."""
+        link = self._link
+        return 0 if link is None else link.credit
 
     @property
     def running(self) -> int:
@@ -867,6 +877,10 @@ class _Link:
         self._backoff_s = worker.reconnect_delay_s
         # The attempts held on the current connection, by task id.
         self._held: dict[str, Task] = {}
+        # The credit declared on the current connection (its READY).
+        self.credit = 0
+        # Logged once per wait: every handler still runs an attempt of an old connection.
+        self._waiting_logged = False
         # Messages of the current connection that may not be dropped and that the
         # socket could not take yet (its send queue is full: the broker is behind).
         # Sent first, in order, as soon as it is writable again (POLLOUT).
@@ -915,15 +929,41 @@ class _Link:
         self._expires_at = now + self._expiry_s
         self._heartbeat_at = now + self._interval_s
         self._reconnect_at = None
-        if not self._send(ext.ready(w.service, w.concurrency, w.tags, batch=True)):
+        self.credit = credit = self._free_credit()
+        if not self._send(ext.ready(w.service, credit, w.tags, batch=True)):
             logger.warning("worker %r: READY could not be sent", w.service)
         logger.debug(
             "worker %r: READY (credit %d) sent to %s (connection %d)",
             w.service,
-            w.concurrency,
+            credit,
             w.endpoint,
             self.generation,
         )
+
+    def _free_credit(self) -> int:
+        """Handlers free to take a task of a new connection. A handler still running
+        an attempt of an old one (the broker took it back: its result will be dropped)
+        holds its slot until it returns, so it is not offered again meanwhile."""
+        w = self._worker
+        return max(0, w.concurrency - w.running)
+
+    def _reopen(self, now: float) -> None:
+        """Register again once a handler is free: the credit of the new connection is
+        what the handlers really have free (a READY must offer at least 1)."""
+        w = self._worker
+        if self._free_credit() < 1:
+            if not self._waiting_logged:
+                self._waiting_logged = True
+                logger.info(
+                    "worker %r: all %d handlers still run attempts the broker took back;"
+                    " registering again when one returns",
+                    w.service,
+                    w.concurrency,
+                )
+            self._reconnect_at = now + w.reconnect_delay_s
+            return
+        self._waiting_logged = False
+        self._open()
 
     def _close(
         self,
@@ -1201,6 +1241,8 @@ class _Link:
                     self._on_task(one, to_run)
             elif isinstance(message, ext.Cancel):
                 self._on_cancel(message)
+            elif isinstance(message, ext.Stopping):
+                self._on_stopping(message)
             else:
                 # Answer at the broker's pace, so that a broker configured with a
                 # shorter interval than this worker's never declares it dead.
@@ -1238,6 +1280,18 @@ class _Link:
             w._bump("not_started")
             return
         to_run.append(task)
+
+    def _on_stopping(self, message: ext.Stopping) -> None:
+        """The broker is stopping: no task will come on this connection; the results of
+        the attempts held still count if they arrive within its drain. Once it has
+        gone, the usual silence detection reconnects (to the restarted broker)."""
+        self._worker._bump("broker_stopping")
+        logger.info(
+            "worker %r: the broker is stopping; it takes results for %gs more (%d held)",
+            self._worker.service,
+            message.drain_s,
+            len(self._held),
+        )
 
     def _on_cancel(self, message: ext.Cancel) -> None:
         task = self._held.get(message.id)
@@ -1295,7 +1349,7 @@ class _Link:
                 and now >= self._reconnect_at
                 and not self._worker.stopping
             ):
-                self._open()
+                self._reopen(now)
             return
         if now >= self._expires_at:
             logger.warning(
