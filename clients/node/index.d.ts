@@ -206,6 +206,8 @@ export interface TaskStatus {
   service: string
   state: TaskState
   attempt: number
+  /** Attempts cut short by the broker stopping or dying, not charged against maxAttempts. */
+  uncharged: number
   maxAttempts: number
   priority: number
   createdAt: Date
@@ -396,6 +398,8 @@ export interface WorkerStats {
   reconnects: number
   malformed: number
   metricsErrors: number
+  /** STOPPING notices: the broker said it was stopping (a restart, say). */
+  brokerStopping: number
 }
 
 /** Serves one service over ZBW01. Emits 'connected' and 'disconnected'. */
@@ -404,6 +408,8 @@ export class Worker extends EventEmitter {
   readonly service: string
   readonly endpoint: string
   readonly concurrency: number
+  /** Credit the current connection declared: concurrency less handlers still running attempts of an older one. */
+  readonly credit: number
   readonly connected: boolean
   readonly running: number
   readonly stopping: boolean

@@ -321,7 +321,8 @@ export const W = Object.freeze({
   DISCONNECT: 0x08,
   CANCEL: 0x09,
   TASKS: 0x0a,
-  DONES: 0x0b
+  DONES: 0x0b,
+  STOPPING: 0x0c
 })
 export const MAX_CREDIT = 10_000
 export const MAX_TAGS = 32
@@ -393,7 +394,7 @@ function taskOf (meta, frames) {
 }
 
 /**
- * What a ZBW01 worker receives: {type: 'task'|'tasks'|'cancel'|'heartbeat'|'disconnect', ...}.
+ * What a ZBW01 worker receives: {type: 'task'|'tasks'|'cancel'|'heartbeat'|'disconnect'|'stopping', ...}.
  * A TASKS message is {type: 'tasks', tasks: [task, ...]}, each task shaped like a
  * TASK message without its type. Throws ProtocolError for anything else.
  */
@@ -438,6 +439,14 @@ export function decodeForWorker (frames) {
         reason = typeof value === 'string' ? value : ''
       }
       return { type: 'disconnect', reason }
+    }
+    case W.STOPPING: {
+      if (frames.length < 4) throw new ProtocolError('missing_frames', 'STOPPING needs a metadata frame')
+      const drainS = unpackMeta(frames[3]).drain_s
+      if (typeof drainS !== 'number' || !(drainS >= 0) || !Number.isFinite(drainS)) {
+        throw new ProtocolError('bad_meta', "STOPPING needs a finite 'drain_s' >= 0")
+      }
+      return { type: 'stopping', drainS }
     }
     default:
       throw new ProtocolError('unknown_command', `unexpected command 0x${frames[2].toString('hex').slice(0, 16)} for a worker`)

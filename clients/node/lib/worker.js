@@ -29,6 +29,11 @@
 // replaced counts in staleResultsDropped, like a result of that connection not
 // yet flushed: the broker gives those attempts to someone else.
 //
+// After a reconnect (a restarted broker no longer knows the worker), READY
+// offers the handler slots really free: concurrency less the handlers still
+// running attempts of the old connection (aborted through their signal; their
+// results are dropped). With none free, READY waits until one returns.
+//
 // Each connection has a generation number, and the worker keeps the attempts
 // it holds on the current connection. A result is sent only while its attempt
 // is still held: results from an older connection and results of attempts the
@@ -107,6 +112,8 @@ export class Worker extends EventEmitter {
   #log
 
   #sock = null
+  #credit = 0 // declared by the current connection's READY
+  #waitingLogged = false // "every handler still busy" said once per wait
   #generation = 0
   #connected = false
   #held = new Map() // task id -> attempt context, on the current connection
@@ -203,13 +210,19 @@ export class Worker extends EventEmitter {
       progressDropped: 0, // PROGRESS not sent: back-pressure, too large, or connection replaced
       reconnects: 0, // connections opened after the first one
       malformed: 0, // broker messages that could not be decoded
-      metricsErrors: 0
+      metricsErrors: 0,
+      brokerStopping: 0 // STOPPING notices: the broker was stopping (a restart, say)
     }
   }
 
   get service () { return this.#service }
   get endpoint () { return this.#endpoint }
   get concurrency () { return this.#concurrency }
+  /**
+   * The credit the current connection declared: concurrency less the handlers
+   * still running attempts of an older connection when it registered.
+   */
+  get credit () { return this.#credit }
   /** True once the broker has greeted the current connection, until it is lost. */
   get connected () { return this.#connected }
   /** How many handler calls are running now. */
@@ -287,6 +300,16 @@ export class Worker extends EventEmitter {
   // ------------------------------------------------------------ connection
 
   #open () {
+    const credit = this.#concurrency - this.#running.size
+    if (credit < 1) { // a READY must offer at least 1: wait for a handler to return
+      if (!this.#waitingLogged) {
+        this.#waitingLogged = true
+        this.#log.info(`worker ${JSON.stringify(this.#service)}: all ${this.#concurrency} handlers still run attempts the broker took back; registering again when one returns`)
+      }
+      this.#reconnectAfter(this.#reconnectDelayMs)
+      return
+    }
+    this.#waitingLogged = false
     if (this.#generation > 0) this.stats.reconnects++
     this.#generation++
     const generation = this.#generation
@@ -304,8 +327,9 @@ export class Worker extends EventEmitter {
     this.#expiresAt = t + this.#expiryMs
     this.#heartbeatAt = t + this.#intervalMs
     this.#reconnectAt = null
-    this.#send(zbwEncode.ready(this.#service, this.#concurrency, this.#tags, { batch: true }), CONTROL)
-    this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${this.#concurrency}, batch) sent to ${this.#endpoint} (connection ${generation})`)
+    this.#credit = credit
+    this.#send(zbwEncode.ready(this.#service, credit, this.#tags, { batch: true }), CONTROL)
+    this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${credit}, batch) sent to ${this.#endpoint} (connection ${generation})`)
     this.#read(sock, generation)
     this.#arm()
   }
@@ -551,6 +575,7 @@ export class Worker extends EventEmitter {
     else if (message.type === 'tasks') {
       for (const task of message.tasks) this.#onTask(task)
     } else if (message.type === 'cancel') this.#onCancel(message)
+    else if (message.type === 'stopping') this.#onStopping(message)
     else this.#heartbeat() // answer at the broker's pace, whatever our own interval
   }
 
@@ -580,6 +605,14 @@ export class Worker extends EventEmitter {
     }
     this.#queue.push(ctx)
     this.#pump()
+  }
+
+  // The broker is stopping: no task comes on this connection any more; results of
+  // the attempts held still count if they arrive within its drain. Once it has
+  // gone, the usual silence detection reconnects (to the restarted broker).
+  #onStopping (message) {
+    this.stats.brokerStopping++
+    this.#log.info(`worker ${JSON.stringify(this.#service)}: the broker is stopping; it takes results for ${message.drainS}s more (${this.#held.size} held)`)
   }
 
   #onCancel (message) {
