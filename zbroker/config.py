@@ -231,6 +231,13 @@ OPTIONS: tuple[Option, ...] = (
         "Per-service cap on waiting durable tasks; beyond it enqueues are refused.",
         ("core.max_tasks_per_service",),
     ),
+    Option(
+        "max_departed_services",
+        int,
+        "Services gone idle whose totals, rates and times are kept for when they "
+        "return; beyond it the longest gone are forgotten.",
+        ("core.max_departed_services",),
+    ),
     Option("log_level", LogLevel, "debug, info, warning or error.", ("log_level",)),
     Option(
         "metrics_port",

@@ -3,7 +3,9 @@
 Every refresh asks the broker for QUEUES, WORKERS and STATS (the same figures
 `zbroker queues`, `workers` and `status` print) and keeps a short history of
 each service's depth, drawn as a sparkline, so a backlog building up or
-draining shows at a glance.
+draining shows at a glance. It shows the first TOP_SERVICES services by name
+(one QUEUES page, so a refresh costs the broker the same with a hundred
+thousand services as with ten); `zbroker queues` lists them all.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ READY, DELAYED, INFLIGHT, DEAD = (
 
 SPARKS = "▁▂▃▄▅▆▇█"
 HISTORY = 60  # refreshes of depth history per service
+TOP_SERVICES = 200  # services shown: one QUEUES page
 
 
 def sparkline(values: list[int]) -> str:
@@ -52,14 +55,23 @@ class Dashboard:
 
     def frame(self, client: Client) -> Group:
         try:
-            queues = client.queues()
+            queues, more = client.queues_page(TOP_SERVICES)
             workers = client.workers()
             stats = client.broker_stats()
         except ClientError as exc:
             return Group(Text(f"broker at {self.endpoint}: {exc}", style="bold red"))
+        shown = {row["service"] for row in queues}
+        for gone in [name for name in self.depths if name not in shown]:
+            del self.depths[gone]  # history only for the services on screen
         for row in queues:
             self.depths[row["service"]].append(row[READY] + row[DELAYED] + row["requests"])
-        return Group(self._header(stats), self._queues(queues), self._workers(workers))
+        table = self._queues(queues)
+        if more is not None:
+            table.caption = (
+                f"the first {len(queues)} of {stats['services']} services: "
+                "zbroker queues lists them all"
+            )
+        return Group(self._header(stats), table, self._workers(workers))
 
     def _header(self, stats: dict[str, Any]) -> Panel:
         counters = stats["stats"]

@@ -234,6 +234,30 @@ export interface DeadLetter {
   [key: string]: unknown
 }
 
+/** A service's figures as QUEUES gives them (docs/protocol.md §11.3), snake_case as on the wire. */
+export interface QueueRow {
+  service: string
+  ready: number
+  delayed: number
+  inflight: number
+  dead: number
+  done: number
+  requests: number
+  workers: number
+  credit: number
+  credit_in_use: number
+  oldest_age_s: number
+  paused: boolean
+  limit: number | null
+  [field: string]: unknown
+}
+
+export interface QueuesPage {
+  queues: QueueRow[]
+  /** Pass as `after` for the next page; null on the last page. */
+  next: string | null
+}
+
 export interface DeadLetterPage {
   tasks: DeadLetter[]
   /** Pass as `after` for the next page; null on the last page. */
@@ -295,6 +319,10 @@ export class Client {
   cancel (id: string, options?: CallOptions): Promise<CancelResult>
   deadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): Promise<DeadLetterPage>
   iterDeadLetters (service: string, options?: CallOptions & { limit?: number, after?: number | null }): AsyncGenerator<DeadLetter, void, undefined>
+  /** One page of services (1..1000, default 1000) after the one named `after`, in name order. */
+  queuesPage (options?: CallOptions & { limit?: number, after?: string | null }): Promise<QueuesPage>
+  /** Every service's queue figures, fetched page after page (`limit` services per call). */
+  queues (options?: CallOptions & { limit?: number }): Promise<QueueRow[]>
   /**
    * Dead letters back to the queue (up to 10000 of them, or those in `ids`); resolves with the
    * ids moved. At most 10000 ids per call: a longer list is a RangeError, and nothing is sent.

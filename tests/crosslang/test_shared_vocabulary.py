@@ -43,6 +43,7 @@ PAIRED: dict[str, Any] = {
     "MAX_BATCH": limits.ZBC_MAX_BATCH,
     "MAX_WAIT_S": limits.MAX_WAIT_S,
     "MAX_LIST": limits.MAX_LIST,
+    "MAX_QUEUES_PAGE": limits.MAX_QUEUES_PAGE,
     "PRIORITY_MIN": limits.PRIORITY_MIN,
     "PRIORITY_MAX": limits.PRIORITY_MAX,
     "MAX_ATTEMPTS_LIMIT": limits.MAX_ATTEMPTS_LIMIT,

@@ -58,6 +58,7 @@ CASES = {
     "retry_max": Case("30", "30", "30.0", {"core.retry_max_s": 30.0}),
     "retention": Case("86400", "86400", "86400.0", {"core.retention_s": 86400.0}),
     "max_tasks": Case("99", "99", "99", {"core.max_tasks_per_service": 99}),
+    "max_departed_services": Case("7", "7", "7", {"core.max_departed_services": 7}),
     "log_level": Case("Warning", '"warning"', "warning", {"log_level": LogLevel.WARNING}),
     "metrics_port": Case("9464", "9464", "9464", {"metrics_port": 9464}),
     "drain_timeout": Case("2.5", "2.5", "2.5", {"drain_timeout_s": 2.5}),

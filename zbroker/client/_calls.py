@@ -75,6 +75,7 @@ from zbroker.protocol.limits import (
     BATCH_FRAMES,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_FRAMES,
+    MAX_QUEUES_PAGE,
     MIN_MESSAGE_BYTES,
 )
 from zbroker.protocol.limits import ZBC_MAX_BATCH as MAX_BATCH
@@ -712,6 +713,39 @@ def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any
         name = zbc.COMMAND_NAMES[command]
         raise ReplyError("bad_meta", f"{name} answer without a '{key}' list of maps")
     return rows
+
+
+def plan_queues_page(
+    s: Settings, limit: int, after: str | None
+) -> Plan[tuple[list[dict[str, Any]], str | None]]:
+    """One QUEUES page: (rows, the `after` of the next page or None on the last)."""
+    if type(limit) is not int or not 1 <= limit <= MAX_QUEUES_PAGE:
+        raise ValueError(f"limit must be an integer 1..{MAX_QUEUES_PAGE}")
+    if after is not None and not isinstance(after, str):
+        raise TypeError("after must be a service name (str) or None")
+    fields: dict[str, Any] = {"limit": limit}
+    if after is not None:
+        fields["after"] = after
+    meta = yield from plan_control(s, zbc.QUEUES, **fields)
+    rows = meta.get("queues")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ReplyError("bad_meta", "QUEUES answer without a 'queues' list of maps")
+    following = meta.get("next")
+    if following is not None and not isinstance(following, str):
+        raise ReplyError("bad_meta", "QUEUES answer with a 'next' that is not a name")
+    return rows, following
+
+
+def plan_queues(s: Settings, page_size: int) -> Plan[list[dict[str, Any]]]:
+    """Every service's QUEUES row, page after page (each page is exact when it is
+    read; the whole list is not one atomic read)."""
+    rows: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page, after = yield from plan_queues_page(s, page_size, after)
+        rows += page
+        if after is None:
+            return rows
 
 
 def plan_control(s: Settings, command: bytes, **fields: Any) -> Plan[dict[str, Any]]:

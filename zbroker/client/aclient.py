@@ -28,7 +28,7 @@ from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
-from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
+from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_QUEUES_PAGE
 
 
 class AsyncClient(AsyncClientBase):
@@ -272,11 +272,21 @@ class AsyncClient(AsyncClientBase):
         """`result()` for results of any number of frames: returns every result frame."""
         return await self._run(_calls.plan_result(self._settings(), task_id, timeout_s), "result")
 
-    async def queues(self) -> list[dict[str, Any]]:
-        """Every service's queue figures, exact at the moment of the call: ready,
-        delayed, inflight, dead, done (retained), requests (MDP, waiting), workers,
-        credit, credit_in_use, oldest_age_s (of the oldest waiting task or request)."""
-        return await self._run(_calls.plan_admin(self._settings(), zbc.QUEUES, "queues"), "queues")
+    async def queues(self, page_size: int = MAX_QUEUES_PAGE) -> list[dict[str, Any]]:
+        """Every service's queue figures, in name order: ready, delayed, inflight,
+        dead, done (retained), requests (MDP, waiting), workers, credit,
+        credit_in_use, oldest_age_s (of the oldest waiting task or request)...
+
+        Fetched in pages of `page_size` services (1..1000), one call each; each page
+        is exact when it is read, the list is not one atomic read."""
+        return await self._run(_calls.plan_queues(self._settings(), page_size), "queues")
+
+    async def queues_page(
+        self, limit: int = MAX_QUEUES_PAGE, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of `queues()`: up to `limit` services after the one named `after`
+        (None: from the first): (rows, the `after` of the next page, or None)."""
+        return await self._run(_calls.plan_queues_page(self._settings(), limit, after), "queues")
 
     async def drain(self, worker: str) -> int:
         """Stop giving tasks to `worker` (its id in hex, from `workers()`); the tasks it

@@ -84,7 +84,8 @@ class Broker:
         self.stats = Stats()
         self._out = Outputs()
         self.sink = EventSink(self._out)
-        self.directory = ServiceDirectory()
+        self.directory = ServiceDirectory(settings.max_departed_services)
+        self.directory.now = now
         self.requests = MdpRequests(settings, self.stats, self._out, self.directory)
         self.tasks = DurableTasks(
             settings, self.stats, self._out, self.sink, self.directory, journal, epoch_offset
@@ -150,6 +151,7 @@ class Broker:
 
     def receive(self, frames: list[bytes], now: float) -> None:
         """One message from the ROUTER socket: [routing id, empty, header, ...]."""
+        self.directory.now = now
         n = len(frames)
         if n < 4:
             self._malformed("missing_frames", frames)
@@ -190,18 +192,20 @@ class Broker:
                 receive(frames, now)
 
     def tick(self, now: float) -> None:
-        """Timers: workers, heartbeats, deadlines, delays, retention, waits, requests."""
+        """Timers: workers, heartbeats, deadlines, delays, retention, waits, requests.
+        Each looks only at what is due (or, for idle services, what may have become
+        idle since the last tick): nothing here visits every service."""
         self._tick_at = now + self.settings.tick_interval_s
+        self.directory.now = now
         self.tasks.wake_at = math.inf
         self.routing.tick(now)
         self.tasks.tick(now)
-        self.directory.snapshot(now)
-        for service in list(self.directory.services.values()):
-            self.requests.expire(service, now)
-            self.directory.let_go_if_idle(service)
+        self.requests.expire_due(now)
+        self.directory.let_go_idle()
 
     def undeliverable(self, frames: list[bytes], now: float) -> None:
         """The socket refused `frames` (peer gone, or its pipe full)."""
+        self.directory.now = now
         header = frames[2] if len(frames) > 2 else b""
         if header in (_MDPW01, _ZBW01):
             self.routing.gone(frames[0], now)
@@ -231,7 +235,7 @@ class Broker:
             zbc.Result: tasks.result,
             zbc.Cancel: tasks.cancel,
             zbc.Status: answer(lambda msg, now: views.status(msg)),
-            zbc.Queues: answer(lambda msg, now: views.queues(now)),
+            zbc.Queues: answer(views.queues),
             zbc.Workers: answer(lambda msg, now: views.workers(now)),
             zbc.Stats: answer(lambda msg, now: views.stats(now)),
             zbc.ListTasks: answer(views.list_tasks),

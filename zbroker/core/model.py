@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import TaskRecord
 
+_INF = float("inf")
+
 
 class AttemptOwner(Protocol):
     """The part that decides what happens when a worker's hold on some work ends."""
@@ -218,6 +220,7 @@ class ServiceFigures:
         "redeliveries",
         "run_hist",
         "runs",
+        "snapshot_at",
         "snapshots",
         "wait_hist",
         "waits",
@@ -234,10 +237,14 @@ class ServiceFigures:
         # Since start: counts per bucket (the last one is +Inf) and the sum of seconds.
         self.wait_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
         self.run_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
-        # (time, enqueued, done, failed), one per SNAPSHOT_EVERY_S, for the rates.
+        # (time, enqueued, done, failed), at most one per SNAPSHOT_EVERY_S, for the
+        # rates. Taken lazily (`snapshot`), when the service is used or viewed: totals
+        # move only when the service is used, so one missed while nothing moved is
+        # worth the one before it.
         self.snapshots: deque[tuple[float, int, int, int]] = deque(
             maxlen=int(self.RATE_WINDOW_S / self.SNAPSHOT_EVERY_S) + 1
         )
+        self.snapshot_at = -_INF  # no snapshot is due before this time
 
     def observe_wait(self, seconds: float) -> None:
         self.waits.append(seconds)
@@ -258,13 +265,23 @@ class ServiceFigures:
         return bool(self.enqueued or self.done or self.failed or self.redeliveries)
 
     def snapshot(self, now: float) -> None:
-        if not self.snapshots or now - self.snapshots[-1][0] >= self.SNAPSHOT_EVERY_S:
+        """Sample the totals for the rates, if SNAPSHOT_EVERY_S has passed since the
+        last sample (callers check `snapshot_at` first: it is on the hot path)."""
+        if now >= self.snapshot_at:
             self.snapshots.append((now, self.enqueued, self.done, self.failed))
+            self.snapshot_at = now + self.SNAPSHOT_EVERY_S
 
     def view(self, now: float) -> dict[str, Any]:
+        self.snapshot(now)
+        snapshots = self.snapshots
+        # Samples are lazy: one older than the window (and the sampling step) says the
+        # totals have not moved within it, since any move would have taken a newer one.
+        horizon = now - self.RATE_WINDOW_S - self.SNAPSHOT_EVERY_S
+        while len(snapshots) > 1 and snapshots[0][0] < horizon:
+            snapshots.popleft()
         rates: tuple[float, float, float] = (0.0, 0.0, 0.0)
-        if self.snapshots:
-            t0, e0, d0, f0 = self.snapshots[0]
+        if snapshots:
+            t0, e0, d0, f0 = snapshots[0]
             span = now - t0
             if span > 0:
                 rates = (
@@ -310,10 +327,35 @@ def _p95(values: deque[float]) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 6)
 
 
+class ServiceWorkers(dict[bytes, "Worker"]):
+    """A service's registered workers. When the last one leaves, the service is named
+    in `emptied` (the directory's list of services that may have become idle), so
+    idle services are found without scanning them all."""
+
+    __slots__ = ("_emptied", "_name")
+
+    def __init__(self, name: bytes, emptied: dict[bytes, None] | None) -> None:
+        super().__init__()
+        self._name = name
+        self._emptied = emptied
+
+    def __delitem__(self, identity: bytes) -> None:
+        super().__delitem__(identity)
+        if not self and self._emptied is not None:
+            self._emptied[self._name] = None
+
+    def pop(self, identity: bytes, *default: Any) -> Any:
+        found = super().pop(identity, *default)
+        if not self and self._emptied is not None:
+            self._emptied[self._name] = None
+        return found
+
+
 class Service:
     """A named queue of requests and the workers that serve it."""
 
     __slots__ = (
+        "expire_at",
         "figures",
         "limit",
         "name",
@@ -327,9 +369,11 @@ class Service:
         "workers",
     )
 
-    def __init__(self, name: bytes) -> None:
+    def __init__(self, name: bytes, emptied: dict[bytes, None] | None = None) -> None:
         self.name = name
         self.queue: deque[MdpRequest] = deque()
+        # When MdpRequests' timer next looks at this queue (inf: no look scheduled).
+        self.expire_at = _INF
         # Durable tasks: the best READY ones, as (priority, -seq, id), sorted so the
         # next to deliver is last. Always exactly the top len(window) READY tasks of
         # the journal; `ready_count` counts all of them (the rest stay on disk).
@@ -345,7 +389,7 @@ class Service:
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}
-        self.workers: dict[bytes, Worker] = {}
+        self.workers: dict[bytes, Worker] = ServiceWorkers(name, emptied)
 
 
 @dataclass(slots=True)

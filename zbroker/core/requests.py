@@ -8,13 +8,18 @@ Rules it keeps:
      while it has had fewer than request_max_attempts; then it is dropped and
      counted (an MDP client has no way to hear of a failure: it times out).
   3. A request still queued after request_expiry_s is dropped and counted; a
-     full queue refuses new ones.
+     full queue refuses new ones. Expiry is a timer by deadline: a heap holds,
+     per service with queued requests, when its oldest request expires, so a tick
+     looks only at the queues that have something due, never at every service.
 Requests are never written to the journal: 7/MDP promises no durability.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 
 from zbroker.core.model import Delivery, Held, MdpRequest, Service, Stats
 from zbroker.core.names import hex_id, shown
@@ -46,6 +51,10 @@ class MdpRequests:
         self._routing: Delivery | None = None
         self._next_id = 1
         self._debug = log.isEnabledFor(logging.DEBUG)
+        # (when, tiebreak, service): when a queue's front request expires. A service
+        # has one live entry, the one whose `when` is its `expire_at`; others are stale.
+        self._expiry: list[tuple[float, int, Service]] = []
+        self._tiebreak = itertools.count()
 
     def connect(self, routing: Delivery) -> None:
         """The routing that delivers this part's requests (made after it)."""
@@ -83,6 +92,8 @@ class MdpRequests:
                 "request #%d from client %s for %s", request.id, hex_id(identity), shown(name)
             )
         service.queue.append(request)
+        if len(service.queue) == 1:
+            self._schedule(service)
         if service.ready:
             routing.dispatch(service, now)
 
@@ -97,6 +108,33 @@ class MdpRequests:
         else:
             code = mdp.MMI_NOT_IMPLEMENTED
         self._out.outbox.append([identity, _EMPTY, _MDPC01, msg.service, code])
+
+    def _schedule(self, service: Service) -> None:
+        """Look at `service`'s queue when its front request expires, unless a look is
+        already due by then."""
+        when = service.queue[0].enqueued_at + self._settings.request_expiry_s
+        if when < service.expire_at:
+            service.expire_at = when
+            heapq.heappush(self._expiry, (when, next(self._tiebreak), service))
+
+    @property
+    def expiry_timers(self) -> int:
+        """Entries of the expiry heap (live and stale)."""
+        return len(self._expiry)
+
+    def expire_due(self, now: float) -> None:
+        """Expire the requests due by `now`: only the queues whose timer is due."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            when, _, service = heapq.heappop(heap)
+            if when != service.expire_at:
+                continue  # superseded by an earlier look
+            service.expire_at = math.inf
+            self.expire(service, now)
+            if service.queue:
+                self._schedule(service)
+            else:
+                self._directory.maybe_idle(service)
 
     def expire(self, service: Service, now: float) -> None:
         """Drop the requests of `service` queued for longer than request_expiry_s."""
@@ -131,8 +169,7 @@ class MdpRequests:
                 "request %s failed on attempt %d (%s): retrying", held.tid, held.attempt, reason
             )
             held.ack_by = 0.0
-            self._directory.get(held.service).queue.appendleft(held)
-            self._stats.requeued += 1
+            self._requeue(held)
             return
         # An MDP client has no way to hear about a failure: it will time out.
         self._stats.failed_permanently += 1
@@ -160,5 +197,11 @@ class MdpRequests:
         """Its worker is gone: to the front of the queue, first to go again."""
         assert type(held) is MdpRequest
         held.ack_by = 0.0
-        self._directory.get(held.service).queue.appendleft(held)
+        self._requeue(held)
+
+    def _requeue(self, held: MdpRequest) -> None:
+        """To the front of its queue (it is older than every request there)."""
+        service = self._directory.get(held.service)
+        service.queue.appendleft(held)
+        self._schedule(service)
         self._stats.requeued += 1

@@ -84,6 +84,10 @@ class CoreSettings:
     max_waiters: int = 100_000
     # How long a REQUEST waits for its result before answering with the task's state.
     request_wait_s: float = 300.0
+    # Services gone idle whose figures (totals, rates, wait and run times) are kept, so
+    # their counters carry on if they come back; beyond this many, the figures of the
+    # longest gone are dropped (their Prometheus series end).
+    max_departed_services: int = 10_000
     # Entries kept in a task's history (oldest dropped first).
     history_limit: int = 32
     # Seed of the retry jitter (None: unpredictable). Tests pin it.
@@ -112,6 +116,7 @@ class CoreSettings:
         at_least("window_per_service", self.window_per_service, 1)
         at_least("max_waiters", self.max_waiters, 0)
         at_least("request_wait_s", self.request_wait_s, 0.0)
+        at_least("max_departed_services", self.max_departed_services, 0)
         # The newest entry is always kept: a task's history is never empty.
         at_least("history_limit", self.history_limit, 1)
 

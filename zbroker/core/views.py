@@ -8,6 +8,8 @@ client see the same exact figures.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from typing import Any
 
 from zbroker.core.lifecycle import DEAD, DELAYED, INFLIGHT, READY
@@ -42,17 +44,17 @@ class AdminViews:
         self._tasks = tasks
         self._started_at = started_at
 
-    def queues(self, now: float) -> dict[str, Any]:
-        """Every service's figures, exact: counters from the journal, workers from memory."""
+    def queues(self, msg: zbc.Queues, now: float) -> dict[str, Any]:
+        """A page of services' figures, exact (counters from the journal, workers from
+        memory), in name order after `msg.after`. The work is O(page + services with
+        stored tasks), never a view of every service the broker knows."""
         journal = self._tasks.journal
         counts = journal.counts() if journal is not None else {}
+        page, more = self._queues_page(counts, msg.after, msg.limit)
         services = self._directory.services
-        # By the bytes of the name: MDP allows any, and two names that are not UTF-8
-        # must not share a row (nor miss their service). They show backslash-escaped.
-        raw_names = set(services) | {name.encode() for name in counts}
         epoch = self._tasks.epoch(now)
         out = []
-        for raw in sorted(raw_names):
+        for _key, raw in page:
             name = raw.decode(errors="backslashreplace")
             per_state = counts.get(name, {})
             service = services.get(raw)
@@ -66,7 +68,8 @@ class AdminViews:
                 if record is not None:
                     oldest = max(0.0, epoch - record.created_at)
             if service is not None and service.queue:
-                oldest = max(oldest, now - min(r.enqueued_at for r in service.queue))
+                # The front is the oldest: requeued requests go back to the front.
+                oldest = max(oldest, now - service.queue[0].enqueued_at)
             out.append(
                 {
                     "service": name,
@@ -81,7 +84,44 @@ class AdminViews:
                     **self._directory.figures(raw).view(now),
                 }
             )
-        return {"queues": out}
+        last = page[-1][0].decode() if more and page else None
+        return {"queues": out, "next": last}
+
+    def _queues_page(
+        self, counts: dict[str, Any], after: str | None, limit: int
+    ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """(order key, name) of the services of one QUEUES page, and whether more follow.
+        The names: services in the directory (and those whose figures it keeps), and
+        services with stored tasks in the journal. By the bytes of the name: MDP
+        allows any, and two names that are not UTF-8 must not share a row (nor miss
+        their service). They show backslash-escaped, and sort so."""
+        after_key = after.encode() if after is not None else None
+        entries: set[tuple[bytes, bytes]] = set()
+        for entry in self._directory.names.after(after_key):
+            entries.add(entry)
+            if len(entries) > limit:
+                break
+        for stored in counts:
+            key = stored.encode()
+            if after_key is None or key > after_key:
+                entries.add((key, key))
+        chosen = heapq.nsmallest(limit + 1, entries)
+        more = len(chosen) > limit
+        page = chosen[:limit]
+        if more and page[-1][0] == chosen[limit][0]:
+            # Names showing the same (escaped) text share a cursor: keep them together,
+            # before this page's end or, when they fill it, on a page of their own.
+            tied = page[-1][0]
+            kept = [entry for entry in page if entry[0] != tied]
+            if kept:
+                return kept, True
+            found = self._directory.names.after(after_key)
+            page = list(itertools.takewhile(lambda entry: entry[0] == tied, found))
+            if tied.decode() in counts:
+                page = sorted({*page, (tied, tied)})
+            beyond = next(self._directory.names.after(tied), None)
+            more = beyond is not None or any(name.encode() > tied for name in counts)
+        return page, more
 
     def workers(self, now: float) -> dict[str, Any]:
         expiry = self._settings.worker_expiry_s
@@ -118,7 +158,7 @@ class AdminViews:
             "malformed": dict(stats.malformed or {}),
             "uptime_s": round(now - self._started_at, 3),
             "services": len(services),
-            "workers": sum(len(s.workers) for s in services.values()),
+            "workers": len(self._workers),
             "waiting_calls": self._tasks.waiter_count,
         }
         journal = self._tasks.journal

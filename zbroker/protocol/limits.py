@@ -36,6 +36,11 @@ BATCH_BYTES: Final = 15 * 1024 * 1024
 MAX_WAIT_S: Final = 24 * 3600.0
 # Entries per page of DEAD and TASKS: an answer stays far below the message cap.
 MAX_LIST: Final = 1000
+# Services per page of QUEUES (`limit`), and the page a call without `limit` gets:
+# one page is what the broker's loop builds between two passes, so it stays short
+# however many services there are.
+MAX_QUEUES_PAGE: Final = 1000
+DEFAULT_QUEUES_PAGE: Final = 500
 # Largest TASKS `after` (entries skipped): far above any list a scan can produce.
 MAX_LIST_AFTER: Final = 10**9
 # Task priority, higher first: one byte in the journal's index keys.

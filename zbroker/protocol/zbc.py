@@ -34,8 +34,11 @@ ERROR {rid, code, message}, codes E_* below):
               `next` is the `after` of the following page, nil on the last one
   REDRIVE  {service, ids?} -> REPLY {ids: [id, ...]}  dead letters back to READY
                               with their attempts reset (MAX_BATCH per call)
-  QUEUES   {}  -> REPLY {queues: [{service, ready, delayed, inflight, dead, requests,
-                  workers, credit, credit_in_use, oldest_age_s}, ...]}
+  QUEUES   {limit?, after?}  -> REPLY {queues: [{service, ready, delayed, inflight,
+                  dead, requests, workers, credit, credit_in_use, oldest_age_s}, ...],
+                  next}  a page of services in name order (MAX_QUEUES_PAGE at most,
+                  DEFAULT_QUEUES_PAGE without `limit`); `next` is the `after` of the
+                  following page, nil on the last one
   WORKERS  {}  -> REPLY {workers: [{worker, service, dialect, credit, tasks, tags,
                   metrics, last_seen_s, state}, ...]}
   DRAIN    {worker} -> REPLY {worker, tasks}   (ERROR not_found for an unknown worker)
@@ -210,6 +213,8 @@ class Redrive:
 @dataclass(frozen=True, slots=True)
 class Queues:
     rid: int
+    limit: int = limits.DEFAULT_QUEUES_PAGE
+    after: str | None = None  # `service` of the last row of a previous page
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,7 +472,11 @@ def _decode_redrive(meta: dict[str, Any], rid: int) -> Redrive:
 
 
 def _decode_queues(meta: dict[str, Any], rid: int) -> Queues:
-    return Queues(rid)
+    after = meta.get("after")
+    if after is not None and not isinstance(after, str):
+        raise CallError(rid, E_BAD_REQUEST, "'after' must be a service name")
+    limit = _int(meta, "limit", rid, 1, limits.MAX_QUEUES_PAGE, limits.DEFAULT_QUEUES_PAGE)
+    return Queues(rid, limit, after)
 
 
 def _decode_workers(meta: dict[str, Any], rid: int) -> Workers:

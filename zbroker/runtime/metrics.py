@@ -4,7 +4,10 @@ Every scrape asks the broker itself, over its own ROUTER socket, with the
 admin calls QUEUES and STATS (docs/protocol.md §11): the figures are the
 broker's exact bookkeeping, the same `zbroker queues --json` and `zbroker
 status` print, never numbers rebuilt from events. The loop answers those
-calls between two passes, so a scrape never sees half a pass.
+calls between two passes, so a scrape never sees half a pass. QUEUES is read
+a page at a time (MAX_QUEUES_PAGE services), one call after the other: the
+loop's share of a scrape is one page per pass it answers in, whatever the
+number of services, and workers' heartbeats are served in between.
 
   GET /metrics  Prometheus text format
   GET /health   200 {"status": "ok", ...} when the broker answers, else 503
@@ -32,6 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
+from zbroker.protocol.limits import MAX_QUEUES_PAGE
 from zbroker.protocol.states import QUEUE_COUNTS, TaskState
 
 log = logging.getLogger("zbroker.metrics")
@@ -87,21 +91,43 @@ class BrokerAsker:
         self._lock = threading.Lock()
 
     def call(self, command: bytes) -> dict[str, Any]:
+        sock = self._socket()
+        try:
+            return self._ask(sock, command)
+        finally:
+            sock.close(linger=0)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every QUEUES row, page after page on one connection."""
+        rows: list[dict[str, Any]] = []
+        after: str | None = None
+        sock = self._socket()
+        try:
+            while True:
+                meta = self._ask(sock, zbc.QUEUES, limit=MAX_QUEUES_PAGE, after=after)
+                rows += meta["queues"]
+                after = meta.get("next")
+                if after is None:
+                    return rows
+        finally:
+            sock.close(linger=0)
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self._endpoint)
+        return sock
+
+    def _ask(self, sock: zmq.Socket[bytes], command: bytes, **fields: Any) -> dict[str, Any]:
         with self._lock:
             self._rid += 1
             rid = self._rid
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(self._endpoint)
-            sock.send_multipart(zbc.call(command, rid))
-            while sock.poll(self._timeout_ms):
-                answer = zbc.decode_answer(sock.recv_multipart())
-                if answer.rid == rid and answer.ok:
-                    return answer.meta
-            raise TimeoutError(f"no answer from the broker at {self._endpoint}")
-        finally:
-            sock.close(linger=0)
+        sock.send_multipart(zbc.call(command, rid, **fields))
+        while sock.poll(self._timeout_ms):
+            answer = zbc.decode_answer(sock.recv_multipart())
+            if answer.rid == rid and answer.ok:
+                return answer.meta
+        raise TimeoutError(f"no answer from the broker at {self._endpoint}")
 
 
 class BrokerCollector:
@@ -112,7 +138,7 @@ class BrokerCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            queues = self._asker.call(zbc.QUEUES)["queues"]
+            queues = self._asker.queues()
             stats = self._asker.call(zbc.STATS)
         except (TimeoutError, ProtocolError, zmq.ZMQError, KeyError) as exc:
             log.warning("metrics scrape failed: %s", exc)

@@ -21,6 +21,7 @@ import {
   MAX_ATTEMPTS_LIMIT,
   MAX_BATCH,
   MAX_LIST,
+  MAX_QUEUES_PAGE,
   MAX_WAIT_S,
   MIN_CLIENT_MESSAGE_BYTES,
   MMI_SERVICE,
@@ -379,6 +380,41 @@ export class Client {
       const page = await this.deadLetters(service, { ...options, after })
       yield * page.tasks
       if (page.next === null || page.tasks.length === 0) return
+      after = page.next
+    }
+  }
+
+  /**
+   * One page of the broker's services and their queue figures, in name order:
+   * {queues: [{service, ready, delayed, inflight, dead, ...}], next}. Pass
+   * `{after: page.next}` for the following page; `next` is null on the last.
+   */
+  async queuesPage (options = {}) {
+    const meta = { limit: checkInt(options.limit ?? MAX_QUEUES_PAGE, 'limit', 1, MAX_QUEUES_PAGE) }
+    if (options.after !== undefined && options.after !== null) {
+      if (typeof options.after !== 'string') throw new TypeError('after must be a service name')
+      meta.after = options.after
+    }
+    const answer = await this.#call({
+      what: 'QUEUES',
+      options,
+      start: (ctl) => ctl.send(C.QUEUES, meta),
+      answer: replyOrError
+    })
+    const queues = answer.meta.queues
+    if (!Array.isArray(queues)) throw new ProtocolError('bad_reply', 'QUEUES reply without a queues list')
+    const next = answer.meta.next
+    return { queues, next: typeof next === 'string' ? next : null }
+  }
+
+  /** Every service's queue figures (QUEUES), page after page; each page is exact when read. */
+  async queues (options = {}) {
+    const rows = []
+    let after = null
+    for (;;) {
+      const page = await this.queuesPage({ ...options, after })
+      rows.push(...page.queues)
+      if (page.next === null || page.queues.length === 0) return rows
       after = page.next
     }
   }

@@ -464,12 +464,14 @@ export const C = Object.freeze({
   CANCEL: 0x05,
   DEAD: 0x06,
   REDRIVE: 0x07,
+  QUEUES: 0x08,
   REPLY: 0x10,
   ERROR: 0x11
 })
 export const MAX_BATCH = 10_000
 export const MAX_WAIT_S = 24 * 3600
 export const MAX_LIST = 1000
+export const MAX_QUEUES_PAGE = 1000
 export const PRIORITY_MIN = -128
 export const PRIORITY_MAX = 127
 export const MAX_ATTEMPTS_LIMIT = 1000
