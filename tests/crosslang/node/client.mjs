@@ -2,7 +2,8 @@
 //
 //   node client.mjs ENDPOINT
 //
-// Ops: enqueue, enqueueMany, request, result, status, cancel, mdp, mmi. Payloads come
+// Ops: enqueue, enqueueMany, request, result, status, cancel, mdp, mmi, queues,
+// queuesPage. Payloads come
 // as `frames` (base64 list; with `one: true` the single Buffer is passed instead of
 // an array); results go back as base64 lists (`frames: true` on the call).
 
@@ -36,6 +37,8 @@ serveCommands({
   status: async (c) => plain(await client.status(c.id)),
   cancel: async (c) => client.cancel(c.id),
   mdp: async (c) => (await client.mdpRequestFrames(c.service, payloadOf(c))).map(b64),
-  mmi: (c) => client.mmiService(c.service)
+  mmi: (c) => client.mmiService(c.service),
+  queues: (c) => client.queues(c.options ?? {}),
+  queuesPage: (c) => client.queuesPage(c.options ?? {})
 }, () => client.close())
 emit({ event: 'ready' })
