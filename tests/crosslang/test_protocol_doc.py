@@ -40,6 +40,7 @@ TASK_MAP_KEYS = {
     "service",
     "state",
     "attempt",
+    "uncharged",
     "max_attempts",
     "priority",
     "created_at",
@@ -236,6 +237,7 @@ def test_worked_example_of_a_task_lifecycle(broker: BrokerProcess, zmq_ctx: Ctx)
     assert set(task) == TASK_MAP_KEYS
     assert task["id"] == task_id and task["service"] == "tts"
     assert (task["state"], task["attempt"], task["max_attempts"]) == ("inflight", 1, 3)
+    assert task["uncharged"] == 0
     assert task["priority"] == 0 and task["key"] == "msg-42" and task["headers"] == {}
     assert task["timeout_s"] == 60.0 and task["not_before"] == 0
     assert task["expires_at"] is None and task["error"] is None
