@@ -156,6 +156,10 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
             "debug",
             "--data-dir",
             str(data_dir or tmp_path / f"data{n}"),
+            # SIGTERM drains for at most this long (teardown waits 10 s for the exit);
+            # a test of the drain itself passes its own --drain-timeout in `extra`.
+            "--drain-timeout",
+            "2",
             *extra,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -884,6 +884,21 @@ def test_status_decodes_the_task_map(connect: Callable[..., Driver], fake: FakeB
     assert not status.final
 
 
+def test_status_shows_the_attempts_the_broker_did_not_charge(
+    connect: Callable[..., Driver], fake: FakeBroker
+) -> None:
+    # Given a task whose first attempt a broker restart cut short
+    client = connect()
+    future = client.call("status", "t1")
+    got = fake.recv()
+    task = {"id": "t1", "service": "stt", "state": "inflight", "attempt": 2, "uncharged": 1}
+    task |= {"max_attempts": 1, "priority": 0, "created_at": 1700000000.5}
+    # When STATUS answers, Then the client shows the uncharged attempt
+    fake.reply(got, {"task": task})
+    status = future.result(WAIT_S)
+    assert (status.attempt, status.uncharged, status.max_attempts) == (2, 1, 1)
+
+
 def test_cancel_returns_the_state_the_task_was_in(
     connect: Callable[..., Driver], fake: FakeBroker
 ) -> None:

@@ -63,6 +63,9 @@ class TaskStatus:
     finished_at: float | None = None  # when it reached a final state
     keep_until: float | None = None  # its record (and result) is kept until then
     history: tuple[Any, ...] = ()  # the broker's log of the task's transitions
+    # Attempts the broker cut short by stopping or dying: not counted against
+    # max_attempts (0 from a broker that predates the field).
+    uncharged: int = 0
 
     @property
     def final(self) -> bool:
@@ -117,6 +120,7 @@ def parse_status(meta: dict[str, Any]) -> TaskStatus:
         finished_at=_time(task, "finished_at"),
         keep_until=_time(task, "keep_until"),
         history=tuple(history) if isinstance(history, list | tuple) else (),
+        uncharged=_whole(task, "uncharged"),
     )
 
 
