@@ -8,6 +8,7 @@ clock: every time here is a float passed in by the caller.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -232,8 +233,10 @@ class ServiceFigures:
         self.failed = 0  # attempts that ended without DONE
         self.dead = 0
         self.redeliveries = 0  # deliveries after the first of a task
-        self.waits: deque[float] = deque(maxlen=self.SAMPLES)  # enqueue (or due) to start
-        self.runs: deque[float] = deque(maxlen=self.SAMPLES)  # start to DONE
+        # Enqueue (or due) to start, and start to DONE: made at the first sample (an
+        # empty deque costs hundreds of bytes, and most names never run a task).
+        self.waits: deque[float] | None = None
+        self.runs: deque[float] | None = None
         # Since start: counts per bucket (the last one is +Inf) and the sum of seconds.
         self.wait_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
         self.run_hist: list[float] = [0.0] * (len(self.BUCKETS) + 2)
@@ -247,11 +250,17 @@ class ServiceFigures:
         self.snapshot_at = -_INF  # no snapshot is due before this time
 
     def observe_wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
+        waits = self.waits
+        if waits is None:
+            waits = self.waits = deque(maxlen=self.SAMPLES)
+        waits.append(seconds)
         self._observe(self.wait_hist, seconds)
 
     def observe_run(self, seconds: float) -> None:
-        self.runs.append(seconds)
+        runs = self.runs
+        if runs is None:
+            runs = self.runs = deque(maxlen=self.SAMPLES)
+        runs.append(seconds)
         self._observe(self.run_hist, seconds)
 
     def _observe(self, hist: list[float], seconds: float) -> None:
@@ -308,19 +317,20 @@ class ServiceFigures:
 
     def _histogram(self, hist: list[float]) -> dict[str, Any]:
         """Cumulative counts per upper bound, as Prometheus wants them."""
-        cumulative = []
-        total = 0.0
-        for bound, count in zip((*self.BUCKETS, float("inf")), hist[:-1], strict=True):
-            total += count
-            cumulative.append([bound if bound != float("inf") else "+Inf", int(total)])
-        return {"buckets": cumulative, "sum": round(hist[-1], 6), "count": int(total)}
+        counts = list(itertools.accumulate(hist[:-1]))
+        buckets = [[bound, int(n)] for bound, n in zip(_SHOWN_BOUNDS, counts, strict=True)]
+        return {"buckets": buckets, "sum": round(hist[-1], 6), "count": int(counts[-1])}
 
 
-def _mean(values: deque[float]) -> float | None:
+# The histograms' upper bounds as QUEUES shows them.
+_SHOWN_BOUNDS: tuple[float | str, ...] = (*ServiceFigures.BUCKETS, "+Inf")
+
+
+def _mean(values: deque[float] | None) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
-def _p95(values: deque[float]) -> float | None:
+def _p95(values: deque[float] | None) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
