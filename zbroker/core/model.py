@@ -317,9 +317,11 @@ class ServiceFigures:
 
     def _histogram(self, hist: list[float]) -> dict[str, Any]:
         """Cumulative counts per upper bound, as Prometheus wants them."""
-        counts = list(itertools.accumulate(hist[:-1]))
-        buckets = [[bound, int(n)] for bound, n in zip(_SHOWN_BOUNDS, counts, strict=True)]
-        return {"buckets": buckets, "sum": round(hist[-1], 6), "count": int(counts[-1])}
+        counts = list(map(int, itertools.accumulate(hist[:-1])))
+        # Pairs as tuples (msgpack arrays all the same): tuples of numbers leave the
+        # garbage collector's lists, and QUEUES builds thousands of them per page.
+        buckets = list(zip(_SHOWN_BOUNDS, counts, strict=True))
+        return {"buckets": buckets, "sum": round(hist[-1], 6), "count": counts[-1]}
 
 
 # The histograms' upper bounds as QUEUES shows them.
