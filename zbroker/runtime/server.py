@@ -183,10 +183,10 @@ class BrokerServer:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             name = signal.Signals(signum).name
             if self._drain_asked or self.config.drain_timeout_s <= 0:
-                log.info("received %s: stopping now", name)
+                log.info("received %s: shutting down now", name)
             else:
                 log.info(
-                    "received %s: draining for up to %gs (send it again to stop now)",
+                    "received %s: shutting down, draining for up to %gs (again: stop now)",
                     name,
                     self.config.drain_timeout_s,
                 )
