@@ -566,7 +566,7 @@ def test_status_shows_the_record_and_its_history(journal: Journal) -> None:
     task = answer.meta["task"]
     assert task["state"] == "inflight" and task["priority"] == 3 and task["key"] == "k"
     assert [h[0] for h in task["history"]] == ["enqueued", "attempt"]
-    assert task["history"][1][3] == b"W".hex()
+    assert task["history"][1][3] == s.broker.workers[b"W"].alias
 
 
 def test_no_journal_means_calls_are_refused_not_dropped() -> None:

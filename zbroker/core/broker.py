@@ -98,9 +98,7 @@ class Broker:
         self.views = AdminViews(
             settings, self.stats, self.directory, self.routing.workers, self.tasks, now
         )
-        self.controls = OperatorControls(
-            self._out, self.directory, self.routing.workers, self.routing, self.tasks
-        )
+        self.controls = OperatorControls(self._out, self.directory, self.routing, self.tasks)
         self._tick_at = now + settings.tick_interval_s
         self._calls = self._call_table()
         if journal is not None:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from zbroker.core import lifecycle
-from zbroker.core.model import Service, Worker
+from zbroker.core.model import Service
 from zbroker.core.routing import Routing
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.sink import Outputs
@@ -30,13 +30,11 @@ class OperatorControls:
         self,
         out: Outputs,
         directory: ServiceDirectory,
-        workers: dict[bytes, Worker],
         routing: Routing,
         tasks: DurableTasks,
     ) -> None:
         self._out = out
         self._directory = directory
-        self._workers = workers
         self._routing = routing
         self._tasks = tasks
 
@@ -104,10 +102,7 @@ class OperatorControls:
 
     def drain(self, identity: bytes, msg: zbc.Drain) -> None:
         """No new work for the worker (None: no such worker)."""
-        try:
-            worker = self._workers.get(bytes.fromhex(msg.worker))
-        except ValueError:
-            worker = None
+        worker = self._routing.find(msg.worker)
         if worker is None:
             self._tasks.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no worker {msg.worker}")
             return

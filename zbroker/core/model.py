@@ -164,6 +164,7 @@ class Worker:
     """A registered worker: one routing id serving one service, holding up to `credit` tasks."""
 
     __slots__ = (
+        "alias",
         "batch",
         "credit",
         "dialect",
@@ -188,6 +189,9 @@ class Worker:
         tags: tuple[str, ...] = (),
     ):
         self.identity = identity
+        # What operators, events and histories call this worker: never its routing
+        # id, which a peer could use to make libzmq abort (runtime/routing_ids.py).
+        self.alias = identity.hex()
         self.service = service
         self.dialect = dialect
         self.credit = credit
@@ -339,30 +343,6 @@ def _p95(values: deque[float] | None) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 6)
 
 
-class ServiceWorkers(dict[bytes, "Worker"]):
-    """A service's registered workers. When the last one leaves, the service is named
-    in `emptied` (the directory's list of services that may have become idle), so
-    idle services are found without scanning them all."""
-
-    __slots__ = ("_emptied", "_name")
-
-    def __init__(self, name: bytes, emptied: dict[bytes, None] | None) -> None:
-        super().__init__()
-        self._name = name
-        self._emptied = emptied
-
-    def __delitem__(self, identity: bytes) -> None:
-        super().__delitem__(identity)
-        if not self and self._emptied is not None:
-            self._emptied[self._name] = None
-
-    def pop(self, identity: bytes, *default: Any) -> Any:
-        found = super().pop(identity, *default)
-        if not self and self._emptied is not None:
-            self._emptied[self._name] = None
-        return found
-
-
 class Service:
     """A named queue of requests and the workers that serve it."""
 
@@ -381,7 +361,7 @@ class Service:
         "workers",
     )
 
-    def __init__(self, name: bytes, emptied: dict[bytes, None] | None = None) -> None:
+    def __init__(self, name: bytes) -> None:
         self.name = name
         self.queue: deque[MdpRequest] = deque()
         # When MdpRequests' timer next looks at this queue (inf: no look scheduled).
@@ -401,7 +381,7 @@ class Service:
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}
-        self.workers: dict[bytes, Worker] = ServiceWorkers(name, emptied)
+        self.workers: dict[bytes, Worker] = {}
 
 
 @dataclass(slots=True)

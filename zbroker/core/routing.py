@@ -20,7 +20,9 @@ the journal.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +64,9 @@ class Routing:
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Inside a deferral block: the services to dispatch once, when it ends.
         self._deferred: dict[bytes, Service] | None = None
+        # Keys each worker's alias: unguessable, and the same only within this run.
+        self._alias_key = random.Random(settings.seed).getrandbits(128).to_bytes(16, "big")
+        self._by_alias: dict[str, Worker] = {}
         # A registered ZBW01 worker's message, by type -> its handler.
         self._zbw_handlers: dict[type, Callable[[Worker, Any, float], None]] = {
             ext.Done: self._zbw_done,
@@ -160,7 +165,7 @@ class Routing:
                     held.tid,
                     shown(service.name),
                     held.attempt,
-                    hex_id(identity),
+                    worker.alias,
                 )
         if batches:
             name = shown(service.name)
@@ -218,7 +223,7 @@ class Routing:
                 self._register(identity, msg.service, now, MDP, 1, ())
         elif worker is not None:  # DISCONNECT
             self._stats.workers_disconnected += 1
-            log.info("worker %s disconnected", hex_id(identity))
+            log.info("worker %s disconnected", worker.alias)
             self.remove(worker, now, "disconnected")
 
     # ----------------------------------------------------- ZBW01 workers
@@ -272,7 +277,7 @@ class Routing:
                         task_id,
                         attempt,
                         shown(worker.service.name),
-                        hex_id(worker.identity),
+                        worker.alias,
                     )
 
     def _zbw_heartbeat(self, worker: Worker, msg: ext.Heartbeat, now: float) -> None:
@@ -302,7 +307,7 @@ class Routing:
 
     def _zbw_disconnect(self, worker: Worker, msg: ext.Disconnect, now: float) -> None:
         self._stats.workers_disconnected += 1
-        log.info("worker %s disconnected", hex_id(worker.identity))
+        log.info("worker %s disconnected", worker.alias)
         self.remove(worker, now, "disconnected")
 
     def _fenced(self, worker: Worker, task_id: str, attempt: int) -> Held | None:
@@ -315,7 +320,7 @@ class Routing:
                     "refused stale report for %s attempt %d from worker %s",
                     task_id,
                     attempt,
-                    hex_id(worker.identity),
+                    worker.alias,
                 )
             return None
         return held
@@ -335,7 +340,9 @@ class Routing:
         service = self._directory.get(name)
         worker = Worker(identity, service, now, self._settings, dialect, credit, tags)
         worker.batch = batch
+        worker.alias = self._alias(identity)
         self.workers[identity] = worker
+        self._by_alias[worker.alias] = worker
         service.workers[identity] = worker
         service.ready[identity] = worker
         self._stats.workers_registered += 1
@@ -343,7 +350,7 @@ class Routing:
             self._sink.emit(
                 "worker.ready",
                 {
-                    "worker": hex_id(identity),
+                    "worker": worker.alias,
                     "service": shown(name),
                     "dialect": dialect.value,
                     "credit": credit,
@@ -352,7 +359,7 @@ class Routing:
             )
         log.info(
             "worker %s ready for %s (%s, credit %d)",
-            hex_id(identity),
+            worker.alias,
             shown(name),
             dialect.value,
             credit,
@@ -368,7 +375,7 @@ class Routing:
         self._sink.emit(
             "heartbeat.ping",
             {
-                "worker": hex_id(worker.identity),
+                "worker": worker.alias,
                 "service": shown(worker.service.name),
                 "tasks": len(worker.tasks),
                 "credit": worker.credit,
@@ -402,6 +409,15 @@ class Routing:
             self._out.outbox.append([worker.identity, *cancel])
             self.dispatch(worker.service, now)
 
+    def _alias(self, identity: bytes) -> str:
+        """The id operators and peers see for the worker at `identity`: a keyed hash,
+        so nothing the broker says reveals a routing id (runtime/routing_ids.py)."""
+        return hashlib.blake2b(identity, key=self._alias_key, digest_size=5).hexdigest()
+
+    def find(self, alias: str) -> Worker | None:
+        """The worker operators know as `alias` (WORKERS, events, histories)."""
+        return self._by_alias.get(alias)
+
     def drain(self, worker: Worker) -> None:
         """No new work for `worker`; what it holds, it finishes."""
         worker.draining = True
@@ -415,11 +431,15 @@ class Routing:
         if self._sink.prefixes:
             self._sink.emit(
                 "worker.down",
-                {"worker": hex_id(identity), "service": shown(service.name), "reason": why},
+                {"worker": worker.alias, "service": shown(service.name), "reason": why},
             )
         del self.workers[identity]
+        if self._by_alias.get(worker.alias) is worker:
+            del self._by_alias[worker.alias]
         del service.workers[identity]
         service.ready.pop(identity, None)
+        if not service.workers:
+            self._directory.maybe_idle(service)  # let go at the next tick if idle
         if worker.tasks:
             held_list = list(worker.tasks.values())
             worker.tasks.clear()
@@ -429,7 +449,7 @@ class Routing:
             requests = sum(1 for held in held_list if type(held) is MdpRequest)
             log.info(
                 "worker %s is gone: %d MDP request(s) requeued, %d task(s) taken back",
-                hex_id(identity),
+                worker.alias,
                 requests,
                 len(held_list) - requests,
             )
@@ -450,7 +470,7 @@ class Routing:
         worker = self.workers.get(identity)
         if worker is not None:
             self._stats.workers_unreachable += 1
-            log.info("worker %s unreachable: connection gone", hex_id(identity))
+            log.info("worker %s unreachable: connection gone", worker.alias)
             self.remove(worker, now, "unreachable")
 
     # ------------------------------------------------------------ timers
@@ -464,7 +484,7 @@ class Routing:
                 self._stats.workers_expired += 1
                 log.info(
                     "worker %s (%s) expired: silent for %.1fs",
-                    hex_id(worker.identity),
+                    worker.alias,
                     shown(worker.service.name),
                     self._worker_expiry_s,
                 )
@@ -506,7 +526,7 @@ class Routing:
                 "request %s attempt %d not acknowledged by worker %s: taken back",
                 held.tid,
                 held.attempt,
-                hex_id(worker.identity),
+                worker.alias,
             )
             cancel = dialect.cancel(held)
             if cancel is not None:  # only workers that acknowledge get here

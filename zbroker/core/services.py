@@ -135,7 +135,7 @@ class ServiceDirectory:
         service's work or figures goes through here or leaves it without workers."""
         service = self.services.get(name)
         if service is None:
-            service = self.services[name] = Service(name, self._maybe_idle)
+            service = self.services[name] = Service(name)
             kept = self.kept_figures.pop(name, None)
             if kept is not None:
                 service.figures = kept
@@ -167,7 +167,7 @@ class ServiceDirectory:
         if not maybe_idle:
             return
         names = list(maybe_idle)
-        maybe_idle.clear()  # in place: each service's worker map reports to this dict
+        maybe_idle.clear()
         services = self.services
         for name in names:
             self.visits += 1

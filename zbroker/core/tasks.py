@@ -291,7 +291,7 @@ class DurableTasks:
         else:
             figures.redeliveries += 1
         record.attempt += 1
-        worker_hex = worker.identity.hex()
+        worker_hex = worker.alias
         self.apply(
             record, lifecycle.START, epoch, service, None, None, (record.attempt, worker_hex)
         )

@@ -127,7 +127,7 @@ class AdminViews:
         expiry = self._settings.worker_expiry_s
         rows = [
             {
-                "worker": worker.identity.hex(),
+                "worker": worker.alias,
                 "service": worker.service.name.decode(errors="backslashreplace"),
                 "dialect": worker.dialect.value,
                 "credit": worker.credit,

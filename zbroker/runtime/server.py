@@ -31,6 +31,7 @@ from zbroker.protocol.events import encode_runs
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
+from zbroker.runtime.routing_ids import seed_routing_ids
 
 log = logging.getLogger("zbroker.runtime")
 
@@ -102,6 +103,9 @@ class BrokerServer:
         # SIGTERM/SIGINT asked for a drain (runtime/server.py `on_signal`), and the drain.
         self._drain_asked = False
         self._drain: Drain | None = None
+        # Before the ROUTER exists: the first id libzmq gives a peer must not be
+        # known in advance (zbroker/runtime/routing_ids.py says why).
+        seed_routing_ids()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.sndhwm = config.router_hwm
