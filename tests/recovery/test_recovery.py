@@ -355,3 +355,27 @@ def test_a_task_handed_on_after_a_refused_send_is_committed_before_it_is_sent(
 def broker_sees_workers(client: RawClient, n: int) -> bool:
     answer = client.call(lambda rid: zbc.call(zbc.WORKERS, rid))
     return answer is not None and len(answer.meta["workers"]) == n
+
+
+def test_headers_repeated_in_every_task_count_against_the_journal(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    # Given a broker whose journal may hold 2 MiB
+    broker = broker_factory("--journal-max-mib", "2", data_dir=tmp_path / "small")
+    client = RawClient(broker.endpoint)
+    # When one small call asks for 1,000 empty tasks that each repeat 40 KB of headers
+    # (40 MB to write, from a message of 41 KB)
+    headers = {"note": "h" * 40_000}
+    answer = client.call(
+        lambda rid: zbc.enqueue(
+            rid, "big", [[b""]] * 1000, zbc.TaskOptions(headers=headers), batch=True
+        ),
+        timeout_s=5,
+    )
+    # Then it is refused, with a reason its sender can read, and the broker carries on
+    assert answer is not None, "the broker did not answer"
+    assert answer.code == zbc.E_QUEUE_FULL and "journal is nearly full" in answer.message
+    assert broker.proc is not None and broker.proc.poll() is None
+    small = client.call(lambda rid: zbc.enqueue(rid, "big", [[b"x"]]), timeout_s=5)
+    assert small is not None and small.ok
+    client.close()

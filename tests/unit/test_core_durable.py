@@ -929,3 +929,28 @@ def test_payloads_are_delivered_exactly_from_the_window_and_from_the_store(
     s.zready(b"W2", "svc", 5)
     again = {tid: payload for tid, _, payload, _ in s.tasks_to(b"W2")}
     assert again == dict(zip(ids, payloads, strict=True))  # the three in flight come back too
+
+
+def test_one_connection_cannot_take_every_place_to_wait(journal: Journal) -> None:
+    # Given a broker where 3 calls may wait per connection, 5 in all
+    s = Script(journal, replace(SETTINGS, max_waiters=5, max_waiters_per_peer=3))
+    task_id = s.enqueue("svc")
+    # When one connection parks calls waiting for the task
+    for _ in range(3):
+        s.send(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    assert s.answers(b"P") == []  # all three wait
+    refused = s.call(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    # Then its fourth is refused with a reason it can read
+    assert refused.code == zbc.E_TOO_MANY_WAITERS
+    assert "from this connection (3, cap 3)" in refused.message
+    # And another connection may still wait, and REQUEST, until the broker-wide cap
+    s.send(b"Q", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    s.send(b"Q", zbc.request(s.next_rid(), "svc", [b"y"]))
+    assert [a.ok for a in s.answers(b"Q")] == [True]  # the REQUEST's receipt; both wait
+    full = s.call(b"R", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    assert full.code == zbc.E_TOO_MANY_WAITERS and "broker-wide" in full.message
+    # When the parked calls' waits run out, their places are free again
+    s.advance(61.0)
+    assert len(s.answers(b"P")) == 3
+    s.send(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    assert s.answers(b"P") == []  # waits again

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -660,3 +661,19 @@ def test_a_kill_during_commits_leaves_whole_passes_only(
     assert {r.id for r in journal.inflight()} == expected_inflight
     total = sum(n for per in journal.counts().values() for n in per.values())
     assert total == len(expected_ready) + len(expected_inflight)
+
+
+def test_the_journal_may_hold_no_more_than_its_device_has_room_for(tmp_path: Path) -> None:
+    # Given a store allowed far more than any disk here holds
+    journal = LmdbJournal(tmp_path / "j", Durability.ASYNC, max_map_size=1 << 50)
+    try:
+        journal.put(TaskRecord(id="t1", service="s", state=TaskState.READY, seq=1, created_at=0.0))
+        journal.commit()
+        # Then the most it reports it may hold is what it uses plus the device's free space
+        # (so enqueues are refused before the disk fills, instead of a commit failing)
+        stats = journal.stats
+        free = shutil.disk_usage(tmp_path).free
+        assert stats.bytes_max < 1 << 50
+        assert abs(stats.bytes_max - (stats.bytes_used + free)) < 64 << 20  # other writers
+    finally:
+        journal.close()

@@ -80,8 +80,10 @@ class CoreSettings:
     max_tasks_per_service: int = 10_000_000
     # Ready tasks of one service kept in memory at a time (the rest stay in the journal).
     window_per_service: int = 512
-    # Calls waiting for a task's result (REQUEST, RESULT with wait_s), broker-wide.
+    # Calls waiting for a task's result (REQUEST, RESULT with wait_s), broker-wide,
+    # and from one connection: no peer can park calls until nobody else may wait.
     max_waiters: int = 100_000
+    max_waiters_per_peer: int = 1_000
     # How long a REQUEST waits for its result before answering with the task's state.
     request_wait_s: float = 300.0
     # Services gone idle whose figures (totals, rates, wait and run times) are kept, so
@@ -115,6 +117,7 @@ class CoreSettings:
         at_least("max_tasks_per_service", self.max_tasks_per_service, 1)
         at_least("window_per_service", self.window_per_service, 1)
         at_least("max_waiters", self.max_waiters, 0)
+        at_least("max_waiters_per_peer", self.max_waiters_per_peer, 0)
         at_least("request_wait_s", self.request_wait_s, 0.0)
         at_least("max_departed_services", self.max_departed_services, 0)
         # The newest entry is always kept: a task's history is never empty.

@@ -56,7 +56,7 @@ from zbroker.core.sink import EventSink, Outputs
 from zbroker.core.waiters import Waiters
 from zbroker.core.window import ReadyWindows
 from zbroker.journal.base import Journal, TaskRecord, TaskState
-from zbroker.protocol import mdp, zbc
+from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.events import DONE_FIELDS, ENQUEUED_FIELDS, STARTED_FIELDS
 from zbroker.protocol.limits import MAX_BATCH_EVENTS, ZBC_MAX_BATCH
 
@@ -133,7 +133,7 @@ class DurableTasks:
         # Task id -> the attempt a worker holds now, and that worker.
         self._attempts: dict[str, tuple[TaskAttempt, Worker]] = {}
         # Task id -> calls waiting for it to end: (client, rid, deadline).
-        self._waiters = Waiters(out, journal)
+        self._waiters = Waiters(out, journal, settings.max_waiters, settings.max_waiters_per_peer)
         self._windows = ReadyWindows(journal, settings.window_per_service)
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
         # The broker is stopping (core/stopping.py): no task starts any more.
@@ -488,8 +488,11 @@ class DurableTasks:
             return False
         if js.commits != self._admitted_at:
             self._admitted_at, self._admitted = js.commits, 0
-        # A record, its index entries and B-tree slack, besides its payload.
-        incoming = 2 * (sum(map(len, chain.from_iterable(msg.payloads))) + 512 * new)
+        # A record, its index entries and B-tree slack, besides its payload; every
+        # record repeats the call's headers (one small call can ask for many tasks).
+        headers = msg.options.headers
+        per_task = 512 + (len(ext.pack_meta(headers)) if headers else 0)
+        incoming = 2 * (sum(map(len, chain.from_iterable(msg.payloads))) + per_task * new)
         allowed = js.bytes_max * (1.0 - JOURNAL_RESERVE)
         if js.bytes_live + self._admitted + incoming <= allowed:
             self._admitted += incoming
@@ -539,8 +542,8 @@ class DurableTasks:
             return False
         if new and self._journal_refuses(identity, msg, new):
             return False
-        if msg.wait and self._waiters.count >= self._settings.max_waiters:
-            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+        if msg.wait and (why := self._waiters.full(identity)) is not None:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
             return False
         return True
 
@@ -644,8 +647,8 @@ class DurableTasks:
             self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
         elif record.state in FINAL or msg.wait_s <= 0:
             self._waiters.answer(identity, msg.rid, record)
-        elif self._waiters.count >= self._settings.max_waiters:
-            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, "too many calls waiting")
+        elif (why := self._waiters.full(identity)) is not None:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
         else:
             self._wait(identity, msg.rid, msg.id, now + msg.wait_s)
 

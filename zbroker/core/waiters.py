@@ -3,7 +3,9 @@
 Rules it keeps:
   1. Every waiting call is answered exactly once: when its task reaches a final
      state (dead included), or with the task's state when its wait runs out.
-  2. At most max_waiters calls wait broker-wide; the caller refuses the rest.
+  2. At most max_waiters calls wait broker-wide, and at most max_waiters_per_peer
+     from one connection (so no peer can take every place); the caller refuses
+     the rest, with the reason `full` gives.
 It reads the journal (a result, a record), never writes it.
 """
 
@@ -24,17 +26,40 @@ Refuse = Callable[[bytes, int, str, str], None]
 class Waiters:
     """Task id -> the calls waiting for it to end: (client, rid, deadline)."""
 
-    __slots__ = ("_by_task", "_journal", "_out", "count")
+    __slots__ = ("_by_peer", "_by_task", "_journal", "_max", "_max_per_peer", "_out", "count")
 
-    def __init__(self, out: Outputs, journal: Journal | None) -> None:
+    def __init__(
+        self, out: Outputs, journal: Journal | None, max_waiters: int, max_per_peer: int
+    ) -> None:
         self._out = out
         self._journal = journal
+        self._max = max_waiters
+        self._max_per_peer = max_per_peer
         self._by_task: dict[str, list[tuple[bytes, int, float]]] = {}
+        self._by_peer: dict[bytes, int] = {}  # calls waiting per connection
         self.count = 0  # calls waiting, broker-wide
+
+    def full(self, identity: bytes) -> str | None:
+        """Why a call from `identity` may not wait now, or None if it may."""
+        if self.count >= self._max:
+            return f"too many calls waiting ({self._max}, broker-wide)"
+        held = self._by_peer.get(identity, 0)
+        if held >= self._max_per_peer:
+            return f"too many calls waiting from this connection ({held}, cap {self._max_per_peer})"
+        return None
 
     def add(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
         self._by_task.setdefault(task_id, []).append((identity, rid, deadline))
+        self._by_peer[identity] = self._by_peer.get(identity, 0) + 1
         self.count += 1
+
+    def _done(self, identity: bytes) -> None:
+        """One call of `identity` no longer waits."""
+        left = self._by_peer[identity] - 1
+        if left:
+            self._by_peer[identity] = left
+        else:
+            del self._by_peer[identity]
 
     def answer(
         self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
@@ -54,6 +79,7 @@ class Waiters:
         if waiting:
             self.count -= len(waiting)
             for identity, rid, _ in waiting:
+                self._done(identity)
                 self.answer(identity, rid, record, frames)
 
     def expire(self, now: float, refuse: Refuse) -> None:
@@ -71,6 +97,7 @@ class Waiters:
             assert self._journal is not None
             record = self._journal.get(task_id)
             for identity, rid, _ in due:
+                self._done(identity)
                 if record is None:
                     refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
                 else:

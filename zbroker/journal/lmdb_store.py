@@ -725,16 +725,26 @@ class LmdbJournal(Journal):
         info = env.info()
         self.stats.bytes_used = (info["last_pgno"] + 1) * self._page_size
         self.stats.map_size = info["map_size"]
-        self.stats.bytes_max = self.max_map_size
+        # The most it may hold: its own limit, or what the device has room for, if
+        # less (a full disk is then an enqueue refused, not a failed commit).
+        self.stats.bytes_max = min(self.max_map_size, self.stats.bytes_used + self._device_free())
         # The high-water mark never falls, though deleted records free their pages
         # for reuse; near the limit, count the pages that hold data (a few stats).
-        if self.stats.bytes_used > _COUNT_LIVE_AT * self.max_map_size:
+        if self.stats.bytes_used > _COUNT_LIVE_AT * self.stats.bytes_max:
             self.stats.bytes_live = self._live_bytes(env)
         else:
             self.stats.bytes_live = self.stats.bytes_used
         if grow and self.stats.bytes_used > _GROW_AT * info["map_size"]:
             with suppress(JournalFull):  # the next write that does not fit will say so
                 self._grow_map()
+
+    def _device_free(self) -> int:
+        """Bytes the journal's device can still give it (free to unprivileged users)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return self.max_map_size  # unknown: the store's own limit stands
+        return st.f_bavail * st.f_frsize
 
     def _live_bytes(self, env: lmdb.Environment) -> int:
         """Bytes in the pages every database holds now, the two meta pages included."""
