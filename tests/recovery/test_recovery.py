@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -378,4 +379,35 @@ def test_headers_repeated_in_every_task_count_against_the_journal(
     assert broker.proc is not None and broker.proc.poll() is None
     small = client.call(lambda rid: zbc.enqueue(rid, "big", [[b"x"]]), timeout_s=5)
     assert small is not None and small.ok
+    client.close()
+
+
+def test_a_result_too_big_for_the_journal_fails_its_attempt_not_the_broker(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    # Given a broker whose journal may hold 2 MiB, and a task at a worker
+    broker = broker_factory("--journal-max-mib", "2", data_dir=tmp_path / "small")
+    client = RawClient(broker.endpoint)
+    answer = client.call(lambda rid: zbc.enqueue(rid, "big", [[b"x"]]), timeout_s=5)
+    assert answer is not None and answer.ok
+    (task_id,) = answer.meta["ids"]
+    worker = raw_worker(broker.endpoint, "big")
+    task = next_task(worker, 10)
+    # When the worker answers with a result larger than the whole journal
+    worker.send_multipart(ext.done(task.id, task.attempt, [b"r" * (3 << 20)]))
+
+    # Then the attempt fails with a reason saying so, the task will run again, and the
+    # broker carries on
+    def status() -> dict[str, Any]:
+        got = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id), timeout_s=5)
+        assert got is not None, "the broker did not answer"
+        task_view: dict[str, Any] = got.meta["task"]
+        return task_view
+
+    wait_until(lambda: status()["state"] != "inflight", timeout_s=10)
+    view = status()
+    assert view["state"] in {"delayed", "ready"}
+    assert "did not fit in the journal" in view["error"]
+    assert broker.proc is not None and broker.proc.poll() is None
+    worker.close()
     client.close()

@@ -55,7 +55,7 @@ from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
 from zbroker.core.waiters import Waiters
 from zbroker.core.window import ReadyWindows
-from zbroker.journal.base import Journal, TaskRecord, TaskState
+from zbroker.journal.base import Journal, JournalStats, TaskRecord, TaskState
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.events import DONE_FIELDS, ENQUEUED_FIELDS, STARTED_FIELDS
 from zbroker.protocol.limits import MAX_BATCH_EVENTS, ZBC_MAX_BATCH
@@ -70,6 +70,8 @@ _MEMO_PAYLOAD_BYTES = 4096
 TIMER_BATCH = 1000
 # Share of a size-limited journal that enqueues may not take (see _journal_refuses).
 JOURNAL_RESERVE = 0.1
+# Share of it that results may fill (the rest: what retries and deletions write).
+RESULTS_LIMIT = 0.98
 # "Any time from now on", for scans of the time-ordered indexes.
 FAR_FUTURE_S = 100 * 365 * 86400.0
 
@@ -330,6 +332,15 @@ class DurableTasks:
         assert type(held) is TaskAttempt
         record = held.record
         del self._attempts[record.id]
+        size = sum(map(len, body))
+        if not self._journal_takes(size):
+            js = self._journal_stats()
+            reason = (
+                f"its result ({size} bytes) did not fit in the journal "
+                f"({js.bytes_live >> 20} of {js.bytes_max >> 20} MiB in use)"
+            )
+            self._end_attempt(record, reason, now, None)  # runs again after a backoff
+            return
         epoch = now + self._epoch_offset
         service = self._directory.get(held.service)
         figures = service.figures
@@ -476,18 +487,35 @@ class DurableTasks:
             log.info("call %d from %s refused (%s): %s", rid, identity.hex(), code, message)
         self._out.outbox.append([identity, *zbc.error(rid, code, message)])
 
+    def _journal_stats(self) -> JournalStats:
+        assert self.journal is not None
+        js = self.journal.stats
+        if js.commits != self._admitted_at:  # figures moved: what was admitted is in them
+            self._admitted_at, self._admitted = js.commits, 0
+        return js
+
+    def _journal_takes(self, size: int) -> bool:
+        """Whether a result of `size` bytes fits in the journal, reserve included (it
+        is what the reserve is for); counted as admitted if so. A result that does not
+        fit would fail the pass's commit and stop the broker."""
+        js = self._journal_stats()
+        if not js.bytes_max:
+            return True
+        need = 2 * size + 1024  # the result, its key and B-tree slack
+        if js.bytes_live + self._admitted + need <= js.bytes_max * RESULTS_LIMIT:
+            self._admitted += need
+            return True
+        return False
+
     def _journal_refuses(self, identity: bytes, msg: zbc.Enqueue, new: int) -> bool:
         """Refuse (queue_full) an ENQUEUE that would bring a size-limited journal near
         its limit: JOURNAL_RESERVE of it stays for what finishing, retrying and
         requeueing tasks write, so the broker never has to stop for a full journal
         because of what clients sent. Counts what this pass admitted already, since
         the journal's figures move only at commits."""
-        assert self.journal is not None
-        js = self.journal.stats
+        js = self._journal_stats()
         if not js.bytes_max:
             return False
-        if js.commits != self._admitted_at:
-            self._admitted_at, self._admitted = js.commits, 0
         # A record, its index entries and B-tree slack, besides its payload; every
         # record repeats the call's headers (one small call can ask for many tasks).
         headers = msg.options.headers
