@@ -19,6 +19,7 @@ from pathlib import Path
 
 import compare
 import durable
+import fuzz
 import mdp
 from harness import (
     RESULTS_DIR,
@@ -36,7 +37,7 @@ from harness import (
 
 # Add a workload by writing a module with a WORKLOAD and listing it here.
 WORKLOADS: dict[str, Workload] = {
-    w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD)
+    w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD, fuzz.WORKLOAD)
 }
 
 
@@ -83,7 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sample the zbroker process with py-spy during throughput phases and keep the "
         "collapsed stacks in DIR (perturbs the figures of those runs)",
     )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        metavar="N",
+        help="fuzz: messages to send (default 1,000,000; 50,000 with --quick)",
+    )
+    parser.add_argument("--seed", type=int, metavar="S", help="fuzz: the seed (default 1)")
     args = parser.parse_args(argv)
+    if args.messages is not None and args.messages < 1:
+        parser.error("--messages must be at least 1")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
     if args.runs < 1:
@@ -103,6 +113,7 @@ def write_json(path: Path, doc: JSONDict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    WORKLOADS["fuzz"] = fuzz.workload(args.messages, args.seed)
     selected = [WORKLOADS[name] for name in (args.only or WORKLOADS)]
     machine = machine_info()
     load = machine["load_average_1m_at_start"]
