@@ -160,6 +160,15 @@ OPTIONS: tuple[Option, ...] = (
         ("core.max_queued_per_service",),
     ),
     Option(
+        "max_queued_mib",
+        int,
+        "Cap on the bytes of MDP requests queued in memory, all services together, "
+        "in MiB; beyond it requests are refused.",
+        ("core.max_queued_bytes",),
+        unit="MiB",
+        scale=1 << 20,
+    ),
+    Option(
         "max_message_bytes",
         int,
         "Largest accepted message, in bytes.",

@@ -257,6 +257,29 @@ def test_queue_cap_refuses_and_counts() -> None:
     assert s.broker.stats.refused_queue_full == 3
 
 
+def test_the_bytes_of_queued_requests_are_capped_across_services() -> None:
+    # Given a broker that holds at most 1 MiB of MDP requests in memory
+    s = Script(CoreSettings(heartbeat_interval_s=HB, max_queued_bytes=1 << 20))
+    big = b"x" * (400 << 10)
+    # When requests of 400 KiB each come for services nobody serves
+    for i in range(4):
+        s.client(b"C", b"svc%d" % i, big)
+    # Then two fit and the rest are refused and counted, whatever their service
+    assert sum(len(sv.queue) for sv in s.broker.services.values()) == 2
+    assert s.broker.stats.refused_queue_full == 2
+    assert s.broker.requests.queued_bytes == 2 * len(big)
+    # And a delivery makes room again; a request the worker gives back counts again
+    s.ready(b"W1", b"svc0")
+    assert s.broker.requests.queued_bytes == len(big)
+    s.client(b"C", b"svc2", big)
+    assert s.broker.stats.refused_queue_full == 2
+    s.disconnect(b"W1")  # its request goes back to the front of svc0's queue
+    assert s.broker.requests.queued_bytes == 3 * len(big)
+    # And expiry frees its share
+    s.advance(SETTINGS.request_expiry_s + 60.0)
+    assert s.broker.requests.queued_bytes == 0
+
+
 @pytest.mark.parametrize(
     ("frames", "reason"),
     [

@@ -91,7 +91,7 @@ class Broker:
             settings, self.stats, self._out, self.sink, self.directory, journal, epoch_offset
         )
         self.routing = Routing(
-            settings, self.stats, self._out, self.sink, self.directory, self.tasks
+            settings, self.stats, self._out, self.sink, self.directory, self.requests, self.tasks
         )
         self.requests.connect(self.routing)
         self.tasks.connect(self.routing)

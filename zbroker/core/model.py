@@ -94,6 +94,7 @@ class MdpRequest:
         "id",
         "owner",
         "service",
+        "size",
         "tid",
     )
 
@@ -112,6 +113,7 @@ class MdpRequest:
         self.client = client  # the MDP client's routing id: the reply goes there
         self.service = service
         self.body = body
+        self.size = sum(map(len, body))  # what it holds in memory while queued
         self.enqueued_at = now
         self.attempt = 0  # attempts handed to a worker so far (the fencing token)
         self.ack_by = 0.0  # ZBW01: taken back unless acknowledged by then; 0 once acked

@@ -50,6 +50,8 @@ class MdpRequests:
         self._directory = directory
         self._routing: Delivery | None = None
         self._next_id = 1
+        # Bytes of the requests queued in every service (not those at workers).
+        self.queued_bytes = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
         # (when, tiebreak, service): when a queue's front request expires. A service
         # has one live entry, the one whose `when` is its `expire_at`; others are stale.
@@ -59,6 +61,12 @@ class MdpRequests:
     def connect(self, routing: Delivery) -> None:
         """The routing that delivers this part's requests (made after it)."""
         self._routing = routing
+
+    def take(self, service: Service) -> MdpRequest:
+        """The front request of `service`'s queue, out of it (the caller delivers it)."""
+        request = service.queue.popleft()
+        self.queued_bytes -= request.size
+        return request
 
     @property
     def issued(self) -> int:
@@ -77,14 +85,19 @@ class MdpRequests:
         assert routing is not None
         service = self._directory.get(name)
         cap = self._settings.max_queued_per_service
-        if len(service.queue) >= cap:
+        size = sum(map(len, msg.body))
+        over_bytes = self.queued_bytes + size > self._settings.max_queued_bytes
+        if len(service.queue) >= cap or over_bytes:
             # A dispatch deferred to the end of this pass would have made room by now.
             routing.catch_up(service, now)
-        if len(service.queue) >= cap:
+            over_bytes = self.queued_bytes + size > self._settings.max_queued_bytes
+        if len(service.queue) >= cap or over_bytes:
             self._stats.refused_queue_full += 1
-            log.warning("queue for %s full: request refused", shown(name))
+            what = "MDP requests in memory at their byte cap" if over_bytes else "queue full"
+            log.warning("request for %s refused: %s", shown(name), what)
             return
         request = MdpRequest(self, self._next_id, identity, name, msg.body, now)
+        self.queued_bytes += request.size
         self._next_id += 1
         self._stats.requests += 1
         if self._debug:
@@ -143,6 +156,7 @@ class MdpRequests:
         # Requeued requests go to the front and are older, so the front is the oldest.
         while queue and queue[0].enqueued_at + expiry <= now:
             request = queue.popleft()
+            self.queued_bytes -= request.size
             self._stats.expired += 1
             log.info(
                 "request #%d for %s expired after %.1fs in queue",
@@ -203,5 +217,6 @@ class MdpRequests:
         """To the front of its queue (it is older than every request there)."""
         service = self._directory.get(held.service)
         service.queue.appendleft(held)
+        self.queued_bytes += held.size
         self._schedule(service)
         self._stats.requeued += 1

@@ -30,6 +30,7 @@ from typing import Any
 from zbroker.core.dialects import MDP, ZBW, Dialect, ZbwDialect
 from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker, WorkerDialect
 from zbroker.core.names import hex_id, shown
+from zbroker.core.requests import MdpRequests
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
@@ -50,6 +51,7 @@ class Routing:
         out: Outputs,
         sink: EventSink,
         directory: ServiceDirectory,
+        requests: MdpRequests,
         tasks: DurableTasks,
     ) -> None:
         self._settings = settings
@@ -58,6 +60,7 @@ class Routing:
         self._sink = sink
         self._directory = directory
         self._tasks = tasks
+        self._requests = requests
         self.workers: dict[bytes, Worker] = {}
         self._worker_expiry_s = settings.worker_expiry_s
         self._heartbeat_interval_s = settings.heartbeat_interval_s
@@ -121,6 +124,7 @@ class Routing:
         queue = service.queue
         ready = service.ready
         tasks = self._tasks
+        requests = self._requests
         outbox = self._out.outbox
         ack_by = now + self._settings.ack_timeout_s
         # Workers that take TASKS get everything of this dispatch in one message.
@@ -135,7 +139,7 @@ class Routing:
             held: Held
             if queue:
                 worker = ready.pop(identity)
-                held = queue.popleft()
+                held = requests.take(service)
                 held.attempt += 1
             else:
                 record = tasks.next_ready(service, now)

@@ -56,6 +56,8 @@ class CoreSettings:
     request_expiry_s: float = 60.0
     # Per-service cap on queued requests; beyond it new requests are refused and counted.
     max_queued_per_service: int = 100_000
+    # MDP requests live in memory: their bodies are capped in bytes too, broker-wide.
+    max_queued_bytes: int = 256 << 20
     # Whole-message cap (sum of frame sizes); larger messages are dropped and counted.
     max_message_bytes: int = limits.DEFAULT_MAX_MESSAGE_BYTES
     # Frames per message: a ZBC01 batch carries one frame per task (up to 10000 tasks).
@@ -100,6 +102,11 @@ class CoreSettings:
         at_least("heartbeat_liveness", self.heartbeat_liveness, 1)
         at_least("request_expiry_s", self.request_expiry_s, 0.001)
         at_least("max_queued_per_service", self.max_queued_per_service, 1)
+        if not self.max_queued_bytes >= 1 << 20:
+            # Said in MiB: the option that sets it (max_queued_mib) counts in MiB.
+            raise SettingError(
+                "{max_queued_bytes} must be at least 1 MiB", max_queued_bytes=self.max_queued_bytes
+            )
         # Room for the smallest MDP and ZBC01 messages, with their envelopes.
         at_least("max_message_bytes", self.max_message_bytes, 64)
         at_least("max_frames", self.max_frames, 1)
