@@ -954,3 +954,30 @@ def test_one_connection_cannot_take_every_place_to_wait(journal: Journal) -> Non
     assert len(s.answers(b"P")) == 3
     s.send(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
     assert s.answers(b"P") == []  # waits again
+
+
+def test_a_caller_the_broker_cannot_answer_loses_its_waiting_calls(journal: Journal) -> None:
+    # Given a connection with calls waiting for three tasks, and another with one
+    s = Script(journal, replace(SETTINGS, max_waiters_per_peer=3))
+    ids = [s.enqueue("svc", b"%d" % i) for i in range(3)]
+    for task_id in ids:
+        s.send(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    s.send(b"Q", zbc.call(zbc.RESULT, s.next_rid(), id=ids[0], wait_s=60.0))
+    assert s.broker.tasks.waiter_count == 4
+    # When the first task ends and its answer to P cannot be sent (P is gone)
+    s.zready(b"W", "svc", 1)
+    (task_id, attempt, _, _) = s.tasks_to(b"W")[0]
+    s.send(b"W", ext.done(task_id, attempt, [b"r"]))
+    (to_p,) = s.sent_to(b"P")
+    s.broker.undeliverable(to_p, s.now)
+    # Then P's other calls stop waiting, and Q's answer went out as usual
+    assert s.broker.tasks.waiter_count == 0
+    assert [a.meta["state"] for a in s.answers(b"Q")] == ["done"]
+    assert s.broker.stats.replies_undeliverable == 1
+    # And P's places are free: a new connection with its id may wait again
+    for task_id in ids[1:]:
+        s.send(b"P", zbc.call(zbc.RESULT, s.next_rid(), id=task_id, wait_s=60.0))
+    assert s.answers(b"P") == [] and s.broker.tasks.waiter_count == 2
+    # And the waits that were dropped are never answered later
+    s.advance(61.0)
+    assert len(s.answers(b"P")) == 2  # only the two new ones, at their wait's end

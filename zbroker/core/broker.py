@@ -210,6 +210,9 @@ class Broker:
         elif header == _MDPC01:
             self.stats.replies_undeliverable += 1
             log.debug("reply to client %s undeliverable: client gone", hex_id(frames[0]))
+        elif header == _ZBC01:
+            self.stats.replies_undeliverable += 1
+            self.tasks.caller_gone(frames[0])
 
     # ------------------------------------------------------- ZBC01 calls
 

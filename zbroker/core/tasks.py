@@ -435,6 +435,12 @@ class DurableTasks:
         else:
             self.apply(record, lifecycle.REQUEUE, epoch, service, None, None, (reason,))
 
+    def caller_gone(self, identity: bytes) -> None:
+        """A ZBC01 answer to `identity` could not be sent: its waiting calls end."""
+        dropped = self._waiters.forget_peer(identity)
+        if dropped:
+            log.info("%d waiting call(s) of %s dropped: connection gone", dropped, identity.hex())
+
     def holder(self, task_id: str) -> tuple[TaskAttempt, Worker] | None:
         """The attempt of `task_id` a worker holds now, and that worker."""
         return self._attempts.get(task_id)

@@ -6,6 +6,9 @@ Rules it keeps:
   2. At most max_waiters calls wait broker-wide, and at most max_waiters_per_peer
      from one connection (so no peer can take every place); the caller refuses
      the rest, with the reason `full` gives.
+  3. A connection the broker could not answer (gone, or not reading) loses
+     every call it has waiting: they would hold places for nobody. A client
+     that is still there asks again when its call goes unanswered.
 It reads the journal (a result, a record), never writes it.
 """
 
@@ -26,7 +29,16 @@ Refuse = Callable[[bytes, int, str, str], None]
 class Waiters:
     """Task id -> the calls waiting for it to end: (client, rid, deadline)."""
 
-    __slots__ = ("_by_peer", "_by_task", "_journal", "_max", "_max_per_peer", "_out", "count")
+    __slots__ = (
+        "_by_peer",
+        "_by_task",
+        "_journal",
+        "_max",
+        "_max_per_peer",
+        "_out",
+        "_tasks_of",
+        "count",
+    )
 
     def __init__(
         self, out: Outputs, journal: Journal | None, max_waiters: int, max_per_peer: int
@@ -37,6 +49,8 @@ class Waiters:
         self._max_per_peer = max_per_peer
         self._by_task: dict[str, list[tuple[bytes, int, float]]] = {}
         self._by_peer: dict[bytes, int] = {}  # calls waiting per connection
+        # Connection -> the tasks it waits for (perhaps a few it no longer does).
+        self._tasks_of: dict[bytes, set[str]] = {}
         self.count = 0  # calls waiting, broker-wide
 
     def full(self, identity: bytes) -> str | None:
@@ -51,15 +65,39 @@ class Waiters:
     def add(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
         self._by_task.setdefault(task_id, []).append((identity, rid, deadline))
         self._by_peer[identity] = self._by_peer.get(identity, 0) + 1
+        self._tasks_of.setdefault(identity, set()).add(task_id)
         self.count += 1
 
-    def _done(self, identity: bytes) -> None:
-        """One call of `identity` no longer waits."""
+    def _done(self, identity: bytes, task_id: str, waits_on: bool) -> None:
+        """One call of `identity` for `task_id` no longer waits (`waits_on`: another
+        of its calls still waits for that task)."""
         left = self._by_peer[identity] - 1
         if left:
             self._by_peer[identity] = left
+            if not waits_on:
+                self._tasks_of[identity].discard(task_id)
         else:
             del self._by_peer[identity]
+            del self._tasks_of[identity]
+
+    def forget_peer(self, identity: bytes) -> int:
+        """Drop every call `identity` has waiting (it cannot be answered); how many."""
+        tasks = self._tasks_of.pop(identity, None)
+        if tasks is None:
+            return 0
+        dropped = self._by_peer.pop(identity)
+        by_task = self._by_task
+        for task_id in tasks:
+            waiting = by_task.get(task_id)
+            if waiting is None:
+                continue
+            keep = [w for w in waiting if w[0] != identity]
+            if keep:
+                by_task[task_id] = keep
+            else:
+                del by_task[task_id]
+        self.count -= dropped
+        return dropped
 
     def answer(
         self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
@@ -79,7 +117,7 @@ class Waiters:
         if waiting:
             self.count -= len(waiting)
             for identity, rid, _ in waiting:
-                self._done(identity)
+                self._done(identity, record.id, False)
                 self.answer(identity, rid, record, frames)
 
     def expire(self, now: float, refuse: Refuse) -> None:
@@ -96,8 +134,9 @@ class Waiters:
             self.count -= len(due)
             assert self._journal is not None
             record = self._journal.get(task_id)
+            still = {w[0] for w in keep}
             for identity, rid, _ in due:
-                self._done(identity)
+                self._done(identity, task_id, identity in still)
                 if record is None:
                     refuse(identity, rid, zbc.E_NOT_FOUND, f"no task {task_id!r}")
                 else:
