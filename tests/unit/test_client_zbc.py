@@ -737,7 +737,7 @@ def test_plans_count_a_replaced_connection_as_an_unanswered_attempt() -> None:
         plan.send(_calls.REPLACED)
     assert caught.value.attempts == 2
     # A REQUEST's receipt: the same, and every resend keeps the idempotency key
-    options = _calls.task_options(key="k1")
+    options = _calls.wire_options(TaskOptions(key="k1"))
     request = _calls.request(s, "svc", (b"job",), options, None, None)
     sent = request.send(None)
     assert isinstance(sent, _calls.Send) and sent.kind == "first"

@@ -491,12 +491,4 @@ def _service_name(service: str | bytes) -> bytes:
 
 
 def _body_frames(body: Body) -> list[bytes]:
-    if isinstance(body, bytes):
-        return [body]
-    if isinstance(body, str):
-        raise TypeError("body must be bytes or a sequence of bytes, not str: encode it first")
-    frames = list(body)
-    for frame in frames:
-        if not isinstance(frame, bytes):
-            raise TypeError(f"body frames must be bytes, got {type(frame).__name__}")
-    return frames
+    return list(_calls.payload_frames(body, "body"))

@@ -68,7 +68,7 @@ from zbroker.client.errors import (
     broker_error,
     task_failure,
 )
-from zbroker.client.options import TaskOptions, When, check_key, seconds
+from zbroker.client.options import TaskOptions, check_key, seconds
 from zbroker.protocol import ext, zbc
 from zbroker.protocol.limits import (
     BATCH_BYTES,
@@ -181,16 +181,17 @@ def service_name(service: str | bytes) -> str:
     return service
 
 
-def payload_frames(payload: Payload) -> tuple[bytes, ...]:
-    """One bytes frame, or a sequence of bytes frames, as a tuple of frames."""
+def payload_frames(payload: Payload, what: str = "payload") -> tuple[bytes, ...]:
+    """One bytes frame, or a sequence of bytes frames, as a tuple of frames; `what`
+    names the argument in the TypeError for anything else."""
     if isinstance(payload, bytes):
         return (payload,)
     if isinstance(payload, str):
-        raise TypeError("payload must be bytes or a sequence of bytes, not str: encode it first")
+        raise TypeError(f"{what} must be bytes or a sequence of bytes, not str: encode it first")
     frames = tuple(payload)
     for frame in frames:
         if not isinstance(frame, bytes):
-            raise TypeError(f"payload frames must be bytes, got {type(frame).__name__}")
+            raise TypeError(f"{what} frames must be bytes, got {type(frame).__name__}")
     return frames
 
 
@@ -203,33 +204,6 @@ def task_id_arg(task_id: str) -> str:
 def new_key() -> str:
     """A fresh idempotency key: unique, so it only ever matches a resend of the same call."""
     return uuid.uuid4().hex
-
-
-def task_options(
-    *,
-    priority: int = 0,
-    delay_s: float | None = None,
-    not_before: When | None = None,
-    ttl_s: float | None = None,
-    max_attempts: int | None = None,
-    timeout_s: float | None = None,
-    key: str | None = None,
-    keys: Sequence[str | None] | None = None,
-    n_tasks: int = 1,
-    headers: dict[str, Any] | None = None,
-) -> zbc.TaskOptions:
-    """Check the caller's task options and fill in idempotency keys: see `wire_options`."""
-    options = TaskOptions(
-        priority=priority,
-        delay_s=delay_s,
-        not_before=not_before,
-        ttl_s=ttl_s,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        key=key,
-        headers=headers,
-    )
-    return wire_options(options, keys=keys, n_tasks=n_tasks)
 
 
 def wire_options(

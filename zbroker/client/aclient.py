@@ -211,9 +211,8 @@ class AsyncClient(AsyncClientBase):
             ),
             timeout_name="task_timeout_s",
         )
-        return _calls.one_frame(
-            await self.request_frames(service, payload, timeout_s, options=chosen),
-        )
+        plan = _calls.plan_request(self._settings(), service, payload, timeout_s, chosen)
+        return _calls.one_frame(await self._run(plan, "request"))
 
     async def request_frames(
         self,

@@ -213,9 +213,8 @@ class Client(ClientBase):
             ),
             timeout_name="task_timeout_s",
         )
-        return _calls.one_frame(
-            self.request_frames(service, payload, timeout_s, options=chosen),
-        )
+        plan = _calls.plan_request(self._settings(), service, payload, timeout_s, chosen)
+        return _calls.one_frame(self._run(plan, "request"))
 
     def request_frames(
         self,

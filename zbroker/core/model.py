@@ -106,6 +106,7 @@ class MdpRequest:
         service: bytes,
         body: tuple[bytes, ...],
         now: float,
+        size: int,
     ) -> None:
         self.owner = owner
         self.id = id
@@ -113,7 +114,7 @@ class MdpRequest:
         self.client = client  # the MDP client's routing id: the reply goes there
         self.service = service
         self.body = body
-        self.size = sum(map(len, body))  # what it holds in memory while queued
+        self.size = size  # the bytes of `body`: what it holds in memory while queued
         self.enqueued_at = now
         self.attempt = 0  # attempts handed to a worker so far (the fencing token)
         self.ack_by = 0.0  # ZBW01: taken back unless acknowledged by then; 0 once acked

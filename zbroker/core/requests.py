@@ -96,7 +96,7 @@ class MdpRequests:
             what = "MDP requests in memory at their byte cap" if over_bytes else "queue full"
             log.warning("request for %s refused: %s", shown(name), what)
             return
-        request = MdpRequest(self, self._next_id, identity, name, msg.body, now)
+        request = MdpRequest(self, self._next_id, identity, name, msg.body, now, size)
         self.queued_bytes += request.size
         self._next_id += 1
         self._stats.requests += 1
