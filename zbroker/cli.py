@@ -28,7 +28,8 @@ import typer.main
 
 from zbroker import __version__
 from zbroker.client import Client, Subscriber
-from zbroker.client.errors import ClientError, EndpointError
+from zbroker.client.errors import ClientError
+from zbroker.client.keys import Credentials
 from zbroker.config import (
     OPTION_NAMES,
     OPTIONS,
@@ -45,6 +46,7 @@ from zbroker.journal import JournalError
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
 from zbroker.protocol.states import LISTABLE_STATES, QUEUE_COUNTS
 from zbroker.runtime import BindError, BrokerServer
+from zbroker.runtime.auth import AuthFileError
 
 app = typer.Typer(
     name="zbroker",
@@ -76,13 +78,45 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# The CURVE keys the commands that talk to a broker use (--server-key, --key on the
+# root command, or ZBROKER_SERVER_KEY and ZBROKER_KEY): None when not given.
+_credentials: Credentials | None = None
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    server_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ZBROKER_SERVER_KEY",
+            help="A broker started with --auth: its public key (its .key file, or the"
+            " Z85 text its log prints).",
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ZBROKER_KEY",
+            dir_okay=False,
+            help="A broker started with --auth: this user's certificate (NAME.key_secret).",
+        ),
+    ] = None,
 ) -> None:
     """zbroker command line."""
+    global _credentials
+    if server_key is None and key is None:
+        return
+    if server_key is None or key is None:
+        typer.echo("zbroker: give both --server-key and --key, or neither", err=True)
+        raise typer.Exit(2)
+    try:
+        _credentials = Credentials.load(server_key, key)
+    except ClientError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _parameter(option: Option) -> inspect.Parameter:
@@ -145,7 +179,7 @@ def start(
             log.info("option %s = %s (%s)", name, _shown(given.value), given.source)
     try:
         server = BrokerServer(config)
-    except (BindError, JournalError) as exc:
+    except (BindError, JournalError, AuthFileError) as exc:
         typer.echo(f"zbroker: {exc}", err=True)
         raise typer.Exit(1) from None
     except OSError as exc:  # the data directory cannot be made or opened, say
@@ -302,7 +336,7 @@ def tail(
     """Print events from the bus as they come (the broker's lifecycle events included)."""
     seen = 0
     try:
-        with Subscriber(events, *(prefixes or [])) as sub:
+        with Subscriber(events, *(prefixes or []), credentials=_credentials) as sub:
             for event in sub:
                 record = {
                     "type": event.type,
@@ -327,7 +361,7 @@ def tail(
                     return
     except KeyboardInterrupt:
         return
-    except EndpointError as exc:
+    except ClientError as exc:
         typer.echo(f"zbroker: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -396,7 +430,7 @@ def workers(
 def _client_call(endpoint: str, timeout_s: float, what: str, call: Any) -> Any:
     """Run `call(client)`; a client error ends the command with its message, exit 1."""
     try:
-        with Client(endpoint, timeout_s=timeout_s, retries=1) as client:
+        with Client(endpoint, timeout_s=timeout_s, retries=1, credentials=_credentials) as client:
             return call(client)
     except ClientError as exc:
         typer.echo(f"zbroker: {what}: {exc}", err=True)
@@ -460,7 +494,7 @@ def top(
     from zbroker import top as dashboard
 
     try:
-        dashboard.run(endpoint, interval, once)
+        dashboard.run(endpoint, interval, once, _credentials)
     except KeyboardInterrupt:
         return
 
@@ -709,6 +743,39 @@ def dlq_redrive(
     for task_id in moved:
         typer.echo(task_id)
     typer.echo(f"{len(moved)} task(s) redriven", err=True)
+
+
+keys_app = typer.Typer(help="CURVE keys for --auth (docs/security.md).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="Whose key: the broker, or a principal's name.")],
+    directory: Annotated[
+        Path, typer.Option("--dir", file_okay=False, help="Where to write the two files.")
+    ] = Path("keys"),
+) -> None:
+    """Write DIR/NAME.key (the public key, to share) and DIR/NAME.key_secret (to keep)."""
+    import zmq.auth
+
+    if not name or "/" in name or name.startswith("."):
+        typer.echo(f"zbroker: {name!r} cannot name a key file", err=True)
+        raise typer.Exit(2)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            typer.echo(f"zbroker: {path} exists; not overwritten (move it away first)", err=True)
+            raise typer.Exit(1)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        zmq.auth.create_certificates(directory, name)
+        secret.chmod(0o600)
+    except OSError as exc:
+        typer.echo(f"zbroker: cannot write keys in {directory}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{public}  (public: give it to the broker's auth file, or to peers)")
+    typer.echo(f"{secret}  (secret: keep it on this machine only)")
 
 
 def main() -> None:

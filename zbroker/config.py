@@ -19,6 +19,7 @@ from typing import Any
 from zbroker.core.settings import CoreSettings, SettingError, at_least, shown
 from zbroker.journal.base import Durability
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
+from zbroker.protocol.access import is_local_endpoint, is_local_host
 
 
 class LogLevel(enum.Enum):
@@ -56,6 +57,13 @@ class BrokerConfig:
     # Prometheus metrics and /health over HTTP on this port (None: off).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # A file holding the bearer token /metrics asks for (None: no token asked).
+    metrics_token_file: Path | None = None
+    # The principals, their keys and roles (zbroker.runtime.auth reads it); None: no
+    # authentication, and then only endpoints of this machine are served...
+    auth_file: Path | None = None
+    # ...unless this says to serve endpoints reachable from other machines without it.
+    insecure: bool = False
     # On SIGTERM/SIGINT: how long deliveries stay stopped while the results of the
     # attempts in flight come in, before the broker stops (0: stop at once).
     drain_timeout_s: float = 10.0
@@ -78,6 +86,33 @@ class BrokerConfig:
             raise SettingError(
                 "{metrics_port} must be a port number, 0 to 65535", metrics_port=self.metrics_port
             )
+        if self.auth_file is None and not self.insecure:
+            for name in ("bind", "events_in", "events_out"):
+                endpoint = getattr(self, name)
+                if not is_local_endpoint(endpoint):
+                    raise SettingError(
+                        f"{{{name}}} is reachable from other machines: give --auth FILE"
+                        " (docs/security.md), or --insecure to serve it without authentication",
+                        **{name: endpoint},
+                    )
+        if (
+            self.metrics_port is not None
+            and self.metrics_token_file is None
+            and not self.insecure
+            and not is_local_host(self.metrics_host)
+        ):
+            raise SettingError(
+                "{metrics_host} is reachable from other machines: give --metrics-token-file,"
+                " or --insecure to serve metrics without a token",
+                metrics_host=self.metrics_host,
+            )
+
+    def exposed(self) -> list[str]:
+        """The endpoints (and metrics address) other machines can reach."""
+        out = [e for e in (self.bind, self.events_in, self.events_out) if not is_local_endpoint(e)]
+        if self.metrics_port is not None and not is_local_host(self.metrics_host):
+            out.append(f"http://{self.metrics_host}:{self.metrics_port}/metrics")
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +286,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "metrics_port",
         int,
-        "Serve Prometheus /metrics and /health on this port (127.0.0.1).",
+        "Serve Prometheus /metrics and /health on this port (see --metrics-host).",
         ("metrics_port",),
         optional=True,
     ),
@@ -268,6 +303,34 @@ OPTIONS: tuple[Option, ...] = (
         LogFormat,
         "text, or json: one JSON object per line (time, level, logger, message).",
         ("log_format",),
+    ),
+    Option(
+        "metrics_host",
+        str,
+        "The address /metrics listens on; other than loopback it needs"
+        " --metrics-token-file (or --insecure).",
+        ("metrics_host",),
+    ),
+    Option(
+        "metrics_token_file",
+        Path,
+        "A file holding a bearer token that /metrics (not /health) then asks for.",
+        ("metrics_token_file",),
+        optional=True,
+    ),
+    Option(
+        "auth",
+        Path,
+        "A TOML file of principals, keys and roles: CURVE authentication on every"
+        " endpoint (docs/security.md).",
+        ("auth_file",),
+        optional=True,
+    ),
+    Option(
+        "insecure",
+        bool,
+        "Serve endpoints reachable from other machines without --auth (warned at every start).",
+        ("insecure",),
     ),
 )
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from zbroker.client import Client
 from zbroker.client.errors import ClientError
+from zbroker.client.keys import Credentials
 from zbroker.protocol.states import TaskState
 
 # The QUEUES fields shown: state counts, under the states' wire names.
@@ -153,9 +154,13 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
-def run(endpoint: str, interval_s: float, once: bool) -> None:
+def run(
+    endpoint: str, interval_s: float, once: bool, credentials: Credentials | None = None
+) -> None:
     dashboard = Dashboard(endpoint)
-    with Client(endpoint, timeout_s=max(1.0, interval_s), retries=0) as client:
+    with Client(
+        endpoint, timeout_s=max(1.0, interval_s), retries=0, credentials=credentials
+    ) as client:
         if once:
             from rich.console import Console
 

@@ -64,6 +64,10 @@ CASES = {
     "metrics_port": Case("9464", "9464", "9464", {"metrics_port": 9464}),
     "drain_timeout": Case("2.5", "2.5", "2.5", {"drain_timeout_s": 2.5}),
     "log_format": Case("json", '"json"', "json", {"log_format": LogFormat.JSON}),
+    "metrics_host": Case("127.0.0.2", '"127.0.0.2"', "127.0.0.2", {"metrics_host": "127.0.0.2"}),
+    "metrics_token_file": Case("tok", '"tok"', "tok", {"metrics_token_file": Path("tok")}),
+    "auth": Case("auth.toml", '"auth.toml"', "auth.toml", {"auth_file": Path("auth.toml")}),
+    "insecure": Case("true", "true", "True", {"insecure": True}),
 }  # fmt: skip
 
 SOURCES = ["flag", "environment", "file"]
@@ -91,6 +95,8 @@ def given(
     """(args, environment, how config show names the source) that set `name` from
     `source` (a TOML file written under tmp_path for "file")."""
     if source == "flag":
+        if text == "true":  # a boolean option is a flag without a value
+            return [flag(name)], {}, "flag"
         return [f"{flag(name)}={text}"], {}, "flag"
     if source == "environment":
         return [], {envvar(name): text}, f"environment {envvar(name)}"
@@ -243,6 +249,13 @@ BROKEN = [
     ("max_tasks", "0", "max_tasks (0, {src}) must be at least 1"),
     ("metrics_port", "65536", "metrics_port (65536, {src}) must be a port number, 0 to 65535"),
     ("metrics_port", "-1", "metrics_port (-1, {src}) must be a port number, 0 to 65535"),
+    # Without --auth, only endpoints of this machine (issue 17; docs/security.md).
+    ("bind", "tcp://0.0.0.0:5555", "bind (tcp://0.0.0.0:5555, {src}) is reachable from other"
+     " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
+     " authentication"),
+    ("events_out", "tcp://*:5557", "events_out (tcp://*:5557, {src}) is reachable from other"
+     " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
+     " authentication"),
 ]
 
 
@@ -251,7 +264,7 @@ BROKEN = [
 def test_a_broken_bound_is_one_line_naming_the_option_and_its_source(
     name: str, bad: str, message: str, source: str, tmp_path: Path
 ) -> None:
-    toml = "nan" if bad == "nan" else bad
+    toml = bad if bad == "nan" or bad[0].isdigit() or bad[0] == "-" else f'"{bad}"'
     args, env, said = given(name, source, bad, toml, tmp_path)
     code, out, err = show(args, env)
     assert (code, out) == (2, "")
@@ -341,3 +354,24 @@ def test_broker_config_keeps_its_own_bounds() -> None:
         with pytest.raises(SettingError) as caught:
             BrokerConfig(**fields)
         assert str(caught.value) == said
+
+
+def test_insecure_or_auth_lets_a_broker_serve_other_machines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a bind reachable from other machines, with --insecure or with --auth
+    for extra in (["--insecure"], ["--auth", "auth.toml"]):
+        _, config = configured(["--bind", "tcp://0.0.0.0:5555", *extra], monkeypatch, {})
+        # Then the settings are made, and say what is exposed
+        assert config.exposed() == ["tcp://0.0.0.0:5555"]
+
+
+def test_metrics_on_another_address_needs_a_token_or_insecure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = ["--metrics-port", "9464", "--metrics-host", "0.0.0.0"]
+    code, out, err = show(args, {})
+    assert (code, out) == (2, "")
+    assert "metrics_host (0.0.0.0, flag) is reachable from other machines" in err
+    _, config = configured([*args, "--metrics-token-file", "tok"], monkeypatch, {})
+    assert config.exposed() == ["http://0.0.0.0:9464/metrics"]

@@ -27,6 +27,7 @@ from zbroker.client.aclient import AsyncClient
 from zbroker.client.client import Client
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import (
+    AuthenticationFailed,
     BadRequest,
     BrokerError,
     BrokerUnavailable,
@@ -34,6 +35,7 @@ from zbroker.client.errors import (
     ClientClosed,
     ClientError,
     EndpointError,
+    Forbidden,
     MessageTooLarge,
     NonRetryableError,
     QueueFull,
@@ -51,6 +53,7 @@ from zbroker.client.errors import (
     WorkerError,
 )
 from zbroker.client.events import Publisher, Subscriber
+from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions
 from zbroker.client.service import SERVICE_HEARTBEAT_PREFIX, Service, ServiceStats
 from zbroker.client.worker import Handler, Metrics, Result, Task, Worker, WorkerStats
@@ -64,6 +67,7 @@ __all__ = [
     "DEFAULT_RESULT_TIMEOUT_S",
     "SERVICE_HEARTBEAT_PREFIX",
     "AsyncClient",
+    "AuthenticationFailed",
     "BadRequest",
     "BrokerError",
     "BrokerUnavailable",
@@ -72,9 +76,11 @@ __all__ = [
     "ClientClosed",
     "ClientError",
     "ClientStats",
+    "Credentials",
     "DeadLetter",
     "EndpointError",
     "Event",
+    "Forbidden",
     "Handler",
     "MessageTooLarge",
     "Metrics",

@@ -29,9 +29,10 @@ from typing import Any, Self, TypeAlias, TypeVar
 import zmq
 import zmq.asyncio
 
-from zbroker.client import _calls
+from zbroker.client import _calls, keys
 from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import (
+    AuthenticationFailed,
     CallTimeout,
     ClientClosed,
     ReplyError,
@@ -92,7 +93,7 @@ class _Closed:
 
 _CLOSED = _Closed()
 
-_Item = zbc.Answer | _Replaced | _Closed
+_Item = zbc.Answer | _Replaced | _Closed | AuthenticationFailed
 
 
 @dataclass(eq=False, slots=True)
@@ -123,11 +124,12 @@ class AsyncClientBase:
 
     endpoint: str
     stats: ClientStats
+    credentials: keys.Credentials | None
 
     def __init__(self, context: AsyncClientContext | None) -> None:
         self._context = _async_context(context)
         self._socket: zmq.asyncio.Socket | None = connected_socket(
-            self._context, zmq.DEALER, self.endpoint
+            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
         )
         self._generation = 0  # bumped each time the socket is replaced
         self._routes: dict[int, _Call] = {}  # rid -> call, for the current socket
@@ -147,7 +149,7 @@ class AsyncClientBase:
             # The reader's loop may be gone already (closed at interpreter exit).
             with contextlib.suppress(RuntimeError):
                 self._reader.cancel()
-        self._socket.close(linger=0)
+        keys.close_socket(self._socket)
         self._socket = None
         self._routes.clear()
         for call in self._calls:
@@ -196,6 +198,7 @@ class AsyncClientBase:
                     event = None
                     if isinstance(op, _calls.Send):
                         sock = self._open_socket()
+                        keys.check(sock)
                         if call.generation != self._generation:
                             call.generation = self._generation
                             call.rids.clear()
@@ -237,6 +240,8 @@ class AsyncClientBase:
                 return _calls.TIMEOUT
             if isinstance(item, _Closed):
                 raise ClientClosed(f"this {type(self).__name__} was closed while the call waited")
+            if isinstance(item, AuthenticationFailed):
+                raise item
             if isinstance(item, _Replaced):
                 if item.generation <= call.generation:
                     continue  # it has already sent on the new socket
@@ -256,13 +261,33 @@ class AsyncClientBase:
         self._reader = loop.create_task(self._read(sock), name="zbroker-aclient-reader")
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        """Hand every answer on `sock` to the call that owns its rid, until the socket closes."""
+        """Hand every answer on `sock` to the call that owns its rid, until the socket
+        closes; a failed handshake is handed to every call instead."""
+        monitor = keys.monitor_owner(sock)
+        watching = None if monitor is None else asyncio.ensure_future(self._watch(sock, monitor))
+        try:
+            while True:
+                try:
+                    frames = await sock.recv_multipart()
+                except zmq.ZMQError:
+                    return  # closed or replaced under us
+                self._dispatch(frames)
+        finally:
+            if watching is not None:
+                watching.cancel()
+
+    async def _watch(self, sock: zmq.asyncio.Socket, monitor: Any) -> None:
+        """Wait for `sock`'s handshake events; a failure ends every call waiting."""
         while True:
             try:
-                frames = await sock.recv_multipart()
+                await monitor.poll(None, zmq.POLLIN)
+                keys.check(sock)
+            except AuthenticationFailed as exc:
+                for call in self._calls:
+                    call.inbox.put_nowait(exc)
+                return
             except zmq.ZMQError:
-                return  # closed or replaced under us
-            self._dispatch(frames)
+                return
 
     def _dispatch(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[1] != zbc.ZBC01:
@@ -286,9 +311,11 @@ class AsyncClientBase:
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
         self._reader = None
-        old.close(linger=0)
+        keys.close_socket(old)
         self._routes.clear()
-        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
+        self._socket = connected_socket(
+            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+        )
         self._generation += 1
         self._ensure_reader()
         for call in self._calls:
@@ -320,11 +347,12 @@ class ClientBase(SocketOwner):
     stats: ClientStats
     timeout_s: float
     retries: int
+    credentials: keys.Credentials | None
 
     def __init__(self, context: ClientContext | None) -> None:
         self._context = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = connected_socket(
-            self._context, zmq.DEALER, self.endpoint
+            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
         )
 
     # ------------------------------------------------------------------- MDP
@@ -434,7 +462,7 @@ class ClientBase(SocketOwner):
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining_ms, zmq.POLLIN):
+            if not keys.wait_readable(sock, remaining_ms):
                 return _calls.TIMEOUT
             frames = sock.recv_multipart()
             if len(frames) < 2 or frames[1] != zbc.ZBC01:
@@ -456,7 +484,9 @@ class ClientBase(SocketOwner):
 
     def _replace_socket(self) -> zmq.Socket[bytes]:
         self.close()
-        self._socket = connected_socket(self._context, zmq.DEALER, self.endpoint)
+        self._socket = connected_socket(
+            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+        )
         return self._socket
 
     def _await_reply(
@@ -466,7 +496,7 @@ class ClientBase(SocketOwner):
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0 or not keys.wait_readable(sock, remaining_ms):
                 return None
             frames = sock.recv_multipart()
             if len(frames) >= 2 and frames[1] == zbc.ZBC01:

@@ -8,6 +8,7 @@ from typing import Self
 import zmq
 
 from zbroker.client.errors import ClientClosed
+from zbroker.client.keys import close_socket
 
 
 class SocketOwner:
@@ -18,7 +19,7 @@ class SocketOwner:
     def close(self) -> None:
         """Close the socket. Idempotent; anything not yet sent or read is discarded."""
         if self._socket is not None:
-            self._socket.close(linger=0)
+            close_socket(self._socket)
             self._socket = None
 
     @property

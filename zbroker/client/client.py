@@ -28,6 +28,7 @@ from zbroker.client._base import (
 )
 from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
+from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
 from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_QUEUES_PAGE
@@ -64,11 +65,14 @@ class Client(ClientBase):
         poll_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: ClientContext | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         _calls.check_settings(timeout_s, retries, poll_s)
         _calls.check_message_bytes(max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.endpoint = endpoint
+        # CURVE keys for a broker started with --auth (zbroker.client.keys).
+        self.credentials = credentials
         self.timeout_s = timeout_s
         self.retries = retries
         self.poll_s = poll_s

@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.states import TaskState
+
+if TYPE_CHECKING:
+    from zbroker.client.keys import Credentials
 
 # Socket-level flow control is set explicitly on every socket we open, so a
 # slow peer costs bounded memory instead of whatever the library default is.
@@ -228,6 +231,22 @@ class TooManyWaiters(BrokerError):
     """`too_many_waiters`: too many calls are waiting for results at the broker; retry later."""
 
 
+class Forbidden(BrokerError, PermissionError):
+    """`forbidden`: this client's principal may not make the call (the broker's --auth
+    file grants it no such role, service or task); nothing was done."""
+
+
+class AuthenticationFailed(ClientError, PermissionError):
+    """The broker refused this peer's CURVE handshake, or the two sides do not speak
+    the same security mechanism: nothing can be sent until the keys are right.
+    `reason` says which, as far as the peer can tell."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"authentication with {endpoint} failed: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
 _ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
     zbc.E_BAD_REQUEST: BadRequest,
     zbc.E_TOO_LARGE: MessageTooLarge,
@@ -237,6 +256,7 @@ _ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
     zbc.E_SHUTTING_DOWN: BrokerUnavailable,
     zbc.E_UNAVAILABLE: BrokerUnavailable,
     zbc.E_TOO_MANY_WAITERS: TooManyWaiters,
+    zbc.E_FORBIDDEN: Forbidden,
 }
 
 # One class per failed state (zbroker.protocol.states.FAILED_STATES).
@@ -270,18 +290,29 @@ _S = TypeVar("_S", bound=zmq.Socket[Any])
 
 
 def connected_socket(
-    context: zmq.Context[_S], kind: int, endpoint: str, hwm: int = DEFAULT_HWM
+    context: zmq.Context[_S],
+    kind: int,
+    endpoint: str,
+    hwm: int = DEFAULT_HWM,
+    credentials: Credentials | None = None,
 ) -> _S:
-    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`."""
+    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`:
+    a CURVE client when `credentials` are given; its handshakes watched either way
+    (zbroker.client.keys), so that a refused one is an error, not a silent wait."""
+    from zbroker.client.keys import close_socket, watch  # keys raises this module's errors
+
     with zmq_boundary("opening a socket"):
         sock = context.socket(kind)
     sock.linger = 0
     sock.sndhwm = hwm
     sock.rcvhwm = hwm
+    if credentials is not None:
+        credentials.apply(sock)
+    watch(sock, endpoint, credentials is not None)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
-        sock.close(linger=0)
+        close_socket(sock)
         hint = "" if "://" in endpoint else " (expected transport://address, e.g. tcp://host:port)"
         raise EndpointError(f"cannot connect to {endpoint!r}: {exc}{hint}") from exc
     return sock

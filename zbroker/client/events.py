@@ -17,6 +17,7 @@ import zmq
 
 from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import DEFAULT_HWM, connected_socket, zmq_boundary
+from zbroker.client.keys import Credentials, check, close_socket, wait_readable
 from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import Event, decode_events, encode_event, encode_events
@@ -42,12 +43,15 @@ class Publisher(SocketOwner):
         source: str = "",
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.source = source
         self.published = 0
         ctx = context if context is not None else zmq.Context.instance()
-        self._socket: zmq.Socket[bytes] | None = connected_socket(ctx, zmq.PUB, endpoint, hwm)
+        self._socket: zmq.Socket[bytes] | None = connected_socket(
+            ctx, zmq.PUB, endpoint, hwm, credentials
+        )
 
     def publish(
         self,
@@ -73,6 +77,7 @@ class Publisher(SocketOwner):
             reply_to=reply_to,
         )
         frames = encode_event(event)
+        check(sock)  # a refused handshake is an error here, not silence
         with zmq_boundary(f"publishing {type!r}"):
             sock.send_multipart(frames)
         self.published += 1
@@ -98,6 +103,7 @@ class Publisher(SocketOwner):
         resolved = self.source if source is None else source
         timestamp = time.time()
         frames = encode_events(type, resolved, payloads, timestamp, correlation_id, reply_to)
+        check(sock)
         with zmq_boundary(f"publishing {type!r}"):
             sock.send_multipart(frames)
         self.published += len(payloads)
@@ -117,7 +123,7 @@ class Publisher(SocketOwner):
         if not 0 <= linger_s < math.inf:
             raise ValueError("linger_s must be a finite number of seconds >= 0")
         if self._socket is not None:
-            self._socket.close(linger=math.ceil(linger_s * 1000))
+            close_socket(self._socket, math.ceil(linger_s * 1000))
             self._socket = None
 
 
@@ -138,13 +144,16 @@ class Subscriber(SocketOwner):
         *prefixes: str,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.dropped = 0
         self.received = 0
         self._pending: deque[Event] = deque()  # the rest of a batch already received
         ctx = context if context is not None else zmq.Context.instance()
-        self._socket: zmq.Socket[bytes] | None = connected_socket(ctx, zmq.SUB, endpoint, hwm)
+        self._socket: zmq.Socket[bytes] | None = connected_socket(
+            ctx, zmq.SUB, endpoint, hwm, credentials
+        )
         for prefix in prefixes or ("",):
             self.subscribe(prefix)
 
@@ -170,11 +179,11 @@ class Subscriber(SocketOwner):
         with zmq_boundary("receiving an event"):
             while True:
                 if deadline is None:
-                    sock.poll(None, zmq.POLLIN)
+                    wait_readable(sock, -1)
                 else:
                     # A zero (or spent) timeout still takes an event that is already here.
                     remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-                    if not sock.poll(remaining_ms, zmq.POLLIN):
+                    if not wait_readable(sock, remaining_ms):
                         return None
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)

@@ -43,6 +43,7 @@ import zmq
 from zbroker.client._calls import check_message_bytes
 from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
 from zbroker.client.events import Publisher, Subscriber
+from zbroker.client.keys import Credentials
 from zbroker.client.worker import Task, Worker, _is_async, _service_name
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
 from zbroker.protocol.events import Event
@@ -124,6 +125,7 @@ class Service:
         grace_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError("a service name is a str")
@@ -144,6 +146,10 @@ class Service:
         self.events_out = events_out
         self.heartbeat_s = heartbeat_s or None  # 0 and None: no heartbeats
         self.grace_s = grace_s
+        # CURVE keys for a broker started with --auth, used by every socket of the
+        # service (its principal needs the worker, publisher and subscriber roles its
+        # queues and topics use: docs/security.md).
+        self.credentials = credentials
         self.stats = ServiceStats()
         self._context_arg = context
         self._own_context: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -422,11 +428,17 @@ class Service:
         if context is None:
             context = self._own_context = zmq.Context()
         with self._publish_lock:
-            self._publisher = Publisher(self.events_in, source=self.name, context=context)
+            self._publisher = Publisher(
+                self.events_in, source=self.name, context=context, credentials=self.credentials
+            )
         if self._topics:
             self._probe_topic = f"{SERVICE_PROBE_PREFIX}{self.name}.{secrets.token_hex(4)}"
             self._subscriber = Subscriber(
-                self.events_out, *self.topics, self._probe_topic, context=context
+                self.events_out,
+                *self.topics,
+                self._probe_topic,
+                context=context,
+                credentials=self.credentials,
             )
         for q in self._queues.values():
             self._workers[q.name] = Worker(
@@ -437,6 +449,7 @@ class Service:
                 tags=q.tags,
                 max_message_bytes=self.max_message_bytes,
                 context=context,
+                credentials=self.credentials,
             )
         for worker in self._workers.values():
             worker.start()

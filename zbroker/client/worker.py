@@ -55,13 +55,17 @@ import zmq
 
 from zbroker.client._calls import check_message_bytes
 from zbroker.client.errors import (
+    AuthenticationFailed,
     ClientError,
+    Forbidden,
     NonRetryableError,
     RetryLater,
     WorkerError,
     connected_socket,
 )
-from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp
+from zbroker.client.keys import Credentials, check, close_socket, monitor_of
+from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp, zbc
+from zbroker.protocol.access import FORBIDDEN_PREFIX
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAMES
 
@@ -328,6 +332,7 @@ class Worker:
         metrics: Metrics | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if service is None:
             raise TypeError("Worker() needs a service name")
@@ -361,13 +366,15 @@ class Worker:
         self.max_reconnect_delay_s = max_reconnect_delay_s
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
+        # CURVE keys for a broker started with --auth (zbroker.client.keys).
+        self.credentials = credentials
         # What the results (and their meta entries) of one DONE or DONES may add up to.
         self._results_budget = max_message_bytes - _MESSAGE_OVERHEAD
         self.is_async = _is_async(handler)
         self.stats = WorkerStats()
         self._context = context if context is not None else zmq.Context.instance()
         # Like Client: a bad endpoint fails here, not later in a background thread.
-        connected_socket(self._context, zmq.DEALER, endpoint).close(linger=0)
+        close_socket(connected_socket(self._context, zmq.DEALER, endpoint))
         self._control: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self._stats_lock = threading.Lock()
         self._running = 0
@@ -870,6 +877,8 @@ class _Link:
         self._expiry_s = worker.heartbeat_interval_s * worker.liveness
         self._poller = zmq.Poller()
         self._dealer: zmq.Socket[bytes] | None = None
+        # The dealer's handshake monitor (zbroker.client.keys), polled beside it.
+        self._monitor: zmq.Socket[bytes] | None = None
         self._expires_at = 0.0
         self._heartbeat_at = 0.0
         self._metrics_at = 0.0
@@ -894,6 +903,9 @@ class _Link:
     def run(self) -> None:
         try:
             self._run()
+        except (AuthenticationFailed, Forbidden) as exc:
+            logger.error("worker %r stops: %s", self._worker.service, exc)
+            self._worker._crashed(exc, "the I/O thread")
         except BaseException as exc:
             logger.exception("I/O thread of worker %r failed", self._worker.service)
             self._worker._crashed(exc, "the I/O thread")
@@ -909,6 +921,8 @@ class _Link:
             if wakeup in events and not self._on_reports():
                 return
             dealer = self._dealer
+            if dealer is not None and self._monitor in events:
+                check(dealer)  # a refused handshake ends the worker with the reason
             if dealer is not None and dealer in events:
                 if events[dealer] & zmq.POLLIN:
                     self._drain_dealer()
@@ -923,8 +937,13 @@ class _Link:
         if self.generation:
             w._bump("reconnects")
         self.generation += 1
-        self._dealer = connected_socket(w._context, zmq.DEALER, w.endpoint)
+        self._dealer = connected_socket(
+            w._context, zmq.DEALER, w.endpoint, credentials=w.credentials
+        )
         self._poller.register(self._dealer, zmq.POLLIN)
+        self._monitor = monitor_of(self._dealer)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
         now = time.monotonic()
         self._expires_at = now + self._expiry_s
         self._heartbeat_at = now + self._interval_s
@@ -982,8 +1001,11 @@ class _Link:
         if disconnect:
             self._send(ext.disconnect(reason))  # best effort: the broker expires us anyway
         self._poller.unregister(dealer)
+        if self._monitor is not None:
+            self._poller.unregister(self._monitor)
+            self._monitor = None
         self._watching_out = False
-        dealer.close(linger=linger_ms if disconnect else 0)
+        close_socket(dealer, linger_ms if disconnect else 0)
         self._dealer = None
         self._drop_outbox()
         # The broker hands these attempts to someone else: tell their handlers.
@@ -1199,6 +1221,25 @@ class _Link:
             )
             self._send_reliably(frames, "failed", 1)
 
+    def _on_disconnect(self, message: ext.Disconnect, not_started: int) -> None:
+        """The broker sent DISCONNECT: register again after a backoff, unless it
+        refused this key the service (then the worker stops with Forbidden)."""
+        w = self._worker
+        if message.reason.startswith(FORBIDDEN_PREFIX):
+            # The broker's auth file does not let this key serve the service:
+            # registering again cannot help.
+            raise Forbidden(zbc.E_FORBIDDEN, message.reason.removeprefix(FORBIDDEN_PREFIX).strip())
+        logger.info(
+            "worker %r: broker sent DISCONNECT (%s), re-registering",
+            w.service,
+            message.reason or "no reason given",
+        )
+        self._close(disconnect=False)
+        self._reconnect_after(self._next_backoff())
+        # Nothing to acknowledge on a connection that is gone, and nothing
+        # it brought may start: those attempts are the broker's again.
+        w._bump("not_started", not_started)
+
     def _drain_dealer(self) -> None:
         w = self._worker
         dealer = self._dealer
@@ -1218,16 +1259,7 @@ class _Link:
                 logger.warning("worker %r: dropped a malformed message: %s", w.service, exc)
                 continue
             if isinstance(message, ext.Disconnect):
-                logger.info(
-                    "worker %r: broker sent DISCONNECT (%s), re-registering",
-                    w.service,
-                    message.reason or "no reason given",
-                )
-                self._close(disconnect=False)
-                self._reconnect_after(self._next_backoff())
-                # Nothing to acknowledge on a connection that is gone, and nothing
-                # it brought may start: those attempts are the broker's again.
-                w._bump("not_started", len(to_run))
+                self._on_disconnect(message, len(to_run))
                 return
             if not self.connected:
                 self.connected = True

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zbroker.core.controls import OperatorControls
+from zbroker.core.guard import Guard, ready_service
 from zbroker.core.model import Service, Stats, Worker
 from zbroker.core.names import hex_id
 from zbroker.core.requests import MdpRequests
@@ -44,6 +45,7 @@ from zbroker.core.tasks import DurableTasks
 from zbroker.core.views import AdminViews
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, limits, mdp, zbc
+from zbroker.protocol.access import Policy
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
@@ -79,9 +81,12 @@ class Broker:
         now: float,
         journal: Journal | None = None,
         epoch_offset: float = 0.0,
+        policy: Policy | None = None,
     ) -> None:
         self.settings = settings
         self.stats = Stats()
+        # Authenticated brokers only: every message is checked against its sender.
+        self.guard = None if policy is None else Guard(policy, self.stats)
         self._out = Outputs()
         self.sink = EventSink(self._out)
         self.directory = ServiceDirectory(settings.max_departed_services)
@@ -147,8 +152,10 @@ class Broker:
 
     # ------------------------------------------------------------ inputs
 
-    def receive(self, frames: list[bytes], now: float) -> None:
-        """One message from the ROUTER socket: [routing id, empty, header, ...]."""
+    def receive(self, frames: list[bytes], now: float, sender: str | None = None) -> None:
+        """One message from the ROUTER socket: [routing id, empty, header, ...].
+        `sender`: the principal its connection authenticated as (the ZAP User-Id);
+        on a broker with a policy, a message is checked against it (core/guard.py)."""
         self.directory.now = now
         n = len(frames)
         if n < 4:
@@ -160,6 +167,9 @@ class Broker:
             return
         if sum(map(len, frames)) > settings.max_message_bytes:
             self._too_large("oversized", frames)
+            return
+        if self.guard is not None:
+            self._receive_guarded(frames, now, sender)
             return
         header = frames[2]
         try:
@@ -181,13 +191,20 @@ class Broker:
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
 
-    def receive_many(self, messages: list[list[bytes]], now: float) -> None:
-        """`receive` each message, then dispatch every service they gave work or
-        credit to, once (see Routing.one_dispatch)."""
+    def receive_many(
+        self, messages: list[list[bytes]], now: float, senders: list[str | None] | None = None
+    ) -> None:
+        """`receive` each message (from the sender at the same place of `senders`),
+        then dispatch every service they gave work or credit to, once (see
+        Routing.one_dispatch)."""
         with self.routing.one_dispatch(now):
             receive = self.receive
-            for frames in messages:
-                receive(frames, now)
+            if senders is None:
+                for frames in messages:
+                    receive(frames, now)
+            else:
+                for frames, sender in zip(messages, senders, strict=True):
+                    receive(frames, now, sender)
 
     def tick(self, now: float) -> None:
         """Timers: workers, heartbeats, deadlines, delays, retention, waits, requests.
@@ -255,12 +272,81 @@ class Broker:
         {zbc.Queues, zbc.Workers, zbc.Stats, zbc.Limit, zbc.Pause, zbc.Drain}
     )
 
-    def _on_call(self, identity: bytes, msg: zbc.ClientMessage, now: float) -> None:
+    def _on_call(
+        self, identity: bytes, msg: zbc.ClientMessage, now: float, owner: str | None = None
+    ) -> None:
         kind = type(msg)
         if self.tasks.journal is None and kind not in self._WITHOUT_JOURNAL:
             self.tasks.refuse(identity, msg.rid, zbc.E_UNAVAILABLE, "this broker keeps no tasks")
             return
+        if owner is not None and kind is zbc.Enqueue:
+            assert isinstance(msg, zbc.Enqueue)
+            self.tasks.enqueue(identity, msg, now, owner)
+            return
         self._calls[kind](identity, msg, now)
+
+    # ------------------------------------------------ authenticated brokers
+
+    def _receive_guarded(self, frames: list[bytes], now: float, sender: str | None) -> None:
+        """`receive` on a broker with a policy: each message is decoded, then checked
+        against its sender's principal before its part sees it. A ZBC01 call refused
+        gets `forbidden`; a task it enqueues is the sender's own."""
+        guard = self.guard
+        assert guard is not None
+        identity, header = frames[0], frames[2]
+        try:
+            if header == _ZBC01:
+                try:
+                    call = zbc.decode_client(frames[1:])
+                except zbc.CallError as exc:
+                    self.tasks.refuse(identity, exc.rid, exc.code, exc.message)
+                    return
+                why = guard.call(guard.sender(sender), call, self.tasks.journal)
+                if why is not None:
+                    self.tasks.refuse(identity, call.rid, zbc.E_FORBIDDEN, why)
+                else:
+                    self._on_call(identity, call, now, sender)
+            elif header == _MDPC01:
+                request = mdp.decode_client(frames[1:])
+                if guard.mdp_request(guard.sender(sender), request.service):
+                    self.requests.on_request(identity, request, now)
+            elif header in (_ZBW01, _MDPW01):
+                zbw = header == _ZBW01
+                msg = ext.decode_worker(frames[1:]) if zbw else mdp.decode_worker(frames[1:])
+                if self._worker_admitted(identity, msg, sender, zbw):
+                    if zbw:
+                        self.routing.on_zbw_worker(identity, msg, now)  # type: ignore[arg-type]
+                    else:
+                        self.routing.on_mdp_worker(identity, msg, now)  # type: ignore[arg-type]
+                    self._stamp(identity, sender)
+            else:
+                self._malformed("bad_header", frames)
+        except ProtocolError as exc:
+            self._malformed(exc.reason, frames)
+
+    def _worker_admitted(self, identity: bytes, msg: Any, sender: str | None, zbw: bool) -> bool:
+        """A worker's message on a broker with a policy: a READY only for a service
+        the sender may serve (else DISCONNECT with the reason); any message only
+        from the principal that registered the worker (else dropped and counted)."""
+        guard = self.guard
+        assert guard is not None
+        service = ready_service(_ZBW01 if zbw else _MDPW01, msg)
+        if service is not None:
+            why = guard.worker_ready(guard.sender(sender), service)
+            if why is not None:
+                self.routing.turn_away(identity, zbw, why)
+                return False
+        worker = self.routing.workers.get(identity)
+        if worker is not None and worker.principal != sender:
+            guard.refused("worker")
+            return False
+        return True
+
+    def _stamp(self, identity: bytes, sender: str | None) -> None:
+        """A worker a READY just registered belongs to the READY's sender."""
+        worker = self.routing.workers.get(identity)
+        if worker is not None and worker.principal is None:
+            worker.principal = sender
 
     # ------------------------------------------------------------ errors
 

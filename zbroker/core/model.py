@@ -176,6 +176,7 @@ class Worker:
         "heartbeat_at",
         "identity",
         "metrics",
+        "principal",
         "service",
         "tags",
         "tasks",
@@ -202,6 +203,9 @@ class Worker:
         self.batch = False  # ZBW01: accepts TASKS (several tasks per message)
         self.draining = False  # an operator asked: no new tasks, current ones finish
         self.metrics: dict[str, object] = {}
+        # The principal that registered it (authenticated brokers): only messages
+        # of that principal are taken as this worker's.
+        self.principal: str | None = None
         # What this worker holds, by task id, in delivery order.
         self.tasks: dict[str, Held] = {}
         self.expires_at = now + settings.worker_expiry_s
@@ -421,6 +425,7 @@ class Stats:
     tasks_redriven: int = 0
     tasks_recovered: int = 0  # in flight at the last stop: requeued at start
     calls_refused: int = 0  # ZBC01 calls answered with ERROR
+    forbidden: int = 0  # messages refused because their sender's roles do not allow them
     malformed: Counter[str] | None = None
 
     def __post_init__(self) -> None:

@@ -469,6 +469,10 @@ class Routing:
         log.info("DISCONNECT to %s: %s", hex_id(identity), why)
         self._out.outbox.append([identity, *dialect.disconnect(why)])
 
+    def turn_away(self, identity: bytes, zbw: bool, why: str) -> None:
+        """A worker's message refused before it was read (core/guard.py): DISCONNECT."""
+        self._disconnect(identity, ZBW if zbw else MDP, why)
+
     def gone(self, identity: bytes, now: float) -> None:
         """A message to worker `identity` could not be sent: its connection is gone."""
         worker = self.workers.get(identity)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
 from itertools import chain
@@ -72,6 +73,8 @@ TIMER_BATCH = 1000
 JOURNAL_RESERVE = 0.1
 # Share of it that results may fill (the rest: what retries and deletions write).
 RESULTS_LIMIT = 0.98
+# Random bytes read from the OS at once for task ids (8 per id).
+ID_NOISE_BLOCK = 4096
 # "Any time from now on", for scans of the time-ordered indexes.
 FAR_FUTURE_S = 100 * 365 * 86400.0
 
@@ -96,6 +99,7 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "finished_at": record.finished_at,
         "keep_until": record.keep_until,
         "history": record.history,
+        "owner": record.owner,
     }
 
 
@@ -129,6 +133,10 @@ class DurableTasks:
         self._routing: Delivery | None = None
         self._epoch_offset = epoch_offset
         self._rng = random.Random(settings.seed)
+        # Random hex that makes task ids unguessable: a peer that learns one id (its
+        # own task's) cannot name another task. Read from the OS in blocks.
+        self._noise = ""
+        self._noise_at = 0
         self._history_limit = settings.history_limit
         self._admitted = 0  # bytes of enqueues admitted since the journal's last commit
         self._admitted_at = -1  # the journal's commit count when that was reset
@@ -584,8 +592,21 @@ class DurableTasks:
             return False
         return True
 
-    def enqueue(self, identity: bytes, msg: zbc.Enqueue, now: float) -> None:
-        """ENQUEUE (and REQUEST, which waits): store the tasks, answer with their ids."""
+    def _new_id(self, seq: int) -> str:
+        """`t<seq>-<64 random bits>`, both in hex: ordered by enqueue, unguessable."""
+        at = self._noise_at
+        if at >= len(self._noise):
+            self._noise = os.urandom(ID_NOISE_BLOCK).hex()
+            at = 0
+        self._noise_at = at + 16
+        return f"t{seq:x}-{self._noise[at : at + 16]}"
+
+    def enqueue(
+        self, identity: bytes, msg: zbc.Enqueue, now: float, owner: str | None = None
+    ) -> None:
+        """ENQUEUE (and REQUEST, which waits): store the tasks, answer with their ids.
+        `owner`: the principal that sent it (authenticated brokers), kept with each
+        task."""
         journal = self.journal
         assert journal is not None
         name = msg.service.encode()
@@ -614,6 +635,7 @@ class DurableTasks:
         enqueued: list[Any] | None = [] if sink.prefixes and sink.wants(topic) else None
         priority, event_not_before, headers = options.priority, not_before or None, options.headers
         apply = self.apply
+        new_id = self._new_id
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
@@ -625,7 +647,7 @@ class DurableTasks:
                     continue
             seq = journal.next_seq()
             record = TaskRecord(
-                id=f"t{seq:x}",
+                id=new_id(seq),
                 service=msg.service,
                 state=READY,  # set by apply
                 seq=seq,
@@ -637,6 +659,7 @@ class DurableTasks:
                 timeout_s=options.timeout_s,
                 key=key,
                 headers=headers,
+                owner=owner,
             )
             apply(record, move, epoch, service, payload, None, (), True)
             ids.append(record.id)

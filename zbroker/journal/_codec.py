@@ -3,9 +3,9 @@
 Shared by both stores, so `MemoryJournal` accepts and returns exactly what
 `LmdbJournal` does. Owns the record's encoding (schema version 1); never opens a store.
 
-A record is a msgpack array of 16 fields, or 17 when its `uncharged` count is not 0:
-a store written before that field existed reads unchanged (as 0), and a record
-that never had an uncharged attempt is written exactly as before.
+A record is a msgpack array of 16 fields, 17 when its `uncharged` count is not 0,
+18 when it has an `owner`: a store written before those fields existed reads
+unchanged (as 0 and None), and a record without them is written exactly as before.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def check_record(record: TaskRecord) -> None:
     uncharged = record.uncharged
     if type(uncharged) is not int or not 0 <= uncharged <= MAX_SEQ:
         raise ValueError(f"uncharged must be an int >= 0, got {uncharged!r}")
+    owner = record.owner
+    if owner is not None and (type(owner) is not str or not owner):
+        raise ValueError(f"owner must be a non-empty str or None, got {owner!r}")
     key = record.key
     if key is not None:
         if type(key) is not str:
@@ -97,7 +100,9 @@ class Packer:
             record.keep_until,
             record.history,
         )
-        if record.uncharged:
+        if record.owner is not None:
+            fields += (record.uncharged, record.owner)
+        elif record.uncharged:
             fields += (record.uncharged,)
         return self._pack(fields)  # type: ignore[no-any-return]
 
@@ -111,6 +116,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     """A fresh TaskRecord from `pack_record`'s bytes."""
     fields = msgpack.unpackb(data, strict_map_key=False)
     uncharged = fields[16] if len(fields) > 16 else 0
+    owner = fields[17] if len(fields) > 17 else None
     (
         service,
         state,
@@ -148,6 +154,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         keep_until,
         history,
         uncharged,
+        owner,
     )
 
 

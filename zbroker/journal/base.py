@@ -121,6 +121,10 @@ class TaskRecord:
     # or dying: they move the attempt number (the fencing token) on but are not charged
     # against `max_attempts`. Stored only when not 0, so older stores read as 0.
     uncharged: int = 0
+    # The principal that enqueued it, on an authenticated broker (None: none was
+    # asked): only it, or an admin, may read its result or status, or cancel it.
+    # Stored only when set, so older stores read as None.
+    owner: str | None = None
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it

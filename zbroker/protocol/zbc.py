@@ -130,6 +130,7 @@ E_CONFLICT = "conflict"  # the task is not in a state the call applies to
 E_SHUTTING_DOWN = "shutting_down"  # the broker is stopping: call again after it restarts
 E_UNAVAILABLE = "unavailable"  # the broker cannot take the call now (journal failure)
 E_TOO_MANY_WAITERS = "too_many_waiters"  # too many calls are already waiting for results
+E_FORBIDDEN = "forbidden"  # the sender's principal may not make this call (--auth)
 
 # The limits of ZBC01 calls, under the names this module has always given them
 # (their home, with the reason for each, is zbroker.protocol.limits).

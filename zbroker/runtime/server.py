@@ -27,7 +27,9 @@ from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.core.stopping import Drain, halt_deliveries
 from zbroker.journal import Journal, JournalError, open_journal
+from zbroker.protocol.access import DOMAIN_ROUTER
 from zbroker.protocol.events import encode_runs
+from zbroker.runtime.auth import Auth, ZapHandler, load_auth, serve_curve, user_id
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
@@ -74,6 +76,8 @@ class BrokerServer:
 
     def __init__(self, config: BrokerConfig, ctx: zmq.Context[zmq.Socket[bytes]] | None = None):
         self.config = config
+        # Read before anything opens: a bad auth file stops the start (AuthFileError).
+        self.auth: Auth | None = None if config.auth_file is None else load_auth(config.auth_file)
         self._ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         journal_options: dict[str, int] = {}
@@ -86,7 +90,11 @@ class BrokerServer:
         try:
             started = time.monotonic()
             self.core = Broker(
-                config.core, started, self.journal, epoch_offset=time.time() - started
+                config.core,
+                started,
+                self.journal,
+                epoch_offset=time.time() - started,
+                policy=None if self.auth is None else self.auth.policy,
             )
             self.journal.commit()  # what recovery changed
         except BaseException:
@@ -106,23 +114,9 @@ class BrokerServer:
         # Before the ROUTER exists: the first id libzmq gives a peer must not be
         # known in advance (zbroker/runtime/routing_ids.py says why).
         seed_routing_ids()
-        self.router = self._ctx.socket(zmq.ROUTER)
-        self.router.linger = 0
-        self.router.sndhwm = config.router_hwm
-        self.router.rcvhwm = config.router_hwm
-        # Refuse (instead of silently dropping) sends to peers that are gone or full,
-        # so the core learns that a worker's connection is gone.
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # The core refuses a message over --max-message-bytes with a readable
-        # too_large, but only once it has been read whole. A frame far over the cap
-        # is never read: libzmq disconnects its sender (memory stays bounded).
-        self.router.maxmsgsize = frame_cap(config.core.max_message_bytes)
-        try:
-            self.router.bind(config.bind)
-        except zmq.ZMQError as exc:
-            self.router.close()
-            self.journal.close()
-            raise BindError(f"cannot bind {config.bind}: {exc}") from exc
+        # Before any endpoint binds: no handshake is ever decided without it.
+        self.zap = None if self.auth is None else ZapHandler(self._ctx, self.auth.policy)
+        self.router = self._open_router()
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
             self.events = EventProxy(
@@ -131,9 +125,11 @@ class BrokerServer:
                 config.events_out,
                 config.events_hwm,
                 frame_cap(config.core.max_message_bytes),
+                self.auth,
             )
         except BindError:
             self.router.close()
+            self._close_zap()
             self.journal.close()
             raise
         # The broker's own lifecycle events enter the bus here. An XPUB (not a PUB)
@@ -157,6 +153,7 @@ class BrokerServer:
                 self.lifecycle.close()
                 self.events.stop()
                 self.router.close()
+                self._close_zap()
                 self.journal.close()
                 raise BindError(
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
@@ -164,6 +161,30 @@ class BrokerServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+
+    def _open_router(self) -> zmq.Socket[bytes]:
+        config = self.config
+        router = self._ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.sndhwm = config.router_hwm
+        router.rcvhwm = config.router_hwm
+        # Refuse (instead of silently dropping) sends to peers that are gone or full,
+        # so the core learns that a worker's connection is gone.
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # The core refuses a message over --max-message-bytes with a readable
+        # too_large, but only once it has been read whole. A frame far over the cap
+        # is never read: libzmq disconnects its sender (memory stays bounded).
+        router.maxmsgsize = frame_cap(config.core.max_message_bytes)
+        if self.auth is not None:
+            serve_curve(router, self.auth, DOMAIN_ROUTER)
+        try:
+            router.bind(config.bind)
+        except zmq.ZMQError as exc:
+            router.close()
+            self._close_zap()
+            self.journal.close()
+            raise BindError(f"cannot bind {config.bind}: {exc}") from exc
+        return router
 
     def stop(self) -> None:
         """Ask the loop to finish its pass and return (safe from signal handlers)."""
@@ -199,8 +220,30 @@ class BrokerServer:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    def _close_zap(self) -> None:
+        if self.zap is not None:
+            self.zap.stop()
+
     def _start_threads(self) -> None:
-        """The event proxy and the metrics server, each in its thread; say where."""
+        """The ZAP handler, the event proxy and the metrics server, each in its
+        thread; say where, and how peers are trusted."""
+        if self.zap is not None:
+            self.zap.start()
+            assert self.auth is not None
+            log.info(
+                "authentication: CURVE, %d principals from %s; broker public key %s",
+                len(self.auth.policy.principals),
+                self.auth.path,
+                self.auth.public_key.decode(),
+            )
+        else:
+            exposed = self.config.exposed()
+            if exposed:
+                log.warning(
+                    "INSECURE: serving %s without authentication (--insecure): anyone who"
+                    " reaches them can read and change every task; see docs/security.md",
+                    ", ".join(exposed),
+                )
         self.events.start()
         if self.metrics is not None:
             self.metrics.start()
@@ -227,29 +270,18 @@ class BrokerServer:
         core = self.core
         receive_many = core.receive_many
         commit = self.journal.commit
-        recv_frame = _backend_recv
         monotonic = time.monotonic
+        # One pass's messages (and with --auth each one's sender).
+        read = self._read_plain if self.auth is None else self._read_guarded
         try:
             while not self._stopping:
                 now = monotonic()
-                # Drain what is already queued without polling: poll (a system call)
-                # only once the socket is empty, so a busy broker polls rarely.
-                messages: list[list[bytes]] = []
-                while len(messages) < RECV_BATCH:
-                    try:
-                        frame = recv_frame(router, NOBLOCK, False)
-                    except zmq.Again:
-                        break
-                    frames = [frame.bytes]
-                    while frame.more:
-                        frame = recv_frame(router, NOBLOCK, False)
-                        frames.append(frame.bytes)
-                    messages.append(frames)
+                messages, senders = read()
                 received = len(messages)
                 if received:
                     # Deliveries are decided once for the whole pass: requests that
                     # came in together go to a worker together (one TASKS).
-                    receive_many(messages, now)
+                    receive_many(messages, now, senders)
                 if now >= core.next_tick_at:
                     core.tick(now)
                 # One commit for the whole pass, before anything of it is sent.
@@ -277,6 +309,46 @@ class BrokerServer:
                 router.disable_monitor()
                 monitor.close(linger=0)
             self._close()
+
+    def _read_plain(self) -> tuple[list[list[bytes]], None]:
+        """The pass's messages: what is already queued, without polling (poll, a
+        system call, only once the socket is empty, so a busy broker polls rarely)."""
+        router = self.router
+        recv_frame = _backend_recv
+        messages: list[list[bytes]] = []
+        while len(messages) < RECV_BATCH:
+            try:
+                frame = recv_frame(router, NOBLOCK, False)
+            except zmq.Again:
+                break
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv_frame(router, NOBLOCK, False)
+                frames.append(frame.bytes)
+            messages.append(frames)
+        return messages, None
+
+    def _read_guarded(self) -> tuple[list[list[bytes]], list[str | None]]:
+        """The pass's messages on a broker with --auth, and each one's sender: the
+        principal its connection authenticated as (the ZAP User-Id, which libzmq
+        attaches to every frame a peer sends; the routing id frame is the ROUTER's)."""
+        router = self.router
+        messages: list[list[bytes]] = []
+        senders: list[str | None] = []
+        while len(messages) < RECV_BATCH:
+            try:
+                frame = _backend_recv(router, NOBLOCK, False)
+            except zmq.Again:
+                break
+            frames = [frame.bytes]
+            frame = _backend_recv(router, NOBLOCK, False)
+            frames.append(frame.bytes)
+            senders.append(user_id(frame))
+            while frame.more:
+                frame = _backend_recv(router, NOBLOCK, False)
+                frames.append(frame.bytes)
+            messages.append(frames)
+        return messages, senders
 
     def _drain_pass(self, now: float) -> None:
         """The drain's part of a pass, after its commit: begin the drain or tell the
@@ -435,6 +507,7 @@ class BrokerServer:
             self.metrics.stop()
         self.lifecycle.close(linger=0)
         self.events.stop()
+        self._close_zap()
         self.journal.close()
         self.router.close(linger=0)
         self._wake_r.close()

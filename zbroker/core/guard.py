@@ -1,0 +1,105 @@
+"""Guard: on an authenticated broker, every message is checked against its sender.
+
+The runtime hands the core each message's sender, the principal name that the ZAP
+handler admitted for its connection (libzmq's User-Id, which a peer cannot set).
+`Broker.receive` asks the guard before any part sees the message; what the roles
+allow is zbroker.protocol.access's rule, not this module's. A refusal is counted in
+`forbidden` by the kind of message, and the sender hears it where its protocol
+has a way: a ZBC01 call gets ERROR `forbidden`, a ZBW01 worker DISCONNECT with
+the reason; 7/MDP has no error reply, so an MDP request or worker is dropped.
+
+Without `--auth` the core has no guard and none of this runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from zbroker.core.model import Stats
+from zbroker.journal.base import Journal
+from zbroker.protocol import ext, mdp, zbc
+from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy, Principal
+
+# ZBC01 calls that act on one task: only its owner (or an admin) may make them.
+_ON_A_TASK = (zbc.Result, zbc.Status, zbc.Cancel)
+# ZBC01 calls that read the broker's figures (observer), and those only admins make.
+_FIGURES = (zbc.Queues, zbc.Workers, zbc.Stats)
+
+
+class Guard:
+    """The policy, and what it refused. `sender` resolves a name to its principal."""
+
+    def __init__(self, policy: Policy, stats: Stats) -> None:
+        self.policy = policy
+        self._stats = stats
+        self.forbidden: Counter[str] = Counter()  # by kind: call, mdp_request, worker
+
+    def sender(self, name: str | None) -> Principal | None:
+        return None if name is None else self.policy.by_name.get(name)
+
+    def call(self, who: Principal | None, msg: Any, journal: Journal | None) -> str | None:
+        """Why `who` may not make ZBC01 call `msg`, or None when it may."""
+        if who is None:
+            return self._no("call", "no authenticated principal")
+        if who.admin:
+            return None
+        kind = type(msg)
+        if kind is zbc.Enqueue:
+            allowed = who.may_request(msg.service)
+            why = f"{who.name} may not enqueue to {msg.service!r}"
+        elif kind in _ON_A_TASK:
+            record = journal.get(msg.id) if journal is not None else None
+            # No such task: the call itself answers not_found.
+            allowed = record is None or record.owner == who.name
+            why = f"task {msg.id} belongs to another principal"
+        elif kind in _FIGURES:
+            allowed = who.may_observe()
+            why = f"{who.name} is not an observer"
+        else:
+            allowed = False
+            why = f"{who.name} is not an admin"
+        return None if allowed else self._no("call", why)
+
+    def mdp_request(self, who: Principal | None, service: bytes) -> bool:
+        """May `who` send this 7/MDP request (8/MMI queries: any client)?"""
+        if who is not None and who.admin:
+            return True
+        if who is None or not who.may("client"):
+            self._no("mdp_request", "")
+            return False
+        if service.startswith(mdp.MMI_PREFIX):
+            return True
+        try:
+            name = service.decode()
+        except UnicodeDecodeError:
+            name = ""
+        if who.may_request(name):
+            return True
+        self._no("mdp_request", "")
+        return False
+
+    def worker_ready(self, who: Principal | None, service: str) -> str | None:
+        """Why `who` may not register as a worker of `service`, or None."""
+        if who is not None and who.may_serve(service):
+            return None
+        name = "nobody" if who is None else who.name
+        return self._no("worker", f"{FORBIDDEN_PREFIX} {name} may not serve {service!r}")
+
+    def refused(self, kind: str) -> None:
+        self.forbidden[kind] += 1
+        self._stats.forbidden += 1
+
+    def _no(self, kind: str, reason: str) -> str:
+        self.refused(kind)
+        return reason
+
+
+def ready_service(header: bytes, msg: Any) -> str | None:
+    """The service a worker's message registers for, when it is a READY."""
+    if header == ext.ZBW01:
+        return msg.service if type(msg) is ext.Ready else None
+    if type(msg) is mdp.WorkerReady:
+        name: bytes = msg.service
+        return name.decode("utf-8", "replace")
+    return None
