@@ -21,6 +21,10 @@ from zbroker.journal.base import Journal
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy, Principal
 
+# Who sends a message with no User-Id: only a connection from inside the broker's
+# process can (inproc has no handshake; every TCP or IPC peer is authenticated).
+INSIDE = Principal(name="zbroker", key="", roles=frozenset({"observer"}))
+
 # ZBC01 calls that act on one task: only its owner (or an admin) may make them.
 _ON_A_TASK = (zbc.Result, zbc.Status, zbc.Cancel)
 # ZBC01 calls that read the broker's figures (observer), and those only admins make.
@@ -36,7 +40,9 @@ class Guard:
         self.forbidden: Counter[str] = Counter()  # by kind: call, mdp_request, worker
 
     def sender(self, name: str | None) -> Principal | None:
-        return None if name is None else self.policy.by_name.get(name)
+        """The principal a message came from. No User-Id: the broker's own process
+        (an inproc connection, such as the metrics server's), which may observe."""
+        return INSIDE if name is None else self.policy.by_name.get(name)
 
     def call(self, who: Principal | None, msg: Any, journal: Journal | None) -> str | None:
         """Why `who` may not make ZBC01 call `msg`, or None when it may."""

@@ -118,6 +118,9 @@ class BrokerServer:
         self.zap = None if self.auth is None else ZapHandler(self._ctx, self.auth.policy)
         self.router = self._open_router()
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        # For the broker's own clients (the metrics server): no handshake, no port.
+        self.inside = f"inproc://zbroker-inside-{id(self)}"
+        self.router.bind(self.inside)
         try:
             self.events = EventProxy(
                 self._ctx,
@@ -144,10 +147,9 @@ class BrokerServer:
         self._packb = msgpack.Packer(use_bin_type=True).pack  # the loop's, for _publish
         self.metrics: MetricsServer | None = None
         if config.metrics_port is not None:
-            local = self.endpoint.replace("0.0.0.0", "127.0.0.1").replace("://*", "://127.0.0.1")
             try:
                 self.metrics = MetricsServer(
-                    self._ctx, local, config.metrics_host, config.metrics_port
+                    self._ctx, self.inside, config.metrics_host, config.metrics_port
                 )
             except OSError as exc:
                 self.lifecycle.close()
