@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
+from email.message import Message
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,12 +21,19 @@ from tests.conftest import ROOT, BrokerProcess, free_port
 from tests.integration.running import open_client
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    return get_with_headers(url, token)[:2]
+
+
+def get_with_headers(url: str, token: str | None = None) -> tuple[int, str, Message]:
+    """Status, body and headers of a GET, with `Authorization: Bearer <token>` if given."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        return exc.code, exc.read().decode(), exc.headers
 
 
 def samples(text: str) -> dict[str, float]:
@@ -111,3 +120,112 @@ def test_metric_families_are_unique_and_a_dropped_scrape_is_no_traceback(
     assert get(f"http://127.0.0.1:{port}/health")[0] == 200
     assert broker.stop() == 0
     assert "Traceback" not in broker.log()
+
+
+def start_fails(broker: BrokerProcess) -> subprocess.CompletedProcess[str]:
+    """`zbroker start` with a not-started broker's arguments, expected to stop at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "zbroker", "start", *broker.args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=broker.env,
+        timeout=60,
+    )
+
+
+TOKEN = "s3cret-token_0123456789"
+
+
+def test_a_token_file_guards_metrics_but_not_health(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    # Given a broker whose token file has the token on a line of its own
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(f"  {TOKEN}\n")
+    port = free_port()
+    broker = broker_factory("--metrics-port", str(port), "--metrics-token-file", str(token_file))
+    url = f"http://127.0.0.1:{port}"
+    # When /metrics is asked without the token, or with a wrong one, then 401
+    status, body, headers = get_with_headers(f"{url}/metrics")
+    assert status == 401 and "zbroker_up" not in body
+    assert headers["WWW-Authenticate"] == 'Bearer realm="zbroker"'
+    for wrong in ("wrong", TOKEN[:-1] + "X", TOKEN + "X", ""):
+        status, body, headers = get_with_headers(f"{url}/metrics", wrong)
+        assert status == 401 and "zbroker_up" not in body, wrong
+        assert headers["WWW-Authenticate"] == 'Bearer realm="zbroker"'
+    # (another scheme with the right token is no bearer token)
+    basic = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Basic {TOKEN}"})
+    try:
+        urllib.request.urlopen(basic, timeout=10)
+        raise AssertionError("Basic accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+    # When asked with the right token (surrounding whitespace of the file stripped), then 200
+    status, body = get(f"{url}/metrics", TOKEN)
+    assert status == 200 and samples(body)["zbroker_up"] == 1
+    # /health needs no token
+    status, body = get(f"{url}/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    # The log says a token is asked for, and never shows it
+    assert broker.stop() == 0
+    log = broker.log()
+    assert "/metrics asks for a bearer token" in log
+    assert TOKEN not in log
+
+
+def test_without_a_token_file_metrics_ask_for_none(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    port = free_port()
+    broker = broker_factory("--metrics-port", str(port))
+    status, body, headers = get_with_headers(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200 and "WWW-Authenticate" not in headers
+    assert samples(body)["zbroker_up"] == 1
+    # a token sent anyway changes nothing
+    assert get(f"http://127.0.0.1:{port}/metrics", "anything")[0] == 200
+    assert broker.stop() == 0
+    assert "/metrics asks for no token" in broker.log()
+
+
+def test_a_missing_or_empty_token_file_stops_the_start(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.token"
+    empty.write_text(" \n\n")
+    lines = tmp_path / "two-lines.token"
+    lines.write_text("first\nsecond\n")
+    for token_file in (tmp_path / "missing.token", empty, lines, tmp_path):
+        broker = broker_factory(
+            "--metrics-port", str(free_port()), "--metrics-token-file", str(token_file), start=False
+        )
+        result = start_fails(broker)
+        # (the lines before it are the log's)
+        message = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1, result.stderr
+        assert message.startswith("zbroker: ") and "Traceback" not in result.stderr, message
+        assert f"metrics token file {token_file}" in message, message
+
+
+def test_metrics_on_a_public_address_need_a_token_file(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    # Without a token file: refused as a setting (exit 2), naming the option to give
+    port = free_port()
+    refused = broker_factory("--metrics-port", str(port), "--metrics-host", "0.0.0.0", start=False)
+    result = start_fails(refused)
+    assert result.returncode == 2, result.stderr
+    assert "--metrics-token-file" in result.stderr and "0.0.0.0" in result.stderr
+    # With one: the broker starts, and its /metrics asks for the token
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(TOKEN)
+    broker_factory(
+        "--metrics-port",
+        str(port),
+        "--metrics-host",
+        "0.0.0.0",
+        "--metrics-token-file",
+        str(token_file),
+    )
+    assert get(f"http://127.0.0.1:{port}/metrics")[0] == 401
+    assert get(f"http://127.0.0.1:{port}/metrics", TOKEN)[0] == 200

@@ -9,18 +9,22 @@ a page at a time (MAX_QUEUES_PAGE services), one call after the other: the
 loop's share of a scrape is one page per pass it answers in, whatever the
 number of services, and workers' heartbeats are served in between.
 
-  GET /metrics  Prometheus text format
-  GET /health   200 {"status": "ok", ...} when the broker answers, else 503
+  GET /metrics  Prometheus text format; with a token (--metrics-token-file), only
+                for `Authorization: Bearer <token>`, else 401
+  GET /health   200 {"status": "ok", ...} when the broker answers, else 503; never
+                asks for the token (it tells nothing but ok and the uptime)
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -205,6 +209,12 @@ class BrokerCollector:
             yield size
 
 
+class MetricsTokenError(OSError):
+    """Raised when the metrics token file cannot be read or holds no usable token. An
+    OSError, so that the broker's start handles it as a metrics port it cannot bind:
+    what is open is closed, and one line says why."""
+
+
 class _QuietHTTPServer(ThreadingHTTPServer):
     """A scraper that drops its connection is logged (debug), not printed to stderr
     as a traceback past the broker's log format."""
@@ -214,11 +224,20 @@ class _QuietHTTPServer(ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """The HTTP endpoint, in a daemon thread; `stop()` shuts it down."""
+    """The HTTP endpoint, in a daemon thread; `stop()` shuts it down. With a `token`,
+    /metrics answers only requests that carry it as a bearer token."""
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], broker_endpoint: str, host: str, port: int
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        broker_endpoint: str,
+        host: str,
+        port: int,
+        token: str | None = None,
     ) -> None:
+        # Compared as bytes: http.server decodes header values as Latin-1, so encoding
+        # them back gives the bytes the client sent (a UTF-8 token matches too).
+        expected = None if token is None else token.encode()
         asker = BrokerAsker(ctx, broker_endpoint, timeout_s=2.0)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(BrokerCollector(asker))
@@ -228,6 +247,14 @@ class MetricsServer:
 
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
+                    if expected is not None and not self._bearer_is(expected):
+                        self._send(
+                            401,
+                            "text/plain",
+                            b"unauthorized: /metrics needs Authorization: Bearer <token>\n",
+                            {"WWW-Authenticate": 'Bearer realm="zbroker"'},
+                        )
+                        return
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 elif self.path == "/health":
                     try:
@@ -240,8 +267,21 @@ class MetricsServer:
                 else:
                     self._send(404, "text/plain", b"not found: try /metrics or /health\n")
 
-            def _send(self, code: int, content_type: str, body: bytes) -> None:
+            def _bearer_is(self, expected: bytes) -> bool:
+                scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+                given_bytes = given.strip().encode("latin-1")
+                return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, expected)
+
+            def _send(
+                self,
+                code: int,
+                content_type: str,
+                body: bytes,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -250,6 +290,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http %s", format % args)
 
+        self.asks_token = token is not None
         self._httpd = _QuietHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
@@ -257,8 +298,38 @@ class MetricsServer:
             target=self._httpd.serve_forever, name="zbroker-metrics", daemon=True
         )
 
+    @staticmethod
+    def read_token(path: Path | None) -> str | None:
+        """The token in `path` (None: no file, no token), surrounding whitespace
+        stripped. Read once, at the broker's start; MetricsTokenError names the file
+        when it cannot be read or holds no single-line token."""
+        if path is None:
+            return None
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise MetricsTokenError(
+                f"cannot read the metrics token file {path}: {exc.strerror or exc}"
+            ) from exc
+        except UnicodeDecodeError:
+            raise MetricsTokenError(f"the metrics token file {path} is not UTF-8 text") from None
+        if not token:
+            raise MetricsTokenError(f"the metrics token file {path} is empty")
+        # A header is one line of text: no request could ever carry such a token.
+        if not token.isprintable():
+            raise MetricsTokenError(
+                f"the metrics token file {path} must hold one line"
+                " (no line breaks or control characters inside the token)"
+            )
+        return token
+
     def start(self) -> None:
         self._thread.start()
+        # Never the token itself: only whether one is asked for.
+        if self.asks_token:
+            log.info("metrics: /metrics asks for a bearer token; /health does not")
+        else:
+            log.info("metrics: /metrics asks for no token (no --metrics-token-file)")
 
     def stop(self) -> None:
         self._httpd.shutdown()

@@ -149,7 +149,11 @@ class BrokerServer:
         if config.metrics_port is not None:
             try:
                 self.metrics = MetricsServer(
-                    self._ctx, self.inside, config.metrics_host, config.metrics_port
+                    self._ctx,
+                    self.inside,
+                    config.metrics_host,
+                    config.metrics_port,
+                    MetricsServer.read_token(config.metrics_token_file),
                 )
             except OSError as exc:
                 self.lifecycle.close()
