@@ -107,10 +107,18 @@ class BrokerConfig:
                 metrics_host=self.metrics_host,
             )
 
-    def exposed(self) -> list[str]:
-        """The endpoints (and metrics address) other machines can reach."""
-        out = [e for e in (self.bind, self.events_in, self.events_out) if not is_local_endpoint(e)]
-        if self.metrics_port is not None and not is_local_host(self.metrics_host):
+    def unprotected(self) -> list[str]:
+        """What other machines can reach without authentication (--insecure let it):
+        endpoints when there is no --auth, /metrics when it asks for no token."""
+        out = []
+        if self.auth_file is None:
+            endpoints = (self.bind, self.events_in, self.events_out)
+            out += [e for e in endpoints if not is_local_endpoint(e)]
+        if (
+            self.metrics_port is not None
+            and self.metrics_token_file is None
+            and not is_local_host(self.metrics_host)
+        ):
             out.append(f"http://{self.metrics_host}:{self.metrics_port}/metrics")
         return out
 
@@ -325,6 +333,25 @@ OPTIONS: tuple[Option, ...] = (
         " endpoint (docs/security.md).",
         ("auth_file",),
         optional=True,
+    ),
+    Option(
+        "max_waiters_per_principal",
+        int,
+        "With --auth: calls one principal may have waiting for results, over all its connections.",
+        ("core.max_waiters_per_principal",),
+    ),
+    Option(
+        "max_tasks_per_principal",
+        int,
+        "With --auth: tasks one principal may have enqueued and not yet finished"
+        " (waiting or running); beyond it its enqueues are refused (queue_full).",
+        ("core.max_tasks_per_principal",),
+    ),
+    Option(
+        "max_services_per_principal",
+        int,
+        "With --auth: services one principal's messages may make exist at once (admins: no cap).",
+        ("core.max_services_per_principal",),
     ),
     Option(
         "insecure",

@@ -1028,3 +1028,26 @@ def test_a_record_changed_in_place_is_checked_like_a_new_one(
     stored = journal.get("t-2")
     assert stored is not None and stored.key == "k2" and stored.priority == 0
     assert journal.counts() == {"svc": {READY: 2}}
+
+
+def test_a_tasks_owner_and_uncharged_attempts_survive_a_reopen(durable_stores: Stores) -> None:
+    # Given tasks with an owner, with uncharged attempts, with both and with neither
+    journal = durable_stores.open()
+    fields = [
+        {"owner": "alice"},
+        {"uncharged": 2},
+        {"owner": "bob", "uncharged": 1},
+        {},
+    ]
+    for n, extra in enumerate(fields):
+        journal.put(task(journal, f"t{n}", **extra))
+    journal.commit()
+    # When the store is opened again, then each reads back as written
+    journal = durable_stores.reopen(journal)
+    for n, extra in enumerate(fields):
+        record = journal.get(f"t{n}")
+        assert record is not None
+        assert (record.owner, record.uncharged) == (extra.get("owner"), extra.get("uncharged", 0))
+    # And an owner that is not a name is refused before anything is stored
+    with pytest.raises(ValueError, match="owner"):
+        journal.put(task(journal, "bad", owner=""))

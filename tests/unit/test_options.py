@@ -67,6 +67,9 @@ CASES = {
     "metrics_host": Case("127.0.0.2", '"127.0.0.2"', "127.0.0.2", {"metrics_host": "127.0.0.2"}),
     "metrics_token_file": Case("tok", '"tok"', "tok", {"metrics_token_file": Path("tok")}),
     "auth": Case("auth.toml", '"auth.toml"', "auth.toml", {"auth_file": Path("auth.toml")}),
+    "max_waiters_per_principal": Case("9", "9", "9", {"core.max_waiters_per_principal": 9}),
+    "max_tasks_per_principal": Case("8", "8", "8", {"core.max_tasks_per_principal": 8}),
+    "max_services_per_principal": Case("7", "7", "7", {"core.max_services_per_principal": 7}),
     "insecure": Case("true", "true", "True", {"insecure": True}),
 }  # fmt: skip
 
@@ -360,10 +363,13 @@ def test_insecure_or_auth_lets_a_broker_serve_other_machines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a bind reachable from other machines, with --insecure or with --auth
-    for extra in (["--insecure"], ["--auth", "auth.toml"]):
+    for extra, unprotected in (
+        (["--insecure"], ["tcp://0.0.0.0:5555"]),
+        (["--auth", "auth.toml"], []),
+    ):
         _, config = configured(["--bind", "tcp://0.0.0.0:5555", *extra], monkeypatch, {})
-        # Then the settings are made, and say what is exposed
-        assert config.exposed() == ["tcp://0.0.0.0:5555"]
+        # Then the settings are made, and say what is served without authentication
+        assert config.unprotected() == unprotected
 
 
 def test_metrics_on_another_address_needs_a_token_or_insecure(
@@ -374,4 +380,6 @@ def test_metrics_on_another_address_needs_a_token_or_insecure(
     assert (code, out) == (2, "")
     assert "metrics_host (0.0.0.0, flag) is reachable from other machines" in err
     _, config = configured([*args, "--metrics-token-file", "tok"], monkeypatch, {})
-    assert config.exposed() == ["http://0.0.0.0:9464/metrics"]
+    assert config.unprotected() == []
+    _, config = configured([*args, "--insecure"], monkeypatch, {})
+    assert config.unprotected() == ["http://0.0.0.0:9464/metrics"]

@@ -45,7 +45,7 @@ from zbroker.core.tasks import DurableTasks
 from zbroker.core.views import AdminViews
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, limits, mdp, zbc
-from zbroker.protocol.access import Policy
+from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
@@ -86,7 +86,7 @@ class Broker:
         self.settings = settings
         self.stats = Stats()
         # Authenticated brokers only: every message is checked against its sender.
-        self.guard = None if policy is None else Guard(policy, self.stats)
+        self.guard: Guard | None = None
         self._out = Outputs()
         self.sink = EventSink(self._out)
         self.directory = ServiceDirectory(settings.max_departed_services)
@@ -104,10 +104,16 @@ class Broker:
             settings, self.stats, self.directory, self.routing.workers, self.tasks, now
         )
         self.controls = OperatorControls(self._out, self.directory, self.routing, self.tasks)
+        if policy is not None:
+            self.guard = Guard(
+                policy, self.stats, self.directory, settings.max_services_per_principal
+            )
         self._tick_at = now + settings.tick_interval_s
         self._calls = self._call_table()
         if journal is not None:
             self.tasks.recover(now)
+            if policy is not None:
+                self.tasks.count_owners()
 
     # ------------------------------------------------- what the runtime reads
 
@@ -279,50 +285,92 @@ class Broker:
         if self.tasks.journal is None and kind not in self._WITHOUT_JOURNAL:
             self.tasks.refuse(identity, msg.rid, zbc.E_UNAVAILABLE, "this broker keeps no tasks")
             return
-        if owner is not None and kind is zbc.Enqueue:
-            assert isinstance(msg, zbc.Enqueue)
-            self.tasks.enqueue(identity, msg, now, owner)
-            return
+        if owner is not None:
+            # Authenticated: the sender owns what it enqueues, and its waits count.
+            if kind is zbc.Enqueue:
+                assert isinstance(msg, zbc.Enqueue)
+                self.tasks.enqueue(identity, msg, now, owner)
+                return
+            if kind is zbc.Result:
+                assert isinstance(msg, zbc.Result)
+                self.tasks.result(identity, msg, now, owner)
+                return
         self._calls[kind](identity, msg, now)
 
     # ------------------------------------------------ authenticated brokers
 
     def _receive_guarded(self, frames: list[bytes], now: float, sender: str | None) -> None:
         """`receive` on a broker with a policy: each message is decoded, then checked
-        against its sender's principal before its part sees it. A ZBC01 call refused
-        gets `forbidden`; a task it enqueues is the sender's own."""
-        guard = self.guard
-        assert guard is not None
-        identity, header = frames[0], frames[2]
+        against its sender's principal (its roles, then its quotas) before its part
+        sees it. A task it enqueues is the sender's own; a service it makes exist
+        counts against it."""
+        header = frames[2]
         try:
             if header == _ZBC01:
-                try:
-                    call = zbc.decode_client(frames[1:])
-                except zbc.CallError as exc:
-                    self.tasks.refuse(identity, exc.rid, exc.code, exc.message)
-                    return
-                why = guard.call(guard.sender(sender), call, self.tasks.journal)
-                if why is not None:
-                    self.tasks.refuse(identity, call.rid, zbc.E_FORBIDDEN, why)
-                else:
-                    self._on_call(identity, call, now, sender)
+                self._guarded_call(frames, now, sender)
             elif header == _MDPC01:
-                request = mdp.decode_client(frames[1:])
-                if guard.mdp_request(guard.sender(sender), request.service):
-                    self.requests.on_request(identity, request, now)
+                self._guarded_request(frames, now, sender)
             elif header in (_ZBW01, _MDPW01):
-                zbw = header == _ZBW01
-                msg = ext.decode_worker(frames[1:]) if zbw else mdp.decode_worker(frames[1:])
-                if self._worker_admitted(identity, msg, sender, zbw):
-                    if zbw:
-                        self.routing.on_zbw_worker(identity, msg, now)  # type: ignore[arg-type]
-                    else:
-                        self.routing.on_mdp_worker(identity, msg, now)  # type: ignore[arg-type]
-                    self._stamp(identity, sender)
+                self._guarded_worker(frames, now, sender, header == _ZBW01)
             else:
                 self._malformed("bad_header", frames)
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
+
+    def _guarded_call(self, frames: list[bytes], now: float, sender: str | None) -> None:
+        """A ZBC01 call: refused with `forbidden` (roles) or `queue_full` (quotas)."""
+        guard = self.guard
+        assert guard is not None
+        identity = frames[0]
+        try:
+            call = zbc.decode_client(frames[1:])
+        except zbc.CallError as exc:
+            self.tasks.refuse(identity, exc.rid, exc.code, exc.message)
+            return
+        who = guard.sender(sender)
+        why = guard.call(who, call, self.tasks.journal)
+        if why is not None:
+            self.tasks.refuse(identity, call.rid, zbc.E_FORBIDDEN, why)
+            return
+        name = call.service.encode() if type(call) is zbc.Enqueue else None
+        if name is not None and (why := guard.creates_too_many(who, name)) is not None:
+            self.tasks.refuse(identity, call.rid, zbc.E_QUEUE_FULL, why)
+            return
+        self._on_call(identity, call, now, sender)
+        if name is not None and sender is not None:
+            self.directory.credit(name, sender)
+
+    def _guarded_request(self, frames: list[bytes], now: float, sender: str | None) -> None:
+        """A 7/MDP request: dropped and counted when refused (MDP has no error reply)."""
+        guard = self.guard
+        assert guard is not None
+        request = mdp.decode_client(frames[1:])
+        who = guard.sender(sender)
+        if not guard.mdp_request(who, request.service):
+            return
+        if guard.creates_too_many(who, request.service) is not None:
+            return
+        self.requests.on_request(frames[0], request, now)
+        if sender is not None:
+            self.directory.credit(request.service, sender)
+
+    def _guarded_worker(
+        self, frames: list[bytes], now: float, sender: str | None, zbw: bool
+    ) -> None:
+        """A worker's message: see `_worker_admitted`."""
+        identity = frames[0]
+        msg = ext.decode_worker(frames[1:]) if zbw else mdp.decode_worker(frames[1:])
+        if not self._worker_admitted(identity, msg, sender, zbw):
+            return
+        if zbw:
+            self.routing.on_zbw_worker(identity, msg, now)  # type: ignore[arg-type]
+        else:
+            self.routing.on_mdp_worker(identity, msg, now)  # type: ignore[arg-type]
+        worker = self.routing.workers.get(identity)
+        if worker is not None and worker.principal is None and sender is not None:
+            # A READY just registered it: it belongs to the READY's sender.
+            worker.principal = sender
+            self.directory.credit(worker.service.name, sender)
 
     def _worker_admitted(self, identity: bytes, msg: Any, sender: str | None, zbw: bool) -> bool:
         """A worker's message on a broker with a policy: a READY only for a service
@@ -332,7 +380,10 @@ class Broker:
         assert guard is not None
         service = ready_service(_ZBW01 if zbw else _MDPW01, msg)
         if service is not None:
-            why = guard.worker_ready(guard.sender(sender), service)
+            who = guard.sender(sender)
+            why = guard.worker_ready(who, service)
+            if why is None and (too_many := guard.creates_too_many(who, service.encode())):
+                why = f"{FORBIDDEN_PREFIX} {too_many}"
             if why is not None:
                 self.routing.turn_away(identity, zbw, why)
                 return False
@@ -341,12 +392,6 @@ class Broker:
             guard.refused("worker")
             return False
         return True
-
-    def _stamp(self, identity: bytes, sender: str | None) -> None:
-        """A worker a READY just registered belongs to the READY's sender."""
-        worker = self.routing.workers.get(identity)
-        if worker is not None and worker.principal is None:
-            worker.principal = sender
 
     # ------------------------------------------------------------ errors
 

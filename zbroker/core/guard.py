@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from zbroker.core.model import Stats
+from zbroker.core.services import ServiceDirectory
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy, Principal
@@ -34,9 +35,13 @@ _FIGURES = (zbc.Queues, zbc.Workers, zbc.Stats)
 class Guard:
     """The policy, and what it refused. `sender` resolves a name to its principal."""
 
-    def __init__(self, policy: Policy, stats: Stats) -> None:
+    def __init__(
+        self, policy: Policy, stats: Stats, directory: ServiceDirectory, max_services: int
+    ) -> None:
         self.policy = policy
         self._stats = stats
+        self._directory = directory
+        self._max_services = max_services
         self.forbidden: Counter[str] = Counter()  # by kind: call, mdp_request, worker
 
     def sender(self, name: str | None) -> Principal | None:
@@ -91,6 +96,20 @@ class Guard:
             return None
         name = "nobody" if who is None else who.name
         return self._no("worker", f"{FORBIDDEN_PREFIX} {name} may not serve {service!r}")
+
+    def creates_too_many(self, who: Principal | None, name: bytes) -> str | None:
+        """Why a message of `who` may not make service `name` exist (it would be one
+        service too many of its own), or None. Admins have no such cap."""
+        if who is None or who.admin or name in self._directory.services:
+            return None
+        mine = self._directory.created_by.get(who.name, 0)
+        if mine < self._max_services:
+            return None
+        self.refused("quota")
+        return (
+            f"{who.name} already has {mine} services (cap {self._max_services}):"
+            f" no new service {name[:64]!r}"
+        )
 
     def refused(self, kind: str) -> None:
         self.forbidden[kind] += 1

@@ -31,6 +31,8 @@ EXPIRED = TaskState.EXPIRED
 FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED})
 # Waiting for a worker: what a service's queue cap counts.
 WAITING = frozenset({READY, DELAYED})
+# Not yet finished: what a principal's task quota counts (--max-tasks-per-principal).
+LIVE = frozenset({READY, DELAYED, INFLIGHT})
 
 # Each state as the wire names it (zbroker.protocol.states).
 STATE_NAMES = {state: str(state.wire) for state in TaskState}

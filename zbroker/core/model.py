@@ -354,6 +354,7 @@ class Service:
     """A named queue of requests and the workers that serve it."""
 
     __slots__ = (
+        "creator",
         "expire_at",
         "figures",
         "limit",
@@ -370,6 +371,9 @@ class Service:
 
     def __init__(self, name: bytes) -> None:
         self.name = name
+        # The principal whose message made it exist (authenticated brokers), which it
+        # counts against until it is let go (--max-services-per-principal).
+        self.creator: str | None = None
         self.queue: deque[MdpRequest] = deque()
         # When MdpRequests' timer next looks at this queue (inf: no look scheduled).
         self.expire_at = _INF

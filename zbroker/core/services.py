@@ -107,6 +107,7 @@ class ServiceDirectory:
 
     __slots__ = (
         "_maybe_idle",
+        "created_by",
         "kept_figures",
         "max_departed",
         "names",
@@ -129,6 +130,15 @@ class ServiceDirectory:
         self.now = 0.0
         # Services looked at by `let_go_idle` since the broker started (tests read it).
         self.visits = 0
+        # Authenticated brokers: services that exist because of each principal.
+        self.created_by: dict[str, int] = {}
+
+    def credit(self, name: bytes, principal: str) -> None:
+        """Service `name`, just made by a message of `principal`, counts against it."""
+        service = self.services.get(name)
+        if service is not None and service.creator is None:
+            service.creator = principal
+            self.created_by[principal] = self.created_by.get(principal, 0) + 1
 
     def get(self, name: bytes) -> Service:
         """The service called `name`, made if it does not exist. Every change to a
@@ -181,6 +191,12 @@ class ServiceDirectory:
                 and service.limit is None
             ):
                 del services[name]
+                if service.creator is not None:
+                    left = self.created_by[service.creator] - 1
+                    if left:
+                        self.created_by[service.creator] = left
+                    else:
+                        del self.created_by[service.creator]
                 if service.figures.counted:
                     self._keep(name, service.figures)
                 else:

@@ -86,6 +86,12 @@ class CoreSettings:
     # and from one connection: no peer can park calls until nobody else may wait.
     max_waiters: int = 100_000
     max_waiters_per_peer: int = 1_000
+    # Authenticated brokers (--auth): what one principal may hold however many
+    # connections it opens: calls waiting, tasks not yet finished (waiting or
+    # running), services that exist because of it.
+    max_waiters_per_principal: int = 10_000
+    max_tasks_per_principal: int = 1_000_000
+    max_services_per_principal: int = 1_000
     # How long a REQUEST waits for its result before answering with the task's state.
     request_wait_s: float = 300.0
     # Services gone idle whose figures (totals, rates, wait and run times) are kept, so
@@ -125,6 +131,9 @@ class CoreSettings:
         at_least("window_per_service", self.window_per_service, 1)
         at_least("max_waiters", self.max_waiters, 0)
         at_least("max_waiters_per_peer", self.max_waiters_per_peer, 0)
+        at_least("max_waiters_per_principal", self.max_waiters_per_principal, 0)
+        at_least("max_tasks_per_principal", self.max_tasks_per_principal, 1)
+        at_least("max_services_per_principal", self.max_services_per_principal, 1)
         at_least("request_wait_s", self.request_wait_s, 0.0)
         at_least("max_departed_services", self.max_departed_services, 0)
         # The newest entry is always kept: a task's history is never empty.

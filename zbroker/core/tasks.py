@@ -45,6 +45,7 @@ from zbroker.core.lifecycle import (
     DONE,
     FINAL,
     INFLIGHT,
+    LIVE,
     READY,
     STATE_NAMES,
     IllegalTransition,
@@ -143,7 +144,16 @@ class DurableTasks:
         # Task id -> the attempt a worker holds now, and that worker.
         self._attempts: dict[str, tuple[TaskAttempt, Worker]] = {}
         # Task id -> calls waiting for it to end: (client, rid, deadline).
-        self._waiters = Waiters(out, journal, settings.max_waiters, settings.max_waiters_per_peer)
+        self._waiters = Waiters(
+            out,
+            journal,
+            settings.max_waiters,
+            settings.max_waiters_per_peer,
+            settings.max_waiters_per_principal,
+        )
+        # Authenticated brokers: tasks not yet finished (waiting or running) per owner,
+        # kept in step by `apply` and counted from the journal at start.
+        self.live_by_owner: dict[str, int] = {}
         self._windows = ReadyWindows(journal, settings.window_per_service)
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
         # The broker is stopping (core/stopping.py): no task starts any more.
@@ -197,6 +207,8 @@ class DurableTasks:
         if counter is not None:
             stats = self._stats
             setattr(stats, counter, getattr(stats, counter) + 1)
+        if record.owner is not None:
+            self._count_owner(record.owner, old, new)
         if new is None:  # forgotten: a finished task, no longer counted anywhere
             journal.delete(record.id)
             return
@@ -222,6 +234,16 @@ class DurableTasks:
             self._windows.insert(service, record)
         elif new is DELAYED:
             service.waiting_count += 1
+
+    def _count_owner(self, owner: str, old: TaskState | None, new: TaskState | None) -> None:
+        """Keep `live_by_owner` in step with one move of a task `owner` enqueued."""
+        change = (new in LIVE) - (old in LIVE)
+        if change:
+            left = self.live_by_owner.get(owner, 0) + change
+            if left > 0:
+                self.live_by_owner[owner] = left
+            else:
+                self.live_by_owner.pop(owner, None)
 
     def _finish(
         self,
@@ -492,6 +514,33 @@ class DurableTasks:
             )
         self._schedule_due(now)
 
+    def count_owners(self) -> None:
+        """Count each principal's tasks not yet finished (`live_by_owner`) from the
+        journal: an authenticated broker's start reads every waiting task once."""
+        journal = self.journal
+        assert journal is not None
+        counts = self.live_by_owner
+        counts.clear()
+
+        def count(records: list[TaskRecord]) -> None:
+            for record in records:
+                if record.owner is not None:
+                    counts[record.owner] = counts.get(record.owner, 0) + 1
+
+        delayed = 0
+        for name, per_state in journal.counts().items():
+            delayed += per_state.get(DELAYED, 0)
+            after: tuple[int, int] | None = None
+            while True:
+                page = journal.ready(name, TIMER_BATCH, after)
+                count(page)
+                if len(page) < TIMER_BATCH:
+                    break
+                after = (page[-1].priority, page[-1].seq)
+        if delayed:
+            count(journal.due(FAR_FUTURE_S * 2, delayed))
+        count(journal.inflight())
+
     # --------------------------------------------------------- client calls
 
     def refuse(self, identity: bytes, rid: int, code: str, message: str) -> None:
@@ -573,9 +622,21 @@ class DurableTasks:
                     fresh.add(key)
         return held, new
 
-    def _admits(self, identity: bytes, msg: zbc.Enqueue, service: Service, new: int) -> bool:
+    def _admits(
+        self, identity: bytes, msg: zbc.Enqueue, service: Service, new: int, owner: str | None
+    ) -> bool:
         """Whether the call may store `new` tasks (else it is refused, and answered).
         Tasks already stored under their key never count: a resend is not refused."""
+        if owner is not None and new:
+            mine, cap = self.live_by_owner.get(owner, 0), self._settings.max_tasks_per_principal
+            if mine + new > cap:
+                self.refuse(
+                    identity,
+                    msg.rid,
+                    zbc.E_QUEUE_FULL,
+                    f"principal {owner} has {mine} tasks not yet finished (cap {cap})",
+                )
+                return False
         cap = self._settings.max_tasks_per_service
         if new and service.waiting_count + new > cap:
             self.refuse(
@@ -587,7 +648,7 @@ class DurableTasks:
             return False
         if new and self._journal_refuses(identity, msg, new):
             return False
-        if msg.wait and (why := self._waiters.full(identity)) is not None:
+        if msg.wait and (why := self._waiters.full(identity, owner)) is not None:
             self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
             return False
         return True
@@ -618,7 +679,7 @@ class DurableTasks:
         options = msg.options
         keys = options.keys or (options.key,) * count
         held, new = self._stored_keys(msg.service, keys)
-        if not self._admits(identity, msg, service, new):
+        if not self._admits(identity, msg, service, new, owner):
             return
         epoch = now + self._epoch_offset
         not_before = options.not_before or 0.0
@@ -674,14 +735,20 @@ class DurableTasks:
         self._stats.tasks_deduplicated += len(existing)
         if not_before > epoch:
             self._schedule_due(now)
-        self._answer_enqueue(identity, msg, ids, existing, now)
+        self._answer_enqueue(identity, msg, ids, existing, now, owner)
         if service.ready:
             routing = self._routing
             assert routing is not None
             routing.dispatch(service, now)
 
     def _answer_enqueue(
-        self, identity: bytes, msg: zbc.Enqueue, ids: list[str], existing: list[int], now: float
+        self,
+        identity: bytes,
+        msg: zbc.Enqueue,
+        ids: list[str],
+        existing: list[int],
+        now: float,
+        owner: str | None,
     ) -> None:
         """The ids (and which were stored before); a REQUEST also waits for the first."""
         fields: dict[str, Any] = {"ids": ids}
@@ -697,20 +764,23 @@ class DurableTasks:
                 )  # a resent REQUEST of a finished task
             else:
                 wait_s = self._settings.request_wait_s if msg.wait_s is None else msg.wait_s
-                self._wait(identity, msg.rid, ids[0], now + wait_s)
+                self._wait(identity, msg.rid, ids[0], now + wait_s, owner)
 
-    def result(self, identity: bytes, msg: zbc.Result, now: float) -> None:
-        """RESULT: the task's outcome now, or when it ends (within wait_s)."""
+    def result(
+        self, identity: bytes, msg: zbc.Result, now: float, principal: str | None = None
+    ) -> None:
+        """RESULT: the task's outcome now, or when it ends (within wait_s). `principal`:
+        who asks, on an authenticated broker (its waiting calls are capped)."""
         assert self.journal is not None
         record = self.journal.get(msg.id)
         if record is None:
             self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
         elif record.state in FINAL or msg.wait_s <= 0:
             self._waiters.answer(identity, msg.rid, record)
-        elif (why := self._waiters.full(identity)) is not None:
+        elif (why := self._waiters.full(identity, principal)) is not None:
             self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
         else:
-            self._wait(identity, msg.rid, msg.id, now + msg.wait_s)
+            self._wait(identity, msg.rid, msg.id, now + msg.wait_s, principal)
 
     def cancel(self, identity: bytes, msg: zbc.Cancel, now: float) -> None:
         """CANCEL: a waiting or running task ends as cancelled (its worker is told)."""
@@ -786,8 +856,10 @@ class DurableTasks:
 
     # ---------------------------------------------------------- waiting
 
-    def _wait(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
-        self._waiters.add(identity, rid, task_id, deadline)
+    def _wait(
+        self, identity: bytes, rid: int, task_id: str, deadline: float, principal: str | None
+    ) -> None:
+        self._waiters.add(identity, rid, task_id, deadline, principal)
         if deadline < self.wake_at:
             self.wake_at = deadline
 

@@ -3,9 +3,11 @@
 Rules it keeps:
   1. Every waiting call is answered exactly once: when its task reaches a final
      state (dead included), or with the task's state when its wait runs out.
-  2. At most max_waiters calls wait broker-wide, and at most max_waiters_per_peer
-     from one connection (so no peer can take every place); the caller refuses
-     the rest, with the reason `full` gives.
+  2. At most max_waiters calls wait broker-wide, at most max_waiters_per_peer
+     from one connection and, on an authenticated broker, at most
+     max_waiters_per_principal from one principal however many connections it
+     opens (so no peer can take every place); the caller refuses the rest, with
+     the reason `full` gives.
   3. A connection the broker could not answer (gone, or not reading) loses
      every call it has waiting: they would hold places for nobody. A client
      that is still there asks again when its call goes unanswered.
@@ -31,42 +33,79 @@ class Waiters:
 
     __slots__ = (
         "_by_peer",
+        "_by_principal",
         "_by_task",
         "_journal",
         "_max",
         "_max_per_peer",
+        "_max_per_principal",
         "_out",
+        "_principal_of",
         "_tasks_of",
         "count",
     )
 
     def __init__(
-        self, out: Outputs, journal: Journal | None, max_waiters: int, max_per_peer: int
+        self,
+        out: Outputs,
+        journal: Journal | None,
+        max_waiters: int,
+        max_per_peer: int,
+        max_per_principal: int = 0,
     ) -> None:
         self._out = out
         self._journal = journal
         self._max = max_waiters
         self._max_per_peer = max_per_peer
+        self._max_per_principal = max_per_principal
+        # Authenticated brokers: calls waiting per principal, and whose each
+        # connection with calls waiting is.
+        self._by_principal: dict[str, int] = {}
+        self._principal_of: dict[bytes, str] = {}
         self._by_task: dict[str, list[tuple[bytes, int, float]]] = {}
         self._by_peer: dict[bytes, int] = {}  # calls waiting per connection
         # Connection -> the tasks it waits for (perhaps a few it no longer does).
         self._tasks_of: dict[bytes, set[str]] = {}
         self.count = 0  # calls waiting, broker-wide
 
-    def full(self, identity: bytes) -> str | None:
-        """Why a call from `identity` may not wait now, or None if it may."""
+    def full(self, identity: bytes, principal: str | None = None) -> str | None:
+        """Why a call from `identity` (of `principal`) may not wait now, or None."""
         if self.count >= self._max:
             return f"too many calls waiting ({self._max}, broker-wide)"
         held = self._by_peer.get(identity, 0)
         if held >= self._max_per_peer:
             return f"too many calls waiting from this connection ({held}, cap {self._max_per_peer})"
+        if principal is not None:
+            mine = self._by_principal.get(principal, 0)
+            if mine >= self._max_per_principal:
+                return (
+                    f"too many calls waiting from principal {principal} ({mine},"
+                    f" cap {self._max_per_principal})"
+                )
         return None
 
-    def add(self, identity: bytes, rid: int, task_id: str, deadline: float) -> None:
+    def add(
+        self, identity: bytes, rid: int, task_id: str, deadline: float, principal: str | None
+    ) -> None:
         self._by_task.setdefault(task_id, []).append((identity, rid, deadline))
         self._by_peer[identity] = self._by_peer.get(identity, 0) + 1
         self._tasks_of.setdefault(identity, set()).add(task_id)
         self.count += 1
+        if principal is not None:
+            self._principal_of[identity] = principal
+            self._by_principal[principal] = self._by_principal.get(principal, 0) + 1
+
+    def _principal_done(self, identity: bytes, calls: int, last: bool) -> None:
+        """`calls` calls of `identity` no longer wait (`last`: it has none left)."""
+        principal = (
+            self._principal_of.pop(identity, None) if last else self._principal_of.get(identity)
+        )
+        if principal is not None:
+            left = self._by_principal[principal] - calls
+            if left:
+                self._by_principal[principal] = left
+            else:
+                del self._by_principal[principal]
 
     def _done(self, identity: bytes, task_id: str, waits_on: bool) -> None:
         """One call of `identity` for `task_id` no longer waits (`waits_on`: another
@@ -79,6 +118,8 @@ class Waiters:
         else:
             del self._by_peer[identity]
             del self._tasks_of[identity]
+        if self._principal_of:
+            self._principal_done(identity, 1, not left)
 
     def forget_peer(self, identity: bytes) -> int:
         """Drop every call `identity` has waiting (it cannot be answered); how many."""
@@ -86,6 +127,8 @@ class Waiters:
         if tasks is None:
             return 0
         dropped = self._by_peer.pop(identity)
+        if self._principal_of:
+            self._principal_done(identity, dropped, True)
         by_task = self._by_task
         for task_id in tasks:
             waiting = by_task.get(task_id)

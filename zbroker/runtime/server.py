@@ -242,14 +242,13 @@ class BrokerServer:
                 self.auth.path,
                 self.auth.public_key.decode(),
             )
-        else:
-            exposed = self.config.exposed()
-            if exposed:
-                log.warning(
-                    "INSECURE: serving %s without authentication (--insecure): anyone who"
-                    " reaches them can read and change every task; see docs/security.md",
-                    ", ".join(exposed),
-                )
+        unprotected = self.config.unprotected()
+        if unprotected:
+            log.warning(
+                "INSECURE: serving %s without authentication (--insecure): anyone who"
+                " reaches them can read and change every task; see docs/security.md",
+                ", ".join(unprotected),
+            )
         self.events.start()
         if self.metrics is not None:
             self.metrics.start()
