@@ -53,6 +53,7 @@ TASK_MAP_KEYS = {
     "finished_at",
     "keep_until",
     "history",
+    "owner",
 }
 
 

@@ -66,6 +66,8 @@ class TaskStatus:
     # Attempts the broker cut short by stopping or dying: not counted against
     # max_attempts (0 from a broker that predates the field).
     uncharged: int = 0
+    # The principal that enqueued it, on a broker started with --auth (else None).
+    owner: str | None = None
 
     @property
     def final(self) -> bool:
@@ -121,6 +123,7 @@ def parse_status(meta: dict[str, Any]) -> TaskStatus:
         keep_until=_time(task, "keep_until"),
         history=tuple(history) if isinstance(history, list | tuple) else (),
         uncharged=_whole(task, "uncharged"),
+        owner=_optional_text(task, "owner"),
     )
 
 

@@ -237,6 +237,12 @@ class Broker:
             self.stats.replies_undeliverable += 1
             self.tasks.caller_gone(frames[0])
 
+    def connection_closed(self, identity: bytes, now: float) -> None:
+        """The connection of caller `identity` closed: its waiting calls end (nobody
+        is left to answer)."""
+        self.directory.now = now
+        self.tasks.caller_gone(identity)
+
     # ------------------------------------------------------- ZBC01 calls
 
     def _call_table(self) -> dict[type, Callable[[bytes, Any, float], None]]:

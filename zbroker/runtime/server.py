@@ -21,15 +21,16 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.backend
-from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.core.stopping import Drain, halt_deliveries
 from zbroker.journal import Journal, JournalError, open_journal
+from zbroker.protocol import zbc
 from zbroker.protocol.access import DOMAIN_ROUTER
 from zbroker.protocol.events import encode_runs
 from zbroker.runtime.auth import Auth, ZapHandler, load_auth, serve_curve, user_id
+from zbroker.runtime.connections import WAITING_CALLS, Connections, raise_file_limit
 from zbroker.runtime.errors import BindError
 from zbroker.runtime.metrics import MetricsServer
 from zbroker.runtime.proxy import EventProxy
@@ -39,6 +40,10 @@ log = logging.getLogger("zbroker.runtime")
 
 # Messages read per pass before timers and sends get their turn.
 RECV_BATCH = 512
+# A loop that has skipped the poll this many passes in a row (it always had a full
+# batch) looks at its other sockets anyway: signals, subscriptions, connections.
+BUSY_LOOK_EVERY = 64
+_ZBC01 = zbc.ZBC01
 # A frame over this many times --max-message-bytes is never read (see frame_cap).
 FRAME_CAP_FACTOR = 4
 
@@ -108,6 +113,7 @@ class BrokerServer:
             time.monotonic() - started,
         )
         self._stopping = False
+        self.file_limit = raise_file_limit()  # each connection takes a descriptor
         # SIGTERM/SIGINT asked for a drain (runtime/server.py `on_signal`), and the drain.
         self._drain_asked = False
         self._drain: Drain | None = None
@@ -230,6 +236,8 @@ class BrokerServer:
         if self.zap is not None:
             self.zap.stop()
 
+    _connections: Connections  # made when the loop starts (serve_forever)
+
     def _start_threads(self) -> None:
         """The ZAP handler, the event proxy and the metrics server, each in its
         thread; say where, and how peers are trusted."""
@@ -257,7 +265,11 @@ class BrokerServer:
                 self.config.metrics_host,
                 self.metrics.port,
             )
-        log.info("broker listening on %s (MDP clients and workers)", self.endpoint)
+        log.info(
+            "broker listening on %s (MDP clients and workers; up to %d open files)",
+            self.endpoint,
+            self.file_limit,
+        )
         log.info("events: publishers connect to %s (XSUB)", self.events.events_in)
         log.info("events: subscribers connect to %s (XPUB)", self.events.events_out)
 
@@ -269,9 +281,9 @@ class BrokerServer:
             (self._wake_r, POLLIN),
             (self.lifecycle, POLLIN),
         ]
-        monitor = self._open_monitor()
-        if monitor is not None:
-            poll_items.append((monitor, POLLIN))
+        connections = self._connections = Connections(router)
+        poll_items.append((connections.monitor, POLLIN))
+        busy = 0  # passes in a row that skipped the poll
         core = self.core
         receive_many = core.receive_many
         commit = self.journal.commit
@@ -298,11 +310,15 @@ class BrokerServer:
                 if self._drain_asked:
                     self._drain_pass(now)
                 if received == RECV_BATCH:
+                    busy += 1
+                    if busy % BUSY_LOOK_EVERY == 0:
+                        self._on_side_sockets()
                     continue  # more may be waiting: skip the poll
+                busy = 0
                 timeout_ms = max(0, int((self._wake_at() - monotonic()) * 1000.0) + 1)
                 ready = zmq.zmq_poll(poll_items, timeout_ms)
                 if len(ready) > 1 or (ready and ready[0][0] is not router):
-                    self._on_side_sockets(monitor)
+                    self._on_side_sockets()
         except JournalError as exc:
             # Nothing of this pass was sent; the store holds the last commit, which
             # is what a restart recovers. Stopping is the only safe answer.
@@ -310,9 +326,7 @@ class BrokerServer:
             core.outbox.clear()
             raise
         finally:
-            if monitor is not None:
-                router.disable_monitor()
-                monitor.close(linger=0)
+            connections.close()
             self._close()
 
     def _read_plain(self) -> tuple[list[list[bytes]], None]:
@@ -320,6 +334,7 @@ class BrokerServer:
         system call, only once the socket is empty, so a busy broker polls rarely)."""
         router = self.router
         recv_frame = _backend_recv
+        note = self._connections.note
         messages: list[list[bytes]] = []
         while len(messages) < RECV_BATCH:
             try:
@@ -331,6 +346,8 @@ class BrokerServer:
                 frame = recv_frame(router, NOBLOCK, False)
                 frames.append(frame.bytes)
             messages.append(frames)
+            if len(frames) > 3 and frames[3] in WAITING_CALLS and frames[2] == _ZBC01:
+                note(frame, frames[0])
         return messages, None
 
     def _read_guarded(self) -> tuple[list[list[bytes]], list[str | None]]:
@@ -353,6 +370,8 @@ class BrokerServer:
                 frame = _backend_recv(router, NOBLOCK, False)
                 frames.append(frame.bytes)
             messages.append(frames)
+            if len(frames) > 3 and frames[3] in WAITING_CALLS and frames[2] == _ZBC01:
+                self._connections.note(frame, frames[0])
         return messages, senders
 
     def _drain_pass(self, now: float) -> None:
@@ -447,17 +466,20 @@ class BrokerServer:
             log.debug("lifecycle events: subscribers want %s", sorted(wanted))
             self.core.set_subscriptions(wanted)
 
-    def _on_side_sockets(self, monitor: zmq.Socket[bytes] | None) -> None:
-        """Something other than the ROUTER woke the poll: a signal, subscriptions, the
-        connection monitor."""
+    def _on_side_sockets(self) -> None:
+        """Something other than the ROUTER woke the poll (or the loop has been busy
+        for a while): a signal, subscriptions, connections closed."""
         self._drain_wakeups()
         if self._drain_asked and self._drain is None:
             # Before the next pass reads anything: what arrives after the signal is
             # stored and answered, never delivered.
             self._drain = Drain(self.core, time.monotonic(), self.config.drain_timeout_s)
         self._read_subscriptions()
-        if monitor is not None:
-            self._log_connections(monitor)
+        gone = self._connections.closed()
+        if gone:
+            now = time.monotonic()
+            for identity in gone:
+                self.core.connection_closed(identity, now)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -465,19 +487,6 @@ class BrokerServer:
                 pass
         except BlockingIOError:
             pass
-
-    def _open_monitor(self) -> zmq.Socket[bytes] | None:
-        """At debug level, watch TCP connects and disconnects on the ROUTER socket."""
-        if not log.isEnabledFor(logging.DEBUG):
-            return None
-        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-        return self.router.get_monitor_socket(events)
-
-    def _log_connections(self, monitor: zmq.Socket[bytes]) -> None:
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)
-            what = "accepted" if event["event"] == zmq.EVENT_ACCEPTED else "closed"
-            log.debug("connection %s on %s (fd %s)", what, event["endpoint"], event["value"])
 
     def _close(self) -> None:
         stats = self.core.stats
