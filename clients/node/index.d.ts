@@ -17,7 +17,7 @@ export type Payload = Frame | Frame[]
 export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'cancelled' | 'expired'
 
 /** The `code` of a ZBC01 ERROR answer (docs/protocol.md §11.4). */
-export type BrokerErrorCode = 'bad_request' | 'not_found' | 'queue_full' | 'too_large' | 'conflict' | 'shutting_down' | 'unavailable' | 'too_many_waiters'
+export type BrokerErrorCode = 'bad_request' | 'not_found' | 'queue_full' | 'too_large' | 'conflict' | 'shutting_down' | 'unavailable' | 'too_many_waiters' | 'forbidden'
 
 // ------------------------------------------------------------ errors
 
@@ -80,6 +80,30 @@ export class TaskNotFound extends BrokerError {}
 /** ERROR queue_full: the service's queue is at its cap; nothing of the call was stored. */
 export class QueueFull extends BrokerError {}
 
+/**
+ * ERROR forbidden: this peer's principal may not make the call (the broker's --auth
+ * file grants it no such role, service or task); nothing was done. Also what stops a
+ * Worker whose READY the broker refuses (DISCONNECT "forbidden: ..."): `brokerMessage`
+ * is then the broker's reason.
+ */
+export class Forbidden extends BrokerError {
+  readonly code: 'forbidden'
+}
+
+/**
+ * The broker refused this peer's CURVE handshake (an unknown key, a key whose principal
+ * has no role for that endpoint, a wrong server key), or one side uses CURVE and the
+ * other does not. Raised at once, never after a timeout.
+ */
+export class AuthenticationFailed extends ZbrokerError {
+  readonly code: 'authentication_failed'
+  /** The endpoint whose handshake failed. */
+  readonly endpoint: string
+  /** What went wrong, as far as this side can tell. */
+  readonly reason: string
+  constructor (endpoint: string, reason: string)
+}
+
 /** A task ended without a result. */
 export class TaskError extends ZbrokerError {
   readonly taskId: string
@@ -107,6 +131,25 @@ export class RetryLater extends Error {
   constructor (delayS: number, reason?: string)
 }
 
+// ------------------------------------------------------------ keys
+
+/**
+ * CURVE keys for a broker started with --auth: the broker's public key and this
+ * peer's key pair, 40 characters of Z85 each. The secret key is kept off the object.
+ */
+export class Credentials {
+  constructor (keys: { serverKey: string, publicKey: string, secretKey: string })
+  readonly serverKey: string
+  readonly publicKey: string
+  /**
+   * From the broker's public key (its .key file, or its 40 Z85 characters) and this
+   * peer's secret certificate file (NAME.key_secret, from `zbroker keys new NAME`).
+   */
+  static load (serverKey: string, certificate: string): Credentials
+  /** From ZBROKER_SERVER_KEY and ZBROKER_KEY when both are set; null when neither is; throws for one alone. */
+  static fromEnvironment (env?: Record<string, string | undefined>): Credentials | null
+}
+
 // ------------------------------------------------------------ Client
 
 export interface ClientOptions {
@@ -131,6 +174,8 @@ export interface ClientOptions {
    * with BrokerError code 'too_large'. Default 16 MiB.
    */
   maxMessageBytes?: number
+  /** CURVE keys, for a broker started with --auth. A refused handshake rejects the calls with AuthenticationFailed. */
+  credentials?: Credentials | null
 }
 
 export interface CallOptions {
@@ -406,6 +451,8 @@ export interface WorkerOptions {
   maxFrames?: number
   /** Where warnings and errors go (default: console for warn/error); null: silent. */
   logger?: Logger | null
+  /** CURVE keys, for a broker started with --auth. */
+  credentials?: Credentials | null
 }
 
 export interface WorkerStats {
@@ -430,7 +477,12 @@ export interface WorkerStats {
   brokerStopping: number
 }
 
-/** Serves one service over ZBW01. Emits 'connected' and 'disconnected'. */
+/**
+ * Serves one service over ZBW01. Emits 'connected' and 'disconnected', and 'error'
+ * (AuthenticationFailed or Forbidden) when the broker refuses it after start()
+ * resolved: the worker has then stopped. Like any EventEmitter's, an 'error' with
+ * no listener is thrown.
+ */
 export class Worker extends EventEmitter {
   constructor (options: WorkerOptions)
   readonly service: string
@@ -441,8 +493,15 @@ export class Worker extends EventEmitter {
   readonly connected: boolean
   readonly running: number
   readonly stopping: boolean
+  /** The worker has stopped (stop(), or the broker refused it). */
+  readonly stopped: boolean
+  /** What stopped the worker by itself (AuthenticationFailed, Forbidden), or null. */
+  readonly error: AuthenticationFailed | Forbidden | null
   readonly stats: WorkerStats
-  /** Connect and register; resolves once greeted by the broker (or stopped). Never rejects. */
+  /**
+   * Connect and register; resolves once greeted by the broker (or stopped). Rejects with
+   * AuthenticationFailed or Forbidden when the broker refuses the worker first (it has then stopped).
+   */
   start (): Promise<void>
   /** Graceful stop; resolves true if every running handler finished within timeoutMs (default 10000). */
   stop (options?: { timeoutMs?: number }): Promise<boolean>
@@ -469,11 +528,23 @@ export interface PublishOptions {
   replyTo?: string
 }
 
+export interface PublisherOptions {
+  endpoint?: string
+  /** The default `source` of its events. */
+  source?: string
+  hwm?: number
+  /** CURVE keys, for a broker started with --auth. */
+  credentials?: Credentials | null
+}
+
+/** Publishes events. Once the broker has refused its handshake, publish() throws AuthenticationFailed. */
 export class Publisher {
-  constructor (endpoint?: string, options?: { source?: string, hwm?: number })
-  constructor (options?: { endpoint?: string, source?: string, hwm?: number })
+  constructor (endpoint?: string, options?: Omit<PublisherOptions, 'endpoint'>)
+  constructor (options?: PublisherOptions)
   readonly endpoint: string
   readonly closed: boolean
+  /** The AuthenticationFailed that ended its connection, or null. */
+  readonly error: AuthenticationFailed | null
   /**
    * Events handed to the socket (a batch counts its events), including those the PUB
    * socket then drops (at its high-water mark, or while not connected): ZeroMQ
@@ -501,13 +572,18 @@ export interface SubscriberOptions {
   hwm?: number
   /** Closing signal: aborting it closes the subscriber and ends iteration. */
   signal?: AbortSignal
+  /** CURVE keys, for a broker started with --auth. */
+  credentials?: Credentials | null
 }
 
+/** Receives events. Once the broker has refused its handshake, recv() and iteration throw AuthenticationFailed. */
 export class Subscriber implements AsyncIterable<Event> {
   constructor (endpoint?: string, options?: Omit<SubscriberOptions, 'endpoint'>)
   constructor (options?: SubscriberOptions)
   readonly endpoint: string
   readonly closed: boolean
+  /** The AuthenticationFailed that ended its connection, or null. */
+  readonly error: AuthenticationFailed | null
   /** Events handed out (each event of a batch counts). */
   received: number
   /** Messages dropped because they could not be decoded. */
@@ -541,6 +617,8 @@ export interface ServiceOptions {
   maxMessageBytes?: number
   /** Where the service and its workers log (default: console for warn/error); null: silent. */
   logger?: Logger | null
+  /** CURVE keys for every socket of the service (one principal), for a broker started with --auth. */
+  credentials?: Credentials | null
 }
 
 export interface ServiceTaskOptions {
@@ -595,14 +673,19 @@ export class Service {
   readonly stopped: boolean
   /** After the shutdown: true if every running handler finished within graceMs. */
   readonly cleanStop: boolean | null
+  /** What stopped the service by itself (the broker refused one of its sockets or queues), or null. */
+  readonly error: AuthenticationFailed | Forbidden | null
   readonly stats: ServiceStats
   /** Serve task queue `queue`; chainable. */
   task (queue: string, handler: ServiceTaskHandler, options?: ServiceTaskOptions): this
   /** Handle events whose type starts with `prefix` ('' for all); chainable. */
   on (prefix: string, handler: EventHandler): this
-  /** Start; resolves true once ready, false if stopped first. */
+  /** Start; resolves true once ready, false if stopped first; rejects with `error` if the broker refused it first. */
   start (): Promise<boolean>
-  /** Start and serve until stop(), SIGINT/SIGTERM (unless handleSignals is false) or `signal`; resolves with cleanStop. */
+  /**
+   * Start and serve until stop(), SIGINT/SIGTERM (unless handleSignals is false) or `signal`; resolves with
+   * cleanStop, or rejects with `error` when the broker refused the service.
+   */
   run (options?: { signal?: AbortSignal, handleSignals?: boolean }): Promise<boolean | null>
   /** Resolves true once ready; false at the timeout or when stopped first. */
   waitReady (options?: { timeoutMs?: number, signal?: AbortSignal }): Promise<boolean>

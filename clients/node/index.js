@@ -5,6 +5,7 @@ export { Client } from './lib/client.js'
 export { Worker } from './lib/worker.js'
 export { Publisher, Subscriber } from './lib/events.js'
 export { Service, SERVICE_HEARTBEAT_PREFIX } from './lib/service.js'
+export { Credentials } from './lib/keys.js'
 export {
   ZbrokerError,
   TimeoutError,
@@ -13,6 +14,8 @@ export {
   BrokerError,
   TaskNotFound,
   QueueFull,
+  Forbidden,
+  AuthenticationFailed,
   TaskError,
   TaskDead,
   TaskCancelled,

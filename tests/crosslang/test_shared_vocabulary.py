@@ -22,6 +22,7 @@ from zbroker.protocol import (
     DEFAULT_ENDPOINT,
     DEFAULT_EVENTS_IN,
     DEFAULT_EVENTS_OUT,
+    access,
     ext,
     limits,
     mdp,
@@ -57,6 +58,7 @@ PAIRED: dict[str, Any] = {
     "ZBC01": zbc.ZBC01.decode(),
     "TASK_STATES": [state.value for state in TaskState],
     "FINAL_STATES": sorted(FINAL_STATES),  # a Set in Node: compared sorted
+    "FORBIDDEN_PREFIX": access.FORBIDDEN_PREFIX,
     "C": "ZBC01 command bytes, compared one by one below",
     "W": "ZBW01 command bytes, compared one by one below",
 }

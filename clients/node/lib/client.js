@@ -37,6 +37,7 @@ import {
   toFrames,
   zbcCall
 } from './protocol.js'
+import { checkCredentials } from './keys.js'
 import {
   DEFAULT_HWM,
   MAX_TIMER_MS,
@@ -54,6 +55,10 @@ const WAIT_CHUNK_S = 60
 const RESULT_GRACE_MS = 1000
 // Pause before asking again for a result that is not ready yet.
 const REPOLL_MS = 20
+// A connection whose handshake the broker refuses loses its queue at once, so a
+// send can fail (EAGAIN) just before the socket's observer reports why: a send
+// that fails so before any handshake succeeded waits this long for that report.
+const REFUSAL_GRACE_MS = 50
 // What an ENQUEUE message carries besides payload frames: the routing id the
 // broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
 // counts all of them against its frame cap (MAX_FRAMES per message).
@@ -77,6 +82,7 @@ export class Client {
   #maxPending
   #maxFrames
   #maxMessageBytes
+  #credentials
   #mdpAttempts = new Set() // closers of MDP attempts in progress
   #closed = false
 
@@ -85,7 +91,8 @@ export class Client {
    * Options: timeoutMs (30000: default limit of ZBC01 calls), mdpTimeoutMs
    * (5000: per attempt), retries (3: MDP resends), maxPending (10000 calls in
    * flight), hwm (10000 messages), maxFrames (16000) and maxMessageBytes (16 MiB):
-   * the broker's caps, which enqueueMany() splits batches to respect.
+   * the broker's caps, which enqueueMany() splits batches to respect;
+   * credentials (a Credentials: CURVE keys for a broker started with --auth).
    */
   constructor (endpointOrOptions, options = {}) {
     const opts = typeof endpointOrOptions === 'string'
@@ -99,6 +106,7 @@ export class Client {
     this.#hwm = checkInt(opts.hwm ?? DEFAULT_HWM, 'hwm', 1, 10_000_000)
     this.#maxFrames = checkInt(opts.maxFrames ?? BATCH_FRAMES, 'maxFrames', ZBC_OVERHEAD_FRAMES + 1, 1_000_000)
     this.#maxMessageBytes = checkMaxMessageBytes(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, 'maxMessageBytes', MIN_CLIENT_MESSAGE_BYTES)
+    this.#credentials = checkCredentials(opts.credentials)
     /** Counters since creation; they only grow. */
     this.stats = {
       calls: 0, // ZBC01 calls made
@@ -444,7 +452,14 @@ export class Client {
 
   #call (spec) {
     if (this.#closed) return Promise.reject(new ClosedError('client is closed'))
-    if (this.#channel === null) this.#channel = new Channel(this.#endpoint, this.#hwm, this.#maxPending, this.stats)
+    if (this.#channel === null) {
+      // A channel whose handshake was refused has failed its calls and closed: the
+      // next call opens a new one (and hears the broker's verdict again at once).
+      const channel = new Channel(this.#endpoint, this.#hwm, this.#maxPending, this.stats, this.#credentials, () => {
+        if (this.#channel === channel) this.#channel = null
+      })
+      this.#channel = channel
+    }
     this.stats.calls++
     const timeoutMs = spec.options.timeoutMs === undefined
       ? this.#timeoutMs
@@ -496,9 +511,11 @@ export class Client {
     throw new ProtocolError('mmi_status', `unexpected mmi.service status ${JSON.stringify(text)}`)
   }
 
-  // One Lazy Pirate attempt on its own socket: the body frames, or null at the deadline.
+  // One Lazy Pirate attempt on its own socket: the body frames, or null at the
+  // deadline. A refused handshake rejects it with AuthenticationFailed at once.
   #mdpAttempt (service, message, timeoutMs, signal) {
-    const sock = connectSocket(zmq.Dealer, this.#endpoint, { hwm: this.#hwm })
+    const hooks = {}
+    const { sock } = connectSocket(zmq.Dealer, this.#endpoint, { hwm: this.#hwm, credentials: this.#credentials, watch: hooks })
     return new Promise((resolve, reject) => {
       let settled = false
       const finish = (settle, value) => {
@@ -513,6 +530,7 @@ export class Client {
       const timer = setTimeout(() => finish(resolve, null), timeoutMs)
       const onAbort = () => finish(reject, signal.reason)
       const onClose = () => finish(reject, new ClosedError('client closed during the request'))
+      hooks.onFailure = (err) => finish(reject, err)
       signal?.addEventListener('abort', onAbort, { once: true })
       this.#mdpAttempts.add(onClose)
       const exchange = async () => {
@@ -533,7 +551,10 @@ export class Client {
         }
       }
       exchange().catch((err) => {
-        if (!settled) finish(reject, socketError(err, `MDP request to ${JSON.stringify(service)}`))
+        const fail = () => finish(reject, socketError(err, `MDP request to ${JSON.stringify(service)}`))
+        if (settled) return
+        if (isSendQueueFull(err)) setTimeout(fail, REFUSAL_GRACE_MS) // a refusal reported meanwhile wins
+        else fail()
       })
     })
   }
@@ -567,6 +588,10 @@ export class Client {
 // says something final; an ERROR for a message that a newer one of the same
 // call has superseded is ignored (the newer one is answered too), and so is a
 // second acceptance of a REQUEST whose task id is known.
+//
+// When the broker refuses the socket's handshake (lib/keys.js), every call
+// waiting rejects with AuthenticationFailed at once and the channel closes
+// (`onFailed` tells the client, whose next call opens a new one).
 class Channel {
   #sock
   #pending = new Map() // rid -> Call: every message sent and not yet fully answered
@@ -574,23 +599,46 @@ class Channel {
   #nextRid = 1
   #maxPending
   #stats
+  #onFailed
   #lost = false
+  #handshaken = false // a handshake has succeeded on this channel
+  #failure = null
   #closed = false
 
-  constructor (endpoint, hwm, maxPending, stats) {
+  constructor (endpoint, hwm, maxPending, stats, credentials, onFailed) {
     this.#maxPending = maxPending
     this.#stats = stats
-    this.#sock = connectSocket(zmq.Dealer, endpoint, { hwm })
-    this.#sock.events.on('disconnect', () => { this.#lost = true })
-    this.#sock.events.on('handshake', () => {
-      if (!this.#lost) return
-      this.#lost = false
-      for (const call of [...this.#calls]) {
-        this.#stats.resends++
-        call.reconnected()
+    this.#onFailed = onFailed
+    const { sock } = connectSocket(zmq.Dealer, endpoint, {
+      hwm,
+      credentials,
+      watch: {
+        onDisconnect: () => { this.#lost = true },
+        onHandshake: () => this.#reconnected(),
+        onFailure: (err) => this.#failed(err)
       }
     })
+    this.#sock = sock
     this.#read().catch(() => {}) // #read handles its own errors
+  }
+
+  #reconnected () {
+    this.#handshaken = true
+    if (!this.#lost) return
+    this.#lost = false
+    for (const call of [...this.#calls]) {
+      this.#stats.resends++
+      call.reconnected()
+    }
+  }
+
+  #failed (err) {
+    if (this.#closed) return
+    this.#failure = err
+    this.#onFailed()
+    this.#closed = true
+    this.#sock.close()
+    this.#failAll(err)
   }
 
   get stats () { return this.#stats }
@@ -618,9 +666,11 @@ class Channel {
   send (call, frames) {
     this.#sock.send(frames).catch((err) => {
       if (isSendQueueFull(err)) {
-        call.reject(new ZbrokerError(`${call.what}: send queue to the broker is full (is the broker reachable?)`))
+        const full = () => call.reject(this.#failure ?? new ZbrokerError(`${call.what}: send queue to the broker is full (is the broker reachable?)`))
+        if (this.#handshaken) full()
+        else call.later(full, REFUSAL_GRACE_MS) // a refused handshake, reported meanwhile, wins
       } else {
-        call.reject(socketError(err, call.what))
+        call.reject(this.#failure ?? socketError(err, call.what))
       }
     })
   }

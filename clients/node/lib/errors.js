@@ -54,7 +54,8 @@ export const ERROR_CODES = Object.freeze({
   CONFLICT: 'conflict',
   SHUTTING_DOWN: 'shutting_down',
   UNAVAILABLE: 'unavailable',
-  TOO_MANY_WAITERS: 'too_many_waiters'
+  TOO_MANY_WAITERS: 'too_many_waiters',
+  FORBIDDEN: 'forbidden'
 })
 
 /** The broker refused a ZBC01 call: ERROR {code, message}. */
@@ -71,6 +72,29 @@ export class TaskNotFound extends BrokerError {}
 
 /** ERROR queue_full: the service's queue is at its cap; nothing was enqueued. */
 export class QueueFull extends BrokerError {}
+
+/**
+ * ERROR forbidden: this peer's principal may not make the call (the broker's
+ * --auth file grants it no such role, service or task); nothing was done. A
+ * Worker the broker will not let serve its service stops with it too.
+ */
+export class Forbidden extends BrokerError {}
+
+/**
+ * The broker refused this peer's CURVE handshake (an unknown key, or a key
+ * whose principal has no role for that endpoint), or the two sides do not
+ * speak the same security mechanism: nothing can be sent until the keys are
+ * right. `endpoint` is the address it happened on; `reason` says which, as
+ * far as this side can tell.
+ */
+export class AuthenticationFailed extends ZbrokerError {
+  constructor (endpoint, reason) {
+    super(`authentication with ${endpoint} failed: ${reason}`)
+    this.code = 'authentication_failed'
+    this.endpoint = endpoint
+    this.reason = reason
+  }
+}
 
 /** A task ended without a result. `state` is dead, cancelled or expired; `error` the broker's text. */
 export class TaskError extends ZbrokerError {
@@ -91,7 +115,11 @@ export class TaskCancelled extends TaskError {}
 /** The task's TTL ran out before it started. */
 export class TaskExpired extends TaskError {}
 
-const brokerErrors = { [ERROR_CODES.NOT_FOUND]: TaskNotFound, [ERROR_CODES.QUEUE_FULL]: QueueFull }
+const brokerErrors = {
+  [ERROR_CODES.NOT_FOUND]: TaskNotFound,
+  [ERROR_CODES.QUEUE_FULL]: QueueFull,
+  [ERROR_CODES.FORBIDDEN]: Forbidden
+}
 
 /** The error for a ZBC01 ERROR answer. */
 export function brokerError (code, message) {

@@ -3,8 +3,14 @@
 // frames: the topic (= event type) and a msgpack envelope, whose `payloads`
 // may carry a batch of events of one type (docs/protocol.md §6); a Subscriber
 // hands those out one by one.
+//
+// With `credentials` both are CURVE clients of a broker started with --auth.
+// Either way their handshakes are watched (lib/keys.js): once the broker has
+// refused one, the socket closes and publish() and recv() throw
+// AuthenticationFailed (recv() calls waiting reject with it at once).
 
 import { ClosedError, ZbrokerError } from './errors.js'
+import { checkCredentials } from './keys.js'
 import {
   DEFAULT_EVENTS_IN,
   DEFAULT_EVENTS_OUT,
@@ -39,19 +45,31 @@ export class Publisher {
   #sock
   #source
   #closed = false
+  #error = null
 
-  /** new Publisher(endpoint?, {source, hwm}) or new Publisher({endpoint, source, hwm}). */
+  /** new Publisher(endpoint?, {source, hwm, credentials}) or new Publisher({endpoint, source, hwm, credentials}). */
   constructor (endpointOrOptions, options = {}) {
-    const { endpoint = DEFAULT_EVENTS_IN, source = '', hwm = DEFAULT_HWM } = parseArgs(endpointOrOptions, options)
+    const { endpoint = DEFAULT_EVENTS_IN, source = '', hwm = DEFAULT_HWM, credentials } = parseArgs(endpointOrOptions, options)
     checkEndpoint(endpoint)
     if (typeof source !== 'string') throw new TypeError('source must be a string')
+    const keys = checkCredentials(credentials)
     this.endpoint = endpoint
     this.#source = source
     this.published = 0
-    this.#sock = connectSocket(zmq.Publisher, endpoint, { hwm })
+    this.#sock = connectSocket(zmq.Publisher, endpoint, { hwm, credentials: keys, watch: { onFailure: (err) => this.#failed(err) } }).sock
   }
 
   get closed () { return this.#closed }
+  /** The AuthenticationFailed that ended this publisher's connection, or null. */
+  get error () { return this.#error }
+
+  // Nothing published can reach the broker: stop trying (its socket would retry the
+  // refused handshake forever), and let every later publish() throw the reason.
+  #failed (err) {
+    if (this.#closed || this.#error !== null) return
+    this.#error = err
+    this.#sock.close()
+  }
 
   /**
    * Publish one event with topic `type`; resolves with the event as sent.
@@ -106,6 +124,7 @@ export class Publisher {
 
   #check (type, source, correlationId, replyTo) {
     if (this.#closed) throw new ClosedError('publisher is closed')
+    if (this.#error !== null) throw this.#error
     if (typeof type !== 'string') throw new TypeError(`event type must be a string, got ${describe(type)}`)
     const topicBytes = Buffer.byteLength(type, 'utf8')
     if (topicBytes === 0 || topicBytes > MAX_TOPIC_BYTES) throw new RangeError(`event type must be 1..${MAX_TOPIC_BYTES} bytes of UTF-8`)
@@ -124,6 +143,7 @@ export class Publisher {
     try {
       await this.#sock.send(frames)
     } catch (err) {
+      if (this.#error !== null && !this.#closed) throw this.#error
       if (isClosedSocketError(err)) throw new ClosedError('publisher is closed')
       throw new ZbrokerError(`publishing ${JSON.stringify(type)}: ${err.message}`, { cause: err })
     }
@@ -140,6 +160,7 @@ export class Publisher {
       throw new RangeError('lingerMs must be a finite number >= 0')
     }
     this.#closed = true
+    if (this.#error !== null) return // closed when the handshake was refused
     this.#sock.linger = Math.ceil(lingerMs)
     this.#sock.close()
   }
@@ -157,22 +178,24 @@ export class Publisher {
 export class Subscriber {
   #sock
   #closed = false
+  #error = null
   #receiving = false
   #queue = [] // decoded events not yet handed out, from #head on, oldest first (the rest
   #head = 0 //   of a batch, or what arrived after its recv() gave up)
   #waiters = [] // recv() calls waiting, oldest first; only while #queue is empty
   #forget = null // removes the constructor signal's listener
 
-  /** new Subscriber(endpoint?, {topics, hwm, signal}) or new Subscriber({endpoint, topics, hwm, signal}). */
+  /** new Subscriber(endpoint?, {topics, hwm, signal, credentials}) or new Subscriber({endpoint, topics, hwm, signal, credentials}). */
   constructor (endpointOrOptions, options = {}) {
-    const { endpoint = DEFAULT_EVENTS_OUT, topics = [''], hwm = DEFAULT_HWM, signal } = parseArgs(endpointOrOptions, options)
+    const { endpoint = DEFAULT_EVENTS_OUT, topics = [''], hwm = DEFAULT_HWM, signal, credentials } = parseArgs(endpointOrOptions, options)
     checkEndpoint(endpoint)
     const list = typeof topics === 'string' ? [topics] : topics
     if (!Array.isArray(list) || !list.every((t) => typeof t === 'string')) throw new TypeError('topics must be an array of strings')
+    const keys = checkCredentials(credentials)
     this.endpoint = endpoint
     this.received = 0
     this.dropped = 0
-    this.#sock = connectSocket(zmq.Subscriber, endpoint, { hwm })
+    this.#sock = connectSocket(zmq.Subscriber, endpoint, { hwm, credentials: keys, watch: { onFailure: (err) => this.#failed(err) } }).sock
     this.subscribe(...(list.length ? list : ['']))
     if (signal) {
       if (signal.aborted) {
@@ -186,10 +209,23 @@ export class Subscriber {
   }
 
   get closed () { return this.#closed }
+  /** The AuthenticationFailed that ended this subscriber's connection, or null. */
+  get error () { return this.#error }
+
+  // No event can come any more: the recv() calls waiting reject with the reason at
+  // once, and so does every later one; the socket closes (it would retry forever).
+  // Events already received are still handed out first.
+  #failed (err) {
+    if (this.#closed || this.#error !== null) return
+    this.#error = err
+    this.#sock.close()
+    for (const w of this.#waiters.splice(0)) w.fail(err)
+  }
 
   /** Also receive events whose type starts with each prefix ("" means every event). */
   subscribe (...prefixes) {
     if (this.#closed) throw new ClosedError('subscriber is closed')
+    if (this.#error !== null) throw this.#error
     for (const p of prefixes) {
       if (typeof p !== 'string') throw new TypeError('topic prefixes are strings')
       this.#sock.subscribe(p)
@@ -199,6 +235,7 @@ export class Subscriber {
   /** Undo earlier subscribe() calls. */
   unsubscribe (...prefixes) {
     if (this.#closed) throw new ClosedError('subscriber is closed')
+    if (this.#error !== null) throw this.#error
     for (const p of prefixes) {
       if (typeof p !== 'string') throw new TypeError('topic prefixes are strings')
       this.#sock.unsubscribe(p)
@@ -214,6 +251,7 @@ export class Subscriber {
     if (this.#closed) throw new ClosedError('subscriber is closed')
     signal?.throwIfAborted()
     if (this.#head < this.#queue.length) return this.#take()
+    if (this.#error !== null) throw this.#error
     const deadline = timeoutMs === undefined ? Infinity : performance.now() + timeoutMs
     return this.#next(deadline, signal)
   }
@@ -266,6 +304,7 @@ export class Subscriber {
       },
       (err) => {
         this.#receiving = false
+        if (this.#error !== null) return // #failed has told the waiters
         const waiters = this.#waiters.splice(0)
         const closed = this.#closed || isClosedSocketError(err)
         const error = new ZbrokerError(`receiving an event: ${err.message}`, { cause: err })
@@ -302,7 +341,7 @@ export class Subscriber {
     if (this.#closed) return
     this.#closed = true
     this.#forget?.()
-    this.#sock.close()
+    if (this.#error === null) this.#sock.close()
     this.#queue = []
     this.#head = 0
     for (const w of this.#waiters.splice(0)) w.close()

@@ -328,6 +328,10 @@ export const MAX_CREDIT = 10_000
 export const MAX_TAGS = 32
 // Entries in one DONES message (the broker refuses more); TASKS are as many as it sends.
 export const MAX_WORKER_BATCH = 1024
+// How the reason of a DISCONNECT begins when an authenticating broker (--auth) will
+// not let this worker's key serve the service: the worker stops instead of
+// registering again (zbroker/protocol/access.py FORBIDDEN_PREFIX).
+export const FORBIDDEN_PREFIX = 'forbidden:'
 
 const ZBW01_FRAME = Buffer.from(ZBW01)
 const commandFrames = new Map()

@@ -13,10 +13,17 @@
 // dead letters). stop() lets running handlers finish within the grace period,
 // then closes everything; the publisher lingers so that the last results and
 // events still leave.
+//
+// With `credentials` every socket of the service authenticates as one principal
+// (it needs the worker, publisher and subscriber roles its queues and topics use).
+// When the broker refuses it (AuthenticationFailed from any socket, Forbidden for a
+// queue), the whole service stops and run() and start() reject with that error,
+// like the Python Service, rather than look alive and not serve.
 
 import { hostname } from 'node:os'
 import { randomBytes } from 'node:crypto'
-import { ClosedError, NonRetryableError } from './errors.js'
+import { AuthenticationFailed, ClosedError, Forbidden, NonRetryableError } from './errors.js'
+import { checkCredentials } from './keys.js'
 import { makeLogger } from './logger.js'
 import {
   DEFAULT_ENDPOINT,
@@ -43,8 +50,12 @@ const PROBE_EVERY_MS = 50
 const PUBLISH_LINGER_MS = 1000
 const READY_POLL_MS = 20
 
-const noop = () => {}
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+// The broker refused a socket or a queue (not an ordinary failure of one call).
+function isRefusal (err) {
+  return err instanceof AuthenticationFailed || err instanceof Forbidden
+}
 
 function checkTopic (topic, what) {
   if (typeof topic !== 'string') throw new TypeError(`${what} must be a string topic, got ${describe(topic)}`)
@@ -67,6 +78,7 @@ export class Service {
   #heartbeatMs
   #graceMs
   #logger
+  #credentials
   #log
 
   #queues = new Map() // name -> { name, handler, concurrency, publish, tags }
@@ -87,14 +99,16 @@ export class Service {
   #stopping = false
   #stopped = false
   #cleanStop = null
+  #error = null // what stopped the service by itself
   #stopPromise = null
   #finished
   #resolveFinished
 
   /**
-   * new Service(name, { endpoint, eventsIn, eventsOut, heartbeatMs, graceMs, maxMessageBytes, logger }).
+   * new Service(name, { endpoint, eventsIn, eventsOut, heartbeatMs, graceMs, maxMessageBytes, credentials, logger }).
    * heartbeatMs 0 or null: no heartbeats. graceMs: how long stop() lets running handlers finish.
    * maxMessageBytes: the broker's --max-message-bytes, handed to the workers (default theirs).
+   * credentials: CURVE keys (a Credentials) for every socket, for a broker started with --auth.
    */
   constructor (name, options = {}) {
     const {
@@ -104,6 +118,7 @@ export class Service {
       heartbeatMs = 5000,
       graceMs = 10_000,
       maxMessageBytes,
+      credentials,
       logger
     } = options
     if (typeof name !== 'string' || name.length === 0) throw new TypeError('a Service needs a name (non-empty string)')
@@ -124,6 +139,7 @@ export class Service {
     this.#heartbeatMs = heartbeatMs || null
     this.#graceMs = graceMs
     this.#maxMessageBytes = maxMessageBytes
+    this.#credentials = checkCredentials(credentials)
     this.#logger = logger
     this.#log = makeLogger(logger, 'service')
     this.#finished = new Promise((resolve) => { this.#resolveFinished = resolve })
@@ -195,6 +211,11 @@ export class Service {
   get stopped () { return this.#stopped }
   /** After the shutdown: true if every running handler finished within graceMs. */
   get cleanStop () { return this.#cleanStop }
+  /**
+   * What stopped the service by itself (AuthenticationFailed or Forbidden: the
+   * broker refused one of its sockets or queues), or null; run() rejects with it.
+   */
+  get error () { return this.#error }
 
   /**
    * True while running with every worker registered and the subscriptions in
@@ -211,15 +232,21 @@ export class Service {
 
   // ------------------------------------------------------------ lifecycle
 
-  /** Start serving; resolves true once ready, false if stopped first. A Service runs once. */
+  /**
+   * Start serving; resolves true once ready, false if stopped first. Rejects with
+   * the error when the broker refuses the service first (see `error`). A Service runs once.
+   */
   async start () {
     this.#begin()
-    return this.waitReady()
+    const ready = await this.waitReady()
+    if (!ready && this.#error !== null) throw this.#error
+    return ready
   }
 
   /**
    * Start, serve until stop(), SIGINT, SIGTERM or `signal` aborts, then shut
-   * down cleanly. Resolves with cleanStop. After the first SIGINT/SIGTERM the
+   * down cleanly. Resolves with cleanStop; rejects with `error` when the service
+   * stopped because the broker refused it. After the first SIGINT/SIGTERM the
    * process's own handling is back, so a second one ends the process.
    */
   async run ({ signal, handleSignals = true } = {}) {
@@ -245,6 +272,7 @@ export class Service {
     } finally {
       forget()
     }
+    if (this.#error !== null) throw this.#error
     return this.#cleanStop
   }
 
@@ -304,6 +332,15 @@ export class Service {
     }
   }
 
+  // The broker refused a socket or a queue of the service: nothing it could do
+  // would help, and a service that no longer serves a queue must not look alive.
+  #fail (err) {
+    if (this.#error !== null || this.#stopPromise !== null) return
+    this.#error = err
+    this.#log.error(`service ${JSON.stringify(this.#name)} stops: ${err.message}`)
+    this.stop()
+  }
+
   #checkNotStarted () {
     if (this.#started) throw new Error('register tasks and topics before the service starts')
   }
@@ -313,10 +350,11 @@ export class Service {
     if (this.#stopRequested) throw new Error('this Service was stopped before it started; create a new one')
     this.#started = true
     this.#startedAt = performance.now()
-    this.#publisher = new Publisher(this.#eventsIn, { source: this.#name })
+    const credentials = this.#credentials
+    this.#publisher = new Publisher(this.#eventsIn, { source: this.#name, credentials })
     if (this.#topics.length > 0) {
       this.#probeTopic = `${SERVICE_PROBE_PREFIX}${this.#name}.${randomBytes(4).toString('hex')}`
-      this.#subscriber = new Subscriber(this.#eventsOut, { topics: [...this.topics, this.#probeTopic] })
+      this.#subscriber = new Subscriber(this.#eventsOut, { topics: [...this.topics, this.#probeTopic], credentials })
     }
     for (const q of this.#queues.values()) {
       this.#workers.set(q.name, new Worker({
@@ -326,14 +364,23 @@ export class Service {
         concurrency: q.concurrency,
         tags: q.tags,
         ...(this.#maxMessageBytes === undefined ? {} : { maxMessageBytes: this.#maxMessageBytes }),
+        credentials,
         logger: this.#logger
       }))
     }
-    for (const worker of this.#workers.values()) worker.start()
+    for (const worker of this.#workers.values()) {
+      // A worker the broker refuses stops by itself: before its greeting start()
+      // rejects, after it the worker emits 'error'. Either way the service stops.
+      worker.on('error', (err) => this.#fail(err))
+      worker.start().catch((err) => this.#fail(err))
+    }
     if (this.#subscriber !== null) {
       this.#probe()
       this.#probeTimer = setInterval(() => this.#probe(), PROBE_EVERY_MS)
-      this.#eventLoop = this.#handleEvents().catch((err) => this.#log.error(`service ${JSON.stringify(this.#name)}: the event loop failed`, err))
+      this.#eventLoop = this.#handleEvents().catch((err) => {
+        if (isRefusal(err)) return this.#fail(err)
+        this.#log.error(`service ${JSON.stringify(this.#name)}: the event loop failed`, err)
+      })
     }
     if (this.#heartbeatMs !== null) {
       this.#heartbeat()
@@ -409,6 +456,7 @@ export class Service {
       await this.publish(topic, payload, { correlationId: task.id, replyTo })
     } catch (err) {
       // The task succeeded and its result goes to the broker all the same.
+      if (isRefusal(err)) this.#fail(err)
       this.stats.publishErrors++
       this.#log.warn(`service ${JSON.stringify(this.#name)}: the result of task ${task.id} could not be published on ${JSON.stringify(topic)}: ${err.message}`)
       return
@@ -458,7 +506,9 @@ export class Service {
   #probe () {
     // Dropped by our own PUB socket until our subscription has reached it.
     if (this.#probed || this.#publisher === null) return
-    this.#publisher.publish(this.#probeTopic, { pid: process.pid }).catch(noop)
+    this.#publisher.publish(this.#probeTopic, { pid: process.pid }).catch((err) => {
+      if (isRefusal(err)) this.#fail(err)
+    })
   }
 
   // ------------------------------------------------------------ heartbeats
@@ -468,6 +518,7 @@ export class Service {
     this.#publisher.publish(SERVICE_HEARTBEAT_PREFIX + this.#name, this.heartbeatPayload()).then(
       () => { this.stats.heartbeats++ },
       (err) => {
+        if (isRefusal(err)) return this.#fail(err)
         this.stats.publishErrors++
         this.#log.warn(`service ${JSON.stringify(this.#name)}: heartbeat not published: ${err.message}`)
       }

@@ -38,14 +38,22 @@
 // it holds on the current connection. A result is sent only while its attempt
 // is still held: results from an older connection and results of attempts the
 // broker took back are dropped here and counted, exactly like the Python Worker.
+//
+// On a broker started with --auth, a worker whose handshake is refused
+// (AuthenticationFailed, lib/keys.js) or whose READY the broker refuses
+// (DISCONNECT "forbidden: ...", Forbidden) stops at once: registering again
+// cannot help. start() rejects with the error, or, once it has resolved, the
+// worker emits it as 'error'.
 
 import { EventEmitter } from 'node:events'
-import { NonRetryableError, RetryLater } from './errors.js'
+import { ERROR_CODES, Forbidden, NonRetryableError, RetryLater } from './errors.js'
+import { checkCredentials } from './keys.js'
 import { makeLogger } from './logger.js'
 import {
   DEFAULT_ENDPOINT,
   DEFAULT_MAX_MESSAGE_BYTES,
   EMPTY,
+  FORBIDDEN_PREFIX,
   MAX_CREDIT,
   MAX_FRAMES,
   MAX_TAGS,
@@ -109,6 +117,7 @@ export class Worker extends EventEmitter {
   #hwm
   #maxMessageBytes
   #maxFrames
+  #credentials
   #log
 
   #sock = null
@@ -139,6 +148,9 @@ export class Worker extends EventEmitter {
   #onIdle = null
   #registered
   #resolveRegistered
+  #rejectRegistered
+  #greeted = false // start() has resolved
+  #error = null // what stopped the worker by itself
 
   constructor (options = {}) {
     super()
@@ -156,6 +168,7 @@ export class Worker extends EventEmitter {
       hwm = DEFAULT_HWM,
       maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
       maxFrames = MAX_FRAMES,
+      credentials,
       logger
     } = options
     if (typeof service !== 'string' || service.length === 0) throw new TypeError('Worker needs a service name (non-empty string)')
@@ -194,8 +207,15 @@ export class Worker extends EventEmitter {
     this.#hwm = hwm
     this.#maxMessageBytes = maxMessageBytes
     this.#maxFrames = maxFrames
+    this.#credentials = checkCredentials(credentials)
     this.#log = makeLogger(logger, 'worker')
-    this.#registered = new Promise((resolve) => { this.#resolveRegistered = resolve })
+    this.#registered = new Promise((resolve, reject) => {
+      this.#resolveRegistered = () => {
+        this.#greeted = true
+        resolve()
+      }
+      this.#rejectRegistered = reject
+    })
     /** Counters since creation; they only grow. */
     this.stats = {
       received: 0, // attempts pushed to this worker (a TASK, or an entry of TASKS)
@@ -227,12 +247,21 @@ export class Worker extends EventEmitter {
   get connected () { return this.#connected }
   /** How many handler calls are running now. */
   get running () { return this.#running.size }
-  /** True once stop() was called: no new task starts. */
+  /** True once stop() was called, or the worker stopped by itself: no new task starts. */
   get stopping () { return this.#stopping }
+  /** True once the worker has stopped: its socket is closed. */
+  get stopped () { return this.#stopped }
+  /**
+   * What stopped the worker by itself (AuthenticationFailed: the broker refused
+   * its keys; Forbidden: it may not serve its service), or null.
+   */
+  get error () { return this.#error }
 
   /**
    * Connect and register (READY). Resolves once the broker has greeted this
-   * worker (or once it is stopped first); never rejects. A Worker runs once.
+   * worker (or once it is stopped first). Rejects with AuthenticationFailed or
+   * Forbidden when the broker refuses it first: the worker has then stopped.
+   * A Worker runs once.
    */
   start () {
     if (this.#started) throw new Error('a Worker runs only once; create a new one')
@@ -256,6 +285,31 @@ export class Worker extends EventEmitter {
       this.#stopPromise = this.#shutdown(timeoutMs)
     }
     return this.#stopPromise
+  }
+
+  // The broker refused this worker for good (its keys, or the service): stop now,
+  // nothing can be delivered any more. Running handlers are aborted, the attempts
+  // held go back to the broker with the connection. The caller hears `err` from
+  // start(), or as 'error' once start() has resolved.
+  #fail (err) {
+    if (this.#stopping) return
+    this.#error = err
+    this.#stopping = true
+    this.#stopPromise = Promise.resolve(false)
+    this.#log.error(`worker ${JSON.stringify(this.#service)} stops: ${err.message}`)
+    this.stats.notStarted += this.#queue.length
+    this.#queue = []
+    for (const ctx of this.#running) this.#abort(ctx, 'the broker refused this worker')
+    this.#drop({ disconnect: false })
+    this.#stopped = true
+    clearTimeout(this.#timer)
+    this.#timer = null
+    if (this.#greeted) {
+      // Like any EventEmitter's 'error': without a listener it is thrown (the process ends).
+      process.nextTick(() => this.emit('error', err))
+    } else {
+      this.#rejectRegistered(err)
+    }
   }
 
   async [Symbol.asyncDispose] () { await this.stop() }
@@ -315,7 +369,15 @@ export class Worker extends EventEmitter {
     const generation = this.#generation
     let sock
     try {
-      sock = connectSocket(zmq.Dealer, this.#endpoint, { hwm: this.#hwm })
+      ({ sock } = connectSocket(zmq.Dealer, this.#endpoint, {
+        hwm: this.#hwm,
+        credentials: this.#credentials,
+        watch: {
+          onFailure: (err) => {
+            if (generation === this.#generation && this.#sock === sock) this.#fail(err)
+          }
+        }
+      }))
     } catch (err) {
       this.#log.error(`worker ${JSON.stringify(this.#service)}: ${err.message}`)
       this.#reconnectAfter(this.#nextBackoff())
@@ -560,6 +622,12 @@ export class Worker extends EventEmitter {
       return
     }
     if (message.type === 'disconnect') {
+      if (message.reason.startsWith(FORBIDDEN_PREFIX)) {
+        // The broker's auth file does not let this key serve the service:
+        // registering again cannot help.
+        this.#fail(new Forbidden(ERROR_CODES.FORBIDDEN, message.reason.slice(FORBIDDEN_PREFIX.length).trim()))
+        return
+      }
       this.#log.info(`worker ${JSON.stringify(this.#service)}: broker sent DISCONNECT (${message.reason || 'no reason given'}), re-registering`)
       this.#drop({ disconnect: false })
       this.#reconnectAfter(this.#nextBackoff())

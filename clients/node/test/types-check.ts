@@ -3,11 +3,14 @@
 // the typings must refuse; tsc fails if one of them is accepted.
 
 import {
+  AuthenticationFailed,
   BrokerError,
   type BrokerErrorCode,
   Client,
+  Credentials,
   DEFAULT_ENDPOINT,
   type Event,
+  Forbidden,
   type Payload,
   Publisher,
   type Receipt,
@@ -67,6 +70,11 @@ export async function durableTasks (client: Client): Promise<void> {
 }
 
 export function errors (err: unknown): string {
+  if (err instanceof AuthenticationFailed) return `${err.endpoint}: ${err.reason}`
+  if (err instanceof Forbidden) {
+    const code: 'forbidden' = err.code
+    return `${code}: ${err.brokerMessage}`
+  }
   if (err instanceof TaskDead) return `${err.taskId} ${err.state} ${err.error ?? ''}`
   if (err instanceof TaskError) {
     const state: TaskState = err.state
@@ -104,6 +112,27 @@ export async function events (): Promise<void> {
   for await (const event of subscriber) event.type.toUpperCase()
   void [sent, batch, next]
   publisher.close({ lingerMs: 10 })
+}
+
+export async function authenticated (): Promise<void> {
+  const credentials: Credentials = Credentials.load('keys/broker.key', 'keys/ocr.key_secret')
+  const fromEnv: Credentials | null = Credentials.fromEnvironment()
+  const server: string = credentials.serverKey
+  const client = new Client({ credentials })
+  void new Client(DEFAULT_ENDPOINT, { credentials: fromEnv })
+  const w = new Worker({ service: 'ocr', handler: () => null, credentials })
+  w.on('error', (err: unknown) => { if (err instanceof Forbidden) client.close() })
+  const why: AuthenticationFailed | Forbidden | null = w.error
+  const publisher = new Publisher({ credentials, source: 'ocr' })
+  const refused: AuthenticationFailed | null = publisher.error
+  const subscriber = new Subscriber({ topics: ['ocr.'], credentials })
+  const s = new Service('ocr', { credentials })
+  const stopped: AuthenticationFailed | Forbidden | null = s.error
+  void [server, why, refused, subscriber, stopped, w.stopped]
+  // @ts-expect-error credentials are a Credentials, not a key file path
+  void new Client({ credentials: 'keys/ocr.key_secret' })
+  // @ts-expect-error the secret key is not a property
+  void credentials.secretKey
 }
 
 export async function service (): Promise<boolean | null> {
