@@ -56,7 +56,9 @@ export class Publisher {
     this.endpoint = endpoint
     this.#source = source
     this.published = 0
-    this.#sock = connectSocket(zmq.Publisher, endpoint, { hwm, credentials: keys, watch: { onFailure: (err) => this.#failed(err) } }).sock
+    // Watched only with keys: a publisher without them is often a short script that
+    // publishes and exits without close(), which a watch would keep alive.
+    this.#sock = connectSocket(zmq.Publisher, endpoint, { hwm, credentials: keys, watchHandshakes: keys !== null, watch: { onFailure: (err) => this.#failed(err) } }).sock
   }
 
   get closed () { return this.#closed }

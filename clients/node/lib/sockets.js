@@ -28,13 +28,15 @@ export function checkEndpoint (endpoint) {
  * Sends never block: with `sendTimeout` 0 a send that would block (high-water
  * mark reached) rejects at once with EAGAIN, which callers turn into a clear error.
  */
-export function connectSocket (Kind, endpoint, { hwm = DEFAULT_HWM, linger = 0, credentials = null, watch: hooks = {} } = {}) {
+export function connectSocket (Kind, endpoint, { hwm = DEFAULT_HWM, linger = 0, credentials = null, watch: hooks = {}, watchHandshakes = true } = {}) {
   const options = { linger }
   if (Kind !== zmq.Subscriber) Object.assign(options, { sendHighWaterMark: hwm, sendTimeout: 0 })
   if (Kind !== zmq.Publisher) options.receiveHighWaterMark = hwm
   if (credentials !== null) Object.assign(options, curveOptions(credentials))
   const sock = new Kind(options)
-  const watch = new HandshakeWatch(sock, endpoint, credentials !== null, hooks) // before connect: no event missed
+  // Before connect: no event missed. Not watched (watchHandshakes false), a socket
+  // does not hold the process open by its event reader.
+  const watch = watchHandshakes ? new HandshakeWatch(sock, endpoint, credentials !== null, hooks) : null
   try {
     sock.connect(endpoint)
   } catch (err) {

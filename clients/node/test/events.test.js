@@ -233,3 +233,15 @@ test('publishMany() checks its arguments like publish()', async (t) => {
   pub.close()
   await assert.rejects(pub.publishMany('ok', ['x']), ClosedError)
 })
+
+test('a script that publishes without keys and never closes its Publisher still exits', async () => {
+  const { spawnSync } = await import('node:child_process')
+  const script = `
+    import { Publisher } from ${JSON.stringify(new URL('../index.js', import.meta.url).href)}
+    const pub = new Publisher('tcp://127.0.0.1:1', { source: 'script' })
+    await pub.publish('fs.change', 'x')
+  `
+  const done = spawnSync(process.execPath, ['--input-type=module', '-e', script], { timeout: 10_000 })
+  assert.equal(done.error, undefined, 'the script did not exit by itself')
+  assert.equal(done.status, 0, done.stderr.toString())
+})
