@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,14 +148,19 @@ class Settings:
 
 
 def _start_broker(
-    procs: ProcessGroup, name: str, durability: str, data_dir: Path, log_level: str = "warning"
+    procs: ProcessGroup,
+    name: str,
+    durability: str,
+    data_dir: Path,
+    log_level: str = "warning",
+    extra_args: Sequence[str] = (),
 ) -> tuple[str, Child, str]:
-    """A broker; returns (ROUTER endpoint, its process, the bus's XPUB endpoint)."""
+    """A broker (`extra_args` added to its command line, e.g. `--auth FILE`); returns
+    (ROUTER endpoint, its process, the bus's XPUB endpoint)."""
     port, events_in, events_out = free_tcp_ports(3)
     endpoint = f"tcp://127.0.0.1:{port}"
-    broker = procs.start(
-        name, _broker_argv(endpoint, events_in, events_out, durability, data_dir, log_level)
-    )
+    argv = _broker_argv(endpoint, events_in, events_out, durability, data_dir, log_level)
+    broker = procs.start(name, [*argv, *extra_args])
     wait_for_listener(port, broker)
     return endpoint, broker, f"tcp://127.0.0.1:{events_out}"
 
@@ -258,17 +263,28 @@ def run_tasks(
     procs: ProcessGroup,
     data_dir: Path,
     profile_to: Path | None = None,
+    broker_args: Sequence[str] = (),
+    peer_env: Mapping[str, str] | None = None,
 ) -> JSONDict:
-    """One end-to-end run: fresh broker, workers, producers; returns the figures."""
+    """One end-to-end run: fresh broker, workers, producers; returns the figures.
+
+    `broker_args` go to the broker's command line and `peer_env` is the environment
+    of every peer process (bench/auth.py: `--auth FILE`, and the CURVE keys
+    durable_peers.py reads); by default, none and the benchmark's own."""
     durability, mode = system.split("-")
     mode, _, events_kind = mode.partition("+")
-    endpoint, broker, events_out = _start_broker(procs, "zbroker", durability, data_dir)
-    subscriber = _start_subscriber(procs, events_out, events_kind) if events_kind else None
+    endpoint, broker, events_out = _start_broker(
+        procs, "zbroker", durability, data_dir, extra_args=broker_args
+    )
+    subscriber = (
+        _start_subscriber(procs, events_out, events_kind, peer_env) if events_kind else None
+    )
     workers = [
         procs.start(
             f"worker-{i}",
             python_argv(PEERS, "worker", "--connect", endpoint, "--credit", settings.credit),
             stdout_pipe=True,
+            env=peer_env,
         )
         for i in range(settings.workers)
     ]
@@ -296,6 +312,7 @@ def run_tasks(
                 *args,
             ),
             stdout_pipe=True,
+            env=peer_env,
         )
         for i, (share, args) in enumerate(zip(shares, producer_args, strict=True))
     ]
@@ -360,14 +377,19 @@ def run_tasks(
     }
 
 
-def _start_subscriber(procs: ProcessGroup, events_out: str, events_kind: str) -> Child:
+def _start_subscriber(
+    procs: ProcessGroup,
+    events_out: str,
+    events_kind: str,
+    env: Mapping[str, str] | None = None,
+) -> Child:
     """The events subscriber of a `+<events_kind>` run, subscribed (and SIGSTOPped for
     "stopped")."""
     prefix = "task.done." if events_kind == "done" else "task."
     argv = ["subscriber", "--connect", events_out, "--prefix", prefix]
     if events_kind == "objects":
         argv.append("--decode")
-    subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True)
+    subscriber = procs.start("subscriber", python_argv(PEERS, *argv), stdout_pipe=True, env=env)
     _expect(subscriber, "ready", timeout_s=20)
     time.sleep(0.5)  # let the subscription travel to the broker (pub/sub joins late)
     if events_kind == "stopped":

@@ -1,5 +1,6 @@
 """The processes of the durable workload other than the broker: task producers
-(ZBC01 clients) and workers (ZBW01), one process each.
+(ZBC01 clients), workers (ZBW01), an events subscriber and a requester (sequential
+ZBC01 REQUESTs), one process each.
 
 Run by bench/durable.py as `python bench/durable_peers.py ROLE ...`. Frames are
 built and read with zbroker's own codecs (`zbroker.protocol.zbc` and `.ext`), which
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -36,12 +38,33 @@ WORKER_REPORT_IDLE_MS = 250
 PRODUCER_ANSWER_TIMEOUT_MS = 60_000
 CONNECT_TIMEOUT_MS = 10_000
 RESULT = b"ok"
+# The broker's public key (its .key file) and this peer's NAME.key_secret, for a
+# broker started with --auth (bench/auth.py). The benchmark's own names, not the
+# ZBROKER_SERVER_KEY and ZBROKER_KEY that zbroker's CLI and clients read: keys a user
+# set for those never reach the peers of the other workloads.
+CURVE_SERVER_KEY = "BENCH_CURVE_SERVER_KEY"
+CURVE_KEY = "BENCH_CURVE_KEY"
 
 
 def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
     sock = ctx.socket(kind)
     sock.linger = 0
+    _curve(sock)
     return sock
+
+
+def _curve(sock: zmq.Socket[bytes]) -> None:
+    """Make `sock` a CURVE client of a broker started with --auth when CURVE_SERVER_KEY
+    and CURVE_KEY name key files (bench/auth.py sets them); without them, nothing
+    changes and zbroker's client is never imported."""
+    server_key, certificate = os.environ.get(CURVE_SERVER_KEY), os.environ.get(CURVE_KEY)
+    if not server_key and not certificate:
+        return
+    if not server_key or not certificate:
+        sys.exit(f"set both {CURVE_SERVER_KEY} and {CURVE_KEY}, or neither")
+    from zbroker.client.keys import Credentials
+
+    Credentials.load(server_key, certificate).apply(sock)
 
 
 def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
@@ -213,6 +236,50 @@ def producer(
     ctx.term()
 
 
+# ------------------------------------------------------------------ requester
+
+
+def requester(endpoint: str, samples: int, warmup: int, body_bytes: int) -> None:
+    """Sequential ZBC01 REQUESTs (enqueue one task, committed, then the call is held
+    until the worker's result comes back), one at a time: `warmup` untimed, then
+    `samples` timed from send to the final answer (state `done`). Prints `ready` once
+    connected, then `{"latency_us": [...]}` sorted. Messages are encoded before the
+    clock starts."""
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    sock.rcvtimeo = PRODUCER_ANSWER_TIMEOUT_MS
+    _connect(sock, endpoint)
+    body = bytes(i % 251 for i in range(body_bytes))
+    print("ready", flush=True)
+    send = sock.send_multipart
+    recv = sock.recv_multipart
+    decode = zbc.decode_answer
+    clock = time.perf_counter_ns
+    latencies_us: list[int] = []
+    try:
+        for rid in range(warmup + samples):
+            message = zbc.request(rid, SERVICE, [body])
+            started = clock()
+            send(message)
+            while True:  # first the acceptance (ids), then the final answer (state)
+                answer = decode(recv())
+                if not answer.ok:
+                    sys.exit(f"REQUEST {rid} refused: {answer.code}: {answer.message}")
+                if answer.rid == rid and "state" in answer.meta:
+                    break
+            ended = clock()
+            if answer.meta["state"] != "done":
+                sys.exit(f"REQUEST {rid}: task ended {answer.meta['state']}")
+            if rid >= warmup:
+                latencies_us.append((ended - started) // 1000)
+    except zmq.Again:
+        sys.exit(f"no answer within {PRODUCER_ANSWER_TIMEOUT_MS} ms")
+    latencies_us.sort()
+    print(json.dumps({"latency_us": latencies_us}, separators=(",", ":")), flush=True)
+    sock.close(linger=0)
+    ctx.term()
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -272,11 +339,18 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--connect", required=True)
     e.add_argument("--prefix", default="")
     e.add_argument("--decode", action="store_true", help="make an Event of every event")
+    r = roles.add_parser("requester", help="sequential REQUESTs; prints their latencies")
+    r.add_argument("--connect", required=True)
+    r.add_argument("--samples", type=int, required=True)
+    r.add_argument("--warmup", type=int, default=0)
+    r.add_argument("--body-bytes", type=int, required=True)
     args = parser.parse_args(argv)
     if args.role == "worker":
         worker(args.connect, args.credit)
     elif args.role == "subscriber":
         subscriber(args.connect, args.prefix, args.decode)
+    elif args.role == "requester":
+        requester(args.connect, args.samples, args.warmup, args.body_bytes)
     else:
         producer(
             args.connect,

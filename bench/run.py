@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import auth
 import compare
 import durable
 import fuzz
@@ -37,7 +38,8 @@ from harness import (
 
 # Add a workload by writing a module with a WORKLOAD and listing it here.
 WORKLOADS: dict[str, Workload] = {
-    w.name: w for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD, fuzz.WORKLOAD)
+    w.name: w
+    for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD, fuzz.WORKLOAD, auth.WORKLOAD)
 }
 
 
