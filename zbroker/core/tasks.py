@@ -134,10 +134,9 @@ class DurableTasks:
         self._routing: Delivery | None = None
         self._epoch_offset = epoch_offset
         self._rng = random.Random(settings.seed)
-        # Random hex that makes task ids unguessable: a peer that learns one id (its
-        # own task's) cannot name another task. Read from the OS in blocks.
-        self._noise = ""
-        self._noise_at = 0
+        # Random suffixes that make task ids unguessable: a peer that learns one id
+        # (its own task's) cannot name another task. Read from the OS in blocks.
+        self._noise: list[str] = []
         self._history_limit = settings.history_limit
         self._admitted = 0  # bytes of enqueues admitted since the journal's last commit
         self._admitted_at = -1  # the journal's commit count when that was reset
@@ -653,14 +652,11 @@ class DurableTasks:
             return False
         return True
 
-    def _new_id(self, seq: int) -> str:
-        """`t<seq>-<64 random bits>`, both in hex: ordered by enqueue, unguessable."""
-        at = self._noise_at
-        if at >= len(self._noise):
-            self._noise = os.urandom(ID_NOISE_BLOCK).hex()
-            at = 0
-        self._noise_at = at + 16
-        return f"t{seq:x}-{self._noise[at : at + 16]}"
+    def _more_noise(self) -> list[str]:
+        """A block of id suffixes: 64 random bits each, in hex."""
+        block = os.urandom(ID_NOISE_BLOCK).hex()
+        self._noise = [block[i : i + 16] for i in range(0, len(block), 16)]
+        return self._noise
 
     def enqueue(
         self, identity: bytes, msg: zbc.Enqueue, now: float, owner: str | None = None
@@ -696,7 +692,7 @@ class DurableTasks:
         enqueued: list[Any] | None = [] if sink.prefixes and sink.wants(topic) else None
         priority, event_not_before, headers = options.priority, not_before or None, options.headers
         apply = self.apply
-        new_id = self._new_id
+        noise = self._noise
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
@@ -707,8 +703,11 @@ class DurableTasks:
                     existing.append(i)
                     continue
             seq = journal.next_seq()
+            if not noise:
+                noise = self._more_noise()
             record = TaskRecord(
-                id=new_id(seq),
+                # `t<seq>-<64 random bits>`, in hex: ordered by enqueue, unguessable.
+                id=f"t{seq:x}-{noise.pop()}",
                 service=msg.service,
                 state=READY,  # set by apply
                 seq=seq,
