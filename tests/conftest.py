@@ -6,19 +6,23 @@ context is terminated at teardown, so a broken test fails instead of hanging.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import zmq
+import zmq.auth
+
+from zbroker.client.keys import Credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +64,8 @@ class BrokerProcess:
     args: list[str]
     log_path: Path
     env: dict[str, str]
+    # A broker started with --auth: the keys its readiness check connects with.
+    credentials: Credentials | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: object = field(default=None, repr=False)
 
@@ -77,7 +83,7 @@ class BrokerProcess:
 
     def wait_ready(self, timeout_s: float = 15.0) -> None:
         """Ready means: an 8/MMI query over the real socket gets an answer."""
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -85,6 +91,8 @@ class BrokerProcess:
                 raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
             sock = ctx.socket(zmq.DEALER)
             sock.linger = 0
+            if self.credentials is not None:
+                self.credentials.apply(sock)
             try:
                 sock.connect(self.endpoint)
                 sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"ping"])
@@ -126,6 +134,46 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def new_broker(
+    directory: Path,
+    n: int,
+    *extra: str,
+    heartbeat_interval: float = 0.2,
+    data_dir: Path | None = None,
+    credentials: Credentials | None = None,
+) -> BrokerProcess:
+    """Broker number `n` under `directory` (not started): free loopback ports, its own
+    journal directory (`data_dir`, default a fresh one) and log. `credentials`: the
+    keys its readiness check connects with, for a broker given `--auth` in `extra`."""
+    ports = free_ports(3)
+    endpoint, events_in, events_out = (f"tcp://127.0.0.1:{p}" for p in ports)
+    args = [
+        "--bind",
+        endpoint,
+        "--events-in",
+        events_in,
+        "--events-out",
+        events_out,
+        "--heartbeat-interval",
+        str(heartbeat_interval),
+        "--log-level",
+        "debug",
+        "--data-dir",
+        str(data_dir or directory / f"data{n}"),
+        # SIGTERM drains for at most this long (teardown waits 10 s for the exit);
+        # a test of the drain itself passes its own --drain-timeout in `extra`.
+        "--drain-timeout",
+        "2",
+        *extra,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in list(env):
+        if name.startswith("ZBROKER_"):
+            env.pop(name)
+    log_path = directory / f"broker{n}.log"
+    return BrokerProcess(endpoint, events_in, events_out, args, log_path, env, credentials)
+
+
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers with extra CLI args; all are stopped at teardown."""
@@ -136,37 +184,19 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
         heartbeat_interval: float = 0.2,
         start: bool = True,
         data_dir: Path | None = None,
+        credentials: Credentials | None = None,
     ) -> BrokerProcess:
         """A broker on free ports with its own journal directory (`data_dir`, default
         a fresh one under tmp_path). `start()` again after `kill()` restarts it on the
-        same ports and journal."""
-        n = len(started)
-        ports = free_ports(3)
-        endpoint, events_in, events_out = (f"tcp://127.0.0.1:{p}" for p in ports)
-        args = [
-            "--bind",
-            endpoint,
-            "--events-in",
-            events_in,
-            "--events-out",
-            events_out,
-            "--heartbeat-interval",
-            str(heartbeat_interval),
-            "--log-level",
-            "debug",
-            "--data-dir",
-            str(data_dir or tmp_path / f"data{n}"),
-            # SIGTERM drains for at most this long (teardown waits 10 s for the exit);
-            # a test of the drain itself passes its own --drain-timeout in `extra`.
-            "--drain-timeout",
-            "2",
+        same ports and journal. `credentials`: see `new_broker`."""
+        b = new_broker(
+            tmp_path,
+            len(started),
             *extra,
-        ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for name in list(env):
-            if name.startswith("ZBROKER_"):
-                env.pop(name)
-        b = BrokerProcess(endpoint, events_in, events_out, args, tmp_path / f"broker{n}.log", env)
+            heartbeat_interval=heartbeat_interval,
+            data_dir=data_dir,
+            credentials=credentials,
+        )
         started.append(b)
         if start:
             b.start()
@@ -181,6 +211,50 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     """One running broker with a 0.2 s heartbeat interval."""
     return broker_factory()
+
+
+@dataclass(frozen=True)
+class AuthKeys:
+    """An auth file for `zbroker start --auth` and the certificates beside it (the
+    files `zbroker keys new` writes): DIR/keys/NAME.key and NAME.key_secret."""
+
+    path: Path
+    keys: Path
+
+    @property
+    def server_key(self) -> Path:
+        return self.keys / "broker.key"
+
+    def secret(self, name: str) -> Path:
+        return self.keys / f"{name}.key_secret"
+
+    def credentials(self, name: str) -> Credentials:
+        """`name`'s certificate with the broker's public key."""
+        return Credentials.load(self.server_key, self.secret(name))
+
+    def cli_args(self, name: str) -> list[str]:
+        """The root options that make `python -m zbroker` connect as `name`."""
+        return ["--server-key", str(self.server_key), "--key", str(self.secret(name))]
+
+
+def write_auth(
+    directory: Path,
+    principals: Mapping[str, Mapping[str, Sequence[str]]],
+    strangers: Sequence[str] = (),
+) -> AuthKeys:
+    """Key pairs for the broker, each principal (name -> its roles, services and
+    topics) and each of `strangers` (keys the file does not name), and the file."""
+    keys = directory / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    lines = ['server_secret = "keys/broker.key_secret"']
+    for name in ("broker", *principals, *strangers):
+        zmq.auth.create_certificates(keys, name)
+    for name, grants in principals.items():
+        lines += ["", "[[principal]]", f"name = {json.dumps(name)}", f'key = "keys/{name}.key"']
+        lines += [f"{field} = {json.dumps(list(values))}" for field, values in grants.items()]
+    path = directory / "auth.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return AuthKeys(path, keys)
 
 
 class TrackingContext(zmq.Context[zmq.Socket[bytes]]):
