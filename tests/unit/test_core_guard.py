@@ -39,8 +39,15 @@ POLICY = Policy(
 )
 
 
+def pid(peer: bytes) -> bytes:
+    """The routing id the ROUTER would give connection `peer` (five bytes, a zero
+    byte first): an authenticated broker serves no other (access.broker_given)."""
+    return b"\x00" + peer.ljust(4, b"_")
+
+
 class Guarded:
-    """A core with a policy, fed messages as named principals."""
+    """A core with a policy, fed messages as named principals. Peers are named by
+    short bytes (b"A1"), which `pid` turns into routing ids."""
 
     def __init__(self, journal: MemoryJournal | None = None) -> None:
         self.journal = journal or MemoryJournal()
@@ -48,13 +55,15 @@ class Guarded:
         self.broker = Broker(SETTINGS, self.now, self.journal, EPOCH, policy=POLICY)
         self.rid = 0
 
-    def send(self, peer: bytes, sender: str | None, frames: list[bytes]) -> None:
-        self.broker.receive_many([[peer, *frames]], self.now, [sender])
+    def send(self, peer: bytes, sender: str | None, frames: list[bytes], raw: bool = False) -> None:
+        identity = peer if raw else pid(peer)
+        self.broker.receive_many([[identity, *frames]], self.now, [sender])
         self.journal.commit()
 
-    def out(self, peer: bytes) -> list[list[bytes]]:
-        mine = [f for f in self.broker.outbox if f[0] == peer]
-        self.broker.outbox = [f for f in self.broker.outbox if f[0] != peer]
+    def out(self, peer: bytes, raw: bool = False) -> list[list[bytes]]:
+        identity = peer if raw else pid(peer)
+        mine = [f for f in self.broker.outbox if f[0] == identity]
+        self.broker.outbox = [f for f in self.broker.outbox if f[0] != identity]
         return mine
 
     def call(self, peer: bytes, sender: str | None, command: bytes, **fields: Any) -> zbc.Answer:
@@ -136,7 +145,7 @@ def test_a_worker_serves_only_its_services_and_only_its_principal_speaks_for_it(
     (bye,) = core.out(b"W1")
     assert bye[2:4] == [ext.ZBW01, ext.DISCONNECT]
     assert ext.unpack_meta(bye[4])["reason"].startswith("forbidden: gpu may not serve 'stt'")
-    assert b"W1" not in core.broker.workers
+    assert pid(b"W1") not in core.broker.workers
     # When it registers for its own service, it gets alice's task
     task_id = core.enqueue(b"A1", "alice", "tts").meta["ids"][0]
     core.send(b"W2", "gpu", ext.ready("tts", 1))
@@ -191,7 +200,7 @@ def test_waiting_calls_are_capped_per_principal_over_its_connections() -> None:
     answer = core.call(b"A4", "alice", zbc.RESULT, id=task_id, wait_s=60.0)
     assert "principal alice" in refused(answer, zbc.E_TOO_MANY_WAITERS)
     # And when one of her connections is gone, its place is free again
-    core.broker.undeliverable([b"A1", b"", zbc.ZBC01, b"x"], core.now)
+    core.broker.undeliverable([pid(b"A1"), b"", zbc.ZBC01, b"x"], core.now)
     core.rid += 1
     core.send(b"A4", "alice", zbc.call(zbc.RESULT, core.rid, id=task_id, wait_s=60.0))
     assert not core.out(b"A4")
@@ -214,3 +223,22 @@ def test_services_a_principal_makes_exist_are_capped_until_let_go() -> None:
     core.tick(2.0)
     assert core.broker.directory.created_by == {}
     assert core.enqueue(b"A1", "alice", "llm.c").ok
+
+
+def test_a_connection_that_chose_its_routing_id_is_not_served() -> None:
+    core = Guarded()
+    chosen = b"gpu-worker-1"
+    # A worker that set ZMQ_ROUTING_ID is told why and not registered
+    core.send(chosen, "gpu", ext.ready("tts", 1), raw=True)
+    (bye,) = core.out(chosen, raw=True)
+    assert ext.unpack_meta(bye[4])["reason"].startswith("forbidden: this connection chose")
+    assert chosen not in core.broker.workers
+    # A client that did gets forbidden; an MDP request from one is dropped
+    core.rid += 1
+    core.send(chosen, "alice", zbc.call(zbc.STATS, core.rid), raw=True)
+    (answer,) = core.out(chosen, raw=True)
+    assert "routing id" in refused(zbc.decode_answer(answer[1:]), zbc.E_FORBIDDEN)
+    core.send(chosen, "bob", mdp.client_request(b"tts", [b"hi"]), raw=True)
+    assert b"tts" not in core.broker.services
+    assert core.broker.guard is not None
+    assert core.broker.guard.forbidden["routing_id"] == 3

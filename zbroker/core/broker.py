@@ -45,7 +45,7 @@ from zbroker.core.tasks import DurableTasks
 from zbroker.core.views import AdminViews
 from zbroker.journal.base import Journal
 from zbroker.protocol import ext, limits, mdp, zbc
-from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy
+from zbroker.protocol.access import CHOSEN_ID, FORBIDDEN_PREFIX, Policy, broker_given
 from zbroker.protocol.errors import ProtocolError
 
 log = logging.getLogger("zbroker.core")
@@ -311,6 +311,9 @@ class Broker:
         sees it. A task it enqueues is the sender's own; a service it makes exist
         counts against it."""
         header = frames[2]
+        if not broker_given(frames[0]):
+            self._chosen_id(frames, header)
+            return
         try:
             if header == _ZBC01:
                 self._guarded_call(frames, now, sender)
@@ -322,6 +325,22 @@ class Broker:
                 self._malformed("bad_header", frames)
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
+
+    def _chosen_id(self, frames: list[bytes], header: bytes) -> None:
+        """A message on a connection whose routing id the peer chose: refused, in the
+        way its protocol has (a ZBC01 call: `forbidden`; a worker: DISCONNECT)."""
+        guard = self.guard
+        assert guard is not None
+        guard.refused("routing_id")
+        identity = frames[0]
+        if header == _ZBC01:
+            try:
+                rid = zbc.decode_client(frames[1:]).rid
+            except (zbc.CallError, ProtocolError):
+                return
+            self.tasks.refuse(identity, rid, zbc.E_FORBIDDEN, CHOSEN_ID)
+        elif header in (_ZBW01, _MDPW01):
+            self.routing.turn_away(identity, header == _ZBW01, f"{FORBIDDEN_PREFIX} {CHOSEN_ID}")
 
     def _guarded_call(self, frames: list[bytes], now: float, sender: str | None) -> None:
         """A ZBC01 call: refused with `forbidden` (roles) or `queue_full` (quotas)."""

@@ -66,6 +66,21 @@ FORBIDDEN_PREFIX: Final = "forbidden:"
 MAX_NAME_BYTES: Final = 64
 
 
+def broker_given(routing_id: bytes) -> bool:
+    """`routing_id` is one the ROUTER made for the connection (libzmq's: five bytes,
+    a zero byte first, from a counter the broker seeds at random and never reveals),
+    not one the peer chose with ZMQ_ROUTING_ID. An authenticated broker serves
+    only those: a principal could otherwise connect, once another's connection
+    closed, under the id it had chosen, and receive what was meant for it."""
+    return len(routing_id) == 5 and routing_id[0] == 0
+
+
+CHOSEN_ID = (
+    "this connection chose its own routing id (ZMQ_ROUTING_ID): a broker with --auth"
+    " serves only the ids it gives"
+)
+
+
 class PolicyError(ValueError):
     """The auth file cannot make a policy: the message names the principal and field."""
 

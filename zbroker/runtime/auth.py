@@ -164,7 +164,8 @@ class ZapHandler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(2.0)
+        if self._thread.ident is not None:  # started (a failed start never did)
+            self._thread.join(2.0)
         self._socket.close(linger=0)
 
     def _run(self) -> None:

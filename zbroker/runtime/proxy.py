@@ -151,6 +151,11 @@ class EventProxy:
                 continue
             prefix = message[1:]
             sender = user_id(frame)
+            if sender is None and message[0] == 0:
+                # A subscriber left: libzmq takes back, without a User-Id, what this
+                # loop applied for it. Only upstream needs telling.
+                xsub.send(message)
+                continue
             principal = None if sender is None else policy.by_name.get(sender)
             if principal is None or not principal.may_subscribe(prefix):
                 if message[0] == 1:
