@@ -253,12 +253,20 @@ BROKEN = [
     ("metrics_port", "65536", "metrics_port (65536, {src}) must be a port number, 0 to 65535"),
     ("metrics_port", "-1", "metrics_port (-1, {src}) must be a port number, 0 to 65535"),
     # Without --auth, only endpoints of this machine (issue 17; docs/security.md).
-    ("bind", "tcp://0.0.0.0:5555", "bind (tcp://0.0.0.0:5555, {src}) is reachable from other"
-     " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
-     " authentication"),
-    ("events_out", "tcp://*:5557", "events_out (tcp://*:5557, {src}) is reachable from other"
-     " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
-     " authentication"),
+    (
+        "bind",
+        "tcp://0.0.0.0:5555",
+        "bind (tcp://0.0.0.0:5555, {src}) is reachable from other"
+        " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
+        " authentication",
+    ),
+    (
+        "events_out",
+        "tcp://*:5557",
+        "events_out (tcp://*:5557, {src}) is reachable from other"
+        " machines: give --auth FILE (docs/security.md), or --insecure to serve it without"
+        " authentication",
+    ),
 ]
 
 
