@@ -49,7 +49,6 @@ from zbroker.client import (
     Task,
     TaskState,
     Worker,
-    WorkerError,
 )
 from zbroker.client.errors import TaskNotFound
 from zbroker.protocol import ext, mdp, zbc
@@ -613,10 +612,11 @@ def test_a_service_with_a_queue_it_may_not_serve_stops_with_forbidden(
     )
     service.task("svc.mixed")(upper)
     service.task("other.mixed")(upper)
-    # When it runs, Then run() raises: its worker of that queue stopped with Forbidden
+    # When it runs, Then run() raises Forbidden itself: its worker of that queue was
+    # refused, which registering again cannot mend
     error = raised_by(service.run)
-    assert isinstance(error, WorkerError), repr(error)
-    assert isinstance(error.__cause__, Forbidden), repr(error.__cause__)
+    assert isinstance(error, Forbidden), repr(error)
+    assert "may not serve 'other.mixed'" in str(error)
 
 
 # ------------------------------------------------------------- task ownership
@@ -853,3 +853,27 @@ def test_every_refusal_is_counted_in_stats(
     assert isinstance(mdp.decode_from_broker_to_worker(recv(worker)), mdp.BrokerDisconnect)
     # Then STATS counts each refusal under `forbidden`
     wait_until(lambda: forbidden(admin) == before + 3, timeout_s=5)
+
+
+def test_stats_and_metrics_show_what_was_refused_by_kind(
+    secured: BrokerProcess, auth: AuthKeys, stack: ExitStack, zmq_ctx: Ctx
+) -> None:
+    admin = open_client(stack, secured, credentials=auth.credentials("admin"))
+
+    def refused() -> dict[str, int]:
+        counts: dict[str, int] = admin.broker_stats()["auth"]["refused"]
+        return counts
+
+    before = refused()
+    # When a stranger's handshake is refused and alice makes a call outside her grants
+    stranger = Client(secured.endpoint, timeout_s=10, credentials=auth.credentials("stranger"))
+    stack.callback(stranger.close)
+    with pytest.raises(AuthenticationFailed):
+        stranger.queues()
+    with pytest.raises(Forbidden):
+        open_client(stack, secured, credentials=auth.credentials("alice")).purge("echo.kinds")
+    # Then STATS `auth` counts each under its kind, beside the handshakes admitted
+    kind = "handshake: unknown key"
+    wait_until(lambda: refused().get(kind, 0) > before.get(kind, 0), timeout_s=5)
+    assert refused()["call"] > before.get("call", 0)
+    assert admin.broker_stats()["auth"]["admitted"] >= 2

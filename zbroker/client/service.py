@@ -41,7 +41,13 @@ import msgpack
 import zmq
 
 from zbroker.client._calls import check_message_bytes
-from zbroker.client.errors import ClientClosed, NonRetryableError, WorkerError
+from zbroker.client.errors import (
+    AuthenticationFailed,
+    ClientClosed,
+    Forbidden,
+    NonRetryableError,
+    WorkerError,
+)
 from zbroker.client.events import Publisher, Subscriber
 from zbroker.client.keys import Credentials
 from zbroker.client.worker import Task, Worker, _is_async, _service_name
@@ -491,6 +497,11 @@ class Service:
         for queue_name, worker in self._workers.items():
             if worker.stopped:  # the service has not asked it to stop: that comes later
                 why = worker.error
+                if isinstance(why, AuthenticationFailed | Forbidden):
+                    # The broker refused this service's key: say so as it is.
+                    self._crash = why
+                    logger.error("service %r: %s; stopping the service", self.name, why)
+                    return True
                 self._crash = WorkerError(
                     f"service {self.name!r}: the worker of queue {queue_name!r} stopped"
                     + (f": {why}" if why is not None else "")
@@ -671,6 +682,10 @@ class Service:
                 for topic in self._topics:
                     if event.type.startswith(topic.prefix):
                         loop = self._call_event_handler(topic, event, loop)
+        except (AuthenticationFailed, Forbidden) as exc:
+            logger.error("service %r: %s; stopping the service", self.name, exc)
+            self._crash = exc
+            self.stop()
         except BaseException as exc:
             logger.exception("service %r: the event thread failed", self.name)
             self._crash = exc

@@ -87,6 +87,9 @@ class Broker:
         self.stats = Stats()
         # Authenticated brokers only: every message is checked against its sender.
         self.guard: Guard | None = None
+        # What the runtime counts of authentication (handshakes admitted, and refused
+        # by reason; the event bus's refusals), for STATS: set by the runtime.
+        self.runtime_figures: Callable[[], dict[str, Any]] | None = None
         self._out = Outputs()
         self.sink = EventSink(self._out)
         self.directory = ServiceDirectory(settings.max_departed_services)
@@ -267,7 +270,7 @@ class Broker:
             zbc.Status: answer(lambda msg, now: views.status(msg)),
             zbc.Queues: answer(views.queues),
             zbc.Workers: answer(lambda msg, now: views.workers(now)),
-            zbc.Stats: answer(lambda msg, now: views.stats(now)),
+            zbc.Stats: answer(lambda msg, now: self._stats_view(now)),
             zbc.ListTasks: answer(views.list_tasks),
             zbc.Dead: answer(lambda msg, now: views.dead(msg)),
             zbc.Purge: controls.purge,
@@ -277,6 +280,19 @@ class Broker:
             zbc.Pause: controls.pause,
             zbc.Drain: lambda identity, msg, now: controls.drain(identity, msg),
         }
+
+    def _stats_view(self, now: float) -> dict[str, Any]:
+        """STATS: the views' figures, and on an authenticated broker what was refused
+        by kind (the guard's, and the runtime's: handshakes, the event bus)."""
+        view = self.views.stats(now)
+        guard = self.guard
+        if guard is not None:
+            refused: dict[str, int] = dict(guard.forbidden)
+            figures = self.runtime_figures() if self.runtime_figures is not None else {}
+            for kind, count in figures.get("refused", {}).items():
+                refused[kind] = refused.get(kind, 0) + count
+            view["auth"] = {"refused": refused, "admitted": figures.get("admitted", 0)}
+        return view
 
     # Calls answered without a journal: inspection and the controls of workers
     # and services (a memory-only broker has queues and workers to show).

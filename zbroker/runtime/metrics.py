@@ -189,6 +189,22 @@ class BrokerCollector:
         for reason, value in stats["malformed"].items():
             malformed.add_metric([reason], float(value))
         yield malformed
+        auth = stats.get("auth")
+        if auth:
+            admitted = CounterMetricFamily(
+                "zbroker_handshakes_admitted", "CURVE handshakes the ZAP handler admitted."
+            )
+            admitted.add_metric([], float(auth["admitted"]))
+            yield admitted
+            refused = CounterMetricFamily(
+                "zbroker_refused",
+                "Handshakes, calls, requests, worker messages, publishes and subscriptions"
+                " refused by --auth, by kind.",
+                labels=["kind"],
+            )
+            for kind, value in auth["refused"].items():
+                refused.add_metric([kind], float(value))
+            yield refused
         uptime = GaugeMetricFamily("zbroker_uptime_seconds", "Seconds since the broker started.")
         uptime.add_metric([], float(stats["uptime_s"]))
         yield uptime

@@ -122,6 +122,7 @@ class BrokerServer:
         seed_routing_ids()
         # Before any endpoint binds: no handshake is ever decided without it.
         self.zap = None if self.auth is None else ZapHandler(self._ctx, self.auth.policy)
+        self.core.runtime_figures = self._auth_figures
         self.router = self._open_router()
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         # For the broker's own clients (the metrics server): no handshake, no port.
@@ -231,6 +232,18 @@ class BrokerServer:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+    def _auth_figures(self) -> dict[str, Any]:
+        """Handshakes admitted, and what the ZAP handler and the event bus refused, by
+        kind (`handshake: <reason>`, `publish`, `subscribe`): STATS `auth`."""
+        refused: dict[str, int] = {}
+        if self.zap is not None:
+            for reason, count in list(self.zap.refused.items()):
+                refused[f"handshake: {reason}"] = count
+        events = getattr(self, "events", None)
+        if events is not None:
+            refused.update(dict(events.refused))
+        return {"admitted": 0 if self.zap is None else self.zap.admitted, "refused": refused}
 
     def _close_zap(self) -> None:
         if self.zap is not None:
