@@ -17,10 +17,13 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from zbroker.client import (
         AsyncClient,
+        AuthenticationFailed,
         BrokerError,
         Client,
         ClientError,
+        Credentials,
         Event,
+        Forbidden,
         NonRetryableError,
         Publisher,
         QueueFull,
@@ -44,10 +47,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "BrokerError",
     "Client",
     "ClientError",
+    "Credentials",
     "Event",
+    "Forbidden",
     "NonRetryableError",
     "Publisher",
     "QueueFull",

@@ -2,6 +2,7 @@
 
     python -m tests.recovery.task_worker ENDPOINT SERVICE LOGFILE [CONCURRENCY]
 
+With ZBROKER_SERVER_KEY and ZBROKER_KEY set it connects with those CURVE keys.
 Each task appends "start <id> <attempt> <payload> <time>" when its handler
 begins and "done <id> <attempt> <payload> <time>" just before it returns. Payloads steer it:
 `sleep:<seconds>` sleeps first, `poison` always raises.
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 
-from zbroker import Task, Worker
+from zbroker import Credentials, Task, Worker
 
 
 def main() -> None:
@@ -47,6 +48,8 @@ def main() -> None:
         concurrency=concurrency,
         heartbeat_interval_s=0.2,
         max_reconnect_delay_s=0.5,
+        # A broker with --auth: the test gives the keys in ZBROKER_SERVER_KEY, ZBROKER_KEY.
+        credentials=Credentials.from_environment(),
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(5.0))
     worker.run()

@@ -5,6 +5,7 @@ depend on nothing but the wire protocol and the journal.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,15 +20,18 @@ from typing import Any
 import pytest
 import zmq
 
-from tests.conftest import ROOT, BrokerProcess, wait_until
+from tests.conftest import ROOT, AuthKeys, BrokerProcess, wait_until, write_auth
+from zbroker.client.keys import Credentials
 from zbroker.protocol import ext, zbc
 
 
 class RawClient:
-    """A ZBC01 caller on a DEALER; after a timeout it starts over on a fresh socket."""
+    """A ZBC01 caller on a DEALER; after a timeout it starts over on a fresh socket.
+    With `credentials`, a CURVE client of a broker started with --auth."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, credentials: Credentials | None = None) -> None:
         self.endpoint = endpoint
+        self.credentials = credentials
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.rid = 0
@@ -36,6 +40,8 @@ class RawClient:
         if self.sock is None:
             self.sock = self.ctx.socket(zmq.DEALER)
             self.sock.linger = 0
+            if self.credentials is not None:
+                self.credentials.apply(self.sock)
             self.sock.connect(self.endpoint)
         self.rid += 1
         rid = self.rid
@@ -67,11 +73,53 @@ class WorkerProcess:
         return [line.split() for line in self.log.read_text().splitlines() if line.strip()]
 
 
+@dataclass
+class Trust:
+    """How a test's peers meet its broker: without keys, or (`keys`) with CURVE keys
+    and roles, the broker started with --auth. Nothing confirmed may be lost either way."""
+
+    keys: AuthKeys | None
+
+    @property
+    def broker_args(self) -> tuple[str, ...]:
+        return () if self.keys is None else ("--auth", str(self.keys.path))
+
+    def credentials(self, name: str) -> Credentials | None:
+        return None if self.keys is None else self.keys.credentials(name)
+
+    def worker_env(self) -> dict[str, str]:
+        """What task_worker reads its keys from (Credentials.from_environment)."""
+        if self.keys is None:
+            return {}
+        return {
+            "ZBROKER_SERVER_KEY": str(self.keys.server_key),
+            "ZBROKER_KEY": str(self.keys.secret("worker")),
+        }
+
+
+@pytest.fixture(params=["plain", "auth"])
+def trust(request: pytest.FixtureRequest, tmp_path: Path) -> Trust:
+    if request.param == "plain":
+        return Trust(None)
+    return Trust(
+        write_auth(
+            tmp_path / "trust",
+            {
+                "producer": {"roles": ["client"], "services": ["*"]},
+                "worker": {"roles": ["worker"], "services": ["*"]},
+                "admin": {"roles": ["admin"]},
+            },
+        )
+    )
+
+
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(broker: BrokerProcess, service: str, concurrency: int = 1) -> WorkerProcess:
+    def start(
+        broker: BrokerProcess, service: str, concurrency: int = 1, trust: Trust | None = None
+    ) -> WorkerProcess:
         log = tmp_path / f"worker{len(started)}.log"
         proc = subprocess.Popen(
             [
@@ -84,6 +132,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
                 str(concurrency),
             ],
             cwd=ROOT,
+            env={**os.environ, **(trust.worker_env() if trust is not None else {})},
         )
         w = WorkerProcess(proc, log)
         started.append(w)
@@ -114,15 +163,17 @@ def enqueue(client: RawClient, service: str, payload: str, **options: object) ->
 def test_sigkill_of_the_broker_under_load_loses_no_confirmed_task(
     broker_factory: Callable[..., BrokerProcess],
     workers: Callable[..., WorkerProcess],
+    trust: Trust,
 ) -> None:
-    broker = broker_factory()  # sync durability, the default
-    pool = [workers(broker, "jobs", concurrency=4) for _ in range(2)]
+    # sync durability, the default
+    broker = broker_factory(*trust.broker_args, credentials=trust.credentials("admin"))
+    pool = [workers(broker, "jobs", concurrency=4, trust=trust) for _ in range(2)]
     total = 400
     confirmed: dict[str, str] = {}
     failures: list[BaseException] = []
 
     def produce() -> None:
-        client = RawClient(broker.endpoint)
+        client = RawClient(broker.endpoint, trust.credentials("producer"))
         try:
             for i in range(total):
                 payload = f"p{i}"
@@ -172,16 +223,19 @@ def test_sigkill_of_the_broker_under_load_loses_no_confirmed_task(
 
 
 def test_a_worker_killed_mid_task_has_its_task_redelivered(
-    broker: BrokerProcess, workers: Callable[..., WorkerProcess]
+    broker_factory: Callable[..., BrokerProcess],
+    workers: Callable[..., WorkerProcess],
+    trust: Trust,
 ) -> None:
-    victim = workers(broker, "slow")
-    client = RawClient(broker.endpoint)
+    broker = broker_factory(*trust.broker_args, credentials=trust.credentials("admin"))
+    victim = workers(broker, "slow", trust=trust)
+    client = RawClient(broker.endpoint, trust.credentials("producer"))
     task_id = enqueue(client, "slow", "sleep:30")
     assert task_id is not None
     wait_until(lambda: any(line[0] == "start" for line in victim.lines()), timeout_s=20)
     victim.proc.kill()
     victim.proc.wait(10)
-    rescuer = workers(broker, "slow")
+    rescuer = workers(broker, "slow", trust=trust)
     wait_until(lambda: any(line[0] == "start" for line in rescuer.lines()), timeout_s=20)
     (start,) = [line for line in rescuer.lines() if line[0] == "start"]
     assert start[1:3] == [task_id, "2"]
@@ -226,13 +280,15 @@ def test_a_poison_task_ends_in_the_dead_letter_queue(
 
 
 def test_delays_and_results_survive_a_restart(
-    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+    broker_factory: Callable[..., BrokerProcess],
+    workers: Callable[..., WorkerProcess],
+    trust: Trust,
 ) -> None:
-    broker = broker_factory()
-    client = RawClient(broker.endpoint)
+    broker = broker_factory(*trust.broker_args, credentials=trust.credentials("admin"))
+    client = RawClient(broker.endpoint, trust.credentials("producer"))
     delayed = enqueue(client, "jobs", "later", delay_s=1.5)
     now = enqueue(client, "jobs", "now")
-    worker = workers(broker, "jobs")
+    worker = workers(broker, "jobs", trust=trust)
     result = client.call(lambda rid: zbc.call(zbc.RESULT, rid, id=now, wait_s=20), 25)
     assert result is not None and result.meta["state"] == "done"
     broker.kill()
