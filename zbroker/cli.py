@@ -497,6 +497,9 @@ def top(
         dashboard.run(endpoint, interval, once, _credentials)
     except KeyboardInterrupt:
         return
+    except ClientError as exc:
+        typer.echo(f"zbroker: top: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zbroker.client import Client
-from zbroker.client.errors import ClientError
+from zbroker.client.errors import AuthenticationFailed, ClientError, Forbidden
 from zbroker.client.keys import Credentials
 from zbroker.protocol.states import TaskState
 
@@ -59,7 +59,9 @@ class Dashboard:
             queues, more = client.queues_page(TOP_SERVICES)
             workers = client.workers()
             stats = client.broker_stats()
-        except ClientError as exc:
+        except (AuthenticationFailed, Forbidden):
+            raise  # waiting cannot mend it: the command ends with the reason
+        except ClientError as exc:  # the broker away, say: shown until it is back
             return Group(Text(f"broker at {self.endpoint}: {exc}", style="bold red"))
         shown = {row["service"] for row in queues}
         for gone in [name for name in self.depths if name not in shown]:
