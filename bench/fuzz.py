@@ -242,13 +242,3 @@ def markdown(result: JSONDict) -> str:
 
 
 WORKLOAD = workload()
-
-
-if __name__ == "__main__":
-    import run
-
-    try:
-        sys.exit(run.main(["--only", "fuzz", *sys.argv[1:]]))
-    except BenchError as exc:
-        print(f"[fuzz] FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)

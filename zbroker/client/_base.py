@@ -37,9 +37,9 @@ from zbroker.client.errors import (
     ClientClosed,
     ReplyError,
     RequestTimeout,
-    connected_socket,
     zmq_boundary,
 )
+from zbroker.client.keys import connected_socket
 from zbroker.protocol import mdp, zbc
 from zbroker.protocol.errors import ProtocolError
 

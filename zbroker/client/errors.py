@@ -9,16 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
 from zbroker.protocol import zbc
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.states import TaskState
-
-if TYPE_CHECKING:
-    from zbroker.client.keys import Credentials
 
 # Socket-level flow control is set explicitly on every socket we open, so a
 # slow peer costs bounded memory instead of whatever the library default is.
@@ -284,35 +280,3 @@ def zmq_boundary(what: str) -> Iterator[None]:
         if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
             raise ClientClosed(f"{what}: socket or context already closed") from exc
         raise ClientError(f"{what}: {exc}") from exc
-
-
-_S = TypeVar("_S", bound=zmq.Socket[Any])
-
-
-def connected_socket(
-    context: zmq.Context[_S],
-    kind: int,
-    endpoint: str,
-    hwm: int = DEFAULT_HWM,
-    credentials: Credentials | None = None,
-) -> _S:
-    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`:
-    a CURVE client when `credentials` are given; its handshakes watched either way
-    (zbroker.client.keys), so that a refused one is an error, not a silent wait."""
-    from zbroker.client.keys import close_socket, watch  # keys raises this module's errors
-
-    with zmq_boundary("opening a socket"):
-        sock = context.socket(kind)
-    sock.linger = 0
-    sock.sndhwm = hwm
-    sock.rcvhwm = hwm
-    if credentials is not None:
-        credentials.apply(sock)
-    watch(sock, endpoint, credentials is not None)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        close_socket(sock)
-        hint = "" if "://" in endpoint else " (expected transport://address, e.g. tcp://host:port)"
-        raise EndpointError(f"cannot connect to {endpoint!r}: {exc}{hint}") from exc
-    return sock

@@ -16,8 +16,14 @@ from typing import Any
 import zmq
 
 from zbroker.client._owner import SocketOwner
-from zbroker.client.errors import DEFAULT_HWM, connected_socket, zmq_boundary
-from zbroker.client.keys import Credentials, check, close_socket, wait_readable
+from zbroker.client.errors import DEFAULT_HWM, zmq_boundary
+from zbroker.client.keys import (
+    Credentials,
+    check,
+    close_socket,
+    connected_socket,
+    wait_readable,
+)
 from zbroker.protocol import DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.events import Event, decode_events, encode_event, encode_events

@@ -25,13 +25,19 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
-from zbroker.client.errors import AuthenticationFailed, ClientError
+from zbroker.client.errors import (
+    DEFAULT_HWM,
+    AuthenticationFailed,
+    ClientError,
+    EndpointError,
+    zmq_boundary,
+)
 
 _Z85_KEY_CHARS = 40
 _EVENTS = (
@@ -226,3 +232,33 @@ def close_socket(sock: zmq.Socket[Any], linger: int = 0) -> None:
             sock.disable_monitor()
         found.owner.close(linger=0)
     sock.close(linger=linger)
+
+
+_S = TypeVar("_S", bound=zmq.Socket[Any])
+
+
+def connected_socket(
+    context: zmq.Context[_S],
+    kind: int,
+    endpoint: str,
+    hwm: int = DEFAULT_HWM,
+    credentials: Credentials | None = None,
+) -> _S:
+    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`:
+    a CURVE client when `credentials` are given; its handshakes watched either way
+    (zbroker.client.keys), so that a refused one is an error, not a silent wait."""
+    with zmq_boundary("opening a socket"):
+        sock = context.socket(kind)
+    sock.linger = 0
+    sock.sndhwm = hwm
+    sock.rcvhwm = hwm
+    if credentials is not None:
+        credentials.apply(sock)
+    watch(sock, endpoint, credentials is not None)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        close_socket(sock)
+        hint = "" if "://" in endpoint else " (expected transport://address, e.g. tcp://host:port)"
+        raise EndpointError(f"cannot connect to {endpoint!r}: {exc}{hint}") from exc
+    return sock

@@ -61,9 +61,8 @@ from zbroker.client.errors import (
     NonRetryableError,
     RetryLater,
     WorkerError,
-    connected_socket,
 )
-from zbroker.client.keys import Credentials, check, close_socket, monitor_of
+from zbroker.client.keys import Credentials, check, close_socket, connected_socket, monitor_of
 from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp, zbc
 from zbroker.protocol.access import FORBIDDEN_PREFIX
 from zbroker.protocol.errors import ProtocolError
