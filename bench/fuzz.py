@@ -25,7 +25,6 @@ from typing import Any
 import zmq
 from harness import (
     ROOT,
-    BenchError,
     Child,
     JSONDict,
     Options,
