@@ -60,6 +60,16 @@ export function freePort () {
   })
 }
 
+/** `count` distinct free ports: the OS may hand the same free port out twice in a row. */
+export async function freePorts (count) {
+  const ports = []
+  while (ports.length < count) {
+    const port = await freePort()
+    if (!ports.includes(port)) ports.push(port)
+  }
+  return ports
+}
+
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
 /** Poll `predicate` (sync or async) until it is truthy; throw with `what` at the deadline. */
@@ -146,14 +156,29 @@ export class BrokerProcess {
 
   async #ports () {
     if (this.endpoint) return
-    const [a, b, c] = [await freePort(), await freePort(), await freePort()]
+    const [a, b, c] = await freePorts(3)
     this.endpoint = `tcp://127.0.0.1:${a}`
     this.eventsIn = `tcp://127.0.0.1:${b}`
     this.eventsOut = `tcp://127.0.0.1:${c}`
   }
 
-  /** Start (or start again, on the same ports) and wait until an MMI query is answered. */
+  /**
+   * Start (or start again, on the same ports) and wait until an MMI query is answered.
+   * A first start whose ports another process took meanwhile tries again on new ones.
+   */
   async start () {
+    for (let tries = 1; ; tries++) {
+      try {
+        return await this.#startOnce()
+      } catch (error) {
+        if (this.starts > 1 || tries >= 5 || !/Address already in use/.test(String(error.message))) throw error
+        this.starts = 0
+        this.endpoint = undefined
+      }
+    }
+  }
+
+  async #startOnce () {
     await this.#ports()
     if (this.auth !== null && !existsSync(this.authPath)) await this.#writeAuth()
     const log = openSync(this.logPath, 'a')
