@@ -354,6 +354,21 @@ OPTIONS: tuple[Option, ...] = (
         ("core.max_services_per_principal",),
     ),
     Option(
+        "max_stream_chunks",
+        int,
+        "Chunks one task's stream may hold, over all its attempts; a worker going"
+        " past it ends the task in the dead letters.",
+        ("core.max_stream_chunks",),
+    ),
+    Option(
+        "max_stream_mib",
+        int,
+        "MiB one task's stream may hold, over all its attempts (as --max-stream-chunks).",
+        ("core.max_stream_bytes",),
+        unit="MiB",
+        scale=1 << 20,
+    ),
+    Option(
         "insecure",
         bool,
         "Serve endpoints reachable from other machines without --auth (warned at every start).",

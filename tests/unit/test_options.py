@@ -70,6 +70,8 @@ CASES = {
     "max_waiters_per_principal": Case("9", "9", "9", {"core.max_waiters_per_principal": 9}),
     "max_tasks_per_principal": Case("8", "8", "8", {"core.max_tasks_per_principal": 8}),
     "max_services_per_principal": Case("7", "7", "7", {"core.max_services_per_principal": 7}),
+    "max_stream_chunks": Case("5", "5", "5", {"core.max_stream_chunks": 5}),
+    "max_stream_mib": Case("3", "3", "3", {"core.max_stream_bytes": 3 << 20}),
     "insecure": Case("true", "true", "True", {"insecure": True}),
 }  # fmt: skip
 
@@ -325,6 +327,8 @@ CORE_BOUNDS = [
     ("window_per_service", 1, 0),
     ("max_waiters", 0, -1),
     ("request_wait_s", 0.0, -1.0),
+    ("max_stream_chunks", 1, 0),
+    ("max_stream_bytes", 1, 0),
     ("history_limit", 1, 0),
 ]
 

@@ -238,13 +238,13 @@ class Broker:
             log.debug("reply to client %s undeliverable: client gone", hex_id(frames[0]))
         elif header == _ZBC01:
             self.stats.replies_undeliverable += 1
-            self.tasks.caller_gone(frames[0])
+            self.tasks.caller_gone(frames[0], now)
 
     def connection_closed(self, identity: bytes, now: float) -> None:
         """The connection of caller `identity` closed: its waiting calls end (nobody
         is left to answer)."""
         self.directory.now = now
-        self.tasks.caller_gone(identity)
+        self.tasks.caller_gone(identity, now)
 
     # ------------------------------------------------------- ZBC01 calls
 
@@ -266,6 +266,9 @@ class Broker:
         return {
             zbc.Enqueue: tasks.enqueue,
             zbc.Result: tasks.result,
+            zbc.Read: tasks.read,
+            zbc.More: tasks.more,
+            zbc.Close: tasks.close,
             zbc.Cancel: tasks.cancel,
             zbc.Status: answer(lambda msg, now: views.status(msg)),
             zbc.Queues: answer(views.queues),
@@ -316,6 +319,10 @@ class Broker:
             if kind is zbc.Result:
                 assert isinstance(msg, zbc.Result)
                 self.tasks.result(identity, msg, now, owner)
+                return
+            if kind is zbc.Read:
+                assert isinstance(msg, zbc.Read)
+                self.tasks.read(identity, msg, now, owner)
                 return
         self._calls[kind](identity, msg, now)
 

@@ -38,9 +38,9 @@ class Dialect:
         """One delivery, without the routing id."""
         raise NotImplementedError
 
-    def cancel(self, held: Held) -> list[bytes] | None:
-        """A CANCEL of `held`, without the routing id; None where the dialect has none
-        (the worker must then be let go to take the work from it)."""
+    def cancel(self, held: Held, reason: str | None = None) -> list[bytes] | None:
+        """A CANCEL of `held` (saying `reason`, if given), without the routing id; None
+        where the dialect has none (the worker must then be let go to take the work)."""
         raise NotImplementedError
 
 
@@ -55,7 +55,7 @@ class MdpDialect(Dialect):
     def task(self, held: Held, service_name: str) -> list[bytes]:
         return [_EMPTY, mdp.MDPW01, mdp.REQUEST, held.client, _EMPTY, *held.body]
 
-    def cancel(self, held: Held) -> None:
+    def cancel(self, held: Held, reason: str | None = None) -> None:
         return None  # 7/MDP cannot withdraw a request
 
 
@@ -67,8 +67,8 @@ class ZbwDialect(Dialect):
     def disconnect(self, why: str) -> list[bytes]:
         return ext.disconnect(why)
 
-    def cancel(self, held: Held) -> list[bytes]:
-        return ext.cancel(held.tid, held.attempt)
+    def cancel(self, held: Held, reason: str | None = None) -> list[bytes]:
+        return ext.cancel(held.tid, held.attempt, reason)
 
     def task(self, held: Held, service_name: str) -> list[bytes]:
         if type(held) is TaskAttempt:

@@ -27,7 +27,9 @@ from zbroker.protocol.access import FORBIDDEN_PREFIX, Policy, Principal
 INSIDE = Principal(name="zbroker", key="", roles=frozenset({"observer"}))
 
 # ZBC01 calls that act on one task: only its owner (or an admin) may make them.
-_ON_A_TASK = (zbc.Result, zbc.Status, zbc.Cancel)
+_ON_A_TASK = (zbc.Result, zbc.Status, zbc.Cancel, zbc.Read)
+# Calls about the sender's own stream calls (found by its connection and rid).
+_ON_OWN_CALLS = (zbc.More, zbc.Close)
 # ZBC01 calls that read the broker's figures (observer), and those only admins make.
 _FIGURES = (zbc.Queues, zbc.Workers, zbc.Stats)
 
@@ -64,6 +66,9 @@ class Guard:
             # No such task: the call itself answers not_found.
             allowed = record is None or record.owner == who.name
             why = f"task {msg.id} belongs to another principal"
+        elif kind in _ON_OWN_CALLS:
+            allowed = who.may("client")
+            why = f"{who.name} is not a client"
         elif kind in _FIGURES:
             allowed = who.may_observe()
             why = f"{who.name} is not an observer"

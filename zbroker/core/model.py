@@ -40,6 +40,9 @@ class AttemptOwner(Protocol):
     def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
         """The worker reported progress on it (which also proves it holds it)."""
 
+    def chunk(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """The worker sent chunks of its stream (which also proves it holds it)."""
+
 
 class Delivery(Protocol):
     """What the parts that own work ask of the routing (core/routing.py)."""
@@ -51,8 +54,11 @@ class Delivery(Protocol):
     def catch_up(self, service: Service, now: float) -> None:
         """Make a dispatch of `service` deferred to the end of the block now."""
 
-    def withdraw(self, worker: Worker, held: Held, now: float, why: str) -> None:
-        """Take `held` from `worker` without an outcome (its owner decided already)."""
+    def withdraw(
+        self, worker: Worker, held: Held, now: float, why: str, tell: bool = False
+    ) -> None:
+        """Take `held` from `worker` without an outcome (its owner decided already);
+        `tell`: its CANCEL says `why`."""
 
 
 class WorkerDialect(Protocol):
@@ -76,7 +82,7 @@ class WorkerDialect(Protocol):
     def task(self, held: Held, service_name: str) -> list[bytes]:
         """One delivery, without the routing id."""
 
-    def cancel(self, held: Held) -> list[bytes] | None:
+    def cancel(self, held: Held, reason: str | None = None) -> list[bytes] | None:
         """A CANCEL of `held`, without the routing id; None where there is none."""
 
 
@@ -429,6 +435,12 @@ class Stats:
     tasks_redriven: int = 0
     tasks_recovered: int = 0  # in flight at the last stop: requeued at start
     calls_refused: int = 0  # ZBC01 calls answered with ERROR
+    # Task streams (§13).
+    chunks_received: int = 0  # stored in a task's stream, or passed to an MDP client
+    chunks_sent: int = 0  # to stream calls (a chunk read by two calls counts twice)
+    chunks_dropped: int = 0  # for an MDP client that cannot take them (MDPC01)
+    streams_abandoned: int = 0  # stream calls closed, or whose connection went, early
+    streams_capped: int = 0  # tasks dead-lettered for a stream past its cap
     forbidden: int = 0  # messages refused because their sender's roles do not allow them
     malformed: Counter[str] | None = None
 

@@ -204,6 +204,10 @@ class MdpRequests:
         """Requests have no time limit of their own (their deadline stays 0)."""
         self.fail(held, "timed out", None, True, now)
 
+    def chunk(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """7/MDP clients (MDPC01) have no word for a partial reply: dropped, counted."""
+        self._stats.chunks_dropped += len(data)
+
     def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
         """Nothing to keep: an MDP client cannot be told of progress."""
 

@@ -77,6 +77,7 @@ class Routing:
             ext.Ack: self._zbw_ack,
             ext.Heartbeat: self._zbw_heartbeat,
             ext.Progress: self._zbw_progress,
+            ext.Chunk: self._zbw_chunk,
             ext.Fail: self._zbw_fail,
             ext.Ready: self._zbw_second_ready,
             ext.Disconnect: self._zbw_disconnect,
@@ -298,6 +299,12 @@ class Routing:
             held.ack_by = 0.0  # progress proves the worker has the task
             held.owner.progress(held, msg.data, now)
 
+    def _zbw_chunk(self, worker: Worker, msg: ext.Chunk, now: float) -> None:
+        held = self._fenced(worker, msg.id, msg.attempt)
+        if held is not None:
+            held.ack_by = 0.0  # a chunk proves the worker has the task
+            held.owner.chunk(held, msg.data, now)
+
     def _zbw_fail(self, worker: Worker, msg: ext.Fail, now: float) -> None:
         held = self._fenced(worker, msg.id, msg.attempt)
         if held is not None:
@@ -402,11 +409,14 @@ class Routing:
             self.dispatch(service, now)
         held.owner.complete(held, body, now)
 
-    def withdraw(self, worker: Worker, held: Held, now: float, why: str) -> None:
+    def withdraw(
+        self, worker: Worker, held: Held, now: float, why: str, tell: bool = False
+    ) -> None:
         """Take `held` from its worker without an outcome (its owner already decided):
-        a ZBW01 worker gets a CANCEL, an MDP worker (7/MDP cannot cancel) is let go."""
+        a ZBW01 worker gets a CANCEL (saying `why` when `tell`), an MDP worker (7/MDP
+        cannot cancel) is let go."""
         self._release(worker, held)
-        cancel = worker.dialect.cancel(held)
+        cancel = worker.dialect.cancel(held, why if tell else None)
         if cancel is None:
             self._kick(worker, now, why)
         else:

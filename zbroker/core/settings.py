@@ -92,6 +92,10 @@ class CoreSettings:
     max_waiters_per_principal: int = 10_000
     max_tasks_per_principal: int = 1_000_000
     max_services_per_principal: int = 1_000
+    # Each task's stream (§13), over all its attempts: chunks and bytes it may hold in
+    # the journal. A CHUNK past either ends the task in the dead letters.
+    max_stream_chunks: int = limits.DEFAULT_MAX_STREAM_CHUNKS
+    max_stream_bytes: int = limits.DEFAULT_MAX_STREAM_BYTES
     # How long a REQUEST waits for its result before answering with the task's state.
     request_wait_s: float = 300.0
     # Services gone idle whose figures (totals, rates, wait and run times) are kept, so
@@ -134,6 +138,8 @@ class CoreSettings:
         at_least("max_waiters_per_principal", self.max_waiters_per_principal, 0)
         at_least("max_tasks_per_principal", self.max_tasks_per_principal, 1)
         at_least("max_services_per_principal", self.max_services_per_principal, 1)
+        at_least("max_stream_chunks", self.max_stream_chunks, 1)
+        at_least("max_stream_bytes", self.max_stream_bytes, 1)
         at_least("request_wait_s", self.request_wait_s, 0.0)
         at_least("max_departed_services", self.max_departed_services, 0)
         # The newest entry is always kept: a task's history is never empty.

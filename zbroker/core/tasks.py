@@ -55,6 +55,7 @@ from zbroker.core.model import Delivery, Held, Service, Stats, TaskAttempt, Work
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
+from zbroker.core.streams import TaskStreams
 from zbroker.core.waiters import Waiters
 from zbroker.core.window import ReadyWindows
 from zbroker.journal.base import Journal, JournalStats, TaskRecord, TaskState
@@ -96,6 +97,8 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "timeout_s": record.timeout_s,
         "key": record.key,
         "headers": record.headers,
+        "stream_chunks": record.stream_chunks,
+        "stream_bytes": record.stream_bytes,
         "error": record.error,
         "finished_at": record.finished_at,
         "keep_until": record.keep_until,
@@ -150,6 +153,8 @@ class DurableTasks:
             settings.max_waiters_per_peer,
             settings.max_waiters_per_principal,
         )
+        # Calls reading task streams (STREAM, READ).
+        self.streams = TaskStreams(settings, stats, out, journal, self._record_of)
         # Authenticated brokers: tasks not yet finished (waiting or running) per owner,
         # kept in step by `apply` and counted from the journal at start.
         self.live_by_owner: dict[str, int] = {}
@@ -283,6 +288,8 @@ class DurableTasks:
                 {"id": record.id, "was": STATE_NAMES[old] if old is not None else None},
             )
         self._waiters.notify(record, result)
+        if self.streams.count:
+            self.streams.ended(record, result, epoch - self._epoch_offset)
         if new is DEAD and sink.prefixes:
             sink.emit(
                 "task.dead." + record.service,
@@ -430,6 +437,48 @@ class DurableTasks:
                 {"id": held.tid, "attempt": held.attempt, "data": list(data)},
             )
 
+    def chunk(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """CHUNK: appended to the task's stream (its readers are sent them after the
+        commit). Past a stream cap: nothing is stored, the worker is told why and the
+        task is dead-lettered; past the journal's room: the attempt fails (a retry)."""
+        assert type(held) is TaskAttempt
+        record = held.record
+        journal = self.journal
+        assert journal is not None
+        size = sum(map(len, data))
+        settings = self._settings
+        chunks, total = record.stream_chunks + len(data), record.stream_bytes + size
+        why = None
+        if chunks > settings.max_stream_chunks:
+            why = f"its stream went past the cap of {settings.max_stream_chunks} chunks"
+        elif total > settings.max_stream_bytes:
+            why = f"its stream went past the cap of {settings.max_stream_bytes} bytes"
+        if why is not None:
+            self._stats.streams_capped += 1
+            attempt, worker = self._attempts.pop(record.id)
+            routing = self._routing
+            assert routing is not None
+            routing.withdraw(worker, attempt, now, why, tell=True)
+            self._end_attempt(record, why, now, None, final=True)
+            return
+        if not self._journal_takes(size):
+            js = self._journal_stats()
+            reason = (
+                f"its stream's chunks ({size} bytes) did not fit in the journal "
+                f"({js.bytes_live >> 20} of {js.bytes_max >> 20} MiB in use)"
+            )
+            attempt, worker = self._attempts.pop(record.id)
+            routing = self._routing
+            assert routing is not None
+            routing.withdraw(worker, attempt, now, reason, tell=True)
+            self._end_attempt(record, reason, now, None)
+            return
+        journal.put_chunks(record.id, record.stream_chunks, held.attempt, data)
+        record.stream_chunks, record.stream_bytes = chunks, total
+        self._stats.chunks_received += len(data)
+        if self.streams.count:
+            self.streams.appended(record, now)
+
     def _end_attempt(
         self,
         record: TaskRecord,
@@ -464,11 +513,61 @@ class DurableTasks:
         else:
             self.apply(record, lifecycle.REQUEUE, epoch, service, None, None, (reason,))
 
-    def caller_gone(self, identity: bytes) -> None:
-        """A ZBC01 answer to `identity` could not be sent: its waiting calls end."""
+    def caller_gone(self, identity: bytes, now: float) -> None:
+        """A ZBC01 answer to `identity` could not be sent, or its connection closed: its
+        waiting calls end, and its stream calls are abandoned."""
         dropped = self._waiters.forget_peer(identity)
         if dropped:
             log.info("%d waiting call(s) of %s dropped: connection gone", dropped, identity.hex())
+        if self.streams.count:
+            for call in self.streams.forget_peer(identity):
+                self._abandoned(call.task_id, call.cancel_on_abandon, now)
+
+    # ------------------------------------------------------------ streams
+
+    def read(
+        self, identity: bytes, msg: zbc.Read, now: float, principal: str | None = None
+    ) -> None:
+        """READ: follow a task's stream from an offset (its chunks, then its end)."""
+        record = self._record_of(msg.id)
+        if record is None:
+            self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
+        elif (why := self.streams.full(identity, principal)) is not None:
+            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
+        else:
+            self.streams.open(
+                identity, msg.rid, record, msg.offset, msg.wait_s, msg.follow, principal, now
+            )
+
+    def more(self, identity: bytes, msg: zbc.More, now: float) -> None:
+        """MORE: credit for a stream call."""
+        self.streams.more(identity, msg, now)
+
+    def close(self, identity: bytes, msg: zbc.Close, now: float) -> None:
+        """CLOSE: a stream call abandoned (its task cancelled if the call asked)."""
+        call = self.streams.close(identity, msg.rid)
+        if call is not None:
+            self._abandoned(call.task_id, call.cancel_on_abandon, now)
+
+    def _abandoned(self, task_id: str, cancel: bool, now: float) -> None:
+        """A stream call ended before its task: the task is cancelled if it asked, and
+        the task has not ended (another call of it may still read)."""
+        self._stats.streams_abandoned += 1
+        if not cancel:
+            return
+        record = self._record_of(task_id)
+        if record is not None and record.state not in FINAL:
+            record.error = "abandoned by its reader"
+            self._cancel(record, now)
+
+    def _record_of(self, task_id: str) -> TaskRecord | None:
+        """The task's record: the live one while a worker holds it, else the stored one."""
+        held = self._attempts.get(task_id)
+        if held is not None:
+            return held[0].record
+        journal = self.journal
+        assert journal is not None
+        return journal.get(task_id)
 
     def holder(self, task_id: str) -> tuple[TaskAttempt, Worker] | None:
         """The attempt of `task_id` a worker holds now, and that worker."""
@@ -505,6 +604,8 @@ class DurableTasks:
             # Its number stays used, so a late result of it is still refused.
             record.uncharged += 1
             record.error = "the broker stopped during the attempt"
+            # Chunks of the attempt were committed without their record: count them.
+            record.stream_chunks, record.stream_bytes = journal.stream_size(record.id)
             self.apply(record, lifecycle.RECOVER, epoch, None, None, None, (record.attempt,))
         if recovered:
             log.info(
@@ -647,9 +748,11 @@ class DurableTasks:
             return False
         if new and self._journal_refuses(identity, msg, new):
             return False
-        if msg.wait and (why := self._waiters.full(identity, owner)) is not None:
-            self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
-            return False
+        if msg.wait:
+            full = self._waiters.full if msg.follow is None else self.streams.full
+            if (why := full(identity, owner)) is not None:
+                self.refuse(identity, msg.rid, zbc.E_TOO_MANY_WAITERS, why)
+                return False
         return True
 
     def _more_noise(self) -> list[str]:
@@ -754,7 +857,11 @@ class DurableTasks:
         if existing:
             fields["existing"] = existing
         self._out.outbox.append([identity, *zbc.reply(msg.rid, fields)])
-        if msg.wait:
+        if msg.follow is not None:
+            record = self._record_of(ids[0])
+            assert record is not None
+            self.streams.open(identity, msg.rid, record, 0, msg.wait_s, msg.follow, owner, now)
+        elif msg.wait:
             assert self.journal is not None
             stored = self.journal.get(ids[0]) if existing else None
             if stored is not None and stored.state in FINAL:
@@ -794,21 +901,26 @@ class DurableTasks:
                 identity, msg.rid, zbc.E_CONFLICT, f"task {msg.id} already {STATE_NAMES[was]}"
             )
             return
-        epoch = now + self._epoch_offset
-        holder = self._attempts.pop(msg.id, None)
-        if holder is not None:
-            attempt, worker = holder
-            record = attempt.record
-            routing = self._routing
-            assert routing is not None
-            routing.withdraw(worker, attempt, now, f"task {msg.id} was cancelled")
-        self.apply(record, lifecycle.CANCEL, epoch)
+        self._cancel(record, now)
         self._out.outbox.append(
             [
                 identity,
                 *zbc.reply(msg.rid, {"id": msg.id, "state": "cancelled", "was": STATE_NAMES[was]}),
             ]
         )
+
+    def _cancel(self, record: TaskRecord, now: float) -> None:
+        """A task not yet ended is cancelled; a worker running it is told (CANCEL)."""
+        holder = self._attempts.pop(record.id, None)
+        if holder is not None:
+            attempt, worker = holder
+            error = record.error
+            record = attempt.record
+            record.error = error
+            routing = self._routing
+            assert routing is not None
+            routing.withdraw(worker, attempt, now, f"task {record.id} was cancelled")
+        self.apply(record, lifecycle.CANCEL, now + self._epoch_offset)
 
     # ------------------------------------------------ operators' actions
 
@@ -906,6 +1018,8 @@ class DurableTasks:
             self.wake_at = now
         if self._waiters.count:
             self._waiters.expire(now, self.refuse)
+        if self.streams.count:
+            self.streams.expire(now, self.refuse)
         routing = self._routing
         assert routing is not None
         for name, service in touched.items():

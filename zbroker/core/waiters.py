@@ -28,6 +28,20 @@ from zbroker.protocol import zbc
 Refuse = Callable[[bytes, int, str, str], None]
 
 
+def outcome(
+    record: TaskRecord, journal: Journal | None, frames: tuple[bytes, ...] | None = None
+) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+    """What a call learns of a task: `{id, state, error?}`, and its result frames when
+    done (`frames`, or read from the journal)."""
+    fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
+    if record.error is not None and record.state is not DONE:
+        fields["error"] = record.error
+    if record.state is DONE and frames is None:
+        assert journal is not None
+        frames = tuple(journal.result(record.id) or ())
+    return fields, frames or ()
+
+
 class Waiters:
     """Task id -> the calls waiting for it to end: (client, rid, deadline)."""
 
@@ -146,13 +160,8 @@ class Waiters:
         self, identity: bytes, rid: int, record: TaskRecord, frames: tuple[bytes, ...] | None = None
     ) -> None:
         """The task's state (and its result, or its error) to one call."""
-        fields: dict[str, Any] = {"id": record.id, "state": STATE_NAMES[record.state]}
-        if record.error is not None and record.state is not DONE:
-            fields["error"] = record.error
-        if record.state is DONE and frames is None:
-            assert self._journal is not None
-            frames = tuple(self._journal.result(record.id) or ())
-        self._out.outbox.append([identity, *zbc.reply(rid, fields, frames or ())])
+        fields, frames = outcome(record, self._journal, frames)
+        self._out.outbox.append([identity, *zbc.reply(rid, fields, frames)])
 
     def notify(self, record: TaskRecord, frames: tuple[bytes, ...] | None = None) -> None:
         """The task ended: answer every call waiting for it."""

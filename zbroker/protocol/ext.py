@@ -40,6 +40,7 @@ CANCEL = b"\x09"  # b: {id, attempt}: stop working on this attempt
 TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, n}, ...]}, payloads
 DONES = b"\x0b"  # w: {tasks: [[id, attempt, n], ...]}, result frames of each in order
 STOPPING = b"\x0c"  # b: {drain_s}: the broker is stopping; no new task; results still taken
+CHUNK = b"\x0d"  # w: {id, attempt}, one frame per chunk: appended to the task's stream
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -54,6 +55,7 @@ COMMAND_NAMES = {
     TASKS: "TASKS",
     DONES: "DONES",
     STOPPING: "STOPPING",
+    CHUNK: "CHUNK",
 }
 
 # The limits of ZBW01, under the names this module has always given them (their
@@ -113,6 +115,16 @@ class Progress:
     data: tuple[bytes, ...] = ()
 
 
+# Built once per message on the hot path of a stream: not frozen (see Done).
+@dataclass(slots=True, unsafe_hash=True)
+class Chunk:
+    """Chunks for the attempt's task stream (§13), one per frame, in order."""
+
+    id: str
+    attempt: int
+    data: tuple[bytes, ...]
+
+
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
 # about 3x more in CPython 3.11 (bench/instructions.py). Treat it as a value all the same
 # (it hashes by its fields, as a frozen one would).
@@ -161,7 +173,7 @@ class Dones:
     items: tuple[Done, ...]
 
 
-WorkerMessage = Ready | Ack | Progress | Done | Dones | Fail | Heartbeat | Disconnect
+WorkerMessage = Ready | Ack | Progress | Chunk | Done | Dones | Fail | Heartbeat | Disconnect
 _EMPTY_HEARTBEAT = Heartbeat()
 _EMPTY_DISCONNECT = Disconnect()
 
@@ -255,6 +267,13 @@ def _decode_progress(frames: Sequence[bytes], n: int) -> Progress:
     return Progress(task_id, attempt, tuple(frames[4:]))
 
 
+def _decode_chunk(frames: Sequence[bytes], n: int) -> Chunk:
+    if n < 5:
+        raise ProtocolError("missing_frames", "CHUNK needs a metadata frame and a chunk")
+    task_id, attempt = _task_ref(unpack_meta(frames[3]))
+    return Chunk(task_id, attempt, tuple(frames[4:]))
+
+
 def _decode_fail(frames: Sequence[bytes], n: int) -> Fail:
     if n != 4:
         raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "FAIL: one map")
@@ -311,6 +330,7 @@ _WORKER_DECODERS: dict[bytes, Callable[[Sequence[bytes], int], WorkerMessage]] =
     ACK: _decode_ack,
     HEARTBEAT: _decode_heartbeat,
     PROGRESS: _decode_progress,
+    CHUNK: _decode_chunk,
     FAIL: _decode_fail,
     READY: _decode_ready,
     DISCONNECT: _decode_disconnect,
@@ -407,6 +427,7 @@ class Cancel:
 
     id: str
     attempt: int
+    reason: str | None = None  # why, when the broker says (a stream past its cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,8 +485,17 @@ def tasks_header(entries: list[dict[str, Any]]) -> list[bytes]:
     return [EMPTY, ZBW01, TASKS, pack_meta({"tasks": entries})]
 
 
-def cancel(task_id: str, attempt: int) -> list[bytes]:
-    return [EMPTY, ZBW01, CANCEL, pack_meta({"id": task_id, "attempt": attempt})]
+def cancel(task_id: str, attempt: int, reason: str | None = None) -> list[bytes]:
+    """CANCEL of an attempt; `reason` when the worker should know why (a stream cap)."""
+    meta: dict[str, Any] = {"id": task_id, "attempt": attempt}
+    if reason is not None:
+        meta["reason"] = reason
+    return [EMPTY, ZBW01, CANCEL, pack_meta(meta)]
+
+
+def chunk(task_id: str, attempt: int, data: Sequence[bytes]) -> list[bytes]:
+    """Worker -> broker: chunks for the stream of the task of this attempt (§13)."""
+    return [EMPTY, ZBW01, CHUNK, pack_meta({"id": task_id, "attempt": attempt}), *data]
 
 
 def stopping(drain_s: float) -> list[bytes]:
@@ -531,7 +561,9 @@ def _decode_heartbeat_for_worker(frames: Sequence[bytes]) -> Heartbeat:
 def _decode_cancel(frames: Sequence[bytes]) -> Cancel:
     if len(frames) < 4:
         raise ProtocolError("missing_frames", "CANCEL needs a metadata frame")
-    return Cancel(*_task_ref(unpack_meta(frames[3])))
+    meta = unpack_meta(frames[3])
+    reason = meta.get("reason")
+    return Cancel(*_task_ref(meta), reason if isinstance(reason, str) else None)
 
 
 def _decode_disconnect_for_worker(frames: Sequence[bytes]) -> Disconnect:

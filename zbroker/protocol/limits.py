@@ -66,3 +66,21 @@ ZBW_MAX_BATCH: Final = 1024
 MAX_TOPIC_BYTES: Final = 255
 # Events in one batch message as the broker publishes them; receivers take any number.
 MAX_BATCH_EVENTS: Final = 1024
+
+# ------------------------------------------------------------ task streams (§13)
+
+# Chunks a STREAM or READ call may have sent to it beyond what MORE credited
+# (`window`): the default, and the most a call may ask for.
+STREAM_WINDOW_DEFAULT: Final = 256
+STREAM_WINDOW_MAX: Final = 10_000
+# Chunks one MORE may credit.
+STREAM_CREDIT_MAX: Final = 10_000
+# Chunk data the broker sends one call beyond its credit, whatever its window (one
+# chunk always goes): what a reader that does not read can cost in send buffers.
+STREAM_UNCREDITED_BYTES: Final = 4 * 1024 * 1024
+# The broker's per-task stream caps (--max-stream-chunks, --max-stream-bytes),
+# over all attempts: what one task's stream may take in the journal.
+DEFAULT_MAX_STREAM_CHUNKS: Final = 100_000
+DEFAULT_MAX_STREAM_BYTES: Final = 64 * 1024 * 1024
+# Chunks per CHUNKS message the broker sends (one message, one bounded read).
+STREAM_CHUNKS_PER_MESSAGE: Final = 1024

@@ -94,10 +94,15 @@ LIMIT = b"\x0e"  # {rid, service, limit}: concurrency across the service's worke
 PURGE = b"\x0f"  # {rid, service}: cancel the service's waiting tasks (admin)
 DROP = b"\x10"  # {rid, service, ids?}: delete dead letters (admin)
 TASKS = b"\x11"  # {rid, service, state, limit?, after?, older_than_s?}: list tasks (admin)
+STREAM = b"\x12"  # {rid, service, options..., window?, attempts?, ...}, payload: REQUEST, streamed
+READ = b"\x13"  # {rid, id, offset?, window?, attempts?, ...}: follow a task's stream
+MORE = b"\x14"  # {rid, credit}: this many more chunks of stream call rid consumed
+CLOSE = b"\x15"  # {rid}: stream call rid abandoned (no answer)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
 ERROR = b"\x11"  # {rid, code, message}
+CHUNKS = b"\x12"  # {rid, id, offset, attempt}, one frame per chunk (stream calls)
 
 COMMAND_NAMES = {
     ENQUEUE: "ENQUEUE",
@@ -117,6 +122,10 @@ COMMAND_NAMES = {
     PURGE: "PURGE",
     DROP: "DROP",
     TASKS: "TASKS",
+    STREAM: "STREAM",
+    READ: "READ",
+    MORE: "MORE",
+    CLOSE: "CLOSE",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -165,6 +174,15 @@ class TaskOptions:
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
 # about 3x more in CPython 3.11 (bench/instructions.py). Treat it as a value all the same
 # (it hashes by its fields, as a frozen one would).
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """How a stream call (STREAM, READ) wants the task's chunks (§13)."""
+
+    window: int = limits.STREAM_WINDOW_DEFAULT  # chunks sent beyond what MORE credited
+    current_only: bool = False  # `attempts: "current"`: skip chunks of older attempts
+    cancel_on_abandon: bool = False  # cancel the task when the call is abandoned
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class Enqueue:
     """ENQUEUE (wait False: one or more tasks) or REQUEST (wait True: one task)."""
@@ -175,6 +193,7 @@ class Enqueue:
     options: TaskOptions
     wait: bool = False
     wait_s: float | None = None  # REQUEST: how long to hold the call for the result
+    follow: Follow | None = None  # STREAM: a REQUEST whose answers stream (§13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +201,32 @@ class Result:
     rid: int
     id: str
     wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """READ: follow the stream of task `id` from `offset` (§13)."""
+
+    rid: int
+    id: str
+    offset: int
+    wait_s: float | None
+    follow: Follow
+
+
+@dataclass(frozen=True, slots=True)
+class More:
+    """MORE: the client consumed `credit` more chunks of stream call `rid`."""
+
+    rid: int
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """CLOSE: stream call `rid` is abandoned."""
+
+    rid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +336,9 @@ ClientMessage = (
     | Purge
     | Drop
     | ListTasks
+    | Read
+    | More
+    | Close
 )
 
 
@@ -333,7 +381,9 @@ def _str(meta: dict[str, Any], name: str, rid: int) -> str:
 
 
 # Fields of an ENQUEUE or REQUEST that are not task options.
-_NOT_OPTIONS = frozenset({"rid", "service", "counts", "wait_s"})
+_NOT_OPTIONS = frozenset(
+    {"rid", "service", "counts", "wait_s", "window", "attempts", "cancel_on_abandon"}
+)
 
 
 def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
@@ -447,6 +497,46 @@ def _decode_request(meta: dict[str, Any], rid: int, body: Sequence[bytes]) -> En
     return Enqueue(rid, service, (tuple(body),), options, wait=True, wait_s=wait_s)
 
 
+_ATTEMPTS = ("all", "current")
+_MAX_OFFSET = 2**63 - 1
+
+
+def _follow(meta: dict[str, Any], rid: int, cancel_on_abandon: bool) -> Follow:
+    window = _int(meta, "window", rid, 1, limits.STREAM_WINDOW_MAX, limits.STREAM_WINDOW_DEFAULT)
+    attempts = meta.get("attempts", "all")
+    if attempts not in _ATTEMPTS:
+        raise CallError(rid, E_BAD_REQUEST, '\'attempts\' must be "all" or "current"')
+    cancel = meta.get("cancel_on_abandon", cancel_on_abandon)
+    if type(cancel) is not bool:
+        raise CallError(rid, E_BAD_REQUEST, "'cancel_on_abandon' must be a boolean")
+    return Follow(window, attempts == "current", cancel)
+
+
+def _wait_s(meta: dict[str, Any], rid: int) -> float | None:
+    wait_s = _number(meta, "wait_s", rid)
+    return None if wait_s is None else min(wait_s, MAX_WAIT_S)
+
+
+def _decode_stream(meta: dict[str, Any], rid: int, body: Sequence[bytes]) -> Enqueue:
+    request = _decode_request(meta, rid, body)
+    request.follow = _follow(meta, rid, True)
+    return request
+
+
+def _decode_read(meta: dict[str, Any], rid: int) -> Read:
+    task_id = _str(meta, "id", rid)
+    offset = _int(meta, "offset", rid, 0, _MAX_OFFSET, 0)
+    return Read(rid, task_id, offset, _wait_s(meta, rid), _follow(meta, rid, False))
+
+
+def _decode_more(meta: dict[str, Any], rid: int) -> More:
+    return More(rid, _int(meta, "credit", rid, 1, limits.STREAM_CREDIT_MAX, 0))
+
+
+def _decode_close(meta: dict[str, Any], rid: int) -> Close:
+    return Close(rid)
+
+
 def _decode_result(meta: dict[str, Any], rid: int) -> Result:
     wait_s = _number(meta, "wait_s", rid) or 0.0
     return Result(rid, _str(meta, "id", rid), min(wait_s, MAX_WAIT_S))
@@ -537,6 +627,7 @@ def _decode_resume(meta: dict[str, Any], rid: int) -> Pause:
 _PAYLOAD_DECODERS: dict[bytes, Callable[[dict[str, Any], int, Sequence[bytes]], Enqueue]] = {
     ENQUEUE: _decode_enqueue,
     REQUEST: _decode_request,
+    STREAM: _decode_stream,
 }
 _CALL_DECODERS: dict[bytes, Callable[[dict[str, Any], int], ClientMessage]] = {
     RESULT: _decode_result,
@@ -554,6 +645,9 @@ _CALL_DECODERS: dict[bytes, Callable[[dict[str, Any], int], ClientMessage]] = {
     PURGE: _decode_purge,
     DROP: _decode_drop,
     TASKS: _decode_tasks,
+    READ: _decode_read,
+    MORE: _decode_more,
+    CLOSE: _decode_close,
 }
 
 
@@ -588,6 +682,13 @@ def reply(rid: int, fields: dict[str, Any], frames: Sequence[bytes] = ()) -> lis
     meta = dict(fields)
     meta["rid"] = rid
     return [EMPTY, ZBC01, REPLY, pack_meta(meta), *frames]
+
+
+def chunks(rid: int, task_id: str, offset: int, attempt: int, data: Sequence[bytes]) -> list[bytes]:
+    """Broker -> client: chunks `offset`.. of task `task_id`'s stream, all of `attempt`,
+    for stream call `rid` (without the routing id)."""
+    meta = pack_meta({"rid": rid, "id": task_id, "offset": offset, "attempt": attempt})
+    return [EMPTY, ZBC01, CHUNKS, meta, *data]
 
 
 def error(rid: int, code: str, message: str) -> list[bytes]:
@@ -651,6 +752,61 @@ def request(
     return [EMPTY, ZBC01, REQUEST, pack_meta(meta), *payload]
 
 
+def _follow_meta(
+    meta: dict[str, Any],
+    window: int | None,
+    attempts: str | None,
+    cancel_on_abandon: bool | None,
+    wait_s: float | None,
+) -> None:
+    if window is not None:
+        meta["window"] = window
+    if attempts is not None:
+        meta["attempts"] = attempts
+    if cancel_on_abandon is not None:
+        meta["cancel_on_abandon"] = cancel_on_abandon
+    if wait_s is not None:
+        meta["wait_s"] = wait_s
+
+
+def stream(
+    rid: int,
+    service: str,
+    payload: Sequence[bytes],
+    options: TaskOptions | None = None,
+    *,
+    wait_s: float | None = None,
+    window: int | None = None,
+    attempts: str | None = None,
+    cancel_on_abandon: bool | None = None,
+) -> list[bytes]:
+    """STREAM: REQUEST one task and have its stream's chunks sent as they come (§13).
+    None leaves a field to the broker's default."""
+    meta = _option_meta(options or TaskOptions())
+    meta["rid"] = rid
+    meta["service"] = service
+    _follow_meta(meta, window, attempts, cancel_on_abandon, wait_s)
+    return [EMPTY, ZBC01, STREAM, pack_meta(meta), *payload]
+
+
+def read(
+    rid: int,
+    task_id: str,
+    offset: int = 0,
+    *,
+    wait_s: float | None = None,
+    window: int | None = None,
+    attempts: str | None = None,
+    cancel_on_abandon: bool | None = None,
+) -> list[bytes]:
+    """READ: follow task `task_id`'s stream from `offset` (§13)."""
+    meta: dict[str, Any] = {"rid": rid, "id": task_id}
+    if offset:
+        meta["offset"] = offset
+    _follow_meta(meta, window, attempts, cancel_on_abandon, wait_s)
+    return [EMPTY, ZBC01, READ, pack_meta(meta)]
+
+
 def call(command: bytes, rid: int, **fields: Any) -> list[bytes]:
     """RESULT, STATUS, CANCEL, DEAD or REDRIVE: a meta-only call (None fields left out)."""
     meta = {k: v for k, v in fields.items() if v is not None}
@@ -666,6 +822,7 @@ class Answer:
     ok: bool
     meta: dict[str, Any]
     frames: tuple[bytes, ...] = ()
+    chunks: bool = False  # a CHUNKS of a stream call (meta {id, offset, attempt}), not an end
 
     @property
     def code(self) -> str:
@@ -689,4 +846,6 @@ def decode_answer(frames: Sequence[bytes]) -> Answer:
         return Answer(rid, True, meta, tuple(frames[4:]))
     if command == ERROR:
         return Answer(rid, False, meta)
+    if command == CHUNKS:
+        return Answer(rid, True, meta, tuple(frames[4:]), True)
     raise ProtocolError("unknown_command", f"unexpected ZBC01 command {command[:8]!r}")
