@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ from zbroker.journal import (
     TaskRecord,
     TaskState,
 )
+from zbroker.journal._codec import Packer, unpack_record
 
 READY, DELAYED, INFLIGHT = TaskState.READY, TaskState.DELAYED, TaskState.INFLIGHT
 DONE, DEAD, CANCELLED, EXPIRED = (
@@ -638,6 +640,236 @@ def test_long_keys_and_odd_names_work(journal: Journal) -> None:
     assert ids(journal.ready("s é/\x00x" * 40, 10)) == ["t-1"]
 
 
+# ---------------------------------------------------------------- streams
+
+
+def everything(journal: Journal, task_id: str) -> list[tuple[int, bytes]]:
+    """The task's stream from offset 0 on, all of it (up to a gap)."""
+    return journal.chunks(task_id, 0, MANY, MANY)
+
+
+def test_chunks_round_trip_with_their_attempts(journal: Journal) -> None:
+    # Given a task whose stream was written by two attempts
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"first", b""])
+    journal.put_chunks("t-1", 2, 2, [bytes(range(256))])
+    # When it is read from the start
+    stream = everything(journal, "t-1")
+    # Then every entry comes back in offset order, as bytes, tagged with its attempt
+    assert stream == [(1, b"first"), (1, b""), (2, bytes(range(256)))]
+    assert all(type(data) is bytes for _, data in stream)
+    assert journal.stream_size("t-1") == (3, 5 + 256)
+
+
+def test_bytes_like_chunks_come_back_as_bytes(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", INFLIGHT))
+    chunks = [bytearray(b"ab"), memoryview(b"cd")]
+    journal.put_chunks("t-1", 0, 1, chunks)  # type: ignore[arg-type]
+    assert everything(journal, "t-1") == [(1, b"ab"), (1, b"cd")]
+
+
+def test_chunks_stop_at_limit_and_once_max_bytes_is_reached(journal: Journal) -> None:
+    # Given a stream of five 10-byte entries
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [bytes([n]) * 10 for n in range(5)])
+    # Then at most `limit` come back
+    assert len(journal.chunks("t-1", 0, 2, MANY)) == 2
+    assert journal.chunks("t-1", 0, 0, MANY) == []
+    # And no more once their data add up to max_bytes or more
+    assert len(journal.chunks("t-1", 0, MANY, 20)) == 2
+    assert len(journal.chunks("t-1", 0, MANY, 21)) == 3
+    assert len(journal.chunks("t-1", 0, MANY, 50)) == 5
+    assert len(journal.chunks("t-1", 0, 4, 21)) == 3
+    # And the first comes back whatever its size
+    assert journal.chunks("t-1", 0, MANY, 5) == [(1, b"\x00" * 10)]
+    assert journal.chunks("t-1", 0, MANY, 0) == [(1, b"\x00" * 10)]
+
+
+def test_chunks_from_a_middle_offset(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"a", b"b", b"c", b"d", b"e"])
+    assert journal.chunks("t-1", 3, MANY, MANY) == [(1, b"d"), (1, b"e")]
+    assert journal.chunks("t-1", 1, 2, MANY) == [(1, b"b"), (1, b"c")]
+    assert journal.chunks("t-1", 4, MANY, MANY) == [(1, b"e")]
+
+
+def test_chunks_past_the_end_or_of_an_unknown_task_are_none(journal: Journal) -> None:
+    # Given a task with a stream of two entries, and one with none
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"a", b"b"])
+    journal.put(task(journal, "t-2", INFLIGHT))
+    # Then there is nothing past its end, before its start, or for the others
+    assert journal.chunks("t-1", 2, MANY, MANY) == []
+    assert journal.chunks("t-1", 10**6, MANY, MANY) == []
+    assert journal.chunks("t-1", -1, MANY, MANY) == []
+    assert journal.chunks("t-2", 0, MANY, MANY) == []
+    assert journal.chunks("nope", 0, MANY, MANY) == []
+    assert journal.chunks("", 0, MANY, MANY) == []
+    assert journal.stream_size("t-2") == (0, 0)
+    assert journal.stream_size("nope") == (0, 0)
+
+
+def test_a_gap_ends_a_read_and_stream_size_counts_past_it(journal: Journal) -> None:
+    # Given entries at offsets 0, 1 and 5 only
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"a", b"b"])
+    journal.put_chunks("t-1", 5, 1, [b"fff"])
+    # Then a read stops at the gap, and starts again only at a stored offset
+    assert everything(journal, "t-1") == [(1, b"a"), (1, b"b")]
+    assert journal.chunks("t-1", 3, MANY, MANY) == []
+    assert journal.chunks("t-1", 5, MANY, MANY) == [(1, b"fff")]
+    # And the size is the offset after the last entry, and the bytes of all of them
+    assert journal.stream_size("t-1") == (6, 5)
+
+
+def test_put_chunks_of_an_unknown_task_is_refused(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        journal.put_chunks("nope", 0, 1, [b"x"])
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.delete("t-1")
+    with pytest.raises(KeyError):
+        journal.put_chunks("t-1", 0, 1, [b"x"])
+    assert journal.chunks("nope", 0, MANY, MANY) == []
+    assert journal.chunks("t-1", 0, MANY, MANY) == []
+
+
+def test_put_chunks_replaces_an_offset_already_stored(journal: Journal) -> None:
+    # Given three entries of attempt 1
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"a", b"bb", b"c"])
+    # When attempt 2 writes the middle offset, and the one past the end
+    journal.put_chunks("t-1", 1, 2, [b"XXXX"])
+    journal.put_chunks("t-1", 3, 2, [b"d"])
+    # Then the middle entry is replaced, the others kept, the new one added
+    assert everything(journal, "t-1") == [(1, b"a"), (2, b"XXXX"), (1, b"c"), (2, b"d")]
+    assert journal.stream_size("t-1") == (4, 7)
+
+
+def test_empty_chunks_store_nothing(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [])
+    journal.put_chunks("t-1", 7, 1, ())
+    assert journal.stream_size("t-1") == (0, 0)
+    assert everything(journal, "t-1") == []
+
+
+@pytest.mark.parametrize(
+    ("offset", "attempt", "chunks", "error"),
+    [
+        (0, 0, [b"x"], ValueError),
+        (0, -1, [b"x"], ValueError),
+        (0, 2**32, [b"x"], ValueError),
+        (-1, 1, [b"x"], ValueError),
+        (2**63 - 2, 1, [b"x", b"y"], ValueError),
+        (0, 1, ["text"], TypeError),
+        (0, 1, b"one chunk, not a list", TypeError),
+        (0, 1, [b"ok", None], TypeError),
+    ],
+)
+def test_a_stream_write_that_cannot_be_stored_is_refused(
+    journal: Journal, offset: int, attempt: int, chunks: Any, error: type[Exception]
+) -> None:
+    # Given a task with one entry
+    journal.put(task(journal, "t-1", INFLIGHT))
+    journal.put_chunks("t-1", 0, 1, [b"kept"])
+    # When a write the stream cannot hold is made, Then it is refused and stores nothing
+    with pytest.raises(error):
+        journal.put_chunks("t-1", offset, attempt, chunks)
+    assert everything(journal, "t-1") == [(1, b"kept")]
+    assert journal.stream_size("t-1") == (1, 4)
+
+
+def test_delete_removes_the_stream_and_a_new_task_of_that_id_starts_empty(
+    journal: Journal,
+) -> None:
+    # Given tasks whose ids begin alike, each with a stream
+    for task_id in ("a", "ab", "b"):
+        journal.put(task(journal, task_id, INFLIGHT))
+        journal.put_chunks(task_id, 0, 1, [task_id.encode()] * 3)
+    # When one is deleted
+    journal.delete("a")
+    # Then its stream is gone, and the others' are whole
+    assert everything(journal, "a") == []
+    assert journal.stream_size("a") == (0, 0)
+    assert everything(journal, "ab") == [(1, b"ab")] * 3
+    assert everything(journal, "b") == [(1, b"b")] * 3
+    # And a new task with the same id starts with an empty stream
+    journal.put(task(journal, "a", INFLIGHT))
+    assert journal.stream_size("a") == (0, 0)
+    journal.put_chunks("a", 0, 2, [b"new"])
+    assert everything(journal, "a") == [(2, b"new")]
+
+
+def test_a_put_of_the_record_keeps_its_stream(journal: Journal) -> None:
+    record = task(journal, "t-1", INFLIGHT, attempt=1)
+    journal.put(record, [b"p"])
+    journal.put_chunks("t-1", 0, 1, [b"a"])
+    journal.put(moved(record, state=DONE, stream_chunks=1, stream_bytes=1), [b"p2"])
+    journal.put_result("t-1", [b"r"])
+    assert everything(journal, "t-1") == [(1, b"a")]
+
+
+def test_stream_fields_of_a_record_round_trip_and_default_to_zero(stores: Stores) -> None:
+    # Given tasks with stream fields, with and without an owner or uncharged attempts
+    journal = stores.open()
+    fields: list[dict[str, Any]] = [
+        {"stream_chunks": 3, "stream_bytes": 10},
+        {"stream_chunks": 1, "stream_bytes": 0, "owner": "alice"},
+        {"stream_chunks": 2**40, "stream_bytes": 2**50, "uncharged": 2},
+        {"owner": "bob"},
+        {},
+    ]
+    records = [task(journal, f"t{n}", **extra) for n, extra in enumerate(fields)]
+    for record in records:
+        journal.put(record)
+    journal.commit()
+    # When they are read back (after a reopen, where the store survives one)
+    if stores.durable:
+        journal = stores.reopen(journal)
+    # Then each reads as written, and a record without them has 0, 0
+    for record in records:
+        assert journal.get(record.id) == record
+    got = journal.get("t4")
+    assert got is not None and (got.stream_chunks, got.stream_bytes) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stream_chunks": -1},
+        {"stream_bytes": -1, "stream_chunks": 1},
+        {"stream_bytes": 5},  # bytes without entries
+        {"stream_chunks": 1.0},
+    ],
+)
+def test_stream_fields_that_cannot_be_stored_are_refused(
+    journal: Journal, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match="stream_"):
+        journal.put(task(journal, "t-1", **fields))
+    assert journal.get("t-1") is None
+
+
+def test_a_record_without_stream_fields_reads_as_zero() -> None:
+    # Given a record in the form written before streams existed: 18 fields (owner last),
+    # and the shorter forms (no owner, no uncharged count)
+    packer = Packer()
+    old = TaskRecord("t-1", "svc", INFLIGHT, 7, 1.0, uncharged=1, owner="alice")
+    packed = packer.record(old)
+    assert len(msgpack.unpackb(packed)) == 18  # the old form is still what is written
+    for fields in (18, 17, 16):
+        data = msgpack.packb(msgpack.unpackb(packed)[:fields])
+        # When it is read, Then its stream fields are 0, 0
+        record = unpack_record("t-1", data)
+        assert (record.stream_chunks, record.stream_bytes) == (0, 0)
+    assert unpack_record("t-1", packed) == old
+    # And a record with a stream but no owner is written in full, the owner as nil
+    new = TaskRecord("t-2", "svc", INFLIGHT, 8, 1.0, stream_chunks=2, stream_bytes=9)
+    packed = packer.record(new)
+    assert msgpack.unpackb(packed)[16:] == [0, None, [2, 9]]
+    assert unpack_record("t-2", packed) == new
+
+
 # ---------------------------------------------------------- seq and counts
 
 
@@ -747,6 +979,8 @@ operation = st.one_of(
     change,
     st.tuples(st.just("delete"), st.integers(0, 30)),
     st.tuples(st.just("result"), st.integers(0, 30)),
+    # a stream write: the task, how far back from the stream's end it starts, how many
+    st.tuples(st.just("chunks"), st.integers(0, 30), st.integers(0, 2), st.integers(0, 3)),
     st.tuples(st.just("commit")),
     st.tuples(st.just("reopen")),
 )
@@ -805,8 +1039,8 @@ def actual_reads(journal: Journal) -> dict[str, Any]:
 
 
 class ModelledJournal:
-    """A journal under test, and its model: the records as a plain dict, and as of the
-    last commit, plus the results put."""
+    """A journal under test, and its model: the records and streams as plain dicts, and
+    as of the last commit, plus the results put."""
 
     def __init__(self, stores: Stores) -> None:
         self.stores = stores
@@ -814,7 +1048,10 @@ class ModelledJournal:
         self.model: dict[str, TaskRecord] = {}
         self.committed: dict[str, TaskRecord] = {}
         self.results: dict[str, bytes] = {}
+        self.streams: dict[str, dict[int, tuple[int, bytes]]] = {}
+        self.committed_streams: dict[str, dict[int, tuple[int, bytes]]] = {}
         self.created = 0
+        self.written = 0  # stream entries written, to tell each one's data apart
 
     def apply(self, op: tuple[Any, ...]) -> bool:
         """Applies `op` to both; False if it was skipped or refused (then no read is
@@ -824,14 +1061,44 @@ class ModelledJournal:
             return self._put(op)
         if kind in ("delete", "result"):
             return self._delete_or_put_result(op)
+        if kind == "chunks":
+            return self._put_chunks(op)
         if kind == "commit":
             self.journal.commit()
             self.committed = {k: dataclasses.replace(v) for k, v in self.model.items()}
+            self.committed_streams = {k: dict(v) for k, v in self.streams.items()}
         elif kind == "reopen" and self.stores.durable:
             self.journal = self.stores.reopen(self.journal)
             self.model = {k: dataclasses.replace(v) for k, v in self.committed.items()}
             self.results = {k: v for k, v in self.results.items() if k in self.model}
+            self.streams = {k: dict(v) for k, v in self.committed_streams.items()}
         return True
+
+    def _put_chunks(self, op: tuple[Any, ...]) -> bool:
+        """Entries written at, or a little before, the end of a task's stream."""
+        if not self.model:
+            return False
+        _, pick, back, n = op
+        task_id = sorted(self.model)[pick % len(self.model)]
+        stream = self.streams.setdefault(task_id, {})
+        offset = max(0, len(stream) - back)
+        attempt = 1 + pick % 3
+        chunks = []
+        for i in range(n):
+            self.written += 1
+            chunks.append(b"%d" % self.written * (self.written % 4))
+            stream[offset + i] = (attempt, chunks[-1])
+        self.journal.put_chunks(task_id, offset, attempt, chunks)
+        return True
+
+    def check_streams(self) -> None:
+        """Every task's stream, and its size, read as the model holds them."""
+        for task_id in self.model:
+            stream = self.streams.get(task_id, {})
+            entries = [stream[offset] for offset in sorted(stream)]
+            assert self.journal.chunks(task_id, 0, MANY, MANY) == entries
+            size = (len(stream), sum(len(data) for _, data in entries))
+            assert self.journal.stream_size(task_id) == size
 
     def _put(self, op: tuple[Any, ...]) -> bool:
         """A new task, or a change to one picked from the model; skipped if there is none
@@ -867,6 +1134,7 @@ class ModelledJournal:
             self.journal.delete(task_id)
             del self.model[task_id]
             self.results.pop(task_id, None)
+            self.streams.pop(task_id, None)
         else:
             self.journal.put_result(task_id, [b"r", task_id.encode()])
             self.results[task_id] = task_id.encode()
@@ -885,12 +1153,16 @@ def test_random_operations_keep_every_read_and_count_exact(
     # Given a fresh journal and its model
     run = ModelledJournal(stores)
     try:
-        # When random puts, state changes, deletes, commits and reopens are applied
+        # When random puts, state changes, stream writes, deletes, commits and reopens
+        # are applied
         for op in operations:
             if not run.apply(op):
                 continue
             # Then every read agrees with the model, after every step
             assert actual_reads(run.journal) == expected_reads(run.model)
+            if op[0] == "reopen":
+                run.check_streams()
+        run.check_streams()
         for task_id, record in run.model.items():
             assert run.journal.get(task_id) == record
             assert run.journal.payload(task_id) == [task_id.encode()]
@@ -962,6 +1234,35 @@ def test_uncommitted_writes_are_gone_after_reopen(durable_stores: Stores) -> Non
     assert ids(journal.ready("svc", 10)) == ["a"]
     assert journal.inflight() == []
     assert journal.counts() == {"svc": {READY: 1}}
+
+
+def test_streams_survive_reopen_only_once_committed(durable_stores: Stores) -> None:
+    # Given two tasks with committed streams
+    journal = durable_stores.open()
+    journal.put(task(journal, "a", INFLIGHT))
+    journal.put(task(journal, "b", INFLIGHT))
+    journal.put_chunks("a", 0, 1, [b"a0", b"a1"])
+    journal.put_chunks("b", 0, 1, [b"b0"])
+    journal.commit()
+    # When a pass appends, replaces, deletes and adds a stream, and is not committed
+    journal.put_chunks("a", 2, 1, [b"lost"])
+    journal.put_chunks("a", 0, 2, [b"replaced"])
+    journal.delete("b")
+    journal.put(task(journal, "c", INFLIGHT))
+    journal.put_chunks("c", 0, 1, [b"lost too"])
+    assert journal.stream_size("a") == (3, 14)
+    journal = durable_stores.reopen(journal)
+    # Then the streams are as committed
+    assert everything(journal, "a") == [(1, b"a0"), (1, b"a1")]
+    assert journal.stream_size("a") == (2, 4)
+    assert everything(journal, "b") == [(1, b"b0")]
+    assert journal.stream_size("c") == (0, 0)
+    # And a delete, once committed, is gone for good
+    journal.delete("a")
+    journal.commit()
+    journal = durable_stores.reopen(journal)
+    assert everything(journal, "a") == []
+    assert journal.stream_size("a") == (0, 0)
 
 
 def test_writes_are_read_before_commit(durable_stores: Stores) -> None:

@@ -85,6 +85,7 @@ def snapshot(journal: Journal) -> dict[str, Any]:
         "records": records,
         "payloads": {i: journal.payload(i) for i in records},
         "results": {i: journal.result(i) for i in records},
+        "streams": {i: (journal.chunks(i, 0, MANY, MANY), journal.stream_size(i)) for i in records},
         "keys": {
             (r.service, r.key): journal.find_key(r.service, r.key)
             for r in records.values()
@@ -94,7 +95,8 @@ def snapshot(journal: Journal) -> dict[str, Any]:
 
 
 def random_pass(journals: list[Journal], rng: random.Random, n: int, prefix: str) -> None:
-    """The same `n` random writes (bulky payloads, several services) applied to each journal."""
+    """The same `n` random writes (bulky payloads and stream chunks, several services)
+    applied to each journal."""
     live: list[str] = []
     for i in range(n):
         roll = rng.random()
@@ -117,6 +119,12 @@ def random_pass(journals: list[Journal], rng: random.Random, n: int, prefix: str
                 record = TaskRecord(task_id, service, state, seq, 1.0, **fields)
                 journal.put(record, payload)
             live.append(task_id)
+        elif roll < 0.7:
+            task_id = rng.choice(live)
+            chunks = [rng.randbytes(rng.randint(0, 700)) for _ in range(rng.randint(1, 4))]
+            offset, attempt = rng.randint(0, 6), rng.randint(1, 3)
+            for journal in journals:
+                journal.put_chunks(task_id, offset, attempt, chunks)
         elif roll < 0.8:
             task_id = rng.choice(live)
             state = rng.choice(list(TaskState))
@@ -176,6 +184,66 @@ def test_growth_across_many_small_passes_keeps_every_commit(
     journal.close()
     journal = open_store(opened, tmp_path / "j")
     assert snapshot(journal) == snapshot(model)
+    assert journal.verify() == []
+
+
+def test_map_growth_replays_stream_writes(tmp_path: Path, opened: list[Journal]) -> None:
+    # Given a store whose map holds 16 pages, and a memory journal as the model
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    model = MemoryJournal()
+    opened.append(model)
+    rng = random.Random(5)
+    # When one pass writes megabytes of stream entries: appended, replaced, and some
+    # dropped with their task (so the replay repeats deletes of streams too)
+    for n in range(60):
+        seq = journal.next_seq()
+        for j in (journal, model):
+            j.put(TaskRecord(f"t{n}", "svc", INFLIGHT, seq, 0.0, attempt=1))
+        for offset in range(0, 40, 4):
+            chunks = [rng.randbytes(rng.randint(0, 1500)) for _ in range(4)]
+            for j in (journal, model):
+                j.put_chunks(f"t{n}", offset, 1, chunks)
+        replaced, at = [rng.randbytes(300)], rng.randrange(40)
+        for j in (journal, model):
+            j.put_chunks(f"t{n}", at, 2, replaced)
+        if n % 7 == 3:
+            for j in (journal, model):
+                j.delete(f"t{n - 1}")
+    # Then the map grew (each MapFullError replayed the whole pass) and nothing was lost
+    assert journal.stats.map_size >= 2 * 1024 * KiB
+    streams = {f"t{n}": model.chunks(f"t{n}", 0, MANY, MANY) for n in range(60)}
+    sizes = {f"t{n}": model.stream_size(f"t{n}") for n in range(60)}
+    assert {i: journal.chunks(i, 0, MANY, MANY) for i in streams} == streams
+    assert {i: journal.stream_size(i) for i in sizes} == sizes
+    assert snapshot(journal) == snapshot(model)
+    # And the pass commits, and survives a reopen, with no stray entry
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    assert {i: journal.chunks(i, 0, MANY, MANY) for i in streams} == streams
+    assert {i: journal.stream_size(i) for i in sizes} == sizes
+    assert journal.verify() == []
+
+
+def test_journal_full_in_put_chunks_leaves_the_last_commit(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store that may grow to 256 KiB, with a committed stream
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB, max_map_size=256 * KiB)
+    journal.put(TaskRecord("t-1", "svc", INFLIGHT, journal.next_seq(), 0.0, attempt=1))
+    journal.put_chunks("t-1", 0, 1, [b"kept"])
+    journal.commit()
+    # When a pass writes a small entry, then more than 256 KiB of them
+    journal.put_chunks("t-1", 0, 2, [b"replaced"])
+    with pytest.raises(JournalFull, match="discarded"):
+        for n in range(1000):
+            journal.put_chunks("t-1", 1 + n, 1, [b"x" * 1000])
+    # Then the whole pass is gone: the stream reads as committed
+    assert journal.chunks("t-1", 0, MANY, MANY) == [(1, b"kept")]
+    assert journal.stream_size("t-1") == (1, 4)
+    journal.close()
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB, max_map_size=256 * KiB)
+    assert journal.chunks("t-1", 0, MANY, MANY) == [(1, b"kept")]
     assert journal.verify() == []
 
 
@@ -260,6 +328,41 @@ def test_a_failed_write_discards_the_pass_and_says_so(
     assert journal.dead("other", 10) == []
     monkeypatch.undo()
     assert journal.verify() == []
+
+
+def test_a_failed_write_discards_the_streams_of_the_pass(
+    tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a committed stream, and a pass that appends to it, replaces an entry and
+    # starts the stream of a new task
+    journal = open_store(opened, tmp_path / "j")
+    journal.put(TaskRecord("kept", "svc", INFLIGHT, journal.next_seq(), 0.0, attempt=1))
+    journal.put_chunks("kept", 0, 1, [b"a", b"b"])
+    journal.commit()
+    journal.put_chunks("kept", 1, 2, [b"B", b"c"])
+    journal.put(TaskRecord("lost", "svc", INFLIGHT, journal.next_seq(), 0.0, attempt=1))
+    journal.put_chunks("lost", 0, 1, [b"x"])
+    apply = journal._apply
+
+    def disk_error(txn: Any, op: Any, record: Any = None) -> None:
+        apply(txn, op, record)  # half done, then the disk fails
+        raise lmdb.DiskError("simulated")
+
+    monkeypatch.setattr(journal, "_apply", disk_error)
+    # When the next stream write fails inside LMDB
+    with pytest.raises(JournalError, match="simulated"):
+        journal.put_chunks("kept", 3, 2, [b"d"])
+    # Then the whole pass is gone, streams included
+    monkeypatch.undo()
+    assert journal.chunks("kept", 0, MANY, MANY) == [(1, b"a"), (1, b"b")]
+    assert journal.stream_size("kept") == (2, 2)
+    assert journal.get("lost") is None
+    assert journal.chunks("lost", 0, MANY, MANY) == []
+    assert journal.verify() == []
+    # And the next pass starts from the last commit
+    journal.put_chunks("kept", 2, 2, [b"c"])
+    journal.commit()
+    assert journal.chunks("kept", 0, MANY, MANY) == [(1, b"a"), (1, b"b"), (2, b"c")]
 
 
 def test_reopening_with_a_smaller_map_size_keeps_the_larger_store(
@@ -415,6 +518,7 @@ def test_the_layout_is_named_databases_and_msgpack_records(
         b"lapse",
         b"inflight",
         b"dead",
+        b"chunks",
     }
     assert record[:5] == ["svc", int(DEAD), 1, 5.0, 2]
     assert payload == [b"p"]
@@ -458,6 +562,72 @@ def test_verify_reports_an_index_entry_that_went_missing(
     env.close()
     journal = open_store(opened, path)
     assert [p for p in journal.verify() if p.startswith("ready: missing entry")]
+
+
+def test_verify_reports_a_stream_entry_of_an_unknown_task(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store with a stream, and an entry written (outside the journal) under the
+    # key of a task that has no record, and one whose key is not of the layout
+    path = tmp_path / "j"
+    journal = open_store(opened, path)
+    journal.put(TaskRecord("t-1", "svc", INFLIGHT, journal.next_seq(), 0.0, attempt=1))
+    journal.put_chunks("t-1", 0, 1, [b"fine"])
+    journal.commit()
+    assert journal.verify() == []
+    journal.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        chunks = env.open_db(b"chunks", txn=txn)
+        key = len(b"ghost").to_bytes(2, "big") + b"ghost" + (3).to_bytes(8, "big")
+        txn.put(key, (1).to_bytes(4, "big") + b"boo", db=chunks)
+        txn.put(b"\x00\x09short", b"", db=chunks)
+    env.close()
+    # When it is verified, Then both are reported, and nothing else
+    journal = open_store(opened, path)
+    assert journal.verify() == [
+        "chunks: entry 3 of unknown task ghost",
+        "chunks: malformed entry " + b"\x00\x09short".hex(),
+    ]
+    # And the journal's own reads are not confused by them
+    assert journal.chunks("t-1", 0, MANY, MANY) == [(1, b"fine")]
+    assert journal.chunks("ghost", 3, MANY, MANY) == [(1, b"boo")]
+
+
+def test_a_store_from_before_streams_opens_and_reads_its_records(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store with no chunks database, and a record in the 18-field form
+    path = tmp_path / "j"
+    journal = open_store(opened, path)
+    old = TaskRecord("t-1", "svc", INFLIGHT, journal.next_seq(), 0.0, attempt=1, owner="al")
+    journal.put(old, [b"p"])
+    journal.commit()
+    journal.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"chunks", txn=txn), delete=True)
+        stored = msgpack.unpackb(txn.get(b"t-1", db=env.open_db(b"tasks", txn=txn)))
+        names = {key for key, _ in txn.cursor()}
+    env.close()
+    assert b"chunks" not in names
+    assert len(stored) == 18
+    # When it is opened, Then the record reads back with an empty stream
+    journal = open_store(opened, path)
+    assert journal.get("t-1") == old
+    assert journal.chunks("t-1", 0, MANY, MANY) == []
+    assert journal.stream_size("t-1") == (0, 0)
+    assert journal.verify() == []
+    # And streams work from then on
+    journal.put_chunks("t-1", 0, 1, [b"s"])
+    journal.put(dataclasses.replace(old, stream_chunks=1, stream_bytes=1))
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, path)
+    assert journal.chunks("t-1", 0, MANY, MANY) == [(1, b"s")]
+    got = journal.get("t-1")
+    assert got is not None and (got.stream_chunks, got.stream_bytes) == (1, 1)
+    assert journal.verify() == []
 
 
 # --------------------------------------------------- options, locks, stats
@@ -548,8 +718,10 @@ CRASH_AFTER_UNCOMMITTED = textwrap.dedent(
     for i in range(n):
         task = TaskRecord(f"c{i}", "svc", TaskState.READY, journal.next_seq(), 0.0, key=f"k{i}")
         journal.put(task, [b"payload %d" % i])
+    journal.put_chunks("c3", 0, 1, [b"chunk 0", b"chunk 1"])
     journal.commit()
-    # Writes of the next pass, never committed: new tasks, a state change, a delete.
+    # Writes of the next pass, never committed: new tasks, a state change, a delete,
+    # stream entries.
     for i in range(n):
         task = TaskRecord(f"u{i}", "other", TaskState.DELAYED, journal.next_seq(), 0.0)
         journal.put(task, [b"lost"])
@@ -558,6 +730,8 @@ CRASH_AFTER_UNCOMMITTED = textwrap.dedent(
     journal.put(first)
     journal.delete("c1")
     journal.put_result("c2", [b"lost result"])
+    journal.put_chunks("c3", 1, 2, [b"lost chunk"])
+    journal.put_chunks("c4", 0, 1, [b"lost stream"])
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
@@ -586,6 +760,8 @@ def test_after_sigkill_exactly_the_committed_tasks_are_there(
     assert journal.find_key("svc", "k1") == "c1"
     assert journal.payload("c1") == [b"payload 1"]
     assert journal.result("c2") is None
+    assert journal.chunks("c3", 0, MANY, MANY) == [(1, b"chunk 0"), (1, b"chunk 1")]
+    assert journal.chunks("c4", 0, MANY, MANY) == []
     assert journal.verify() == []
     # And new sequence numbers are above every committed one
     assert journal.next_seq() > 200

@@ -1,11 +1,15 @@
-"""How a task record and a list of frames become bytes, and what a record must satisfy.
+"""How a task record and a list of frames become bytes, and what a record and a
+stream write must satisfy.
 
 Shared by both stores, so `MemoryJournal` accepts and returns exactly what
 `LmdbJournal` does. Owns the record's encoding (schema version 1); never opens a store.
 
 A record is a msgpack array of 16 fields, 17 when its `uncharged` count is not 0,
-18 when it has an `owner`: a store written before those fields existed reads
-unchanged (as 0 and None), and a record without them is written exactly as before.
+18 when it has an `owner`, 19 when its stream has entries (field 19 is
+[stream_chunks, stream_bytes]; `uncharged` and `owner` are then written too, the
+owner possibly nil). Each field is written only when a record needs it or a later
+one: a store written before a field existed reads unchanged (as 0, None, or 0, 0),
+and a record without them is written exactly as before.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from zbroker.journal.base import PRIORITY_MAX, PRIORITY_MIN, TaskRecord, TaskSta
 # LMDB keys (and DUPSORT values) are limited to 511 bytes; index keys add up to 17.
 MAX_ID_BYTES = 480
 MAX_SEQ = 2**63 - 1
+# A stream entry's attempt is 4 bytes in LMDB; its offset 8 (the next offset too).
+MAX_ATTEMPT = 2**32 - 1
+MAX_OFFSET = MAX_SEQ
 
 _STATES = {int(s): s for s in TaskState}
 _DOUBLE = struct.Struct(">d")
@@ -64,6 +71,13 @@ def check_record(record: TaskRecord) -> None:
     owner = record.owner
     if owner is not None and (type(owner) is not str or not owner):
         raise ValueError(f"owner must be a non-empty str or None, got {owner!r}")
+    stream_chunks, stream_bytes = record.stream_chunks, record.stream_bytes
+    if type(stream_chunks) is not int or not 0 <= stream_chunks <= MAX_OFFSET:
+        raise ValueError(f"stream_chunks must be an int >= 0, got {stream_chunks!r}")
+    if type(stream_bytes) is not int or not 0 <= stream_bytes <= MAX_SEQ:
+        raise ValueError(f"stream_bytes must be an int >= 0, got {stream_bytes!r}")
+    if stream_bytes and not stream_chunks:  # not stored without entries: it would read as 0
+        raise ValueError(f"stream_bytes is {stream_bytes} but stream_chunks is 0")
     key = record.key
     if key is not None:
         if type(key) is not str:
@@ -100,7 +114,10 @@ class Packer:
             record.keep_until,
             record.history,
         )
-        if record.owner is not None:
+        if record.stream_chunks:
+            stream = (record.stream_chunks, record.stream_bytes)
+            fields += (record.uncharged, record.owner, stream)
+        elif record.owner is not None:
             fields += (record.uncharged, record.owner)
         elif record.uncharged:
             fields += (record.uncharged,)
@@ -116,7 +133,8 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     """A fresh TaskRecord from `pack_record`'s bytes."""
     fields = msgpack.unpackb(data, strict_map_key=False)
     uncharged = fields[16] if len(fields) > 16 else 0
-    owner = fields[17] if len(fields) > 17 else None
+    owner = fields[17] if len(fields) > 17 else None  # None also when stored as nil
+    stream_chunks, stream_bytes = fields[18] if len(fields) > 18 else (0, 0)
     (
         service,
         state,
@@ -155,6 +173,8 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         history,
         uncharged,
         owner,
+        stream_chunks,
+        stream_bytes,
     )
 
 
@@ -164,6 +184,17 @@ def check_frames(frames: Sequence[bytes]) -> None:
     for frame in frames:
         if type(frame) is not bytes and not isinstance(frame, _BYTES_LIKE):
             raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
+
+
+def check_stream_write(offset: int, attempt: int, chunks: Sequence[bytes]) -> None:
+    """Raise ValueError (or TypeError) if `put_chunks` cannot store these entries."""
+    if type(attempt) is not int or not 1 <= attempt <= MAX_ATTEMPT:
+        raise ValueError(f"attempt must be an int in 1..{MAX_ATTEMPT}, got {attempt!r}")
+    check_frames(chunks)
+    if type(offset) is not int or not 0 <= offset <= MAX_OFFSET - len(chunks):
+        raise ValueError(
+            f"offset must be an int >= 0 with room for {len(chunks)} entries, got {offset!r}"
+        )
 
 
 def copy_frames(frames: Sequence[bytes]) -> list[bytes]:

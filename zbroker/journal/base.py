@@ -8,15 +8,16 @@ by one suite (tests/contract/test_journal_contract.py): `MemoryJournal` (tests,
 and the `memory` durability mode) and `LmdbJournal`.
 
 Rules every implementation keeps:
-  1. Writes (`put`, `put_result`, `delete`) are visible to every read of the
-     same journal object at once, and become durable only at `commit()`; after
-     a crash the store holds exactly what the last successful commit held.
+  1. Writes (`put`, `put_result`, `put_chunks`, `delete`, `put_service_options`)
+     are visible to every read of the same journal object at once, and become
+     durable only at `commit()`; after a crash the store holds exactly what the
+     last successful commit held.
   2. Indexes follow the record's `state`: a READY task is found by `ready()`,
      a DELAYED one by `due()`, an INFLIGHT one by `inflight()`, a DEAD one by
      `dead()`; never by another. `counts()` is exact at all times.
-  3. Payload and result frames are stored as given and returned unchanged;
-     the journal never interprets them. (Record fields go through msgpack:
-     tuples in `headers` or `history` come back as lists.)
+  3. Payload and result frames, and stream chunks, are stored as given and
+     returned unchanged; the journal never interprets them. (Record fields go
+     through msgpack: tuples in `headers` or `history` come back as lists.)
   4. A write or commit that raises discards the whole pass: reads then show
      the last commit, and the caller must confirm nothing from that pass.
   5. Sequence numbers are unique per task; `next_seq()` is greater than any seq
@@ -25,9 +26,10 @@ Rules every implementation keeps:
   6. Not thread-safe, and LMDB ties a write transaction to a thread: the thread
      that writes first in a pass must also commit it.
 Misuse raises at once: an idempotency key already held by another task of the
-service (ValueError), `put_result` for an unknown task (KeyError), an `after`
-cursor with a priority out of range (ValueError). INFLIGHT tasks and finished
-records without `keep_until` never lapse.
+service (ValueError), `put_result` or `put_chunks` for an unknown task (KeyError),
+an `after` cursor with a priority out of range (ValueError). INFLIGHT tasks and
+finished records without `keep_until` never lapse. A task's stream entries go only
+with its record (`delete`), whatever its state.
 It never reads the clock: every time is an argument (seconds since the epoch).
 """
 
@@ -125,6 +127,12 @@ class TaskRecord:
     # asked): only it, or an admin, may read its result or status, or cancel it.
     # Stored only when set, so older stores read as None.
     owner: str | None = None
+    # The task's stream (chunks a worker appended, kept in the journal beside the
+    # record): how many entries it holds, i.e. the next offset, and their total bytes.
+    # The broker keeps them in step with what it put; the store only stores them.
+    # Stored only when stream_chunks is not 0, so older stores read as 0, 0.
+    stream_chunks: int = 0
+    stream_bytes: int = 0
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it
@@ -185,8 +193,20 @@ class Journal(abc.ABC):
         """Store a finished task's result frames (replacing any earlier ones)."""
 
     @abc.abstractmethod
+    def put_chunks(self, task_id: str, offset: int, attempt: int, chunks: Sequence[bytes]) -> None:
+        """Store `chunks` as the task's stream entries at offsets offset, offset+1, ...,
+        each tagged with `attempt` (int >= 1). Like every write: visible to reads at once,
+        durable at commit. KeyError if the task is unknown (no record). An offset already
+        stored is replaced. Empty `chunks` is a no-op.
+
+        The entries stay until the task's record is deleted, so a reader may start at
+        any offset; offsets are 0..2**63-2 and attempts 1..2**32-1 (ValueError past
+        them), and chunks must be bytes (TypeError)."""
+
+    @abc.abstractmethod
     def delete(self, task_id: str) -> None:
-        """Remove the record, its payload, its result and every index entry. No-op if absent."""
+        """Remove the record, its payload, its result, its stream and every index entry.
+        No-op if absent."""
 
     @abc.abstractmethod
     def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
@@ -223,6 +243,23 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def result(self, task_id: str) -> list[bytes] | None:
         """The task's result frames, or None if none is stored."""
+
+    @abc.abstractmethod
+    def chunks(
+        self, task_id: str, offset: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """The stream entries from `offset` on, in offset order, consecutive, as
+        (attempt, data): at most `limit` of them, and no more once their data add up to
+        `max_bytes` or more (the first is returned whatever its size). [] when there is
+        none at `offset` (unknown task included).
+
+        A gap (an offset never stored) ends the answer: entries past it are read
+        from their own offset."""
+
+    @abc.abstractmethod
+    def stream_size(self, task_id: str) -> tuple[int, int]:
+        """(entries, bytes): the offset after the last stored entry (0 when none) and the
+        sum of the entries' data lengths. Reads every entry: for recovery, not the hot path."""
 
     @abc.abstractmethod
     def ready(

@@ -13,6 +13,8 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   ready     svc + (127 - priority) + seq     delayed   time(not_before) + seq
   inflight  seq                              dead      svc + seq
   lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
+  chunks    len(id) (2 bytes) + id + offset (8 bytes) -> attempt (4 bytes) + data:
+            a task's stream entries, together and in offset order under its prefix
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
             options/<service name> -> msgpack map of the operator's options (paused, limit);
             a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
@@ -41,6 +43,7 @@ from zbroker.journal._codec import (
     MAX_SEQ,
     Packer,
     check_record,
+    check_stream_write,
     time_from_key,
     time_key,
     unpack_frames,
@@ -90,13 +93,19 @@ _PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIO
 
 # A write as it is kept for replay after the map grew: (kind, task id, data...).
 _Op = tuple[Any, ...]
-_PUT, _RESULT, _DELETE, _SERVICE_OPTIONS = 1, 2, 3, 4
+_PUT, _RESULT, _DELETE, _SERVICE_OPTIONS, _CHUNKS = 1, 2, 3, 4, 5
 
 Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
 
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
+
+
+def _stream_prefix(idb: bytes) -> bytes:
+    """What every key of a task's stream entries starts with: no id's prefix is
+    another's, as the length comes first."""
+    return len(idb).to_bytes(2, "big") + idb
 
 
 def _options_key(name: bytes) -> tuple[bytes, bool]:
@@ -221,6 +230,21 @@ class LmdbJournal(Journal):
             raise KeyError(f"no task {task_id!r} to store a result for")
         self._write((_RESULT, task_id, packed))
 
+    def put_chunks(self, task_id: str, offset: int, attempt: int, chunks: Sequence[bytes]) -> None:
+        self._check_open()
+        check_stream_write(offset, attempt, chunks)  # fail here, not halfway through the write
+        if task_id != self._last_put and self._get_raw(task_id) is None:
+            raise KeyError(f"no task {task_id!r} to store stream chunks for")
+        if not chunks:
+            return
+        prefix = _stream_prefix(task_id.encode())
+        tag = attempt.to_bytes(4, "big")
+        entries = tuple(
+            (prefix + (offset + n).to_bytes(8, "big"), tag + chunk)
+            for n, chunk in enumerate(chunks)
+        )
+        self._write((_CHUNKS, task_id, entries))
+
     def delete(self, task_id: str) -> None:
         self._check_open()
         if self._get_raw(task_id) is not None:
@@ -328,6 +352,48 @@ class LmdbJournal(Journal):
             data = txn.get(idb, db=self._results)
         return None if data is None else unpack_frames(data)
 
+    def chunks(
+        self, task_id: str, offset: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        self._check_open()
+        out: list[tuple[int, bytes]] = []
+        idb = _id_bytes(task_id)
+        if idb is None or limit <= 0 or not 0 <= offset <= MAX_SEQ:
+            return out
+        prefix = _stream_prefix(idb)
+        size = 0
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._chunks)
+            if not cursor.set_key(prefix + offset.to_bytes(8, "big")):
+                return out
+            while True:
+                value = cursor.value()
+                out.append((int.from_bytes(value[:4], "big"), value[4:]))
+                size += len(value) - 4
+                offset += 1
+                if len(out) >= limit or size >= max_bytes or not cursor.next():
+                    break
+                if cursor.key() != prefix + offset.to_bytes(8, "big"):
+                    break  # a gap, or the next task's stream
+        return out
+
+    def stream_size(self, task_id: str) -> tuple[int, int]:
+        self._check_open()
+        idb = _id_bytes(task_id)
+        if idb is None:
+            return 0, 0
+        prefix = _stream_prefix(idb)
+        entries = size = 0
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._chunks)
+            if cursor.set_range(prefix):
+                for key, value in cursor.iternext():
+                    if not key.startswith(prefix):
+                        break
+                    entries = int.from_bytes(key[-8:], "big") + 1
+                    size += len(value) - 4
+        return entries, size
+
     def ready(
         self, service: str, limit: int, after: tuple[int, int] | None = None
     ) -> list[TaskRecord]:
@@ -408,7 +474,7 @@ class LmdbJournal(Journal):
         counted: Counter[tuple[bytes, int]] = Counter()
         max_seq = 0
         with self._reading() as txn:
-            task_ids = set()
+            task_ids: set[bytes] = set()
             for idb, data in txn.cursor(db=self._tasks):
                 record = unpack_record(idb.decode(), data)
                 task_ids.add(idb)
@@ -426,10 +492,7 @@ class LmdbJournal(Journal):
                     problems.append(f"{name}: missing entry {key.hex()} -> {idb.decode()}")
                 for key, idb in sorted(found - expected[name]):
                     problems.append(f"{name}: stray entry {key.hex()} -> {idb.decode()}")
-            for name, db in (("payloads", self._payloads), ("results", self._results)):
-                for idb in txn.cursor(db=db).iternext(values=False):
-                    if idb not in task_ids:
-                        problems.append(f"{name}: frames of unknown task {idb.decode()}")
+            problems += self._orphans(txn, task_ids)
             if self._wtxn is None:
                 stored = self._stored_counts(txn)
                 if stored != +self._counts:
@@ -439,6 +502,23 @@ class LmdbJournal(Journal):
             problems.append(f"counters {dict(live)} differ from the records {dict(counted)}")
         if task_ids and max_seq >= self._next_seq:
             problems.append(f"next_seq {self._next_seq} is not above the highest seq {max_seq}")
+        return problems
+
+    def _orphans(self, txn: lmdb.Transaction[bytes], task_ids: set[bytes]) -> list[str]:
+        """Frames and stream entries kept for tasks that have no record, and stream
+        entries whose key or value is not of the layout."""
+        problems = []
+        for name, db in (("payloads", self._payloads), ("results", self._results)):
+            for idb in txn.cursor(db=db).iternext(values=False):
+                if idb not in task_ids:
+                    problems.append(f"{name}: frames of unknown task {idb.decode()}")
+        for key, value in txn.cursor(db=self._chunks):
+            n = int.from_bytes(key[:2], "big")
+            idb, offset = key[2 : 2 + n], int.from_bytes(key[2 + n :], "big")
+            if len(key) != 2 + n + 8 or len(value) < 4:
+                problems.append(f"chunks: malformed entry {key.hex()}")
+            elif idb not in task_ids:
+                problems.append(f"chunks: entry {offset} of unknown task {idb.decode()}")
         return problems
 
     # --------------------------------------------------------- private: open
@@ -486,6 +566,8 @@ class LmdbJournal(Journal):
                     self._lapse = env.open_db(b"lapse", txn=txn, dupsort=True)
                     self._inflight = env.open_db(b"inflight", txn=txn, dupsort=True)
                     self._dead = env.open_db(b"dead", txn=txn, dupsort=True)
+                    # Created here in a store written before streams existed.
+                    self._chunks = env.open_db(b"chunks", txn=txn)
                 break
             except lmdb.MapFullError:
                 self._grow_map()
@@ -548,43 +630,56 @@ class LmdbJournal(Journal):
         if kind == _SERVICE_OPTIONS:
             self._apply_options(txn, task_id, idb, op[2])
         elif kind == _PUT:
-            packed, frames = op[2], op[3]
-            if record is None:
-                record = unpack_record(task_id, packed)
-            svc = self._service_number(txn, record.service)
-            state = int(record.state)
-            entries = self._entries(record, svc)
-            old = txn.replace(idb, packed, db=self._tasks)
-            if old is None:
-                for db, key in entries:
-                    txn.put(key, idb, db=db)
-            else:
-                memo = record.store_memo
-                if memo is not None and memo[0] is self and memo[1] == old:
-                    # What this object last wrote to or read from this store is what
-                    # it holds: the old index entries are known without decoding.
-                    _, _, old_svc, old_state, old_entries = memo
-                else:
-                    old_record = unpack_record(task_id, old)
-                    old_svc = self._services[old_record.service]
-                    old_state = int(old_record.state)
-                    old_entries = self._entries(old_record, old_svc)
-                for db, key in old_entries:
-                    if (db, key) not in entries:
-                        txn.delete(key, idb, db=db)
-                for db, key in entries:
-                    if (db, key) not in old_entries:
-                        txn.put(key, idb, db=db)
-                self._deltas[(old_svc, old_state)] -= 1
-            self._deltas[(svc, state)] += 1
-            if frames is not None:
-                txn.put(idb, frames, db=self._payloads)
-            record.store_memo = (self, packed, svc, state, entries)
-            self._last_put = task_id
+            self._apply_put(txn, task_id, idb, op[2], op[3], record)
         elif kind == _RESULT:
             txn.put(idb, op[2], db=self._results)
+        elif kind == _CHUNKS:
+            txn.cursor(db=self._chunks).putmulti(op[2])  # (key, value) pairs, replacing
         else:
             self._apply_delete(txn, task_id, idb)
+
+    def _apply_put(
+        self,
+        txn: lmdb.Transaction[bytes],
+        task_id: str,
+        idb: bytes,
+        packed: bytes,
+        frames: bytes | None,
+        record: TaskRecord | None,
+    ) -> None:
+        """Write a record (and a new payload, unless None) and move its index entries."""
+        if record is None:
+            record = unpack_record(task_id, packed)
+        svc = self._service_number(txn, record.service)
+        state = int(record.state)
+        entries = self._entries(record, svc)
+        old = txn.replace(idb, packed, db=self._tasks)
+        if old is None:
+            for db, key in entries:
+                txn.put(key, idb, db=db)
+        else:
+            memo = record.store_memo
+            if memo is not None and memo[0] is self and memo[1] == old:
+                # What this object last wrote to or read from this store is what
+                # it holds: the old index entries are known without decoding.
+                _, _, old_svc, old_state, old_entries = memo
+            else:
+                old_record = unpack_record(task_id, old)
+                old_svc = self._services[old_record.service]
+                old_state = int(old_record.state)
+                old_entries = self._entries(old_record, old_svc)
+            for db, key in old_entries:
+                if (db, key) not in entries:
+                    txn.delete(key, idb, db=db)
+            for db, key in entries:
+                if (db, key) not in old_entries:
+                    txn.put(key, idb, db=db)
+            self._deltas[(old_svc, old_state)] -= 1
+        self._deltas[(svc, state)] += 1
+        if frames is not None:
+            txn.put(idb, frames, db=self._payloads)
+        record.store_memo = (self, packed, svc, state, entries)
+        self._last_put = task_id
 
     def _apply_options(
         self, txn: lmdb.Transaction[bytes], name: str, idb: bytes, packed: bytes | None
@@ -599,7 +694,7 @@ class LmdbJournal(Journal):
             txn.put(key, packed, db=self._meta)
 
     def _apply_delete(self, txn: lmdb.Transaction[bytes], task_id: str, idb: bytes) -> None:
-        """Remove a task with its index entries, payload and result."""
+        """Remove a task with its index entries, payload, result and stream."""
         self._last_put = None
         old = txn.pop(idb, db=self._tasks)
         if old is None:
@@ -610,6 +705,11 @@ class LmdbJournal(Journal):
             txn.delete(key, idb, db=db)
         txn.delete(idb, db=self._payloads)
         txn.delete(idb, db=self._results)
+        prefix = _stream_prefix(idb)
+        cursor = txn.cursor(db=self._chunks)
+        if cursor.set_range(prefix):
+            while cursor.key().startswith(prefix) and cursor.delete():
+                pass  # delete() moves on to the next entry
         self._deltas[(old_svc, int(old_record.state))] -= 1
 
     def _entries(self, record: TaskRecord, svc: bytes) -> list[tuple[Db, bytes]]:
@@ -762,6 +862,7 @@ class LmdbJournal(Journal):
                 self._lapse,
                 self._inflight,
                 self._dead,
+                self._chunks,
             ):
                 st = txn.stat(db) if db is not None else env.stat()
                 pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]

@@ -13,7 +13,13 @@ from typing import Any
 
 import msgpack
 
-from zbroker.journal._codec import Packer, check_record, copy_frames, unpack_record
+from zbroker.journal._codec import (
+    Packer,
+    check_record,
+    check_stream_write,
+    copy_frames,
+    unpack_record,
+)
 from zbroker.journal.base import (
     FINISHED_STATES,
     PRIORITY_MAX,
@@ -144,6 +150,8 @@ class MemoryJournal(Journal):
         self._where: dict[str, _Where] = {}
         self._payloads: dict[str, tuple[bytes, ...]] = {}
         self._results: dict[str, tuple[bytes, ...]] = {}
+        # task id -> offset -> (attempt, data); a task without entries is absent
+        self._streams: dict[str, dict[int, tuple[int, bytes]]] = {}
         self._ready: dict[str, SortedKeys] = {}  # service -> (-priority, seq, id)
         self._dead: dict[str, SortedKeys] = {}  # service -> (seq, id)
         self._delayed = SortedKeys()  # (not_before, seq, id)
@@ -154,7 +162,7 @@ class MemoryJournal(Journal):
         self._options: dict[str, dict[str, Any]] = {}
         self._seq = 0
         self._dirty = False
-        self._bytes = 0  # records, payloads and results: what `stats.bytes_used` reports
+        self._bytes = 0  # records, payloads, results, streams: what `stats.bytes_used` reports
         self._packer = Packer()
 
     # ----------------------------------------------------------------- writes
@@ -214,6 +222,23 @@ class MemoryJournal(Journal):
         self._results[task_id] = stored
         self._dirty = True
 
+    def put_chunks(self, task_id: str, offset: int, attempt: int, chunks: Sequence[bytes]) -> None:
+        self._check_open()
+        check_stream_write(offset, attempt, chunks)  # fail here, before any entry is stored
+        if task_id not in self._records:
+            raise KeyError(f"no task {task_id!r} to store stream chunks for")
+        if not chunks:
+            return
+        stream = self._streams.get(task_id)
+        if stream is None:
+            stream = self._streams[task_id] = {}
+        for n, chunk in enumerate(chunks):
+            data = bytes(chunk)
+            old = stream.get(offset + n)
+            self._bytes += len(data) - (0 if old is None else len(old[1]))
+            stream[offset + n] = (attempt, data)
+        self._dirty = True
+
     def delete(self, task_id: str) -> None:
         self._check_open()
         packed = self._records.pop(task_id, None)
@@ -227,6 +252,9 @@ class MemoryJournal(Journal):
             del self._keys[(where[0], where[2])]
         payload = self._payloads.pop(task_id, None)
         result = self._results.pop(task_id, None)
+        stream = self._streams.pop(task_id, None)
+        if stream is not None:
+            self._bytes -= sum(len(data) for _, data in stream.values())
         self._bytes -= len(packed) + _size(payload) + _size(result)
         self._dirty = True
 
@@ -261,6 +289,7 @@ class MemoryJournal(Journal):
         self._where.clear()
         self._payloads.clear()
         self._results.clear()
+        self._streams.clear()
 
     # ------------------------------------------------------------------ reads
 
@@ -278,6 +307,32 @@ class MemoryJournal(Journal):
         self._check_open()
         frames = self._results.get(task_id)
         return None if frames is None else list(frames)
+
+    def chunks(
+        self, task_id: str, offset: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        self._check_open()
+        out: list[tuple[int, bytes]] = []
+        stream = self._streams.get(task_id)
+        if stream is None:
+            return out
+        size = 0
+        while len(out) < limit:
+            entry = stream.get(offset + len(out))
+            if entry is None:
+                break
+            out.append(entry)
+            size += len(entry[1])
+            if size >= max_bytes:
+                break
+        return out
+
+    def stream_size(self, task_id: str) -> tuple[int, int]:
+        self._check_open()
+        stream = self._streams.get(task_id)
+        if not stream:
+            return 0, 0
+        return max(stream) + 1, sum(len(data) for _, data in stream.values())
 
     def ready(
         self, service: str, limit: int, after: tuple[int, int] | None = None
