@@ -7,9 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from tests.unit.test_core_durable import SETTINGS, Script, journal  # noqa: F401
+from tests.unit import test_core_durable as durable
 from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, zbc
+
+SETTINGS, Script = durable.SETTINGS, durable.Script
+journal = durable.journal  # the fixture: every test runs on both journals
 
 C = b"C"
 W = b"W"
@@ -122,9 +125,7 @@ def test_a_stream_past_its_cap_ends_the_task_dead(journal: Journal, cap: str, va
     _, attempt = run_one(s)
     s.send(W, ext.chunk(task_id, attempt, [b"ab", b"cd"]))
     s.send(W, ext.chunk(task_id, attempt, [b"ef", b"gh"]))
-    cancels = [
-        ext.unpack_meta(f[4]) for f in s.sent_to(W) if f[2:4] == [ext.ZBW01, ext.CANCEL]
-    ]
+    cancels = [ext.unpack_meta(f[4]) for f in s.sent_to(W) if f[2:4] == [ext.ZBW01, ext.CANCEL]]
     assert cancels and "cap" in cancels[0]["reason"]
     record = journal.get(task_id)
     assert record is not None and record.state is TaskState.DEAD
@@ -144,7 +145,7 @@ def test_close_and_a_gone_connection_cancel_when_asked(journal: Journal) -> None
     assert (task_id, attempt) in s.cancels_to(W)
     # READ does not cancel by default; a connection that goes abandons its calls.
     task2 = s.enqueue("llm")
-    (t, a, _, _) = s.tasks_to(W)[0]
+    (t, _, _, _) = s.tasks_to(W)[0]
     assert t == task2
     s.send(b"R", zbc.read(1, task2, wait_s=5))
     s.broker.connection_closed(b"R", s.now)
