@@ -34,6 +34,7 @@ TARGET = ROOT / "zbroker" / "client" / "client.py"
 # (pattern, replacement), applied in order to every line; patterns match whole words.
 SUBS: list[tuple[str, str]] = [
     ("AsyncClientBase", "ClientBase"),
+    ("AsyncTaskStream", "TaskStream"),
     ("AsyncClientContext", "ClientContext"),
     ("AsyncClient", "Client"),
     ("async def", "def"),

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypeVar
@@ -33,10 +33,12 @@ from zbroker.client import _calls, keys
 from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import (
     AuthenticationFailed,
+    BrokerError,
     CallTimeout,
     ClientClosed,
     ReplyError,
     RequestTimeout,
+    TaskFailed,
     zmq_boundary,
 )
 from zbroker.client.keys import connected_socket
@@ -53,6 +55,41 @@ AsyncClientContext: TypeAlias = zmq.Context[Any]
 
 # How long request() and result() wait for a task to end unless told otherwise.
 DEFAULT_RESULT_TIMEOUT_S = 60.0
+
+
+class _StreamState:
+    """What both stream classes show of a stream while it runs, and its end."""
+
+    def __init__(self, task_id: str | None, offset: int) -> None:
+        self.task_id = task_id  # None until a STREAM is accepted
+        self.offset = offset  # the offset of the next chunk
+        self.attempt = 0  # the attempt of the last chunk (0 before the first)
+        self.frames: list[bytes] | None = None  # the result, once the task is done
+        self.ended = False  # its end was read: the result, or the error it raised
+
+    def deliver(self, op: _calls.Deliver) -> Iterator[bytes]:
+        self.task_id = op.task_id
+        for i, chunk in enumerate(op.chunks):
+            self.offset = op.offset + i + 1
+            self.attempt = op.attempt
+            yield chunk
+
+    def finish(self, frames: list[bytes]) -> None:
+        self.frames = frames
+        self.ended = True
+
+    @property
+    def result_frames(self) -> list[bytes]:
+        if self.frames is None:
+            raise RuntimeError("the stream has not ended: read it to its end first")
+        return self.frames
+
+    @property
+    def result(self) -> bytes:
+        return _calls.one_frame(self.result_frames)
+
+
+_ACCEPTED = b""  # what a stream driver yields for an acceptance (the id is known); not a chunk
 
 
 @dataclass(slots=True)
@@ -305,6 +342,12 @@ class AsyncClientBase:
         self.stats.answers += 1
         call.inbox.put_nowait(answer)
 
+    def _stream(
+        self, plan: _calls.Plan[list[bytes]], what: str, task_id: str | None, offset: int
+    ) -> AsyncTaskStream:
+        """A stream plan, run as the returned stream is read."""
+        return AsyncTaskStream(lambda state: _drive_async(self, plan, what, state), task_id, offset)
+
     def _replace_socket(self) -> None:
         """Close the socket, open a fresh one, and tell every outstanding call to send again."""
         old = self._open_socket()
@@ -320,6 +363,156 @@ class AsyncClientBase:
         self._ensure_reader()
         for call in self._calls:
             call.inbox.put_nowait(_Replaced(self._generation))
+
+
+class AsyncTaskStream:
+    """A task's stream, as the asyncio client reads it: an async iterator of chunks.
+
+    `async for chunk in stream` gives each chunk (bytes) once, in order; then
+    `stream.result` is the task's result (`result_frames`: every frame). A task
+    that ends without a result raises its TaskFailed (TaskDead, TaskCancelled,
+    TaskExpired) from the loop. `task_id` is known once the task was accepted
+    (`await stream.started()` waits for that), `offset` is the offset of the next
+    chunk (what `read_stream(task_id, offset)` would resume from) and `attempt`
+    the attempt of the last chunk: when it grows, the task started again and what
+    came before belongs to an attempt that failed.
+
+    Leaving the loop early, `await stream.aclose()` or `async with` closing it
+    before the end abandons the stream: the broker is told (CLOSE) and, when the
+    call asked (`cancel_on_abandon`, the default of `stream()`), cancels the task.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[_StreamState], AsyncIterator[bytes]],
+        task_id: str | None,
+        offset: int,
+    ) -> None:
+        self._state = _StreamState(task_id, offset)
+        self._it = run(self._state)
+
+    @property
+    def task_id(self) -> str | None:
+        return self._state.task_id
+
+    @property
+    def offset(self) -> int:
+        return self._state.offset
+
+    @property
+    def attempt(self) -> int:
+        return self._state.attempt
+
+    @property
+    def ended(self) -> bool:
+        """True once the task's end was read (its result, or the error it raised)."""
+        return self._state.ended
+
+    @property
+    def result(self) -> bytes:
+        """The one-frame result, once the loop has ended (RuntimeError before)."""
+        return self._state.result
+
+    @property
+    def result_frames(self) -> list[bytes]:
+        return self._state.result_frames
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            chunk = await self._it.__anext__()
+            if chunk is not _ACCEPTED:
+                return chunk
+
+    async def started(self) -> str:
+        """Wait until the task is accepted (a STREAM) and return its id."""
+        while self._state.task_id is None:
+            chunk = await self._it.__anext__()
+            assert chunk is _ACCEPTED, "a chunk before the acceptance"
+        return self._state.task_id
+
+    async def aclose(self) -> None:
+        """Abandon the stream (a no-op once it ended)."""
+        await self._it.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _drive_async(
+    client: AsyncClientBase, plan: _calls.Plan[list[bytes]], what: str, state: _StreamState
+) -> AsyncIterator[bytes]:
+    """Carry out a stream plan on the asyncio client's shared socket (see `_run`),
+    yielding each chunk as it is delivered."""
+    call: _Call | None = None
+    rid: int | None = None
+    try:
+        client._open_socket()
+        client._ensure_reader()
+        client.stats.calls += 1
+        call = _Call(client._generation)
+        client._calls.add(call)
+        event: _calls.Event = None
+        while True:
+            try:
+                op = plan.send(event)
+            except StopIteration as finished:
+                state.finish(finished.value)
+                return
+            except (TaskFailed, BrokerError):
+                state.ended = True  # the broker ended the call: nothing to close
+                raise
+            event = None
+            if isinstance(op, _calls.Deliver):
+                if not op.chunks:
+                    state.task_id = op.task_id
+                    yield _ACCEPTED
+                for chunk in state.deliver(op):
+                    yield chunk
+                continue
+            with zmq_boundary(what):
+                if isinstance(op, _calls.Send):
+                    sock = client._open_socket()
+                    keys.check(sock)
+                    if call.generation != client._generation:
+                        call.generation = client._generation
+                        call.rids.clear()
+                    call.rids.add(op.rid)
+                    client._routes[op.rid] = call
+                    if op.kind != "credit":
+                        rid = op.rid
+                    await sock.send_multipart(op.frames)
+                    client.stats.count_send(op.kind)
+                elif isinstance(op, _calls.Wait):
+                    event = await client._next_event(call, op.timeout_s)
+                elif call.generation == client._generation:
+                    client._replace_socket()
+    except CallTimeout:
+        client.stats.timeouts += 1
+        raise
+    finally:
+        plan.close()
+        if call is not None:
+            _leave_async(client, call, None if state.ended else rid)
+
+
+def _leave_async(client: AsyncClientBase, call: _Call, rid: int | None) -> None:
+    """A stream's call is over: its routes go; `rid` not None: it ended early, so the
+    broker is told (CLOSE) if the socket it was sent on is still the client's."""
+    client._calls.discard(call)
+    for each in call.rids:
+        if client._routes.get(each) is call:
+            del client._routes[each]
+    sock = client._socket
+    if rid is not None and sock is not None and call.generation == client._generation:
+        with contextlib.suppress(zmq.ZMQError):
+            # The plain socket's send: no future to await, safe while closing.
+            zmq.Socket.send_multipart(sock, zbc.call(zbc.CLOSE, rid), zmq.NOBLOCK)
 
 
 def _async_context(context: AsyncClientContext | None) -> zmq.asyncio.Context:
@@ -482,6 +675,12 @@ class ClientBase(SocketOwner):
             self.stats.answers += 1
             return answer
 
+    def _stream(
+        self, plan: _calls.Plan[list[bytes]], what: str, task_id: str | None, offset: int
+    ) -> TaskStream:
+        """A stream plan, run as the returned stream is read."""
+        return TaskStream(lambda state: _drive(self, plan, what, state), task_id, offset)
+
     def _replace_socket(self) -> zmq.Socket[bytes]:
         self.close()
         self._socket = connected_socket(
@@ -511,6 +710,140 @@ class ClientBase(SocketOwner):
                 self.stats.mismatched_replies += 1
                 continue
             return list(body)
+
+
+class TaskStream:
+    """A task's stream, as the blocking client reads it: an iterator of chunks.
+
+    `for chunk in stream` gives each chunk (bytes) once, in order; then
+    `stream.result` is the task's result (`result_frames`: every frame). A task
+    that ends without a result raises its TaskFailed (TaskDead, TaskCancelled,
+    TaskExpired) from the loop. `task_id` is known once the task was accepted
+    (`stream.started()` waits for that), `offset` is the offset of the next
+    chunk (what `read_stream(task_id, offset)` would resume from) and `attempt`
+    the attempt of the last chunk: when it grows, the task started again and what
+    came before belongs to an attempt that failed.
+
+    Each stream reads on a connection of its own, so the client's other calls may
+    be made from inside the loop. Leaving the loop early (`break`, an exception),
+    `stream.close()` or `with` closing it before the end abandons the stream: the
+    broker is told (CLOSE, then the connection closes) and, when the call asked
+    (`cancel_on_abandon`, the default of `stream()`), cancels the task.
+    """
+
+    def __init__(
+        self, run: Callable[[_StreamState], Iterator[bytes]], task_id: str | None, offset: int
+    ) -> None:
+        self._state = _StreamState(task_id, offset)
+        self._it = run(self._state)
+
+    @property
+    def task_id(self) -> str | None:
+        return self._state.task_id
+
+    @property
+    def offset(self) -> int:
+        return self._state.offset
+
+    @property
+    def attempt(self) -> int:
+        return self._state.attempt
+
+    @property
+    def ended(self) -> bool:
+        """True once the task's end was read (its result, or the error it raised)."""
+        return self._state.ended
+
+    @property
+    def result(self) -> bytes:
+        """The one-frame result, once the loop has ended (RuntimeError before)."""
+        return self._state.result
+
+    @property
+    def result_frames(self) -> list[bytes]:
+        return self._state.result_frames
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> bytes:
+        while True:
+            chunk = next(self._it)
+            if chunk is not _ACCEPTED:
+                return chunk
+
+    def started(self) -> str:
+        """Wait until the task is accepted (a STREAM) and return its id."""
+        while self._state.task_id is None:
+            chunk = next(self._it)
+            assert chunk is _ACCEPTED, "a chunk before the acceptance"
+        return self._state.task_id
+
+    def close(self) -> None:
+        """Abandon the stream (a no-op once it ended)."""
+        self._it.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drive(
+    client: ClientBase, plan: _calls.Plan[list[bytes]], what: str, state: _StreamState
+) -> Iterator[bytes]:
+    """Carry out a stream plan on a connection of its own, yielding each chunk as it
+    is delivered; closing it early sends CLOSE and closes the connection."""
+    client._open_socket()  # ClientClosed on a closed client
+    sock = connected_socket(
+        client._context, zmq.DEALER, client.endpoint, credentials=client.credentials
+    )
+    rid: int | None = None
+    mine: set[int] = set()
+    try:
+        client.stats.calls += 1
+        event: _calls.Event = None
+        while True:
+            try:
+                op = plan.send(event)
+            except StopIteration as finished:
+                state.finish(finished.value)
+                return
+            except (TaskFailed, BrokerError):
+                state.ended = True  # the broker ended the call: nothing to close
+                raise
+            event = None
+            if isinstance(op, _calls.Deliver):
+                if not op.chunks:
+                    state.task_id = op.task_id
+                    yield _ACCEPTED
+                yield from state.deliver(op)
+                continue
+            with zmq_boundary(what):
+                if isinstance(op, _calls.Send):
+                    mine.add(op.rid)
+                    if op.kind != "credit":
+                        rid = op.rid
+                    sock.send_multipart(op.frames)
+                    client.stats.count_send(op.kind)
+                elif isinstance(op, _calls.Wait):
+                    event = client._await_answer(sock, mine, op.timeout_s)
+                else:
+                    keys.close_socket(sock)
+                    sock = connected_socket(
+                        client._context, zmq.DEALER, client.endpoint, credentials=client.credentials
+                    )
+                    mine.clear()
+    except CallTimeout:
+        client.stats.timeouts += 1
+        raise
+    finally:
+        plan.close()
+        if not state.ended and rid is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(zbc.call(zbc.CLOSE, rid), zmq.NOBLOCK)
+        keys.close_socket(sock)
 
 
 def _service_name(service: str | bytes) -> bytes:

@@ -77,6 +77,8 @@ from zbroker.protocol.limits import (
     MAX_FRAMES,
     MAX_QUEUES_PAGE,
     MIN_MESSAGE_BYTES,
+    STREAM_WINDOW_DEFAULT,
+    STREAM_WINDOW_MAX,
 )
 from zbroker.protocol.limits import ZBC_MAX_BATCH as MAX_BATCH
 from zbroker.protocol.states import FAILED_STATES
@@ -84,7 +86,7 @@ from zbroker.protocol.states import FAILED_STATES
 T = TypeVar("T")
 
 Payload = bytes | Sequence[bytes]
-SendKind = Literal["first", "resend", "resume", "poll"]
+SendKind = Literal["first", "resend", "resume", "poll", "credit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +94,9 @@ class Send:
     """Put `frames` on the wire; answers quoting `rid` belong to the call from now on.
 
     `kind`: first (a call's first message), resend (the same call again after
-    no answer), resume (RESULT by id on a fresh connection), poll (RESULT again
-    after the broker answered that the task is still running).
+    no answer), resume (RESULT or READ by id on a fresh connection), poll (RESULT
+    or READ again after the broker answered that the task is still running),
+    credit (a stream's MORE: no answer comes, and `rid` is the stream call's).
     """
 
     rid: int
@@ -113,6 +116,18 @@ class Reconnect:
     """The broker went silent: replace the connection before sending again."""
 
 
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Stream plans only: hand `chunks` (offsets `offset`.., of `attempt`) of task
+    `task_id` to the consumer, and resume the plan once it wants more. The first
+    Deliver of a STREAM has no chunks: it says the task was accepted."""
+
+    task_id: str
+    offset: int
+    attempt: int
+    chunks: tuple[bytes, ...]
+
+
 class _Signal:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -124,7 +139,7 @@ class _Signal:
 TIMEOUT = _Signal("TIMEOUT")
 REPLACED = _Signal("REPLACED")
 
-Op = Send | Wait | Reconnect
+Op = Send | Wait | Reconnect | Deliver
 Event = zbc.Answer | _Signal | None
 Plan = Generator[Op, Event, T]
 
@@ -555,6 +570,163 @@ def await_result(
         poll_answer_by = yield from poll("poll")
 
 
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """How a stream wants its chunks (docs/protocol.md §13)."""
+
+    window: int = STREAM_WINDOW_DEFAULT
+    attempts: Literal["all", "current"] = "all"
+    cancel_on_abandon: bool = False
+
+
+def follow(window: int, attempts: str, cancel_on_abandon: bool) -> Follow:
+    """The stream options, checked."""
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError("window must be an int")
+    if not 1 <= window <= STREAM_WINDOW_MAX:
+        raise ValueError(f"window must be 1..{STREAM_WINDOW_MAX}")
+    if attempts not in ("all", "current"):
+        raise ValueError('attempts must be "all" or "current"')
+    if not isinstance(cancel_on_abandon, bool):
+        raise TypeError("cancel_on_abandon must be a bool")
+    return Follow(window, attempts, cancel_on_abandon)  # type: ignore[arg-type]
+
+
+def _read(rid: int, task_id: str, offset: int, how: Follow, wait_s: float) -> list[bytes]:
+    return zbc.read(
+        rid,
+        task_id,
+        offset,
+        wait_s=wait_s,
+        window=how.window,
+        attempts=how.attempts,
+        cancel_on_abandon=how.cancel_on_abandon,
+    )
+
+
+def _accepted(
+    s: Settings,
+    task: tuple[str, tuple[bytes, ...], zbc.TaskOptions],
+    how: Follow,
+    stop_at: float | None,
+) -> Plan[tuple[int, str]]:
+    """A STREAM sent until accepted (resent with its key when unanswered, as REQUEST
+    is): the rid that was, and the task's id."""
+    service, payload, options = task
+    attempts = 1
+    kind: SendKind = "first"
+    while True:
+        rid = s.next_rid()
+        frames = zbc.stream(
+            rid,
+            service,
+            payload,
+            options,
+            wait_s=s.poll_s,
+            window=how.window,
+            attempts=how.attempts,
+            cancel_on_abandon=how.cancel_on_abandon,
+        )
+        if kind == "first":
+            check_fits(s, "STREAM", frames)
+        yield Send(rid, frames, kind)
+        while True:
+            event = yield Wait(_until(time.monotonic() + s.timeout_s, stop_at))
+            if not isinstance(event, zbc.Answer):
+                break
+            if not event.ok:
+                raise broker_error(event.code, event.message)
+            if "ids" in event.meta:
+                return rid, parse_ids(event.meta, 1)[0]
+        if attempts > s.retries or _past(stop_at):
+            raise CallTimeout(
+                "STREAM", s.timeout_s, attempts, key=options.key, service=service.encode()
+            )
+        attempts += 1
+        if event is not REPLACED:
+            yield Reconnect()
+        kind = "resend"
+
+
+def _fresh(answer: zbc.Answer, offset: int) -> tuple[int, int, tuple[bytes, ...]]:
+    """A CHUNKS answer's (first offset, attempt, chunks at `offset` and after)."""
+    first, attempt = answer.meta.get("offset"), answer.meta.get("attempt")
+    if type(first) is not int or type(attempt) is not int:
+        raise ReplyError("bad_answer", "CHUNKS without an integer offset and attempt")
+    return max(first, offset), attempt, answer.frames[max(0, offset - first) :]
+
+
+def stream(
+    s: Settings,
+    task_id: str | None,
+    offset: int,
+    how: Follow,
+    deadline: float | None,
+    timeout_s: float | None,
+    task: tuple[str, tuple[bytes, ...], zbc.TaskOptions] | None = None,
+) -> Plan[list[bytes]]:
+    """STREAM (`task`: service, payload, options; `task_id` None) or READ (`task_id`
+    from `offset`): deliver the task's chunks as they come, return its result.
+
+    The STREAM's acceptance is awaited like REQUEST's (resent with the same key
+    when lost) and delivered as an empty `Deliver`. From then on the plan waits
+    for CHUNKS, delivers them, and credits the broker (MORE) once half the window
+    was consumed. When the broker ends the call without an end (nothing came for
+    `poll_s`), or the connection is lost or replaced, the plan follows again with
+    READ from the next offset it has not delivered: no chunk is lost, none is
+    delivered twice (a chunk sent again after a resume is dropped here). A
+    silent broker fails it after `retries` resumes in a row (CallTimeout); with
+    a deadline, TaskPending once it passes.
+    """
+    stop_at = _stop_at(s, deadline)
+    if task is not None:
+        rid, task_id = yield from _accepted(s, task, how, stop_at)
+        yield Deliver(task_id, offset, 0, ())
+    else:
+        assert task_id is not None
+        rid = s.next_rid()
+        yield Send(rid, _read(rid, task_id, offset, how, s.poll_s), "first")
+    silent = 0
+    uncredited = 0  # chunks the broker sent this call that no MORE credited yet
+    half = max(1, how.window // 2)
+    while True:
+        event = yield Wait(_until(time.monotonic() + s.poll_s + s.timeout_s, stop_at))
+        kind: SendKind = "poll"
+        if isinstance(event, zbc.Answer):
+            if not event.ok:
+                raise broker_error(event.code, event.message)
+            silent = 0
+            if event.chunks:
+                start, attempt, fresh = _fresh(event, offset)
+                uncredited += len(event.frames)
+                if fresh:
+                    offset = start + len(fresh)
+                    yield Deliver(task_id, start, attempt, fresh)
+                if uncredited >= half:
+                    yield Send(rid, zbc.call(zbc.MORE, rid, credit=uncredited), "credit")
+                    uncredited = 0
+                continue
+            if "state" not in event.meta:
+                continue  # a duplicate acceptance
+            outcome = settle(event, task_id)
+            if outcome is not None:
+                return outcome
+            # Nothing came for poll_s: the broker ended the call; follow again.
+            if _left(deadline) <= 0:
+                state = parse_state(event.meta.get("state")).value
+                raise TaskPending(task_id, state, timeout_s or 0.0)
+        else:
+            silent += 1
+            if silent > s.retries or _past(stop_at):
+                raise CallTimeout("READ", s.timeout_s, silent, task_id=task_id)
+            if event is TIMEOUT:
+                yield Reconnect()
+            kind = "resume"
+        rid = s.next_rid()
+        uncredited = 0
+        yield Send(rid, _read(rid, task_id, offset, how, s.poll_s), kind)
+
+
 def status(s: Settings, task_id: str) -> Plan[TaskStatus]:
     answer = yield from call(s, "STATUS", lambda rid: zbc.call(zbc.STATUS, rid, id=task_id))
     return parse_status(answer.meta)
@@ -673,6 +845,30 @@ def plan_request(
 def plan_result(s: Settings, task_id: str, timeout_s: float | None) -> Plan[list[bytes]]:
     deadline = deadline_of(timeout_s)
     return await_result(s, task_id_arg(task_id), deadline, timeout_s)
+
+
+def plan_stream(
+    s: Settings,
+    service: str | bytes,
+    payload: Payload,
+    timeout_s: float | None,
+    options: TaskOptions,
+    how: Follow,
+) -> Plan[list[bytes]]:
+    """`stream()`: arguments checked now; the plan delivers chunks, returns the result."""
+    deadline = deadline_of(timeout_s)
+    task = (service_name(service), payload_frames(payload), wire_options(options))
+    return stream(s, None, 0, how, deadline, timeout_s, task)
+
+
+def plan_read_stream(
+    s: Settings, task_id: str, offset: int, timeout_s: float | None, how: Follow
+) -> Plan[list[bytes]]:
+    """`read_stream()`: arguments checked now."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError("offset must be an int >= 0")
+    deadline = deadline_of(timeout_s)
+    return stream(s, task_id_arg(task_id), offset, how, deadline, timeout_s)
 
 
 def plan_status(s: Settings, task_id: str) -> Plan[TaskStatus]:

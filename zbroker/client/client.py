@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from zbroker.client import _calls
+from zbroker.client import _base, _calls
 from zbroker.client._base import (
     DEFAULT_RESULT_TIMEOUT_S,
     ClientBase,
@@ -31,7 +31,11 @@ from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
-from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_QUEUES_PAGE
+from zbroker.protocol.limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_QUEUES_PAGE,
+    STREAM_WINDOW_DEFAULT,
+)
 
 
 class Client(ClientBase):
@@ -253,6 +257,79 @@ class Client(ClientBase):
         )
         plan = _calls.plan_request(self._settings(), service, payload, timeout_s, chosen)
         return self._run(plan, "request")
+
+    def stream(
+        self,
+        service: str | bytes,
+        payload: Payload,
+        timeout_s: float | None = None,
+        *,
+        window: int = STREAM_WINDOW_DEFAULT,
+        attempts: str = "all",
+        cancel_on_abandon: bool = True,
+        priority: int = 0,
+        delay_s: float | None = None,
+        not_before: When | None = None,
+        ttl_s: float | None = None,
+        max_attempts: int | None = None,
+        task_timeout_s: float | None = None,
+        key: str | None = None,
+        headers: dict[str, Any] | None = None,
+        options: TaskOptions | None = None,
+    ) -> _base.TaskStream:
+        """Enqueue one durable task and read its stream: the chunks its worker sends
+        (`task.emit`, or a generator handler) as they come, then its result.
+
+        Returns an TaskStream (iterate it; it sends nothing before): each
+        chunk is bytes, given once and in order, and once the loop ends,
+        `.result` is the task's result and `.task_id` its id. Leaving the loop
+        early abandons the stream, which cancels the task (`cancel_on_abandon`,
+        on by default here; the worker's handler sees the cancellation within a
+        heartbeat interval). `window`: chunks the broker may send ahead of what
+        was read (flow control); `attempts="current"` skips chunks of attempts
+        older than the task's current one (when `attempt` grows, the task started
+        again). `timeout_s` bounds the whole stream (None: no bound; a broker that
+        goes silent still fails it, CallTimeout); the task options are those of
+        `enqueue()`. A lost connection is resumed by task id from the next offset:
+        no chunk is lost or given twice. Raises what `request()` raises.
+        """
+        chosen = pick_options(
+            options,
+            TaskOptions(
+                priority=priority,
+                delay_s=delay_s,
+                not_before=not_before,
+                ttl_s=ttl_s,
+                max_attempts=max_attempts,
+                timeout_s=task_timeout_s,
+                key=key,
+                headers=headers,
+            ),
+            timeout_name="task_timeout_s",
+        )
+        how = _calls.follow(window, attempts, cancel_on_abandon)
+        plan = _calls.plan_stream(self._settings(), service, payload, timeout_s, chosen, how)
+        return self._stream(plan, "stream", None, 0)
+
+    def read_stream(
+        self,
+        task_id: str,
+        offset: int = 0,
+        timeout_s: float | None = None,
+        *,
+        window: int = STREAM_WINDOW_DEFAULT,
+        attempts: str = "all",
+        cancel_on_abandon: bool = False,
+    ) -> _base.TaskStream:
+        """Read the stream of an existing task from `offset`: the chunks kept so far,
+        then the rest as they come, then its result (the same stream as `stream()`
+        returns). A reader that lost its place resumes with the `offset` it had.
+        Abandoning it cancels the task only with `cancel_on_abandon=True`.
+        Raises TaskNotFound for an unknown task (or one whose retention ended).
+        """
+        how = _calls.follow(window, attempts, cancel_on_abandon)
+        plan = _calls.plan_read_stream(self._settings(), task_id, offset, timeout_s, how)
+        return self._stream(plan, "read_stream", task_id, offset)
 
     def result(
         self,

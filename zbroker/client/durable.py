@@ -68,6 +68,9 @@ class TaskStatus:
     uncharged: int = 0
     # The principal that enqueued it, on a broker started with --auth (else None).
     owner: str | None = None
+    # Its stream (docs/protocol.md §13): chunks kept, and their bytes.
+    stream_chunks: int = 0
+    stream_bytes: int = 0
 
     @property
     def final(self) -> bool:
@@ -124,6 +127,8 @@ def parse_status(meta: dict[str, Any]) -> TaskStatus:
         history=tuple(history) if isinstance(history, list | tuple) else (),
         uncharged=_whole(task, "uncharged"),
         owner=_optional_text(task, "owner"),
+        stream_chunks=_whole(task, "stream_chunks"),
+        stream_bytes=_whole(task, "stream_bytes"),
     )
 
 
