@@ -319,6 +319,42 @@ def _clock(timestamp: float) -> str:
         return f"{timestamp:.3f}"
 
 
+_Endpoint = Annotated[
+    str,
+    typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
+]
+
+
+def _print_stream(stream: Any, as_json: bool) -> None:
+    """Each chunk of `stream` as it comes: as is (text), or one JSON object per line."""
+    out = sys.stdout.buffer
+    for chunk in stream:
+        if as_json:
+            try:
+                data: dict[str, Any] = {"text": chunk.decode()}
+            except UnicodeDecodeError:
+                data = {"base64": base64.b64encode(chunk).decode()}
+            row = {"offset": stream.offset - 1, "attempt": stream.attempt, **data}
+            out.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+        else:
+            out.write(chunk)
+        out.flush()
+
+
+def _follow_stream(endpoint: str, task_id: str, offset: int, as_json: bool) -> None:
+    """`tail --task`: the task's chunks until it ends; its error, if it failed, exit 1."""
+    try:
+        with Client(endpoint, retries=1, credentials=_credentials) as client:
+            _print_stream(client.read_stream(task_id, offset), as_json)
+    except KeyboardInterrupt:
+        return
+    except ClientError as exc:
+        typer.echo(f"zbroker: stream of {task_id}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if sys.stdout.isatty() and not as_json:
+        sys.stdout.write("\n")
+
+
 @app.command()
 def tail(
     prefixes: Annotated[
@@ -332,8 +368,20 @@ def tail(
         bool, typer.Option("--json", help="One JSON object per event and line.")
     ] = False,
     count: Annotated[int, typer.Option(min=0, help="Stop after this many events (0: never).")] = 0,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Follow this task's stream instead: its chunks, until it ends."),
+    ] = None,
+    offset: Annotated[int, typer.Option(min=0, help="With --task: the first chunk.")] = 0,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
 ) -> None:
-    """Print events from the bus as they come (the broker's lifecycle events included)."""
+    """Print events from the bus as they come (the broker's lifecycle events included),
+    or with --task one task's stream: each chunk as it comes, until the task ends."""
+    if task is not None:
+        if prefixes:
+            raise typer.BadParameter("give topic prefixes or --task, not both")
+        _follow_stream(endpoint, task, offset, as_json)
+        return
     seen = 0
     try:
         with Subscriber(events, *(prefixes or []), credentials=_credentials) as sub:
@@ -366,10 +414,6 @@ def tail(
         raise typer.Exit(1) from None
 
 
-_Endpoint = Annotated[
-    str,
-    typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
-]
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _Timeout = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the broker's answer.")]
 
@@ -583,6 +627,31 @@ def enqueue(
         typer.echo(f"key {key!r} matched task {task_id}: nothing new stored", err=True)
 
 
+def _request_stream(
+    endpoint: str,
+    timeout: float,
+    service: str,
+    payload: bytes,
+    wait: float,
+    priority: int,
+    as_json: bool,
+) -> None:
+    """`request --stream`: the chunks as they come; Ctrl-C abandons (cancels) the task."""
+    try:
+        with (
+            Client(endpoint, timeout_s=timeout, retries=1, credentials=_credentials) as client,
+            client.stream(service, payload, timeout_s=wait, priority=priority) as chunks,
+        ):
+            _print_stream(chunks, as_json)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except ClientError as exc:
+        typer.echo(f"zbroker: request to {service}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if sys.stdout.isatty() and not as_json:
+        sys.stdout.write("\n")
+
+
 @app.command()
 def request(
     service: Annotated[str, typer.Argument(help="The service to ask.")],
@@ -592,9 +661,24 @@ def request(
     wait: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the result.")] = 60.0,
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Print the task's stream as it comes instead of its result;"
+            " Ctrl-C cancels the task.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --stream: one JSON object per chunk.")
+    ] = False,
 ) -> None:
-    """Enqueue a task and wait for its result, written to standard output as is."""
+    """Enqueue a task and wait for its result, written to standard output as is (with
+    --stream: its chunks as they come)."""
     payload = _payload(data, file)
+    if stream:
+        _request_stream(endpoint, timeout, service, payload, wait, priority, as_json)
+        return
     result = _client_call(
         endpoint,
         timeout,

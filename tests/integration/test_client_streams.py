@@ -9,6 +9,9 @@ tells it what to do: `n:<chunks>`, `slow:<chunks>` (a pause per chunk), `fail1:<
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -224,3 +227,42 @@ def test_broker_stats_count_chunks(
     stats = client.broker_stats()["stats"]
     assert stats["chunks_received"] >= 5 and stats["chunks_sent"] >= 5
     assert zbc.STREAM == b"\x12"
+
+
+def test_cli_request_stream_and_tail_task(
+    broker: BrokerProcess, worker: RawStreamWorker, stack: ExitStack
+) -> None:
+    cli = [sys.executable, "-m", "zbroker"]
+    where = ["--endpoint", broker.endpoint]
+    done = subprocess.run(
+        [*cli, "request", "stream", "--data", "n:4", "--stream", *where],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"c0c1c2c3"
+    client = open_client(stack, broker)
+    task_id = str(client.enqueue("stream", b"n:3"))
+    client.result(task_id)
+    done = subprocess.run(
+        [*cli, "tail", "--task", task_id, "--offset", "1", "--json", *where],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert rows == [
+        {"offset": 1, "attempt": 1, "text": "c1"},
+        {"offset": 2, "attempt": 1, "text": "c2"},
+    ]
+    failed = subprocess.run(
+        [*cli, "request", "stream", "--data", "dead:1", "--stream", *where],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert failed.returncode == 1 and "boom" in failed.stderr and failed.stdout == "c0"
