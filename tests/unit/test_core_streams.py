@@ -47,6 +47,8 @@ def test_chunks_reach_the_stream_call_in_order_then_the_result(journal: Journal)
     got = s.answers(C)
     assert chunks_of(got) == [(0, 1, [b"Hel", b"lo"]), (2, 1, [b" there"])]
     assert all(a.rid == rid for a in got)
+    status = s.call(b"S", zbc.call(zbc.STATUS, 1, id=task_id))  # mid-attempt: the live count
+    assert status.meta["task"]["stream_chunks"] == 3
     s.send(W, ext.done(task_id, attempt, [b"Hello there"]))
     (end,) = s.answers(C)
     assert not end.chunks and end.meta["state"] == "done" and end.meta["next"] == 3

@@ -154,7 +154,7 @@ class DurableTasks:
             settings.max_waiters_per_principal,
         )
         # Calls reading task streams (STREAM, READ).
-        self.streams = TaskStreams(settings, stats, out, journal, self._record_of)
+        self.streams = TaskStreams(settings, stats, out, journal, self.record_of)
         # Authenticated brokers: tasks not yet finished (waiting or running) per owner,
         # kept in step by `apply` and counted from the journal at start.
         self.live_by_owner: dict[str, int] = {}
@@ -529,7 +529,7 @@ class DurableTasks:
         self, identity: bytes, msg: zbc.Read, now: float, principal: str | None = None
     ) -> None:
         """READ: follow a task's stream from an offset (its chunks, then its end)."""
-        record = self._record_of(msg.id)
+        record = self.record_of(msg.id)
         if record is None:
             self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
         elif (why := self.streams.full(identity, principal)) is not None:
@@ -555,12 +555,12 @@ class DurableTasks:
         self._stats.streams_abandoned += 1
         if not cancel:
             return
-        record = self._record_of(task_id)
+        record = self.record_of(task_id)
         if record is not None and record.state not in FINAL:
             record.error = "abandoned by its reader"
             self._cancel(record, now)
 
-    def _record_of(self, task_id: str) -> TaskRecord | None:
+    def record_of(self, task_id: str) -> TaskRecord | None:
         """The task's record: the live one while a worker holds it, else the stored one."""
         held = self._attempts.get(task_id)
         if held is not None:
@@ -858,7 +858,7 @@ class DurableTasks:
             fields["existing"] = existing
         self._out.outbox.append([identity, *zbc.reply(msg.rid, fields)])
         if msg.follow is not None:
-            record = self._record_of(ids[0])
+            record = self.record_of(ids[0])
             assert record is not None
             self.streams.open(identity, msg.rid, record, 0, msg.wait_s, msg.follow, owner, now)
         elif msg.wait:

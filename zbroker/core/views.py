@@ -176,9 +176,8 @@ class AdminViews:
 
     def status(self, msg: zbc.Status) -> dict[str, Any] | None:
         """A task's record and history (None: no such task)."""
-        journal = self._tasks.journal
-        assert journal is not None
-        record = journal.get(msg.id)
+        # The live record while an attempt runs: its stream grows without a write.
+        record = self._tasks.record_of(msg.id)
         return None if record is None else {"task": record_view(record)}
 
     def dead(self, msg: zbc.Dead) -> dict[str, Any]:
