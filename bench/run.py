@@ -22,6 +22,7 @@ import compare
 import durable
 import fuzz
 import mdp
+import streams
 from harness import (
     RESULTS_DIR,
     RUNS_DIR,
@@ -39,7 +40,14 @@ from harness import (
 # Add a workload by writing a module with a WORKLOAD and listing it here.
 WORKLOADS: dict[str, Workload] = {
     w.name: w
-    for w in (mdp.WORKLOAD, durable.WORKLOAD, compare.WORKLOAD, fuzz.WORKLOAD, auth.WORKLOAD)
+    for w in (
+        mdp.WORKLOAD,
+        durable.WORKLOAD,
+        compare.WORKLOAD,
+        fuzz.WORKLOAD,
+        auth.WORKLOAD,
+        streams.WORKLOAD,
+    )
 }
 
 
