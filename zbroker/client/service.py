@@ -50,7 +50,15 @@ from zbroker.client.errors import (
 )
 from zbroker.client.events import Publisher, Subscriber
 from zbroker.client.keys import Credentials
-from zbroker.client.worker import Task, Worker, _is_async, _service_name
+from zbroker.client.worker import (
+    Task,
+    Worker,
+    _drive,
+    _drive_async,
+    _is_async,
+    _service_name,
+    _Stopped,
+)
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, ext
 from zbroker.protocol.events import Event
 from zbroker.protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, MAX_TOPIC_BYTES
@@ -193,9 +201,15 @@ class Service:
         """Decorator: serve task queue `queue` with the decorated function.
 
         The function gets a `Task` and works as a `Worker` handler (plain or
-        `async def`, `task.progress()`, `NonRetryableError`, `RetryLater`).
-        It may return any value msgpack can pack: `bytes` become the task's
-        result as they are, anything else is packed into one msgpack frame.
+        `async def`, `task.progress()`, `task.emit()`, `NonRetryableError`,
+        `RetryLater`). It may return any value msgpack can pack: `bytes` become
+        the task's result as they are, anything else is packed into one
+        msgpack frame. A generator (or async generator) function streams: each
+        value it yields is emitted as a chunk (bytes, or str as UTF-8), and
+        the value a generator returns is the result, as above; an async
+        generator's result is None (packed: msgpack nil), as is that of a
+        generator that returns nothing. Once the attempt is cancelled the
+        generator is closed instead of resumed.
         With `publish`, each result is also published as an event of that
         topic (correlation_id = the task id, reply_to = the task's
         "reply_to" header when it is a str).
@@ -586,14 +600,22 @@ class Service:
     # ------------------------------------------------------------ tasks
 
     def _task_handler(self, q: _Queue) -> Callable[[Task], Any]:
+        """The Worker's handler: the function's result (or stream) made into bytes.
+        Generators are driven here, by the Worker's own drivers, so that the value
+        they return is packed like any result."""
         handler = q.handler
         if _is_async(handler):
 
             async def run_async(task: Task) -> bytes:
                 try:
                     result = handler(task)
-                    if inspect.isawaitable(result):
+                    if inspect.isasyncgen(result):
+                        await _drive_async(task, result)
+                        result = None
+                    elif inspect.isawaitable(result):
                         result = await result
+                except _Stopped:
+                    raise  # the attempt was cancelled: neither done nor failed
                 except Exception:
                     self._bump("tasks_failed")
                     raise
@@ -604,6 +626,10 @@ class Service:
         def run(task: Task) -> bytes:
             try:
                 result = handler(task)
+                if inspect.isgenerator(result):
+                    result = _drive(task, result)
+            except _Stopped:
+                raise
             except Exception:
                 self._bump("tasks_failed")
                 raise
@@ -618,6 +644,14 @@ class Service:
                 result.close()  # never awaited: close it rather than leak a warning
             self._bump("tasks_failed")
             raise NonRetryableError("handler returned an awaitable: declare it with `async def`")
+        if inspect.isasyncgen(result) or inspect.isgenerator(result):
+            if inspect.isgenerator(result):
+                result.close()
+            self._bump("tasks_failed")
+            raise NonRetryableError(
+                "handler returned a generator it cannot stream from here:"
+                " make the handler itself a generator (or async generator) function"
+            )
         if isinstance(result, bytes | bytearray | memoryview):
             frame = bytes(result)
             payload: object = frame

@@ -1,4 +1,4 @@
-"""A ZBW01 worker: declared credit, task ids and attempts, ACK, progress, DONE/FAIL, CANCEL.
+"""A ZBW01 worker: declared credit, task ids and attempts, ACK, progress, chunks, DONE/FAIL, CANCEL.
 
 Three roles, and only one of them touches zmq:
 
@@ -10,9 +10,10 @@ Three roles, and only one of them touches zmq:
   the handlers report.
 - Handler threads run the handler: `concurrency` threads for a plain function,
   or one thread whose asyncio loop runs up to `concurrency` coroutines for an
-  `async def` handler. They never touch zmq: reports (results, progress) go
-  through a `_Mailbox`, a SimpleQueue plus a socket pair that wakes the I/O
-  thread, so any thread may report.
+  `async def` handler (or async generator). They never touch zmq: reports
+  (results, progress, stream chunks) go through a `_Mailbox`, a SimpleQueue plus
+  a socket pair that wakes the I/O thread, so any thread may report. A generator
+  handler is driven by its runner: each value it yields is emitted as a chunk.
 - The thread that calls `run()` supervises: it starts the others, waits for
   `stop()`, and shuts them down in order (handlers first, so their results
   reach the wire before DISCONNECT).
@@ -23,7 +24,13 @@ attempt is still held: results from an older connection (the broker forgot
 that worker; a restarted broker even reuses task ids) and results of attempts
 the broker took back with CANCEL are dropped here and counted.
 
-What the broker must get (ACK, DONE, DONES, FAIL) is never dropped while its
+Stream chunks (`task.emit()`, docs/protocol.md §13) leave as CHUNK messages:
+the chunks of one task read from the mailbox in one go share a message, and a
+task's pending chunks always leave before its DONE or FAIL, even when that
+result is batched into a DONES. Chunks of an attempt that is no longer held
+are dropped and counted, like its result.
+
+What the broker must get (ACK, CHUNK, DONE, DONES, FAIL) is never dropped while its
 connection lasts: when the socket's send queue is full (the broker is alive
 but behind), it waits in the link's outbox, in order, and goes out as soon as
 the socket is writable again (POLLOUT); the I/O thread never blocks on it and
@@ -46,7 +53,16 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -102,7 +118,13 @@ _FLUSH_ON_STOP_S = 2.0
 _EVENT_LOCK = threading.Lock()
 
 Result = bytes | Sequence[bytes]
-Handler = Callable[["Task"], Result | Awaitable[Result]]
+# What `Task.emit()` takes, and what a generator handler may yield: one chunk.
+ChunkData = bytes | bytearray | memoryview | str
+# A generator handler (sync or async) is typed by what it yields, as Iterator or as
+# Generator: at run time, what it returns when it is a generator is the result.
+Handler = Callable[
+    ["Task"], Result | Awaitable[Result] | Iterator[ChunkData] | AsyncIterator[ChunkData]
+]
 Metrics = Callable[[], Mapping[str, Any]]
 
 
@@ -111,8 +133,8 @@ class Task:
     """One attempt of a task, as the handler gets it.
 
     Compared by identity: two deliveries of the same task are two attempts.
-    A Task built by hand (to unit-test a handler) works too: `progress()` then
-    goes nowhere and it is never cancelled.
+    A Task built by hand (to unit-test a handler) works too: `progress()` and
+    `emit()` then go nowhere and it is never cancelled.
     """
 
     id: str
@@ -123,8 +145,12 @@ class Task:
     timeout_s: float | None = None
     # Made on first use: most tasks are never cancelled nor waited on.
     _cancel_event: threading.Event | None = field(default=None, init=False, repr=False)
+    _cancel_reason: str | None = field(default=None, init=False, repr=False)
     _generation: int = field(default=0, init=False, repr=False)
     _mailbox: _Mailbox | None = field(default=None, init=False, repr=False)
+    _worker: Worker | None = field(default=None, init=False, repr=False)
+    # Set once the handler has returned (or raised): chunks emitted later are dropped.
+    _ended: bool = field(default=False, init=False, repr=False)
 
     @property
     def payload(self) -> bytes:
@@ -136,6 +162,12 @@ class Task:
         """True once the broker took this attempt back: its result will not be sent."""
         event = self._cancel_event
         return event is not None and event.is_set()
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the broker cancelled this attempt, when its CANCEL said so (a stream
+        past its cap, say); None otherwise, and while the attempt is not cancelled."""
+        return self._cancel_reason
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
         """Wait up to `timeout_s` (None: forever) for a cancellation; True if it came."""
@@ -164,6 +196,36 @@ class Task:
         if mailbox is not None:
             mailbox.post(_Progress(self, data))
 
+    def emit(self, chunk: ChunkData) -> bool:
+        """Append `chunk` to the task's stream (docs/protocol.md §13); True if it was queued
+        (it is still dropped if the attempt ends before it leaves).
+
+        `chunk` is bytes (or bytearray, memoryview), or a str, sent as UTF-8;
+        anything else raises TypeError, and a chunk too large for any message
+        (over `max_message_bytes` less its headers) raises ValueError. Callable
+        from any thread and from async handlers (no await: it never blocks on
+        the network). The chunks of an attempt go out in the order they were
+        emitted, several in one CHUNK message when they come close together,
+        and all of them before the attempt's result.
+
+        Once the attempt is over (cancelled, its handler returned, its connection
+        replaced, the worker stopped) it is a no-op that returns False, counted
+        in `stats.stale_chunks_dropped`; it never raises for that. A Task built
+        by hand has no stream: False.
+        """
+        data = _chunk_bytes(chunk)
+        worker = self._worker
+        if worker is None:
+            return False
+        too_large = worker._chunk_too_large(self, data)
+        if too_large is not None:
+            raise ValueError(too_large)
+        mailbox = self._mailbox
+        if self._ended or self.cancelled or mailbox is None or not mailbox.post(_Chunk(self, data)):
+            worker._bump("stale_chunks_dropped")
+            return False
+        return True
+
 
 @dataclass(slots=True)
 class WorkerStats:
@@ -178,6 +240,8 @@ class WorkerStats:
     stale_results_dropped: int = 0  # results not sent: attempt cancelled or connection replaced
     progress_sent: int = 0
     progress_dropped: int = 0  # PROGRESS not sent: the broker was behind, or it was too large
+    chunks_sent: int = 0  # stream chunks sent (CHUNK frames), counted as they go out
+    stale_chunks_dropped: int = 0  # chunks not sent: their attempt was over (task.emit())
     results_too_large: int = 0  # results over the broker's message cap: failed for good instead
     reconnects: int = 0  # connections opened after the first one
     malformed: int = 0  # messages from the broker that could not be decoded
@@ -205,12 +269,20 @@ class _Progress:
     data: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """One chunk for the stream of `task`'s attempt (`Task.emit`)."""
+
+    task: Task
+    data: bytes
+
+
 class _Shutdown:
     """The last report: send DISCONNECT, close, end the I/O thread."""
 
 
 _SHUTDOWN = _Shutdown()
-_Report = _Outcome | _Progress | _Shutdown
+_Report = _Outcome | _Progress | _Chunk | _Shutdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +370,20 @@ class Worker:
     attempt can succeed, or `RetryLater(delay_s)` to ask for a later retry.
     A result that is not bytes frames fails the attempt for good.
 
+    Streams (docs/protocol.md §13): a handler appends chunks to its task's
+    stream with `task.emit(chunk)`, and they reach the broker before its
+    result. A generator handler streams by yielding: a generator function
+    (run in the handler threads) or a function returning a generator has each
+    yielded value emitted, and what it returns is the result (returning
+    nothing gives `b""`); an async generator function (run on the event loop
+    like `async def`) has each yielded value emitted, and its result is always
+    `b""` (an async generator cannot return a value: a handler that needs a
+    result besides its stream is an `async def` that calls `task.emit()`). A
+    value that is neither bytes nor str fails the attempt for good. Once the
+    attempt is cancelled, a generator is not resumed: it is closed at its
+    `yield` (an async generator's coroutine is cancelled at once, at its
+    current `await`), and `task.cancel_reason` says why when the broker did.
+
     The worker heartbeats every `heartbeat_interval_s` and also answers each
     HEARTBEAT from the broker, so it keeps pace with a broker configured with
     a shorter interval. The broker is presumed gone after `liveness`
@@ -369,6 +455,7 @@ class Worker:
         self.credentials = credentials
         # What the results (and their meta entries) of one DONE or DONES may add up to.
         self._results_budget = max_message_bytes - _MESSAGE_OVERHEAD
+        # Async handlers (coroutine or async generator functions) run on the event loop.
         self.is_async = _is_async(handler)
         self.stats = WorkerStats()
         self._context = context if context is not None else zmq.Context.instance()
@@ -539,6 +626,9 @@ class Worker:
                 dropped = sum(isinstance(r, _Outcome) for r in left)
                 if dropped:
                     self._bump("stale_results_dropped", dropped)
+                chunks = sum(isinstance(r, _Chunk) for r in left)
+                if chunks:
+                    self._bump("stale_chunks_dropped", chunks)
 
     def _next_control(self) -> _Control:
         # Wait in slices: a signal that arrives just before this thread blocks would
@@ -566,10 +656,17 @@ class Worker:
         try:
             try:
                 result: object = self.handler(task)
+                if inspect.isgenerator(result):
+                    result = _drive(task, result)
+                    if result is None:
+                        result = b""
+            except _Stopped:
+                return self._stopped(task)
             except Exception as exc:
                 return self._failure(task, exc)
             return self._success(task, result)
         finally:
+            object.__setattr__(task, "_ended", True)
             self._count_running(-1)
 
     async def _call_async(self, task: Task) -> _Outcome:
@@ -577,16 +674,39 @@ class Worker:
         try:
             try:
                 result: object = self.handler(task)
-                if inspect.isawaitable(result):
+                if inspect.isasyncgen(result):
+                    await _drive_async(task, result)
+                    result = b""
+                elif inspect.isawaitable(result):
                     result = await result
+            except _Stopped:
+                return self._stopped(task)
             except Exception as exc:
                 return self._failure(task, exc)
             return self._success(task, result)
         finally:
+            object.__setattr__(task, "_ended", True)
             self._count_running(-1)
 
+    def _stopped(self, task: Task) -> _Outcome:
+        """A generator handler stopped because its attempt was cancelled: the broker
+        has the task back, so this outcome is dropped as stale by the I/O thread."""
+        logger.info(
+            "handler for service %r: stopped the generator of task %s attempt %d (cancelled%s)",
+            self.service,
+            task.id,
+            task.attempt,
+            f": {task.cancel_reason}" if task.cancel_reason else "",
+        )
+        return _Outcome(task, None, "the attempt was cancelled", retry=True)
+
     def _success(self, task: Task, result: object) -> _Outcome:
-        if inspect.isawaitable(result):
+        if inspect.isasyncgen(result):
+            reason = "handler returned an async generator: make the handler itself one"
+        elif inspect.isgenerator(result):
+            result.close()
+            reason = "handler returned a generator from a coroutine: make the handler one"
+        elif inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()  # never awaited: close it rather than leak a warning
             reason = "handler returned an awaitable: declare it with `async def`"
@@ -621,6 +741,15 @@ class Worker:
         if _entry_bytes(task.id, size) > self._results_budget:
             return (
                 f"result of {size} bytes is over the broker's message cap"
+                f" ({self.max_message_bytes} bytes, Worker max_message_bytes)"
+            )
+        return None
+
+    def _chunk_too_large(self, task: Task, data: bytes) -> str | None:
+        """Why `data` cannot be a chunk of a CHUNK the broker accepts, or None if it can."""
+        if _entry_bytes(task.id, len(data)) > self._results_budget:
+            return (
+                f"chunk of {len(data)} bytes is over the broker's message cap"
                 f" ({self.max_message_bytes} bytes, Worker max_message_bytes)"
             )
         return None
@@ -856,7 +985,7 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 
 @dataclass(slots=True)
 class _Pending:
-    """A message the broker must get (ACK, DONE, DONES, FAIL), in the order it was made."""
+    """A message the broker must get (ACK, CHUNK, DONE, DONES, FAIL), in the order it was made."""
 
     frames: list[bytes]
     stat: str  # the WorkerStats counter it adds `n` to as it goes out
@@ -864,6 +993,7 @@ class _Pending:
 
 
 _OUTCOME_STATS = ("handled", "failed")
+_CHUNK_STAT = "chunks_sent"
 
 
 class _Link:
@@ -1085,7 +1215,10 @@ class _Link:
     def _drop_outbox(self) -> None:
         """The connection is gone: its attempts are the broker's again (fenced)."""
         outcomes = sum(item.n for item in self._outbox if item.stat in _OUTCOME_STATS)
+        chunks = sum(item.n for item in self._outbox if item.stat == _CHUNK_STAT)
         self._outbox.clear()
+        if chunks:
+            self._worker._bump("stale_chunks_dropped", chunks)
         if outcomes:
             self._worker._bump("stale_results_dropped", outcomes)
             logger.info(
@@ -1115,16 +1248,30 @@ class _Link:
         # frames and the worker's byte budget. A result over the caps alone never
         # gets here: the handler's thread turned it into a FAIL.
         done: list[tuple[str, int, Sequence[bytes]]] = []
+        # Chunks read in one go leave together as well: one CHUNK per task (more when
+        # the caps say so), and a task's always before its DONE or FAIL.
+        chunks: dict[Task, list[bytes]] = {}
         budget = self._worker._results_budget
         frames = size = 0
         while True:
             try:
                 report = mailbox.queue.get_nowait()
             except queue.Empty:
+                self._send_all_chunks(chunks)
                 self._send_dones(done)
                 return True
+            if isinstance(report, _Chunk):
+                if self._holds(report.task):
+                    chunks.setdefault(report.task, []).append(report.data)
+                else:  # its attempt is over: fenced at the broker anyway
+                    self._worker._bump("stale_chunks_dropped")
+                continue
             if isinstance(report, _Outcome):
                 task, result = report.task, report.result
+                pending = chunks.pop(task, None)
+                if pending:
+                    # Before the result, whether it leaves now or later in a DONES.
+                    self._send_chunks(task, pending)
                 if result is not None and self._holds(task):
                     del self._held[task.id]
                     cost = _entry_bytes(task.id, sum(map(len, result)))
@@ -1149,8 +1296,32 @@ class _Link:
                 if self._holds(report.task):
                     self._send_progress(report)
             else:
+                self._send_all_chunks(chunks)
                 self._close(disconnect=True, reason="worker stopping", flush_s=_FLUSH_ON_STOP_S)
                 return False
+
+    def _send_all_chunks(self, chunks: dict[Task, list[bytes]]) -> None:
+        for task, data in chunks.items():
+            self._send_chunks(task, data)
+        chunks.clear()
+
+    def _send_chunks(self, task: Task, data: list[bytes]) -> None:
+        """CHUNK messages for `task`'s attempt, in order, as few as the broker's caps
+        allow (each chunk alone fits: `Task.emit` refused any larger)."""
+        budget = self._worker._results_budget
+        batch: list[bytes] = []
+        size = _entry_bytes(task.id, 0)
+        for chunk in data:
+            if batch and (len(batch) >= _MAX_FRAMES or size + len(chunk) > budget):
+                self._send_reliably(
+                    ext.chunk(task.id, task.attempt, batch), _CHUNK_STAT, len(batch)
+                )
+                batch = []
+                size = _entry_bytes(task.id, 0)
+            batch.append(chunk)
+            size += len(chunk)
+        if batch:
+            self._send_reliably(ext.chunk(task.id, task.attempt, batch), _CHUNK_STAT, len(batch))
 
     def _send_dones(self, done: list[tuple[str, int, Sequence[bytes]]]) -> None:
         if not done:
@@ -1301,6 +1472,7 @@ class _Link:
         )
         object.__setattr__(task, "_generation", self.generation)
         object.__setattr__(task, "_mailbox", self._mailbox)
+        object.__setattr__(task, "_worker", w)
         previous = self._held.get(task.id)
         if previous is not None:  # delivered again: the earlier attempt is over
             self._cancel(previous)
@@ -1331,11 +1503,14 @@ class _Link:
         del self._held[message.id]
         self._worker._bump("cancelled")
         logger.info(
-            "worker %r: the broker took back task %s attempt %d",
+            "worker %r: the broker took back task %s attempt %d%s",
             self._worker.service,
             task.id,
             task.attempt,
+            f" ({message.reason})" if message.reason else "",
         )
+        # Before the event is set: a handler woken by it sees the reason.
+        object.__setattr__(task, "_cancel_reason", message.reason)
         self._cancel(task)
 
     def _cancel(self, task: Task) -> None:
@@ -1416,9 +1591,73 @@ def _service_name(service: str | bytes) -> str:
 
 
 def _is_async(handler: Callable[..., object]) -> bool:
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 - an object with `async def __call__`
+    """True for a handler that runs on the event loop: an `async def` function or async
+    generator function, or an object whose `__call__` is one."""
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with `async def __call__`
+    return any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (handler, call)
     )
+
+
+class _Stopped(Exception):
+    """Raised by the generator drivers: the attempt was cancelled, its generator closed."""
+
+
+def _drive(task: Task, gen: Generator[Any, Any, Any]) -> object:
+    """Run a generator handler: emit each value it yields; return what it returns.
+
+    Once the attempt is cancelled the generator is not resumed: it is closed
+    (GeneratorExit at its `yield`) and _Stopped is raised. It is closed on any
+    way out, so its `finally` blocks run in this thread."""
+    try:
+        while True:
+            if task.cancelled:
+                raise _Stopped
+            try:
+                value = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            _emit_yielded(task, value)
+    finally:
+        gen.close()
+
+
+async def _drive_async(task: Task, agen: AsyncGenerator[Any, Any]) -> None:
+    """Run an async generator handler: emit each value it yields.
+
+    A cancelled attempt normally ends it through asyncio (CancelledError at its
+    current `await`); one that yields without ever awaiting is stopped here at its
+    next `yield` instead (closed, then _Stopped)."""
+    try:
+        while True:
+            if task.cancelled:
+                raise _Stopped
+            try:
+                value = await agen.__anext__()
+            except StopAsyncIteration:
+                return
+            _emit_yielded(task, value)
+    finally:
+        await agen.aclose()
+
+
+def _emit_yielded(task: Task, value: Any) -> None:
+    """A yielded value that cannot be a chunk fails the attempt for good: every
+    attempt would yield it again."""
+    try:
+        task.emit(value)
+    except (TypeError, ValueError) as exc:
+        raise NonRetryableError(f"the handler yielded an unusable chunk: {exc}") from exc
+
+
+def _chunk_bytes(chunk: object) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, str):
+        return chunk.encode()
+    if isinstance(chunk, bytearray | memoryview):
+        return bytes(chunk)
+    raise TypeError(f"a chunk is bytes or str, got {type(chunk).__name__}")
 
 
 def _reason(exc: BaseException) -> str:
