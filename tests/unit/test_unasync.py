@@ -92,6 +92,7 @@ def test_substitutions_are_of_whole_tokens() -> None:
         "    ctx: AsyncClientContext\n"
         "    async def enqueue(self) -> int:\n"
         "        return await self._run(awaited, AsyncClients)\n"
+        "    def stream(self) -> _base.AsyncTaskStream: ...\n"
     )
     lines = unasync(source).splitlines()[2:]
     assert lines == [
@@ -99,6 +100,7 @@ def test_substitutions_are_of_whole_tokens() -> None:
         "    ctx: ClientContext",
         "    def enqueue(self) -> int:",
         "        return self._run(awaited, AsyncClients)",
+        "    def stream(self) -> _base.TaskStream: ...",
     ]
 
 

@@ -280,7 +280,7 @@ class Client(ClientBase):
         """Enqueue one durable task and read its stream: the chunks its worker sends
         (`task.emit`, or a generator handler) as they come, then its result.
 
-        Returns an TaskStream (iterate it; it sends nothing before): each
+        Returns a stream (iterate it; it sends nothing before that): each
         chunk is bytes, given once and in order, and once the loop ends,
         `.result` is the task's result and `.task_id` its id. Leaving the loop
         early abandons the stream, which cancels the task (`cancel_on_abandon`,
