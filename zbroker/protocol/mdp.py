@@ -1,12 +1,14 @@
-"""7/MDP (Majordomo) frames <-> typed messages, and 8/MMI constants.
+"""Majordomo frames <-> typed messages: 7/MDP (MDP/0.1), 18/MDP (MDP/0.2), 8/MMI.
 
 Owns the exact byte layout of MDP as the broker sees it on its ROUTER socket.
 Never touches a socket, the clock or broker state: frames in, objects out.
 
 Frame lists handed to the decoders *exclude* the ROUTER routing id; encoders
 for broker->peer messages return the frames *after* the routing id too, so the
-caller prepends it.  All frames start with the empty delimiter frame a REQ
-socket adds (DEALER peers must send it themselves).
+caller prepends it.  7/MDP messages (MDPC01, MDPW01) start with the empty
+delimiter frame a REQ socket adds (DEALER peers must send it themselves);
+18/MDP messages (MDPC02, MDPW02) have none: their first frame is the header,
+the second a command byte, for clients as for workers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,37 @@ COMMAND_NAMES = {
     REPLY: "REPLY",
     HEARTBEAT: "HEARTBEAT",
     DISCONNECT: "DISCONNECT",
+}
+
+# 18/MDP (MDP/0.2): its own headers, and command bytes of its own on both sides.
+MDPC02 = b"MDPC02"
+MDPW02 = b"MDPW02"
+
+# MDPC02 commands: the client sends only REQUEST, the broker only PARTIAL and FINAL.
+C02_REQUEST = b"\x01"
+C02_PARTIAL = b"\x02"
+C02_FINAL = b"\x03"
+
+# MDPW02 commands (7/MDP's REPLY became PARTIAL and FINAL, so the rest moved up).
+W02_READY = b"\x01"
+W02_REQUEST = b"\x02"
+W02_PARTIAL = b"\x03"
+W02_FINAL = b"\x04"
+W02_HEARTBEAT = b"\x05"
+W02_DISCONNECT = b"\x06"
+
+CLIENT02_COMMAND_NAMES = {
+    C02_REQUEST: "REQUEST",
+    C02_PARTIAL: "PARTIAL",
+    C02_FINAL: "FINAL",
+}
+WORKER02_COMMAND_NAMES = {
+    W02_READY: "READY",
+    W02_REQUEST: "REQUEST",
+    W02_PARTIAL: "PARTIAL",
+    W02_FINAL: "FINAL",
+    W02_HEARTBEAT: "HEARTBEAT",
+    W02_DISCONNECT: "DISCONNECT",
 }
 
 # 8/MMI: the broker answers every service whose name starts with this prefix itself.
@@ -67,7 +100,18 @@ class WorkerReady:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReply:
-    """MDPW01 REPLY: the worker answers the request it was given for `client`."""
+    """MDPW01 REPLY, or MDPW02 FINAL: the worker's answer to the request it was given
+    for `client`, its last word on it (18/MDP's FINAL is 7/MDP's REPLY after zero or
+    more PARTIALs)."""
+
+    client: bytes
+    body: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPartial:
+    """MDPW02 PARTIAL: part of the answer to the request it was given for `client`;
+    a FINAL (a WorkerReply) follows."""
 
     client: bytes
     body: tuple[bytes, ...]
@@ -83,7 +127,7 @@ class WorkerDisconnect:
     """MDPW01 DISCONNECT."""
 
 
-WorkerMessage = WorkerReady | WorkerReply | WorkerHeartbeat | WorkerDisconnect
+WorkerMessage = WorkerReady | WorkerReply | WorkerPartial | WorkerHeartbeat | WorkerDisconnect
 _HEARTBEAT = WorkerHeartbeat()
 _DISCONNECT = WorkerDisconnect()
 
@@ -128,6 +172,52 @@ def decode_worker(frames: Sequence[bytes]) -> WorkerMessage:
     raise ProtocolError("unknown_command", f"unknown MDPW01 command {command[:8]!r}")
 
 
+def decode_client02(frames: Sequence[bytes]) -> ClientRequest:
+    """Decode an MDPC02 message (frames after the routing id: header, command, service,
+    body). A client sends only REQUEST; PARTIAL and FINAL go the other way."""
+    if len(frames) < 3:
+        raise ProtocolError("missing_frames", "MDPC02 REQUEST needs a command and a service")
+    command = frames[1]
+    if command != C02_REQUEST:
+        raise ProtocolError("unknown_command", f"MDPC02 command {command[:8]!r} from a client")
+    if not frames[2]:
+        raise ProtocolError("bad_service", "empty service name")
+    return ClientRequest(frames[2], tuple(frames[3:]))
+
+
+def decode_worker02(frames: Sequence[bytes]) -> WorkerMessage:
+    """Decode an MDPW02 message (frames after the routing id: header, command, ...).
+    FINAL decodes as a WorkerReply (it ends the request as 7/MDP's REPLY does); a
+    PARTIAL must carry at least one body frame (18/MDP: five frames or more)."""
+    n = len(frames)
+    if n < 2:
+        raise ProtocolError("missing_frames", "MDPW02 message needs a command frame")
+    command = frames[1]
+    if command in (W02_PARTIAL, W02_FINAL):
+        if n < 4:
+            raise ProtocolError("missing_frames", "needs a client address and an empty frame")
+        if frames[3]:
+            raise ProtocolError("bad_delimiter", "needs an empty frame after the address")
+        if command == W02_FINAL:
+            return WorkerReply(frames[2], tuple(frames[4:]))
+        if n < 5:
+            raise ProtocolError("missing_frames", "PARTIAL needs at least one body frame")
+        return WorkerPartial(frames[2], tuple(frames[4:]))
+    if command == W02_HEARTBEAT:
+        if n != 2:
+            raise ProtocolError("extra_frames", "HEARTBEAT has exactly two frames")
+        return _HEARTBEAT
+    if command == W02_READY:
+        if n != 3:
+            raise ProtocolError("missing_frames" if n < 3 else "extra_frames", "READY: service")
+        return WorkerReady(frames[2])
+    if command == W02_DISCONNECT:
+        if n != 2:
+            raise ProtocolError("extra_frames", "DISCONNECT has exactly two frames")
+        return _DISCONNECT
+    raise ProtocolError("unknown_command", f"unknown MDPW02 command {command[:8]!r}")
+
+
 # ---------------------------------------------------------- broker -> peer
 
 
@@ -149,6 +239,31 @@ def worker_disconnect() -> list[bytes]:
     return [EMPTY, MDPW01, DISCONNECT]
 
 
+def client_partial(service: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Broker -> MDPC02 client: part of the answer to its request for `service`."""
+    return [MDPC02, C02_PARTIAL, service, *body]
+
+
+def client_final(service: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Broker -> MDPC02 client: the last answer to its request for `service`."""
+    return [MDPC02, C02_FINAL, service, *body]
+
+
+def worker02_request(client: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """Broker -> MDPW02 worker: handle `body` for `client`."""
+    return [MDPW02, W02_REQUEST, client, EMPTY, *body]
+
+
+def worker02_heartbeat() -> list[bytes]:
+    """HEARTBEAT of 18/MDP, either way."""
+    return [MDPW02, W02_HEARTBEAT]
+
+
+def worker02_disconnect() -> list[bytes]:
+    """DISCONNECT of 18/MDP, either way."""
+    return [MDPW02, W02_DISCONNECT]
+
+
 # ---------------------------------------- peer -> broker (used by clients)
 
 
@@ -163,6 +278,23 @@ def worker_ready(service: bytes) -> list[bytes]:
 
 def worker_reply(client: bytes, body: Sequence[bytes]) -> list[bytes]:
     return [EMPTY, MDPW01, REPLY, client, EMPTY, *body]
+
+
+def client02_request(service: bytes, body: Sequence[bytes]) -> list[bytes]:
+    """MDPC02 client -> broker (over a DEALER socket: 18/MDP has no empty frame)."""
+    return [MDPC02, C02_REQUEST, service, *body]
+
+
+def worker02_ready(service: bytes) -> list[bytes]:
+    return [MDPW02, W02_READY, service]
+
+
+def worker02_partial(client: bytes, body: Sequence[bytes]) -> list[bytes]:
+    return [MDPW02, W02_PARTIAL, client, EMPTY, *body]
+
+
+def worker02_final(client: bytes, body: Sequence[bytes]) -> list[bytes]:
+    return [MDPW02, W02_FINAL, client, EMPTY, *body]
 
 
 @dataclass(frozen=True, slots=True)
