@@ -5,12 +5,13 @@ that owns what it is about; it never decides anything itself. The parts
 (docs/architecture.md, "The core's parts"):
 
   ServiceDirectory  the services by name, made on first use, let go when idle
-  MdpRequests       MDP clients' requests and 8/MMI; owner of MdpRequest
+  MdpRequests       MDP clients' requests (7/MDP, 18/MDP) and 8/MMI; owner of
+                    MdpRequest
   DurableTasks      durable tasks in the journal, the attempts workers hold,
                     and `apply`, the only mover of the task lifecycle table;
                     with ReadyWindows (each service's best ready tasks in
                     memory) and Waiters (calls waiting for a task to end)
-  Routing           workers of both dialects, delivery within credit, fences,
+  Routing           workers of every dialect, delivery within credit, fences,
                     heartbeats, expiry and time limits
   AdminViews        QUEUES, WORKERS, STATS, STATUS, TASKS, DEAD (read only)
   OperatorControls  PURGE, REDRIVE, DROP, PAUSE, LIMIT, DRAIN
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zbroker.core.controls import OperatorControls
+from zbroker.core.dialects import MDP02
 from zbroker.core.guard import Guard, ready_service
 from zbroker.core.model import Service, Stats, Worker
 from zbroker.core.names import hex_id
@@ -54,6 +56,11 @@ _MDPC01 = mdp.MDPC01
 _MDPW01 = mdp.MDPW01
 _ZBW01 = ext.ZBW01
 _ZBC01 = zbc.ZBC01
+# 18/MDP has no empty frame: its header is the frame right after the routing id.
+_MDPC02 = mdp.MDPC02
+_MDPW02 = mdp.MDPW02
+# The headers of the other protocols, which come after the empty frame.
+_FRAME2_HEADERS = frozenset({_MDPC01, _MDPW01, _ZBW01, _ZBC01})
 
 
 class Broker:
@@ -162,12 +169,14 @@ class Broker:
     # ------------------------------------------------------------ inputs
 
     def receive(self, frames: list[bytes], now: float, sender: str | None = None) -> None:
-        """One message from the ROUTER socket: [routing id, empty, header, ...].
+        """One message from the ROUTER socket: [routing id, empty, header, ...], or for
+        18/MDP [routing id, header, command, ...].
         `sender`: the principal its connection authenticated as (the ZAP User-Id);
         on a broker with a policy, a message is checked against it (core/guard.py)."""
         self.directory.now = now
         n = len(frames)
-        if n < 4:
+        if n < 4 and (n < 3 or frames[1] != _MDPW02):
+            # Only an MDPW02 HEARTBEAT or DISCONNECT is as short as three frames.
             self._malformed("missing_frames", frames)
             return
         settings = self.settings
@@ -196,9 +205,27 @@ class Broker:
             elif header == _MDPW01:
                 self.routing.on_mdp_worker(frames[0], mdp.decode_worker(frames[1:]), now)
             else:
-                self._malformed("bad_header", frames)
+                header = frames[1]
+                if header == _MDPW02:
+                    msg = mdp.decode_worker02(frames[1:])
+                    self.routing.on_mdp_worker(frames[0], msg, now, MDP02)
+                elif header == _MDPC02:
+                    request = mdp.decode_client02(frames[1:])
+                    self.requests.on_request(frames[0], request, now, partials=True)
+                else:
+                    self._malformed("bad_header", frames)
         except ProtocolError as exc:
             self._malformed(exc.reason, frames)
+
+    @staticmethod
+    def _header(frames: list[bytes]) -> bytes:
+        """The protocol header of a message (with its routing id), wherever its protocol
+        puts it; b"" when it has none the broker knows."""
+        header = frames[2] if len(frames) > 2 else b""
+        if header in _FRAME2_HEADERS:
+            return header
+        header = frames[1] if len(frames) > 1 else b""
+        return header if header in (_MDPC02, _MDPW02) else b""
 
     def receive_many(
         self, messages: list[list[bytes]], now: float, senders: list[str | None] | None = None
@@ -230,10 +257,10 @@ class Broker:
     def undeliverable(self, frames: list[bytes], now: float) -> None:
         """The socket refused `frames` (peer gone, or its pipe full)."""
         self.directory.now = now
-        header = frames[2] if len(frames) > 2 else b""
-        if header in (_MDPW01, _ZBW01):
+        header = self._header(frames)
+        if header in (_MDPW01, _ZBW01, _MDPW02):
             self.routing.gone(frames[0], now)
-        elif header == _MDPC01:
+        elif header in (_MDPC01, _MDPC02):
             self.stats.replies_undeliverable += 1
             log.debug("reply to client %s undeliverable: client gone", hex_id(frames[0]))
         elif header == _ZBC01:
@@ -333,17 +360,17 @@ class Broker:
         against its sender's principal (its roles, then its quotas) before its part
         sees it. A task it enqueues is the sender's own; a service it makes exist
         counts against it."""
-        header = frames[2]
+        header = self._header(frames)
         if not broker_given(frames[0]):
             self._chosen_id(frames, header)
             return
         try:
             if header == _ZBC01:
                 self._guarded_call(frames, now, sender)
-            elif header == _MDPC01:
-                self._guarded_request(frames, now, sender)
-            elif header in (_ZBW01, _MDPW01):
-                self._guarded_worker(frames, now, sender, header == _ZBW01)
+            elif header in (_MDPC01, _MDPC02):
+                self._guarded_request(frames, now, sender, header == _MDPC02)
+            elif header in (_ZBW01, _MDPW01, _MDPW02):
+                self._guarded_worker(frames, now, sender, header)
             else:
                 self._malformed("bad_header", frames)
         except ProtocolError as exc:
@@ -362,8 +389,8 @@ class Broker:
             except (zbc.CallError, ProtocolError):
                 return
             self.tasks.refuse(identity, rid, zbc.E_FORBIDDEN, CHOSEN_ID)
-        elif header in (_ZBW01, _MDPW01):
-            self.routing.turn_away(identity, header == _ZBW01, f"{FORBIDDEN_PREFIX} {CHOSEN_ID}")
+        elif header in (_ZBW01, _MDPW01, _MDPW02):
+            self.routing.turn_away(identity, header, f"{FORBIDDEN_PREFIX} {CHOSEN_ID}")
 
     def _guarded_call(self, frames: list[bytes], now: float, sender: str | None) -> None:
         """A ZBC01 call: refused with `forbidden` (roles) or `queue_full` (quotas)."""
@@ -388,52 +415,66 @@ class Broker:
         if name is not None and sender is not None:
             self.directory.credit(name, sender)
 
-    def _guarded_request(self, frames: list[bytes], now: float, sender: str | None) -> None:
-        """A 7/MDP request: dropped and counted when refused (MDP has no error reply)."""
+    def _guarded_request(
+        self, frames: list[bytes], now: float, sender: str | None, partials: bool
+    ) -> None:
+        """An MDP request, 7/MDP or (`partials`) 18/MDP: dropped and counted when refused
+        (MDP has no error reply)."""
         guard = self.guard
         assert guard is not None
-        request = mdp.decode_client(frames[1:])
+        decode = mdp.decode_client02 if partials else mdp.decode_client
+        request = decode(frames[1:])
         who = guard.sender(sender)
         if not guard.mdp_request(who, request.service):
             return
         if guard.creates_too_many(who, request.service) is not None:
             return
-        self.requests.on_request(frames[0], request, now)
+        self.requests.on_request(frames[0], request, now, partials)
         if sender is not None:
             self.directory.credit(request.service, sender)
 
     def _guarded_worker(
-        self, frames: list[bytes], now: float, sender: str | None, zbw: bool
+        self, frames: list[bytes], now: float, sender: str | None, header: bytes
     ) -> None:
-        """A worker's message: see `_worker_admitted`."""
+        """A worker's message (of protocol `header`): see `_worker_admitted`."""
         identity = frames[0]
-        msg = ext.decode_worker(frames[1:]) if zbw else mdp.decode_worker(frames[1:])
-        if not self._worker_admitted(identity, msg, sender, zbw):
-            return
-        if zbw:
-            self.routing.on_zbw_worker(identity, msg, now)  # type: ignore[arg-type]
+        msg: Any
+        if header == _ZBW01:
+            msg = ext.decode_worker(frames[1:])
+        elif header == _MDPW02:
+            msg = mdp.decode_worker02(frames[1:])
         else:
-            self.routing.on_mdp_worker(identity, msg, now)  # type: ignore[arg-type]
+            msg = mdp.decode_worker(frames[1:])
+        if not self._worker_admitted(identity, msg, sender, header):
+            return
+        if header == _ZBW01:
+            self.routing.on_zbw_worker(identity, msg, now)
+        elif header == _MDPW02:
+            self.routing.on_mdp_worker(identity, msg, now, MDP02)
+        else:
+            self.routing.on_mdp_worker(identity, msg, now)
         worker = self.routing.workers.get(identity)
         if worker is not None and worker.principal is None and sender is not None:
             # A READY just registered it: it belongs to the READY's sender.
             worker.principal = sender
             self.directory.credit(worker.service.name, sender)
 
-    def _worker_admitted(self, identity: bytes, msg: Any, sender: str | None, zbw: bool) -> bool:
+    def _worker_admitted(
+        self, identity: bytes, msg: Any, sender: str | None, header: bytes
+    ) -> bool:
         """A worker's message on a broker with a policy: a READY only for a service
         the sender may serve (else DISCONNECT with the reason); any message only
         from the principal that registered the worker (else dropped and counted)."""
         guard = self.guard
         assert guard is not None
-        service = ready_service(_ZBW01 if zbw else _MDPW01, msg)
+        service = ready_service(header, msg)
         if service is not None:
             who = guard.sender(sender)
             why = guard.worker_ready(who, service)
             if why is None and (too_many := guard.creates_too_many(who, service.encode())):
                 why = f"{FORBIDDEN_PREFIX} {too_many}"
             if why is not None:
-                self.routing.turn_away(identity, zbw, why)
+                self.routing.turn_away(identity, header, why)
                 return False
         worker = self.routing.workers.get(identity)
         if worker is not None and worker.principal != sender:

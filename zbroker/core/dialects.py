@@ -1,4 +1,5 @@
-"""The two worker dialects, 7/MDP (MDPW01) and zbroker's ZBW01: how each is spoken to.
+"""The worker dialects, 7/MDP (MDPW01), 18/MDP (MDPW02) and zbroker's ZBW01: how
+each is spoken to.
 
 Everything that differs between them is here, as data and small methods, so the
 routing decides once and frames through `worker.dialect`: what a heartbeat and a
@@ -59,6 +60,26 @@ class MdpDialect(Dialect):
         return None  # 7/MDP cannot withdraw a request
 
 
+class Mdp02Dialect(Dialect):
+    """18/MDP workers (MDPW02): 7/MDP's rules, other frames. No empty frame first, a
+    command byte of its own, and an answer may come in parts (PARTIAL, then FINAL)."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(mdp.MDPW02, mdp.W02_HEARTBEAT, acknowledges=False)
+        self.heartbeat = mdp.worker02_heartbeat()
+
+    def disconnect(self, why: str) -> list[bytes]:
+        return mdp.worker02_disconnect()  # 18/MDP carries no reason either
+
+    def task(self, held: Held, service_name: str) -> list[bytes]:
+        return [mdp.MDPW02, mdp.W02_REQUEST, held.client, _EMPTY, *held.body]
+
+    def cancel(self, held: Held, reason: str | None = None) -> None:
+        return None  # 18/MDP cannot withdraw a request
+
+
 class ZbwDialect(Dialect):
     """zbroker's ZBW01 workers: credit, task ids, attempts, ACK, DONE/FAIL, CANCEL."""
 
@@ -101,4 +122,8 @@ class ZbwDialect(Dialect):
 
 
 MDP = MdpDialect(mdp.MDPW01, mdp.HEARTBEAT, acknowledges=False)
+MDP02 = Mdp02Dialect()
 ZBW = ZbwDialect(ext.ZBW01, ext.HEARTBEAT, acknowledges=True)
+
+# The dialect of each worker header.
+BY_HEADER: dict[bytes, Dialect] = {mdp.MDPW01: MDP, mdp.MDPW02: MDP02, ext.ZBW01: ZBW}

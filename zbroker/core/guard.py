@@ -6,7 +6,9 @@ handler admitted for its connection (libzmq's User-Id, which a peer cannot set).
 allow is zbroker.protocol.access's rule, not this module's. A refusal is counted in
 `forbidden` by the kind of message, and the sender hears it where its protocol
 has a way: a ZBC01 call gets ERROR `forbidden`, a ZBW01 worker DISCONNECT with
-the reason; 7/MDP has no error reply, so an MDP request or worker is dropped.
+the reason; Majordomo (7/MDP, 18/MDP) has no error reply, so an MDP request is
+dropped and an MDP worker gets a bare DISCONNECT. MDPC02 requests are checked
+as MDPC01 ones are, and an MDPW02 READY as an MDPW01 READY.
 
 Without `--auth` the core has no guard and none of this runs.
 """
@@ -78,7 +80,7 @@ class Guard:
         return None if allowed else self._no("call", why)
 
     def mdp_request(self, who: Principal | None, service: bytes) -> bool:
-        """May `who` send this 7/MDP request (8/MMI queries: any client)?"""
+        """May `who` send this MDP request, MDPC01 or MDPC02 (8/MMI queries: any client)?"""
         if who is not None and who.admin:
             return True
         if who is None or not who.may("client"):
@@ -126,7 +128,8 @@ class Guard:
 
 
 def ready_service(header: bytes, msg: Any) -> str | None:
-    """The service a worker's message registers for, when it is a READY."""
+    """The service a worker's message registers for, when it is a READY (`header`:
+    its protocol; MDPW01 and MDPW02 decode to the same WorkerReady)."""
     if header == ext.ZBW01:
         return msg.service if type(msg) is ext.Ready else None
     if type(msg) is mdp.WorkerReady:

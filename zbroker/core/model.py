@@ -62,7 +62,7 @@ class Delivery(Protocol):
 
 
 class WorkerDialect(Protocol):
-    """How the broker speaks to a worker (core/dialects.py has the two there are)."""
+    """How the broker speaks to a worker (core/dialects.py has the three there are)."""
 
     @property
     def value(self) -> str:

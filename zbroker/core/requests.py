@@ -1,4 +1,4 @@
-"""MDP clients' requests (7/MDP, 8/MMI): queued in memory, answered once, or expired.
+"""MDP clients' requests (7/MDP, 18/MDP, 8/MMI): queued in memory, answered, or expired.
 
 Rules it keeps:
   1. A request lives in exactly one place: its service's queue, or one worker.
@@ -11,6 +11,10 @@ Rules it keeps:
      full queue refuses new ones. Expiry is a timer by deadline: a heap holds,
      per service with queued requests, when its oldest request expires, so a tick
      looks only at the queues that have something due, never at every service.
+  4. An MDPC01 client gets one REPLY. An MDPC02 client (18/MDP) gets its answer as
+     it comes: a PARTIAL for each an MDPW02 worker sends and for each chunk of a
+     ZBW01 worker's CHUNK, then one FINAL (the FINAL, REPLY or DONE). What an
+     MDPC01 client cannot take (PARTIALs, chunks) is dropped and counted.
 Requests are never written to the journal: 7/MDP promises no durability.
 """
 
@@ -32,6 +36,9 @@ log = logging.getLogger("zbroker.core")
 
 _EMPTY = mdp.EMPTY
 _MDPC01 = mdp.MDPC01
+_MDPC02 = mdp.MDPC02
+_PARTIAL = mdp.C02_PARTIAL
+_FINAL = mdp.C02_FINAL
 
 
 class MdpRequests:
@@ -57,6 +64,8 @@ class MdpRequests:
         # has one live entry, the one whose `when` is its `expire_at`; others are stale.
         self._expiry: list[tuple[float, int, Service]] = []
         self._tiebreak = itertools.count()
+        # The owner of MDPC02 clients' requests: this part, answering in 18/MDP.
+        self._streaming = StreamingAnswers(self)
 
     def connect(self, routing: Delivery) -> None:
         """The routing that delivers this part's requests (made after it)."""
@@ -75,11 +84,14 @@ class MdpRequests:
 
     # ------------------------------------------------------------ arrivals
 
-    def on_request(self, identity: bytes, msg: mdp.ClientRequest, now: float) -> None:
-        """An MDPC01 REQUEST from a client (mmi.* names are answered at once)."""
+    def on_request(
+        self, identity: bytes, msg: mdp.ClientRequest, now: float, partials: bool = False
+    ) -> None:
+        """A REQUEST from a client (mmi.* names are answered at once): MDPC01, or MDPC02
+        when `partials` (its answers then go out in 18/MDP, parts included)."""
         name = msg.service
         if name.startswith(mdp.MMI_PREFIX):
-            self._on_mmi(identity, msg, now)
+            self._on_mmi(identity, msg, now, partials)
             return
         routing = self._routing
         assert routing is not None
@@ -96,7 +108,8 @@ class MdpRequests:
             what = "MDP requests in memory at their byte cap" if over_bytes else "queue full"
             log.warning("request for %s refused: %s", shown(name), what)
             return
-        request = MdpRequest(self, self._next_id, identity, name, msg.body, now, size)
+        owner = self._streaming if partials else self
+        request = MdpRequest(owner, self._next_id, identity, name, msg.body, now, size)
         self.queued_bytes += request.size
         self._next_id += 1
         self._stats.requests += 1
@@ -110,7 +123,7 @@ class MdpRequests:
         if service.ready:
             routing.dispatch(service, now)
 
-    def _on_mmi(self, identity: bytes, msg: mdp.ClientRequest, now: float) -> None:
+    def _on_mmi(self, identity: bytes, msg: mdp.ClientRequest, now: float, partials: bool) -> None:
         self._stats.mmi_requests += 1
         if msg.service == mdp.MMI_SERVICE:
             service = self._directory.services.get(msg.body[0]) if msg.body else None
@@ -120,7 +133,10 @@ class MdpRequests:
             code = mdp.MMI_FOUND if alive else mdp.MMI_NOT_FOUND
         else:
             code = mdp.MMI_NOT_IMPLEMENTED
-        self._out.outbox.append([identity, _EMPTY, _MDPC01, msg.service, code])
+        if partials:
+            self._out.outbox.append([identity, _MDPC02, _FINAL, msg.service, code])
+        else:
+            self._out.outbox.append([identity, _EMPTY, _MDPC01, msg.service, code])
 
     def _schedule(self, service: Service) -> None:
         """Look at `service`'s queue when its front request expires, unless a look is
@@ -174,6 +190,30 @@ class MdpRequests:
         if self._debug:
             log.debug("reply %s to client %s", held.tid, hex_id(held.client))
 
+    def final(self, held: Held, body: tuple[bytes, ...]) -> None:
+        """An MDPC02 client's last answer: FINAL (after it, nothing more for it)."""
+        self._stats.replies += 1
+        self._out.outbox.append([held.client, _MDPC02, _FINAL, held.service, *body])
+        if self._debug:
+            log.debug("final %s to client %s", held.tid, hex_id(held.client))
+
+    def partial(self, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        """An MDPW02 worker's PARTIAL: to an MDPC02 client as one PARTIAL, body frames
+        unchanged; an MDPC01 client has no word for it (each frame counted dropped)."""
+        if held.owner is self._streaming:
+            self._stats.chunks_received += len(body)
+            self._out.outbox.append([held.client, _MDPC02, _PARTIAL, held.service, *body])
+        else:
+            self._stats.chunks_dropped += len(body)
+
+    def partials(self, held: Held, data: tuple[bytes, ...]) -> None:
+        """A ZBW01 worker's CHUNK for an MDPC02 client: each chunk is a PARTIAL, at once."""
+        self._stats.chunks_received += len(data)
+        outbox = self._out.outbox
+        client, service = held.client, held.service
+        for chunk in data:
+            outbox.append([client, _MDPC02, _PARTIAL, service, chunk])
+
     def fail(self, held: Held, reason: str, delay_s: float | None, retry: bool, now: float) -> None:
         """Back to the front of its queue, unless it was not to be retried or has had
         request_max_attempts already (`delay_s` does not apply: nothing waits here)."""
@@ -224,3 +264,35 @@ class MdpRequests:
         self.queued_bytes += held.size
         self._schedule(service)
         self._stats.requeued += 1
+
+
+class StreamingAnswers:
+    """The AttemptOwner of MDPC02 clients' requests: MdpRequests in all but the answers,
+    which 18/MDP frames as PARTIALs (a ZBW01 worker's chunks, one each) then a FINAL
+    (the worker's FINAL, REPLY or DONE)."""
+
+    __slots__ = ("_requests",)
+
+    def __init__(self, requests: MdpRequests) -> None:
+        self._requests = requests
+
+    def complete(self, held: Held, body: tuple[bytes, ...], now: float) -> None:
+        self._requests.final(held, body)
+
+    def chunk(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        self._requests.partials(held, data)
+
+    def fail(self, held: Held, reason: str, delay_s: float | None, retry: bool, now: float) -> None:
+        self._requests.fail(held, reason, delay_s, retry, now)
+
+    def not_acknowledged(self, held: Held, now: float) -> None:
+        self._requests.not_acknowledged(held, now)
+
+    def take_back(self, held: Held, reason: str, now: float) -> None:
+        self._requests.take_back(held, reason, now)
+
+    def timed_out(self, held: Held, now: float) -> None:
+        self._requests.timed_out(held, now)
+
+    def progress(self, held: Held, data: tuple[bytes, ...], now: float) -> None:
+        """Nothing to say: 18/MDP has no word for progress either."""

@@ -1,12 +1,13 @@
-"""Routing: workers of both dialects, and the delivery of work within their credit.
+"""Routing: workers of every dialect, and the delivery of work within their credit.
 
-Rules it keeps (7/MDP, zbroker's ZBW01, and what the RFCs leave to the broker):
+Rules it keeps (7/MDP, 18/MDP, zbroker's ZBW01, and what the RFCs leave to the broker):
   1. Work is pushed only within a worker's credit: one request for a stock MDP
      worker, the declared credit for a ZBW01 worker. Among the workers with
      spare credit, the one that has waited longest goes first (fair rotation).
      MDP requests go before durable tasks (someone is waiting on a socket).
-  2. Results are fenced: a REPLY, DONE, FAIL or PROGRESS about an attempt the
-     worker no longer holds is refused, so nothing is answered twice.
+  2. Results are fenced: a REPLY, FINAL, PARTIAL, DONE, FAIL, PROGRESS or CHUNK
+     about an attempt the worker no longer holds is refused, so nothing is
+     answered twice.
   3. Whatever ends a worker's hold on some work (an answer, a failure, a
      timeout, the worker's death), the owner of that work decides what follows
      (`MdpRequests` or `DurableTasks`, through `AttemptOwner`); routing only
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from zbroker.core.dialects import MDP, ZBW, Dialect, ZbwDialect
+from zbroker.core.dialects import BY_HEADER, MDP, ZBW, Dialect, ZbwDialect
 from zbroker.core.model import Held, MdpRequest, Service, Stats, Worker, WorkerDialect
 from zbroker.core.names import hex_id, shown
 from zbroker.core.requests import MdpRequests
@@ -42,7 +43,7 @@ log = logging.getLogger("zbroker.core")
 
 
 class Routing:
-    """Workers (MDPW01 and ZBW01) and the delivery of requests and tasks to them."""
+    """Workers (MDPW01, MDPW02, ZBW01) and the delivery of requests and tasks to them."""
 
     def __init__(
         self,
@@ -191,10 +192,14 @@ class Routing:
 
     # ------------------------------------------------------- MDP workers
 
-    def on_mdp_worker(self, identity: bytes, msg: mdp.WorkerMessage, now: float) -> None:
+    def on_mdp_worker(
+        self, identity: bytes, msg: mdp.WorkerMessage, now: float, dialect: Dialect = MDP
+    ) -> None:
+        """A message of a Majordomo worker: 7/MDP (`dialect` MDP), or 18/MDP (MDP02),
+        whose FINAL comes as a WorkerReply and which alone sends WorkerPartial."""
         worker = self.workers.get(identity)
-        if worker is not None and worker.dialect is not MDP:
-            self._kick(worker, now, "MDPW01 command from a ZBW01 worker")
+        if worker is not None and worker.dialect is not dialect:
+            self._kick(worker, now, f"{dialect.value} command from a {worker.dialect.value} worker")
             return
         kind = type(msg)
         if kind is mdp.WorkerReply:
@@ -203,7 +208,7 @@ class Routing:
                 # Typically a worker we declared dead answering late: its request
                 # has been requeued, so this reply must not reach the client.
                 self._stats.late_replies_dropped += 1
-                self._disconnect(identity, MDP, "REPLY from unknown worker")
+                self._disconnect(identity, dialect, "REPLY from unknown worker")
                 return
             held = next(iter(worker.tasks.values()), None)
             if held is None or msg.client != held.client:
@@ -211,9 +216,12 @@ class Routing:
                 return
             worker.expires_at = now + self._worker_expiry_s
             self._complete(worker, held, msg.body, now)
+        elif kind is mdp.WorkerPartial:
+            assert isinstance(msg, mdp.WorkerPartial)
+            self._mdp_partial(identity, worker, dialect, msg, now)
         elif kind is mdp.WorkerHeartbeat:
             if worker is None:
-                self._disconnect(identity, MDP, "HEARTBEAT from unknown worker")
+                self._disconnect(identity, dialect, "HEARTBEAT from unknown worker")
             else:
                 worker.expires_at = now + self._worker_expiry_s
                 if self._sink.prefixes:
@@ -223,13 +231,39 @@ class Routing:
             if worker is not None:
                 self._kick(worker, now, "second READY")
             elif not msg.service or msg.service.startswith(mdp.MMI_PREFIX):
-                self._disconnect(identity, MDP, f"READY for reserved name {msg.service!r}")
+                self._disconnect(identity, dialect, f"READY for reserved name {msg.service!r}")
             else:
-                self._register(identity, msg.service, now, MDP, 1, ())
+                self._register(identity, msg.service, now, dialect, 1, ())
         elif worker is not None:  # DISCONNECT
             self._stats.workers_disconnected += 1
             log.info("worker %s disconnected", worker.alias)
             self.remove(worker, now, "disconnected")
+
+    def _mdp_partial(
+        self,
+        identity: bytes,
+        worker: Worker | None,
+        dialect: Dialect,
+        msg: mdp.WorkerPartial,
+        now: float,
+    ) -> None:
+        """An MDPW02 PARTIAL: fenced like a FINAL, then part of the answer. For an MDP
+        client, relayed whole (MdpRequests.partial); for a durable task, each body
+        frame is a chunk of its stream, exactly as the frames of a ZBW01 CHUNK."""
+        if worker is None:
+            # A worker declared dead still talking: its request went elsewhere.
+            self._stats.stale_refused += 1
+            self._disconnect(identity, dialect, "PARTIAL from unknown worker")
+            return
+        held = next(iter(worker.tasks.values()), None)
+        if held is None or msg.client != held.client:
+            self._kick(worker, now, "PARTIAL without a matching request")
+            return
+        worker.expires_at = now + self._worker_expiry_s
+        if type(held) is MdpRequest:
+            self._requests.partial(held, msg.body, now)
+        else:
+            held.owner.chunk(held, msg.body, now)
 
     # ----------------------------------------------------- ZBW01 workers
 
@@ -479,9 +513,10 @@ class Routing:
         log.info("DISCONNECT to %s: %s", hex_id(identity), why)
         self._out.outbox.append([identity, *dialect.disconnect(why)])
 
-    def turn_away(self, identity: bytes, zbw: bool, why: str) -> None:
-        """A worker's message refused before it was read (core/guard.py): DISCONNECT."""
-        self._disconnect(identity, ZBW if zbw else MDP, why)
+    def turn_away(self, identity: bytes, header: bytes, why: str) -> None:
+        """A worker's message (with protocol `header`) refused before it was read
+        (core/guard.py): DISCONNECT in its dialect."""
+        self._disconnect(identity, BY_HEADER[header], why)
 
     def gone(self, identity: bytes, now: float) -> None:
         """A message to worker `identity` could not be sent: its connection is gone."""
