@@ -53,6 +53,11 @@ export class TimeoutError extends ZbrokerError {
    * `payloads.slice(enqueuedIds?.length ?? 0)`. null for other calls.
    */
   readonly keys: string[] | null
+  /**
+   * A task stream (stream(), readStream()): the offset to read on from with
+   * `readStream(taskId, {offset: next})`. null for other calls.
+   */
+  readonly next: number | null
 }
 
 /** The object was closed before or during the call. */
@@ -264,6 +269,10 @@ export interface TaskStatus {
   error: string | null
   finishedAt: Date | null
   keepUntil: Date | null
+  /** The length of the task's stream (§13): its chunks, over all attempts. */
+  streamChunks: number
+  /** The bytes of the task's stream. */
+  streamBytes: number
   /** [event, epoch seconds, details...], oldest first (see docs/protocol.md §11.3). */
   history: Array<[string, number, ...unknown[]]>
   [key: string]: unknown
@@ -316,6 +325,70 @@ export interface CancelResult {
   was: TaskState | null
 }
 
+/** Options of a task stream, stream() and readStream() (docs/protocol.md §13). */
+export interface FollowOptions {
+  /**
+   * Chunks the broker may send beyond those this reader has taken (1..10000, default
+   * 256): what waits here unread. The client credits them (MORE) as they are taken.
+   */
+  window?: number
+  /** 'current': skip chunks of attempts older than the task's current one. Default 'all'. */
+  attempts?: 'all' | 'current'
+  /**
+   * Cancel the task when the stream is left before the task ended (a loop left
+   * early, close(), the signal aborted, the connection lost). Default true for
+   * stream(), false for readStream().
+   */
+  cancelOnAbandon?: boolean
+  /**
+   * The idle limit in seconds (the broker's wait_s, at most 86400): with nothing
+   * sent for that long the stream ends with TimeoutError (taskId, state, next).
+   * Default: timeoutMs in seconds; with timeoutMs Infinity, none.
+   */
+  waitS?: number
+  /** The idle limit in ms when waitS is not given (default: the client's timeoutMs); Infinity: none. */
+  timeoutMs?: number
+  /** Aborting it closes the stream (CLOSE): iteration rejects with `signal.reason`. */
+  signal?: AbortSignal
+  /** `result` is every result frame (Buffer[]) instead of the one-frame result. */
+  frames?: boolean
+}
+
+export interface ReadStreamOptions extends FollowOptions {
+  /** The first chunk wanted. Default 0. */
+  offset?: number
+}
+
+/**
+ * A task's stream as a reader gets it: an async iterable of its chunks (Buffers),
+ * in order, then the task's result. The iteration throws what the task ended with
+ * otherwise (TaskDead, TaskCancelled, TaskExpired, a BrokerError, TimeoutError).
+ * Leaving a `for await` loop early, close() and the signal end it (CLOSE).
+ */
+export class TaskStream<R = Buffer> implements AsyncIterableIterator<Buffer> {
+  private constructor ()
+  /** The task's id; null until the broker accepted a stream() (readStream(): from the start). */
+  readonly taskId: string | null
+  /** Resolves with the task's id once the broker has stored it; rejects if the stream ends first. */
+  readonly accepted: Promise<string>
+  /** The attempt that sent the last chunk taken (null before the first): a higher one started over. */
+  readonly attempt: number | null
+  /** The offset of the next chunk: after the last one taken (at the end, the stream's length). */
+  readonly offset: number
+  /**
+   * The task's result once iteration has ended. Throws what the stream ended with
+   * instead, and a ZbrokerError before the end or after close() before the result came.
+   */
+  readonly result: R
+  next (): Promise<IteratorResult<Buffer, undefined>>
+  /** Leaving a loop early: close(). */
+  return (): Promise<IteratorResult<Buffer, undefined>>
+  [Symbol.asyncIterator] (): this
+  /** Stop reading: CLOSE (cancels the task if cancelOnAbandon), chunks not taken dropped, iteration done. */
+  close (): void
+  [Symbol.dispose] (): void
+}
+
 export interface ClientStats {
   calls: number
   /** Calls sent again after a reconnect. */
@@ -357,6 +430,15 @@ export class Client {
   /** Enqueue one task and wait for its result; resumes by task id after a reconnect. */
   request (service: string, payload: Payload, options?: TaskOptions & CallOptions & { frames?: false }): Promise<Buffer>
   request (service: string, payload: Payload, options: TaskOptions & CallOptions & { frames: true }): Promise<Buffer[]>
+  /**
+   * Enqueue one task and follow its stream (STREAM): its chunks as its workers send
+   * them, then its result. cancelOnAbandon defaults to true.
+   */
+  stream (service: string, payload: Payload, options?: TaskOptions & FollowOptions & { frames?: false }): TaskStream<Buffer>
+  stream (service: string, payload: Payload, options: TaskOptions & FollowOptions & { frames: true }): TaskStream<Buffer[]>
+  /** Follow the stream of task `id` from `offset` (READ). cancelOnAbandon defaults to false. */
+  readStream (id: string, options?: ReadStreamOptions & { frames?: false }): TaskStream<Buffer>
+  readStream (id: string, options: ReadStreamOptions & { frames: true }): TaskStream<Buffer[]>
   /** Wait up to timeoutMs for task `id` to end (0: answer now) and resolve with its result. */
   result (id: string, options?: CallOptions & { frames?: false }): Promise<Buffer>
   result (id: string, options: CallOptions & { frames: true }): Promise<Buffer[]>
@@ -410,10 +492,31 @@ export interface Task {
    * is dropped under back-pressure, counted in stats.progressDropped).
    */
   progress (data?: Payload): boolean
+  /**
+   * Append one chunk to the task's stream (§13); the chunks of one turn of the
+   * event loop go together, before the result. Resolves once handed to the socket
+   * (await it to be slowed down by a broker that reads slower). Once the attempt
+   * is no longer held (the broker took it back, the connection was replaced, the
+   * result is out), a no-op that resolves at once. Throws NonRetryableError for a
+   * chunk that is not a frame or cannot fit in a message.
+   */
+  emit (chunk: Frame): Promise<void>
 }
 
-/** A handler returns the result (frames; undefined/null: no frames) or throws to fail the attempt. */
-export type Handler = (task: Task) => Payload | null | undefined | void | Promise<Payload | null | undefined | void>
+/** What a handler may return: the result (frames; undefined/null: no frames). */
+export type HandlerResult = Payload | null | undefined | void
+/**
+ * A generator as a handler's stream: each value it yields is a chunk (a promise of
+ * one, for a sync generator), the value it returns the result.
+ */
+export type ChunkSource<C = Frame, R = HandlerResult> =
+  | AsyncIterator<C, R, undefined> & AsyncIterable<C>
+  | Iterator<C | Promise<C>, R, undefined> & Iterable<C | Promise<C>>
+/**
+ * A handler returns the result or throws to fail the attempt; or it streams: an
+ * (async) generator function, its yielded values the chunks, its return value the result.
+ */
+export type Handler = (task: Task) => HandlerResult | Promise<HandlerResult> | ChunkSource
 
 export interface Logger {
   debug?: (...args: unknown[]) => void
@@ -470,6 +573,10 @@ export interface WorkerStats {
   progressSent: number
   /** PROGRESS not sent: back-pressure, too large, or connection replaced. */
   progressDropped: number
+  /** Stream chunks handed to the socket (CHUNK). */
+  chunksSent: number
+  /** Chunks not sent: the attempt was no longer held, or the connection was replaced. */
+  chunksDropped: number
   reconnects: number
   malformed: number
   metricsErrors: number
@@ -630,8 +737,17 @@ export interface ServiceTaskOptions {
   tags?: string[]
 }
 
-/** A task handler of a Service: returns anything msgpack can pack (a Buffer/Uint8Array is the result as it is). */
-export type ServiceTaskHandler = (task: Task) => unknown
+/** The task a Service handler gets: its chunks are encoded like its results. */
+export interface ServiceTask extends Omit<Task, 'emit'> {
+  /** A chunk: a Buffer/Uint8Array as it is, anything else packed with msgpack (see Task.emit). */
+  emit (chunk: unknown): Promise<void>
+}
+
+/**
+ * A task handler of a Service: returns anything msgpack can pack (a Buffer/Uint8Array
+ * is the result as it is); a generator yields chunks encoded the same way.
+ */
+export type ServiceTaskHandler = (task: ServiceTask) => unknown
 /** An event handler of a Service; what it throws is logged and counted, never fatal. */
 export type EventHandler = (event: Event) => unknown
 

@@ -2,6 +2,7 @@
 // and Service, which puts workers and events together into one service.
 
 export { Client } from './lib/client.js'
+export { TaskStream } from './lib/stream.js'
 export { Worker } from './lib/worker.js'
 export { Publisher, Subscriber } from './lib/events.js'
 export { Service, SERVICE_HEARTBEAT_PREFIX } from './lib/service.js'

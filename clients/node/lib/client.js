@@ -1,4 +1,4 @@
-// Client: durable tasks over ZBC01 (enqueue, request, result, status, cancel,
+// Client: durable tasks over ZBC01 (enqueue, request, result, task streams, status, cancel,
 // dead letters) on one multiplexed DEALER, and plain 7/MDP requests (Lazy
 // Pirate: one fresh DEALER per attempt).
 
@@ -27,6 +27,8 @@ import {
   MMI_SERVICE,
   PRIORITY_MAX,
   PRIORITY_MIN,
+  STREAM_WINDOW_DEFAULT,
+  STREAM_WINDOW_MAX,
   checkMaxMessageBytes,
   decodeMdpReply,
   decodeZbcAnswer,
@@ -38,6 +40,7 @@ import {
   zbcCall
 } from './protocol.js'
 import { checkCredentials } from './keys.js'
+import { TaskStream } from './stream.js'
 import {
   DEFAULT_HWM,
   MAX_TIMER_MS,
@@ -298,6 +301,47 @@ export class Client {
   }
 
   /**
+   * Enqueue one task and follow its stream (STREAM, docs/protocol.md §13): a
+   * TaskStream, an async iterable of the chunks its workers send (Buffers), in
+   * order, then its result in `stream.result`. Takes request()'s options, and
+   * `window`, `attempts`, `cancelOnAbandon` (default true: leaving the loop early
+   * cancels the task), `waitS` (the idle limit; default `timeoutMs` in seconds).
+   */
+  stream (service, payload, options = {}) {
+    const follow = followOptions(options, { cancelOnAbandon: true })
+    const meta = taskMeta(follow.rest, 1)
+    meta.service = checkService(service)
+    Object.assign(meta, follow.meta)
+    const frames = toFrames(payload)
+    const what = `STREAM to ${JSON.stringify(service)}`
+    this.#checkMessage(what, meta, frames, { wait_s: 0.5 })
+    return this.#stream({ ...follow, what, command: C.STREAM, meta, follow: follow.meta, payload: frames, key: meta.key })
+  }
+
+  /**
+   * Follow the stream of task `id`, which exists (READ, §13), from `offset`
+   * (default 0): a TaskStream like stream()'s. `cancelOnAbandon` defaults to false.
+   */
+  readStream (id, options = {}) {
+    checkTaskId(id)
+    const follow = followOptions(options, { cancelOnAbandon: false, read: true })
+    for (const name of Object.keys(follow.rest)) {
+      throw new TypeError(`unknown option ${JSON.stringify(name)} of readStream(); known: ${[...READ_OPTIONS].join(', ')}`)
+    }
+    return this.#stream({ ...follow, what: `READ of the stream of task ${id}`, command: C.READ, follow: follow.meta, taskId: id })
+  }
+
+  #stream (spec) {
+    if (this.#closed) throw new ClosedError('client is closed')
+    this.stats.calls++
+    const timeoutMs = spec.timeoutMs === undefined ? this.#timeoutMs : checkTimeout(spec.timeoutMs, 'timeoutMs')
+    // The idle limit: waitS, else the call's timeoutMs; none (calls chained) when that is Infinity.
+    let waitS = spec.waitS
+    if (waitS === undefined) waitS = timeoutMs >= MAX_TIMER_MS ? null : Math.min(timeoutMs / 1000, MAX_WAIT_S)
+    return new TaskStream((link) => this.#channelFor().attach(link), { ...spec, waitS })
+  }
+
+  /**
    * The result of task `id`: waits up to `timeoutMs` for it to end (0: answer
    * with what is there now). Rejects like request(), and with TaskNotFound.
    */
@@ -452,6 +496,15 @@ export class Client {
 
   #call (spec) {
     if (this.#closed) return Promise.reject(new ClosedError('client is closed'))
+    const channel = this.#channelFor()
+    this.stats.calls++
+    const timeoutMs = spec.options.timeoutMs === undefined
+      ? this.#timeoutMs
+      : checkTimeout(spec.options.timeoutMs, 'timeoutMs')
+    return channel.call(spec, timeoutMs, spec.options.signal)
+  }
+
+  #channelFor () {
     if (this.#channel === null) {
       // A channel whose handshake was refused has failed its calls and closed: the
       // next call opens a new one (and hears the broker's verdict again at once).
@@ -460,11 +513,7 @@ export class Client {
       })
       this.#channel = channel
     }
-    this.stats.calls++
-    const timeoutMs = spec.options.timeoutMs === undefined
-      ? this.#timeoutMs
-      : checkTimeout(spec.options.timeoutMs, 'timeoutMs')
-    return this.#channel.call(spec, timeoutMs, spec.options.signal)
+    return this.#channel
   }
 
   // ------------------------------------------------------------ 7/MDP
@@ -653,6 +702,17 @@ class Channel {
     return call.run()
   }
 
+  /**
+   * Take in a call that drives itself (a TaskStream's handle: answered,
+   * reconnected, reject, later, sent); returns the channel.
+   */
+  attach (link) {
+    if (this.#closed) throw this.#failure ?? new ClosedError('client is closed')
+    if (this.#calls.size >= this.#maxPending) throw new ZbrokerError(`too many calls in flight (maxPending ${this.#maxPending})`)
+    this.#calls.add(link)
+    return this
+  }
+
   /** A new rid for a message of `call`. */
   rid (call) {
     const rid = this.#nextRid++
@@ -781,6 +841,10 @@ class Call {
 
   answered (answer) {
     if (this.done) return
+    if (answer.chunks) { // only a stream call is sent chunks
+      this.channel.stats.malformed++
+      return
+    }
     const command = this.sent.get(answer.rid)
     const latest = answer.rid === this.latest
     // Every message is answered once, but a REQUEST twice: its acceptance, then its end.
@@ -1005,6 +1069,43 @@ const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAtt
 // Options of enqueue() and enqueueMany() only.
 const ENQUEUE_OPTIONS = new Set(['receipt'])
 const NO_OPTIONS = new Set()
+
+// The options of a task stream, checked: {meta (window, attempts, cancel_on_abandon),
+// offset (READ), waitS, timeoutMs, signal, frames, rest}; `rest` holds the
+// other options (stream(): the task options, checked by taskMeta).
+const FOLLOW_OPTIONS = new Set(['window', 'attempts', 'cancelOnAbandon', 'waitS'])
+const READ_OPTIONS = new Set([...FOLLOW_OPTIONS, 'offset', 'timeoutMs', 'signal', 'frames'])
+
+function followOptions (options, { cancelOnAbandon, read = false }) {
+  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  const { window = STREAM_WINDOW_DEFAULT, attempts = 'all', waitS, offset, ...rest } = options
+  if (options.cancelOnAbandon !== undefined && typeof options.cancelOnAbandon !== 'boolean') {
+    throw new TypeError(`cancelOnAbandon must be a boolean, got ${describe(options.cancelOnAbandon)}`)
+  }
+  if (attempts !== 'all' && attempts !== 'current') throw new TypeError(`attempts must be 'all' or 'current', got ${JSON.stringify(attempts)}`)
+  const meta = {
+    window: checkInt(window, 'window', 1, STREAM_WINDOW_MAX),
+    attempts,
+    cancel_on_abandon: options.cancelOnAbandon ?? cancelOnAbandon
+  }
+  delete rest.cancelOnAbandon
+  if (read) {
+    delete rest.timeoutMs
+    delete rest.signal
+    delete rest.frames
+  } else if (offset !== undefined) {
+    throw new TypeError('offset is an option of readStream(): a new task\'s stream starts at 0')
+  }
+  return {
+    meta,
+    offset: read ? checkInt(offset ?? 0, 'offset', 0, Number.MAX_SAFE_INTEGER) : 0,
+    waitS: waitS === undefined ? undefined : Math.min(checkNumber(waitS, 'waitS'), MAX_WAIT_S),
+    timeoutMs: options.timeoutMs,
+    signal: options.signal,
+    frames: options.frames === true,
+    rest
+  }
+}
 
 // `batch`: an enqueueMany() (keys, one per task, even for one task).
 function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) {

@@ -15,16 +15,18 @@ export class ZbrokerError extends Error {
  * message may reach the broker later still): `key` (enqueue, request) or `keys`
  * (enqueueMany: the tasks not known to be stored, in order) hold the
  * idempotency keys it was sent with, so enqueueing again with them finds out,
- * without a duplicate, whether the task was stored.
+ * without a duplicate, whether the task was stored. A task stream (§13) that
+ * timed out sets `next`, the offset to resume from with readStream().
  */
 export class TimeoutError extends ZbrokerError {
-  constructor (message, { taskId = null, state = null, key = null, keys = null } = {}) {
+  constructor (message, { taskId = null, state = null, key = null, keys = null, next = null } = {}) {
     super(message)
     this.code = 'timeout'
     this.taskId = taskId
     this.state = state
     this.key = key
     this.keys = keys
+    this.next = next
   }
 }
 

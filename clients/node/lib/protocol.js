@@ -322,7 +322,8 @@ export const W = Object.freeze({
   CANCEL: 0x09,
   TASKS: 0x0a,
   DONES: 0x0b,
-  STOPPING: 0x0c
+  STOPPING: 0x0c,
+  CHUNK: 0x0d
 })
 export const MAX_CREDIT = 10_000
 export const MAX_TAGS = 32
@@ -358,6 +359,8 @@ export const zbwEncode = {
   },
   ack: (refs) => zbw(W.ACK, { tasks: refs.map(([id, attempt]) => [id, attempt]) }),
   progress: (id, attempt, data = []) => zbw(W.PROGRESS, { id, attempt }, ...data),
+  /** CHUNK: `chunks` (one or more frames) appended in order to the task's stream (§13). */
+  chunk: (id, attempt, chunks) => zbw(W.CHUNK, { id, attempt }, ...chunks),
   done: (id, attempt, result = []) => zbw(W.DONE, { id, attempt }, ...result),
   /** Several DONEs in one message: `results` is [[id, attempt, frames], ...], 1..MAX_WORKER_BATCH. */
   dones: (results) => {
@@ -433,9 +436,14 @@ export function decodeForWorker (frames) {
     }
     case W.HEARTBEAT:
       return { type: 'heartbeat' }
-    case W.CANCEL:
+    case W.CANCEL: {
       if (frames.length < 4) throw new ProtocolError('missing_frames', 'CANCEL needs a metadata frame')
-      return { type: 'cancel', ...taskRef(unpackMeta(frames[3])) }
+      const meta = unpackMeta(frames[3])
+      const cancel = { type: 'cancel', ...taskRef(meta) }
+      // `reason` is optional (§13: the task's stream passed the broker's caps); absent when empty.
+      if (typeof meta.reason === 'string' && meta.reason !== '') cancel.reason = meta.reason
+      return cancel
+    }
     case W.DISCONNECT: {
       let reason = ''
       if (frames.length > 3) {
@@ -469,8 +477,14 @@ export const C = Object.freeze({
   DEAD: 0x06,
   REDRIVE: 0x07,
   QUEUES: 0x08,
+  STREAM: 0x12,
+  READ: 0x13,
+  MORE: 0x14,
+  CLOSE: 0x15,
+  // Broker -> client (bytes are per direction: 0x12 from the broker is CHUNKS).
   REPLY: 0x10,
-  ERROR: 0x11
+  ERROR: 0x11,
+  CHUNKS: 0x12
 })
 export const MAX_BATCH = 10_000
 export const MAX_WAIT_S = 24 * 3600
@@ -479,6 +493,15 @@ export const MAX_QUEUES_PAGE = 1000
 export const PRIORITY_MIN = -128
 export const PRIORITY_MAX = 127
 export const MAX_ATTEMPTS_LIMIT = 1000
+// Task streams (§13): chunks a STREAM or READ call may be sent beyond what MORE
+// credited (`window`: the default and the most a call may ask), and the most one
+// MORE may credit.
+export const STREAM_WINDOW_DEFAULT = 256
+export const STREAM_WINDOW_MAX = 10_000
+export const STREAM_CREDIT_MAX = 10_000
+// Chunk data the broker sends a call beyond its credit, whatever the window (one
+// chunk always goes): a reader credits what it consumed before it reaches this.
+export const STREAM_UNCREDITED_BYTES = 4 * 1024 * 1024
 
 // Task states as the broker names them (ZBC01 answers), and those a task never leaves.
 export const TASK_STATES = Object.freeze(['ready', 'delayed', 'inflight', 'done', 'dead', 'cancelled', 'expired'])
@@ -491,7 +514,11 @@ export function zbcCall (command, meta, payload = []) {
   return [EMPTY, ZBC01_FRAME, commandFrame(command), pack(meta), ...payload]
 }
 
-/** Broker -> client: {rid, ok, meta, frames}, or a ProtocolError. */
+/**
+ * Broker -> client: {rid, ok, meta, frames}, or a ProtocolError. A CHUNKS message
+ * of a stream call (§13) is {rid, ok: true, chunks: true, meta, frames}: its meta
+ * checked to hold the task's `id`, the first chunk's `offset` and the `attempt`.
+ */
 export function decodeZbcAnswer (frames) {
   if (frames.length < 4 || frames[0].length !== 0 || !frameIs(frames[1], ZBC01)) {
     throw new ProtocolError('bad_header', 'not a ZBC01 answer')
@@ -501,6 +528,12 @@ export function decodeZbcAnswer (frames) {
   const command = frames[2].length === 1 ? frames[2][0] : -1
   if (command === C.REPLY) return { rid: meta.rid, ok: true, meta, frames: frames.slice(4) }
   if (command === C.ERROR) return { rid: meta.rid, ok: false, meta, frames: [] }
+  if (command === C.CHUNKS) {
+    if (typeof meta.id !== 'string' || !isInt(meta.offset) || meta.offset < 0 || !isInt(meta.attempt)) {
+      throw new ProtocolError('bad_meta', "CHUNKS needs a string 'id', an integer 'offset' >= 0 and an integer 'attempt'")
+    }
+    return { rid: meta.rid, ok: true, chunks: true, meta, frames: frames.slice(4) }
+  }
   throw new ProtocolError('unknown_command', `unexpected ZBC01 command 0x${frames[2].toString('hex').slice(0, 16)}`)
 }
 

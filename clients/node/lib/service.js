@@ -37,7 +37,7 @@ import {
 } from './protocol.js'
 import { MAX_TIMER_MS, checkEndpoint } from './sockets.js'
 import { Publisher, Subscriber } from './events.js'
-import { Worker } from './worker.js'
+import { Worker, isChunkSource } from './worker.js'
 
 // Topics of the client libraries' own events (a convention, not the broker's:
 // see docs/protocol.md §6.2). Each is followed by the service's name.
@@ -51,6 +51,22 @@ const PUBLISH_LINGER_MS = 1000
 const READY_POLL_MS = 20
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+// A result or stream chunk of a Service handler as {frame, payload}: a
+// Buffer/Uint8Array is the frame as it is, anything else (strings too; undefined
+// as nil) one msgpack frame; `payload` is what a result event carries.
+function encodeValue (value, what) {
+  if (value instanceof Uint8Array) {
+    const frame = Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength)
+    return { frame, payload: frame }
+  }
+  const payload = value === undefined ? null : value
+  try {
+    return { frame: pack(payload), payload }
+  } catch (err) {
+    throw new NonRetryableError(`${what} (${describe(value)}) cannot be packed with msgpack: ${err.message}`)
+  }
+}
 
 // The broker refused a socket or a queue (not an ordinary failure of one call).
 function isRefusal (err) {
@@ -420,8 +436,12 @@ export class Service {
 
   // ------------------------------------------------------------ tasks
 
+  // The Worker handler of queue `q`: the user's handler, its result (and its
+  // stream's chunks, emitted or yielded) encoded as frames, the result published.
   #taskHandler (q) {
-    return async (task) => {
+    return async (workerTask) => {
+      // Chunks are encoded like results: a Buffer/Uint8Array as it is, anything else msgpack.
+      const task = Object.freeze({ ...workerTask, emit: (chunk) => workerTask.emit(encodeValue(chunk, 'a stream chunk').frame) })
       let result
       try {
         result = await q.handler(task)
@@ -429,25 +449,53 @@ export class Service {
         this.stats.tasksFailed++
         throw err
       }
-      let frame
-      let payload
-      if (result instanceof Uint8Array) {
-        frame = Buffer.isBuffer(result) ? result : Buffer.from(result.buffer, result.byteOffset, result.byteLength)
-        payload = frame
-      } else {
-        payload = result === undefined ? null : result
-        try {
-          frame = pack(payload)
-        } catch (err) {
-          this.stats.tasksFailed++
-          throw new NonRetryableError(`the result (${describe(result)}) cannot be packed with msgpack: ${err.message}`)
-        }
-      }
-      this.stats.tasksDone++
-      // An attempt the broker took back has its result dropped: so is its event.
-      if (q.publish !== null && !task.signal.aborted) await this.#publishResult(q.publish, task, payload)
-      return frame
+      if (isChunkSource(result)) return this.#streamOf(q, task, result)
+      return this.#finishTask(q, task, result)
     }
+  }
+
+  // A generator handler's values as chunk frames, then its result's frame (the
+  // Worker pulls it, and closes it when the attempt is taken back).
+  async * #streamOf (q, task, source) {
+    let result
+    let open = true // the source may still run: close it when leaving early
+    try {
+      for (;;) {
+        let step
+        try {
+          step = await source.next()
+        } catch (err) {
+          open = false
+          throw err
+        }
+        if (step.done) {
+          open = false
+          result = step.value
+          break
+        }
+        yield encodeValue(await step.value, 'a stream chunk').frame // a sync generator may yield promises
+      }
+    } catch (err) {
+      this.stats.tasksFailed++
+      throw err
+    } finally {
+      if (open) await source.return?.() // left early: a chunk that failed, or the attempt taken back
+    }
+    return await this.#finishTask(q, task, result)
+  }
+
+  async #finishTask (q, task, result) {
+    let encoded
+    try {
+      encoded = encodeValue(result, 'the result')
+    } catch (err) {
+      this.stats.tasksFailed++
+      throw err
+    }
+    this.stats.tasksDone++
+    // An attempt the broker took back has its result dropped: so is its event.
+    if (q.publish !== null && !task.signal.aborted) await this.#publishResult(q.publish, task, encoded.payload)
+    return encoded.frame
   }
 
   async #publishResult (topic, task, payload) {

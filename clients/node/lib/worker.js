@@ -11,6 +11,17 @@
 // out at once, after flushing whatever was collected before them, so nothing
 // about a task ever overtakes its ACK or an earlier result.
 //
+// Task streams (docs/protocol.md §13): a handler sends chunks with task.emit(),
+// or is a generator whose yielded values are the chunks (its return value the
+// result). Chunks are collected per task during one turn too and flushed after
+// the ACKs and before the results, each task's as one CHUNK message (more when
+// they do not fit in one): so a task's chunks always precede its DONE or FAIL
+// on the one socket. CHUNK is never dropped under back-pressure (it waits in
+// the outbox like a result); emit() resolves once its chunk is handed to the
+// socket, and a generator is pulled on only while the outbox is empty. When
+// the broker takes the attempt back, a generator is pulled no further (its
+// return() runs its finally blocks) and emit() does nothing.
+//
 // The broker silently drops a message over its caps (--max-message-bytes,
 // 16 MiB by default, and 16384 frames), which would leave the tasks it carried
 // inflight for good. So DONES are split to stay within `maxMessageBytes` and
@@ -62,6 +73,7 @@ import {
   checkMaxMessageBytes,
   decodeForWorker,
   describe,
+  toFrame,
   toFrames,
   zbwEncode
 } from './protocol.js'
@@ -100,6 +112,19 @@ const FAIL = 3
 const PROGRESS = 4
 const HEARTBEAT = 5
 const CONTROL = 6 // READY, DISCONNECT
+const CHUNK = 7
+
+const SENT = Promise.resolve()
+
+/**
+ * True for what a handler returns to stream chunks: a generator (sync or
+ * async) or any iterator object, never frames (a Buffer, a string or an array
+ * of them is iterable, but has no next()).
+ */
+export function isChunkSource (value) {
+  return value !== null && typeof value === 'object' && typeof value.next === 'function' &&
+    (typeof value[Symbol.asyncIterator] === 'function' || typeof value[Symbol.iterator] === 'function')
+}
 
 const now = () => performance.now()
 
@@ -130,6 +155,7 @@ export class Worker extends EventEmitter {
   #running = new Set()
   #acks = [] // [id, attempt] read but not yet acknowledged
   #dones = [] // [id, attempt, frames, bytes] of results not yet sent (DONE/DONES)
+  #chunked = new Set() // attempt contexts with chunks emitted and not yet sent (CHUNK)
   #outbox = [] // {frames, kind, count} waiting for room in the socket, in order
   #writer = null // the socket a send is waiting on (the outbox is being drained)
   #onDrained = null
@@ -228,6 +254,8 @@ export class Worker extends EventEmitter {
       tooLarge: 0, // results over maxMessageBytes/maxFrames: failed for good instead (also in failed)
       progressSent: 0, // PROGRESS handed to the socket
       progressDropped: 0, // PROGRESS not sent: back-pressure, too large, or connection replaced
+      chunksSent: 0, // stream chunks handed to the socket (CHUNK)
+      chunksDropped: 0, // chunks not sent: the attempt taken back, or the connection replaced
       reconnects: 0, // connections opened after the first one
       malformed: 0, // broker messages that could not be decoded
       metricsErrors: 0,
@@ -433,6 +461,8 @@ export class Worker extends EventEmitter {
     this.#acks = []
     this.stats.staleResultsDropped += this.#dones.length // the broker hands those attempts to someone else
     this.#dones = []
+    for (const ctx of this.#chunked) this.#dropChunks(ctx)
+    this.#chunked.clear()
     this.stats.notStarted += this.#queue.length
     this.#queue = []
     const held = [...this.#held.values()]
@@ -454,22 +484,25 @@ export class Worker extends EventEmitter {
 
   // Send `frames` on the current connection, in order with everything sent
   // before. `kind` says what the counters make of it (`count` results or acks).
-  // ACK, DONE, FAIL and READY are never dropped while the connection lasts:
-  // when the socket has no room they wait in the outbox. PROGRESS and HEARTBEAT
-  // are dropped instead (false). True once sent or queued.
-  #send (frames, kind = CONTROL, count = 1) {
+  // ACK, CHUNK, DONE, FAIL and READY are never dropped while the connection
+  // lasts: when the socket has no room they wait in the outbox. PROGRESS and
+  // HEARTBEAT are dropped instead (false). True once sent or queued. `onSent` is
+  // called once the message is handed to the socket, or lost with its connection.
+  #send (frames, kind = CONTROL, count = 1, onSent = null) {
     const sock = this.#sock
     if (sock === null) {
       if (kind === PROGRESS) this.stats.progressDropped++
+      else if (kind === CHUNK) this.stats.chunksDropped += count
+      if (onSent) onSent()
       return false
     }
     if (this.#outbox.length === 0 && this.#sendNow(sock, frames)) {
-      this.#sent({ kind, count })
+      this.#sent({ kind, count, onSent })
     } else if (kind === PROGRESS || kind === HEARTBEAT) {
       if (kind === PROGRESS) this.stats.progressDropped++
       return false // advisory: not worth waiting for
     } else {
-      this.#outbox.push({ frames, kind, count })
+      this.#outbox.push({ frames, kind, count, onSent })
       if (this.#writer !== sock) this.#drain(sock)
     }
     if (this.#metrics === null) this.#heartbeatAt = now() + this.#intervalMs
@@ -534,16 +567,20 @@ export class Worker extends EventEmitter {
     }
   }
 
-  #sent ({ kind, count }) {
+  #sent ({ kind, count, onSent }) {
     if (kind === ACK) this.stats.acked += count
     else if (kind === DONE) this.stats.handled += count
     else if (kind === FAIL) this.stats.failed += count
     else if (kind === PROGRESS) this.stats.progressSent += count
+    else if (kind === CHUNK) this.stats.chunksSent += count
+    if (onSent) onSent()
   }
 
-  #lost ({ kind, count }) {
+  #lost ({ kind, count, onSent }) {
     if (kind === DONE || kind === FAIL) this.stats.staleResultsDropped += count
     else if (kind === PROGRESS) this.stats.progressDropped += count
+    else if (kind === CHUNK) this.stats.chunksDropped += count
+    if (onSent) onSent()
   }
 
   // ------------------------------------------------------------ timers
@@ -652,7 +689,16 @@ export class Worker extends EventEmitter {
     this.#acks.push([message.id, message.attempt]) // every task read in this turn goes into one ACK
     this.#scheduleFlush()
     const controller = new AbortController()
-    const ctx = { id: message.id, attempt: message.attempt, generation: this.#generation, controller, task: null }
+    const ctx = {
+      id: message.id,
+      attempt: message.attempt,
+      generation: this.#generation,
+      controller,
+      task: null,
+      chunks: [], // frames emitted, not yet sent
+      chunksSent: null, // {promise, resolve}: settled once the chunks collected now are handed to the socket
+      reported: false // its outcome (result or failure) is on its way to the broker
+    }
     ctx.task = Object.freeze({
       id: message.id,
       attempt: message.attempt,
@@ -662,7 +708,8 @@ export class Worker extends EventEmitter {
       headers: message.headers,
       timeoutS: message.timeoutS,
       signal: controller.signal,
-      progress: (data) => this.#progress(ctx, data)
+      progress: (data) => this.#progress(ctx, data),
+      emit: (chunk) => this.#emit(ctx, chunk)
     })
     const previous = this.#held.get(message.id)
     if (previous !== undefined) this.#abort(previous, 'the task was delivered again') // that attempt is over
@@ -688,8 +735,9 @@ export class Worker extends EventEmitter {
     if (ctx === undefined || ctx.attempt !== message.attempt) return // our result crossed the CANCEL
     this.#held.delete(message.id)
     this.stats.cancelled++
-    this.#log.info(`worker ${JSON.stringify(this.#service)}: the broker took back task ${ctx.id} attempt ${ctx.attempt}`)
-    this.#abort(ctx, 'the broker took this attempt back')
+    const why = message.reason ? `the broker took this attempt back: ${message.reason}` : 'the broker took this attempt back'
+    this.#log.info(`worker ${JSON.stringify(this.#service)}: ${why} (task ${ctx.id} attempt ${ctx.attempt})`)
+    this.#abort(ctx, why)
   }
 
   #abort (ctx, why) {
@@ -705,8 +753,9 @@ export class Worker extends EventEmitter {
     })
   }
 
-  // Send what was collected: the ACK first, then the results (one DONES, or a
-  // DONE for a single one). Called before anything else goes out about a task.
+  // Send what was collected: the ACK first, then each task's chunks (CHUNK), then
+  // the results (one DONES, or a DONE for a single one). Called before anything
+  // else goes out about a task.
   // The results go in as few messages as the broker's caps allow: at most
   // MAX_WORKER_BATCH results, maxMessageBytes bytes and maxFrames frames each.
   // Each result was checked to fit alone (#call).
@@ -728,6 +777,11 @@ export class Worker extends EventEmitter {
         bytes += cost
       }
       this.#send(zbwEncode.ack(start === 0 ? acks : acks.slice(start)), ACK, acks.length - start)
+    }
+    if (this.#chunked.size > 0) {
+      const chunked = this.#chunked
+      this.#chunked = new Set()
+      for (const ctx of chunked) this.#sendChunks(ctx)
     }
     if (this.#dones.length > 0) {
       const dones = this.#dones
@@ -784,6 +838,73 @@ export class Worker extends EventEmitter {
     return this.#send(zbwEncode.progress(ctx.id, ctx.attempt, frames), PROGRESS) // false if dropped under back-pressure
   }
 
+  // task.emit(chunk): one chunk of the task's stream, sent with the others of this
+  // turn. Resolves once handed to the socket (at once when dropped: the attempt is
+  // no longer held). A chunk that is not a frame, or cannot fit in any message,
+  // throws NonRetryableError: no attempt could send it.
+  #emit (ctx, chunk) {
+    let frame
+    try {
+      frame = toFrame(chunk, 'a stream chunk')
+    } catch (err) {
+      throw new NonRetryableError(err.message)
+    }
+    if (!this.#holds(ctx)) {
+      this.stats.chunksDropped++
+      return SENT
+    }
+    const tooLarge = this.#tooLarge('stream chunk', ctx.id, [frame], frame.length)
+    if (tooLarge !== null) {
+      this.stats.tooLarge++
+      throw new NonRetryableError(tooLarge)
+    }
+    ctx.chunks.push(frame)
+    if (ctx.chunksSent === null) {
+      let resolve
+      const promise = new Promise((r) => { resolve = r })
+      ctx.chunksSent = { promise, resolve }
+    }
+    this.#chunked.add(ctx)
+    this.#scheduleFlush()
+    return ctx.chunksSent.promise
+  }
+
+  // The chunks `ctx` collected, as CHUNK messages within the broker's caps (each
+  // chunk was checked to fit alone), or dropped when the attempt is no longer held.
+  #sendChunks (ctx) {
+    const { chunks, chunksSent } = ctx
+    ctx.chunks = []
+    ctx.chunksSent = null
+    if (chunks.length === 0) return chunksSent?.resolve()
+    // Held still, or its outcome reported after them on this connection (the broker drops a stale CHUNK).
+    if (this.#sock === null || ctx.generation !== this.#generation || !(ctx.reported || this.#held.get(ctx.id) === ctx)) {
+      this.stats.chunksDropped += chunks.length
+      return chunksSent?.resolve()
+    }
+    const byteBudget = this.#maxMessageBytes - MESSAGE_OVERHEAD_BYTES - ENTRY_OVERHEAD_BYTES - Buffer.byteLength(ctx.id, 'utf8')
+    const frameBudget = this.#maxFrames - MESSAGE_OVERHEAD_FRAMES
+    let start = 0
+    while (start < chunks.length) {
+      let end = start
+      let bytes = 0
+      while (end < chunks.length && (end === start || (end - start < frameBudget && bytes + chunks[end].length <= byteBudget))) {
+        bytes += chunks[end].length
+        end++
+      }
+      const last = end === chunks.length
+      const frames = start === 0 && last ? chunks : chunks.slice(start, end)
+      this.#send(zbwEncode.chunk(ctx.id, ctx.attempt, frames), CHUNK, frames.length, last ? chunksSent?.resolve : null)
+      start = end
+    }
+  }
+
+  #dropChunks (ctx) {
+    this.stats.chunksDropped += ctx.chunks.length
+    ctx.chunks = []
+    ctx.chunksSent?.resolve()
+    ctx.chunksSent = null
+  }
+
   // ------------------------------------------------------------ running handlers
 
   #pump () {
@@ -815,6 +936,7 @@ export class Worker extends EventEmitter {
     try {
       const handler = this.#handler
       result = await handler(ctx.task)
+      if (isChunkSource(result)) result = await this.#pull(ctx, result)
     } catch (err) {
       return this.#failure(ctx, err)
     }
@@ -834,6 +956,30 @@ export class Worker extends EventEmitter {
       return { frames: null, reason: truncate(tooLarge), retry: false }
     }
     return { frames, size }
+  }
+
+  // Run a generator handler: each value it yields is a chunk, the value it returns
+  // the result. It is pulled one value at a time, and only while the outbox is
+  // empty (back-pressure). Once the attempt is taken back it is pulled no further:
+  // its return() runs its finally blocks, and the attempt ends with the abort.
+  async #pull (ctx, source) {
+    const signal = ctx.controller.signal
+    try {
+      for (;;) {
+        if (signal.aborted) throw signal.reason
+        const step = await source.next()
+        if (step.done) return step.value
+        let value = step.value
+        if (value !== null && typeof value === 'object' && typeof value.then === 'function') value = await value // a sync generator's promise
+        const sent = this.#emit(ctx, value)
+        if (this.#outbox.length > 0) await sent
+      }
+    } catch (err) {
+      try {
+        await source.return?.()
+      } catch {} // it failed already; what ends the attempt is `err`
+      throw err
+    }
   }
 
   #failure (ctx, err) {
@@ -859,6 +1005,7 @@ export class Worker extends EventEmitter {
       return
     }
     this.#held.delete(ctx.id)
+    ctx.reported = true // its chunks still waiting go out, ahead of this outcome
     if (outcome.frames !== null) {
       // Results finished in this turn leave together, after the ACKs read before them.
       // Its cost in a DONES: its frames (sized once, in #call) and its entry in the metadata.

@@ -22,6 +22,7 @@ import {
   TaskError,
   type TaskState,
   type TaskStatus,
+  TaskStream,
   TimeoutError,
   Worker
 } from 'zbroker'
@@ -69,6 +70,63 @@ export async function durableTasks (client: Client): Promise<void> {
   void wrong
 }
 
+export async function streams (client: Client, signal: AbortSignal): Promise<string> {
+  const stream: TaskStream = client.stream('llm', 'prompt', { priority: 1, window: 64, attempts: 'current', signal, waitS: 120 })
+  const id: string = await stream.accepted
+  let text = ''
+  let attempt: number | null = null
+  for await (const token of stream) {
+    if (stream.attempt !== attempt) {
+      attempt = stream.attempt
+      text = '' // a new attempt starts over
+    }
+    text += token.toString()
+  }
+  const result: Buffer = stream.result
+  const frames: Buffer[] = client.stream('llm', 'p', { frames: true }).result
+  const resumed = client.readStream(id, { offset: stream.offset, cancelOnAbandon: false })
+  const next: IteratorResult<Buffer, undefined> = await resumed.next()
+  resumed.close()
+  void [result, frames, next, stream.taskId]
+  // @ts-expect-error attempts is 'all' or 'current'
+  client.stream('llm', 'p', { attempts: 'last' })
+  // @ts-expect-error a new task's stream has no offset
+  client.stream('llm', 'p', { offset: 3 })
+  return text
+}
+
+export function streamingHandlers (): Worker[] {
+  const generator = new Worker({
+    service: 'llm',
+    handler: async function * (task: Task) {
+      for (const word of task.payload.toString().split(' ')) yield word
+      return 'done'
+    }
+  })
+  const sync = new Worker({
+    service: 'llm',
+    handler: function * () {
+      yield Buffer.from('a')
+      return ['x', 'y']
+    }
+  })
+  const emitting = new Worker({
+    service: 'llm',
+    handler: async (task) => {
+      await task.emit('token')
+      task.emit(new Uint8Array(1))
+      return null
+    }
+  })
+  const s = new Service('llm').task('llm', async function * (task) {
+    yield { token: 'a' }
+    await task.emit(['any', 'msgpack'])
+    return { done: true }
+  })
+  void s
+  return [generator, sync, emitting]
+}
+
 export function errors (err: unknown): string {
   if (err instanceof AuthenticationFailed) return `${err.endpoint}: ${err.reason}`
   if (err instanceof Forbidden) {
@@ -84,7 +142,7 @@ export function errors (err: unknown): string {
     const code: BrokerErrorCode | string = err.code
     return `${code}: ${err.brokerMessage}`
   }
-  if (err instanceof TimeoutError) return err.key ?? err.keys?.join(',') ?? err.taskId ?? ''
+  if (err instanceof TimeoutError) return err.key ?? err.keys?.join(',') ?? err.taskId ?? String(err.next ?? 0)
   return String(err)
 }
 
