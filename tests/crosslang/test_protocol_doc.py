@@ -54,6 +54,9 @@ TASK_MAP_KEYS = {
     "keep_until",
     "history",
     "owner",
+    # §13: the task's stream, its length and size.
+    "stream_chunks",
+    "stream_bytes",
 }
 
 
