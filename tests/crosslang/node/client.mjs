@@ -3,7 +3,9 @@
 //   node client.mjs ENDPOINT
 //
 // Ops: enqueue, enqueueMany, request, result, status, cancel, mdp, mmi, queues,
-// queuesPage. Payloads come
+// queuesPage, stream, readStream (a task stream read to its end: {taskId, chunks
+// (base64), attempts (of each chunk), offset, result (base64 list)}), streamSome
+// (a stream left after `take` chunks: {taskId, chunks}). Payloads come
 // as `frames` (base64 list; with `one: true` the single Buffer is passed instead of
 // an array); results go back as base64 lists (`frames: true` on the call).
 
@@ -29,6 +31,17 @@ function plain (value) {
   return value
 }
 
+// A task stream read to its end.
+async function drain (stream) {
+  const chunks = []
+  const attempts = []
+  for await (const chunk of stream) {
+    chunks.push(b64(chunk))
+    attempts.push(stream.attempt)
+  }
+  return { taskId: stream.taskId, chunks, attempts, offset: stream.offset, result: stream.result.map(b64) }
+}
+
 serveCommands({
   enqueue: (c) => client.enqueue(c.service, payloadOf(c), c.options ?? {}),
   enqueueMany: (c) => client.enqueueMany(c.service, c.payloads.map((p) => p.map(unb64)), c.options ?? {}),
@@ -39,6 +52,17 @@ serveCommands({
   mdp: async (c) => (await client.mdpRequestFrames(c.service, payloadOf(c))).map(b64),
   mmi: (c) => client.mmiService(c.service),
   queues: (c) => client.queues(c.options ?? {}),
-  queuesPage: (c) => client.queuesPage(c.options ?? {})
+  queuesPage: (c) => client.queuesPage(c.options ?? {}),
+  stream: (c) => drain(client.stream(c.service, payloadOf(c), { ...c.options, frames: true })),
+  readStream: (c) => drain(client.readStream(c.id, { ...c.options, frames: true })),
+  streamSome: async (c) => {
+    const stream = client.stream(c.service, payloadOf(c), c.options ?? {})
+    const chunks = []
+    for await (const chunk of stream) {
+      chunks.push(b64(chunk))
+      if (chunks.length >= c.take) break // CLOSE: the task is cancelled (cancelOnAbandon)
+    }
+    return { taskId: stream.taskId, chunks }
+  }
 }, () => client.close())
 emit({ event: 'ready' })

@@ -12,6 +12,13 @@
 //   fatal     throw NonRetryableError (FAIL, retry: false)
 //   later     throw RetryLater(0.3)
 //   hold      print {"event": "holding"} and wait until the attempt is taken back
+//   stream    an async generator: each payload frame is a chunk, the result
+//             "<n> chunks"
+//   stream-emit  task.emit() of "attempt <a>: one", then on attempt 1 a throw
+//             (FAIL, retried), else "attempt <a>: two" and the result "emitted"
+//   stream-hold  a generator: the chunk "first", then it waits until the attempt
+//             is taken back, prints {"event": "aborted"} and is pulled no further
+//             (it prints {"event": "closed"} from its finally)
 // SIGTERM stops it gracefully and prints {"event": "stopped", clean}.
 
 import { NonRetryableError, RetryLater, Worker } from '../../../clients/node/index.js'
@@ -44,6 +51,16 @@ async function handler (task) {
       throw new NonRetryableError('this can never work')
     case 'later':
       throw new RetryLater(0.3, 'come back later')
+    case 'stream':
+      return frameByFrame(task)
+    case 'stream-emit':
+      task.emit(`attempt ${task.attempt}: one`)
+      await new Promise((resolve) => setTimeout(resolve, 10))
+      if (task.attempt === 1) throw new Error('the first attempt fails after a chunk')
+      await task.emit(`attempt ${task.attempt}: two`)
+      return 'emitted'
+    case 'stream-hold':
+      return holdStreaming(task)
     case 'hold':
       emit({ event: 'holding', id: task.id, attempt: task.attempt })
       await new Promise((resolve) => task.signal.addEventListener('abort', resolve, { once: true }))
@@ -51,6 +68,22 @@ async function handler (task) {
       throw task.signal.reason
     default:
       throw new NonRetryableError(`unknown mode ${mode}`)
+  }
+}
+
+async function * frameByFrame (task) {
+  for (const frame of task.frames) yield frame
+  return `${task.frames.length} chunks`
+}
+
+async function * holdStreaming (task) {
+  try {
+    yield 'first'
+    await new Promise((resolve) => task.signal.addEventListener('abort', resolve, { once: true }))
+    emit({ event: 'aborted', id: task.id, attempt: task.attempt })
+    yield 'never pulled'
+  } finally {
+    emit({ event: 'closed', id: task.id, attempt: task.attempt })
   }
 }
 
