@@ -59,12 +59,6 @@ def test_python_reader_gets_a_node_generators_chunks_then_its_result(
     assert rest.result == stream.result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Python stream readers drop an empty chunk: zbroker/client/_base.py marks an "
-    "acceptance with _ACCEPTED = b'' and tests `chunk is _ACCEPTED`, and CPython has one "
-    "empty bytes object",
-)
 def test_python_reader_gets_an_empty_chunk_of_a_node_worker(
     broker: BrokerProcess, node_worker: NodeProcess, stack: ExitStack
 ) -> None:

@@ -201,3 +201,20 @@ def test_a_recovered_attempt_keeps_its_committed_chunks(journal: Journal) -> Non
     assert (record.stream_chunks, record.stream_bytes) == (2, 3)
     s2.send(C, zbc.read(1, task_id, wait_s=5))
     assert chunks_of(s2.answers(C)) == [(0, 1, [b"a", b"bb"])]
+
+
+def test_a_reader_behind_its_stream_is_not_ended_by_its_idle_time(journal: Journal) -> None:
+    s = Script(journal)
+    rid, task_id = stream_call(s, window=2, wait_s=1)
+    _, attempt = run_one(s)
+    s.send(W, ext.chunk(task_id, attempt, [bytes([i]) for i in range(6)]))
+    s.send(W, ext.done(task_id, attempt, [b"r"]))
+    assert chunks_of(s.answers(C)) == [(0, 1, [b"\0", b"\1"])]
+    s.advance(3.0)  # the reader pauses past its idle time: its chunks still wait
+    assert s.answers(C) == []
+    s.send(C, zbc.call(zbc.MORE, rid, credit=2))
+    s.send(C, zbc.call(zbc.MORE, rid, credit=2))
+    s.send(C, zbc.call(zbc.MORE, rid, credit=2))
+    answers = s.answers(C)
+    assert [c[2] for c in chunks_of(answers)] == [[b"\2", b"\3"], [b"\4", b"\5"]]
+    assert answers[-1].meta["state"] == "done" and answers[-1].meta["next"] == 6

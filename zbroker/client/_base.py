@@ -89,7 +89,11 @@ class _StreamState:
         return _calls.one_frame(self.result_frames)
 
 
-_ACCEPTED = b""  # what a stream driver yields for an acceptance (the id is known); not a chunk
+class _Accepted:
+    """What a stream driver yields for an acceptance (the id is known): not a chunk."""
+
+
+_ACCEPTED = _Accepted()
 
 
 @dataclass(slots=True)
@@ -377,14 +381,16 @@ class AsyncTaskStream:
     the attempt of the last chunk: when it grows, the task started again and what
     came before belongs to an attempt that failed.
 
-    Leaving the loop early, `await stream.aclose()` or `async with` closing it
-    before the end abandons the stream: the broker is told (CLOSE) and, when the
-    call asked (`cancel_on_abandon`, the default of `stream()`), cancels the task.
+    Closing it before the end (`await stream.aclose()`, or leaving an `async
+    with` block around it) abandons the stream: the broker is told (CLOSE) and,
+    when the call asked (`cancel_on_abandon`, the default of `stream()`), cancels
+    the task. A `break` alone does not close it (Python does not close an
+    iterator a loop leaves): use `async with`.
     """
 
     def __init__(
         self,
-        run: Callable[[_StreamState], AsyncIterator[bytes]],
+        run: Callable[[_StreamState], AsyncIterator[bytes | _Accepted]],
         task_id: str | None,
         offset: int,
     ) -> None:
@@ -423,7 +429,7 @@ class AsyncTaskStream:
     async def __anext__(self) -> bytes:
         while True:
             chunk = await self._it.__anext__()
-            if chunk is not _ACCEPTED:
+            if not isinstance(chunk, _Accepted):
                 return chunk
 
     async def started(self) -> str:
@@ -446,7 +452,7 @@ class AsyncTaskStream:
 
 async def _drive_async(
     client: AsyncClientBase, plan: _calls.Plan[list[bytes]], what: str, state: _StreamState
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | _Accepted]:
     """Carry out a stream plan on the asyncio client's shared socket (see `_run`),
     yielding each chunk as it is delivered."""
     call: _Call | None = None
@@ -725,14 +731,19 @@ class TaskStream:
     came before belongs to an attempt that failed.
 
     Each stream reads on a connection of its own, so the client's other calls may
-    be made from inside the loop. Leaving the loop early (`break`, an exception),
-    `stream.close()` or `with` closing it before the end abandons the stream: the
-    broker is told (CLOSE, then the connection closes) and, when the call asked
-    (`cancel_on_abandon`, the default of `stream()`), cancels the task.
+    be made from inside the loop. Closing it before the end (`stream.close()`,
+    leaving a `with` block around it, or dropping the last reference to it)
+    abandons the stream: the broker is told (CLOSE, then the connection closes)
+    and, when the call asked (`cancel_on_abandon`, the default of `stream()`),
+    cancels the task. A `break` alone does not close it (Python does not close an
+    iterator a loop leaves): use `with`.
     """
 
     def __init__(
-        self, run: Callable[[_StreamState], Iterator[bytes]], task_id: str | None, offset: int
+        self,
+        run: Callable[[_StreamState], Iterator[bytes | _Accepted]],
+        task_id: str | None,
+        offset: int,
     ) -> None:
         self._state = _StreamState(task_id, offset)
         self._it = run(self._state)
@@ -769,7 +780,7 @@ class TaskStream:
     def __next__(self) -> bytes:
         while True:
             chunk = next(self._it)
-            if chunk is not _ACCEPTED:
+            if not isinstance(chunk, _Accepted):
                 return chunk
 
     def started(self) -> str:
@@ -792,7 +803,7 @@ class TaskStream:
 
 def _drive(
     client: ClientBase, plan: _calls.Plan[list[bytes]], what: str, state: _StreamState
-) -> Iterator[bytes]:
+) -> Iterator[bytes | _Accepted]:
     """Carry out a stream plan on a connection of its own, yielding each chunk as it
     is delivered; closing it early sends CLOSE and closes the connection."""
     client._open_socket()  # ClientClosed on a closed client

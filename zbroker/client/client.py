@@ -282,8 +282,9 @@ class Client(ClientBase):
 
         Returns a stream (iterate it; it sends nothing before that): each
         chunk is bytes, given once and in order, and once the loop ends,
-        `.result` is the task's result and `.task_id` its id. Leaving the loop
-        early abandons the stream, which cancels the task (`cancel_on_abandon`,
+        `.result` is the task's result and `.task_id` its id. Closing it early
+        (`close()`, or a `with` block around it; a `break` alone does not close
+        it) abandons the stream, which cancels the task (`cancel_on_abandon`,
         on by default here; the worker's handler sees the cancellation within a
         heartbeat interval). `window`: chunks the broker may send ahead of what
         was read (flow control); `attempts="current"` skips chunks of attempts

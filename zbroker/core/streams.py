@@ -14,8 +14,9 @@ Rules it keeps:
      its MOREs credited. The rest waits in the journal, so a reader that does
      not read costs no memory here.
   3. A call ends exactly once: with the final REPLY once its task has ended and
-     it was sent every chunk; with a REPLY of the task's state now when nothing
-     was sent to it for its idle time (`wait_s`); with ERROR not_found when its
+     it was sent every chunk; with a REPLY of the task's state now when it was
+     idle for `wait_s` (nothing sent, no MORE, and nothing waiting for its
+     credit: a call behind its stream never ends early); with ERROR not_found when its
      task is gone; or silently, when it is closed or its connection goes (the
      caller then decides what `cancel_on_abandon` asks).
   4. Calls are capped like waiting calls (the same settings), counted apart:
@@ -179,6 +180,7 @@ class TaskStreams:
         sent = call.sent
         for _ in range(min(msg.credit, len(sent))):
             call.sent_bytes -= sent.popleft()
+        call.deadline = now + call.idle_s  # the reader is there
         record = self._record_of(call.task_id)
         if record is None:
             self._gone(call)
@@ -229,8 +231,13 @@ class TaskStreams:
             return
         due = [c for c in self._by_call.values() if c.deadline <= now]
         for call in due:
-            self._remove(call)
             record = self._record_of(call.task_id)
+            if record is not None and call.next < record.stream_chunks:
+                # Not idle: chunks wait for the reader's credit. The call lives on (a
+                # connection that goes ends it), and the end never jumps ahead of them.
+                call.deadline = now + call.idle_s
+                continue
+            self._remove(call)
             if record is None:
                 refuse(call.identity, call.rid, zbc.E_NOT_FOUND, f"no task {call.task_id!r}")
             else:

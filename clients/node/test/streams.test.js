@@ -285,14 +285,10 @@ test('wait_s running out is a TimeoutError with the id and offset to read on fro
   assert.equal(resumed.result.toString(), 'served')
 })
 
-// §13: the final REPLY comes "once the task has ended and every chunk of it has
-// been sent to this call". The broker counts wait_s from the last chunk it sent
-// even while a call waits for MORE, and then answers with the task's state: a
-// reader that pauses longer than wait_s after a task ended gets `done` (and the
-// stream's length in `next`) without the chunks it had not taken yet.
-test('a reader that pauses longer than wait_s still gets every chunk of an ended task', {
-  todo: 'the broker ends a call waiting for MORE after wait_s, without the chunks it holds back'
-}, async () => {
+// §13: the final REPLY comes once the task has ended and every chunk of it has
+// been sent to the call; a call whose chunks wait for MORE is not idle, so a
+// reader that pauses longer than wait_s after the task ended still gets them all.
+test('a reader that pauses longer than wait_s still gets every chunk of an ended task', async () => {
   await startWorker('burst', (task) => {
     for (let i = 0; i < 10; i++) task.emit(`c${i}`)
     return 'r'
