@@ -1,8 +1,17 @@
 """coordinator: chains the pipeline and prints each step of each file's flow.
 
     fs.change         -> enqueue an `stt` task
-    transcript.final  -> enqueue a `tts` task
-    speech.done       -> the flow is complete
+    transcript.final  -> enqueue a `tts` task, an `llm` task, and a `reply-tts`
+                         task that speaks the `llm` task's stream as it comes
+    speech.done       -> the transcript is spoken
+    reply.done        -> the answer is spoken: the flow is complete
+
+A file named `<name>.interrupt` in the inbox interrupts the reply to `<name>`:
+the coordinator cancels its `reply-tts` task (the speaker then stops reading
+and cancels the `llm` task; if the reply had not started yet, the coordinator
+cancels the `llm` task itself), and deletes the `.interrupt` file once done.
+One that comes before the reply is known waits for it; one that comes after
+the reply is complete does nothing.
 
 Every task carries an idempotency key derived from the file's path and mtime
 (the flow id), so a repeated event, a rescan or a restarted coordinator never
@@ -19,6 +28,7 @@ the rescans and the keys make it correct.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,19 +40,31 @@ from typing import Any
 import msgpack
 from pipeline import BROKER, say
 
-from zbroker.client import Client, ClientClosed, Event, Service, TaskFailed, TaskPending
+from zbroker.client import (
+    Client,
+    ClientClosed,
+    Event,
+    Service,
+    TaskConflict,
+    TaskFailed,
+    TaskPending,
+    TaskState,
+)
 
 RESCAN_S = float(os.environ.get("VOICE_RESCAN_S", "30"))
 
 svc = Service("coordinator", **BROKER)
 client = Client(BROKER["endpoint"])  # used only from the service's event thread
 printed: set[tuple[str, str]] = set()  # (flow, step) already printed by this process
+INTERRUPT = ".interrupt"
+replies: dict[str, tuple[str, str, str]] = {}  # name -> (flow, llm task, reply-tts task), latest
+interrupts: dict[str, str] = {}  # name -> path of its .interrupt file, not acted on yet
 
 
 def step(flow: str, what: str, detail: str) -> None:
     if (flow, what) not in printed:
         printed.add((flow, what))
-        say(f"{flow}  {what:<17} {detail}")
+        say(f"{flow}  {what:<18} {detail}")
 
 
 def flow_of(change: dict[str, Any]) -> str:
@@ -51,7 +73,8 @@ def flow_of(change: dict[str, Any]) -> str:
 
 
 def enqueue(queue: str, flow: str, job: dict[str, Any]) -> str:
-    task_id = client.enqueue(queue, json.dumps(job).encode(), key=flow, headers={"flow": flow})
+    headers = {"flow": flow, "name": job["name"]}
+    task_id = client.enqueue(queue, json.dumps(job).encode(), key=flow, headers=headers)
     step(flow, f"{queue} enqueued", f"task {task_id}")
     return task_id
 
@@ -63,7 +86,7 @@ def catch_up(flow: str, task_id: str, then: Callable[[dict[str, Any], str, str],
     except TaskPending:
         return  # still to do: its event will come
     except TaskFailed as failure:
-        step(flow, "failed", f"task {task_id} {failure.state}: {failure.error}")
+        step(flow, f"{failure.state}", f"task {task_id}: {failure.error}")
         return
     then(msgpack.unpackb(result), task_id, " (read from the task: event missed)")
 
@@ -71,6 +94,10 @@ def catch_up(flow: str, task_id: str, then: Callable[[dict[str, Any], str, str],
 @svc.on("fs.change")
 def on_change(event: Event) -> None:
     change = event.payload
+    if change["name"].endswith(INTERRUPT):
+        interrupts[change["name"][: -len(INTERRUPT)]] = change["path"]
+        interrupt(change["name"][: -len(INTERRUPT)])
+        return
     flow = flow_of(change)
     step(flow, "fs.change", f"{change['name']}, {change['size']} bytes")
     job = {"flow": flow, "path": change["path"], "name": change["name"]}
@@ -87,6 +114,13 @@ def transcribed(transcript: dict[str, Any], stt_task: str, note: str = "") -> No
     step(flow, "transcript.final", f"task {stt_task}: {transcript['text']!r}{note}")
     job = {"flow": flow, "name": transcript["name"], "text": transcript["text"]}
     catch_up(flow, enqueue("tts", flow, job), spoken)
+    # The answer: the LLM streams it, and the speaker speaks it while it streams.
+    llm_task = enqueue("llm", flow, job)
+    reply_job = {"flow": flow, "name": transcript["name"], "llm_task": llm_task}
+    reply_task = enqueue("reply-tts", flow, reply_job)
+    replies[transcript["name"]] = (flow, llm_task, reply_task)
+    interrupt(transcript["name"])  # if an interruption was waiting for this reply
+    catch_up(flow, reply_task, replied)
 
 
 @svc.on("speech.done")
@@ -98,10 +132,53 @@ def spoken(speech: dict[str, Any], tts_task: str, note: str = "") -> None:
     step(speech["flow"], "speech.done", f"task {tts_task}: {speech['output']}{note}")
 
 
+@svc.on("reply.done")
+def on_reply(event: Event) -> None:
+    replied(event.payload, event.correlation_id or "?")
+
+
+def replied(reply: dict[str, Any], reply_task: str, note: str = "") -> None:
+    detail = f"{reply['output']}, {reply['tokens']} tokens"
+    if reply.get("first_audio_ms") is not None:
+        detail += f", first audio after {reply['first_audio_ms']} ms"
+    step(reply["flow"], "reply.done", f"task {reply_task}: {detail}{note}")
+
+
+def interrupt(name: str) -> None:
+    """Interrupt the reply to `name`, once there is both an interruption and a reply."""
+    if name not in interrupts or name not in replies:
+        if name in interrupts:
+            say(f"{'':8}  {'interrupt':<18} {name}: waiting for its reply to start")
+        return
+    flow, llm_task, reply_task = replies[name]
+    try:
+        was = client.cancel(reply_task)
+    except TaskConflict:  # it has ended already
+        state = client.status(reply_task).state
+        if state == TaskState.CANCELLED:
+            step(flow, "interrupt", f"{name}: reply-tts task {reply_task} was interrupted already")
+        else:
+            step(flow, "interrupt", f"{name}: too late, reply-tts task {reply_task} is {state}")
+    else:
+        if was == TaskState.INFLIGHT:  # the speaker stops, and cancels the llm task itself
+            detail = "the speaker stops and cancels the llm task"
+        else:  # it never started: nobody reads the llm task, so cancel it here
+            try:
+                client.cancel(llm_task)
+                detail = f"it had not started; llm task {llm_task} cancelled"
+            except TaskConflict:
+                detail = f"it had not started; llm task {llm_task} had ended"
+        step(flow, "interrupt", f"{name}: reply-tts task {reply_task} cancelled ({was}): {detail}")
+    # Acted on: the interruption is used up (a rescan does not bring it back).
+    path = interrupts.pop(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 def rescans() -> None:
     if not svc.wait_ready(timeout_s=60):
         return
-    say("ready: fs.change -> stt -> transcript.final -> tts -> speech.done")
+    say("ready: fs.change -> stt -> transcript.final -> tts, llm ~> reply-tts -> reply.done")
     say(f"asking the watcher for a rescan now and every {RESCAN_S:g}s")
     while not svc.stopping:
         try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the voice pipeline: a broker and the four parts of the pipeline, output interleaved.
+"""Run the voice pipeline: a broker and the five parts of the pipeline, output interleaved.
 
     .venv/bin/python examples/voice-pipeline/run.py                 # until Ctrl-C
     .venv/bin/python examples/voice-pipeline/run.py --demo          # samples in, wait, exit
@@ -8,7 +8,10 @@
 Without --demo it runs until Ctrl-C: drop text files into the inbox it prints and
 their "speech" appears in the outbox. With --demo it drops a few sample files,
 waits until every one has come out of the pipeline, checks the outbox, prints a
-summary and exits 0 (1 if that takes longer than --timeout). --restart-each
+summary and exits 0 (1 if that takes longer than --timeout). Once the spoken
+reply to one of them (INTERRUPTED) has started, it drops an interruption for
+it: that reply must stop, its LLM task end cancelled, and every other reply
+come out whole. --restart-each
 also stops every part once while files flow (SIGKILL or SIGTERM) and starts it
 again; the outbox must still end up with exactly one output per input.
 
@@ -43,6 +46,7 @@ except ImportError:
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 60.0
 DOWN_S = 0.5  # how long a restarted part stays down: work piles up meanwhile
+WAV_HEADER_BYTES = 44
 
 SAMPLES = {
     "morning.txt": "good morning.   the coffee machine is   on",
@@ -59,8 +63,19 @@ RESTARTS = [
     ("speaker", signal.SIGKILL, "tts"),
     ("coordinator", signal.SIGKILL, None),
 ]
+# --demo: the sample whose spoken reply is interrupted once it has begun.
+INTERRUPTED = "meeting.txt"
+# What the demo waits for and checks in the broker: one task per file in each.
+QUEUES = ("stt", "tts", "llm", "reply-tts")
 DATE = re.compile(r"^\d{4}-\d\d-\d\d ")
-COLOURS = {"broker": 90, "watcher": 36, "coordinator": 1, "transcriber": 33, "speaker": 35}
+COLOURS = {
+    "broker": 90,
+    "watcher": 36,
+    "coordinator": 1,
+    "transcriber": 33,
+    "llm": 34,
+    "speaker": 35,
+}
 
 
 class Console:
@@ -160,6 +175,7 @@ class Pipeline:
             VOICE_INBOX=str(self.inbox),
             VOICE_OUTBOX=str(self.outbox),
             VOICE_WORK_S=str(args.work_s),
+            VOICE_TOKEN_S=str(args.token_s),
             PYTHONUNBUFFERED="1",
         )
         node = shutil.which("node")
@@ -180,6 +196,7 @@ class Pipeline:
             "transcriber": Part(
                 "transcriber", [python, str(HERE / "transcriber.py")], env, self.console
             ),
+            "llm": Part("llm", [python, str(HERE / "llm.py")], env, self.console),
             "coordinator": Part(
                 "coordinator", [python, str(HERE / "coordinator.py")], env, self.console
             ),
@@ -266,24 +283,63 @@ class Pipeline:
         if self.args.restart_each:
             restarter = threading.Thread(target=self.restart_each, args=(dropped,), daemon=True)
             restarter.start()
+        interrupter = threading.Thread(target=self.interrupt, daemon=True)
         started = time.monotonic()
         deadline = started + self.args.timeout
         for name, text in SAMPLES.items():
             drop(self.inbox, name, text)
             self.say(f"dropped {name} into the inbox")
+            if name == INTERRUPTED:
+                interrupter.start()
             dropped.release()
             if not self.wait(self.args.interval):
                 return False
-        expected = {f"{name}.wav" for name in SAMPLES}
-        while not (expected <= outputs(self.outbox)) or (restarter and restarter.is_alive()):
+        expected = expected_outputs()
+        while (
+            not (expected <= outputs(self.outbox))
+            or interrupter.is_alive()
+            or (self.inbox / f"{INTERRUPTED}.interrupt").exists()  # not acted on yet
+            or not self.settled()
+            or (restarter and restarter.is_alive())
+        ):
             if time.monotonic() > deadline:
                 missing = sorted(expected - outputs(self.outbox))
                 self.say(f"timed out after {self.args.timeout:g}s; missing: {missing}")
                 return False
             if not self.wait(0.1):
                 return False
-        self.say(f"all {len(expected)} files came out in {time.monotonic() - started:.1f}s")
+        self.say(f"all {len(SAMPLES)} files came out in {time.monotonic() - started:.1f}s")
         return True
+
+    def interrupt(self) -> None:
+        """Once INTERRUPTED's reply is being spoken, drop `<name>.interrupt` into the inbox.
+
+        The speaker writes a reply's audio as its tokens come, into a hidden file of
+        the outbox: audio in it says that the reply has begun.
+        """
+        deadline = time.monotonic() + self.args.timeout
+        while not any(
+            size_of(partial) > WAV_HEADER_BYTES  # some audio after the header
+            for partial in self.outbox.glob(f".{INTERRUPTED}.reply.wav.*.partial")
+        ):
+            if time.monotonic() > deadline or self.stop_requested.wait(0.02):
+                return
+        drop(self.inbox, f"{INTERRUPTED}.interrupt", "stop")
+        self.say(f"the reply to {INTERRUPTED} has begun: dropped {INTERRUPTED}.interrupt")
+
+    def settled(self) -> bool:
+        """Every file has its one task in each queue, and none is waiting or running."""
+        try:
+            with Client(self.endpoint, timeout_s=1.0, retries=0) as client:
+                queues = {q["service"]: q for q in client.queues() if q["service"] in QUEUES}
+        except ClientError:
+            return False  # the broker is busy: ask again
+        return all(
+            name in queues
+            and queues[name]["enqueued_total"] == len(SAMPLES)
+            and queues[name]["ready"] + queues[name]["delayed"] + queues[name]["inflight"] == 0
+            for name in QUEUES
+        )
 
     def restart_each(self, dropped: threading.Semaphore) -> None:
         for name, sig, queue in RESTARTS:
@@ -322,15 +378,17 @@ class Pipeline:
         return not self.stop_requested.wait(seconds)
 
     def check_and_summarise(self, finished: bool) -> bool:
-        expected = sorted(f"{name}.wav" for name in SAMPLES)
+        expected = sorted(expected_outputs())
         found = sorted(outputs(self.outbox))
         bad = [name for name in found if not is_wav(self.outbox / name)]
         queues: dict[str, dict[str, Any]] = {}
         deduplicated = None
+        interrupted: dict[str, Any] = {}
         try:
             with Client(self.endpoint, timeout_s=2.0, retries=1) as client:
                 queues = {q["service"]: q for q in client.queues()}
                 deduplicated = client.broker_stats()["stats"]["tasks_deduplicated"]
+                interrupted = interruption(client)
         except ClientError as exc:
             self.say(f"could not ask the broker for its figures: {exc}")
         figures = {
@@ -338,29 +396,55 @@ class Pipeline:
                 k: q[k]
                 for k in ("enqueued_total", "done_total", "redeliveries_total", "dead_total")
             }
-            for name, q in queues.items()
-            if name in ("stt", "tts")
+            for name in QUEUES
+            if (q := queues.get(name)) is not None
         }
         # At-least-once may run a task twice, but the keys never let a file make two tasks.
         one_task_per_file = all(
-            figures.get(queue, {}).get("enqueued_total") == len(SAMPLES) for queue in ("stt", "tts")
+            figures.get(queue, {}).get("enqueued_total") == len(SAMPLES) for queue in QUEUES
+        )
+        # The interruption stopped both sides mid-stream: the LLM's task and the
+        # speaker's are cancelled (neither ended done), after some tokens had streamed.
+        stopped = (
+            interrupted.get("llm_state") == "cancelled"
+            and interrupted.get("reply_state") == "cancelled"
+            and interrupted.get("tokens_streamed", 0) > 0
         )
         ok = (
             finished
             and found == expected
             and not bad
             and one_task_per_file
+            and stopped
             and not self.unexpected_exits
             and len(self.restarts) == (len(RESTARTS) if self.args.restart_each else 0)
         )
-        self.say(f"{len(SAMPLES)} files in, {len(found)} out: {', '.join(found)}")
+        replies = [name for name in found if name.endswith(".reply.wav")]
+        self.say(
+            f"{len(SAMPLES)} files in, {len(found) - len(replies)} spoken: "
+            + ", ".join(name for name in found if name not in replies)
+        )
+        self.say(f"{len(replies)} replies spoken: {', '.join(replies)}")
         if bad:
             self.say(f"not valid WAV files: {bad}")
+        if missing := sorted(set(expected) - set(found)):
+            self.say(f"missing: {missing}")
+        if extra := sorted(set(found) - set(expected)):
+            self.say(f"not expected: {extra}")
         for name, f in figures.items():
             self.say(
                 f"{name}: {f['enqueued_total']} tasks, {f['done_total']} done, "
                 f"{f['redeliveries_total']} redelivered, {f['dead_total']} dead"
             )
+        if interrupted:
+            self.say(
+                f"interrupted {INTERRUPTED}: llm task {interrupted['llm_task']} "
+                f"{interrupted['llm_state']} after {interrupted['tokens_streamed']} tokens "
+                f"streamed, reply-tts task "
+                f"{interrupted['reply_task']} {interrupted['reply_state']}, no reply audio"
+            )
+        else:
+            self.say(f"interrupted {INTERRUPTED}: no cancelled llm task found")
         self.say(f"{deduplicated} enqueues found their task already there (idempotency keys)")
         for r in self.restarts:
             self.say(f"restarted {r['part']} ({r['signal']})")
@@ -371,6 +455,7 @@ class Pipeline:
             "inputs": sorted(SAMPLES),
             "outputs": found,
             "tasks": figures,
+            "interrupted": interrupted,
             "deduplicated": deduplicated,
             "restarts": self.restarts,
             "unexpected_exits": self.unexpected_exits,
@@ -378,6 +463,32 @@ class Pipeline:
         (self.state / "summary.json").write_text(json.dumps(summary, indent=2))
         self.say("demo passed" if ok else "demo FAILED")
         return ok
+
+
+def interruption(client: Client) -> dict[str, Any]:
+    """The interrupted flow's tasks as the broker has them: its llm task's STATUS (the
+    length of its stream included) and its reply-tts task's. {} unless exactly one llm
+    task was cancelled, and it was INTERRUPTED's."""
+    cancelled, _ = client.tasks("llm", "cancelled")
+    if len(cancelled) != 1:
+        return {}
+    llm = client.status(cancelled[0]["id"])
+    if llm.headers.get("name") != INTERRUPTED:
+        return {}
+    replies, _ = client.tasks("reply-tts", "cancelled")
+    reply = next(
+        (s for s in map(client.status, (r["id"] for r in replies)) if s.headers == llm.headers),
+        None,
+    )
+    return {
+        "name": INTERRUPTED,
+        "flow": llm.headers.get("flow"),
+        "llm_task": llm.id,
+        "llm_state": str(llm.state),
+        "tokens_streamed": llm.stream_chunks,
+        "reply_task": reply.id if reply else None,
+        "reply_state": str(reply.state) if reply else None,
+    }
 
 
 # ------------------------------------------------------------ files and ports
@@ -390,18 +501,31 @@ def drop(inbox: Path, name: str, text: str) -> None:
     partial.replace(inbox / name)
 
 
+def expected_outputs() -> set[str]:
+    """Every file spoken, and the reply to every file but the interrupted one."""
+    spoken = {f"{name}.wav" for name in SAMPLES}
+    return spoken | {f"{name}.reply.wav" for name in SAMPLES if name != INTERRUPTED}
+
+
 def outputs(outbox: Path) -> set[str]:
     return {p.name for p in outbox.iterdir() if not p.name.startswith(".")}
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def is_wav(path: Path) -> bool:
     data = path.read_bytes()
     return (
-        len(data) > 44
+        len(data) > WAV_HEADER_BYTES
         and data[:4] == b"RIFF"
         and data[8:16] == b"WAVEfmt "
         and int.from_bytes(data[4:8], "little") == len(data) - 8
-        and int.from_bytes(data[40:44], "little") == len(data) - 44
+        and int.from_bytes(data[40:44], "little") == len(data) - WAV_HEADER_BYTES
     )
 
 
@@ -436,6 +560,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="--demo: give up after (s)")
     parser.add_argument("--interval", type=float, default=0.5, help="--demo: between drops (s)")
     parser.add_argument("--work-s", type=float, default=0.3, help="fake model time per task (s)")
+    parser.add_argument(
+        "--token-s", type=float, default=0.06, help="the fake LLM's time per token (s)"
+    )
     args = parser.parse_args()
     if args.restart_each and not args.demo:
         parser.error("--restart-each goes with --demo")
@@ -474,7 +601,7 @@ def main() -> int:
                     f"ZBROKER_EVENTS_OUT={pipeline.events_out}"
                 )
                 pipeline.say(
-                    "  zbroker queues;  zbroker tail fs. transcript. speech.;  zbroker top"
+                    "  zbroker queues;  zbroker tail fs. transcript. speech. reply.;  zbroker top"
                 )
                 while pipeline.wait(3600):
                     pass
