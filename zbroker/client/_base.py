@@ -96,6 +96,38 @@ class _Accepted:
 _ACCEPTED = _Accepted()
 
 
+class _StreamView:
+    """What both stream classes show: where the stream is, and its end."""
+
+    _state: _StreamState
+
+    @property
+    def task_id(self) -> str | None:
+        return self._state.task_id
+
+    @property
+    def offset(self) -> int:
+        return self._state.offset
+
+    @property
+    def attempt(self) -> int:
+        return self._state.attempt
+
+    @property
+    def ended(self) -> bool:
+        """True once the task's end was read (its result, or the error it raised)."""
+        return self._state.ended
+
+    @property
+    def result(self) -> bytes:
+        """The one-frame result, once the loop has ended (RuntimeError before)."""
+        return self._state.result
+
+    @property
+    def result_frames(self) -> list[bytes]:
+        return self._state.result_frames
+
+
 @dataclass(slots=True)
 class ClientStats:
     """What a Client or AsyncClient has seen since it was created. Counters only ever grow."""
@@ -369,7 +401,7 @@ class AsyncClientBase:
             call.inbox.put_nowait(_Replaced(self._generation))
 
 
-class AsyncTaskStream:
+class AsyncTaskStream(_StreamView):
     """A task's stream, as the asyncio client reads it: an async iterator of chunks.
 
     `async for chunk in stream` gives each chunk (bytes) once, in order; then
@@ -396,32 +428,6 @@ class AsyncTaskStream:
     ) -> None:
         self._state = _StreamState(task_id, offset)
         self._it = run(self._state)
-
-    @property
-    def task_id(self) -> str | None:
-        return self._state.task_id
-
-    @property
-    def offset(self) -> int:
-        return self._state.offset
-
-    @property
-    def attempt(self) -> int:
-        return self._state.attempt
-
-    @property
-    def ended(self) -> bool:
-        """True once the task's end was read (its result, or the error it raised)."""
-        return self._state.ended
-
-    @property
-    def result(self) -> bytes:
-        """The one-frame result, once the loop has ended (RuntimeError before)."""
-        return self._state.result
-
-    @property
-    def result_frames(self) -> list[bytes]:
-        return self._state.result_frames
 
     def __aiter__(self) -> Self:
         return self
@@ -718,7 +724,7 @@ class ClientBase(SocketOwner):
             return list(body)
 
 
-class TaskStream:
+class TaskStream(_StreamView):
     """A task's stream, as the blocking client reads it: an iterator of chunks.
 
     `for chunk in stream` gives each chunk (bytes) once, in order; then
@@ -747,32 +753,6 @@ class TaskStream:
     ) -> None:
         self._state = _StreamState(task_id, offset)
         self._it = run(self._state)
-
-    @property
-    def task_id(self) -> str | None:
-        return self._state.task_id
-
-    @property
-    def offset(self) -> int:
-        return self._state.offset
-
-    @property
-    def attempt(self) -> int:
-        return self._state.attempt
-
-    @property
-    def ended(self) -> bool:
-        """True once the task's end was read (its result, or the error it raised)."""
-        return self._state.ended
-
-    @property
-    def result(self) -> bytes:
-        """The one-frame result, once the loop has ended (RuntimeError before)."""
-        return self._state.result
-
-    @property
-    def result_frames(self) -> list[bytes]:
-        return self._state.result_frames
 
     def __iter__(self) -> Self:
         return self
