@@ -33,6 +33,9 @@ REPLY, ERROR = 0x10, 0x11
 # §10: ZBW01 command bytes.
 READY, TASK, ACK, PROGRESS, DONE, FAIL = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 HEARTBEAT, DISCONNECT, CANCEL_W, TASKS, DONES = 0x07, 0x08, 0x09, 0x0A, 0x0B
+# §13: task streams.
+CHUNK = 0x0D
+STREAM, READ, MORE, CLOSE, CHUNKS = 0x12, 0x13, 0x14, 0x15, 0x12
 
 # §11.3: the keys of the task map of STATUS, "every key always present".
 TASK_MAP_KEYS = {
@@ -134,6 +137,22 @@ class DocClient:
         assert set(answer) == {"rid", "code", "message"} and frames == []
         assert isinstance(answer["code"], str) and isinstance(answer["message"], str)
         return answer
+
+    def stream_answer(
+        self, rid: int, timeout_s: float = 10.0
+    ) -> tuple[int, dict[str, Any], list[bytes]]:
+        """§13.2: the next answer to stream call `rid`: CHUNKS, REPLY or ERROR."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            frames = receive(self.sock, left)
+            if frames is None:
+                break
+            assert frames[0] == b"" and frames[1] == b"ZBC01", frames[:2]
+            assert frames[2][0] in (REPLY, ERROR, CHUNKS), frames[2]
+            meta = unpack(frames[3])
+            if meta["rid"] == rid:
+                return frames[2][0], meta, frames[4:]
+        raise AssertionError(f"no answer to stream call {rid} within {timeout_s}s")
 
     def silent(self, timeout_s: float = 0.3) -> bool:
         return not self.sock.poll(int(timeout_s * 1000))
@@ -288,6 +307,49 @@ def test_the_byte_dumps_in_the_document_are_the_frames_a_worker_sends() -> None:
     assert unpack(dumps["ACK"]) == {"tasks": [["t2a", 1]]}
     for name, dump in dumps.items():
         assert f"{name} meta ({len(dump)} bytes)" in text
+
+
+def test_worked_example_of_a_task_stream(broker: BrokerProcess, zmq_ctx: Ctx) -> None:
+    """§13.3, frame by frame; then a reader after the end (READ), and CLOSE (§13.2)."""
+    w = DocWorker(zmq_ctx, broker.endpoint)
+    w.ready("llm")
+    assert w.quiet_for(0.3) == []
+    c = DocClient(zmq_ctx, broker.endpoint)
+    rid = c.send(STREAM, {"service": "llm", "window": 4}, b"hi")
+    kind, accepted, frames = c.stream_answer(rid)
+    assert (kind, frames) == (REPLY, []) and set(accepted) == {"rid", "ids"}
+    (task_id,) = accepted["ids"]
+    command, meta, payload = w.next()
+    assert command == TASK and meta["id"] == task_id and payload == [b"hi"]
+    w.send(CHUNK, {"id": task_id, "attempt": 1}, b"Hel", b"lo")
+    kind, meta, frames = c.stream_answer(rid)
+    assert kind == CHUNKS and frames == [b"Hel", b"lo"]
+    assert meta == {"rid": rid, "id": task_id, "offset": 0, "attempt": 1}
+    w.send(CHUNK, {"id": task_id, "attempt": 1}, b" there")
+    kind, meta, frames = c.stream_answer(rid)
+    assert (kind, meta["offset"], frames) == (CHUNKS, 2, [b" there"])
+    c.send(MORE, {"rid": rid, "credit": 3})
+    w.send(DONE, {"id": task_id, "attempt": 1}, b"Hello there")
+    kind, final, frames = c.stream_answer(rid)
+    assert kind == REPLY and frames == [b"Hello there"]
+    assert final == {"rid": rid, "id": task_id, "state": "done", "next": 3}
+    # A reader that lost its place reads from the offset after the last chunk it had
+    again = c.send(READ, {"id": task_id, "offset": 3})
+    kind, final, frames = c.stream_answer(again)
+    assert (kind, final["next"], frames) == (REPLY, 3, [b"Hello there"])
+    again = c.send(READ, {"id": task_id, "offset": 1})
+    kind, meta, frames = c.stream_answer(again)
+    assert (kind, meta["offset"], frames) == (CHUNKS, 1, [b"lo", b" there"])
+    assert c.stream_answer(again)[1]["state"] == "done"
+    # CLOSE of a STREAM whose task runs: no more answers, and the task is cancelled
+    rid = c.send(STREAM, {"service": "llm"}, b"long")
+    (task2,) = c.stream_answer(rid)[1]["ids"]
+    command, meta, _ = w.next()
+    assert command == TASK and meta["id"] == task2
+    c.send(CLOSE, {"rid": rid})
+    command, meta, _ = w.next()
+    assert command == CANCEL_W and meta["id"] == task2
+    assert c.call(STATUS, {"id": task2})[0]["task"]["state"] == "cancelled"
 
 
 def test_request_is_answered_twice_and_a_resend_finds_the_task(
