@@ -86,7 +86,8 @@ def catch_up(flow: str, task_id: str, then: Callable[[dict[str, Any], str, str],
     except TaskPending:
         return  # still to do: its event will come
     except TaskFailed as failure:
-        step(flow, f"{failure.state}", f"task {task_id}: {failure.error}")
+        why = "" if failure.state == TaskState.CANCELLED else f": {failure.error}"
+        step(flow, f"{failure.state}", f"task {task_id}{why}")
         return
     then(msgpack.unpackb(result), task_id, " (read from the task: event missed)")
 

@@ -60,6 +60,7 @@ SAMPLES = {
 RESTARTS = [
     ("watcher", signal.SIGTERM, None),
     ("transcriber", signal.SIGKILL, "stt"),
+    ("llm", signal.SIGKILL, "llm"),  # mid-answer: the answer streams again, as attempt 2
     ("speaker", signal.SIGKILL, "tts"),
     ("coordinator", signal.SIGKILL, None),
 ]
@@ -347,6 +348,8 @@ class Pipeline:
             if not self.wait_quietly(0.3):  # let some of its work get under way
                 return
             busy = queue is not None and self.wait_until_busy(queue)
+            if busy and name == "llm" and not self.wait_quietly(0.3):
+                return  # (the llm: once some tokens of its answer have streamed)
             part = self.parts[name]
             self.say(
                 f"restarting {name}: {signal.Signals(sig).name}"

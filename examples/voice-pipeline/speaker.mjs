@@ -67,10 +67,15 @@ svc.task('reply-tts', async (task) => {
     await file.write(wavHeader(0), 0, HEADER_BYTES, 0) // the sizes are filled in at the end
     // Every token as the LLM produces it (and those it produced already, if it began
     // first). task.signal aborts when the reply is interrupted: the stream then closes.
-    const stream = client.readStream(job.llm_task, { signal: task.signal, timeoutMs: Infinity })
+    // attempts: 'current' skips what an LLM attempt that failed had streamed.
+    const stream = client.readStream(job.llm_task, {
+      signal: task.signal,
+      attempts: 'current',
+      timeoutMs: Infinity // no idle limit: the LLM task may wait in its queue
+    })
     for await (const chunk of stream) {
       if (stream.attempt !== llmAttempt) {
-        if (llmAttempt !== null) { // the LLM task runs again: its answer starts over
+        if (llmAttempt !== null) { // the LLM task runs again while we read: its answer starts over
           console.log(`${where}: the LLM started again (attempt ${stream.attempt}): so does the audio`)
           await file.truncate(HEADER_BYTES)
           text = ''
