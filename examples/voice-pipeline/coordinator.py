@@ -8,8 +8,9 @@
 
 A file named `<name>.interrupt` in the inbox interrupts the reply to `<name>`:
 the coordinator cancels its `reply-tts` task (the speaker then stops reading
-and cancels the `llm` task; if the reply had not started yet, the coordinator
-cancels the `llm` task itself), and deletes the `.interrupt` file once done.
+and cancels the `llm` task; if the reply had not started yet, or the speaker
+has not cancelled the `llm` task within SPEAKER_CANCELS_S, the coordinator
+cancels it itself), and deletes the `.interrupt` file once done.
 One that comes before the reply is known waits for it; one that comes after
 the reply is complete does nothing.
 
@@ -57,6 +58,7 @@ svc = Service("coordinator", **BROKER)
 client = Client(BROKER["endpoint"])  # used only from the service's event thread
 printed: set[tuple[str, str]] = set()  # (flow, step) already printed by this process
 INTERRUPT = ".interrupt"
+SPEAKER_CANCELS_S = 2.0  # how long the speaker may take to cancel an interrupted llm task
 replies: dict[str, tuple[str, str, str]] = {}  # name -> (flow, llm task, reply-tts task), latest
 interrupts: dict[str, str] = {}  # name -> path of its .interrupt file, not acted on yet
 
@@ -156,24 +158,39 @@ def interrupt(name: str) -> None:
         was = client.cancel(reply_task)
     except TaskConflict:  # it has ended already
         state = client.status(reply_task).state
-        if state == TaskState.CANCELLED:
-            step(flow, "interrupt", f"{name}: reply-tts task {reply_task} was interrupted already")
+        if state == TaskState.CANCELLED:  # by us, before a restart: was the llm stopped?
+            detail = f"reply-tts task {reply_task} was interrupted already; {stop_llm(llm_task)}"
         else:
-            step(flow, "interrupt", f"{name}: too late, reply-tts task {reply_task} is {state}")
+            detail = f"too late, reply-tts task {reply_task} is {state}"
     else:
         if was == TaskState.INFLIGHT:  # the speaker stops, and cancels the llm task itself
-            detail = "the speaker stops and cancels the llm task"
+            llm = stop_llm(llm_task, SPEAKER_CANCELS_S, by="the speaker")
         else:  # it never started: nobody reads the llm task, so cancel it here
-            try:
-                client.cancel(llm_task)
-                detail = f"it had not started; llm task {llm_task} cancelled"
-            except TaskConflict:
-                detail = f"it had not started; llm task {llm_task} had ended"
-        step(flow, "interrupt", f"{name}: reply-tts task {reply_task} cancelled ({was}): {detail}")
+            llm = stop_llm(llm_task)
+        detail = f"reply-tts task {reply_task} cancelled ({was}); {llm}"
+    step(flow, "interrupt", f"{name}: {detail}")
     # Acted on: the interruption is used up (a rescan does not bring it back).
     path = interrupts.pop(name)
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def stop_llm(llm_task: str, wait_s: float = 0.0, by: str = "") -> str:
+    """Make sure that an interrupted reply's llm task stops. The speaker reading it
+    cancels it: wait up to `wait_s` for that. If it is still running then (no speaker
+    was reading it: killed, say, just as the interruption came), cancel it here."""
+    try:
+        client.result(llm_task, timeout_s=wait_s)
+        return f"llm task {llm_task} had finished"
+    except TaskFailed as failure:
+        return f"llm task {llm_task} {failure.state}" + (f" by {by}" if by else "")
+    except TaskPending:
+        pass
+    try:
+        client.cancel(llm_task)
+    except TaskConflict:
+        return f"llm task {llm_task} ended meanwhile"
+    return f"llm task {llm_task} cancelled" + (f" here ({by} did not)" if by else "")
 
 
 def rescans() -> None:
