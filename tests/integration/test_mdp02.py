@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from tests.conftest import BrokerProcess, wait_until
+from zbroker import Client
 from zbroker.protocol import ext, zbc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -253,8 +254,11 @@ def test_an_mdpw02_worker_is_heartbeated_and_let_go_when_silent(
             assert worker.recv_multipart() == [MDPW02, W_HEARTBEAT]
             worker.send_multipart([MDPW02, W_HEARTBEAT])
     assert mmi() == b"200"
-    # Silent past its liveness, it is gone
+    # Silent past its liveness, it is gone: 8/MMI says so at once (a worker past
+    # its liveness is not alive), the broker lets it go at its next tick
     wait_until(lambda: mmi() == b"404", timeout_s=5)
+    with Client(broker.endpoint) as admin:
+        wait_until(lambda: admin.broker_stats()["stats"]["workers_expired"] == 1, timeout_s=5)
     # Anything it says now is answered with DISCONNECT
     while worker.poll(0):
         worker.recv_multipart()
