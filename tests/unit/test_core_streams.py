@@ -218,3 +218,31 @@ def test_a_reader_behind_its_stream_is_not_ended_by_its_idle_time(journal: Journ
     answers = s.answers(C)
     assert [c[2] for c in chunks_of(answers)] == [[b"\2", b"\3"], [b"\4", b"\5"]]
     assert answers[-1].meta["state"] == "done" and answers[-1].meta["next"] == 6
+
+
+def test_a_reader_keeping_up_is_sent_chunks_without_a_read_of_the_journal(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Script(journal)
+    rid, task_id = stream_call(s, window=8)
+    _, attempt = run_one(s)
+    reads: list[int] = []
+    real = journal.chunks
+
+    def counted(task: str, offset: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        reads.append(offset)
+        return real(task, offset, limit, max_bytes)
+
+    monkeypatch.setattr(journal, "chunks", counted)
+    for i in range(3):
+        s.send(W, ext.chunk(task_id, attempt, [b"a%d" % i, b"b%d" % i]))
+    got = chunks_of(s.answers(C))
+    assert got == [(0, 1, [b"a0", b"b0"]), (2, 1, [b"a1", b"b1"]), (4, 1, [b"a2", b"b2"])]
+    assert reads == []
+    # Three more with room for two: those two are read back from the journal, and
+    # the last waits there for a MORE
+    s.send(W, ext.chunk(task_id, attempt, [b"c", b"d", b"e"]))
+    assert chunks_of(s.answers(C)) == [(6, 1, [b"c", b"d"])]
+    s.send(C, zbc.call(zbc.MORE, rid, credit=6))
+    assert chunks_of(s.answers(C)) == [(8, 1, [b"e"])]
+    assert reads == [6, 8]

@@ -205,11 +205,35 @@ class TaskStreams:
 
     # ------------------------------------------------- what the task does
 
-    def appended(self, record: TaskRecord, now: float) -> None:
-        """`record`'s stream grew (record.stream_chunks is its new length)."""
+    def appended(
+        self,
+        record: TaskRecord,
+        offset: int,
+        attempt: int,
+        data: tuple[bytes, ...],
+        now: float,
+    ) -> None:
+        """`record`'s stream grew by `data` (of `attempt`) at `offset`; record.stream_chunks
+        is its new length. A call that had every chunk before and has room for these
+        is sent them as they are (the common case of a reader keeping up: no read
+        of the journal); any other call catches up from the journal."""
         calls = self._by_task.get(record.id)
-        if calls:
-            for call in calls:
+        if not calls:
+            return
+        size = sum(map(len, data))
+        n = len(data)
+        for call in calls:
+            if (
+                call.next == offset
+                and len(call.sent) + n <= call.window
+                and call.sent_bytes + size <= STREAM_UNCREDITED_BYTES
+                and n <= STREAM_CHUNKS_PER_MESSAGE
+                and not (call.current_only and attempt < record.attempt)
+            ):
+                self._send(call, offset, attempt, list(data))
+                call.next = offset + n
+                call.deadline = now + call.idle_s
+            else:
                 self._pump(call, record, now, None)
 
     def ended(self, record: TaskRecord, result: tuple[bytes, ...] | None, now: float) -> None:

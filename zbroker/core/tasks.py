@@ -473,11 +473,12 @@ class DurableTasks:
             routing.withdraw(worker, attempt, now, reason, tell=True)
             self._end_attempt(record, reason, now, None)
             return
-        journal.put_chunks(record.id, record.stream_chunks, held.attempt, data)
+        offset = record.stream_chunks
+        journal.put_chunks(record.id, offset, held.attempt, data)
         record.stream_chunks, record.stream_bytes = chunks, total
         self._stats.chunks_received += len(data)
         if self.streams.count:
-            self.streams.appended(record, now)
+            self.streams.appended(record, offset, held.attempt, data, now)
 
     def _end_attempt(
         self,
