@@ -294,7 +294,7 @@ class Broker:
             zbc.Enqueue: tasks.enqueue,
             zbc.Result: tasks.result,
             zbc.Read: tasks.read,
-            zbc.More: tasks.more,
+            zbc.More: tasks.streams.more,
             zbc.Close: tasks.close,
             zbc.Cancel: tasks.cancel,
             zbc.Status: answer(lambda msg, now: views.status(msg)),

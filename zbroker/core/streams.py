@@ -243,10 +243,6 @@ class TaskStreams:
             for call in list(calls):
                 self._pump(call, record, now, result)
 
-    def calls_of(self, task_id: str) -> int:
-        """How many calls read `task_id`'s stream now."""
-        return len(self._by_task.get(task_id, ()))
-
     # ------------------------------------------------------------ timers
 
     def expire(self, now: float, refuse: Refuse) -> None:

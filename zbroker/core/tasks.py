@@ -448,18 +448,14 @@ class DurableTasks:
         size = sum(map(len, data))
         settings = self._settings
         chunks, total = record.stream_chunks + len(data), record.stream_bytes + size
-        why = None
+        capped = None
         if chunks > settings.max_stream_chunks:
-            why = f"its stream went past the cap of {settings.max_stream_chunks} chunks"
+            capped = f"its stream went past the cap of {settings.max_stream_chunks} chunks"
         elif total > settings.max_stream_bytes:
-            why = f"its stream went past the cap of {settings.max_stream_bytes} bytes"
-        if why is not None:
+            capped = f"its stream went past the cap of {settings.max_stream_bytes} bytes"
+        if capped is not None:
             self._stats.streams_capped += 1
-            attempt, worker = self._attempts.pop(record.id)
-            routing = self._routing
-            assert routing is not None
-            routing.withdraw(worker, attempt, now, why, tell=True)
-            self._end_attempt(record, why, now, None, final=True)
+            self._stop_attempt(record, capped, now, final=True)
             return
         if not self._journal_takes(size):
             js = self._journal_stats()
@@ -467,11 +463,7 @@ class DurableTasks:
                 f"its stream's chunks ({size} bytes) did not fit in the journal "
                 f"({js.bytes_live >> 20} of {js.bytes_max >> 20} MiB in use)"
             )
-            attempt, worker = self._attempts.pop(record.id)
-            routing = self._routing
-            assert routing is not None
-            routing.withdraw(worker, attempt, now, reason, tell=True)
-            self._end_attempt(record, reason, now, None)
+            self._stop_attempt(record, reason, now, final=False)
             return
         offset = record.stream_chunks
         journal.put_chunks(record.id, offset, held.attempt, data)
@@ -479,6 +471,15 @@ class DurableTasks:
         self._stats.chunks_received += len(data)
         if self.streams.count:
             self.streams.appended(record, offset, held.attempt, data, now)
+
+    def _stop_attempt(self, record: TaskRecord, why: str, now: float, final: bool) -> None:
+        """The broker ends a running attempt itself: its worker is told why (CANCEL
+        with the reason), and the task retries or, `final`, is dead-lettered."""
+        attempt, worker = self._attempts.pop(record.id)
+        routing = self._routing
+        assert routing is not None
+        routing.withdraw(worker, attempt, now, why, tell=True)
+        self._end_attempt(record, why, now, None, final=final)
 
     def _end_attempt(
         self,
@@ -539,10 +540,6 @@ class DurableTasks:
             self.streams.open(
                 identity, msg.rid, record, msg.offset, msg.wait_s, msg.follow, principal, now
             )
-
-    def more(self, identity: bytes, msg: zbc.More, now: float) -> None:
-        """MORE: credit for a stream call."""
-        self.streams.more(identity, msg, now)
 
     def close(self, identity: bytes, msg: zbc.Close, now: float) -> None:
         """CLOSE: a stream call abandoned (its task cancelled if the call asked)."""
@@ -891,8 +888,7 @@ class DurableTasks:
 
     def cancel(self, identity: bytes, msg: zbc.Cancel, now: float) -> None:
         """CANCEL: a waiting or running task ends as cancelled (its worker is told)."""
-        assert self.journal is not None
-        record = self.journal.get(msg.id)
+        record = self.record_of(msg.id)
         if record is None:
             self.refuse(identity, msg.rid, zbc.E_NOT_FOUND, f"no task {msg.id!r}")
             return
@@ -911,13 +907,11 @@ class DurableTasks:
         )
 
     def _cancel(self, record: TaskRecord, now: float) -> None:
-        """A task not yet ended is cancelled; a worker running it is told (CANCEL)."""
+        """A task not yet ended (`record` from `record_of`: the live one while it runs)
+        is cancelled; a worker running it is told (CANCEL)."""
         holder = self._attempts.pop(record.id, None)
         if holder is not None:
             attempt, worker = holder
-            error = record.error
-            record = attempt.record
-            record.error = error
             routing = self._routing
             assert routing is not None
             routing.withdraw(worker, attempt, now, f"task {record.id} was cancelled")
