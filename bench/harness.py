@@ -222,6 +222,32 @@ def python_argv(script: Path, *args: object) -> list[str]:
 
 # ------------------------------------------------------------------ network
 
+# How long a bench peer waits for its ZMTP handshake (and a first answer) from a server.
+CONNECT_TIMEOUT_MS = 10_000
+
+
+def zmq_socket(ctx: Any, kind: int) -> Any:
+    """A pyzmq socket of `kind` that drops what it has not sent when closed."""
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    return sock
+
+
+def connect_handshaken(sock: Any, endpoint: str) -> None:
+    """Connect and wait for the ZMTP handshake, so a peer reports ready only when it is."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        if not monitor.poll(CONNECT_TIMEOUT_MS):
+            sys.exit(f"no ZMTP handshake with {endpoint} within {CONNECT_TIMEOUT_MS} ms")
+        recv_monitor_message(monitor)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
 
 def free_tcp_ports(count: int) -> list[int]:
     """`count` distinct loopback ports that were free a moment ago."""

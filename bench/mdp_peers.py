@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import msgpack
 import zmq
-from harness import percentile, process_cpu_s
-from zmq.utils.monitor import recv_monitor_message
+from harness import connect_handshaken, percentile, process_cpu_s, zmq_socket
 
 ZBROKER = "zbroker"
 FORWARDER = "forwarder"
@@ -49,28 +48,8 @@ ZBW_DONES = b"\x0b"
 WORKER_IDLE_HEARTBEAT_MS = 1000
 # A reply slower than this means the system under test is stuck: fail the run.
 CLIENT_REPLY_TIMEOUT_MS = 15_000
-CONNECT_TIMEOUT_MS = 10_000
 # Sequential round trips timed only after these, so connections and caches are warm.
 LATENCY_WARMUP = 500
-
-
-def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
-    sock = ctx.socket(kind)
-    sock.linger = 0
-    return sock
-
-
-def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
-    """Connect and wait for the ZMTP handshake, so a peer reports ready only when it is."""
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        sock.connect(endpoint)
-        if not monitor.poll(CONNECT_TIMEOUT_MS):
-            sys.exit(f"no ZMTP handshake with {endpoint} within {CONNECT_TIMEOUT_MS} ms")
-        recv_monitor_message(monitor)
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
 
 
 # ------------------------------------------------------------------ workers
@@ -86,9 +65,9 @@ def zbroker_worker(endpoint: str, sockets: int = 1) -> None:
         _zbroker_multi_worker(endpoint, sockets)
         return
     ctx = zmq.Context()
-    sock = _socket(ctx, zmq.DEALER)
+    sock = zmq_socket(ctx, zmq.DEALER)
     sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
-    _connect(sock, endpoint)
+    connect_handshaken(sock, endpoint)
     sock.send_multipart([EMPTY, MDPW01, READY, SERVICE])
     print("ready", flush=True)
     recv = sock.recv_multipart
@@ -114,8 +93,8 @@ def _zbroker_multi_worker(endpoint: str, sockets: int) -> None:
     ctx = zmq.Context()
     socks = []
     for _ in range(sockets):
-        sock = _socket(ctx, zmq.DEALER)
-        _connect(sock, endpoint)
+        sock = zmq_socket(ctx, zmq.DEALER)
+        connect_handshaken(sock, endpoint)
         sock.send_multipart([EMPTY, MDPW01, READY, SERVICE])
         socks.append(sock)
     poller = zmq.Poller()
@@ -146,9 +125,9 @@ def zbw_worker(endpoint: str, credit: int) -> None:
     several to a TASKS message; everything already waiting on the socket is
     answered with one DONES carrying each payload back (DONE also acknowledges)."""
     ctx = zmq.Context()
-    sock = _socket(ctx, zmq.DEALER)
+    sock = zmq_socket(ctx, zmq.DEALER)
     sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
-    _connect(sock, endpoint)
+    connect_handshaken(sock, endpoint)
     packb = msgpack.Packer(use_bin_type=True).pack
     unpackb = msgpack.unpackb
     ready_meta = packb({"service": "echo", "credit": credit, "batch": True})
@@ -195,9 +174,9 @@ def zbw_worker(endpoint: str, credit: int) -> None:
 def forwarder_worker(endpoint: str) -> None:
     """A worker behind the bare forwarder: echoes [client id, empty, body...] back."""
     ctx = zmq.Context()
-    sock = _socket(ctx, zmq.DEALER)
+    sock = zmq_socket(ctx, zmq.DEALER)
     sock.rcvtimeo = WORKER_IDLE_HEARTBEAT_MS
-    _connect(sock, endpoint)
+    connect_handshaken(sock, endpoint)
     print("ready", flush=True)
     recv = sock.recv_multipart
     send = sock.send_multipart
@@ -212,8 +191,8 @@ def forwarder_worker(endpoint: str) -> None:
 def forwarder(frontend: str, backend: str) -> None:
     """ROUTER frontend for clients, DEALER backend for workers, libzmq's proxy between."""
     ctx = zmq.Context()
-    front = _socket(ctx, zmq.ROUTER)
-    back = _socket(ctx, zmq.DEALER)
+    front = zmq_socket(ctx, zmq.ROUTER)
+    back = zmq_socket(ctx, zmq.DEALER)
     front.bind(frontend)
     back.bind(backend)
     zmq.proxy(front, back)
@@ -265,9 +244,9 @@ def client(
 ) -> None:
     """Warm up, time a throughput burst, then time sequential round trips; print JSON."""
     ctx = zmq.Context()
-    sock = _socket(ctx, zmq.DEALER)
+    sock = zmq_socket(ctx, zmq.DEALER)
     sock.rcvtimeo = CLIENT_REPLY_TIMEOUT_MS
-    _connect(sock, endpoint)
+    connect_handshaken(sock, endpoint)
     body = bytes(i % 251 for i in range(body_bytes))
     request, expected = request_and_reply(system, body)
 

@@ -53,6 +53,7 @@ from typing import Any
 import msgpack
 import zmq
 from harness import (
+    CONNECT_TIMEOUT_MS,
     EN_DASH,
     ROOT,
     BenchError,
@@ -62,6 +63,7 @@ from harness import (
     ProcessGroup,
     Say,
     Workload,
+    connect_handshaken,
     fmt_count,
     fmt_range,
     free_tcp_ports,
@@ -70,8 +72,8 @@ from harness import (
     python_argv,
     spread,
     wait_for_listener,
+    zmq_socket,
 )
-from zmq.utils.monitor import recv_monitor_message
 
 from zbroker.protocol import ext, zbc
 
@@ -93,7 +95,6 @@ BAR_P50_MS = 2.0
 
 WORKER_HEARTBEAT_S = 1.0  # the broker's default interval is 2.5 s, liveness 3
 ANSWER_TIMEOUT_MS = 60_000
-CONNECT_TIMEOUT_MS = 10_000
 # Unpaced chunk messages a worker sends for one task before it looks at its sockets
 # again (and moves to the next task).
 BURST = 8
@@ -195,33 +196,14 @@ def cpu_ns(pid: int) -> int | None:
     return total
 
 
-def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
-    sock = ctx.socket(kind)
-    sock.linger = 0
-    return sock
-
-
-def _connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
-    """Connect and wait for the ZMTP handshake."""
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        sock.connect(endpoint)
-        if not monitor.poll(CONNECT_TIMEOUT_MS):
-            sys.exit(f"no ZMTP handshake with {endpoint} within {CONNECT_TIMEOUT_MS} ms")
-        recv_monitor_message(monitor)
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
-
-
 def forwarder(frontend: str, backend: str) -> None:
     """ROUTER frontend for readers, DEALER backend for workers, libzmq's proxy between.
     ROUTER_MANDATORY makes a full pipe to the reader block the proxy (backpressure)
     instead of dropping chunks, as a plain ROUTER would."""
     ctx = zmq.Context()
-    front = _socket(ctx, zmq.ROUTER)
+    front = zmq_socket(ctx, zmq.ROUTER)
     front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    back = _socket(ctx, zmq.DEALER)
+    back = zmq_socket(ctx, zmq.DEALER)
     front.bind(frontend)
     back.bind(backend)
     zmq.proxy(front, back)
@@ -267,10 +249,10 @@ class Job:
 def worker(endpoint: str, system: str, sockets: int, credit: int) -> None:
     """Serve stream tasks on `sockets` DEALER sockets (see the module's docstring)."""
     ctx = zmq.Context()
-    socks = [_socket(ctx, zmq.DEALER) for _ in range(sockets)]
+    socks = [zmq_socket(ctx, zmq.DEALER) for _ in range(sockets)]
     broker = system != FORWARDER
     for sock in socks:
-        _connect(sock, endpoint)
+        connect_handshaken(sock, endpoint)
         if broker:
             sock.send_multipart(ext.ready(SERVICE, credit))
     if broker:
@@ -416,8 +398,8 @@ def reader(
     """Run each phase and print one JSON line of figures for it (see the module's
     docstring). Latencies are kept in microseconds."""
     ctx = zmq.Context()
-    sock = _socket(ctx, zmq.DEALER)
-    _connect(sock, endpoint)
+    sock = zmq_socket(ctx, zmq.DEALER)
+    connect_handshaken(sock, endpoint)
     broker = system != FORWARDER
     rid = 0
     for phase in phases:
