@@ -42,7 +42,9 @@ if TYPE_CHECKING:
         TaskPending,
         TaskState,
         TaskStatus,
+        TaskUpstreamFailed,
         Worker,
+        unpack_results,
     )
 
 __all__ = [
@@ -72,8 +74,10 @@ __all__ = [
     "TaskPending",
     "TaskState",
     "TaskStatus",
+    "TaskUpstreamFailed",
     "Worker",
     "__version__",
+    "unpack_results",
 ]
 
 # Every public name but __version__ comes from zbroker.client (the TYPE_CHECKING

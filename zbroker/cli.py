@@ -472,13 +472,17 @@ def workers(
 
 
 def _client_call(endpoint: str, timeout_s: float, what: str, call: Any) -> Any:
-    """Run `call(client)`; a client error ends the command with its message, exit 1."""
+    """Run `call(client)`; a client error ends the command with its message, exit 1;
+    options the client refuses before sending anything, exit 2."""
     try:
         with Client(endpoint, timeout_s=timeout_s, retries=1, credentials=_credentials) as client:
             return call(client)
     except ClientError as exc:
         typer.echo(f"zbroker: {what}: {exc}", err=True)
         raise typer.Exit(1) from None
+    except (ValueError, TypeError) as exc:
+        typer.echo(f"zbroker: {what}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _payload(data: str | None, file: Path | None) -> bytes:
@@ -598,15 +602,36 @@ def enqueue(
         float | None, typer.Option(min=0.001, help="Run-time limit of one attempt, seconds.")
     ] = None,
     key: _Key = None,
+    depends_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--depends-on",
+            help="A task it waits for: a task id, or SERVICE/KEY for the task holding "
+            "that idempotency key. Repeat for several.",
+        ),
+    ] = None,
+    run_anyway: Annotated[
+        bool, typer.Option("--run-anyway", help="Run even when a dependency fails.")
+    ] = False,
+    input_: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="Append the dependencies' results to the payload: 'result' (one "
+            "dependency) or 'results' (a msgpack list of all).",
+        ),
+    ] = None,
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
 ) -> None:
     """Enqueue one durable task; prints its id once the broker has stored it.
 
     With --key, a key that matches a stored task of the service stores nothing:
-    the stored task's id is printed, and a note on stderr says so.
+    the stored task's id is printed, and a note on stderr says so. With
+    --depends-on, it waits (blocked) until those tasks have ended.
     """
     payload = _payload(data, file)
+    refs = [_dependency(ref) for ref in depends_on or ()]
     task_id = _client_call(
         endpoint,
         timeout,
@@ -620,11 +645,20 @@ def enqueue(
             max_attempts=max_attempts,
             timeout_s=task_timeout,
             key=key,
+            depends_on=refs,
+            run_anyway=run_anyway,
+            input=input_,
         ),
     )
     typer.echo(task_id)
     if task_id.existing:
         typer.echo(f"key {key!r} matched task {task_id}: nothing new stored", err=True)
+
+
+def _dependency(ref: str) -> str | tuple[str, str]:
+    """A --depends-on value: a task id, or SERVICE/KEY (a key may hold more slashes)."""
+    service, slash, key = ref.partition("/")
+    return (service, key) if slash and service and key else ref
 
 
 def _request_stream(

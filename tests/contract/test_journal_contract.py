@@ -34,6 +34,7 @@ from zbroker.journal import (
 from zbroker.journal._codec import Packer, unpack_record
 
 READY, DELAYED, INFLIGHT = TaskState.READY, TaskState.DELAYED, TaskState.INFLIGHT
+BLOCKED, UPSTREAM_FAILED = TaskState.BLOCKED, TaskState.UPSTREAM_FAILED
 DONE, DEAD, CANCELLED, EXPIRED = (
     TaskState.DONE,
     TaskState.DEAD,
@@ -120,6 +121,8 @@ def found_in(journal: Journal, record: TaskRecord) -> set[str]:
         places.add("inflight")
     if record.id in ids(journal.dead(record.service, MANY)):
         places.add("dead")
+    if record.id in ids(journal.blocked(record.service, MANY)):
+        places.add("blocked")
     return places
 
 
@@ -148,6 +151,17 @@ def page_dead(journal: Journal, service: str, page: int) -> list[TaskRecord]:
             return seen
         seen.extend(batch)
     raise AssertionError("paging dead() with `after_seq` never ends")
+
+
+def page_blocked(journal: Journal, service: str, page: int) -> list[TaskRecord]:
+    seen: list[TaskRecord] = []
+    for _ in range(10_000):
+        batch = journal.blocked(service, page, seen[-1].seq if seen else None)
+        assert len(batch) <= page
+        if not batch:
+            return seen
+        seen.extend(batch)
+    raise AssertionError("paging blocked() with `after_seq` never ends")
 
 
 # ------------------------------------------------------------- records
@@ -870,6 +884,111 @@ def test_a_record_without_stream_fields_reads_as_zero() -> None:
     assert unpack_record("t-2", packed) == new
 
 
+# ------------------------------------------------------- task graphs
+
+
+def test_dependency_fields_round_trip_and_default_to_none(stores: Stores) -> None:
+    # Given tasks with dependencies, with and without the other late fields
+    journal = stores.open()
+    fields: list[dict[str, Any]] = [
+        {"depends_on": ["a"], "blocked_on": 1, "state": BLOCKED},
+        {"depends_on": ["a", "b"], "run_anyway": True, "input": "results", "owner": "al"},
+        {"depends_on": ["a"], "input": "result", "stream_chunks": 2, "stream_bytes": 3},
+        {"depends_on": ["a"], "state": UPSTREAM_FAILED, "uncharged": 1},
+        {},
+    ]
+    records = [task(journal, f"t{n}", **extra) for n, extra in enumerate(fields)]
+    for record in records:
+        journal.put(record)
+    journal.commit()
+    if stores.durable:
+        journal = stores.reopen(journal)
+    # Then each reads as written, and a record without them has none
+    for record in records:
+        assert journal.get(record.id) == record
+    got = journal.get("t4")
+    assert got is not None
+    assert (got.depends_on, got.blocked_on, got.run_anyway, got.input) == ([], 0, False, None)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"depends_on": "t1"},
+        {"depends_on": [""]},
+        {"depends_on": [1]},
+        {"depends_on": ["a"], "blocked_on": 2},
+        {"depends_on": ["a"], "blocked_on": -1},
+        {"run_anyway": True},
+        {"input": "result"},
+    ],
+)
+def test_dependency_fields_that_cannot_be_stored_are_refused(
+    journal: Journal, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError):
+        journal.put(task(journal, "t-1", **fields))
+    assert journal.get("t-1") is None
+
+
+def test_blocked_tasks_are_found_by_blocked_only(journal: Journal) -> None:
+    # Given blocked tasks of two services, one with a ttl
+    a = task(journal, "a", BLOCKED, depends_on=["x"], blocked_on=1)
+    b = task(journal, "b", BLOCKED, service="other", depends_on=["x"], blocked_on=1)
+    c = task(journal, "c", BLOCKED, depends_on=["x"], blocked_on=1, expires_at=50.0)
+    for record in (a, b, c):
+        journal.put(record)
+    # Then blocked() finds each under its service, in seq order, and nothing else does
+    assert ids(journal.blocked("svc", MANY)) == ["a", "c"]
+    assert ids(journal.blocked("svc", 1, a.seq)) == ["c"]
+    assert ids(journal.blocked("other", MANY)) == ["b"]
+    assert found_in(journal, a) == {"blocked"}
+    # And a blocked task's ttl lapses like a queued one's
+    assert ids(journal.lapsed(60.0, MANY)) == ["c"]
+    # When one becomes ready, Then it leaves the blocked index
+    journal.put(moved(a, state=READY, blocked_on=0))
+    assert found_in(journal, journal.get("a") or a) == {"ready"}
+    assert journal.counts()["svc"] == {READY: 1, BLOCKED: 1}
+
+
+def test_edges_are_stored_listed_counted_and_dropped(journal: Journal) -> None:
+    # Given two tasks, and edges from the first to three dependents (one added twice)
+    journal.put(task(journal, "a"), [b"p"])
+    journal.put(task(journal, "b"), [b"p"])
+    for dependent in ("d1", "d2", "d2", "d3"):
+        journal.add_dependent("a", dependent)
+    journal.add_dependent("b", "d1")
+    # Then they are listed (up to a limit) and counted once each
+    assert sorted(journal.dependents("a", MANY)) == ["d1", "d2", "d3"]
+    assert len(journal.dependents("a", 2)) == 2
+    assert journal.dependents("b", MANY) == ["d1"]
+    assert journal.dependents("nobody", MANY) == []
+    assert journal.dependent_count() == 4
+    # When a task's edges are dropped, and another task is deleted
+    journal.drop_dependents("a")
+    journal.delete("b")
+    # Then neither has any left
+    assert journal.dependents("a", MANY) == [] == journal.dependents("b", MANY)
+    assert journal.dependent_count() == 0
+
+
+def test_an_edge_of_an_unknown_task_is_refused(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        journal.add_dependent("nobody", "d1")
+    assert journal.dependent_count() == 0
+
+
+def test_edges_survive_reopen_only_once_committed(durable_stores: Stores) -> None:
+    journal = durable_stores.open()
+    journal.put(task(journal, "a"), [b"p"])
+    journal.add_dependent("a", "d1")
+    journal.commit()
+    journal.add_dependent("a", "d2")  # not committed
+    journal = durable_stores.reopen(journal)
+    assert journal.dependents("a", MANY) == ["d1"]
+    assert journal.dependent_count() == 1
+
+
 # ---------------------------------------------------------- seq and counts
 
 
@@ -981,6 +1100,9 @@ operation = st.one_of(
     st.tuples(st.just("result"), st.integers(0, 30)),
     # a stream write: the task, how far back from the stream's end it starts, how many
     st.tuples(st.just("chunks"), st.integers(0, 30), st.integers(0, 2), st.integers(0, 3)),
+    # an edge: the task waited for, the dependent's number; or a task's edges dropped
+    st.tuples(st.just("edge"), st.integers(0, 30), st.integers(0, 40)),
+    st.tuples(st.just("drop_edges"), st.integers(0, 30)),
     st.tuples(st.just("commit")),
     st.tuples(st.just("reopen")),
 )
@@ -1001,6 +1123,8 @@ def expected_reads(model: dict[str, TaskRecord]) -> dict[str, Any]:
         reads[f"ready {service}"] = ids(sorted(ready, key=lambda r: (-r.priority, r.seq)))
         dead = [r for r in by_state[DEAD] if r.service == service]
         reads[f"dead {service}"] = ids(sorted(dead, key=lambda r: r.seq))
+        blocked = [r for r in by_state[BLOCKED] if r.service == service]
+        reads[f"blocked {service}"] = ids(sorted(blocked, key=lambda r: r.seq))
         for key in KEYS[:-1]:
             holders = [r.id for r in model.values() if (r.service, r.key) == (service, key)]
             reads[f"key {service} {key}"] = holders[0] if holders else None
@@ -1012,7 +1136,9 @@ def expected_reads(model: dict[str, TaskRecord]) -> dict[str, Any]:
         lapsing = [
             (r.expires_at, r.seq, r.id)
             for r in model.values()
-            if r.state in (READY, DELAYED) and r.expires_at is not None and r.expires_at <= now
+            if r.state in (READY, DELAYED, BLOCKED)
+            and r.expires_at is not None
+            and r.expires_at <= now
         ] + [
             (r.keep_until, r.seq, r.id)
             for r in model.values()
@@ -1027,6 +1153,7 @@ def actual_reads(journal: Journal) -> dict[str, Any]:
     for service in SERVICES:
         reads[f"ready {service}"] = ids(page_ready(journal, service, 3))
         reads[f"dead {service}"] = ids(page_dead(journal, service, 2))
+        reads[f"blocked {service}"] = ids(page_blocked(journal, service, 2))
         for key in KEYS[:-1]:
             assert key is not None
             reads[f"key {service} {key}"] = journal.find_key(service, key)
@@ -1052,6 +1179,9 @@ class ModelledJournal:
         self.committed_streams: dict[str, dict[int, tuple[int, bytes]]] = {}
         self.created = 0
         self.written = 0  # stream entries written, to tell each one's data apart
+        # task id -> the ids of its dependents (edges), now and as of the last commit
+        self.edges: dict[str, set[str]] = {}
+        self.committed_edges: dict[str, set[str]] = {}
 
     def apply(self, op: tuple[Any, ...]) -> bool:
         """Applies `op` to both; False if it was skipped or refused (then no read is
@@ -1063,16 +1193,41 @@ class ModelledJournal:
             return self._delete_or_put_result(op)
         if kind == "chunks":
             return self._put_chunks(op)
+        if kind in ("edge", "drop_edges"):
+            return self._edge(op)
         if kind == "commit":
             self.journal.commit()
             self.committed = {k: dataclasses.replace(v) for k, v in self.model.items()}
             self.committed_streams = {k: dict(v) for k, v in self.streams.items()}
+            self.committed_edges = {k: set(v) for k, v in self.edges.items()}
         elif kind == "reopen" and self.stores.durable:
             self.journal = self.stores.reopen(self.journal)
             self.model = {k: dataclasses.replace(v) for k, v in self.committed.items()}
             self.results = {k: v for k, v in self.results.items() if k in self.model}
             self.streams = {k: dict(v) for k, v in self.committed_streams.items()}
+            self.edges = {k: set(v) for k, v in self.committed_edges.items()}
         return True
+
+    def _edge(self, op: tuple[Any, ...]) -> bool:
+        """An edge from one task to another (which may be unknown), or a task's edges
+        dropped."""
+        if not self.model:
+            return False
+        task_id = sorted(self.model)[op[1] % len(self.model)]
+        if op[0] == "drop_edges":
+            self.journal.drop_dependents(task_id)
+            self.edges.pop(task_id, None)
+        else:
+            dependent = f"t{op[2]}"
+            self.journal.add_dependent(task_id, dependent)
+            self.edges.setdefault(task_id, set()).add(dependent)
+        return True
+
+    def check_edges(self) -> None:
+        """Every task's dependents, and the count of edges, read as the model holds them."""
+        for task_id in self.model:
+            assert set(self.journal.dependents(task_id, MANY)) == self.edges.get(task_id, set())
+        assert self.journal.dependent_count() == sum(map(len, self.edges.values()))
 
     def _put_chunks(self, op: tuple[Any, ...]) -> bool:
         """Entries written at, or a little before, the end of a task's stream."""
@@ -1135,6 +1290,7 @@ class ModelledJournal:
             del self.model[task_id]
             self.results.pop(task_id, None)
             self.streams.pop(task_id, None)
+            self.edges.pop(task_id, None)
         else:
             self.journal.put_result(task_id, [b"r", task_id.encode()])
             self.results[task_id] = task_id.encode()
@@ -1162,7 +1318,9 @@ def test_random_operations_keep_every_read_and_count_exact(
             assert actual_reads(run.journal) == expected_reads(run.model)
             if op[0] == "reopen":
                 run.check_streams()
+                run.check_edges()
         run.check_streams()
+        run.check_edges()
         for task_id, record in run.model.items():
             assert run.journal.get(task_id) == record
             assert run.journal.payload(task_id) == [task_id.encode()]

@@ -124,6 +124,28 @@ def test_another_principals_task_is_refused_unless_admin(command: bytes) -> None
     assert core.call(b"R1", "root", command, id=task_id).ok
 
 
+def test_a_task_may_depend_only_on_tasks_of_its_own_principal() -> None:
+    core = Guarded()
+
+    def enqueue(peer: bytes, sender: str, **options: Any) -> zbc.Answer:
+        core.rid += 1
+        core.send(peer, sender, zbc.enqueue(core.rid, "tts", [[b"x"]], zbc.TaskOptions(**options)))
+        (answer,) = [zbc.decode_answer(f[1:]) for f in core.out(peer)]
+        return answer
+
+    alices = enqueue(b"A1", "alice").meta["ids"][0]
+    bobs = enqueue(b"B1", "bob", key="k").meta["ids"][0]
+    # When bob names alice's task by its id, then no: its result could become his input
+    answer = enqueue(b"B1", "bob", depends_on=(alices,))
+    assert f"depends_on names task {alices}" in refused(answer, zbc.E_FORBIDDEN)
+    # And alice may not name bob's by its key either
+    answer = enqueue(b"A1", "alice", depends_on=(("tts", "k"),))
+    assert f"depends_on names task {bobs}" in refused(answer, zbc.E_FORBIDDEN)
+    # But alice may name her own, and an admin anyone's
+    assert enqueue(b"A1", "alice", depends_on=(alices,)).ok
+    assert enqueue(b"R1", "root", depends_on=(bobs,)).ok
+
+
 def test_figures_need_an_observer_and_controls_an_admin() -> None:
     core = Guarded()
     core.enqueue(b"A1", "alice", "tts")

@@ -122,6 +122,8 @@ def test_states_final_failed_waiting_listable() -> None:
         "dead",
         "cancelled",
         "expired",
+        "blocked",
+        "upstream_failed",
     }
     assert {s for s in TaskState if s.final} == FINAL_STATES
     assert FINAL_STATES - {TaskState.DONE} == FAILED_STATES

@@ -23,6 +23,7 @@ Task's `progress()`, and a Service's `stop()` and `publish()`.
 """
 
 from zbroker.client._base import DEFAULT_RESULT_TIMEOUT_S, ClientStats
+from zbroker.client._calls import unpack_results
 from zbroker.client.aclient import AsyncClient
 from zbroker.client.client import Client
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
@@ -49,6 +50,7 @@ from zbroker.client.errors import (
     TaskFailed,
     TaskNotFound,
     TaskPending,
+    TaskUpstreamFailed,
     TooManyWaiters,
     WorkerError,
 )
@@ -106,8 +108,10 @@ __all__ = [
     "TaskPending",
     "TaskState",
     "TaskStatus",
+    "TaskUpstreamFailed",
     "TooManyWaiters",
     "Worker",
     "WorkerError",
     "WorkerStats",
+    "unpack_results",
 ]

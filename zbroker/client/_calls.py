@@ -42,12 +42,15 @@ Bounds, which hold whatever other calls on the same connection do:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+
+import msgpack
 
 from zbroker.client.durable import (
     DeadLetter,
@@ -253,7 +256,27 @@ def wire_options(
         key=single_key,
         keys=batch_keys,
         headers=dict(options.headers) if options.headers else {},
+        depends_on=options.depends_on,
+        run_anyway=options.run_anyway,
+        input=options.input,
     )
+
+
+def depending(options: TaskOptions, deps: tuple[str, ...], input: str) -> TaskOptions:
+    """`options` for a task that waits for `deps` and is handed their results."""
+    return dataclasses.replace(options, depends_on=deps, input=input)
+
+
+def unpack_results(frame: bytes) -> list[list[bytes] | None]:
+    """The frame `input="results"` appends to a task's payload (docs/protocol.md
+    §15.3): each dependency's result frames, in `depends_on` order (None for one
+    that did not end done)."""
+    results = msgpack.unpackb(frame)
+    if not isinstance(results, list) or not all(
+        r is None or (isinstance(r, list) and all(isinstance(f, bytes) for f in r)) for r in results
+    ):
+        raise ValueError("not a results frame: a msgpack list of lists of bytes or nil")
+    return results
 
 
 def deadline_of(timeout_s: float | None) -> float | None:

@@ -99,6 +99,9 @@ class Client(ClientBase):
         timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        depends_on: Sequence[zbc.DependencyRef] = (),
+        run_anyway: bool = False,
+        input: str | None = None,
         options: TaskOptions | None = None,
     ) -> TaskId:
         """Store one task for `service` and return its id once the broker has committed it.
@@ -111,8 +114,9 @@ class Client(ClientBase):
         `timeout_s` (run-time limit of one attempt), `key` (idempotency key: an
         enqueue whose key matches a stored task returns that task's id and
         stores nothing; the returned TaskId then has `existing` True),
-        `headers` (a map given to the worker); or all of them as one
-        `options=TaskOptions(...)` instead (TypeError when both are given).
+        `headers` (a map given to the worker), `depends_on`, `run_anyway` and
+        `input` (a task that waits for other tasks, docs/scheduling.md); or all of
+        them as one `options=TaskOptions(...)` instead (TypeError when both are given).
 
         Without `key`, one is generated for this call, so a resend after a lost
         answer never stores the task twice. Raises QueueFull, BadRequest or
@@ -129,6 +133,9 @@ class Client(ClientBase):
                 timeout_s=timeout_s,
                 key=key,
                 headers=headers,
+                depends_on=tuple(depends_on),
+                run_anyway=run_anyway,
+                input=input,
             ),
         )
         plan = _calls.plan_enqueue(self._settings(), service, payload, chosen)
@@ -147,6 +154,9 @@ class Client(ClientBase):
         max_attempts: int | None = None,
         timeout_s: float | None = None,
         headers: dict[str, Any] | None = None,
+        depends_on: Sequence[zbc.DependencyRef] = (),
+        run_anyway: bool = False,
+        input: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[TaskId]:
         """Store a batch of tasks for `service`, with the same options; return their ids in order.
@@ -170,10 +180,81 @@ class Client(ClientBase):
                 max_attempts=max_attempts,
                 timeout_s=timeout_s,
                 headers=headers,
+                depends_on=tuple(depends_on),
+                run_anyway=run_anyway,
+                input=input,
             ),
         )
         plan = _calls.plan_enqueue_many(self._settings(), service, payloads, keys, chosen)
         return self._run(plan, "enqueue_many")
+
+    def chain(
+        self,
+        steps: Sequence[tuple[str | bytes, Payload | None]],
+        *,
+        options: TaskOptions | None = None,
+    ) -> list[TaskId]:
+        """Enqueue tasks that run one after the other: each step waits for the one
+        before it and is given its result. Returns their ids in order; the last
+        one's result is the chain's (`result(ids[-1])`).
+
+        `steps` are `(service, payload)` pairs. The first step's payload is its
+        payload; a later step's payload (None or b"" for none) is followed by the
+        previous step's result frames, which the broker hands over when that step
+        is done (`input="result"`). A step that fails for good ends every step
+        after it `upstream_failed` (TaskUpstreamFailed). `options` apply to every
+        step (except `depends_on` and `input`, which the chain sets). Each step is
+        one ENQUEUE: if this call fails halfway, the steps before stay stored.
+        """
+        base = options or TaskOptions()
+        if base.depends_on or base.input is not None or base.key is not None:
+            raise ValueError("chain() sets depends_on and input itself, and takes no key")
+        ids: list[TaskId] = []
+        for service, payload in steps:
+            step = base
+            if ids:
+                step = _calls.depending(base, (ids[-1],), zbc.INPUT_RESULT)
+            plan = _calls.plan_enqueue(self._settings(), service, payload or [], step)
+            ids.append(self._run(plan, "chain"))
+        return ids
+
+    def fan_in(
+        self,
+        parts: Sequence[tuple[str | bytes, Payload]],
+        then: tuple[str | bytes, Payload | None],
+        *,
+        options: TaskOptions | None = None,
+    ) -> list[TaskId]:
+        """Enqueue `parts` (run side by side), then one task that waits for them all
+        and is given every result. Returns the parts' ids and, last, the joining
+        task's, whose result is the whole's (`result(ids[-1])`).
+
+        `then` is `(service, payload)`: its payload (None for none) is followed by
+        one frame, a msgpack list with each part's result frames in order
+        (`input="results"`; `unpack_results()` reads it). Consecutive parts of one
+        service go in one ENQUEUE. If a part fails for good, the joining task ends
+        `upstream_failed`. `options` apply to every task, as in `chain()`.
+        """
+        base = options or TaskOptions()
+        if base.depends_on or base.input is not None or base.key is not None:
+            raise ValueError("fan_in() sets depends_on and input itself, and takes no key")
+        if not parts:
+            raise ValueError("fan_in() needs at least one part")
+        ids: list[TaskId] = []
+        start = 0
+        while start < len(parts):
+            service = parts[start][0]
+            end = start
+            while end < len(parts) and parts[end][0] == service:
+                end += 1
+            payloads = [payload for _, payload in parts[start:end]]
+            batch = _calls.plan_enqueue_many(self._settings(), service, payloads, None, base)
+            ids.extend(self._run(batch, "fan_in"))
+            start = end
+        joined = _calls.depending(base, tuple(ids), zbc.INPUT_RESULTS)
+        last = _calls.plan_enqueue(self._settings(), then[0], then[1] or [], joined)
+        ids.append(self._run(last, "fan_in"))
+        return ids
 
     def request(
         self,
@@ -189,6 +270,9 @@ class Client(ClientBase):
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        depends_on: Sequence[zbc.DependencyRef] = (),
+        run_anyway: bool = False,
+        input: str | None = None,
         options: TaskOptions | None = None,
     ) -> bytes:
         """Enqueue one durable task and wait until it ends; return its one-frame result.
@@ -218,6 +302,9 @@ class Client(ClientBase):
                 timeout_s=task_timeout_s,
                 key=key,
                 headers=headers,
+                depends_on=tuple(depends_on),
+                run_anyway=run_anyway,
+                input=input,
             ),
             timeout_name="task_timeout_s",
         )
@@ -238,6 +325,9 @@ class Client(ClientBase):
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        depends_on: Sequence[zbc.DependencyRef] = (),
+        run_anyway: bool = False,
+        input: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[bytes]:
         """`request()` for results of any number of frames: returns every result frame."""
@@ -252,6 +342,9 @@ class Client(ClientBase):
                 timeout_s=task_timeout_s,
                 key=key,
                 headers=headers,
+                depends_on=tuple(depends_on),
+                run_anyway=run_anyway,
+                input=input,
             ),
             timeout_name="task_timeout_s",
         )
@@ -275,6 +368,9 @@ class Client(ClientBase):
         task_timeout_s: float | None = None,
         key: str | None = None,
         headers: dict[str, Any] | None = None,
+        depends_on: Sequence[zbc.DependencyRef] = (),
+        run_anyway: bool = False,
+        input: str | None = None,
         options: TaskOptions | None = None,
     ) -> _base.TaskStream:
         """Enqueue one durable task and read its stream: the chunks its worker sends
@@ -305,6 +401,9 @@ class Client(ClientBase):
                 timeout_s=task_timeout_s,
                 key=key,
                 headers=headers,
+                depends_on=tuple(depends_on),
+                run_anyway=run_anyway,
+                input=input,
             ),
             timeout_name="task_timeout_s",
         )

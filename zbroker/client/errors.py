@@ -147,7 +147,8 @@ class TaskPending(RequestTimeout):
 
 
 class TaskFailed(ClientError):
-    """The task ended without a result: base of TaskDead, TaskCancelled and TaskExpired.
+    """The task ended without a result: base of TaskDead, TaskCancelled, TaskExpired and
+    TaskUpstreamFailed.
 
     `state` is its final state, `error` the reason the broker recorded (the
     worker's last FAIL reason for a dead task), or None.
@@ -183,6 +184,13 @@ class TaskExpired(TaskFailed):
     """The task's time to live ran out before any worker started it."""
 
     state = TaskState.EXPIRED
+
+
+class TaskUpstreamFailed(TaskFailed):
+    """A task it depended on (`depends_on`) ended without a result, and it did not
+    ask to run anyway: it never ran. `error` names that dependency."""
+
+    state = TaskState.UPSTREAM_FAILED
 
 
 class BrokerError(ClientError):
@@ -257,7 +265,7 @@ _ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
 
 # One class per failed state (zbroker.protocol.states.FAILED_STATES).
 _FAILURES_BY_STATE: dict[str, type[TaskFailed]] = {
-    failure.state: failure for failure in (TaskDead, TaskCancelled, TaskExpired)
+    failure.state: failure for failure in (TaskDead, TaskCancelled, TaskExpired, TaskUpstreamFailed)
 }
 
 

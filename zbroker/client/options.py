@@ -31,6 +31,11 @@ class TaskOptions:
       `task_timeout_s`, its own `timeout_s` being how long the caller waits).
     - `key`: the idempotency key of one task (`enqueue_many` takes `keys=`).
     - `headers`: a map given to the worker (copied when the value is made).
+    - `depends_on`: tasks it waits for (docs/protocol.md §15), each a task id or a
+      `(service, key)` pair naming a task by its idempotency key; `run_anyway`:
+      run even when one of them ended without a result; `input`: `"result"`
+      (one dependency: its result frames follow the payload) or `"results"`
+      (one more frame, a msgpack list of every dependency's result frames).
 
     Values are made with keywords only, compared by their fields, and changed
     with `dataclasses.replace()`.
@@ -44,6 +49,9 @@ class TaskOptions:
     timeout_s: float | None = None
     key: str | None = None
     headers: dict[str, Any] | None = field(default=None, hash=False)
+    depends_on: tuple[zbc.DependencyRef, ...] = ()
+    run_anyway: bool = False
+    input: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
@@ -70,6 +78,15 @@ class TaskOptions:
         seconds("not_before", self.not_before_s)
         seconds("ttl_s", self.ttl_s)
         seconds("timeout_s", self.timeout_s, positive=True)
+        object.__setattr__(self, "depends_on", dependencies(self.depends_on))
+        if not isinstance(self.run_anyway, bool):
+            raise TypeError("run_anyway must be a bool")
+        if self.input is not None and self.input not in zbc.INPUTS:
+            raise ValueError(f"input must be one of {', '.join(zbc.INPUTS)}")
+        if not self.depends_on and (self.run_anyway or self.input is not None):
+            raise ValueError("run_anyway and input need depends_on")
+        if self.input == zbc.INPUT_RESULT and len(self.depends_on) != 1:
+            raise ValueError('input="result" takes exactly one dependency')
 
     @property
     def not_before_s(self) -> float | None:
@@ -103,6 +120,27 @@ def pick_options(
             f"(also given: {', '.join(given)})"
         )
     return options
+
+
+def dependencies(refs: Any) -> tuple[zbc.DependencyRef, ...]:
+    """`depends_on` as a tuple of task ids (str, TaskId) and (service, key) pairs."""
+    if isinstance(refs, str | bytes) or not hasattr(refs, "__iter__"):
+        raise TypeError("depends_on must be a sequence of task ids or (service, key) pairs")
+    out: list[zbc.DependencyRef] = []
+    for ref in refs:
+        if isinstance(ref, str) and ref:
+            out.append(str(ref))
+        elif (
+            isinstance(ref, tuple | list)
+            and len(ref) == 2
+            and all(isinstance(part, str) and part for part in ref)
+        ):
+            out.append((ref[0], ref[1]))
+        else:
+            raise ValueError(f"a dependency is a task id or a (service, key) pair, not {ref!r}")
+    if len(out) > zbc.MAX_DEPENDENCIES:
+        raise ValueError(f"depends_on takes at most {zbc.MAX_DEPENDENCIES} dependencies")
+    return tuple(out)
 
 
 def check_key(key: object) -> str:

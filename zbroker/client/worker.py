@@ -143,6 +143,9 @@ class Task:
     frames: tuple[bytes, ...] = ()
     headers: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
+    # The ids of the tasks it depended on (`depends_on`), in the enqueue's order: read
+    # their results with a client's `result()`, or have them handed over (`input`).
+    depends_on: tuple[str, ...] = ()
     # Made on first use: most tasks are never cancelled nor waited on.
     _cancel_event: threading.Event | None = field(default=None, init=False, repr=False)
     _cancel_reason: str | None = field(default=None, init=False, repr=False)
@@ -1469,6 +1472,7 @@ class _Link:
             message.payload,
             message.headers,
             message.timeout_s,
+            message.deps,
         )
         object.__setattr__(task, "_generation", self.generation)
         object.__setattr__(task, "_mailbox", self._mailbox)

@@ -39,18 +39,24 @@ class OperatorControls:
         self._tasks = tasks
 
     def purge(self, identity: bytes, msg: zbc.Purge, now: float) -> None:
-        """Cancel up to MAX_BATCH waiting (ready or delayed) tasks of the service."""
+        """Cancel up to MAX_BATCH waiting (blocked, ready or delayed) tasks of the service."""
         tasks = self._tasks
         records = tasks.waiting_to_purge(msg.service, now)
         epoch = tasks.epoch(now)
-        for record in records:
+        purged = 0
+        for listed in records:
+            # Read again: purging a task may have ended the tasks waiting for it.
+            record = tasks.record_of(listed.id)
+            if record is None or record.state not in lifecycle.WAITING:
+                continue
             record.error = "purged by an operator"
             tasks.apply(record, lifecycle.PURGE, epoch)
+            purged += 1
         service = self._directory.services.get(msg.service.encode())
         more = service is not None and service.waiting_count > 0
-        if records:
-            log.warning("%d waiting task(s) of %s purged", len(records), msg.service)
-        self._reply(identity, msg.rid, {"purged": len(records), "more": more})
+        if purged:
+            log.warning("%d waiting task(s) of %s purged", purged, msg.service)
+        self._reply(identity, msg.rid, {"purged": purged, "more": more})
 
     def drop(self, identity: bytes, msg: zbc.Drop, now: float) -> None:
         """Delete dead letters of the service (the listed ones, or up to MAX_BATCH)."""

@@ -94,7 +94,9 @@ class ZbwDialect(Dialect):
     def task(self, held: Held, service_name: str) -> list[bytes]:
         if type(held) is TaskAttempt:
             task = held.record
-            meta = ext.task_meta(held.tid, held.attempt, task.service, task.headers, task.timeout_s)
+            meta = ext.task_meta(
+                held.tid, held.attempt, task.service, task.headers, task.timeout_s, task.depends_on
+            )
         else:
             meta = ext.task_meta(held.tid, held.attempt, service_name)
         return [_EMPTY, ext.ZBW01, ext.TASK, meta, *held.body]
@@ -113,6 +115,7 @@ class ZbwDialect(Dialect):
                     len(held.body),
                     task.headers,
                     task.timeout_s,
+                    task.depends_on,
                 )
             else:
                 entry = ext.task_entry(held.tid, held.attempt, service_name, len(held.body))

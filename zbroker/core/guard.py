@@ -36,6 +36,21 @@ _ON_OWN_CALLS = (zbc.More, zbc.Close)
 _FIGURES = (zbc.Queues, zbc.Workers, zbc.Stats)
 
 
+def _foreign(
+    who: Principal, refs: tuple[zbc.DependencyRef, ...], journal: Journal | None
+) -> str | None:
+    """The first task `refs` name that another principal enqueued (None: none does;
+    a name that finds no task is the call's own not_found)."""
+    if journal is None:
+        return None
+    for ref in refs:
+        task_id = ref if isinstance(ref, str) else journal.find_key(ref[0], ref[1])
+        record = None if task_id is None else journal.get(task_id)
+        if record is not None and record.owner != who.name:
+            return record.id
+    return None
+
+
 class Guard:
     """The policy, and what it refused. `sender` resolves a name to its principal."""
 
@@ -63,6 +78,11 @@ class Guard:
         if kind is zbc.Enqueue:
             allowed = who.may_request(msg.service)
             why = f"{who.name} may not enqueue to {msg.service!r}"
+            if allowed and msg.options.depends_on:
+                # A dependency's result may become the task's input: its owner's only.
+                foreign = _foreign(who, msg.options.depends_on, journal)
+                allowed = foreign is None
+                why = f"depends_on names task {foreign}, which belongs to another principal"
         elif kind in _ON_A_TASK:
             record = journal.get(msg.id) if journal is not None else None
             # No such task: the call itself answers not_found.

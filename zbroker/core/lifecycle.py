@@ -26,13 +26,15 @@ DONE = TaskState.DONE
 DEAD = TaskState.DEAD
 CANCELLED = TaskState.CANCELLED
 EXPIRED = TaskState.EXPIRED
+BLOCKED = TaskState.BLOCKED
+UPSTREAM_FAILED = TaskState.UPSTREAM_FAILED
 
 # Kept for `retention_s`, then forgotten (dead letters: until redriven or dropped).
-FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED})
-# Waiting for a worker: what a service's queue cap counts.
-WAITING = frozenset({READY, DELAYED})
+FINAL = frozenset({DONE, DEAD, CANCELLED, EXPIRED, UPSTREAM_FAILED})
+# Waiting (for a worker, a time, or dependencies): what a service's queue cap counts.
+WAITING = frozenset({READY, DELAYED, BLOCKED})
 # Not yet finished: what a principal's task quota counts (--max-tasks-per-principal).
-LIVE = frozenset({READY, DELAYED, INFLIGHT})
+LIVE = frozenset({READY, DELAYED, BLOCKED, INFLIGHT})
 
 # Each state as the wire names it (zbroker.protocol.states).
 STATE_NAMES = {state: str(state.wire) for state in TaskState}
@@ -43,6 +45,10 @@ class TaskEvent(enum.Enum):
 
     ENQUEUE = "enqueued"  # a client's ENQUEUE stored it, due now
     ENQUEUE_DELAYED = "enqueued later"  # stored with a delay or a not_before
+    ENQUEUE_BLOCKED = "enqueued blocked"  # stored with dependencies (depends_on)
+    UNBLOCK = "unblocked"  # every dependency ended (done, or run_anyway): due now
+    UNBLOCK_DELAYED = "unblocked later"  # likewise, but its delay is not over
+    UPSTREAM_FAIL = "upstream failed"  # a dependency ended without done
     START = "attempt"  # handed to a worker: an attempt begins
     PROGRESS = "progress"  # the worker reported progress on the attempt
     COMPLETE = "done"  # the worker's DONE (or MDP REPLY)
@@ -69,14 +75,18 @@ class Transition:
     sources: tuple[TaskState | None, ...]
     target: TaskState | None
     counter: str | None = None
-    # The word the task's history entry starts with (a delayed enqueue is still
-    # "enqueued": one word for one moment).
+    # The word the task's history entry starts with (a delayed or blocked enqueue is
+    # still "enqueued": one word for one moment).
     history: str = field(init=False)
     # Whether the task ends here: a result kept, waiters answered.
     final: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        word = "enqueued" if self.event is TaskEvent.ENQUEUE_DELAYED else self.event.value
+        word = {
+            TaskEvent.ENQUEUE_DELAYED: "enqueued",
+            TaskEvent.ENQUEUE_BLOCKED: "enqueued",
+            TaskEvent.UNBLOCK_DELAYED: "unblocked",
+        }.get(self.event, self.event.value)
         object.__setattr__(self, "history", word)
         object.__setattr__(self, "final", self.target in FINAL)
 
@@ -84,6 +94,10 @@ class Transition:
 E = TaskEvent
 ENQUEUE = Transition(E.ENQUEUE, (None,), READY)
 ENQUEUE_DELAYED = Transition(E.ENQUEUE_DELAYED, (None,), DELAYED)
+ENQUEUE_BLOCKED = Transition(E.ENQUEUE_BLOCKED, (None,), BLOCKED)
+UNBLOCK = Transition(E.UNBLOCK, (BLOCKED,), READY)
+UNBLOCK_DELAYED = Transition(E.UNBLOCK_DELAYED, (BLOCKED,), DELAYED)
+UPSTREAM_FAIL = Transition(E.UPSTREAM_FAIL, (BLOCKED,), UPSTREAM_FAILED, "tasks_upstream_failed")
 DUE = Transition(E.DUE, (DELAYED,), READY)
 START = Transition(E.START, (READY,), INFLIGHT)
 PROGRESS = Transition(E.PROGRESS, (INFLIGHT,), INFLIGHT)
@@ -92,17 +106,21 @@ COMPLETE = Transition(E.COMPLETE, (INFLIGHT,), DONE, "tasks_done")
 REQUEUE = Transition(E.REQUEUE, (INFLIGHT,), READY, "tasks_retried")
 RETRY_LATER = Transition(E.RETRY_LATER, (INFLIGHT,), DELAYED, "tasks_retried")
 DEAD_LETTER = Transition(E.DEAD_LETTER, (INFLIGHT,), DEAD, "tasks_dead")
-EXPIRE = Transition(E.EXPIRE, (READY, DELAYED), EXPIRED, "tasks_expired")
-CANCEL = Transition(E.CANCEL, (READY, DELAYED, INFLIGHT), CANCELLED, "tasks_cancelled")
-PURGE = Transition(E.PURGE, (READY, DELAYED), CANCELLED, "tasks_cancelled")
+EXPIRE = Transition(E.EXPIRE, (READY, DELAYED, BLOCKED), EXPIRED, "tasks_expired")
+CANCEL = Transition(E.CANCEL, (READY, DELAYED, BLOCKED, INFLIGHT), CANCELLED, "tasks_cancelled")
+PURGE = Transition(E.PURGE, (READY, DELAYED, BLOCKED), CANCELLED, "tasks_cancelled")
 REDRIVE = Transition(E.REDRIVE, (DEAD,), READY, "tasks_redriven")
-FORGET = Transition(E.FORGET, (DONE, CANCELLED, EXPIRED, DEAD), None)
+FORGET = Transition(E.FORGET, (DONE, CANCELLED, EXPIRED, UPSTREAM_FAILED, DEAD), None)
 del E
 
 # The lifecycle: every transition there is, one per event.
 TRANSITIONS: tuple[Transition, ...] = (
     ENQUEUE,
     ENQUEUE_DELAYED,
+    ENQUEUE_BLOCKED,
+    UNBLOCK,
+    UNBLOCK_DELAYED,
+    UPSTREAM_FAIL,
     DUE,
     START,
     PROGRESS,

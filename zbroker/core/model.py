@@ -432,6 +432,7 @@ class Stats:
     tasks_dead: int = 0  # moved to a dead-letter queue
     tasks_cancelled: int = 0
     tasks_expired: int = 0  # TTL passed before they started
+    tasks_upstream_failed: int = 0  # ended without running: a dependency ended without done
     tasks_redriven: int = 0
     tasks_recovered: int = 0  # in flight at the last stop: requeued at start
     calls_refused: int = 0  # ZBC01 calls answered with ERROR

@@ -68,6 +68,8 @@ class Routing:
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Inside a deferral block: the services to dispatch once, when it ends.
         self._deferred: dict[bytes, Service] | None = None
+        # The service `_deliver` is delivering now (None: none).
+        self._delivering: Service | None = None
         # Keys each worker's alias: unguessable, and the same only within this run.
         self._alias_key = random.Random(settings.seed).getrandbits(128).to_bytes(16, "big")
         self._by_alias: dict[str, Worker] = {}
@@ -107,10 +109,13 @@ class Routing:
 
     def dispatch(self, service: Service, now: float) -> None:
         """Deliver what `service` has to its ready workers: now, or at the end of the
-        enclosing `one_dispatch` block."""
+        enclosing `one_dispatch` block. Asked while delivering that very service (a
+        task it expired ended others, and made one of its own ready): nothing to do,
+        the delivery under way takes what became ready."""
         deferred = self._deferred
         if deferred is None:
-            self._deliver(service, now)
+            if service is not self._delivering:
+                self._deliver(service, now)
         else:
             deferred[service.name] = service
 
@@ -123,6 +128,11 @@ class Routing:
     def _deliver(self, service: Service, now: float) -> None:
         if service.paused:
             return
+        outer, self._delivering = self._delivering, service
+        self._deliver_to_ready(service, now)
+        self._delivering = outer
+
+    def _deliver_to_ready(self, service: Service, now: float) -> None:
         queue = service.queue
         ready = service.ready
         tasks = self._tasks

@@ -39,7 +39,9 @@ from itertools import chain
 from typing import Any
 
 from zbroker.core import lifecycle
+from zbroker.core.graph import Refusal, TaskGraph
 from zbroker.core.lifecycle import (
+    BLOCKED,
     DEAD,
     DELAYED,
     DONE,
@@ -104,6 +106,10 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "keep_until": record.keep_until,
         "history": record.history,
         "owner": record.owner,
+        "depends_on": record.depends_on,
+        "blocked_on": record.blocked_on,
+        "run_anyway": record.run_anyway,
+        "input": record.input,
     }
 
 
@@ -159,6 +165,17 @@ class DurableTasks:
         # kept in step by `apply` and counted from the journal at start.
         self.live_by_owner: dict[str, int] = {}
         self._windows = ReadyWindows(journal, settings.window_per_service)
+        # Tasks that wait for other tasks (depends_on).
+        self.graph = TaskGraph(
+            settings,
+            journal,
+            directory,
+            sink,
+            self.record_of,
+            self.apply,
+            lambda at: self._schedule_at(at - self._epoch_offset),
+            self._unblocked,
+        )
         self._next_due_at = math.inf  # monotonic time of the earliest delayed task
         # The broker is stopping (core/stopping.py): no task starts any more.
         self.stopping = False
@@ -222,7 +239,7 @@ class DurableTasks:
             service.ready_count -= 1
             service.waiting_count -= 1
             self._windows.remove(service, record.id)
-        elif old is DELAYED:
+        elif old is DELAYED or old is BLOCKED:
             service.waiting_count -= 1
         record.state = new
         if move.final:
@@ -236,7 +253,7 @@ class DurableTasks:
                 # Goes with the record if the window keeps it: delivered from memory.
                 record.frames_memo = payload
             self._windows.insert(service, record)
-        elif new is DELAYED:
+        elif new is DELAYED or new is BLOCKED:
             service.waiting_count += 1
 
     def _count_owner(self, owner: str, old: TaskState | None, new: TaskState | None) -> None:
@@ -265,6 +282,8 @@ class DurableTasks:
         keep = record.state is not DEAD  # dead letters stay until redriven or dropped
         record.keep_until = epoch + self._settings.retention_s if keep else None
         journal.put(record)
+        if self.graph.edges:  # tasks may wait for this one: before its record may go
+            self.graph.ended(record, result, epoch)
         if keep:
             if self._settings.retention_s > 0:
                 if result is not None:
@@ -567,6 +586,13 @@ class DurableTasks:
         assert journal is not None
         return journal.get(task_id)
 
+    def _unblocked(self, service: Service, epoch: float) -> None:
+        """A task of `service` left BLOCKED for READY: its workers may take it now."""
+        if service.ready:
+            routing = self._routing
+            assert routing is not None
+            routing.dispatch(service, epoch - self._epoch_offset)
+
     def holder(self, task_id: str) -> tuple[TaskAttempt, Worker] | None:
         """The attempt of `task_id` a worker holds now, and that worker."""
         return self._attempts.get(task_id)
@@ -583,7 +609,9 @@ class DurableTasks:
         for name, per_state in journal.counts().items():
             service = directory.get(name.encode())
             service.ready_count = per_state.get(READY, 0)
-            service.waiting_count = service.ready_count + per_state.get(DELAYED, 0)
+            service.waiting_count = (
+                service.ready_count + per_state.get(DELAYED, 0) + per_state.get(BLOCKED, 0)
+            )
         for name, options in journal.service_options().items():
             service = directory.get(name.encode())
             service.paused = options.get("paused") is True
@@ -635,6 +663,13 @@ class DurableTasks:
                 if len(page) < TIMER_BATCH:
                     break
                 after = (page[-1].priority, page[-1].seq)
+            after_seq: int | None = None
+            while per_state.get(BLOCKED, 0):
+                blocked = journal.blocked(name, TIMER_BATCH, after_seq)
+                count(blocked)
+                if len(blocked) < TIMER_BATCH:
+                    break
+                after_seq = blocked[-1].seq
         if delayed:
             count(journal.due(FAR_FUTURE_S * 2, delayed))
         count(journal.inflight())
@@ -776,15 +811,12 @@ class DurableTasks:
         options = msg.options
         keys = options.keys or (options.key,) * count
         held, new = self._stored_keys(msg.service, keys)
-        if not self._admits(identity, msg, service, new, owner):
+        deps = self._dependencies(identity, msg, new)
+        if deps is None or not self._admits(identity, msg, service, new, owner):
             return
         epoch = now + self._epoch_offset
-        not_before = options.not_before or 0.0
-        if options.delay_s:
-            not_before = epoch + options.delay_s
-        expires_at = None if options.ttl_s is None else epoch + options.ttl_s
+        not_before, expires_at, move = self._timing(options, epoch)
         max_attempts = options.max_attempts or self._settings.default_max_attempts
-        move = lifecycle.ENQUEUE_DELAYED if not_before > epoch else lifecycle.ENQUEUE
         ids: list[str] = []
         existing: list[int] = []
         stored_keys: dict[str, str] = {}  # keys of the tasks this call stores -> their ids
@@ -793,6 +825,7 @@ class DurableTasks:
         enqueued: list[Any] | None = [] if sink.prefixes and sink.wants(topic) else None
         priority, event_not_before, headers = options.priority, not_before or None, options.headers
         apply = self.apply
+        graph = self.graph
         noise = self._noise
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
@@ -822,7 +855,10 @@ class DurableTasks:
                 headers=headers,
                 owner=owner,
             )
-            apply(record, move, epoch, service, payload, None, (), True)
+            if not deps:
+                apply(record, move, epoch, service, payload, None, (), True)
+            else:
+                graph.attach(record, deps, options, service, payload, epoch)
             ids.append(record.id)
             if key is not None:
                 stored_keys[key] = record.id
@@ -840,6 +876,27 @@ class DurableTasks:
             routing = self._routing
             assert routing is not None
             routing.dispatch(service, now)
+
+    def _dependencies(self, identity: bytes, msg: zbc.Enqueue, new: int) -> list[TaskRecord] | None:
+        """The tasks the call's new tasks depend on ([] for none); None when the call
+        is refused for them (and answered)."""
+        if not msg.options.depends_on or not new:
+            return []
+        try:
+            return self.graph.resolve(msg.options.depends_on)
+        except Refusal as refusal:
+            self.refuse(identity, msg.rid, refusal.code, refusal.message)
+            return None
+
+    @staticmethod
+    def _timing(options: zbc.TaskOptions, epoch: float) -> tuple[float, float | None, Transition]:
+        """A new task's not_before and expires_at, and how it is stored (due or later)."""
+        not_before = options.not_before or 0.0
+        if options.delay_s:
+            not_before = epoch + options.delay_s
+        expires_at = None if options.ttl_s is None else epoch + options.ttl_s
+        move = lifecycle.ENQUEUE_DELAYED if not_before > epoch else lifecycle.ENQUEUE
+        return not_before, expires_at, move
 
     def _answer_enqueue(
         self,
@@ -920,11 +977,13 @@ class DurableTasks:
     # ------------------------------------------------ operators' actions
 
     def waiting_to_purge(self, service_name: str, now: float) -> list[TaskRecord]:
-        """Up to MAX_BATCH waiting (ready, then delayed) tasks of the service."""
+        """Up to MAX_BATCH waiting (blocked, ready, then delayed) tasks of the service.
+        Blocked ones first: purging a task they wait for would fail them one by one."""
         journal = self.journal
         assert journal is not None
         epoch = now + self._epoch_offset
-        records = journal.ready(service_name, ZBC_MAX_BATCH)
+        records = journal.blocked(service_name, ZBC_MAX_BATCH)
+        records += journal.ready(service_name, ZBC_MAX_BATCH - len(records))
         service = self._directory.services.get(service_name.encode())
         need = ZBC_MAX_BATCH - len(records)
         if need > 0 and service is not None and service.waiting_count > len(records):
@@ -1004,9 +1063,15 @@ class DurableTasks:
         for record in lapsed:
             if record.state in FINAL:
                 self.apply(record, lifecycle.FORGET, epoch)
-            else:
-                record.error = "its ttl passed before it started"
-                self.apply(record, lifecycle.EXPIRE, epoch)
+                continue
+            if self.graph.edges:
+                # Read again: an expiry earlier in the batch may have ended it.
+                again = journal.get(record.id)
+                if again is None or again.state in FINAL:
+                    continue
+                record = again
+            record.error = "its ttl passed before it started"
+            self.apply(record, lifecycle.EXPIRE, epoch)
         if len(lapsed) == TIMER_BATCH:
             # More have lapsed: the next pass ticks again, so retention keeps up with
             # any rate of finished tasks (a batch per tick interval would cap it).

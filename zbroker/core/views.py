@@ -12,7 +12,7 @@ import heapq
 import itertools
 from typing import Any
 
-from zbroker.core.lifecycle import DEAD, DELAYED, INFLIGHT, READY
+from zbroker.core.lifecycle import BLOCKED, DEAD, DELAYED, INFLIGHT, READY
 from zbroker.core.model import Stats, Worker
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
@@ -202,7 +202,7 @@ class AdminViews:
 
     def list_tasks(self, msg: zbc.ListTasks, now: float) -> dict[str, Any]:
         """A page of a service's tasks in one state, oldest first where the journal
-        keeps that order (ready: delivery order). Ready and dead tasks are read from
+        keeps that order (ready: delivery order). Ready, blocked and dead tasks are read from
         their per-service index; the others by scanning their index across services,
         at most LIST_SCAN records per call."""
         journal = self._tasks.journal
@@ -214,6 +214,8 @@ class AdminViews:
             found = journal.ready(msg.service, min(want, LIST_SCAN))
         elif state is DEAD:
             found = journal.dead(msg.service, min(want, LIST_SCAN))
+        elif state is BLOCKED:
+            found = journal.blocked(msg.service, min(want, LIST_SCAN))
         elif state is INFLIGHT:
             found = [r for r in journal.inflight() if r.service == msg.service]
         elif state is DELAYED:

@@ -6,8 +6,10 @@ Shared by both stores, so `MemoryJournal` accepts and returns exactly what
 
 A record is a msgpack array of 16 fields, 17 when its `uncharged` count is not 0,
 18 when it has an `owner`, 19 when its stream has entries (field 19 is
-[stream_chunks, stream_bytes]; `uncharged` and `owner` are then written too, the
-owner possibly nil). Each field is written only when a record needs it or a later
+[stream_chunks, stream_bytes]), 20 when it has dependencies (field 20 is a map:
+{"d": depends_on, "b": blocked_on, "r": run_anyway, "i": input}, defaults left
+out); the fields before the last one written are then written too (`owner`
+possibly nil, the stream [0, 0]). Each field is written only when a record needs it or a later
 one: a store written before a field existed reads unchanged (as 0, None, or 0, 0),
 and a record without them is written exactly as before.
 """
@@ -78,11 +80,23 @@ def check_record(record: TaskRecord) -> None:
         raise ValueError(f"stream_bytes must be an int >= 0, got {stream_bytes!r}")
     if stream_bytes and not stream_chunks:  # not stored without entries: it would read as 0
         raise ValueError(f"stream_bytes is {stream_bytes} but stream_chunks is 0")
+    _check_graph(record)
     key = record.key
     if key is not None:
         if type(key) is not str:
             raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         key.encode()
+
+
+def _check_graph(record: TaskRecord) -> None:
+    depends_on = record.depends_on
+    if type(depends_on) is not list or not all(type(d) is str and d for d in depends_on):
+        raise ValueError("depends_on must be a list of non-empty str")
+    blocked_on = record.blocked_on
+    if type(blocked_on) is not int or not 0 <= blocked_on <= len(depends_on):
+        raise ValueError(f"blocked_on must be an int in 0..len(depends_on), got {blocked_on!r}")
+    if not depends_on and (record.run_anyway or record.input is not None):
+        raise ValueError("run_anyway and input are only stored with depends_on")
 
 
 class Packer:
@@ -114,7 +128,10 @@ class Packer:
             record.keep_until,
             record.history,
         )
-        if record.stream_chunks:
+        if record.depends_on:
+            stream = (record.stream_chunks, record.stream_bytes)
+            fields += (record.uncharged, record.owner, stream, _graph_map(record))
+        elif record.stream_chunks:
             stream = (record.stream_chunks, record.stream_bytes)
             fields += (record.uncharged, record.owner, stream)
         elif record.owner is not None:
@@ -135,6 +152,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     uncharged = fields[16] if len(fields) > 16 else 0
     owner = fields[17] if len(fields) > 17 else None  # None also when stored as nil
     stream_chunks, stream_bytes = fields[18] if len(fields) > 18 else (0, 0)
+    graph = fields[19] if len(fields) > 19 else _NO_GRAPH
     (
         service,
         state,
@@ -175,7 +193,26 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         owner,
         stream_chunks,
         stream_bytes,
+        graph.get("d", []),
+        graph.get("b", 0),
+        graph.get("r", False),
+        graph.get("i"),
     )
+
+
+_NO_GRAPH: dict[str, Any] = {}
+
+
+def _graph_map(record: TaskRecord) -> dict[str, Any]:
+    """Field 20: a record's dependencies, without the fields at their defaults."""
+    graph: dict[str, Any] = {"d": record.depends_on}
+    if record.blocked_on:
+        graph["b"] = record.blocked_on
+    if record.run_anyway:
+        graph["r"] = True
+    if record.input is not None:
+        graph["i"] = record.input
+    return graph
 
 
 def check_frames(frames: Sequence[bytes]) -> None:

@@ -14,7 +14,8 @@ Rules every implementation keeps:
      last successful commit held.
   2. Indexes follow the record's `state`: a READY task is found by `ready()`,
      a DELAYED one by `due()`, an INFLIGHT one by `inflight()`, a DEAD one by
-     `dead()`; never by another. `counts()` is exact at all times.
+     `dead()`, a BLOCKED one by `blocked()`; never by another. `counts()` is
+     exact at all times.
   3. Payload and result frames, and stream chunks, are stored as given and
      returned unchanged; the journal never interprets them. (Record fields go
      through msgpack: tuples in `headers` or `history` come back as lists.)
@@ -27,7 +28,8 @@ Rules every implementation keeps:
      that writes first in a pass must also commit it.
 Misuse raises at once: an idempotency key already held by another task of the
 service (ValueError), `put_result` or `put_chunks` for an unknown task (KeyError),
-an `after` cursor with a priority out of range (ValueError). INFLIGHT tasks and
+an `after` cursor with a priority out of range (ValueError), `add_dependent` of
+an unknown task (KeyError). INFLIGHT tasks and
 finished records without `keep_until` never lapse. A task's stream entries go only
 with its record (`delete`), whatever its state.
 It never reads the clock: every time is an argument (seconds since the epoch).
@@ -68,6 +70,8 @@ class TaskState(enum.IntEnum):
     DEAD = 5  # in the service's dead-letter queue (attempts exhausted, or a final failure)
     CANCELLED = 6  # cancelled before it finished (kept until `keep_until`)
     EXPIRED = 7  # its TTL passed before it started (kept until `keep_until`)
+    BLOCKED = 8  # waiting for the tasks it depends on (`depends_on`) to end
+    UPSTREAM_FAILED = 9  # a dependency ended without DONE (kept until `keep_until`)
 
     @property
     def wire(self) -> WireState:
@@ -133,6 +137,14 @@ class TaskRecord:
     # Stored only when stream_chunks is not 0, so older stores read as 0, 0.
     stream_chunks: int = 0
     stream_bytes: int = 0
+    # Dependencies (docs/protocol.md §15): the ids of the tasks it waits for, how many
+    # of them have not ended yet (0 once it left BLOCKED), whether it runs even when
+    # one ended without DONE, and what of their results becomes its input ("result",
+    # "results" or None). Stored only when depends_on is not empty.
+    depends_on: list[str] = field(default_factory=list)
+    blocked_on: int = 0
+    run_anyway: bool = False
+    input: str | None = None
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it
@@ -186,7 +198,8 @@ class Journal(abc.ABC):
     def put(self, record: TaskRecord, payload: Sequence[bytes] | None = None) -> None:
         """Insert or replace `record` (matched by id) and move its index entries to
         follow its state, priority, not_before, expires_at and key. `payload` is
-        stored with a new task; None keeps the stored payload untouched."""
+        stored with it (a new task's, or one replacing the stored payload); None keeps
+        the stored payload (none, for a new task)."""
 
     @abc.abstractmethod
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
@@ -205,8 +218,29 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> None:
-        """Remove the record, its payload, its result, its stream and every index entry.
-        No-op if absent."""
+        """Remove the record, its payload, its result, its stream, its dependents' edges
+        and every index entry. No-op if absent."""
+
+    @abc.abstractmethod
+    def add_dependent(self, task_id: str, dependent_id: str) -> None:
+        """Store that `dependent_id` waits for `task_id` to end (an edge of a task graph,
+        kept until `drop_dependents(task_id)` or the deletion of `task_id`). KeyError if
+        `task_id` is unknown; the dependent need not be stored yet. Adding an edge
+        that is stored already is a no-op."""
+
+    @abc.abstractmethod
+    def drop_dependents(self, task_id: str) -> None:
+        """Remove every edge of `task_id` (no-op when it has none)."""
+
+    @abc.abstractmethod
+    def dependents(self, task_id: str, limit: int) -> list[str]:
+        """Up to `limit` ids of the tasks waiting for `task_id` (edges stored with
+        `add_dependent`), in no promised order."""
+
+    @abc.abstractmethod
+    def dependent_count(self) -> int:
+        """How many edges are stored, across every task (cheap: the broker reads it
+        at start to know whether finishing a task needs a look at its dependents)."""
 
     @abc.abstractmethod
     def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
@@ -279,9 +313,10 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     def lapsed(self, now: float, limit: int) -> list[TaskRecord]:
-        """Up to `limit` records whose time is up, earliest first: READY or DELAYED tasks
-        with expires_at <= now (TTL passed before they started), and finished records
-        (DONE, CANCELLED, EXPIRED) with keep_until <= now. DEAD records never lapse."""
+        """Up to `limit` records whose time is up, earliest first: READY, DELAYED or
+        BLOCKED tasks with expires_at <= now (TTL passed before they started), and
+        finished records (DONE, CANCELLED, EXPIRED, UPSTREAM_FAILED) with keep_until <=
+        now. DEAD records never lapse."""
 
     @abc.abstractmethod
     def inflight(self) -> list[TaskRecord]:
@@ -290,6 +325,10 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def dead(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
         """Up to `limit` DEAD tasks of `service`, lowest seq first, after `after_seq`."""
+
+    @abc.abstractmethod
+    def blocked(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
+        """Up to `limit` BLOCKED tasks of `service`, lowest seq first, after `after_seq`."""
 
     @abc.abstractmethod
     def find_key(self, service: str, key: str) -> str | None:

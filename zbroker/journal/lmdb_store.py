@@ -12,9 +12,11 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   results   id -> msgpack list of frames     keys      svc + key -> id
   ready     svc + (127 - priority) + seq     delayed   time(not_before) + seq
   inflight  seq                              dead      svc + seq
-  lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
+  lapse     time(expires_at of READY/DELAYED/BLOCKED, or keep_until of finished) + seq
   chunks    len(id) (2 bytes) + id + offset (8 bytes) -> attempt (4 bytes) + data:
             a task's stream entries, together and in offset order under its prefix
+  blocked   svc + seq
+  dependents len(id) (2 bytes) + id + dependent's id -> b"": the tasks waiting for it
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
             options/<service name> -> msgpack map of the operator's options (paused, limit);
             a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
@@ -88,12 +90,14 @@ _READY = int(TaskState.READY)
 _DELAYED = int(TaskState.DELAYED)
 _INFLIGHT = int(TaskState.INFLIGHT)
 _DEAD = int(TaskState.DEAD)
+_BLOCKED = int(TaskState.BLOCKED)
+_WAITING = (_READY, _DELAYED, _BLOCKED)  # their expires_at lapses
 _FINISHED = frozenset(int(s) for s in FINISHED_STATES)
 _PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIORITY_MAX + 1)}
 
 # A write as it is kept for replay after the map grew: (kind, task id, data...).
 _Op = tuple[Any, ...]
-_PUT, _RESULT, _DELETE, _SERVICE_OPTIONS, _CHUNKS = 1, 2, 3, 4, 5
+_PUT, _RESULT, _DELETE, _SERVICE_OPTIONS, _CHUNKS, _EDGE, _DROP_EDGES = 1, 2, 3, 4, 5, 6, 7
 
 Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
@@ -190,7 +194,7 @@ class LmdbJournal(Journal):
             self._env: lmdb.Environment | None = lmdb.open(
                 str(self.path),
                 map_size=map_size,
-                max_dbs=12,
+                max_dbs=16,
                 sync=sync,
                 metasync=sync,
             )
@@ -249,6 +253,19 @@ class LmdbJournal(Journal):
         self._check_open()
         if self._get_raw(task_id) is not None:
             self._write((_DELETE, task_id))
+
+    def add_dependent(self, task_id: str, dependent_id: str) -> None:
+        self._check_open()
+        if type(dependent_id) is not str or _id_bytes(dependent_id) is None:
+            raise ValueError(f"dependent id must be a task id, got {dependent_id!r}")
+        if task_id != self._last_put and self._get_raw(task_id) is None:
+            raise KeyError(f"no task {task_id!r} to store a dependent of")
+        self._write((_EDGE, task_id, _stream_prefix(task_id.encode()) + dependent_id.encode()))
+
+    def drop_dependents(self, task_id: str) -> None:
+        self._check_open()
+        if _id_bytes(task_id) is not None:
+            self._write((_DROP_EDGES, task_id))
 
     def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
         self._check_open()
@@ -437,6 +454,39 @@ class LmdbJournal(Journal):
             start = svc + _seq_after(after_seq)
         return self._scan(self._dead, start, svc, limit)
 
+    def blocked(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
+        self._check_open()
+        svc = self._services.get(service)
+        if svc is None or limit <= 0:
+            return []
+        start = svc
+        if after_seq is not None:
+            start = svc + _seq_after(after_seq)
+        return self._scan(self._blocked, start, svc, limit)
+
+    def dependents(self, task_id: str, limit: int) -> list[str]:
+        self._check_open()
+        idb = _id_bytes(task_id)
+        out: list[str] = []
+        if idb is None or limit <= 0:
+            return out
+        prefix = _stream_prefix(idb)
+        with self._reading() as txn:
+            cursor = txn.cursor(db=self._dependents)
+            if not cursor.set_range(prefix):
+                return out
+            for key in cursor.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                out.append(key[len(prefix) :].decode())
+                if len(out) == limit:
+                    break
+        return out
+
+    def dependent_count(self) -> int:
+        with self._reading() as txn:
+            return int(txn.stat(self._dependents)["entries"])
+
     def find_key(self, service: str, key: str) -> str | None:
         self._check_open()
         svc = self._services.get(service)
@@ -467,6 +517,7 @@ class LmdbJournal(Journal):
             "lapse": self._lapse,
             "inflight": self._inflight,
             "dead": self._dead,
+            "blocked": self._blocked,
             "keys": self._keys,
         }
         name_of = {id(db): name for name, db in index_dbs.items()}
@@ -519,6 +570,10 @@ class LmdbJournal(Journal):
                 problems.append(f"chunks: malformed entry {key.hex()}")
             elif idb not in task_ids:
                 problems.append(f"chunks: entry {offset} of unknown task {idb.decode()}")
+        for key in txn.cursor(db=self._dependents).iternext(values=False):
+            n = int.from_bytes(key[:2], "big")
+            if key[2 : 2 + n] not in task_ids:
+                problems.append(f"dependents: edge of unknown task {key[2 : 2 + n].decode()}")
         return problems
 
     # --------------------------------------------------------- private: open
@@ -568,6 +623,9 @@ class LmdbJournal(Journal):
                     self._dead = env.open_db(b"dead", txn=txn, dupsort=True)
                     # Created here in a store written before streams existed.
                     self._chunks = env.open_db(b"chunks", txn=txn)
+                    # Created here in a store written before dependencies existed.
+                    self._blocked = env.open_db(b"blocked", txn=txn, dupsort=True)
+                    self._dependents = env.open_db(b"dependents", txn=txn)
                 break
             except lmdb.MapFullError:
                 self._grow_map()
@@ -635,6 +693,10 @@ class LmdbJournal(Journal):
             txn.put(idb, op[2], db=self._results)
         elif kind == _CHUNKS:
             txn.cursor(db=self._chunks).putmulti(op[2])  # (key, value) pairs, replacing
+        elif kind == _EDGE:
+            txn.put(op[2], b"", db=self._dependents)
+        elif kind == _DROP_EDGES:
+            self._delete_prefix(txn, self._dependents, _stream_prefix(idb))
         else:
             self._apply_delete(txn, task_id, idb)
 
@@ -706,11 +768,17 @@ class LmdbJournal(Journal):
         txn.delete(idb, db=self._payloads)
         txn.delete(idb, db=self._results)
         prefix = _stream_prefix(idb)
-        cursor = txn.cursor(db=self._chunks)
+        self._delete_prefix(txn, self._chunks, prefix)
+        self._delete_prefix(txn, self._dependents, prefix)
+        self._deltas[(old_svc, int(old_record.state))] -= 1
+
+    @staticmethod
+    def _delete_prefix(txn: lmdb.Transaction[bytes], db: Db, prefix: bytes) -> None:
+        """Delete every entry of `db` whose key starts with `prefix`."""
+        cursor = txn.cursor(db=db)
         if cursor.set_range(prefix):
             while cursor.key().startswith(prefix) and cursor.delete():
                 pass  # delete() moves on to the next entry
-        self._deltas[(old_svc, int(old_record.state))] -= 1
 
     def _entries(self, record: TaskRecord, svc: bytes) -> list[tuple[Db, bytes]]:
         """The index entries (database, key) that `record` holds; each maps to its id."""
@@ -725,7 +793,9 @@ class LmdbJournal(Journal):
             entries.append((self._inflight, seq))
         elif state == _DEAD:
             entries.append((self._dead, svc + seq))
-        if state in (_READY, _DELAYED):
+        elif state == _BLOCKED:
+            entries.append((self._blocked, svc + seq))
+        if state in _WAITING:
             if record.expires_at is not None:
                 entries.append((self._lapse, time_key(record.expires_at) + seq))
         elif state in _FINISHED and record.keep_until is not None:
@@ -863,6 +933,8 @@ class LmdbJournal(Journal):
                 self._inflight,
                 self._dead,
                 self._chunks,
+                self._blocked,
+                self._dependents,
             ):
                 st = txn.stat(db) if db is not None else env.stat()
                 pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]

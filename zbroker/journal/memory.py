@@ -36,12 +36,14 @@ from zbroker.journal.base import (
 IndexKey = tuple[Any, ...]
 
 _STATES = {int(s): s for s in TaskState}
-_READY, _DELAYED, _INFLIGHT, _DEAD = (
+_READY, _DELAYED, _INFLIGHT, _DEAD, _BLOCKED = (
     int(TaskState.READY),
     int(TaskState.DELAYED),
     int(TaskState.INFLIGHT),
     int(TaskState.DEAD),
+    int(TaskState.BLOCKED),
 )
+_WAITING = (_READY, _DELAYED, _BLOCKED)  # their expires_at lapses
 _FINISHED = frozenset(int(s) for s in FINISHED_STATES)
 
 # What decides a record's index entries: (service, state, key, priority, seq,
@@ -154,6 +156,10 @@ class MemoryJournal(Journal):
         self._streams: dict[str, dict[int, tuple[int, bytes]]] = {}
         self._ready: dict[str, SortedKeys] = {}  # service -> (-priority, seq, id)
         self._dead: dict[str, SortedKeys] = {}  # service -> (seq, id)
+        self._blocked: dict[str, SortedKeys] = {}  # service -> (seq, id)
+        # task id -> the ids of the tasks waiting for it (edges of task graphs)
+        self._dependents: dict[str, dict[str, None]] = {}
+        self._edges = 0
         self._delayed = SortedKeys()  # (not_before, seq, id)
         self._lapse = SortedKeys()  # (expires_at or keep_until, seq, id)
         self._inflight = SortedKeys()  # (seq, id)
@@ -256,7 +262,36 @@ class MemoryJournal(Journal):
         if stream is not None:
             self._bytes -= sum(len(data) for _, data in stream.values())
         self._bytes -= len(packed) + _size(payload) + _size(result)
+        self._drop_edges(task_id)
         self._dirty = True
+
+    def add_dependent(self, task_id: str, dependent_id: str) -> None:
+        self._check_open()
+        if task_id not in self._records:
+            raise KeyError(f"no task {task_id!r} to store a dependent of")
+        if type(dependent_id) is not str or not dependent_id:
+            raise ValueError(f"dependent id must be a non-empty str, got {dependent_id!r}")
+        edges = self._dependents.get(task_id)
+        if edges is None:
+            edges = self._dependents[task_id] = {}
+        if dependent_id not in edges:
+            edges[dependent_id] = None
+            self._edges += 1
+            self._bytes += len(task_id) + len(dependent_id)
+        self._dirty = True
+
+    def drop_dependents(self, task_id: str) -> None:
+        self._check_open()
+        if self._drop_edges(task_id):
+            self._dirty = True
+
+    def _drop_edges(self, task_id: str) -> bool:
+        edges = self._dependents.pop(task_id, None)
+        if not edges:
+            return False
+        self._edges -= len(edges)
+        self._bytes -= sum(len(task_id) + len(d) for d in edges)
+        return True
 
     def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
         self._check_open()
@@ -290,6 +325,7 @@ class MemoryJournal(Journal):
         self._payloads.clear()
         self._results.clear()
         self._streams.clear()
+        self._dependents.clear()
 
     # ------------------------------------------------------------------ reads
 
@@ -373,6 +409,23 @@ class MemoryJournal(Journal):
         start = None if after_seq is None else (after_seq + 1,)
         return self._records_of(index.iter_from(start), limit)
 
+    def blocked(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
+        self._check_open()
+        index = self._blocked.get(service)
+        if index is None or limit <= 0:
+            return []
+        start = None if after_seq is None else (after_seq + 1,)
+        return self._records_of(index.iter_from(start), limit)
+
+    def dependents(self, task_id: str, limit: int) -> list[str]:
+        self._check_open()
+        edges = self._dependents.get(task_id)
+        return [] if not edges or limit <= 0 else list(edges)[:limit]
+
+    def dependent_count(self) -> int:
+        self._check_open()
+        return self._edges
+
     def find_key(self, service: str, key: str) -> str | None:
         self._check_open()
         return self._keys.get((service, key))
@@ -408,7 +461,12 @@ class MemoryJournal(Journal):
             if index is None:
                 index = self._dead[service] = SortedKeys()
             places.append((index, (seq, task_id)))
-        if state in (_READY, _DELAYED):
+        elif state == _BLOCKED:
+            index = self._blocked.get(service)
+            if index is None:
+                index = self._blocked[service] = SortedKeys()
+            places.append((index, (seq, task_id)))
+        if state in _WAITING:
             if expires_at is not None:
                 places.append((self._lapse, (expires_at, seq, task_id)))
         elif state in _FINISHED and keep_until is not None:

@@ -29,7 +29,7 @@ EMPTY = b""
 
 # Commands (one byte). Direction: w = worker -> broker, b = broker -> worker.
 READY = b"\x01"  # w: {service, credit, tags?}
-TASK = b"\x02"  # b: {id, attempt, service, headers?, timeout_s?}, payload...
+TASK = b"\x02"  # b: {id, attempt, service, headers?, timeout_s?, deps?}, payload...
 ACK = b"\x03"  # w: {tasks: [[id, attempt], ...]}
 PROGRESS = b"\x04"  # w: {id, attempt}, data...
 DONE = b"\x05"  # w: {id, attempt}, result...
@@ -37,7 +37,7 @@ FAIL = b"\x06"  # w: {id, attempt, reason, retry?, delay_s?}
 HEARTBEAT = b"\x07"  # both; from a worker optionally {metrics}
 DISCONNECT = b"\x08"  # both; from the broker optionally {reason}
 CANCEL = b"\x09"  # b: {id, attempt}: stop working on this attempt
-TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, n}, ...]}, payloads
+TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, deps?, n}, ...]}, ...
 DONES = b"\x0b"  # w: {tasks: [[id, attempt, n], ...]}, result frames of each in order
 STOPPING = b"\x0c"  # b: {drain_s}: the broker is stopping; no new task; results still taken
 CHUNK = b"\x0d"  # w: {id, attempt}, one frame per chunk: appended to the task's stream
@@ -419,6 +419,8 @@ class Task:
     payload: tuple[bytes, ...]
     headers: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
+    # The ids of the tasks it depended on (`depends_on`, §15), in the enqueue's order.
+    deps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,12 +456,15 @@ def task_meta(
     service: str,
     headers: dict[str, Any] | None = None,
     timeout_s: float | None = None,
+    deps: list[str] | None = None,
 ) -> bytes:
     meta: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service}
     if headers:
         meta["headers"] = headers
     if timeout_s is not None:
         meta["timeout_s"] = timeout_s
+    if deps:
+        meta["deps"] = deps
     return pack_meta(meta)
 
 
@@ -470,6 +475,7 @@ def task_entry(
     frames: int,
     headers: dict[str, Any] | None = None,
     timeout_s: float | None = None,
+    deps: list[str] | None = None,
 ) -> dict[str, Any]:
     """One task's entry in a TASKS message; `frames` counts its payload frames."""
     entry: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service, "n": frames}
@@ -477,6 +483,8 @@ def task_entry(
         entry["headers"] = headers
     if timeout_s is not None:
         entry["timeout_s"] = timeout_s
+    if deps:
+        entry["deps"] = deps
     return entry
 
 
@@ -512,8 +520,11 @@ def _task(meta: dict[str, Any], task_id: str, attempt: int, payload: tuple[bytes
     service = meta.get("service", "")
     headers = meta.get("headers", {})
     timeout_s = meta.get("timeout_s")
+    deps = meta.get("deps", ())
     if not isinstance(service, str) or not isinstance(headers, dict):
         raise ProtocolError("bad_meta", "TASK 'service' is a string, 'headers' a map")
+    if not isinstance(deps, list | tuple) or not all(isinstance(d, str) for d in deps):
+        raise ProtocolError("bad_meta", "TASK 'deps' is a list of task ids")
     return Task(
         task_id,
         attempt,
@@ -521,6 +532,7 @@ def _task(meta: dict[str, Any], task_id: str, attempt: int, payload: tuple[bytes
         payload,
         headers,
         float(timeout_s) if isinstance(timeout_s, int | float) else None,
+        tuple(deps),
     )
 
 

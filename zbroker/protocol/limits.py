@@ -84,3 +84,8 @@ DEFAULT_MAX_STREAM_CHUNKS: Final = 100_000
 DEFAULT_MAX_STREAM_BYTES: Final = 64 * 1024 * 1024
 # Chunks per CHUNKS message the broker sends (one message, one bounded read).
 STREAM_CHUNKS_PER_MESSAGE: Final = 1024
+
+# ------------------------------------------------------------ task graphs (§15)
+
+# Tasks one task may depend on (`depends_on`): a fan-in of this many.
+MAX_DEPENDENCIES: Final = 1000

@@ -52,12 +52,14 @@ ERROR {rid, code, message}, codes E_* below):
 with bad_request, never acted on in part.
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
-States are lower-case strings (zbroker.protocol.states): ready, delayed, inflight,
-done, dead, cancelled, expired. Final states: done, dead, cancelled, expired.
+States are lower-case strings (zbroker.protocol.states): ready, delayed, blocked,
+inflight, done, dead, cancelled, expired, upstream_failed. Final states: done, dead,
+cancelled, expired, upstream_failed.
 Limits (MAX_BATCH and the others below) come from zbroker.protocol.limits.
 Options (all optional): priority (int -128..127, higher first), delay_s or
 not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
-(one task) or keys (a batch: one str or nil per task), headers (map).
+(one task) or keys (a batch: one str or nil per task), headers (map),
+depends_on (task ids or {service, key} maps), run_anyway, input (§15).
 """
 
 from __future__ import annotations
@@ -151,6 +153,19 @@ MAX_LIST = limits.MAX_LIST
 PRIORITY_MIN = limits.PRIORITY_MIN
 PRIORITY_MAX = limits.PRIORITY_MAX
 MAX_ATTEMPTS_LIMIT = limits.MAX_ATTEMPTS_LIMIT
+MAX_DEPENDENCIES = limits.MAX_DEPENDENCIES
+
+
+# A dependency as a call names it: a task id, or the (service, key) of the task that
+# holds that idempotency key in that service.
+DependencyRef = str | tuple[str, str]
+
+# What a dependent task is given of its dependencies' results (option `input`, §15):
+# the result frames of its one dependency, or one msgpack frame listing every
+# dependency's result frames (nil for one that did not end done).
+INPUT_RESULT = "result"
+INPUT_RESULTS = "results"
+INPUTS = (INPUT_RESULT, INPUT_RESULTS)
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -169,6 +184,11 @@ class TaskOptions:
     key: str | None = None  # idempotency key (single task)
     keys: tuple[str | None, ...] | None = None  # idempotency keys, one per task of a batch
     headers: dict[str, Any] = field(default_factory=dict)
+    # §15: the tasks it waits for, each a task id or a (service, idempotency key) pair;
+    # whether it runs even when one ends without done; what of their results it is given.
+    depends_on: tuple[DependencyRef, ...] = ()
+    run_anyway: bool = False
+    input: str | None = None
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -420,6 +440,7 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
     timeout_s = _number(meta, "timeout_s", rid)
     if timeout_s is not None and timeout_s <= 0:
         raise CallError(rid, E_BAD_REQUEST, "'timeout_s' must be positive")
+    depends_on, run_anyway, input_ = _dependencies(meta, rid)
     return TaskOptions(
         priority=_int(meta, "priority", rid, PRIORITY_MIN, PRIORITY_MAX, 0),
         delay_s=delay_s,
@@ -430,7 +451,53 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
         key=key,
         keys=keys,
         headers=headers,
+        depends_on=depends_on,
+        run_anyway=run_anyway,
+        input=input_,
     )
+
+
+def _dependencies(
+    meta: dict[str, Any], rid: int
+) -> tuple[tuple[DependencyRef, ...], bool, str | None]:
+    """`depends_on`, `run_anyway` and `input` (§15), checked."""
+    raw = meta.get("depends_on")
+    run_anyway = meta.get("run_anyway", False)
+    input_ = meta.get("input")
+    if raw is None:
+        if run_anyway or input_ is not None:
+            raise CallError(rid, E_BAD_REQUEST, "'run_anyway' and 'input' need 'depends_on'")
+        return (), False, None
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_DEPENDENCIES:
+        raise CallError(
+            rid, E_BAD_REQUEST, f"'depends_on' must list 1..{MAX_DEPENDENCIES} dependencies"
+        )
+    refs: list[DependencyRef] = []
+    for entry in raw:
+        if isinstance(entry, str) and entry:
+            refs.append(entry)
+        elif (
+            isinstance(entry, dict)
+            and entry.keys() == {"service", "key"}
+            and isinstance(entry["service"], str)
+            and isinstance(entry["key"], str)
+            and entry["service"]
+            and entry["key"]
+        ):
+            refs.append((entry["service"], entry["key"]))
+        else:
+            raise CallError(
+                rid,
+                E_BAD_REQUEST,
+                "'depends_on' entries are task ids or {service, key} maps of non-empty strings",
+            )
+    if type(run_anyway) is not bool:
+        raise CallError(rid, E_BAD_REQUEST, "'run_anyway' must be true or false")
+    if input_ is not None and input_ not in INPUTS:
+        raise CallError(rid, E_BAD_REQUEST, f"'input' must be one of {', '.join(INPUTS)}")
+    if input_ == INPUT_RESULT and len(refs) != 1:
+        raise CallError(rid, E_BAD_REQUEST, "'input': 'result' takes exactly one dependency")
+    return tuple(refs), run_anyway, input_
 
 
 def _ids(meta: dict[str, Any], rid: int) -> tuple[str, ...] | None:
@@ -710,6 +777,15 @@ def _option_meta(options: TaskOptions) -> dict[str, Any]:
         meta["keys"] = list(options.keys)
     if options.headers:
         meta["headers"] = options.headers
+    if options.depends_on:
+        meta["depends_on"] = [
+            ref if isinstance(ref, str) else {"service": ref[0], "key": ref[1]}
+            for ref in options.depends_on
+        ]
+        if options.run_anyway:
+            meta["run_anyway"] = True
+        if options.input is not None:
+            meta["input"] = options.input
     return meta
 
 

@@ -51,6 +51,10 @@ _STATE_GAUGES = {
         "zbroker_tasks_delayed",
         "Durable tasks waiting for their time (delay, backoff).",
     ),
+    TaskState.BLOCKED: (
+        "zbroker_tasks_blocked",
+        "Durable tasks waiting for the tasks they depend on.",
+    ),
     TaskState.INFLIGHT: ("zbroker_tasks_inflight", "Durable tasks with an attempt at a worker."),
     # Not zbroker_tasks_dead: that family is the broker's counter of tasks that died.
     TaskState.DEAD: ("zbroker_dead_letters", "Durable tasks in the dead-letter queue."),

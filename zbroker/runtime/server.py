@@ -516,8 +516,8 @@ class BrokerServer:
         )
         log.info(
             "tasks: %d enqueued (%d deduplicated), %d done, %d retried, %d timed out, "
-            "%d dead, %d cancelled, %d expired, %d redriven, %d recovered at start; "
-            "%d calls refused",
+            "%d dead, %d cancelled, %d expired, %d upstream failed, %d redriven, "
+            "%d recovered at start; %d calls refused",
             stats.tasks_enqueued,
             stats.tasks_deduplicated,
             stats.tasks_done,
@@ -526,6 +526,7 @@ class BrokerServer:
             stats.tasks_dead,
             stats.tasks_cancelled,
             stats.tasks_expired,
+            stats.tasks_upstream_failed,
             stats.tasks_redriven,
             stats.tasks_recovered,
             stats.calls_refused,
