@@ -621,6 +621,22 @@ def enqueue(
             "dependency) or 'results' (a msgpack list of all).",
         ),
     ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option("--require", help="A tag its worker must have. Repeat for several."),
+    ] = None,
+    prefer: Annotated[
+        list[str] | None,
+        typer.Option("--prefer", help="A tag that makes a worker a better fit. Repeatable."),
+    ] = None,
+    affinity: Annotated[
+        str | None,
+        typer.Option(help="Send it to the worker that last ran this key, while it lives."),
+    ] = None,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option(help="The key its service's per-key round robin and limit count it under."),
+    ] = None,
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
 ) -> None:
@@ -648,6 +664,10 @@ def enqueue(
             depends_on=refs,
             run_anyway=run_anyway,
             input=input_,
+            require=require or (),
+            prefer=prefer or (),
+            affinity=affinity,
+            concurrency_key=concurrency_key,
         ),
     )
     typer.echo(task_id)
@@ -780,13 +800,21 @@ def purge(
 def limit(
     service: Annotated[str, typer.Argument(help="The service to limit.")],
     tasks: Annotated[int, typer.Argument(min=0, help="At most this many at once; 0: no limit.")],
+    per_key: Annotated[
+        bool,
+        typer.Option("--per-key", help="A cap for each concurrency key, not the service."),
+    ] = False,
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
 ) -> None:
-    """Cap how many of a service's tasks run at once across all its workers (e.g. tts 2)."""
+    """Cap how many of a service's tasks run at once across all its workers (e.g. tts 2),
+    or, with --per-key, how many of each concurrency key (e.g. one per user)."""
     cap = tasks or None
-    _client_call(endpoint, timeout, f"limit {service}", lambda c: c.limit(service, cap))
-    typer.echo(f"{service}: at most {tasks} at once" if cap else f"{service}: no limit")
+    _client_call(
+        endpoint, timeout, f"limit {service}", lambda c: c.limit(service, cap, per_key=per_key)
+    )
+    each = " of each key" if per_key else ""
+    typer.echo(f"{service}: at most {tasks}{each} at once" if cap else f"{service}: no limit{each}")
 
 
 @app.command()

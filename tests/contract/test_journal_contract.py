@@ -887,7 +887,7 @@ def test_a_record_without_stream_fields_reads_as_zero() -> None:
 # ------------------------------------------------------- task graphs
 
 
-def test_dependency_fields_round_trip_and_default_to_none(stores: Stores) -> None:
+def test_scheduling_fields_round_trip_and_default_to_none(stores: Stores) -> None:
     # Given tasks with dependencies, with and without the other late fields
     journal = stores.open()
     fields: list[dict[str, Any]] = [
@@ -895,6 +895,8 @@ def test_dependency_fields_round_trip_and_default_to_none(stores: Stores) -> Non
         {"depends_on": ["a", "b"], "run_anyway": True, "input": "results", "owner": "al"},
         {"depends_on": ["a"], "input": "result", "stream_chunks": 2, "stream_bytes": 3},
         {"depends_on": ["a"], "state": UPSTREAM_FAILED, "uncharged": 1},
+        {"require": ["gpu", "de"], "prefer": ["fast"], "affinity": "conv-1"},
+        {"concurrency_key": "user:42", "owner": "al"},
         {},
     ]
     records = [task(journal, f"t{n}", **extra) for n, extra in enumerate(fields)]
@@ -906,9 +908,10 @@ def test_dependency_fields_round_trip_and_default_to_none(stores: Stores) -> Non
     # Then each reads as written, and a record without them has none
     for record in records:
         assert journal.get(record.id) == record
-    got = journal.get("t4")
+    got = journal.get("t6")
     assert got is not None
     assert (got.depends_on, got.blocked_on, got.run_anyway, got.input) == ([], 0, False, None)
+    assert (got.require, got.prefer, got.affinity, got.concurrency_key) == ([], [], None, None)
 
 
 @pytest.mark.parametrize(
@@ -921,9 +924,13 @@ def test_dependency_fields_round_trip_and_default_to_none(stores: Stores) -> Non
         {"depends_on": ["a"], "blocked_on": -1},
         {"run_anyway": True},
         {"input": "result"},
+        {"require": "gpu"},
+        {"prefer": [""]},
+        {"affinity": ""},
+        {"concurrency_key": 5},
     ],
 )
-def test_dependency_fields_that_cannot_be_stored_are_refused(
+def test_scheduling_fields_that_cannot_be_stored_are_refused(
     journal: Journal, fields: dict[str, Any]
 ) -> None:
     with pytest.raises(ValueError):

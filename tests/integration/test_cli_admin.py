@@ -72,15 +72,16 @@ def test_queues_and_workers_show_exact_figures(broker: BrokerProcess, stack: Exi
     assert row["last_seen_s"] < 5
 
     table = zbroker(broker, "queues")
-    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:5] == [
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:6] == [
         "service",
         "ready",
         "delayed",
+        "blocked",
         "inflight",
         "dead",
     ]
     jobs_line = next(line for line in table.stdout.splitlines() if line.startswith("jobs"))
-    assert jobs_line.split()[1:5] == ["3", "1", "2", "1"]
+    assert jobs_line.split()[1:6] == ["3", "1", "0", "2", "1"]
     release.set()
     assert [client.result(t, timeout_s=10) for t in waiting] == [b"ok"] * 3
     worker.stop()

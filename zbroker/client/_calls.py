@@ -259,6 +259,10 @@ def wire_options(
         depends_on=options.depends_on,
         run_anyway=options.run_anyway,
         input=options.input,
+        require=options.require,
+        prefer=options.prefer,
+        affinity=options.affinity,
+        concurrency_key=options.concurrency_key,
     )
 
 
@@ -400,16 +404,8 @@ def enqueue_batches(
     budget = min(BATCH_BYTES, s.max_message_bytes - shared)
     for start, end in batch_bounds(payloads, keys, budget):
         chunk = payloads[start:end]
-        chunk_options = zbc.TaskOptions(
-            priority=options.priority,
-            delay_s=options.delay_s,
-            not_before=options.not_before,
-            ttl_s=options.ttl_s,
-            max_attempts=options.max_attempts,
-            timeout_s=options.timeout_s,
-            keys=tuple(keys[start:end]) if keys else None,
-            headers=options.headers,
-        )
+        # Every option of the call, each message with its own part of the keys.
+        chunk_options = dataclasses.replace(options, keys=tuple(keys[start:end]) if keys else None)
         ids += yield from enqueue(
             s, service, chunk, chunk_options, batch=True, own_keys=own_keys[start:end]
         )

@@ -100,6 +100,10 @@ class AsyncClient(AsyncClientBase):
         depends_on: Sequence[zbc.DependencyRef] = (),
         run_anyway: bool = False,
         input: str | None = None,
+        require: Sequence[str] = (),
+        prefer: Sequence[str] = (),
+        affinity: str | None = None,
+        concurrency_key: str | None = None,
         options: TaskOptions | None = None,
     ) -> TaskId:
         """Store one task for `service` and return its id once the broker has committed it.
@@ -113,7 +117,8 @@ class AsyncClient(AsyncClientBase):
         enqueue whose key matches a stored task returns that task's id and
         stores nothing; the returned TaskId then has `existing` True),
         `headers` (a map given to the worker), `depends_on`, `run_anyway` and
-        `input` (a task that waits for other tasks, docs/scheduling.md); or all of
+        `input` (a task that waits for other tasks), `require` and `prefer` (worker
+        tags), `affinity` and `concurrency_key` (docs/scheduling.md); or all of
         them as one `options=TaskOptions(...)` instead (TypeError when both are given).
 
         Without `key`, one is generated for this call, so a resend after a lost
@@ -134,6 +139,10 @@ class AsyncClient(AsyncClientBase):
                 depends_on=tuple(depends_on),
                 run_anyway=run_anyway,
                 input=input,
+                require=tuple(require),
+                prefer=tuple(prefer),
+                affinity=affinity,
+                concurrency_key=concurrency_key,
             ),
         )
         plan = _calls.plan_enqueue(self._settings(), service, payload, chosen)
@@ -155,6 +164,10 @@ class AsyncClient(AsyncClientBase):
         depends_on: Sequence[zbc.DependencyRef] = (),
         run_anyway: bool = False,
         input: str | None = None,
+        require: Sequence[str] = (),
+        prefer: Sequence[str] = (),
+        affinity: str | None = None,
+        concurrency_key: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[TaskId]:
         """Store a batch of tasks for `service`, with the same options; return their ids in order.
@@ -181,6 +194,10 @@ class AsyncClient(AsyncClientBase):
                 depends_on=tuple(depends_on),
                 run_anyway=run_anyway,
                 input=input,
+                require=tuple(require),
+                prefer=tuple(prefer),
+                affinity=affinity,
+                concurrency_key=concurrency_key,
             ),
         )
         plan = _calls.plan_enqueue_many(self._settings(), service, payloads, keys, chosen)
@@ -271,6 +288,10 @@ class AsyncClient(AsyncClientBase):
         depends_on: Sequence[zbc.DependencyRef] = (),
         run_anyway: bool = False,
         input: str | None = None,
+        require: Sequence[str] = (),
+        prefer: Sequence[str] = (),
+        affinity: str | None = None,
+        concurrency_key: str | None = None,
         options: TaskOptions | None = None,
     ) -> bytes:
         """Enqueue one durable task and wait until it ends; return its one-frame result.
@@ -303,6 +324,10 @@ class AsyncClient(AsyncClientBase):
                 depends_on=tuple(depends_on),
                 run_anyway=run_anyway,
                 input=input,
+                require=tuple(require),
+                prefer=tuple(prefer),
+                affinity=affinity,
+                concurrency_key=concurrency_key,
             ),
             timeout_name="task_timeout_s",
         )
@@ -326,6 +351,10 @@ class AsyncClient(AsyncClientBase):
         depends_on: Sequence[zbc.DependencyRef] = (),
         run_anyway: bool = False,
         input: str | None = None,
+        require: Sequence[str] = (),
+        prefer: Sequence[str] = (),
+        affinity: str | None = None,
+        concurrency_key: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[bytes]:
         """`request()` for results of any number of frames: returns every result frame."""
@@ -343,6 +372,10 @@ class AsyncClient(AsyncClientBase):
                 depends_on=tuple(depends_on),
                 run_anyway=run_anyway,
                 input=input,
+                require=tuple(require),
+                prefer=tuple(prefer),
+                affinity=affinity,
+                concurrency_key=concurrency_key,
             ),
             timeout_name="task_timeout_s",
         )
@@ -369,6 +402,10 @@ class AsyncClient(AsyncClientBase):
         depends_on: Sequence[zbc.DependencyRef] = (),
         run_anyway: bool = False,
         input: str | None = None,
+        require: Sequence[str] = (),
+        prefer: Sequence[str] = (),
+        affinity: str | None = None,
+        concurrency_key: str | None = None,
         options: TaskOptions | None = None,
     ) -> _base.AsyncTaskStream:
         """Enqueue one durable task and read its stream: the chunks its worker sends
@@ -402,6 +439,10 @@ class AsyncClient(AsyncClientBase):
                 depends_on=tuple(depends_on),
                 run_anyway=run_anyway,
                 input=input,
+                require=tuple(require),
+                prefer=tuple(prefer),
+                affinity=affinity,
+                concurrency_key=concurrency_key,
             ),
             timeout_name="task_timeout_s",
         )
@@ -481,13 +522,14 @@ class AsyncClient(AsyncClientBase):
         input by reason), its journal's figures and its uptime."""
         return await self._run(_calls.plan_control(self._settings(), zbc.STATS), "stats")
 
-    async def limit(self, service: str, limit: int | None) -> None:
+    async def limit(self, service: str, limit: int | None, *, per_key: bool = False) -> None:
         """At most `limit` tasks and requests of `service` at its workers together
-        (None: no limit). Kept in the journal: it holds across a broker restart."""
-        await self._run(
-            _calls.plan_control(self._settings(), zbc.LIMIT, service=service, limit=limit),
-            "limit",
-        )
+        (None: no limit); with `per_key`, at most `limit` tasks of each concurrency key
+        of the service instead. Kept in the journal: it holds across a broker restart."""
+        fields: dict[str, Any] = {"service": service, "limit": limit}
+        if per_key:
+            fields["per_key"] = True
+        await self._run(_calls.plan_control(self._settings(), zbc.LIMIT, **fields), "limit")
 
     async def purge(self, service: str) -> int:
         """Cancel every waiting (ready or delayed) task of `service`; how many. Running

@@ -71,10 +71,21 @@ class TaskStatus:
     # Its stream (docs/protocol.md §13): chunks kept, and their bytes.
     stream_chunks: int = 0
     stream_bytes: int = 0
+    # Its dependencies (docs/protocol.md §15): their ids, how many have not ended,
+    # and the options they were enqueued with.
+    depends_on: tuple[str, ...] = ()
+    blocked_on: int = 0
+    run_anyway: bool = False
+    input: str | None = None
+    # Its placement and flow-control options (§16).
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
+    affinity: str | None = None
+    concurrency_key: str | None = None
 
     @property
     def final(self) -> bool:
-        """True once the task has ended (done, dead, cancelled, expired)."""
+        """True once the task has ended (done, dead, cancelled, expired, upstream_failed)."""
         return self.state.final
 
 
@@ -129,7 +140,25 @@ def parse_status(meta: dict[str, Any]) -> TaskStatus:
         owner=_optional_text(task, "owner"),
         stream_chunks=_whole(task, "stream_chunks"),
         stream_bytes=_whole(task, "stream_bytes"),
+        depends_on=_texts(task, "depends_on"),
+        blocked_on=_whole(task, "blocked_on"),
+        run_anyway=task.get("run_anyway") is True,
+        input=_optional_text(task, "input"),
+        require=_texts(task, "require"),
+        prefer=_texts(task, "prefer"),
+        affinity=_optional_text(task, "affinity"),
+        concurrency_key=_optional_text(task, "concurrency_key"),
     )
+
+
+def _texts(task: dict[str, Any], name: str) -> tuple[str, ...]:
+    """A list of strings (empty when absent: a broker that predates the field)."""
+    value = task.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ReplyError("bad_answer", f"task field {name!r} is not a list of strings")
+    return tuple(value)
 
 
 def parse_dead_letter(entry: Any) -> DeadLetter:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from zbroker.protocol import zbc
+from zbroker.protocol.limits import MAX_TAGS
 
 When = datetime | float
 
@@ -36,6 +37,9 @@ class TaskOptions:
       run even when one of them ended without a result; `input`: `"result"`
       (one dependency: its result frames follow the payload) or `"results"`
       (one more frame, a msgpack list of every dependency's result frames).
+    - `require` / `prefer`: worker tags it must have / that make a worker a better
+      fit; `affinity`: a key that sends it to the worker that last ran that key;
+      `concurrency_key`: the key its service's per-key round robin and limit use.
 
     Values are made with keywords only, compared by their fields, and changed
     with `dataclasses.replace()`.
@@ -52,6 +56,10 @@ class TaskOptions:
     depends_on: tuple[zbc.DependencyRef, ...] = ()
     run_anyway: bool = False
     input: str | None = None
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
+    affinity: str | None = None
+    concurrency_key: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
@@ -87,6 +95,12 @@ class TaskOptions:
             raise ValueError("run_anyway and input need depends_on")
         if self.input == zbc.INPUT_RESULT and len(self.depends_on) != 1:
             raise ValueError('input="result" takes exactly one dependency')
+        object.__setattr__(self, "require", tag_list("require", self.require))
+        object.__setattr__(self, "prefer", tag_list("prefer", self.prefer))
+        for name in ("affinity", "concurrency_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty str")
 
     @property
     def not_before_s(self) -> float | None:
@@ -141,6 +155,16 @@ def dependencies(refs: Any) -> tuple[zbc.DependencyRef, ...]:
     if len(out) > zbc.MAX_DEPENDENCIES:
         raise ValueError(f"depends_on takes at most {zbc.MAX_DEPENDENCIES} dependencies")
     return tuple(out)
+
+
+def tag_list(name: str, tags: Any) -> tuple[str, ...]:
+    """`require` or `prefer`: at most MAX_TAGS non-empty strings, as a tuple."""
+    if isinstance(tags, str | bytes) or not hasattr(tags, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of tags (str)")
+    out = tuple(tags)
+    if len(out) > MAX_TAGS or not all(isinstance(t, str) and t for t in out):
+        raise ValueError(f"{name} takes at most {MAX_TAGS} non-empty strings")
+    return out
 
 
 def check_key(key: object) -> str:

@@ -250,6 +250,14 @@ class WorkerStats:
     malformed: int = 0  # messages from the broker that could not be decoded
     metrics_errors: int = 0  # calls of the metrics callable that failed or returned garbage
     broker_stopping: int = 0  # STOPPING notices: the broker was stopping (a restart, say)
+    tags_sent: int = 0  # TAGS: tag changes sent to the broker (`set_tags`)
+
+
+def _check_tags(tags: Sequence[str]) -> None:
+    if isinstance(tags, str | bytes) or not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be a sequence of str")
+    if len(tags) > ext.MAX_TAGS:
+        raise ValueError(f"at most {ext.MAX_TAGS} tags")
 
 
 # ------------------------------------------------------------ internal messages
@@ -280,12 +288,19 @@ class _Chunk:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Tags:
+    """The worker's tags changed (`Worker.set_tags`): tell the broker (TAGS)."""
+
+    tags: tuple[str, ...]
+
+
 class _Shutdown:
     """The last report: send DISCONNECT, close, end the I/O thread."""
 
 
 _SHUTDOWN = _Shutdown()
-_Report = _Outcome | _Progress | _Chunk | _Shutdown
+_Report = _Outcome | _Progress | _Chunk | _Tags | _Shutdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,10 +445,7 @@ class Worker:
             raise TypeError("concurrency must be an int")
         if not 1 <= concurrency <= ext.MAX_CREDIT:
             raise ValueError(f"concurrency must be between 1 and {ext.MAX_CREDIT}")
-        if isinstance(tags, str | bytes) or not all(isinstance(t, str) for t in tags):
-            raise TypeError("tags must be a sequence of str")
-        if len(tags) > ext.MAX_TAGS:
-            raise ValueError(f"at most {ext.MAX_TAGS} tags")
+        _check_tags(tags)
         if not heartbeat_interval_s > 0:
             raise ValueError("heartbeat_interval_s must be positive")
         if liveness < 1:
@@ -537,6 +549,16 @@ class Worker:
         )
         self._thread.start()
         return self
+
+    def set_tags(self, tags: Sequence[str]) -> None:
+        """Change the worker's tags (a model loaded or unloaded) without registering
+        again: the broker places tasks that `require` or `prefer` tags by these from
+        now on (TAGS; a reconnect's READY carries them too). Safe from any thread."""
+        _check_tags(tags)
+        self.tags = tuple(tags)
+        mailbox = self._mailbox
+        if mailbox is not None:
+            mailbox.post(_Tags(self.tags))
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Stop gracefully; True if every running handler finished within `timeout_s`.
@@ -1298,6 +1320,9 @@ class _Link:
             if isinstance(report, _Progress):
                 if self._holds(report.task):
                     self._send_progress(report)
+            elif isinstance(report, _Tags):
+                # Sent on this connection only: a new one's READY carries `Worker.tags`.
+                self._send_reliably(ext.tags(report.tags), "tags_sent", 1)
             else:
                 self._send_all_chunks(chunks)
                 self._close(disconnect=True, reason="worker stopping", flush_s=_FLUSH_ON_STOP_S)

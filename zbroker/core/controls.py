@@ -86,12 +86,22 @@ class OperatorControls:
             self._routing.dispatch(service, now)
 
     def limit(self, identity: bytes, msg: zbc.Limit, now: float) -> None:
-        """At most `limit` tasks and requests of the service at its workers at once."""
+        """At most `limit` tasks and requests of the service at its workers at once, or
+        (`per_key`) at most `limit` tasks of each concurrency key (core/placement.py)."""
         service = self._directory.get(msg.service.encode())
-        service.limit = msg.limit
+        if msg.per_key:
+            service.key_limit = msg.limit
+        else:
+            service.limit = msg.limit
         self._keep_options(service)
-        log.info("service %s concurrency limit: %s", msg.service, msg.limit or "none")
-        self._reply(identity, msg.rid, {"service": msg.service, "limit": msg.limit})
+        log.info(
+            "service %s concurrency limit%s: %s",
+            msg.service,
+            " per key" if msg.per_key else "",
+            msg.limit or "none",
+        )
+        answer = {"service": msg.service, "limit": msg.limit, "per_key": msg.per_key}
+        self._reply(identity, msg.rid, answer)
         if service.ready:
             self._routing.dispatch(service, now)
 
@@ -136,4 +146,6 @@ class OperatorControls:
             options["paused"] = True
         if service.limit:
             options["limit"] = service.limit
+        if service.key_limit:
+            options["key_limit"] = service.key_limit
         journal.put_service_options(service.name.decode(), options)

@@ -360,16 +360,21 @@ class Service:
     """A named queue of requests and the workers that serve it."""
 
     __slots__ = (
+        "affinity",
         "creator",
         "expire_at",
         "figures",
+        "key_limit",
+        "key_turns",
         "limit",
         "name",
         "paused",
+        "placing",
         "queue",
         "ready",
         "ready_count",
         "records",
+        "turn",
         "waiting_count",
         "window",
         "workers",
@@ -394,6 +399,16 @@ class Service:
         self.paused = False  # an operator paused deliveries (kept in the journal)
         # At most this many tasks and requests at this service's workers together.
         self.limit: int | None = None
+        # Placement and flow control (core/placement.py): how many tasks of the window
+        # have rules (require, prefer, affinity, concurrency_key); the most tasks of one
+        # concurrency key its workers may hold (the operator's, kept in the journal);
+        # the turn each key was last served at (round robin between keys); and the
+        # worker that last ran each affinity key.
+        self.placing = 0
+        self.key_limit: int | None = None
+        self.key_turns: dict[str | None, int] = {}
+        self.turn = 0
+        self.affinity: dict[str, bytes] = {}
         self.figures = ServiceFigures()
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.

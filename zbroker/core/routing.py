@@ -36,6 +36,7 @@ from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
 from zbroker.core.tasks import DurableTasks
+from zbroker.journal.base import TaskRecord
 from zbroker.protocol import ext, mdp
 from zbroker.protocol.limits import ZBW_MAX_BATCH
 
@@ -84,6 +85,7 @@ class Routing:
             ext.Fail: self._zbw_fail,
             ext.Ready: self._zbw_second_ready,
             ext.Disconnect: self._zbw_disconnect,
+            ext.Tags: self._zbw_tags,
         }
 
     # ------------------------------------------------------------ dispatch
@@ -154,10 +156,12 @@ class Routing:
                 held = requests.take(service)
                 held.attempt += 1
             else:
-                record = tasks.next_ready(service, now)
-                if record is None:
+                chosen = self._next_task(service, identity, now)
+                if chosen is None:
                     break
-                worker = ready.pop(identity)
+                record, worker = chosen
+                identity = worker.identity
+                del ready[identity]
                 held = tasks.start(record, worker, now)
             worker.tasks[held.tid] = held
             # The delivery itself tells the worker we are alive: skip the next heartbeat.
@@ -187,6 +191,17 @@ class Routing:
             name = shown(service.name)
             for worker, held_list in batches.items():
                 self._send_tasks(worker, held_list, name)
+
+    def _next_task(
+        self, service: Service, identity: bytes, now: float
+    ) -> tuple[TaskRecord, Worker] | None:
+        """The next durable task to deliver and its worker: the best task for the
+        worker at the front of the rotation (`identity`), or, when the window holds
+        tasks with placement or flow-control rules, what core/placement.py chooses."""
+        if service.placing or service.key_limit is not None:
+            return self._tasks.next_placed(service, now)
+        record = self._tasks.next_ready(service, now)
+        return None if record is None else (record, service.ready[identity])
 
     def _send_tasks(self, worker: Worker, held_list: list[Held], name: str) -> None:
         """Several deliveries to one worker that accepts TASKS: a message per MAX_BATCH."""
@@ -355,6 +370,22 @@ class Routing:
             self._stats.failures += 1
             self._release(worker, held)
             held.owner.fail(held, msg.reason or "failed", msg.delay_s, msg.retry, now)
+            self.dispatch(worker.service, now)
+
+    def _zbw_tags(self, worker: Worker, msg: ext.Tags, now: float) -> None:
+        """TAGS: the worker's tags from now on; tasks that wait for them may go to it."""
+        worker.tags = msg.tags
+        log.info("worker %s tags now %s", worker.alias, ", ".join(msg.tags) or "none")
+        if self._sink.prefixes:
+            self._sink.emit(
+                "worker.tags",
+                {
+                    "worker": worker.alias,
+                    "service": shown(worker.service.name),
+                    "tags": list(msg.tags),
+                },
+            )
+        if worker.identity in worker.service.ready:
             self.dispatch(worker.service, now)
 
     def _zbw_second_ready(self, worker: Worker, msg: ext.Ready, now: float) -> None:

@@ -54,6 +54,7 @@ from zbroker.core.lifecycle import (
     Transition,
 )
 from zbroker.core.model import Delivery, Held, Service, Stats, TaskAttempt, Worker
+from zbroker.core.placement import BEYOND_WINDOW, Placement
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
@@ -110,6 +111,10 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "blocked_on": record.blocked_on,
         "run_anyway": record.run_anyway,
         "input": record.input,
+        "require": record.require,
+        "prefer": record.prefer,
+        "affinity": record.affinity,
+        "concurrency_key": record.concurrency_key,
     }
 
 
@@ -165,6 +170,7 @@ class DurableTasks:
         # kept in step by `apply` and counted from the journal at start.
         self.live_by_owner: dict[str, int] = {}
         self._windows = ReadyWindows(journal, settings.window_per_service)
+        self.placement = Placement(self._windows)
         # Tasks that wait for other tasks (depends_on).
         self.graph = TaskGraph(
             settings,
@@ -334,6 +340,32 @@ class DurableTasks:
                 self.apply(record, lifecycle.EXPIRE, epoch, service)
                 continue
             return record
+
+    def next_placed(self, service: Service, now: float) -> tuple[TaskRecord, Worker] | None:
+        """The next task of `service` and its worker by the placement and flow-control
+        rules (core/placement.py), the task out of its window (the caller starts it at
+        once); a task whose ttl passed meanwhile expires instead. None once stopping."""
+        if self.stopping:
+            return None
+        placement = self.placement
+        windows = self._windows
+        while True:
+            windows.fill(service)
+            chosen = placement.choose(service)
+            if chosen is None:
+                beyond = windows.beyond(service, BEYOND_WINDOW)
+                chosen = placement.choose(service, beyond) if beyond else None
+            if chosen is None:
+                return None
+            record, worker = chosen
+            self._windows.remove(service, record.id)
+            epoch = now + self._epoch_offset
+            if record.expires_at is not None and record.expires_at <= epoch:
+                record.error = "its ttl passed before it started"
+                self.apply(record, lifecycle.EXPIRE, epoch, service)
+                continue
+            placement.started(service, record, worker)
+            return record, worker
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
         """Write `record` (from next_ready) as delivered to `worker`; the attempt to hand over."""
@@ -617,11 +649,14 @@ class DurableTasks:
             service.paused = options.get("paused") is True
             limit = options.get("limit")
             service.limit = limit if type(limit) is int and limit > 0 else None
+            key_limit = options.get("key_limit")
+            service.key_limit = key_limit if type(key_limit) is int and key_limit > 0 else None
             log.info(
-                "service %s: %s, concurrency limit %s (kept from the last run)",
+                "service %s: %s, concurrency limit %s, per key %s (kept from the last run)",
                 name,
                 "paused" if service.paused else "not paused",
                 service.limit or "none",
+                service.key_limit or "none",
             )
         recovered = journal.inflight()
         for record in recovered:
@@ -854,6 +889,10 @@ class DurableTasks:
                 key=key,
                 headers=headers,
                 owner=owner,
+                require=list(options.require),
+                prefer=list(options.prefer),
+                affinity=options.affinity,
+                concurrency_key=options.concurrency_key,
             )
             if not deps:
                 apply(record, move, epoch, service, payload, None, (), True)

@@ -13,7 +13,7 @@ import itertools
 from typing import Any
 
 from zbroker.core.lifecycle import BLOCKED, DEAD, DELAYED, INFLIGHT, READY
-from zbroker.core.model import Stats, Worker
+from zbroker.core.model import Service, Stats, Worker
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.tasks import FAR_FUTURE_S, DurableTasks, record_view
@@ -81,11 +81,19 @@ class AdminViews:
                     "oldest_age_s": round(oldest, 3),
                     "paused": service is not None and service.paused,
                     "limit": service.limit if service is not None else None,
+                    "key_limit": service.key_limit if service is not None else None,
+                    "unplaceable": self._unplaceable(service),
                     **self._directory.figures(raw).view(now),
                 }
             )
         last = page[-1][0].decode() if more and page else None
         return {"queues": out, "next": last}
+
+    def _unplaceable(self, service: Service | None) -> int:
+        """READY tasks of the service's window that no registered worker may take."""
+        if service is None or not service.placing:
+            return 0
+        return self._tasks.placement.unplaceable(service)
 
     def _queues_page(
         self, counts: dict[str, Any], after: str | None, limit: int

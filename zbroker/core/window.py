@@ -40,19 +40,28 @@ class ReadyWindows:
         if len(window) + 1 == service.ready_count or (window and entry > window[0]):
             bisect.insort(window, entry)
             service.records[record.id] = record
+            if ruled(record):
+                service.placing += 1
             if len(window) > self._size:
-                del service.records[window[0][2]]
+                evicted = service.records.pop(window[0][2])
+                if ruled(evicted):
+                    service.placing -= 1
                 del window[0]
 
-    def remove(self, service: Service, task_id: str) -> None:
-        """The task left READY (a no-op when `take` already took it out)."""
-        if service.records.pop(task_id, None) is None:
-            return  # not in the window
+    def remove(self, service: Service, task_id: str) -> TaskRecord | None:
+        """The task left READY (a no-op when `take` already took it out); its record
+        as the window held it, if it was there."""
+        record = service.records.pop(task_id, None)
+        if record is None:
+            return None  # not in the window
+        if ruled(record):
+            service.placing -= 1
         window = service.window
         for i in range(len(window) - 1, -1, -1):
             if window[i][2] == task_id:
                 del window[i]
-                return
+                break
+        return record
 
     def take(self, service: Service) -> TaskRecord | None:
         """Take the best READY task of `service` out of its window (refilled from
@@ -70,6 +79,8 @@ class ReadyWindows:
             if record is None:
                 assert self._journal is not None
                 record = self._journal.get(task_id)
+            elif ruled(record):
+                service.placing -= 1
             if record is None or record.state is not READY:
                 log.error("task %s in the ready window is not ready: skipped", task_id)
                 continue
@@ -84,3 +95,37 @@ class ReadyWindows:
         records = self._journal.ready(service.name.decode(), limit, after)
         window[0:0] = [(r.priority, -r.seq, r.id) for r in reversed(records)]
         service.records.update((r.id, r) for r in records)
+        service.placing += sum(map(ruled, records))
+
+    def fill(self, service: Service) -> None:
+        """Refill an empty window from the journal (as `take` does)."""
+        if not service.window and service.ready_count > 0:
+            self._refill(service)
+
+    def beyond(self, service: Service, limit: int) -> list[TaskRecord]:
+        """Up to `limit` READY tasks that come after the window, best first (read from
+        the journal; they stay out of the window)."""
+        window = service.window
+        if not window or service.ready_count <= len(window):
+            return []
+        assert self._journal is not None
+        worst = window[0]
+        return self._journal.ready(service.name.decode(), limit, (worst[0], -worst[1]))
+
+    def record(self, service: Service, task_id: str) -> TaskRecord | None:
+        """A task of the window, as it holds it (read from the journal if need be)."""
+        record = service.records.get(task_id)
+        if record is None:
+            assert self._journal is not None
+            record = self._journal.get(task_id)
+        return record
+
+
+def ruled(record: TaskRecord) -> bool:
+    """Whether a task has placement or flow-control rules (core/placement.py)."""
+    return bool(
+        record.require
+        or record.prefer
+        or record.affinity is not None
+        or record.concurrency_key is not None
+    )

@@ -6,12 +6,14 @@ Shared by both stores, so `MemoryJournal` accepts and returns exactly what
 
 A record is a msgpack array of 16 fields, 17 when its `uncharged` count is not 0,
 18 when it has an `owner`, 19 when its stream has entries (field 19 is
-[stream_chunks, stream_bytes]), 20 when it has dependencies (field 20 is a map:
-{"d": depends_on, "b": blocked_on, "r": run_anyway, "i": input}, defaults left
-out); the fields before the last one written are then written too (`owner`
-possibly nil, the stream [0, 0]). Each field is written only when a record needs it or a later
-one: a store written before a field existed reads unchanged (as 0, None, or 0, 0),
-and a record without them is written exactly as before.
+[stream_chunks, stream_bytes]), 20 when it has dependencies or placement and
+flow-control options (field 20 is a map: {"d": depends_on, "b": blocked_on, "r":
+run_anyway, "i": input, "q": require, "p": prefer, "a": affinity, "k":
+concurrency_key}, fields at their defaults left out); the fields before the last
+one written are then written too (`owner` possibly nil, the stream [0, 0]). Each
+field is written only when a record needs it or a later one: a store written
+before a field existed reads unchanged (as 0, None, 0, 0, or the defaults), and a
+record without them is written exactly as before.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def check_record(record: TaskRecord) -> None:
         raise ValueError(f"stream_bytes must be an int >= 0, got {stream_bytes!r}")
     if stream_bytes and not stream_chunks:  # not stored without entries: it would read as 0
         raise ValueError(f"stream_bytes is {stream_bytes} but stream_chunks is 0")
-    _check_graph(record)
+    _check_scheduling(record)
     key = record.key
     if key is not None:
         if type(key) is not str:
@@ -88,7 +90,15 @@ def check_record(record: TaskRecord) -> None:
         key.encode()
 
 
-def _check_graph(record: TaskRecord) -> None:
+def _check_scheduling(record: TaskRecord) -> None:
+    for name in ("require", "prefer"):
+        tags = getattr(record, name)
+        if type(tags) is not list or not all(type(t) is str and t for t in tags):
+            raise ValueError(f"{name} must be a list of non-empty str")
+    for name in ("affinity", "concurrency_key"):
+        value = getattr(record, name)
+        if value is not None and (type(value) is not str or not value):
+            raise ValueError(f"{name} must be a non-empty str or None")
     depends_on = record.depends_on
     if type(depends_on) is not list or not all(type(d) is str and d for d in depends_on):
         raise ValueError("depends_on must be a list of non-empty str")
@@ -128,9 +138,15 @@ class Packer:
             record.keep_until,
             record.history,
         )
-        if record.depends_on:
+        if (
+            record.depends_on
+            or record.require
+            or record.prefer
+            or record.affinity is not None
+            or record.concurrency_key is not None
+        ):
             stream = (record.stream_chunks, record.stream_bytes)
-            fields += (record.uncharged, record.owner, stream, _graph_map(record))
+            fields += (record.uncharged, record.owner, stream, _scheduling_map(record))
         elif record.stream_chunks:
             stream = (record.stream_chunks, record.stream_bytes)
             fields += (record.uncharged, record.owner, stream)
@@ -152,7 +168,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     uncharged = fields[16] if len(fields) > 16 else 0
     owner = fields[17] if len(fields) > 17 else None  # None also when stored as nil
     stream_chunks, stream_bytes = fields[18] if len(fields) > 18 else (0, 0)
-    graph = fields[19] if len(fields) > 19 else _NO_GRAPH
+    more = fields[19] if len(fields) > 19 else _NONE
     (
         service,
         state,
@@ -193,26 +209,41 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         owner,
         stream_chunks,
         stream_bytes,
-        graph.get("d", []),
-        graph.get("b", 0),
-        graph.get("r", False),
-        graph.get("i"),
+        more.get("d", []),
+        more.get("b", 0),
+        more.get("r", False),
+        more.get("i"),
+        more.get("q", []),
+        more.get("p", []),
+        more.get("a"),
+        more.get("k"),
     )
 
 
-_NO_GRAPH: dict[str, Any] = {}
+_NONE: dict[str, Any] = {}
 
 
-def _graph_map(record: TaskRecord) -> dict[str, Any]:
-    """Field 20: a record's dependencies, without the fields at their defaults."""
-    graph: dict[str, Any] = {"d": record.depends_on}
+def _scheduling_map(record: TaskRecord) -> dict[str, Any]:
+    """Field 20: a record's dependencies, placement and flow-control options, without
+    the fields at their defaults."""
+    more: dict[str, Any] = {}
+    if record.depends_on:
+        more["d"] = record.depends_on
     if record.blocked_on:
-        graph["b"] = record.blocked_on
+        more["b"] = record.blocked_on
     if record.run_anyway:
-        graph["r"] = True
+        more["r"] = True
     if record.input is not None:
-        graph["i"] = record.input
-    return graph
+        more["i"] = record.input
+    if record.require:
+        more["q"] = record.require
+    if record.prefer:
+        more["p"] = record.prefer
+    if record.affinity is not None:
+        more["a"] = record.affinity
+    if record.concurrency_key is not None:
+        more["k"] = record.concurrency_key
+    return more
 
 
 def check_frames(frames: Sequence[bytes]) -> None:

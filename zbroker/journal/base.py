@@ -145,6 +145,13 @@ class TaskRecord:
     blocked_on: int = 0
     run_anyway: bool = False
     input: str | None = None
+    # Placement and flow control (docs/protocol.md §16): tags its worker must have,
+    # tags that make a worker a better fit, a key that sends it to the worker that
+    # last ran that key, and the key its service's per-key rules count it under.
+    require: list[str] = field(default_factory=list)
+    prefer: list[str] = field(default_factory=list)
+    affinity: str | None = None
+    concurrency_key: str | None = None
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it

@@ -41,6 +41,7 @@ TASKS = b"\x0a"  # b: {tasks: [{id, attempt, service, headers?, timeout_s?, deps
 DONES = b"\x0b"  # w: {tasks: [[id, attempt, n], ...]}, result frames of each in order
 STOPPING = b"\x0c"  # b: {drain_s}: the broker is stopping; no new task; results still taken
 CHUNK = b"\x0d"  # w: {id, attempt}, one frame per chunk: appended to the task's stream
+TAGS = b"\x0e"  # w: {tags}: the worker's tags from now on (a model loaded or unloaded)
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -94,6 +95,13 @@ class Ready:
     credit: int
     tags: tuple[str, ...] = ()
     batch: bool = False  # the worker accepts TASKS (several tasks in one message)
+
+
+@dataclass(frozen=True, slots=True)
+class Tags:
+    """The worker's tags from now on, replacing those of its READY (§16)."""
+
+    tags: tuple[str, ...]
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -173,7 +181,7 @@ class Dones:
     items: tuple[Done, ...]
 
 
-WorkerMessage = Ready | Ack | Progress | Chunk | Done | Dones | Fail | Heartbeat | Disconnect
+WorkerMessage = Ready | Ack | Progress | Chunk | Done | Dones | Fail | Heartbeat | Disconnect | Tags
 _EMPTY_HEARTBEAT = Heartbeat()
 _EMPTY_DISCONNECT = Disconnect()
 
@@ -309,13 +317,26 @@ def _decode_ready(frames: Sequence[bytes], n: int) -> Ready:
         raise ProtocolError("bad_meta", "READY needs a non-empty 'service' string")
     if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
         raise ProtocolError("bad_meta", f"READY 'credit' must be an integer 1..{MAX_CREDIT}")
+    return Ready(service, credit, _tags(tags, "READY"), batch)
+
+
+def _tags(tags: Any, command: str) -> tuple[str, ...]:
     if (
         not isinstance(tags, list)
         or len(tags) > MAX_TAGS
         or not all(isinstance(t, str) for t in tags)
     ):
-        raise ProtocolError("bad_meta", f"READY 'tags' must be at most {MAX_TAGS} strings")
-    return Ready(service, credit, tuple(tags), batch)
+        raise ProtocolError("bad_meta", f"{command} 'tags' must be at most {MAX_TAGS} strings")
+    return tuple(tags)
+
+
+def _decode_tags(frames: Sequence[bytes], n: int) -> Tags:
+    if n != 4:
+        raise ProtocolError("missing_frames" if n < 4 else "extra_frames", "TAGS: one map")
+    meta = unpack_meta(frames[3])
+    if "tags" not in meta:
+        raise ProtocolError("bad_meta", "TAGS needs 'tags'")
+    return Tags(_tags(meta["tags"], "TAGS"))
 
 
 def _decode_disconnect(frames: Sequence[bytes], n: int) -> Disconnect:
@@ -334,6 +355,7 @@ _WORKER_DECODERS: dict[bytes, Callable[[Sequence[bytes], int], WorkerMessage]] =
     FAIL: _decode_fail,
     READY: _decode_ready,
     DISCONNECT: _decode_disconnect,
+    TAGS: _decode_tags,
 }
 
 
@@ -359,6 +381,11 @@ def ready(
     if batch:
         meta["batch"] = True
     return [EMPTY, ZBW01, READY, pack_meta(meta)]
+
+
+def tags(tags: Sequence[str]) -> list[bytes]:
+    """TAGS: the worker's tags from now on (an empty list clears them)."""
+    return [EMPTY, ZBW01, TAGS, pack_meta({"tags": list(tags)})]
 
 
 def ack(tasks: Sequence[tuple[str, int]]) -> list[bytes]:

@@ -44,7 +44,8 @@ ERROR {rid, code, message}, codes E_* below):
   DRAIN    {worker} -> REPLY {worker, tasks}   (ERROR not_found for an unknown worker)
   STATS    {} -> REPLY {stats: {counter: value...}, malformed: {reason: n},
                   journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
-  LIMIT    {service, limit} -> REPLY {service, limit}   (limit nil: none)
+  LIMIT    {service, limit, per_key?} -> REPLY {service, limit, per_key}   (limit nil:
+           none; per_key: a cap for each concurrency key, §16)
   PURGE    {service} -> REPLY {purged, more}   waiting tasks cancelled, MAX_BATCH per call
   DROP     {service, ids?} -> REPLY {dropped, more}   dead letters deleted (MAX_BATCH
                               per call)
@@ -59,7 +60,8 @@ Limits (MAX_BATCH and the others below) come from zbroker.protocol.limits.
 Options (all optional): priority (int -128..127, higher first), delay_s or
 not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
 (one task) or keys (a batch: one str or nil per task), headers (map),
-depends_on (task ids or {service, key} maps), run_anyway, input (§15).
+depends_on (task ids or {service, key} maps), run_anyway, input (§15),
+require and prefer (tags), affinity, concurrency_key (§16).
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ class TaskOptions:
     depends_on: tuple[DependencyRef, ...] = ()
     run_anyway: bool = False
     input: str | None = None
+    # §16: tags its worker must have, tags that make a worker a better fit, the key
+    # that sends it to the worker that last ran that key, the key of its flow control.
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
+    affinity: str | None = None
+    concurrency_key: str | None = None
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -338,6 +346,7 @@ class Limit:
     rid: int
     service: str
     limit: int | None  # None: no limit
+    per_key: bool = False  # the limit is per concurrency key (§16), not for the service
 
 
 ClientMessage = (
@@ -441,6 +450,7 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
     if timeout_s is not None and timeout_s <= 0:
         raise CallError(rid, E_BAD_REQUEST, "'timeout_s' must be positive")
     depends_on, run_anyway, input_ = _dependencies(meta, rid)
+    require, prefer = _tag_list(meta, "require", rid), _tag_list(meta, "prefer", rid)
     return TaskOptions(
         priority=_int(meta, "priority", rid, PRIORITY_MIN, PRIORITY_MAX, 0),
         delay_s=delay_s,
@@ -454,7 +464,35 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
         depends_on=depends_on,
         run_anyway=run_anyway,
         input=input_,
+        require=require,
+        prefer=prefer,
+        affinity=_key_option(meta, "affinity", rid),
+        concurrency_key=_key_option(meta, "concurrency_key", rid),
     )
+
+
+def _tag_list(meta: dict[str, Any], name: str, rid: int) -> tuple[str, ...]:
+    """`require` or `prefer`: at most MAX_TAGS non-empty strings."""
+    tags = meta.get(name, ())
+    if tags == ():
+        return ()
+    if (
+        not isinstance(tags, list)
+        or len(tags) > limits.MAX_TAGS
+        or not all(isinstance(t, str) and t for t in tags)
+    ):
+        raise CallError(
+            rid, E_BAD_REQUEST, f"'{name}' must list at most {limits.MAX_TAGS} non-empty strings"
+        )
+    return tuple(dict.fromkeys(tags))
+
+
+def _key_option(meta: dict[str, Any], name: str, rid: int) -> str | None:
+    """`affinity` or `concurrency_key`: a non-empty string."""
+    value = meta.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise CallError(rid, E_BAD_REQUEST, f"'{name}' must be a non-empty string")
+    return value
 
 
 def _dependencies(
@@ -679,7 +717,10 @@ def _decode_limit(meta: dict[str, Any], rid: int) -> Limit:
             E_BAD_REQUEST,
             f"'limit' must be an integer 1..{limits.MAX_SERVICE_LIMIT} or nil",
         )
-    return Limit(rid, _str(meta, "service", rid), cap)
+    per_key = meta.get("per_key", False)
+    if type(per_key) is not bool:
+        raise CallError(rid, E_BAD_REQUEST, "'per_key' must be true or false")
+    return Limit(rid, _str(meta, "service", rid), cap, per_key)
 
 
 def _decode_pause(meta: dict[str, Any], rid: int) -> Pause:
@@ -786,6 +827,14 @@ def _option_meta(options: TaskOptions) -> dict[str, Any]:
             meta["run_anyway"] = True
         if options.input is not None:
             meta["input"] = options.input
+    if options.require:
+        meta["require"] = list(options.require)
+    if options.prefer:
+        meta["prefer"] = list(options.prefer)
+    if options.affinity is not None:
+        meta["affinity"] = options.affinity
+    if options.concurrency_key is not None:
+        meta["concurrency_key"] = options.concurrency_key
     return meta
 
 
