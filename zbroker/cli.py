@@ -637,6 +637,13 @@ def enqueue(
         str | None,
         typer.Option(help="The key its service's per-key round robin and limit count it under."),
     ] = None,
+    debounce: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="With --key: wait this long; enqueues of the key meanwhile replace its payload.",
+        ),
+    ] = None,
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
     timeout: _Timeout = 5.0,
 ) -> None:
@@ -668,6 +675,7 @@ def enqueue(
             prefer=prefer or (),
             affinity=affinity,
             concurrency_key=concurrency_key,
+            debounce_s=debounce,
         ),
     )
     typer.echo(task_id)
@@ -815,6 +823,36 @@ def limit(
     )
     each = " of each key" if per_key else ""
     typer.echo(f"{service}: at most {tasks}{each} at once" if cap else f"{service}: no limit{each}")
+
+
+@app.command()
+def rate(
+    service: Annotated[str, typer.Argument(help="The service to rate-limit.")],
+    per_s: Annotated[
+        float, typer.Argument(min=0.0, help="Tasks handed out per second; 0: no rate.")
+    ],
+    burst: Annotated[
+        int | None,
+        typer.Option(min=1, help="Tasks handed out at once at most (default: the rate)."),
+    ] = None,
+    per_key: Annotated[
+        bool,
+        typer.Option("--per-key", help="A rate for each concurrency key, not the service."),
+    ] = False,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Hand out at most so many of a service's tasks per second (a token bucket), or,
+    with --per-key, of each concurrency key (e.g. 1 per second per user)."""
+    rate_s = per_s or None
+    _client_call(
+        endpoint,
+        timeout,
+        f"rate {service}",
+        lambda c: c.rate(service, rate_s, burst=burst, per_key=per_key),
+    )
+    each = " for each key" if per_key else ""
+    typer.echo(f"{service}: at most {per_s:g}/s{each}" if rate_s else f"{service}: no rate{each}")
 
 
 @app.command()

@@ -119,3 +119,36 @@ def test_the_per_key_limit_holds_across_keys_and_shows_in_queues(
             for task_id in ids:
                 assert client.result(task_id, timeout_s=20) == b"ok"
     assert most == {"u1": 2, "u2": 2, "u3": 2}
+
+
+def test_a_rate_bounds_how_fast_tasks_start_and_debounce_keeps_the_last_payload(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory()
+    started: list[float] = []
+    payloads: list[bytes] = []
+
+    def handle(task: Task) -> bytes:
+        started.append(time.monotonic())
+        payloads.append(task.payload)
+        return b"ok"
+
+    with Client(broker.endpoint) as client:
+        client.rate("slow", 10.0, burst=2)
+        (row,) = [q for q in client.queues() if q["service"] == "slow"]
+        assert row["rate"] == {"per_s": 10.0, "burst": 2}
+        ids = client.enqueue_many("slow", [b"x"] * 12)
+        with running(Worker(broker.endpoint, "slow", handle, concurrency=12)):
+            for task_id in ids:
+                assert client.result(task_id, timeout_s=20) == b"ok"
+            # Never more than the burst plus what the rate refilled since the first start
+            for n, at in enumerate(sorted(started), start=1):
+                assert n <= 2 + 10.0 * (at - min(started)) + 1e-6
+            payloads.clear()
+            # Three enqueues of one key within the debounce window: one task, the last payload
+            first = client.enqueue("slow", b"v1", key="f", debounce_s=0.5)
+            second = client.enqueue("slow", b"v2", key="f", debounce_s=0.5)
+            third = client.enqueue("slow", b"v3", key="f", debounce_s=0.5)
+            assert first == second == third and second.existing
+            assert client.result(first, timeout_s=10) == b"ok"
+            assert payloads == [b"v3"]

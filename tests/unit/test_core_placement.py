@@ -288,3 +288,127 @@ def test_placement_rules_hold_under_random_sequences(actions: list[tuple[Any, ..
         run.act(act)
         run.check_deliveries()
         run.check_no_idle_worker()
+
+
+# ------------------------------------------------------------------ rates
+
+
+def starts_over(s: Script, wid: bytes, seconds: float, step: float = 0.05) -> list[float]:
+    """When each task was handed to the worker within `seconds` (each finished at once)."""
+    times: list[float] = []
+    end = s.now + seconds
+    while s.now < end - 1e-9:
+        for task_id in handed(s, wid):
+            times.append(round(s.now, 3))
+            finish(s, wid, task_id)
+        s.advance(step)
+        s.send(wid, ext.heartbeat())
+    return times
+
+
+def test_a_service_rate_spaces_deliveries_and_survives_a_restart(journal: Journal) -> None:
+    s = Script(journal)
+    answer = s.call(b"A", zbc.call(zbc.RATE, s.next_rid(), service="tts", rate=4.0, burst=2))
+    assert answer.meta == {
+        "rid": answer.rid,
+        "service": "tts",
+        "rate": 4.0,
+        "burst": 2,
+        "per_key": False,
+    }
+    for _ in range(12):
+        s.enqueue("tts")
+    ready(s, b"W", "tts", 50)
+    times = starts_over(s, b"W", 2.0)
+    # A burst of 2 at once, then one every 0.25 s: 2 + 4 per second
+    assert times[:2] == [0.0, 0.0]
+    assert 9 <= len(times) <= 11
+    gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    assert all(0.15 < g < 0.35 for g in gaps), gaps  # seen at 0.05 s steps
+    assert (times[-1] - times[1]) / (len(times) - 2) == pytest.approx(0.25, abs=0.02)
+    assert queues(s)["tts"]["rate"] == {"per_s": 4.0, "burst": 2}
+    s.restart(journal)
+    assert queues(s)["tts"]["rate"] == {"per_s": 4.0, "burst": 2}
+    # Removing it lets the rest go at once
+    s.call(b"A", zbc.call(zbc.RATE, s.next_rid(), service="tts", rate=None))
+    assert queues(s)["tts"]["rate"] is None
+
+
+def test_a_per_key_rate_holds_each_key_to_it(journal: Journal) -> None:
+    s = Script(journal)
+    s.call(b"A", zbc.call(zbc.RATE, s.next_rid(), service="bot", rate=2.0, burst=1, per_key=True))
+    for i in range(6):
+        s.enqueue("bot", b"a%d" % i, concurrency_key="A")
+        s.enqueue("bot", b"b%d" % i, concurrency_key="B")
+    ready(s, b"W", "bot", 50)
+    times = starts_over(s, b"W", 1.2)
+    # Each key: one now, then one every 0.5 s: 3 each in 1.2 s
+    assert len(times) == 6 and times.count(0.0) == 2
+    assert queues(s)["bot"]["key_rate"] == {"per_s": 2.0, "burst": 1}
+
+
+def test_malformed_rates_are_refused(journal: Journal) -> None:
+    s = Script(journal)
+    for fields in ({"rate": 0}, {"rate": -1}, {"rate": "x"}, {"rate": 1, "burst": 0}):
+        answer = s.call(b"A", zbc.call(zbc.RATE, s.next_rid(), service="svc", **fields))
+        assert not answer.ok and answer.meta["code"] == zbc.E_BAD_REQUEST, fields
+
+
+# --------------------------------------------------------------- debounce
+
+
+def test_debounce_replaces_the_waiting_tasks_payload(journal: Journal) -> None:
+    s = Script(journal)
+    first = s.enqueue("index", b"v1", key="file:a.txt", debounce_s=2.0)
+    assert s.state(first) is TaskState.DELAYED
+    for version in (b"v2", b"v3"):
+        s.advance(0.5)
+        answer = s.call(
+            b"C",
+            zbc.enqueue(
+                s.next_rid(),
+                "index",
+                [[version]],
+                zbc.TaskOptions(key="file:a.txt", debounce_s=2.0),
+            ),
+        )
+        assert answer.meta["ids"] == [first] and answer.meta["replaced"] == [0]
+    ready(s, b"W", "index", 5)
+    assert handed(s, b"W") == []  # the window from the first enqueue is not over
+    s.advance(1.1)
+    ((task_id, _, payload, _),) = s.tasks_to(b"W")
+    # One task ran, with the last payload
+    assert (task_id, payload) == (first, b"v3")
+    assert s.broker.stats.tasks_debounced == 2
+    finish(s, b"W", first)
+    # Once it has run, the next enqueue of the key is a new task
+    again = s.enqueue("index", b"v4", key="file:a.txt", debounce_s=2.0)
+    assert again != first and s.state(again) is TaskState.DELAYED
+    record = journal.get(first)
+    assert record is not None and record.key is None and record.state is TaskState.DONE
+
+
+def test_debounce_of_a_ready_task_in_the_window_sends_the_new_payload(journal: Journal) -> None:
+    s = Script(journal)
+    first = s.enqueue("index", b"old", key="k", debounce_s=0.5)
+    s.advance(1.0)  # due: ready, in the window with its payload in memory
+    assert s.state(first) is TaskState.READY
+    s.call(
+        b"C",
+        zbc.enqueue(s.next_rid(), "index", [[b"new"]], zbc.TaskOptions(key="k", debounce_s=0.5)),
+    )
+    ready(s, b"W", "index", 1)
+    ((_, _, payload, _),) = s.tasks_to(b"W")
+    assert payload == b"new"
+
+
+def test_debounce_needs_a_key_and_no_delay(journal: Journal) -> None:
+    s = Script(journal)
+    for meta in (
+        {"debounce_s": 1.0},
+        {"debounce_s": 0, "key": "k"},
+        {"debounce_s": 1.0, "key": "k", "delay_s": 1.0},
+    ):
+        frames = [b"", zbc.ZBC01, zbc.ENQUEUE, ext.pack_meta({"rid": 1, "service": "s", **meta})]
+        answer = s.call(b"C", frames)
+        assert not answer.ok and answer.meta["code"] == zbc.E_BAD_REQUEST, meta

@@ -263,6 +263,7 @@ def wire_options(
         prefer=options.prefer,
         affinity=options.affinity,
         concurrency_key=options.concurrency_key,
+        debounce_s=seconds("debounce_s", options.debounce_s),
     )
 
 

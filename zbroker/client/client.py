@@ -106,6 +106,7 @@ class Client(ClientBase):
         prefer: Sequence[str] = (),
         affinity: str | None = None,
         concurrency_key: str | None = None,
+        debounce_s: float | None = None,
         options: TaskOptions | None = None,
     ) -> TaskId:
         """Store one task for `service` and return its id once the broker has committed it.
@@ -120,8 +121,10 @@ class Client(ClientBase):
         stores nothing; the returned TaskId then has `existing` True),
         `headers` (a map given to the worker), `depends_on`, `run_anyway` and
         `input` (a task that waits for other tasks), `require` and `prefer` (worker
-        tags), `affinity` and `concurrency_key` (docs/scheduling.md); or all of
-        them as one `options=TaskOptions(...)` instead (TypeError when both are given).
+        tags), `affinity` and `concurrency_key`, `debounce_s` (with `key`: later
+        enqueues of the key replace the waiting task's payload; docs/scheduling.md);
+        or all of them as one `options=TaskOptions(...)` instead (TypeError when
+        both are given).
 
         Without `key`, one is generated for this call, so a resend after a lost
         answer never stores the task twice. Raises QueueFull, BadRequest or
@@ -145,6 +148,7 @@ class Client(ClientBase):
                 prefer=tuple(prefer),
                 affinity=affinity,
                 concurrency_key=concurrency_key,
+                debounce_s=debounce_s,
             ),
         )
         plan = _calls.plan_enqueue(self._settings(), service, payload, chosen)
@@ -532,6 +536,25 @@ class Client(ClientBase):
         if per_key:
             fields["per_key"] = True
         self._run(_calls.plan_control(self._settings(), zbc.LIMIT, **fields), "limit")
+
+    def rate(
+        self,
+        service: str,
+        per_s: float | None,
+        *,
+        burst: int | None = None,
+        per_key: bool = False,
+    ) -> None:
+        """Hand out at most `per_s` tasks of `service` per second (None: no rate), in
+        bursts of up to `burst` (default: `per_s` rounded up); with `per_key`, that
+        rate for each concurrency key of the service instead. A token bucket, kept in
+        the journal: it holds across a broker restart."""
+        fields: dict[str, Any] = {"service": service, "rate": per_s}
+        if burst is not None:
+            fields["burst"] = burst
+        if per_key:
+            fields["per_key"] = True
+        self._run(_calls.plan_control(self._settings(), zbc.RATE, **fields), "rate")
 
     def purge(self, service: str) -> int:
         """Cancel every waiting (ready or delayed) task of `service`; how many. Running

@@ -40,6 +40,8 @@ class TaskOptions:
     - `require` / `prefer`: worker tags it must have / that make a worker a better
       fit; `affinity`: a key that sends it to the worker that last ran that key;
       `concurrency_key`: the key its service's per-key round robin and limit use.
+    - `debounce_s` (with `key`): the task waits that long, and an enqueue of the same
+      key meanwhile replaces its payload instead of storing another task.
 
     Values are made with keywords only, compared by their fields, and changed
     with `dataclasses.replace()`.
@@ -60,6 +62,7 @@ class TaskOptions:
     prefer: tuple[str, ...] = ()
     affinity: str | None = None
     concurrency_key: str | None = None
+    debounce_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
@@ -86,6 +89,11 @@ class TaskOptions:
         seconds("not_before", self.not_before_s)
         seconds("ttl_s", self.ttl_s)
         seconds("timeout_s", self.timeout_s, positive=True)
+        self._check_graph()
+        self._check_scheduling()
+
+    def _check_graph(self) -> None:
+        """`depends_on`, `run_anyway`, `input` (docs/protocol.md §15)."""
         object.__setattr__(self, "depends_on", dependencies(self.depends_on))
         if not isinstance(self.run_anyway, bool):
             raise TypeError("run_anyway must be a bool")
@@ -95,12 +103,19 @@ class TaskOptions:
             raise ValueError("run_anyway and input need depends_on")
         if self.input == zbc.INPUT_RESULT and len(self.depends_on) != 1:
             raise ValueError('input="result" takes exactly one dependency')
+
+    def _check_scheduling(self) -> None:
+        """Placement and flow control (docs/protocol.md §16)."""
         object.__setattr__(self, "require", tag_list("require", self.require))
         object.__setattr__(self, "prefer", tag_list("prefer", self.prefer))
         for name in ("affinity", "concurrency_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty str")
+        if self.debounce_s is not None:
+            seconds("debounce_s", self.debounce_s, positive=True)
+            if self.key is None or self.delay_s is not None or self.not_before is not None:
+                raise ValueError("debounce_s needs a key, and no delay_s or not_before")
 
     @property
     def not_before_s(self) -> float | None:

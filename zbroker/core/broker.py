@@ -148,7 +148,7 @@ class Broker:
     @property
     def next_tick_at(self) -> float:
         """When `tick` must run next (monotonic)."""
-        return min(self._tick_at, self.tasks.wake_at)
+        return min(self._tick_at, self.tasks.wake_at, self.routing.wake_at)
 
     @property
     def services(self) -> dict[bytes, Service]:
@@ -307,6 +307,7 @@ class Broker:
             zbc.Drop: controls.drop,
             zbc.Redrive: controls.redrive,
             zbc.Limit: controls.limit,
+            zbc.Rate: controls.rate,
             zbc.Pause: controls.pause,
             zbc.Drain: lambda identity, msg, now: controls.drain(identity, msg),
         }
@@ -327,7 +328,7 @@ class Broker:
     # Calls answered without a journal: inspection and the controls of workers
     # and services (a memory-only broker has queues and workers to show).
     _WITHOUT_JOURNAL = frozenset(
-        {zbc.Queues, zbc.Workers, zbc.Stats, zbc.Limit, zbc.Pause, zbc.Drain}
+        {zbc.Queues, zbc.Workers, zbc.Stats, zbc.Limit, zbc.Rate, zbc.Pause, zbc.Drain}
     )
 
     def _on_call(

@@ -1,4 +1,4 @@
-"""Operator controls: PURGE, REDRIVE, DROP, PAUSE, LIMIT and DRAIN.
+"""Operator controls: PURGE, REDRIVE, DROP, PAUSE, LIMIT, RATE and DRAIN.
 
 Each control acts through the part that owns what it changes (tasks move only
 through `DurableTasks.apply`, workers drain through `Routing.drain`); what an
@@ -105,6 +105,28 @@ class OperatorControls:
         if service.ready:
             self._routing.dispatch(service, now)
 
+    def rate(self, identity: bytes, msg: zbc.Rate, now: float) -> None:
+        """At most `rate` tasks per second of the service handed out (a token bucket of
+        `burst`), or (`per_key`) of each of its concurrency keys (core/placement.py)."""
+        service = self._directory.get(msg.service.encode())
+        service.set_rate(msg.rate, msg.burst, msg.per_key, now)
+        self._keep_options(service)
+        log.info(
+            "service %s rate%s: %s",
+            msg.service,
+            " per key" if msg.per_key else "",
+            f"{msg.rate:g}/s, burst {msg.burst}" if msg.rate is not None else "none",
+        )
+        answer = {
+            "service": msg.service,
+            "rate": msg.rate,
+            "burst": msg.burst,
+            "per_key": msg.per_key,
+        }
+        self._reply(identity, msg.rid, answer)
+        if service.ready:
+            self._routing.dispatch(service, now)
+
     def pause(self, identity: bytes, msg: zbc.Pause, now: float) -> None:
         """No deliveries for the service while paused (what workers hold, they finish)."""
         service = self._directory.get(msg.service.encode())
@@ -148,4 +170,8 @@ class OperatorControls:
             options["limit"] = service.limit
         if service.key_limit:
             options["key_limit"] = service.key_limit
+        if service.rate is not None:
+            options["rate"] = [service.rate.rate, service.rate.burst]
+        if service.key_rate is not None:
+            options["key_rate"] = list(service.key_rate)
         journal.put_service_options(service.name.decode(), options)

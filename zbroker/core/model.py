@@ -356,6 +356,33 @@ def _p95(values: deque[float] | None) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 6)
 
 
+class TokenBucket:
+    """At most `rate` per second on average, up to `burst` at once. Times are the
+    core's monotonic `now`."""
+
+    __slots__ = ("at", "burst", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.at = now
+
+    def available(self, now: float) -> int:
+        """Whole tokens there are now (refilled for the time gone by)."""
+        if now > self.at:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+            self.at = now
+        return int(self.tokens)
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
+
+    def due_at(self, now: float) -> float:
+        """When the next whole token is there."""
+        return now + max(0.0, 1.0 - self.tokens) / self.rate
+
+
 class Service:
     """A named queue of requests and the workers that serve it."""
 
@@ -364,13 +391,16 @@ class Service:
         "creator",
         "expire_at",
         "figures",
+        "key_buckets",
         "key_limit",
+        "key_rate",
         "key_turns",
         "limit",
         "name",
         "paused",
         "placing",
         "queue",
+        "rate",
         "ready",
         "ready_count",
         "records",
@@ -409,11 +439,25 @@ class Service:
         self.key_turns: dict[str | None, int] = {}
         self.turn = 0
         self.affinity: dict[str, bytes] = {}
+        # Rates (the operator's, kept in the journal): the service's token bucket, and
+        # each key's (rate, burst) with the buckets of the keys seen lately.
+        self.rate: TokenBucket | None = None
+        self.key_rate: tuple[float, int] | None = None
+        self.key_buckets: dict[str, TokenBucket] = {}
         self.figures = ServiceFigures()
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.
         self.ready: dict[bytes, Worker] = {}
         self.workers: dict[bytes, Worker] = {}
+
+    def set_rate(self, rate: float | None, burst: int, per_key: bool, now: float) -> None:
+        """Hand out at most `rate` tasks per second (bursts of `burst`; None: no rate),
+        of the service as a whole or (`per_key`) of each concurrency key."""
+        if per_key:
+            self.key_rate = None if rate is None else (rate, burst)
+            self.key_buckets.clear()
+        else:
+            self.rate = None if rate is None else TokenBucket(rate, burst, now)
 
 
 @dataclass(slots=True)
@@ -441,6 +485,7 @@ class Stats:
     # Durable tasks.
     tasks_enqueued: int = 0
     tasks_deduplicated: int = 0  # enqueues answered with an existing task's id (same key)
+    tasks_debounced: int = 0  # enqueues that replaced a waiting task's payload (debounce_s)
     tasks_done: int = 0
     tasks_retried: int = 0  # attempts that failed or timed out and will run again
     tasks_timed_out: int = 0  # attempts that ran past the task's timeout_s

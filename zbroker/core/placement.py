@@ -17,6 +17,10 @@ Rules it keeps:
      set, a key whose tasks at workers reach it waits.
   5. Priority still comes first: a task is never chosen over a placeable task of
      higher priority.
+  6. Rates: a service's rate (tasks per second, a token bucket with a burst)
+     bounds how fast its work is handed out; a per-key rate bounds each
+     concurrency key the same way. A throttled service is dispatched again when
+     its next token is due (`Routing.wake_at`).
 It only decides; DurableTasks takes the task and starts the attempt. It looks at
 the service's window (core/window.py), the best window_per_service READY tasks,
 and when none of those may go to a ready worker, at up to BEYOND_WINDOW more read
@@ -26,10 +30,11 @@ those behind them that could run (within that reach).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TypeVar
 
-from zbroker.core.model import Service, TaskAttempt, Worker
+from zbroker.core.model import Service, TaskAttempt, TokenBucket, Worker
 from zbroker.core.window import ReadyWindows
 from zbroker.journal.base import TaskRecord
 
@@ -52,19 +57,23 @@ def fits(worker: Worker, record: TaskRecord) -> bool:
 class Placement:
     """Chooses the next (task, worker) of a service whose window holds ruled tasks."""
 
-    __slots__ = ("_windows",)
+    __slots__ = ("_windows", "throttled_until")
 
     def __init__(self, windows: ReadyWindows) -> None:
         self._windows = windows
+        self.throttled_until = math.inf
 
     def choose(
-        self, service: Service, beyond: list[TaskRecord] | None = None
+        self, service: Service, now: float, beyond: list[TaskRecord] | None = None
     ) -> tuple[TaskRecord, Worker] | None:
         """The best placeable task of the window (and of `beyond`: READY tasks read past
         it) with its worker, neither taken yet; None when no ready worker may take any
-        of them now."""
+        of them now. `throttled_until` then says when a key held back by its rate may
+        go (inf: none was)."""
+        self.throttled_until = math.inf
         best: tuple[tuple[int, int, int], TaskRecord, Worker] | None = None
         running = _running_by_key(service) if service.key_limit is not None else None
+        buckets = service.key_buckets if service.key_rate is not None else None
         turns = service.key_turns
         tried: dict[tuple[tuple[str, ...], tuple[str, ...], str | None], Worker | None] = {}
         for record in self._candidates(service, beyond):
@@ -75,6 +84,11 @@ class Placement:
             if running is not None and key is not None:
                 assert service.key_limit is not None
                 if running.get(key, 0) >= service.key_limit:
+                    continue
+            if buckets is not None and key is not None:
+                bucket = buckets.get(key)
+                if bucket is not None and not bucket.available(now):
+                    self.throttled_until = min(self.throttled_until, bucket.due_at(now))
                     continue
             shape = (tuple(record.require), tuple(record.prefer), record.affinity)
             if shape in tried:
@@ -124,12 +138,21 @@ class Placement:
         return best
 
     @staticmethod
-    def started(service: Service, record: TaskRecord, worker: Worker) -> None:
-        """`record` was handed to `worker`: its key's turn, its affinity's worker."""
+    def started(service: Service, record: TaskRecord, worker: Worker, now: float) -> None:
+        """`record` was handed to `worker`: its key's turn and token, its affinity's worker."""
         service.turn += 1
-        _remember(service.key_turns, record.concurrency_key, service.turn)
+        key = record.concurrency_key
+        _remember(service.key_turns, key, service.turn)
         if record.affinity is not None:
             _remember(service.affinity, record.affinity, worker.identity)
+        if service.key_rate is not None and key is not None:
+            bucket = service.key_buckets.get(key)
+            if bucket is None:
+                rate, burst = service.key_rate
+                bucket = TokenBucket(rate, burst, now)
+            _remember(service.key_buckets, key, bucket)
+            bucket.available(now)
+            bucket.spend(1)
 
     def unplaceable(self, service: Service) -> int:
         """Tasks of the window that no registered worker of the service may take (their

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,6 +72,10 @@ class Routing:
         self._deferred: dict[bytes, Service] | None = None
         # The service `_deliver` is delivering now (None: none).
         self._delivering: Service | None = None
+        # Services a rate held back, to dispatch again at `wake_at` (the earliest time
+        # one of them has a token again).
+        self._throttled: dict[bytes, Service] = {}
+        self.wake_at = math.inf
         # Keys each worker's alias: unguessable, and the same only within this run.
         self._alias_key = random.Random(settings.seed).getrandbits(128).to_bytes(16, "big")
         self._by_alias: dict[str, Worker] = {}
@@ -143,12 +148,10 @@ class Routing:
         ack_by = now + self._settings.ack_timeout_s
         # Workers that take TASKS get everything of this dispatch in one message.
         batches: dict[Worker, list[Held]] | None = None
-        room = -1  # deliveries left under the service's concurrency limit; -1: no limit
-        if service.limit is not None:
-            # None left, too, when the limit was lowered below what is running now.
-            room = max(0, service.limit - sum(len(w.tasks) for w in service.workers.values()))
+        # Deliveries left under the service's concurrency limit and rate; -1: no bound.
+        room = -1 if service.limit is None and service.rate is None else self._room(service, now)
+        start_room = room
         while ready and (queue or service.ready_count) and room != 0:
-            room -= 1
             identity = next(iter(ready))
             held: Held
             if queue:
@@ -179,6 +182,7 @@ class Routing:
                     ready[identity] = worker  # back of the rotation
             else:
                 outbox.append([identity, *dialect.task(held, "")])
+            room -= 1  # one delivery made (from -1: stays below 0, no bound)
             if self._debug:
                 log.debug(
                     "deliver %s (%s, attempt %d) to worker %s",
@@ -191,6 +195,37 @@ class Routing:
             name = shown(service.name)
             for worker, held_list in batches.items():
                 self._send_tasks(worker, held_list, name)
+        if start_room != -1 or service.key_rate is not None:
+            self._after_rates(service, start_room, room, now)
+
+    def _room(self, service: Service, now: float) -> int:
+        """How many deliveries the service's limit and rate allow now (-1: no bound)."""
+        room = -1
+        if service.limit is not None:
+            # None left, too, when the limit was lowered below what is running now.
+            room = max(0, service.limit - sum(len(w.tasks) for w in service.workers.values()))
+        bucket = service.rate
+        if bucket is not None:
+            tokens = bucket.available(now)
+            room = tokens if room == -1 else min(room, tokens)
+        return room
+
+    def _after_rates(self, service: Service, start_room: int, room: int, now: float) -> None:
+        """Spend the rate's tokens on what this dispatch delivered, and when a rate held
+        work back, dispatch the service again when its next token is due."""
+        bucket = service.rate
+        due = math.inf
+        if bucket is not None:
+            bucket.spend(start_room - room)  # one per delivery made
+            work_left = bool(service.queue or service.ready_count) and bool(service.ready)
+            if work_left and bucket.available(now) == 0:
+                due = bucket.due_at(now)
+        if service.key_rate is not None:
+            due = min(due, self._tasks.placement.throttled_until)
+        if due < math.inf:
+            self._throttled[service.name] = service
+            if due < self.wake_at:
+                self.wake_at = due
 
     def _next_task(
         self, service: Service, identity: bytes, now: float
@@ -198,7 +233,7 @@ class Routing:
         """The next durable task to deliver and its worker: the best task for the
         worker at the front of the rotation (`identity`), or, when the window holds
         tasks with placement or flow-control rules, what core/placement.py chooses."""
-        if service.placing or service.key_limit is not None:
+        if service.placing or service.key_limit is not None or service.key_rate is not None:
             return self._tasks.next_placed(service, now)
         record = self._tasks.next_ready(service, now)
         return None if record is None else (record, service.ready[identity])
@@ -570,7 +605,13 @@ class Routing:
     # ------------------------------------------------------------ timers
 
     def tick(self, now: float) -> None:
-        """Worker expiry, heartbeats, task deadlines and acknowledgement deadlines."""
+        """Worker expiry, heartbeats, task deadlines and acknowledgement deadlines, and
+        the services a rate held back."""
+        if self._throttled and self.wake_at <= now:
+            throttled, self._throttled = self._throttled, {}
+            self.wake_at = math.inf
+            for service in throttled.values():
+                self.dispatch(service, now)
         interval = self._heartbeat_interval_s
         outbox = self._out.outbox
         for worker in list(self.workers.values()):

@@ -50,6 +50,7 @@ from zbroker.core.lifecycle import (
     LIVE,
     READY,
     STATE_NAMES,
+    WAITING,
     IllegalTransition,
     Transition,
 )
@@ -351,12 +352,15 @@ class DurableTasks:
         windows = self._windows
         while True:
             windows.fill(service)
-            chosen = placement.choose(service)
+            chosen = placement.choose(service, now)
             if chosen is None:
+                throttled = placement.throttled_until
                 beyond = windows.beyond(service, BEYOND_WINDOW)
-                chosen = placement.choose(service, beyond) if beyond else None
+                if beyond:
+                    chosen = placement.choose(service, now, beyond)
+                    placement.throttled_until = min(throttled, placement.throttled_until)
             if chosen is None:
-                return None
+                return None  # placement.throttled_until: when a key's rate lets one go
             record, worker = chosen
             self._windows.remove(service, record.id)
             epoch = now + self._epoch_offset
@@ -364,7 +368,7 @@ class DurableTasks:
                 record.error = "its ttl passed before it started"
                 self.apply(record, lifecycle.EXPIRE, epoch, service)
                 continue
-            placement.started(service, record, worker)
+            placement.started(service, record, worker, now)
             return record, worker
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
@@ -651,12 +655,19 @@ class DurableTasks:
             service.limit = limit if type(limit) is int and limit > 0 else None
             key_limit = options.get("key_limit")
             service.key_limit = key_limit if type(key_limit) is int and key_limit > 0 else None
+            for name, per_key in (("rate", False), ("key_rate", True)):
+                rate = options.get(name)
+                if isinstance(rate, list) and len(rate) == 2:
+                    service.set_rate(float(rate[0]), int(rate[1]), per_key, now)
             log.info(
-                "service %s: %s, concurrency limit %s, per key %s (kept from the last run)",
+                "service %s: %s, concurrency limit %s, per key %s, rate %s, per key %s "
+                "(kept from the last run)",
                 name,
                 "paused" if service.paused else "not paused",
                 service.limit or "none",
                 service.key_limit or "none",
+                f"{service.rate.rate:g}/s" if service.rate is not None else "none",
+                f"{service.key_rate[0]:g}/s" if service.key_rate is not None else "none",
             )
         recovered = journal.inflight()
         for record in recovered:
@@ -845,6 +856,8 @@ class DurableTasks:
         count = len(msg.payloads)
         options = msg.options
         keys = options.keys or (options.key,) * count
+        if options.debounce_s is not None and self._debounced(identity, msg, service, now, owner):
+            return
         held, new = self._stored_keys(msg.service, keys)
         deps = self._dependencies(identity, msg, new)
         if deps is None or not self._admits(identity, msg, service, new, owner):
@@ -916,6 +929,43 @@ class DurableTasks:
             assert routing is not None
             routing.dispatch(service, now)
 
+    def _debounced(
+        self,
+        identity: bytes,
+        msg: zbc.Enqueue,
+        service: Service,
+        now: float,
+        owner: str | None,
+    ) -> bool:
+        """ENQUEUE with `debounce_s` of a key a task holds: while that task still waits,
+        its payload (and headers) become this call's, and the call is answered with its
+        id (True). A task of the key that has started or ended gives the key up, and
+        the call stores a new task (False), as it does when no task holds the key."""
+        journal = self.journal
+        assert journal is not None and msg.options.key is not None
+        task_id = journal.find_key(msg.service, msg.options.key)
+        record = None if task_id is None else self.record_of(task_id)
+        if task_id is None or record is None:
+            return False
+        if record.state not in WAITING:
+            record.key = None  # the key now names the next debounced task
+            journal.put(record)
+            return False
+        if self._journal_refuses(identity, msg, 1):
+            return True
+        live = service.records.get(task_id, record)  # the window's copy, if there
+        payload = msg.payloads[0]
+        live.headers = msg.options.headers
+        small = sum(map(len, payload)) <= _MEMO_PAYLOAD_BYTES
+        live.frames_memo = payload if small and live is not record else None
+        live.history.append(["debounced", now + self._epoch_offset])
+        if len(live.history) > self._history_limit:
+            del live.history[0]
+        journal.put(live, payload)
+        self._stats.tasks_debounced += 1
+        self._answer_enqueue(identity, msg, [task_id], [0], now, owner, replaced=True)
+        return True
+
     def _dependencies(self, identity: bytes, msg: zbc.Enqueue, new: int) -> list[TaskRecord] | None:
         """The tasks the call's new tasks depend on ([] for none); None when the call
         is refused for them (and answered)."""
@@ -933,6 +983,8 @@ class DurableTasks:
         not_before = options.not_before or 0.0
         if options.delay_s:
             not_before = epoch + options.delay_s
+        elif options.debounce_s:
+            not_before = epoch + options.debounce_s
         expires_at = None if options.ttl_s is None else epoch + options.ttl_s
         move = lifecycle.ENQUEUE_DELAYED if not_before > epoch else lifecycle.ENQUEUE
         return not_before, expires_at, move
@@ -945,11 +997,15 @@ class DurableTasks:
         existing: list[int],
         now: float,
         owner: str | None,
+        replaced: bool = False,
     ) -> None:
-        """The ids (and which were stored before); a REQUEST also waits for the first."""
+        """The ids (and which were stored before); a REQUEST also waits for the first.
+        `replaced`: a debounced enqueue replaced the payload of the one task."""
         fields: dict[str, Any] = {"ids": ids}
         if existing:
             fields["existing"] = existing
+        if replaced:
+            fields["replaced"] = [0]
         self._out.outbox.append([identity, *zbc.reply(msg.rid, fields)])
         if msg.follow is not None:
             record = self.record_of(ids[0])

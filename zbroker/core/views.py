@@ -25,6 +25,16 @@ from zbroker.protocol.states import QUEUE_COUNTS
 LIST_SCAN = 100_000
 
 
+def _rates(service: Service | None) -> dict[str, Any]:
+    """A service's rates as QUEUES shows them: tasks per second and burst, or nil."""
+    bucket = service.rate if service is not None else None
+    key_rate = service.key_rate if service is not None else None
+    return {
+        "rate": None if bucket is None else {"per_s": bucket.rate, "burst": bucket.burst},
+        "key_rate": None if key_rate is None else {"per_s": key_rate[0], "burst": key_rate[1]},
+    }
+
+
 class AdminViews:
     """Answers to the inspection calls, built from the other parts' state."""
 
@@ -82,6 +92,7 @@ class AdminViews:
                     "paused": service is not None and service.paused,
                     "limit": service.limit if service is not None else None,
                     "key_limit": service.key_limit if service is not None else None,
+                    **_rates(service),
                     "unplaceable": self._unplaceable(service),
                     **self._directory.figures(raw).view(now),
                 }

@@ -89,3 +89,9 @@ STREAM_CHUNKS_PER_MESSAGE: Final = 1024
 
 # Tasks one task may depend on (`depends_on`): a fan-in of this many.
 MAX_DEPENDENCIES: Final = 1000
+
+# ------------------------------------------------------------ flow control (§16)
+
+# A RATE's tasks per second (more is no limit worth keeping), and its burst.
+MAX_RATE_PER_S: Final = 1_000_000.0
+MAX_BURST: Final = 1_000_000

@@ -46,6 +46,8 @@ ERROR {rid, code, message}, codes E_* below):
                   journal: {durability, commits, bytes_used, map_size, ...}, uptime_s}
   LIMIT    {service, limit, per_key?} -> REPLY {service, limit, per_key}   (limit nil:
            none; per_key: a cap for each concurrency key, §16)
+  RATE     {service, rate?, burst?, per_key?} -> REPLY {service, rate, burst, per_key}
+           tasks per second handed out (a token bucket; rate nil: none), §16
   PURGE    {service} -> REPLY {purged, more}   waiting tasks cancelled, MAX_BATCH per call
   DROP     {service, ids?} -> REPLY {dropped, more}   dead letters deleted (MAX_BATCH
                               per call)
@@ -61,7 +63,7 @@ Options (all optional): priority (int -128..127, higher first), delay_s or
 not_before (seconds since the epoch), ttl_s, max_attempts, timeout_s, key
 (one task) or keys (a batch: one str or nil per task), headers (map),
 depends_on (task ids or {service, key} maps), run_anyway, input (§15),
-require and prefer (tags), affinity, concurrency_key (§16).
+require and prefer (tags), affinity, concurrency_key, debounce_s (§16).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ STREAM = b"\x12"  # {rid, service, options..., window?, attempts?, ...}, payload
 READ = b"\x13"  # {rid, id, offset?, window?, attempts?, ...}: follow a task's stream
 MORE = b"\x14"  # {rid, credit}: this many more chunks of stream call rid consumed
 CLOSE = b"\x15"  # {rid}: stream call rid abandoned (no answer)
+RATE = b"\x19"  # {rid, service, rate?, burst?, per_key?}: tasks per second (admin, §16)
 
 # Broker -> client.
 REPLY = b"\x10"  # {rid, ...}, frames
@@ -130,6 +133,7 @@ COMMAND_NAMES = {
     READ: "READ",
     MORE: "MORE",
     CLOSE: "CLOSE",
+    RATE: "RATE",
     REPLY: "REPLY",
     ERROR: "ERROR",
 }
@@ -197,6 +201,9 @@ class TaskOptions:
     prefer: tuple[str, ...] = ()
     affinity: str | None = None
     concurrency_key: str | None = None
+    # §16: with `key`, wait this long; an enqueue of the same key meanwhile replaces
+    # the payload of the task still waiting instead of storing another.
+    debounce_s: float | None = None
 
 
 # Built once per message (or task) on the hot path: not frozen, whose __init__ costs
@@ -349,8 +356,18 @@ class Limit:
     per_key: bool = False  # the limit is per concurrency key (§16), not for the service
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    rid: int
+    service: str
+    rate: float | None  # tasks per second; None: no rate
+    burst: int  # tokens the bucket holds at most (tasks handed out at once)
+    per_key: bool = False  # for each concurrency key (§16), not for the service
+
+
 ClientMessage = (
     Enqueue
+    | Rate
     | Result
     | Status
     | Cancel
@@ -451,6 +468,13 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
         raise CallError(rid, E_BAD_REQUEST, "'timeout_s' must be positive")
     depends_on, run_anyway, input_ = _dependencies(meta, rid)
     require, prefer = _tag_list(meta, "require", rid), _tag_list(meta, "prefer", rid)
+    debounce_s = _number(meta, "debounce_s", rid)
+    if debounce_s is not None and (debounce_s <= 0 or key is None or n_tasks != 1):
+        raise CallError(
+            rid, E_BAD_REQUEST, "'debounce_s' must be positive, with the 'key' of one task"
+        )
+    if debounce_s is not None and (delay_s is not None or not_before is not None):
+        raise CallError(rid, E_BAD_REQUEST, "give 'debounce_s' or a delay, not both")
     return TaskOptions(
         priority=_int(meta, "priority", rid, PRIORITY_MIN, PRIORITY_MAX, 0),
         delay_s=delay_s,
@@ -468,6 +492,7 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
         prefer=prefer,
         affinity=_key_option(meta, "affinity", rid),
         concurrency_key=_key_option(meta, "concurrency_key", rid),
+        debounce_s=debounce_s,
     )
 
 
@@ -723,6 +748,23 @@ def _decode_limit(meta: dict[str, Any], rid: int) -> Limit:
     return Limit(rid, _str(meta, "service", rid), cap, per_key)
 
 
+def _decode_rate(meta: dict[str, Any], rid: int) -> Rate:
+    service = _str(meta, "service", rid)
+    rate = _number(meta, "rate", rid)  # absent or nil: no rate, as LIMIT's limit
+    if rate is not None and not 0 < rate <= limits.MAX_RATE_PER_S:
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"'rate' must be a number of tasks per second in (0, {limits.MAX_RATE_PER_S:g}]",
+        )
+    default = max(1, math.ceil(rate)) if rate is not None else 1
+    burst = _int(meta, "burst", rid, 1, limits.MAX_BURST, default)
+    per_key = meta.get("per_key", False)
+    if type(per_key) is not bool:
+        raise CallError(rid, E_BAD_REQUEST, "'per_key' must be true or false")
+    return Rate(rid, service, rate, burst, per_key)
+
+
 def _decode_pause(meta: dict[str, Any], rid: int) -> Pause:
     return Pause(rid, _str(meta, "service", rid), True)
 
@@ -750,6 +792,7 @@ _CALL_DECODERS: dict[bytes, Callable[[dict[str, Any], int], ClientMessage]] = {
     RESUME: _decode_resume,
     STATS: _decode_stats,
     LIMIT: _decode_limit,
+    RATE: _decode_rate,
     PURGE: _decode_purge,
     DROP: _decode_drop,
     TASKS: _decode_tasks,
@@ -835,6 +878,8 @@ def _option_meta(options: TaskOptions) -> dict[str, Any]:
         meta["affinity"] = options.affinity
     if options.concurrency_key is not None:
         meta["concurrency_key"] = options.concurrency_key
+    if options.debounce_s is not None:
+        meta["debounce_s"] = options.debounce_s
     return meta
 
 
