@@ -60,6 +60,16 @@ TASK_MAP_KEYS = {
     # §13: the task's stream, its length and size.
     "stream_chunks",
     "stream_bytes",
+    # §15: its dependencies.
+    "depends_on",
+    "blocked_on",
+    "run_anyway",
+    "input",
+    # §16: its placement and flow-control options.
+    "require",
+    "prefer",
+    "affinity",
+    "concurrency_key",
 }
 
 
