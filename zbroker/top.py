@@ -26,9 +26,10 @@ from zbroker.client.keys import Credentials
 from zbroker.protocol.states import TaskState
 
 # The QUEUES fields shown: state counts, under the states' wire names.
-READY, DELAYED, INFLIGHT, DEAD = (
+READY, DELAYED, BLOCKED, INFLIGHT, DEAD = (
     TaskState.READY.value,
     TaskState.DELAYED.value,
+    TaskState.BLOCKED.value,
     TaskState.INFLIGHT.value,
     TaskState.DEAD.value,
 )
@@ -67,7 +68,9 @@ class Dashboard:
         for gone in [name for name in self.depths if name not in shown]:
             del self.depths[gone]  # history only for the services on screen
         for row in queues:
-            self.depths[row["service"]].append(row[READY] + row[DELAYED] + row["requests"])
+            self.depths[row["service"]].append(
+                row[READY] + row[DELAYED] + row.get(BLOCKED, 0) + row["requests"]
+            )
         table = self._queues(queues)
         if more is not None:
             table.caption = (
@@ -104,6 +107,8 @@ class Dashboard:
             ("service", "left"),
             (READY, "right"),
             (DELAYED, "right"),
+            (BLOCKED, "right"),
+            ("unplaceable", "right"),
             (INFLIGHT, "right"),
             (DEAD, "right"),
             ("workers", "right"),
@@ -122,6 +127,10 @@ class Dashboard:
                 row["service"] + state,
                 str(row[READY] + row["requests"]),
                 str(row[DELAYED]),
+                str(row.get(BLOCKED, 0)),
+                Text(
+                    str(row.get("unplaceable", 0)), style="yellow" if row.get("unplaceable") else ""
+                ),
                 str(row[INFLIGHT]),
                 Text(str(row[DEAD]), style="red" if row[DEAD] else ""),
                 Text(str(row["workers"]), style="" if row["workers"] else "red"),
@@ -137,7 +146,7 @@ class Dashboard:
 
     def _workers(self, workers: list[dict[str, Any]]) -> Table:
         table = Table(title="workers", title_justify="left", expand=True)
-        for name in ("worker", "service", "state", "held", "seen", "metrics"):
+        for name in ("worker", "service", "state", "held", "tags", "seen", "metrics"):
             table.add_column(name)
         for row in workers:
             seen = row["last_seen_s"]
@@ -146,10 +155,16 @@ class Dashboard:
                 row["service"],
                 row["state"],
                 f"{len(row['tasks'])}/{row['credit']}",
+                ", ".join(row.get("tags") or ()) or "-",
                 Text(f"{seen:.1f}s ago", style="yellow" if seen > 5 else ""),
                 ", ".join(f"{k}={v}" for k, v in row["metrics"].items()) or "-",
             )
         return table
+
+
+def _warn(count: int) -> Text:
+    """A count that is yellow when it is not 0 (tasks no worker can take)."""
+    return Text(str(count), style="yellow" if count else "")
 
 
 def _seconds(value: float | None) -> str:
