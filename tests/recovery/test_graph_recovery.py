@@ -116,3 +116,24 @@ def test_a_chain_and_a_fan_in_run_in_order_across_kill_9(
     # And the steps that were done before the kill did not run again
     assert len(seen.starts(chain[0])) == 1 and len(seen.starts(chain[1])) == 1
     assert len(seen.starts(graph[-1])) == 1
+
+
+def test_per_key_limits_and_rates_survive_kill_9(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory("--durability", "sync")
+    with Client(broker.endpoint, timeout_s=1.0, retries=30, poll_s=2.0) as client:
+        # Given a per-key limit, a per-key rate and a service rate
+        client.limit("gen", 1, per_key=True)
+        client.rate("gen", 3.0, burst=2, per_key=True)
+        client.rate("tts", 5.0)
+        before = {q["service"]: q for q in client.queues()}
+        # When the broker is killed with SIGKILL and started again
+        broker.kill()
+        broker.start()
+        after = {q["service"]: q for q in client.queues()}
+    # Then they hold as they were
+    for service, fields in (("gen", ("key_limit", "key_rate")), ("tts", ("rate",))):
+        for field in fields:
+            assert after[service][field] == before[service][field] is not None
+    assert after["gen"]["key_rate"] == {"per_s": 3.0, "burst": 2}

@@ -450,6 +450,18 @@ class Service:
         self.ready: dict[bytes, Worker] = {}
         self.workers: dict[bytes, Worker] = {}
 
+    @property
+    def configured(self) -> bool:
+        """Whether an operator gave it settings (kept in the journal): such a service
+        is never let go while idle, or it would come back without them."""
+        return (
+            self.paused
+            or self.limit is not None
+            or self.key_limit is not None
+            or self.rate is not None
+            or self.key_rate is not None
+        )
+
     def set_rate(self, rate: float | None, burst: int, per_key: bool, now: float) -> None:
         """Hand out at most `rate` tasks per second (bursts of `burst`; None: no rate),
         of the service as a whole or (`per_key`) of each concurrency key."""

@@ -187,8 +187,7 @@ class ServiceDirectory:
                 and not service.queue
                 and not service.workers
                 and not service.waiting_count
-                and not service.paused
-                and service.limit is None
+                and not service.configured
             ):
                 del services[name]
                 if service.creator is not None:
