@@ -11,6 +11,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.unit.test_core_durable import Script
 from zbroker.core import CoreSettings
@@ -278,3 +280,127 @@ def test_graphs_survive_a_restart(journal: Journal) -> None:
     run(s, b"WA", b"out")
     s.zready(b"WB", "b", 1)
     assert [p for _, p, _ in run(s, b"WB")] == [b"out:1"]
+
+
+# ------------------------------------------------------------- property
+
+graph_action = st.one_of(
+    # a task depending on up to three earlier tasks (by position), maybe run_anyway
+    st.tuples(
+        st.just("enqueue"),
+        st.lists(st.integers(0, 30), max_size=3, unique=True),
+        st.booleans(),
+    ),
+    st.tuples(st.just("done"), st.integers(0, 3)),
+    st.tuples(st.just("fail"), st.integers(0, 3)),
+    st.tuples(st.just("cancel"), st.integers(0, 30)),
+    st.tuples(st.just("restart")),
+)
+
+
+class GraphRun:
+    """A core under random graph actions, with what the test knows."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.s = Script(journal, CoreSettings(seed=3, retention_s=1000.0))
+        self.ids: list[str] = []
+        self.started: dict[str, int] = {}  # task id -> times handed to a worker
+        self.s.zready(b"W", "svc", 4)
+
+    def act(self, act: tuple[Any, ...]) -> None:
+        s, kind = self.s, act[0]
+        if kind == "enqueue":
+            deps = tuple(self.ids[i] for i in act[1] if i < len(self.ids))
+            if deps:
+                self.ids.append(s.enqueue("svc", depends_on=deps, run_anyway=act[2]))
+            else:
+                self.ids.append(s.enqueue("svc"))
+        elif kind in ("done", "fail"):
+            held = [t for t in self.ids if self.state(t) is TaskState.INFLIGHT]
+            if held:
+                task_id = held[act[1] % len(held)]
+                record = self.journal.get(task_id)
+                assert record is not None
+                if kind == "done":
+                    s.send(b"W", ext.done(task_id, record.attempt, [b"r"]))
+                else:
+                    s.send(b"W", ext.fail(task_id, record.attempt, "no", retry=False))
+        elif kind == "cancel" and self.ids:
+            task_id = self.ids[act[1] % len(self.ids)]
+            s.send(b"C", zbc.call(zbc.CANCEL, s.next_rid(), id=task_id))
+            s.sent_to(b"C")
+        elif kind == "restart":
+            s.restart(self.journal)
+            s.zready(b"W", "svc", 4)
+        for task_id, attempt, _, _ in s.tasks_to(b"W"):
+            s.send(b"W", ext.ack([(task_id, attempt)]))
+            self.started[task_id] = self.started.get(task_id, 0) + 1
+            self.check_may_start(task_id)
+
+    def state(self, task_id: str) -> TaskState:
+        record = self.journal.get(task_id)
+        assert record is not None
+        return record.state
+
+    def final(self, task_id: str) -> bool:
+        return self.state(task_id).wire.final
+
+    def deps(self, task_id: str) -> list[str]:
+        record = self.journal.get(task_id)
+        assert record is not None
+        return record.depends_on
+
+    def check_may_start(self, task_id: str) -> None:
+        """A task starts only once every dependency has ended: done, or any end with
+        run_anyway."""
+        record = self.journal.get(task_id)
+        assert record is not None
+        for dep in record.depends_on:
+            state = self.state(dep)
+            assert state.wire.final, (task_id, dep, state)
+            assert state is TaskState.DONE or record.run_anyway, (task_id, dep, state)
+
+    def check(self) -> None:
+        """Every task is where its dependencies say it must be."""
+        for task_id in self.ids:
+            record = self.journal.get(task_id)
+            assert record is not None
+            states = [self.state(d) for d in record.depends_on]
+            open_deps = sum(1 for st_ in states if not st_.wire.final)
+            failed = [st_ for st_ in states if st_.wire.final and st_ is not TaskState.DONE]
+            if record.state is TaskState.BLOCKED:
+                assert open_deps > 0 and record.blocked_on == open_deps, (task_id, states)
+                assert not failed or record.run_anyway
+            elif record.state is TaskState.UPSTREAM_FAILED:
+                assert failed and not record.run_anyway, (task_id, states)
+            elif record.depends_on and record.state is not TaskState.CANCELLED:
+                assert open_deps == 0 and (not failed or record.run_anyway), (task_id, states)
+        # Edges are held exactly for the dependencies still to end that have a
+        # blocked task waiting for them
+        waiting_for = {
+            dep
+            for t in self.ids
+            if self.state(t) is TaskState.BLOCKED
+            for dep in self.deps(t)
+            if not self.final(dep)
+        }
+        for task_id in self.ids:
+            has = bool(self.journal.dependents(task_id, 1000))
+            if task_id in waiting_for:
+                assert has, task_id
+            if self.final(task_id):
+                assert not has, task_id
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(actions=st.lists(graph_action, max_size=40))
+def test_dependency_rules_hold_under_random_sequences(actions: list[tuple[Any, ...]]) -> None:
+    run = GraphRun(MemoryJournal())
+    for act in actions:
+        run.act(act)
+        run.check()
