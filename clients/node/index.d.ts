@@ -13,8 +13,11 @@ export type Frame = Buffer | Uint8Array | string
 /** A payload or result: one frame, or an array of frames. */
 export type Payload = Frame | Frame[]
 
-/** Final and non-final task states, as the broker names them (done, dead, cancelled and expired are final). */
-export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'cancelled' | 'expired'
+/**
+ * Final and non-final task states, as the broker names them (done, dead, cancelled,
+ * expired and upstream_failed are final; blocked waits for the tasks it depends on).
+ */
+export type TaskState = 'ready' | 'delayed' | 'inflight' | 'done' | 'dead' | 'cancelled' | 'expired' | 'blocked' | 'upstream_failed'
 
 /** The `code` of a ZBC01 ERROR answer (docs/protocol.md §11.4). */
 export type BrokerErrorCode = 'bad_request' | 'not_found' | 'queue_full' | 'too_large' | 'conflict' | 'shutting_down' | 'unavailable' | 'too_many_waiters' | 'forbidden'
@@ -123,6 +126,11 @@ export class TaskDead extends TaskError {}
 export class TaskCancelled extends TaskError {}
 /** The task's TTL passed before it started. */
 export class TaskExpired extends TaskError {}
+/**
+ * A task it depended on (`dependsOn`) ended without a result, and it did not ask to
+ * run anyway (`runAnyway`): it never ran. `error` names that dependency.
+ */
+export class TaskUpstreamFailed extends TaskError {}
 
 /** Throw from a Worker handler when no further attempt can succeed (FAIL with retry: false). */
 export class NonRetryableError extends Error {
@@ -207,7 +215,38 @@ export interface TaskOptions {
   key?: string
   /** Free-form map handed to the worker. */
   headers?: Record<string, unknown>
+  /**
+   * The tasks it waits for (docs/protocol.md §15), at most 1000, each stored when
+   * the call arrives: it is stored `blocked` and queued once they have all ended
+   * done. An empty array is no dependency.
+   */
+  dependsOn?: readonly DependencyRef[]
+  /** With dependsOn: run once they have all ended, whatever their state. Default false. */
+  runAnyway?: boolean
+  /**
+   * With dependsOn: hand their results over after its payload frames. 'result' (one
+   * dependency): its result frames; 'results': one more frame, read by unpackResults().
+   */
+  input?: 'result' | 'results' | null
 }
+
+/** A task a task depends on: its id, or the idempotency key it holds in its service. */
+export type DependencyRef = string | { service: string, key: string }
+
+/** A step of chain() or a part of fanIn(): a service and a payload (none: an empty payload). */
+export type GraphStep =
+  | readonly [service: string, payload?: Payload | null]
+  | { service: string, payload?: Payload | null }
+
+/** Options of chain() and fanIn(): applied to every task (they set dependsOn and input themselves). */
+export type GraphOptions = Omit<TaskOptions, 'key' | 'dependsOn' | 'runAnyway' | 'input'> & CallOptions
+
+/**
+ * The frame `input: 'results'` appends to a task's payload: each dependency's result
+ * frames (Buffers sharing `frame`'s memory), in dependsOn order, or null for one that
+ * did not end done. ProtocolError (code 'bad_results') for any other frame.
+ */
+export function unpackResults (frame: Buffer | Uint8Array): Array<Buffer[] | null>
 
 export interface BatchOptions extends Omit<TaskOptions, 'key'> {
   /** One idempotency key (or null: generated) per task. */
@@ -273,6 +312,12 @@ export interface TaskStatus {
   streamChunks: number
   /** The bytes of the task's stream. */
   streamBytes: number
+  /** The ids of the tasks it depends on (§15), in the enqueue's order; [] without. */
+  dependsOn: string[]
+  /** How many of them have not ended yet; 0 once it left `blocked`. */
+  blockedOn: number
+  runAnyway: boolean
+  input: 'result' | 'results' | null
   /** [event, epoch seconds, details...], oldest first (see docs/protocol.md §11.3). */
   history: Array<[string, number, ...unknown[]]>
   [key: string]: unknown
@@ -293,6 +338,8 @@ export interface QueueRow {
   service: string
   ready: number
   delayed: number
+  /** Tasks waiting for the tasks they depend on (§15). */
+  blocked: number
   inflight: number
   dead: number
   done: number
@@ -362,7 +409,7 @@ export interface ReadStreamOptions extends FollowOptions {
 /**
  * A task's stream as a reader gets it: an async iterable of its chunks (Buffers),
  * in order, then the task's result. The iteration throws what the task ended with
- * otherwise (TaskDead, TaskCancelled, TaskExpired, a BrokerError, TimeoutError).
+ * otherwise (TaskDead, TaskCancelled, TaskExpired, TaskUpstreamFailed, a BrokerError, TimeoutError).
  * Leaving a `for await` loop early, close() and the signal end it (CLOSE).
  */
 export class TaskStream<R = Buffer> implements AsyncIterableIterator<Buffer> {
@@ -427,6 +474,19 @@ export class Client {
   /** Enqueue a batch; one {id, existing} per payload, in order. */
   enqueueMany (service: string, payloads: Payload[], options: BatchOptions & CallOptions & { receipt: true }): Promise<Receipt[]>
   enqueueMany (service: string, payloads: Payload[], options: BatchOptions & CallOptions & ReceiptOption): Promise<string[] | Receipt[]>
+  /**
+   * Enqueue tasks that run one after the other: each step waits for the one before
+   * and is handed its result frames after its own payload (`input: 'result'`).
+   * Resolves with their ids in order; the last one's result is the chain's. A step
+   * that fails for good ends the later ones `upstream_failed`.
+   */
+  chain (steps: readonly GraphStep[], options?: GraphOptions): Promise<string[]>
+  /**
+   * Enqueue `parts` (1..1000, side by side), then `then`, which waits for them all and
+   * is handed one more frame with every part's result frames (`input: 'results'`,
+   * read by unpackResults()). Resolves with the parts' ids and, last, the joining task's.
+   */
+  fanIn (parts: readonly GraphStep[], then: GraphStep, options?: GraphOptions): Promise<string[]>
   /** Enqueue one task and wait for its result; resumes by task id after a reconnect. */
   request (service: string, payload: Payload, options?: TaskOptions & CallOptions & { frames?: false }): Promise<Buffer>
   request (service: string, payload: Payload, options: TaskOptions & CallOptions & { frames: true }): Promise<Buffer[]>
@@ -483,6 +543,11 @@ export interface Task {
   readonly headers: Record<string, unknown>
   /** Run-time limit of this attempt in seconds, when the task has one. */
   readonly timeoutS: number | null
+  /**
+   * The ids of the tasks it depended on (`dependsOn`), in the enqueue's order; []
+   * without. Read their results with a Client's result(), or have them handed over (`input`).
+   */
+  readonly dependsOn: string[]
   /** Aborted when the broker takes the attempt back (CANCEL), the connection is replaced, or stop() gives up on it. */
   readonly signal: AbortSignal
   /**

@@ -21,7 +21,8 @@ export {
   TaskDead,
   TaskCancelled,
   TaskExpired,
+  TaskUpstreamFailed,
   NonRetryableError,
   RetryLater
 } from './lib/errors.js'
-export { DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT } from './lib/protocol.js'
+export { DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT, unpackResults } from './lib/protocol.js'

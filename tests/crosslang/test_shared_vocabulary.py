@@ -56,12 +56,15 @@ PAIRED: dict[str, Any] = {
     "STREAM_WINDOW_MAX": limits.STREAM_WINDOW_MAX,
     "STREAM_CREDIT_MAX": limits.STREAM_CREDIT_MAX,
     "STREAM_UNCREDITED_BYTES": limits.STREAM_UNCREDITED_BYTES,
+    "MAX_DEPENDENCIES": limits.MAX_DEPENDENCIES,
+    "INPUTS": list(zbc.INPUTS),
     "MDPC01": mdp.MDPC01.decode(),
     "MMI_SERVICE": mdp.MMI_SERVICE.decode(),
     "ZBW01": ext.ZBW01.decode(),
     "ZBC01": zbc.ZBC01.decode(),
     "TASK_STATES": [state.value for state in TaskState],
     "FINAL_STATES": sorted(FINAL_STATES),  # a Set in Node: compared sorted
+    "FAILED_STATES": sorted(FAILED_STATES),  # a Set in Node: compared sorted
     "FORBIDDEN_PREFIX": access.FORBIDDEN_PREFIX,
     "C": "ZBC01 command bytes, compared one by one below",
     "W": "ZBW01 command bytes, compared one by one below",
@@ -96,7 +99,7 @@ def test_every_plain_constant_of_protocol_js_is_paired(node_vocabulary: dict[str
 @pytest.mark.parametrize("name", sorted(set(PAIRED) - {"C", "W"}))
 def test_node_constant_equals_python(node_vocabulary: dict[str, Any], name: str) -> None:
     node = node_vocabulary["protocol"][name]
-    if name == "FINAL_STATES":
+    if name in ("FINAL_STATES", "FAILED_STATES"):
         node = sorted(node)
     assert node == PAIRED[name], f"protocol.js {name} = {node!r}, Python says {PAIRED[name]!r}"
 

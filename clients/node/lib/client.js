@@ -18,8 +18,10 @@ import {
   DEFAULT_ENDPOINT,
   DEFAULT_MAX_MESSAGE_BYTES,
   FINAL_STATES,
+  INPUTS,
   MAX_ATTEMPTS_LIMIT,
   MAX_BATCH,
+  MAX_DEPENDENCIES,
   MAX_LIST,
   MAX_QUEUES_PAGE,
   MAX_WAIT_S,
@@ -234,6 +236,69 @@ export class Client {
     }
   }
 
+  /**
+   * Enqueue tasks that run one after the other (docs/protocol.md §15): each step
+   * waits for the one before it and is handed its result. Resolves with their ids
+   * in order; the last one's result is the chain's (`result(ids.at(-1))`).
+   *
+   * `steps` are `[service, payload]` pairs (or `{service, payload}` objects). The
+   * first step's payload is its payload; a later step's (null, undefined or [] for
+   * none) is followed by the previous step's result frames, which the broker hands
+   * over when that step is done (`input: 'result'`). A step that fails for good
+   * ends every step after it `upstream_failed` (TaskUpstreamFailed). `options`
+   * (the task options but dependsOn, runAnyway, input and key, which the chain
+   * sets; and timeoutMs, signal, per ENQUEUE) apply to every step. Each step is
+   * one ENQUEUE: if a later one fails, the steps before stay stored, and the
+   * error's `enqueuedIds` lists them.
+   */
+  async chain (steps, options = {}) {
+    const parts = graphSteps(steps, 'steps', 'chain()')
+    const base = graphOptions(options, 'chain()')
+    const ids = []
+    for (const [service, payload] of parts) {
+      const step = ids.length === 0 ? base : { ...base, dependsOn: [ids.at(-1)], input: 'result' }
+      ids.push(await withEnqueued(ids, () => this.enqueue(service, payload, step)))
+    }
+    return ids
+  }
+
+  /**
+   * Enqueue `parts` (they run side by side), then one task that waits for them all
+   * and is handed every result (docs/protocol.md §15). Resolves with the parts' ids
+   * in order and, last, the joining task's, whose result is the whole's
+   * (`result(ids.at(-1))`).
+   *
+   * `parts` are 1..1000 `[service, payload]` pairs (or `{service, payload}`
+   * objects); consecutive parts of one service go in one enqueueMany(). `then` is
+   * the joining task's `[service, payload]`: its payload (null for none) is
+   * followed by one frame listing each part's result frames, in order
+   * (`input: 'results'`; unpackResults() reads it). If a part fails for good, the
+   * joining task ends `upstream_failed`. `options` apply to every task, as in
+   * chain(). If a later enqueue fails, the tasks stored before stay stored, and
+   * the error's `enqueuedIds` lists them.
+   */
+  async fanIn (parts, then, options = {}) {
+    const tasks = graphSteps(parts, 'parts', 'fanIn()')
+    if (tasks.length === 0) throw new RangeError('fanIn() needs at least one part')
+    if (tasks.length > MAX_DEPENDENCIES) {
+      throw new RangeError(`fanIn() takes at most ${MAX_DEPENDENCIES} parts (a task's dependencies), got ${tasks.length}`)
+    }
+    const [[joinService, joinPayload]] = graphSteps([then], 'then', 'fanIn()')
+    const base = graphOptions(options, 'fanIn()')
+    const ids = []
+    for (let start = 0; start < tasks.length;) {
+      const service = tasks[start][0]
+      let end = start
+      while (end < tasks.length && tasks[end][0] === service) end++
+      const payloads = tasks.slice(start, end).map(([, payload]) => payload)
+      ids.push(...await withEnqueued(ids, () => this.enqueueMany(service, payloads, base)))
+      start = end
+    }
+    const joined = { ...base, dependsOn: [...ids], input: 'results' }
+    ids.push(await withEnqueued(ids, () => this.enqueue(joinService, joinPayload, joined)))
+    return ids
+  }
+
   // A message over the broker's size cap is refused here, never sent: the
   // broker would answer too_large, or, past four times its cap, drop the
   // connection, which the client would open again and resend on, forever.
@@ -254,7 +319,7 @@ export class Client {
   /**
    * Enqueue one task and wait for its result (ZBC01 REQUEST). Resolves with
    * the result (a Buffer; `{frames: true}` gives every result frame); rejects
-   * with TaskDead, TaskCancelled or TaskExpired when the task ends otherwise,
+   * with TaskDead, TaskCancelled, TaskExpired or TaskUpstreamFailed when the task ends otherwise,
    * and with TimeoutError (its `taskId` set when the task was enqueued) after
    * `timeoutMs`. After a reconnect to the broker it resumes waiting by task id.
    */
@@ -959,10 +1024,10 @@ function messageBytes (meta, payloadBytes) {
 const META_SLACK_BYTES = 64 * 1024
 
 // An upper bound, without packing, on messageBytes(meta, payloadBytes) for a
-// task meta with no headers (Infinity with headers: those are measured): its
+// task meta with no headers nor dependencies (Infinity with them: those are measured): its
 // strings at most 3 bytes of UTF-8 per UTF-16 unit plus a 5-byte str header.
 function messageBound (meta, payloadBytes) {
-  if (meta.headers !== undefined) return Infinity
+  if (meta.headers !== undefined || meta.depends_on !== undefined) return Infinity
   let strings = 0
   for (const text of [meta.service, meta.key, ...(meta.keys ?? [])]) {
     if (text !== undefined) strings += 3 * text.length + 5
@@ -1065,7 +1130,7 @@ function checkTimeout (value, name, { positive = false } = {}) {
 }
 
 // Task options (camelCase) -> ZBC01 meta (snake_case), validated as the broker would.
-const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'timeoutMs', 'signal', 'frames'])
+const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'dependsOn', 'runAnyway', 'input', 'timeoutMs', 'signal', 'frames'])
 // Options of enqueue() and enqueueMany() only.
 const ENQUEUE_OPTIONS = new Set(['receipt'])
 const NO_OPTIONS = new Set()
@@ -1131,6 +1196,7 @@ function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) 
     if (h === null || typeof h !== 'object' || Array.isArray(h)) throw new TypeError('headers must be a plain object')
     meta.headers = h
   }
+  dependencyMeta(options, meta)
   // An idempotency key for every task: a resend after a lost answer never enqueues twice.
   if (!batch && nTasks === 1 && options.keys === undefined) {
     if (options.key !== undefined && (typeof options.key !== 'string' || options.key.length === 0)) {
@@ -1148,6 +1214,110 @@ function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) 
     })
   }
   return meta
+}
+
+// dependsOn, runAnyway and input (docs/protocol.md §15) -> depends_on, run_anyway
+// and input in `meta`, checked as the Python client's TaskOptions: dependsOn an
+// array of at most MAX_DEPENDENCIES task ids or {service, key} (none when empty);
+// runAnyway a boolean; input 'result' (exactly one dependency) or 'results';
+// neither of them without dependencies. Unknown or repeated tasks are the broker's
+// to refuse (not_found, bad_request).
+function dependencyMeta (options, meta) {
+  const { dependsOn, runAnyway, input } = options
+  const deps = []
+  if (dependsOn !== undefined && dependsOn !== null) {
+    if (!Array.isArray(dependsOn)) {
+      throw new TypeError(`dependsOn must be an array of task ids or {service, key} objects, got ${describe(dependsOn)}`)
+    }
+    if (dependsOn.length > MAX_DEPENDENCIES) {
+      throw new RangeError(`dependsOn takes at most ${MAX_DEPENDENCIES} dependencies, got ${dependsOn.length}`)
+    }
+    dependsOn.forEach((ref, i) => deps.push(dependencyRef(ref, i)))
+  }
+  if (runAnyway !== undefined && typeof runAnyway !== 'boolean') {
+    throw new TypeError(`runAnyway must be a boolean, got ${describe(runAnyway)}`)
+  }
+  if (input !== undefined && input !== null && !INPUTS.includes(input)) {
+    throw new TypeError(`input must be one of ${INPUTS.map((i) => `'${i}'`).join(', ')}, got ${typeof input === 'string' ? JSON.stringify(input) : describe(input)}`)
+  }
+  const hasInput = input !== undefined && input !== null
+  if (deps.length === 0 && (runAnyway === true || hasInput)) throw new TypeError('runAnyway and input need dependsOn')
+  if (input === 'result' && deps.length !== 1) {
+    throw new RangeError(`input 'result' takes exactly one dependency, got ${deps.length} (input 'results' takes any number)`)
+  }
+  if (deps.length === 0) return
+  meta.depends_on = deps
+  if (runAnyway === true) meta.run_anyway = true
+  if (hasInput) meta.input = input
+}
+
+// One entry of dependsOn as the wire has it: a task id, or {service, key} naming
+// the task that holds that idempotency key in that service.
+function dependencyRef (ref, i) {
+  if (typeof ref === 'string' && ref.length > 0) return ref
+  if (ref !== null && typeof ref === 'object' && !Array.isArray(ref)) {
+    const names = Object.keys(ref)
+    const { service, key } = ref
+    if (names.length === 2 && typeof service === 'string' && service.length > 0 && typeof key === 'string' && key.length > 0) {
+      return { service, key }
+    }
+  }
+  const shown = typeof ref === 'string' ? '""' : ref !== null && typeof ref === 'object' && !Array.isArray(ref) ? JSON.stringify(ref) : describe(ref)
+  throw new TypeError(`dependsOn[${i}] must be a task id (a non-empty string) or {service, key} (non-empty strings, nothing else), got ${shown}`)
+}
+
+// The [service, payload] pairs of chain() steps or fanIn() parts (`what`), checked
+// before anything is sent: each a [service, payload] array or {service, payload}.
+function graphSteps (steps, what, method) {
+  if (!Array.isArray(steps)) throw new TypeError(`${method}: ${what} must be an array of [service, payload] pairs`)
+  return steps.map((step, i) => {
+    const name = what === 'then' ? 'then' : `${what}[${i}]`
+    let service, payload
+    if (Array.isArray(step) && (step.length === 1 || step.length === 2)) {
+      [service, payload] = step
+    } else if (step !== null && typeof step === 'object' && !Array.isArray(step) && !(step instanceof Uint8Array)) {
+      const other = Object.keys(step).find((k) => k !== 'service' && k !== 'payload')
+      if (other !== undefined) throw new TypeError(`${method}: ${name} takes service and payload, not ${JSON.stringify(other)}`)
+      service = step.service
+      payload = step.payload
+    } else {
+      throw new TypeError(`${method}: ${name} must be a [service, payload] pair or {service, payload}, got ${describe(step)}`)
+    }
+    try {
+      checkService(service)
+      toFrames(payload)
+    } catch (err) {
+      throw new err.constructor(`${method}: ${name}: ${err.message}`)
+    }
+    return [service, payload ?? []]
+  })
+}
+
+// The options chain() and fanIn() apply to every task: the task options but those
+// they set themselves, and the call options.
+const GRAPH_SET = ['dependsOn', 'runAnyway', 'input', 'key', 'keys', 'receipt']
+function graphOptions (options, method) {
+  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  for (const name of GRAPH_SET) {
+    if (options[name] !== undefined) {
+      throw new TypeError(`${method} sets dependsOn and input itself, and takes no key, runAnyway nor receipt: got option ${name}`)
+    }
+  }
+  taskMeta(options, 1) // every other option checked before anything is sent
+  return options
+}
+
+// `enqueue()` (a promise of an id or of ids); on failure, the error tells which
+// tasks of the graph were stored before (its `enqueuedIds`, with any of the call's own).
+async function withEnqueued (ids, enqueue) {
+  try {
+    return await enqueue()
+  } catch (err) {
+    if (err && typeof err === 'object' && (ids.length > 0 || err.enqueuedIds)) {
+      err.enqueuedIds = [...ids, ...(err.enqueuedIds ?? [])]
+    }
+    throw err
+  }
 }
 
 // Per task, whether its idempotency key is the caller's (true) or generated

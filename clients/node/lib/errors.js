@@ -98,7 +98,7 @@ export class AuthenticationFailed extends ZbrokerError {
   }
 }
 
-/** A task ended without a result. `state` is dead, cancelled or expired; `error` the broker's text. */
+/** A task ended without a result. `state` is dead, cancelled, expired or upstream_failed; `error` the broker's text. */
 export class TaskError extends ZbrokerError {
   constructor (taskId, state, error) {
     super(`task ${taskId} ${state}${error ? `: ${error}` : ''}`)
@@ -117,6 +117,12 @@ export class TaskCancelled extends TaskError {}
 /** The task's TTL ran out before it started. */
 export class TaskExpired extends TaskError {}
 
+/**
+ * A task it depended on (`dependsOn`, docs/protocol.md §15) ended without a result,
+ * and it did not ask to run anyway: it never ran. `error` names that dependency.
+ */
+export class TaskUpstreamFailed extends TaskError {}
+
 const brokerErrors = {
   [ERROR_CODES.NOT_FOUND]: TaskNotFound,
   [ERROR_CODES.QUEUE_FULL]: QueueFull,
@@ -129,7 +135,8 @@ export function brokerError (code, message) {
   return new Cls(String(code ?? 'unknown'), String(message ?? ''))
 }
 
-const taskErrors = { dead: TaskDead, cancelled: TaskCancelled, expired: TaskExpired }
+// One class per failed state (protocol.js FAILED_STATES).
+const taskErrors = { dead: TaskDead, cancelled: TaskCancelled, expired: TaskExpired, upstream_failed: TaskUpstreamFailed }
 
 /** The error for a task that reached a final state other than done. */
 export function taskError (taskId, state, error) {

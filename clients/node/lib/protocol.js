@@ -397,7 +397,12 @@ function taskOf (meta, frames) {
     throw new ProtocolError('bad_meta', "TASK 'service' is a string, 'headers' a map")
   }
   const timeoutS = typeof meta.timeout_s === 'number' ? meta.timeout_s : null
-  return { id, attempt, service, headers, timeoutS, frames }
+  // `deps` (§15): the ids of the tasks it depended on, in the enqueue's order; absent without.
+  const deps = meta.deps ?? []
+  if (!Array.isArray(deps) || !deps.every((d) => typeof d === 'string')) {
+    throw new ProtocolError('bad_meta', "TASK 'deps' is a list of task ids")
+  }
+  return { id, attempt, service, headers, timeoutS, dependsOn: deps, frames }
 }
 
 /**
@@ -503,9 +508,18 @@ export const STREAM_CREDIT_MAX = 10_000
 // chunk always goes): a reader credits what it consumed before it reaches this.
 export const STREAM_UNCREDITED_BYTES = 4 * 1024 * 1024
 
-// Task states as the broker names them (ZBC01 answers), and those a task never leaves.
-export const TASK_STATES = Object.freeze(['ready', 'delayed', 'inflight', 'done', 'dead', 'cancelled', 'expired'])
-export const FINAL_STATES = new Set(['done', 'dead', 'cancelled', 'expired'])
+// Task graphs (§15): the most tasks one task may depend on (`depends_on`), and what
+// it may be handed of their results (`input`): the result frames of its one
+// dependency, or one msgpack frame listing every dependency's (see unpackResults).
+export const MAX_DEPENDENCIES = 1000
+export const INPUTS = Object.freeze(['result', 'results'])
+
+// Task states as the broker names them (ZBC01 answers), in zbroker.protocol.states'
+// order; those a task never leaves; and those of them without a result (a client
+// waiting for the result rejects with the state's TaskError instead).
+export const TASK_STATES = Object.freeze(['ready', 'delayed', 'inflight', 'done', 'dead', 'cancelled', 'expired', 'blocked', 'upstream_failed'])
+export const FINAL_STATES = new Set(['done', 'dead', 'cancelled', 'expired', 'upstream_failed'])
+export const FAILED_STATES = new Set(['dead', 'cancelled', 'expired', 'upstream_failed'])
 
 const ZBC01_FRAME = Buffer.from(ZBC01)
 
@@ -535,6 +549,26 @@ export function decodeZbcAnswer (frames) {
     return { rid: meta.rid, ok: true, chunks: true, meta, frames: frames.slice(4) }
   }
   throw new ProtocolError('unknown_command', `unexpected ZBC01 command 0x${frames[2].toString('hex').slice(0, 16)}`)
+}
+
+/**
+ * The frame `input: 'results'` appends to a task's payload (docs/protocol.md §15.3):
+ * each dependency's result frames (Buffers sharing `frame`'s memory), in
+ * `dependsOn` order, or null for one that did not end done (`runAnyway`). A
+ * ProtocolError for a frame that is not such a list.
+ */
+export function unpackResults (frame) {
+  if (!(frame instanceof Uint8Array)) throw new TypeError(`a results frame is a Buffer or Uint8Array, got ${describe(frame)}`)
+  let results
+  try {
+    results = decodeMsgpack(frame)
+  } catch (err) {
+    throw new ProtocolError('bad_results', `not a results frame: not msgpack (${err.message})`)
+  }
+  if (!Array.isArray(results) || !results.every((r) => r === null || (Array.isArray(r) && r.every((f) => Buffer.isBuffer(f))))) {
+    throw new ProtocolError('bad_results', 'not a results frame: a msgpack list of lists of bin or nil')
+  }
+  return results
 }
 
 // ------------------------------------------------------------ topic events

@@ -19,10 +19,11 @@
 // cancel_on_abandon it has cancelled the task, which the READ reports.
 //
 // Iteration ends with the chunks, then: done (the result is in `result`), or
-// the error the task ended with (TaskDead, TaskCancelled, TaskExpired, a
-// refusal, TimeoutError when the broker's wait_s ran out or the broker went
-// silent). close() and leaving a `for await` loop end it at once (CLOSE; the
-// chunks not yet taken are dropped); aborting the signal too, with its reason.
+// the error the task ended with (TaskDead, TaskCancelled, TaskExpired,
+// TaskUpstreamFailed, a refusal, TimeoutError when the broker's wait_s ran out
+// or the broker went silent). close() and leaving a `for await` loop end it at
+// once (CLOSE; the chunks not yet taken are dropped); aborting the signal too,
+// with its reason.
 
 import { ClosedError, ProtocolError, TimeoutError, ZbrokerError, brokerError, taskError } from './errors.js'
 import { C, FINAL_STATES, STREAM_CREDIT_MAX, STREAM_UNCREDITED_BYTES, zbcCall } from './protocol.js'

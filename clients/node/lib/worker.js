@@ -707,6 +707,7 @@ export class Worker extends EventEmitter {
       frames: message.frames,
       headers: message.headers,
       timeoutS: message.timeoutS,
+      dependsOn: message.dependsOn,
       signal: controller.signal,
       progress: (data) => this.#progress(ctx, data),
       emit: (chunk) => this.#emit(ctx, chunk)

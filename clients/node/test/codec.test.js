@@ -120,7 +120,7 @@ test('ZBW01: TASKS is split into its tasks by their frame counts', () => {
     pack({
       tasks: [
         { id: 'a', attempt: 1, service: 'tts', n: 2 },
-        { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeout_s: 1.5, n: 0 },
+        { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeout_s: 1.5, deps: ['t1', 't0'], n: 0 },
         { id: 'c', attempt: 1, n: 1 }
       ]
     }),
@@ -129,10 +129,10 @@ test('ZBW01: TASKS is split into its tasks by their frame counts', () => {
   const [a, b, c] = message.tasks
   assert.equal(message.tasks.length, 3)
   assert.deepEqual({ ...a, frames: str(...a.frames) },
-    { id: 'a', attempt: 1, service: 'tts', headers: {}, timeoutS: null, frames: ['a1', 'a2'] })
-  assert.deepEqual(b, { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeoutS: 1.5, frames: [] })
+    { id: 'a', attempt: 1, service: 'tts', headers: {}, timeoutS: null, dependsOn: [], frames: ['a1', 'a2'] })
+  assert.deepEqual(b, { id: 'b', attempt: 3, service: 'stt', headers: { lang: 'de' }, timeoutS: 1.5, dependsOn: ['t1', 't0'], frames: [] })
   assert.deepEqual({ ...c, frames: str(...c.frames) },
-    { id: 'c', attempt: 1, service: '', headers: {}, timeoutS: null, frames: ['c1'] })
+    { id: 'c', attempt: 1, service: '', headers: {}, timeoutS: null, dependsOn: [], frames: ['c1'] })
 
   const entry = (id, n) => ({ id, attempt: 1, service: 's', n })
   const bad = (meta, ...frames) => () => decodeForWorker([...head, pack(meta), ...frames.map((f) => Buffer.from(f))])
@@ -147,6 +147,8 @@ test('ZBW01: TASKS is split into its tasks by their frame counts', () => {
   assert.throws(bad({ tasks: [entry('a', 1)] }, 'x', 'y'), /do not add up/)
   assert.throws(bad({ tasks: [{ ...entry('a', 0), attempt: 1.5 }] }), /integer attempt/)
   assert.throws(bad({ tasks: [{ ...entry('a', 0), headers: 'x' }] }), /'headers' a map/)
+  assert.throws(bad({ tasks: [{ ...entry('a', 0), deps: 't1' }] }), /'deps' is a list of task ids/)
+  assert.throws(bad({ tasks: [{ ...entry('a', 0), deps: ['t1', 2] }] }), /'deps' is a list of task ids/)
   for (const fn of [bad({ tasks: [] }), bad({ tasks: [entry('a', 2)] }, 'x')]) {
     assert.throws(fn, (err) => err instanceof ProtocolError && err.code === 'bad_meta')
   }

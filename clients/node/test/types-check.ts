@@ -23,7 +23,9 @@ import {
   type TaskState,
   type TaskStatus,
   TaskStream,
+  TaskUpstreamFailed,
   TimeoutError,
+  unpackResults,
   Worker
 } from 'zbroker'
 
@@ -35,7 +37,9 @@ const FINAL: Record<TaskState, boolean> = {
   done: true,
   dead: true,
   cancelled: true,
-  expired: true
+  expired: true,
+  blocked: false,
+  upstream_failed: true
 }
 
 export function isFinal (state: TaskState): boolean {
@@ -68,6 +72,45 @@ export async function durableTasks (client: Client): Promise<void> {
   // @ts-expect-error 'running' is not a task state
   const wrong: TaskState = 'running'
   void wrong
+}
+
+export async function graphs (client: Client): Promise<void> {
+  const first: string = await client.enqueue('stt', 'audio', { key: 'rec-42' })
+  const second: string = await client.enqueue('llm', [], { dependsOn: [first], input: 'result' })
+  const joined: string = await client.enqueue('join', [], {
+    dependsOn: [second, { service: 'stt', key: 'rec-42' }],
+    runAnyway: true,
+    input: 'results'
+  })
+  const chained: string[] = await client.chain([['stt', 'audio'], ['llm', null], { service: 'tts' }], { maxAttempts: 2, timeoutMs: 500 })
+  const fanned: string[] = await client.fanIn([['part', 'a'], { service: 'part', payload: ['b', 'c'] }], ['join', 'header'], { priority: 1 })
+  const status: TaskStatus = await client.status(joined)
+  const waiting: number = status.blockedOn
+  const deps: string[] = status.dependsOn
+  const input: 'result' | 'results' | null = status.input
+  void [chained, fanned, waiting, deps, input, status.runAnyway]
+  // @ts-expect-error input is 'result' or 'results'
+  await client.enqueue('join', [], { dependsOn: [first], input: 'all' })
+  // @ts-expect-error a dependency named by key needs its service
+  await client.enqueue('join', [], { dependsOn: [{ key: 'rec-42' }] })
+  // @ts-expect-error chain() sets dependsOn itself
+  await client.chain([['stt', 'a']], { dependsOn: [first] })
+}
+
+export function joiningWorker (): Worker {
+  return new Worker({
+    service: 'join',
+    handler: (task: Task) => {
+      const upstream: string[] = task.dependsOn
+      const results: Array<Buffer[] | null> = unpackResults(task.frames[task.frames.length - 1])
+      return [Buffer.from(upstream.join(',')), ...results.map((r) => r === null ? '' : Buffer.concat(r))]
+    }
+  })
+}
+
+export function upstream (err: unknown): string | null {
+  if (err instanceof TaskUpstreamFailed) return err.error
+  return null
 }
 
 export async function streams (client: Client, signal: AbortSignal): Promise<string> {
