@@ -259,8 +259,8 @@ class Client(ClientBase):
         base = options or TaskOptions()
         if base.depends_on or base.input is not None or base.key is not None:
             raise ValueError("fan_in() sets depends_on and input itself, and takes no key")
-        if not parts:
-            raise ValueError("fan_in() needs at least one part")
+        if not 1 <= len(parts) <= zbc.MAX_DEPENDENCIES:
+            raise ValueError(f"fan_in() takes 1..{zbc.MAX_DEPENDENCIES} parts")
         ids: list[TaskId] = []
         start = 0
         while start < len(parts):
