@@ -8,7 +8,6 @@ a property test drives random sequences and checks the rules after every step.
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
