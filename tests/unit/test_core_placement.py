@@ -413,3 +413,21 @@ def test_debounce_needs_a_key_and_no_delay(journal: Journal) -> None:
         frames = [b"", zbc.ZBC01, zbc.ENQUEUE, ext.pack_meta({"rid": 1, "service": "s", **meta})]
         answer = s.call(b"C", frames)
         assert not answer.ok and answer.meta["code"] == zbc.E_BAD_REQUEST, meta
+
+
+def test_tasks_waiting_for_an_absent_worker_do_not_hold_back_those_behind(
+    journal: Journal,
+) -> None:
+    # Given a window of 4, and 10 tasks that need a GPU queued before 3 plain ones
+    s = Script(journal, CoreSettings(window_per_service=4, seed=1))
+    gpu = [s.enqueue("llm", require=("gpu",)) for _ in range(10)]
+    plain = [s.enqueue("llm") for _ in range(3)]
+    # When a CPU worker comes, it gets the plain tasks from past the window
+    ready(s, b"CPU", "llm", 5)
+    assert sorted(handed(s, b"CPU")) == sorted(plain)
+    # And a plain task enqueued while the last look found nothing is taken within
+    # BEYOND_EVERY_S (the broker looks again then)
+    later = s.enqueue("llm")
+    s.advance_alive(0.3, b"CPU")
+    assert handed(s, b"CPU") == [later]
+    assert all(s.state(t) is TaskState.READY for t in gpu)

@@ -388,6 +388,7 @@ class Service:
 
     __slots__ = (
         "affinity",
+        "beyond_at",
         "creator",
         "expire_at",
         "figures",
@@ -444,6 +445,8 @@ class Service:
         self.rate: TokenBucket | None = None
         self.key_rate: tuple[float, int] | None = None
         self.key_buckets: dict[str, TokenBucket] = {}
+        # No read of READY tasks past the window before this time (core/placement.py).
+        self.beyond_at = -_INF
         self.figures = ServiceFigures()
         # Workers with spare credit, insertion-ordered: the front has waited longest
         # (fair rotation); a worker that still has credit after a delivery goes to the back.

@@ -24,8 +24,9 @@ Rules it keeps:
 It only decides; DurableTasks takes the task and starts the attempt. It looks at
 the service's window (core/window.py), the best window_per_service READY tasks,
 and when none of those may go to a ready worker, at up to BEYOND_WINDOW more read
-from the journal: tasks that wait for a worker that is not there do not hold back
-those behind them that could run (within that reach).
+from the journal (at most once per BEYOND_EVERY_S while such reads find nothing):
+tasks that wait for a worker that is not there do not hold back those behind them
+that could run (within that reach).
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ from zbroker.journal.base import TaskRecord
 # Keys remembered per service for round robin and affinity: past this many, the
 # longest unused is forgotten (its next task is served as a new key's).
 MAX_REMEMBERED_KEYS = 10_000
-# READY tasks read past the window, per choice, when nothing in it may run now.
-BEYOND_WINDOW = 4096
+# READY tasks read past the window when nothing in it may run now, and how long a
+# service waits after such a read found nothing before the next one (each costs a
+# few milliseconds of the loop: at most about 3% of it, for a service stuck so).
+BEYOND_WINDOW = 2048
+BEYOND_EVERY_S = 0.2
 
 
 def fits(worker: Worker, record: TaskRecord) -> bool:

@@ -195,7 +195,7 @@ class Routing:
             name = shown(service.name)
             for worker, held_list in batches.items():
                 self._send_tasks(worker, held_list, name)
-        if start_room != -1 or service.key_rate is not None:
+        if start_room != -1 or service.placing or service.key_rate is not None:
             self._after_rates(service, start_room, room, now)
 
     def _room(self, service: Service, now: float) -> int:
@@ -211,8 +211,9 @@ class Routing:
         return room
 
     def _after_rates(self, service: Service, start_room: int, room: int, now: float) -> None:
-        """Spend the rate's tokens on what this dispatch delivered, and when a rate held
-        work back, dispatch the service again when its next token is due."""
+        """Spend the rate's tokens on what this dispatch delivered, and when a rate (or
+        placement's look past the window) held work back, dispatch the service again
+        when that is due."""
         bucket = service.rate
         due = math.inf
         if bucket is not None:
@@ -220,7 +221,9 @@ class Routing:
             work_left = bool(service.queue or service.ready_count) and bool(service.ready)
             if work_left and bucket.available(now) == 0:
                 due = bucket.due_at(now)
-        if service.key_rate is not None:
+        if service.placing or service.key_rate is not None:
+            # When a key's rate lets a task go, or the next look past the window is due
+            # (the choice that ended this dispatch said; a stale one only costs a look).
             due = min(due, self._tasks.placement.throttled_until)
         if due < math.inf:
             self._throttled[service.name] = service

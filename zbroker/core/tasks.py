@@ -55,7 +55,7 @@ from zbroker.core.lifecycle import (
     Transition,
 )
 from zbroker.core.model import Delivery, Held, Service, Stats, TaskAttempt, Worker
-from zbroker.core.placement import BEYOND_WINDOW, Placement
+from zbroker.core.placement import BEYOND_EVERY_S, BEYOND_WINDOW, Placement
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
@@ -354,13 +354,9 @@ class DurableTasks:
             windows.fill(service)
             chosen = placement.choose(service, now)
             if chosen is None:
-                throttled = placement.throttled_until
-                beyond = windows.beyond(service, BEYOND_WINDOW)
-                if beyond:
-                    chosen = placement.choose(service, now, beyond)
-                    placement.throttled_until = min(throttled, placement.throttled_until)
+                chosen = self._beyond_window(service, now)
             if chosen is None:
-                return None  # placement.throttled_until: when a key's rate lets one go
+                return None  # placement.throttled_until: when to look again
             record, worker = chosen
             self._windows.remove(service, record.id)
             epoch = now + self._epoch_offset
@@ -370,6 +366,24 @@ class DurableTasks:
                 continue
             placement.started(service, record, worker, now)
             return record, worker
+
+    def _beyond_window(self, service: Service, now: float) -> tuple[TaskRecord, Worker] | None:
+        """Nothing of the window may run now: a choice among READY tasks past it, read
+        from the journal at most once per BEYOND_EVERY_S while such reads find nothing
+        (`placement.throttled_until` says when to look again)."""
+        placement = self.placement
+        throttled = placement.throttled_until
+        chosen = None
+        if service.ready_count > len(service.window):
+            if now < service.beyond_at:
+                placement.throttled_until = min(throttled, service.beyond_at)
+                return None
+            beyond = self._windows.beyond(service, BEYOND_WINDOW)
+            chosen = placement.choose(service, now, beyond)
+            placement.throttled_until = min(throttled, placement.throttled_until)
+            if chosen is None:
+                service.beyond_at = now + BEYOND_EVERY_S
+        return chosen
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
         """Write `record` (from next_ready) as delivered to `worker`; the attempt to hand over."""
