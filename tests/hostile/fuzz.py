@@ -434,6 +434,23 @@ class ShotMaker:
             "timeout_s": lambda: rng.choice((0.05, 1, 1e6)),
             "key": lambda: f"k{rng.randrange(30)}",
             "headers": lambda: {"correlation_id": "c", "n": rng.randrange(9), "b": b"\x00"},
+            # §15, §16: dependencies (known, unknown and by key), placement, keys
+            "depends_on": lambda: rng.choice(
+                (
+                    [self._task_id()],
+                    [self._task_id(), {"service": self._service(), "key": "k1"}],
+                    ["t999-0"],
+                    [],
+                    "t1",
+                )
+            ),
+            "run_anyway": lambda: rng.choice((True, False, 1)),
+            "input": lambda: rng.choice(("result", "results", "all")),
+            "require": lambda: rng.choice((["gpu"], ["gpu", "de-DE"], [""], "gpu")),
+            "prefer": lambda: rng.choice((["de-DE"], ["x"] * 40)),
+            "affinity": lambda: rng.choice(("conv-1", "", 7)),
+            "concurrency_key": lambda: f"user:{rng.randrange(4)}",
+            "debounce_s": lambda: rng.choice((0.05, 0, -1, 1e9)),
         }
         picked = rng.sample(list(choices), rng.randrange(0, 4))
         return {name: choices[name]() for name in picked}
@@ -473,17 +490,35 @@ class ShotMaker:
                 (zbc.PAUSE, lambda: {"service": self._service()}),
                 (zbc.RESUME, lambda: {"service": self._service()}),
                 (zbc.STATS, dict),
-                (zbc.LIMIT, lambda: {"service": self._service(), "limit": rng.choice((None, 1))}),
+                (zbc.LIMIT, self._limit_fields),
+                (zbc.RATE, self._rate_fields),
                 (zbc.PURGE, lambda: {"service": self._service()}),
                 (zbc.DROP, lambda: {"service": self._service(), "ids": [self._task_id()]}),
                 (zbc.TASKS, self._tasks_fields),
                 (bytes([rng.randrange(256)]), dict),
             ),
-            (4, 4, 4, 4, 4, 1, 1, 4, 4, 4, 4, 4, 1, 4, 1, 4),
+            (4, 4, 4, 4, 4, 1, 1, 4, 4, 4, 4, 4, 4, 1, 4, 1, 4),
         )[0]
         meta = {"rid": self._next_rid(), **fields()}
         name = zbc.COMMAND_NAMES.get(command, f"0x{command.hex()}")
         return Draft("ZBC01", f"call {name}", [b"", zbc.ZBC01, command], meta)
+
+    def _limit_fields(self) -> dict[str, Any]:
+        rng = self.rng
+        fields = {"service": self._service(), "limit": rng.choice((None, 1, 2))}
+        if rng.random() < 0.5:
+            fields["per_key"] = rng.choice((True, False, 1))
+        return fields
+
+    def _rate_fields(self) -> dict[str, Any]:
+        rng = self.rng
+        fields: dict[str, Any] = {"service": self._service()}
+        fields["rate"] = rng.choice((None, 0, 0.5, 50.0, 1e12, -1, "x"))
+        if rng.random() < 0.5:
+            fields["burst"] = rng.choice((0, 1, 5, 10**9))
+        if rng.random() < 0.5:
+            fields["per_key"] = rng.choice((True, False))
+        return fields
 
     def _drain_fields(self) -> dict[str, Any]:
         pool = self.k.worker_ids
@@ -573,8 +608,11 @@ class ShotMaker:
             metrics = rng.choice((None, {"cpu": 0.5}, {"m": list(range(50))}))
             meta = None if metrics is None else {"metrics": metrics}
             return Draft("ZBW01", "HEARTBEAT", [*head, ext.HEARTBEAT], meta)
-        if roll < 0.75:
+        if roll < 0.65:
             return Draft("ZBW01", "DISCONNECT", [*head, ext.DISCONNECT], {"reason": "fuzz"})
+        if roll < 0.8:
+            tags = rng.choice((["gpu"], [], ["x"] * 40, "gpu", [1]))
+            return Draft("ZBW01", "TAGS", [*head, ext.TAGS], {"tags": tags})
         command = bytes([rng.choice((0, 2, 9, 10, 12, 13, 0x7F, 0xFF))])
         return Draft("ZBW01", f"command 0x{command.hex()}", [*head, command], {"id": "t1"})
 
