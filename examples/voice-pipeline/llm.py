@@ -1,6 +1,7 @@
 """llm: serves the `llm` task queue, streaming its answer token by token.
 
-A stand-in for a language model: given a transcript, it "answers" with a
+A stand-in for a language model: given a transcript (the result of the flow's
+`stt` task, which the broker hands over once it is done), it "answers" with a
 sentence built from it, and sends that answer one token (a word and the space
 after it) at a time, every VOICE_TOKEN_S seconds (--token-s), as chunks of the
 task's stream (docs/protocol.md §13). The whole answer is the task's result.
@@ -20,6 +21,7 @@ import os
 import re
 from collections.abc import Generator
 
+import msgpack
 from pipeline import BROKER, announce_when_ready, say
 
 from zbroker.client import Service, Task
@@ -54,8 +56,11 @@ def tokens_of(answer: str) -> list[str]:
 @svc.task("llm", concurrency=8)
 def answer(task: Task) -> Generator[str, None, bytes]:
     """A generator handler: each yield is a chunk of the stream, the return value the result."""
-    job = json.loads(task.payload)  # {flow, name, text}, from the coordinator
-    tokens = tokens_of(compose(job["text"]))
+    # {flow, name} from the coordinator, then the transcript: the result of the stt task
+    # this one depends on, {flow, name, text}, which the broker appended (input "result").
+    job_frame, transcript_frame = task.frames
+    job = json.loads(job_frame)
+    tokens = tokens_of(compose(msgpack.unpackb(transcript_frame)["text"]))
     where = f"{job['flow']} {task.id} attempt {task.attempt}"
     say(f"{where}: answering {job['name']} in {len(tokens)} tokens")
     sent = 0

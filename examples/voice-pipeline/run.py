@@ -7,11 +7,13 @@
 
 Without --demo it runs until Ctrl-C: drop text files into the inbox it prints and
 their "speech" appears in the outbox. With --demo it drops a few sample files,
-waits until every one has come out of the pipeline, checks the outbox, prints a
-summary and exits 0 (1 if that takes longer than --timeout). Once the spoken
-reply to one of them (INTERRUPTED) has started, it drops an interruption for
-it: that reply must stop, its LLM task end cancelled, and every other reply
-come out whole. --restart-each
+waits until every one has come out of the pipeline, checks the outbox and each
+file's graph of tasks in the broker, prints a summary and exits 0 (1 if that
+takes longer than --timeout). Once the spoken reply to one of them (INTERRUPTED)
+has started, it drops an interruption for it: that reply must stop, its LLM task
+end cancelled, and every other reply come out whole. One sample (SILENT) holds
+nothing to transcribe: its stt task must die, and the tasks that depend on it
+end upstream_failed. --restart-each
 also stops every part once while files flow (SIGKILL or SIGTERM) and starts it
 again; the outbox must still end up with exactly one output per input.
 
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from zbroker.client import Client, ClientError
+    from zbroker.client import Client, ClientError, TaskStatus
 except ImportError:
     sys.exit(
         "run.py needs zbroker: run it with the project's venv (.venv/bin/python), "
@@ -55,6 +57,7 @@ SAMPLES = {
     "shopping.txt": "milk, bread,   eggs and   a lot of cheese",
     "meeting.txt": "the meeting moved to three o'clock! do not be late",
     "goodnight.txt": "good night.  sleep well",
+    "silence.txt": "",
 }
 # --restart-each: who is stopped, and how, in order; a worker once it holds a task.
 RESTARTS = [
@@ -66,8 +69,19 @@ RESTARTS = [
 ]
 # --demo: the sample whose spoken reply is interrupted once it has begun.
 INTERRUPTED = "meeting.txt"
+# --demo: the sample with nothing to transcribe: its stt task dies, its flow stops there.
+SILENT = "silence.txt"
 # What the demo waits for and checks in the broker: one task per file in each.
 QUEUES = ("stt", "tts", "llm", "reply-tts")
+# Each file's graph, as the coordinator enqueues it: queue -> (waits for the stt task,
+# gets its result as input).
+GRAPH = {
+    "stt": (False, None),
+    "tts": (True, "result"),
+    "llm": (True, "result"),
+    "reply-tts": (True, None),
+}
+FINAL_STATES = ("done", "cancelled", "dead", "upstream_failed", "expired")
 DATE = re.compile(r"^\d{4}-\d\d-\d\d ")
 COLOURS = {
     "broker": 90,
@@ -338,7 +352,7 @@ class Pipeline:
         return all(
             name in queues
             and queues[name]["enqueued_total"] == len(SAMPLES)
-            and queues[name]["ready"] + queues[name]["delayed"] + queues[name]["inflight"] == 0
+            and sum(queues[name][n] for n in ("ready", "delayed", "blocked", "inflight")) == 0
             for name in QUEUES
         )
 
@@ -387,11 +401,13 @@ class Pipeline:
         queues: dict[str, dict[str, Any]] = {}
         deduplicated = None
         interrupted: dict[str, Any] = {}
+        flows: dict[str, dict[str, TaskStatus]] = {}
         try:
             with Client(self.endpoint, timeout_s=2.0, retries=1) as client:
                 queues = {q["service"]: q for q in client.queues()}
                 deduplicated = client.broker_stats()["stats"]["tasks_deduplicated"]
                 interrupted = interruption(client)
+                flows = graphs(client)
         except ClientError as exc:
             self.say(f"could not ask the broker for its figures: {exc}")
         figures = {
@@ -413,11 +429,20 @@ class Pipeline:
             and interrupted.get("reply_state") == "cancelled"
             and interrupted.get("tokens_streamed", 0) > 0
         )
+        graph = check_graphs(flows)
+        silent = flows.get(SILENT, {})
+        # The silent file's flow stopped at its stt task: the rest never ran.
+        silent_stopped = {q: str(t.state) for q, t in silent.items()} == {
+            "stt": "dead",
+            **{q: "upstream_failed" for q in QUEUES if q != "stt"},
+        }
         ok = (
             finished
             and found == expected
             and not bad
             and one_task_per_file
+            and graph["chained"]
+            and silent_stopped
             and stopped
             and not self.unexpected_exits
             and len(self.restarts) == (len(RESTARTS) if self.args.restart_each else 0)
@@ -439,6 +464,20 @@ class Pipeline:
                 f"{name}: {f['enqueued_total']} tasks, {f['done_total']} done, "
                 f"{f['redeliveries_total']} redelivered, {f['dead_total']} dead"
             )
+        self.say(
+            f"graph: {graph['flows']} files, each stt -> tts, llm (its result as input) and "
+            f"reply-tts; {graph['waited']} of {graph['dependents']} waited blocked for their "
+            "stt task" + ("" if graph["chained"] else f"; NOT AS ENQUEUED: {graph['wrong']}")
+        )
+        if "stt" in silent:
+            stt = silent["stt"]
+            self.say(
+                f"failed {SILENT}: stt task {stt.id} {stt.state} ({stt.error}); "
+                + ", ".join(f"{q} task {t.id} {t.state}" for q, t in silent.items() if q != "stt")
+                + ", no output"
+            )
+        else:
+            self.say(f"failed {SILENT}: no tasks found")
         if interrupted:
             self.say(
                 f"interrupted {INTERRUPTED}: llm task {interrupted['llm_task']} "
@@ -458,6 +497,23 @@ class Pipeline:
             "inputs": sorted(SAMPLES),
             "outputs": found,
             "tasks": figures,
+            "graph": graph,
+            "silent": SILENT,
+            # Each file's tasks as STATUS gave them, for whoever checks this run.
+            "graphs": {
+                name: {
+                    queue: {
+                        "id": task.id,
+                        "state": str(task.state),
+                        "error": task.error,
+                        "depends_on": list(task.depends_on),
+                        "input": task.input,
+                        "history": [entry[0] for entry in task.history],
+                    }
+                    for queue, task in tasks.items()
+                }
+                for name, tasks in flows.items()
+            },
             "interrupted": interrupted,
             "deduplicated": deduplicated,
             "restarts": self.restarts,
@@ -494,6 +550,45 @@ def interruption(client: Client) -> dict[str, Any]:
     }
 
 
+def graphs(client: Client) -> dict[str, dict[str, TaskStatus]]:
+    """Every file's tasks as the broker has them, once they have all ended: by file name,
+    then queue, the STATUS of each (its depends_on, input and history included)."""
+    flows: dict[str, dict[str, TaskStatus]] = {}
+    for queue in QUEUES:
+        for state in FINAL_STATES:
+            records, _ = client.tasks(queue, state, limit=1000)
+            for record in records:
+                task = client.status(record["id"])
+                flows.setdefault(task.headers.get("name", "?"), {})[queue] = task
+    return flows
+
+
+def check_graphs(flows: dict[str, dict[str, TaskStatus]]) -> dict[str, Any]:
+    """Whether every file's four tasks make the graph the coordinator enqueues (GRAPH):
+    tts and llm depend on the file's stt task and get its result as input, reply-tts
+    depends on it; and how many of those dependents did wait for it, `blocked` (their
+    history says `unblocked` or `upstream failed`), rather than find it ended already."""
+    wrong = sorted(set(SAMPLES) ^ set(flows))  # a file without tasks, or tasks of no file
+    waited = 0
+    for name, tasks in sorted(flows.items()):
+        if set(tasks) != set(QUEUES):
+            wrong.append(f"{name}: {sorted(tasks)}")
+            continue
+        for queue, (after_stt, input) in GRAPH.items():
+            task = tasks[queue]
+            if task.depends_on != ((tasks["stt"].id,) if after_stt else ()) or task.input != input:
+                wrong.append(f"{name} {queue}: depends_on {task.depends_on}, input {task.input}")
+            if after_stt and any(e[0] in ("unblocked", "upstream failed") for e in task.history):
+                waited += 1
+    return {
+        "flows": len(flows),
+        "dependents": sum(after_stt for after_stt, _ in GRAPH.values()) * len(flows),
+        "waited": waited,
+        "chained": not wrong,
+        "wrong": wrong,
+    }
+
+
 # ------------------------------------------------------------ files and ports
 
 
@@ -505,9 +600,10 @@ def drop(inbox: Path, name: str, text: str) -> None:
 
 
 def expected_outputs() -> set[str]:
-    """Every file spoken, and the reply to every file but the interrupted one."""
-    spoken = {f"{name}.wav" for name in SAMPLES}
-    return spoken | {f"{name}.reply.wav" for name in SAMPLES if name != INTERRUPTED}
+    """Every file spoken but the silent one, and the reply to every file but the silent
+    and the interrupted ones."""
+    spoken = {f"{name}.wav" for name in SAMPLES if name != SILENT}
+    return spoken | {f"{name}.reply.wav" for name in SAMPLES if name not in (SILENT, INTERRUPTED)}
 
 
 def outputs(outbox: Path) -> set[str]:

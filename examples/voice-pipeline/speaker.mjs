@@ -7,6 +7,12 @@
 // to a hidden temporary file then renamed into place, so a task that runs
 // twice (at-least-once delivery) leaves one complete file, never a torn one.
 //
+// A `tts` task depends on the flow's `stt` task (docs/protocol.md §15): its payload
+// is its job, {flow, name}, then the transcript, the stt task's result, which the
+// broker appends once that task is done (`input: 'result'`). The transcriber's
+// Python Service packed that result with msgpack: it is read with the msgpack
+// package the Node client depends on.
+//
 // A `reply-tts` task names an `llm` task. The speaker reads that task's stream
 // (client.readStream) while the LLM produces it and turns each token into beeps
 // at once, appending them to a hidden file: the first audio comes with the
@@ -23,9 +29,13 @@
 // its first token.
 
 import { mkdir, open, rename, unlink, writeFile } from 'node:fs/promises'
+import { createRequire } from 'node:module'
 import { join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Client, NonRetryableError, Service, TaskError } from '../../clients/node/index.js'
+
+// @msgpack/msgpack, from the Node client's own dependencies (this example has none).
+const { decode } = createRequire(new URL('../../clients/node/package.json', import.meta.url))('@msgpack/msgpack')
 
 const env = process.env
 const OUTBOX = resolve(env.VOICE_OUTBOX ?? 'outbox')
@@ -39,9 +49,11 @@ const svc = new Service('speaker', {
 const client = new Client({ endpoint: env.ZBROKER_ENDPOINT }) // reads the LLM's streams
 
 svc.task('tts', async (task) => {
-  const job = JSON.parse(task.payload.toString()) // {flow, name, text}, from the coordinator
+  const [jobFrame, transcriptFrame] = task.frames
+  const job = JSON.parse(jobFrame.toString()) // {flow, name}, from the coordinator
+  const { text } = decode(transcriptFrame) // {flow, name, text}, the stt task's result
   await sleep(WORK_MS, null, { signal: task.signal }) // aborts if the broker takes the task back
-  const wav = synthesize(job.text)
+  const wav = synthesize(text)
   const output = `${job.name}.wav`
   const partial = join(OUTBOX, `.${output}.${process.pid}.partial`)
   await writeFile(partial, wav)

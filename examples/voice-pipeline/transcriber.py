@@ -4,6 +4,11 @@ A stand-in for a speech-to-text model: the "recordings" in the inbox are text
 files, and transcribing one means reading it and tidying it up (whitespace,
 capitals, a full stop). Deterministic, so a task that runs twice (at-least-once
 delivery) gives the same transcript twice.
+
+The result, `{flow, name, text}`, is also what the broker hands to the flow's
+`tts` and `llm` tasks, which depend on this one (`input: "result"`). A recording
+with nothing in it fails for good: the tasks that depend on it (`reply-tts` too)
+then end `upstream_failed`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ def transcribe(task: Task) -> dict[str, object]:
     if task.wait_cancelled(WORK_S):  # the model thinks; wakes early if the task is taken back
         return {}  # the broker no longer wants this attempt: its result is dropped
     text = " ".join(audio.split())
+    if not text:  # silence: no attempt will ever hear anything in it
+        say(f"{job['flow']} {task.id} attempt {task.attempt}: {job['name']} -> nothing to hear")
+        raise NonRetryableError(f"{job['name']}: nothing to transcribe")
     text = re.sub(r"(^|[.!?] )(\w)", lambda m: m.group(1) + m.group(2).upper(), text)
     if text and text[-1] not in ".!?":
         text += "."

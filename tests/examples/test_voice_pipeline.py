@@ -3,8 +3,11 @@ the Python watcher, transcriber, LLM and coordinator, and the Node speaker.
 
 Every part is restarted once while files flow (SIGKILL or SIGTERM), and still every
 input comes out exactly once in the outbox, spoken and answered, from exactly one task
-per file and queue. The answers stream: the speaker speaks the LLM's tokens as they
-come, and the interrupted one stops on both sides, its tasks cancelled."""
+per file and queue. Each file's tasks are one graph, enqueued at once: tts and llm
+wait for the file's stt task and get its result, reply-tts waits for it; the empty
+file's stt task dies and the rest of its graph ends upstream_failed. The answers
+stream: the speaker speaks the LLM's tokens as they come, and the interrupted one
+stops on both sides, its tasks cancelled."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +92,47 @@ def said(output: str, who: str, pattern: str) -> list[tuple[int, re.Match[str]]]
     ]
 
 
+def check_graphs(summary: dict[str, Any], output: str, *, all_blocked: bool = True) -> None:
+    """Each file's four tasks, as STATUS showed them at the end of the run (run.py saves
+    them), make the coordinator's graph: tts and llm depend on the file's stt task with
+    input "result", reply-tts depends on it with no input, stt on nothing. They waited
+    for it `blocked` (their history says unblocked, or upstream failed): `all_blocked`.
+    (With restarts, a coordinator killed between two enqueues leaves the rest to a
+    rescan, which may find the stt task done already: then the others never wait.)"""
+    graphs = summary["graphs"]
+    assert sorted(graphs) == sorted(summary["inputs"]), output[-8000:]
+    for name, tasks in graphs.items():
+        assert sorted(tasks) == sorted(["stt", "tts", "llm", "reply-tts"]), name
+        stt = tasks["stt"]
+        assert (stt["depends_on"], stt["input"]) == ([], None), name
+        for queue, input in (("tts", "result"), ("llm", "result"), ("reply-tts", None)):
+            task = tasks[queue]
+            assert (task["depends_on"], task["input"]) == ([stt["id"]], input), (name, queue)
+            waited = {"unblocked", "upstream failed"} & set(task["history"])
+            assert waited or not all_blocked, (name, queue, task["history"])
+    assert summary["graph"]["chained"], summary["graph"]
+
+
+def check_silent(summary: dict[str, Any], output: str) -> None:
+    """The file with nothing to transcribe: its stt task is dead, the three tasks that
+    depend on it ended upstream_failed without running, and the coordinator said so,
+    the cause first."""
+    tasks = summary["graphs"][summary["silent"]]
+    stt = tasks["stt"]
+    assert stt["state"] == "dead" and "nothing to transcribe" in stt["error"], stt
+    dependents = [tasks[q] for q in ("tts", "llm", "reply-tts")]
+    for task in dependents:
+        assert task["state"] == "upstream_failed", task
+        assert task["error"] == f"dependency {stt['id']} ended dead", task
+        assert "attempt" not in task["history"], task  # it never ran
+    dead = said(output, "coordinator", rf"  dead +stt task {stt['id']}: .*nothing to transcribe")
+    assert dead, output[-8000:]
+    for task in dependents:
+        line = rf"  upstream_failed +[\w-]+ task {task['id']}: dependency {stt['id']} ended dead"
+        reported = said(output, "coordinator", line)
+        assert reported and reported[0][0] > dead[0][0], output[-8000:]
+
+
 def check_interruption(
     state: Path, summary: dict[str, object], output: str, *, by_the_speaker: bool = True
 ) -> None:
@@ -139,18 +184,21 @@ def test_each_file_comes_out_once_although_every_part_is_restarted(tmp_path: Pat
         "coordinator",
     ]
     assert summary["unexpected_exits"] == []
-    # ...and by ours: one complete WAV file per input, and one reply per input but the
-    # interrupted one, nothing else in the outbox
+    # ...and by ours: one complete WAV file per input but the silent one, and one reply
+    # per input but the silent and the interrupted ones, nothing else in the outbox
     inputs = visible(state / "inbox")
     assert len(inputs) >= 3
-    interrupted = summary["interrupted"]["name"]
-    assert interrupted in inputs
+    interrupted, silent = summary["interrupted"]["name"], summary["silent"]
+    assert interrupted in inputs and silent in inputs
     outputs = visible(state / "outbox")
-    replies = [f"{name}.reply.wav" for name in inputs if name != interrupted]
-    assert outputs == sorted([f"{name}.wav" for name in inputs] + replies)
+    spoken = [f"{name}.wav" for name in inputs if name != silent]
+    replies = [f"{name}.reply.wav" for name in inputs if name not in (silent, interrupted)]
+    assert outputs == sorted(spoken + replies)
     for name in outputs:
         assert is_wav((state / "outbox" / name).read_bytes()), name
     check_interruption(state, summary, output, by_the_speaker=False)
+    check_graphs(summary, output, all_blocked=False)
+    check_silent(summary, output)
     # Repeated events, rescans and restarts never made a second task for a file
     enqueued = {queue: figures["enqueued_total"] for queue, figures in summary["tasks"].items()}
     n = len(inputs)
@@ -176,24 +224,39 @@ def test_replies_are_spoken_while_the_llm_streams_and_an_interruption_stops_both
     summary = json.loads((state / "summary.json").read_text())
     assert summary["ok"], output[-8000:]
     inputs = visible(state / "inbox")
-    interrupted = summary["interrupted"]["name"]
+    interrupted, silent = summary["interrupted"]["name"], summary["silent"]
     assert summary["outputs"] == sorted(
-        [f"{name}.wav" for name in inputs]
-        + [f"{name}.reply.wav" for name in inputs if name != interrupted]
+        [f"{name}.wav" for name in inputs if name != silent]
+        + [f"{name}.reply.wav" for name in inputs if name not in (silent, interrupted)]
     )
     check_interruption(state, summary, output)
+    files = len(inputs)
     assert {q: f["done_total"] for q, f in summary["tasks"].items()} == {
-        "stt": len(inputs),
-        "tts": len(inputs),
-        "llm": len(inputs) - 1,
-        "reply-tts": len(inputs) - 1,
+        "stt": files - 1,
+        "tts": files - 1,
+        "llm": files - 2,
+        "reply-tts": files - 2,
     }
+    assert {q: f["dead_total"] for q, f in summary["tasks"].items()} == {
+        "stt": 1,
+        "tts": 0,
+        "llm": 0,
+        "reply-tts": 0,
+    }
+    # Each file's graph was enqueued whole: tts, llm and reply-tts blocked on its stt
+    # task until the transcript was done, tts and llm given it as input
+    check_graphs(summary, output)
+    check_silent(summary, output)
+    for name, tasks in summary["graphs"].items():  # and the coordinator said so
+        stt = tasks["stt"]["id"]
+        queued = said(output, "coordinator", rf"  \S+ enqueued +task \S+, depends on {stt}")
+        assert len(queued) == 3, (name, output[-8000:])
     # The replies streamed: for every flow, the speaker's first audio came before the
     # LLM had finished its answer (the speaker did not wait for the whole of it)
     first_audio = {m[1]: n for n, m in said(output, "speaker", r"^(\w+) .*: first audio after")}
     answered = {m[1]: n for n, m in said(output, "llm", r"^(\w+) .*: answered")}
-    assert len(first_audio) == len(inputs), output[-8000:]
-    assert len(answered) == len(inputs) - 1, output[-8000:]
+    assert len(first_audio) == files - 1, output[-8000:]
+    assert len(answered) == files - 2, output[-8000:]
     assert all(first_audio[flow] < answered[flow] for flow in answered), output[-8000:]
     # And each answer was spoken whole: as many tokens as the LLM streamed
     streamed = {m[1]: m[2] for _, m in said(output, "llm", r"^(\w+) .*, (\d+) tokens streamed")}
