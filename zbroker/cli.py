@@ -509,6 +509,10 @@ _Priority = Annotated[int, typer.Option(min=-128, max=127, help="Higher runs fir
 _Key = Annotated[str | None, typer.Option(help="Idempotency key.")]
 
 
+# Task fields shown by `zbroker task` only when set.
+_FLAGS = frozenset({"run_anyway"})
+
+
 @app.command()
 def task(
     task_id: Annotated[str, typer.Argument(help="The task id (from enqueue).")],
@@ -524,7 +528,7 @@ def task(
         return
     history = record.pop("history")
     for name, value in record.items():
-        if value not in (None, {}, ""):
+        if value not in (None, {}, "", [], ()) and not (name in _FLAGS and value is False):
             typer.echo(f"{name:<13} {_cell(value)}")
     typer.echo("history")
     for entry in history:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.test_core_durable import Script
+from tests.unit.test_core_durable import Script, emitted
 from zbroker.core import CoreSettings
 from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
 from zbroker.protocol import ext, zbc
@@ -404,3 +404,29 @@ def test_dependency_rules_hold_under_random_sequences(actions: list[tuple[Any, .
     for act in actions:
         run.act(act)
         run.check()
+
+
+def test_events_follow_each_tasks_life_in_order(journal: Journal) -> None:
+    s = Script(journal)
+    s.broker.set_subscriptions(frozenset({"task."}))
+    first = s.enqueue("a")
+    second = s.enqueue("b", depends_on=(first,))
+    third = s.enqueue("c", depends_on=(second,))
+    s.zready(b"W", "a", 1)
+    ((_, attempt, _, _),) = s.tasks_to(b"W")
+    s.send(b"W", ext.fail(first, attempt, "broken", retry=False))
+    seen = [(topic, p["id"]) for topic, payloads in emitted(s) for p in payloads]
+    # Each task's `enqueued` before its `blocked`; a failed task's own end before
+    # the ends it causes, down the chain
+    assert seen == [
+        ("task.enqueued.a", first),
+        ("task.enqueued.b", second),
+        ("task.blocked.b", second),
+        ("task.enqueued.c", third),
+        ("task.blocked.c", third),
+        ("task.started.a", first),
+        ("task.failed.a", first),
+        ("task.dead.a", first),
+        ("task.upstream_failed.b", second),
+        ("task.upstream_failed.c", third),
+    ]

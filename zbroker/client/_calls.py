@@ -267,6 +267,15 @@ def wire_options(
     )
 
 
+def graph_base(options: TaskOptions | None, call: str) -> TaskOptions:
+    """The options every task of a `chain()` or `fan_in()` shares: the caller's,
+    which may not set what the call sets itself."""
+    base = options or TaskOptions()
+    if base.depends_on or base.input is not None or base.key is not None:
+        raise ValueError(f"{call} sets depends_on and input itself; give key= to it, not options")
+    return base
+
+
 def depending(options: TaskOptions, deps: tuple[str, ...], input: str) -> TaskOptions:
     """`options` for a task that waits for `deps` and is handed their results."""
     return dataclasses.replace(options, depends_on=deps, input=input)

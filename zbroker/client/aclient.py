@@ -13,6 +13,7 @@ written once too, as the sans-IO plans of `_calls`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -211,6 +212,7 @@ class AsyncClient(AsyncClientBase):
         self,
         steps: Sequence[tuple[str | bytes, Payload | None]],
         *,
+        key: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[TaskId]:
         """Enqueue tasks that run one after the other: each step waits for the one
@@ -224,15 +226,18 @@ class AsyncClient(AsyncClientBase):
         after it `upstream_failed` (TaskUpstreamFailed). `options` apply to every
         step (except `depends_on` and `input`, which the chain sets). Each step is
         one ENQUEUE: if this call fails halfway, the steps before stay stored.
+        `key` makes the chain idempotent: step i gets the key `f"{key}:{i}"`, so a
+        chain enqueued again with the same key (after a crash, say) returns the ids
+        of the steps stored before and stores only the missing ones.
         """
-        base = options or TaskOptions()
-        if base.depends_on or base.input is not None or base.key is not None:
-            raise ValueError("chain() sets depends_on and input itself, and takes no key")
+        base = _calls.graph_base(options, "chain()")
         ids: list[TaskId] = []
-        for service, payload in steps:
+        for i, (service, payload) in enumerate(steps):
             step = base
             if ids:
                 step = _calls.depending(base, (ids[-1],), zbc.INPUT_RESULT)
+            if key is not None:
+                step = dataclasses.replace(step, key=f"{key}:{i}")
             plan = _calls.plan_enqueue(self._settings(), service, payload or [], step)
             ids.append(await self._run(plan, "chain"))
         return ids
@@ -242,6 +247,7 @@ class AsyncClient(AsyncClientBase):
         parts: Sequence[tuple[str | bytes, Payload]],
         then: tuple[str | bytes, Payload | None],
         *,
+        key: str | None = None,
         options: TaskOptions | None = None,
     ) -> list[TaskId]:
         """Enqueue `parts` (run side by side), then one task that waits for them all
@@ -252,11 +258,11 @@ class AsyncClient(AsyncClientBase):
         one frame, a msgpack list with each part's result frames in order
         (`input="results"`; `unpack_results()` reads it). Consecutive parts of one
         service go in one ENQUEUE. If a part fails for good, the joining task ends
-        `upstream_failed`. `options` apply to every task, as in `chain()`.
+        `upstream_failed`. `options` apply to every task, as in `chain()`; `key`
+        makes it idempotent like `chain()`'s (`f"{key}:{i}"` for part i,
+        `f"{key}:join"` for the joining task).
         """
-        base = options or TaskOptions()
-        if base.depends_on or base.input is not None or base.key is not None:
-            raise ValueError("fan_in() sets depends_on and input itself, and takes no key")
+        base = _calls.graph_base(options, "fan_in()")
         if not 1 <= len(parts) <= zbc.MAX_DEPENDENCIES:
             raise ValueError(f"fan_in() takes 1..{zbc.MAX_DEPENDENCIES} parts")
         ids: list[TaskId] = []
@@ -267,10 +273,13 @@ class AsyncClient(AsyncClientBase):
             while end < len(parts) and parts[end][0] == service:
                 end += 1
             payloads = [payload for _, payload in parts[start:end]]
-            batch = _calls.plan_enqueue_many(self._settings(), service, payloads, None, base)
+            keys = None if key is None else [f"{key}:{i}" for i in range(start, end)]
+            batch = _calls.plan_enqueue_many(self._settings(), service, payloads, keys, base)
             ids.extend(await self._run(batch, "fan_in"))
             start = end
         joined = _calls.depending(base, tuple(ids), zbc.INPUT_RESULTS)
+        if key is not None:
+            joined = dataclasses.replace(joined, key=f"{key}:join")
         last = _calls.plan_enqueue(self._settings(), then[0], then[1] or [], joined)
         ids.append(await self._run(last, "fan_in"))
         return ids
@@ -572,8 +581,9 @@ class AsyncClient(AsyncClientBase):
         after: int = 0,
         older_than_s: float = 0.0,
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """A page of `service`'s tasks in `state` (ready, delayed, inflight, dead, done,
-        cancelled, expired) at least `older_than_s` old: (records, next `after` or None)."""
+        """A page of `service`'s tasks in `state` (any TaskState: ready, delayed, blocked,
+        inflight, dead, done, cancelled, expired, upstream_failed) at least
+        `older_than_s` old: (records, next `after` or None)."""
         plan = _calls.plan_tasks(self._settings(), service, state, limit, after, older_than_s)
         return await self._run(plan, "tasks")
 

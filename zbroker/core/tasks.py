@@ -289,14 +289,9 @@ class DurableTasks:
         keep = record.state is not DEAD  # dead letters stay until redriven or dropped
         record.keep_until = epoch + self._settings.retention_s if keep else None
         journal.put(record)
-        if self.graph.edges:  # tasks may wait for this one: before its record may go
-            self.graph.ended(record, result, epoch)
-        if keep:
-            if self._settings.retention_s > 0:
-                if result is not None:
-                    journal.put_result(record.id, result)
-            else:
-                journal.delete(record.id)  # counted already; nothing to keep
+        forget = keep and self._settings.retention_s <= 0  # counted already; nothing to keep
+        if keep and not forget and result is not None:
+            journal.put_result(record.id, result)
         new = record.state
         sink = self._sink
         if new is DEAD:
@@ -321,6 +316,11 @@ class DurableTasks:
                 "task.dead." + record.service,
                 {"id": record.id, "attempt": record.attempt, "reason": record.error},
             )
+        if self.graph.edges:
+            # After this task's own events, before its record may go: what waits for it.
+            self.graph.ended(record, result, epoch)
+        if forget:
+            journal.delete(record.id)
 
     # ------------------------------------------------------------ delivery
 
@@ -887,7 +887,6 @@ class DurableTasks:
         enqueued: list[Any] | None = [] if sink.prefixes and sink.wants(topic) else None
         priority, event_not_before, headers = options.priority, not_before or None, options.headers
         apply = self.apply
-        graph = self.graph
         noise = self._noise
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
@@ -921,15 +920,15 @@ class DurableTasks:
                 affinity=options.affinity,
                 concurrency_key=options.concurrency_key,
             )
+            if enqueued is not None:
+                enqueued.append((record.id, priority, event_not_before, headers))
             if not deps:
                 apply(record, move, epoch, service, payload, None, (), True)
             else:
-                graph.attach(record, deps, options, service, payload, epoch)
+                enqueued = self._attach(record, deps, msg, service, payload, epoch, enqueued)
             ids.append(record.id)
             if key is not None:
                 stored_keys[key] = record.id
-            if enqueued is not None:
-                enqueued.append((record.id, priority, event_not_before, headers))
         if enqueued:
             sink.add(topic, ENQUEUED_FIELDS, enqueued)
         self._stats.tasks_enqueued += count - len(existing)
@@ -942,6 +941,24 @@ class DurableTasks:
             routing = self._routing
             assert routing is not None
             routing.dispatch(service, now)
+
+    def _attach(
+        self,
+        record: TaskRecord,
+        deps: list[TaskRecord],
+        msg: zbc.Enqueue,
+        service: Service,
+        payload: tuple[bytes, ...],
+        epoch: float,
+        enqueued: list[Any] | None,
+    ) -> list[Any] | None:
+        """Store a new task with dependencies (core/graph.py), its `task.enqueued` event
+        (with those of the call before it) ahead of what attaching it announces."""
+        if enqueued:
+            self._sink.add("task.enqueued." + msg.service, ENQUEUED_FIELDS, enqueued)
+            enqueued = []
+        self.graph.attach(record, deps, msg.options, service, payload, epoch)
+        return enqueued
 
     def _debounced(
         self,
