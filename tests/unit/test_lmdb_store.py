@@ -519,6 +519,7 @@ def test_the_layout_is_named_databases_and_msgpack_records(
         b"inflight",
         b"dead",
         b"chunks",
+        b"schedules",
     }
     assert record[:5] == ["svc", int(DEAD), 1, 5.0, 2]
     assert payload == [b"p"]

@@ -15,6 +15,7 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   lapse     time(expires_at of READY/DELAYED, or keep_until of finished) + seq
   chunks    len(id) (2 bytes) + id + offset (8 bytes) -> attempt (4 bytes) + data:
             a task's stream entries, together and in offset order under its prefix
+  schedules name -> msgpack map of a recurring task's rule and progress
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
             options/<service name> -> msgpack map of the operator's options (paused, limit);
             a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
@@ -62,6 +63,7 @@ from zbroker.journal.base import (
     SchemaMismatch,
     TaskRecord,
     TaskState,
+    check_schedule_name,
 )
 
 MiB = 1 << 20
@@ -94,6 +96,7 @@ _PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIO
 # A write as it is kept for replay after the map grew: (kind, task id, data...).
 _Op = tuple[Any, ...]
 _PUT, _RESULT, _DELETE, _SERVICE_OPTIONS, _CHUNKS = 1, 2, 3, 4, 5
+_SCHEDULE = 6  # (kind, name, packed map or None to delete)
 
 Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
@@ -190,7 +193,7 @@ class LmdbJournal(Journal):
             self._env: lmdb.Environment | None = lmdb.open(
                 str(self.path),
                 map_size=map_size,
-                max_dbs=12,
+                max_dbs=16,
                 sync=sync,
                 metasync=sync,
             )
@@ -568,6 +571,8 @@ class LmdbJournal(Journal):
                     self._dead = env.open_db(b"dead", txn=txn, dupsort=True)
                     # Created here in a store written before streams existed.
                     self._chunks = env.open_db(b"chunks", txn=txn)
+                    # Recurring tasks; created here in a store written before them.
+                    self._schedules = env.open_db(b"schedules", txn=txn)
                 break
             except lmdb.MapFullError:
                 self._grow_map()
@@ -627,6 +632,9 @@ class LmdbJournal(Journal):
     ) -> None:
         kind, task_id = op[0], op[1]
         idb = task_id.encode()
+        if kind == _SCHEDULE:
+            self._apply_schedule(txn, idb, op[2])
+            return
         if kind == _SERVICE_OPTIONS:
             self._apply_options(txn, task_id, idb, op[2])
         elif kind == _PUT:
@@ -960,6 +968,37 @@ class LmdbJournal(Journal):
         if svc is not None:
             record.store_memo = (self, data, svc, int(record.state), self._entries(record, svc))
         return record
+
+    # ------------------------------------------------- recurring tasks (schedules)
+
+    def put_schedule(self, name: str, data: Mapping[str, Any]) -> None:
+        self._check_open()
+        check_schedule_name(name)
+        packed = msgpack.packb(dict(data), use_bin_type=True)  # fails here if not msgpack-able
+        self._write((_SCHEDULE, name, packed))
+
+    def delete_schedule(self, name: str) -> None:
+        self._check_open()
+        raw = check_schedule_name(name)
+        if self._get(raw, self._schedules) is not None:
+            self._write((_SCHEDULE, name, None))
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        self._check_open()
+        with self._reading() as txn:
+            return {
+                key.decode(): msgpack.unpackb(value)
+                for key, value in txn.cursor(db=self._schedules)
+            }
+
+    def _apply_schedule(
+        self, txn: lmdb.Transaction[bytes], name: bytes, packed: bytes | None
+    ) -> None:
+        """Write (or, with None, remove) a schedule."""
+        if packed is None:
+            txn.delete(name, db=self._schedules)
+        else:
+            txn.put(name, packed, db=self._schedules)
 
 
 def _id_bytes(task_id: str) -> bytes | None:
