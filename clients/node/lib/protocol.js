@@ -481,6 +481,10 @@ export const C = Object.freeze({
   READ: 0x13,
   MORE: 0x14,
   CLOSE: 0x15,
+  // Recurring tasks (§15), admin calls.
+  SCHEDULE: 0x16,
+  SCHEDULES: 0x17,
+  UNSCHEDULE: 0x18,
   // Broker -> client (bytes are per direction: 0x12 from the broker is CHUNKS).
   REPLY: 0x10,
   ERROR: 0x11,
@@ -502,6 +506,12 @@ export const STREAM_CREDIT_MAX = 10_000
 // Chunk data the broker sends a call beyond its credit, whatever the window (one
 // chunk always goes): a reader credits what it consumed before it reaches this.
 export const STREAM_UNCREDITED_BYTES = 4 * 1024 * 1024
+// Recurring tasks (§15): a schedule's name (bytes of UTF-8), its interval (whole
+// seconds) and its payload (bytes, every frame).
+export const MAX_SCHEDULE_NAME_BYTES = 128
+export const MIN_SCHEDULE_INTERVAL_S = 1
+export const MAX_SCHEDULE_INTERVAL_S = 366 * 86400
+export const MAX_SCHEDULE_PAYLOAD_BYTES = 64 * 1024
 
 // Task states as the broker names them (ZBC01 answers), and those a task never leaves.
 export const TASK_STATES = Object.freeze(['ready', 'delayed', 'inflight', 'done', 'dead', 'cancelled', 'expired'])
