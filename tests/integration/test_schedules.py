@@ -167,3 +167,17 @@ def test_the_cli_refuses_a_bad_rule_clearly(
     done = zbroker(broker, "schedule", "add", "bad", "svc", *args)
     assert done.returncode == 2, done.stdout
     assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_status_and_top_show_the_schedules(broker: BrokerProcess, stack: ExitStack) -> None:
+    client = open_client(stack, broker)
+    assert client.broker_stats()["schedules"] == {"count": 0, "next_at": None}
+    info = client.schedule("later", "svc", every_s=3600)
+    client.schedule("sooner", "svc", every_s=600)
+    figures = client.broker_stats()
+    assert figures["schedules"]["count"] == 2
+    assert figures["schedules"]["next_at"] == pytest.approx(info.created_at + 600, abs=2)
+    assert figures["stats"]["schedules_fired"] == 0
+    frame = zbroker(broker, "top", "--once")
+    assert frame.returncode == 0, frame.stderr
+    assert "schedules 2: next firing at" in frame.stdout and "0 fired" in frame.stdout

@@ -324,6 +324,8 @@ class Broker:
         """STATS: the views' figures, and on an authenticated broker what was refused
         by kind (the guard's, and the runtime's: handshakes, the event bus)."""
         view = self.views.stats(now)
+        if self.tasks.journal is not None:
+            view["schedules"] = self.schedules.summary()
         guard = self.guard
         if guard is not None:
             refused: dict[str, int] = dict(guard.forbidden)

@@ -281,6 +281,11 @@ class Schedules:
         self._emit("schedule.removed.", rule, {"fired": rule.fired})
         self._rewake()
 
+    def summary(self) -> dict[str, Any]:
+        """What STATS shows of the schedules: how many, and the next firing (epoch)."""
+        next_at = min((r.next_at for r in self._rules.values()), default=None)
+        return {"count": len(self._rules), "next_at": next_at}
+
     # -------------------------------------------------------------- timers
 
     def tick(self, now: float) -> None:
