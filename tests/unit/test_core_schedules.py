@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from tests.unit.core_script import EPOCH, CoreScript
-from zbroker.core import CoreSettings
+from zbroker.core import Broker, CoreSettings
 from zbroker.core.schedules import firing_key
 from zbroker.journal import Durability, Journal, LmdbJournal, MemoryJournal
 from zbroker.protocol import ext, limits, zbc
+from zbroker.protocol.access import Policy, Principal
 
 SETTINGS = CoreSettings(heartbeat_interval_s=1.0, retention_s=1000.0, seed=3)
 
@@ -433,3 +434,34 @@ def test_a_schedule_the_journal_cannot_read_is_left_out(stores: Stores) -> None:
 
 def test_the_firing_key_names_the_schedule_and_its_instant() -> None:
     assert firing_key("a:b", EPOCH) == "schedule:a:b:2023-11-14T22:13:20Z"
+
+
+def test_on_an_authenticated_broker_only_admins_keep_schedules() -> None:
+    policy = Policy(
+        (
+            Principal("alice", "A" * 40, frozenset({"client"}), services=("*",)),
+            Principal("ops", "O" * 40, frozenset({"observer"})),
+            Principal("root", "R" * 40, frozenset({"admin"})),
+        )
+    )
+    journal = MemoryJournal()
+    broker = Broker(SETTINGS, 0.0, journal, EPOCH, policy=policy)
+
+    def answer(sender: str, frames: list[bytes]) -> zbc.Answer:
+        peer = b"\x00" + sender[:4].encode().ljust(4, b"_")  # a routing id the ROUTER gives
+        broker.receive_many([[peer, *frames]], 0.0, [sender])
+        journal.commit()
+        (out,) = [f for f in broker.outbox if f[0] == peer]
+        broker.outbox = []
+        return zbc.decode_answer(out[1:])
+
+    add = zbc.schedule(1, "s", "svc", [b""], every_s=10)
+    for who in ("alice", "ops"):
+        for frames in (add, zbc.call(zbc.SCHEDULES, 2), zbc.call(zbc.UNSCHEDULE, 3, name="s")):
+            refused = answer(who, frames)
+            assert (refused.ok, refused.code) == (False, "forbidden")
+    assert answer("root", add).ok and journal.schedules().keys() == {"s"}
+    # Its firings are the broker's: no owner, counted against no principal
+    broker.tick(10.0)
+    (record,) = journal.ready("svc", 10)
+    assert record.owner is None and record.key == key("s", 10)
