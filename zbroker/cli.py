@@ -44,6 +44,7 @@ from zbroker.config import (
 )
 from zbroker.journal import JournalError
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
+from zbroker.protocol.cron import parse_duration
 from zbroker.protocol.states import LISTABLE_STATES, QUEUE_COUNTS
 from zbroker.runtime import BindError, BrokerServer
 from zbroker.runtime.auth import AuthFileError
@@ -934,6 +935,132 @@ def dlq_redrive(
     for task_id in moved:
         typer.echo(task_id)
     typer.echo(f"{len(moved)} task(s) redriven", err=True)
+
+
+schedule_app = typer.Typer(
+    help="Recurring tasks: a task enqueued every interval or at cron times.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+def _when(timestamp: float | None) -> str:
+    """A time as local YYYY-MM-DD HH:MM:SS, "-" for none."""
+    if timestamp is None:
+        return "-"
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return f"{timestamp:.0f}"
+
+
+@schedule_app.command("add")
+def schedule_add(
+    name: Annotated[str, typer.Argument(help="The schedule's name (adding it again replaces it).")],
+    service: Annotated[str, typer.Argument(help="The service each firing's task goes to.")],
+    every: Annotated[
+        str | None, typer.Option(help="Fire every interval: 30s, 5m, 1h30m, 2d.")
+    ] = None,
+    cron: Annotated[
+        str | None,
+        typer.Option(help='Fire at the times of a cron expression: "*/5 * * * *".'),
+    ] = None,
+    tz: Annotated[
+        str | None, typer.Option(help="With --cron: its time zone (Europe/Paris); default UTC.")
+    ] = None,
+    data: _Data = None,
+    data_file: Annotated[Path | None, typer.Option(help="Read the payload from this file.")] = None,
+    priority: _Priority = 0,
+    ttl: Annotated[
+        float | None, typer.Option(min=0.0, help="Each firing expires unless started by then.")
+    ] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1, max=1000)] = None,
+    task_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Run-time limit of one attempt, seconds.")
+    ] = None,
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Enqueue a task to SERVICE every --every interval or at --cron times, for good
+    (kept in the broker's journal) until `zbroker schedule remove NAME`."""
+    if (every is None) == (cron is None):
+        typer.echo("zbroker: schedule add: give exactly one of --every and --cron", err=True)
+        raise typer.Exit(2)
+    every_s = None
+    if every is not None:
+        try:
+            every_s = parse_duration(every)
+        except ValueError as exc:
+            typer.echo(f"zbroker: schedule add: --every: {exc}", err=True)
+            raise typer.Exit(2) from None
+    if data is not None and data_file is not None:
+        typer.echo("zbroker: schedule add: give --data or --data-file, not both", err=True)
+        raise typer.Exit(2)
+    payload = b"" if data is None and data_file is None else _payload(data, data_file)
+
+    def add(client: Client) -> Any:
+        return client.schedule(
+            name,
+            service,
+            payload,
+            every_s=every_s,
+            cron=cron,
+            tz=tz,
+            priority=priority,
+            ttl_s=ttl,
+            max_attempts=max_attempts,
+            timeout_s=task_timeout,
+        )
+
+    try:
+        info = _client_call(endpoint, timeout, f"schedule add {name}", add)
+    except ValueError as exc:
+        typer.echo(f"zbroker: schedule add {name}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{info.name}: {info.rule} to {info.service}, next at {_when(info.next_at)}")
+
+
+@schedule_app.command("list")
+def schedule_list(
+    endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
+) -> None:
+    """Every schedule: its rule, its next and last firing, how many times it fired."""
+    found = _client_call(endpoint, timeout, "schedule list", lambda c: c.schedules())
+    if as_json:
+        typer.echo(json.dumps([_jsonable(dataclasses.asdict(i)) for i in found], indent=2))
+        return
+    if not found:
+        typer.echo("no schedules")
+        return
+    rows = [
+        {
+            "name": info.name,
+            "service": info.service,
+            "rule": info.rule,
+            "next": _when(info.next_at),
+            "last": _when(info.last_at),
+            "fired": info.fired,
+            "last_task": info.last_id,
+            "error": info.error,
+        }
+        for info in found
+    ]
+    _table(rows, ["name", "service", "rule", "next", "last", "fired", "last_task", "error"])
+
+
+@schedule_app.command("remove")
+def schedule_remove(
+    name: Annotated[str, typer.Argument(help="The schedule to remove.")],
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Remove a schedule; the tasks it already enqueued stay."""
+    what = f"schedule remove {name}"
+    removed = _client_call(endpoint, timeout, what, lambda c: c.unschedule(name))
+    if not removed:
+        typer.echo(f"zbroker: schedule remove: no schedule {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"schedule {name} removed")
 
 
 keys_app = typer.Typer(help="CURVE keys for --auth (docs/security.md).", no_args_is_help=True)

@@ -94,6 +94,17 @@ class Dashboard:
         )
         if malformed:
             text.append(f"   malformed dropped: {malformed}", style="yellow")
+        schedules = stats.get("schedules") or {}
+        if schedules.get("count"):
+            upcoming = schedules.get("next_at")
+            when = time.strftime("%H:%M:%S", time.localtime(upcoming)) if upcoming else "-"
+            text.append(
+                f"\nschedules {schedules['count']}: next firing at {when}, "
+                f"{counters.get('schedules_fired', 0)} fired"
+            )
+            refused = counters.get("schedule_firings_refused", 0)
+            if refused:
+                text.append(f", {refused} refused (retried)", style="yellow")
         if journal:
             text.append(
                 f"\njournal {journal['durability']}: {journal['commits']} commits, "

@@ -365,6 +365,46 @@ export interface DeadLetterPage {
   next: number | null
 }
 
+/** Options of schedule() (docs/protocol.md §17): its rule, and what each firing's task gets. */
+export interface ScheduleOptions extends CallOptions {
+  /** Fire every so many seconds (a whole number, at least 1); or give `cron`. */
+  everyS?: number
+  /** Fire at the instants of a five-field cron expression; or give `everyS`. */
+  cron?: string
+  /** With `cron`: the IANA time zone it is read in (default UTC). */
+  tz?: string
+  priority?: number
+  ttlS?: number
+  maxAttempts?: number
+  timeoutS?: number
+  headers?: Record<string, unknown>
+}
+
+/** A schedule as the broker keeps it (docs/protocol.md §17). */
+export interface Schedule {
+  name: string
+  service: string
+  everyS: number | null
+  cron: string | null
+  tz: string | null
+  priority: number
+  ttlS: number | null
+  maxAttempts: number | null
+  timeoutS: number | null
+  headers: Record<string, unknown>
+  payloadBytes: number
+  createdAt: Date
+  /** Its next firing. */
+  nextAt: Date
+  /** The instant of its last firing (not when it ran); null before the first. */
+  lastAt: Date | null
+  /** The task its last firing enqueued. */
+  lastId: string | null
+  fired: number
+  /** Why its last firing was refused (it is tried again), if it was. */
+  error: string | null
+}
+
 export interface CancelResult {
   id: string
   state: 'cancelled'
@@ -516,6 +556,15 @@ export class Client {
    */
   redrive (service: string, ids?: string[] | null, options?: CallOptions): Promise<string[]>
   redrive (service: string, options: CallOptions): Promise<string[]>
+  /**
+   * Have the broker enqueue `payload` to `service` every `everyS` seconds or at `cron`
+   * instants, until unschedule(name); a schedule of the same name is replaced.
+   */
+  schedule (name: string, service: string, payload: Payload | undefined, options: ScheduleOptions): Promise<Schedule>
+  /** Every schedule the broker keeps, by name. */
+  schedules (options?: CallOptions): Promise<Schedule[]>
+  /** Remove a schedule: true, or false when there was none. */
+  unschedule (name: string, options?: CallOptions): Promise<boolean>
 
   /** Plain 7/MDP request; the reply must be one frame. */
   mdpRequest (service: string, body: Payload, options?: MdpOptions): Promise<Buffer>

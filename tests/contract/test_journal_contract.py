@@ -1517,3 +1517,76 @@ def test_a_tasks_owner_and_uncharged_attempts_survive_a_reopen(durable_stores: S
     # And an owner that is not a name is refused before anything is stored
     with pytest.raises(ValueError, match="owner"):
         journal.put(task(journal, "bad", owner=""))
+
+
+# ------------------------------------------------- recurring tasks (schedules)
+
+
+def test_schedules_are_stored_replaced_and_deleted(journal: Journal) -> None:
+    assert journal.schedules() == {}
+    journal.put_schedule("beat", {"service": "svc", "every_s": 10, "payload": [b"\x00x", b""]})
+    journal.put_schedule("cron", {"service": "s2", "cron": "* * * * *", "tz": None})
+    # Visible at once, before the commit (rule 1), bytes as bytes, nil as None
+    assert journal.schedules() == {
+        "beat": {"service": "svc", "every_s": 10, "payload": [b"\x00x", b""]},
+        "cron": {"service": "s2", "cron": "* * * * *", "tz": None},
+    }
+    journal.put_schedule("beat", {"service": "svc", "every_s": 20})
+    journal.delete_schedule("cron")
+    journal.delete_schedule("never-was")  # a no-op
+    journal.commit()
+    assert journal.schedules() == {"beat": {"service": "svc", "every_s": 20}}
+
+
+def test_schedules_are_copies(journal: Journal) -> None:
+    data: dict[str, Any] = {"headers": {"a": 1}}
+    journal.put_schedule("s", data)
+    data["headers"]["a"] = 2
+    read = journal.schedules()
+    assert read == {"s": {"headers": {"a": 1}}}
+    read["s"]["headers"]["a"] = 3
+    assert journal.schedules() == {"s": {"headers": {"a": 1}}}
+
+
+def test_schedules_are_kept_apart_from_tasks_and_options(journal: Journal) -> None:
+    journal.put(task(journal, "t-1", service="beat"))
+    journal.put_service_options("beat", {"paused": True})
+    journal.put_schedule("beat", {"service": "beat"})
+    journal.commit()
+    journal.delete_schedule("beat")
+    journal.commit()
+    assert journal.counts() == {"beat": {READY: 1}}
+    assert journal.service_options() == {"beat": {"paused": True}}
+    assert journal.get("t-1") is not None and journal.schedules() == {}
+
+
+def test_a_schedule_name_must_be_one_a_store_can_key(journal: Journal) -> None:
+    for bad in ("", "x" * 481, "\udcff"):
+        with pytest.raises(ValueError):
+            journal.put_schedule(bad, {})
+    with pytest.raises(TypeError):
+        journal.put_schedule("s", {"bad": object()})
+    wide = "ü" * 240  # 480 bytes: the longest
+    journal.put_schedule(wide, {"n": 1})
+    journal.commit()
+    assert journal.schedules() == {wide: {"n": 1}}
+
+
+def test_schedules_survive_a_reopen_and_an_uncommitted_change_does_not(stores: Stores) -> None:
+    if not stores.durable:
+        pytest.skip("the memory store keeps nothing across a close")
+    journal = stores.open()
+    journal.put_schedule("kept", {"next_at": 1.5})
+    journal.put(task(journal, "t-1"))
+    journal.commit()
+    # A pass that moves the schedule on with a new task, never committed
+    journal.put_schedule("kept", {"next_at": 2.5})
+    journal.put(task(journal, "t-2"))
+    journal.put_schedule("new", {})
+    journal = stores.reopen(journal)
+    assert journal.schedules() == {"kept": {"next_at": 1.5}}
+    assert journal.get("t-2") is None
+    journal.delete_schedule("kept")
+    journal.commit()
+    journal = stores.reopen(journal)
+    assert journal.schedules() == {}

@@ -36,6 +36,8 @@ HEARTBEAT, DISCONNECT, CANCEL_W, TASKS, DONES = 0x07, 0x08, 0x09, 0x0A, 0x0B
 # §13: task streams.
 CHUNK = 0x0D
 STREAM, READ, MORE, CLOSE, CHUNKS = 0x12, 0x13, 0x14, 0x15, 0x12
+# §17: recurring tasks.
+SCHEDULE, SCHEDULES, UNSCHEDULE, TASKS_CALL = 0x16, 0x17, 0x18, 0x11
 
 # §11.3: the keys of the task map of STATUS, "every key always present".
 TASK_MAP_KEYS = {
@@ -687,6 +689,50 @@ def test_an_event_crosses_the_proxy_unchanged(broker: BrokerProcess, zmq_ctx: Ct
 
     wait_until(delivered)
     assert sub.recv_multipart() == [b"fs.change", envelope]
+
+
+def test_a_schedule_fires_tasks_keyed_by_their_instants(
+    broker: BrokerProcess, zmq_ctx: Ctx
+) -> None:
+    """§17: SCHEDULE, its firings (ordinary tasks, keyed schedule:<name>:<instant>),
+    SCHEDULES, UNSCHEDULE, and what is refused."""
+    c = DocClient(zmq_ctx, broker.endpoint)
+    answer, _ = c.call(SCHEDULE, {"name": "tick", "service": "doc15", "every_s": 1}, b"p")
+    view = answer["schedule"]
+    assert answer["was"] == "new"
+    assert set(view) == {
+        "name", "service", "every_s", "cron", "tz", "priority", "ttl_s", "max_attempts",
+        "timeout_s", "headers", "payload_bytes", "created_at", "next_at", "last_at",
+        "last_id", "fired", "error",
+    }  # fmt: skip
+    assert view["next_at"] == int(view["created_at"]) + 1 and view["payload_bytes"] == 1
+
+    # Each firing is a ready task of the service, keyed by the instant it is for
+    def firings() -> list[dict[str, Any]]:
+        page, _ = c.call(TASKS_CALL, {"service": "doc15", "state": "ready"})
+        tasks: list[dict[str, Any]] = page["tasks"]
+        return tasks
+
+    wait_until(lambda: len(firings()) >= 2, timeout_s=10)
+    first = sorted(t["key"] for t in firings())[0]
+    instant = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(view["next_at"]))
+    assert first == f"schedule:tick:{instant}"
+    (listed,) = c.call(SCHEDULES, {})[0]["schedules"]
+    assert listed["fired"] >= 2 and listed["next_at"] == listed["last_at"] + 1
+    # The same definition again changes nothing
+    again, _ = c.call(SCHEDULE, {"name": "tick", "service": "doc15", "every_s": 1}, b"p")
+    assert again["was"] == "unchanged" and again["schedule"]["next_at"] > view["next_at"]
+    # What is refused, and how
+    for meta in (
+        {"name": "x", "service": "doc15"},
+        {"name": "x", "service": "doc15", "cron": "61 * * * *"},
+        {"name": "x", "service": "doc15", "cron": "0 * * * *", "tz": "Mars/Olympus"},
+        {"name": "x", "service": "doc15", "every_s": 5, "key": "k"},
+    ):
+        assert c.error(SCHEDULE, meta)["code"] == "bad_request"
+    assert c.call(UNSCHEDULE, {"name": "tick"})[0] == {"name": "tick", "removed": True}
+    assert c.error(UNSCHEDULE, {"name": "tick"})["code"] == "not_found"
+    assert c.call(SCHEDULES, {})[0] == {"schedules": []}
 
 
 def test_the_document_names_every_section_it_refers_to() -> None:

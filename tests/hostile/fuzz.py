@@ -540,9 +540,35 @@ class ShotMaker:
             draft = self._zbc_enqueue()
         elif roll < 0.45:
             draft = self._zbc_request()
+        elif roll < 0.5:
+            draft = self._zbc_schedule()
         else:
             draft = self._zbc_call()
         return self._finish(draft)
+
+    def _zbc_schedule(self) -> Draft:
+        """SCHEDULE (§17), SCHEDULES or UNSCHEDULE; mostly a malformed or odd rule. Names
+        come from a small pool, so the broker keeps a few schedules at most."""
+        rng = self.rng
+        rid = self._next_rid()
+        name: Any = rng.choice(("s0", "s1", "s2", "", "x" * 300, 5, None, "a\nb"))
+        roll = rng.random()
+        if roll < 0.15:
+            return Draft("ZBC01", "call SCHEDULES", [b"", zbc.ZBC01, zbc.SCHEDULES], {"rid": rid})
+        if roll < 0.3:
+            meta = {"rid": rid, "name": name}
+            return Draft("ZBC01", "call UNSCHEDULE", [b"", zbc.ZBC01, zbc.UNSCHEDULE], meta)
+        rules: dict[str, Any] = rng.choice(
+            (
+                {"every_s": rng.choice((1, 5, 0, -1, 1.5, 1e300, "5", True, None))},
+                {"cron": rng.choice(("* * * * *", "*/5 * * * *", "61 * * * *", "", 5, "@often"))},
+                {"cron": "0 * * * *", "tz": rng.choice(("Europe/Paris", "../etc", 7, "No/Pe"))},
+                {"every_s": 10, "cron": "* * * * *"},
+                {},
+            )
+        )
+        meta = {"rid": rid, "name": name, "service": self._service(), **rules, **self._options()}
+        return Draft("ZBC01", "schedule", [b"", zbc.ZBC01, zbc.SCHEDULE], meta, self._small_body())
 
     # ------------------------------------------------------------ ZBW01
 

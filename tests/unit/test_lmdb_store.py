@@ -521,6 +521,7 @@ def test_the_layout_is_named_databases_and_msgpack_records(
         b"chunks",
         b"blocked",
         b"dependents",
+        b"schedules",
     }
     assert record[:5] == ["svc", int(DEAD), 1, 5.0, 2]
     assert payload == [b"p"]
@@ -855,3 +856,28 @@ def test_the_journal_may_hold_no_more_than_its_device_has_room_for(tmp_path: Pat
         assert abs(stats.bytes_max - (stats.bytes_used + free)) < 64 << 20  # other writers
     finally:
         journal.close()
+
+
+# ------------------------------------------------- recurring tasks (schedules)
+
+
+def test_schedule_writes_are_replayed_when_the_map_grows(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a store whose map holds 16 pages
+    journal = open_store(opened, tmp_path / "j", map_size=64 * KiB)
+    journal.put_schedule("before", {"n": 1})
+    journal.commit()
+    # When one pass writes schedules around more than the map holds
+    journal.put_schedule("first", {"n": 2})
+    for i in range(50):
+        journal.put(TaskRecord(f"t-{i}", "svc", READY, journal.next_seq(), 1.0), [b"x" * 4096])
+    journal.put_schedule("last", {"payload": [b"y" * 100_000]})
+    journal.delete_schedule("before")
+    # Then the map grew, the pass was replayed whole, and it commits and survives a reopen
+    assert journal.stats.map_size > 64 * KiB
+    journal.commit()
+    journal.close()
+    journal = open_store(opened, tmp_path / "j")
+    assert journal.schedules() == {"first": {"n": 2}, "last": {"payload": [b"y" * 100_000]}}
+    assert journal.counts() == {"svc": {READY: 50}}

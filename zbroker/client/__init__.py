@@ -57,6 +57,7 @@ from zbroker.client.errors import (
 from zbroker.client.events import Publisher, Subscriber
 from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions
+from zbroker.client.schedules import ScheduleInfo
 from zbroker.client.service import SERVICE_HEARTBEAT_PREFIX, Service, ServiceStats
 from zbroker.client.worker import Handler, Metrics, Result, Task, Worker, WorkerStats
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
@@ -93,6 +94,7 @@ __all__ = [
     "RequestTimeout",
     "Result",
     "RetryLater",
+    "ScheduleInfo",
     "Service",
     "ServiceStats",
     "Subscriber",

@@ -31,6 +31,12 @@ from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
 from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions, When, pick_options
+from zbroker.client.schedules import (
+    ScheduleInfo,
+    plan_schedule,
+    plan_schedules,
+    plan_unschedule,
+)
 from zbroker.protocol import DEFAULT_ENDPOINT, zbc
 from zbroker.protocol.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -638,6 +644,53 @@ class Client(ClientBase):
         `service` are skipped.
         """
         return self._run(_calls.plan_redrive(self._settings(), service, ids), "redrive")
+
+    # ---------------------------------------------------------- recurring tasks
+
+    def schedule(
+        self,
+        name: str,
+        service: str | bytes,
+        payload: Payload = b"",
+        *,
+        every_s: float | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        priority: int = 0,
+        ttl_s: float | None = None,
+        max_attempts: int | None = None,
+        timeout_s: float | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> ScheduleInfo:
+        """Have the broker enqueue `payload` to `service` every `every_s` seconds (a
+        whole number, at least 1), or at the instants of `cron` (five fields, in UTC
+        or in the IANA time zone `tz`), until `unschedule(name)`. Returns the schedule.
+
+        Kept in the broker's journal. Each firing is an ordinary task with the
+        idempotency key `schedule:<name>:<instant>`, so a broker restart neither skips
+        nor repeats one; instants missed while the broker was stopped fire once, for
+        the latest. The options are those of each firing's task. A schedule of the
+        same name is replaced (the same definition again changes nothing). Raises
+        ValueError for a rule the broker would refuse, BrokerError when refused.
+        """
+        chosen = TaskOptions(
+            priority=priority,
+            ttl_s=ttl_s,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            headers=headers,
+        )
+        plan = plan_schedule(self._settings(), name, service, payload, every_s, cron, tz, chosen)
+        return self._run(plan, "schedule")
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule the broker keeps, by name: rule, next and last firing, count."""
+        return self._run(plan_schedules(self._settings()), "schedules")
+
+    def unschedule(self, name: str) -> bool:
+        """Remove schedule `name`: True, or False when there was none. Firings already
+        enqueued stay."""
+        return self._run(plan_unschedule(self._settings(), name), "unschedule")
 
     # ---------------------------------------------------------------- private
 

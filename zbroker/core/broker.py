@@ -16,6 +16,7 @@ that owns what it is about; it never decides anything itself. The parts
   AdminViews        QUEUES, WORKERS, STATS, STATUS, TASKS, DEAD (read only)
   OperatorControls  PURGE, REDRIVE, DROP, PAUSE, LIMIT, DRAIN
   EventSink         which lifecycle events are wanted, grouped into batches
+  Schedules         recurring tasks: their rules in the journal, their firings
 
 Rules it keeps at the door:
   1. Malformed input is dropped and counted; it never raises out of `receive`.
@@ -40,6 +41,7 @@ from zbroker.core.model import Service, Stats, Worker
 from zbroker.core.names import hex_id
 from zbroker.core.requests import MdpRequests
 from zbroker.core.routing import Routing
+from zbroker.core.schedules import Schedules
 from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventEntry, EventSink, Outputs
@@ -114,6 +116,7 @@ class Broker:
             settings, self.stats, self.directory, self.routing.workers, self.tasks, now
         )
         self.controls = OperatorControls(self._out, self.directory, self.routing, self.tasks)
+        self.schedules = Schedules(settings, self.stats, self._out, self.sink, self.tasks)
         if policy is not None:
             self.guard = Guard(
                 policy, self.stats, self.directory, settings.max_services_per_principal
@@ -122,6 +125,7 @@ class Broker:
         self._calls = self._call_table()
         if journal is not None:
             self.tasks.recover(now)
+            self.schedules.load(now)
             if policy is not None:
                 self.tasks.count_owners()
 
@@ -148,7 +152,7 @@ class Broker:
     @property
     def next_tick_at(self) -> float:
         """When `tick` must run next (monotonic)."""
-        return min(self._tick_at, self.tasks.wake_at, self.routing.wake_at)
+        return min(self._tick_at, self.tasks.wake_at, self.routing.wake_at, self.schedules.wake_at)
 
     @property
     def services(self) -> dict[bytes, Service]:
@@ -243,7 +247,8 @@ class Broker:
                     receive(frames, now, sender)
 
     def tick(self, now: float) -> None:
-        """Timers: workers, heartbeats, deadlines, delays, retention, waits, requests.
+        """Timers: workers, heartbeats, deadlines, delays, retention, waits, schedules,
+        requests.
         Each looks only at what is due (or, for idle services, what may have become
         idle since the last tick): nothing here visits every service."""
         self._tick_at = now + self.settings.tick_interval_s
@@ -251,6 +256,7 @@ class Broker:
         self.tasks.wake_at = math.inf
         self.routing.tick(now)
         self.tasks.tick(now)
+        self.schedules.tick(now)
         self.requests.expire_due(now)
         self.directory.let_go_idle()
 
@@ -310,12 +316,17 @@ class Broker:
             zbc.Rate: controls.rate,
             zbc.Pause: controls.pause,
             zbc.Drain: lambda identity, msg, now: controls.drain(identity, msg),
+            zbc.Schedule: self.schedules.add,
+            zbc.ListSchedules: self.schedules.list,
+            zbc.Unschedule: self.schedules.remove,
         }
 
     def _stats_view(self, now: float) -> dict[str, Any]:
         """STATS: the views' figures, and on an authenticated broker what was refused
         by kind (the guard's, and the runtime's: handshakes, the event bus)."""
         view = self.views.stats(now)
+        if self.tasks.journal is not None:
+            view["schedules"] = self.schedules.summary()
         guard = self.guard
         if guard is not None:
             refused: dict[str, int] = dict(guard.forbidden)

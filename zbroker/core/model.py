@@ -518,6 +518,9 @@ class Stats:
     streams_abandoned: int = 0  # stream calls closed, or whose connection went, early
     streams_capped: int = 0  # tasks dead-lettered for a stream past its cap
     forbidden: int = 0  # messages refused because their sender's roles do not allow them
+    # Recurring tasks (§17).
+    schedules_fired: int = 0  # firings enqueued (one per schedule and due instant)
+    schedule_firings_refused: int = 0  # firings refused (queue full...), tried again later
     malformed: Counter[str] | None = None
 
     def __post_init__(self) -> None:

@@ -1212,5 +1212,31 @@ class DurableTasks:
             if self._directory.services.get(name) is service and service.ready:
                 routing.dispatch(service, now)
 
+    # ------------------------------------------------ the broker's own enqueues
+
+    def submit(
+        self,
+        service: str,
+        payloads: Sequence[tuple[bytes, ...]],
+        options: zbc.TaskOptions,
+        now: float,
+        owner: str | None = None,
+    ) -> list[str] | str:
+        """Enqueue tasks for the broker itself (a schedule's firing, core/schedules.py):
+        exactly as an ENQUEUE (its checks, caps, idempotency keys, storage, events and
+        dispatch), answering nobody. Returns the tasks' ids (that of the stored task
+        where a key matched one), or why the enqueue was refused ("code: message")."""
+        caller = b""  # never a peer's routing id (ZeroMQ's are 1..255 bytes)
+        call = zbc.Enqueue(0, service, tuple(tuple(p) for p in payloads), options)
+        before = len(self._out.outbox)
+        self.enqueue(caller, call, now, owner)
+        outbox = self._out.outbox
+        answers = [m for m in outbox[before:] if m[0] == caller]
+        outbox[before:] = [m for m in outbox[before:] if m[0] != caller]
+        answer = zbc.decode_answer(answers[0][1:])
+        if answer.ok:
+            return [str(i) for i in answer.meta["ids"]]
+        return f"{answer.code}: {answer.message}"
+
 
 __all__ = ["FAR_FUTURE_S", "INFLIGHT", "TIMER_BATCH", "DurableTasks", "backoff_s", "record_view"]

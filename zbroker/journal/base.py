@@ -8,10 +8,10 @@ by one suite (tests/contract/test_journal_contract.py): `MemoryJournal` (tests,
 and the `memory` durability mode) and `LmdbJournal`.
 
 Rules every implementation keeps:
-  1. Writes (`put`, `put_result`, `put_chunks`, `delete`, `put_service_options`)
-     are visible to every read of the same journal object at once, and become
-     durable only at `commit()`; after a crash the store holds exactly what the
-     last successful commit held.
+  1. Writes (`put`, `put_result`, `put_chunks`, `delete`, `put_service_options`,
+     `put_schedule`, `delete_schedule`) are visible to every read of the same
+     journal object at once, and become durable only at `commit()`; after a
+     crash the store holds exactly what the last successful commit held.
   2. Indexes follow the record's `state`: a READY task is found by `ready()`,
      a DELAYED one by `due()`, an INFLIGHT one by `inflight()`, a DEAD one by
      `dead()`, a BLOCKED one by `blocked()`; never by another. `counts()` is
@@ -360,3 +360,37 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def counts(self) -> dict[str, dict[TaskState, int]]:
         """Exact number of records per service and state (services with none are absent)."""
+
+    # ------------------------------------------------- recurring tasks (schedules)
+    # A schedule is a name and a map of its rule and progress (docs/protocol.md §17),
+    # stored apart from the tasks, written and made durable like any other write:
+    # the broker moves a schedule's `next_at` on in the same pass (the same commit)
+    # as the task its firing enqueued, so a crash keeps both or neither.
+
+    @abc.abstractmethod
+    def put_schedule(self, name: str, data: Mapping[str, Any]) -> None:
+        """Store schedule `name` (a non-empty str of at most MAX_SCHEDULE_KEY_BYTES bytes
+        of UTF-8, else ValueError) with the next commit, replacing an earlier one.
+        `data` must be msgpack-able (bytes stay bytes) (TypeError otherwise)."""
+
+    @abc.abstractmethod
+    def delete_schedule(self, name: str) -> None:
+        """Remove schedule `name` with the next commit. No-op if absent."""
+
+    @abc.abstractmethod
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """Every stored schedule by name (copies: changing one changes nothing stored)."""
+
+
+# Longest schedule name a store keeps (an LMDB key holds 511 bytes).
+MAX_SCHEDULE_KEY_BYTES = 480
+
+
+def check_schedule_name(name: str) -> bytes:
+    """The name as a store keys it; ValueError for one no store may keep."""
+    if type(name) is not str or not name:
+        raise ValueError(f"a schedule name must be a non-empty str, got {name!r}")
+    raw = name.encode()  # also rejects a str that is not valid UTF-8 (lone surrogates)
+    if len(raw) > MAX_SCHEDULE_KEY_BYTES:
+        raise ValueError(f"schedule name longer than {MAX_SCHEDULE_KEY_BYTES} bytes")
+    return raw

@@ -17,6 +17,7 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
             a task's stream entries, together and in offset order under its prefix
   blocked   svc + seq
   dependents len(id) (2 bytes) + id + dependent's id -> b"": the tasks waiting for it
+  schedules name -> msgpack map of a recurring task's rule and progress
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
             options/<service name> -> msgpack map of the operator's options (paused, limit);
             a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
@@ -64,6 +65,7 @@ from zbroker.journal.base import (
     SchemaMismatch,
     TaskRecord,
     TaskState,
+    check_schedule_name,
 )
 
 MiB = 1 << 20
@@ -98,6 +100,7 @@ _PRIORITY_BYTE = {p: bytes([PRIORITY_MAX - p]) for p in range(PRIORITY_MIN, PRIO
 # A write as it is kept for replay after the map grew: (kind, task id, data...).
 _Op = tuple[Any, ...]
 _PUT, _RESULT, _DELETE, _SERVICE_OPTIONS, _CHUNKS, _EDGE, _DROP_EDGES = 1, 2, 3, 4, 5, 6, 7
+_SCHEDULE = 8  # (kind, name, packed map or None to delete)
 
 Db = Any  # lmdb's database handle type is private (lmdb._Database)
 
@@ -626,6 +629,8 @@ class LmdbJournal(Journal):
                     # Created here in a store written before dependencies existed.
                     self._blocked = env.open_db(b"blocked", txn=txn, dupsort=True)
                     self._dependents = env.open_db(b"dependents", txn=txn)
+                    # Recurring tasks; created here in a store written before them.
+                    self._schedules = env.open_db(b"schedules", txn=txn)
                 break
             except lmdb.MapFullError:
                 self._grow_map()
@@ -685,6 +690,9 @@ class LmdbJournal(Journal):
     ) -> None:
         kind, task_id = op[0], op[1]
         idb = task_id.encode()
+        if kind == _SCHEDULE:
+            self._apply_schedule(txn, idb, op[2])
+            return
         if kind == _SERVICE_OPTIONS:
             self._apply_options(txn, task_id, idb, op[2])
         elif kind == _PUT:
@@ -1032,6 +1040,37 @@ class LmdbJournal(Journal):
         if svc is not None:
             record.store_memo = (self, data, svc, int(record.state), self._entries(record, svc))
         return record
+
+    # ------------------------------------------------- recurring tasks (schedules)
+
+    def put_schedule(self, name: str, data: Mapping[str, Any]) -> None:
+        self._check_open()
+        check_schedule_name(name)
+        packed = msgpack.packb(dict(data), use_bin_type=True)  # fails here if not msgpack-able
+        self._write((_SCHEDULE, name, packed))
+
+    def delete_schedule(self, name: str) -> None:
+        self._check_open()
+        raw = check_schedule_name(name)
+        if self._get(raw, self._schedules) is not None:
+            self._write((_SCHEDULE, name, None))
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        self._check_open()
+        with self._reading() as txn:
+            return {
+                key.decode(): msgpack.unpackb(value)
+                for key, value in txn.cursor(db=self._schedules)
+            }
+
+    def _apply_schedule(
+        self, txn: lmdb.Transaction[bytes], name: bytes, packed: bytes | None
+    ) -> None:
+        """Write (or, with None, remove) a schedule."""
+        if packed is None:
+            txn.delete(name, db=self._schedules)
+        else:
+            txn.put(name, packed, db=self._schedules)
 
 
 def _id_bytes(task_id: str) -> bytes | None:

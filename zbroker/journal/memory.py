@@ -30,6 +30,7 @@ from zbroker.journal.base import (
     JournalStats,
     TaskRecord,
     TaskState,
+    check_schedule_name,
 )
 
 # An index entry: the sort key, ending with the task id so entries are unique.
@@ -166,6 +167,7 @@ class MemoryJournal(Journal):
         self._keys: dict[tuple[str, str], str] = {}
         self._counts: dict[str, dict[int, int]] = {}
         self._options: dict[str, dict[str, Any]] = {}
+        self._schedules: dict[str, bytes] = {}  # name -> msgpack map (recurring tasks)
         self._seq = 0
         self._dirty = False
         self._bytes = 0  # records, payloads, results, streams: what `stats.bytes_used` reports
@@ -496,6 +498,27 @@ class MemoryJournal(Journal):
             if len(out) >= limit:
                 break
         return out
+
+    # ------------------------------------------------- recurring tasks (schedules)
+
+    def put_schedule(self, name: str, data: Mapping[str, Any]) -> None:
+        self._check_open()
+        check_schedule_name(name)
+        packed = msgpack.packb(dict(data), use_bin_type=True)  # msgpack-able, a copy
+        self._bytes += len(packed) - len(self._schedules.get(name, b""))
+        self._schedules[name] = packed
+        self._dirty = True
+
+    def delete_schedule(self, name: str) -> None:
+        self._check_open()
+        packed = self._schedules.pop(name, None)
+        if packed is not None:
+            self._bytes -= len(packed)
+            self._dirty = True
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        self._check_open()
+        return {name: msgpack.unpackb(packed) for name, packed in self._schedules.items()}
 
 
 def _until(keys: Iterator[IndexKey], now: float) -> Iterator[IndexKey]:

@@ -55,7 +55,7 @@ DOMAIN_ROLES: Final = {
 }
 
 # Topic prefixes only the broker publishes on (its lifecycle events).
-BROKER_TOPICS: Final = ("task.", "worker.")
+BROKER_TOPICS: Final = ("task.", "worker.", "schedule.")
 
 # How the reason of a DISCONNECT the broker sends a worker it refused begins: the
 # worker stops (registering again cannot help) instead of reconnecting.

@@ -95,3 +95,20 @@ MAX_DEPENDENCIES: Final = 1000
 # A RATE's tasks per second (more is no limit worth keeping), and its burst.
 MAX_RATE_PER_S: Final = 1_000_000.0
 MAX_BURST: Final = 1_000_000
+
+# ------------------------------------------------------ recurring tasks (§17)
+
+# Schedules one broker keeps: each is held in memory (its payload included) and
+# looked at by the timers, so their number is bounded.
+MAX_SCHEDULES: Final = 1000
+# Bytes of a schedule's name: it is part of every firing's idempotency key and topic.
+MAX_SCHEDULE_NAME_BYTES: Final = 128
+# The shortest `every_s`: a rule firing more often than each second is a worker's loop.
+MIN_SCHEDULE_INTERVAL_S: Final = 1
+# The longest `every_s` (a year and a day); a rarer rule is a cron expression.
+MAX_SCHEDULE_INTERVAL_S: Final = 366 * 86400
+# Payload bytes of a schedule (every frame): kept in memory for every firing.
+MAX_SCHEDULE_PAYLOAD_BYTES: Final = 64 * 1024
+# Bytes of a cron expression, and of a time zone's name.
+MAX_CRON_BYTES: Final = 256
+MAX_TZ_BYTES: Final = 64

@@ -55,6 +55,11 @@ ERROR {rid, code, message}, codes E_* below):
 with bad_request, never acted on in part.
   PAUSE    {service} -> REPLY {service, paused: true}
   RESUME   {service} -> REPLY {service, paused: false}
+  SCHEDULE {name, service, every_s? | cron?, tz?, options}, payload
+           -> REPLY {schedule: {...}, was}   a recurring task, kept in the journal;
+              each firing enqueues the payload with key "schedule:<name>:<instant>"
+  SCHEDULES {} -> REPLY {schedules: [{...}, ...]}
+  UNSCHEDULE {name} -> REPLY {name, removed: true}   (ERROR not_found: no such schedule)
 States are lower-case strings (zbroker.protocol.states): ready, delayed, blocked,
 inflight, done, dead, cancelled, expired, upstream_failed. Final states: done, dead,
 cancelled, expired, upstream_failed.
@@ -73,7 +78,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from zbroker.protocol import limits
+from zbroker.protocol import cron, limits
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.ext import pack_meta, unpack_meta
 from zbroker.protocol.states import LISTABLE_STATES as _LISTABLE
@@ -104,6 +109,10 @@ STREAM = b"\x12"  # {rid, service, options..., window?, attempts?, ...}, payload
 READ = b"\x13"  # {rid, id, offset?, window?, attempts?, ...}: follow a task's stream
 MORE = b"\x14"  # {rid, credit}: this many more chunks of stream call rid consumed
 CLOSE = b"\x15"  # {rid}: stream call rid abandoned (no answer)
+# Recurring tasks (§17), admin calls.
+SCHEDULE = b"\x16"  # {rid, name, service, every_s? | cron?, tz?, options...}, payload frames
+SCHEDULES = b"\x17"  # {rid}: every schedule
+UNSCHEDULE = b"\x18"  # {rid, name}
 RATE = b"\x19"  # {rid, service, rate?, burst?, per_key?}: tasks per second (admin, §16)
 
 # Broker -> client.
@@ -133,6 +142,9 @@ COMMAND_NAMES = {
     READ: "READ",
     MORE: "MORE",
     CLOSE: "CLOSE",
+    SCHEDULE: "SCHEDULE",
+    SCHEDULES: "SCHEDULES",
+    UNSCHEDULE: "UNSCHEDULE",
     RATE: "RATE",
     REPLY: "REPLY",
     ERROR: "ERROR",
@@ -365,8 +377,46 @@ class Rate:
     per_key: bool = False  # for each concurrency key (§16), not for the service
 
 
+# ------------------------------------------------- recurring tasks (§17)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """SCHEDULE: fire `payload` to `service` every `every_s` seconds or at the instants
+    of `cron` (in time zone `tz`, None: UTC); exactly one of the two is given.
+    `options` holds what each firing's task gets: priority, ttl_s, max_attempts,
+    timeout_s, headers (never a key or a delay: the broker sets those)."""
+
+    rid: int
+    name: str
+    service: str
+    payload: tuple[bytes, ...]
+    options: TaskOptions
+    every_s: int | None = None
+    cron: str | None = None
+    tz: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListSchedules:
+    """SCHEDULES: every schedule the broker keeps."""
+
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedule:
+    """UNSCHEDULE: remove schedule `name` (firings already enqueued stay)."""
+
+    rid: int
+    name: str
+
+
 ClientMessage = (
-    Enqueue
+    Schedule
+    | ListSchedules
+    | Unschedule
+    | Enqueue
     | Rate
     | Result
     | Status
@@ -774,7 +824,9 @@ def _decode_resume(meta: dict[str, Any], rid: int) -> Pause:
 
 
 # The calls that carry payload frames (frames after meta), and those that carry none.
-_PAYLOAD_DECODERS: dict[bytes, Callable[[dict[str, Any], int, Sequence[bytes]], Enqueue]] = {
+_PAYLOAD_DECODERS: dict[
+    bytes, Callable[[dict[str, Any], int, Sequence[bytes]], Enqueue | Schedule]
+] = {
     ENQUEUE: _decode_enqueue,
     REQUEST: _decode_request,
     STREAM: _decode_stream,
@@ -1019,3 +1071,89 @@ def decode_answer(frames: Sequence[bytes]) -> Answer:
     if command == CHUNKS:
         return Answer(rid, True, meta, tuple(frames[4:]), True)
     raise ProtocolError("unknown_command", f"unexpected ZBC01 command {command[:8]!r}")
+
+
+# ------------------------------------------------- recurring tasks (§17)
+
+# What a firing's task may not be told by its schedule: the broker sets its key
+# (one per instant) and it runs when it fires.
+_NOT_FOR_FIRINGS = ("key", "keys", "delay_s", "not_before", "counts", "wait_s")
+
+
+def _decode_schedule(meta: dict[str, Any], rid: int, body: Sequence[bytes]) -> Schedule:
+    name = _str(meta, "name", rid)
+    if len(name.encode()) > limits.MAX_SCHEDULE_NAME_BYTES or not name.isprintable():
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"'name' must be 1..{limits.MAX_SCHEDULE_NAME_BYTES} bytes of printable text",
+        )
+    service = _str(meta, "service", rid)
+    given = [field for field in _NOT_FOR_FIRINGS if meta.get(field) is not None]
+    if given:
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"a schedule's firings take no {', '.join(repr(f) for f in given)}: "
+            "the broker keys each firing by its instant and enqueues it when due",
+        )
+    every, expr, tz = meta.get("every_s"), meta.get("cron"), meta.get("tz")
+    if (every is None) == (expr is None):
+        raise CallError(rid, E_BAD_REQUEST, "give exactly one of 'every_s' and 'cron'")
+    try:
+        if every is not None:
+            if tz is not None:
+                raise ValueError("'tz' goes with 'cron' only: an interval is the same in any zone")
+            every = cron.check_every(every)
+        else:
+            if not isinstance(expr, str):
+                raise ValueError("'cron' must be a string: a cron expression")
+            if tz is not None and not isinstance(tz, str):
+                raise ValueError("'tz' must be an IANA time zone name")
+            expr = cron.Cron.parse(expr, tz).expr
+    except ValueError as exc:
+        raise CallError(rid, E_BAD_REQUEST, str(exc)) from None
+    size = sum(map(len, body))
+    if size > limits.MAX_SCHEDULE_PAYLOAD_BYTES:
+        raise CallError(
+            rid,
+            E_BAD_REQUEST,
+            f"a schedule's payload is at most {limits.MAX_SCHEDULE_PAYLOAD_BYTES} bytes,"
+            f" this one {size}",
+        )
+    options = _options(meta, rid, 1)
+    return Schedule(rid, name, service, tuple(body), options, every, expr, tz)
+
+
+def _decode_schedules(meta: dict[str, Any], rid: int) -> ListSchedules:
+    return ListSchedules(rid)
+
+
+def _decode_unschedule(meta: dict[str, Any], rid: int) -> Unschedule:
+    return Unschedule(rid, _str(meta, "name", rid))
+
+
+_PAYLOAD_DECODERS[SCHEDULE] = _decode_schedule
+_CALL_DECODERS[SCHEDULES] = _decode_schedules
+_CALL_DECODERS[UNSCHEDULE] = _decode_unschedule
+
+
+def schedule(
+    rid: int,
+    name: str,
+    service: str,
+    payload: Sequence[bytes],
+    options: TaskOptions | None = None,
+    *,
+    every_s: int | None = None,
+    cron: str | None = None,
+    tz: str | None = None,
+) -> list[bytes]:
+    """SCHEDULE: fire `payload` to `service` every `every_s` seconds or at the instants
+    of `cron` (in `tz`); None fields are left out."""
+    meta = _option_meta(options or TaskOptions())
+    meta.update({"rid": rid, "name": name, "service": service})
+    for key, value in (("every_s", every_s), ("cron", cron), ("tz", tz)):
+        if value is not None:
+            meta[key] = value
+    return [EMPTY, ZBC01, SCHEDULE, pack_meta(meta), *payload]

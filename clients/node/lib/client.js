@@ -24,7 +24,11 @@ import {
   MAX_DEPENDENCIES,
   MAX_LIST,
   MAX_QUEUES_PAGE,
+  MAX_SCHEDULE_INTERVAL_S,
+  MAX_SCHEDULE_NAME_BYTES,
+  MAX_SCHEDULE_PAYLOAD_BYTES,
   MAX_WAIT_S,
+  MIN_SCHEDULE_INTERVAL_S,
   MIN_CLIENT_MESSAGE_BYTES,
   MMI_SERVICE,
   PRIORITY_MAX,
@@ -557,6 +561,92 @@ export class Client {
     const moved = answer.meta.ids
     if (!Array.isArray(moved)) throw new ProtocolError('bad_reply', 'REDRIVE reply without an ids list')
     return moved
+  }
+
+  // ------------------------------------------------------------ recurring tasks (§17)
+
+  /**
+   * Have the broker enqueue `payload` to `service` every `everyS` seconds (a
+   * whole number >= 1), or at the instants of `cron` (five fields, in UTC or in
+   * the IANA time zone `tz`), until unschedule(name). Resolves with the schedule
+   * (see schedules()). Kept in the broker's journal; each firing is an ordinary
+   * task keyed `schedule:<name>:<instant>`, so a broker restart neither skips nor
+   * repeats one. A schedule of the same name is replaced (the same definition
+   * again changes nothing). Options of each firing's task: priority, ttlS,
+   * maxAttempts, timeoutS, headers. A bad cron or zone: BrokerError bad_request.
+   */
+  async schedule (name, service, payload, options = {}) {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+    for (const key of Object.keys(options)) {
+      if (!SCHEDULE_OPTIONS.has(key)) throw new TypeError(`unknown option ${JSON.stringify(key)}; known: ${[...SCHEDULE_OPTIONS].join(', ')}`)
+    }
+    const { everyS, cron, tz, ...taskOptions } = options
+    delete taskOptions.timeoutMs
+    delete taskOptions.signal
+    const meta = taskMeta({ ...taskOptions, key: 'x' }, 1)
+    delete meta.key // each firing's key is the broker's: schedule:<name>:<instant>
+    meta.name = checkScheduleName(name)
+    meta.service = checkService(service)
+    if ((everyS === undefined) === (cron === undefined)) throw new TypeError('give exactly one of everyS and cron')
+    if (everyS !== undefined) {
+      if (tz !== undefined) throw new TypeError('tz goes with cron only: an interval is the same in any zone')
+      meta.every_s = checkInt(everyS, 'everyS', MIN_SCHEDULE_INTERVAL_S, MAX_SCHEDULE_INTERVAL_S)
+    } else {
+      if (typeof cron !== 'string' || cron.trim().length === 0) throw new TypeError('cron must be a cron expression (a string)')
+      meta.cron = cron
+      if (tz !== undefined) {
+        if (typeof tz !== 'string' || tz.length === 0) throw new TypeError('tz must be an IANA time zone name')
+        meta.tz = tz
+      }
+    }
+    const frames = toFrames(payload)
+    if (frameBytes(frames) > MAX_SCHEDULE_PAYLOAD_BYTES) throw new RangeError(`a schedule's payload is at most ${MAX_SCHEDULE_PAYLOAD_BYTES} bytes`)
+    const answer = await this.#call({
+      what: `SCHEDULE ${JSON.stringify(name)}`,
+      options,
+      start: (ctl) => ctl.send(C.SCHEDULE, meta, frames),
+      answer: replyOrError
+    })
+    return camelSchedule(answer.meta.schedule)
+  }
+
+  /**
+   * Every schedule the broker keeps, by name: [{name, service, everyS, cron, tz,
+   * priority, ttlS, maxAttempts, timeoutS, headers, payloadBytes, createdAt,
+   * nextAt, lastAt, lastId, fired, error}] (times as Dates; lastAt, the instant
+   * of its last firing, null before the first; error: why its last firing was
+   * refused, if it was).
+   */
+  async schedules (options = {}) {
+    const answer = await this.#call({
+      what: 'SCHEDULES',
+      options,
+      start: (ctl) => ctl.send(C.SCHEDULES, {}),
+      answer: replyOrError
+    })
+    const views = answer.meta.schedules
+    if (!Array.isArray(views)) throw new ProtocolError('bad_reply', 'SCHEDULES reply without a schedules list')
+    return views.map(camelSchedule)
+  }
+
+  /**
+   * Remove schedule `name`: resolves true, or false when there was none (so a
+   * resend is harmless). Firings already enqueued stay.
+   */
+  async unschedule (name, options = {}) {
+    checkScheduleName(name)
+    try {
+      await this.#call({
+        what: `UNSCHEDULE ${JSON.stringify(name)}`,
+        options,
+        start: (ctl) => ctl.send(C.UNSCHEDULE, { name }),
+        answer: replyOrError
+      })
+    } catch (err) {
+      if (err?.code === ERROR_CODES.NOT_FOUND) return false
+      throw err
+    }
+    return true
   }
 
   #call (spec) {
@@ -1097,6 +1187,40 @@ function camelTask (task) {
   return out
 }
 
+// A schedule map of a SCHEDULE or SCHEDULES answer, camelCased, times as Dates.
+function camelSchedule (view) {
+  if (view === null || typeof view !== 'object' || Array.isArray(view) || typeof view.name !== 'string') {
+    throw new ProtocolError('bad_reply', 'a schedule in the reply is not a map with a name')
+  }
+  const date = (seconds) => (typeof seconds === 'number' ? new Date(seconds * 1000) : null)
+  return {
+    name: view.name,
+    service: view.service,
+    everyS: view.every_s ?? null,
+    cron: view.cron ?? null,
+    tz: view.tz ?? null,
+    priority: view.priority ?? 0,
+    ttlS: view.ttl_s ?? null,
+    maxAttempts: view.max_attempts ?? null,
+    timeoutS: view.timeout_s ?? null,
+    headers: view.headers ?? {},
+    payloadBytes: view.payload_bytes ?? 0,
+    createdAt: date(view.created_at),
+    nextAt: date(view.next_at),
+    lastAt: date(view.last_at),
+    lastId: view.last_id ?? null,
+    fired: view.fired ?? 0,
+    error: view.error ?? null
+  }
+}
+
+function checkScheduleName (name) {
+  if (typeof name !== 'string' || name.length === 0 || Buffer.byteLength(name, 'utf8') > MAX_SCHEDULE_NAME_BYTES) {
+    throw new TypeError(`a schedule name must be a string of 1..${MAX_SCHEDULE_NAME_BYTES} bytes, got ${describe(name)}`)
+  }
+  return name
+}
+
 // ------------------------------------------------------------ validation
 
 function checkService (service, { mmi = false } = {}) {
@@ -1134,6 +1258,7 @@ const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAtt
 // Options of enqueue() and enqueueMany() only.
 const ENQUEUE_OPTIONS = new Set(['receipt'])
 const NO_OPTIONS = new Set()
+const SCHEDULE_OPTIONS = new Set(['everyS', 'cron', 'tz', 'priority', 'ttlS', 'maxAttempts', 'timeoutS', 'headers', 'timeoutMs', 'signal'])
 
 // The options of a task stream, checked: {meta (window, attempts, cancel_on_abandon),
 // offset (READ), waitS, timeoutMs, signal, frames, rest}; `rest` holds the

@@ -486,6 +486,10 @@ export const C = Object.freeze({
   READ: 0x13,
   MORE: 0x14,
   CLOSE: 0x15,
+  // Recurring tasks (§17), admin calls.
+  SCHEDULE: 0x16,
+  SCHEDULES: 0x17,
+  UNSCHEDULE: 0x18,
   // Broker -> client (bytes are per direction: 0x12 from the broker is CHUNKS).
   REPLY: 0x10,
   ERROR: 0x11,
@@ -507,6 +511,12 @@ export const STREAM_CREDIT_MAX = 10_000
 // Chunk data the broker sends a call beyond its credit, whatever the window (one
 // chunk always goes): a reader credits what it consumed before it reaches this.
 export const STREAM_UNCREDITED_BYTES = 4 * 1024 * 1024
+// Recurring tasks (§17): a schedule's name (bytes of UTF-8), its interval (whole
+// seconds) and its payload (bytes, every frame).
+export const MAX_SCHEDULE_NAME_BYTES = 128
+export const MIN_SCHEDULE_INTERVAL_S = 1
+export const MAX_SCHEDULE_INTERVAL_S = 366 * 86400
+export const MAX_SCHEDULE_PAYLOAD_BYTES = 64 * 1024
 
 // Task graphs (§15): the most tasks one task may depend on (`depends_on`), and what
 // it may be handed of their results (`input`): the result frames of its one

@@ -14,6 +14,7 @@ import {
   type Payload,
   Publisher,
   type Receipt,
+  type Schedule,
   RetryLater,
   Service,
   Subscriber,
@@ -63,6 +64,14 @@ export async function durableTasks (client: Client): Promise<void> {
   for await (const letter of client.iterDeadLetters('ocr')) letter.id.toUpperCase()
   const moved: string[] = await client.redrive('ocr', page.tasks.map((t) => t.id))
   await client.redrive('ocr', { timeoutMs: 500 })
+  const beat: Schedule = await client.schedule('beat', 'ocr', Buffer.from('x'), { everyS: 30, priority: 2 })
+  const nightly = await client.schedule('nightly', 'ocr', undefined, { cron: '0 3 * * *', tz: 'Europe/Paris' })
+  const all: Schedule[] = await client.schedules()
+  const nextAt: Date = nightly.nextAt
+  const removed: boolean = await client.unschedule(beat.name)
+  void all
+  void nextAt
+  void removed
   void [existing, ids, receipts, one, frames, state, when, was, moved]
 
   // @ts-expect-error a priority is a number
