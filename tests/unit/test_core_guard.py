@@ -264,3 +264,22 @@ def test_a_connection_that_chose_its_routing_id_is_not_served() -> None:
     assert b"tts" not in core.broker.services
     assert core.broker.guard is not None
     assert core.broker.guard.forbidden["routing_id"] == 3
+
+
+def test_debounce_never_replaces_another_principals_payload() -> None:
+    core = Guarded()
+
+    def enqueue(peer: bytes, sender: str, payload: bytes) -> zbc.Answer:
+        core.rid += 1
+        options = zbc.TaskOptions(key="file:a", debounce_s=5.0)
+        core.send(peer, sender, zbc.enqueue(core.rid, "tts", [[payload]], options))
+        (answer,) = [zbc.decode_answer(f[1:]) for f in core.out(peer)]
+        return answer
+
+    task_id = enqueue(b"A1", "alice", b"mine").meta["ids"][0]
+    answer = enqueue(b"B1", "bob", b"theirs")
+    assert "held by another principal's task" in refused(answer, zbc.E_FORBIDDEN)
+    assert core.journal.payload(task_id) == [b"mine"]
+    # Alice herself replaces it
+    assert enqueue(b"A2", "alice", b"mine too").meta["replaced"] == [0]
+    assert core.journal.payload(task_id) == [b"mine too"]

@@ -978,6 +978,15 @@ class DurableTasks:
         record = None if task_id is None else self.record_of(task_id)
         if task_id is None or record is None:
             return False
+        if record.owner != owner:
+            # Another principal's task: its payload is not the caller's to replace.
+            self.refuse(
+                identity,
+                msg.rid,
+                zbc.E_FORBIDDEN,
+                f"key {msg.options.key!r} of {msg.service} is held by another principal's task",
+            )
+            return True
         if record.state not in WAITING:
             record.key = None  # the key now names the next debounced task
             journal.put(record)
