@@ -228,6 +228,28 @@ export interface TaskOptions {
    * dependency): its result frames; 'results': one more frame, read by unpackResults().
    */
   input?: 'result' | 'results' | null
+  /**
+   * Worker tags it needs (docs/protocol.md §16), at most 32 non-empty strings: it goes
+   * only to a worker that has every one, and waits (`unplaceable` in QUEUES) while
+   * none has them. An empty array is no requirement.
+   */
+  require?: readonly string[] | null
+  /** Worker tags that make a worker a better fit (at most 32): more of them win. */
+  prefer?: readonly string[] | null
+  /** Sends it to the worker that last started a task of this key, while it lives (a conversation). */
+  affinity?: string | null
+  /** The key its service's round robin, per-key limit and per-key rate count it under (`user:42`). */
+  concurrencyKey?: string | null
+}
+
+/** The options of enqueue(): those of any task, and debounceS. */
+export interface EnqueueOptions extends TaskOptions {
+  /**
+   * With `key` (docs/protocol.md §16.3): the task waits this many seconds (> 0), and an
+   * enqueue of the same key meanwhile replaces its payload and headers instead of
+   * storing another task (its receipt says `replaced: true`). Not with delayS or notBefore.
+   */
+  debounceS?: number
 }
 
 /** A task a task depends on: its id, or the idempotency key it holds in its service. */
@@ -269,10 +291,16 @@ export interface BatchOptions extends Omit<TaskOptions, 'key'> {
 export interface Receipt {
   id: string
   existing: boolean
+  /**
+   * Present (true) only when a `debounceS` enqueue replaced the payload (and headers)
+   * of the task still waiting under its key (`id`, with `existing` true) instead of
+   * storing another; absent on every other receipt.
+   */
+  replaced?: true
 }
 
 export interface ReceiptOption {
-  /** Resolve with a Receipt ({id, existing}) per task instead of the id string. Default false. */
+  /** Resolve with a Receipt ({id, existing}, and replaced after a debounce) per task instead of the id string. Default false. */
   receipt?: boolean
 }
 
@@ -318,6 +346,12 @@ export interface TaskStatus {
   blockedOn: number
   runAnyway: boolean
   input: 'result' | 'results' | null
+  /** Worker tags it requires (§16); [] without. */
+  require: string[]
+  /** Worker tags it prefers; [] without. */
+  prefer: string[]
+  affinity: string | null
+  concurrencyKey: string | null
   /** [event, epoch seconds, details...], oldest first (see docs/protocol.md §11.3). */
   history: Array<[string, number, ...unknown[]]>
   [key: string]: unknown
@@ -350,7 +384,46 @@ export interface QueueRow {
   oldest_age_s: number
   paused: boolean
   limit: number | null
+  /** The per-key LIMIT (§16): tasks of each concurrency key its workers hold at most. */
+  key_limit: number | null
+  /** Ready tasks (of its window) whose required tags no registered worker has. */
+  unplaceable: number
+  /** The service's RATE, and the per-key one (§16.3). */
+  rate: RateFigures | null
+  key_rate: RateFigures | null
   [field: string]: unknown
+}
+
+/** A RATE as QUEUES shows it: tasks per second, and the bucket's size. */
+export interface RateFigures {
+  per_s: number
+  burst: number
+}
+
+export interface LimitOptions extends CallOptions {
+  /** A cap on each concurrency key's tasks at the workers (§16.2), not on the service's. Default false. */
+  perKey?: boolean
+}
+
+export interface RateOptions extends LimitOptions {
+  /** Tokens the bucket holds, 1..1000000: tasks handed out at once. Default: the rate rounded up, at least 1. */
+  burst?: number | null
+}
+
+/** The broker's answer to limit(). */
+export interface LimitResult {
+  service: string
+  limit: number | null
+  perKey: boolean
+}
+
+/** The broker's answer to rate(). */
+export interface RateResult {
+  service: string
+  /** Tasks per second; null: none. */
+  rate: number | null
+  burst: number
+  perKey: boolean
 }
 
 export interface QueuesPage {
@@ -501,10 +574,10 @@ export class Client {
   readonly stats: ClientStats
 
   /** Enqueue one durable task; resolves with its id once the broker has committed it. */
-  enqueue (service: string, payload: Payload, options?: TaskOptions & CallOptions & { receipt?: false }): Promise<string>
-  /** Enqueue one durable task; resolves with {id, existing} once the broker has committed it. */
-  enqueue (service: string, payload: Payload, options: TaskOptions & CallOptions & { receipt: true }): Promise<Receipt>
-  enqueue (service: string, payload: Payload, options: TaskOptions & CallOptions & ReceiptOption): Promise<string | Receipt>
+  enqueue (service: string, payload: Payload, options?: EnqueueOptions & CallOptions & { receipt?: false }): Promise<string>
+  /** Enqueue one durable task; resolves with {id, existing} (and replaced: true after a debounce) once the broker has committed it. */
+  enqueue (service: string, payload: Payload, options: EnqueueOptions & CallOptions & { receipt: true }): Promise<Receipt>
+  enqueue (service: string, payload: Payload, options: EnqueueOptions & CallOptions & ReceiptOption): Promise<string | Receipt>
   /**
    * Enqueue a batch (as few messages as the broker's caps allow); one id per payload, in order.
    * If a later message is refused, the error's `enqueuedIds` (string[]) lists the tasks stored
@@ -565,6 +638,18 @@ export class Client {
   schedules (options?: CallOptions): Promise<Schedule[]>
   /** Remove a schedule: true, or false when there was none. */
   unschedule (name: string, options?: CallOptions): Promise<boolean>
+  /**
+   * At most `limit` (1..1000000) tasks and requests of `service` at its workers together;
+   * null: none. With `perKey`, at most `limit` tasks of each concurrency key instead (§16.2).
+   * Kept in the broker's journal.
+   */
+  limit (service: string, limit: number | null, options?: LimitOptions): Promise<LimitResult>
+  /**
+   * Hand out at most `perS` (0 < perS <= 1000000) tasks of `service` per second, in bursts
+   * of up to `burst`; null: none. With `perKey`, for each concurrency key instead (§16.3).
+   * Kept in the broker's journal.
+   */
+  rate (service: string, perS: number | null, options?: RateOptions): Promise<RateResult>
 
   /** Plain 7/MDP request; the reply must be one frame. */
   mdpRequest (service: string, body: Payload, options?: MdpOptions): Promise<Buffer>
@@ -696,6 +781,8 @@ export interface WorkerStats {
   metricsErrors: number
   /** STOPPING notices: the broker said it was stopping (a restart, say). */
   brokerStopping: number
+  /** TAGS handed to the socket (setTags). */
+  tagsSent: number
 }
 
 /**
@@ -709,6 +796,8 @@ export class Worker extends EventEmitter {
   readonly service: string
   readonly endpoint: string
   readonly concurrency: number
+  /** Its tags (a copy): the constructor's, or the last setTags()'s. */
+  readonly tags: string[]
   /** Credit the current connection declared: concurrency less handlers still running attempts of an older one. */
   readonly credit: number
   readonly connected: boolean
@@ -726,6 +815,12 @@ export class Worker extends EventEmitter {
   start (): Promise<void>
   /** Graceful stop; resolves true if every running handler finished within timeoutMs (default 10000). */
   stop (options?: { timeoutMs?: number }): Promise<boolean>
+  /**
+   * Change its tags (at most 32; [] clears them) without registering again (TAGS, §16):
+   * tasks that require or prefer tags are placed by these from now on; a reconnect's
+   * READY carries them too.
+   */
+  setTags (tags: readonly string[]): void
   [Symbol.asyncDispose] (): Promise<void>
 }
 
@@ -910,6 +1005,11 @@ export class Service {
   task (queue: string, handler: ServiceTaskHandler, options?: ServiceTaskOptions): this
   /** Handle events whose type starts with `prefix` ('' for all); chainable. */
   on (prefix: string, handler: EventHandler): this
+  /**
+   * Change the tags of every queue's worker, or of `queue`'s alone (Worker.setTags: TAGS,
+   * §16); before start(), the tags their READY will carry. Chainable.
+   */
+  setTags (tags: readonly string[], options?: { queue?: string }): this
   /** Start; resolves true once ready, false if stopped first; rejects with `error` if the broker refused it first. */
   start (): Promise<boolean>
   /**

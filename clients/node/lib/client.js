@@ -21,12 +21,16 @@ import {
   INPUTS,
   MAX_ATTEMPTS_LIMIT,
   MAX_BATCH,
+  MAX_BURST,
   MAX_DEPENDENCIES,
   MAX_LIST,
   MAX_QUEUES_PAGE,
   MAX_SCHEDULE_INTERVAL_S,
   MAX_SCHEDULE_NAME_BYTES,
   MAX_SCHEDULE_PAYLOAD_BYTES,
+  MAX_RATE_PER_S,
+  MAX_SERVICE_LIMIT,
+  MAX_TAGS,
   MAX_WAIT_S,
   MIN_SCHEDULE_INTERVAL_S,
   MIN_CLIENT_MESSAGE_BYTES,
@@ -140,9 +144,12 @@ export class Client {
    * it resolves with `{id, existing}` instead: `existing` is true when the
    * broker stored nothing because a task of the service already held the
    * caller's `key` (the id is that task's); never true for a generated key.
+   * `debounceS` (with `key`, docs/protocol.md §16.3): the task waits that long,
+   * and an enqueue of the same key meanwhile replaces its payload and headers
+   * instead of storing another task (its receipt then also has `replaced: true`).
    */
   async enqueue (service, payload, options = {}) {
-    const meta = taskMeta(options, 1, { extra: ENQUEUE_OPTIONS })
+    const meta = taskMeta(options, 1, { extra: ENQUEUE_ONE_OPTIONS })
     const receipt = checkReceipt(options)
     const own = callerKeys(options, 1)
     meta.service = checkService(service)
@@ -444,7 +451,7 @@ export class Client {
     })
     const task = answer.meta.task
     if (task === null || typeof task !== 'object') throw new ProtocolError('bad_reply', 'STATUS reply without a task map')
-    return camelTask(task)
+    return withTaskDefaults(camelTask(task))
   }
 
   /** Cancel task `id`: resolves {id, state: 'cancelled', was}; BrokerError 'conflict' when it had already ended. */
@@ -647,6 +654,53 @@ export class Client {
       throw err
     }
     return true
+  }
+
+  /**
+   * At most `n` (1..1000000) tasks and requests of `service` at its workers
+   * together, whatever their credit (LIMIT, an admin call); `null` removes the
+   * limit. With `{perKey: true}`, at most `n` tasks of each of its concurrency
+   * keys instead (docs/protocol.md §16.2), beside the service's own limit. Kept in
+   * the broker's journal: it holds across a restart. Lowering it takes nothing
+   * back from workers. Resolves with the broker's answer `{service, limit, perKey}`.
+   */
+  async limit (service, n, options = {}) {
+    checkAdminOptions(options, LIMIT_OPTIONS, 'limit()')
+    if (n === undefined) throw new TypeError(`limit() needs the limit: an integer 1..${MAX_SERVICE_LIMIT}, or null for none`)
+    const meta = { service: checkService(service), limit: n === null ? null : checkInt(n, 'limit', 1, MAX_SERVICE_LIMIT) }
+    if (checkPerKey(options)) meta.per_key = true
+    const answer = await this.#call({
+      what: `LIMIT of ${JSON.stringify(service)}`,
+      options,
+      start: (ctl) => ctl.send(C.LIMIT, meta),
+      answer: replyOrError
+    })
+    const { limit = null, per_key: perKey = false } = answer.meta
+    return { service: answerService(answer, 'LIMIT'), limit, perKey }
+  }
+
+  /**
+   * Hand out at most `perS` tasks (and MDP requests) of `service` per second
+   * (RATE, an admin call; docs/protocol.md §16.3): a token bucket holding `burst`
+   * tokens (default: `perS` rounded up, at least 1) that refills at `perS` per
+   * second. `perS` is in (0, 1000000]; `null` removes the rate. With
+   * `{perKey: true}` the bucket is per concurrency key instead, beside the
+   * service's own. Kept in the broker's journal (a restart keeps it, with a full
+   * bucket). Resolves with the broker's answer `{service, rate, burst, perKey}`.
+   */
+  async rate (service, perS, options = {}) {
+    checkAdminOptions(options, RATE_OPTIONS, 'rate()')
+    const meta = { service: checkService(service), rate: perS === null ? null : checkRate(perS) }
+    if (options.burst !== undefined && options.burst !== null) meta.burst = checkInt(options.burst, 'burst', 1, MAX_BURST)
+    if (checkPerKey(options)) meta.per_key = true
+    const answer = await this.#call({
+      what: `RATE of ${JSON.stringify(service)}`,
+      options,
+      start: (ctl) => ctl.send(C.RATE, meta),
+      answer: replyOrError
+    })
+    const { rate = null, burst = null, per_key: perKey = false } = answer.meta
+    return { service: answerService(answer, 'RATE'), rate, burst, perKey }
   }
 
   #call (spec) {
@@ -1081,14 +1135,14 @@ function taskIds (answer, n) {
   return ids
 }
 
-// The `existing` indexes of an ENQUEUE answer for `n` tasks (empty when absent):
-// an array of distinct integers in [0, n), or the answer is malformed.
-function existingIndexes (answer, n) {
-  const existing = answer.meta.existing
+// The `existing` (or `replaced`) indexes of an ENQUEUE answer for `n` tasks
+// (empty when absent): an array of distinct integers in [0, n), or the answer is malformed.
+function existingIndexes (answer, n, name = 'existing') {
+  const existing = answer.meta[name]
   if (existing === undefined || existing === null) return new Set()
   const set = Array.isArray(existing) ? new Set(existing) : null
   if (set === null || set.size !== existing.length || !existing.every((i) => isInt(i) && i >= 0 && i < n)) {
-    throw new ProtocolError('bad_reply', `'existing' in the reply must list distinct task indexes 0..${n - 1}`)
+    throw new ProtocolError('bad_reply', `'${name}' in the reply must list distinct task indexes 0..${n - 1}`)
   }
   return set
 }
@@ -1096,11 +1150,16 @@ function existingIndexes (answer, n) {
 // {id, existing} per task of an ENQUEUE answer; `own[i]` tells whether task
 // i's key is the caller's. A generated key is random: if the broker matched
 // it, the match is this call's own earlier send (a resend after a lost
-// answer), so it is not reported as existing.
+// answer), so it is not reported as existing. `replaced: true` is added to the
+// receipt it concerns alone (every other receipt keeps its shape): a `debounceS`
+// enqueue (always with the caller's key) replaced the payload of the waiting task.
 function receipts (answer, own) {
   const ids = taskIds(answer, own.length)
   const existing = existingIndexes(answer, own.length)
-  return ids.map((id, i) => ({ id, existing: existing.has(i) && own[i] }))
+  const replaced = existingIndexes(answer, own.length, 'replaced')
+  return ids.map((id, i) => replaced.has(i)
+    ? { id, existing: existing.has(i) && own[i], replaced: true }
+    : { id, existing: existing.has(i) && own[i] })
 }
 
 // The bytes of the ZBC01 message carrying `meta` (with any rid) and frames of
@@ -1115,11 +1174,12 @@ const META_SLACK_BYTES = 64 * 1024
 
 // An upper bound, without packing, on messageBytes(meta, payloadBytes) for a
 // task meta with no headers nor dependencies (Infinity with them: those are measured): its
-// strings at most 3 bytes of UTF-8 per UTF-16 unit plus a 5-byte str header.
+// strings (keys, tags, affinity, concurrency key) at most 3 bytes of UTF-8 per
+// UTF-16 unit plus a 5-byte str header.
 function messageBound (meta, payloadBytes) {
   if (meta.headers !== undefined || meta.depends_on !== undefined) return Infinity
   let strings = 0
-  for (const text of [meta.service, meta.key, ...(meta.keys ?? [])]) {
+  for (const text of [meta.service, meta.key, ...(meta.keys ?? []), ...(meta.require ?? []), ...(meta.prefer ?? []), meta.affinity, meta.concurrency_key]) {
     if (text !== undefined) strings += 3 * text.length + 5
   }
   return ZBC_HEADER_BYTES + META_SLACK_BYTES + strings + payloadBytes
@@ -1221,6 +1281,24 @@ function checkScheduleName (name) {
   return name
 }
 
+// The fields of the task map (§15, §16) that a broker older than them leaves out,
+// as a task without dependencies or placement rules has them.
+const TASK_DEFAULTS = Object.freeze({ dependsOn: [], blockedOn: 0, runAnyway: false, input: null, require: [], prefer: [], affinity: null, concurrencyKey: null })
+
+function withTaskDefaults (status) {
+  for (const [name, value] of Object.entries(TASK_DEFAULTS)) {
+    if (status[name] === undefined) status[name] = Array.isArray(value) ? [] : value
+  }
+  return status
+}
+
+// The `service` of a LIMIT or RATE answer.
+function answerService (answer, what) {
+  const { service } = answer.meta
+  if (typeof service !== 'string') throw new ProtocolError('bad_reply', `${what} reply without a service`)
+  return service
+}
+
 // ------------------------------------------------------------ validation
 
 function checkService (service, { mmi = false } = {}) {
@@ -1254,11 +1332,38 @@ function checkTimeout (value, name, { positive = false } = {}) {
 }
 
 // Task options (camelCase) -> ZBC01 meta (snake_case), validated as the broker would.
-const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'dependsOn', 'runAnyway', 'input', 'timeoutMs', 'signal', 'frames'])
-// Options of enqueue() and enqueueMany() only.
+const TASK_OPTIONS = new Set(['priority', 'delayS', 'notBefore', 'ttlS', 'maxAttempts', 'timeoutS', 'key', 'keys', 'headers', 'dependsOn', 'runAnyway', 'input', 'require', 'prefer', 'affinity', 'concurrencyKey', 'timeoutMs', 'signal', 'frames'])
+// Options of enqueue() and enqueueMany() only; debounceS of enqueue() alone (one task, with a key).
 const ENQUEUE_OPTIONS = new Set(['receipt'])
+const ENQUEUE_ONE_OPTIONS = new Set([...ENQUEUE_OPTIONS, 'debounceS'])
 const NO_OPTIONS = new Set()
 const SCHEDULE_OPTIONS = new Set(['everyS', 'cron', 'tz', 'priority', 'ttlS', 'maxAttempts', 'timeoutS', 'headers', 'timeoutMs', 'signal'])
+
+// Options of the admin calls limit() and rate().
+const LIMIT_OPTIONS = new Set(['perKey', 'timeoutMs', 'signal'])
+const RATE_OPTIONS = new Set(['burst', ...LIMIT_OPTIONS])
+
+function checkAdminOptions (options, known, method) {
+  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  for (const name of Object.keys(options)) {
+    if (!known.has(name)) throw new TypeError(`unknown option ${JSON.stringify(name)} of ${method}; known: ${[...known].join(', ')}`)
+  }
+}
+
+function checkPerKey (options) {
+  if (options.perKey !== undefined && typeof options.perKey !== 'boolean') {
+    throw new TypeError(`perKey must be a boolean, got ${describe(options.perKey)}`)
+  }
+  return options.perKey === true
+}
+
+// A RATE's tasks per second: a number in (0, MAX_RATE_PER_S].
+function checkRate (perS) {
+  if (typeof perS !== 'number' || !(perS > 0 && perS <= MAX_RATE_PER_S)) {
+    throw new RangeError(`rate must be a number of tasks per second in (0, ${MAX_RATE_PER_S}], or null for none, got ${typeof perS === 'number' ? perS : describe(perS)}`)
+  }
+  return perS
+}
 
 // The options of a task stream, checked: {meta (window, attempts, cancel_on_abandon),
 // offset (READ), waitS, timeoutMs, signal, frames, rest}; `rest` holds the
@@ -1302,6 +1407,7 @@ function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) 
   if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
   for (const name of Object.keys(options)) {
     if (!TASK_OPTIONS.has(name) && !extra.has(name)) {
+      if (name === 'debounceS') throw new TypeError('debounceS is an option of enqueue() only: one task, with a key')
       throw new TypeError(`unknown option ${JSON.stringify(name)}; known: ${[...TASK_OPTIONS, ...extra].join(', ')}`)
     }
   }
@@ -1322,6 +1428,7 @@ function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) 
     meta.headers = h
   }
   dependencyMeta(options, meta)
+  placementMeta(options, meta)
   // An idempotency key for every task: a resend after a lost answer never enqueues twice.
   if (!batch && nTasks === 1 && options.keys === undefined) {
     if (options.key !== undefined && (typeof options.key !== 'string' || options.key.length === 0)) {
@@ -1338,7 +1445,40 @@ function taskMeta (options, nTasks, { batch = false, extra = NO_OPTIONS } = {}) 
       return k
     })
   }
+  if (options.debounceS !== undefined) {
+    meta.debounce_s = checkNumber(options.debounceS, 'debounceS', { positive: true })
+    if (options.key === undefined) throw new TypeError('debounceS needs a key: the enqueues of that key replace the waiting task\'s payload')
+    if (options.delayS !== undefined || options.notBefore !== undefined) throw new TypeError('give debounceS or a delay (delayS, notBefore), not both')
+  }
   return meta
+}
+
+// require, prefer, affinity and concurrencyKey (docs/protocol.md §16) -> require,
+// prefer, affinity and concurrency_key in `meta`, checked as the Python client's
+// TaskOptions: require and prefer arrays of at most MAX_TAGS non-empty strings
+// (none when empty or null), affinity and concurrencyKey non-empty strings (none
+// when null).
+function placementMeta (options, meta) {
+  for (const name of ['require', 'prefer']) {
+    const tags = options[name]
+    if (tags === undefined || tags === null) continue
+    if (!Array.isArray(tags)) throw new TypeError(`${name} must be an array of tags (strings), got ${describe(tags)}`)
+    if (tags.length > MAX_TAGS) throw new RangeError(`${name} takes at most ${MAX_TAGS} tags, got ${tags.length}`)
+    tags.forEach((tag, i) => {
+      if (typeof tag !== 'string' || tag.length === 0) {
+        throw new TypeError(`${name}[${i}] must be a non-empty string, got ${typeof tag === 'string' ? '""' : describe(tag)}`)
+      }
+    })
+    if (tags.length > 0) meta[name] = [...tags]
+  }
+  for (const [name, wire] of [['affinity', 'affinity'], ['concurrencyKey', 'concurrency_key']]) {
+    const value = options[name]
+    if (value === undefined || value === null) continue
+    if (typeof value !== 'string' || value.length === 0) {
+      throw new TypeError(`${name} must be a non-empty string, got ${typeof value === 'string' ? '""' : describe(value)}`)
+    }
+    meta[wire] = value
+  }
 }
 
 // dependsOn, runAnyway and input (docs/protocol.md §15) -> depends_on, run_anyway

@@ -323,7 +323,8 @@ export const W = Object.freeze({
   TASKS: 0x0a,
   DONES: 0x0b,
   STOPPING: 0x0c,
-  CHUNK: 0x0d
+  CHUNK: 0x0d,
+  TAGS: 0x0e
 })
 export const MAX_CREDIT = 10_000
 export const MAX_TAGS = 32
@@ -357,6 +358,8 @@ export const zbwEncode = {
     if (batch) meta.batch = true
     return zbw(W.READY, meta)
   },
+  /** TAGS: the worker's tags from now on, replacing those of its READY (§16; [] clears them). */
+  tags: (tags) => zbw(W.TAGS, { tags }),
   ack: (refs) => zbw(W.ACK, { tasks: refs.map(([id, attempt]) => [id, attempt]) }),
   progress: (id, attempt, data = []) => zbw(W.PROGRESS, { id, attempt }, ...data),
   /** CHUNK: `chunks` (one or more frames) appended in order to the task's stream (§13). */
@@ -482,6 +485,7 @@ export const C = Object.freeze({
   DEAD: 0x06,
   REDRIVE: 0x07,
   QUEUES: 0x08,
+  LIMIT: 0x0e,
   STREAM: 0x12,
   READ: 0x13,
   MORE: 0x14,
@@ -490,6 +494,7 @@ export const C = Object.freeze({
   SCHEDULE: 0x16,
   SCHEDULES: 0x17,
   UNSCHEDULE: 0x18,
+  RATE: 0x19,
   // Broker -> client (bytes are per direction: 0x12 from the broker is CHUNKS).
   REPLY: 0x10,
   ERROR: 0x11,
@@ -502,6 +507,11 @@ export const MAX_QUEUES_PAGE = 1000
 export const PRIORITY_MIN = -128
 export const PRIORITY_MAX = 127
 export const MAX_ATTEMPTS_LIMIT = 1000
+// Placement and flow control (§16): the largest LIMIT of a service (or of each of its
+// concurrency keys), and the largest RATE (tasks per second) and burst.
+export const MAX_SERVICE_LIMIT = 1_000_000
+export const MAX_RATE_PER_S = 1_000_000
+export const MAX_BURST = 1_000_000
 // Task streams (§13): chunks a STREAM or READ call may be sent beyond what MORE
 // credited (`window`: the default and the most a call may ask), and the most one
 // MORE may credit.

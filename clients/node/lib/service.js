@@ -37,7 +37,7 @@ import {
 } from './protocol.js'
 import { MAX_TIMER_MS, checkEndpoint } from './sockets.js'
 import { Publisher, Subscriber } from './events.js'
-import { Worker, isChunkSource } from './worker.js'
+import { Worker, checkTags, isChunkSource } from './worker.js'
 
 // Topics of the client libraries' own events (a convention, not the broker's:
 // see docs/protocol.md §6.2). Each is followed by the service's name.
@@ -192,7 +192,7 @@ export class Service {
       throw new RangeError(`concurrency must be an integer 1..${MAX_CREDIT}`)
     }
     if (publish !== null && publish !== undefined) checkTopic(publish, 'publish')
-    if (!Array.isArray(tags) || !tags.every((t) => typeof t === 'string')) throw new TypeError('tags must be an array of strings')
+    checkTags(tags)
     this.#queues.set(queue, { name: queue, handler, concurrency, publish: publish ?? null, tags: [...tags] })
     return this
   }
@@ -209,6 +209,22 @@ export class Service {
     if (Buffer.byteLength(prefix, 'utf8') > MAX_TOPIC_BYTES) throw new RangeError(`a topic prefix has at most ${MAX_TOPIC_BYTES} bytes`)
     if (typeof handler !== 'function') throw new TypeError('an event handler is a function')
     this.#topics.push({ prefix, handler })
+    return this
+  }
+
+  /**
+   * Change the tags of the workers of every task queue, or of `queue` alone
+   * (docs/protocol.md §16): Worker.setTags() on each (TAGS), without registering
+   * again; before start(), the tags their READY will carry. Returns the service.
+   */
+  setTags (tags, { queue } = {}) {
+    checkTags(tags)
+    if (queue !== undefined && !this.#queues.has(queue)) throw new Error(`queue ${JSON.stringify(queue)} is not served by this service`)
+    for (const q of this.#queues.values()) {
+      if (queue !== undefined && q.name !== queue) continue
+      q.tags = [...tags]
+      this.#workers.get(q.name)?.setTags(tags)
+    }
     return this
   }
 

@@ -50,6 +50,11 @@
 // is still held: results from an older connection and results of attempts the
 // broker took back are dropped here and counted, exactly like the Python Worker.
 //
+// setTags() changes the worker's tags (docs/protocol.md §16) without registering
+// again: TAGS goes out on the current connection, in order with everything else
+// (it waits in the outbox like READY under back-pressure), and every later READY
+// (a reconnect) carries the tags of the moment.
+//
 // On a broker started with --auth, a worker whose handshake is refused
 // (AuthenticationFailed, lib/keys.js) or whose READY the broker refuses
 // (DISCONNECT "forbidden: ...", Forbidden) stops at once: registering again
@@ -113,6 +118,7 @@ const PROGRESS = 4
 const HEARTBEAT = 5
 const CONTROL = 6 // READY, DISCONNECT
 const CHUNK = 7
+const TAGS = 8
 
 const SENT = Promise.resolve()
 
@@ -203,8 +209,7 @@ export class Worker extends EventEmitter {
     if (!Number.isSafeInteger(concurrency) || concurrency < 1 || concurrency > MAX_CREDIT) {
       throw new RangeError(`concurrency must be an integer 1..${MAX_CREDIT}`)
     }
-    if (!Array.isArray(tags) || !tags.every((t) => typeof t === 'string')) throw new TypeError('tags must be an array of strings')
-    if (tags.length > MAX_TAGS) throw new RangeError(`at most ${MAX_TAGS} tags`)
+    checkTags(tags)
     if (typeof heartbeatIntervalMs !== 'number' || !(heartbeatIntervalMs >= 1) || !Number.isFinite(heartbeatIntervalMs)) {
       throw new RangeError('heartbeatIntervalMs must be a finite number >= 1')
     }
@@ -259,13 +264,16 @@ export class Worker extends EventEmitter {
       reconnects: 0, // connections opened after the first one
       malformed: 0, // broker messages that could not be decoded
       metricsErrors: 0,
-      brokerStopping: 0 // STOPPING notices: the broker was stopping (a restart, say)
+      brokerStopping: 0, // STOPPING notices: the broker was stopping (a restart, say)
+      tagsSent: 0 // TAGS handed to the socket (setTags)
     }
   }
 
   get service () { return this.#service }
   get endpoint () { return this.#endpoint }
   get concurrency () { return this.#concurrency }
+  /** The worker's tags (a copy): those of the constructor, or of the last setTags(). */
+  get tags () { return [...this.#tags] }
   /**
    * The credit the current connection declared: concurrency less the handlers
    * still running attempts of an older connection when it registered.
@@ -341,6 +349,21 @@ export class Worker extends EventEmitter {
   }
 
   async [Symbol.asyncDispose] () { await this.stop() }
+
+  /**
+   * Change the worker's tags (a model loaded or unloaded; at most MAX_TAGS
+   * strings, [] clears them) without registering again (docs/protocol.md §16):
+   * the broker places tasks that `require` or `prefer` tags by these from now on.
+   * Sent as TAGS on the current connection; a later READY (a reconnect) carries
+   * them too. Before start() the first READY carries them; once the worker is
+   * stopping nothing is sent.
+   */
+  setTags (tags) {
+    checkTags(tags)
+    this.#tags = [...tags]
+    if (this.#sock === null || this.#stopping) return
+    this.#send(zbwEncode.tags(this.#tags), TAGS)
+  }
 
   async #shutdown (timeoutMs) {
     if (!this.#started) {
@@ -573,6 +596,7 @@ export class Worker extends EventEmitter {
     else if (kind === FAIL) this.stats.failed += count
     else if (kind === PROGRESS) this.stats.progressSent += count
     else if (kind === CHUNK) this.stats.chunksSent += count
+    else if (kind === TAGS) this.stats.tagsSent += count
     if (onSent) onSent()
   }
 
@@ -1019,6 +1043,14 @@ export class Worker extends EventEmitter {
       this.#send(zbwEncode.fail(ctx.id, ctx.attempt, outcome.reason, { retry: outcome.retry, delayS: outcome.delayS }), FAIL, 1)
     }
   }
+}
+
+/** Worker tags: an array of at most MAX_TAGS strings; a TypeError or RangeError otherwise. */
+export function checkTags (tags) {
+  if (!Array.isArray(tags)) throw new TypeError(`tags must be an array of strings, got ${describe(tags)}`)
+  const i = tags.findIndex((t) => typeof t !== 'string')
+  if (i >= 0) throw new TypeError(`tags must be an array of strings: tags[${i}] is ${describe(tags[i])}`)
+  if (tags.length > MAX_TAGS) throw new RangeError(`at most ${MAX_TAGS} tags, got ${tags.length}`)
 }
 
 function reasonOf (err) {

@@ -555,3 +555,83 @@ test('enqueueMany counts keys and headers: every message within maxMessageBytes,
   const wide = Array.from({ length: n }, (_, i) => `ключ-${i}-` + 'ж'.repeat(60))
   await check(client.enqueueMany('svc', Array.from({ length: n }, () => Buffer.alloc(50)), { keys: wide }), n)
 })
+
+test('placement options and debounceS go out in snake_case; a debounce receipt says replaced', async (t) => {
+  const { broker, client } = await setup(t)
+  const placed = client.enqueue('llm', 'p', { require: ['gpu', 'model:llama3'], prefer: ['de'], affinity: 'conv-7', concurrencyKey: 'user:42' })
+  const call = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual({ ...call.meta, rid: 0, key: 'k' }, {
+    rid: 0, key: 'k', service: 'llm', require: ['gpu', 'model:llama3'], prefer: ['de'], affinity: 'conv-7', concurrency_key: 'user:42'
+  })
+  await broker.reply(call, { ids: ['t1'] })
+  assert.equal(await placed, 't1')
+  // Empty tag lists and null keys are no rule: nothing is sent for them
+  const plain = client.enqueueMany('llm', ['a', 'b'], { require: [], prefer: null, affinity: null, concurrencyKey: null })
+  const many = await broker.next(CALL.ENQUEUE)
+  assert.deepEqual(Object.keys(many.meta).sort(), ['counts', 'keys', 'rid', 'service'])
+  await broker.reply(many, { ids: ['t2', 't3'] })
+  await plain
+  // debounceS (with its key): the broker names the waiting task, existing and replaced
+  const first = client.enqueue('index', 'v1', { key: 'file:a', debounceS: 0.25, receipt: true })
+  const c1 = await broker.next(CALL.ENQUEUE)
+  assert.equal(c1.meta.debounce_s, 0.25)
+  assert.equal(c1.meta.key, 'file:a')
+  await broker.reply(c1, { ids: ['t4'] })
+  assert.deepEqual(await first, { id: 't4', existing: false })
+  const second = client.enqueue('index', 'v2', { key: 'file:a', debounceS: 0.25, receipt: true })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t4'], existing: [0], replaced: [0] })
+  assert.deepEqual(await second, { id: 't4', existing: true, replaced: true })
+  const bare = client.enqueue('index', 'v3', { key: 'file:a', debounceS: 0.25 })
+  await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t4'], existing: [0], replaced: [0] })
+  assert.equal(await bare, 't4')
+  // A malformed `replaced` is a malformed answer
+  for (const replaced of ['0', [1], [0, 0], [true]]) {
+    const bad = client.enqueue('index', 'v', { key: 'file:a', debounceS: 1, receipt: true })
+    await broker.reply(await broker.next(CALL.ENQUEUE), { ids: ['t4'], existing: [0], replaced })
+    await assert.rejects(bad, (e) => e instanceof ProtocolError && e.code === 'bad_reply' && /'replaced'/.test(e.message), JSON.stringify(replaced))
+  }
+})
+
+test('limit() and rate() send LIMIT and RATE and resolve with the answer', async (t) => {
+  const { broker, client } = await setup(t)
+  const limited = client.limit('gen', 2)
+  const l1 = await broker.next(0x0e)
+  assert.deepEqual({ ...l1.meta, rid: 0 }, { rid: 0, service: 'gen', limit: 2 })
+  await broker.reply(l1, { service: 'gen', limit: 2, per_key: false })
+  assert.deepEqual(await limited, { service: 'gen', limit: 2, perKey: false })
+  const perKey = client.limit('gen', null, { perKey: true })
+  const l2 = await broker.next(0x0e)
+  assert.deepEqual({ ...l2.meta, rid: 0 }, { rid: 0, service: 'gen', limit: null, per_key: true })
+  await broker.reply(l2, { service: 'gen', limit: null, per_key: true })
+  assert.deepEqual(await perKey, { service: 'gen', limit: null, perKey: true })
+
+  const rated = client.rate('gen', 2.5, { burst: 4, perKey: true })
+  const r1 = await broker.next(0x19)
+  assert.deepEqual({ ...r1.meta, rid: 0 }, { rid: 0, service: 'gen', rate: 2.5, burst: 4, per_key: true })
+  await broker.reply(r1, { service: 'gen', rate: 2.5, burst: 4, per_key: true })
+  assert.deepEqual(await rated, { service: 'gen', rate: 2.5, burst: 4, perKey: true })
+  const removed = client.rate('gen', null)
+  const r2 = await broker.next(0x19)
+  assert.deepEqual({ ...r2.meta, rid: 0 }, { rid: 0, service: 'gen', rate: null })
+  await broker.error(r2, 'forbidden', 'not an admin')
+  await assert.rejects(removed, (e) => e instanceof BrokerError && e.code === 'forbidden')
+  const odd = client.limit('gen', 1)
+  await broker.reply(await broker.next(0x0e), { limit: 1 })
+  await assert.rejects(odd, (e) => e instanceof ProtocolError && e.code === 'bad_reply')
+})
+
+test('status() of a broker that predates dependencies and placement: those fields as a task without them', async (t) => {
+  const { broker, client } = await setup(t)
+  const old = client.status('t1')
+  await broker.reply(await broker.next(CALL.STATUS), { task: { id: 't1', service: 's', state: 'ready', not_before: 0, history: [] } })
+  const status = await old
+  assert.deepEqual(
+    [status.dependsOn, status.blockedOn, status.runAnyway, status.input, status.require, status.prefer, status.affinity, status.concurrencyKey],
+    [[], 0, false, null, [], [], null, null])
+  const current = client.status('t2')
+  await broker.reply(await broker.next(CALL.STATUS), {
+    task: { id: 't2', service: 's', state: 'ready', require: ['gpu'], prefer: ['de'], affinity: 'a', concurrency_key: 'user:1', depends_on: [], blocked_on: 0, run_anyway: false, input: null }
+  })
+  const got = await current
+  assert.deepEqual([got.require, got.prefer, got.affinity, got.concurrencyKey], [['gpu'], ['de'], 'a', 'user:1'])
+})

@@ -85,6 +85,14 @@ test('ZBW01 frames: READY, ACK, PROGRESS, DONE, FAIL, HEARTBEAT, DISCONNECT', ()
   assert.deepEqual(unpack(zbwEncode.heartbeat({ cpu: 0.5 })[3]), { metrics: { cpu: 0.5 } })
   assert.deepEqual(str(...zbwEncode.disconnect()), ['', 'ZBW01', '\x08'])
   assert.deepEqual(unpack(zbwEncode.disconnect('bye')[3]), { reason: 'bye' })
+
+  // TAGS (§16): the whole new list, an empty one included (it clears them)
+  const tags = zbwEncode.tags(['gpu', 'model:llama3'])
+  assert.deepEqual(str(...tags.slice(0, 3)), ['', 'ZBW01', '\x0e'])
+  assert.equal(W.TAGS, 0x0e)
+  assert.equal(tags.length, 4)
+  assert.deepEqual([...tags[3]], [0x81, 0xa4, ...Buffer.from('tags'), 0x92, 0xa3, ...Buffer.from('gpu'), 0xac, ...Buffer.from('model:llama3')])
+  assert.deepEqual([...zbwEncode.tags([])[3]], [0x81, 0xa4, ...Buffer.from('tags'), 0x90])
 })
 
 test('ZBW01: what a worker receives', () => {

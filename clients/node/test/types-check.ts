@@ -106,6 +106,54 @@ export async function graphs (client: Client): Promise<void> {
   await client.chain([['stt', 'a']], { dependsOn: [first] })
 }
 
+export async function placement (client: Client): Promise<void> {
+  const id: string = await client.enqueue('llm', 'prompt', {
+    require: ['gpu'],
+    prefer: ['model:llama3'],
+    affinity: 'conversation:7',
+    concurrencyKey: 'user:42'
+  })
+  const receipt: Receipt = await client.enqueue('index', 'v2', { key: 'file:a', debounceS: 2, receipt: true })
+  const replaced: boolean = receipt.replaced === true
+  const ids: string[] = await client.enqueueMany('llm', ['a', 'b'], { concurrencyKey: 'user:42', require: null })
+  const answer: Buffer = await client.request('llm', 'p', { prefer: ['de'], affinity: null })
+  const status: TaskStatus = await client.status(id)
+  const required: string[] = status.require
+  const key: string | null = status.concurrencyKey
+  const limited: { service: string, limit: number | null, perKey: boolean } = await client.limit('llm', 1, { perKey: true })
+  await client.limit('llm', null, { timeoutMs: 500 })
+  const rated: number | null = (await client.rate('llm', 2.5, { burst: 5, perKey: true })).rate
+  await client.rate('llm', null)
+  const row = (await client.queues())[0]
+  const perS: number | undefined = row.rate?.per_s
+  const unplaceable: number = row.unplaceable
+  const keyLimit: number | null = row.key_limit
+  void [replaced, ids, answer, required, key, limited, rated, perS, unplaceable, keyLimit, status.prefer, status.affinity]
+  // @ts-expect-error require is a list of tags
+  await client.enqueue('llm', 'p', { require: 'gpu' })
+  // @ts-expect-error debounceS is an option of enqueue() alone
+  await client.enqueueMany('index', ['a'], { debounceS: 1 })
+  // @ts-expect-error debounceS is an option of enqueue() alone
+  await client.request('index', 'a', { key: 'k', debounceS: 1 })
+  // @ts-expect-error a limit is a number or null
+  await client.limit('llm', '1')
+  // @ts-expect-error perKey is a boolean
+  await client.rate('llm', 1, { perKey: 'yes' })
+}
+
+export function taggedWorker (): Worker {
+  const w = new Worker({ service: 'llm', handler: () => null, tags: ['gpu'] })
+  w.setTags(['gpu', 'model:llama3'])
+  w.setTags([])
+  const tags: string[] = w.tags
+  const sent: number = w.stats.tagsSent
+  void [tags, sent]
+  new Service('llm').task('llm', () => null, { tags: ['gpu'] }).setTags(['gpu', 'model:x'], { queue: 'llm' }).setTags([])
+  // @ts-expect-error tags are an array
+  w.setTags('gpu')
+  return w
+}
+
 export function joiningWorker (): Worker {
   return new Worker({
     service: 'join',

@@ -4,7 +4,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { NonRetryableError, RetryLater, Worker } from '../index.js'
 import { CMD, FakeBroker } from '../testlib/fake-broker.js'
-import { waitUntil } from '../testlib/broker.js'
+import { sleep, waitUntil } from '../testlib/broker.js'
 import { deferred } from '../testlib/helpers.js'
 
 const INTERVAL_MS = 100
@@ -400,6 +400,73 @@ test('a malformed TASKS is dropped and counted, none of its tasks run', async (t
   assert.equal(broker.seen(CMD.ACK).length, 0)
 })
 
+test('setTags(): TAGS on the current connection, in order; a reconnect\'s READY carries the tags of the moment', async (t) => {
+  // A reconnect waits 300 ms: time enough to change the tags between two connections
+  const { broker, identity, worker } = await setup(t, { handler: (task) => task.payload, tags: ['cpu'], reconnectDelayMs: 300, maxReconnectDelayMs: 300 })
+  assert.deepEqual(worker.tags, ['cpu'])
+  const given = ['gpu', 'model:llama3']
+  worker.setTags(given)
+  given.push('changed later') // the worker keeps its own copy
+  const tags = await broker.command(CMD.TAGS)
+  assert.equal(tags.header, 'ZBW01')
+  assert.deepEqual(tags.meta, { tags: ['gpu', 'model:llama3'] })
+  assert.deepEqual(tags.frames, [])
+  assert.deepEqual(worker.tags, ['gpu', 'model:llama3'])
+  // In order with the rest: behind the ACK and DONE of a task read before it
+  await broker.send(identity, CMD.TASK, { id: 't1', attempt: 1, service: 'svc' }, 'p')
+  await broker.command(CMD.ACK)
+  const done = await broker.command(CMD.DONE)
+  worker.setTags([])
+  const cleared = await broker.command(CMD.TAGS)
+  assert.deepEqual(cleared.meta, { tags: [] })
+  assert.ok(cleared.seq > done.seq)
+  worker.setTags(['gpu'])
+  await broker.command(CMD.TAGS)
+  assert.equal(worker.stats.tagsSent, 3)
+  // Bad tags are refused and change nothing
+  assert.throws(() => worker.setTags('gpu'), TypeError)
+  assert.throws(() => worker.setTags(['gpu', 7]), /tags\[1\]/)
+  assert.throws(() => worker.setTags(new Array(33).fill('t')), RangeError)
+  assert.deepEqual(worker.tags, ['gpu'])
+
+  // A restarted broker does not know the worker: the new READY carries the current tags
+  await broker.send(identity, CMD.DISCONNECT, { reason: 'unknown worker' })
+  const again = await broker.command(CMD.READY)
+  assert.deepEqual(again.meta, { service: 'svc', credit: 1, tags: ['gpu'], batch: true })
+  assert.notDeepEqual(again.identity, identity)
+  await broker.send(again.identity, CMD.HEARTBEAT)
+  await waitUntil(() => worker.connected, { what: 'greeted again' })
+  // Between two connections setTags sends nothing: the next READY says it
+  await broker.send(again.identity, CMD.DISCONNECT, { reason: 'unknown worker' })
+  await waitUntil(() => !worker.connected, { what: 'connection dropped' })
+  worker.setTags(['gpu', 'de-DE'])
+  const third = await broker.command(CMD.READY)
+  assert.deepEqual(third.meta.tags, ['gpu', 'de-DE'])
+  assert.equal(broker.seen(CMD.TAGS).length, 0, 'no TAGS besides those asked for')
+  assert.equal(worker.stats.tagsSent, 3)
+})
+
+test('setTags() before start(): the first READY carries them; once stopping, nothing is sent', async (t) => {
+  const broker = await new FakeBroker().bind()
+  const worker = new Worker({ endpoint: broker.endpoint, service: 'svc', handler: () => 'x', heartbeatIntervalMs: INTERVAL_MS, logger: null })
+  t.after(async () => {
+    await worker.stop({ timeoutMs: 200 })
+    broker.close()
+  })
+  worker.setTags(['gpu'])
+  const started = worker.start()
+  const ready = await broker.command(CMD.READY)
+  assert.deepEqual(ready.meta, { service: 'svc', credit: 1, tags: ['gpu'], batch: true })
+  await broker.send(ready.identity, CMD.HEARTBEAT)
+  await started
+  await worker.stop({ timeoutMs: 200 })
+  worker.setTags(['cpu'])
+  assert.deepEqual(worker.tags, ['cpu'])
+  await sleep(50)
+  assert.equal(broker.seen(CMD.TAGS).length, 0)
+  assert.equal(worker.stats.tagsSent, 0)
+})
+
 test('constructor arguments are checked', () => {
   const handler = () => 'x'
   assert.throws(() => new Worker({ handler }), /service name/)
@@ -407,5 +474,6 @@ test('constructor arguments are checked', () => {
   assert.throws(() => new Worker({ service: 's' }), /handler/)
   assert.throws(() => new Worker({ service: 's', handler, concurrency: 0 }), /concurrency/)
   assert.throws(() => new Worker({ service: 's', handler, tags: 'gpu' }), /tags/)
+  assert.throws(() => new Worker({ service: 's', handler, tags: new Array(33).fill('t') }), /at most 32 tags/)
   assert.throws(() => new Worker({ service: 's', handler, endpoint: 'localhost:5555' }), /endpoint/)
 })

@@ -4,7 +4,7 @@
 import * as zmq from 'zeromq'
 import { pack, unpack } from '../lib/protocol.js'
 
-export const CMD = { READY: 1, TASK: 2, ACK: 3, PROGRESS: 4, DONE: 5, FAIL: 6, HEARTBEAT: 7, DISCONNECT: 8, CANCEL: 9, TASKS: 10, DONES: 11, STOPPING: 12, CHUNK: 13 }
+export const CMD = { READY: 1, TASK: 2, ACK: 3, PROGRESS: 4, DONE: 5, FAIL: 6, HEARTBEAT: 7, DISCONNECT: 8, CANCEL: 9, TASKS: 10, DONES: 11, STOPPING: 12, CHUNK: 13, TAGS: 14 }
 
 export class FakeBroker {
   constructor () {
