@@ -7,16 +7,14 @@ not depend on which one it is handed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.unit.core_script import EPOCH, CoreScript
 from zbroker.core import CoreSettings
-from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
+from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.events import MAX_BATCH_EVENTS
 
@@ -30,17 +28,6 @@ SETTINGS = CoreSettings(
     retention_s=100.0,
     seed=7,
 )
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
-    j: Journal = (
-        MemoryJournal()
-        if request.param == "memory"
-        else open_journal(Durability.ASYNC, tmp_path / "data")
-    )
-    yield j
-    j.close()
 
 
 class Script(CoreScript):

@@ -5,8 +5,6 @@ ZBC01 calls against a real journal (both stores), time moved by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -16,22 +14,11 @@ from hypothesis import strategies as st
 
 from tests.unit.test_core_durable import Script, emitted
 from zbroker.core import CoreSettings
-from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
+from zbroker.journal import Journal, MemoryJournal, TaskState
 from zbroker.protocol import ext, zbc
 
 BLOCKED, READY, DONE = TaskState.BLOCKED, TaskState.READY, TaskState.DONE
 UPSTREAM_FAILED = TaskState.UPSTREAM_FAILED
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
-    j: Journal = (
-        MemoryJournal()
-        if request.param == "memory"
-        else open_journal(Durability.ASYNC, tmp_path / "data")
-    )
-    yield j
-    j.close()
 
 
 def refused(s: Script, service: str, **options: Any) -> zbc.Answer:

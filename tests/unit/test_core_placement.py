@@ -8,8 +8,6 @@ a property test drives random sequences and checks the rules after every step.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,19 +16,8 @@ from hypothesis import strategies as st
 
 from tests.unit.test_core_durable import Script
 from zbroker.core import CoreSettings
-from zbroker.journal import Durability, Journal, MemoryJournal, TaskState, open_journal
+from zbroker.journal import Journal, MemoryJournal, TaskState
 from zbroker.protocol import ext, zbc
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
-    j: Journal = (
-        MemoryJournal()
-        if request.param == "memory"
-        else open_journal(Durability.ASYNC, tmp_path / "data")
-    )
-    yield j
-    j.close()
 
 
 def ready(s: Script, wid: bytes, service: str, credit: int, *tags: str) -> None:

@@ -1,0 +1,22 @@
+"""Fixtures shared by the core's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zbroker.journal import Durability, Journal, MemoryJournal, open_journal
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
+    """Each test once per store: the core must not depend on which one it is handed."""
+    j: Journal = (
+        MemoryJournal()
+        if request.param == "memory"
+        else open_journal(Durability.ASYNC, tmp_path / "data")
+    )
+    yield j
+    j.close()
