@@ -19,8 +19,6 @@ from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, mdp, zbc
 from zbroker.protocol.errors import ProtocolError
 
-journal = durable.journal  # the fixture: the durable tests run on both journals
-
 HB = 1.0
 SETTINGS = CoreSettings(heartbeat_interval_s=HB, heartbeat_liveness=3, request_expiry_s=10.0)
 

@@ -8,12 +8,10 @@ or at its deadline.
 
 from __future__ import annotations
 
-from tests.unit.test_core_durable import Script, journal
+from tests.unit.test_core_durable import Script
 from zbroker.core.stopping import Drain
 from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, mdp
-
-__all__ = ["journal"]  # the fixture, shared with test_core_durable
 
 
 def stopping_notices(s: Script, peer: bytes) -> list[float]:

@@ -12,7 +12,6 @@ from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, zbc
 
 SETTINGS, Script = durable.SETTINGS, durable.Script
-journal = durable.journal  # the fixture: every test runs on both journals
 
 C = b"C"
 W = b"W"

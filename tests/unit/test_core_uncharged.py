@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import msgpack
 
-from tests.unit.test_core_durable import Script, journal
+from tests.unit.test_core_durable import Script
 from zbroker.journal import Journal, TaskRecord, TaskState
 from zbroker.journal._codec import Packer, unpack_record
 from zbroker.protocol import ext, zbc
-
-__all__ = ["journal"]  # the fixture, shared with test_core_durable
 
 
 def status(s: Script, task_id: str) -> dict[str, object]:
