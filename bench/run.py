@@ -22,6 +22,7 @@ import compare
 import durable
 import fuzz
 import mdp
+import scheduling
 import streams
 from harness import (
     RESULTS_DIR,
@@ -47,6 +48,7 @@ WORKLOADS: dict[str, Workload] = {
         fuzz.WORKLOAD,
         auth.WORKLOAD,
         streams.WORKLOAD,
+        scheduling.WORKLOAD,
     )
 }
 
