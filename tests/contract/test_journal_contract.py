@@ -891,11 +891,11 @@ def test_scheduling_fields_round_trip_and_default_to_none(stores: Stores) -> Non
     # Given tasks with dependencies, with and without the other late fields
     journal = stores.open()
     fields: list[dict[str, Any]] = [
-        {"depends_on": ["a"], "blocked_on": 1, "state": BLOCKED},
-        {"depends_on": ["a", "b"], "run_anyway": True, "input": "results", "owner": "al"},
-        {"depends_on": ["a"], "input": "result", "stream_chunks": 2, "stream_bytes": 3},
-        {"depends_on": ["a"], "state": UPSTREAM_FAILED, "uncharged": 1},
-        {"require": ["gpu", "de"], "prefer": ["fast"], "affinity": "conv-1"},
+        {"depends_on": ("a",), "blocked_on": 1, "state": BLOCKED},
+        {"depends_on": ("a", "b"), "run_anyway": True, "input": "results", "owner": "al"},
+        {"depends_on": ("a",), "input": "result", "stream_chunks": 2, "stream_bytes": 3},
+        {"depends_on": ("a",), "state": UPSTREAM_FAILED, "uncharged": 1},
+        {"require": ("gpu", "de"), "prefer": ("fast",), "affinity": "conv-1"},
         {"concurrency_key": "user:42", "owner": "al"},
         {},
     ]
@@ -910,22 +910,23 @@ def test_scheduling_fields_round_trip_and_default_to_none(stores: Stores) -> Non
         assert journal.get(record.id) == record
     got = journal.get("t6")
     assert got is not None
-    assert (got.depends_on, got.blocked_on, got.run_anyway, got.input) == ([], 0, False, None)
-    assert (got.require, got.prefer, got.affinity, got.concurrency_key) == ([], [], None, None)
+    assert (got.depends_on, got.blocked_on, got.run_anyway, got.input) == ((), 0, False, None)
+    assert (got.require, got.prefer, got.affinity, got.concurrency_key) == ((), (), None, None)
 
 
 @pytest.mark.parametrize(
     "fields",
     [
+        {"depends_on": ["t1"]},  # a list, not a tuple
         {"depends_on": "t1"},
-        {"depends_on": [""]},
-        {"depends_on": [1]},
-        {"depends_on": ["a"], "blocked_on": 2},
-        {"depends_on": ["a"], "blocked_on": -1},
+        {"depends_on": ("",)},
+        {"depends_on": (1,)},
+        {"depends_on": ("a",), "blocked_on": 2},
+        {"depends_on": ("a",), "blocked_on": -1},
         {"run_anyway": True},
         {"input": "result"},
         {"require": "gpu"},
-        {"prefer": [""]},
+        {"prefer": ("",)},
         {"affinity": ""},
         {"concurrency_key": 5},
     ],
@@ -940,9 +941,9 @@ def test_scheduling_fields_that_cannot_be_stored_are_refused(
 
 def test_blocked_tasks_are_found_by_blocked_only(journal: Journal) -> None:
     # Given blocked tasks of two services, one with a ttl
-    a = task(journal, "a", BLOCKED, depends_on=["x"], blocked_on=1)
-    b = task(journal, "b", BLOCKED, service="other", depends_on=["x"], blocked_on=1)
-    c = task(journal, "c", BLOCKED, depends_on=["x"], blocked_on=1, expires_at=50.0)
+    a = task(journal, "a", BLOCKED, depends_on=("x",), blocked_on=1)
+    b = task(journal, "b", BLOCKED, service="other", depends_on=("x",), blocked_on=1)
+    c = task(journal, "c", BLOCKED, depends_on=("x",), blocked_on=1, expires_at=50.0)
     for record in (a, b, c):
         journal.put(record)
     # Then blocked() finds each under its service, in seq order, and nothing else does

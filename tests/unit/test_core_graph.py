@@ -56,7 +56,7 @@ def test_a_dependent_waits_blocked_then_runs_after_its_dependency(journal: Journ
     assert (tid, payload, meta["deps"]) == (second, b"2", [first])
     assert s.state(second) is DONE
     record = journal.get(second)
-    assert record is not None and record.depends_on == [first] and record.blocked_on == 0
+    assert record is not None and record.depends_on == (first,) and record.blocked_on == 0
     assert [h[0] for h in record.history][:2] == ["enqueued", "unblocked"]
 
 
@@ -164,7 +164,7 @@ def test_unknown_duplicate_and_keyed_dependencies(journal: Journal) -> None:
     # A key of another service names the task that holds it there
     by_key = s.enqueue("b", depends_on=(("a", "rec-1"),))
     record = journal.get(by_key)
-    assert record is not None and record.depends_on == [first]
+    assert record is not None and record.depends_on == (first,)
     # A self-reference through a key of the same call is unknown: no cycle can be made
     answer = refused(s, "c", key="k", depends_on=(("c", "k"),))
     assert answer.meta["code"] == zbc.E_NOT_FOUND

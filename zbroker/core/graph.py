@@ -126,7 +126,7 @@ class TaskGraph:
         at once when none of them is still to end."""
         journal = self._journal
         assert journal is not None
-        record.depends_on = [d.id for d in deps]
+        record.depends_on = tuple(d.id for d in deps)
         record.run_anyway = run_anyway = options.run_anyway
         record.input = options.input
         waiting = [d for d in deps if d.state not in FINAL]

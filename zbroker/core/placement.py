@@ -94,7 +94,7 @@ class Placement:
                 if bucket is not None and not bucket.available(now):
                     self.throttled_until = min(self.throttled_until, bucket.due_at(now))
                     continue
-            shape = (tuple(record.require), tuple(record.prefer), record.affinity)
+            shape = (record.require, record.prefer, record.affinity)
             if shape in tried:
                 worker = tried[shape]
             else:

@@ -37,7 +37,6 @@ from zbroker.core.services import ServiceDirectory
 from zbroker.core.settings import CoreSettings
 from zbroker.core.sink import EventSink, Outputs
 from zbroker.core.tasks import DurableTasks
-from zbroker.journal.base import TaskRecord
 from zbroker.protocol import ext, mdp
 from zbroker.protocol.limits import ZBW_MAX_BATCH
 
@@ -158,8 +157,17 @@ class Routing:
                 worker = ready.pop(identity)
                 held = requests.take(service)
                 held.attempt += 1
+            elif not (
+                service.placing or service.key_limit is not None or service.key_rate is not None
+            ):
+                record = tasks.next_ready(service, now)
+                if record is None:
+                    break
+                worker = ready.pop(identity)
+                held = tasks.start(record, worker, now)
             else:
-                chosen = self._next_task(service, identity, now)
+                # Tasks with placement or flow-control rules: core/placement.py chooses.
+                chosen = tasks.next_placed(service, now)
                 if chosen is None:
                     break
                 record, worker = chosen
@@ -191,6 +199,19 @@ class Routing:
                     held.attempt,
                     worker.alias,
                 )
+        if batches is not None or start_room != -1 or service.placing or service.key_rate:
+            self._after_deliveries(service, batches, start_room, room, now)
+
+    def _after_deliveries(
+        self,
+        service: Service,
+        batches: dict[Worker, list[Held]] | None,
+        start_room: int,
+        room: int,
+        now: float,
+    ) -> None:
+        """What a dispatch ends with: the TASKS messages of the workers that take them,
+        and the rates' accounts."""
         if batches:
             name = shown(service.name)
             for worker, held_list in batches.items():
@@ -229,17 +250,6 @@ class Routing:
             self._throttled[service.name] = service
             if due < self.wake_at:
                 self.wake_at = due
-
-    def _next_task(
-        self, service: Service, identity: bytes, now: float
-    ) -> tuple[TaskRecord, Worker] | None:
-        """The next durable task to deliver and its worker: the best task for the
-        worker at the front of the rotation (`identity`), or, when the window holds
-        tasks with placement or flow-control rules, what core/placement.py chooses."""
-        if service.placing or service.key_limit is not None or service.key_rate is not None:
-            return self._tasks.next_placed(service, now)
-        record = self._tasks.next_ready(service, now)
-        return None if record is None else (record, service.ready[identity])
 
     def _send_tasks(self, worker: Worker, held_list: list[Held], name: str) -> None:
         """Several deliveries to one worker that accepts TASKS: a message per MAX_BATCH."""

@@ -873,7 +873,7 @@ class DurableTasks:
         if options.debounce_s is not None and self._debounced(identity, msg, service, now, owner):
             return
         held, new = self._stored_keys(msg.service, keys)
-        deps = self._dependencies(identity, msg, new)
+        deps = self._dependencies(identity, msg, new) if options.depends_on else []
         if deps is None or not self._admits(identity, msg, service, new, owner):
             return
         epoch = now + self._epoch_offset
@@ -915,8 +915,8 @@ class DurableTasks:
                 key=key,
                 headers=headers,
                 owner=owner,
-                require=list(options.require),
-                prefer=list(options.prefer),
+                require=options.require,
+                prefer=options.prefer,
                 affinity=options.affinity,
                 concurrency_key=options.concurrency_key,
             )

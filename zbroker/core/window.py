@@ -40,8 +40,8 @@ class ReadyWindows:
         if len(window) + 1 == service.ready_count or (window and entry > window[0]):
             bisect.insort(window, entry)
             service.records[record.id] = record
-            if ruled(record):
-                service.placing += 1
+            if record.require or record.prefer or record.affinity or record.concurrency_key:
+                service.placing += 1  # ruled(record), inline: this runs for every task
             if len(window) > self._size:
                 evicted = service.records.pop(window[0][2])
                 if ruled(evicted):
@@ -79,8 +79,8 @@ class ReadyWindows:
             if record is None:
                 assert self._journal is not None
                 record = self._journal.get(task_id)
-            elif ruled(record):
-                service.placing -= 1
+            elif record.require or record.prefer or record.affinity or record.concurrency_key:
+                service.placing -= 1  # ruled(record), inline: this runs for every task
             if record is None or record.state is not READY:
                 log.error("task %s in the ready window is not ready: skipped", task_id)
                 continue
@@ -122,10 +122,6 @@ class ReadyWindows:
 
 
 def ruled(record: TaskRecord) -> bool:
-    """Whether a task has placement or flow-control rules (core/placement.py)."""
-    return bool(
-        record.require
-        or record.prefer
-        or record.affinity is not None
-        or record.concurrency_key is not None
-    )
+    """Whether a task has placement or flow-control rules (core/placement.py). The
+    hot paths of this module test the same four fields inline."""
+    return bool(record.require or record.prefer or record.affinity or record.concurrency_key)

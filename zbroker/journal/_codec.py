@@ -91,17 +91,29 @@ def check_record(record: TaskRecord) -> None:
 
 
 def _check_scheduling(record: TaskRecord) -> None:
+    depends_on, require, prefer = record.depends_on, record.require, record.prefer
+    if (
+        depends_on == ()
+        and require == ()
+        and prefer == ()
+        and record.affinity is None
+        and record.concurrency_key is None
+        and record.blocked_on == 0
+        and record.run_anyway is False
+        and record.input is None
+    ):
+        return  # none of them set: most tasks, on every write
     for name in ("require", "prefer"):
         tags = getattr(record, name)
-        if type(tags) is not list or not all(type(t) is str and t for t in tags):
-            raise ValueError(f"{name} must be a list of non-empty str")
+        if type(tags) is not tuple or not all(type(t) is str and t for t in tags):
+            raise ValueError(f"{name} must be a tuple of non-empty str")
     for name in ("affinity", "concurrency_key"):
         value = getattr(record, name)
         if value is not None and (type(value) is not str or not value):
             raise ValueError(f"{name} must be a non-empty str or None")
     depends_on = record.depends_on
-    if type(depends_on) is not list or not all(type(d) is str and d for d in depends_on):
-        raise ValueError("depends_on must be a list of non-empty str")
+    if type(depends_on) is not tuple or not all(type(d) is str and d for d in depends_on):
+        raise ValueError("depends_on must be a tuple of non-empty str")
     blocked_on = record.blocked_on
     if type(blocked_on) is not int or not 0 <= blocked_on <= len(depends_on):
         raise ValueError(f"blocked_on must be an int in 0..len(depends_on), got {blocked_on!r}")
@@ -168,7 +180,6 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
     uncharged = fields[16] if len(fields) > 16 else 0
     owner = fields[17] if len(fields) > 17 else None  # None also when stored as nil
     stream_chunks, stream_bytes = fields[18] if len(fields) > 18 else (0, 0)
-    more = fields[19] if len(fields) > 19 else _NONE
     (
         service,
         state,
@@ -187,7 +198,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         keep_until,
         history,
     ) = fields[:16]
-    return TaskRecord(
+    record = TaskRecord(
         task_id,
         service,
         _STATES[state],
@@ -209,18 +220,18 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         owner,
         stream_chunks,
         stream_bytes,
-        more.get("d", []),
-        more.get("b", 0),
-        more.get("r", False),
-        more.get("i"),
-        more.get("q", []),
-        more.get("p", []),
-        more.get("a"),
-        more.get("k"),
     )
-
-
-_NONE: dict[str, Any] = {}
+    if len(fields) > 19:  # dependencies, placement, flow control: a few tasks only
+        more = fields[19]
+        record.depends_on = tuple(more.get("d", ()))
+        record.blocked_on = more.get("b", 0)
+        record.run_anyway = more.get("r", False)
+        record.input = more.get("i")
+        record.require = tuple(more.get("q", ()))
+        record.prefer = tuple(more.get("p", ()))
+        record.affinity = more.get("a")
+        record.concurrency_key = more.get("k")
+    return record
 
 
 def _scheduling_map(record: TaskRecord) -> dict[str, Any]:

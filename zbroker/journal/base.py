@@ -140,16 +140,17 @@ class TaskRecord:
     # Dependencies (docs/protocol.md §15): the ids of the tasks it waits for, how many
     # of them have not ended yet (0 once it left BLOCKED), whether it runs even when
     # one ended without DONE, and what of their results becomes its input ("result",
-    # "results" or None). Stored only when depends_on is not empty.
-    depends_on: list[str] = field(default_factory=list)
+    # "results" or None). Stored only when depends_on is not empty. (The sequences
+    # here are tuples: no list to make for the many records without them.)
+    depends_on: tuple[str, ...] = ()
     blocked_on: int = 0
     run_anyway: bool = False
     input: str | None = None
     # Placement and flow control (docs/protocol.md §16): tags its worker must have,
     # tags that make a worker a better fit, a key that sends it to the worker that
     # last ran that key, and the key its service's per-key rules count it under.
-    require: list[str] = field(default_factory=list)
-    prefer: list[str] = field(default_factory=list)
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
     affinity: str | None = None
     concurrency_key: str | None = None
     # Opaque to everyone but the store that set it: what the store holds for this

@@ -483,7 +483,7 @@ def task_meta(
     service: str,
     headers: dict[str, Any] | None = None,
     timeout_s: float | None = None,
-    deps: list[str] | None = None,
+    deps: Sequence[str] | None = None,
 ) -> bytes:
     meta: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service}
     if headers:
@@ -502,7 +502,7 @@ def task_entry(
     frames: int,
     headers: dict[str, Any] | None = None,
     timeout_s: float | None = None,
-    deps: list[str] | None = None,
+    deps: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One task's entry in a TASKS message; `frames` counts its payload frames."""
     entry: dict[str, Any] = {"id": task_id, "attempt": attempt, "service": service, "n": frames}

@@ -516,16 +516,7 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
     timeout_s = _number(meta, "timeout_s", rid)
     if timeout_s is not None and timeout_s <= 0:
         raise CallError(rid, E_BAD_REQUEST, "'timeout_s' must be positive")
-    depends_on, run_anyway, input_ = _dependencies(meta, rid)
-    require, prefer = _tag_list(meta, "require", rid), _tag_list(meta, "prefer", rid)
-    debounce_s = _number(meta, "debounce_s", rid)
-    if debounce_s is not None and (debounce_s <= 0 or key is None or n_tasks != 1):
-        raise CallError(
-            rid, E_BAD_REQUEST, "'debounce_s' must be positive, with the 'key' of one task"
-        )
-    if debounce_s is not None and (delay_s is not None or not_before is not None):
-        raise CallError(rid, E_BAD_REQUEST, "give 'debounce_s' or a delay, not both")
-    return TaskOptions(
+    options = TaskOptions(
         priority=_int(meta, "priority", rid, PRIORITY_MIN, PRIORITY_MAX, 0),
         delay_s=delay_s,
         not_before=not_before,
@@ -535,15 +526,42 @@ def _options(meta: dict[str, Any], rid: int, n_tasks: int) -> TaskOptions:
         key=key,
         keys=keys,
         headers=headers,
-        depends_on=depends_on,
-        run_anyway=run_anyway,
-        input=input_,
-        require=require,
-        prefer=prefer,
-        affinity=_key_option(meta, "affinity", rid),
-        concurrency_key=_key_option(meta, "concurrency_key", rid),
-        debounce_s=debounce_s,
     )
+    if not meta.keys().isdisjoint(_RULE_OPTIONS):
+        _rules(options, meta, rid, n_tasks)
+    return options
+
+
+# Options of §15 and §16: most calls give none of them.
+_RULE_OPTIONS = frozenset(
+    {
+        "depends_on",
+        "run_anyway",
+        "input",
+        "require",
+        "prefer",
+        "affinity",
+        "concurrency_key",
+        "debounce_s",
+    }
+)
+
+
+def _rules(options: TaskOptions, meta: dict[str, Any], rid: int, n_tasks: int) -> None:
+    """Read the options of §15 and §16 into `options`, checked."""
+    options.depends_on, options.run_anyway, options.input = _dependencies(meta, rid)
+    options.require = _tag_list(meta, "require", rid)
+    options.prefer = _tag_list(meta, "prefer", rid)
+    options.affinity = _key_option(meta, "affinity", rid)
+    options.concurrency_key = _key_option(meta, "concurrency_key", rid)
+    debounce_s = _number(meta, "debounce_s", rid)
+    if debounce_s is not None and (debounce_s <= 0 or options.key is None or n_tasks != 1):
+        raise CallError(
+            rid, E_BAD_REQUEST, "'debounce_s' must be positive, with the 'key' of one task"
+        )
+    if debounce_s is not None and (options.delay_s is not None or options.not_before is not None):
+        raise CallError(rid, E_BAD_REQUEST, "give 'debounce_s' or a delay, not both")
+    options.debounce_s = debounce_s
 
 
 def _tag_list(meta: dict[str, Any], name: str, rid: int) -> tuple[str, ...]:
