@@ -82,9 +82,15 @@ class Placement:
         tried: dict[tuple[tuple[str, ...], tuple[str, ...], str | None], Worker | None] = {}
         for record in self._candidates(service, beyond):
             priority = record.priority
-            if best is not None and priority < best[0][0]:
-                break  # lower priorities never beat a placeable task above them
             key = record.concurrency_key
+            rank = (priority, -turns.get(key, -1), -record.seq)
+            if best is not None:
+                if priority < best[0][0]:
+                    break  # lower priorities never beat a placeable task above them
+                if rank <= best[0]:
+                    continue  # cannot beat the best so far: no worker to look for
+                if best[0][1] == 1:
+                    break  # the best's key was never served: nothing after it beats it
             if running is not None and key is not None:
                 assert service.key_limit is not None
                 if running.get(key, 0) >= service.key_limit:
@@ -101,9 +107,7 @@ class Placement:
                 worker = tried[shape] = self._worker_for(service, record)
             if worker is None:
                 continue
-            rank = (priority, -turns.get(key, -1), -record.seq)
-            if best is None or rank > best[0]:
-                best = (rank, record, worker)
+            best = (rank, record, worker)
         return None if best is None else (best[1], best[2])
 
     def _candidates(
