@@ -418,3 +418,20 @@ def test_tasks_waiting_for_an_absent_worker_do_not_hold_back_those_behind(
     s.advance_alive(0.3, b"CPU")
     assert handed(s, b"CPU") == [later]
     assert all(s.state(t) is TaskState.READY for t in gpu)
+
+
+def test_nothing_to_wait_for_leaves_no_wake_behind(journal: Journal) -> None:
+    # Given tasks no ready worker may take, and a rate that held work back once
+    s = Script(journal)
+    ready(s, b"CPU", "llm", 2)
+    s.enqueue("llm", require=("gpu",))
+    s.call(b"A", zbc.call(zbc.RATE, s.next_rid(), service="tts", rate=10.0, burst=1))
+    s.enqueue("tts")
+    s.enqueue("tts")
+    ready(s, b"W", "tts", 5)
+    assert len(handed(s, b"W")) == 1
+    # Then the broker wakes for the rate's next token, and only for it
+    assert 0 < s.broker.routing.wake_at - s.now <= 0.1 + 1e-9
+    s.advance_alive(0.2, b"CPU", b"W")
+    assert len(handed(s, b"W")) == 1
+    assert s.broker.routing.wake_at == float("inf")  # nothing left to wake for

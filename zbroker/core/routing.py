@@ -42,6 +42,9 @@ from zbroker.protocol.limits import ZBW_MAX_BATCH
 
 log = logging.getLogger("zbroker.core")
 
+# The soonest a service held back by a rate or by placement is dispatched again.
+_MIN_WAKE_S = 0.001
+
 
 class Routing:
     """Workers (MDPW01, MDPW02, ZBW01) and the delivery of requests and tasks to them."""
@@ -242,11 +245,15 @@ class Routing:
             work_left = bool(service.queue or service.ready_count) and bool(service.ready)
             if work_left and bucket.available(now) == 0:
                 due = bucket.due_at(now)
-        if service.placing or service.key_rate is not None:
-            # When a key's rate lets a task go, or the next look past the window is due
-            # (the choice that ended this dispatch said; a stale one only costs a look).
+        if (service.placing or service.key_rate is not None) and (
+            service.ready and service.ready_count
+        ):
+            # Tasks wait while workers have credit: when a key's rate lets one go, or
+            # the next look past the window is due (as the choice that ended this
+            # dispatch said).
             due = min(due, self._tasks.placement.throttled_until)
         if due < math.inf:
+            due = max(due, now + _MIN_WAKE_S)  # never a wake in the past: no busy loop
             self._throttled[service.name] = service
             if due < self.wake_at:
                 self.wake_at = due
@@ -620,11 +627,12 @@ class Routing:
     def tick(self, now: float) -> None:
         """Worker expiry, heartbeats, task deadlines and acknowledgement deadlines, and
         the services a rate held back."""
-        if self._throttled and self.wake_at <= now:
+        if self.wake_at <= now:
             throttled, self._throttled = self._throttled, {}
-            self.wake_at = math.inf
+            self.wake_at = math.inf  # else a stale time would make every pass tick
             for service in throttled.values():
-                self.dispatch(service, now)
+                if self._directory.services.get(service.name) is service:
+                    self.dispatch(service, now)
         interval = self._heartbeat_interval_s
         outbox = self._out.outbox
         for worker in list(self.workers.values()):
