@@ -435,3 +435,25 @@ def test_nothing_to_wait_for_leaves_no_wake_behind(journal: Journal) -> None:
     s.advance_alive(0.2, b"CPU", b"W")
     assert len(handed(s, b"W")) == 1
     assert s.broker.routing.wake_at == float("inf")  # nothing left to wake for
+
+
+def test_a_dispatch_reads_past_the_window_once_however_many_it_delivers() -> None:
+    # Given a window of 4 full of tasks no worker may take, 300 plain tasks behind it
+    journal = MemoryJournal()
+    s = Script(journal, CoreSettings(window_per_service=4, seed=1))
+    for _ in range(4):
+        s.enqueue("llm", require=("gpu",))
+    plain = [s.enqueue("llm") for _ in range(300)]
+    reads: list[int] = []
+    ready_read = journal.ready
+
+    def counted(service: str, limit: int, after: Any = None) -> Any:
+        reads.append(limit)
+        return ready_read(service, limit, after)
+
+    journal.ready = counted  # type: ignore[method-assign]
+    # When a worker with credit for all of them registers
+    ready(s, b"CPU", "llm", 1000)
+    # Then it gets them all in one pass, from one read past the window
+    assert sorted(handed(s, b"CPU")) == sorted(plain)
+    assert reads.count(2048) == 1

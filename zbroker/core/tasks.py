@@ -172,6 +172,9 @@ class DurableTasks:
         self.live_by_owner: dict[str, int] = {}
         self._windows = ReadyWindows(journal, settings.window_per_service)
         self.placement = Placement(self._windows)
+        # READY tasks past a window read this pass, for its next choices: (service,
+        # the pass's now, the records not taken yet).
+        self._beyond: tuple[Service, float, list[TaskRecord]] | None = None
         # Tasks that wait for other tasks (depends_on).
         self.graph = TaskGraph(
             settings,
@@ -368,21 +371,28 @@ class DurableTasks:
             return record, worker
 
     def _beyond_window(self, service: Service, now: float) -> tuple[TaskRecord, Worker] | None:
-        """Nothing of the window may run now: a choice among READY tasks past it, read
-        from the journal at most once per BEYOND_EVERY_S while such reads find nothing
-        (`placement.throttled_until` says when to look again)."""
+        """Nothing of the window may run now: a choice among READY tasks past it. They
+        are read from the journal at most once per BEYOND_EVERY_S, and the tasks of a
+        read serve every choice of the same pass (`placement.throttled_until` says when
+        to look again): a dispatch of many deliveries costs one read, not one each."""
         placement = self.placement
         throttled = placement.throttled_until
-        chosen = None
-        if service.ready_count > len(service.window):
-            if now < service.beyond_at:
-                placement.throttled_until = min(throttled, service.beyond_at)
-                return None
+        if service.ready_count <= len(service.window):
+            return None
+        cached = self._beyond
+        if cached is not None and cached[0] is service and cached[1] == now:
+            beyond = cached[2]
+        elif now < service.beyond_at:
+            placement.throttled_until = min(throttled, service.beyond_at)
+            return None
+        else:
             beyond = self._windows.beyond(service, BEYOND_WINDOW)
-            chosen = placement.choose(service, now, beyond)
-            placement.throttled_until = min(throttled, placement.throttled_until)
-            if chosen is None:
-                service.beyond_at = now + BEYOND_EVERY_S
+            self._beyond = (service, now, beyond)
+            service.beyond_at = now + BEYOND_EVERY_S
+        chosen = placement.choose(service, now, beyond) if beyond else None
+        placement.throttled_until = min(throttled, placement.throttled_until, service.beyond_at)
+        if chosen is not None:
+            beyond.remove(chosen[0])  # taken: not to be chosen again this pass
         return chosen
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:

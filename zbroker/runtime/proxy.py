@@ -91,7 +91,7 @@ class EventProxy:
     def _run(self) -> None:
         try:
             if self._policy is None:
-                zmq.proxy_steerable(self._xsub, self._xpub, None, self._control_peer)
+                self._run_open()
             else:
                 self._run_guarded(self._policy)
         except zmq.ContextTerminated:
@@ -101,6 +101,24 @@ class EventProxy:
         finally:
             for sock in (self._xsub, self._xpub, self._control_peer):
                 sock.close(linger=0)
+
+    def _run_open(self) -> None:
+        """libzmq's proxy, until STOP. It gives up on EAGAIN, a send to a peer whose pipe
+        is full (a publisher that never reads the subscriptions it is sent, say): what
+        it was moving is dropped and counted, and the proxy goes on, so that no peer
+        can stop the event bus."""
+        while True:
+            try:
+                zmq.proxy_steerable(self._xsub, self._xpub, None, self._control_peer)
+                return
+            except zmq.Again:
+                self.refused["full_pipe"] += 1
+                if self.refused["full_pipe"] <= _LOGGED_REFUSALS:
+                    log.warning(
+                        "event bus: a message dropped at a peer's full pipe (%d so far); "
+                        "the bus goes on",
+                        self.refused["full_pipe"],
+                    )
 
     def _run_guarded(self, policy: Policy) -> None:
         """Forward events and subscriptions, each checked against its sender."""
