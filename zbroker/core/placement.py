@@ -24,7 +24,7 @@ Rules it keeps:
 It only decides; DurableTasks takes the task and starts the attempt. It looks at
 the service's window (core/window.py), the best window_per_service READY tasks,
 and when none of those may go to a ready worker, at up to BEYOND_WINDOW more read
-from the journal (at most once per BEYOND_EVERY_S while such reads find nothing):
+from the journal (at most once per BEYOND_EVERY_S, for every choice of that pass):
 tasks that wait for a worker that is not there do not hold back those behind them
 that could run (within that reach).
 """
@@ -43,8 +43,9 @@ from zbroker.journal.base import TaskRecord
 # longest unused is forgotten (its next task is served as a new key's).
 MAX_REMEMBERED_KEYS = 10_000
 # READY tasks read past the window when nothing in it may run now, and how long a
-# service waits after such a read found nothing before the next one (each costs a
-# few milliseconds of the loop: at most about 3% of it, for a service stuck so).
+# service waits after such a read before the next one (each costs a few
+# milliseconds of the loop: at most about 3% of it, for a service stuck so; the
+# tasks of a read serve every choice of its pass).
 BEYOND_WINDOW = 2048
 BEYOND_EVERY_S = 0.2
 
