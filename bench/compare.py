@@ -9,7 +9,13 @@ forwarder as the ceiling of one hop. The same parameters for every system:
 3. `crash`: SIGKILL the server with tasks confirmed, restart it on the same data,
    drain; count tasks lost (confirmed, never handled) and handled twice;
 4. `memory`: server memory with 0, 100k and 1M tasks queued;
-5. `restart`: restart to ready with the deepest queue.
+5. `restart`: restart to ready with the deepest queue;
+6. `sequential`: one producer, one task in flight, each enqueue confirmed before the
+   next: confirmed enqueues per second and the latency of each.
+
+Every row also says which failure a confirmed task survives (SURVIVES: a process
+crash, a power cut, or nothing), from each system's documentation and configuration.
+`BENCH_COMPARE_SYSTEMS` and `BENCH_COMPARE_PHASES` (comma-separated) run a subset.
 
 zbroker is measured by bench/durable.py's own functions (`run_tasks`, `run_queue`,
 its peers), so its figures here mean what they mean there; the other systems'
@@ -61,12 +67,22 @@ IMG_DIR = ROOT / "docs" / "img"
 FORWARDER = mdp_peers.FORWARDER
 ZB_SYNC, ZB_ASYNC, ZB_MEMORY = "zbroker-sync", "zbroker-async", "zbroker-memory"
 ZBROKER_SYSTEMS = (ZB_SYNC, ZB_ASYNC, ZB_MEMORY)
-OTHERS = (peers.REDIS_LIST, peers.REDIS_STREAM, peers.RABBITMQ_P1, peers.RABBITMQ_P100, peers.NATS)
+OTHERS = (
+    peers.REDIS_LIST,
+    peers.REDIS_STREAM,
+    peers.REDIS_STREAM_ALWAYS,
+    peers.RABBITMQ_P1,
+    peers.RABBITMQ_P100,
+    peers.RABBITMQ_QUORUM,
+    peers.NATS,
+)
 SERVER_KIND = {
     peers.REDIS_LIST: servers.REDIS,
     peers.REDIS_STREAM: servers.REDIS,
+    peers.REDIS_STREAM_ALWAYS: servers.REDIS_ALWAYS,
     peers.RABBITMQ_P1: servers.RABBITMQ,
     peers.RABBITMQ_P100: servers.RABBITMQ,
+    peers.RABBITMQ_QUORUM: servers.RABBITMQ,
     peers.NATS: servers.NATS,
     peers.CELERY: servers.REDIS,
     peers.DRAMATIQ: servers.REDIS,
@@ -82,8 +98,10 @@ LABELS = {
     ZB_MEMORY: "zbroker memory",
     peers.REDIS_LIST: "Redis list (BLMOVE/LREM)",
     peers.REDIS_STREAM: "Redis stream (XREADGROUP/XACK)",
+    peers.REDIS_STREAM_ALWAYS: "Redis stream, appendfsync always",
     peers.RABBITMQ_P1: "RabbitMQ, prefetch 1",
     peers.RABBITMQ_P100: "RabbitMQ, prefetch 100",
+    peers.RABBITMQ_QUORUM: "RabbitMQ quorum queue, prefetch 100",
     peers.NATS: "NATS JetStream",
     peers.CELERY: "Celery on Redis",
     peers.DRAMATIQ: "Dramatiq on Redis",
@@ -110,16 +128,119 @@ BATCH_NAMES = {
 CRASH_SYSTEMS = (ZB_SYNC, ZB_ASYNC, *OTHERS, *FRAMEWORKS)
 # Memory and restart: zbroker's durability hardly matters there (durable.run_queue fills
 # with `async`, as in the durable workload), and both RabbitMQ cases share one server.
-QUEUE_SYSTEMS = ("zbroker", peers.REDIS_LIST, peers.REDIS_STREAM, peers.RABBITMQ_P1, peers.NATS)
+QUEUE_SYSTEMS = (
+    "zbroker",
+    peers.REDIS_LIST,
+    peers.REDIS_STREAM,
+    peers.REDIS_STREAM_ALWAYS,
+    peers.RABBITMQ_P1,
+    peers.RABBITMQ_QUORUM,
+    peers.NATS,
+)
 QUEUE_LABELS = {
     "zbroker": "zbroker (LMDB, filled with --durability async)",
     peers.REDIS_LIST: "Redis list",
     peers.REDIS_STREAM: "Redis stream",
+    peers.REDIS_STREAM_ALWAYS: "Redis stream, appendfsync always",
     peers.RABBITMQ_P1: "RabbitMQ classic durable queue",
+    peers.RABBITMQ_QUORUM: "RabbitMQ quorum queue",
     peers.NATS: "NATS JetStream file stream",
 }
+# Sequential enqueues: no consumer, so RabbitMQ's prefetch plays no part (the classic
+# queue runs as `rabbitmq-p100`).
+SEQUENTIAL_SYSTEMS = (
+    *ZBROKER_SYSTEMS,
+    peers.REDIS_STREAM,
+    peers.REDIS_STREAM_ALWAYS,
+    peers.RABBITMQ_P100,
+    peers.RABBITMQ_QUORUM,
+    peers.NATS,
+)
+SEQUENTIAL_LABELS = {
+    **LABELS,
+    peers.REDIS_STREAM: "Redis stream (XADD), appendfsync everysec",
+    peers.REDIS_STREAM_ALWAYS: "Redis stream (XADD), appendfsync always",
+    peers.RABBITMQ_P100: "RabbitMQ classic durable queue",
+    peers.RABBITMQ_QUORUM: "RabbitMQ quorum queue",
+}
+PHASES = ("throughput", "latency", "crash", "queue", "sequential")
+
+# What a confirmed task survives, per system: "power cut" (on disk, fsynced, before the
+# confirm), "process crash" (handed to the kernel before the confirm, fsynced later:
+# a kill of the server loses nothing, a power cut or kernel crash may lose the last
+# writes), "nothing" (memory only). Each with the reason and where it is documented.
+POWER_CUT, PROCESS_CRASH, NOTHING = "power cut", "process crash", "nothing"
+REDIS_DOC = "https://redis.io/docs/latest/operate/oss_and_stack/management/persistence/"
+RABBITMQ_CONFIRMS_DOC = "https://www.rabbitmq.com/docs/confirms"
+RABBITMQ_QUORUM_DOC = "https://www.rabbitmq.com/docs/quorum-queues"
+NATS_DOC = "https://docs.nats.io/nats-concepts/jetstream"  # "Syncing data to disk"
+ZBROKER_DOC = "docs/architecture.md (What survives what), docs/protocol.md (Durability)"
+_REDIS_EVERYSEC = (
+    PROCESS_CRASH,
+    "`appendfsync everysec`: the AOF is written before the reply and fsynced once a "
+    "second, so a power cut may lose the last second",
+    REDIS_DOC,
+)
+SURVIVES: dict[str, tuple[str, str, str]] = {
+    FORWARDER: (NOTHING, "a forwarder, not a queue: nothing is stored", "bench/mdp.py"),
+    ZB_SYNC: (
+        POWER_CUT,
+        "`--durability sync`: each group commit of the LMDB journal is fsynced (data and "
+        "meta) before its confirms are sent",
+        ZBROKER_DOC,
+    ),
+    ZB_ASYNC: (
+        PROCESS_CRASH,
+        "`--durability async`: committed to the LMDB map without fsync; the kernel holds it "
+        "if the broker dies, a power cut may lose the last commits",
+        ZBROKER_DOC,
+    ),
+    ZB_MEMORY: (NOTHING, "`--durability memory`: nothing is written", ZBROKER_DOC),
+    "zbroker": (PROCESS_CRASH, "the queue phase fills with `--durability async`", ZBROKER_DOC),
+    peers.REDIS_LIST: _REDIS_EVERYSEC,
+    peers.REDIS_STREAM: _REDIS_EVERYSEC,
+    peers.REDIS_STREAM_ALWAYS: (
+        POWER_CUT,
+        "`appendfsync always`: the commands of each event-loop pass are written and fsynced "
+        "to the AOF before their replies are sent",
+        REDIS_DOC,
+    ),
+    peers.RABBITMQ_P1: (
+        POWER_CUT,
+        "classic durable queue, persistent messages: the confirm (basic.ack) is sent once the "
+        "message is persisted to disk; the store fsyncs in batches every few hundred ms or "
+        "when the queue is idle, which is why confirms wait (documented for classic queues)",
+        RABBITMQ_CONFIRMS_DOC,
+    ),
+    peers.RABBITMQ_QUORUM: (
+        POWER_CUT,
+        'quorum queue: the Raft log is written and fsynced before the confirm ("persist all '
+        'data to disks before doing anything"); one node here, so a quorum of one',
+        RABBITMQ_QUORUM_DOC,
+    ),
+    peers.NATS: (
+        PROCESS_CRASH,
+        "JetStream file store: written before the ack, fsynced on a timer (`sync_interval`, "
+        "2 minutes by default); the docs warn an OS failure may lose acknowledged messages "
+        "on a single server",
+        NATS_DOC,
+    ),
+    peers.CELERY: (
+        PROCESS_CRASH,
+        "its messages are in the Redis above (`appendfsync everysec`)",
+        REDIS_DOC,
+    ),
+    peers.DRAMATIQ: (
+        PROCESS_CRASH,
+        "its messages are in the Redis above (`appendfsync everysec`)",
+        REDIS_DOC,
+    ),
+}
+SURVIVES[peers.RABBITMQ_P100] = SURVIVES[peers.RABBITMQ_P1]
 
 MILLION = 1_000_000
+# Restart: how long after the first answer a depth query may take to find every task.
+RECOVER_WAIT_S = 60.0
 CRASH_QUIET_S = 3.0  # drained: every confirmed task handled, then nothing new for this long
 
 
@@ -142,11 +263,23 @@ class Settings:
     batch_in_flight: int = 8
     fill_batch: int = 1000
     fill_in_flight: int = 8
+    sequential_samples: int = 5_000  # timed confirmed enqueues, one at a time
+    sequential_warmup: int = 500
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(10_000, 1_000, 100, 3_000, 100_000, (0, 100_000), 30.0)
+            return cls(
+                10_000,
+                1_000,
+                100,
+                3_000,
+                100_000,
+                (0, 100_000),
+                30.0,
+                sequential_samples=1_000,
+                sequential_warmup=100,
+            )
         return cls(100_000, 5_000, 500, 20_000, 400_000, (0, 100_000, MILLION), 90.0)
 
     def durable_settings(self, quick: bool) -> durable.Settings:
@@ -537,10 +670,14 @@ def run_queue(
     disk = sum(f.stat().st_blocks * 512 for f in (tmp / "data").rglob("*") if f.is_file())
     server.kill()
     found: list[int] = []
+    first_answer: list[float] = []
 
     def answered() -> bool:
+        # Ready once a depth query finds every task: a quorum queue answers (with 0)
+        # before its Raft log is replayed. Past RECOVER_WAIT_S, what it finds is recorded.
         found.append(peers.depth(system, server.url))
-        return True
+        first_answer[:] = first_answer or [time.monotonic()]
+        return found[-1] >= filled or time.monotonic() - first_answer[0] > RECOVER_WAIT_S
 
     restart_s = server.start(ready=answered)
     return {
@@ -555,14 +692,87 @@ def run_queue(
     }
 
 
+# ------------------------------------------------------------------ 6. sequential
+
+
+def run_sequential(system: str, settings: Settings, procs: ProcessGroup, tmp: Path) -> JSONDict:
+    """One producer, one task in flight, each enqueue confirmed before the next; no
+    consumer (the queue only grows by a few thousand tasks). Server CPU is over the
+    producer's whole run, warm-up included."""
+    if system in ZBROKER_SYSTEMS:
+        durability = system.removeprefix("zbroker-")
+        url, broker, _events = durable._start_broker(procs, "zbroker", durability, tmp / "data")
+        pid, peer_system = broker.pid, peers.ZBROKER
+    else:
+        server = _start_server(system, procs, tmp / "data")
+        url, pid, peer_system = server.url, server.pid, system
+    n, warmup = settings.sequential_samples, settings.sequential_warmup
+    cpu_before = servers.group_cpu_s(pid)
+    producer = _peer(
+        procs,
+        "sequential",
+        "sequential",
+        peer_system,
+        url,
+        "--samples",
+        n,
+        "--warmup",
+        warmup,
+        "--body-bytes",
+        settings.body_bytes,
+    )
+    durable._expect(producer, "ready", timeout_s=60)
+    report = durable._read_json(producer, timeout_s=120 + (n + warmup) * 0.1)
+    cpu = servers.group_cpu_s(pid) - cpu_before
+    procs.check_alive(ignoring=[producer])
+    elapsed = report["ended"] - report["started"]
+    return {
+        "enqueues": report["count"],
+        "elapsed_s": elapsed,
+        "rate_per_s": report["count"] / elapsed,
+        "latency_us": durable._latency_summary(report["latency_us"]),
+        "server_cpu_us_per_enqueue": cpu * 1e6 / (n + warmup),
+        "producer_cpu_us_per_enqueue": report["cpu_s"] * 1e6 / report["count"],
+    }
+
+
 # ------------------------------------------------------------------ the workload
 
 
 Case = tuple[str, str, str]  # phase, system, mode
 
 
+def all_systems() -> tuple[str, ...]:
+    return (FORWARDER, *ZBROKER_SYSTEMS, *OTHERS, *FRAMEWORKS)
+
+
+def selection() -> tuple[set[str], tuple[str, ...]]:
+    """The systems and phases to run: all, or those BENCH_COMPARE_SYSTEMS and
+    BENCH_COMPARE_PHASES name (comma-separated). The queue phase's zbroker row runs
+    when any zbroker system is named (or `zbroker`)."""
+    known = set(all_systems()) | {"zbroker"}
+    raw = os.environ.get("BENCH_COMPARE_SYSTEMS", "").strip()
+    systems = {x.strip() for x in raw.split(",") if x.strip()} if raw else set(known)
+    if unknown := systems - known:
+        raise BenchError(
+            f"BENCH_COMPARE_SYSTEMS: unknown {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    if systems & set(ZBROKER_SYSTEMS):
+        systems.add("zbroker")
+    raw = os.environ.get("BENCH_COMPARE_PHASES", "").strip()
+    phases = tuple(x.strip() for x in raw.split(",") if x.strip()) if raw else PHASES
+    if unknown_phases := set(phases) - set(PHASES):
+        raise BenchError(
+            f"BENCH_COMPARE_PHASES: unknown {', '.join(sorted(unknown_phases))}; "
+            f"known: {', '.join(PHASES)}"
+        )
+    return systems, tuple(p for p in PHASES if p in phases)
+
+
 def cases(settings: Settings) -> list[list[Case]]:
-    """The phases, each a list of cases run once per round (systems alternate)."""
+    """The phases, each a list of cases run once per round (systems alternate); only
+    the systems and phases `selection()` allows, empty phases left out."""
     throughput: list[Case] = [("throughput", FORWARDER, "echo")]
     for system in (*ZBROKER_SYSTEMS, *OTHERS):
         throughput += [("throughput", system, SINGLE), ("throughput", system, BATCH)]
@@ -570,7 +780,14 @@ def cases(settings: Settings) -> list[list[Case]]:
     latency: list[Case] = [("latency", s, "") for s in (*ZBROKER_SYSTEMS, *OTHERS, *FRAMEWORKS)]
     crash: list[Case] = [("crash", s, "") for s in CRASH_SYSTEMS]
     queue: list[Case] = [("queue", s, "") for s in QUEUE_SYSTEMS]
-    return [throughput, latency, crash, queue]
+    sequential: list[Case] = [("sequential", s, "") for s in SEQUENTIAL_SYSTEMS]
+    systems, phases = selection()
+    chosen = []
+    for phase in (throughput, latency, crash, queue, sequential):
+        kept = [c for c in phase if c[0] in phases and c[1] in systems]
+        if kept:
+            chosen.append(kept)
+    return chosen
 
 
 def run(options: Options, say: Say) -> JSONDict:
@@ -585,8 +802,11 @@ def run(options: Options, say: Say) -> JSONDict:
         f"{settings.single_in_flight} unconfirmed; batch: {settings.batch_tasks} tasks per call x "
         f"{settings.batch_in_flight}; {fmt_count(settings.latency_samples)} round trips; crash "
         f"after {fmt_count(settings.crash_confirmed)} confirms; queue depths "
-        f"{', '.join(fmt_count(d) for d in settings.queue_depths)}; {total} runs"
+        f"{', '.join(fmt_count(d) for d in settings.queue_depths)}; "
+        f"{fmt_count(settings.sequential_samples)} sequential enqueues; {total} runs"
     )
+    if not phases:
+        raise BenchError("BENCH_COMPARE_SYSTEMS and BENCH_COMPARE_PHASES leave no case to run")
     digest_before = durable._source_digest()
     runs: list[JSONDict] = []
     index = 0
@@ -605,6 +825,10 @@ def run(options: Options, say: Say) -> JSONDict:
         "forwarder_settings": asdict(settings.forwarder_settings()),
         "runs_per_system": options.runs,
         "quick": options.quick,
+        "selection": {
+            "systems": os.environ.get("BENCH_COMPARE_SYSTEMS") or "all",
+            "phases": os.environ.get("BENCH_COMPARE_PHASES") or "all",
+        },
         "zbroker_source_digest": {"before": digest_before, "after": digest_after},
         "versions": servers.versions(),
         "configuration": configuration(),
@@ -641,6 +865,8 @@ def _one(
                 figures = run_latency(system, settings, procs, Path(tmp))
             elif kind == "crash":
                 figures = run_crash(system, settings, procs, Path(tmp))
+            elif kind == "sequential":
+                figures = run_sequential(system, settings, procs, Path(tmp))
             else:
                 say(f"{tag} {name}: filling")
                 figures = run_queue(system, settings, options.quick, procs, Path(tmp), say)
@@ -676,6 +902,12 @@ def _describe(r: JSONDict) -> str:
             f"round trip p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, "
             f"p99.9 {lat['p99.9']:.0f} µs"
         )
+    if r["phase"] == "sequential":
+        lat = r["latency_us"]
+        return (
+            f"{fmt_count(r['rate_per_s'])} confirmed enqueues/s, p50 {lat['p50']:.0f} µs, "
+            f"p99 {lat['p99']:.0f} µs"
+        )
     if r["phase"] == "crash":
         return (
             f"{fmt_count(r['confirmed'])} confirmed, {r['lost']} lost, {r['duplicated']} "
@@ -706,9 +938,16 @@ def _errors(runs: list[JSONDict], phase: str, system: str, mode: str = "") -> li
     ]
 
 
+def _survives(system: str) -> JSONDict:
+    what, why, source = SURVIVES[system]
+    return {"survives": what, "why": why, "source": source}
+
+
 def summarize(runs: list[JSONDict], settings: Settings) -> JSONDict:
+    """Per phase, an entry for every case that was run (failed runs included)."""
+    ran = dict.fromkeys((r["phase"], r["system"], r["mode"]) for r in runs)  # in run order
     throughput: JSONDict = {}
-    for _, system, mode in cases(settings)[0]:
+    for system, mode in [(s, m) for phase, s, m in ran if phase == "throughput"]:
         ok = _ok(runs, "throughput", system, mode)
         entry: JSONDict = {"errors": _errors(runs, "throughput", system, mode)}
         if ok:
@@ -720,6 +959,7 @@ def summarize(runs: list[JSONDict], settings: Settings) -> JSONDict:
             cpu = [v for r in ok if (v := r.get("broker_cpu_s_per_100k")) is not None]
             if cpu:
                 entry["server_cpu_s_per_100k"] = spread(cpu)
+        entry["survives"] = SURVIVES[system][0]
         throughput[f"{system}/{mode}"] = entry
     for key, entry in throughput.items():
         mode = key.split("/")[1]
@@ -729,18 +969,24 @@ def summarize(runs: list[JSONDict], settings: Settings) -> JSONDict:
                 entry["throughput_tps"]["median"] / base["throughput_tps"]["median"]
             )
     latency: JSONDict = {}
-    for system in (FORWARDER, *ZBROKER_SYSTEMS, *OTHERS, *FRAMEWORKS):
+    for system in all_systems():
         phase, mode = ("throughput", "echo") if system == FORWARDER else ("latency", "")
+        if (phase, system, mode) not in ran:
+            continue
         ok = _ok(runs, phase, system, mode)
         entry = {"errors": _errors(runs, phase, system, mode)}
         if ok:
             for q in ("p50", "p99", "p99.9"):
                 entry[f"{q}_us"] = spread([r["latency_us"][q] for r in ok])
+        entry["survives"] = SURVIVES[system][0]
         latency[system] = entry
     crash: JSONDict = {}
     for system in CRASH_SYSTEMS:
+        if ("crash", system, "") not in ran:
+            continue
         ok = _ok(runs, "crash", system)
         crash[system] = {
+            "survives": SURVIVES[system][0],
             "errors": _errors(runs, "crash", system),
             "runs": [
                 {
@@ -753,10 +999,24 @@ def summarize(runs: list[JSONDict], settings: Settings) -> JSONDict:
             "duplicated_total": sum(r["duplicated"] for r in ok),
             "confirmed_total": sum(r["confirmed"] for r in ok),
         }
+    systems = {r["system"] for r in runs}
+    return {
+        "throughput": throughput,
+        "latency": latency,
+        "crash": crash,
+        "queue": _summarize_queue(runs, ran, settings),
+        "sequential": _summarize_sequential(runs, ran),
+        "survives": {s: _survives(s) for s in SURVIVES if s in systems},
+    }
+
+
+def _summarize_queue(runs: list[JSONDict], ran: dict[Case, None], settings: Settings) -> JSONDict:
     queue: JSONDict = {}
     for system in QUEUE_SYSTEMS:
+        if ("queue", system, "") not in ran:
+            continue
         ok = _ok(runs, "queue", system)
-        entry = {"errors": _errors(runs, "queue", system)}
+        entry = {"errors": _errors(runs, "queue", system), "survives": SURVIVES[system][0]}
         if ok:
             depths = [str(d) for d in settings.queue_depths]
             entry["rss_anon_mib"] = {
@@ -770,7 +1030,29 @@ def summarize(runs: list[JSONDict], settings: Settings) -> JSONDict:
             entry["restart_depth"] = ok[0]["restart_depth"]
             entry["depth_after_restart"] = [r["depth_after_restart"] for r in ok]
         queue[system] = entry
-    return {"throughput": throughput, "latency": latency, "crash": crash, "queue": queue}
+    return queue
+
+
+def _summarize_sequential(runs: list[JSONDict], ran: dict[Case, None]) -> JSONDict:
+    sequential: JSONDict = {}
+    for system in SEQUENTIAL_SYSTEMS:
+        if ("sequential", system, "") not in ran:
+            continue
+        ok = _ok(runs, "sequential", system)
+        entry = {"errors": _errors(runs, "sequential", system), "survives": SURVIVES[system][0]}
+        if ok:
+            entry["rate_per_s"] = spread([r["rate_per_s"] for r in ok])
+            for q in ("p50", "p99", "p99.9"):
+                entry[f"{q}_us"] = spread([r["latency_us"][q] for r in ok])
+            entry["server_cpu_us_per_enqueue"] = spread(
+                [r["server_cpu_us_per_enqueue"] for r in ok]
+            )
+        sequential[system] = entry
+    base = sequential.get(ZB_SYNC, {}).get("rate_per_s")
+    for entry in sequential.values():
+        if base and "rate_per_s" in entry:
+            entry["ratio_to_zbroker_sync"] = entry["rate_per_s"]["median"] / base["median"]
+    return sequential
 
 
 def configuration() -> JSONDict:
@@ -782,6 +1064,7 @@ def configuration() -> JSONDict:
     return {
         "zbroker": zbroker,
         servers.REDIS: servers.CONFIGURATION[servers.REDIS],
+        servers.REDIS_ALWAYS: servers.CONFIGURATION[servers.REDIS_ALWAYS],
         servers.RABBITMQ: servers.CONFIGURATION[servers.RABBITMQ],
         servers.NATS: servers.CONFIGURATION[servers.NATS],
         peers.CELERY: (
@@ -814,14 +1097,64 @@ def _cell(entry: JSONDict, name: str) -> str:
     return "failed" if entry.get("errors") else EN_DASH
 
 
+def _survives_cell(entry: JSONDict, system: str) -> str:
+    """The entry's `survives` (results from before it existed: the current table's)."""
+    return entry.get("survives") or SURVIVES.get(system, (EN_DASH,))[0]
+
+
 def markdown(result: JSONDict) -> str:
     s = result["settings"]
     summary = result["summary"]
     fws = result["forwarder_settings"]
     quick = " (`--quick`: smoke figures, not claims)" if result.get("quick") else ""
+    selection = result.get("selection", {})
+    subset = (
+        f" Subset: systems {selection['systems']}, phases {selection['phases']}."
+        if selection and selection != {"systems": "all", "phases": "all"}
+        else ""
+    )
     lines = [
         f"Median of {result['runs_per_system']} runs (min{EN_DASH}max){quick}, systems "
-        "alternated run by run within each phase, all on loopback on one machine.",
+        f"alternated run by run within each phase, all on loopback on one machine.{subset} "
+        '"Survives" is the failure a confirmed task survives by the system\'s documentation '
+        "and configuration (see the list at the end): a process crash (in the kernel's page "
+        "cache, fsynced later) or a power cut (fsynced before the confirm).",
+    ]
+    if summary["throughput"]:
+        lines += _throughput_md(summary, s, fws)
+    if summary["latency"]:
+        lines += _latency_md(summary, s)
+    if summary["crash"]:
+        lines += _crash_md(summary, s)
+    if summary["queue"]:
+        lines += _queue_md(summary, s)
+    if summary.get("sequential"):
+        lines += _sequential_md(summary, s)
+    lines += ["", "**Configuration**:", ""]
+    lines += [f"- {name}: {text}" for name, text in result["configuration"].items()]
+    if summary.get("survives"):
+        lines += ["", "**What a confirmed task survives**, system by system:", ""]
+        lines += [
+            f"- {LABELS.get(name, QUEUE_LABELS.get(name, name))}: **{v['survives']}**. "
+            f"{v['why'][0].upper()}{v['why'][1:]}. Source: {v['source']}"
+            for name, v in summary["survives"].items()
+        ]
+    failures = [r for r in result["runs"] if not r["ok"]]
+    if failures:
+        lines += ["", "**Failed runs**:", ""]
+        lines += [
+            f"- {r['phase']} {r['system']} {r['mode']}: {r['error'].splitlines()[0][:300]}"
+            for r in failures
+        ]
+    if result["zbroker_source_digest"]["before"] != result["zbroker_source_digest"]["after"]:
+        lines[0:0] = ["**zbroker's sources changed during this run: figures mix two builds.**", ""]
+    if result.get("plots"):
+        lines += ["", *(f"![{Path(p).stem}]({_rel(p)})" for p in result["plots"])]
+    return "\n".join(lines)
+
+
+def _throughput_md(summary: JSONDict, s: JSONDict, fws: JSONDict) -> list[str]:
+    lines = [
         "",
         f"**Durable throughput**: {fmt_count(s['tasks'])} tasks of {s['body_bytes']} bytes per "
         f"run, {s['workers']} worker processes, timed from the first enqueue to the last "
@@ -831,9 +1164,9 @@ def markdown(result: JSONDict) -> str:
         "The ratio is to zbroker sync in the same mode. The forwarder is the MDP echo "
         f"reference ({fws['workers']} workers, {fws['in_flight']} in flight), not durable.",
         "",
-        "| System | mode | end to end (tasks/s) | confirmed (tasks/s) | confirm p50 (ms) | "
-        "confirm p99 (ms) | server CPU (s per 100k) | ratio to zbroker sync |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| System | mode | survives | end to end (tasks/s) | confirmed (tasks/s) | "
+        "confirm p50 (ms) | confirm p99 (ms) | server CPU (s per 100k) | ratio to zbroker sync |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, entry in summary["throughput"].items():
         system, mode = key.split("/")
@@ -849,7 +1182,7 @@ def markdown(result: JSONDict) -> str:
         ]
         ratio = entry.get("ratio_to_zbroker_sync")
         lines.append(
-            f"| {LABELS[system]} | {mode} | "
+            f"| {LABELS[system]} | {mode} | {_survives_cell(entry, system)} | "
             + " | ".join(cells)
             + f" | {EN_DASH if ratio is None else f'{ratio:.2f}'} |"
         )
@@ -859,6 +1192,12 @@ def markdown(result: JSONDict) -> str:
         + "; ".join(f"{BATCH_NAMES[k]}: {v}" for k, v in BATCH_MEANS.items())
         + ". Celery and Dramatiq have no batch enqueue and a synchronous one: their producers "
         "send one task at a time.",
+    ]
+    return lines
+
+
+def _latency_md(summary: JSONDict, s: JSONDict) -> list[str]:
+    lines = [
         "",
         f"**Request/reply latency**: {fmt_count(s['latency_samples'])} sequential round trips "
         f"(after {s['latency_warmup']} warm-up): the requester enqueues one durable task of "
@@ -869,13 +1208,19 @@ def markdown(result: JSONDict) -> str:
         "backends on Redis). The forwarder's figures come from its throughput runs (MDP echo, "
         "not durable).",
         "",
-        "| System | p50 (µs) | p99 (µs) | p99.9 (µs) |",
-        "|---|---:|---:|---:|",
+        "| System | survives | p50 (µs) | p99 (µs) | p99.9 (µs) |",
+        "|---|---|---:|---:|---:|",
     ]
     for system, entry in summary["latency"].items():
         cells = [_cell(entry, f"{q}_us") for q in ("p50", "p99", "p99.9")]
-        lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + " |")
-    lines += [
+        lines.append(
+            f"| {LABELS[system]} | {_survives_cell(entry, system)} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def _crash_md(summary: JSONDict, s: JSONDict) -> list[str]:
+    lines = [
         "",
         f"**Crash**: 2 workers and one producer (single-task messages, {s['single_in_flight']} "
         "unconfirmed; Celery and Dramatiq one at a time) run; once "
@@ -888,30 +1233,38 @@ def markdown(result: JSONDict) -> str:
         "Restart is Popen to the first answer (zbroker: to listening; its restart to ready "
         "is measured under memory and restart).",
         "",
-        "| System | confirmed | lost | handled twice | restart to ready (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| System | survives | confirmed | lost | handled twice | restart to ready (s) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for system, entry in summary["crash"].items():
+        survives = _survives_cell(entry, system)
         if not entry["runs"]:
-            lines.append(f"| {LABELS[system]} | failed | | | |")
+            lines.append(f"| {LABELS[system]} | {survives} | failed | | | |")
             continue
         per = entry["runs"]
         lines.append(
-            f"| {LABELS[system]} | {', '.join(fmt_count(r['confirmed']) for r in per)} | "
+            f"| {LABELS[system]} | {survives} | "
+            f"{', '.join(fmt_count(r['confirmed']) for r in per)} | "
             f"{', '.join(str(r['lost']) for r in per)} | "
             f"{', '.join(str(r['duplicated']) for r in per)} | "
             f"{', '.join(format(r['restart_s'], '.2f') for r in per)} |"
         )
+    return lines
+
+
+def _queue_md(summary: JSONDict, s: JSONDict) -> list[str]:
     depths = [str(d) for d in s["queue_depths"]]
-    lines += [
+    lines = [
         "",
         f"**Memory and restart**: the server filled with no workers, {s['fill_batch']} tasks "
         "per call; RssAnon (heap; for zbroker the LMDB map is file-backed and not in it) and "
         "RSS of the server's processes once they hold still (5 readings a second apart within "
         "1%, at most 60 s: the Erlang VM gives memory back for tens of seconds after a fill; "
         "zbroker: durable.py's own reading). Then SIGKILL and a restart on the same data, "
-        "timed from Popen to the first answer to a depth query (zbroker: a STATUS call, "
-        "including Python's start-up), which must find every task (a count in bold did not).",
+        "timed from Popen to the first answer to a depth query that finds every task "
+        "(zbroker: a STATUS call, including Python's start-up; a RabbitMQ quorum queue "
+        f"answers 0 while it replays its log), retried for up to {RECOVER_WAIT_S:.0f} s after "
+        "the first answer (a count in bold never found them all).",
         "",
         "| System | "
         + " | ".join(f"RssAnon at {fmt_count(int(d))} (MiB)" for d in depths)
@@ -938,20 +1291,38 @@ def markdown(result: JSONDict) -> str:
             )
         )
         lines.append(f"| {QUEUE_LABELS[system]} | " + " | ".join(cells) + " |")
-    lines += ["", "**Configuration**:", ""]
-    lines += [f"- {name}: {text}" for name, text in result["configuration"].items()]
-    failures = [r for r in result["runs"] if not r["ok"]]
-    if failures:
-        lines += ["", "**Failed runs**:", ""]
-        lines += [
-            f"- {r['phase']} {r['system']} {r['mode']}: {r['error'].splitlines()[0][:300]}"
-            for r in failures
+    return lines
+
+
+def _sequential_md(summary: JSONDict, s: JSONDict) -> list[str]:
+    lines = [
+        "",
+        f"**Sequential enqueues**: one producer, one task in flight: "
+        f"{fmt_count(s['sequential_samples'])} enqueues of {s['body_bytes']} bytes (after "
+        f"{s['sequential_warmup']} untimed), each confirmed before the next is sent, no "
+        "consumer. zbroker: `zbroker.client.Client.enqueue`; Redis: XADD (redis-py); "
+        "RabbitMQ: `basic_publish` of a persistent message on a channel in confirm mode "
+        "(pika's BlockingConnection returns once the basic.ack came); NATS: `js.publish`, "
+        "which waits for the stream's ack. What one confirm costs when nothing is batched: "
+        "with an fsync before each confirm, the disk's fsync latency. Server CPU per enqueue "
+        "includes the warm-up.",
+        "",
+        "| System | survives | confirmed enqueues/s | p50 (µs) | p99 (µs) | p99.9 (µs) | "
+        "server CPU (µs per enqueue) | ratio to zbroker sync |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system, entry in summary["sequential"].items():
+        cells = [
+            _cell(entry, n)
+            for n in ("rate_per_s", "p50_us", "p99_us", "p99.9_us", "server_cpu_us_per_enqueue")
         ]
-    if result["zbroker_source_digest"]["before"] != result["zbroker_source_digest"]["after"]:
-        lines[0:0] = ["**zbroker's sources changed during this run: figures mix two builds.**", ""]
-    if result.get("plots"):
-        lines += ["", *(f"![{Path(p).stem}]({_rel(p)})" for p in result["plots"])]
-    return "\n".join(lines)
+        ratio = entry.get("ratio_to_zbroker_sync")
+        lines.append(
+            f"| {SEQUENTIAL_LABELS[system]} | {_survives_cell(entry, system)} | "
+            + " | ".join(cells)
+            + f" | {EN_DASH if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return lines
 
 
 def _rel(path: str) -> str:
@@ -983,9 +1354,28 @@ def plot(result: JSONDict, out_dir: Path, say: Say) -> list[str]:
     )
     written = []
 
-    # 1. throughput
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    systems = [*ZBROKER_SYSTEMS, *OTHERS, *FRAMEWORKS]
+    if summary["throughput"]:
+        written.append(_plot_throughput(summary, result, note, plt, thousands, out_dir))
+    if summary["latency"]:
+        written.append(_plot_latency(summary, note, plt, FuncFormatter, out_dir))
+    if summary["queue"]:
+        written.append(_plot_memory(summary, note, plt, thousands, FuncFormatter, out_dir))
+    if summary.get("sequential"):
+        written.append(_plot_sequential(summary, note, plt, thousands, out_dir))
+    for path in written:
+        say(f"wrote {path}")
+    return written
+
+
+def _plot_throughput(
+    summary: JSONDict, result: JSONDict, note: str, plt: Any, thousands: Any, out_dir: Path
+) -> str:
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    systems = [
+        s
+        for s in (*ZBROKER_SYSTEMS, *OTHERS, *FRAMEWORKS)
+        if any(f"{s}/{m}" in summary["throughput"] for m in (SINGLE, BATCH))
+    ]
     width = 0.38
     for offset, mode in ((-width / 2, SINGLE), (width / 2, BATCH)):
         med, lo, hi = _bars([summary["throughput"].get(f"{s}/{mode}", {}) for s in systems])
@@ -1002,10 +1392,11 @@ def plot(result: JSONDict, out_dir: Path, say: Say) -> list[str]:
         f"({note}, error bars min-max)"
     )
     ax.legend()
-    written.append(_save(fig, out_dir / "compare-throughput.png", plt))
+    return _save(fig, out_dir / "compare-throughput.png", plt)
 
-    # 2. latency percentiles
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+
+def _plot_latency(summary: JSONDict, note: str, plt: Any, FuncFormatter: Any, out_dir: Path) -> str:
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     systems = list(summary["latency"])
     width = 0.27
     for k, q in enumerate(("p50", "p99", "p99.9")):
@@ -1023,9 +1414,12 @@ def plot(result: JSONDict, out_dir: Path, say: Say) -> list[str]:
     ax.set_ylabel("round trip (ms, log scale)")
     ax.set_title(f"Request/reply latency, sequential ({note})")
     ax.legend()
-    written.append(_save(fig, out_dir / "compare-latency.png", plt))
+    return _save(fig, out_dir / "compare-latency.png", plt)
 
-    # 3. memory against queue depth
+
+def _plot_memory(
+    summary: JSONDict, note: str, plt: Any, thousands: Any, FuncFormatter: Any, out_dir: Path
+) -> str:
     fig, ax = plt.subplots(figsize=(8, 5))
     for system, entry in summary["queue"].items():
         if "rss_anon_mib" not in entry:
@@ -1045,10 +1439,46 @@ def plot(result: JSONDict, out_dir: Path, say: Say) -> list[str]:
     ax.set_title(f"Server memory against queue depth\n({note})")
     ax.set_ylim(bottom=0.5)  # room under the lines for the legend
     ax.legend(loc="lower right", fontsize="small")
-    written.append(_save(fig, out_dir / "compare-memory.png", plt))
-    for path in written:
-        say(f"wrote {path}")
-    return written
+    return _save(fig, out_dir / "compare-memory.png", plt)
+
+
+def _plot_sequential(summary: JSONDict, note: str, plt: Any, thousands: Any, out_dir: Path) -> str:
+    """Confirmed enqueues/s (left) and each enqueue's latency (right), one task in
+    flight; bars coloured by what a confirm survives."""
+    entries = {s: e for s, e in summary["sequential"].items() if "rate_per_s" in e}
+    systems = list(entries)
+    labels = [SEQUENTIAL_LABELS[s] for s in systems]
+    colours = {POWER_CUT: "tab:green", PROCESS_CRASH: "tab:orange", NOTHING: "tab:grey"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    med, lo, hi = [], [], []
+    for s in systems:
+        r = entries[s]["rate_per_s"]
+        med.append(r["median"])
+        lo.append(r["median"] - r["min"])
+        hi.append(r["max"] - r["median"])
+    left.bar(
+        range(len(systems)),
+        med,
+        yerr=[lo, hi],
+        capsize=3,
+        color=[colours.get(entries[s].get("survives", ""), "tab:blue") for s in systems],
+    )
+    left.set_xticks(range(len(systems)), labels, rotation=30, ha="right", fontsize="small")
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(thousands)
+    left.set_ylabel("confirmed enqueues/s, one at a time (log scale)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    left.legend(handles, [f"survives: {k}" for k in colours], fontsize="small")
+    width = 0.4
+    for k, q in enumerate(("p50", "p99")):
+        vals = [entries[s][f"{q}_us"]["median"] / 1000 for s in systems]
+        right.bar([i + (k - 0.5) * width for i in range(len(systems))], vals, width, label=q)
+    right.set_yscale("log")
+    right.set_xticks(range(len(systems)), labels, rotation=30, ha="right", fontsize="small")
+    right.set_ylabel("enqueue to confirm (ms, log scale)")
+    right.legend()
+    fig.suptitle(f"Sequential confirmed enqueues, one task in flight ({note})")
+    return _save(fig, out_dir / "compare-sequential.png", plt)
 
 
 def _bars(entries: Sequence[JSONDict]) -> tuple[list[float], list[float], list[float]]:

@@ -12,7 +12,9 @@ reporting follows bench/durable_peers.py, so durable.py's collector reads both:
 - a worker prints `ready` once subscribed, then `{"count", "last_done"}` whenever it
   has been idle for WORKER_REPORT_IDLE_S after doing work;
 - a requester times sequential round trips (enqueue one task, wait for its reply)
-  and prints `{"latency_us": {...}}`.
+  and prints `{"latency_us": {...}}`;
+- `sequential` times confirmed enqueues one at a time (no consumer) and prints
+  `{"latency_us": [...], "started", "ended", ...}`.
 
 A task's body is BODY_BYTES long: one byte saying whether a reply is wanted, the
 task's sequence number (8 bytes, big-endian), then filler. With --record FILE, a
@@ -42,17 +44,40 @@ from servers import GROUP, NATS_ACK_WAIT_S, QUEUE, STREAM
 
 REDIS_LIST = "redis-list"
 REDIS_STREAM = "redis-stream"
+# The stream on a Redis with `appendfsync always` (bench/servers.py): the same peers.
+REDIS_STREAM_ALWAYS = "redis-stream-always"
 RABBITMQ_P1 = "rabbitmq-p1"
 RABBITMQ_P100 = "rabbitmq-p100"
+RABBITMQ_QUORUM = "rabbitmq-quorum"  # a quorum queue, prefetch 100
 NATS = "nats"
-ZBROKER = "zbroker"  # zbroker.client peers (crash runs)
+ZBROKER = "zbroker"  # zbroker.client peers (crash runs, sequential enqueues)
 CELERY = "celery"  # on Redis
 DRAMATIQ = "dramatiq"  # on Redis
-SYSTEMS = (REDIS_LIST, REDIS_STREAM, RABBITMQ_P1, RABBITMQ_P100, NATS, ZBROKER, CELERY, DRAMATIQ)
+SYSTEMS = (
+    REDIS_LIST,
+    REDIS_STREAM,
+    REDIS_STREAM_ALWAYS,
+    RABBITMQ_P1,
+    RABBITMQ_P100,
+    RABBITMQ_QUORUM,
+    NATS,
+    ZBROKER,
+    CELERY,
+    DRAMATIQ,
+)
+# Systems whose peers are another system's: only the server differs.
+SAME_PEERS = {REDIS_STREAM_ALWAYS: REDIS_STREAM}
 # Task frameworks: their enqueue call is synchronous and their task arguments are JSON,
 # so their producers send one task at a time and the body is text.
 FRAMEWORKS = (CELERY, DRAMATIQ)
-PREFETCH = {RABBITMQ_P1: 1, RABBITMQ_P100: 100}
+PREFETCH = {RABBITMQ_P1: 1, RABBITMQ_P100: 100, RABBITMQ_QUORUM: 100}
+
+
+def queue_arguments(system: str) -> dict[str, str] | None:
+    """The RabbitMQ queue's arguments: a quorum queue (Raft log fsynced before the
+    confirm; durable, one replica on one node) or a classic queue."""
+    return {"x-queue-type": "quorum"} if system == RABBITMQ_QUORUM else None
+
 
 TASK = b"T"
 REQUEST = b"R"  # a reply is wanted
@@ -104,6 +129,8 @@ class Recorder:
 def setup(system: str, url: str) -> None:
     """Declare what the system needs before anyone uses it (queue, stream, group,
     consumer), as an operator would: durable, and configured for reliable work."""
+    args = queue_arguments(system)
+    system = SAME_PEERS.get(system, system)
     if system == REDIS_STREAM:
         import redis
 
@@ -119,7 +146,7 @@ def setup(system: str, url: str) -> None:
         import pika
 
         connection = pika.BlockingConnection(pika.URLParameters(url))
-        connection.channel().queue_declare(QUEUE, durable=True)
+        connection.channel().queue_declare(QUEUE, durable=True, arguments=args)
         connection.close()
     elif system == NATS:
 
@@ -149,6 +176,7 @@ def setup(system: str, url: str) -> None:
 def depth(system: str, url: str) -> int:
     """How many tasks wait in the queue (none delivered yet); raises until the
     server answers."""
+    system = SAME_PEERS.get(system, system)
     if system in (REDIS_LIST, REDIS_STREAM):
         import redis
 
@@ -261,8 +289,11 @@ def producer(system: str, url: str, calls: Calls, in_flight: int, args: argparse
     recorder = Recorder(args.record)
     if args.wait_for_signal:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    system = SAME_PEERS.get(system, system)
     if system in PREFETCH:
-        _rabbitmq_producer(url, calls, in_flight, recorder, args.wait_for_signal)
+        _rabbitmq_producer(
+            url, calls, in_flight, recorder, args.wait_for_signal, queue_arguments(system)
+        )
         return
     if system in FRAMEWORKS:
         if calls.per_call != 1 or in_flight != 1:
@@ -350,14 +381,19 @@ async def _async_producer(
 
 
 def _rabbitmq_producer(
-    url: str, calls: Calls, in_flight: int, recorder: Recorder, wait_for_signal: bool
+    url: str,
+    calls: Calls,
+    in_flight: int,
+    recorder: Recorder,
+    wait_for_signal: bool,
+    arguments: dict[str, str] | None,
 ) -> None:
     """Persistent messages with publisher confirms on pika's asynchronous connection,
     keeping `in_flight` calls unconfirmed (a call is one message, or `per_call`
     messages published back to back: AMQP 0-9-1 has no batch publish)."""
     import pika
 
-    run = _RabbitmqConfirms(calls, in_flight, recorder, wait_for_signal)
+    run = _RabbitmqConfirms(calls, in_flight, recorder, wait_for_signal, arguments)
     run.connection = pika.SelectConnection(
         pika.URLParameters(url),
         on_open_callback=run.on_open,
@@ -377,11 +413,17 @@ class _RabbitmqConfirms:
     on_open, on_channel, on_declared, on_confirm_mode, then on_confirm per confirm."""
 
     def __init__(
-        self, calls: Calls, in_flight: int, recorder: Recorder, wait_for_signal: bool
+        self,
+        calls: Calls,
+        in_flight: int,
+        recorder: Recorder,
+        wait_for_signal: bool,
+        arguments: dict[str, str] | None,
     ) -> None:
         import pika
         from pika.spec import Basic
 
+        self.arguments = arguments
         self.calls, self.in_flight = calls, in_flight
         self.recorder, self.wait_for_signal = recorder, wait_for_signal
         self.properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
@@ -459,7 +501,7 @@ class _RabbitmqConfirms:
 
     def on_channel(self, ch: Any) -> None:
         self.channel = ch
-        ch.queue_declare(QUEUE, durable=True, callback=self.on_declared)
+        ch.queue_declare(QUEUE, durable=True, arguments=self.arguments, callback=self.on_declared)
 
     def on_open(self, conn: Any) -> None:
         conn.channel(on_open_callback=self.on_channel)
@@ -595,12 +637,14 @@ class Tally:
 
 def worker(system: str, url: str, credit: int, args: argparse.Namespace) -> None:
     tally = Tally(Recorder(args.record))
+    arguments = queue_arguments(system)
+    system = SAME_PEERS.get(system, system)
     if system == REDIS_LIST:
         _redis_list_worker(url, tally)
     elif system == REDIS_STREAM:
         _redis_stream_worker(url, credit, tally)
     elif system in PREFETCH:
-        _rabbitmq_worker(url, PREFETCH[system], tally)
+        _rabbitmq_worker(url, PREFETCH[system], arguments, tally)
     elif system == NATS:
         asyncio.run(_nats_worker(url, credit, tally))
     elif system == ZBROKER:
@@ -736,7 +780,9 @@ def _redis_stream_worker(url: str, credit: int, tally: Tally) -> None:
             time.sleep(RECONNECT_DELAY_S)
 
 
-def _rabbitmq_worker(url: str, prefetch: int, tally: Tally) -> None:
+def _rabbitmq_worker(
+    url: str, prefetch: int, arguments: dict[str, str] | None, tally: Tally
+) -> None:
     """basic.consume with manual acks and `prefetch` unacknowledged messages at most;
     each message is acknowledged once handled."""
     import pika
@@ -748,7 +794,7 @@ def _rabbitmq_worker(url: str, prefetch: int, tally: Tally) -> None:
             connection = pika.BlockingConnection(pika.URLParameters(url))
             channel = connection.channel()
             channel.basic_qos(prefetch_count=prefetch)
-            channel.queue_declare(QUEUE, durable=True)
+            channel.queue_declare(QUEUE, durable=True, arguments=arguments)
 
             def on_message(ch: Any, method: Any, props: Any, payload: bytes) -> None:
                 reply, seq = seq_of(payload)
@@ -842,10 +888,12 @@ def _zbroker_worker(url: str, credit: int, tally: Tally) -> None:
 
 def requester(system: str, url: str, samples: int, warmup: int, size: int) -> None:
     """Sequential round trips: enqueue one task that wants a reply, wait for the reply."""
+    arguments = queue_arguments(system)
+    system = SAME_PEERS.get(system, system)
     if system in (REDIS_LIST, REDIS_STREAM):
         round_trip = _redis_round_trip(system, url)
     elif system in PREFETCH:
-        round_trip = _rabbitmq_round_trip(url)
+        round_trip = _rabbitmq_round_trip(url, arguments)
     elif system == NATS:
         _nats_requester(url, samples, warmup, size)
         return
@@ -907,14 +955,14 @@ def _redis_round_trip(system: str, url: str) -> Callable[[bytes], None]:
     return via_list if system == REDIS_LIST else via_stream
 
 
-def _rabbitmq_round_trip(url: str) -> Callable[[bytes], None]:
+def _rabbitmq_round_trip(url: str, arguments: dict[str, str] | None) -> Callable[[bytes], None]:
     """RPC as RabbitMQ documents it: a persistent message with `reply_to` set to the
     direct reply-to pseudo-queue, confirmed; the reply consumed from that queue."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.queue_declare(QUEUE, durable=True)
+    channel.queue_declare(QUEUE, durable=True, arguments=arguments)
     channel.confirm_delivery()
     replies: list[bytes] = []
     channel.basic_consume(
@@ -992,6 +1040,114 @@ def _zbroker_round_trip(url: str) -> Callable[[bytes], None]:
     return round_trip
 
 
+# ------------------------------------------------------------------ sequential
+
+
+def sequential(system: str, url: str, samples: int, warmup: int, size: int) -> None:
+    """One producer, one task in flight: each enqueue confirmed before the next is sent,
+    through the system's ordinary blocking call (zbroker: `Client.enqueue`; Redis: XADD;
+    RabbitMQ: `basic_publish` on a channel in confirm mode; NATS: `js.publish`, which
+    waits for the stream's ack). No consumer: the queue grows by `warmup + samples`
+    tasks. Prints `{"latency_us": [...], "started", "ended", "cpu_s", "count"}` with
+    the timed enqueues only (after `warmup` untimed)."""
+    arguments = queue_arguments(system)
+    system = SAME_PEERS.get(system, system)
+    closers: list[Callable[[], None]] = []
+    if system == ZBROKER:
+        from zbroker.client import Client
+
+        client = Client(url, timeout_s=ANSWER_TIMEOUT_S)
+        closers.append(client.close)
+
+        def enqueue(payload: bytes) -> None:
+            client.enqueue(ZBROKER_SERVICE, payload)
+
+    elif system == REDIS_STREAM:
+        import redis
+
+        r = redis.Redis.from_url(url, socket_timeout=ANSWER_TIMEOUT_S)
+        closers.append(r.close)
+
+        def enqueue(payload: bytes) -> None:
+            r.xadd(STREAM_KEY, {"b": payload})
+
+    elif system in PREFETCH:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        closers.append(connection.close)
+        channel = connection.channel()
+        channel.queue_declare(QUEUE, durable=True, arguments=arguments)
+        channel.confirm_delivery()
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+
+        def enqueue(payload: bytes) -> None:
+            # Returns once the broker's basic.ack came (raises on a nack).
+            channel.basic_publish("", QUEUE, payload, properties)
+
+    elif system == NATS:
+        _nats_sequential(url, samples, warmup, size)
+        return
+    else:
+        sys.exit(f"no sequential producer for {system}")
+    print("ready", flush=True)
+    clock = time.perf_counter_ns
+    for i in range(warmup):
+        enqueue(body(TASK, i, size))
+    payloads = [body(TASK, warmup + i, size) for i in range(samples)]
+    times: list[int] = []
+    started = time.time()
+    cpu = time.process_time()
+    for payload in payloads:
+        t0 = clock()
+        enqueue(payload)
+        times.append(clock() - t0)
+    _print_sequential(started, time.time(), time.process_time() - cpu, times)
+    for close in closers:
+        close()
+
+
+def _print_sequential(started: float, ended: float, cpu_s: float, times_ns: list[int]) -> None:
+    print(
+        json.dumps(
+            {
+                "count": len(times_ns),
+                "started": started,
+                "ended": ended,
+                "cpu_s": cpu_s,
+                "latency_us": [t / 1000 for t in sorted(times_ns)],
+            }
+        ),
+        flush=True,
+    )
+
+
+def _nats_sequential(url: str, samples: int, warmup: int, size: int) -> None:
+    async def run() -> None:
+        import nats
+
+        nc = await nats.connect(url, error_cb=_quiet)
+        js = nc.jetstream()
+        print("ready", flush=True)
+        for i in range(warmup):
+            await js.publish(QUEUE, body(TASK, i, size))
+        payloads = [body(TASK, warmup + i, size) for i in range(samples)]
+        clock = time.perf_counter_ns
+        times: list[int] = []
+        started = time.time()
+        cpu = time.process_time()
+        for payload in payloads:
+            t0 = clock()
+            ack = await js.publish(QUEUE, payload, timeout=ANSWER_TIMEOUT_S)
+            times.append(clock() - t0)
+            if ack.stream != STREAM:
+                sys.exit(f"published into {ack.stream!r}")
+        _print_sequential(started, time.time(), time.process_time() - cpu, times)
+        await nc.close()
+
+    asyncio.run(run())
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -1009,7 +1165,10 @@ def main(argv: list[str] | None = None) -> None:
     q = roles.add_parser("requester", help="sequential round trips; prints JSON")
     q.add_argument("--samples", type=int, required=True)
     q.add_argument("--warmup", type=int, default=100)
-    for sub in (p, w, q):
+    e = roles.add_parser("sequential", help="confirmed enqueues one at a time; prints JSON")
+    e.add_argument("--samples", type=int, required=True)
+    e.add_argument("--warmup", type=int, default=100)
+    for sub in (p, w, q, e):
         sub.add_argument("--system", choices=SYSTEMS, required=True)
         sub.add_argument("--url", required=True)
         sub.add_argument("--body-bytes", type=int, default=100)
@@ -1020,6 +1179,8 @@ def main(argv: list[str] | None = None) -> None:
         producer(args.system, args.url, calls, args.in_flight, args)
     elif args.role == "worker":
         worker(args.system, args.url, args.credit, args)
+    elif args.role == "sequential":
+        sequential(args.system, args.url, args.samples, args.warmup, args.body_bytes)
     else:
         requester(args.system, args.url, args.samples, args.warmup, args.body_bytes)
 

@@ -27,9 +27,13 @@ from pathlib import Path
 from harness import BenchError, Child, ProcessGroup, Say, free_tcp_ports
 
 REDIS = "redis"
+# The same redis-server with `appendfsync always`: each reply after the AOF's fsync.
+REDIS_ALWAYS = "redis-always"
 RABBITMQ = "rabbitmq"
 NATS = "nats"
-KINDS = (REDIS, RABBITMQ, NATS)
+KINDS = (REDIS, RABBITMQ, NATS)  # what is installed (one package each)
+# Every kind a Server runs, and the installed kind it runs the binary of.
+PACKAGE_KIND = {REDIS: REDIS, REDIS_ALWAYS: REDIS, RABBITMQ: RABBITMQ, NATS: NATS}
 
 # What each kind runs, and the Debian package that provides it.
 BINARIES = {
@@ -205,7 +209,7 @@ class Server:
     starts: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in PACKAGE_KIND:
             raise ValueError(f"unknown server kind {self.kind!r}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Client port first; RabbitMQ also needs a distribution port and epmd's.
@@ -217,7 +221,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        scheme = {REDIS: "redis", RABBITMQ: "amqp", NATS: "nats"}[self.kind]
+        scheme = {REDIS: "redis", RABBITMQ: "amqp", NATS: "nats"}[PACKAGE_KIND[self.kind]]
         auth = "guest:guest@" if self.kind == RABBITMQ else ""
         path = "/%2F" if self.kind == RABBITMQ else ""
         return f"{scheme}://{auth}127.0.0.1:{self.port}{path}"
@@ -267,7 +271,8 @@ class Server:
 
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
         d = self.data_dir
-        if self.kind == REDIS:
+        if PACKAGE_KIND[self.kind] == REDIS:
+            fsync = "always" if self.kind == REDIS_ALWAYS else "everysec"
             return [
                 str(BINARIES[REDIS]),
                 "--bind",
@@ -279,7 +284,7 @@ class Server:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "everysec",
+                fsync,
                 "--save",
                 "",
                 "--daemonize",
@@ -351,7 +356,7 @@ def group_cpu_s(pgid: int) -> float:
 
 def probe_ready(kind: str, url: str) -> bool:
     """One attempt at a plain command; True if the server answered it."""
-    if kind == REDIS:
+    if PACKAGE_KIND[kind] == REDIS:
         import redis
 
         client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
@@ -394,13 +399,20 @@ CONFIGURATION: dict[str, str] = {
         "recommendation: at most about one second of writes lost on a crash), RDB snapshots "
         'off (`save ""`: AOF is the persistence; a background save would fork mid-run)'
     ),
+    REDIS_ALWAYS: (
+        "a second redis-server, its own data directory, configured as the first but with "
+        "`appendfsync always`: the AOF is written and fsynced before the replies of each "
+        "event-loop pass are sent (one fsync per pass, shared by every command in it)"
+    ),
     RABBITMQ: (
-        "one rabbitmq-server node, no plugins, a classic durable queue, persistent messages "
-        "(delivery mode 2), publisher confirms, manual acknowledgements"
+        "one rabbitmq-server node, no plugins, a classic durable queue (or a quorum queue, "
+        "`x-queue-type: quorum`, one replica), persistent messages (delivery mode 2), "
+        "publisher confirms, manual acknowledgements"
     ),
     NATS: (
         "nats-server with JetStream, file storage, a stream with work-queue retention, one "
         f"durable pull consumer with explicit acks (ack wait {NATS_ACK_WAIT_S:.0f} s); the "
-        "file store writes through the page cache and syncs on its own interval"
+        "file store writes through the page cache and fsyncs on a timer (`sync_interval`, 2 "
+        "minutes by default), not before each ack"
     ),
 }
