@@ -2,7 +2,9 @@
 """One entry point for people and CI: it builds the environment it needs, then runs.
 
     python3 dev.py start [ARGS...]   install zbroker into .venv and run `zbroker start ARGS`
-    python3 dev.py test  [PYTEST...] lint, type-check and run the whole test suite
+    python3 dev.py test  [PYTEST...] lint, type-check and run the whole test suite,
+                                     once on the compiled core, once on pure Python
+    python3 dev.py build [--clean]   compile the hot modules with mypyc (zbroker/native.py)
     python3 dev.py unasync           regenerate zbroker/client/client.py from aclient.py
     python3 dev.py bench [ARGS...]   run the benchmarks (see bench/README.md)
     python3 dev.py example [ARGS...] run the example system (examples/voice-pipeline; --demo)
@@ -27,6 +29,9 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 NODE_CLIENT = ROOT / "clients" / "node"
 UNASYNC = ROOT / "scripts" / "unasync.py"
+BUILD_NATIVE = ROOT / "scripts" / "build_native.py"
+NO_COMPILER = 3  # build_native.py's exit status when this machine cannot compile
+PURE = {"ZBROKER_PURE": "1"}
 
 
 def say(msg: str) -> None:
@@ -75,8 +80,33 @@ def ensure_node_deps() -> bool:
     return True
 
 
+def build_native(required: bool = False) -> bool:
+    """Compile the hot modules when this machine can (skipped when up to date);
+    whether a compiled build is ready. `required`: a failed build stops here."""
+    say("compiled core (mypyc): building when out of date")
+    proc = subprocess.run([str(PY), str(BUILD_NATIVE)], cwd=ROOT)
+    if proc.returncode == 0:
+        return True
+    if proc.returncode == NO_COMPILER:
+        say("the pure-Python core runs (this machine cannot compile it)")
+        return False
+    if required:
+        sys.exit(proc.returncode)
+    say("the compiled build failed: the pure-Python core runs")
+    return False
+
+
+def which_core(env: dict[str, str] | None = None) -> None:
+    """Say which build of the core a process with `env` runs."""
+    code = "import zbroker.native as n; print(n.describe())"
+    out = subprocess.run([str(PY), "-c", code], env=env, capture_output=True, text=True)
+    say(f"core: {out.stdout.strip() or out.stderr.strip()}")
+
+
 def cmd_start(args: list[str]) -> None:
-    ensure_venv("")
+    ensure_venv("test")  # mypy carries mypyc, which compiles the core
+    build_native()
+    which_core()
     os.execv(str(BIN / "zbroker"), [str(BIN / "zbroker"), "start", *args])
 
 
@@ -90,9 +120,28 @@ def cmd_test(args: list[str]) -> None:
     # The blocking Client is generated from AsyncClient: fail while it is stale.
     run([sys.executable, UNASYNC, "--check"], cwd=ROOT)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if have_node:
-        run(["npm", "test"], cwd=NODE_CLIENT, env=env)
-    run([PY, "-m", "pytest", *args], cwd=ROOT, env=env)
+    env.pop("ZBROKER_PURE", None)
+    builds = [("pure Python", dict(env, **PURE))]
+    if build_native(required=True):
+        builds.insert(0, ("compiled", env))
+    # The whole suite runs on each build: the same sources, two ways of running them.
+    for name, build_env in builds:
+        say(f"--- the whole test suite on the {name} core ---")
+        which_core(build_env)
+        if have_node:
+            run(["npm", "test"], cwd=NODE_CLIENT, env=build_env)
+        run([PY, "-m", "pytest", *args], cwd=ROOT, env=build_env)
+
+
+def cmd_build(args: list[str]) -> None:
+    ensure_venv("test")
+    if args == ["--clean"]:
+        run([PY, BUILD_NATIVE, "--clean"], cwd=ROOT)
+    elif args:
+        sys.exit("usage: python3 dev.py build [--clean]")
+    else:
+        build_native(required=True)
+    which_core()
 
 
 def cmd_unasync(args: list[str]) -> None:
@@ -101,6 +150,9 @@ def cmd_unasync(args: list[str]) -> None:
 
 def cmd_bench(args: list[str]) -> None:
     ensure_venv("bench")
+    ensure_venv("test")  # mypyc, for the compiled core the benchmarks measure
+    build_native()
+    which_core()
     os.execv(str(PY), [str(PY), str(ROOT / "bench" / "run.py"), *args])
 
 
@@ -115,6 +167,7 @@ def main() -> None:
     commands = {
         "start": cmd_start,
         "test": cmd_test,
+        "build": cmd_build,
         "unasync": cmd_unasync,
         "bench": cmd_bench,
         "example": cmd_example,

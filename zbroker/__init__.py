@@ -12,7 +12,12 @@ client and with it pyzmq.
 
 from typing import TYPE_CHECKING
 
+from zbroker import native as _native
+
 __version__ = "0.1.0"
+
+# Compiled or pure-Python core: decided before any of its modules loads.
+_native.choose()
 
 if TYPE_CHECKING:
     from zbroker.client import (

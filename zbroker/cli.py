@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import typer
 import typer.main
 
-from zbroker import __version__
+from zbroker import __version__, native
 from zbroker.client import Client, Subscriber
 from zbroker.client.errors import ClientError
 from zbroker.client.keys import Credentials
@@ -75,7 +75,7 @@ class JsonLogFormatter(logging.Formatter):
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"zbroker {__version__}")
+        typer.echo(f"zbroker {__version__}, core: {native.describe()}")
         raise typer.Exit()
 
 
@@ -769,6 +769,9 @@ def status(
         typer.echo(json.dumps(view, indent=2))
         return
     typer.echo(f"broker at {endpoint}, up {view['uptime_s']:.0f}s")
+    build = view.get("build") or {}
+    if build:
+        typer.echo(f"zbroker {build.get('version')}, core: {build.get('core')}")
     typer.echo(
         f"services {view['services']}  workers {view['workers']}  "
         f"waiting calls {view['waiting_calls']}"

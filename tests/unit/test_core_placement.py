@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.builds import pure_only
 from tests.unit.test_core_durable import Script
 from zbroker.core import CoreSettings
 from zbroker.journal import Journal, MemoryJournal, TaskState
@@ -437,6 +438,7 @@ def test_nothing_to_wait_for_leaves_no_wake_behind(journal: Journal) -> None:
     assert s.broker.routing.wake_at == float("inf")  # nothing left to wake for
 
 
+@pure_only
 def test_a_dispatch_reads_past_the_window_once_however_many_it_delivers() -> None:
     # Given a window of 4 full of tasks no worker may take, 300 plain tasks behind it
     journal = MemoryJournal()

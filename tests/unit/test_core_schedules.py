@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.builds import pure_only
 from tests.unit.core_script import EPOCH, CoreScript
 from zbroker.core import Broker, CoreSettings
 from zbroker.core.schedules import firing_key
@@ -338,6 +339,7 @@ def test_a_payload_over_the_cap_is_refused(stores: Stores) -> None:
     assert (answer.ok, answer.code) == (False, "bad_request") and "payload" in answer.message
 
 
+@pure_only
 def test_the_number_of_schedules_is_capped(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits, "MAX_SCHEDULES", 2)
     s = Script(stores.open())

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from tests.builds import pure_only
 from tests.unit import test_core_durable as durable
 from zbroker.journal import Journal, TaskState
 from zbroker.protocol import ext, zbc
@@ -219,6 +220,7 @@ def test_a_reader_behind_its_stream_is_not_ended_by_its_idle_time(journal: Journ
     assert answers[-1].meta["state"] == "done" and answers[-1].meta["next"] == 6
 
 
+@pure_only
 def test_a_reader_keeping_up_is_sent_chunks_without_a_read_of_the_journal(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:

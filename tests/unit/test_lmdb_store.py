@@ -21,6 +21,7 @@ import lmdb
 import msgpack
 import pytest
 
+from tests.builds import pure_only
 from zbroker.journal import (
     SCHEMA_VERSION,
     Durability,
@@ -275,6 +276,7 @@ def test_beyond_max_map_size_journal_full_leaves_the_last_commit(
     assert journal.verify() == []
 
 
+@pure_only
 def test_a_full_map_at_commit_grows_and_the_pass_still_commits(
     tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,6 +305,7 @@ def test_a_full_map_at_commit_grows_and_the_pass_still_commits(
     assert journal.verify() == []
 
 
+@pure_only
 def test_a_failed_write_discards_the_pass_and_says_so(
     tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -330,6 +333,7 @@ def test_a_failed_write_discards_the_pass_and_says_so(
     assert journal.verify() == []
 
 
+@pure_only
 def test_a_failed_write_discards_the_streams_of_the_pass(
     tmp_path: Path, opened: list[Journal], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -337,11 +337,15 @@ CORE_BOUNDS = [
 def test_core_settings_keep_each_bound(name: str, least: float, below: float) -> None:
     at_bound: dict[str, Any] = {name: least}
     assert getattr(CoreSettings(**at_bound), name) == least
-    for bad in (below, math.nan):
+    # nan only where the field is a float: an int field given a float is a type error
+    # (refused by the compiled build's own checks before any bound is read).
+    for bad in (below, math.nan) if isinstance(least, float) else (below,):
         beyond: dict[str, Any] = {name: bad}
         with pytest.raises(SettingError) as caught:
             CoreSettings(**beyond)
-        assert caught.value.values == {name: bad}
+        [(field, value)] = caught.value.values.items()
+        assert field == name
+        assert value == bad or (math.isnan(bad) and math.isnan(value))  # nan != nan
         assert str(caught.value).startswith(f"{name} (")
         assert "must be at least" in str(caught.value)
 

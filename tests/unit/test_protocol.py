@@ -257,7 +257,7 @@ def test_zbw_task_round_trip(task_id: str, attempt: int, service: str, body: lis
         ([b"", ext.ZBW01, ext.READY, ext.pack_meta({"service": "s", "credit": 0})], "bad_meta"),
         ([b"", ext.ZBW01, ext.READY, ext.pack_meta({"service": "s", "credit": True})], "bad_meta"),
         ([b"", ext.ZBW01, ext.READY, b"\xc1"], "bad_meta"),
-        ([b"", ext.ZBW01, ext.READY, ext.pack_meta([1, 2])], "bad_meta"),
+        ([b"", ext.ZBW01, ext.READY, msgpack.packb([1, 2])], "bad_meta"),
         ([b"", ext.ZBW01, ext.DONE, ext.pack_meta({"id": 5, "attempt": 1})], "bad_meta"),
         ([b"", ext.ZBW01, ext.DONE, ext.pack_meta({"id": "x", "attempt": "1"})], "bad_meta"),
         ([b"", ext.ZBW01, ext.ACK, ext.pack_meta({"tasks": []})], "bad_meta"),

@@ -99,6 +99,9 @@ class Broker:
         # What the runtime counts of authentication (handshakes admitted, and refused
         # by reason; the event bus's refusals), for STATS: set by the runtime.
         self.runtime_figures: Callable[[], dict[str, Any]] | None = None
+        # What the running broker is (version, compiled or pure-Python core), for
+        # STATS `build`: set by the runtime, which knows its process.
+        self.build: dict[str, Any] = {}
         self._out = Outputs()
         self.sink = EventSink(self._out)
         self.directory = ServiceDirectory(settings.max_departed_services)
@@ -198,8 +201,8 @@ class Broker:
             if header == _ZBC01:
                 try:
                     call = zbc.decode_client(frames[1:])
-                except zbc.CallError as exc:
-                    self.tasks.refuse(frames[0], exc.rid, exc.code, exc.message)
+                except zbc.CallError as refused:  # not `exc`: compiled, a name has one type
+                    self.tasks.refuse(frames[0], refused.rid, refused.code, refused.message)
                     return
                 self._on_call(frames[0], call, now)
             elif header == _ZBW01:
@@ -325,6 +328,7 @@ class Broker:
         """STATS: the views' figures, and on an authenticated broker what was refused
         by kind (the guard's, and the runtime's: handshakes, the event bus)."""
         view = self.views.stats(now)
+        view["build"] = self.build
         if self.tasks.journal is not None:
             view["schedules"] = self.schedules.summary()
         guard = self.guard

@@ -11,7 +11,7 @@ import bisect
 import itertools
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from zbroker.core.settings import CoreSettings
 from zbroker.journal.base import TaskRecord
@@ -228,7 +228,22 @@ class ServiceFigures:
     SNAPSHOT_EVERY_S = 5.0
 
     # Histogram bucket bounds (seconds) for wait and run times, Prometheus style.
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+    BUCKETS: ClassVar[tuple[float, ...]] = (
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        30.0,
+        60.0,
+        300.0,
+    )
 
     __slots__ = (
         "dead",

@@ -260,7 +260,8 @@ def _scheduling_map(record: TaskRecord) -> dict[str, Any]:
 def check_frames(frames: Sequence[bytes]) -> None:
     if isinstance(frames, (*_BYTES_LIKE, str)):
         raise TypeError("frames must be a sequence of bytes, not a single bytes or str")
-    for frame in frames:
+    items: Sequence[object] = frames  # bytes-like frames too: checked here, not typed
+    for frame in items:
         if type(frame) is not bytes and not isinstance(frame, _BYTES_LIKE):
             raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
 
@@ -279,7 +280,8 @@ def check_stream_write(offset: int, attempt: int, chunks: Sequence[bytes]) -> No
 def copy_frames(frames: Sequence[bytes]) -> list[bytes]:
     """Frames as a new list of immutable bytes, checked like `Packer.frames`."""
     check_frames(frames)
-    return [bytes(frame) for frame in frames]
+    items: Sequence[Any] = frames  # bytearray and memoryview frames become bytes here
+    return [bytes(frame) for frame in items]
 
 
 def unpack_frames(data: bytes) -> list[bytes]:

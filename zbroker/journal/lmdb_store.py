@@ -47,6 +47,7 @@ from zbroker.journal._codec import (
     Packer,
     check_record,
     check_stream_write,
+    copy_frames,
     time_from_key,
     time_key,
     unpack_frames,
@@ -133,6 +134,14 @@ def _key_bytes(key: str) -> bytes:
     return b"\x00" + raw
 
 
+def _failed(message: str, cause: BaseException) -> JournalError:
+    """A JournalError caused by `cause`. (Set by hand: mypyc's compiled `raise ...
+    from exc` drops the cause, and the cause is what an operator reads first.)"""
+    error = JournalError(message)
+    error.__cause__ = cause
+    return error
+
+
 class LmdbJournal(Journal):
     """Tasks in LMDB at `path` (a directory, created if missing).
 
@@ -203,7 +212,7 @@ class LmdbJournal(Journal):
             )
         except lmdb.Error as exc:
             os.close(self._lock_fd)
-            raise JournalError(f"cannot open the journal at {self.path}: {exc}") from exc
+            raise _failed(f"cannot open the journal at {self.path}: {exc}", exc)
         try:
             self._page_size = int(self._env.stat()["psize"])
             self._open_store()
@@ -248,7 +257,7 @@ class LmdbJournal(Journal):
         tag = attempt.to_bytes(4, "big")
         entries = tuple(
             (prefix + (offset + n).to_bytes(8, "big"), tag + chunk)
-            for n, chunk in enumerate(chunks)
+            for n, chunk in enumerate(copy_frames(chunks))  # bytes-like chunks as bytes
         )
         self._write((_CHUNKS, task_id, entries))
 
@@ -315,7 +324,7 @@ class LmdbJournal(Journal):
             except BaseException as exc:
                 self._discard()
                 if isinstance(exc, lmdb.Error):
-                    raise JournalError(f"commit to {self.path} failed: {exc}") from exc
+                    raise _failed(f"commit to {self.path} failed: {exc}", exc)
                 raise
             self._wtxn = None
             break
@@ -343,7 +352,7 @@ class LmdbJournal(Journal):
             if self.durability is Durability.ASYNC:
                 env.sync(True)  # a clean stop should not depend on the OS flushing later
         except lmdb.Error as exc:
-            raise JournalError(f"closing the journal at {self.path} failed: {exc}") from exc
+            raise _failed(f"closing the journal at {self.path} failed: {exc}", exc)
         finally:
             self._env = None
             env.close()
@@ -635,7 +644,7 @@ class LmdbJournal(Journal):
             except lmdb.MapFullError:
                 self._grow_map()
             except lmdb.Error as exc:
-                raise JournalError(f"cannot open the journal at {self.path}: {exc}") from exc
+                raise _failed(f"cannot open the journal at {self.path}: {exc}", exc)
         try:
             with env.begin() as txn:
                 raw = txn.get(_META_SEQ, db=self._meta)
@@ -652,7 +661,7 @@ class LmdbJournal(Journal):
                 self._counts = self._stored_counts(txn)
             self._update_usage(env, grow=True)
         except lmdb.Error as exc:
-            raise JournalError(f"cannot read the journal at {self.path}: {exc}") from exc
+            raise _failed(f"cannot read the journal at {self.path}: {exc}", exc)
 
     def _stored_counts(self, txn: lmdb.Transaction[bytes]) -> Counter[tuple[bytes, int]]:
         counts: Counter[tuple[bytes, int]] = Counter()
@@ -681,7 +690,7 @@ class LmdbJournal(Journal):
         except BaseException as exc:
             self._discard()
             if isinstance(exc, lmdb.Error):
-                raise JournalError(f"write to the journal at {self.path} failed: {exc}") from exc
+                raise _failed(f"write to the journal at {self.path} failed: {exc}", exc)
             raise
         self._ops.append(op)
 
@@ -879,7 +888,7 @@ class LmdbJournal(Journal):
             except BaseException as exc:
                 self._discard()
                 if isinstance(exc, lmdb.Error):
-                    raise JournalError(f"replay into {self.path} failed: {exc}") from exc
+                    raise _failed(f"replay into {self.path} failed: {exc}", exc)
                 raise
             self._ops = ops
             return
@@ -896,7 +905,7 @@ class LmdbJournal(Journal):
         try:
             env.set_mapsize(min(2 * size, self.max_map_size))
         except lmdb.Error as exc:
-            raise JournalError(f"cannot grow the journal at {self.path}: {exc}") from exc
+            raise _failed(f"cannot grow the journal at {self.path}: {exc}", exc)
         self.stats.map_size = env.info()["map_size"]
 
     def _update_usage(self, env: lmdb.Environment, *, grow: bool) -> None:
@@ -970,7 +979,7 @@ class LmdbJournal(Journal):
                 finally:
                     txn.abort()
         except lmdb.Error as exc:
-            raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
+            raise _failed(f"read from the journal at {self.path} failed: {exc}", exc)
 
     def _get_raw(self, task_id: str) -> bytes | None:
         idb = _id_bytes(task_id)
@@ -989,7 +998,7 @@ class LmdbJournal(Journal):
         try:
             return txn.get(key, db=db)
         except lmdb.Error as exc:
-            raise JournalError(f"read from the journal at {self.path} failed: {exc}") from exc
+            raise _failed(f"read from the journal at {self.path} failed: {exc}", exc)
 
     def _scan(self, db: Db, start: bytes, prefix: bytes, limit: int) -> list[TaskRecord]:
         """Records of the index entries from `start` on while keys begin with `prefix`

@@ -240,8 +240,7 @@ class MemoryJournal(Journal):
         stream = self._streams.get(task_id)
         if stream is None:
             stream = self._streams[task_id] = {}
-        for n, chunk in enumerate(chunks):
-            data = bytes(chunk)
+        for n, data in enumerate(copy_frames(chunks)):
             old = stream.get(offset + n)
             self._bytes += len(data) - (0 if old is None else len(old[1]))
             stream[offset + n] = (attempt, data)

@@ -245,10 +245,16 @@ def _payloads(envelope: dict[Any, Any]) -> list[Any]:
 # A batch makes one Event per element: built through the slots' own descriptors,
 # which skips the frozen dataclass's __init__ (one object.__setattr__ call per
 # field) and halves the cost of an event. Same fields, same object, same equality.
+# A compiled (mypyc) Event refuses object.__new__, and its own __init__ is cheap.
 _new_event = object.__new__
-_set_type, _set_source, _set_payload, _set_timestamp, _set_correlation_id, _set_reply_to = (
-    vars(Event)[f.name].__set__ for f in fields(Event)
-)
+try:
+    _set_type, _set_source, _set_payload, _set_timestamp, _set_correlation_id, _set_reply_to = (
+        vars(Event)[f.name].__set__ for f in fields(Event)
+    )
+    _new_event(Event)
+    _SLOT_BUILT = True
+except (TypeError, KeyError, AttributeError):
+    _SLOT_BUILT = False
 
 
 def _event(
@@ -259,6 +265,8 @@ def _event(
     correlation_id: str | None,
     reply_to: str | None,
 ) -> Event:
+    if not _SLOT_BUILT:
+        return Event(type, source, payload, timestamp, correlation_id, reply_to)
     event: Event = _new_event(Event)
     _set_type(event, type)
     _set_source(event, source)

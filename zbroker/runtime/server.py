@@ -22,6 +22,7 @@ import msgpack
 import zmq
 import zmq.backend
 
+from zbroker import __version__, native
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.core.stopping import Drain, halt_deliveries
@@ -101,6 +102,11 @@ class BrokerServer:
                 epoch_offset=time.time() - started,
                 policy=None if self.auth is None else self.auth.policy,
             )
+            self.core.build = {
+                "version": __version__,
+                "compiled": native.compiled(),
+                "core": native.describe(),
+            }
             self.journal.commit()  # what recovery changed
         except BaseException:
             self.journal.close()

@@ -1,0 +1,26 @@
+"""The two builds the suite runs on (zbroker/native.py): compiled and pure Python.
+
+`pure_only` marks a test that replaces a function or constant of the core, the
+protocol or the journal to observe or break it (a spy on journal reads, a fault
+injected into a write, a cap lowered): compiled code calls those natively, past
+the replacement, so the test runs on the pure-Python build only, which has the
+same sources. `python3 dev.py test` runs the whole suite on both builds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from zbroker import native
+
+pure_only = pytest.mark.skipif(
+    native.compiled(),
+    reason="replaces a function the compiled build calls natively; runs on the pure build",
+)
+
+# What refusing a record with a field of the wrong type raises: the store's own
+# ValueError, or, on the compiled build, the record's TypeError when it is built
+# (a compiled dataclass checks each field's type as it is set).
+ILL_TYPED: tuple[type[Exception], ...] = (
+    (ValueError, TypeError) if native.compiled() else (ValueError,)
+)
