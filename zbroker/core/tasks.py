@@ -1207,6 +1207,8 @@ class DurableTasks:
         """A dead letter goes back to its queue with its attempts reset."""
         record.attempt = 0
         record.uncharged = 0
+        assert self.journal is not None
+        record.crashes = self.journal.crashes  # numbered afresh: nothing to fence
         record.finished_at = None
         record.expires_at = None  # it had started: its ttl no longer applies
         self.apply(record, lifecycle.REDRIVE, now + self._epoch_offset, service)

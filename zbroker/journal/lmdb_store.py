@@ -254,25 +254,30 @@ class LmdbJournal(Journal):
             self._unhold(record.id.encode())
 
     def hold(self, record: TaskRecord) -> None:
+        """Held in the overlay, nothing written. A record this store put or read last
+        (its memo) is taken as stored without a read: the KeyError for an unknown
+        task comes only for a record without such a memo."""
         self._check_open()
         if record.state is not TaskState.INFLIGHT:
             raise ValueError(f"only an INFLIGHT record is held, not {record.state!r}")
-        check_record(record)
-        idb = _id_bytes(record.id)
-        stored = None if idb is None else self._get(idb, self._tasks)
-        if idb is None or stored is None:
-            raise KeyError(f"no task {record.id!r} to hold")
+        idb = record.id.encode()
         held = self._held
         before = held.get(idb)
+        memo = record.store_memo
         if before is not None:
             svc, state = before[1], before[2]
+        elif memo is not None and memo[0] is self:
+            # What this object last wrote to or read from this store: the stored
+            # state, known without a read (a hold reads nothing, as it writes nothing).
+            svc, state = memo[2], memo[3]
         else:
-            memo = record.store_memo
-            if memo is not None and memo[0] is self and memo[1] == stored:
-                svc, state = memo[2], memo[3]  # what is stored, known without a decode
-            else:
-                old = unpack_record(record.id, stored)
-                svc, state = self._services[old.service], int(old.state)
+            stored = self._get_raw(record.id)
+            if stored is None:
+                raise KeyError(f"no task {record.id!r} to hold")
+            old = unpack_record(record.id, stored)
+            svc, state = self._services[old.service], int(old.state)
+        # Packed now (it is checked when it is written, if ever): a snapshot, so
+        # what the caller changes afterwards is never written by `close`.
         held[idb] = (self._packer.record(record), svc, state)
         self._held_undo.append((idb, before))
 
