@@ -396,15 +396,26 @@ def test_a_task_handed_on_after_a_refused_send_is_committed_before_it_is_sent(
     # And the broker is killed the moment W2 has it
     broker.kill()
     broker.start()
-    # Then the journal already held attempt 2: the delivery was committed before it
-    # was sent, so no crash can hand out more attempts than max_attempts allows
+    # Then the journal already held the requeue of attempt 1: it was committed before
+    # attempt 2 was sent. (Attempt 2's start itself is only held, never written: the
+    # crash lost it, and the task reads READY at attempt 1.)
     client.close()
     client = RawClient(broker.endpoint)
     answer = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id), timeout_s=5)
     assert answer is not None and answer.ok
     record = answer.meta["task"]
-    assert record["attempt"] == 2, record["history"]
-    assert [h[0] for h in record["history"]].count("attempt") == 2
+    assert (record["state"], record["attempt"]) == ("ready", 1), record["history"]
+    assert [h[0] for h in record["history"]] == ["enqueued", "attempt", "requeued"]
+    # And so the restarted broker, fencing one attempt per crash, never hands out
+    # attempt 2 again: the next delivery is attempt 3, with the lost attempt 2 not
+    # charged (as when attempt 2 was written INFLIGHT and recovered)
+    third = raw_worker(broker.endpoint, "svc")
+    after = next_task(third, 10)
+    assert (after.id, after.attempt) == (task_id, 3)
+    answer = client.call(lambda rid: zbc.call(zbc.STATUS, rid, id=task_id), timeout_s=5)
+    assert answer is not None and answer.ok
+    assert (answer.meta["task"]["attempt"], answer.meta["task"]["uncharged"]) == (3, 1)
+    third.close(linger=0)
     second.close(linger=0)
     client.close()
 

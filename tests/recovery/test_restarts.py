@@ -87,5 +87,67 @@ def test_kill_9_mid_attempt_neither_charges_nor_dead_letters_the_task(
     wait_until(lambda: status(client, task_id)["state"] in ("done", "dead"), timeout_s=30)
     final = status(client, task_id)
     assert (final["state"], final["attempt"], final["uncharged"]) == ("done", 2, 1)
+    # (Attempt 1's start was held, not written, so the kill lost it: the restarted
+    # broker found the task READY, not in flight, and nothing was "recovered"; its
+    # journal's crash made the next start skip attempt 1, uncharged, which gives the
+    # same numbers as recovering a written start did. Its history lost attempt 1's
+    # entry with it.)
+    assert [entry[0] for entry in final["history"]] == ["enqueued", "attempt", "done"]
+    assert final["history"][1][2] == 2
+    client.close()
+
+
+def test_sigterm_past_the_drain_writes_the_attempt_in_flight_for_recovery(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    # Given a task with max_attempts=1 that a worker runs for longer than the drain
+    broker = broker_factory("--drain-timeout", "0.5")
+    worker = workers(broker, "slow", concurrency=2)
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "sleep:4", max_attempts=1)
+    assert task_id is not None
+    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    # When the broker is sent SIGTERM and its drain ends with the attempt in flight
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(15) == 0
+    assert broker.stop() == 0
+    # Then its start, only held until then, was written at the clean stop: the
+    # restarted broker recovers it (as it always has), and fences nothing
+    broker.start()
+    wait_until(lambda: len(lines_of(worker, "start", task_id)) == 2, timeout_s=30)
+    assert [line[2] for line in lines_of(worker, "start", task_id)] == ["1", "2"]
+    wait_until(lambda: status(client, task_id)["state"] in ("done", "dead"), timeout_s=30)
+    final = status(client, task_id)
+    assert (final["state"], final["attempt"], final["uncharged"]) == ("done", 2, 1)
     assert [entry[0] for entry in final["history"]].count("recovered") == 1
+    stats = client.call(lambda rid: zbc.call(zbc.STATS, rid), 5.0)
+    assert stats is not None and stats.meta["stats"]["attempts_fenced"] == 0
+    assert stats.meta["journal"]["crashes"] == 0
+    client.close()
+
+
+def test_a_task_queued_across_kill_9_skips_the_attempt_the_crash_may_have_lost(
+    broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
+) -> None:
+    # Given a task with max_attempts=1 queued while no worker serves its service
+    broker = broker_factory()
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", "quick", max_attempts=1)
+    assert task_id is not None
+    # When the broker is killed and started again, and a worker comes
+    broker.kill()
+    broker.start()
+    worker = workers(broker, "slow", concurrency=1)
+    # Then its first delivery is attempt 2: the killed broker could have handed out
+    # attempt 1 without writing it (starts are held, not written), so the restarted
+    # one skips that number, uncharged: the task still gets its one charged attempt
+    wait_until(lambda: bool(lines_of(worker, "done", task_id)), timeout_s=30)
+    assert [line[2] for line in lines_of(worker, "start", task_id)] == ["2"]
+    wait_until(lambda: status(client, task_id)["state"] == "done", timeout_s=10)
+    final = status(client, task_id)
+    assert (final["attempt"], final["uncharged"]) == (2, 1)
+    stats = client.call(lambda rid: zbc.call(zbc.STATS, rid), 5.0)
+    assert stats is not None and stats.meta["stats"]["attempts_fenced"] == 1
+    assert stats.meta["journal"]["crashes"] == 1
     client.close()

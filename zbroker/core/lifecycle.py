@@ -75,6 +75,10 @@ class Transition:
     sources: tuple[TaskState | None, ...]
     target: TaskState | None
     counter: str | None = None
+    # Whether the move is only held by the journal (Journal.hold: kept in memory, lost
+    # by a crash) instead of written: a START, fenced across crashes by the journal's
+    # `crashes` (core/tasks.py `fence`), not by a write.
+    held: bool = False
     # The word the task's history entry starts with (a delayed or blocked enqueue is
     # still "enqueued": one word for one moment).
     history: str = field(init=False)
@@ -99,7 +103,7 @@ UNBLOCK = Transition(E.UNBLOCK, (BLOCKED,), READY)
 UNBLOCK_DELAYED = Transition(E.UNBLOCK_DELAYED, (BLOCKED,), DELAYED)
 UPSTREAM_FAIL = Transition(E.UPSTREAM_FAIL, (BLOCKED,), UPSTREAM_FAILED, "tasks_upstream_failed")
 DUE = Transition(E.DUE, (DELAYED,), READY)
-START = Transition(E.START, (READY,), INFLIGHT)
+START = Transition(E.START, (READY,), INFLIGHT, held=True)
 PROGRESS = Transition(E.PROGRESS, (INFLIGHT,), INFLIGHT)
 RECOVER = Transition(E.RECOVER, (INFLIGHT,), READY, "tasks_recovered")
 COMPLETE = Transition(E.COMPLETE, (INFLIGHT,), DONE, "tasks_done")

@@ -525,6 +525,9 @@ class Stats:
     tasks_upstream_failed: int = 0  # ended without running: a dependency ended without done
     tasks_redriven: int = 0
     tasks_recovered: int = 0  # in flight at the last stop: requeued at start
+    # Attempt numbers skipped at a start because the journal crashed since the task was
+    # last numbered: one may have been handed out unwritten (not charged).
+    attempts_fenced: int = 0
     calls_refused: int = 0  # ZBC01 calls answered with ERROR
     # Task streams (§13).
     chunks_received: int = 0  # stored in a task's stream, or passed to an MDP client

@@ -9,8 +9,9 @@ Rules it keeps:
      that registers during the drain; 7/MDP has no word for it, so MDP workers
      are told nothing.
   3. The drain is over when no worker holds anything, or at its deadline.
-     What is still in flight then stays so in the journal: the next start puts
-     it back in its queue, the attempt not charged (DurableTasks.recover).
+     What is still in flight then stays so in the journal (a start only held
+     is written by the journal's clean close): the next start puts it back in
+     its queue, the attempt not charged (DurableTasks.recover).
 It never reads the clock and never sends: what it says goes to the outbox.
 """
 

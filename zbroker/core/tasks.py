@@ -6,7 +6,10 @@ Rules it keeps (DESIGN.md, "Delivery semantics"):
      the attempts workers hold right now. Every state change is written to the
      journal in the same pass that decides it; the runtime commits once per
      pass and sends the outbox only after the commit, so nothing is confirmed
-     (ids, results, TASKs) that a crash could take back.
+     (ids, results, TASKs) that a crash could take back. One exception: a
+     START is only held by the journal (Journal.hold, lost by a crash), so a
+     plain task costs two writes, its enqueue and its end; rule 3 fences the
+     attempts a crash may have lost.
   2. A task moves only through `apply`, by a transition of the lifecycle table
      (core/lifecycle.py); `apply` keeps the service's counters and window, the
      history, the Stats counters, lifecycle events and waiters in step.
@@ -18,6 +21,13 @@ Rules it keeps (DESIGN.md, "Delivery semantics"):
      ending without DONE dead-letters the task. An attempt cut short by the
      broker itself (it stopped or died while the attempt ran) is not charged:
      `recover` puts the task back at once and counts it in `uncharged`.
+     Attempt numbers are never handed out twice, across crashes too: a START
+     is not written, so after a crash a task may read READY with an attempt
+     number that was handed out since. Each crashed life of the journal can
+     have lost at most one such attempt per task (handing the task out again
+     in the same life needs a write first: a requeue or a retry, committed
+     before the TASK goes out), so `fence` skips one number per crash since
+     the task's attempts were last numbered (its `crashes` stamp), uncharged.
   4. Final states (done, cancelled, expired) are kept for `retention_s`, with
      the result, so a requester can fetch it by id later; dead letters stay
      until redriven or dropped.
@@ -117,6 +127,19 @@ def record_view(record: TaskRecord) -> dict[str, Any]:
         "affinity": record.affinity,
         "concurrency_key": record.concurrency_key,
     }
+
+
+def fence(record: TaskRecord, crashes: int) -> int:
+    """Rule 3: before a start, skip the attempt numbers the journal's crashes since the
+    task's attempts were last numbered may have handed out unwritten, one per crash,
+    and count them in `uncharged` (never against max_attempts). `crashes` is the
+    journal's now. Returns how many were skipped; the record is numbered as of now."""
+    lost = crashes - record.crashes
+    if lost > 0:
+        record.attempt += lost
+        record.uncharged += lost
+    record.crashes = crashes
+    return max(lost, 0)
 
 
 def backoff_s(settings: CoreSettings, attempt: int, rng: random.Random) -> float:
@@ -255,7 +278,10 @@ class DurableTasks:
         if move.final:
             self._finish(record, epoch, old, service, result)
             return
-        journal.put(record, payload)
+        if move.held:
+            journal.hold(record)  # a START: lost by a crash, fenced by rule 3
+        else:
+            journal.put(record, payload)
         if new is READY:
             service.waiting_count += 1
             service.ready_count += 1
@@ -396,25 +422,35 @@ class DurableTasks:
         return chosen
 
     def start(self, record: TaskRecord, worker: Worker, now: float) -> TaskAttempt:
-        """Write `record` (from next_ready) as delivered to `worker`; the attempt to hand over."""
+        """Hold `record` (from next_ready) as delivered to `worker` (rule 1: written only
+        when it ends a ttl); the attempt to hand over."""
         epoch = now + self._epoch_offset
         service = worker.service
         figures = service.figures
+        ends_ttl = False
         if record.attempt == 0:
             figures.observe_wait(max(0.0, epoch - max(record.created_at, record.not_before)))
             # ttl_s bounds the wait for a first start: once started, a task no longer
-            # expires (a retry, or a take-back from a dead worker, runs).
+            # expires (a retry, or a take-back from a dead worker, runs). That start
+            # is written, not held: a crash must not make it read as never started,
+            # and expire, when it ran.
+            ends_ttl = record.expires_at is not None
             record.expires_at = None
         else:
             figures.redeliveries += 1
+        assert self.journal is not None
+        skipped = fence(record, self.journal.crashes)
+        if skipped:
+            self._stats.attempts_fenced += skipped
         record.attempt += 1
         worker_hex = worker.alias
         self.apply(
             record, lifecycle.START, epoch, service, None, None, (record.attempt, worker_hex)
         )
+        if ends_ttl:
+            self.journal.put(record)
         body = record.frames_memo
         if body is None:
-            assert self.journal is not None
             body = tuple(self.journal.payload(record.id) or ())
         else:
             record.frames_memo = None  # the attempt holds it from here
@@ -699,6 +735,9 @@ class DurableTasks:
             # again at once, and the attempt is not charged against max_attempts.
             # Its number stays used, so a late result of it is still refused.
             record.uncharged += 1
+            # The stored attempt was the last one handed out (another needs a
+            # written requeue first): numbered as of now, nothing to fence.
+            record.crashes = journal.crashes
             record.error = "the broker stopped during the attempt"
             # Chunks of the attempt were committed without their record: count them.
             record.stream_chunks, record.stream_bytes = journal.stream_size(record.id)
@@ -707,6 +746,12 @@ class DurableTasks:
             log.info(
                 "%d task(s) in flight at the last stop requeued (attempts not charged)",
                 len(recovered),
+            )
+        if journal.crashed:
+            log.warning(
+                "the journal's last life (%d) ended without a clean stop: tasks stored "
+                "before it skip one attempt number at their next start, not charged",
+                journal.life - 1,
             )
         self._schedule_due(now)
 
@@ -898,6 +943,7 @@ class DurableTasks:
         priority, event_not_before, headers = options.priority, not_before or None, options.headers
         apply = self.apply
         noise = self._noise
+        crashes = journal.crashes
         for i, payload in enumerate(msg.payloads):
             key = keys[i]
             if key is not None:
@@ -929,6 +975,7 @@ class DurableTasks:
                 prefer=options.prefer,
                 affinity=options.affinity,
                 concurrency_key=options.concurrency_key,
+                crashes=crashes,  # no attempt to fence yet
             )
             if enqueued is not None:
                 enqueued.append((record.id, priority, event_not_before, headers))
@@ -1160,6 +1207,8 @@ class DurableTasks:
         """A dead letter goes back to its queue with its attempts reset."""
         record.attempt = 0
         record.uncharged = 0
+        assert self.journal is not None
+        record.crashes = self.journal.crashes  # numbered afresh: nothing to fence
         record.finished_at = None
         record.expires_at = None  # it had started: its ttl no longer applies
         self.apply(record, lifecycle.REDRIVE, now + self._epoch_offset, service)
@@ -1258,4 +1307,12 @@ class DurableTasks:
         return f"{answer.code}: {answer.message}"
 
 
-__all__ = ["FAR_FUTURE_S", "INFLIGHT", "TIMER_BATCH", "DurableTasks", "backoff_s", "record_view"]
+__all__ = [
+    "FAR_FUTURE_S",
+    "INFLIGHT",
+    "TIMER_BATCH",
+    "DurableTasks",
+    "backoff_s",
+    "fence",
+    "record_view",
+]

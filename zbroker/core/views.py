@@ -190,6 +190,9 @@ class AdminViews:
                 "last_commit_seconds": round(js.last_commit_seconds, 6),
                 "bytes_used": js.bytes_used,
                 "map_size": js.map_size,
+                "record_writes": js.record_writes,
+                "life": journal.life,
+                "crashes": journal.crashes,
             }
         return view
 

@@ -9,10 +9,11 @@ A record is a msgpack array of 16 fields, 17 when its `uncharged` count is not 0
 [stream_chunks, stream_bytes]), 20 when it has dependencies or placement and
 flow-control options (field 20 is a map: {"d": depends_on, "b": blocked_on, "r":
 run_anyway, "i": input, "q": require, "p": prefer, "a": affinity, "k":
-concurrency_key}, fields at their defaults left out); the fields before the last
-one written are then written too (`owner` possibly nil, the stream [0, 0]). Each
+concurrency_key}, fields at their defaults left out), 21 when its `crashes` stamp
+is not 0 (field 21, an int); the fields before the last one written are then
+written too (field 20 possibly {}) (`owner` possibly nil, the stream [0, 0]). Each
 field is written only when a record needs it or a later one: a store written
-before a field existed reads unchanged (as 0, None, 0, 0, or the defaults), and a
+before a field existed reads unchanged (as 0, None, 0, 0, the defaults, 0), and a
 record without them is written exactly as before.
 """
 
@@ -69,9 +70,8 @@ def check_record(record: TaskRecord) -> None:
         or (keep_until is not None and keep_until != keep_until)
     ):
         raise ValueError("not_before, expires_at and keep_until must not be NaN")
-    uncharged = record.uncharged
-    if type(uncharged) is not int or not 0 <= uncharged <= MAX_SEQ:
-        raise ValueError(f"uncharged must be an int >= 0, got {uncharged!r}")
+    _check_count("uncharged", record.uncharged)
+    _check_count("crashes", record.crashes)
     owner = record.owner
     if owner is not None and (type(owner) is not str or not owner):
         raise ValueError(f"owner must be a non-empty str or None, got {owner!r}")
@@ -88,6 +88,11 @@ def check_record(record: TaskRecord) -> None:
         if type(key) is not str:
             raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         key.encode()
+
+
+def _check_count(name: str, value: int) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def _check_scheduling(record: TaskRecord) -> None:
@@ -150,7 +155,11 @@ class Packer:
             record.keep_until,
             record.history,
         )
-        if (
+        if record.crashes:  # only records written since the store's first crash
+            stream = (record.stream_chunks, record.stream_bytes)
+            more = _scheduling_map(record)
+            fields += (record.uncharged, record.owner, stream, more, record.crashes)
+        elif (
             record.depends_on
             or record.require
             or record.prefer
@@ -221,7 +230,7 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         stream_chunks,
         stream_bytes,
     )
-    if len(fields) > 19:  # dependencies, placement, flow control: a few tasks only
+    if len(fields) > 19:  # dependencies, placement, flow control, crashes: a few tasks only
         more = fields[19]
         record.depends_on = tuple(more.get("d", ()))
         record.blocked_on = more.get("b", 0)
@@ -231,6 +240,8 @@ def unpack_record(task_id: str, data: bytes) -> TaskRecord:
         record.prefer = tuple(more.get("p", ()))
         record.affinity = more.get("a")
         record.concurrency_key = more.get("k")
+        if len(fields) > 20:
+            record.crashes = fields[20]
     return record
 
 

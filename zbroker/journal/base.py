@@ -26,6 +26,16 @@ Rules every implementation keeps:
      a crash, seqs of the lost pass may be handed out again).
   6. Not thread-safe, and LMDB ties a write transaction to a thread: the thread
      that writes first in a pass must also commit it.
+  7. `hold` is a write a store may keep in memory only (the START of an attempt):
+     every read sees it as if it had been `put`, but a crash loses it, and the task
+     then reads as it was last put (READY, with its earlier attempt). A later `put`
+     or `delete` of the task replaces it; `put_chunks` of a held task writes the
+     held record first (a stream's chunks are never stored without the INFLIGHT
+     record of their attempt); a clean `close()` writes every held record.
+  8. Every open is a new **life** of the store (`life`, written once per open);
+     `crashed` says the life before did not end with a clean `close()`, and
+     `crashes` counts the lives that did not. What a crashed life held is lost:
+     the broker fences attempt numbers with `crashes` (core/tasks.py, rule 3).
 Misuse raises at once: an idempotency key already held by another task of the
 service (ValueError), `put_result` or `put_chunks` for an unknown task (KeyError),
 an `after` cursor with a priority out of range (ValueError), `add_dependent` of
@@ -153,6 +163,12 @@ class TaskRecord:
     prefer: tuple[str, ...] = ()
     affinity: str | None = None
     concurrency_key: str | None = None
+    # The journal's `crashes` when the broker last numbered this task's attempts (at
+    # its enqueue, its starts and its recovery): if the store has crashed since, an
+    # attempt may have been handed out without being written, and the next start
+    # skips a number for each such crash (core/tasks.py `fence`). Set by the broker
+    # core, not by the store. Stored only when not 0, so older stores read as 0.
+    crashes: int = 0
     # Opaque to everyone but the store that set it: what the store holds for this
     # object as of its last write or read (bytes, index entries), so the next `put`
     # of the same object can skip decoding the stored copy. A store checks it
@@ -180,6 +196,9 @@ class JournalStats:
     # would take bytes_live near bytes_max, so finishing tasks always has room.
     bytes_live: int = 0
     bytes_max: int = 0
+    # Task records written (`put`, a held record written at last) or deleted: what
+    # tasks cost the store. A `hold` is not one, unless it is written later.
+    record_writes: int = 0
 
 
 class JournalError(Exception):
@@ -199,6 +218,12 @@ class Journal(abc.ABC):
 
     durability: Durability
     stats: JournalStats
+    # Rule 8: this open's number (1 for a new store), whether the life before it ended
+    # without a clean close, and how many lives before it did. A store that keeps
+    # nothing across opens (MemoryJournal) is always in its first life.
+    life: int = 1
+    crashed: bool = False
+    crashes: int = 0
 
     # ----------------------------------------------------------------- writes
 
@@ -208,6 +233,17 @@ class Journal(abc.ABC):
         follow its state, priority, not_before, expires_at and key. `payload` is
         stored with it (a new task's, or one replacing the stored payload); None keeps
         the stored payload (none, for a new task)."""
+
+    def hold(self, record: TaskRecord) -> None:
+        """`record` (stored already) moved to INFLIGHT: an attempt started. Every read
+        sees it like a `put` of it, but a store may keep it in memory only (rule 7):
+        after a crash the task reads as it was last put. KeyError if the task is
+        unknown, ValueError if `record` is not INFLIGHT. This default puts it."""
+        if record.state is not TaskState.INFLIGHT:
+            raise ValueError(f"only an INFLIGHT record is held, not {record.state!r}")
+        if self.get(record.id) is None:
+            raise KeyError(f"no task {record.id!r} to hold")
+        self.put(record)
 
     @abc.abstractmethod
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
@@ -270,7 +306,8 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Release the store. Uncommitted writes are discarded."""
+        """Release the store. Uncommitted writes are discarded; held records (rule 7)
+        are written, and the life is marked as ended cleanly (rule 8)."""
 
     # ------------------------------------------------------------------ reads
 

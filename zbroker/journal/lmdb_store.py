@@ -19,11 +19,23 @@ Layout (named databases; "svc" is a 4-byte service number, "seq" 8 bytes big-end
   dependents len(id) (2 bytes) + id + dependent's id -> b"": the tasks waiting for it
   schedules name -> msgpack map of a recurring task's rule and progress
   meta      schema_version, next_seq, service/<svc> -> name, count/<svc><state> -> n,
+            life (8 bytes: opens so far), crashes (8 bytes: lives that ended without a
+            clean close; absent while 0), clean (present from a clean close to the next
+            open),
             options/<service name> -> msgpack map of the operator's options (paused, limit);
             a name over 400 bytes: options/0xFF + sha256(name) -> msgpack [name, map]
 
 The indexes are DUPSORT, so two tasks with an equal key (a caller reusing a seq)
 keep an entry each instead of overwriting one another.
+
+Held records (the START of an attempt, `hold`) are not written: they live in an
+overlay in memory, {id: the INFLIGHT record}, that every read consults. The store
+below still holds the task as it was last put (READY), so a crash loses exactly
+the overlay; its index entries, its counters and the record memos all describe
+what is stored, and the reads hide the difference: `get` and `inflight` return
+the held record, every scan of an index skips held ids, and `counts` moves each
+held task from its stored state to INFLIGHT. A `put` or `delete` of a held task
+ends its hold; `put_chunks` writes it first; a clean `close` writes them all.
 """
 
 from __future__ import annotations
@@ -74,6 +86,9 @@ TiB = 1 << 40
 
 _META_SCHEMA = b"schema_version"
 _META_SEQ = b"next_seq"
+_META_LIFE = b"life"
+_META_CRASHES = b"crashes"
+_META_CLEAN = b"clean"
 _SERVICE = b"service/"
 _OPTIONS = b"options/"
 _COUNT = b"count/"
@@ -183,6 +198,12 @@ class LmdbJournal(Journal):
         self._next_seq = 1
         self._stored_seq = 1
         self._last_put: str | None = None  # the id of the last record put in this pass
+        # Held records (rule 7 of base.py): id -> (the packed INFLIGHT record, its
+        # service's number, its stored state); and how to undo this pass's changes
+        # to it if the pass is discarded: (id, the entry before, or None).
+        self._held: dict[bytes, tuple[bytes, bytes, int]] = {}
+        self._held_undo: list[tuple[bytes, tuple[bytes, bytes, int] | None]] = []
+        self._closing = False  # close() commits the clean-stop marker with the held records
 
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -237,6 +258,43 @@ class LmdbJournal(Journal):
         packed = self._packer.record(record)
         frames = None if payload is None else self._packer.frames(payload)
         self._write((_PUT, record.id, packed, frames), record)
+        self.stats.record_writes += 1
+        if self._held:
+            self._unhold(record.id.encode())
+
+    def hold(self, record: TaskRecord) -> None:
+        """Held in the overlay, nothing written. A record this store put or read last
+        (its memo) is taken as stored without a read: the KeyError for an unknown
+        task comes only for a record without such a memo."""
+        self._check_open()
+        if record.state is not TaskState.INFLIGHT:
+            raise ValueError(f"only an INFLIGHT record is held, not {record.state!r}")
+        idb = record.id.encode()
+        held = self._held
+        before = held.get(idb)
+        memo = record.store_memo
+        if before is not None:
+            svc, state = before[1], before[2]
+        elif memo is not None and memo[0] is self:
+            # What this object last wrote to or read from this store: the stored
+            # state, known without a read (a hold reads nothing, as it writes nothing).
+            svc, state = memo[2], memo[3]
+        else:
+            stored = self._get_raw(record.id)
+            if stored is None:
+                raise KeyError(f"no task {record.id!r} to hold")
+            old = unpack_record(record.id, stored)
+            svc, state = self._services[old.service], int(old.state)
+        # Packed now (it is checked when it is written, if ever): a snapshot, so
+        # what the caller changes afterwards is never written by `close`.
+        held[idb] = (self._packer.record(record), svc, state)
+        self._held_undo.append((idb, before))
+
+    def _unhold(self, idb: bytes) -> None:
+        """The held record of `idb`, if any, is held no more (a write replaced it)."""
+        before = self._held.pop(idb, None)
+        if before is not None:
+            self._held_undo.append((idb, before))
 
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
         self._check_open()
@@ -253,6 +311,12 @@ class LmdbJournal(Journal):
             raise KeyError(f"no task {task_id!r} to store stream chunks for")
         if not chunks:
             return
+        if self._held and (held := self._held.get(task_id.encode())) is not None:
+            # Never chunks of an attempt without its INFLIGHT record: after a crash,
+            # recovery counts the stream and charges nothing, as before holds.
+            self._write((_PUT, task_id, held[0], None))
+            self.stats.record_writes += 1
+            self._unhold(task_id.encode())
         prefix = _stream_prefix(task_id.encode())
         tag = attempt.to_bytes(4, "big")
         entries = tuple(
@@ -265,6 +329,9 @@ class LmdbJournal(Journal):
         self._check_open()
         if self._get_raw(task_id) is not None:
             self._write((_DELETE, task_id))
+            self.stats.record_writes += 1
+            if self._held:
+                self._unhold(task_id.encode())
 
     def add_dependent(self, task_id: str, dependent_id: str) -> None:
         self._check_open()
@@ -310,7 +377,8 @@ class LmdbJournal(Journal):
 
     def commit(self) -> None:
         env = self._check_open()
-        if self._wtxn is None and self._next_seq == self._stored_seq:
+        if self._wtxn is None and self._next_seq == self._stored_seq and not self._closing:
+            self._held_undo.clear()  # the pass stands: so do its holds
             return
         started = time.perf_counter()
         while True:
@@ -331,6 +399,7 @@ class LmdbJournal(Journal):
         self._counts.update(self._deltas)
         self._counts = +self._counts  # drop zeros
         self._deltas.clear()
+        self._held_undo.clear()  # the pass stands: so do its holds
         self._new_services.clear()
         self._ops.clear()
         self._stored_seq = self._next_seq
@@ -347,8 +416,14 @@ class LmdbJournal(Journal):
             return
         try:
             self._discard()
-            if self._next_seq != self._stored_seq:
-                self.commit()  # only the sequence: numbers handed out stay used
+            # What is held is written as it reads (INFLIGHT: the next start requeues
+            # it, not charged), with the marker of a clean stop, in one commit.
+            for idb, (packed, _, _) in list(self._held.items()):
+                self._write((_PUT, idb.decode(), packed, None))
+                self.stats.record_writes += 1
+            self._held.clear()
+            self._closing = True
+            self.commit()  # also the sequence: numbers handed out stay used
             if self.durability is Durability.ASYNC:
                 env.sync(True)  # a clean stop should not depend on the OS flushing later
         except lmdb.Error as exc:
@@ -361,6 +436,11 @@ class LmdbJournal(Journal):
     # ------------------------------------------------------------------ reads
 
     def get(self, task_id: str) -> TaskRecord | None:
+        if self._held:
+            held = self._held.get(task_id.encode())
+            if held is not None:
+                self._check_open()
+                return unpack_record(task_id, held[0])
         data = self._get_raw(task_id)
         return None if data is None else self._unpack(task_id, data)
 
@@ -454,7 +534,11 @@ class LmdbJournal(Journal):
 
     def inflight(self) -> list[TaskRecord]:
         self._check_open()
-        return self._scan(self._inflight, b"", b"", -1)
+        found = self._scan(self._inflight, b"", b"", -1)
+        if self._held:
+            found += [unpack_record(idb.decode(), h[0]) for idb, h in self._held.items()]
+            found.sort(key=_by_seq)
+        return found
 
     def dead(self, service: str, limit: int, after_seq: int | None = None) -> list[TaskRecord]:
         self._check_open()
@@ -510,6 +594,11 @@ class LmdbJournal(Journal):
     def counts(self) -> dict[str, dict[TaskState, int]]:
         self._check_open()
         live = self._counts + self._deltas if self._deltas else self._counts
+        if self._held:
+            live = live.copy()
+            for _, svc, state in self._held.values():
+                live[(svc, state)] -= 1
+                live[(svc, _INFLIGHT)] += 1
         out: dict[str, dict[TaskState, int]] = {}
         for (svc, state), n in live.items():
             if n > 0:
@@ -640,11 +729,13 @@ class LmdbJournal(Journal):
                     self._dependents = env.open_db(b"dependents", txn=txn)
                     # Recurring tasks; created here in a store written before them.
                     self._schedules = env.open_db(b"schedules", txn=txn)
+                    life = self._begin_life(txn)
                 break
             except lmdb.MapFullError:
                 self._grow_map()
             except lmdb.Error as exc:
                 raise _failed(f"cannot open the journal at {self.path}: {exc}", exc)
+        self.life, self.crashed, self.crashes = life
         try:
             with env.begin() as txn:
                 raw = txn.get(_META_SEQ, db=self._meta)
@@ -662,6 +753,23 @@ class LmdbJournal(Journal):
             self._update_usage(env, grow=True)
         except lmdb.Error as exc:
             raise _failed(f"cannot read the journal at {self.path}: {exc}", exc)
+
+    def _begin_life(self, txn: lmdb.Transaction[bytes]) -> tuple[int, bool, int]:
+        """Count this open as a new life (rule 8 of base.py): (life, crashed, crashes).
+        A life ended cleanly when `close` left the clean marker; a store written before
+        lives were counted has neither marker nor life, and counts as clean."""
+        meta = self._meta
+        raw = txn.get(_META_LIFE, db=meta)
+        life = 1 if raw is None else int.from_bytes(raw, "big") + 1
+        raw = txn.get(_META_CRASHES, db=meta)
+        crashes = 0 if raw is None else int.from_bytes(raw, "big")
+        crashed = life > 1 and txn.get(_META_CLEAN, db=meta) is None
+        if crashed:
+            crashes += 1
+            txn.put(_META_CRASHES, crashes.to_bytes(8, "big"), db=meta)
+        txn.put(_META_LIFE, life.to_bytes(8, "big"), db=meta)
+        txn.delete(_META_CLEAN, db=meta)
+        return life, crashed, crashes
 
     def _stored_counts(self, txn: lmdb.Transaction[bytes]) -> Counter[tuple[bytes, int]]:
         counts: Counter[tuple[bytes, int]] = Counter()
@@ -845,6 +953,8 @@ class LmdbJournal(Journal):
                     txn.delete(key, db=meta)
         if self._next_seq != self._stored_seq:
             txn.put(_META_SEQ, _seq_bytes(self._next_seq), db=meta)
+        if self._closing:
+            txn.put(_META_CLEAN, b"\x01", db=meta)
 
     def _begin_write(self) -> lmdb.Transaction[bytes]:
         txn = self._check_open().begin(write=True)
@@ -866,9 +976,17 @@ class LmdbJournal(Journal):
         self._deltas.clear()
 
     def _discard(self) -> None:
-        """Back to the last commit: the pass is lost (the caller sees an error)."""
+        """Back to the last commit: the pass is lost (the caller sees an error), its
+        holds and the ends of holds included."""
         self._rollback()
         self._ops.clear()
+        held, undo = self._held, self._held_undo
+        while undo:
+            idb, before = undo.pop()
+            if before is None:
+                held.pop(idb, None)
+            else:
+                held[idb] = before
 
     def _grow_and_replay(self, ops: list[_Op]) -> None:
         """The map is full: grow it and redo `ops` in a new transaction, until they fit."""
@@ -877,7 +995,7 @@ class LmdbJournal(Journal):
             try:
                 self._grow_map()
             except JournalFull:
-                self._ops.clear()
+                self._discard()
                 raise
             try:
                 txn = self._begin_write()
@@ -1008,10 +1126,12 @@ class LmdbJournal(Journal):
             cursor = txn.cursor(db=db)
             if not (cursor.set_range(start) if start else cursor.first()):
                 return out
-            tasks = self._tasks
+            tasks, held = self._tasks, self._held
             for key, idb in cursor.iternext():
                 if not key.startswith(prefix):
                     break
+                if held and idb in held:
+                    continue  # held: it is INFLIGHT now, whatever its stored state
                 out.append(self._load(txn, tasks, idb))
                 if len(out) == limit:
                     break
@@ -1027,10 +1147,12 @@ class LmdbJournal(Journal):
             cursor = txn.cursor(db=db)
             if not cursor.first():
                 return out
-            tasks = self._tasks
+            tasks, held = self._tasks, self._held
             for key, idb in cursor.iternext():
                 if key[:8] > bound:
                     break
+                if held and idb in held:
+                    continue  # held: it is INFLIGHT now, whatever its stored state
                 out.append(self._load(txn, tasks, idb))
                 if len(out) == limit:
                     break
@@ -1086,6 +1208,10 @@ def _id_bytes(task_id: str) -> bytes | None:
     """The id as an LMDB key, or None if no task can have it."""
     idb = task_id.encode()
     return idb if 0 < len(idb) <= MAX_ID_BYTES else None
+
+
+def _by_seq(record: TaskRecord) -> int:
+    return record.seq
 
 
 def _seq_after(seq: int) -> bytes:

@@ -176,6 +176,20 @@ class MemoryJournal(Journal):
     # ----------------------------------------------------------------- writes
 
     def put(self, record: TaskRecord, payload: Sequence[bytes] | None = None) -> None:
+        self._store(record, payload)
+        self.stats.record_writes += 1
+
+    def hold(self, record: TaskRecord) -> None:
+        """Stored like a put (nothing here survives the process anyway), but not
+        counted as a record write: the LMDB store writes none for it."""
+        self._check_open()
+        if record.state is not TaskState.INFLIGHT:
+            raise ValueError(f"only an INFLIGHT record is held, not {record.state!r}")
+        if record.id not in self._records:
+            raise KeyError(f"no task {record.id!r} to hold")
+        self._store(record, None)
+
+    def _store(self, record: TaskRecord, payload: Sequence[bytes] | None) -> None:
         self._check_open()
         check_record(record)
         task_id, service, key = record.id, record.service, record.key
@@ -251,6 +265,7 @@ class MemoryJournal(Journal):
         packed = self._records.pop(task_id, None)
         if packed is None:
             return
+        self.stats.record_writes += 1
         where = self._where.pop(task_id)
         for index, entry in self._places(task_id, where):
             index.remove(entry)

@@ -227,6 +227,18 @@ class BrokerCollector:
             size = GaugeMetricFamily("zbroker_journal_bytes", "Bytes the journal uses on disk.")
             size.add_metric([], float(journal["bytes_used"]))
             yield size
+            writes = CounterMetricFamily(
+                "zbroker_journal_record_writes",
+                "Task records the journal wrote or deleted (a held START is none).",
+            )
+            writes.add_metric([], float(journal.get("record_writes", 0)))
+            yield writes
+            crashes = GaugeMetricFamily(
+                "zbroker_journal_crashes",
+                "Lives of the journal that ended without a clean stop, before this one.",
+            )
+            crashes.add_metric([], float(journal.get("crashes", 0)))
+            yield crashes
 
 
 class MetricsTokenError(OSError):
