@@ -652,7 +652,8 @@ def test_durability_sets_lmdb_sync(
     journal = open_store(opened, tmp_path / "j", durability=durability)
     assert journal.durability is durability
     flags = journal._env.flags()  # type: ignore[union-attr]
-    assert (flags["sync"], flags["metasync"]) == (syncs, syncs)
+    # The meta page is never flushed on its own: sync's next commit (or settle) does it.
+    assert (flags["sync"], flags["metasync"]) == (syncs, False)
 
 
 def test_a_store_opens_only_once_at_a_time(tmp_path: Path, opened: list[Journal]) -> None:
@@ -885,3 +886,66 @@ def test_schedule_writes_are_replayed_when_the_map_grows(
     journal = open_store(opened, tmp_path / "j")
     assert journal.schedules() == {"first": {"n": 2}, "last": {"payload": [b"y" * 100_000]}}
     assert journal.counts() == {"svc": {READY: 50}}
+
+
+# ------------------------------------------------------- one flush per commit
+
+
+def put_one(journal: Journal, task_id: str) -> None:
+    journal.put(TaskRecord(task_id, "svc", READY, journal.next_seq(), created_at=1.0), [b"x"])
+
+
+def test_a_sync_commit_is_durable_once_the_next_flush_carries_its_meta_page(
+    tmp_path: Path, opened: list[Journal]
+) -> None:
+    # Given a sync store (LMDB flushes a commit's pages; its meta page, with the next)
+    journal = open_store(opened, tmp_path / "j", durability=Durability.SYNC)
+    base = journal.stats.commits
+    # When a pass commits, Then it is committed but not yet counted durable
+    put_one(journal, "a")
+    journal.commit()
+    assert journal.stats.commits == base + 1
+    assert journal.durable_commits() == base
+    # When the next pass commits, Then its flush made the first durable, not itself
+    put_one(journal, "b")
+    journal.commit()
+    assert journal.durable_commits() == base + 1
+    # When the store is settled, Then every commit is durable
+    flushes = journal.stats.flushes
+    journal.settle()
+    assert journal.durable_commits() == journal.stats.commits == base + 2
+    journal.settle()  # nothing deferred: nothing to do
+    assert journal.durable_commits() == base + 2
+    assert journal.stats.flushes == flushes + 1
+    # And a commit with nothing to write changes nothing
+    journal.commit()
+    assert journal.durable_commits() == journal.stats.commits
+
+
+@pytest.mark.parametrize("durability", [Durability.ASYNC, None])
+def test_stores_that_defer_no_flush_count_every_commit_durable(
+    tmp_path: Path, opened: list[Journal], durability: Durability | None
+) -> None:
+    if durability is None:
+        journal: Journal = MemoryJournal()
+        opened.append(journal)
+    else:
+        journal = open_store(opened, tmp_path / "j", durability=durability)
+    for name in "abc":
+        put_one(journal, name)
+        journal.commit()
+        assert journal.durable_commits() == journal.stats.commits
+    journal.settle()
+    assert journal.durable_commits() == journal.stats.commits
+
+
+def test_a_sync_store_closed_after_a_commit_keeps_it(tmp_path: Path, opened: list[Journal]) -> None:
+    # Given a sync store whose last commit's meta page is not flushed
+    journal = open_store(opened, tmp_path / "j", durability=Durability.SYNC)
+    put_one(journal, "a")
+    journal.commit()
+    assert journal.durable_commits() < journal.stats.commits
+    # When it is closed, Then close flushed it, and a reopen reads the task
+    journal.close()
+    journal = open_store(opened, tmp_path / "j", durability=Durability.SYNC)
+    assert journal.get("a") is not None

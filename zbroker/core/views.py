@@ -191,6 +191,7 @@ class AdminViews:
                 "bytes_used": js.bytes_used,
                 "map_size": js.map_size,
                 "record_writes": js.record_writes,
+                "flushes": js.flushes,
                 "life": journal.life,
                 "crashes": journal.crashes,
             }

@@ -199,6 +199,9 @@ class JournalStats:
     # Task records written (`put`, a held record written at last) or deleted: what
     # tasks cost the store. A `hold` is not one, unless it is written later.
     record_writes: int = 0
+    # Flushes to disk (fdatasync) the store asked for: one per `sync` commit, plus
+    # one per settle() that had a deferred meta page to flush; 0 for other stores.
+    flushes: int = 0
 
 
 class JournalError(Exception):
@@ -302,7 +305,21 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     def commit(self) -> None:
-        """Make every write since the last commit durable (per `durability`), atomically."""
+        """Make every write since the last commit durable (per `durability`), atomically.
+        A store may leave the last step of that durability (a flush) to its next
+        commit or to `settle()`: `durable_commits()` says how far it has come."""
+
+    def durable_commits(self) -> int:
+        """How many of the commits that wrote (`stats.commits`) a power cut cannot take
+        back, as far as `durability` promises: all of them, unless the store defers a
+        flush (LMDB `sync` flushes the meta page of a commit with the next commit's
+        data). The runtime sends what a commit confirms only once this counts it."""
+        return self.stats.commits
+
+    def settle(self) -> None:
+        """Flush now whatever `durable_commits()` does not count yet (a no-op when
+        nothing is deferred): for a pass whose confirms would otherwise wait."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import time
+from collections import deque
 from types import FrameType
 from typing import Any
 
@@ -123,6 +124,11 @@ class BrokerServer:
         # SIGTERM/SIGINT asked for a drain (runtime/server.py `on_signal`), and the drain.
         self._drain_asked = False
         self._drain: Drain | None = None
+        # What passes decided and the store has not made durable yet (a `sync` LMDB
+        # store flushes a commit's meta page with the next commit): each pass's
+        # messages and events, with the commit count they wait for, oldest first.
+        self._unsent: deque[tuple[int, list[list[bytes]], list[Any]]] = deque()
+        self._last_commits = 0
         # Before the ROUTER exists: the first id libzmq gives a peer must not be
         # known in advance (zbroker/runtime/routing_ids.py says why).
         seed_routing_ids()
@@ -320,12 +326,11 @@ class BrokerServer:
                     receive_many(messages, now, senders)
                 if now >= core.next_tick_at:
                     core.tick(now)
-                # One commit for the whole pass, before anything of it is sent.
+                # One commit for the whole pass, before anything of it is sent; sent
+                # once durable (at once, but for `sync`: _confirm).
                 commit()
-                if core.outbox:
-                    self._flush(now)
-                if core.events:
-                    self._publish()
+                if core.outbox or core.events or self._unsent:
+                    self._confirm(now)
                 if self._drain_asked:
                     self._drain_pass(now)
                 if received == RECV_BATCH:
@@ -334,15 +339,26 @@ class BrokerServer:
                         self._on_side_sockets()
                     continue  # more may be waiting: skip the poll
                 busy = 0
-                timeout_ms = max(0, int((self._wake_at() - monotonic()) * 1000.0) + 1)
-                ready = zmq.zmq_poll(poll_items, timeout_ms)
+                if self._unsent:
+                    # More to read now: the next pass's commit flushes this one's
+                    # meta page with its own pages. Else flush it before waiting.
+                    ready = zmq.zmq_poll(poll_items, 0)
+                    if not ready:
+                        self._settle(monotonic())
+                else:
+                    ready = []
+                if not ready:
+                    timeout_ms = max(0, int((self._wake_at() - monotonic()) * 1000.0) + 1)
+                    ready = zmq.zmq_poll(poll_items, timeout_ms)
                 if len(ready) > 1 or (ready and ready[0][0] is not router):
                     self._on_side_sockets()
+            self._settle(monotonic())  # a stop sends what its last passes decided
         except JournalError as exc:
             # Nothing of this pass was sent; the store holds the last commit, which
             # is what a restart recovers. Stopping is the only safe answer.
             log.critical("journal failure, stopping the broker: %s", exc)
             core.outbox.clear()
+            self._unsent.clear()
             raise
         finally:
             connections.close()
@@ -393,6 +409,38 @@ class BrokerServer:
                 self._connections.note(frame, frames[0])
         return messages, senders
 
+    def _confirm(self, now: float) -> None:
+        """Send what passes decided, oldest first, as far as the store made it
+        durable. A pass that wrote nothing flushes what waits (nothing else would)."""
+        core = self.core
+        journal = self.journal
+        made = journal.stats.commits
+        if core.outbox or core.events:
+            self._unsent.append((made, core.outbox, core.events))
+            core.outbox = []
+            core.events = []
+        if made == self._last_commits:
+            journal.settle()
+        self._last_commits = made
+        self._send_durable(now, journal.durable_commits())
+
+    def _settle(self, now: float) -> None:
+        """Flush what the store deferred and send everything decided."""
+        self.journal.settle()
+        self._send_durable(now, self.journal.durable_commits())
+
+    def _send_durable(self, now: float, durable: int) -> None:
+        core = self.core
+        unsent = self._unsent
+        while unsent and unsent[0][0] <= durable:
+            _, outbox, events = unsent.popleft()
+            if outbox:
+                core.outbox = outbox
+                self._flush(now)
+            if events:
+                core.events = events
+                self._publish()
+
     def _drain_pass(self, now: float) -> None:
         """The drain's part of a pass, after its commit: begin the drain or tell the
         workers that registered since (STOPPING goes out at once), then end the loop
@@ -402,8 +450,9 @@ class BrokerServer:
             drain = self._drain = Drain(self.core, now, self.config.drain_timeout_s)
         else:
             drain.tell(now)
-        if self.core.outbox:
-            self._flush(now)
+        if self.core.outbox or self._unsent:
+            self._confirm(now)
+            self._settle(now)
         if drain.over(time.monotonic()):
             self._stopping = True
 
@@ -442,9 +491,11 @@ class BrokerServer:
                     refused = True
             if refused:
                 # A refused send took a worker's tasks back, and may have handed them
-                # to another worker or ended them: what that wrote is committed before
-                # any message or event that follows from it goes out.
+                # to another worker or ended them: what that wrote is committed (and
+                # flushed: a rare path) before any message or event that follows
+                # from it goes out.
                 self.journal.commit()
+                self.journal.settle()
 
     def _publish(self) -> None:
         """Lifecycle events of this pass, after its commit: one message per entry of
