@@ -34,16 +34,28 @@ def lines_of(worker: WorkerProcess, kind: str, task_id: str) -> list[list[str]]:
     return [line for line in worker.lines() if line[0] == kind and line[1] == task_id]
 
 
+def slow_task_started(
+    broker_factory: Callable[..., BrokerProcess],
+    workers: Callable[..., WorkerProcess],
+    drain_timeout_s: str,
+    payload: str,
+) -> tuple[BrokerProcess, WorkerProcess, RawClient, str]:
+    """A broker with that drain, a slow worker, and a task with max_attempts=1 it
+    has started."""
+    broker = broker_factory("--drain-timeout", drain_timeout_s)
+    worker = workers(broker, "slow", concurrency=2)
+    client = RawClient(broker.endpoint)
+    task_id = enqueue(client, "slow", payload, max_attempts=1)
+    assert task_id is not None
+    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    return broker, worker, client, task_id
+
+
 def test_sigterm_drains_the_result_in_flight_before_the_broker_stops(
     broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
 ) -> None:
     # Given a task with max_attempts=1 that a slow worker has started
-    broker = broker_factory("--drain-timeout", "15")
-    worker = workers(broker, "slow", concurrency=2)
-    client = RawClient(broker.endpoint)
-    task_id = enqueue(client, "slow", "sleep:2", max_attempts=1)
-    assert task_id is not None
-    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    broker, worker, client, task_id = slow_task_started(broker_factory, workers, "15", "sleep:2")
     # When the broker is sent SIGTERM
     assert broker.proc is not None
     broker.proc.send_signal(signal.SIGTERM)
@@ -101,12 +113,7 @@ def test_sigterm_past_the_drain_writes_the_attempt_in_flight_for_recovery(
     broker_factory: Callable[..., BrokerProcess], workers: Callable[..., WorkerProcess]
 ) -> None:
     # Given a task with max_attempts=1 that a worker runs for longer than the drain
-    broker = broker_factory("--drain-timeout", "0.5")
-    worker = workers(broker, "slow", concurrency=2)
-    client = RawClient(broker.endpoint)
-    task_id = enqueue(client, "slow", "sleep:4", max_attempts=1)
-    assert task_id is not None
-    wait_until(lambda: bool(lines_of(worker, "start", task_id)), timeout_s=20)
+    broker, worker, client, task_id = slow_task_started(broker_factory, workers, "0.5", "sleep:4")
     # When the broker is sent SIGTERM and its drain ends with the attempt in flight
     assert broker.proc is not None
     broker.proc.send_signal(signal.SIGTERM)

@@ -20,3 +20,12 @@ def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]
     )
     yield j
     j.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Journal]]:
+    """Journals a test opened; all closed at teardown (closing twice is fine)."""
+    journals: list[Journal] = []
+    yield journals
+    for journal in journals:
+        journal.close()

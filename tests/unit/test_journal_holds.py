@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -32,14 +31,6 @@ READY, DELAYED, INFLIGHT, DONE = (
 @pytest.fixture
 def lmdb_path(tmp_path: Path) -> Path:
     return tmp_path / "store"
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Journal]]:
-    journals: list[Journal] = []
-    yield journals
-    for journal in journals:
-        journal.close()
 
 
 def open_lmdb(opened: list[Journal], path: Path) -> LmdbJournal:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +45,6 @@ READY, DELAYED, INFLIGHT, DONE, DEAD = (
 )
 KiB = 1024
 MANY = 1_000_000
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Journal]]:
-    """Journals a test opened; all closed at teardown (closing twice is fine)."""
-    journals: list[Journal] = []
-    yield journals
-    for journal in journals:
-        journal.close()
 
 
 def open_store(opened: list[Journal], path: Path, **options: Any) -> LmdbJournal:

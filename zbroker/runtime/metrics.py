@@ -217,39 +217,43 @@ class BrokerCollector:
             yield from _journal_metrics(journal)
 
 
-def _journal_metrics(journal: dict[str, Any]) -> Iterator[Metric]:
-    """The journal's figures (STATS `journal`), for a broker that has one."""
-    commits = CounterMetricFamily(
-        "zbroker_journal_commits", "Journal commits that wrote something."
-    )
-    commits.add_metric([], float(journal["commits"]))
-    yield commits
-    seconds = CounterMetricFamily(
-        "zbroker_journal_commit_seconds", "Time spent in journal commits (fsync included)."
-    )
-    seconds.add_metric([], float(journal["commit_seconds_total"]))
-    yield seconds
-    size = GaugeMetricFamily("zbroker_journal_bytes", "Bytes the journal uses on disk.")
-    size.add_metric([], float(journal["bytes_used"]))
-    yield size
-    writes = CounterMetricFamily(
+# The journal's figures: STATS `journal` field, metric name, help, counter or gauge.
+_JOURNAL_METRICS = (
+    ("commits", "zbroker_journal_commits", "Journal commits that wrote something.", True),
+    (
+        "commit_seconds_total",
+        "zbroker_journal_commit_seconds",
+        "Time spent in journal commits (fsync included).",
+        True,
+    ),
+    ("bytes_used", "zbroker_journal_bytes", "Bytes the journal uses on disk.", False),
+    (
+        "record_writes",
         "zbroker_journal_record_writes",
         "Task records the journal wrote or deleted (a held START is none).",
-    )
-    writes.add_metric([], float(journal.get("record_writes", 0)))
-    yield writes
-    flushes = CounterMetricFamily(
+        True,
+    ),
+    (
+        "flushes",
         "zbroker_journal_flushes",
         "Flushes to disk the journal asked for (sync: one per commit, one per settle).",
-    )
-    flushes.add_metric([], float(journal.get("flushes", 0)))
-    yield flushes
-    crashes = GaugeMetricFamily(
+        True,
+    ),
+    (
+        "crashes",
         "zbroker_journal_crashes",
         "Lives of the journal that ended without a clean stop, before this one.",
-    )
-    crashes.add_metric([], float(journal.get("crashes", 0)))
-    yield crashes
+        False,
+    ),
+)
+
+
+def _journal_metrics(journal: dict[str, Any]) -> Iterator[Metric]:
+    """The journal's figures (STATS `journal`), for a broker that has one."""
+    for field, name, text, counter in _JOURNAL_METRICS:
+        family = CounterMetricFamily(name, text) if counter else GaugeMetricFamily(name, text)
+        family.add_metric([], float(journal.get(field, 0)))
+        yield family
 
 
 class MetricsTokenError(OSError):
