@@ -9,6 +9,8 @@ same sources. `python3 dev.py test` runs the whole suite on both builds.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from zbroker import native
@@ -24,3 +26,15 @@ pure_only = pytest.mark.skipif(
 ILL_TYPED: tuple[type[Exception], ...] = (
     (ValueError, TypeError) if native.compiled() else (ValueError,)
 )
+
+
+def settings_free_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) without the broker's ZBROKER_* settings, for a
+    broker or CLI the test configures itself; ZBROKER_PURE stays: a process started
+    by the test runs the build the test runs on."""
+    source = os.environ if env is None else env
+    return {
+        name: value
+        for name, value in source.items()
+        if not name.startswith("ZBROKER_") or name == native.PURE_ENV
+    }

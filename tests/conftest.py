@@ -22,6 +22,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from tests.builds import settings_free_env
 from zbroker.client.keys import Credentials
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,10 +167,7 @@ def new_broker(
         "2",
         *extra,
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for name in list(env):
-        if name.startswith("ZBROKER_"):
-            env.pop(name)
+    env = settings_free_env(dict(os.environ, PYTHONUNBUFFERED="1"))
     log_path = directory / f"broker{n}.log"
     return BrokerProcess(endpoint, events_in, events_out, args, log_path, env, credentials)
 

@@ -8,7 +8,6 @@ on a broker with `--auth` (it asks the broker over inproc).
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
+from tests.builds import settings_free_env
 from tests.conftest import (
     ROOT,
     AuthKeys,
@@ -46,7 +46,7 @@ def auth(tmp_path: Path) -> AuthKeys:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ZBROKER_")}
+    return settings_free_env()
 
 
 def zbroker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,8 @@ import zmq
 
 from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from zbroker import NonRetryableError, Task
+from zbroker import NonRetryableError, Task, native
+from zbroker import __version__ as zbroker_version
 from zbroker.client import TaskState
 
 
@@ -255,6 +256,16 @@ def test_status_counts_a_known_workload(broker: BrokerProcess, stack: ExitStack)
     assert view["journal"]["durability"] == "sync" and view["journal"]["commits"] >= 2
     text = zbroker(broker, "status")
     assert "tasks_done               2" in text.stdout and "malformed bad_header" in text.stdout
+    # And it says which core the broker runs: the build this test process chose
+    # (the suite runs once per build; the broker inherits ZBROKER_PURE)
+    build = view["build"]
+    assert build["compiled"] is native.compiled()
+    assert build["core"] == native.describe() and build["version"] == zbroker_version
+    assert f"zbroker {zbroker_version}, core: {native.describe()}" in text.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "zbroker", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.stdout.strip() == f"zbroker {zbroker_version}, core: {native.describe()}"
 
 
 def test_a_concurrency_limit_holds_across_workers(broker: BrokerProcess, stack: ExitStack) -> None:

@@ -4,7 +4,6 @@ traceback). tests/unit/test_options.py covers every option; this covers the proc
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.builds import settings_free_env
 from tests.conftest import ROOT, BrokerProcess
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ZBROKER_")}
+    clean = settings_free_env()
     return subprocess.run(
         [sys.executable, "-m", "zbroker", "start", *args],
         capture_output=True,

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.builds import settings_free_env
 from tests.conftest import ROOT, BrokerProcess
 
 
 def show(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ZBROKER_")}
+    clean = settings_free_env()
     return subprocess.run(
         [sys.executable, "-m", "zbroker", "config", "show", "--json", *args],
         capture_output=True,
@@ -82,7 +82,7 @@ def test_retry_max_below_retry_base_is_raised_when_defaulted_and_refused_when_gi
 def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "a-file"
     not_a_dir.write_text("")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ZBROKER_")}
+    clean = settings_free_env()
     result = subprocess.run(
         [sys.executable, "-m", "zbroker", "start", "--data-dir", str(not_a_dir / "sub")],
         capture_output=True,

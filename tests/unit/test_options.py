@@ -19,6 +19,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from tests.builds import settings_free_env
 from zbroker import cli
 from zbroker.config import OPTIONS, BrokerConfig, LogFormat, LogLevel, Option, OptionValue
 from zbroker.core.settings import CoreSettings, SettingError
@@ -80,9 +81,8 @@ SOURCES = ["flag", "environment", "file"]
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("ZBROKER_"):
-            monkeypatch.delenv(name)
+    for name in os.environ.keys() - settings_free_env().keys():
+        monkeypatch.delenv(name)
     yield
 
 
