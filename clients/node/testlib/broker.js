@@ -101,10 +101,11 @@ function writeCertificates (dir, name) {
   writeFileSync(join(dir, `${name}.key_secret`), body(true), { mode: 0o600 })
 }
 
-// The environment of a `python -m zbroker` child: no ZBROKER_* settings of ours leak in.
+// The environment of a `python -m zbroker` child: no ZBROKER_* settings of ours leak in;
+// ZBROKER_PURE stays (the broker runs the build the suite runs on: zbroker/native.py).
 function brokerEnv () {
   const env = { ...process.env, PYTHONUNBUFFERED: '1' }
-  for (const name of Object.keys(env)) if (name.startsWith('ZBROKER_') && name !== 'ZBROKER_PYTHON') delete env[name]
+  for (const name of Object.keys(env)) if (name.startsWith('ZBROKER_') && name !== 'ZBROKER_PYTHON' && name !== 'ZBROKER_PURE') delete env[name]
   return env
 }
 
