@@ -104,7 +104,7 @@ def which_core(env: dict[str, str] | None = None) -> None:
 
 
 def cmd_start(args: list[str]) -> None:
-    ensure_venv("test")  # mypy carries mypyc, which compiles the core
+    ensure_venv("build")  # mypy carries mypyc, which compiles the core
     build_native()
     which_core()
     os.execv(str(BIN / "zbroker"), [str(BIN / "zbroker"), "start", *args])
@@ -134,7 +134,7 @@ def cmd_test(args: list[str]) -> None:
 
 
 def cmd_build(args: list[str]) -> None:
-    ensure_venv("test")
+    ensure_venv("build")
     if args == ["--clean"]:
         run([PY, BUILD_NATIVE, "--clean"], cwd=ROOT)
     elif args:
@@ -150,7 +150,7 @@ def cmd_unasync(args: list[str]) -> None:
 
 def cmd_bench(args: list[str]) -> None:
     ensure_venv("bench")
-    ensure_venv("test")  # mypyc, for the compiled core the benchmarks measure
+    ensure_venv("build")  # mypyc, for the compiled core the benchmarks measure
     build_native()
     which_core()
     os.execv(str(PY), [str(PY), str(ROOT / "bench" / "run.py"), *args])
