@@ -12,11 +12,14 @@ leaving the pure-Python modules to run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.machinery
+import io
 import os
 import shutil
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -69,18 +72,41 @@ def build() -> None:
     started = time.monotonic()
     say(f"compiling {len(files)} modules with mypyc (about two minutes on two cores)")
     os.chdir(ROOT)
-    extensions = mypycify(
-        [str(f.relative_to(ROOT)) for f in files],
-        opt_level="3",
-        group_name=native.GROUP,
-        target_dir=str(BUILD_DIR),
-    )
+    # mypyc's notes on code it compiles less well ("warning: Treating generator
+    # comprehension as list") are for whoever tunes the hot path, not for every
+    # start: kept in build/mypyc/notes.txt, printed only if the compile fails.
+    notes = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(notes):
+            extensions = mypycify(
+                [str(f.relative_to(ROOT)) for f in files],
+                opt_level="3",
+                group_name=native.GROUP,
+                target_dir=str(BUILD_DIR),
+            )
+    except BaseException:
+        print(notes.getvalue(), end="")
+        raise
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    (BUILD_DIR / "notes.txt").write_text(notes.getvalue())
     # Built from the arguments alone: setuptools reads no pyproject.toml here.
     dist = Distribution({"name": "zbroker-native", "ext_modules": extensions})
     command = dist.get_command_obj("build_ext")
     command.inplace = True
     command.build_temp = str(BUILD_DIR / "temp")
-    dist.run_command("build_ext")
+    done = threading.Event()
+
+    def tick() -> None:  # the C compiler is silent for a minute or two: show it works
+        while not done.wait(20.0):
+            say(f"still compiling ({time.monotonic() - started:.0f} s)")
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        dist.run_command("build_ext")
+    finally:
+        done.set()
+        ticker.join()
     (ROOT / "zbroker" / native.STAMP).write_text(wanted + "\n")
     say(f"compiled build ready in {time.monotonic() - started:.0f} s")
 
