@@ -415,14 +415,23 @@ class BrokerServer:
         core = self.core
         journal = self.journal
         made = journal.stats.commits
+        if made == self._last_commits:
+            journal.settle()
+        self._last_commits = made
+        durable = journal.durable_commits()
+        if not self._unsent and made == durable:
+            # Nothing waits and this pass's commit is durable (every store but a
+            # busy `sync` one): sent at once, as before there was anything to hold.
+            if core.outbox:
+                self._flush(now)
+            if core.events:
+                self._publish()
+            return
         if core.outbox or core.events:
             self._unsent.append((made, core.outbox, core.events))
             core.outbox = []
             core.events = []
-        if made == self._last_commits:
-            journal.settle()
-        self._last_commits = made
-        self._send_durable(now, journal.durable_commits())
+        self._send_durable(now, durable)
 
     def _settle(self, now: float) -> None:
         """Flush what the store deferred and send everything decided."""
