@@ -43,6 +43,7 @@ from harness import (
     Workload,
     fmt_count,
     fmt_range,
+    mixed_builds_lines,
     process_cpu_s,
     python_argv,
     spread,
@@ -507,12 +508,7 @@ def markdown(result: JSONDict) -> str:
                 f"| {LABELS[case]} | {label} | {fmt_range(row[PLAIN], fmt)} | "
                 f"{fmt_range(row[AUTH], fmt)} | {ratio} | {by_round_text} |"
             )
-    digests = result.get("zbroker_source_digest", {})
-    if digests.get("before") != digests.get("after"):
-        lines[2:2] = [
-            "**zbroker's sources changed during this run: the figures mix two builds.**",
-            "",
-        ]
+    lines[2:2] = mixed_builds_lines(result)
     loads = [r["load_average_1m_after"] for r in result["runs"]]
     lines += [
         "",

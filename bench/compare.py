@@ -56,6 +56,7 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    mixed_builds_lines,
     python_argv,
     spread,
     wait_for_listener,
@@ -1146,8 +1147,7 @@ def markdown(result: JSONDict) -> str:
             f"- {r['phase']} {r['system']} {r['mode']}: {r['error'].splitlines()[0][:300]}"
             for r in failures
         ]
-    if result["zbroker_source_digest"]["before"] != result["zbroker_source_digest"]["after"]:
-        lines[0:0] = ["**zbroker's sources changed during this run: figures mix two builds.**", ""]
+    lines[0:0] = mixed_builds_lines(result)
     if result.get("plots"):
         lines += ["", *(f"![{Path(p).stem}]({_rel(p)})" for p in result["plots"])]
     return "\n".join(lines)

@@ -52,6 +52,7 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    mixed_builds_lines,
     percentile,
     process_cpu_s,
     python_argv,
@@ -983,12 +984,7 @@ def markdown(result: JSONDict) -> str:
         "Bars (issue 3):",
         "",
     ]
-    digests = result.get("zbroker_source_digest", {})
-    if digests.get("before") != digests.get("after"):
-        lines[2:2] = [
-            "**zbroker's sources changed during this run: the figures mix two builds.**",
-            "",
-        ]
+    lines[2:2] = mixed_builds_lines(result)
     profiled = sum(1 for r in result["runs"] if r["profiled"])
     if profiled:
         lines[2:2] = [

@@ -330,6 +330,15 @@ def py_spy_path() -> Path:
     return Path(found)
 
 
+def mixed_builds_lines(result: JSONDict) -> list[str]:
+    """The warning a results table opens with when zbroker's sources changed during
+    the run (`zbroker_source_digest` before and after differ); [] when they did not."""
+    digests = result.get("zbroker_source_digest", {})
+    if digests.get("before") == digests.get("after"):
+        return []
+    return ["**zbroker's sources changed during this run: the figures mix two builds.**", ""]
+
+
 def start_py_spy(procs: ProcessGroup, name: str, pid: int, out: Path) -> Child:
     """Sample `pid` into a collapsed-stack file until interrupted with `procs.interrupt`.
 

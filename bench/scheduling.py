@@ -93,6 +93,7 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    mixed_builds_lines,
     percentile,
     python_argv,
     spread,
@@ -1141,9 +1142,7 @@ def markdown(result: JSONDict) -> str:
         f"Load average (1 min) after each run: {min(loads):.2f} to {max(loads):.2f} on "
         f"{result['cpus_usable']} CPUs (the benchmark's own processes included).",
     ]
-    digests = result.get("zbroker_source_digest", {})
-    if digests.get("before") != digests.get("after"):
-        lines[:0] = ["**zbroker's sources changed during this run: figures mix two builds.**", ""]
+    lines[:0] = mixed_builds_lines(result)
     return "\n".join(lines)
 
 

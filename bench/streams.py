@@ -67,6 +67,7 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    mixed_builds_lines,
     percentile,
     process_cpu_s,
     python_argv,
@@ -925,9 +926,7 @@ def markdown(result: JSONDict) -> str:
         f"Bar: chunk latency p50 with `sync` within {bar['bar']:g} ms: "
         f"{'met' if bar['met'] else 'NOT met'} ({bar['value']:.2f} ms).",
     ]
-    digests = result.get("zbroker_source_digest", {})
-    if digests.get("before") != digests.get("after"):
-        lines[:0] = ["**zbroker's sources changed during this run: figures mix two builds.**", ""]
+    lines[:0] = mixed_builds_lines(result)
     return "\n".join(lines)
 
 
