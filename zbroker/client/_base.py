@@ -29,7 +29,7 @@ from typing import Any, Self, TypeAlias, TypeVar
 import zmq
 import zmq.asyncio
 
-from zbroker.client import _calls, keys
+from zbroker.client import _calls, _wire, keys
 from zbroker.client._owner import SocketOwner
 from zbroker.client.errors import (
     AuthenticationFailed,
@@ -597,7 +597,7 @@ class ClientBase(SocketOwner):
         with zmq_boundary(f"request to {service_b!r}"):
             while True:
                 attempts += 1
-                sock.send_multipart(message)
+                _wire.send(sock, message)
                 self.stats.sent += 1
                 try:
                     reply = self._await_reply(sock, service_b, attempt_timeout_s)
@@ -645,7 +645,7 @@ class ClientBase(SocketOwner):
                         return result
                     if isinstance(op, _calls.Send):
                         mine.add(op.rid)
-                        sock.send_multipart(op.frames)
+                        _wire.send(sock, op.frames)
                         self.stats.count_send(op.kind)
                         event = None
                     elif isinstance(op, _calls.Wait):
@@ -669,7 +669,7 @@ class ClientBase(SocketOwner):
             remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             if not keys.wait_readable(sock, remaining_ms):
                 return _calls.TIMEOUT
-            frames = sock.recv_multipart()
+            frames = _wire.recv(sock)
             if len(frames) < 2 or frames[1] != zbc.ZBC01:
                 if len(frames) >= 2 and frames[1] == mdp.MDPC01:
                     self.stats.mismatched_replies += 1  # a stray MDP reply
@@ -709,7 +709,7 @@ class ClientBase(SocketOwner):
             remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not keys.wait_readable(sock, remaining_ms):
                 return None
-            frames = sock.recv_multipart()
+            frames = _wire.recv(sock)
             if len(frames) >= 2 and frames[1] == zbc.ZBC01:
                 self.stats.unexpected_answers += 1  # a late answer to a durable call
                 continue

@@ -175,6 +175,7 @@ class _Watch:
             raise AuthenticationFailed(self.endpoint, self.failure)
 
 
+_POLLIN = int(zmq.POLLIN)
 _WATCHES: weakref.WeakKeyDictionary[zmq.Socket[Any], _Watch] = weakref.WeakKeyDictionary()
 
 
@@ -207,9 +208,11 @@ def wait_readable(sock: zmq.Socket[Any], timeout_ms: int) -> bool:
     handshake raises AuthenticationFailed as soon as libzmq reports it."""
     found = _WATCHES.get(sock)
     if found is None:
-        return bool(sock.poll(None if timeout_ms < 0 else timeout_ms, zmq.POLLIN))
-    found.check()
-    items = [(sock, zmq.POLLIN), (found.monitor, zmq.POLLIN)]
+        return bool(zmq.zmq_poll([(sock, _POLLIN)], timeout_ms))
+    if found.failure is not None:
+        raise AuthenticationFailed(found.endpoint, found.failure)
+    # An event the monitor holds already makes the poll return at once.
+    items = [(sock, _POLLIN), (found.monitor, _POLLIN)]
     deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000.0
     while True:
         ready = zmq.zmq_poll(items, timeout_ms)

@@ -69,6 +69,7 @@ from typing import Any
 
 import zmq
 
+from zbroker.client import _wire
 from zbroker.client._calls import check_message_bytes
 from zbroker.client.errors import (
     AuthenticationFailed,
@@ -1181,7 +1182,7 @@ class _Link:
         PROGRESS, DISCONNECT); False if the send queue is full."""
         assert self._dealer is not None
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            _wire.send(self._dealer, frames, _wire.NOBLOCK)
         except zmq.Again:
             return False
         self._sent()
@@ -1213,7 +1214,7 @@ class _Link:
             # here is counted as sent.
             bump(item.stat, item.n)
             try:
-                dealer.send_multipart(item.frames, zmq.NOBLOCK)
+                _wire.send(dealer, item.frames, _wire.NOBLOCK)
             except zmq.Again:
                 bump(item.stat, -item.n)
                 break
@@ -1446,7 +1447,7 @@ class _Link:
         to_run: list[Task] = []
         for _ in range(_MAX_DRAIN):
             try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
+                frames = _wire.recv(dealer, _wire.NOBLOCK)
             except zmq.Again:
                 break
             self._expires_at = time.monotonic() + self._expiry_s

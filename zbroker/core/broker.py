@@ -239,8 +239,10 @@ class Broker:
     ) -> None:
         """`receive` each message (from the sender at the same place of `senders`),
         then dispatch every service they gave work or credit to, once (see
-        Routing.one_dispatch)."""
-        with self.routing.one_dispatch(now):
+        Routing.defer_dispatches)."""
+        routing = self.routing
+        began = routing.defer_dispatches()
+        try:
             receive = self.receive
             if senders is None:
                 for frames in messages:
@@ -248,6 +250,10 @@ class Broker:
             else:
                 for frames, sender in zip(messages, senders, strict=True):
                     receive(frames, now, sender)
+        except BaseException:
+            routing.abandon_dispatches(began)
+            raise
+        routing.release_dispatches(began, now)
 
     def tick(self, now: float) -> None:
         """Timers: workers, heartbeats, deadlines, delays, retention, waits, schedules,

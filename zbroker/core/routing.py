@@ -25,8 +25,7 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from zbroker.core.dialects import BY_HEADER, MDP, ZBW, Dialect, ZbwDialect
@@ -97,28 +96,38 @@ class Routing:
 
     # ------------------------------------------------------------ dispatch
 
-    @contextmanager
-    def one_dispatch(self, now: float) -> Iterator[None]:
-        """Defer every dispatch inside the block to its end, one per service (inside
-        another such block: to the end of that one). Not on an exception. Nothing is
-        sent before a pass ends anyway: this changes only how deliveries are grouped
-        into messages (requests that arrive together leave together, one TASKS per
-        worker that takes them)."""
+    def defer_dispatches(self) -> bool:
+        """Defer every dispatch from here to `release_dispatches`, one per service
+        (inside another such block: to the end of that one, and this answers False,
+        so the caller releases nothing). Nothing is sent before a pass ends anyway:
+        this changes only how deliveries are grouped into messages (requests that
+        arrive together leave together, one TASKS per worker that takes them). Two
+        calls, not a context manager: this runs once per pass and per DONES, and a
+        generator-based `with` costs more than the rest of a small pass."""
         if self._deferred is not None:
-            yield
+            return False
+        self._deferred = {}
+        return True
+
+    def release_dispatches(self, began: bool, now: float) -> None:
+        """End the block `defer_dispatches` began (when `began`): deliver each
+        deferred service once."""
+        if not began:
             return
-        deferred: dict[bytes, Service] = {}
-        self._deferred = deferred
-        try:
-            yield
-        finally:
+        deferred = self._deferred
+        self._deferred = None
+        if deferred:
+            for service in deferred.values():
+                self._deliver(service, now)
+
+    def abandon_dispatches(self, began: bool) -> None:
+        """End the block without delivering (an exception is on its way up)."""
+        if began:
             self._deferred = None
-        for service in deferred.values():
-            self._deliver(service, now)
 
     def dispatch(self, service: Service, now: float) -> None:
         """Deliver what `service` has to its ready workers: now, or at the end of the
-        enclosing `one_dispatch` block. Asked while delivering that very service (a
+        enclosing `defer_dispatches` block. Asked while delivering that very service (a
         task it expired ended others, and made one of its own ready): nothing to do,
         the delivery under way takes what became ready."""
         deferred = self._deferred
@@ -379,11 +388,16 @@ class Routing:
 
     def _zbw_dones(self, worker: Worker, msg: ext.Dones, now: float) -> None:
         # Free all the credit first, then refill it with one dispatch (one TASKS).
-        with self.one_dispatch(now):
+        began = self.defer_dispatches()
+        try:
             for done in msg.items:
                 held = self._fenced(worker, done.id, done.attempt)
                 if held is not None:
                     self._complete(worker, held, done.result, now)
+        except BaseException:
+            self.abandon_dispatches(began)
+            raise
+        self.release_dispatches(began, now)
 
     def _zbw_ack(self, worker: Worker, msg: ext.Ack, now: float) -> None:
         for task_id, attempt in msg.tasks:

@@ -1,0 +1,45 @@
+"""TaskRecord's __init__ is written out (a compiled class would keep the generated one
+interpreted): it must take exactly the fields dataclasses would, in their order, with
+their defaults, and fresh mutable defaults per record."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from zbroker.journal.base import TaskRecord, TaskState
+
+
+def test_parameters_are_the_init_fields_in_order() -> None:
+    fields = [f for f in dataclasses.fields(TaskRecord) if f.init]
+    parameters = list(inspect.signature(TaskRecord.__init__).parameters.values())[1:]
+    assert [p.name for p in parameters] == [f.name for f in fields]
+    record = TaskRecord("t", "svc", TaskState.READY, 1, 0.0)
+    for field in fields:
+        if field.default is not dataclasses.MISSING:
+            assert getattr(record, field.name) == field.default, field.name
+        elif field.default_factory is not dataclasses.MISSING:
+            assert getattr(record, field.name) == field.default_factory(), field.name
+
+
+def test_fields_not_in_init_start_empty() -> None:
+    record = TaskRecord("t", "svc", TaskState.READY, 1, 0.0)
+    assert record.store_memo is None
+    assert record.frames_memo is None
+
+
+def test_mutable_defaults_are_not_shared() -> None:
+    one = TaskRecord("a", "svc", TaskState.READY, 1, 0.0)
+    two = TaskRecord("b", "svc", TaskState.READY, 2, 0.0)
+    one.headers["x"] = 1
+    one.history.append(["made", 0.0])
+    assert two.headers == {}
+    assert two.history == []
+
+
+def test_replace_and_equality_still_work() -> None:
+    record = TaskRecord("t", "svc", TaskState.READY, 1, 0.0, headers={"h": 1})
+    copy = dataclasses.replace(record, attempt=2)
+    assert copy.attempt == 2
+    assert copy.headers == {"h": 1}
+    assert dataclasses.replace(copy, attempt=0) == record
