@@ -52,10 +52,12 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    loop_shares,
     mixed_builds_lines,
     percentile,
     process_cpu_s,
     python_argv,
+    say_profile,
     spread,
     start_py_spy,
     top_functions,
@@ -766,13 +768,10 @@ def _profile_summary(profile_dir: Path, say: Say) -> JSONDict:
         with merged.open("w") as f:
             for part in parts:
                 f.write(part.read_text(errors="replace"))
-        top = top_functions(merged)
+        top, loop = top_functions(merged), loop_shares(merged)
         say(f"py-spy, {system}: {fmt_count(top['samples'])} samples of the broker in {merged}")
-        for kind in ("self", "inclusive"):
-            say(f"  top functions by {kind} time:")
-            for row in top[kind][:10]:
-                say(f"    {100 * row['share']:5.1f}%  {row['function']}")
-        out[system] = {"collapsed_stacks": str(merged), **top}
+        say_profile(top, loop, say)
+        out[system] = {"collapsed_stacks": str(merged), **top, "loop": loop}
     return out
 
 

@@ -342,12 +342,14 @@ def mixed_builds_lines(result: JSONDict) -> list[str]:
 def start_py_spy(procs: ProcessGroup, name: str, pid: int, out: Path) -> Child:
     """Sample `pid` into a collapsed-stack file until interrupted with `procs.interrupt`.
 
-    Non-blocking sampling does not pause the target, so figures move less than with
-    py-spy's default; they still move (py-spy needs a CPU too), so profiled runs are
-    flagged in the results.
+    With native frames (`--native`): the compiled core's functions (mypyc's C) and
+    libzmq's show up by name instead of folded into the Python frame that called
+    them. py-spy reads native stacks only while the target is paused, so each sample
+    stops the broker briefly and figures move: profiled runs are flagged in the
+    results, and what to read from them is the shares, not the rates.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [str(py_spy_path()), "record", "--pid", str(pid), "--nonblocking"]
+    argv = [str(py_spy_path()), "record", "--pid", str(pid), "--native"]
     argv += ["--rate", "200", "--format", "raw", "--output", str(out)]
     return procs.start(name, argv)
 
@@ -382,6 +384,47 @@ def top_functions(collapsed: Path, limit: int = 15) -> JSONDict:
         ]
 
     return {"samples": total, "self": shares(self_samples), "inclusive": shares(inclusive)}
+
+
+# The broker's event loop: its thread's samples are split by what it was doing.
+LOOP_FUNCTION = "BrokerServer.serve_forever"
+
+
+def loop_shares(collapsed: Path, limit: int = 8) -> JSONDict:
+    """How the broker loop's thread spends its time at work: its samples split by the
+    function right under the loop (reading frames, the core, the commit, sending),
+    the poll that waits for messages (pyzmq's zmq_poll) counted apart as idle. Needs
+    native stacks (`start_py_spy`) for the compiled core to appear by name."""
+    parts: Counter[str] = Counter()
+    waiting = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if LOOP_FUNCTION not in stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        at = max(i for i, frame in enumerate(frames) if LOOP_FUNCTION in frame)
+        under = frames[at + 1] if at + 1 < len(frames) else LOOP_FUNCTION
+        if "zmq/backend/cython" in under or under.startswith("zmq_poll"):
+            waiting += int(count_text)
+        else:
+            parts[_function_of(under)] += int(count_text)
+    busy = sum(parts.values())
+    rows = [{"function": fn, "share": n / busy} for fn, n in parts.most_common(limit)]
+    return {"busy_samples": busy, "waiting_samples": waiting, "shares": rows}
+
+
+def say_profile(top: JSONDict, loop: JSONDict, say: Say, limit: int = 10) -> None:
+    """Print a profile's busiest functions and its loop thread's split."""
+    for kind in ("self", "inclusive"):
+        say(f"  top functions by {kind} time:")
+        for row in top[kind][:limit]:
+            say(f"    {100 * row['share']:5.1f}%  {row['function']}")
+    say(
+        f"  the loop thread: {loop['busy_samples']} samples at work,"
+        f" {loop['waiting_samples']} waiting in poll; at work:"
+    )
+    for row in loop["shares"]:
+        say(f"    {100 * row['share']:5.1f}%  {row['function']}")
 
 
 def _function_of(frame: str) -> str:

@@ -30,7 +30,9 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
+    loop_shares,
     python_argv,
+    say_profile,
     spread,
     start_py_spy,
     top_functions,
@@ -242,18 +244,22 @@ def run(options: Options, say: Say) -> JSONDict:
 
 
 def _profile_summary(profile_dir: Path, say: Say) -> JSONDict:
-    """Merge the zbroker runs' collapsed stacks and name the busiest functions."""
-    merged = profile_dir / "mdp-zbroker-merged.txt"
-    with merged.open("w") as out:
-        for part in sorted(profile_dir.glob("mdp-[0-9]*-zbroker.txt")):
-            out.write(part.read_text(errors="replace"))
-    top = top_functions(merged)
-    say(f"py-spy: {fmt_count(top['samples'])} samples of the broker in {merged}")
-    for kind in ("self", "inclusive"):
-        say(f"  top functions by {kind} time:")
-        for row in top[kind]:
-            say(f"    {100 * row['share']:5.1f}%  {row['function']}")
-    return {"collapsed_stacks": str(merged), **top}
+    """Merge each zbroker system's collapsed stacks; name the busiest functions and how
+    the loop thread spends its time."""
+    out: JSONDict = {}
+    for system in ZBROKER_SYSTEMS:
+        parts = sorted(profile_dir.glob(f"mdp-[0-9]*-{system}.txt"))
+        if not parts:
+            continue
+        merged = profile_dir / f"mdp-{system}-merged.txt"
+        with merged.open("w") as f:
+            for part in parts:
+                f.write(part.read_text(errors="replace"))
+        top, loop = top_functions(merged), loop_shares(merged)
+        say(f"py-spy, {system}: {fmt_count(top['samples'])} samples of the broker in {merged}")
+        say_profile(top, loop, say)
+        out[system] = {"collapsed_stacks": str(merged), **top, "loop": loop}
+    return out
 
 
 METRICS: dict[str, str] = {

@@ -17,12 +17,18 @@ Reported per kind (medians over the rounds): the round trip's p50 in µs, the CP
 the client's calling thread and of its whole process (libzmq's I/O thread
 included) per round trip, and the server's CPU per round trip (all its threads,
 from /proc). Prints a markdown table.
+
+With `--profile DIR`, py-spy samples each broker (native frames: the compiled core
+and libzmq by name) into DIR/round-trip-<durability>-<round>.txt, and the busiest
+functions of each durability are printed at the end; the sampling pauses the
+broker, so the figures of a profiled run are not the ones to quote.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
+from harness import loop_shares, py_spy_path, say_profile, top_functions
 
 WARMUP = 300
 BODY = b"x" * 100
@@ -133,7 +140,7 @@ def _echo(kind: str, n: int) -> dict[str, float]:
         server.wait()
 
 
-def _enqueue(durability: str, n: int) -> dict[str, float]:
+def _enqueue(durability: str, n: int, profile_to: Path | None) -> dict[str, float]:
     from zbroker.client import Client
 
     port, events_in, events_out = _free_port(), _free_port(), _free_port()
@@ -144,33 +151,55 @@ def _enqueue(durability: str, n: int) -> dict[str, float]:
         argv += ["--events-out", f"tcp://127.0.0.1:{events_out}"]
         argv += ["--durability", durability, "--data-dir", data, "--log-level", "warning"]
         broker = subprocess.Popen(argv)
+        spy = None
         try:
             with Client(endpoint, timeout_s=30) as client:
 
                 def enqueue() -> None:
                     client.enqueue("round-trip", BODY)
 
+                enqueue()  # the broker is up: what is sampled is the broker at work
+                if profile_to is not None:
+                    spy = _start_py_spy(broker.pid, profile_to)
                 return _timed(enqueue, n, broker.pid)
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait()
             broker.terminate()
             broker.wait()
 
 
-def measure(kind: str, n: int) -> dict[str, float]:
+def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    argv = [str(py_spy_path()), "record", "--pid", str(pid), "--native", "--rate", "500"]
+    argv += ["--format", "raw", "--output", str(out)]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the timed calls
+    return spy
+
+
+def measure(kind: str, n: int, profile_to: Path | None = None) -> dict[str, float]:
     if kind.endswith("echo"):
         return _echo(kind, n)
-    return _enqueue(kind.rpartition(" ")[2], n)
+    return _enqueue(kind.rpartition(" ")[2], n, profile_to)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="timed round trips per kind")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="sample the brokers")
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
     for round_no in range(1, args.rounds + 1):
         for kind in KINDS:
-            figures = measure(kind, args.n)
+            profile_to = None
+            if args.profile is not None and kind.startswith("enqueue"):
+                durability = kind.rpartition(" ")[2]
+                profile_to = args.profile / f"round-trip-{durability}-{round_no}.txt"
+            figures = measure(kind, args.n, profile_to)
             runs[kind].append(figures)
             print(
                 f"[round-trip] {round_no}/{args.rounds} {kind}: p50 {figures['p50_us']:.0f} µs,"
@@ -193,6 +222,23 @@ def main() -> None:
             f"| {kind} | {median('p50_us'):.0f} | {median('client_thread_us'):.0f} |"
             f" {median('client_process_us'):.0f} | {median('server_us'):.0f} |"
         )
+    if args.profile is not None:
+        _print_profiles(args.profile)
+
+
+def _print_profiles(folder: Path) -> None:
+    """The busiest functions of each durability's brokers, all rounds merged, and how
+    their loop thread spends its time."""
+    for kind in KINDS:
+        if not kind.startswith("enqueue"):
+            continue
+        durability = kind.rpartition(" ")[2]
+        merged = folder / f"round-trip-{durability}.txt"
+        merged.write_text(
+            "".join(p.read_text() for p in sorted(folder.glob(f"round-trip-{durability}-*.txt")))
+        )
+        print(f"\n{kind}: the broker")
+        say_profile(top_functions(merged), loop_shares(merged), print)
 
 
 if __name__ == "__main__":
