@@ -1,0 +1,210 @@
+"""`zbroker web`: the HTTP, SSE and WebSocket gateway, an ordinary client of the broker.
+
+It owns one AsyncClient (ZBC01 over the broker's ROUTER, with the gateway's own
+key), one event hub (a SUB socket shared by every SSE and WebSocket follower, a
+PUB socket for what callers publish), the route table of zbroker.web.api, the
+WebSocket of zbroker.web.ws and the console's static files. It never touches
+the broker's state except through the broker's protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from zbroker.client.aclient import AsyncClient
+from zbroker.client.errors import ClientError
+from zbroker.client.keys import Credentials
+from zbroker.protocol.access import Principal, is_local_host
+from zbroker.web import api, ws
+from zbroker.web.bus import EventHub
+from zbroker.web.errors import E_INTERNAL, E_METHOD, E_UNAUTHORIZED, ApiError, from_client_error
+from zbroker.web.routes import ADMIN_ONLY, API_PREFIX, OBSERVE, PUBLIC, Route, openapi
+from zbroker.web.tokens import LOCAL, Tokens
+
+log = logging.getLogger("zbroker.web")
+
+STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
+# Request bodies above this are refused (413) before they are read whole.
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+
+
+class ListenRefused(ValueError):
+    """`zbroker web` was asked to listen beyond loopback without a token file."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """Everything `zbroker web` is started with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    endpoint: str = "tcp://127.0.0.1:5555"
+    events_in: str = "tcp://127.0.0.1:5556"
+    events_out: str = "tcp://127.0.0.1:5557"
+    credentials: Credentials | None = None
+    tokens: Tokens | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    call_timeout_s: float = 5.0
+
+
+def check_listen(settings: WebSettings) -> None:
+    """Refuse a non-loopback address unless callers must show a token."""
+    if settings.tokens is None and not is_local_host(settings.host):
+        raise ListenRefused(
+            f"refusing to listen on {settings.host}: without --tokens every caller would be"
+            " an administrator; give a token file, or listen on 127.0.0.1"
+        )
+
+
+class Gateway:
+    """The state every handler shares: the broker client, the event hub, the settings."""
+
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+        self.client = AsyncClient(
+            settings.endpoint,
+            timeout_s=settings.call_timeout_s,
+            retries=1,
+            credentials=settings.credentials,
+            max_message_bytes=max(settings.max_body_bytes * 2, 1 << 20),
+        )
+        self.hub = EventHub(settings.events_in, settings.events_out, settings.credentials)
+
+    def principal(self, request: web.Request) -> Principal | None:
+        """The caller's principal: LOCAL without a token file, else its token's, or None."""
+        tokens = self.settings.tokens
+        if tokens is None:
+            return LOCAL
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token:
+            return tokens.principal(token.strip())
+        # Browsers cannot put headers on an EventSource or a WebSocket: a query token.
+        query_token = request.query.get("access_token")
+        return tokens.principal(query_token) if query_token else None
+
+    def authorize(self, request: web.Request, access: str) -> Principal:
+        """The caller's principal if it may call a route of `access`, else ApiError."""
+        principal = self.principal(request)
+        if access == PUBLIC:
+            return principal or LOCAL
+        if principal is None:
+            raise ApiError(E_UNAUTHORIZED, "a bearer token is required (Authorization: Bearer ...)")
+        if access == OBSERVE and not principal.may_observe():
+            raise ApiError("forbidden", f"principal {principal.name!r} lacks the observer role")
+        if access == ADMIN_ONLY and not principal.admin:
+            raise ApiError("forbidden", f"principal {principal.name!r} lacks the admin role")
+        return principal
+
+    async def close(self) -> None:
+        await self.hub.close()
+        await self.client.aclose()
+
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+
+
+def error_response(error: ApiError) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return web.json_response(error.document(), status=error.status, headers=headers)
+
+
+# Statuses aiohttp raises itself (unknown path, wrong method, body too large...).
+_HTTP_CODES: Final = {404: "not_found", 405: E_METHOD, 413: "too_large"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure as the JSON error document; never a bare 500 page."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as exc:
+        return error_response(exc)
+    except ClientError as exc:
+        return error_response(from_client_error(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else E_INTERNAL)
+        return error_response(ApiError(code, exc.reason))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(ApiError(E_INTERNAL, "the gateway failed; see its log"))
+
+
+def _route_handler(route: Route) -> Any:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        principal = gateway.authorize(request, route.access)
+        args = route.arguments(request.match_info, request.query)
+        answer = await route.handler(gateway, request, principal, **args)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return web.json_response(answer, dumps=_dumps)
+
+    return handle
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi(api.ROUTES), dumps=_dumps)
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    """The console's files (zbroker/web/static): `/` is index.html."""
+    name = request.match_info.get("name", "") or "index.html"
+    root = STATIC_DIR.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError("not_found", f"no file {name!r}")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+def make_app(settings: WebSettings) -> web.Application:
+    """The aiohttp application of the gateway (started and stopped with it)."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    gateway = Gateway(settings)
+    app[GATEWAY] = gateway
+    app.router.add_get(f"{API_PREFIX}/openapi.json", _openapi)
+    for route in api.ROUTES:
+        app.router.add_route(route.method, API_PREFIX + route.path, _route_handler(route))
+    app.router.add_get("/ws", ws.handle)
+    app.router.add_get("/", _static)
+    app.router.add_get("/{name:.+}", _static)
+
+    async def on_shutdown(app: web.Application) -> None:
+        await ws.close_all(app)
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gateway.close()
+
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def run(settings: WebSettings) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    check_listen(settings)
+    app = make_app(settings)
+    log.info(
+        "zbroker web on http://%s:%d (broker %s, %s)",
+        settings.host,
+        settings.port,
+        settings.endpoint,
+        "tokens required" if settings.tokens else "no tokens: loopback only",
+    )
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
