@@ -159,7 +159,8 @@ async def task_result(
 async def task_stream(
     gw: Gateway, request: web.Request, who: Principal, id: str, offset: int
 ) -> web.StreamResponse:
-    await owned(gw.client, who, id)
+    if await owned(gw.client, who, id) is None:
+        await gw.client.status(id)  # an unknown task is a 404, before any 200
     last = request.headers.get("Last-Event-ID", "")
     if last.isdigit():
         offset = int(last) + 1  # an EventSource reconnecting resumes after its last chunk
@@ -167,7 +168,6 @@ async def task_stream(
     response: web.StreamResponse | None = None
     async with stream:
         try:
-            await stream.started()  # an unknown task fails here, before any 200
             response = await sse_open(request)
             async for chunk in stream:
                 at = stream.offset - 1
