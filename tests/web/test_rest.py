@@ -103,7 +103,7 @@ def test_enqueue_json_text_and_base64_then_fetch_results(
     # And the task's record shows its options and history
     record = http.get(f"/api/v1/tasks/{ids[2]}").json
     assert record["priority"] == 5 and record["max_attempts"] == 2 and record["state"] == "done"
-    assert [entry[0] for entry in record["history"]][0] == "enqueued"
+    assert record["history"][0][0] == "enqueued"
 
 
 def test_an_idempotency_key_answers_the_stored_task(http: Http) -> None:
