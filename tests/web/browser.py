@@ -1,0 +1,158 @@
+"""Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, for the console.
+
+Playwright downloads no browser here: it launches the system one with a fresh
+user-data-dir per test. `Console` is a page on a gateway's console that records
+every request the page makes, every script error and every dialog, so a test
+can check that nothing left loopback and nothing failed unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import ROOT, BrokerProcess
+from tests.web.gateway import GatewayProcess
+
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the console's tests need playwright (the test extra)"
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags that work on a machine without a display, GPU, sandbox or outside network.
+CHROMIUM_FLAGS: tuple[str, ...] = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+# Pages and fetches of the console go to these hosts only.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+# Schemes that never leave the page (the favicon is a data: URL).
+LOCAL_SCHEMES = frozenset({"data", "blob", "about", "chrome-error"})
+
+
+def require_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `python3 dev.py test` installs it (apt-get install chromium)"
+        )
+
+
+@contextmanager
+def chromium(profile: Path, *, width: int = 1600, height: int = 900) -> Iterator[Any]:
+    """A Chromium browser context on a fresh profile directory `profile`."""
+    require_chromium()
+    with playwright_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=list(CHROMIUM_FLAGS),
+            viewport={"width": width, "height": height},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+class Console:
+    """The console of one gateway, open in one page."""
+
+    def __init__(self, context: Any, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.requests: list[str] = []
+        self.script_errors: list[str] = []
+        self.dialogs: list[str] = []
+        context.on("request", lambda request: self.requests.append(request.url))
+        self.page = context.pages[0] if context.pages else context.new_page()
+        self.page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
+        self.page.on("dialog", self._accept)
+
+    def _accept(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.accept()
+
+    def open(self, view: str = "queues") -> None:
+        self.page.goto(f"{self.gateway.url}/#{view}")
+        self.page.wait_for_selector("#connection[data-state=connected]", timeout=15_000)
+
+    def text(self, selector: str) -> str:
+        return str(self.page.locator(selector).first.inner_text(timeout=10_000)).strip()
+
+    def wait_text(self, selector: str, expected: str, timeout_s: float = 15.0) -> None:
+        """Poll until the first element matching `selector` reads `expected`."""
+        deadline = time.monotonic() + timeout_s
+        seen = None
+        while time.monotonic() < deadline:
+            locator = self.page.locator(selector)
+            if locator.count():
+                seen = locator.first.inner_text().strip()
+                if seen == expected:
+                    return
+            self.page.wait_for_timeout(50)
+        raise AssertionError(f"{selector} reads {seen!r}, not {expected!r}, after {timeout_s}s")
+
+    def foreign_requests(self) -> list[str]:
+        """Every request that went anywhere but the gateway on loopback."""
+        out = []
+        for url in self.requests:
+            parts = urlsplit(url)
+            if parts.scheme in LOCAL_SCHEMES:
+                continue
+            if parts.hostname not in LOOPBACK or parts.port != self.gateway.port:
+                out.append(url)
+        return out
+
+
+@contextmanager
+def open_console(gateway: GatewayProcess, profile: Path) -> Iterator[Console]:
+    """A console page on `gateway`; at the end, no request may have left loopback and
+    no script may have failed."""
+    with chromium(profile) as context:
+        console = Console(context, gateway)
+        yield console
+        assert console.foreign_requests() == [], console.foreign_requests()
+        assert console.script_errors == [], console.script_errors
+
+
+def cli_json(broker: BrokerProcess, *args: str) -> Any:
+    """The JSON a `zbroker ... --json --endpoint` command prints."""
+    out = subprocess.run(
+        [sys.executable, "-m", "zbroker", *args, "--json", "--endpoint", broker.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=broker.env,
+        cwd=ROOT,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def queue_row(broker: BrokerProcess, service: str) -> dict[str, Any]:
+    """`service`'s row of `zbroker queues --json`."""
+    rows = cli_json(broker, "queues")
+    found = [row for row in rows if row["service"] == service]
+    assert found, f"no queue {service!r} in {rows}"
+    return dict(found[0])
+
+
+def cells(console: Console, service: str, fields: Sequence[str]) -> dict[str, str]:
+    """The text of `fields` in `service`'s row of the queues view."""
+    row = f"table.queues tr[data-service={json.dumps(service)}]"
+    return {f: console.text(f"{row} td[data-field={f}]") for f in fields}

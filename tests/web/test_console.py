@@ -1,0 +1,209 @@
+"""The console at `/`, in headless Chromium, against a real broker and `zbroker web`.
+
+Every figure is checked against the command line (`zbroker queues --json`), every
+action by its effect on the broker, and no request may leave loopback.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BrokerProcess, wait_until
+from tests.integration.running import open_client, start_worker
+from tests.web.browser import Console, cells, cli_json, open_console, queue_row
+from tests.web.gateway import GatewayProcess
+from zbroker.client import Publisher, Task
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+COUNTS = ["ready", "delayed", "blocked", "inflight", "dead", "done", "requests", "workers"]
+
+
+@pytest.fixture
+def console(gateway: GatewayProcess, tmp_path: Path) -> Iterator[Console]:
+    with open_console(gateway, tmp_path / "chromium-profile") as page:
+        yield page
+
+
+def test_queue_view_shows_the_depth_the_cli_shows(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given seven tasks waiting in a queue nobody serves
+    client = open_client(stack, broker)
+    for i in range(7):
+        client.enqueue("depth", f"task {i}".encode())
+
+    # When the console shows the queues
+    console.open("queues")
+    console.wait_text('tr[data-service="depth"] td[data-field=ready]', "7")
+
+    # Then every count it shows is the one `zbroker queues --json` prints
+    shown = cells(console, "depth", COUNTS)
+    row = queue_row(broker, "depth")
+    assert shown == {field: str(row[field]) for field in COUNTS}
+    assert row["ready"] == 7
+
+
+def test_a_click_on_pause_pauses_the_queue(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given a queue with a task in it
+    open_client(stack, broker).enqueue("pausable", b"x")
+    console.open("queues")
+    row = 'tr[data-service="pausable"]'
+    console.page.wait_for_selector(f"{row} button[data-action=pause]")
+    assert queue_row(broker, "pausable")["paused"] is False
+
+    # When the operator clicks Pause
+    console.page.click(f"{row} button[data-action=pause]")
+
+    # Then the broker has paused it (as the command line says) and the console shows it
+    wait_until(lambda: queue_row(broker, "pausable")["paused"] is True, timeout_s=15)
+    console.page.wait_for_selector(f"{row} [data-field=paused]")
+
+    # And Resume undoes it
+    console.page.click(f"{row} button[data-action=resume]")
+    wait_until(lambda: queue_row(broker, "pausable")["paused"] is False, timeout_s=15)
+
+
+def test_a_tasks_stream_appears_while_it_runs(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given a worker that sends one chunk, then waits for the test before the next
+    may_finish = threading.Event()
+
+    def handler(task: Task) -> bytes:
+        task.emit(b"first words ")
+        may_finish.wait(30)
+        task.emit(b"last words")
+        return b"the end"
+
+    start_worker(stack, broker, "talk", handler)
+    task_id = open_client(stack, broker).enqueue("talk", b"go")
+
+    # When the task's page is open while it runs
+    console.open(f"task?id={task_id}")
+    stream = "[data-field=stream]"
+
+    # Then the first chunk shows before the second is even sent
+    console.wait_text(stream, "first words")
+    assert queue_row(broker, "talk")["inflight"] == 1
+
+    # And the second arrives live, then the result
+    may_finish.set()
+    console.wait_text(stream, "first words last words")
+    console.wait_text("[data-field=result]", "the end")
+    console.wait_text(".record [data-field=state]", "done")
+
+
+def test_the_event_tail_shows_a_published_event(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given the event tail following the topic prefix "demo."
+    console.open("events?topic=demo.")
+    console.page.wait_for_selector("[data-field=tail-state][data-state=open]")
+    publisher = stack.enter_context(Publisher(broker.events_in, source="test"))
+    seen = console.page.locator('li.event[data-topic="demo.hello"]')
+    other = console.page.locator('li.event[data-topic="other.topic"]')
+
+    # When events are published (again until one arrives: subscriptions take a moment)
+    def arrived() -> bool:
+        publisher.publish("other.topic", {"n": 0})
+        publisher.publish("demo.hello", {"greeting": "hi there"})
+        return bool(seen.count())
+
+    wait_until(arrived, timeout_s=15, step_s=0.2)
+
+    # Then the tail shows the event of its topic with its payload, and not the other
+    assert '"greeting":"hi there"' in seen.first.inner_text()
+    assert seen.first.locator(".source").inner_text() == "test"
+    assert other.count() == 0
+
+
+def test_dead_letters_are_redriven_and_dropped_over_a_selection(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given three dead letters (a worker that fails every task, then stops)
+    def fail(task: Task) -> bytes:
+        raise RuntimeError("always fails")
+
+    with ExitStack() as failing:
+        start_worker(failing, broker, "fragile", fail)
+        client = open_client(stack, broker)
+        ids = [client.enqueue("fragile", b"x", max_attempts=1) for _ in range(3)]
+        wait_until(lambda: queue_row(broker, "fragile")["dead"] == 3, timeout_s=15)
+    console.open("dead?service=fragile")
+    for task_id in ids:
+        console.page.wait_for_selector(f'tr[data-task="{task_id}"]')
+
+    # When two are selected and redriven
+    for task_id in ids[:2]:
+        console.page.check(f'input[data-id="{task_id}"]')
+    console.wait_text(".selection .count", "2 selected")
+    console.page.click("button[data-action=redrive]")
+
+    # Then those two are queued again and one dead letter is left (says the CLI)
+    wait_until(lambda: queue_row(broker, "fragile")["dead"] == 1, timeout_s=15)
+    assert queue_row(broker, "fragile")["ready"] == 2
+    dead = cli_json(broker, "dlq", "list", "fragile")
+    assert [letter["id"] for letter in dead] == [ids[2]]
+
+    # When the last one is selected and dropped (after the confirmation)
+    console.page.wait_for_selector(f'tr[data-task="{ids[0]}"]', state="detached")
+    console.page.check(f'input[data-id="{ids[2]}"]')
+    console.page.click("button[data-action=drop]")
+
+    # Then no dead letter is left
+    wait_until(lambda: queue_row(broker, "fragile")["dead"] == 0, timeout_s=15)
+    assert console.dialogs and "Drop 1 dead letter" in console.dialogs[-1]
+    console.page.wait_for_selector(f'tr[data-task="{ids[2]}"]', state="detached")
+
+
+def test_errors_are_shown_readably(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # When the console asks for a task the broker does not have
+    console.open("task?id=t1-0000000000000000")
+
+    # Then the API's error shows: what was being done, its code, status and message
+    error = console.page.locator(".error[data-code=not_found]")
+    error.wait_for(timeout=15_000)
+    text = error.inner_text()
+    assert "Reading the task" in text and "not_found" in text and "HTTP 404" in text
+    assert error.locator(".message").inner_text().strip()
+
+    # When a limit the API refuses is set on a queue
+    open_client(stack, broker).enqueue("limited", b"x")
+    console.open("queues")
+    row = 'tr[data-service="limited"]'
+    console.page.fill(f"{row} input.limit", "0")
+    console.page.click(f"{row} button[data-action=limit]")
+
+    # Then the refusal says why, and the queue keeps no limit
+    refused = console.page.locator(".error[data-code=bad_request]")
+    refused.wait_for(timeout=15_000)
+    assert "Setting the limit of limited" in refused.inner_text()
+    assert "positive integer" in refused.locator(".message").inner_text()
+    assert queue_row(broker, "limited")["limit"] is None
+
+
+def test_no_request_leaves_loopback(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given a queue, so that every view has something to draw
+    open_client(stack, broker).enqueue("visited", b"x")
+
+    # When every view is opened in turn
+    for view in ["queues", "workers", "tasks?service=visited", "dead?service=visited"]:
+        console.open(view)
+        console.page.wait_for_selector("main table tbody tr")
+    for view in ["events", "graph?service=visited"]:
+        console.open(view)
+
+    # Then the page fetched only from the gateway (checked again at teardown)
+    assert console.requests and console.foreign_requests() == []

@@ -1,0 +1,164 @@
+// One task: GET /api/v1/tasks/{id} (its record and history, as `zbroker task --json`),
+// its result (GET .../result), its stream live (SSE .../stream?offset=) and cancel.
+
+import { api, follow } from "../api.js";
+import { h, fill, show, when, attempt, showError } from "../dom.js";
+import { href } from "../router.js";
+
+export const title = "Task";
+
+const PREVIEW_CHARS = 4096;
+const FINAL = new Set(["done", "dead", "cancelled", "expired", "upstream_failed"]);
+const SKIP = new Set(["history", "payload", "payload_preview"]);
+
+export function mount(root, params) {
+  const id = params.id || "";
+  const input = h("input.mono.taskid", { value: id, placeholder: "task id", "aria-label": "task id" });
+  const open = h("form", { onsubmit: (e) => (e.preventDefault(), (location.hash = href("task", { id: input.value.trim() }))) }, input, h("button", {}, "Open"));
+  const record = h("div.record");
+  const history = h("div.history");
+  const result = h("div.result");
+  const stream = h("div.stream");
+  fill(root, h("div.viewbar", h("h2", {}, "Task"), open, h("span.source", {}, "GET /api/v1/tasks/{id}")), record, h("div.columns", history, h("div", {}, result, stream)));
+  if (!id) return () => {};
+
+  let stopStream = () => {};
+  let alive = true;
+
+  async function load() {
+    const task = await api(`/tasks/${encodeURIComponent(id)}`);
+    if (!alive) return task;
+    drawRecord(task);
+    drawHistory(task.history || []);
+    if (FINAL.has(task.state)) await loadResult(task);
+    else fill(result, h("h3", {}, "Result"), h("p.note", {}, `Not finished (${task.state}).`));
+    return task;
+  }
+
+  function drawRecord(task) {
+    const rows = Object.entries(task)
+      .filter(([k]) => !SKIP.has(k))
+      .map(([k, v]) => h("tr", { dataset: { field: k } }, h("th", {}, k), h("td", {}, value(k, v))));
+    const actions = h(
+      "div.actions",
+      {},
+      FINAL.has(task.state)
+        ? null
+        : h("button.danger", { dataset: { action: "cancel" }, onclick: cancel }, "Cancel"),
+      h("a", { href: href("graph", { id }) }, "Dependency graph"),
+      h("a", { href: href("tasks", { service: task.service, state: task.state }) }, `All ${task.state} tasks of ${task.service}`),
+    );
+    const payload = task.payload_preview ?? task.payload;
+    fill(
+      record,
+      h("h3", {}, task.id, " ", h(`span.badge.state-${task.state}`, { dataset: { field: "state" } }, task.state)),
+      actions,
+      h("table.kv", {}, h("tbody", {}, rows)),
+      h("h3", {}, "Payload"),
+      payload === undefined
+        ? h("p.note", {}, "The API's task record carries no payload.")
+        : h("pre.preview", {}, preview(typeof payload === "string" ? payload : JSON.stringify(payload))),
+    );
+  }
+
+  function drawHistory(entries) {
+    fill(
+      history,
+      h("h3", {}, "History"),
+      h(
+        "table.grid",
+        {},
+        h("thead", {}, h("tr", {}, h("th", {}, "time"), h("th", {}, "event"), h("th", {}, "details"))),
+        h(
+          "tbody",
+          {},
+          entries.map(([event, at, ...details]) => h("tr", {}, h("td", {}, when(at)), h("td", {}, event), h("td.mono", {}, details.map(show).join(" ")))),
+        ),
+      ),
+    );
+  }
+
+  async function loadResult(task) {
+    if (task.state !== "done") {
+      fill(result, h("h3", {}, "Result"), h("p.note", {}, `No result: the task ended ${task.state}${task.error ? ` (${task.error})` : ""}.`));
+      return;
+    }
+    try {
+      const answer = await api(`/tasks/${encodeURIComponent(id)}/result`);
+      const frames = answer.frames || [];
+      fill(
+        result,
+        h("h3", {}, "Result"),
+        h("p.note", {}, `${frames.length} frame(s), from GET /api/v1/tasks/{id}/result`),
+        frames.map((frame, i) => h("pre.preview", { dataset: { field: "result", frame: i } }, preview(dataText(frame)))),
+      );
+    } catch (exc) {
+      fill(result, h("h3", {}, "Result"), h("p.error-text", {}, `${exc.code || "error"}: ${exc.message}`));
+    }
+  }
+
+  function startStream() {
+    const chunks = h("pre.preview.live", { dataset: { field: "stream" } });
+    const status = h("span.stream-state", { dataset: { field: "stream-state" } }, "connecting");
+    let count = 0;
+    fill(stream, h("h3", {}, "Stream ", status), h("p.note", {}, "Chunks as the worker sends them (SSE /api/v1/tasks/{id}/stream?offset=0)."), chunks);
+    stopStream = follow(`/tasks/${encodeURIComponent(id)}/stream?offset=0`, {
+      onEvent: (message) => {
+        if (message.event === "chunk") {
+          count += 1;
+          chunks.append(h("span.chunk", { dataset: { offset: message.data.offset } }, dataText(message.data)));
+          status.textContent = `live: ${count} chunk(s)`;
+        } else if (message.event === "result") {
+          status.textContent = `ended: ${count} chunk(s), then the result`;
+          attempt("Reading the task", load);
+        } else if (message.event === "error") {
+          const error = message.data.error || {};
+          status.textContent = `ended: ${error.code || "error"}`;
+          attempt("Reading the task", load);
+        }
+      },
+      onState: (state, exc) => {
+        if (state === "open") status.textContent = "live";
+        else if (state === "error") {
+          status.textContent = "failed";
+          showError("Following the task's stream", exc);
+        }
+      },
+    });
+  }
+
+  async function cancel() {
+    await attempt(`Cancelling ${id}`, () => api(`/tasks/${encodeURIComponent(id)}/cancel`, { method: "POST" }));
+    await attempt("Reading the task", load);
+  }
+
+  attempt("Reading the task", load).then((task) => {
+    if (task && alive) startStream();
+  });
+  return () => {
+    alive = false;
+    stopStream();
+  };
+}
+
+/** The text of a data document of the API: {"text": ...} or {"base64": ...}. */
+function dataText(doc) {
+  if (doc.text !== undefined) return doc.text;
+  if (doc.base64 !== undefined) return `base64:${doc.base64}`;
+  return JSON.stringify(doc);
+}
+
+function preview(text, cut = false) {
+  const shown = text.length > PREVIEW_CHARS ? text.slice(0, PREVIEW_CHARS) : text;
+  return cut || text.length > PREVIEW_CHARS ? `${shown}\n… (cut at ${PREVIEW_CHARS} characters)` : shown;
+}
+
+function value(field, v) {
+  if (field.endsWith("_at") || field === "keep_until" || field === "not_before") {
+    return typeof v === "number" && v > 0 ? when(v) : "–";
+  }
+  if (field === "depends_on" && Array.isArray(v) && v.length) {
+    return v.map((dep) => h("a.mono", { href: href("task", { id: dep }) }, dep, " "));
+  }
+  return show(v);
+}

@@ -1,0 +1,165 @@
+// Tasks of one service in one state: GET /api/v1/tasks?service=&state=&limit=&after=,
+// with a selection and the actions that apply to it (cancel; redrive and drop for
+// dead letters). A task's id opens its detail (#task?id=).
+
+import { api } from "../api.js";
+import { h, fill, show, when, poll, attempt, Selection } from "../dom.js";
+import { href, replaceParams } from "../router.js";
+import { serviceChooser } from "./services.js";
+
+// The states GET /tasks lists (zbroker.protocol.zbc.LISTABLE_STATES).
+export const STATES = [
+  "ready",
+  "delayed",
+  "blocked",
+  "inflight",
+  "done",
+  "dead",
+  "cancelled",
+  "expired",
+  "upstream_failed",
+];
+const CANCELLABLE = new Set(["ready", "delayed", "blocked", "inflight"]);
+
+export const title = "Tasks";
+
+/** A page of GET /tasks as {rows, after}: `after` is where the next page starts, or null. */
+export async function listTasks(service, state, limit, after = 0) {
+  const query = new URLSearchParams({ service, state, limit: String(limit), after: String(after) });
+  const answer = await api(`/tasks?${query}`);
+  return { rows: answer.tasks, after: answer.next_after ?? null };
+}
+
+export function mount(root, params) {
+  const state = { service: params.service || "", state: params.state || "ready", limit: 100, after: 0 };
+  const selection = new Selection(() => drawActions());
+  let rows = [];
+  let next = null;
+
+  const stateSelect = h(
+    "select",
+    {
+      "aria-label": "state",
+      onchange: () => {
+        state.state = stateSelect.value;
+        state.after = 0;
+        changed();
+      },
+    },
+    STATES.map((s) => h("option", { value: s, selected: s === state.state }, s)),
+  );
+  const chooser = serviceChooser(state.service, (service) => {
+    state.service = service;
+    state.after = 0;
+    changed();
+  });
+  const actionBar = h("div.actions.selection");
+  const table = h("table.grid.tasks");
+  const pager = h("div.pager");
+  fill(
+    root,
+    h(
+      "div.viewbar",
+      h("h2", {}, "Tasks"),
+      h("label", {}, "service ", chooser.element),
+      h("label", {}, "state ", stateSelect),
+      h("span.source", {}, "GET /api/v1/tasks, every 2 s"),
+    ),
+    actionBar,
+    table,
+    pager,
+  );
+
+  function changed() {
+    selection.clear();
+    replaceParams({ service: state.service, state: state.state });
+    refresh();
+  }
+
+  async function refresh() {
+    if (!state.service) {
+      rows = [];
+      next = null;
+      fill(table, h("tbody", {}, h("tr", {}, h("td.empty", {}, "Choose a service."))));
+      drawActions();
+      return;
+    }
+    const page = await listTasks(state.service, state.state, state.limit, state.after);
+    rows = page.rows;
+    next = page.after;
+    selection.keep(rows.map((r) => r.id));
+    draw();
+  }
+
+  function draw() {
+    const ids = rows.map((r) => r.id);
+    const head = h(
+      "tr",
+      {},
+      h("th", {}, selection.allBox(ids)),
+      ["id", "state", "priority", "attempt", "created_at", "finished_at", "depends_on", "error"].map((c) =>
+        h("th", {}, c),
+      ),
+    );
+    const body = rows.length
+      ? rows.map((t) =>
+          h(
+            "tr",
+            { dataset: { task: t.id } },
+            h("td", {}, selection.box(t.id)),
+            h("td.mono", {}, h("a", { href: href("task", { id: t.id }) }, t.id)),
+            h("td", {}, h(`span.badge.state-${t.state}`, {}, t.state)),
+            h("td.num", {}, show(t.priority)),
+            h("td.num", {}, `${show(t.attempt)} / ${show(t.max_attempts)}`),
+            h("td", {}, when(t.created_at)),
+            h("td", {}, when(t.finished_at)),
+            h("td.mono", {}, (t.depends_on || []).length ? h("a", { href: href("graph", { id: t.id }) }, show(t.depends_on)) : "–"),
+            h("td.error-text", {}, show(t.error)),
+          ),
+        )
+      : [h("tr", {}, h("td.empty", { colspan: 9 }, `No ${state.state} tasks in ${state.service}.`))];
+    fill(table, h("thead", {}, head), h("tbody", {}, body));
+    fill(
+      pager,
+      state.after > 0
+        ? h("button", { onclick: () => ((state.after = 0), refresh()) }, "First page")
+        : null,
+      next !== null && next !== undefined
+        ? h("button", { onclick: () => ((state.after = next), refresh()) }, "Next page")
+        : null,
+    );
+    drawActions();
+  }
+
+  function drawActions() {
+    const chosen = [...selection.ids];
+    const buttons = [h("span.count", {}, `${chosen.length} selected`)];
+    if (CANCELLABLE.has(state.state)) {
+      buttons.push(
+        h(
+          "button.danger",
+          { disabled: !chosen.length, dataset: { action: "cancel" }, onclick: () => cancel(chosen) },
+          "Cancel selected",
+        ),
+      );
+    }
+    if (state.state === "dead") {
+      buttons.push(h("a", { href: href("dead", { service: state.service }) }, "Redrive or drop in Dead letters"));
+    }
+    fill(actionBar, buttons);
+  }
+
+  async function cancel(ids) {
+    await attempt(`Cancelling ${ids.length} task(s)`, async () => {
+      for (const id of ids) await api(`/tasks/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    });
+    selection.clear();
+    await attempt("Reading the tasks", refresh);
+  }
+
+  const stopPolling = poll("Reading the tasks", refresh, 2000);
+  return () => {
+    stopPolling();
+    chooser.stop();
+  };
+}
