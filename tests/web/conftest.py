@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, new_broker
 from tests.web.gateway import GatewayProcess, Http
 
 
@@ -43,5 +43,27 @@ def gateway(
 @pytest.fixture
 def http(gateway: GatewayProcess) -> Iterator[Http]:
     client = gateway.http()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One broker and gateway for a whole module of tests that leave no trace."""
+    directory = tmp_path_factory.mktemp("shared")
+    broker = new_broker(directory, 0)
+    broker.start()
+    gateway = GatewayProcess(broker, directory / "web.log")
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.stop()
+        broker.stop()
+
+
+@pytest.fixture
+def shared_http(shared_gateway: GatewayProcess) -> Iterator[Http]:
+    client = shared_gateway.http()
     yield client
     client.close()

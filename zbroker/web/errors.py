@@ -16,8 +16,8 @@ from zbroker.protocol import zbc
 E_UNAUTHORIZED: Final = "unauthorized"  # no bearer token, or one the token file does not hold
 E_METHOD: Final = "method_not_allowed"
 E_PENDING: Final = "pending"  # the task has not ended within the wait
-E_TIMEOUT: Final = "timeout"  # the broker did not answer in time
-E_BROKER_DOWN: Final = "broker_unreachable"  # the gateway cannot reach or talk to the broker
+E_TIMEOUT: Final = "timeout"  # the broker did not answer in time (down, or too busy)
+E_BROKER_DOWN: Final = "broker_unreachable"  # the broker cannot be talked to (health, keys)
 E_TASK_FAILED: Final = "task_failed"  # the task ended without a result (its state says how)
 E_INTERNAL: Final = "internal"
 
@@ -72,7 +72,7 @@ def from_client_error(exc: client_errors.ClientError) -> ApiError:
     if isinstance(exc, client_errors.TaskPending):
         return ApiError(E_PENDING, str(exc), state=exc.state, task_id=exc.task_id)
     if isinstance(exc, client_errors.CallTimeout):
-        return ApiError(E_BROKER_DOWN, str(exc))
+        return ApiError(E_TIMEOUT, str(exc))
     if isinstance(exc, client_errors.AuthenticationFailed):
         return ApiError(E_BROKER_DOWN, f"the gateway's own key was refused: {exc.reason}")
     return ApiError(E_BROKER_DOWN, str(exc))

@@ -130,6 +130,10 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(exc)
     except ClientError as exc:
         return error_response(from_client_error(exc))
+    except (ValueError, TypeError) as exc:
+        # What the client library refuses before sending (a malformed worker id, an
+        # option out of range): the caller's input, never the gateway's fault.
+        return error_response(ApiError("bad_request", str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
