@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -182,6 +183,7 @@ def make_app(settings: WebSettings) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     gateway = Gateway(settings)
     app[GATEWAY] = gateway
+    app[ws.SOCKETS] = weakref.WeakSet()
     app.router.add_get(f"{API_PREFIX}/openapi.json", _openapi)
     for route in api.ROUTES:
         app.router.add_route(route.method, API_PREFIX + route.path, _route_handler(route))
