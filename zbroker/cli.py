@@ -14,6 +14,8 @@ import enum
 import inspect
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import tomllib
@@ -90,6 +92,8 @@ def _version(value: bool) -> None:
 # The CURVE keys the commands that talk to a broker use (--server-key, --key on the
 # root command, or ZBROKER_SERVER_KEY and ZBROKER_KEY): None when not given.
 _credentials: Credentials | None = None
+# The same two options as given, for a child `zbroker web` (`start --web`).
+_credential_flags: list[str] = []
 
 
 @app.callback()
@@ -121,6 +125,7 @@ def _root(
     if server_key is None or key is None:
         typer.echo("zbroker: give both --server-key and --key, or neither", err=True)
         raise typer.Exit(2)
+    _credential_flags[:] = ["--server-key", server_key, "--key", str(key)]
     try:
         _credentials = Credentials.load(server_key, key)
     except ClientError as exc:
@@ -172,6 +177,24 @@ def start(
             "the environment and flags override it.",
         ),
     ] = None,
+    web_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--web",
+            envvar="ZBROKER_WEB",
+            help="Also run `zbroker web` on HOST:PORT beside the broker (a child process"
+            " stopped with it; it connects with the root --server-key/--key).",
+        ),
+    ] = None,
+    web_tokens: Annotated[
+        Path | None,
+        typer.Option(
+            "--web-tokens",
+            envvar="ZBROKER_WEB_TOKENS",
+            dir_okay=False,
+            help="With --web: its token file (docs/web.md).",
+        ),
+    ] = None,
     **options: Any,  # one per entry of OPTIONS, read back with their sources from ctx
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
@@ -195,11 +218,50 @@ def start(
         typer.echo(f"zbroker: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     server.install_signal_handlers()
+    gateway = _start_gateway(config, web_listen, web_tokens) if web_listen else None
     try:
         server.serve_forever()
     except JournalError as exc:
         typer.echo(f"zbroker: stopped: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        if gateway is not None:
+            _stop_gateway(gateway)
+
+
+def _reachable(endpoint: str) -> str:
+    """A bound endpoint as a local peer connects to it (a wildcard host is loopback)."""
+    for wildcard, local in (("*", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("[::]", "[::1]")):
+        prefix = f"tcp://{wildcard}:"
+        if endpoint.startswith(prefix):
+            return f"tcp://{local}:" + endpoint.removeprefix(prefix)
+    return endpoint
+
+
+def _start_gateway(
+    config: BrokerConfig, listen: str, tokens: Path | None
+) -> subprocess.Popen[bytes]:
+    """`zbroker web` as a child of this broker, which it stops with itself."""
+    _listen_address(listen)
+    command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", listen]
+    command += ["--endpoint", _reachable(config.bind)]
+    command += ["--events-in", _reachable(config.events_in)]
+    command += ["--events-out", _reachable(config.events_out)]
+    command += ["--parent", str(os.getpid())]
+    if tokens is not None:
+        command += ["--tokens", str(tokens)]
+    logging.getLogger("zbroker.config").info("starting zbroker web on %s", listen)
+    return subprocess.Popen(command)
+
+
+def _stop_gateway(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(10)
 
 
 def _shown(value: Any) -> str:
@@ -1071,6 +1133,9 @@ def web(
         float, typer.Option(min=0.001, max=1024, help="Largest request body, MiB.")
     ] = 16.0,
     timeout: _Timeout = 5.0,
+    parent: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop when this process (a broker) ends.")
+    ] = None,
 ) -> None:
     """Serve the broker over HTTP, Server-Sent Events and WebSocket (docs/web.md): a
     separate process, an ordinary client of the broker with this command's keys."""
@@ -1098,6 +1163,7 @@ def web(
         tokens=known,
         max_body_bytes=int(max_body_mib * 1024 * 1024),
         call_timeout_s=timeout,
+        parent_pid=parent,
     )
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:

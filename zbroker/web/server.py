@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +37,7 @@ log = logging.getLogger("zbroker.web")
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 # Request bodies above this are refused (413) before they are read whole.
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+PARENT_CHECK_S: Final = 0.5
 
 
 class ListenRefused(ValueError):
@@ -53,6 +57,8 @@ class WebSettings:
     tokens: Tokens | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     call_timeout_s: float = 5.0
+    # `zbroker start --web`: the broker's pid; the gateway stops when it is gone.
+    parent_pid: int | None = None
 
 
 def check_listen(settings: WebSettings) -> None:
@@ -178,6 +184,23 @@ async def _static(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
+def _watch_parent(pid: int) -> Any:
+    """A cleanup context that stops the gateway (SIGTERM to itself) once the process
+    that started it is gone: a broker killed with -9 leaves no gateway behind."""
+
+    async def watch() -> None:
+        while os.getppid() == pid:
+            await asyncio.sleep(PARENT_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(watch())
+        yield
+        task.cancel()
+
+    return context
+
+
 def make_app(settings: WebSettings) -> web.Application:
     """The aiohttp application of the gateway (started and stopped with it)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
@@ -197,6 +220,8 @@ def make_app(settings: WebSettings) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         await gateway.close()
 
+    if settings.parent_pid is not None:
+        app.cleanup_ctx.append(_watch_parent(settings.parent_pid))
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app

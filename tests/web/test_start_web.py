@@ -1,0 +1,51 @@
+"""`zbroker start --web ADDR`: a gateway beside the broker, stopped with it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import BrokerProcess, free_port, wait_until
+from tests.web.gateway import Http
+
+pytestmark = pytest.mark.integration
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def healthy(port: int) -> bool:
+    if not listening(port):
+        return False
+    http = Http(port)
+    try:
+        return http.get("/api/v1/health").status == 200
+    finally:
+        http.close()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_start_web_runs_a_gateway_that_ends_with_the_broker(
+    broker_factory: Callable[..., BrokerProcess], stop: str
+) -> None:
+    # Given a broker started with --web
+    port = free_port()
+    broker = broker_factory("--web", f"127.0.0.1:{port}")
+    # Then its gateway serves the broker's figures
+    wait_until(lambda: healthy(port), timeout_s=20, step_s=0.1)
+    http = Http(port)
+    assert http.get("/api/v1/queues").status == 200
+    http.close()
+    # When the broker stops (even killed), the gateway is gone too
+    if stop == "sigterm":
+        broker.stop()
+    else:
+        broker.kill()
+    wait_until(lambda: not listening(port), timeout_s=15, step_s=0.1)
