@@ -1,9 +1,9 @@
 """Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, for the console.
 
-Playwright downloads no browser here: it launches the system one with a fresh
-user-data-dir per test. `Console` is a page on a gateway's console that records
-every request the page makes, every script error and every dialog, so a test
-can check that nothing left loopback and nothing failed unseen.
+Playwright downloads no browser here: scripts/chromium.py launches the system
+one with a fresh user-data-dir per test. `Console` is a page on a gateway's
+console that records every request the page makes, every script error and every
+dialog, so a test can check that nothing left loopback and nothing failed unseen.
 """
 
 from __future__ import annotations
@@ -19,51 +19,26 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import BrowserContext, Dialog, sync_playwright
 
+from scripts.chromium import ChromiumMissing, launch
 from tests.conftest import ROOT, BrokerProcess
 from tests.web.gateway import GatewayProcess
 
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason="the console's tests need playwright (the test extra)"
-)
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Flags that work on a machine without a display, GPU, sandbox or outside network.
-CHROMIUM_FLAGS: tuple[str, ...] = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 # Pages and fetches of the console go to these hosts only.
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 # Schemes that never leave the page (the favicon is a data: URL).
 LOCAL_SCHEMES = frozenset({"data", "blob", "about", "chrome-error"})
 
 
-def require_chromium() -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: `python3 dev.py test` installs it (apt-get install chromium)"
-        )
-
-
 @contextmanager
-def chromium(profile: Path, *, width: int = 1600, height: int = 900) -> Iterator[Any]:
+def chromium(profile: Path) -> Iterator[BrowserContext]:
     """A Chromium browser context on a fresh profile directory `profile`."""
-    require_chromium()
-    with playwright_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=list(CHROMIUM_FLAGS),
-            viewport={"width": width, "height": height},
-        )
+    with sync_playwright() as pw:
+        try:
+            context = launch(pw, profile)
+        except ChromiumMissing as exc:
+            pytest.fail(str(exc))
         try:
             yield context
         finally:
@@ -73,7 +48,7 @@ def chromium(profile: Path, *, width: int = 1600, height: int = 900) -> Iterator
 class Console:
     """The console of one gateway, open in one page."""
 
-    def __init__(self, context: Any, gateway: GatewayProcess) -> None:
+    def __init__(self, context: BrowserContext, gateway: GatewayProcess) -> None:
         self.gateway = gateway
         self.requests: list[str] = []
         self.script_errors: list[str] = []
@@ -83,7 +58,7 @@ class Console:
         self.page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
         self.page.on("dialog", self._accept)
 
-    def _accept(self, dialog: Any) -> None:
+    def _accept(self, dialog: Dialog) -> None:
         self.dialogs.append(dialog.message)
         dialog.accept()
 
@@ -92,7 +67,7 @@ class Console:
         self.page.wait_for_selector("#connection[data-state=connected]", timeout=15_000)
 
     def text(self, selector: str) -> str:
-        return str(self.page.locator(selector).first.inner_text(timeout=10_000)).strip()
+        return self.page.locator(selector).first.inner_text(timeout=10_000).strip()
 
     def wait_text(self, selector: str, expected: str, timeout_s: float = 15.0) -> None:
         """Poll until the first element matching `selector` reads `expected`."""

@@ -98,7 +98,7 @@ def test_a_tasks_stream_appears_while_it_runs(
     may_finish.set()
     console.wait_text(stream, "first words last words")
     console.wait_text("[data-field=result]", "the end")
-    console.wait_text(".record [data-field=state]", "done")
+    console.wait_text(".taskhead [data-field=state]", "done")
 
 
 def test_the_event_tail_shows_a_published_event(

@@ -26,7 +26,7 @@ export function mount(root, params) {
     idInput.value = "";
     replaceParams(seed);
     refresh();
-  });
+  }, { autoPick: !seed.id });
   const canvas = h("div.graph");
   const note = h("p.note");
   fill(

@@ -5,7 +5,7 @@
 import { api } from "../api.js";
 import { h, fill, show, poll, attempt } from "../dom.js";
 import { History, sparkline } from "../sparkline.js";
-import { go } from "../router.js";
+import { href } from "../router.js";
 
 const COUNTS = ["ready", "delayed", "blocked", "inflight", "dead", "done", "requests"];
 const RATES = ["enqueue_rate", "done_rate", "fail_rate"];
@@ -32,7 +32,7 @@ export function mount(root) {
       {},
       "Counts, rates (tasks/s, the broker's window) and times (s) are the broker's figures as ",
       h("code", {}, "zbroker queues --json"),
-      " gives them. Sparklines: the last 90 samples this page took of the figure beside them.",
+      " gives them. Trends: the last 90 samples this page took of ready, done_rate and wait_s_p95, one a second.",
     ),
     table,
   );
@@ -54,9 +54,7 @@ function render(table, rows) {
     h("th.num", { title: "credit in use / credit" }, "credit"),
     RATES.map((c) => h("th.num", {}, c)),
     TIMES.map((c) => h("th.num", {}, c)),
-    h("th", {}, "ready (sampled)"),
-    h("th", {}, "done_rate (sampled)"),
-    h("th", {}, "wait_s_p95 (sampled)"),
+    h("th", { title: "sampled by this page once a second" }, "trends (sampled)"),
     h("th", {}, "limit"),
     h("th", {}, ""),
   );
@@ -70,12 +68,21 @@ function cell(row, field) {
   return h("td.num", { dataset: { field } }, show(row[field]));
 }
 
+function deadCell(q) {
+  const count = show(q.dead);
+  const link = h("a", { href: href("dead", { service: q.service }), title: "the dead letters" }, count);
+  return h("td.num", { dataset: { field: "dead" } }, q.dead ? link : count);
+}
+
 function row(q) {
-  const spark = (field) =>
+  const spark = (field, label) =>
     h(
-      "td.spark",
+      "div.trend",
       { dataset: { spark: field } },
+      h("span.trend-label", {}, label),
       sparkline(history.get(q.service, field), {
+        width: 80,
+        height: 13,
         title: `${field} of ${q.service}, sampled by this page every 1 s`,
       }),
     );
@@ -88,7 +95,7 @@ function row(q) {
       h("a", { href: `#tasks?service=${encodeURIComponent(q.service)}` }, q.service),
       q.paused ? h("span.badge.paused", { dataset: { field: "paused" } }, "paused") : null,
     ),
-    COUNTS.map((c) => cell(q, c)),
+    COUNTS.map((c) => (c === "dead" ? deadCell(q) : cell(q, c))),
     cell(q, "workers"),
     h(
       "td.num",
@@ -99,9 +106,7 @@ function row(q) {
     ),
     RATES.map((c) => cell(q, c)),
     TIMES.map((c) => cell(q, c)),
-    spark("ready"),
-    spark("done_rate"),
-    spark("wait_s_p95"),
+    h("td.trends", {}, spark("ready", "ready"), spark("done_rate", "done_rate"), spark("wait_s_p95", "wait_p95")),
     h("td", { dataset: { field: "limit" } }, show(q.limit)),
     h("td.actions", {}, actions(q)),
   );
@@ -155,12 +160,7 @@ function actions(q) {
     },
     "Purge",
   );
-  const dead = h(
-    "button",
-    { onclick: () => go("dead", { service: q.service }) },
-    "Dead letters",
-  );
-  return [pause, h("span.limitbox", {}, limitInput, setLimit), purge, dead];
+  return [pause, h("span.limitbox", {}, limitInput, setLimit), purge];
 }
 
 function limitField(q) {

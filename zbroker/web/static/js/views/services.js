@@ -5,7 +5,8 @@ import { h } from "../dom.js";
 
 let listId = 0;
 
-export function serviceChooser(initial, onChoose) {
+/** `autoPick`: with no service given, choose the first one the broker lists. */
+export function serviceChooser(initial, onChoose, { autoPick = true } = {}) {
   const id = `services-${++listId}`;
   const options = h("datalist", { id });
   const input = h("input.service", {
@@ -20,7 +21,7 @@ export function serviceChooser(initial, onChoose) {
     .then((rows) => {
       if (stopped) return;
       options.replaceChildren(...rows.map((r) => h("option", { value: r.service })));
-      if (!input.value && rows.length) {
+      if (autoPick && !input.value && rows.length) {
         input.value = rows[0].service;
         onChoose(input.value);
       }

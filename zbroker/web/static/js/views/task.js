@@ -19,7 +19,13 @@ export function mount(root, params) {
   const history = h("div.history");
   const result = h("div.result");
   const stream = h("div.stream");
-  fill(root, h("div.viewbar", h("h2", {}, "Task"), open, h("span.source", {}, "GET /api/v1/tasks/{id}")), record, h("div.columns", history, h("div", {}, result, stream)));
+  const heading = h("div.taskhead");
+  fill(
+    root,
+    h("div.viewbar", h("h2", {}, "Task"), open, h("span.source", {}, "GET /api/v1/tasks/{id}")),
+    heading,
+    h("div.columns", record, h("div", {}, stream, result, history)),
+  );
   if (!id) return () => {};
 
   let stopStream = () => {};
@@ -50,9 +56,12 @@ export function mount(root, params) {
     );
     const payload = task.payload_preview ?? task.payload;
     fill(
-      record,
+      heading,
       h("h3", {}, task.id, " ", h(`span.badge.state-${task.state}`, { dataset: { field: "state" } }, task.state)),
       actions,
+    );
+    fill(
+      record,
       h("table.kv", {}, h("tbody", {}, rows)),
       h("h3", {}, "Payload"),
       payload === undefined
