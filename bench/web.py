@@ -301,8 +301,18 @@ def markdown(result: JSONDict) -> str:
         )
     lines.append("")
     for way, r in result["ratios_to_native"].items():
+        by_round = {
+            metric: spread([row[way][metric] / row[NATIVE][metric] for row in result["rounds"]])
+            for metric in ("p50_ms", "tasks_per_s")
+        }
+
+        def x2(v: float) -> str:
+            return f"x{v:.2f}"
+
         lines.append(
-            f"- {way} / native: p50 latency x{r['p50_ms']:.2f}, throughput x{r['tasks_per_s']:.2f}"
+            f"- {way} / native, of the medians: p50 latency x{r['p50_ms']:.2f}, throughput "
+            f"x{r['tasks_per_s']:.2f}; round by round: p50 {fmt_range(by_round['p50_ms'], x2)}, "
+            f"throughput {fmt_range(by_round['tasks_per_s'], x2)}"
         )
     return "\n".join(lines)
 

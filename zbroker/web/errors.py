@@ -15,7 +15,6 @@ from zbroker.protocol import zbc
 # Codes of the gateway's own (the broker never sends these).
 E_UNAUTHORIZED: Final = "unauthorized"  # no bearer token, or one the token file does not hold
 E_METHOD: Final = "method_not_allowed"
-E_PENDING: Final = "pending"  # the task has not ended within the wait
 E_TIMEOUT: Final = "timeout"  # the broker did not answer in time (down, or too busy)
 E_BROKER_DOWN: Final = "broker_unreachable"  # the broker cannot be talked to (health, keys)
 E_TASK_FAILED: Final = "task_failed"  # the task ended without a result (its state says how)
@@ -37,7 +36,6 @@ HTTP_STATUS: Final[dict[str, int]] = {
     zbc.E_SHUTTING_DOWN: 503,
     zbc.E_UNAVAILABLE: 503,
     E_BROKER_DOWN: 503,
-    E_PENDING: 504,
     E_TIMEOUT: 504,
 }
 
@@ -70,7 +68,7 @@ def from_client_error(exc: client_errors.ClientError) -> ApiError:
     if isinstance(exc, client_errors.TaskFailed):
         return ApiError(E_TASK_FAILED, str(exc), state=str(exc.state), task_id=exc.task_id)
     if isinstance(exc, client_errors.TaskPending):
-        return ApiError(E_PENDING, str(exc), state=exc.state, task_id=exc.task_id)
+        return ApiError(E_TIMEOUT, str(exc), state=exc.state, task_id=exc.task_id)
     if isinstance(exc, client_errors.CallTimeout):
         return ApiError(E_TIMEOUT, str(exc))
     if isinstance(exc, client_errors.AuthenticationFailed):

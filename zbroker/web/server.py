@@ -38,6 +38,8 @@ STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 # Request bodies above this are refused (413) before they are read whole.
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 PARENT_CHECK_S: Final = 0.5
+# On SIGTERM, open responses (event followers, streams) get this long to end.
+SHUTDOWN_S: Final = 3.0
 
 
 class ListenRefused(ValueError):
@@ -204,8 +206,6 @@ def _watch_parent(pid: int) -> Any:
 def make_app(settings: WebSettings) -> web.Application:
     """The aiohttp application of the gateway (started and stopped with it)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
-    gateway = Gateway(settings)
-    app[GATEWAY] = gateway
     app[ws.SOCKETS] = weakref.WeakSet()
     app.router.add_get(f"{API_PREFIX}/openapi.json", _openapi)
     for route in api.ROUTES:
@@ -214,16 +214,16 @@ def make_app(settings: WebSettings) -> web.Application:
     app.router.add_get("/", _static)
     app.router.add_get("/{name:.+}", _static)
 
-    async def on_shutdown(app: web.Application) -> None:
-        await ws.close_all(app)
+    async def gateway(app: web.Application) -> AsyncIterator[None]:
+        # Made on the server's loop, when it starts: the client's sockets belong to it.
+        app[GATEWAY] = Gateway(settings)
+        yield
+        await app[GATEWAY].close()
 
-    async def on_cleanup(app: web.Application) -> None:
-        await gateway.close()
-
+    app.cleanup_ctx.append(gateway)
     if settings.parent_pid is not None:
         app.cleanup_ctx.append(_watch_parent(settings.parent_pid))
-    app.on_shutdown.append(on_shutdown)
-    app.on_cleanup.append(on_cleanup)
+    app.on_shutdown.append(ws.close_all)
     return app
 
 
@@ -238,4 +238,11 @@ def run(settings: WebSettings) -> None:
         settings.endpoint,
         "tokens required" if settings.tokens else "no tokens: loopback only",
     )
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_S,
+    )

@@ -36,7 +36,8 @@ MAX_IN_FLIGHT: Final = 256
 MAX_WAIT_S: Final = 300.0
 HEARTBEAT_S: Final = 20.0
 
-SOCKETS: Final = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+Sockets = weakref.WeakSet[web.WebSocketResponse]
+SOCKETS: Final[web.AppKey[Sockets]] = web.AppKey("websockets")
 
 
 class Session:
@@ -243,5 +244,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def close_all(app: web.Application) -> None:
     """At shutdown: close every WebSocket (going away)."""
-    for ws in list(app[SOCKETS]):
+    sockets: Sockets = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"server shutdown")
