@@ -190,7 +190,7 @@ def main() -> None:
             shoot(page, url, f"graph?id={joined}", args.out, "svg.dag")
             with Client(endpoint) as client:
                 talk = client.enqueue("transcribe", SPOKEN.encode())
-            shoot(page, url, f"task?id={talk}", args.out, "span.chunk", settle_ms=900)
+            shoot(page, url, f"task?id={talk}", args.out, "span.chunk", settle_ms=2300)
             context.close()
         stop.set()
         feeder.join(10)

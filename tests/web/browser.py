@@ -62,9 +62,10 @@ class Console:
         self.dialogs.append(dialog.message)
         dialog.accept()
 
-    def open(self, view: str = "queues") -> None:
+    def open(self, view: str = "queues", state: str = "connected") -> None:
+        """Open `view` and wait for the connection state the header shows."""
         self.page.goto(f"{self.gateway.url}/#{view}")
-        self.page.wait_for_selector("#connection[data-state=connected]", timeout=15_000)
+        self.page.wait_for_selector(f"#connection[data-state={state}]", timeout=15_000)
 
     def text(self, selector: str) -> str:
         return self.page.locator(selector).first.inner_text(timeout=10_000).strip()

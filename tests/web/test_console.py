@@ -7,7 +7,7 @@ action by its effect on the broker, and no request may leave loopback.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -207,3 +207,53 @@ def test_no_request_leaves_loopback(
 
     # Then the page fetched only from the gateway (checked again at teardown)
     assert console.requests and console.foreign_requests() == []
+
+
+OPERATOR = "operator-token-0123456789"
+WATCHER = "watcher-token-0123456789"
+
+
+def test_with_tokens_the_console_asks_for_one_and_keeps_it_for_the_tab(
+    broker: BrokerProcess,
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+    stack: ExitStack,
+) -> None:
+    # Given a gateway that wants bearer tokens: an administrator's and an observer's
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nprincipal = "ops"\ntoken = "{OPERATOR}"\nroles = ["admin"]\n\n'
+        f'[[token]]\nprincipal = "dash"\ntoken = "{WATCHER}"\nroles = ["observer"]\n'
+    )
+    gateway = gateway_factory(broker, "--tokens", str(tokens))
+    open_client(stack, broker).enqueue("guarded", b"x")
+    console = stack.enter_context(open_console(gateway, tmp_path / "chromium-profile"))
+
+    # When the console opens without a token
+    console.open("queues", state="unauthorized")
+
+    # Then it says a token is wanted, and why
+    error = console.page.locator(".error[data-code=unauthorized]").first
+    error.wait_for(timeout=15_000)
+    assert "HTTP 401" in error.inner_text()
+
+    # When the observer's token is given, the queues show; a pause is refused readably
+    console.page.fill("#token", WATCHER)
+    console.page.click("#token-form button:not([type])")
+    console.wait_text('tr[data-service="guarded"] td[data-field=ready]', "1")
+    console.page.click('tr[data-service="guarded"] button[data-action=pause]')
+    forbidden = console.page.locator(".error[data-code=forbidden]").first
+    forbidden.wait_for(timeout=15_000)
+    assert "Pausing guarded" in forbidden.inner_text()
+    assert queue_row(broker, "guarded")["paused"] is False
+
+    # When the operator's token replaces it, the same click pauses the queue
+    console.page.fill("#token", OPERATOR)
+    console.page.click("#token-form button:not([type])")
+    console.page.click('tr[data-service="guarded"] button[data-action=pause]')
+    wait_until(lambda: queue_row(broker, "guarded")["paused"] is True, timeout_s=15)
+
+    # And the token lives in this tab's sessionStorage only, across a reload
+    stored = "() => [sessionStorage.getItem('zbroker.token'), localStorage.length]"
+    assert console.page.evaluate(stored) == [OPERATOR, 0]
+    console.open("queues")

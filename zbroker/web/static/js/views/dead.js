@@ -43,7 +43,7 @@ export function mount(root, params) {
 
   function draw() {
     const ids = rows.map((r) => r.id);
-    const head = h("tr", {}, h("th", {}, selection.allBox(ids)), ["id", "seq", "attempt", "created_at", "finished_at", "error"].map((c) => h("th", {}, c)));
+    const head = h("tr", {}, h("th", {}, selection.allBox(ids)), h("th", "id"), ["seq", "attempt"].map((c) => h("th.num", c)), ["created_at", "finished_at", "error"].map((c) => h("th", c)));
     const body = rows.length
       ? rows.map((d) =>
           h(

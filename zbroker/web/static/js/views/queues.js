@@ -1,15 +1,23 @@
 // Queues: GET /api/v1/queues (the document `zbroker queues --json` prints), polled
 // once a second. Every figure in the table is the API's, shown as it came; the
-// sparklines are the history of those same figures as this page sampled them.
+// trends are the history of three of those figures as this page sampled them.
+// Rows are updated in place, so that a button is never replaced under a click.
 
 import { api } from "../api.js";
 import { h, fill, show, poll, attempt } from "../dom.js";
 import { History, sparkline } from "../sparkline.js";
 import { href } from "../router.js";
 
-const COUNTS = ["ready", "delayed", "blocked", "inflight", "dead", "done", "requests"];
+const COUNTS = ["ready", "delayed", "blocked", "inflight", "dead", "done", "requests", "workers"];
 const RATES = ["enqueue_rate", "done_rate", "fail_rate"];
 const TIMES = ["oldest_age_s", "wait_s_p95", "run_s_p95"];
+// The figures of a row, in their columns' order ("credit" is credit_in_use / credit).
+const FIGURES = [...COUNTS, "credit", ...RATES, ...TIMES];
+const TRENDS = [
+  ["ready", "ready"],
+  ["done_rate", "done_rate"],
+  ["wait_s_p95", "wait_p95"],
+];
 // One history for the page's life, so leaving the view and coming back keeps it.
 const history = new History(90);
 // The limit fields outlive each redraw, so that a value being typed is not replaced.
@@ -19,131 +27,146 @@ export const title = "Queues";
 
 export function mount(root) {
   const stamp = h("span.stamp");
-  const table = h("table.grid.queues");
+  const body = h("tbody");
+  const rows = new Map(); // service -> its <tr>
   fill(
     root,
-    h(
-      "div.viewbar",
-      h("h2", {}, "Queues"),
-      h("span.source", {}, "GET /api/v1/queues, every 1 s; ", stamp),
-    ),
+    h("div.viewbar", h("h2", "Queues"), h("span.source", {}, "GET /api/v1/queues, every 1 s; ", stamp)),
     h(
       "p.note",
       {},
-      "Counts, rates (tasks/s, the broker's window) and times (s) are the broker's figures as ",
-      h("code", {}, "zbroker queues --json"),
-      " gives them. Trends: the last 90 samples this page took of ready, done_rate and wait_s_p95, one a second.",
+      "Counts, rates (tasks/s, over the broker's window) and times (s) are the broker's figures as ",
+      h("code", "zbroker queues --json"),
+      " gives them. Trends: the last 90 samples this page took of ready, done_rate and" +
+        " wait_s_p95, one a second.",
     ),
-    table,
+    h("table.grid.queues", {}, h("thead", {}, header()), body),
   );
   return poll("Reading the queues", async () => {
-    const rows = await api("/queues");
-    for (const row of rows) history.push(row.service, row);
+    const answer = await api("/queues");
+    for (const q of answer) history.push(q.service, q);
     stamp.textContent = `as of ${new Date().toLocaleTimeString([], { hour12: false })}`;
-    render(table, rows);
+    render(body, rows, answer);
   });
 }
 
-function render(table, rows) {
-  const head = h(
-    "tr",
-    {},
-    h("th", {}, "service"),
-    COUNTS.map((c) => h("th.num", {}, c)),
-    h("th.num", {}, "workers"),
-    h("th.num", { title: "credit in use / credit" }, "credit"),
-    RATES.map((c) => h("th.num", {}, c)),
-    TIMES.map((c) => h("th.num", {}, c)),
-    h("th", { title: "sampled by this page once a second" }, "trends (sampled)"),
-    h("th", {}, "limit"),
-    h("th", {}, ""),
-  );
-  const body = rows.length
-    ? rows.map(row)
-    : [h("tr", {}, h("td.empty", { colspan: 20 }, "No services yet."))];
-  fill(table, h("thead", {}, head), h("tbody", {}, body));
-}
-
-function cell(row, field) {
-  return h("td.num", { dataset: { field } }, show(row[field]));
-}
-
-function deadCell(q) {
-  const count = show(q.dead);
-  const link = h("a", { href: href("dead", { service: q.service }), title: "the dead letters" }, count);
-  return h("td.num", { dataset: { field: "dead" } }, q.dead ? link : count);
-}
-
-function row(q) {
-  const spark = (field, label) =>
-    h(
-      "div.trend",
-      { dataset: { spark: field } },
-      h("span.trend-label", {}, label),
-      sparkline(history.get(q.service, field), {
-        width: 80,
-        height: 13,
-        title: `${field} of ${q.service}, sampled by this page every 1 s`,
-      }),
-    );
+function header() {
   return h(
     "tr",
-    { dataset: { service: q.service }, class: q.paused ? "paused" : "" },
-    h(
-      "td.service",
-      {},
-      h("a", { href: `#tasks?service=${encodeURIComponent(q.service)}` }, q.service),
-      q.paused ? h("span.badge.paused", { dataset: { field: "paused" } }, "paused") : null,
-    ),
-    COUNTS.map((c) => (c === "dead" ? deadCell(q) : cell(q, c))),
-    cell(q, "workers"),
-    h(
-      "td.num",
-      { dataset: { field: "credit" } },
-      h("span", { dataset: { field: "credit_in_use" } }, show(q.credit_in_use)),
-      " / ",
-      show(q.credit),
-    ),
-    RATES.map((c) => cell(q, c)),
-    TIMES.map((c) => cell(q, c)),
-    h("td.trends", {}, spark("ready", "ready"), spark("done_rate", "done_rate"), spark("wait_s_p95", "wait_p95")),
-    h("td", { dataset: { field: "limit" } }, show(q.limit)),
-    h("td.actions", {}, actions(q)),
+    {},
+    h("th", "service"),
+    FIGURES.map((f) => h("th.num", { title: f === "credit" ? "credit_in_use / credit" : "" }, f)),
+    h("th", { title: "sampled by this page once a second" }, "trends (sampled)"),
+    h("th", "limit"),
+    h("th", ""),
   );
 }
 
-function actions(q) {
+function render(body, rows, answer) {
+  const listed = new Set(answer.map((q) => q.service));
+  for (const [service, tr] of rows) {
+    if (!listed.has(service)) {
+      tr.remove();
+      rows.delete(service);
+    }
+  }
+  if (!answer.length) {
+    fill(body, h("tr", {}, h("td.empty", { colspan: FIGURES.length + 4 }, "No services yet.")));
+    return;
+  }
+  body.querySelector("td.empty")?.parentElement.remove();
+  for (const q of answer) {
+    let tr = rows.get(q.service);
+    if (!tr) rows.set(q.service, (tr = newRow(q)));
+    update(tr, q);
+    body.append(tr); // in the API's order (appending moves a row already there)
+  }
+}
+
+function newRow(q) {
+  return h(
+    "tr",
+    { dataset: { service: q.service } },
+    h("td.service", {}, h("a", { href: href("tasks", { service: q.service }) }, q.service), h("span.flag")),
+    FIGURES.map((field) => h("td.num", { dataset: { field } })),
+    h("td.trends"),
+    h("td", { dataset: { field: "limit" } }),
+    h("td.actions"),
+  );
+}
+
+/** Put `q`'s figures in its row; a cell is rewritten only when its figure changed. */
+function update(tr, q) {
+  for (const field of [...FIGURES, "limit"]) {
+    const td = tr.querySelector(`td[data-field="${field}"]`);
+    const shown = field === "credit" ? `${show(q.credit_in_use)} / ${show(q.credit)}` : show(q[field]);
+    if (td.dataset.shown === shown) continue;
+    td.dataset.shown = shown;
+    fill(td, figure(q, field, shown));
+  }
+  tr.classList.toggle("paused", Boolean(q.paused));
+  fill(tr.querySelector("span.flag"), q.paused ? h("span.badge.paused", { dataset: { field: "paused" } }, "paused") : null);
+  fill(
+    tr.querySelector("td.trends"),
+    TRENDS.map(([field, label]) =>
+      h(
+        "div.trend",
+        { dataset: { spark: field } },
+        h("span.trend-label", label),
+        sparkline(history.get(q.service, field), {
+          width: 80,
+          height: 13,
+          title: `${field} of ${q.service}, sampled by this page every 1 s`,
+        }),
+      ),
+    ),
+  );
+  const actions = tr.querySelector("td.actions");
+  if (actions.dataset.paused !== String(Boolean(q.paused))) {
+    actions.dataset.paused = String(Boolean(q.paused));
+    fill(actions, buttons(q));
+  }
+  limitField(q);
+}
+
+function figure(q, field, shown) {
+  if (field === "credit") {
+    return [h("span", { dataset: { field: "credit_in_use" } }, show(q.credit_in_use)), " / ", show(q.credit)];
+  }
+  if (field === "dead" && q.dead) {
+    return h("a", { href: href("dead", { service: q.service }), title: "the dead letters" }, shown);
+  }
+  return shown;
+}
+
+function post(doing, path, init) {
+  return () => attempt(doing, () => api(path, init));
+}
+
+function buttons(q) {
   const service = encodeURIComponent(q.service);
   const pause = q.paused
     ? h(
         "button",
-        {
-          dataset: { action: "resume" },
-          onclick: () => attempt(`Resuming ${q.service}`, () => api(`/queues/${service}/resume`, { method: "POST" })),
-        },
+        { dataset: { action: "resume" }, onclick: post(`Resuming ${q.service}`, `/queues/${service}/resume`, { method: "POST" }) },
         "Resume",
       )
     : h(
         "button",
-        {
-          dataset: { action: "pause" },
-          onclick: () => attempt(`Pausing ${q.service}`, () => api(`/queues/${service}/pause`, { method: "POST" })),
-        },
+        { dataset: { action: "pause" }, onclick: post(`Pausing ${q.service}`, `/queues/${service}/pause`, { method: "POST" }) },
         "Pause",
       );
-  const limitInput = limitField(q);
+  const input = limitField(q);
   const setLimit = h(
     "button",
     {
       dataset: { action: "limit" },
       title: "Set the service's concurrency limit (empty: no limit)",
       onclick: () => {
-        const text = limitInput.value.trim();
+        const text = input.value.trim();
+        delete input.dataset.edited;
         const limit = text === "" ? null : Number(text);
-        delete limitInput.dataset.edited;
-        attempt(`Setting the limit of ${q.service}`, () =>
-          api(`/queues/${service}/limit`, { method: "PUT", body: { limit } }),
-        );
+        attempt(`Setting the limit of ${q.service}`, () => api(`/queues/${service}/limit`, { method: "PUT", body: { limit } }));
       },
     },
     "Limit",
@@ -153,14 +176,14 @@ function actions(q) {
     {
       dataset: { action: "purge" },
       onclick: () => {
-        if (confirm(`Purge every ready task of ${q.service}?`)) {
+        if (confirm(`Purge every waiting task of ${q.service}?`)) {
           attempt(`Purging ${q.service}`, () => api(`/queues/${service}/purge`, { method: "POST" }));
         }
       },
     },
     "Purge",
   );
-  return [pause, h("span.limitbox", {}, limitInput, setLimit), purge];
+  return [pause, h("span.limitbox", {}, input, setLimit), purge];
 }
 
 function limitField(q) {
@@ -168,7 +191,7 @@ function limitField(q) {
   if (!input) {
     input = h("input.limit", {
       type: "number",
-      min: "0",
+      min: "1",
       placeholder: "none",
       "aria-label": `concurrency limit of ${q.service}`,
       oninput: (event) => (event.target.dataset.edited = "1"),

@@ -116,9 +116,9 @@ export function mount(root, params) {
         if (message.event === "chunk") {
           count += 1;
           chunks.append(h("span.chunk", { dataset: { offset: message.data.offset } }, dataText(message.data)));
-          status.textContent = `live: ${count} chunk(s)`;
+          status.textContent = `live: ${count} chunk(s) received by this page`;
         } else if (message.event === "result") {
-          status.textContent = `ended: ${count} chunk(s), then the result`;
+          status.textContent = `ended: ${count} chunk(s) received by this page, then the result`;
           attempt("Reading the task", load);
         } else if (message.event === "error") {
           const error = message.data.error || {};
@@ -141,11 +141,19 @@ export function mount(root, params) {
     await attempt("Reading the task", load);
   }
 
-  attempt("Reading the task", load).then((task) => {
+  // The record is read again every 2 s until the task ends (its figures change as it runs).
+  let timer = null;
+  const again = async () => {
+    const task = await attempt("Reading the task", load);
+    if (alive && task && !FINAL.has(task.state)) timer = setTimeout(again, 2000);
+    return task;
+  };
+  again().then((task) => {
     if (task && alive) startStream();
   });
   return () => {
     alive = false;
+    clearTimeout(timer);
     stopStream();
   };
 }

@@ -97,9 +97,9 @@ export function mount(root, params) {
       "tr",
       {},
       h("th", {}, selection.allBox(ids)),
-      ["id", "state", "priority", "attempt", "created_at", "finished_at", "depends_on", "error"].map((c) =>
-        h("th", {}, c),
-      ),
+      ["id", "state"].map((c) => h("th", c)),
+      ["priority", "attempt"].map((c) => h("th.num", c)),
+      ["created_at", "finished_at", "depends_on", "error"].map((c) => h("th", c)),
     );
     const body = rows.length
       ? rows.map((t) =>
@@ -114,7 +114,7 @@ export function mount(root, params) {
             h("td", {}, when(t.created_at)),
             h("td", {}, when(t.finished_at)),
             h("td.mono", {}, (t.depends_on || []).length ? h("a", { href: href("graph", { id: t.id }) }, show(t.depends_on)) : "–"),
-            h("td.error-text", {}, show(t.error)),
+            h(t.error ? "td.error-text" : "td", {}, show(t.error)),
           ),
         )
       : [h("tr", {}, h("td.empty", { colspan: 9 }, `No ${state.state} tasks in ${state.service}.`))];
