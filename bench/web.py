@@ -274,6 +274,14 @@ def run(options: Options, say: Say) -> JSONDict:
     }
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _times(value: float) -> str:
+    return f"x{value:.2f}"
+
+
 def markdown(result: JSONDict) -> str:
     s = result["settings"]
     lines = [
@@ -289,12 +297,8 @@ def markdown(result: JSONDict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for way, row in result["summary"].items():
-
-        def f2(v: float) -> str:
-            return f"{v:.2f}"
-
         lines.append(
-            f"| {way} | {fmt_range(row['p50_ms'], f2)} | {fmt_range(row['p95_ms'], f2)} | "
+            f"| {way} | {fmt_range(row['p50_ms'], _ms)} | {fmt_range(row['p95_ms'], _ms)} | "
             f"{fmt_range(row['tasks_per_s'], fmt_count)} | "
             f"{fmt_range(row['gateway_cpu_us_per_task'], fmt_count)} | "
             f"{fmt_range(row['broker_cpu_us_per_task'], fmt_count)} |"
@@ -305,14 +309,11 @@ def markdown(result: JSONDict) -> str:
             metric: spread([row[way][metric] / row[NATIVE][metric] for row in result["rounds"]])
             for metric in ("p50_ms", "tasks_per_s")
         }
-
-        def x2(v: float) -> str:
-            return f"x{v:.2f}"
-
         lines.append(
             f"- {way} / native, of the medians: p50 latency x{r['p50_ms']:.2f}, throughput "
-            f"x{r['tasks_per_s']:.2f}; round by round: p50 {fmt_range(by_round['p50_ms'], x2)}, "
-            f"throughput {fmt_range(by_round['tasks_per_s'], x2)}"
+            f"x{r['tasks_per_s']:.2f}; round by round: p50 "
+            f"{fmt_range(by_round['p50_ms'], _times)}, "
+            f"throughput {fmt_range(by_round['tasks_per_s'], _times)}"
         )
     return "\n".join(lines)
 

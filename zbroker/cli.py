@@ -376,6 +376,9 @@ _Endpoint = Annotated[
     str,
     typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
 ]
+_EventsOut = Annotated[
+    str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
+]
 
 
 def _print_stream(stream: Any, as_json: bool) -> None:
@@ -410,9 +413,7 @@ def tail(
         list[str] | None,
         typer.Argument(help="Topic prefixes to follow (task., worker.ready, fs.); none: all."),
     ] = None,
-    events: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
-    ] = DEFAULT_EVENTS_OUT,
+    events: _EventsOut = DEFAULT_EVENTS_OUT,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per event and line.")
     ] = False,
@@ -1117,9 +1118,7 @@ def web(
     events_in: Annotated[
         str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="The bus's XSUB endpoint.")
     ] = DEFAULT_EVENTS_IN,
-    events_out: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
-    ] = DEFAULT_EVENTS_OUT,
+    events_out: _EventsOut = DEFAULT_EVENTS_OUT,
     tokens: Annotated[
         Path | None,
         typer.Option(

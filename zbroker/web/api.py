@@ -297,6 +297,16 @@ async def publish(gw: Gateway, request: web.Request, who: Principal) -> Any:
 
 # --------------------------------------------------------------------- table
 
+MAX_TASKS_PAGE: Final = 1000
+MAX_DEAD_LETTERS: Final = 100_000
+
+
+def _limit(maximum: int) -> Param:
+    return Param(
+        "limit", "query", "integer", "At most this many.", minimum=1, maximum=maximum, default=100
+    )
+
+
 _SERVICE = Param("service", "path", "string", "The service (queue) name.")
 _TASK = Param("id", "path", "string", "The task id.")
 _IDS_BODY: Final[Schema] = {
@@ -363,15 +373,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         params=(
             Param("service", "query", "string", "The service.", required=True),
             Param("state", "query", "string", ", ".join(LISTABLE_STATES), default="ready"),
-            Param(
-                "limit",
-                "query",
-                "integer",
-                "At most this many.",
-                minimum=1,
-                maximum=1000,
-                default=100,
-            ),
+            _limit(MAX_TASKS_PAGE),
             Param(
                 "after",
                 "query",
@@ -497,15 +499,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         dead_letters,
         params=(
             _SERVICE,
-            Param(
-                "limit",
-                "query",
-                "integer",
-                "At most this many.",
-                minimum=1,
-                maximum=100000,
-                default=100,
-            ),
+            _limit(MAX_DEAD_LETTERS),
         ),
         answer=_ROWS,
     ),
