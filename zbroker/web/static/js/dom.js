@@ -165,3 +165,44 @@ export class Selection {
     this.ids.clear();
   }
 }
+
+/**
+ * Rows of a table body kept by key across refreshes: a row is built once
+ * (`build(item)`), then `update(tr, item)` puts the new figures in it, so that
+ * nothing under the pointer is replaced while the data stays the same.
+ */
+export class KeyedRows {
+  constructor(body, { key, build, update, empty, columns }) {
+    this.body = body;
+    this.rows = new Map();
+    Object.assign(this, { key, build, update, empty, columns });
+  }
+
+  render(items) {
+    const listed = new Set(items.map(this.key));
+    for (const [key, tr] of this.rows) {
+      if (!listed.has(key)) {
+        tr.remove();
+        this.rows.delete(key);
+      }
+    }
+    if (!items.length) {
+      fill(this.body, h("tr", {}, h("td.empty", { colspan: this.columns }, this.empty)));
+      return;
+    }
+    this.body.querySelector("td.empty")?.parentElement.remove();
+    for (const item of items) {
+      let tr = this.rows.get(this.key(item));
+      if (!tr) this.rows.set(this.key(item), (tr = this.build(item)));
+      this.update(tr, item);
+      this.body.append(tr); // in the API's order (appending moves a row already there)
+    }
+  }
+}
+
+/** Set a cell's content, only when its text changed. */
+export function setCell(td, shown, content = shown) {
+  if (td.dataset.shown === shown) return;
+  td.dataset.shown = shown;
+  fill(td, content);
+}

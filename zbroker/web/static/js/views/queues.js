@@ -4,7 +4,7 @@
 // Rows are updated in place, so that a button is never replaced under a click.
 
 import { api } from "../api.js";
-import { h, fill, show, poll, attempt } from "../dom.js";
+import { h, fill, show, poll, attempt, KeyedRows, setCell } from "../dom.js";
 import { History, sparkline } from "../sparkline.js";
 import { href } from "../router.js";
 
@@ -28,7 +28,13 @@ export const title = "Queues";
 export function mount(root) {
   const stamp = h("span.stamp");
   const body = h("tbody");
-  const rows = new Map(); // service -> its <tr>
+  const rows = new KeyedRows(body, {
+    key: (q) => q.service,
+    build: newRow,
+    update,
+    empty: "No services yet.",
+    columns: FIGURES.length + 4,
+  });
   fill(
     root,
     h("div.viewbar", h("h2", "Queues"), h("span.source", {}, "GET /api/v1/queues, every 1 s; ", stamp)),
@@ -46,7 +52,7 @@ export function mount(root) {
     const answer = await api("/queues");
     for (const q of answer) history.push(q.service, q);
     stamp.textContent = `as of ${new Date().toLocaleTimeString([], { hour12: false })}`;
-    render(body, rows, answer);
+    rows.render(answer);
   });
 }
 
@@ -60,27 +66,6 @@ function header() {
     h("th", "limit"),
     h("th", ""),
   );
-}
-
-function render(body, rows, answer) {
-  const listed = new Set(answer.map((q) => q.service));
-  for (const [service, tr] of rows) {
-    if (!listed.has(service)) {
-      tr.remove();
-      rows.delete(service);
-    }
-  }
-  if (!answer.length) {
-    fill(body, h("tr", {}, h("td.empty", { colspan: FIGURES.length + 4 }, "No services yet.")));
-    return;
-  }
-  body.querySelector("td.empty")?.parentElement.remove();
-  for (const q of answer) {
-    let tr = rows.get(q.service);
-    if (!tr) rows.set(q.service, (tr = newRow(q)));
-    update(tr, q);
-    body.append(tr); // in the API's order (appending moves a row already there)
-  }
 }
 
 function newRow(q) {
@@ -100,9 +85,7 @@ function update(tr, q) {
   for (const field of [...FIGURES, "limit"]) {
     const td = tr.querySelector(`td[data-field="${field}"]`);
     const shown = field === "credit" ? `${show(q.credit_in_use)} / ${show(q.credit)}` : show(q[field]);
-    if (td.dataset.shown === shown) continue;
-    td.dataset.shown = shown;
-    fill(td, figure(q, field, shown));
+    setCell(td, shown, figure(q, field, shown));
   }
   tr.classList.toggle("paused", Boolean(q.paused));
   fill(tr.querySelector("span.flag"), q.paused ? h("span.badge.paused", { dataset: { field: "paused" } }, "paused") : null);
