@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import importlib.util
 import inspect
 import json
 import logging
@@ -36,6 +37,7 @@ from zbroker.client.documents import (
     queues_document,
     stats_document,
     task_document,
+    tasks_document,
     workers_document,
 )
 from zbroker.client.errors import ClientError
@@ -199,6 +201,11 @@ def start(
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
     values, config = configure(ctx, config_file)
+    if web_listen is not None:
+        _listen_address(web_listen)
+        if importlib.util.find_spec("aiohttp") is None:
+            typer.echo("zbroker: --web needs aiohttp: pip install 'zbroker[web]'", err=True)
+            raise typer.Exit(2)
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format is LogFormat.JSON:
         handler.setFormatter(JsonLogFormatter())
@@ -242,7 +249,6 @@ def _start_gateway(
     config: BrokerConfig, listen: str, tokens: Path | None
 ) -> subprocess.Popen[bytes]:
     """`zbroker web` as a child of this broker, which it stops with itself."""
-    _listen_address(listen)
     command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", listen]
     command += ["--endpoint", _reachable(config.bind)]
     command += ["--events-in", _reachable(config.events_in)]
@@ -616,7 +622,7 @@ def tasks(
         )
         rows += page
     if as_json:
-        typer.echo(json.dumps(jsonable(rows), indent=2))
+        typer.echo(json.dumps(tasks_document(rows), indent=2))
     elif not rows:
         typer.echo(f"no {state} tasks in {service}")
     else:

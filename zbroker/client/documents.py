@@ -51,6 +51,11 @@ def workers_document(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return jsonable(rows)  # type: ignore[no-any-return]
 
 
+def tasks_document(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`zbroker tasks --json`: a page of a service's tasks in one state."""
+    return jsonable(rows)  # type: ignore[no-any-return]
+
+
 def stats_document(view: dict[str, Any]) -> dict[str, Any]:
     """`zbroker status --json`: the broker's STATS answer, without its request id."""
     shown = {k: v for k, v in view.items() if k != "rid"}

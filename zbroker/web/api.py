@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -21,6 +21,7 @@ from zbroker.client.documents import (
     queues_document,
     stats_document,
     task_document,
+    tasks_document,
     workers_document,
 )
 from zbroker.client.errors import ClientError, Forbidden
@@ -28,6 +29,7 @@ from zbroker.protocol.access import Principal
 from zbroker.protocol.limits import MAX_TOPIC_BYTES
 from zbroker.protocol.states import LISTABLE_STATES
 from zbroker.web.errors import ApiError, bad_request, from_client_error
+from zbroker.web.gateway import Gateway
 from zbroker.web.routes import ADMIN_ONLY, CALLER, OBSERVE, PUBLIC, Param, Route, Schema
 from zbroker.web.tasks import (
     ENQUEUE_SCHEMA,
@@ -37,9 +39,6 @@ from zbroker.web.tasks import (
     read_enqueue,
     result_document,
 )
-
-if TYPE_CHECKING:
-    from zbroker.web.server import Gateway
 
 # How long GET /tasks/{id}/result may wait, and an SSE stream stays silent before a
 # comment line keeps proxies (and the gateway) aware that the connection lives.
@@ -138,7 +137,7 @@ async def list_tasks(
     if state not in LISTABLE_STATES:
         raise bad_request(f"state must be one of {', '.join(LISTABLE_STATES)}")
     rows, next_after = await gw.client.tasks(service, state, limit=limit, after=after)
-    return {"tasks": [dict(row) for row in queues_document(rows)], "next_after": next_after}
+    return {"tasks": tasks_document(rows), "next_after": next_after}
 
 
 async def get_task(gw: Gateway, request: web.Request, who: Principal, id: str) -> Any:
@@ -257,6 +256,7 @@ async def follow_events(
     # `topic` may repeat: every one given is read from the query.
     prefixes = [check_topic(who, t, publish=False) for t in request.query.getall("topic", [""])]
     follower = gw.hub.follower()
+    response = web.StreamResponse()
     try:
         for prefix in prefixes:
             follower.subscribe(prefix)
@@ -273,8 +273,8 @@ async def follow_events(
                 await sse_send(response, "dropped", {"count": follower.dropped - reported})
                 reported = follower.dropped
             await sse_send(response, "event", event_document(event))
-    except (ConnectionResetError, ConnectionError):
-        return web.StreamResponse()  # the caller left
+    except ConnectionError:
+        return response  # the caller left
     finally:
         follower.close()
 

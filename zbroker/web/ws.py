@@ -15,7 +15,7 @@ import contextlib
 import json
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 
@@ -25,11 +25,9 @@ from zbroker.protocol.access import Principal
 from zbroker.web.api import check_topic
 from zbroker.web.bus import Follower
 from zbroker.web.errors import ApiError, bad_request, from_client_error
+from zbroker.web.gateway import GATEWAY, Gateway
 from zbroker.web.routes import CALLER
 from zbroker.web.tasks import owned, read_enqueue, result_document
-
-if TYPE_CHECKING:
-    from zbroker.web.server import Gateway
 
 # Requests of one connection running at once; more are refused (too_many_waiters).
 MAX_IN_FLIGHT: Final = 256
@@ -221,8 +219,6 @@ OPS: Final[dict[str, Op]] = {
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Upgrade to a WebSocket (the caller's token checked first) and serve it."""
-    from zbroker.web.server import GATEWAY
-
     gateway = request.app[GATEWAY]
     who = gateway.authorize(request, CALLER)
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=gateway.settings.max_body_bytes)
