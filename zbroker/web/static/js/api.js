@@ -75,30 +75,18 @@ export async function api(path, { method = "GET", body, signal } = {}) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  let response;
-  try {
-    response = await fetch(BASE + path, init);
-  } catch (exc) {
-    if (exc.name === "AbortError") throw exc;
-    setConnection("offline", "the gateway cannot be reached");
-    throw new ApiError(0, "unreachable", "the gateway cannot be reached");
-  }
-  if (!response.ok) {
-    const error = await errorOf(response);
-    noteAnswer(response.status, error.code.startsWith("http_") ? null : error);
-    throw error;
-  }
-  noteAnswer(response.status, null);
+  const response = await send(path, init);
   if (response.status === 204) return null;
   const text = await response.text();
   return text ? JSON.parse(text) : null;
 }
 
-/** The raw response of a GET (for results, which may be any bytes). */
-export async function fetchRaw(path, { signal } = {}) {
+/** The response of a request that succeeded (2xx); else an ApiError. The
+ * connection state follows every answer, or the lack of one. */
+async function send(path, init) {
   let response;
   try {
-    response = await fetch(BASE + path, { headers: headers({ Accept: "*/*" }), signal });
+    response = await fetch(BASE + path, init);
   } catch (exc) {
     if (exc.name === "AbortError") throw exc;
     setConnection("offline", "the gateway cannot be reached");
@@ -125,7 +113,7 @@ export function follow(path, { onEvent, onState = () => {} }) {
   (async () => {
     let response;
     try {
-      response = await fetchRaw(path, { signal: abort.signal });
+      response = await send(path, { headers: headers({ Accept: "text/event-stream" }), signal: abort.signal });
     } catch (exc) {
       if (exc.name !== "AbortError") onState("error", exc);
       return;

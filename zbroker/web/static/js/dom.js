@@ -96,9 +96,10 @@ export async function attempt(doing, action) {
 
 /**
  * Call `tick` now and then every `intervalMs` after each call ends, until the
- * returned stop function is called. A failed tick is shown once per failure run.
+ * returned stop function is called (which also calls `onStop`). A failed tick is
+ * shown once per failure run.
  */
-export function poll(doing, tick, intervalMs = 1000) {
+export function poll(doing, tick, intervalMs = 1000, onStop = () => {}) {
   let timer = null;
   let stopped = false;
   let failing = false;
@@ -116,6 +117,7 @@ export function poll(doing, tick, intervalMs = 1000) {
   return () => {
     stopped = true;
     clearTimeout(timer);
+    onStop();
   };
 }
 

@@ -87,9 +87,5 @@ export function mount(root, params) {
     await attempt("Reading the dead letters", refresh);
   }
 
-  const stopPolling = poll("Reading the dead letters", refresh, 2000);
-  return () => {
-    stopPolling();
-    chooser.stop();
-  };
+  return poll("Reading the dead letters", refresh, 2000, chooser.stop);
 }

@@ -53,11 +53,7 @@ export function mount(root, params) {
     fill(canvas, draw(nodes, seed.id));
   }
 
-  const stopPolling = poll("Reading the task graph", refresh, 3000);
-  return () => {
-    stopPolling();
-    chooser.stop();
-  };
+  return poll("Reading the task graph", refresh, 3000, chooser.stop);
 }
 
 async function collect(seed) {

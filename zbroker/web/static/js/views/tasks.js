@@ -157,9 +157,5 @@ export function mount(root, params) {
     await attempt("Reading the tasks", refresh);
   }
 
-  const stopPolling = poll("Reading the tasks", refresh, 2000);
-  return () => {
-    stopPolling();
-    chooser.stop();
-  };
+  return poll("Reading the tasks", refresh, 2000, chooser.stop);
 }
