@@ -3,15 +3,20 @@ the gateway keeps serving everyone else."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
+import aiohttp
 import pytest
 
 from tests.conftest import BrokerProcess, free_port
 from tests.web.gateway import GatewayProcess, Http
+from zbroker.client import Publisher
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +152,47 @@ def test_without_tokens_it_refuses_a_non_loopback_address(
     done = subprocess.run(command, capture_output=True, timeout=30, text=True)
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0" in done.stderr
+
+
+def test_a_follower_too_slow_for_its_events_is_told_how_many_it_lost(
+    broker: BrokerProcess, gateway: GatewayProcess
+) -> None:
+    # Given a follower of `flood.` whose subscription has reached the bus
+    sse = gateway.http().open_stream("/api/v1/events?topic=flood.")
+    events = iter(sse)
+    with Publisher(broker.events_in) as publisher:
+        probe = threading.Thread(target=lambda: next(events), daemon=True)
+        probe.start()
+        deadline = time.monotonic() + 10
+        while probe.is_alive() and time.monotonic() < deadline:
+            publisher.publish("flood.probe", 0)
+            probe.join(0.05)
+        assert not probe.is_alive(), "the follower never got an event"
+        # When far more events come than its queue holds while it reads nothing
+        for _ in range(30):
+            publisher.publish_many("flood.x", [b"y" * 10_000] * 100)
+        # Then, reading again, it is told that events were dropped
+        dropped = next(e for e in events if e.event == "dropped")
+    sse.close()
+    assert dropped.data["count"] > 0
+
+
+def test_a_websocket_message_over_the_limit_closes_that_socket_only(
+    broker: BrokerProcess, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    gateway = gateway_factory(broker, "--max-body-mib", "0.01")
+
+    async def main() -> tuple[object, int | None]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{gateway.url}/ws") as ws,
+        ):
+            await ws.send_str(json.dumps({"id": 1, "op": "enqueue", "text": "x" * 20_000}))
+            message = await ws.receive(timeout=10)
+            return message.type, ws.close_code
+
+    kind, code = asyncio.run(main())
+    assert kind == aiohttp.WSMsgType.CLOSE and code == 1009
+    http = gateway.http()
+    assert http.get("/api/v1/health").status == 200
+    http.close()
