@@ -3,8 +3,9 @@
 
 import { api } from "../api.js";
 import { h, fill, show, when, poll, attempt, Selection } from "../dom.js";
-import { href, replaceParams } from "../router.js";
+import { replaceParams } from "../router.js";
 import { serviceChooser } from "./services.js";
+import { selectableId } from "./tasks.js";
 
 export const title = "Dead letters";
 
@@ -49,8 +50,7 @@ export function mount(root, params) {
           h(
             "tr",
             { dataset: { task: d.id } },
-            h("td", {}, selection.box(d.id)),
-            h("td.mono", {}, h("a", { href: href("task", { id: d.id }) }, d.id)),
+            selectableId(selection, d.id),
             h("td.num", {}, show(d.seq)),
             h("td.num", {}, show(d.attempt)),
             h("td", {}, when(d.created_at)),

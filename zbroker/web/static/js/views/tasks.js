@@ -30,6 +30,11 @@ export async function listTasks(service, state, limit, after = 0) {
   return { rows: answer.tasks, after: answer.next_after ?? null };
 }
 
+/** The first cells of a task's row: its checkbox and its id, a link to it. */
+export function selectableId(selection, id) {
+  return [h("td", {}, selection.box(id)), h("td.mono", {}, h("a", { href: href("task", { id }) }, id))];
+}
+
 export function mount(root, params) {
   const state = { service: params.service || "", state: params.state || "ready", limit: 100, after: 0 };
   const selection = new Selection(() => drawActions());
@@ -106,8 +111,7 @@ export function mount(root, params) {
           h(
             "tr",
             { dataset: { task: t.id } },
-            h("td", {}, selection.box(t.id)),
-            h("td.mono", {}, h("a", { href: href("task", { id: t.id }) }, t.id)),
+            selectableId(selection, t.id),
             h("td", {}, h(`span.badge.state-${t.state}`, {}, t.state)),
             h("td.num", {}, show(t.priority)),
             h("td.num", {}, `${show(t.attempt)} / ${show(t.max_attempts)}`),
