@@ -106,3 +106,22 @@ def test_the_graph_draws_a_chain_and_a_fan_in(
     start_worker(stack, broker, "part", lambda task: task.payload)
     wait_until(lambda: client.status(join).state == "ready", timeout_s=15)
     console.page.wait_for_selector(f'a.node[data-task="{join}"].state-ready', timeout=15_000)
+
+
+def test_the_header_shows_when_the_gateway_is_gone_and_back(
+    broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack
+) -> None:
+    # Given the console showing the queues
+    console = console_on(stack, gateway, tmp_path)
+    console.open("queues")
+
+    # When the gateway stops, the header says so and the failure is shown once
+    gateway.stop()
+    console.page.wait_for_selector("#connection[data-state=offline]", timeout=15_000)
+    failed = console.page.locator(".error[data-code=unreachable]", has_text="Reading the queues")
+    failed.first.wait_for()
+
+    # When it is back on the same address, the console reconnects by itself
+    gateway.start()
+    console.page.wait_for_selector("#connection[data-state=connected]", timeout=15_000)
+    assert failed.count() == 1  # once per failure run, not once a second
