@@ -15,12 +15,10 @@ from typing import Any, Final
 from aiohttp import web
 
 from zbroker.client.documents import (
-    data_document,
     dead_letters_document,
     event_document,
     queues_document,
     stats_document,
-    task_document,
     tasks_document,
     workers_document,
 )
@@ -33,16 +31,19 @@ from zbroker.web.gateway import Gateway
 from zbroker.web.routes import ADMIN_ONLY, CALLER, OBSERVE, PUBLIC, Param, Route, Schema
 from zbroker.web.tasks import (
     ENQUEUE_SCHEMA,
+    MAX_WAIT_S,
     RESULT_SCHEMA,
+    cancel_document,
+    check_task,
     json_body,
-    owned,
     read_enqueue,
+    record_document,
     result_document,
+    stream_documents,
 )
 
-# How long GET /tasks/{id}/result may wait, and an SSE stream stays silent before a
+# How long an SSE response stays silent before a
 # comment line keeps proxies (and the gateway) aware that the connection lives.
-MAX_WAIT_S: Final = 300.0
 SSE_KEEPALIVE_S: Final = 15.0
 HEALTH_TIMEOUT_S: Final = 2.0
 
@@ -141,15 +142,13 @@ async def list_tasks(
 
 
 async def get_task(gw: Gateway, request: web.Request, who: Principal, id: str) -> Any:
-    status = await owned(gw.client, who, id) if not who.may_observe() else None
-    return task_document(status or await gw.client.status(id))
+    return await record_document(gw.client, who, id)
 
 
 async def task_result(
     gw: Gateway, request: web.Request, who: Principal, id: str, wait_s: float
 ) -> Any:
-    await owned(gw.client, who, id)
-    answer = await result_document(gw.client, id, wait_s)
+    answer = await result_document(gw.client, who, id, wait_s)
     if answer.get("pending"):
         return web.json_response(answer, status=202)
     return answer
@@ -158,34 +157,29 @@ async def task_result(
 async def task_stream(
     gw: Gateway, request: web.Request, who: Principal, id: str, offset: int
 ) -> web.StreamResponse:
-    if await owned(gw.client, who, id) is None:
-        await gw.client.status(id)  # an unknown task is a 404, before any 200
+    await check_task(gw.client, who, id)  # an unknown task is a 404, before any 200
     last = request.headers.get("Last-Event-ID", "")
     if last.isdigit():
         offset = int(last) + 1  # an EventSource reconnecting resumes after its last chunk
-    stream = gw.client.read_stream(id, offset)
-    response: web.StreamResponse | None = None
-    async with stream:
-        try:
-            response = await sse_open(request)
-            async for chunk in stream:
-                at = stream.offset - 1
-                row = {"offset": at, "attempt": stream.attempt, **data_document(chunk)}
-                await sse_send(response, "chunk", row, at)
-            frames = stream.result_frames
-            docs = [data_document(f) for f in frames]
-            await sse_send(response, "result", {"id": id, "state": "done", "frames": docs})
-        except ClientError as exc:
-            if response is None:
-                raise
-            await sse_send(response, "error", from_client_error(exc).document())
+    response = await sse_open(request)
+    documents = stream_documents(gw.client, id, offset)
+    try:
+        async for doc in documents:
+            if "state" in doc:
+                await sse_send(response, "result", doc)
+            else:
+                await sse_send(response, "chunk", doc, doc["offset"])
+    except ClientError as exc:
+        await sse_send(response, "error", from_client_error(exc).document())
+    except ConnectionError:
+        pass  # the caller left
+    finally:
+        await documents.aclose()
     return response
 
 
 async def cancel(gw: Gateway, request: web.Request, who: Principal, id: str) -> Any:
-    await owned(gw.client, who, id)
-    was = await gw.client.cancel(id)
-    return {"id": id, "was": str(was.value)}
+    return await cancel_document(gw.client, who, id)
 
 
 # --------------------------------------------------------------------- admin

@@ -7,6 +7,7 @@ it and `openapi()` describes it, so the document cannot drift from the routes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -56,16 +57,17 @@ class Param:
             return self.default
         if self.kind == "string":
             return raw
+        what = "an integer" if self.kind == "integer" else "a finite number"
         try:
             value: float = int(raw) if self.kind == "integer" else float(raw)
         except ValueError:
-            raise bad_request(
-                f"{self.name} must be a{'n integer' if self.kind == 'integer' else ' number'}"
-            ) from None
-        if value != value or (self.minimum is not None and value < self.minimum):
-            raise bad_request(f"{self.name} must be at least {self.minimum}")
+            raise bad_request(f"{self.name} must be {what}") from None
+        if not math.isfinite(value):
+            raise bad_request(f"{self.name} must be {what}")
+        if self.minimum is not None and value < self.minimum:
+            raise bad_request(f"{self.name} must be at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
-            raise bad_request(f"{self.name} must be at most {self.maximum}")
+            raise bad_request(f"{self.name} must be at most {self.maximum:g}")
         return value
 
 

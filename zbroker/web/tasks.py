@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 from zbroker.client.aclient import AsyncClient
-from zbroker.client.documents import data_document
+from zbroker.client.documents import data_document, task_document
 from zbroker.client.durable import TaskStatus
 from zbroker.client.errors import TaskFailed, TaskPending
 from zbroker.client.options import TaskOptions
@@ -22,6 +23,8 @@ from zbroker.protocol.access import Principal
 from zbroker.web.errors import ApiError, bad_request
 
 OWNER_HEADER: Final = "web.principal"
+# The longest a result call (REST or WebSocket) may wait for a task to end.
+MAX_WAIT_S: Final = 300.0
 
 # The keys of an enqueue's JSON besides its options.
 _PAYLOAD_KEYS: Final = ("payload", "text", "base64")
@@ -199,9 +202,19 @@ async def owned(client: AsyncClient, principal: Principal, task_id: str) -> Task
     return status
 
 
-async def result_document(client: AsyncClient, task_id: str, wait_s: float) -> dict[str, Any]:
+async def record_document(client: AsyncClient, principal: Principal, task_id: str) -> Any:
+    """A task's record and history (`zbroker task --json`): any task's for an observer
+    or an admin, only its own for anyone else."""
+    mine = None if principal.may_observe() else await owned(client, principal, task_id)
+    return task_document(mine or await client.status(task_id))
+
+
+async def result_document(
+    client: AsyncClient, principal: Principal, task_id: str, wait_s: float
+) -> dict[str, Any]:
     """A task's result as RESULT_SCHEMA: its frames once done; `pending` with its state
     when it has not ended within `wait_s`; ApiError task_failed when it ended without."""
+    await owned(client, principal, task_id)
     try:
         frames = await client.result_frames(task_id, timeout_s=wait_s)
     except TaskPending as exc:
@@ -210,6 +223,39 @@ async def result_document(client: AsyncClient, task_id: str, wait_s: float) -> d
         raise ApiError(
             "task_failed", str(exc), state=str(exc.state), task_id=task_id, reason=exc.error
         ) from None
+    return end_document(task_id, frames)
+
+
+def end_document(task_id: str, frames: list[bytes]) -> dict[str, Any]:
+    """A done task's result frames (RESULT_SCHEMA): `result` is the only frame (b""
+    for none), null for several."""
     docs = [data_document(f) for f in frames]
     only = docs[0] if len(docs) == 1 else (data_document(b"") if not docs else None)
     return {"id": task_id, "state": "done", "frames": docs, "result": only}
+
+
+async def check_task(client: AsyncClient, principal: Principal, task_id: str) -> None:
+    """ApiError or TaskNotFound unless `task_id` exists and `principal` may act on it."""
+    if await owned(client, principal, task_id) is None:
+        await client.status(task_id)
+
+
+async def stream_documents(
+    client: AsyncClient, task_id: str, offset: int
+) -> AsyncGenerator[dict[str, Any]]:
+    """A task's stream from `offset`: each chunk as `{"offset", "attempt", DATA}`, then
+    its end_document (which alone has a `state`). A task that ended without a result
+    raises its TaskFailed after its chunks. Closing this closes the stream (the task
+    runs on)."""
+    async with client.read_stream(task_id, offset) as stream:
+        async for chunk in stream:
+            yield {"offset": stream.offset - 1, "attempt": stream.attempt, **data_document(chunk)}
+        frames = stream.result_frames
+    yield end_document(task_id, frames)
+
+
+async def cancel_document(client: AsyncClient, principal: Principal, task_id: str) -> Any:
+    """Cancel a task the principal may act on: `{"id", "was"}` (its state before)."""
+    await owned(client, principal, task_id)
+    was = await client.cancel(task_id)
+    return {"id": task_id, "was": str(was.value)}

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 
-from zbroker.client.documents import data_document, event_document, task_document
+from zbroker.client.documents import event_document
 from zbroker.client.errors import ClientError
 from zbroker.protocol.access import Principal
 from zbroker.web.api import check_topic
@@ -27,11 +27,18 @@ from zbroker.web.bus import Follower
 from zbroker.web.errors import ApiError, bad_request, from_client_error
 from zbroker.web.gateway import GATEWAY, Gateway
 from zbroker.web.routes import CALLER
-from zbroker.web.tasks import owned, read_enqueue, result_document
+from zbroker.web.tasks import (
+    MAX_WAIT_S,
+    cancel_document,
+    check_task,
+    read_enqueue,
+    record_document,
+    result_document,
+    stream_documents,
+)
 
 # Requests of one connection running at once; more are refused (too_many_waiters).
 MAX_IN_FLIGHT: Final = 256
-MAX_WAIT_S: Final = 300.0
 HEARTBEAT_S: Final = 20.0
 
 Sockets = weakref.WeakSet[web.WebSocketResponse]
@@ -171,37 +178,32 @@ async def _enqueue(s: Session, rid: Any, message: dict[str, Any]) -> Any:
 
 
 async def _result(s: Session, rid: Any, message: dict[str, Any]) -> Any:
-    task_id = _task(message)
-    await owned(s.gateway.client, s.who, task_id)
     wait_s = _number(message, "wait_s", 0.0, MAX_WAIT_S)
-    return await result_document(s.gateway.client, task_id, wait_s)
+    return await result_document(s.gateway.client, s.who, _task(message), wait_s)
 
 
 async def _status(s: Session, rid: Any, message: dict[str, Any]) -> Any:
-    task_id = _task(message)
-    status = await owned(s.gateway.client, s.who, task_id)
-    return task_document(status or await s.gateway.client.status(task_id))
+    return await record_document(s.gateway.client, s.who, _task(message))
 
 
 async def _stream(s: Session, rid: Any, message: dict[str, Any]) -> Any:
     task_id = _task(message)
     offset = int(_number(message, "offset", 0, 2**53))
     client = s.gateway.client
-    if await owned(client, s.who, task_id) is None:
-        await client.status(task_id)
-    async with client.read_stream(task_id, offset) as stream:
-        async for chunk in stream:
-            row = {"offset": stream.offset - 1, "attempt": stream.attempt, **data_document(chunk)}
-            await s.send({"id": rid, "chunk": row})
-        frames = stream.result_frames
-    return {"id": task_id, "state": "done", "frames": [data_document(f) for f in frames]}
+    await check_task(client, s.who, task_id)
+    documents = stream_documents(client, task_id, offset)
+    try:
+        async for doc in documents:
+            if "state" in doc:
+                return doc
+            await s.send({"id": rid, "chunk": doc})
+    finally:
+        await documents.aclose()
+    raise AssertionError("a stream ends with its end document")
 
 
 async def _cancel(s: Session, rid: Any, message: dict[str, Any]) -> Any:
-    task_id = _task(message)
-    await owned(s.gateway.client, s.who, task_id)
-    was = await s.gateway.client.cancel(task_id)
-    return {"id": task_id, "was": str(was.value)}
+    return await cancel_document(s.gateway.client, s.who, _task(message))
 
 
 Op = Callable[[Session, Any, dict[str, Any]], Awaitable[Any]]
