@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -24,7 +25,7 @@ from zbroker.client.errors import ClientError
 from zbroker.protocol.access import Principal
 from zbroker.web.api import check_topic
 from zbroker.web.bus import Follower
-from zbroker.web.errors import ApiError, bad_request, from_client_error
+from zbroker.web.errors import E_INTERNAL, ApiError, bad_request, from_client_error
 from zbroker.web.gateway import GATEWAY, Gateway
 from zbroker.web.routes import CALLER
 from zbroker.web.tasks import (
@@ -36,6 +37,8 @@ from zbroker.web.tasks import (
     result_document,
     stream_documents,
 )
+
+log = logging.getLogger("zbroker.web")
 
 # Requests of one connection running at once; more are refused (too_many_waiters).
 MAX_IN_FLIGHT: Final = 256
@@ -97,6 +100,12 @@ class Session:
             await self.send({"id": request_id, "ok": False, **from_client_error(exc).document()})
         except (ValueError, TypeError) as exc:
             await self.send({"id": request_id, "ok": False, **bad_request(str(exc)).document()})
+        except ConnectionError:
+            pass  # the page left while its request ran
+        except Exception:
+            log.exception("WebSocket request %r failed", request_id)
+            failed = ApiError(E_INTERNAL, "the gateway failed; see its log")
+            await self.send({"id": request_id, "ok": False, **failed.document()})
 
     def _follow(self) -> Follower:
         if self.follower is None:
