@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 
 import pytest
@@ -252,3 +252,19 @@ def test_the_broker_topics_cannot_be_published(http: Http) -> None:
     for topic in ("task.done.x", "worker.down", "schedule.x"):
         answer = http.post("/api/v1/events", {"topic": topic, "payload": 1})
         assert answer.status == 403 and answer.code == "forbidden"
+
+
+def test_a_full_queue_is_429_with_the_broker_code(
+    broker_factory: Callable[..., BrokerProcess],
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    # Given a broker that keeps at most 2 tasks per service
+    broker = broker_factory("--max-tasks", "2")
+    http = gateway_factory(broker).http()
+    for i in range(2):
+        assert http.post("/api/v1/tasks", {"service": "small", "text": str(i)}).status == 200
+    # When a third is enqueued
+    answer = http.post("/api/v1/tasks", {"service": "small", "text": "2"})
+    # Then it is refused with the broker's code and 429
+    assert answer.status == 429 and answer.code == "queue_full"
+    http.close()
