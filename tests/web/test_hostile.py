@@ -14,7 +14,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from tests.conftest import BrokerProcess, free_port
+from tests.conftest import BrokerProcess, free_port, wait_until
 from tests.web.gateway import GatewayProcess, Http
 from zbroker.client import Publisher
 
@@ -195,4 +195,23 @@ def test_a_websocket_message_over_the_limit_closes_that_socket_only(
     assert kind == aiohttp.WSMsgType.CLOSE and code == 1009
     http = gateway.http()
     assert http.get("/api/v1/health").status == 200
+    http.close()
+
+
+def test_the_gateway_carries_on_across_a_broker_restart(
+    broker: BrokerProcess, gateway: GatewayProcess
+) -> None:
+    # Given a task stored through the gateway
+    http = gateway.http()
+    task_id = http.post("/api/v1/tasks", {"service": "kept", "text": "x"}).json["id"]
+    # When the broker is killed and started again on the same journal
+    broker.kill()
+    broker.start()
+
+    # Then the gateway answers again by itself, and the task is still there
+    def answers() -> bool:
+        return http.get("/api/v1/health").status == 200
+
+    wait_until(answers, timeout_s=20, step_s=0.2)
+    assert http.get(f"/api/v1/tasks/{task_id}").json["state"] == "ready"
     http.close()
