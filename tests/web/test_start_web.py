@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -49,3 +51,16 @@ def test_start_web_runs_a_gateway_that_ends_with_the_broker(
     else:
         broker.kill()
     wait_until(lambda: not listening(port), timeout_s=15, step_s=0.1)
+
+
+@pytest.mark.parametrize("command", [["web"], ["start", "--web", "127.0.0.1:1"]])
+def test_without_aiohttp_both_commands_say_what_to_install(command: list[str]) -> None:
+    # Given an interpreter where aiohttp cannot be imported
+    code = (
+        f"import sys; sys.modules['aiohttp'] = None; from zbroker.cli import app; app({command!r})"
+    )
+    # When `zbroker web` or `zbroker start --web` runs
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    # Then it stops at once, naming the extra to install
+    assert done.returncode == 2
+    assert "pip install 'zbroker[web]'" in done.stderr
