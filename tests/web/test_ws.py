@@ -199,5 +199,23 @@ def test_a_websocket_needs_a_token_when_tokens_are_configured(
         assert (await peer.call("enqueue", service="mine", text="x"))["ok"]
         other = await peer.call("enqueue", service="theirs", text="x")
         assert other["error"]["code"] == "forbidden"
+        figures = await peer.call("queues")
+        assert figures["error"]["code"] == "forbidden"
 
     run_ws(gateway, body, token="a-token-of-enough-length")
+
+
+def test_queues_workers_and_stats_are_the_rest_documents(gateway: GatewayProcess) -> None:
+    http = gateway.http()
+    http.post("/api/v1/tasks", {"service": "seen", "text": "x"})
+    rest = http.get("/api/v1/queues").json
+    http.close()
+
+    async def body(peer: Peer) -> None:
+        # the same document (ages and rates move with time: the keys and counts do not)
+        (row,) = (await peer.call("queues"))["result"]
+        assert row.keys() == rest[0].keys() and (row["service"], row["ready"]) == ("seen", 1)
+        assert (await peer.call("workers"))["result"] == []
+        assert "uptime_s" in (await peer.call("stats"))["result"]
+
+    run_ws(gateway, body)

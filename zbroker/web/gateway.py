@@ -89,11 +89,16 @@ class Gateway:
             return principal or LOCAL
         if principal is None:
             raise ApiError(E_UNAUTHORIZED, "a bearer token is required (Authorization: Bearer ...)")
+        self.authorize_principal(principal, access)
+        return principal
+
+    @staticmethod
+    def authorize_principal(principal: Principal, access: str) -> None:
+        """ApiError forbidden unless `principal` holds the role `access` asks for."""
         if access == OBSERVE and not principal.may_observe():
             raise ApiError("forbidden", f"principal {principal.name!r} lacks the observer role")
         if access == ADMIN_ONLY and not principal.admin:
             raise ApiError("forbidden", f"principal {principal.name!r} lacks the admin role")
-        return principal
 
     async def close(self) -> None:
         await self.hub.close()

@@ -23,11 +23,12 @@ from aiohttp import WSMsgType, web
 from zbroker.client.documents import event_document
 from zbroker.client.errors import ClientError
 from zbroker.protocol.access import Principal
+from zbroker.web import api
 from zbroker.web.api import check_topic
 from zbroker.web.bus import Follower
 from zbroker.web.errors import E_INTERNAL, ApiError, bad_request, from_client_error
 from zbroker.web.gateway import GATEWAY, Gateway
-from zbroker.web.routes import CALLER
+from zbroker.web.routes import CALLER, OBSERVE
 from zbroker.web.tasks import (
     MAX_WAIT_S,
     cancel_document,
@@ -215,6 +216,16 @@ async def _cancel(s: Session, rid: Any, message: dict[str, Any]) -> Any:
     return await cancel_document(s.gateway.client, s.who, _task(message))
 
 
+def _observed(read: Callable[[Gateway, Any, Principal], Awaitable[Any]]) -> Op:
+    """An op answering what the REST route `read` answers, for observers and admins."""
+
+    async def op(s: Session, rid: Any, message: dict[str, Any]) -> Any:
+        s.gateway.authorize_principal(s.who, OBSERVE)
+        return await read(s.gateway, None, s.who)
+
+    return op
+
+
 Op = Callable[[Session, Any, dict[str, Any]], Awaitable[Any]]
 OPS: Final[dict[str, Op]] = {
     "subscribe": _subscribe,
@@ -225,6 +236,9 @@ OPS: Final[dict[str, Op]] = {
     "status": _status,
     "stream": _stream,
     "cancel": _cancel,
+    "queues": _observed(api.queues),
+    "workers": _observed(api.workers),
+    "stats": _observed(api.stats),
 }
 
 
