@@ -215,3 +215,25 @@ def test_the_gateway_carries_on_across_a_broker_restart(
     wait_until(answers, timeout_s=20, step_s=0.2)
     assert http.get(f"/api/v1/tasks/{task_id}").json["state"] == "ready"
     http.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw"),
+    [
+        ("POST", "/api/v1/events", b'{"topic": 5}'),
+        ("POST", "/api/v1/events", b'{"payload": 1}'),
+        ("POST", "/api/v1/events", b'{"topic": "' + b"t" * 300 + b'"}'),
+        ("POST", "/api/v1/events", b'{"topic": "a.b", "reply_to": 7}'),
+        ("POST", "/api/v1/events", b"[]"),
+        ("PUT", "/api/v1/queues/s/limit", b'{"limit": "2"}'),
+        ("PUT", "/api/v1/queues/s/limit", b'{"limit": 2, "per_key": "yes"}'),
+        ("PUT", "/api/v1/queues/s/limit", b"not json"),
+        ("POST", "/api/v1/queues/s/dead/redrive", b'{"ids": "all"}'),
+        ("POST", "/api/v1/queues/s/dead/drop", b'{"ids": [1, 2]}'),
+    ],
+)
+def test_malformed_admin_and_event_calls_are_400(
+    shared_http: Http, method: str, path: str, raw: bytes
+) -> None:
+    answer = shared_http.request(method, path, raw=raw)
+    assert answer.status == 400 and answer.code == "bad_request", answer.body
