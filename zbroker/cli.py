@@ -249,6 +249,13 @@ def _start_gateway(
     config: BrokerConfig, listen: str, tokens: Path | None
 ) -> subprocess.Popen[bytes]:
     """`zbroker web` as a child of this broker, which it stops with itself."""
+    logging.getLogger("zbroker.config").info("starting zbroker web on %s", listen)
+    return subprocess.Popen(gateway_command(config, listen, tokens))
+
+
+def gateway_command(config: BrokerConfig, listen: str, tokens: Path | None) -> list[str]:
+    """The command line of `start --web`'s gateway: this broker's endpoints, the root
+    key options, and this process as the parent whose end stops it."""
     command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", listen]
     command += ["--endpoint", _reachable(config.bind)]
     command += ["--events-in", _reachable(config.events_in)]
@@ -256,8 +263,7 @@ def _start_gateway(
     command += ["--parent", str(os.getpid())]
     if tokens is not None:
         command += ["--tokens", str(tokens)]
-    logging.getLogger("zbroker.config").info("starting zbroker web on %s", listen)
-    return subprocess.Popen(command)
+    return command
 
 
 def _stop_gateway(child: subprocess.Popen[bytes]) -> None:

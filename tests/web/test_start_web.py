@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import BrokerProcess, free_port, wait_until
 from tests.web.gateway import Http
+from zbroker import cli
+from zbroker.config import BrokerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +68,30 @@ def test_without_aiohttp_both_commands_say_what_to_install(command: list[str]) -
     # Then it stops at once, naming the extra to install
     assert done.returncode == 2
     assert "pip install 'zbroker[web]'" in done.stderr
+
+
+def test_the_child_gateway_gets_the_broker_endpoints_keys_and_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a broker bound on wildcards, started with root key options
+    config = BrokerConfig(
+        bind="tcp://*:7001",
+        events_in="tcp://0.0.0.0:7002",
+        events_out="tcp://[::]:7003",
+        insecure=True,
+    )
+    monkeypatch.setattr(cli, "_credential_flags", ["--server-key", "b.key", "--key", "w.secret"])
+    # When it composes its gateway's command line
+    command = cli.gateway_command(config, "127.0.0.1:8080", Path("tokens.toml"))
+    # Then the gateway connects to loopback, with the same keys, tokens and parent
+    root, web = command[3 : command.index("web")], command[command.index("web") :]
+    assert root == ["--server-key", "b.key", "--key", "w.secret"]
+    given = dict(zip(web[1::2], web[2::2], strict=True))
+    assert given == {
+        "--listen": "127.0.0.1:8080",
+        "--endpoint": "tcp://127.0.0.1:7001",
+        "--events-in": "tcp://127.0.0.1:7002",
+        "--events-out": "tcp://[::1]:7003",
+        "--parent": str(os.getpid()),
+        "--tokens": "tokens.toml",
+    }
