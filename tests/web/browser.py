@@ -19,11 +19,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import BrowserContext, Dialog, sync_playwright
+from playwright.sync_api import BrowserContext, Dialog, Locator, sync_playwright
 
 from scripts.chromium import ChromiumMissing, launch
-from tests.conftest import ROOT, BrokerProcess
+from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.web.gateway import GatewayProcess
+from zbroker.client import Publisher
 
 # Pages and fetches of the console go to these hosts only.
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -132,3 +133,18 @@ def cells(console: Console, service: str, fields: Sequence[str]) -> dict[str, st
     """The text of `fields` in `service`'s row of the queues view."""
     row = f"table.queues tr[data-service={json.dumps(service)}]"
     return {f: console.text(f"{row} td[data-field={f}]") for f in fields}
+
+
+def publish_until_shown(
+    console: Console, publisher: Publisher, topic: str, payload: Any
+) -> Locator:
+    """Publish on `topic` again until the event tail shows it (a subscription takes a
+    moment to reach the bus); the tail's entries of that topic."""
+    shown = console.page.locator(f"li.event[data-topic={json.dumps(topic)}]")
+
+    def arrived() -> bool:
+        publisher.publish(topic, payload)
+        return bool(shown.count())
+
+    wait_until(arrived, timeout_s=15, step_s=0.2)
+    return shown

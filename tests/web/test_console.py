@@ -15,7 +15,14 @@ import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from tests.web.browser import Console, cells, cli_json, open_console, queue_row
+from tests.web.browser import (
+    Console,
+    cells,
+    cli_json,
+    open_console,
+    publish_until_shown,
+    queue_row,
+)
 from tests.web.gateway import GatewayProcess
 from zbroker.client import Publisher, Task
 
@@ -108,21 +115,19 @@ def test_the_event_tail_shows_a_published_event(
     console.open("events?topic=demo.")
     console.page.wait_for_selector("[data-field=tail-state][data-state=open]")
     publisher = stack.enter_context(Publisher(broker.events_in, source="test"))
-    seen = console.page.locator('li.event[data-topic="demo.hello"]')
-    other = console.page.locator('li.event[data-topic="other.topic"]')
 
-    # When events are published (again until one arrives: subscriptions take a moment)
-    def arrived() -> bool:
-        publisher.publish("other.topic", {"n": 0})
-        publisher.publish("demo.hello", {"greeting": "hi there"})
-        return bool(seen.count())
+    # When an event of that topic is published
+    seen = publish_until_shown(console, publisher, "demo.hello", {"greeting": "hi there"})
 
-    wait_until(arrived, timeout_s=15, step_s=0.2)
-
-    # Then the tail shows the event of its topic with its payload, and not the other
+    # Then the tail shows it with its source and payload
     assert '"greeting":"hi there"' in seen.first.inner_text()
     assert seen.first.locator(".source").inner_text() == "test"
-    assert other.count() == 0
+
+    # And an event of another topic, published before a last one of "demo.", is not shown
+    publisher.publish("other.topic", {"n": 0})
+    publisher.publish("demo.last", {"n": 1})
+    console.page.wait_for_selector('li.event[data-topic="demo.last"]')
+    assert console.page.locator('li.event[data-topic="other.topic"]').count() == 0
 
 
 def test_dead_letters_are_redriven_and_dropped_over_a_selection(

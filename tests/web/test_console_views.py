@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from tests.web.browser import Console, cli_json, open_console
+from tests.web.browser import Console, cli_json, open_console, publish_until_shown
 from tests.web.gateway import GatewayProcess
-from zbroker.client import Task
+from zbroker.client import Publisher, Task
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -125,3 +125,53 @@ def test_the_header_shows_when_the_gateway_is_gone_and_back(
     gateway.start()
     console.page.wait_for_selector("#connection[data-state=connected]", timeout=15_000)
     assert failed.count() == 1  # once per failure run, not once a second
+
+
+def test_a_stream_resumes_where_it_was_after_the_gateway_restarts(
+    broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack
+) -> None:
+    # Given a task whose first chunk the console shows while it runs
+    may_finish = threading.Event()
+
+    def handler(task: Task) -> bytes:
+        task.emit(b"before ")
+        may_finish.wait(30)
+        task.emit(b"after")
+        return b"done"
+
+    start_worker(stack, broker, "talk", handler)
+    stack.callback(may_finish.set)
+    task_id = open_client(stack, broker).enqueue("talk", b"go")
+    console = console_on(stack, gateway, tmp_path)
+    console.open(f"task?id={task_id}")
+    console.wait_text("[data-field=stream]", "before")
+
+    # When the gateway restarts in the middle of the stream, and the task goes on
+    gateway.stop()
+    console.page.wait_for_selector("[data-field=stream-state]:has-text('interrupted')")
+    gateway.start()
+    may_finish.set()
+
+    # Then the rest arrives once, after what was shown: nothing repeated, nothing lost
+    console.wait_text("[data-field=stream]", "before after", timeout_s=20)
+    console.wait_text("[data-field=result]", "done")
+    assert console.page.locator("span.chunk").count() == 2
+
+
+def test_the_event_tail_follows_again_after_the_gateway_restarts(
+    broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack
+) -> None:
+    # Given the tail following "again."
+    console = console_on(stack, gateway, tmp_path)
+    console.open("events?topic=again.")
+    console.page.wait_for_selector("[data-field=tail-state][data-state=open]")
+
+    # When the gateway restarts
+    gateway.stop()
+    console.page.wait_for_selector("[data-field=tail-state]:not([data-state=open])")
+    gateway.start()
+
+    # Then the tail follows again by itself and shows what is published next
+    publisher = stack.enter_context(Publisher(broker.events_in, source="test"))
+    publish_until_shown(console, publisher, "again.hello", "back")
+    assert console.page.locator("[data-field=tail-state]").get_attribute("data-state") == "open"

@@ -8,6 +8,7 @@ import { replaceParams } from "../router.js";
 export const title = "Events";
 
 const KEEP = 500;
+const RETRY_MS = 2000;
 
 export function mount(root, params) {
   let topic = params.topic || "";
@@ -40,25 +41,37 @@ export function mount(root, params) {
     list,
   );
 
+  // A tail the gateway ends or loses is followed again after RETRY_MS; a failure is
+  // reported once until the tail is open again.
+  let retry = null;
+  let failing = false;
+
   function start(prefix) {
     stop();
+    if (prefix !== topic) received = 0;
     topic = prefix;
-    received = 0;
     replaceParams({ topic });
     state.textContent = "connecting";
     state.dataset.state = "connecting";
-    stop = follow(`/events?${new URLSearchParams({ topic })}`, {
+    const following = follow(`/events?${new URLSearchParams({ topic })}`, {
       onEvent: (message) => add(message),
       onState: (s, exc) => {
         state.dataset.state = s;
-        if (s === "open") state.textContent = `following ${topic || "every topic"}`;
-        else if (s === "closed") state.textContent = "ended by the gateway";
-        else {
-          state.textContent = "failed";
-          showError("Following the events", exc);
+        if (s === "open") {
+          failing = false;
+          state.textContent = `following ${topic || "every topic"}`;
+          return;
         }
+        if (s === "error" && !failing) showError("Following the events", exc);
+        failing = s === "error";
+        state.textContent = `${s === "closed" ? "ended by the gateway" : "failed"}: again in ${RETRY_MS / 1000} s`;
+        retry = setTimeout(() => start(topic), RETRY_MS);
       },
     });
+    stop = () => {
+      clearTimeout(retry);
+      following();
+    };
   }
 
   function add(message) {

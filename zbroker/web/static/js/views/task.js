@@ -8,6 +8,7 @@ import { href } from "../router.js";
 export const title = "Task";
 
 const PREVIEW_CHARS = 4096;
+const RETRY_MS = 2000;
 const FINAL = new Set(["done", "dead", "cancelled", "expired", "upstream_failed"]);
 const SKIP = new Set(["history", "payload", "payload_preview"]);
 
@@ -106,34 +107,51 @@ export function mount(root, params) {
     }
   }
 
+  // The stream is read from its first chunk; if the connection is lost before the
+  // end, it is read again from the next chunk after RETRY_MS (the API resumes at
+  // any offset), so that nothing is shown twice or missed.
   function startStream() {
     const chunks = h("pre.preview.live", { dataset: { field: "stream" } });
     const status = h("span.stream-state", { dataset: { field: "stream-state" } }, "connecting");
     let count = 0;
+    let next = 0;
+    let ended = false;
+    let failing = false;
+    let retry = null;
     fill(stream, h("h3", {}, "Stream ", status), h("p.note", {}, "Chunks as the worker sends them (SSE /api/v1/tasks/{id}/stream?offset=0)."), chunks);
-    stopStream = follow(`/tasks/${encodeURIComponent(id)}/stream?offset=0`, {
-      onEvent: (message) => {
-        if (message.event === "chunk") {
-          count += 1;
-          chunks.append(h("span.chunk", { dataset: { offset: message.data.offset } }, dataText(message.data)));
-          status.textContent = `live: ${count} chunk(s) received by this page`;
-        } else if (message.event === "result") {
-          status.textContent = `ended: ${count} chunk(s) received by this page, then the result`;
-          attempt("Reading the task", load);
-        } else if (message.event === "error") {
-          const error = message.data.error || {};
-          status.textContent = `ended: ${error.code || "error"}`;
-          attempt("Reading the task", load);
-        }
-      },
-      onState: (state, exc) => {
-        if (state === "open") status.textContent = "live";
-        else if (state === "error") {
-          status.textContent = "failed";
-          showError("Following the task's stream", exc);
-        }
-      },
-    });
+    const onEvent = (message) => {
+      if (message.event === "chunk") {
+        count += 1;
+        next = message.data.offset + 1;
+        chunks.append(h("span.chunk", { dataset: { offset: message.data.offset } }, dataText(message.data)));
+        status.textContent = `live: ${count} chunk(s) received by this page`;
+        return;
+      }
+      ended = message.event === "result" || message.event === "error";
+      if (message.event === "result") status.textContent = `ended: ${count} chunk(s) received by this page, then the result`;
+      if (message.event === "error") status.textContent = `ended: ${(message.data.error || {}).code || "error"}`;
+      if (ended) attempt("Reading the task", load);
+    };
+    const onState = (state, exc) => {
+      if (state === "open") {
+        failing = false;
+        status.textContent = "live";
+        return;
+      }
+      if (ended || !alive) return;
+      if (state === "error" && !failing) showError("Following the task's stream", exc);
+      failing = state === "error";
+      status.textContent = `interrupted after ${count} chunk(s): again in ${RETRY_MS / 1000} s`;
+      retry = setTimeout(open, RETRY_MS);
+    };
+    const open = () => {
+      const following = follow(`/tasks/${encodeURIComponent(id)}/stream?offset=${next}`, { onEvent, onState });
+      stopStream = () => {
+        clearTimeout(retry);
+        following();
+      };
+    };
+    open();
   }
 
   async function cancel() {
