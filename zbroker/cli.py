@@ -179,30 +179,12 @@ def start(
             "the environment and flags override it.",
         ),
     ] = None,
-    web_listen: Annotated[
-        str | None,
-        typer.Option(
-            "--web",
-            envvar="ZBROKER_WEB",
-            help="Also run `zbroker web` on HOST:PORT beside the broker (a child process"
-            " stopped with it; it connects with the root --server-key/--key).",
-        ),
-    ] = None,
-    web_tokens: Annotated[
-        Path | None,
-        typer.Option(
-            "--web-tokens",
-            envvar="ZBROKER_WEB_TOKENS",
-            dir_okay=False,
-            help="With --web: its token file (docs/web.md).",
-        ),
-    ] = None,
     **options: Any,  # one per entry of OPTIONS, read back with their sources from ctx
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
     values, config = configure(ctx, config_file)
-    if web_listen is not None:
-        _listen_address(web_listen)
+    if config.web is not None:
+        _listen_address(config.web)
         if importlib.util.find_spec("aiohttp") is None:
             typer.echo("zbroker: --web needs aiohttp: pip install 'zbroker[web]'", err=True)
             raise typer.Exit(2)
@@ -225,7 +207,7 @@ def start(
         typer.echo(f"zbroker: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     server.install_signal_handlers()
-    gateway = _start_gateway(config, web_listen, web_tokens) if web_listen else None
+    gateway = _start_gateway(config) if config.web else None
     try:
         server.serve_forever()
     except JournalError as exc:
@@ -245,24 +227,23 @@ def _reachable(endpoint: str) -> str:
     return endpoint
 
 
-def _start_gateway(
-    config: BrokerConfig, listen: str, tokens: Path | None
-) -> subprocess.Popen[bytes]:
+def _start_gateway(config: BrokerConfig) -> subprocess.Popen[bytes]:
     """`zbroker web` as a child of this broker, which it stops with itself."""
-    logging.getLogger("zbroker.config").info("starting zbroker web on %s", listen)
-    return subprocess.Popen(gateway_command(config, listen, tokens))
+    logging.getLogger("zbroker.config").info("starting zbroker web on %s", config.web)
+    return subprocess.Popen(gateway_command(config))
 
 
-def gateway_command(config: BrokerConfig, listen: str, tokens: Path | None) -> list[str]:
+def gateway_command(config: BrokerConfig) -> list[str]:
     """The command line of `start --web`'s gateway: this broker's endpoints, the root
-    key options, and this process as the parent whose end stops it."""
-    command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", listen]
+    key options, its tokens, and this process as the parent whose end stops it."""
+    assert config.web is not None
+    command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", config.web]
     command += ["--endpoint", _reachable(config.bind)]
     command += ["--events-in", _reachable(config.events_in)]
     command += ["--events-out", _reachable(config.events_out)]
     command += ["--parent", str(os.getpid())]
-    if tokens is not None:
-        command += ["--tokens", str(tokens)]
+    if config.web_tokens is not None:
+        command += ["--tokens", str(config.web_tokens)]
     return command
 
 

@@ -79,10 +79,12 @@ def test_the_child_gateway_gets_the_broker_endpoints_keys_and_tokens(
         events_in="tcp://0.0.0.0:7002",
         events_out="tcp://[::]:7003",
         insecure=True,
+        web="127.0.0.1:8080",
+        web_tokens=Path("tokens.toml"),
     )
     monkeypatch.setattr(cli, "_credential_flags", ["--server-key", "b.key", "--key", "w.secret"])
     # When it composes its gateway's command line
-    command = cli.gateway_command(config, "127.0.0.1:8080", Path("tokens.toml"))
+    command = cli.gateway_command(config)
     # Then the gateway connects to loopback, with the same keys, tokens and parent
     root, web = command[3 : command.index("web")], command[command.index("web") :]
     assert root == ["--server-key", "b.key", "--key", "w.secret"]
