@@ -56,18 +56,22 @@ export function mount(root, params) {
       h("a", { href: href("tasks", { service: task.service, state: task.state }) }, `All ${task.state} tasks of ${task.service}`),
     );
     const payload = task.payload_preview ?? task.payload;
-    fill(
-      heading,
-      h("h3", {}, task.id, " ", h(`span.badge.state-${task.state}`, { dataset: { field: "state" } }, task.state)),
-      actions,
-    );
+    if (heading.dataset.state !== task.state) {
+      // Drawn again only when the state changes: a button is not replaced under a click.
+      heading.dataset.state = task.state;
+      fill(
+        heading,
+        h("h3", {}, task.id, " ", h(`span.badge.state-${task.state}`, { dataset: { field: "state" } }, task.state)),
+        actions,
+      );
+    }
     fill(
       record,
       h("table.kv", {}, h("tbody", {}, rows)),
       h("h3", {}, "Payload"),
       payload === undefined
         ? h("p.note", {}, "The API's task record carries no payload.")
-        : h("pre.preview", {}, preview(typeof payload === "string" ? payload : JSON.stringify(payload))),
+        : h("pre.preview", {}, preview(typeof payload === "string" ? payload : dataText(payload))),
     );
   }
 

@@ -36,7 +36,7 @@ export function selectableId(selection, id) {
 }
 
 export function mount(root, params) {
-  const state = { service: params.service || "", state: params.state || "ready", limit: 100, after: 0 };
+  const view = { service: params.service || "", state: params.state || "ready", limit: 100, after: 0 };
   const selection = new Selection(() => drawActions());
   let rows = [];
   let next = null;
@@ -46,16 +46,16 @@ export function mount(root, params) {
     {
       "aria-label": "state",
       onchange: () => {
-        state.state = stateSelect.value;
-        state.after = 0;
+        view.state = stateSelect.value;
+        view.after = 0;
         changed();
       },
     },
-    STATES.map((s) => h("option", { value: s, selected: s === state.state }, s)),
+    STATES.map((s) => h("option", { value: s, selected: s === view.state }, s)),
   );
-  const chooser = serviceChooser(state.service, (service) => {
-    state.service = service;
-    state.after = 0;
+  const chooser = serviceChooser(view.service, (service) => {
+    view.service = service;
+    view.after = 0;
     changed();
   });
   const actionBar = h("div.actions.selection");
@@ -77,19 +77,19 @@ export function mount(root, params) {
 
   function changed() {
     selection.clear();
-    replaceParams({ service: state.service, state: state.state });
+    replaceParams({ service: view.service, state: view.state });
     refresh();
   }
 
   async function refresh() {
-    if (!state.service) {
+    if (!view.service) {
       rows = [];
       next = null;
       fill(table, h("tbody", {}, h("tr", {}, h("td.empty", {}, "Choose a service."))));
       drawActions();
       return;
     }
-    const page = await listTasks(state.service, state.state, state.limit, state.after);
+    const page = await listTasks(view.service, view.state, view.limit, view.after);
     rows = page.rows;
     next = page.after;
     selection.keep(rows.map((r) => r.id));
@@ -121,15 +121,15 @@ export function mount(root, params) {
             h(t.error ? "td.error-text" : "td", {}, show(t.error)),
           ),
         )
-      : [h("tr", {}, h("td.empty", { colspan: 9 }, `No ${state.state} tasks in ${state.service}.`))];
+      : [h("tr", {}, h("td.empty", { colspan: 9 }, `No ${view.state} tasks in ${view.service}.`))];
     fill(table, h("thead", {}, head), h("tbody", {}, body));
     fill(
       pager,
-      state.after > 0
-        ? h("button", { onclick: () => ((state.after = 0), refresh()) }, "First page")
+      view.after > 0
+        ? h("button", { onclick: () => ((view.after = 0), refresh()) }, "First page")
         : null,
       next !== null && next !== undefined
-        ? h("button", { onclick: () => ((state.after = next), refresh()) }, "Next page")
+        ? h("button", { onclick: () => ((view.after = next), refresh()) }, "Next page")
         : null,
     );
     drawActions();
@@ -138,7 +138,7 @@ export function mount(root, params) {
   function drawActions() {
     const chosen = [...selection.ids];
     const buttons = [h("span.count", {}, `${chosen.length} selected`)];
-    if (CANCELLABLE.has(state.state)) {
+    if (CANCELLABLE.has(view.state)) {
       buttons.push(
         h(
           "button.danger",
@@ -147,8 +147,8 @@ export function mount(root, params) {
         ),
       );
     }
-    if (state.state === "dead") {
-      buttons.push(h("a", { href: href("dead", { service: state.service }) }, "Redrive or drop in Dead letters"));
+    if (view.state === "dead") {
+      buttons.push(h("a", { href: href("dead", { service: view.service }) }, "Redrive or drop in Dead letters"));
     }
     fill(actionBar, buttons);
   }
