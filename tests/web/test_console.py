@@ -262,3 +262,47 @@ def test_with_tokens_the_console_asks_for_one_and_keeps_it_for_the_tab(
     stored = "() => [sessionStorage.getItem('zbroker.token'), localStorage.length]"
     assert console.page.evaluate(stored) == [OPERATOR, 0]
     console.open("queues")
+
+
+# How the console writes a figure the API gives as null (an en dash).
+NONE_SHOWN = "\N{EN DASH}"
+FIGURES = [
+    *COUNTS,
+    "credit_in_use",
+    "enqueue_rate",
+    "done_rate",
+    "fail_rate",
+    "oldest_age_s",
+    "wait_s_p95",
+    "run_s_p95",
+    "limit",
+]
+
+
+def test_every_figure_is_the_cli_document_as_it_is(
+    broker: BrokerProcess, console: Console, stack: ExitStack
+) -> None:
+    # Given a broker that has run some tasks, so that its rates and times are not zero
+    start_worker(stack, broker, "busy", lambda task: task.payload)
+    client = open_client(stack, broker)
+    ids = [client.enqueue("busy", b"x") for _ in range(20)]
+    client.enqueue("idle", b"waiting")
+    client.result(ids[-1], timeout_s=15)
+    document = cli_json(broker, "queues")
+
+    # When the page is handed exactly what `zbroker queues --json` printed (the same moment)
+    console.page.route("**/api/v1/queues", lambda route: route.fulfill(json=document))
+    console.open("queues")
+
+    # Then every figure it shows is that document's, unrounded and underived
+    for row in document:
+        selector = f'tr[data-service="{row["service"]}"]'
+        console.page.wait_for_selector(selector)
+        for field in FIGURES:
+            text = console.text(f"{selector} [data-field={field}]")
+            if row[field] is None:
+                assert text == NONE_SHOWN, (row["service"], field, text)
+            else:
+                assert float(text) == row[field], (row["service"], field, text)
+    busy = next(row for row in document if row["service"] == "busy")
+    assert busy["done"] == 20 and busy["done_rate"] > 0 and busy["run_s_p95"] is not None
