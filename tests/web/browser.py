@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,8 +24,9 @@ from playwright.sync_api import BrowserContext, Dialog, Locator, sync_playwright
 
 from scripts.chromium import ChromiumMissing, launch
 from tests.conftest import ROOT, BrokerProcess, wait_until
+from tests.integration.running import open_client, start_worker
 from tests.web.gateway import GatewayProcess
-from zbroker.client import Publisher
+from zbroker.client import Publisher, Task
 
 # Pages and fetches of the console go to these hosts only.
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -148,3 +150,21 @@ def publish_until_shown(
 
     wait_until(arrived, timeout_s=15, step_s=0.2)
     return shown
+
+
+def gated_stream(
+    stack: ExitStack, broker: BrokerProcess, first: bytes, last: bytes
+) -> tuple[str, threading.Event]:
+    """A task of service "talk" whose worker streams `first`, then waits for the
+    returned event before it streams `last` and returns b"done"; the task's id."""
+    may_finish = threading.Event()
+
+    def handler(task: Task) -> bytes:
+        task.emit(first)
+        may_finish.wait(30)
+        task.emit(last)
+        return b"done"
+
+    start_worker(stack, broker, "talk", handler)
+    stack.callback(may_finish.set)
+    return open_client(stack, broker).enqueue("talk", b"go"), may_finish

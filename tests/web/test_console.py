@@ -6,7 +6,6 @@ action by its effect on the broker, and no request may leave loopback.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +18,7 @@ from tests.web.browser import (
     Console,
     cells,
     cli_json,
+    gated_stream,
     open_console,
     publish_until_shown,
     queue_row,
@@ -82,16 +82,7 @@ def test_a_tasks_stream_appears_while_it_runs(
     broker: BrokerProcess, console: Console, stack: ExitStack
 ) -> None:
     # Given a worker that sends one chunk, then waits for the test before the next
-    may_finish = threading.Event()
-
-    def handler(task: Task) -> bytes:
-        task.emit(b"first words ")
-        may_finish.wait(30)
-        task.emit(b"last words")
-        return b"the end"
-
-    start_worker(stack, broker, "talk", handler)
-    task_id = open_client(stack, broker).enqueue("talk", b"go")
+    task_id, may_finish = gated_stream(stack, broker, b"first words ", b"last words")
 
     # When the task's page is open while it runs
     console.open(f"task?id={task_id}")
@@ -104,7 +95,7 @@ def test_a_tasks_stream_appears_while_it_runs(
     # And the second arrives live, then the result
     may_finish.set()
     console.wait_text(stream, "first words last words")
-    console.wait_text("[data-field=result]", "the end")
+    console.wait_text("[data-field=result]", "done")
     console.wait_text(".taskhead [data-field=state]", "done")
 
 

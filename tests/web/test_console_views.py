@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from tests.web.browser import Console, cli_json, open_console, publish_until_shown
+from tests.web.browser import Console, cli_json, gated_stream, open_console, publish_until_shown
 from tests.web.gateway import GatewayProcess
 from zbroker.client import Publisher, Task
 
@@ -131,17 +131,7 @@ def test_a_stream_resumes_where_it_was_after_the_gateway_restarts(
     broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack
 ) -> None:
     # Given a task whose first chunk the console shows while it runs
-    may_finish = threading.Event()
-
-    def handler(task: Task) -> bytes:
-        task.emit(b"before ")
-        may_finish.wait(30)
-        task.emit(b"after")
-        return b"done"
-
-    start_worker(stack, broker, "talk", handler)
-    stack.callback(may_finish.set)
-    task_id = open_client(stack, broker).enqueue("talk", b"go")
+    task_id, may_finish = gated_stream(stack, broker, b"before ", b"after")
     console = console_on(stack, gateway, tmp_path)
     console.open(f"task?id={task_id}")
     console.wait_text("[data-field=stream]", "before")
