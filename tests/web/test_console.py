@@ -6,13 +6,14 @@ action by its effect on the broker, and no request may leave loopback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerProcess, wait_until
+from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
 from tests.web.browser import (
     Console,
@@ -27,6 +28,8 @@ from tests.web.gateway import GatewayProcess
 from zbroker.client import Publisher, Task
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+STATIC = ROOT / "zbroker" / "web" / "static"
 
 COUNTS = ["ready", "delayed", "blocked", "inflight", "dead", "done", "requests", "workers"]
 
@@ -297,3 +300,20 @@ def test_every_figure_is_the_cli_document_as_it_is(
                 assert float(text) == row[field], (row["service"], field, text)
     busy = next(row for row in document if row["service"] == "busy")
     assert busy["done"] == 20 and busy["done_rate"] > 0 and busy["run_s_p95"] is not None
+
+
+def test_the_console_files_name_no_other_host() -> None:
+    # Given every file the console is made of
+    files = [path for path in STATIC.rglob("*") if path.is_file()]
+    assert {path.suffix for path in files} == {".html", ".css", ".js"}
+
+    # Then none refers to anything beyond its own origin (the SVG namespace is a name,
+    # never fetched), and none imports a module but by a relative path
+    for path in files:
+        text = path.read_text()
+        urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.\w+[^\s\"'`)]*", text))
+        assert urls <= {"http://www.w3.org/2000/svg"}, (path, urls)
+        assert "@import" not in text, path
+        assert not re.findall(r"url\(\s*['\"]?(?!#)", text), path  # url(#id): same document
+        imports = re.findall(r"^import .* from \"([^\"]+)\";$", text, re.MULTILINE)
+        assert all(name.startswith(".") for name in imports), (path, imports)
