@@ -165,3 +165,25 @@ def test_the_event_tail_follows_again_after_the_gateway_restarts(
     publisher = stack.enter_context(Publisher(broker.events_in, source="test"))
     publish_until_shown(console, publisher, "again.hello", "back")
     assert console.page.locator("[data-field=tail-state]").get_attribute("data-state") == "open"
+
+
+def test_a_dead_task_is_redriven_from_its_page(
+    broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack
+) -> None:
+    # Given a dead letter (its only attempt failed) and no worker left
+    with ExitStack() as failing:
+        start_worker(failing, broker, "once", lambda task: 1 / 0)
+        task_id = open_client(stack, broker).enqueue("once", b"x", max_attempts=1)
+        wait_until(lambda: cli_json(broker, "task", task_id)["state"] == "dead", timeout_s=15)
+    console = console_on(stack, gateway, tmp_path)
+    console.open(f"task?id={task_id}")
+    console.wait_text(".taskhead [data-field=state]", "dead")
+    assert "ZeroDivisionError" in console.text("tr[data-field=error] td")
+
+    # When Redrive is clicked on its page
+    console.page.click(".taskhead button[data-action=redrive]")
+
+    # Then it is queued again (says the CLI), and its page follows it afresh
+    wait_until(lambda: cli_json(broker, "task", task_id)["state"] == "ready", timeout_s=15)
+    console.wait_text(".taskhead [data-field=state]", "ready")
+    assert cli_json(broker, "dlq", "list", "once") == []

@@ -25,6 +25,11 @@ export function replaceParams(params) {
   history.replaceState(null, "", href(current().view, params));
 }
 
+/** Draw the current view afresh (its state changed beyond what it follows). */
+export function reload() {
+  for (const listener of listeners) listener(current());
+}
+
 export function onRoute(listener) {
   listeners.add(listener);
 }

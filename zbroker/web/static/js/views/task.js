@@ -3,7 +3,7 @@
 
 import { api, follow } from "../api.js";
 import { h, fill, show, when, attempt, showError } from "../dom.js";
-import { href } from "../router.js";
+import { href, reload } from "../router.js";
 
 export const title = "Task";
 
@@ -52,6 +52,7 @@ export function mount(root, params) {
       FINAL.has(task.state)
         ? null
         : h("button.danger", { dataset: { action: "cancel" }, onclick: cancel }, "Cancel"),
+      task.state === "dead" ? deadActions(task.service) : null,
       h("a", { href: href("graph", { id }) }, "Dependency graph"),
       h("a", { href: href("tasks", { service: task.service, state: task.state }) }, `All ${task.state} tasks of ${task.service}`),
     );
@@ -156,6 +157,21 @@ export function mount(root, params) {
       };
     };
     open();
+  }
+
+  function deadActions(service) {
+    const act = async (verb, doing) => {
+      if (verb === "drop" && !confirm(`Drop the dead letter ${id}? It cannot be redriven after.`)) return;
+      const path = `/queues/${encodeURIComponent(service)}/dead/${verb}`;
+      const answer = await attempt(`${doing} ${id}`, () => api(path, { method: "POST", body: { ids: [id] } }));
+      if (answer === undefined) return;
+      if (verb === "drop") location.hash = href("dead", { service }); // its record is gone
+      else reload(); // queued again: followed afresh, stream included
+    };
+    return [
+      h("button", { dataset: { action: "redrive" }, onclick: () => act("redrive", "Redriving") }, "Redrive"),
+      h("button.danger", { dataset: { action: "drop" }, onclick: () => act("drop", "Dropping") }, "Drop"),
+    ];
   }
 
   async function cancel() {
