@@ -27,7 +27,7 @@ export function mount(root, params) {
     h("div.viewbar", h("h2", {}, "Dead letters"), h("label", {}, "service ", chooser.element), h("span.source", {}, "GET /api/v1/queues/{service}/dead, every 2 s")),
     actionBar,
     outcome,
-    table,
+    h("div.scroll", table),
   );
 
   async function refresh() {

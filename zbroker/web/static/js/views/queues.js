@@ -46,7 +46,7 @@ export function mount(root) {
       " gives them. Trends: the last 90 samples this page took of ready, done_rate and" +
         " wait_s_p95, one a second.",
     ),
-    h("table.grid.queues", {}, h("thead", {}, header()), body),
+    h("div.scroll", h("table.grid.queues", {}, h("thead", {}, header()), body)),
   );
   return poll("Reading the queues", async () => {
     const answer = await api("/queues");

@@ -71,7 +71,7 @@ export function mount(root, params) {
       h("span.source", {}, "GET /api/v1/tasks, every 2 s"),
     ),
     actionBar,
-    table,
+    h("div.scroll", table),
     pager,
   );
 

@@ -29,10 +29,13 @@ export function mount(root) {
         "sent with its last heartbeat.",
     ),
     h(
-      "table.grid.workers",
-      {},
-      h("thead", {}, h("tr", {}, FIELDS.map((f) => h(["credit", "held", "last_seen_s"].includes(f) ? "th.num" : "th", f)), h("th"))),
-      body,
+      "div.scroll",
+      h(
+        "table.grid.workers",
+        {},
+        h("thead", {}, h("tr", {}, FIELDS.map((f) => h(["credit", "held", "last_seen_s"].includes(f) ? "th.num" : "th", f)), h("th"))),
+        body,
+      ),
     ),
   );
   return poll("Reading the workers", async () => rows.render(await api("/workers")));
