@@ -80,6 +80,12 @@ def test_a_selection_of_tasks_is_cancelled(
     console.page.wait_for_selector(f'tr[data-task="{ids[1]}"]', state="detached")
     assert console.page.locator("tr[data-task]").count() == 2
 
+    # And "select all" selects the two left, each box checked
+    console.page.check("input[data-all]")
+    console.wait_text(".selection .count", "2 selected")
+    for task_id in (ids[0], ids[3]):
+        assert console.page.is_checked(f'input[data-id="{task_id}"]')
+
 
 def test_the_graph_draws_a_chain_and_a_fan_in(
     broker: BrokerProcess, gateway: GatewayProcess, tmp_path: Path, stack: ExitStack

@@ -146,6 +146,7 @@ export class Selection {
     return h("input", {
       type: "checkbox",
       "aria-label": "select all",
+      dataset: { all: ids.join(" ") },
       checked: ids.length > 0 && ids.every((id) => this.ids.has(id)),
       onchange: (event) => {
         for (const id of ids) {
@@ -155,6 +156,15 @@ export class Selection {
         this.onChange();
       },
     });
+  }
+
+  /** Check the boxes under `root` that are selected, uncheck the others. */
+  sync(root) {
+    for (const box of root.querySelectorAll("input[data-id]")) box.checked = this.ids.has(box.dataset.id);
+    for (const box of root.querySelectorAll("input[data-all]")) {
+      const ids = box.dataset.all.split(" ").filter(Boolean);
+      box.checked = ids.length > 0 && ids.every((id) => this.ids.has(id));
+    }
   }
 
   /** Forget ids no longer listed. */

@@ -12,7 +12,12 @@ export const title = "Dead letters";
 export function mount(root, params) {
   let service = params.service || "";
   let rows = [];
-  const selection = new Selection(() => drawActions());
+  // Boxes are checked in place: a row is not drawn again unless the list changed.
+  const selection = new Selection(() => {
+    selection.sync(table);
+    drawActions();
+  });
+  let drawn = "";
   const chooser = serviceChooser(service, (chosen) => {
     service = chosen;
     selection.clear();
@@ -43,6 +48,9 @@ export function mount(root, params) {
   }
 
   function draw() {
+    const shown = JSON.stringify([service, rows]);
+    if (shown === drawn) return;
+    drawn = shown;
     const ids = rows.map((r) => r.id);
     const head = h("tr", {}, h("th", {}, selection.allBox(ids)), h("th", "id"), ["seq", "attempt"].map((c) => h("th.num", c)), ["created_at", "finished_at", "error"].map((c) => h("th", c)));
     const body = rows.length
@@ -84,6 +92,7 @@ export function mount(root, params) {
     );
     if (answer !== undefined) outcome.textContent = `${verb}: ${JSON.stringify(answer)}`;
     selection.clear();
+    selection.sync(table);
     await attempt("Reading the dead letters", refresh);
   }
 

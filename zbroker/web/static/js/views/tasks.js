@@ -37,7 +37,12 @@ export function selectableId(selection, id) {
 
 export function mount(root, params) {
   const view = { service: params.service || "", state: params.state || "ready", limit: 100, after: 0 };
-  const selection = new Selection(() => drawActions());
+  // Boxes are checked in place: a row is not drawn again unless the list changed.
+  const selection = new Selection(() => {
+    selection.sync(table);
+    drawActions();
+  });
+  let drawn = "";
   let rows = [];
   let next = null;
 
@@ -77,6 +82,7 @@ export function mount(root, params) {
 
   function changed() {
     selection.clear();
+    drawn = "";
     replaceParams({ service: view.service, state: view.state });
     refresh();
   }
@@ -97,6 +103,9 @@ export function mount(root, params) {
   }
 
   function draw() {
+    const shown = JSON.stringify([rows, next, view]);
+    if (shown === drawn) return;
+    drawn = shown;
     const ids = rows.map((r) => r.id);
     const head = h(
       "tr",
@@ -158,6 +167,7 @@ export function mount(root, params) {
       for (const id of ids) await api(`/tasks/${encodeURIComponent(id)}/cancel`, { method: "POST" });
     });
     selection.clear();
+    selection.sync(table);
     await attempt("Reading the tasks", refresh);
   }
 
