@@ -168,3 +168,8 @@ def gated_stream(
     start_worker(stack, broker, "talk", handler)
     stack.callback(may_finish.set)
     return open_client(stack, broker).enqueue("talk", b"go"), may_finish
+
+
+def always_fails(task: Task) -> bytes:
+    """A worker handler whose every attempt fails."""
+    raise RuntimeError("always fails")

@@ -17,6 +17,7 @@ from tests.conftest import ROOT, BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
 from tests.web.browser import (
     Console,
+    always_fails,
     cells,
     cli_json,
     gated_stream,
@@ -25,7 +26,7 @@ from tests.web.browser import (
     queue_row,
 )
 from tests.web.gateway import GatewayProcess
-from zbroker.client import Publisher, Task
+from zbroker.client import Publisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -128,11 +129,8 @@ def test_dead_letters_are_redriven_and_dropped_over_a_selection(
     broker: BrokerProcess, console: Console, stack: ExitStack
 ) -> None:
     # Given three dead letters (a worker that fails every task, then stops)
-    def fail(task: Task) -> bytes:
-        raise RuntimeError("always fails")
-
     with ExitStack() as failing:
-        start_worker(failing, broker, "fragile", fail)
+        start_worker(failing, broker, "fragile", always_fails)
         client = open_client(stack, broker)
         ids = [client.enqueue("fragile", b"x", max_attempts=1) for _ in range(3)]
         wait_until(lambda: queue_row(broker, "fragile")["dead"] == 3, timeout_s=15)

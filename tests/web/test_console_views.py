@@ -11,7 +11,14 @@ import pytest
 
 from tests.conftest import BrokerProcess, wait_until
 from tests.integration.running import open_client, start_worker
-from tests.web.browser import Console, cli_json, gated_stream, open_console, publish_until_shown
+from tests.web.browser import (
+    Console,
+    always_fails,
+    cli_json,
+    gated_stream,
+    open_console,
+    publish_until_shown,
+)
 from tests.web.gateway import GatewayProcess
 from zbroker.client import Publisher, Task
 
@@ -178,13 +185,13 @@ def test_a_dead_task_is_redriven_from_its_page(
 ) -> None:
     # Given a dead letter (its only attempt failed) and no worker left
     with ExitStack() as failing:
-        start_worker(failing, broker, "once", lambda task: 1 / 0)
+        start_worker(failing, broker, "once", always_fails)
         task_id = open_client(stack, broker).enqueue("once", b"x", max_attempts=1)
         wait_until(lambda: cli_json(broker, "task", task_id)["state"] == "dead", timeout_s=15)
     console = console_on(stack, gateway, tmp_path)
     console.open(f"task?id={task_id}")
     console.wait_text(".taskhead [data-field=state]", "dead")
-    assert "ZeroDivisionError" in console.text("tr[data-field=error] td")
+    assert "always fails" in console.text("tr[data-field=error] td")
 
     # When Redrive is clicked on its page
     console.page.click(".taskhead button[data-action=redrive]")
