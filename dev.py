@@ -10,7 +10,9 @@
     python3 dev.py example [ARGS...] run the example system (examples/voice-pipeline; --demo)
 
 Only the standard library is used here, so this works on a machine that has
-nothing but Python 3.11+ (and Node.js for the Node client's tests).
+nothing but Python 3.11+ (and Node.js for the Node client's tests). `test` also
+installs Debian's Chromium for the console's browser tests when it is missing
+(apt-get, as root).
 """
 
 from __future__ import annotations
