@@ -124,6 +124,21 @@ def test_the_event_tail_shows_a_published_event(
     console.page.wait_for_selector('li.event[data-topic="demo.last"]')
     assert console.page.locator('li.event[data-topic="other.topic"]').count() == 0
 
+    # When the page's own form publishes one (POST /api/v1/events), the tail shows it too
+    console.page.fill("form.publish input.topic", "demo.form")
+    console.page.fill("form.publish input.payload", '{"from": "the page"}')
+    mine = console.page.locator('li.event[data-topic="demo.form"]')
+
+    def shown() -> bool:
+        # Again until shown: the gateway's own PUB socket, made by its first publish,
+        # is a slow joiner like any other (what it sends before it is connected is lost)
+        console.page.click("form.publish button")
+        return bool(mine.count())
+
+    wait_until(shown, timeout_s=15, step_s=0.3)
+    assert '"from":"the page"' in mine.first.inner_text()
+    assert console.text("[data-field=published]").startswith("published demo.form at")
+
 
 def test_dead_letters_are_redriven_and_dropped_over_a_selection(
     broker: BrokerProcess, console: Console, stack: ExitStack

@@ -17,6 +17,7 @@ export function mount(root, params) {
   const filter = h("input.topic", { value: topic, placeholder: "topic prefix (empty: every topic)", "aria-label": "topic filter" });
   const state = h("span.stream-state", { dataset: { field: "tail-state" } }, "stopped");
   const list = h("ol.events", { "aria-live": "polite" });
+  const published = h("span.source", { role: "status", dataset: { field: "published" } });
   const pubTopic = h("input.topic", { placeholder: "topic", "aria-label": "topic to publish" });
   const pubPayload = h("input.payload", { placeholder: 'payload (JSON, or text)', "aria-label": "payload to publish" });
 
@@ -37,6 +38,7 @@ export function mount(root, params) {
       pubTopic,
       pubPayload,
       h("button", {}, "Publish"),
+      published,
     ),
     list,
   );
@@ -108,7 +110,9 @@ export function mount(root, params) {
     const answer = await attempt(`Publishing on ${pubTopic.value}`, () =>
       api("/events", { method: "POST", body: { topic: pubTopic.value.trim(), payload } }),
     );
-    if (answer !== undefined) pubPayload.value = "";
+    if (answer !== undefined) {
+      published.textContent = `published ${answer.published.type} at ${new Date().toLocaleTimeString([], { hour12: false })}`;
+    }
   }
 
   start(topic);
