@@ -283,7 +283,7 @@ async def publish(gw: Gateway, request: web.Request, who: Principal) -> Any:
                 raise bad_request(f"{name} must be a string")
             fields[name] = body[name]
     try:
-        event = gw.hub.publish(topic, body.get("payload"), **fields)
+        event = await gw.hub.publish(topic, body.get("payload"), **fields)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from None
     return {"published": event_document(event)}

@@ -68,6 +68,8 @@ class Gateway:
             max_message_bytes=max(settings.max_body_bytes * 2, 1 << 20),
         )
         self.hub = EventHub(settings.events_in, settings.events_out, settings.credentials)
+        # Now, not at the first publish: the bus's subscriptions take a moment to come.
+        self.hub.start()
 
     def principal(self, request: web.Request) -> Principal | None:
         """The caller's principal: LOCAL without a token file, else its token's, or None."""

@@ -175,9 +175,8 @@ async def _publish(s: Session, rid: Any, message: dict[str, Any]) -> Any:
     fields = {k: message[k] for k in ("correlation_id", "reply_to") if message.get(k) is not None}
     if not all(isinstance(v, str) for v in fields.values()):
         raise bad_request("correlation_id and reply_to must be strings")
-    return {
-        "published": event_document(s.gateway.hub.publish(topic, message.get("payload"), **fields))
-    }
+    event = await s.gateway.hub.publish(topic, message.get("payload"), **fields)
+    return {"published": event_document(event)}
 
 
 async def _enqueue(s: Session, rid: Any, message: dict[str, Any]) -> Any:
