@@ -106,6 +106,29 @@ def test_enqueue_json_text_and_base64_then_fetch_results(
     assert record["history"][0][0] == "enqueued"
 
 
+def test_a_task_record_shows_the_start_of_its_payload(http: Http) -> None:
+    # Given a text task and a binary one, waiting in a service nobody serves
+    text_id = http.post("/api/v1/tasks", {"service": "nobody", "text": "héllo world"}).json["id"]
+    raw = b"\xff\x00" + b"z" * 3000
+    binary = {"service": "nobody", "base64": base64.b64encode(raw).decode()}
+    binary_id = http.post("/api/v1/tasks", binary).json["id"]
+
+    # When their records are read, by default and with a preview of 2 bytes
+    text = http.get(f"/api/v1/tasks/{text_id}").json["payload"]
+    cut = http.get(f"/api/v1/tasks/{text_id}?preview=2").json["payload"]
+    data = http.get(f"/api/v1/tasks/{binary_id}").json["payload"]
+
+    # Then the text shows as text, cut before a character the preview would split
+    assert text == {"frames": 1, "bytes": 12, "preview": {"text": "héllo world"}}
+    assert cut["preview"] == {"text": "h"}
+    # And the binary as base64, its first 1024 bytes, with the whole payload's size
+    assert data["bytes"] == 3002 and data["frames"] == 1
+    assert base64.b64decode(data["preview"]["base64"]) == raw[:1024]
+    # And preview=0 leaves the payload out; a preview over the cap is refused
+    assert "payload" not in http.get(f"/api/v1/tasks/{text_id}?preview=0").json
+    assert http.get(f"/api/v1/tasks/{text_id}?preview=999999").status == 400
+
+
 def test_an_idempotency_key_answers_the_stored_task(http: Http) -> None:
     first = http.post("/api/v1/tasks", {"service": "later", "text": "a", "key": "k1"}).json
     again = http.post("/api/v1/tasks", {"service": "later", "text": "b", "key": "k1"}).json

@@ -94,6 +94,16 @@ def test_enqueue_result_status_and_cancel_echo_their_ids(
             assert result["result"]["result"] == {"text": "HELLO"}
             status = await peer.call("status", task=task_id)
             assert status["result"]["priority"] == 3
+            # And the status shows the payload's start, as much as `preview` asks
+            assert status["result"]["payload"]["preview"] == {"text": "hello"}
+            short = await peer.call("status", task=task_id, preview=2)
+            assert short["result"]["payload"] == {
+                "frames": 1,
+                "bytes": 5,
+                "preview": {"text": "he"},
+            }
+            refused = await peer.call("status", task=task_id, preview=-1)
+            assert refused["error"]["code"] == "bad_request"
             # And cancelling an ended task is the broker's conflict
             cancelled = await peer.call("cancel", task=task_id)
             assert cancelled["ok"] is False and cancelled["error"]["code"] == "conflict"

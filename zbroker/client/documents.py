@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from zbroker.client.durable import DeadLetter, TaskStatus
+from zbroker.client.durable import DeadLetter, PayloadPreview, TaskStatus
 from zbroker.protocol.events import Event
 
 # The prefix of a bytes value that is not UTF-8, shown as base64.
@@ -63,10 +63,39 @@ def stats_document(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_document(status: TaskStatus) -> dict[str, Any]:
-    """`zbroker task --json`: one task's record and history."""
+    """`zbroker task --json`: one task's record and history, and `payload` (as
+    payload_document) when the status was asked with a preview."""
     out = dataclasses.asdict(status)
+    del out["payload"]
     out["state"] = status.state.value
-    return jsonable(out)  # type: ignore[no-any-return]
+    shown: dict[str, Any] = jsonable(out)
+    if status.payload is not None:
+        shown["payload"] = payload_document(status.payload)
+    return shown
+
+
+def payload_document(payload: PayloadPreview) -> dict[str, Any]:
+    """The start of a payload: its frame and byte counts, and the preview as
+    data_document. A preview cut inside a UTF-8 character still shows as text."""
+    preview = payload.preview
+    if len(preview) < payload.total_bytes:
+        preview = _without_cut_character(preview)
+    return {
+        "frames": payload.frames,
+        "bytes": payload.total_bytes,
+        "preview": data_document(preview),
+    }
+
+
+def _without_cut_character(data: bytes) -> bytes:
+    """`data` less a UTF-8 character its end cuts short (up to 3 bytes), if it is
+    UTF-8 but for that; else `data` as it is."""
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and exc.start >= len(data) - 3:
+            return data[: exc.start]
+    return data
 
 
 def dead_letters_document(letters: Sequence[DeadLetter]) -> list[dict[str, Any]]:

@@ -24,12 +24,13 @@ from zbroker.client.documents import (
 )
 from zbroker.client.errors import ClientError, Forbidden
 from zbroker.protocol.access import Principal
-from zbroker.protocol.limits import MAX_TOPIC_BYTES
+from zbroker.protocol.limits import MAX_PREVIEW_BYTES, MAX_TOPIC_BYTES
 from zbroker.protocol.states import LISTABLE_STATES
 from zbroker.web.errors import ApiError, bad_request, from_client_error
 from zbroker.web.gateway import Gateway
 from zbroker.web.routes import ADMIN_ONLY, CALLER, OBSERVE, PUBLIC, Param, Route, Schema
 from zbroker.web.tasks import (
+    DEFAULT_PREVIEW_BYTES,
     ENQUEUE_SCHEMA,
     MAX_WAIT_S,
     RESULT_SCHEMA,
@@ -141,8 +142,8 @@ async def list_tasks(
     return {"tasks": tasks_document(rows), "next_after": next_after}
 
 
-async def get_task(gw: Gateway, request: web.Request, who: Principal, id: str) -> Any:
-    return await record_document(gw.client, who, id)
+async def get_task(gw: Gateway, request: web.Request, who: Principal, id: str, preview: int) -> Any:
+    return await record_document(gw.client, who, id, preview)
 
 
 async def task_result(
@@ -383,10 +384,23 @@ ROUTES: Final[tuple[Route, ...]] = (
         "GET",
         "/tasks/{id}",
         "get_task",
-        "One task's record and history.",
+        "One task's record and history, and the start of its payload: `payload` is"
+        " {frames, bytes, preview} (preview {text} when UTF-8, else {base64}), or null"
+        " when the broker no longer holds it; absent when `preview` is 0.",
         CALLER,
         get_task,
-        params=(_TASK,),
+        params=(
+            _TASK,
+            Param(
+                "preview",
+                "query",
+                "integer",
+                "Bytes of the payload's first frame to show (0: no payload).",
+                minimum=0,
+                maximum=MAX_PREVIEW_BYTES,
+                default=DEFAULT_PREVIEW_BYTES,
+            ),
+        ),
         answer=_OBJECT,
         errors=("not_found",),
     ),

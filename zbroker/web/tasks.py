@@ -25,6 +25,9 @@ from zbroker.web.errors import ApiError, bad_request
 OWNER_HEADER: Final = "web.principal"
 # The longest a result call (REST or WebSocket) may wait for a task to end.
 MAX_WAIT_S: Final = 300.0
+# Payload bytes a task's record shows (GET /tasks/{id}, WebSocket `status`) when the
+# caller does not say.
+DEFAULT_PREVIEW_BYTES: Final = 1024
 
 # The keys of an enqueue's JSON besides its options.
 _PAYLOAD_KEYS: Final = ("payload", "text", "base64")
@@ -190,23 +193,33 @@ def read_enqueue(body: Any, principal: Principal) -> tuple[str, bytes, TaskOptio
         raise bad_request(str(exc)) from None
 
 
-async def owned(client: AsyncClient, principal: Principal, task_id: str) -> TaskStatus | None:
+async def owned(
+    client: AsyncClient, principal: Principal, task_id: str, preview: int = 0
+) -> TaskStatus | None:
     """Check that `principal` may act on `task_id`: an admin always (None is returned,
     nothing asked), anyone else only on the tasks it enqueued through the gateway
-    (the status is returned). Someone else's task is `not_found`, as an unknown id."""
+    (the status is returned, with `preview` bytes of the payload). Someone else's
+    task is `not_found`, as an unknown id."""
     if principal.admin:
         return None
-    status = await client.status(task_id)
+    status = await client.status(task_id, preview)
     if status.headers.get(OWNER_HEADER) != principal.name:
         raise ApiError("not_found", f"no task {task_id!r} of {principal.name!r}")
     return status
 
 
-async def record_document(client: AsyncClient, principal: Principal, task_id: str) -> Any:
+async def record_document(
+    client: AsyncClient, principal: Principal, task_id: str, preview: int = 0
+) -> Any:
     """A task's record and history (`zbroker task --json`): any task's for an observer
-    or an admin, only its own for anyone else."""
-    mine = None if principal.may_observe() else await owned(client, principal, task_id)
-    return task_document(mine or await client.status(task_id))
+    or an admin, only its own for anyone else. With `preview`, `payload` shows the
+    payload's first bytes (payload_document), or null when the broker no longer holds it."""
+    mine = None if principal.may_observe() else await owned(client, principal, task_id, preview)
+    status = mine or await client.status(task_id, preview)
+    document = task_document(status)
+    if preview:
+        document.setdefault("payload", None)
+    return document
 
 
 async def result_document(

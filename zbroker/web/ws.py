@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 from zbroker.client.documents import event_document
 from zbroker.client.errors import ClientError
 from zbroker.protocol.access import Principal
+from zbroker.protocol.limits import MAX_PREVIEW_BYTES
 from zbroker.web import api
 from zbroker.web.api import check_topic
 from zbroker.web.bus import Follower
@@ -30,6 +31,7 @@ from zbroker.web.errors import E_INTERNAL, ApiError, bad_request, from_client_er
 from zbroker.web.gateway import GATEWAY, Gateway
 from zbroker.web.routes import CALLER, OBSERVE
 from zbroker.web.tasks import (
+    DEFAULT_PREVIEW_BYTES,
     MAX_WAIT_S,
     cancel_document,
     check_task,
@@ -192,7 +194,10 @@ async def _result(s: Session, rid: Any, message: dict[str, Any]) -> Any:
 
 
 async def _status(s: Session, rid: Any, message: dict[str, Any]) -> Any:
-    return await record_document(s.gateway.client, s.who, _task(message))
+    preview = message.get("preview", DEFAULT_PREVIEW_BYTES)
+    if type(preview) is not int or not 0 <= preview <= MAX_PREVIEW_BYTES:
+        raise bad_request(f"preview must be an integer 0..{MAX_PREVIEW_BYTES}")
+    return await record_document(s.gateway.client, s.who, _task(message), preview)
 
 
 async def _stream(s: Session, rid: Any, message: dict[str, Any]) -> Any:
