@@ -95,6 +95,9 @@ def test_a_tasks_stream_appears_while_it_runs(
     # Then the first chunk shows before the second is even sent
     console.wait_text(stream, "first words")
     assert queue_row(broker, "talk")["inflight"] == 1
+    # And the record shows the task's payload as text, with its size
+    console.wait_text("[data-field=payload][data-kind=text] pre", "go")
+    assert console.text("[data-field=payload] .note") == "1 frame(s), 2 bytes"
 
     # And the second arrives live, then the result
     may_finish.set()

@@ -186,12 +186,16 @@ def test_a_dead_task_is_redriven_from_its_page(
     # Given a dead letter (its only attempt failed) and no worker left
     with ExitStack() as failing:
         start_worker(failing, broker, "once", always_fails)
-        task_id = open_client(stack, broker).enqueue("once", b"x", max_attempts=1)
+        task_id = open_client(stack, broker).enqueue("once", b"\xff\x00x", max_attempts=1)
         wait_until(lambda: cli_json(broker, "task", task_id)["state"] == "dead", timeout_s=15)
     console = console_on(stack, gateway, tmp_path)
     console.open(f"task?id={task_id}")
     console.wait_text(".taskhead [data-field=state]", "dead")
     assert "always fails" in console.text("tr[data-field=error] td")
+    # And its binary payload shows as base64, said to be binary
+    binary = "[data-field=payload][data-kind=binary]"
+    console.wait_text(f"{binary} pre", "/wB4")
+    assert console.text(f"{binary} .note") == "binary, 1 frame(s), 3 bytes, as base64"
 
     # When Redrive is clicked on its page
     console.page.click(".taskhead button[data-action=redrive]")

@@ -10,7 +10,7 @@ export const title = "Task";
 const PREVIEW_CHARS = 4096;
 const RETRY_MS = 2000;
 const FINAL = new Set(["done", "dead", "cancelled", "expired", "upstream_failed"]);
-const SKIP = new Set(["history", "payload", "payload_preview"]);
+const SKIP = new Set(["history", "payload"]);
 
 export function mount(root, params) {
   const id = params.id || "";
@@ -56,7 +56,6 @@ export function mount(root, params) {
       h("a", { href: href("graph", { id }) }, "Dependency graph"),
       h("a", { href: href("tasks", { service: task.service, state: task.state }) }, `All ${task.state} tasks of ${task.service}`),
     );
-    const payload = task.payload_preview ?? task.payload;
     if (heading.dataset.state !== task.state) {
       // Drawn again only when the state changes: a button is not replaced under a click.
       heading.dataset.state = task.state;
@@ -70,9 +69,7 @@ export function mount(root, params) {
       record,
       h("table.kv", {}, h("tbody", {}, rows)),
       h("h3", {}, "Payload"),
-      payload === undefined
-        ? h("p.note", {}, "The API's task record carries no payload.")
-        : h("pre.preview", {}, preview(typeof payload === "string" ? payload : dataText(payload))),
+      payloadView(task.payload),
     );
   }
 
@@ -194,6 +191,22 @@ export function mount(root, params) {
     clearTimeout(timer);
     stopStream();
   };
+}
+
+/** The record's `payload`: {frames, bytes, preview} (its first frame's first bytes,
+ * {text} or {base64}), or null when the broker no longer holds it. */
+function payloadView(payload) {
+  if (!payload) return h("p.note", { dataset: { field: "payload" } }, "The broker no longer holds this task's payload.");
+  const { text, base64 } = payload.preview;
+  const shownBytes = text !== undefined ? new TextEncoder().encode(text).length : atob(base64).length;
+  const sizes = `${payload.frames} frame(s), ${payload.bytes} bytes`;
+  const part = shownBytes < payload.bytes ? `: the first ${shownBytes} bytes of the first frame` : "";
+  return h(
+    "div.payload",
+    { dataset: { field: "payload", kind: text !== undefined ? "text" : "binary" } },
+    h("p.note", {}, text !== undefined ? `${sizes}${part}` : `binary, ${sizes}${part}, as base64`),
+    h("pre.preview", {}, text !== undefined ? text : base64),
+  );
 }
 
 /** The text of a data document of the API: {"text": ...} or {"base64": ...}. */
