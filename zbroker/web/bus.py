@@ -106,11 +106,11 @@ class BusPublisher:
                 # Woken by a subscription; the monitor is read again every 100 ms.
                 await asyncio.wait_for(self._changed.wait(), min(remaining_s, 0.1))
 
-    def send(self, frames: list[bytes]) -> None:
+    async def send(self, frames: list[bytes]) -> None:
         check(self._socket)
         with zmq_boundary("publishing an event"):
-            # An XPUB drops at a subscriber's high-water mark: this never blocks.
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
+            # An XPUB drops at a subscriber's high-water mark: this never waits.
+            await self._socket.send_multipart(frames)
 
     async def _read(self) -> None:
         while True:
@@ -191,7 +191,7 @@ class EventHub:
         frames = encode_event(event)  # a bad topic or payload is refused before waiting
         followed_here = any(type.startswith(prefix) for prefix in self._counts)
         await publisher.ready_for(type.encode(), followed_here)
-        publisher.send(frames)
+        await publisher.send(frames)
         return event
 
     def _socket(self) -> zmq.asyncio.Socket:
