@@ -10,7 +10,9 @@
     python3 dev.py example [ARGS...] run the example system (examples/voice-pipeline; --demo)
 
 Only the standard library is used here, so this works on a machine that has
-nothing but Python 3.11+ (and Node.js for the Node client's tests).
+nothing but Python 3.11+ (and Node.js for the Node client's tests). `test` also
+installs Debian's Chromium for the console's browser tests when it is missing
+(apt-get, as root).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ UNASYNC = ROOT / "scripts" / "unasync.py"
 BUILD_NATIVE = ROOT / "scripts" / "build_native.py"
 NO_COMPILER = 3  # build_native.py's exit status when this machine cannot compile
 PURE = {"ZBROKER_PURE": "1"}
+# The console's browser tests drive Debian's Chromium (Playwright downloads no browser here).
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def say(msg: str) -> None:
@@ -80,6 +84,19 @@ def ensure_node_deps() -> bool:
     return True
 
 
+def ensure_chromium() -> None:
+    """Install Debian's Chromium for the console's browser tests when it is missing."""
+    if CHROMIUM.exists():
+        return
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if shutil.which("apt-get") is None or not as_root:
+        sys.exit(f"{CHROMIUM} is needed for the console's tests: apt-get install -y chromium")
+    say("installing Chromium (Debian's package) for the console's browser tests")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-q"], env=env)
+    run(["apt-get", "install", "-y", "-q", "chromium"], env=env)
+
+
 def build_native(required: bool = False) -> bool:
     """Compile the hot modules when this machine can (skipped when up to date);
     whether a compiled build is ready. `required`: a failed build stops here."""
@@ -113,6 +130,7 @@ def cmd_start(args: list[str]) -> None:
 def cmd_test(args: list[str]) -> None:
     ensure_venv("test")
     have_node = ensure_node_deps()
+    ensure_chromium()
     linted = ["zbroker", "tests", "bench", "examples", "scripts", "dev.py"]
     run([BIN / "ruff", "check", *linted], cwd=ROOT)
     run([BIN / "ruff", "format", "--check", *linted], cwd=ROOT)

@@ -24,6 +24,7 @@ import fuzz
 import mdp
 import scheduling
 import streams
+import web
 from harness import (
     RESULTS_DIR,
     RUNS_DIR,
@@ -49,6 +50,7 @@ WORKLOADS: dict[str, Workload] = {
         auth.WORKLOAD,
         streams.WORKLOAD,
         scheduling.WORKLOAD,
+        web.WORKLOAD,
     )
 }
 

@@ -8,14 +8,15 @@ records check their bounds.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import enum
+import importlib.util
 import inspect
 import json
 import logging
-import math
+import os
+import subprocess
 import sys
 import time
 import tomllib
@@ -28,6 +29,17 @@ import typer.main
 
 from zbroker import __version__, native
 from zbroker.client import Client, Subscriber
+from zbroker.client.documents import (
+    data_document,
+    dead_letters_document,
+    event_document,
+    jsonable,
+    queues_document,
+    stats_document,
+    task_document,
+    tasks_document,
+    workers_document,
+)
 from zbroker.client.errors import ClientError
 from zbroker.client.keys import Credentials
 from zbroker.config import (
@@ -43,7 +55,7 @@ from zbroker.config import (
     settle,
 )
 from zbroker.journal import JournalError
-from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_OUT
+from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.cron import parse_duration
 from zbroker.protocol.states import LISTABLE_STATES, QUEUE_COUNTS
 from zbroker.runtime import BindError, BrokerServer
@@ -82,6 +94,8 @@ def _version(value: bool) -> None:
 # The CURVE keys the commands that talk to a broker use (--server-key, --key on the
 # root command, or ZBROKER_SERVER_KEY and ZBROKER_KEY): None when not given.
 _credentials: Credentials | None = None
+# The same two options as given, for a child `zbroker web` (`start --web`).
+_credential_flags: list[str] = []
 
 
 @app.callback()
@@ -113,6 +127,7 @@ def _root(
     if server_key is None or key is None:
         typer.echo("zbroker: give both --server-key and --key, or neither", err=True)
         raise typer.Exit(2)
+    _credential_flags[:] = ["--server-key", server_key, "--key", str(key)]
     try:
         _credentials = Credentials.load(server_key, key)
     except ClientError as exc:
@@ -168,6 +183,11 @@ def start(
 ) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM."""
     values, config = configure(ctx, config_file)
+    if config.web is not None:
+        _listen_address(config.web)
+        if importlib.util.find_spec("aiohttp") is None:
+            typer.echo("zbroker: --web needs aiohttp: pip install 'zbroker[web]'", err=True)
+            raise typer.Exit(2)
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format is LogFormat.JSON:
         handler.setFormatter(JsonLogFormatter())
@@ -187,11 +207,54 @@ def start(
         typer.echo(f"zbroker: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     server.install_signal_handlers()
+    gateway = _start_gateway(config) if config.web else None
     try:
         server.serve_forever()
     except JournalError as exc:
         typer.echo(f"zbroker: stopped: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        if gateway is not None:
+            _stop_gateway(gateway)
+
+
+def _reachable(endpoint: str) -> str:
+    """A bound endpoint as a local peer connects to it (a wildcard host is loopback)."""
+    for wildcard, local in (("*", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("[::]", "[::1]")):
+        prefix = f"tcp://{wildcard}:"
+        if endpoint.startswith(prefix):
+            return f"tcp://{local}:" + endpoint.removeprefix(prefix)
+    return endpoint
+
+
+def _start_gateway(config: BrokerConfig) -> subprocess.Popen[bytes]:
+    """`zbroker web` as a child of this broker, which it stops with itself."""
+    logging.getLogger("zbroker.config").info("starting zbroker web on %s", config.web)
+    return subprocess.Popen(gateway_command(config))
+
+
+def gateway_command(config: BrokerConfig) -> list[str]:
+    """The command line of `start --web`'s gateway: this broker's endpoints, the root
+    key options, its tokens, and this process as the parent whose end stops it."""
+    assert config.web is not None
+    command = [sys.executable, "-m", "zbroker", *_credential_flags, "web", "--listen", config.web]
+    command += ["--endpoint", _reachable(config.bind)]
+    command += ["--events-in", _reachable(config.events_in)]
+    command += ["--events-out", _reachable(config.events_out)]
+    command += ["--parent", str(os.getpid())]
+    if config.web_tokens is not None:
+        command += ["--tokens", str(config.web_tokens)]
+    return command
+
+
+def _stop_gateway(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(10)
 
 
 def _shown(value: Any) -> str:
@@ -294,24 +357,6 @@ def config_show(
         typer.echo(f"{name:<{width}}  {_shown(given.value):<28} {given.source}")
 
 
-def _jsonable(value: Any) -> Any:
-    """Event payloads as JSON: bytes become text when they are UTF-8, else "base64:..."."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return "base64:" + base64.b64encode(value).decode()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN or infinity
-    if value is None or isinstance(value, str | int | float):
-        return value
-    return repr(value)  # a msgpack extension type, say: shown, never a crash
-
-
 def _clock(timestamp: float) -> str:
     """An event's time as HH:MM:SS.mmm, or its raw number when no clock can show it."""
     try:
@@ -324,6 +369,9 @@ _Endpoint = Annotated[
     str,
     typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
 ]
+_EventsOut = Annotated[
+    str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
+]
 
 
 def _print_stream(stream: Any, as_json: bool) -> None:
@@ -331,11 +379,7 @@ def _print_stream(stream: Any, as_json: bool) -> None:
     out = sys.stdout.buffer
     for chunk in stream:
         if as_json:
-            try:
-                data: dict[str, Any] = {"text": chunk.decode()}
-            except UnicodeDecodeError:
-                data = {"base64": base64.b64encode(chunk).decode()}
-            row = {"offset": stream.offset - 1, "attempt": stream.attempt, **data}
+            row = {"offset": stream.offset - 1, "attempt": stream.attempt, **data_document(chunk)}
             out.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
         else:
             out.write(chunk)
@@ -362,9 +406,7 @@ def tail(
         list[str] | None,
         typer.Argument(help="Topic prefixes to follow (task., worker.ready, fs.); none: all."),
     ] = None,
-    events: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
-    ] = DEFAULT_EVENTS_OUT,
+    events: _EventsOut = DEFAULT_EVENTS_OUT,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per event and line.")
     ] = False,
@@ -387,16 +429,7 @@ def tail(
     try:
         with Subscriber(events, *(prefixes or []), credentials=_credentials) as sub:
             for event in sub:
-                record = {
-                    "type": event.type,
-                    "source": event.source,
-                    "payload": _jsonable(event.payload),
-                    "timestamp": event.timestamp,
-                }
-                if event.correlation_id is not None:
-                    record["correlation_id"] = event.correlation_id
-                if event.reply_to is not None:
-                    record["reply_to"] = event.reply_to
+                record = event_document(event)
                 if as_json:
                     line = json.dumps(record, separators=(",", ":"))
                 else:
@@ -446,7 +479,7 @@ def queues(
     """Every service's queue: tasks ready, delayed, in flight, dead; workers; oldest age."""
     rows = _client_call(endpoint, timeout, f"queues from {endpoint}", lambda c: c.queues())
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps(queues_document(rows), indent=2))
     elif not rows:
         typer.echo("no services")
     else:
@@ -462,7 +495,7 @@ def workers(
     """Every registered worker: service, protocol, credit, tasks held, metrics."""
     rows = _client_call(endpoint, timeout, f"workers from {endpoint}", lambda c: c.workers())
     if as_json:
-        typer.echo(json.dumps(_jsonable(rows), indent=2))
+        typer.echo(json.dumps(workers_document(rows), indent=2))
     elif not rows:
         typer.echo("no workers")
     else:
@@ -498,12 +531,6 @@ def _payload(data: str | None, file: Path | None) -> bytes:
     return data.encode()
 
 
-def _task_dict(status: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(status)
-    out["state"] = status.state.value
-    return _jsonable(out)  # type: ignore[no-any-return]
-
-
 _Data = Annotated[str | None, typer.Option(help="The payload, as UTF-8 text.")]
 _File = Annotated[Path | None, typer.Option(help="Read the payload from this file.")]
 _Priority = Annotated[int, typer.Option(min=-128, max=127, help="Higher runs first.")]
@@ -523,7 +550,7 @@ def task(
 ) -> None:
     """One task's full record and history."""
     status = _client_call(endpoint, timeout, f"task {task_id}", lambda c: c.status(task_id))
-    record = _task_dict(status)
+    record = task_document(status)
     if as_json:
         typer.echo(json.dumps(record, indent=2))
         return
@@ -582,7 +609,7 @@ def tasks(
         )
         rows += page
     if as_json:
-        typer.echo(json.dumps(_jsonable(rows), indent=2))
+        typer.echo(json.dumps(tasks_document(rows), indent=2))
     elif not rows:
         typer.echo(f"no {state} tasks in {service}")
     else:
@@ -766,7 +793,7 @@ def status(
     view = _client_call(endpoint, timeout, "status", lambda c: c.broker_stats())
     view.pop("rid", None)
     if as_json:
-        typer.echo(json.dumps(view, indent=2))
+        typer.echo(json.dumps(stats_document(view), indent=2))
         return
     typer.echo(f"broker at {endpoint}, up {view['uptime_s']:.0f}s")
     build = view.get("build") or {}
@@ -901,7 +928,7 @@ def dlq_list(
     letters = _client_call(
         endpoint, timeout, f"dlq list {service}", lambda c: c.dead_letters(service, limit=limit)
     )
-    rows = [dataclasses.asdict(letter) for letter in letters]
+    rows = dead_letters_document(letters)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif not rows:
@@ -1030,7 +1057,7 @@ def schedule_list(
     """Every schedule: its rule, its next and last firing, how many times it fired."""
     found = _client_call(endpoint, timeout, "schedule list", lambda c: c.schedules())
     if as_json:
-        typer.echo(json.dumps([_jsonable(dataclasses.asdict(i)) for i in found], indent=2))
+        typer.echo(json.dumps([jsonable(dataclasses.asdict(i)) for i in found], indent=2))
         return
     if not found:
         typer.echo("no schedules")
@@ -1064,6 +1091,81 @@ def schedule_remove(
         typer.echo(f"zbroker: schedule remove: no schedule {name!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"schedule {name} removed")
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) for --listen and --web."""
+    host, colon, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+@app.command()
+def web(
+    listen: Annotated[
+        str, typer.Option(envvar="ZBROKER_WEB_LISTEN", help="HOST:PORT to serve HTTP on.")
+    ] = "127.0.0.1:8080",
+    endpoint: _Endpoint = DEFAULT_ENDPOINT,
+    events_in: Annotated[
+        str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="The bus's XSUB endpoint.")
+    ] = DEFAULT_EVENTS_IN,
+    events_out: _EventsOut = DEFAULT_EVENTS_OUT,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ZBROKER_WEB_TOKENS",
+            dir_okay=False,
+            help="A TOML file of bearer tokens and their principals (docs/web.md); without"
+            " it every caller is an administrator and only loopback is served.",
+        ),
+    ] = None,
+    max_body_mib: Annotated[
+        float, typer.Option(min=0.001, max=1024, help="Largest request body, MiB.")
+    ] = 16.0,
+    timeout: _Timeout = 5.0,
+    parent: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop when this process (a broker) ends.")
+    ] = None,
+) -> None:
+    """Serve the broker over HTTP, Server-Sent Events and WebSocket (docs/web.md): a
+    separate process, an ordinary client of the broker with this command's keys."""
+    host, port = _listen_address(listen)
+    try:
+        from zbroker.web import server
+        from zbroker.web.tokens import TokenFileError, load_tokens
+    except ModuleNotFoundError as exc:
+        typer.echo(
+            f"zbroker: web needs {exc.name}: pip install 'zbroker[web]' (or aiohttp)", err=True
+        )
+        raise typer.Exit(2) from None
+    try:
+        known = load_tokens(tokens) if tokens is not None else None
+    except TokenFileError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = server.WebSettings(
+        host=host,
+        port=port,
+        endpoint=endpoint,
+        events_in=events_in,
+        events_out=events_out,
+        credentials=_credentials,
+        tokens=known,
+        max_body_bytes=int(max_body_mib * 1024 * 1024),
+        call_timeout_s=timeout,
+        parent_pid=parent,
+    )
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        server.run(settings)
+    except server.ListenRefused as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"zbroker: web: cannot listen on {listen}: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 keys_app = typer.Typer(help="CURVE keys for --auth (docs/security.md).", no_args_is_help=True)

@@ -64,6 +64,10 @@ class BrokerConfig:
     auth_file: Path | None = None
     # ...unless this says to serve endpoints reachable from other machines without it.
     insecure: bool = False
+    # `zbroker start --web`: HOST:PORT of a `zbroker web` the command line runs beside
+    # the broker (a child process stopped with it; None: none), and its token file.
+    web: str | None = None
+    web_tokens: Path | None = None
     # On SIGTERM/SIGINT: how long deliveries stay stopped while the results of the
     # attempts in flight come in, before the broker stops (0: stop at once).
     drain_timeout_s: float = 10.0
@@ -373,6 +377,21 @@ OPTIONS: tuple[Option, ...] = (
         bool,
         "Serve endpoints reachable from other machines without --auth (warned at every start).",
         ("insecure",),
+    ),
+    Option(
+        "web",
+        str,
+        "Also run `zbroker web` (docs/web.md) on HOST:PORT beside the broker: a child"
+        " process stopped with it, connecting with the root --server-key/--key.",
+        ("web",),
+        optional=True,
+    ),
+    Option(
+        "web_tokens",
+        Path,
+        "With --web: its file of bearer tokens and their principals (docs/web.md).",
+        ("web_tokens",),
+        optional=True,
     ),
 )
 

@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import BrokerProcess
 from tests.integration.running import start_worker
 from zbroker import AsyncClient, Client, Task, TaskOptions, TaskState
+from zbroker.client import PayloadPreview
+from zbroker.protocol.limits import MAX_PREVIEW_BYTES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -164,3 +166,20 @@ def test_options_and_keywords_together_are_refused_before_anything_is_stored(
     # But a keyword left at its default is not "given": the value's options hold
     task_id = calls.enqueue("nobody", b"x", priority=0, options=options)
     assert calls.status(task_id).priority == 3
+
+
+def test_status_with_preview_shows_the_start_of_the_payload(calls: Calls) -> None:
+    # Given a queued task of two payload frames
+    task_id = calls.enqueue("nobody", [b"\x00\x01binary start", b"second"])
+
+    # When its status is asked with a preview of 4 bytes
+    status = calls.status(task_id, preview=4)
+
+    # Then the payload's counts and the first frame's first 4 bytes come with it
+    assert status.payload == PayloadPreview(frames=2, total_bytes=20, preview=b"\x00\x01bi")
+    # And without a preview, as before, no payload
+    assert calls.status(task_id).payload is None
+    # And a preview that is no byte count within the cap is the caller's error
+    for wrong in (-1, MAX_PREVIEW_BYTES + 1):
+        with pytest.raises(ValueError, match="preview"):
+            calls.status(task_id, preview=wrong)

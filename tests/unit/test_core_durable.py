@@ -556,6 +556,23 @@ def test_status_shows_the_record_and_its_history(journal: Journal) -> None:
     assert task["history"][1][3] == s.broker.workers[b"W"].alias
 
 
+def test_status_with_preview_shows_the_start_of_the_payload(journal: Journal) -> None:
+    # Given a task of two payload frames
+    s = Script(journal)
+    s.send(b"C", zbc.enqueue(1, "svc", [[b"hello world", b"tail"]]))
+    ((task_id,),) = [a.meta["ids"] for a in s.answers(b"C")]
+
+    # When STATUS asks for the payload's first 5 bytes
+    answer = s.call(b"C", zbc.call(zbc.STATUS, 2, id=task_id, preview=5))
+
+    # Then the answer carries them beside the record, with the payload's sizes
+    assert answer.meta["task"]["id"] == task_id
+    assert answer.meta["payload"] == {"frames": 2, "bytes": 15, "preview": b"hello"}
+    # And without `preview` the answer is as it was: no payload key at all
+    plain = s.call(b"C", zbc.call(zbc.STATUS, 3, id=task_id))
+    assert "payload" not in plain.meta
+
+
 def test_no_journal_means_calls_are_refused_not_dropped() -> None:
     s = CoreScript(SETTINGS)
     s.broker.receive([b"C", *zbc.enqueue(1, "svc", [[b"x"]])], 0.0)

@@ -124,6 +124,20 @@ def test_another_principals_task_is_refused_unless_admin(command: bytes) -> None
     assert core.call(b"R1", "root", command, id=task_id).ok
 
 
+def test_a_payload_preview_is_for_the_tasks_owner_and_admins_only() -> None:
+    # Given alice's task
+    core = Guarded()
+    task_id = core.enqueue(b"A1", "alice", "tts").meta["ids"][0]
+    # When bob asks for its payload's first bytes, then no: STATUS's own rule
+    assert "belongs to another principal" in refused(
+        core.call(b"B1", "bob", zbc.STATUS, id=task_id, preview=16), zbc.E_FORBIDDEN
+    )
+    # And alice and an admin see them
+    for peer, sender in ((b"A2", "alice"), (b"R1", "root")):
+        answer = core.call(peer, sender, zbc.STATUS, id=task_id, preview=16)
+        assert answer.ok and answer.meta["payload"]["frames"] == 1
+
+
 def test_a_task_may_depend_only_on_tasks_of_its_own_principal() -> None:
     core = Guarded()
 

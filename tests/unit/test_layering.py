@@ -1,7 +1,8 @@
 """The layering DESIGN.md fixes: imports only point one way, in the source and when
 loaded.
 
-cli -> runtime -> core -> protocol;  runtime -> journal;  client -> protocol.
+cli -> runtime -> core -> protocol;  runtime -> journal;  client -> protocol;
+web -> client -> protocol.
 The core may read the journal's *contract* (zbroker.journal.base: records and the
 abstract Journal, no I/O) because it is handed a store; never a store itself.
 
@@ -58,6 +59,16 @@ FORBIDDEN = {
         "zbroker.config",
     ],
     "runtime": ["zbroker.cli", "zbroker.client"],
+    # zbroker web is an ordinary client of the broker: it reaches the broker's state
+    # only through the protocol, never its code.
+    "web": [
+        "lmdb",
+        "zbroker.core",
+        "zbroker.runtime",
+        "zbroker.journal",
+        "zbroker.cli",
+        "zbroker.config",
+    ],
 }
 
 
@@ -126,6 +137,7 @@ LOADABLE = {
         "journal.*",
         "config",
     ],
+    "web": ["web", "web.*", "client", "client.*", "protocol", "protocol.*"],
 }
 # Part of the package root, loaded with it: the choice of build (zbroker/native.py)
 # and the compiled build's shared library, which holds every compiled module's code
@@ -138,6 +150,7 @@ NOT_LOADABLE = {
     "journal": ["zmq"],
     "client": ["lmdb"],
     "runtime": [],
+    "web": ["lmdb"],
 }
 
 

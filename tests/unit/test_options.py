@@ -74,6 +74,8 @@ CASES = {
     "max_stream_chunks": Case("5", "5", "5", {"core.max_stream_chunks": 5}),
     "max_stream_mib": Case("3", "3", "3", {"core.max_stream_bytes": 3 << 20}),
     "insecure": Case("true", "true", "True", {"insecure": True}),
+    "web": Case("127.0.0.1:8081", '"127.0.0.1:8081"', "127.0.0.1:8081", {"web": "127.0.0.1:8081"}),
+    "web_tokens": Case("t.toml", '"t.toml"', "t.toml", {"web_tokens": Path("t.toml")}),
 }  # fmt: skip
 
 SOURCES = ["flag", "environment", "file"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zbroker.protocol import zbc
+from zbroker.protocol import limits, zbc
 from zbroker.protocol.errors import ProtocolError
 from zbroker.protocol.states import TaskState
 
@@ -42,6 +42,7 @@ def test_single_enqueue_and_request_carry_every_option() -> None:
     [
         (zbc.RESULT, {"id": "t1", "wait_s": 2}, zbc.Result(3, "t1", 2.0)),
         (zbc.STATUS, {"id": "t1"}, zbc.Status(3, "t1")),
+        (zbc.STATUS, {"id": "t1", "preview": 64}, zbc.Status(3, "t1", 64)),
         (zbc.CANCEL, {"id": "t1"}, zbc.Cancel(3, "t1")),
         (zbc.DEAD, {"service": "s", "limit": 5, "after": 9}, zbc.Dead(3, "s", 5, 9)),
         (zbc.REDRIVE, {"service": "s", "ids": ["a"]}, zbc.Redrive(3, "s", ("a",))),
@@ -176,6 +177,14 @@ def test_redrive_and_drop_refuse_ids_that_are_not_a_list_of_strings(
     with pytest.raises(zbc.CallError) as caught:
         zbc.decode_client(zbc.call(command, 4, service="s", ids=ids))
     assert caught.value.code == zbc.E_BAD_REQUEST and "'ids'" in caught.value.message
+
+
+@pytest.mark.parametrize("preview", [-1, 1.5, "64", True, limits.MAX_PREVIEW_BYTES + 1])
+def test_status_refuses_a_preview_that_is_no_byte_count_within_the_cap(preview: object) -> None:
+    with pytest.raises(zbc.CallError) as caught:
+        zbc.decode_client(zbc.call(zbc.STATUS, 6, id="t1", preview=preview))
+    assert caught.value.rid == 6 and caught.value.code == zbc.E_BAD_REQUEST
+    assert "'preview'" in caught.value.message
 
 
 def test_tasks_takes_every_state_by_its_wire_name_and_nothing_else() -> None:

@@ -26,7 +26,7 @@ from zbroker.client._base import DEFAULT_RESULT_TIMEOUT_S, ClientStats
 from zbroker.client._calls import unpack_results
 from zbroker.client.aclient import AsyncClient
 from zbroker.client.client import Client
-from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
+from zbroker.client.durable import DeadLetter, PayloadPreview, TaskId, TaskState, TaskStatus
 from zbroker.client.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -88,6 +88,7 @@ __all__ = [
     "MessageTooLarge",
     "Metrics",
     "NonRetryableError",
+    "PayloadPreview",
     "Publisher",
     "QueueFull",
     "ReplyError",

@@ -78,6 +78,7 @@ from zbroker.protocol.limits import (
     BATCH_FRAMES,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_FRAMES,
+    MAX_PREVIEW_BYTES,
     MAX_QUEUES_PAGE,
     MIN_MESSAGE_BYTES,
     STREAM_WINDOW_DEFAULT,
@@ -757,8 +758,11 @@ def stream(
         yield Send(rid, _read(rid, task_id, offset, how, s.poll_s), kind)
 
 
-def status(s: Settings, task_id: str) -> Plan[TaskStatus]:
-    answer = yield from call(s, "STATUS", lambda rid: zbc.call(zbc.STATUS, rid, id=task_id))
+def status(s: Settings, task_id: str, preview: int) -> Plan[TaskStatus]:
+    # No `preview` key at all when 0: a broker that predates it answers as before.
+    answer = yield from call(
+        s, "STATUS", lambda rid: zbc.call(zbc.STATUS, rid, id=task_id, preview=preview or None)
+    )
     return parse_status(answer.meta)
 
 
@@ -901,8 +905,10 @@ def plan_read_stream(
     return stream(s, task_id_arg(task_id), offset, how, deadline, timeout_s)
 
 
-def plan_status(s: Settings, task_id: str) -> Plan[TaskStatus]:
-    return status(s, task_id_arg(task_id))
+def plan_status(s: Settings, task_id: str, preview: int = 0) -> Plan[TaskStatus]:
+    if type(preview) is not int or not 0 <= preview <= MAX_PREVIEW_BYTES:
+        raise ValueError(f"preview must be an int 0..{MAX_PREVIEW_BYTES} (bytes)")
+    return status(s, task_id_arg(task_id), preview)
 
 
 def plan_admin(s: Settings, command: bytes, key: str) -> Plan[list[dict[str, Any]]]:

@@ -609,9 +609,13 @@ class AsyncClient(AsyncClientBase):
         plan = _calls.plan_admin(self._settings(), zbc.WORKERS, "workers")
         return await self._run(plan, "workers")
 
-    async def status(self, task_id: str) -> TaskStatus:
-        """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
-        return await self._run(_calls.plan_status(self._settings(), task_id), "status")
+    async def status(self, task_id: str, preview: int = 0) -> TaskStatus:
+        """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id.
+
+        With `preview` (bytes, at most MAX_PREVIEW_BYTES), `payload` also holds the
+        payload's frame and byte counts and its first frame's first `preview` bytes."""
+        plan = _calls.plan_status(self._settings(), task_id, preview)
+        return await self._run(plan, "status")
 
     async def cancel(self, task_id: str) -> TaskState:
         """Cancel task `task_id` unless it has already ended; return the state it was in.

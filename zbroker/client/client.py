@@ -611,9 +611,13 @@ class Client(ClientBase):
         plan = _calls.plan_admin(self._settings(), zbc.WORKERS, "workers")
         return self._run(plan, "workers")
 
-    def status(self, task_id: str) -> TaskStatus:
-        """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id."""
-        return self._run(_calls.plan_status(self._settings(), task_id), "status")
+    def status(self, task_id: str, preview: int = 0) -> TaskStatus:
+        """What the broker knows of task `task_id` now. Raises TaskNotFound for an unknown id.
+
+        With `preview` (bytes, at most MAX_PREVIEW_BYTES), `payload` also holds the
+        payload's frame and byte counts and its first frame's first `preview` bytes."""
+        plan = _calls.plan_status(self._settings(), task_id, preview)
+        return self._run(plan, "status")
 
     def cancel(self, task_id: str) -> TaskState:
         """Cancel task `task_id` unless it has already ended; return the state it was in.

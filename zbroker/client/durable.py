@@ -41,6 +41,15 @@ class TaskId(str):
 
 
 @dataclass(frozen=True, slots=True)
+class PayloadPreview:
+    """The start of a task's payload, as STATUS(preview=n) returns it."""
+
+    frames: int  # frames of the whole payload
+    total_bytes: int  # bytes of the whole payload, every frame
+    preview: bytes  # the first frame's first n bytes (all of it when shorter)
+
+
+@dataclass(frozen=True, slots=True)
 class TaskStatus:
     """A durable task as the broker holds it, from `status()`.
 
@@ -82,6 +91,9 @@ class TaskStatus:
     prefer: tuple[str, ...] = ()
     affinity: str | None = None
     concurrency_key: str | None = None
+    # The start of its payload, when `status(preview=n)` asked for it (None when it
+    # did not, or when the broker no longer holds the payload).
+    payload: PayloadPreview | None = None
 
     @property
     def final(self) -> bool:
@@ -148,6 +160,20 @@ def parse_status(meta: dict[str, Any]) -> TaskStatus:
         prefer=_texts(task, "prefer"),
         affinity=_optional_text(task, "affinity"),
         concurrency_key=_optional_text(task, "concurrency_key"),
+        payload=_payload_preview(meta.get("payload")),
+    )
+
+
+def _payload_preview(payload: Any) -> PayloadPreview | None:
+    """The `payload` map of a STATUS answer (None when absent or nil)."""
+    if payload is None:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("preview"), bytes):
+        raise ReplyError("bad_answer", "STATUS answer with a malformed 'payload' map")
+    return PayloadPreview(
+        frames=_whole(payload, "frames"),
+        total_bytes=_whole(payload, "bytes"),
+        preview=payload["preview"],
     )
 
 

@@ -198,10 +198,29 @@ class AdminViews:
         return view
 
     def status(self, msg: zbc.Status) -> dict[str, Any] | None:
-        """A task's record and history (None: no such task)."""
+        """A task's record and history (None: no such task), and with `preview` the
+        start of its payload."""
         # The live record while an attempt runs: its stream grows without a write.
         record = self._tasks.record_of(msg.id)
-        return None if record is None else {"task": record_view(record)}
+        if record is None:
+            return None
+        answer: dict[str, Any] = {"task": record_view(record)}
+        if msg.preview > 0:
+            answer["payload"] = self._payload_preview(msg.id, msg.preview)
+        return answer
+
+    def _payload_preview(self, task_id: str, preview: int) -> dict[str, Any] | None:
+        """The payload's frame and byte counts and its first frame's first `preview`
+        bytes; None when the journal no longer holds it."""
+        journal = self._tasks.journal
+        frames = None if journal is None else journal.payload(task_id)
+        if frames is None:
+            return None
+        return {
+            "frames": len(frames),
+            "bytes": sum(len(frame) for frame in frames),
+            "preview": frames[0][:preview] if frames else b"",
+        }
 
     def dead(self, msg: zbc.Dead) -> dict[str, Any]:
         """A page of a service's dead letters, oldest first."""

@@ -41,6 +41,8 @@ MAX_LIST: Final = 1000
 # however many services there are.
 MAX_QUEUES_PAGE: Final = 1000
 DEFAULT_QUEUES_PAGE: Final = 500
+# Most payload bytes a STATUS may ask to see (`preview`): a glimpse, never the payload.
+MAX_PREVIEW_BYTES: Final = 4096
 # Largest TASKS `after` (entries skipped): far above any list a scan can produce.
 MAX_LIST_AFTER: Final = 10**9
 # Task priority, higher first: one byte in the journal's index keys.

@@ -280,6 +280,8 @@ class Close:
 class Status:
     rid: int
     id: str
+    # Bytes of the payload's first frame to answer with (0: no payload at all).
+    preview: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,7 +743,8 @@ def _decode_result(meta: dict[str, Any], rid: int) -> Result:
 
 
 def _decode_status(meta: dict[str, Any], rid: int) -> Status:
-    return Status(rid, _str(meta, "id", rid))
+    preview = _int(meta, "preview", rid, 0, limits.MAX_PREVIEW_BYTES, 0)
+    return Status(rid, _str(meta, "id", rid), preview)
 
 
 def _decode_cancel(meta: dict[str, Any], rid: int) -> Cancel:
