@@ -21,11 +21,17 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
+from hypothesis import settings
 
 from tests.builds import settings_free_env
 from zbroker.client.keys import Credentials
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# No time limit per example: speed is measured in bench/, never asserted here, and a
+# loaded CI machine would turn hypothesis's default 200 ms deadline into failures.
+settings.register_profile("zbroker", deadline=None)
+settings.load_profile("zbroker")
 
 
 def free_port() -> int:
