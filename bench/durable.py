@@ -52,15 +52,13 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
-    loop_shares,
     mixed_builds_lines,
     percentile,
     process_cpu_s,
     python_argv,
-    say_profile,
     spread,
     start_py_spy,
-    top_functions,
+    summarize_profiles,
     wait_for_listener,
 )
 
@@ -758,21 +756,7 @@ def _filesystem(path: Path) -> str | None:
 
 
 def _profile_summary(profile_dir: Path, say: Say) -> JSONDict:
-    """Merge each system's collapsed stacks and name the busiest broker functions."""
-    out: JSONDict = {}
-    for system in TASK_SYSTEMS:
-        parts = sorted(profile_dir.glob(f"durable-[0-9]*-{system}.txt"))
-        if not parts:
-            continue
-        merged = profile_dir / f"durable-{system}-merged.txt"
-        with merged.open("w") as f:
-            for part in parts:
-                f.write(part.read_text(errors="replace"))
-        top, loop = top_functions(merged), loop_shares(merged)
-        say(f"py-spy, {system}: {fmt_count(top['samples'])} samples of the broker in {merged}")
-        say_profile(top, loop, say)
-        out[system] = {"collapsed_stacks": str(merged), **top, "loop": loop}
-    return out
+    return summarize_profiles(profile_dir, "durable", TASK_SYSTEMS, say)
 
 
 # ------------------------------------------------------------------ summary and table

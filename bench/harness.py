@@ -413,6 +413,27 @@ def loop_shares(collapsed: Path, limit: int = 8) -> JSONDict:
     return {"busy_samples": busy, "waiting_samples": waiting, "shares": rows}
 
 
+def summarize_profiles(
+    profile_dir: Path, workload: str, systems: Sequence[str], say: Say
+) -> JSONDict:
+    """Merge each system's collapsed stacks (files `<workload>-<run>-<system>.txt`),
+    then name its busiest functions and how the loop thread spends its time."""
+    out: JSONDict = {}
+    for system in systems:
+        parts = sorted(profile_dir.glob(f"{workload}-[0-9]*-{system}.txt"))
+        if not parts:
+            continue
+        merged = profile_dir / f"{workload}-{system}-merged.txt"
+        with merged.open("w") as f:
+            for part in parts:
+                f.write(part.read_text(errors="replace"))
+        top, loop = top_functions(merged), loop_shares(merged)
+        say(f"py-spy, {system}: {fmt_count(top['samples'])} samples of the broker in {merged}")
+        say_profile(top, loop, say)
+        out[system] = {"collapsed_stacks": str(merged), **top, "loop": loop}
+    return out
+
+
 def say_profile(top: JSONDict, loop: JSONDict, say: Say, limit: int = 10) -> None:
     """Print a profile's busiest functions and its loop thread's split."""
     for kind in ("self", "inclusive"):

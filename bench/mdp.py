@@ -30,12 +30,10 @@ from harness import (
     fmt_count,
     fmt_range,
     free_tcp_ports,
-    loop_shares,
     python_argv,
-    say_profile,
     spread,
     start_py_spy,
-    top_functions,
+    summarize_profiles,
     wait_for_listener,
 )
 
@@ -244,22 +242,7 @@ def run(options: Options, say: Say) -> JSONDict:
 
 
 def _profile_summary(profile_dir: Path, say: Say) -> JSONDict:
-    """Merge each zbroker system's collapsed stacks; name the busiest functions and how
-    the loop thread spends its time."""
-    out: JSONDict = {}
-    for system in ZBROKER_SYSTEMS:
-        parts = sorted(profile_dir.glob(f"mdp-[0-9]*-{system}.txt"))
-        if not parts:
-            continue
-        merged = profile_dir / f"mdp-{system}-merged.txt"
-        with merged.open("w") as f:
-            for part in parts:
-                f.write(part.read_text(errors="replace"))
-        top, loop = top_functions(merged), loop_shares(merged)
-        say(f"py-spy, {system}: {fmt_count(top['samples'])} samples of the broker in {merged}")
-        say_profile(top, loop, say)
-        out[system] = {"collapsed_stacks": str(merged), **top, "loop": loop}
-    return out
+    return summarize_profiles(profile_dir, "mdp", ZBROKER_SYSTEMS, say)
 
 
 METRICS: dict[str, str] = {
