@@ -4,7 +4,9 @@
 protocol or the journal to observe or break it (a spy on journal reads, a fault
 injected into a write, a cap lowered): compiled code calls those natively, past
 the replacement, so the test runs on the pure-Python build only, which has the
-same sources. `python3 dev.py test` runs the whole suite on both builds.
+same sources. `signature_only` marks a test that reads a function's signature,
+which a compiled function does not show. `python3 dev.py test` runs the whole
+suite on both builds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from zbroker import native
 pure_only = pytest.mark.skipif(
     native.compiled(),
     reason="replaces a function the compiled build calls natively; runs on the pure build",
+)
+# A test that reads a function's signature, which a compiled function does not show.
+signature_only = pytest.mark.skipif(
+    native.compiled(),
+    reason="reads a signature, which a compiled function does not show; runs on the pure build",
 )
 
 # What refusing a record with a field of the wrong type raises: the store's own

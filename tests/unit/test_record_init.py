@@ -7,15 +7,39 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+from tests.builds import signature_only
 from zbroker.journal.base import TaskRecord, TaskState
 
 
+@signature_only
 def test_parameters_are_the_init_fields_in_order() -> None:
-    fields = [f for f in dataclasses.fields(TaskRecord) if f.init]
-    parameters = list(inspect.signature(TaskRecord.__init__).parameters.values())[1:]
-    assert [p.name for p in parameters] == [f.name for f in fields]
+    fields = [f.name for f in dataclasses.fields(TaskRecord) if f.init]
+    parameters = list(inspect.signature(TaskRecord.__init__).parameters)[1:]
+    assert parameters == fields
+
+
+def test_every_init_field_is_taken_by_name() -> None:
+    # On both builds: each field given by keyword lands in its attribute.
+    record = TaskRecord(
+        id="t",
+        service="svc",
+        state=TaskState.DONE,
+        seq=7,
+        created_at=1.5,
+        **{
+            f.name: getattr(TaskRecord("x", "s", TaskState.READY, 1, 0.0), f.name)
+            for f in dataclasses.fields(TaskRecord)
+            if f.init and f.name not in {"id", "service", "state", "seq", "created_at"}
+        },
+    )
+    assert (record.id, record.service, record.state, record.seq) == ("t", "svc", TaskState.DONE, 7)
+
+
+def test_defaults_are_the_fields_defaults() -> None:
     record = TaskRecord("t", "svc", TaskState.READY, 1, 0.0)
-    for field in fields:
+    for field in dataclasses.fields(TaskRecord):
+        if not field.init:
+            continue
         if field.default is not dataclasses.MISSING:
             assert getattr(record, field.name) == field.default, field.name
         elif field.default_factory is not dataclasses.MISSING:
