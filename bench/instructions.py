@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ ROWS_PER_MESSAGE = 90  # events per bus message in a `durable` run (bench/pair.p
 # Tasks per end-to-end broker run (--broker): the broker runs ~100x slower under valgrind.
 SMALL_BROKER = 2_000
 LARGE_BROKER = 6_000
+# --broker mdp-zbw: the request/reply workload's systems, by the name they take here.
+MDP_SYSTEMS = {"mdp": "zbroker", "mdp-8": "zbroker-8", "mdp-zbw": "zbroker-zbw"}
 
 
 def drive(shape: str, tasks: int) -> None:
@@ -194,6 +197,38 @@ def count_broker(system: str, tasks: int) -> int:
     return int(found.group(1))
 
 
+def count_mdp_broker(system: str, requests: int) -> int:
+    """Instructions of a broker process through one `mdp` request/reply run of `system`
+    (bench/mdp.py), warm-up and sequential round trips as few as they go."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mdp
+    from harness import Child, ProcessGroup
+
+    class UnderValgrind(ProcessGroup):
+        def start(self, name: str, argv: Sequence[str], **kwargs: Any) -> Child:
+            if name == "zbroker":
+                argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv]
+            return super().start(name, argv, **kwargs)
+
+    plain_wait = mdp.wait_for_listener
+    mdp.wait_for_listener = lambda port, owner: plain_wait(port, owner, timeout_s=300.0)  # type: ignore[assignment]
+    try:
+        settings = replace(
+            mdp.Settings.for_mode(True), requests=requests, warmup=500, latency_samples=100
+        )
+        with tempfile.TemporaryDirectory(prefix="zbroker-instructions-") as tmp:
+            logs = Path(tmp) / "logs"
+            with UnderValgrind(logs) as procs:  # stopping the broker makes valgrind report
+                mdp.run_once(MDP_SYSTEMS[system], settings, procs)
+            log = (logs / "zbroker.log").read_text(errors="replace")
+    finally:
+        mdp.wait_for_listener = plain_wait
+    found = re.search(r"Collected : (\d+)", log)
+    if found is None:
+        sys.exit(f"valgrind gave no count; the broker's log ends with:\n{log[-2000:]}")
+    return int(found.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, action="append")
@@ -202,7 +237,8 @@ def main() -> None:
         action="append",
         metavar="SYSTEM",
         help="count a real broker process through the durable workload's SYSTEM "
-        "(sync-batch, sync-batch+events, async-single, ...)",
+        "(sync-batch, sync-batch+events, async-single, ...), or request/reply "
+        "(mdp-zbw, mdp, mdp-8)",
     )
     parser.add_argument(
         "--floor", action="store_true", help="the least CPython can spend per event"
@@ -215,11 +251,16 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     for system in args.broker or ():
-        print(f"[instructions] broker, {system}: {SMALL_BROKER} and {LARGE_BROKER} tasks...")
-        per_task = (count_broker(system, LARGE_BROKER) - count_broker(system, SMALL_BROKER)) / (
+        counter, unit = (
+            (count_mdp_broker, "request") if system in MDP_SYSTEMS else (count_broker, "task")
+        )
+        print(f"[instructions] broker, {system}: {SMALL_BROKER} and {LARGE_BROKER} {unit}s...")
+        per_one = (counter(system, LARGE_BROKER) - counter(system, SMALL_BROKER)) / (
             LARGE_BROKER - SMALL_BROKER
         )
-        print(f"[instructions] broker, {system}: {per_task:,.0f} instructions per task", flush=True)
+        print(
+            f"[instructions] broker, {system}: {per_one:,.0f} instructions per {unit}", flush=True
+        )
     if args.floor:
         large, small = LARGE * 10, SMALL * 10
         base, floor = (
