@@ -97,6 +97,15 @@ def ensure_chromium() -> None:
     run(["apt-get", "install", "-y", "-q", "chromium"], env=env)
 
 
+def ensure_postgres() -> None:
+    """Install PostgreSQL's server (Debian's package) for the journal's tests when
+    missing; the tests start a private one (tests/pg.py) unless ZBROKER_TEST_POSTGRES
+    names a server to use."""
+    if os.environ.get("ZBROKER_TEST_POSTGRES"):
+        return
+    run([sys.executable, ROOT / "scripts" / "pgserver.py", "install"])
+
+
 def build_native(required: bool = False) -> bool:
     """Compile the hot modules when this machine can (skipped when up to date);
     whether a compiled build is ready. `required`: a failed build stops here."""
@@ -131,6 +140,7 @@ def cmd_test(args: list[str]) -> None:
     ensure_venv("test")
     have_node = ensure_node_deps()
     ensure_chromium()
+    ensure_postgres()
     linted = ["zbroker", "tests", "bench", "examples", "scripts", "dev.py"]
     run([BIN / "ruff", "check", *linted], cwd=ROOT)
     run([BIN / "ruff", "format", "--check", *linted], cwd=ROOT)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -76,7 +77,8 @@ class BrokerProcess:
     proc: subprocess.Popen[bytes] | None = None
     _log: object = field(default=None, repr=False)
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start it; `wait`: until it answers (a standby of a group never does)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log = log
         self.proc = subprocess.Popen(
@@ -86,7 +88,8 @@ class BrokerProcess:
             env=self.env,
             cwd=ROOT,
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 15.0) -> None:
         """Ready means: an 8/MMI query over the real socket gets an answer."""
@@ -296,3 +299,19 @@ def stack() -> Iterator[ExitStack]:
     """Closes whatever a test enters into it (clients, workers, executors), in reverse."""
     with ExitStack() as resources:
         yield resources
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """The session's PostgreSQL server (tests/pg.py), started on first use."""
+    from tests.pg import Server
+
+    server = Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """A URL of the session's PostgreSQL with a schema of this test's own."""
+    return str(postgres_server.fresh_url())

@@ -198,6 +198,9 @@ def start(
     for name, given in values.items():
         if given.source != "default":
             log.info("option %s = %s (%s)", name, _shown(given.value), given.source)
+    if config.journal is not None:
+        _start_in_group(config)
+        return
     try:
         server = BrokerServer(config)
     except (BindError, JournalError, AuthFileError) as exc:
@@ -213,6 +216,27 @@ def start(
     except JournalError as exc:
         typer.echo(f"zbroker: stopped: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        if gateway is not None:
+            _stop_gateway(gateway)
+
+
+def _start_in_group(config: BrokerConfig) -> None:
+    """`start --journal postgresql://...`: a broker of an active/standby group."""
+    if importlib.util.find_spec("psycopg") is None:
+        typer.echo("zbroker: --journal needs psycopg: pip install 'zbroker[postgres]'", err=True)
+        raise typer.Exit(2)
+    from zbroker.runtime.group import serve_in_group
+
+    gateway = _start_gateway(config) if config.web else None
+    try:
+        serve_in_group(config)
+    except (BindError, JournalError, AuthFileError) as exc:
+        typer.echo(f"zbroker: stopped: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"zbroker: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         if gateway is not None:
             _stop_gateway(gateway)

@@ -21,6 +21,11 @@ from zbroker.journal.base import Durability
 from zbroker.protocol import DEFAULT_ENDPOINT, DEFAULT_EVENTS_IN, DEFAULT_EVENTS_OUT
 from zbroker.protocol.access import is_local_endpoint, is_local_host
 
+# What a --journal URL starts with (libpq's two schemes), and the lease's bounds.
+JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
+LEASE_MIN_S, LEASE_MAX_S = 0.5, 300.0
+DEFAULT_LEASE_S = 3.0
+
 
 class LogLevel(enum.Enum):
     DEBUG = "debug"
@@ -54,6 +59,11 @@ class BrokerConfig:
     # The journal's map grows (doubling) up to this size; past it the broker stops
     # with a clear error rather than confirm what it cannot store.
     journal_max_bytes: int = 1 << 40
+    # The journal in PostgreSQL (postgresql://USER@HOST:PORT/DB) instead of LMDB in
+    # data_dir; brokers given the same one form an active/standby group (docs/operations.md),
+    # in which the active one holds a lease renewed within `lease_s`.
+    journal: str | None = None
+    lease_s: float = DEFAULT_LEASE_S
     # Prometheus metrics and /health over HTTP on this port (None: off).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -80,6 +90,23 @@ class BrokerConfig:
             raise SettingError(
                 "{journal_max_bytes} must be at least 1 MiB",
                 journal_max_bytes=self.journal_max_bytes,
+            )
+        if self.journal is not None:
+            if not self.journal.startswith(JOURNAL_URL_SCHEMES):
+                raise SettingError(
+                    "{journal} must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DB",
+                    journal=self.journal,
+                )
+            if self.durability is Durability.MEMORY:
+                raise SettingError(
+                    "{durability} memory keeps nothing: a --journal in PostgreSQL needs"
+                    " sync or async",
+                    durability=self.durability.value,
+                )
+        if not LEASE_MIN_S <= self.lease_s <= LEASE_MAX_S:  # also refuses NaN
+            raise SettingError(
+                f"{{lease_s}} must be between {LEASE_MIN_S:g} and {LEASE_MAX_S:g} seconds",
+                lease_s=self.lease_s,
             )
         if not 0 <= self.drain_timeout_s <= 86400:  # also refuses NaN
             raise SettingError(
@@ -251,6 +278,23 @@ OPTIONS: tuple[Option, ...] = (
         ("journal_max_bytes",),
         unit="MiB",
         scale=1 << 20,
+    ),
+    Option(
+        "journal",
+        str,
+        "Keep the journal in PostgreSQL (postgresql://USER@HOST:PORT/DB; needs"
+        " zbroker[postgres]) instead of LMDB in --data-dir. Brokers given the same one"
+        " are a group: one active, the others standbys that take over (docs/operations.md).",
+        ("journal",),
+        optional=True,
+    ),
+    Option(
+        "lease",
+        float,
+        "With --journal: the active broker's lease term, in seconds; a standby takes"
+        " over once it lapses (at once when the active one's database session ends).",
+        ("lease_s",),
+        unit="s",
     ),
     Option(
         "max_attempts",

@@ -37,6 +37,7 @@ COMPILED_MODULES = (
     "zbroker.journal.memory",
     "zbroker.journal._codec",
     "zbroker.journal.lmdb_store",
+    "zbroker.journal.postgres",
 )
 # Left interpreted inside those packages: exception classes that interpreted code
 # (the client's errors) subclasses, which a compiled class would refuse.

@@ -1,7 +1,8 @@
 """The Journal contract (zbroker/journal/base.py), run against every implementation.
 
 Every test takes the `journal` (or `stores`) fixture and so runs once per store:
-MemoryJournal and LmdbJournal (ASYNC, for speed; the durability tests also run SYNC).
+MemoryJournal, LmdbJournal and PostgresJournal (ASYNC, for speed; the durability
+tests also run SYNC). PostgreSQL: the session's private server (tests/pg.py).
 Tests that need a store that survives `close` run only where `stores.durable`.
 """
 
@@ -33,6 +34,7 @@ from zbroker.journal import (
     TaskState,
 )
 from zbroker.journal._codec import Packer, unpack_record
+from zbroker.journal.postgres import PostgresJournal
 
 READY, DELAYED, INFLIGHT = TaskState.READY, TaskState.DELAYED, TaskState.INFLIGHT
 BLOCKED, UPSTREAM_FAILED = TaskState.BLOCKED, TaskState.UPSTREAM_FAILED
@@ -48,9 +50,10 @@ MANY = 1_000_000
 class Stores:
     """Opens journals of one kind for a test, and closes every one of them at teardown."""
 
-    def __init__(self, kind: str, root: Path) -> None:
+    def __init__(self, kind: str, root: Path, postgres: Any = None) -> None:
         self.kind = kind
         self.root = root
+        self.postgres = postgres  # tests/pg.py Server: a fresh schema per open
         self.opened: list[Journal] = []
 
     @property
@@ -61,6 +64,9 @@ class Stores:
         journal: Journal
         if self.kind == "memory":
             journal = MemoryJournal()
+        elif self.kind.startswith("postgres"):
+            durability = Durability.SYNC if self.kind == "postgres-sync" else Durability.ASYNC
+            journal = PostgresJournal(self.postgres.fresh_url(), durability)
         else:
             durability = Durability.SYNC if self.kind == "lmdb-sync" else Durability.ASYNC
             journal = LmdbJournal(self.root / f"store{len(self.opened)}", durability)
@@ -69,9 +75,13 @@ class Stores:
 
     def reopen(self, journal: Journal) -> Journal:
         """Close `journal` and open its store again (durable stores only)."""
-        assert isinstance(journal, LmdbJournal)
         journal.close()
-        again = LmdbJournal(journal.path, journal.durability)
+        again: Journal
+        if isinstance(journal, PostgresJournal):
+            again = PostgresJournal(journal.url, journal.durability)
+        else:
+            assert isinstance(journal, LmdbJournal)
+            again = LmdbJournal(journal.path, journal.durability)
         self.opened.append(again)
         return again
 
@@ -80,16 +90,22 @@ class Stores:
             journal.close()
 
 
-@pytest.fixture(params=["memory", "lmdb"])
+def _stores(request: pytest.FixtureRequest, tmp_path: Path) -> Stores:
+    kind = request.param
+    server = request.getfixturevalue("postgres_server") if kind.startswith("postgres") else None
+    return Stores(kind, tmp_path, server)
+
+
+@pytest.fixture(params=["memory", "lmdb", "postgres"])
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
-    opened = Stores(request.param, tmp_path)
+    opened = _stores(request, tmp_path)
     yield opened
     opened.close_all()
 
 
-@pytest.fixture(params=["lmdb", "lmdb-sync"])
+@pytest.fixture(params=["lmdb", "lmdb-sync", "postgres", "postgres-sync"])
 def durable_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
-    opened = Stores(request.param, tmp_path)
+    opened = _stores(request, tmp_path)
     yield opened
     opened.close_all()
 
@@ -1335,7 +1351,8 @@ def test_random_operations_keep_every_read_and_count_exact(
         if not stores.durable:
             for task_id, result in run.results.items():
                 assert run.journal.result(task_id) == [b"r", result]
-        if isinstance(run.journal, LmdbJournal):
+        if isinstance(run.journal, (LmdbJournal, PostgresJournal)):
+            run.journal.commit()
             assert run.journal.verify() == []
     finally:
         run.journal.close()

@@ -10,14 +10,17 @@ import pytest
 from zbroker.journal import Durability, Journal, MemoryJournal, open_journal
 
 
-@pytest.fixture(params=["memory", "lmdb"])
+@pytest.fixture(params=["memory", "lmdb", "postgres"])
 def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
-    """Each test once per store: the core must not depend on which one it is handed."""
-    j: Journal = (
-        MemoryJournal()
-        if request.param == "memory"
-        else open_journal(Durability.ASYNC, tmp_path / "data")
-    )
+    """Each test once per store: the core must not depend on which one it is handed
+    (PostgreSQL: the session's private server, tests/pg.py)."""
+    j: Journal
+    if request.param == "memory":
+        j = MemoryJournal()
+    elif request.param == "postgres":
+        j = open_journal(Durability.ASYNC, None, url=request.getfixturevalue("pg_url"))
+    else:
+        j = open_journal(Durability.ASYNC, tmp_path / "data")
     yield j
     j.close()
 

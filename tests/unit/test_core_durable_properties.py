@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tests.unit.core_script import EPOCH
 from tests.unit.test_lifecycle import replay
 from zbroker.core import Broker, CoreSettings
-from zbroker.journal import MemoryJournal, TaskState
+from zbroker.journal import Durability, Journal, MemoryJournal, TaskState
+from zbroker.journal.postgres import PostgresJournal
 from zbroker.protocol import ext, zbc
 
 READY, DELAYED, INFLIGHT = TaskState.READY, TaskState.DELAYED, TaskState.INFLIGHT
@@ -71,8 +72,8 @@ event_st = st.one_of(
 
 
 class Model:
-    def __init__(self) -> None:
-        self.journal = MemoryJournal()
+    def __init__(self, journal: Journal | None = None) -> None:
+        self.journal = MemoryJournal() if journal is None else journal
         self.now = 0.0
         self.broker = Broker(CFG, self.now, self.journal, epoch_offset=EPOCH)
         self.rid = 0
@@ -265,7 +266,26 @@ class Model:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(event_st, min_size=15, max_size=80))
 def test_random_conversations_keep_every_invariant(events: list[tuple[Any, ...]]) -> None:
-    model = Model()
+    play(Model(), events)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(event_st, min_size=15, max_size=80))
+def test_random_conversations_on_postgres_keep_every_invariant(
+    postgres_server: Any, events: list[tuple[Any, ...]]
+) -> None:
+    # The same conversations on a journal in PostgreSQL (tests/pg.py), a fresh schema
+    # per example; after each, the database holds what the store holds in memory.
+    journal = PostgresJournal(postgres_server.fresh_url(), Durability.ASYNC)
+    try:
+        play(Model(journal), events)
+        journal.commit()
+        assert journal.verify() == []
+    finally:
+        journal.close()
+
+
+def play(model: Model, events: list[tuple[Any, ...]]) -> None:
     for event in events:
         model.apply(event)
         model.check()

@@ -17,11 +17,14 @@ import pytest
 from tests.unit.crash import crash
 from tests.unit.test_core_durable import Script
 from zbroker.journal import Durability, Journal, LmdbJournal, TaskState
+from zbroker.journal.postgres import PostgresJournal
 from zbroker.protocol import ext, zbc
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LmdbJournal:
+@pytest.fixture(params=["lmdb", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Journal:
+    if request.param == "postgres":
+        return PostgresJournal(request.getfixturevalue("pg_url"), Durability.ASYNC)
     return LmdbJournal(tmp_path / "store", Durability.ASYNC)
 
 
@@ -34,9 +37,13 @@ class Restartable(Script):
         self.journal.commit()  # what recovery changed, as the runtime does
 
     def stop_and_start(self) -> None:
-        assert isinstance(self.journal, LmdbJournal)
-        self.journal.close()
-        self.journal = LmdbJournal(self.journal.path, self.journal.durability)
+        journal = self.journal
+        journal.close()
+        if isinstance(journal, PostgresJournal):
+            self.journal = PostgresJournal(journal.url, journal.durability)
+        else:
+            assert isinstance(journal, LmdbJournal)
+            self.journal = LmdbJournal(journal.path, journal.durability)
         self.restart(self.journal)
         self.journal.commit()
 
@@ -48,7 +55,7 @@ class Restartable(Script):
 
 
 @pytest.fixture
-def s(store: LmdbJournal) -> Iterator[Restartable]:
+def s(store: Journal) -> Iterator[Restartable]:
     script = Restartable(store)
     yield script
     script.journal.close()

@@ -3,8 +3,8 @@
 A START is held, not written: every read sees it, a crash loses it, a clean close
 writes it. Each open of a store is a life; a life that did not close cleanly is a
 crash, counted in `crashes`, with which the core fences attempt numbers. Every
-test runs on the memory store and LMDB (the `journal` fixture); what needs a
-store that outlives its object (a crash, a close) runs on LMDB only.
+test runs on every store (the `journal` fixture); what needs a store that
+outlives its object (a crash, a close) runs on LMDB and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 from tests.unit.crash import crash
 from zbroker.journal import Durability, Journal, LmdbJournal, MemoryJournal, TaskRecord, TaskState
 from zbroker.journal._codec import Packer, unpack_record
+from zbroker.journal.postgres import PostgresJournal
 
 READY, DELAYED, INFLIGHT, DONE = (
     TaskState.READY,
@@ -28,13 +29,20 @@ READY, DELAYED, INFLIGHT, DONE = (
 )
 
 
-@pytest.fixture
-def lmdb_path(tmp_path: Path) -> Path:
+@pytest.fixture(params=["lmdb", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a durable store lives: an LMDB directory, or a PostgreSQL URL."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_url"))
     return tmp_path / "store"
 
 
-def open_lmdb(opened: list[Journal], path: Path) -> LmdbJournal:
-    journal = LmdbJournal(path, Durability.ASYNC)
+def open_store(opened: list[Journal], where: Path | str) -> Journal:
+    journal: Journal
+    if isinstance(where, str):
+        journal = PostgresJournal(where, Durability.ASYNC)
+    else:
+        journal = LmdbJournal(where, Durability.ASYNC)
     opened.append(journal)
     return journal
 
@@ -133,14 +141,14 @@ def test_a_hold_is_no_record_write(journal: Journal) -> None:
     assert journal.stats.record_writes - before == 3
 
 
-# ------------------------------------------------------------------- LMDB: a crash
+# ------------------------------------------- durable stores (LMDB, PostgreSQL): a crash
 
 
 def test_a_crash_loses_the_hold_the_task_reads_as_last_put(
-    lmdb_path: Path, opened: list[Journal]
+    where: Path | str, opened: list[Journal]
 ) -> None:
     # Given a task put at attempt 2 (after a requeue), whose third start is held
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     record = stored(journal, attempt=2, key="k")
     journal.hold(started(record))
     journal.commit()
@@ -158,16 +166,16 @@ def test_a_crash_loses_the_hold_the_task_reads_as_last_put(
     assert (journal.life, journal.crashed, journal.crashes) == (2, True, 1)
 
 
-def test_a_clean_close_writes_what_is_held(lmdb_path: Path, opened: list[Journal]) -> None:
+def test_a_clean_close_writes_what_is_held(where: Path | str, opened: list[Journal]) -> None:
     # Given a held start, committed
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     journal.hold(started(stored(journal)))
     journal.commit()
     writes = journal.stats.record_writes
     # When the store is closed and opened again
     journal.close()
     assert journal.stats.record_writes == writes + 1  # the held record, written
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     # Then the task is INFLIGHT, as a start written at once would have left it
     assert [(r.id, r.state, r.attempt) for r in journal.inflight()] == [("t1", INFLIGHT, 1)]
     assert journal.ready("svc", 10) == []
@@ -177,10 +185,10 @@ def test_a_clean_close_writes_what_is_held(lmdb_path: Path, opened: list[Journal
 
 
 def test_a_discarded_pass_takes_its_holds_and_their_ends_with_it(
-    lmdb_path: Path, opened: list[Journal]
+    where: Path | str, opened: list[Journal]
 ) -> None:
     # Given t1 held in a committed pass, and t2 stored
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     one = started(stored(journal, "t1"))
     journal.hold(one)
     two = stored(journal, "t2")
@@ -190,17 +198,17 @@ def test_a_discarded_pass_takes_its_holds_and_their_ends_with_it(
     journal.hold(started(two))
     journal.close()  # discards the open pass, then writes what is held
     # Then t1 is back in flight (its hold stood), t2 is as last committed
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     assert [r.id for r in journal.inflight()] == ["t1"]
     assert [r.id for r in journal.ready("svc", 10)] == ["t2"]
     assert journal.verify() == []
 
 
 def test_chunks_of_a_held_attempt_write_its_record_first(
-    lmdb_path: Path, opened: list[Journal]
+    where: Path | str, opened: list[Journal]
 ) -> None:
     # Given a held start
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     journal.hold(started(stored(journal)))
     journal.commit()
     # When its attempt appends to the task's stream, committed, and the process dies
@@ -213,18 +221,18 @@ def test_chunks_of_a_held_attempt_write_its_record_first(
     assert journal.stream_size("t1") == (2, 2)
 
 
-def test_lives_are_counted_and_crashes_remembered(lmdb_path: Path, opened: list[Journal]) -> None:
-    journal = open_lmdb(opened, lmdb_path)
+def test_lives_are_counted_and_crashes_remembered(where: Path | str, opened: list[Journal]) -> None:
+    journal = open_store(opened, where)
     assert (journal.life, journal.crashed, journal.crashes) == (1, False, 0)
     journal.close()
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     assert (journal.life, journal.crashed, journal.crashes) == (2, False, 0)
     journal = crash(journal)
     assert (journal.life, journal.crashed, journal.crashes) == (3, True, 1)
     journal = crash(journal)
     assert (journal.life, journal.crashed, journal.crashes) == (4, True, 2)
     journal.close()
-    journal = open_lmdb(opened, lmdb_path)
+    journal = open_store(opened, where)
     assert (journal.life, journal.crashed, journal.crashes) == (5, False, 2)
 
 

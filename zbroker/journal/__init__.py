@@ -1,7 +1,7 @@
 """Durable storage of tasks: the Journal contract and its stores.
 
-`base` defines the contract; `memory` and `lmdb_store` implement it;
-`open_journal` picks the store for a durability mode.
+`base` defines the contract; `memory`, `lmdb_store` and `postgres` implement it;
+`open_journal` picks the store for a durability mode and a journal URL.
 """
 
 from pathlib import Path
@@ -13,6 +13,7 @@ from zbroker.journal.base import (
     PRIORITY_MIN,
     SCHEMA_VERSION,
     Durability,
+    Fenced,
     Journal,
     JournalError,
     JournalFull,
@@ -41,13 +42,34 @@ def __getattr__(name: str) -> Any:
 _LMDB_OPTIONS = frozenset({"map_size", "max_map_size"})
 
 
-def open_journal(durability: Durability, data_dir: Path | None, **options: Any) -> Journal:
+def open_journal(
+    durability: Durability,
+    data_dir: Path | None,
+    *,
+    url: str | None = None,
+    lease: Any = None,
+    **options: Any,
+) -> Journal:
     """The journal for `durability`: a MemoryJournal for MEMORY (`data_dir` and the
-    LMDB options are ignored), else an LmdbJournal in `data_dir`/journal.
+    LMDB options are ignored); with a `url` (postgresql://...), a PostgresJournal
+    there, fenced by `lease` (zbroker.journal.lease), holding at most max_map_size
+    bytes in memory; else an LmdbJournal in `data_dir`/journal.
     Options: map_size, max_map_size (bytes)."""
     unknown = set(options) - _LMDB_OPTIONS
     if unknown:
         raise TypeError(f"unknown journal options: {', '.join(sorted(unknown))}")
+    if url is not None:
+        if durability is Durability.MEMORY:
+            raise ValueError("a journal in PostgreSQL is durable: sync or async, not memory")
+        try:
+            from zbroker.journal.postgres import PostgresJournal
+        except ImportError as exc:
+            raise JournalError(
+                f"a journal in PostgreSQL needs psycopg: pip install 'zbroker[postgres]' ({exc})"
+            ) from exc
+        return PostgresJournal(
+            url, durability, lease=lease, max_bytes=int(options.get("max_map_size", 0))
+        )
     if durability is Durability.MEMORY:
         return MemoryJournal()
     if data_dir is None:
@@ -63,6 +85,7 @@ __all__ = [
     "PRIORITY_MIN",
     "SCHEMA_VERSION",
     "Durability",
+    "Fenced",
     "Journal",
     "JournalError",
     "JournalFull",

@@ -283,6 +283,11 @@ class SchemaMismatch(JournalError):
     """Raised at open when the store was written with a schema version this code does not know."""
 
 
+class Fenced(JournalError):
+    """A commit was refused because this broker no longer holds its group's lease
+    (another broker took over, or it was not renewed in time): it must step down."""
+
+
 class JournalFull(JournalError):
     """Raised when a write does not fit and the store may not grow any further."""
 

@@ -27,7 +27,7 @@ from zbroker import __version__, native
 from zbroker.config import BrokerConfig
 from zbroker.core import Broker
 from zbroker.core.stopping import Drain, halt_deliveries
-from zbroker.journal import Journal, JournalError, open_journal
+from zbroker.journal import Fenced, Journal, JournalError, open_journal
 from zbroker.protocol import zbc
 from zbroker.protocol.access import DOMAIN_ROUTER
 from zbroker.protocol.events import encode_runs
@@ -78,22 +78,60 @@ SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
 
 
+def _open_journal(config: BrokerConfig, lease: Any) -> Journal:
+    options: dict[str, int] = {}
+    if config.durability.value != "memory":
+        options = {
+            "max_map_size": config.journal_max_bytes,
+            "map_size": min(256 << 20, config.journal_max_bytes),
+        }
+    return open_journal(
+        config.durability, config.data_dir, url=config.journal, lease=lease, **options
+    )
+
+
+def _log_journal_failure(exc: JournalError) -> None:
+    if isinstance(exc, Fenced):
+        log.error("stepping down, serving nothing more: %s", exc)
+    else:
+        log.critical("journal failure, stopping the broker: %s", exc)
+
+
+def journal_place(config: BrokerConfig) -> str:
+    """Where the journal is, for the log: a directory, a database (no password), memory."""
+    if config.journal is not None:
+        return redact_url(config.journal)
+    return str(config.data_dir) if config.durability.value != "memory" else "in memory"
+
+
+def redact_url(url: str) -> str:
+    """`url` without the password it may carry."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
+
+
 class BrokerServer:
     """A running broker: ROUTER socket + event proxy + core. `serve_forever()` blocks."""
 
-    def __init__(self, config: BrokerConfig, ctx: zmq.Context[zmq.Socket[bytes]] | None = None):
+    def __init__(
+        self,
+        config: BrokerConfig,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        lease: Any = None,
+    ):
+        """`lease`: with a journal in PostgreSQL (config.journal), the lease this broker
+        holds as the active one of its group (zbroker/runtime/lease.py); the journal
+        refuses every commit once it is lost, and the loop then stops."""
         self.config = config
+        self.lease = lease
         # Read before anything opens: a bad auth file stops the start (AuthFileError).
         self.auth: Auth | None = None if config.auth_file is None else load_auth(config.auth_file)
         self._ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        journal_options: dict[str, int] = {}
-        if config.durability.value != "memory":
-            journal_options = {
-                "max_map_size": config.journal_max_bytes,
-                "map_size": min(256 << 20, config.journal_max_bytes),
-            }
-        self.journal: Journal = open_journal(config.durability, config.data_dir, **journal_options)
+        self.journal: Journal = _open_journal(config, lease)
         try:
             started = time.monotonic()
             self.core = Broker(
@@ -114,7 +152,7 @@ class BrokerServer:
             raise
         log.info(
             "journal: %s (%s), %d tasks waiting, recovered in %.3fs",
-            config.data_dir if config.durability.value != "memory" else "in memory",
+            journal_place(config),
             config.durability.value,
             sum(s.waiting_count for s in self.core.services.values()),
             time.monotonic() - started,
@@ -186,6 +224,8 @@ class BrokerServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        if lease is not None:
+            lease.on_lost = self._wake  # its next commit (which checks the lease) stops it
 
     def _open_router(self) -> zmq.Socket[bytes]:
         config = self.config
@@ -214,6 +254,11 @@ class BrokerServer:
     def stop(self) -> None:
         """Ask the loop to finish its pass and return (safe from signal handlers)."""
         self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _wake(self, why: object = None) -> None:
+        """Wake the loop for a pass (safe from any thread)."""
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -356,7 +401,7 @@ class BrokerServer:
         except JournalError as exc:
             # Nothing of this pass was sent; the store holds the last commit, which
             # is what a restart recovers. Stopping is the only safe answer.
-            log.critical("journal failure, stopping the broker: %s", exc)
+            _log_journal_failure(exc)
             core.outbox.clear()
             self._unsent.clear()
             raise

@@ -1,0 +1,75 @@
+"""A broker of an active/standby group: brokers started on one journal in PostgreSQL.
+
+`serve_in_group(config)` is `zbroker start --journal postgresql://...`: it waits as a
+standby (binding nothing, serving nothing) until it holds the group's lease
+(zbroker/runtime/lease.py), then opens the journal and serves like any broker. If it
+loses the lease (another broker took over after it froze or lost its database)
+it steps down: its journal refuses the pass, its sockets close, and it is a
+standby again. SIGINT/SIGTERM stop it in either role (the active one drains first,
+then lets its lease go so that a standby takes over at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from types import FrameType
+
+from zbroker.config import BrokerConfig
+from zbroker.journal import Fenced, JournalError
+from zbroker.runtime.lease import Lease
+from zbroker.runtime.server import BrokerServer, journal_place
+
+log = logging.getLogger("zbroker.group")
+
+
+def holder_name() -> str:
+    """How this broker names itself in the lease row: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def serve_in_group(
+    config: BrokerConfig, on_active: Callable[[BrokerServer], None] | None = None
+) -> None:
+    """Standby, active, and back, until a signal (module docstring). Raises what stops
+    the broker for good (a journal failure other than a lost lease, a bind error)."""
+    assert config.journal is not None
+    lease = Lease(config.journal, holder_name(), config.bind, config.lease_s)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        log.info("received %s while standby: stopping", signal.Signals(signum).name)
+        stopping = True
+
+    try:
+        while not stopping:
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+            log.info("standby: waiting for the lease of the group on %s", journal_place(config))
+            if not lease.acquire(lambda: stopping):
+                return
+            try:
+                server = BrokerServer(config, lease=lease)
+            except Fenced as exc:
+                log.error("lost the lease while opening the journal: %s", exc)
+                lease.release()
+                continue
+            server.install_signal_handlers()
+            if on_active is not None:
+                on_active(server)
+            try:
+                server.serve_forever()
+            except Fenced:
+                lease.release()  # logged by the server: standby again
+                continue
+            except JournalError:
+                lease.release()
+                raise
+            lease.release()
+            return  # stopped by a signal
+    finally:
+        lease.release()
