@@ -828,11 +828,22 @@ def status(
         f"waiting calls {view['waiting_calls']}"
     )
     journal = view.get("journal")
-    if journal:
+    if journal and journal.get("store") == "postgresql":
+        typer.echo(
+            f"journal in PostgreSQL, {journal['durability']}, {journal['commits']} commits, "
+            f"{journal['bytes_used'] / 1048576:.1f} MiB held in memory"
+        )
+    elif journal:
         typer.echo(
             f"journal {journal['durability']}, {journal['commits']} commits, "
             f"{journal['bytes_used'] / 1048576:.1f} MiB used of a "
             f"{journal['map_size'] / 1048576:.0f} MiB map"
+        )
+    group = view.get("group")
+    if group:
+        typer.echo(
+            f"group: {group['role']} ({group['holder']}), lease epoch {group['epoch']}"
+            f" renewed every {group['lease_s'] / 3:g}s, journal {group['journal']}"
         )
     for name, value in view["stats"].items():
         if value:

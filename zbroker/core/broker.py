@@ -331,16 +331,19 @@ class Broker:
         }
 
     def _stats_view(self, now: float) -> dict[str, Any]:
-        """STATS: the views' figures, and on an authenticated broker what was refused
-        by kind (the guard's, and the runtime's: handshakes, the event bus)."""
+        """STATS: the views' figures, the runtime's `group` (a broker of an
+        active/standby group: its lease), and on an authenticated broker what was
+        refused by kind (the guard's, and the runtime's: handshakes, the event bus)."""
         view = self.views.stats(now)
         view["build"] = self.build
         if self.tasks.journal is not None:
             view["schedules"] = self.schedules.summary()
+        figures = self.runtime_figures() if self.runtime_figures is not None else {}
+        if "group" in figures:
+            view["group"] = figures["group"]
         guard = self.guard
         if guard is not None:
             refused: dict[str, int] = dict(guard.forbidden)
-            figures = self.runtime_figures() if self.runtime_figures is not None else {}
             for kind, count in figures.get("refused", {}).items():
                 refused[kind] = refused.get(kind, 0) + count
             view["auth"] = {"refused": refused, "admitted": figures.get("admitted", 0)}

@@ -184,6 +184,7 @@ class AdminViews:
         if journal is not None:
             js = journal.stats
             view["journal"] = {
+                "store": journal.kind,
                 "durability": journal.durability.value,
                 "commits": js.commits,
                 "commit_seconds_total": round(js.commit_seconds_total, 6),

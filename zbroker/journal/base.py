@@ -301,6 +301,8 @@ class Journal(abc.ABC):
     # without a clean close, and how many lives before it did. A store that keeps
     # nothing across opens (MemoryJournal) is always in its first life.
     life: int = 1
+    # Which store this is, as STATS names it: "memory", "lmdb" or "postgresql".
+    kind: str = "memory"
     crashed: bool = False
     crashes: int = 0
 

@@ -178,6 +178,7 @@ class LmdbJournal(Journal):
         map_size: int = 256 * MiB,
         max_map_size: int = 1 * TiB,
     ) -> None:
+        self.kind = "lmdb"
         if durability is Durability.MEMORY:
             raise ValueError("LmdbJournal stores to disk: use MemoryJournal for Durability.MEMORY")
         if not 0 < map_size <= max_map_size:

@@ -146,6 +146,7 @@ class MemoryJournal(Journal):
     """Everything in dicts and sorted lists; `commit` only counts. Durability.MEMORY."""
 
     def __init__(self) -> None:
+        self.kind = "memory"
         self.durability = Durability.MEMORY
         self.stats = JournalStats()
         self._closed = False

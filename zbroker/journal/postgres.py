@@ -240,6 +240,7 @@ class PostgresJournal(MemoryJournal):
         if durability is Durability.MEMORY:
             raise ValueError("a PostgreSQL journal is durable: sync or async")
         super().__init__()
+        self.kind = "postgresql"
         self.durability = durability
         self.url = url
         self.lease = lease  # None, or the held lease (`epoch`, `fresh()`)

@@ -172,7 +172,7 @@ class BrokerServer:
         seed_routing_ids()
         # Before any endpoint binds: no handshake is ever decided without it.
         self.zap = None if self.auth is None else ZapHandler(self._ctx, self.auth.policy)
-        self.core.runtime_figures = self._auth_figures
+        self.core.runtime_figures = self._runtime_figures
         self.router = self._open_router()
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         # For the broker's own clients (the metrics server): no handshake, no port.
@@ -289,6 +289,22 @@ class BrokerServer:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+    def _runtime_figures(self) -> dict[str, Any]:
+        """What STATS shows of the runtime: handshakes and refusals, and the lease of a
+        broker of a group."""
+        figures = self._auth_figures()
+        lease = self.lease
+        if lease is not None:
+            figures["group"] = {
+                "role": "active",
+                "holder": lease.holder,
+                "epoch": lease.epoch,
+                "lease_s": lease.term_s,
+                "renewals": lease.renewals,
+                "journal": journal_place(self.config),
+            }
+        return figures
 
     def _auth_figures(self) -> dict[str, Any]:
         """Handshakes admitted, and what the ZAP handler and the event bus refused, by
