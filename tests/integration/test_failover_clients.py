@@ -123,7 +123,9 @@ def test_everything_follows_the_active_broker_across_a_sigkill(
     # publisher, each given both brokers' endpoints, while A is active
     runs = Runs()
     worker = stack.enter_context(
-        Worker(pair.endpoints, "jobs", runs.handler, concurrency=4, heartbeat_interval_s=HEARTBEAT_S)
+        Worker(
+            pair.endpoints, "jobs", runs.handler, concurrency=4, heartbeat_interval_s=HEARTBEAT_S
+        )
     )
     wait_until(lambda: worker.connected, timeout_s=DEADLINE_S)
     sub = stack.enter_context(Subscriber(pair.events_out, "test.", "task."))
@@ -319,6 +321,4 @@ def test_the_cli_takes_both_endpoints_and_works_when_only_the_second_is_up(
     assert bad.returncode == 2 and "empty endpoint" in bad.stderr, bad.stderr
     nobody = ",".join(f"tcp://127.0.0.1:{port}" for port in free_ports(2))
     silent = zbroker("queues", "--timeout", "0.3", "--endpoint", nobody)
-    assert silent.returncode == 1 and "no broker of the 2 endpoints" in silent.stderr, (
-        silent.stderr
-    )
+    assert silent.returncode == 1 and "no broker of the 2 endpoints" in silent.stderr, silent.stderr
