@@ -11,6 +11,7 @@ given [A, B] from the start, as it would be given an active and a standby broker
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import threading
@@ -322,3 +323,43 @@ def test_the_cli_takes_both_endpoints_and_works_when_only_the_second_is_up(
     nobody = ",".join(f"tcp://127.0.0.1:{port}" for port in free_ports(2))
     silent = zbroker("queues", "--timeout", "0.3", "--endpoint", nobody)
     assert silent.returncode == 1 and "no broker of the 2 endpoints" in silent.stderr, silent.stderr
+
+
+def test_a_frozen_broker_is_left_for_the_one_that_took_over(
+    broker_factory: Callable[..., BrokerProcess], stack: ExitStack
+) -> None:
+    # Given everything connected to A, A frozen (SIGSTOP: its kernel still accepts
+    # TCP, it never completes a handshake), then B active (a journal of its own here:
+    # a frozen A must not share one with a live B)
+    a = broker_factory()
+    b = broker_factory(start=False)
+    endpoints = [a.endpoint, b.endpoint]
+    runs = Runs()
+    worker = stack.enter_context(
+        Worker(endpoints, "echo", runs.handler, heartbeat_interval_s=HEARTBEAT_S)
+    )
+    wait_until(lambda: worker.connected, timeout_s=DEADLINE_S)
+    client = stack.enter_context(Client(endpoints, timeout_s=1.0, retries=30))
+    sub = stack.enter_context(Subscriber([a.events_out, b.events_out], "test."))
+    pub = stack.enter_context(Publisher([a.events_in, b.events_in]))
+    assert client.request("echo", b"before", timeout_s=DEADLINE_S) == b"done:before"
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b.start()
+
+        # When the same objects carry on
+        answer = client.request("echo", b"after", timeout_s=DEADLINE_S)
+        async_answer = asyncio.run(_request_async(endpoints, b"async"))
+
+        # Then B serves them all: the worker registered with B, events flow via B
+        assert answer == b"done:after" and async_answer == b"done:async"
+        wait_for_event(sub, lambda e: e.type == "test.frozen", lambda: pub.publish("test.frozen"))
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        a.kill()
+
+
+async def _request_async(endpoints: list[str], payload: bytes) -> bytes:
+    async with AsyncClient(endpoints, timeout_s=1.0, retries=30) as client:
+        return await client.request("echo", payload, timeout_s=DEADLINE_S)

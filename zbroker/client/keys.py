@@ -52,7 +52,11 @@ _EVENTS = (
 # Connections the broker closed during the CURVE handshake, in a row, before that is
 # taken as a refusal (a wrong server key looks like this: the broker cannot read us).
 _SILENT_CLOSES = 2
-_MECHANISM_MISMATCH = 0x11000001  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+_MECHANISM_MISMATCH = 0x11000001
+# Several endpoints: how often a connection is pinged (ZMTP PING, answered by the
+# broker's libzmq itself) and how long without any traffic before it is dropped.
+_HEARTBEAT_IVL_MS = 1000
+_HEARTBEAT_TIMEOUT_MS = 3000  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +289,10 @@ def connected_socket(
     sock.rcvhwm = hwm
     if several:
         sock.immediate = 1
+        # ZMTP heartbeats: a connection to a frozen broker (SIGSTOP, a hung host) is
+        # dropped, so nothing more is queued to it once the other broker took over.
+        sock.heartbeat_ivl = _HEARTBEAT_IVL_MS
+        sock.heartbeat_timeout = _HEARTBEAT_TIMEOUT_MS
     if credentials is not None:
         credentials.apply(sock)
     watch(sock, joined(endpoints), credentials is not None, several)
