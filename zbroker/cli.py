@@ -40,6 +40,7 @@ from zbroker.client.documents import (
     tasks_document,
     workers_document,
 )
+from zbroker.client.endpoints import joined, parse_endpoints
 from zbroker.client.errors import ClientError
 from zbroker.client.keys import Credentials
 from zbroker.config import (
@@ -389,12 +390,34 @@ def _clock(timestamp: float) -> str:
         return f"{timestamp:.3f}"
 
 
+def _endpoints(value: str) -> str:
+    """An endpoint option checked as every client checks it: one, or several as a,b."""
+    try:
+        return joined(parse_endpoints(value))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+_SEVERAL = " Several brokers (active/standby): a,b; the active one is followed."
 _Endpoint = Annotated[
     str,
-    typer.Option(envvar="ZBROKER_ENDPOINT", help="The broker's ROUTER endpoint."),
+    typer.Option(
+        envvar="ZBROKER_ENDPOINT",
+        callback=_endpoints,
+        help="The broker's ROUTER endpoint." + _SEVERAL,
+    ),
 ]
 _EventsOut = Annotated[
-    str, typer.Option(envvar="ZBROKER_EVENTS_OUT", help="The bus's XPUB endpoint.")
+    str,
+    typer.Option(
+        envvar="ZBROKER_EVENTS_OUT", callback=_endpoints, help="The bus's XPUB endpoint." + _SEVERAL
+    ),
+]
+_EventsIn = Annotated[
+    str,
+    typer.Option(
+        envvar="ZBROKER_EVENTS_IN", callback=_endpoints, help="The bus's XSUB endpoint." + _SEVERAL
+    ),
 ]
 
 
@@ -1143,9 +1166,7 @@ def web(
         str, typer.Option(envvar="ZBROKER_WEB_LISTEN", help="HOST:PORT to serve HTTP on.")
     ] = "127.0.0.1:8080",
     endpoint: _Endpoint = DEFAULT_ENDPOINT,
-    events_in: Annotated[
-        str, typer.Option(envvar="ZBROKER_EVENTS_IN", help="The bus's XSUB endpoint.")
-    ] = DEFAULT_EVENTS_IN,
+    events_in: _EventsIn = DEFAULT_EVENTS_IN,
     events_out: _EventsOut = DEFAULT_EVENTS_OUT,
     tokens: Annotated[
         Path | None,

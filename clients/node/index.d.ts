@@ -106,6 +106,7 @@ export class Forbidden extends BrokerError {
 export class AuthenticationFailed extends ZbrokerError {
   readonly code: 'authentication_failed'
   /** The endpoint whose handshake failed. */
+  /** The endpoints, comma-separated. */
   readonly endpoint: string
   /** What went wrong, as far as this side can tell. */
   readonly reason: string
@@ -165,9 +166,17 @@ export class Credentials {
 
 // ------------------------------------------------------------ Client
 
+/**
+ * Where a peer connects: one endpoint ("tcp://host:5555"), or several brokers of
+ * which one is active, as "tcp://a:5555,tcp://b:5555" or an array. With several,
+ * every socket connects to all of them and follows the active one (README,
+ * "Several brokers"). A bad or empty list throws a TypeError.
+ */
+export type Endpoints = string | readonly string[]
+
 export interface ClientOptions {
   /** Broker ROUTER endpoint. Default tcp://127.0.0.1:5555. */
-  endpoint?: string
+  endpoint?: Endpoints
   /** Default time limit of ZBC01 calls (enqueue, result, request...), in ms. Default 30000; Infinity: none. */
   timeoutMs?: number
   /** Default per-attempt timeout of MDP requests, in ms. Default 5000. */
@@ -567,8 +576,9 @@ export interface ClientStats {
 }
 
 export class Client {
-  constructor (endpoint?: string, options?: Omit<ClientOptions, 'endpoint'>)
+  constructor (endpoint?: Endpoints, options?: Omit<ClientOptions, 'endpoint'>)
   constructor (options?: ClientOptions)
+  /** The endpoints, comma-separated. */
   readonly endpoint: string
   readonly closed: boolean
   readonly stats: ClientStats
@@ -725,7 +735,7 @@ export interface Logger {
 }
 
 export interface WorkerOptions {
-  endpoint?: string
+  endpoint?: Endpoints
   service: string
   handler: Handler
   /** Tasks held and run at once (the credit declared to the broker), 1..10000. Default 1. */
@@ -794,6 +804,7 @@ export interface WorkerStats {
 export class Worker extends EventEmitter {
   constructor (options: WorkerOptions)
   readonly service: string
+  /** The endpoints, comma-separated. */
   readonly endpoint: string
   readonly concurrency: number
   /** Its tags (a copy): the constructor's, or the last setTags()'s. */
@@ -845,7 +856,7 @@ export interface PublishOptions {
 }
 
 export interface PublisherOptions {
-  endpoint?: string
+  endpoint?: Endpoints
   /** The default `source` of its events. */
   source?: string
   hwm?: number
@@ -855,8 +866,9 @@ export interface PublisherOptions {
 
 /** Publishes events. Once the broker has refused its handshake, publish() throws AuthenticationFailed. */
 export class Publisher {
-  constructor (endpoint?: string, options?: Omit<PublisherOptions, 'endpoint'>)
+  constructor (endpoint?: Endpoints, options?: Omit<PublisherOptions, 'endpoint'>)
   constructor (options?: PublisherOptions)
+  /** The endpoints, comma-separated. */
   readonly endpoint: string
   readonly closed: boolean
   /** The AuthenticationFailed that ended its connection, or null. */
@@ -882,7 +894,7 @@ export class Publisher {
 }
 
 export interface SubscriberOptions {
-  endpoint?: string
+  endpoint?: Endpoints
   /** Topic prefixes; default [''] (everything). */
   topics?: string[] | string
   hwm?: number
@@ -894,8 +906,9 @@ export interface SubscriberOptions {
 
 /** Receives events. Once the broker has refused its handshake, recv() and iteration throw AuthenticationFailed. */
 export class Subscriber implements AsyncIterable<Event> {
-  constructor (endpoint?: string, options?: Omit<SubscriberOptions, 'endpoint'>)
+  constructor (endpoint?: Endpoints, options?: Omit<SubscriberOptions, 'endpoint'>)
   constructor (options?: SubscriberOptions)
+  /** The endpoints, comma-separated. */
   readonly endpoint: string
   readonly closed: boolean
   /** The AuthenticationFailed that ended its connection, or null. */
@@ -920,11 +933,11 @@ export const SERVICE_HEARTBEAT_PREFIX: 'service.heartbeat.'
 
 export interface ServiceOptions {
   /** Broker ROUTER endpoint, for the workers. Default tcp://127.0.0.1:5555. */
-  endpoint?: string
+  endpoint?: Endpoints
   /** Broker XSUB endpoint, for the publisher. Default tcp://127.0.0.1:5556. */
-  eventsIn?: string
+  eventsIn?: Endpoints
   /** Broker XPUB endpoint, for the subscriber. Default tcp://127.0.0.1:5557. */
-  eventsOut?: string
+  eventsOut?: Endpoints
   /** Interval of the `service.heartbeat.<name>` events in ms. Default 5000; 0 or null: none. */
   heartbeatMs?: number | null
   /** How long stop() (and a signal) lets running handlers finish, in ms. Default 10000. */

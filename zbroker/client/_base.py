@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -55,6 +56,10 @@ AsyncClientContext: TypeAlias = zmq.Context[Any]
 
 # How long request() and result() wait for a task to end unless told otherwise.
 DEFAULT_RESULT_TIMEOUT_S = 60.0
+
+# How often the asyncio client tries again to send a message no connection could take
+# yet (several endpoints, no broker's handshake completed): between two tries it waits.
+_SEND_RETRY_S = 0.02
 
 
 class _StreamState:
@@ -152,6 +157,39 @@ class ClientStats:
             self.resumes += 1
 
 
+def _send_now(sock: zmq.Socket[Any], pending: deque[_calls.Send], stats: ClientStats) -> bool:
+    """Send what `pending` holds, in order, without blocking; True once all went.
+
+    A socket connected to several brokers takes a message only once a broker's
+    handshake completed (ZMQ_IMMEDIATE); what it refuses waits in `pending` and
+    goes within the call's next wait (`_flush`), or the attempt ends unanswered.
+    """
+    while pending:
+        op = pending[0]
+        try:
+            _wire.send(sock, op.frames, _wire.NOBLOCK)
+        except zmq.Again:
+            return False
+        pending.popleft()
+        stats.count_send(op.kind)
+    return True
+
+
+def _flush(
+    sock: zmq.Socket[bytes], pending: deque[_calls.Send], stats: ClientStats, timeout_s: float
+) -> float | None:
+    """Send what `pending` holds within `timeout_s`: the time left of it, or None if
+    no connection took it in time (the attempt then ends unanswered)."""
+    if not pending:
+        return timeout_s
+    deadline = time.monotonic() + timeout_s
+    while not _send_now(sock, pending, stats):
+        remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLOUT):
+            return None
+    return max(0.0, deadline - time.monotonic())
+
+
 # ------------------------------------------------------------ the asyncio client
 
 
@@ -195,14 +233,15 @@ class AsyncClientBase:
     code. Calls still outstanding then raise ClientClosed.
     """
 
-    endpoint: str
+    endpoint: str  # the endpoints, comma-separated
+    endpoints: tuple[str, ...]
     stats: ClientStats
     credentials: keys.Credentials | None
 
     def __init__(self, context: AsyncClientContext | None) -> None:
         self._context = _async_context(context)
         self._socket: zmq.asyncio.Socket | None = connected_socket(
-            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+            self._context, zmq.DEALER, self.endpoints, credentials=self.credentials
         )
         self._generation = 0  # bumped each time the socket is replaced
         self._routes: dict[int, _Call] = {}  # rid -> call, for the current socket
@@ -260,6 +299,7 @@ class AsyncClientBase:
             self.stats.calls += 1
             call = _Call(self._generation)
             self._calls.add(call)
+            pending: deque[_calls.Send] = deque()  # sent, not yet taken by the socket
             event: _calls.Event = None
             with zmq_boundary(what):
                 while True:
@@ -275,20 +315,22 @@ class AsyncClientBase:
                         if call.generation != self._generation:
                             call.generation = self._generation
                             call.rids.clear()
+                            pending.clear()
                         call.rids.add(op.rid)
                         self._routes[op.rid] = call
-                        await sock.send_multipart(op.frames)
-                        self.stats.count_send(op.kind)
+                        pending.append(op)
+                        await self._send_pending(sock, pending)
                     elif isinstance(op, _calls.Wait):
                         # REPLACED when another call replaced the socket since this
                         # one sent; the plan counts it against this call's retries.
-                        event = await self._next_event(call, op.timeout_s)
+                        event = await self._next_event(call, op.timeout_s, pending)
                     elif call.generation == self._generation:
                         # The broker was silent to this call on the current socket:
                         # replace it (unless another call already has since we sent).
                         self._replace_socket()
-        except CallTimeout:
+        except CallTimeout as exc:
             self.stats.timeouts += 1
+            exc.tried(self.endpoints)
             raise
         finally:
             plan.close()
@@ -298,10 +340,38 @@ class AsyncClientBase:
                     if self._routes.get(rid) is call:
                         del self._routes[rid]
 
-    async def _next_event(self, call: _Call, timeout_s: float) -> _calls.Event:
-        """The call's next answer, TIMEOUT, or REPLACED (its socket was replaced)."""
+    async def _send_pending(self, sock: zmq.asyncio.Socket, pending: deque[_calls.Send]) -> bool:
+        """Send what `pending` holds, in order, without blocking; True once all went
+        (the asyncio socket's own send, so that its reader is woken as it should be)."""
+        while pending:
+            op = pending[0]
+            try:
+                await sock.send_multipart(op.frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            pending.popleft()
+            self.stats.count_send(op.kind)
+        return True
+
+    async def _next_event(
+        self, call: _Call, timeout_s: float, pending: deque[_calls.Send] | None = None
+    ) -> _calls.Event:
+        """The call's next answer, TIMEOUT, or REPLACED (its socket was replaced).
+
+        What `pending` holds (messages no connection could take yet: several
+        endpoints, no broker's handshake completed) is sent first, tried again
+        until the wait's deadline; the attempt is unanswered if it never goes.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        while pending and call.generation == self._generation:
+            sock = self._open_socket()
+            keys.check(sock)
+            if await self._send_pending(sock, pending):
+                break
+            if loop.time() >= deadline:
+                return _calls.TIMEOUT
+            await asyncio.sleep(min(_SEND_RETRY_S, max(0.0, deadline - loop.time())))
         while True:
             self._ensure_reader()
             remaining = deadline - loop.time()
@@ -393,7 +463,7 @@ class AsyncClientBase:
         keys.close_socket(old)
         self._routes.clear()
         self._socket = connected_socket(
-            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+            self._context, zmq.DEALER, self.endpoints, credentials=self.credentials
         )
         self._generation += 1
         self._ensure_reader()
@@ -469,6 +539,7 @@ async def _drive_async(
         client.stats.calls += 1
         call = _Call(client._generation)
         client._calls.add(call)
+        pending: deque[_calls.Send] = deque()
         event: _calls.Event = None
         while True:
             try:
@@ -494,18 +565,20 @@ async def _drive_async(
                     if call.generation != client._generation:
                         call.generation = client._generation
                         call.rids.clear()
+                        pending.clear()
                     call.rids.add(op.rid)
                     client._routes[op.rid] = call
                     if op.kind != "credit":
                         rid = op.rid
-                    await sock.send_multipart(op.frames)
-                    client.stats.count_send(op.kind)
+                    pending.append(op)
+                    await client._send_pending(sock, pending)
                 elif isinstance(op, _calls.Wait):
-                    event = await client._next_event(call, op.timeout_s)
+                    event = await client._next_event(call, op.timeout_s, pending)
                 elif call.generation == client._generation:
                     client._replace_socket()
-    except CallTimeout:
+    except CallTimeout as exc:
         client.stats.timeouts += 1
+        exc.tried(client.endpoints)
         raise
     finally:
         plan.close()
@@ -548,7 +621,8 @@ class ClientBase(SocketOwner):
     is never reused, so answers are matched to calls exactly.
     """
 
-    endpoint: str
+    endpoint: str  # the endpoints, comma-separated
+    endpoints: tuple[str, ...]
     stats: ClientStats
     timeout_s: float
     retries: int
@@ -557,7 +631,7 @@ class ClientBase(SocketOwner):
     def __init__(self, context: ClientContext | None) -> None:
         self._context = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = connected_socket(
-            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+            self._context, zmq.DEALER, self.endpoints, credentials=self.credentials
         )
 
     # ------------------------------------------------------------------- MDP
@@ -597,10 +671,15 @@ class ClientBase(SocketOwner):
         with zmq_boundary(f"request to {service_b!r}"):
             while True:
                 attempts += 1
-                _wire.send(sock, message)
-                self.stats.sent += 1
+                started = time.monotonic()
+                # Several endpoints: no connection may take it yet (see `_flush`).
+                sent = _wire.send_within(sock, message, attempt_timeout_s)
                 try:
-                    reply = self._await_reply(sock, service_b, attempt_timeout_s)
+                    reply = None
+                    if sent:
+                        self.stats.sent += 1
+                        spent_s = time.monotonic() - started
+                        reply = self._await_reply(sock, service_b, attempt_timeout_s - spent_s)
                 except BaseException:
                     # Interrupted (Ctrl-C, say) with the request outstanding: its
                     # reply must not become the answer to this client's next call.
@@ -614,7 +693,9 @@ class ClientBase(SocketOwner):
                 sock = self._replace_socket()
                 if attempts > self.retries:
                     self.stats.timeouts += 1
-                    raise RequestTimeout(service_b, attempt_timeout_s, attempts)
+                    timeout = RequestTimeout(service_b, attempt_timeout_s, attempts)
+                    timeout.tried(self.endpoints)
+                    raise timeout
                 self.stats.resends += 1
 
     def mmi_service(self, name: str | bytes, timeout_s: float | None = None) -> bool:
@@ -635,6 +716,7 @@ class ClientBase(SocketOwner):
             sock = self._open_socket()
             self.stats.calls += 1
             mine: set[int] = set()  # rids of this call on the current socket
+            pending: deque[_calls.Send] = deque()  # sent, not yet taken by the socket
             event: _calls.Event = None
             with zmq_boundary(what):
                 while True:
@@ -645,17 +727,23 @@ class ClientBase(SocketOwner):
                         return result
                     if isinstance(op, _calls.Send):
                         mine.add(op.rid)
-                        _wire.send(sock, op.frames)
-                        self.stats.count_send(op.kind)
+                        pending.append(op)
+                        _send_now(sock, pending, self.stats)
                         event = None
                     elif isinstance(op, _calls.Wait):
-                        event = self._await_answer(sock, mine, op.timeout_s)
+                        left_s = _flush(sock, pending, self.stats, op.timeout_s)
+                        if left_s is None:
+                            event = _calls.TIMEOUT
+                        else:
+                            event = self._await_answer(sock, mine, left_s)
                     else:
                         sock = self._replace_socket()
                         mine.clear()
+                        pending.clear()
                         event = None
-        except CallTimeout:
+        except CallTimeout as exc:
             self.stats.timeouts += 1
+            exc.tried(self.endpoints)
             raise
         finally:
             plan.close()
@@ -696,7 +784,7 @@ class ClientBase(SocketOwner):
     def _replace_socket(self) -> zmq.Socket[bytes]:
         self.close()
         self._socket = connected_socket(
-            self._context, zmq.DEALER, self.endpoint, credentials=self.credentials
+            self._context, zmq.DEALER, self.endpoints, credentials=self.credentials
         )
         return self._socket
 
@@ -788,10 +876,11 @@ def _drive(
     is delivered; closing it early sends CLOSE and closes the connection."""
     client._open_socket()  # ClientClosed on a closed client
     sock = connected_socket(
-        client._context, zmq.DEALER, client.endpoint, credentials=client.credentials
+        client._context, zmq.DEALER, client.endpoints, credentials=client.credentials
     )
     rid: int | None = None
     mine: set[int] = set()
+    pending: deque[_calls.Send] = deque()
     try:
         client.stats.calls += 1
         event: _calls.Event = None
@@ -816,18 +905,27 @@ def _drive(
                     mine.add(op.rid)
                     if op.kind != "credit":
                         rid = op.rid
-                    sock.send_multipart(op.frames)
-                    client.stats.count_send(op.kind)
+                    pending.append(op)
+                    _send_now(sock, pending, client.stats)
                 elif isinstance(op, _calls.Wait):
-                    event = client._await_answer(sock, mine, op.timeout_s)
+                    left_s = _flush(sock, pending, client.stats, op.timeout_s)
+                    if left_s is None:
+                        event = _calls.TIMEOUT
+                    else:
+                        event = client._await_answer(sock, mine, left_s)
                 else:
                     keys.close_socket(sock)
                     sock = connected_socket(
-                        client._context, zmq.DEALER, client.endpoint, credentials=client.credentials
+                        client._context,
+                        zmq.DEALER,
+                        client.endpoints,
+                        credentials=client.credentials,
                     )
                     mine.clear()
-    except CallTimeout:
+                    pending.clear()
+    except CallTimeout as exc:
         client.stats.timeouts += 1
+        exc.tried(client.endpoints)
         raise
     finally:
         plan.close()

@@ -10,6 +10,8 @@ the library's own (bytes it built, or payloads it checked), never unchecked inpu
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 def send(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
@@ -40,3 +43,25 @@ def recv(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
         frame = _recv(sock, flags, False)
         frames.append(frame.bytes)
     return frames
+
+
+def send_within(sock: zmq.Socket[Any], frames: Sequence[Any], timeout_s: float) -> bool:
+    """Send `frames` as one message, waiting up to `timeout_s` for the socket to take it;
+    False (nothing sent) if it did not. A socket connected to several brokers takes a
+    message only once a handshake completed (ZMQ_IMMEDIATE): this waits for that
+    within the caller's timeout, never forever."""
+    try:
+        send(sock, frames, NOBLOCK)
+        return True
+    except zmq.Again:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not sock.poll(remaining_ms, _POLLOUT):
+            return False
+        try:
+            send(sock, frames, NOBLOCK)
+            return True
+        except zmq.Again:
+            continue  # another sender took the room first

@@ -29,6 +29,7 @@ from zbroker.client._base import (
 )
 from zbroker.client._calls import Payload
 from zbroker.client.durable import DeadLetter, TaskId, TaskState, TaskStatus
+from zbroker.client.endpoints import Endpoints, joined, parse_endpoints
 from zbroker.client.keys import Credentials
 from zbroker.client.options import TaskOptions, When, pick_options
 from zbroker.client.schedules import (
@@ -65,11 +66,16 @@ class Client(ClientBase):
     not thread-safe (use one per thread), closes with `with` or `close()`, and
     also speaks plain 7/MDP (`mdp_request`, Lazy Pirate: a resent MDP request
     may run twice on the service side) and 8/MMI (`mmi_service`).
+
+    `endpoint` is one broker's ROUTER endpoint, or several ("tcp://a:5555,tcp://b:5555"
+    or a list) of brokers of which one is active: the client follows the active one,
+    and an attempt that no broker answers is sent again, as above, to whichever
+    broker answers (docs/python-client.md, "Several brokers").
     """
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_ENDPOINT,
+        endpoint: Endpoints = DEFAULT_ENDPOINT,
         *,
         timeout_s: float = 5.0,
         retries: int = 3,
@@ -81,7 +87,8 @@ class Client(ClientBase):
         _calls.check_settings(timeout_s, retries, poll_s)
         _calls.check_message_bytes(max_message_bytes)
         self.max_message_bytes = max_message_bytes
-        self.endpoint = endpoint
+        self.endpoints = parse_endpoints(endpoint)
+        self.endpoint = joined(self.endpoints)
         # CURVE keys for a broker started with --auth (zbroker.client.keys).
         self.credentials = credentials
         self.timeout_s = timeout_s

@@ -42,6 +42,18 @@ class RequestTimeout(ClientError):
         self.timeout_s = timeout_s
         self.attempts = attempts
 
+    # The endpoints the call tried, when the client filled them in (see `tried`).
+    endpoints: tuple[str, ...] = ()
+
+    def tried(self, endpoints: tuple[str, ...]) -> None:
+        """Say which endpoints went unanswered: with several, that none of them did."""
+        self.endpoints = endpoints
+        if len(endpoints) > 1 and self.args:
+            self.args = (
+                f"no broker of the {len(endpoints)} endpoints ({', '.join(endpoints)})"
+                f" answered: {self.args[0]}",
+            )
+
 
 class ReplyError(ClientError, ProtocolError):
     """Raised when a well-formed reply does not have the shape the call expects."""

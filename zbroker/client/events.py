@@ -1,7 +1,10 @@
 """Publishing and subscribing to topic events on the broker's pub/sub bus.
 
 Publishers connect a PUB socket to the broker's XSUB endpoint, subscribers a
-SUB socket to its XPUB endpoint.  Frames are built and parsed only by
+SUB socket to its XPUB endpoint.  Given several brokers' endpoints, each socket
+connects to all of them: only the active broker's bus is bound, so events flow
+through it, and ZeroMQ sends a subscriber's subscriptions again to whichever bus it
+connects to next.  Frames are built and parsed only by
 `zbroker.protocol.events`; what a peer garbles is dropped and counted here.
 """
 
@@ -16,6 +19,7 @@ from typing import Any
 import zmq
 
 from zbroker.client._owner import SocketOwner
+from zbroker.client.endpoints import Endpoints, joined, parse_endpoints
 from zbroker.client.errors import DEFAULT_HWM, zmq_boundary
 from zbroker.client.keys import (
     Credentials,
@@ -39,24 +43,29 @@ class Publisher(SocketOwner):
     connecting.  When more than `hwm` events are queued for a slow link, the
     newest are dropped rather than blocking the caller.
 
+    `endpoint` may name several brokers' events-in endpoints (a list, or "a,b"):
+    events go to the active broker's bus, the only one bound; what is published
+    while no bus is connected is dropped, as before the first connection.
+
     Not thread-safe: use one Publisher per thread.
     """
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_EVENTS_IN,
+        endpoint: Endpoints = DEFAULT_EVENTS_IN,
         *,
         source: str = "",
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         credentials: Credentials | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoints = parse_endpoints(endpoint)
+        self.endpoint = joined(self.endpoints)
         self.source = source
         self.published = 0
         ctx = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = connected_socket(
-            ctx, zmq.PUB, endpoint, hwm, credentials
+            ctx, zmq.PUB, self.endpoints, hwm, credentials
         )
 
     def publish(
@@ -141,24 +150,28 @@ class Subscriber(SocketOwner):
     batch message (docs/protocol.md §6) is handed out one event at a time, in
     order; `received` counts events.
 
+    `endpoint` may name several brokers' events-out endpoints (a list, or "a,b"):
+    events come from the active broker's bus, and the subscriptions follow it.
+
     Not thread-safe: use one Subscriber per thread.
     """
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_EVENTS_OUT,
+        endpoint: Endpoints = DEFAULT_EVENTS_OUT,
         *prefixes: str,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         credentials: Credentials | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoints = parse_endpoints(endpoint)
+        self.endpoint = joined(self.endpoints)
         self.dropped = 0
         self.received = 0
         self._pending: deque[Event] = deque()  # the rest of a batch already received
         ctx = context if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = connected_socket(
-            ctx, zmq.SUB, endpoint, hwm, credentials
+            ctx, zmq.SUB, self.endpoints, hwm, credentials
         )
         for prefix in prefixes or ("",):
             self.subscribe(prefix)

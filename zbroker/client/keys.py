@@ -31,6 +31,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
+from zbroker.client.endpoints import Endpoints, joined, parse_endpoints
 from zbroker.client.errors import (
     DEFAULT_HWM,
     AuthenticationFailed,
@@ -51,7 +52,11 @@ _EVENTS = (
 # Connections the broker closed during the CURVE handshake, in a row, before that is
 # taken as a refusal (a wrong server key looks like this: the broker cannot read us).
 _SILENT_CLOSES = 2
-_MECHANISM_MISMATCH = 0x11000001  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+_MECHANISM_MISMATCH = 0x11000001
+# Several endpoints: how often a connection is pinged (ZMTP PING, answered by the
+# broker's libzmq itself) and how long without any traffic before it is dropped.
+_HEARTBEAT_IVL_MS = 1000
+_HEARTBEAT_TIMEOUT_MS = 3000  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +113,28 @@ def _read_certificate(path: str) -> tuple[bytes, bytes | None]:
 class _Watch:
     """A socket's monitor, and what its handshakes came to so far."""
 
-    __slots__ = ("curve", "endpoint", "failure", "monitor", "owner", "shaking", "silent_closes")
+    __slots__ = (
+        "curve",
+        "endpoint",
+        "failure",
+        "monitor",
+        "owner",
+        "several",
+        "shaking",
+        "silent_closes",
+    )
 
-    def __init__(self, owner: zmq.Socket[Any], endpoint: str, curve: bool) -> None:
+    def __init__(
+        self, owner: zmq.Socket[Any], endpoint: str, curve: bool, several: bool = False
+    ) -> None:
         self.owner = owner  # the monitor socket as made (an asyncio one for asyncio sockets)
         # A blocking view of it, read without blocking whatever the socket's kind.
         self.monitor: zmq.Socket[bytes] = zmq.Socket.shadow(owner.underlying)
         self.endpoint = endpoint
         self.curve = curve
+        # Connected to several brokers: a handshake that times out or a connection
+        # closed during it is no refusal (a frozen or stepping-down broker does that).
+        self.several = several
         self.failure: str | None = None
         self.silent_closes = 0
         self.shaking = False  # connected, handshake not yet done
@@ -151,6 +170,8 @@ class _Watch:
                 else "the broker asks for CURVE authentication: give the broker's public key"
                 " and this peer's certificate (docs/security.md)"
             )
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.several:
+            self.shaking = False  # a silent peer (frozen, stepping down): try the others
         elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
             self.failure = (
                 "the CURVE handshake failed: is the broker's public key right (its log prints"
@@ -161,7 +182,7 @@ class _Watch:
             )
         elif kind == zmq.EVENT_DISCONNECTED and self.shaking:
             self.shaking = False
-            if self.curve:
+            if self.curve and not self.several:
                 self.silent_closes += 1
                 if self.silent_closes >= _SILENT_CLOSES:
                     self.failure = (
@@ -179,9 +200,10 @@ _POLLIN = int(zmq.POLLIN)
 _WATCHES: weakref.WeakKeyDictionary[zmq.Socket[Any], _Watch] = weakref.WeakKeyDictionary()
 
 
-def watch(sock: zmq.Socket[Any], endpoint: str, curve: bool) -> None:
-    """Watch `sock`'s handshakes (before it connects)."""
-    _WATCHES[sock] = _Watch(sock.get_monitor_socket(_EVENTS), endpoint, curve)
+def watch(sock: zmq.Socket[Any], endpoint: str, curve: bool, several: bool = False) -> None:
+    """Watch `sock`'s handshakes (before it connects); `several`: it connects to several
+    brokers, and only a definite refusal (ZAP, a mechanism mismatch) is an error."""
+    _WATCHES[sock] = _Watch(sock.get_monitor_socket(_EVENTS), endpoint, curve, several)
 
 
 def check(sock: zmq.Socket[Any]) -> None:
@@ -243,25 +265,41 @@ _S = TypeVar("_S", bound=zmq.Socket[Any])
 def connected_socket(
     context: zmq.Context[_S],
     kind: int,
-    endpoint: str,
+    endpoint: Endpoints,
     hwm: int = DEFAULT_HWM,
     credentials: Credentials | None = None,
 ) -> _S:
-    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`:
-    a CURVE client when `credentials` are given; its handshakes watched either way
-    (zbroker.client.keys), so that a refused one is an error, not a silent wait."""
+    """A new socket of `kind`, with explicit high-water marks, connected to `endpoint`
+    (one, or several: see zbroker.client.endpoints): a CURVE client when `credentials`
+    are given; its handshakes watched either way (zbroker.client.keys), so that a
+    refused one is an error, not a silent wait.
+
+    Connected to several brokers, it queues messages only to connections whose
+    handshake completed (ZMQ_IMMEDIATE): the broker that is bound and alive, never a
+    standby that does not listen or a frozen one that never completes a handshake.
+    A send then may find no connection yet: callers send without blocking and wait
+    for POLLOUT within their own timeouts.
+    """
+    endpoints = parse_endpoints(endpoint)
+    several = len(endpoints) > 1
     with zmq_boundary("opening a socket"):
         sock = context.socket(kind)
     sock.linger = 0
     sock.sndhwm = hwm
     sock.rcvhwm = hwm
+    if several:
+        sock.immediate = 1
+        # ZMTP heartbeats: a connection to a frozen broker (SIGSTOP, a hung host) is
+        # dropped, so nothing more is queued to it once the other broker took over.
+        sock.heartbeat_ivl = _HEARTBEAT_IVL_MS
+        sock.heartbeat_timeout = _HEARTBEAT_TIMEOUT_MS
     if credentials is not None:
         credentials.apply(sock)
-    watch(sock, endpoint, credentials is not None)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        close_socket(sock)
-        hint = "" if "://" in endpoint else " (expected transport://address, e.g. tcp://host:port)"
-        raise EndpointError(f"cannot connect to {endpoint!r}: {exc}{hint}") from exc
+    watch(sock, joined(endpoints), credentials is not None, several)
+    for each in endpoints:
+        try:
+            sock.connect(each)
+        except zmq.ZMQError as exc:
+            close_socket(sock)
+            raise EndpointError(f"cannot connect to {each!r}: {exc}") from exc
     return sock

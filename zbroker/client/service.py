@@ -41,6 +41,7 @@ import msgpack
 import zmq
 
 from zbroker.client._calls import check_message_bytes
+from zbroker.client.endpoints import Endpoints, joined, parse_endpoints
 from zbroker.client.errors import (
     AuthenticationFailed,
     ClientClosed,
@@ -126,15 +127,19 @@ class Service:
     A clean stop: no task or event is started any more, running handlers get
     up to `grace_s` seconds to finish (their results are sent and published),
     then every socket is closed and what was sent is flushed.
+
+    `endpoint`, `events_in` and `events_out` each take one endpoint, or several
+    brokers' (a list, or "a,b") of which one is active: every socket follows it
+    (docs/python-client.md, "Several brokers: following the active one").
     """
 
     def __init__(
         self,
         name: str,
         *,
-        endpoint: str = DEFAULT_ENDPOINT,
-        events_in: str = DEFAULT_EVENTS_IN,
-        events_out: str = DEFAULT_EVENTS_OUT,
+        endpoint: Endpoints = DEFAULT_ENDPOINT,
+        events_in: Endpoints = DEFAULT_EVENTS_IN,
+        events_out: Endpoints = DEFAULT_EVENTS_OUT,
         heartbeat_s: float | None = 5.0,
         grace_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -155,9 +160,11 @@ class Service:
         check_message_bytes(max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.name = name
-        self.endpoint = endpoint
-        self.events_in = events_in
-        self.events_out = events_out
+        # Each a comma-separated string: one endpoint, or several brokers' (a list or
+        # "a,b" given), of which the sockets follow the active one.
+        self.endpoint = joined(parse_endpoints(endpoint))
+        self.events_in = joined(parse_endpoints(events_in))
+        self.events_out = joined(parse_endpoints(events_out))
         self.heartbeat_s = heartbeat_s or None  # 0 and None: no heartbeats
         self.grace_s = grace_s
         # CURVE keys for a broker started with --auth, used by every socket of the

@@ -71,6 +71,7 @@ import zmq
 
 from zbroker.client import _wire
 from zbroker.client._calls import check_message_bytes
+from zbroker.client.endpoints import Endpoints, joined, parse_endpoints
 from zbroker.client.errors import (
     AuthenticationFailed,
     ClientError,
@@ -252,6 +253,7 @@ class WorkerStats:
     metrics_errors: int = 0  # calls of the metrics callable that failed or returned garbage
     broker_stopping: int = 0  # STOPPING notices: the broker was stopping (a restart, say)
     tags_sent: int = 0  # TAGS: tag changes sent to the broker (`set_tags`)
+    ready_waits: int = 0  # READY sent once a broker's handshake completed (several endpoints)
 
 
 def _check_tags(tags: Sequence[str]) -> None:
@@ -423,7 +425,7 @@ class Worker:
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_ENDPOINT,
+        endpoint: Endpoints = DEFAULT_ENDPOINT,
         service: str | bytes | None = None,
         handler: Handler | None = None,
         *,
@@ -456,7 +458,8 @@ class Worker:
         if metrics is not None and not callable(metrics):
             raise TypeError("metrics must be a callable returning a map, or None")
         check_message_bytes(max_message_bytes)
-        self.endpoint = endpoint
+        self.endpoints = parse_endpoints(endpoint)
+        self.endpoint = joined(self.endpoints)
         self.service = _service_name(service)
         self.handler = handler
         self.concurrency = concurrency
@@ -476,7 +479,7 @@ class Worker:
         self.stats = WorkerStats()
         self._context = context if context is not None else zmq.Context.instance()
         # Like Client: a bad endpoint fails here, not later in a background thread.
-        close_socket(connected_socket(self._context, zmq.DEALER, endpoint))
+        close_socket(connected_socket(self._context, zmq.DEALER, self.endpoints))
         self._control: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self._stats_lock = threading.Lock()
         self._running = 0
@@ -1093,7 +1096,7 @@ class _Link:
             w._bump("reconnects")
         self.generation += 1
         self._dealer = connected_socket(
-            w._context, zmq.DEALER, w.endpoint, credentials=w.credentials
+            w._context, zmq.DEALER, w.endpoints, credentials=w.credentials
         )
         self._poller.register(self._dealer, zmq.POLLIN)
         self._monitor = monitor_of(self._dealer)
@@ -1104,8 +1107,11 @@ class _Link:
         self._heartbeat_at = now + self._interval_s
         self._reconnect_at = None
         self.credit = credit = self._free_credit()
-        if not self._send(ext.ready(w.service, credit, w.tags, batch=True)):
-            logger.warning("worker %r: READY could not be sent", w.service)
+        ready = ext.ready(w.service, credit, w.tags, batch=True)
+        if not self._send(ready):
+            # Several endpoints: no broker's handshake has completed yet (ZMQ_IMMEDIATE).
+            # READY goes first once one has, to whichever broker is active.
+            self._send_reliably(ready, "ready_waits", 1)
         logger.debug(
             "worker %r: READY (credit %d) sent to %s (connection %d)",
             w.service,

@@ -58,6 +58,7 @@ import {
   connectSocket,
   isClosedSocketError,
   isSendQueueFull,
+  noBrokerPrefix,
   zmq
 } from './sockets.js'
 
@@ -72,6 +73,9 @@ const REPOLL_MS = 20
 // send can fail (EAGAIN) just before the socket's observer reports why: a send
 // that fails so before any handshake succeeded waits this long for that report.
 const REFUSAL_GRACE_MS = 50
+// How often a send no connection could take yet (several endpoints, no broker's
+// handshake completed) is tried again, within the call's own timeout.
+const SEND_RETRY_MS = 20
 // What an ENQUEUE message carries besides payload frames: the routing id the
 // broker's ROUTER adds, "", "ZBC01", the command and the meta frame. The broker
 // counts all of them against its frame cap (MAX_FRAMES per message).
@@ -108,7 +112,7 @@ export class Client {
    * credentials (a Credentials: CURVE keys for a broker started with --auth).
    */
   constructor (endpointOrOptions, options = {}) {
-    const opts = typeof endpointOrOptions === 'string'
+    const opts = typeof endpointOrOptions === 'string' || Array.isArray(endpointOrOptions)
       ? { ...options, endpoint: endpointOrOptions }
       : { ...(endpointOrOptions ?? {}) }
     this.#endpoint = checkEndpoint(opts.endpoint ?? DEFAULT_ENDPOINT)
@@ -754,7 +758,7 @@ export class Client {
       if (reply !== null) return reply
       if (attempt > retries) {
         this.stats.mdpTimeouts++
-        throw new TimeoutError(`no reply from service ${JSON.stringify(service)} within ${timeoutMs}ms per attempt after ${attempt} attempt${attempt === 1 ? '' : 's'}`)
+        throw new TimeoutError(`${noBrokerPrefix(this.#endpoint)}no reply from service ${JSON.stringify(service)} within ${timeoutMs}ms per attempt after ${attempt} attempt${attempt === 1 ? '' : 's'}`)
       }
       this.stats.mdpResends++
     }
@@ -773,6 +777,7 @@ export class Client {
   // deadline. A refused handshake rejects it with AuthenticationFailed at once.
   #mdpAttempt (service, message, timeoutMs, signal) {
     const hooks = {}
+    const several = this.#endpoint.includes(',')
     const { sock } = connectSocket(zmq.Dealer, this.#endpoint, { hwm: this.#hwm, credentials: this.#credentials, watch: hooks })
     return new Promise((resolve, reject) => {
       let settled = false
@@ -792,7 +797,18 @@ export class Client {
       signal?.addEventListener('abort', onAbort, { once: true })
       this.#mdpAttempts.add(onClose)
       const exchange = async () => {
-        await sock.send(message)
+        // Several endpoints: no connection may take it yet (immediate); try again
+        // until this attempt's timer ends it.
+        for (;;) {
+          try {
+            await sock.send(message)
+            break
+          } catch (err) {
+            if (settled || !several || !isSendQueueFull(err)) throw err
+            await new Promise((resolve) => setTimeout(resolve, SEND_RETRY_MS))
+            if (settled) return
+          }
+        }
         for await (const frames of sock) {
           let reply
           try {
@@ -862,8 +878,11 @@ class Channel {
   #handshaken = false // a handshake has succeeded on this channel
   #failure = null
   #closed = false
+  #several
 
   constructor (endpoint, hwm, maxPending, stats, credentials, onFailed) {
+    this.endpoint = endpoint
+    this.#several = endpoint.includes(',')
     this.#maxPending = maxPending
     this.#stats = stats
     this.#onFailed = onFailed
@@ -934,7 +953,11 @@ class Channel {
 
   send (call, frames) {
     this.#sock.send(frames).catch((err) => {
-      if (isSendQueueFull(err)) {
+      if (isSendQueueFull(err) && this.#several && !this.#closed) {
+        // No broker's handshake has completed yet (immediate): try again, within
+        // the call's own deadline, until one has.
+        call.later(() => { if (!call.done && !this.#closed) this.send(call, frames) }, SEND_RETRY_MS)
+      } else if (isSendQueueFull(err)) {
         const full = () => call.reject(this.#failure ?? new ZbrokerError(`${call.what}: send queue to the broker is full (is the broker reachable?)`))
         if (this.#handshaken) full()
         else call.later(full, REFUSAL_GRACE_MS) // a refused handshake, reported meanwhile, wins
@@ -1092,7 +1115,7 @@ class Call {
     } else if (keys !== null) {
       hint = '; its tasks may or may not be stored: enqueue them again with the same keys (the error\'s keys) to find out without duplicates'
     }
-    this.reject(new TimeoutError(`${this.what}: no answer${task} within ${this.timeoutMs}ms${state}${hint}`, { taskId: this.taskId, state: this.state, key, keys }))
+    this.reject(new TimeoutError(`${noBrokerPrefix(this.channel.endpoint)}${this.what}: no answer${task} within ${this.timeoutMs}ms${state}${hint}`, { taskId: this.taskId, state: this.state, key, keys }))
   }
 
   #finish () {

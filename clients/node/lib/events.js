@@ -23,7 +23,7 @@ import {
 import { DEFAULT_HWM, checkEndpoint, connectSocket, isClosedSocketError, zmq } from './sockets.js'
 
 function parseArgs (endpointOrOptions, options) {
-  return typeof endpointOrOptions === 'string'
+  return typeof endpointOrOptions === 'string' || Array.isArray(endpointOrOptions)
     ? { ...options, endpoint: endpointOrOptions }
     : { ...(endpointOrOptions ?? {}) }
 }
@@ -49,8 +49,8 @@ export class Publisher {
 
   /** new Publisher(endpoint?, {source, hwm, credentials}) or new Publisher({endpoint, source, hwm, credentials}). */
   constructor (endpointOrOptions, options = {}) {
-    const { endpoint = DEFAULT_EVENTS_IN, source = '', hwm = DEFAULT_HWM, credentials } = parseArgs(endpointOrOptions, options)
-    checkEndpoint(endpoint)
+    const { endpoint: given = DEFAULT_EVENTS_IN, source = '', hwm = DEFAULT_HWM, credentials } = parseArgs(endpointOrOptions, options)
+    const endpoint = checkEndpoint(given) // one, or several brokers' as 'a,b' or an array
     if (typeof source !== 'string') throw new TypeError('source must be a string')
     const keys = checkCredentials(credentials)
     this.endpoint = endpoint
@@ -189,8 +189,8 @@ export class Subscriber {
 
   /** new Subscriber(endpoint?, {topics, hwm, signal, credentials}) or new Subscriber({endpoint, topics, hwm, signal, credentials}). */
   constructor (endpointOrOptions, options = {}) {
-    const { endpoint = DEFAULT_EVENTS_OUT, topics = [''], hwm = DEFAULT_HWM, signal, credentials } = parseArgs(endpointOrOptions, options)
-    checkEndpoint(endpoint)
+    const { endpoint: given = DEFAULT_EVENTS_OUT, topics = [''], hwm = DEFAULT_HWM, signal, credentials } = parseArgs(endpointOrOptions, options)
+    const endpoint = checkEndpoint(given) // one, or several brokers' as 'a,b' or an array
     const list = typeof topics === 'string' ? [topics] : topics
     if (!Array.isArray(list) || !list.every((t) => typeof t === 'string')) throw new TypeError('topics must be an array of strings')
     const keys = checkCredentials(credentials)

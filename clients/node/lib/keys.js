@@ -152,11 +152,13 @@ export class HandshakeWatch {
   #hooks
   #shaking = false // connected, handshake not done yet
   #silentCloses = 0
+  #several // connected to several brokers: a silent close is a frozen or stepping-down one
   failure = null
 
-  constructor (sock, endpoint, curve, hooks = {}) {
+  constructor (sock, endpoint, curve, hooks = {}, several = false) {
     this.#endpoint = endpoint
     this.#curve = curve
+    this.#several = several
     this.#hooks = hooks
     this.#read(sock.events) // an observer of its own (zeromq.js makes one per socket, on first use)
   }
@@ -202,7 +204,7 @@ export class HandshakeWatch {
   #closedInHandshake () {
     if (!this.#shaking) return
     this.#shaking = false // one count per connection: its error, then its disconnect
-    if (this.#curve && ++this.#silentCloses >= SILENT_CLOSES) this.#fail(CLOSED_IN_HANDSHAKE)
+    if (this.#curve && !this.#several && ++this.#silentCloses >= SILENT_CLOSES) this.#fail(CLOSED_IN_HANDSHAKE)
   }
 
   #fail (reason) {

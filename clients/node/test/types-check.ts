@@ -9,6 +9,7 @@ import {
   Client,
   Credentials,
   DEFAULT_ENDPOINT,
+  type Endpoints,
   type Event,
   Forbidden,
   type Payload,
@@ -299,4 +300,16 @@ export async function service (): Promise<boolean | null> {
     .on('config.', (event) => event.payload)
   await s.waitReady({ timeoutMs: 100 })
   return await s.run({ handleSignals: false })
+}
+
+// Several brokers (active/standby): a list, or one comma-separated string.
+export function severalBrokers (): void {
+  const endpoints: Endpoints = ['tcp://a:5555', 'tcp://b:5555']
+  void new Client(endpoints, { timeoutMs: 5000 })
+  void new Client({ endpoint: 'tcp://a:5555,tcp://b:5555' })
+  void new Publisher(['tcp://a:5556', 'tcp://b:5556'])
+  void new Subscriber({ endpoint: ['tcp://a:5557', 'tcp://b:5557'], topics: ['fs.'] })
+  void new Service('ocr', { endpoint: endpoints, eventsIn: 'tcp://a:5556,tcp://b:5556' })
+  // @ts-expect-error an endpoint is a string or strings
+  void new Client([5555])
 }
