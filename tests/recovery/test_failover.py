@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from tests.conftest import BrokerProcess, new_broker, wait_until
-from zbroker.client import Client
+from zbroker.client import Client, Task, Worker
 from zbroker.client.errors import ClientError, RequestTimeout
 
 pytestmark = pytest.mark.timeout(180)
@@ -114,6 +114,59 @@ def test_a_standby_serves_nothing_until_the_active_one_dies(group: Group) -> Non
     # And an idempotency key confirmed by the dead broker still names its task
     with Client(b.endpoint, timeout_s=10) as client:
         assert client.enqueue("svc", b"again", key="t7") == confirmed[7]
+
+
+def test_a_sigkill_of_the_active_broker_during_5000_confirmed_tasks_loses_none(
+    group: Group,
+) -> None:
+    # Given two brokers on one PostgreSQL, and producers and workers given both
+    a, b = group.broker(), group.broker()
+    a.start()
+    standby(b)
+    endpoints = [a.endpoint, b.endpoint]
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    def handler(task: Task) -> bytes:
+        with lock:
+            ran.append(task.id)
+        return b"done:" + task.payload
+
+    total, producers_n = 5000, 2
+    confirmed: list[str] = []
+    failures: list[BaseException] = []
+
+    def produce(n: int) -> None:
+        try:
+            with Client(endpoints, timeout_s=1.0, retries=60) as client:
+                for i in range(total // producers_n):
+                    task_id = client.enqueue("jobs", f"{n}-{i}".encode())
+                    with lock:
+                        confirmed.append(task_id)
+        except BaseException as exc:
+            failures.append(exc)
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(2):
+            stack.enter_context(Worker(endpoints, "jobs", handler, concurrency=4))
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(producers_n)]
+        for thread in threads:
+            thread.start()
+        # When the active broker is killed with SIGKILL a third of the way in
+        wait_until(lambda: len(confirmed) >= total // 3, timeout_s=120)
+        a.kill()
+        for thread in threads:
+            thread.join(timeout=170)
+        # Then the producers carried on with the standby: all 5,000 confirmed
+        assert not failures and not any(t.is_alive() for t in threads), failures
+        assert len(set(confirmed)) == total
+        # And every confirmed task is done (the workers followed the standby)
+        wait_until(lambda: len(set(ran) & set(confirmed)) == total, timeout_s=120)
+    done = group.sql(
+        "SELECT count(*) FROM zb_tasks WHERE state = 'done' AND id = ANY(%s)", confirmed
+    )
+    assert done == [(total,)]
+    assert group.lease()[1] == b.endpoint
 
 
 def test_a_frozen_active_broker_never_commits_after_the_takeover(group: Group) -> None:
