@@ -22,6 +22,7 @@ import compare
 import durable
 import fuzz
 import mdp
+import postgres
 import scheduling
 import streams
 import web
@@ -51,6 +52,7 @@ WORKLOADS: dict[str, Workload] = {
         streams.WORKLOAD,
         scheduling.WORKLOAD,
         web.WORKLOAD,
+        postgres.WORKLOAD,
     )
 }
 

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+from itertools import count
 from pathlib import Path
 
 # The database and role every private server has: the URL's path and user.
@@ -87,6 +89,18 @@ def install(say: object = print) -> Path:
     if found is None:
         raise PostgresError(f"apt-get installed {PACKAGE} but no postgres program was found")
     return found
+
+
+def with_schema(url: str, schema: str) -> str:
+    """`url` with libpq's `options` setting search_path to `schema`: the journal's
+    tables (unqualified names) are then made and read there."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    query.append(("options", f"-csearch_path={schema}"))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+_schemas = count(1)
 
 
 def _free_port() -> int:
@@ -181,22 +195,25 @@ class PrivateServer:
         return self.url
 
     def _create_database(self) -> None:
+        query = f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
+        if self._psql("-d", "postgres", "-tAc", query).strip() != "1":
+            self._psql("-d", "postgres", "-c", f"CREATE DATABASE {DATABASE}")
+
+    def fresh_url(self) -> str:
+        """The URL of a new, empty schema of this server (a journal of its own)."""
+        name = f"zb_{os.getpid()}_{next(_schemas)}"
+        self._psql("-d", DATABASE, "-c", f"CREATE SCHEMA {name}")
+        return with_schema(self.url, name)
+
+    def _psql(self, *args: str) -> str:
         psql = self.bin / "psql"
         if not psql.exists():
             psql = Path(shutil.which("psql") or "psql")
         base = ["-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE, "-v", "ON_ERROR_STOP=1"]
-        query = f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
-        exists = subprocess.run(
-            [str(psql), *base, "-d", "postgres", "-tAc", query], capture_output=True, text=True
-        )
-        if exists.stdout.strip() != "1":
-            done = subprocess.run(
-                [str(psql), *base, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE}"],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                raise PostgresError(f"CREATE DATABASE failed: {done.stderr.strip()}")
+        done = subprocess.run([str(psql), *base, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PostgresError(f"psql {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def _log_tail(self) -> str:
         try:

@@ -8,20 +8,25 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 URL_ENV = "ZBROKER_TEST_POSTGRES"
 _schemas = itertools.count(1)
+_module: Any = None
 
 
 def _pgserver() -> Any:
+    """scripts/pgserver.py (loaded once)."""
+    global _module
+    if _module is not None:
+        return _module
     spec = importlib.util.spec_from_file_location("pgserver", ROOT / "scripts" / "pgserver.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    _module = module
     return module
 
 
@@ -44,16 +49,8 @@ class Server:
         name = f"zbt_{os.getpid()}_{next(_schemas)}"
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {name}")
-        return with_schema(self.url, name)
+        return str(_pgserver().with_schema(self.url, name))
 
     def stop(self) -> None:
         if self.private is not None:
             self.private.stop()
-
-
-def with_schema(url: str, schema: str) -> str:
-    """`url` with libpq's `options` setting search_path to `schema`."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query)
-    query.append(("options", f"-csearch_path={schema}"))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))

@@ -115,8 +115,10 @@ class _Watch:
 
     __slots__ = (
         "curve",
+        "disconnects",
         "endpoint",
         "failure",
+        "handshakes",
         "monitor",
         "owner",
         "several",
@@ -138,6 +140,8 @@ class _Watch:
         self.failure: str | None = None
         self.silent_closes = 0
         self.shaking = False  # connected, handshake not yet done
+        self.handshakes = 0  # completed so far, every endpoint together
+        self.disconnects = 0  # connections lost so far, every endpoint together
 
     def read(self) -> None:
         """Take every event waiting (never blocks); remember the first failure."""
@@ -158,6 +162,7 @@ class _Watch:
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.shaking = False
             self.silent_closes = 0
+            self.handshakes += 1
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self.failure = (
                 f"the broker refused this key (ZAP status {value}): it is unknown to the"
@@ -180,6 +185,8 @@ class _Watch:
                 else "the broker asks for CURVE authentication: give the broker's public key"
                 " and this peer's certificate (docs/security.md)"
             )
+        elif kind == zmq.EVENT_DISCONNECTED and not self.shaking:
+            self.disconnects += 1
         elif kind == zmq.EVENT_DISCONNECTED and self.shaking:
             self.shaking = False
             if self.curve and not self.several:
@@ -204,6 +211,16 @@ def watch(sock: zmq.Socket[Any], endpoint: str, curve: bool, several: bool = Fal
     """Watch `sock`'s handshakes (before it connects); `several`: it connects to several
     brokers, and only a definite refusal (ZAP, a mechanism mismatch) is an error."""
     _WATCHES[sock] = _Watch(sock.get_monitor_socket(_EVENTS), endpoint, curve, several)
+
+
+def took_over(sock: zmq.Socket[Any]) -> bool:
+    """Whether, on `sock` (as far as its monitor was read: `check` reads it), a
+    connection was lost and then another handshake completed: on a socket connected to
+    several brokers, another broker came up after the one it used went away (a standby
+    took over), or the same one came back. Two brokers both up, as when a group's
+    endpoints are mixed with another broker's, do not count."""
+    found = _WATCHES.get(sock)
+    return found is not None and found.disconnects >= 1 and found.handshakes >= 2
 
 
 def check(sock: zmq.Socket[Any]) -> None:

@@ -80,7 +80,14 @@ from zbroker.client.errors import (
     RetryLater,
     WorkerError,
 )
-from zbroker.client.keys import Credentials, check, close_socket, connected_socket, monitor_of
+from zbroker.client.keys import (
+    Credentials,
+    check,
+    close_socket,
+    connected_socket,
+    monitor_of,
+    took_over,
+)
 from zbroker.protocol import DEFAULT_ENDPOINT, ext, mdp, zbc
 from zbroker.protocol.access import FORBIDDEN_PREFIX
 from zbroker.protocol.errors import ProtocolError
@@ -1081,6 +1088,9 @@ class _Link:
             dealer = self._dealer
             if dealer is not None and self._monitor in events:
                 check(dealer)  # a refused handshake ends the worker with the reason
+                if len(self._worker.endpoints) > 1 and took_over(dealer):
+                    self._register_again("its broker went and another handshake completed")
+                    dealer = None
             if dealer is not None and dealer in events:
                 if events[dealer] & zmq.POLLIN:
                     self._drain_dealer()
@@ -1119,6 +1129,16 @@ class _Link:
             w.endpoint,
             self.generation,
         )
+
+    def _register_again(self, why: str) -> None:
+        """Connected to several brokers, the connection in use was lost and another
+        handshake completed: another broker took over (or the same one came back),
+        which knows nothing of this worker.
+        Register with it now, on a new connection, instead of after `liveness`
+        heartbeats of silence (the attempts held are the old broker's: dropped)."""
+        logger.info("worker %r: %s: registering again", self._worker.service, why)
+        self._close(disconnect=False)
+        self._reopen(time.monotonic())
 
     def _free_credit(self) -> int:
         """Handlers free to take a task of a new connection. A handler still running
