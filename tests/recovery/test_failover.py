@@ -224,9 +224,34 @@ def test_an_active_broker_cut_from_its_database_hands_over(group: Group) -> None
     # Then the standby takes over and has every confirmed task
     b.wait_ready(timeout_s=30)
     assert states(b.endpoint, confirmed) == {"ready"}
-    # And the broker that was cut off steps down and stops listening
+    # And the broker that was cut off steps down, stops listening, and waits as a standby
     wait_until(lambda: "lease lost" in a.log() or "stepping down" in a.log(), timeout_s=30)
     wait_until(lambda: not listening(a.endpoint), timeout_s=30)
+    wait_until(lambda: "holds the lease; waiting" in a.log(), timeout_s=30)
+    assert a.proc.poll() is None
+
+
+def test_a_lone_broker_cut_from_its_database_serves_again(group: Group) -> None:
+    # Given a broker alone on its journal (a group of one), with confirmed tasks
+    a = group.broker()
+    a.start()
+    confirmed = enqueue_many(a.endpoint, 10, "l")
+    assert a.proc is not None
+    # When its database sessions are ended by the server
+    group.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+        f"zbroker % {a.proc.pid}",
+    )
+    # And a client enqueues (the pass's commit finds the journal's connection gone)
+    with Client(a.endpoint, timeout_s=2, retries=15) as client:
+        after = client.enqueue("svc", b"after", key="after")
+    # Then the broker stepped down, took the lease again (a new epoch), read the
+    # journal anew and served: the enqueue retried with its key was confirmed once
+    assert group.lease()[0] == 2
+    assert "standby again" in a.log()
+    assert states(a.endpoint, [*confirmed, after]) == {"ready"}
+    assert group.sql("SELECT count(*) FROM zb_tasks WHERE idempotency_key = 'after'") == [(1,)]
+    assert a.proc.poll() is None
 
 
 def test_a_clean_stop_hands_over_at_once(group: Group) -> None:

@@ -522,7 +522,8 @@ class PostgresJournal(MemoryJournal):
             return
         try:
             lease = self.lease
-            if self._failed is None and (lease is None or lease.fresh()):
+            usable = self._failed is None and not self._conn.broken
+            if usable and (lease is None or lease.fresh()):
                 with self._conn.pipeline(), self._conn.transaction():
                     self._fence()
                     cur = self._conn.cursor(binary=True)
