@@ -536,6 +536,54 @@ def queues(
 
 
 @app.command()
+def group(
+    journal: Annotated[
+        str,
+        typer.Option(
+            envvar="ZBROKER_JOURNAL",
+            help="The group's journal: postgresql://USER@HOST:PORT/DB (as given to start).",
+        ),
+    ],
+    as_json: _Json = False,
+) -> None:
+    """Who is active in the group of brokers on JOURNAL, and its queues by state, read
+    from the database itself (it answers while every broker is down, or standby)."""
+    if importlib.util.find_spec("psycopg") is None:
+        typer.echo("zbroker: group needs psycopg: pip install 'zbroker[postgres]'", err=True)
+        raise typer.Exit(2)
+    from zbroker.runtime.lease import group_state
+
+    try:
+        state = group_state(journal)
+    except JournalError as exc:
+        typer.echo(f"zbroker: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    lease = state["lease"]
+    if lease is None:
+        typer.echo("no broker has held this group's lease yet")
+    else:
+        held = f"{lease['holder']} serving {lease['endpoint']}, lease epoch {lease['epoch']}"
+        if lease["expired"] or not lease["session_alive"]:
+            why = "its lease expired" if lease["expired"] else "its database session is gone"
+            typer.echo(f"none active ({why}): last held by {held}")
+        else:
+            typer.echo(f"active: {held}, renewed, expires in {lease['expires_in_s']:.1f}s")
+    meta = state["meta"]
+    if meta:
+        typer.echo(
+            f"journal: schema {meta.get('schema')}, life {meta.get('life')},"
+            f" {meta.get('crashes', 0)} ended without a clean stop"
+        )
+    rows = [{"service": name, **counts} for name, counts in state["queues"].items()]
+    if rows:
+        states = sorted({k for counts in state["queues"].values() for k in counts})
+        _table(rows, ["service", *states])
+
+
+@app.command()
 def workers(
     endpoint: _Endpoint = DEFAULT_ENDPOINT, as_json: _Json = False, timeout: _Timeout = 5.0
 ) -> None:

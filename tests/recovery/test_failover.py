@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +116,18 @@ def test_a_standby_serves_nothing_until_the_active_one_dies(group: Group) -> Non
     # And an idempotency key confirmed by the dead broker still names its task
     with Client(b.endpoint, timeout_s=10) as client:
         assert client.enqueue("svc", b"again", key="t7") == confirmed[7]
+    # And `zbroker group`, reading the database, names the new active broker
+    shown = subprocess.run(
+        [sys.executable, "-m", "zbroker", "group", "--journal", group.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert b.proc is not None
+    assert shown.stdout.startswith(f"active: {socket.gethostname()}:{b.proc.pid} serving")
+    assert f"serving {b.endpoint}, lease epoch 2" in shown.stdout
+    assert "svc" in shown.stdout and "ready" in shown.stdout
 
 
 def test_a_sigkill_of_the_active_broker_during_5000_confirmed_tasks_loses_none(

@@ -262,3 +262,45 @@ class Lease:
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def group_state(url: str) -> dict[str, Any]:
+    """What the database says of the group on `url`, whatever its brokers are doing
+    (`zbroker group`): the lease (who is active, under which epoch, for how long yet,
+    whether its renewing session is alive), the journal's lives, and every
+    service's task counts by state as of the last commit."""
+    conn = connect(url, "group")
+    try:
+        row = conn.execute(
+            "SELECT to_regclass('zb_lease') IS NOT NULL, to_regclass('zb_meta') IS NOT NULL"
+        ).fetchone()
+        if row is None or not (row[0] and row[1]):
+            return {"lease": None, "meta": {}, "queues": {}}
+        lease = conn.execute(
+            _LOOK.replace(
+                "FROM zb_lease l",
+                ", acquired_at, renewed_at, extract(epoch FROM expires_at - clock_timestamp())"
+                " FROM zb_lease l",
+            )
+        ).fetchone()
+        meta = {str(k): int(v) for k, v in conn.execute("SELECT key, value FROM zb_meta")}
+        queues: dict[str, dict[str, int]] = {}
+        for service, state, n in conn.execute(
+            "SELECT service, state, count(*) FROM zb_tasks GROUP BY 1, 2 ORDER BY 1, 2"
+        ):
+            queues.setdefault(str(service), {})[str(state)] = int(n)
+    finally:
+        conn.close()
+    held = None
+    if lease is not None:
+        held = {
+            "epoch": int(lease[0]),
+            "holder": lease[1],
+            "endpoint": lease[2],
+            "expired": bool(lease[3]),
+            "session_alive": not lease[4],
+            "acquired_at": lease[5].isoformat(),
+            "renewed_at": lease[6].isoformat(),
+            "expires_in_s": round(float(lease[7]), 3),
+        }
+    return {"lease": held, "meta": meta, "queues": queues}
