@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BenchError, Child, ProcessGroup, Say, free_tcp_ports
+from harness import ROOT, BenchError, Child, ProcessGroup, Say, free_tcp_ports
 
 REDIS = "redis"
 # The same redis-server with `appendfsync always`: each reply after the AOF's fsync.
@@ -92,28 +93,15 @@ def _importable(module: str) -> bool:
 
 
 def _apt_install(packages: list[str]) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # A package's postinst starts its service unless policy-rc.d says no; we start
-    # our own servers, so keep the system's from starting (only if none is there).
-    policy = Path("/usr/sbin/policy-rc.d")
-    placed = False
-    if not policy.exists():
-        policy.write_text(
-            "#!/bin/sh\n# placed by zbroker's bench/servers.py during apt-get\nexit 101\n"
-        )
-        policy.chmod(0o755)
-        placed = True
+    # One home for installing system packages: scripts/pgserver.py (stdlib only).
+    spec = importlib.util.spec_from_file_location("pgserver", ROOT / "scripts" / "pgserver.py")
+    assert spec is not None and spec.loader is not None
+    pgserver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pgserver)
     try:
-        for argv in (
-            ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-        ):
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    finally:
-        if placed:
-            policy.unlink(missing_ok=True)
+        pgserver.apt_install(packages)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def versions() -> dict[str, str | None]:

@@ -57,6 +57,31 @@ def _version_of(path: str) -> int:
         return 0
 
 
+def apt_install(packages: list[str]) -> None:
+    """apt-get install `packages` (as root, without prompts), keeping them from
+    starting their own system-wide services (the project starts its own servers):
+    a policy-rc.d is placed while installing, only if none is there already.
+    RuntimeError (PostgresError) with apt-get's message when it fails."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    policy = Path("/usr/sbin/policy-rc.d")
+    placed = False
+    if not policy.exists():
+        policy.write_text("#!/bin/sh\n# placed by zbroker while installing packages\nexit 101\n")
+        policy.chmod(0o755)
+        placed = True
+    try:
+        for argv in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+        ):
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                raise PostgresError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    finally:
+        if placed:
+            policy.unlink(missing_ok=True)
+
+
 def install(say: object = print) -> Path:
     """The server's programs, installed with apt-get (as root) when missing."""
     found = bin_dir()
@@ -65,26 +90,7 @@ def install(say: object = print) -> Path:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise PostgresError(f"PostgreSQL is needed: apt-get install -y {PACKAGE}")
     say(f"installing PostgreSQL (Debian's package {PACKAGE!r}) for the tests")  # type: ignore[operator]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # The package would start a system-wide cluster: keep it from starting any service
-    # (only while installing, and only if no policy is in place already).
-    policy = Path("/usr/sbin/policy-rc.d")
-    placed = False
-    if not policy.exists():
-        policy.write_text("#!/bin/sh\n# placed by zbroker's scripts/pgserver.py\nexit 101\n")
-        policy.chmod(0o755)
-        placed = True
-    try:
-        for argv in (
-            ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", PACKAGE],
-        ):
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                raise PostgresError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    finally:
-        if placed:
-            policy.unlink(missing_ok=True)
+    apt_install([PACKAGE])
     found = bin_dir()
     if found is None:
         raise PostgresError(f"apt-get installed {PACKAGE} but no postgres program was found")
