@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ import pytest
 from tests.conftest import BrokerProcess, new_broker, wait_until
 from zbroker.client import Client, Task, Worker
 from zbroker.client.errors import ClientError, RequestTimeout
+from zbroker.journal import Durability, JournalError, TaskRecord, TaskState
+from zbroker.journal.postgres import PostgresJournal
+from zbroker.runtime.lease import Lease
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -294,3 +298,35 @@ def test_a_schema_newer_than_this_zbroker_is_refused(group: Group) -> None:
     assert b.proc is not None
     assert b.proc.wait(timeout=60) != 0
     assert "newer zbroker" in b.log()
+
+
+def test_a_broker_frozen_inside_a_commit_does_not_block_the_takeover(group: Group) -> None:
+    # Given an active broker's lease and journal, frozen in the middle of a commit:
+    # its transaction holds the lease row's lock and its lease is no longer renewed
+    active = Lease(group.url, "frozen", "tcp://a", term_s=1.0)
+    assert active.acquire()
+    journal = PostgresJournal(group.url, Durability.SYNC, lease=active)
+    try:
+        journal._conn.execute("BEGIN")
+        journal._conn.execute("SELECT zb_fence(%s::int8)", (active.epoch,))
+        active._stop.set()  # the renewing thread stops, as a frozen process's would
+        # When a standby looks for the lease
+        standby = Lease(group.url, "standby", "tcp://b", term_s=1.0)
+        try:
+            # Then it takes it over: the server ended the frozen session's transaction
+            assert standby.acquire(stopping=_after(60.0))
+            assert standby.epoch == active.epoch + 1
+        finally:
+            standby.release()
+        # And the frozen broker's journal can never commit again
+        with pytest.raises(JournalError):
+            journal.put(TaskRecord("t1", "svc", TaskState.READY, journal.next_seq(), 1.0))
+            journal.commit()
+    finally:
+        journal.close()
+        active.release()
+
+
+def _after(seconds: float) -> Callable[[], bool]:
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() > deadline

@@ -267,6 +267,11 @@ class PostgresJournal(MemoryJournal):
             self._conn.execute(
                 "SET synchronous_commit = " + ("on" if durability is Durability.SYNC else "off")
             )
+            if lease is not None:
+                # A broker frozen inside a commit holds the lease row's lock: the server
+                # ends that session after a lease term, so a standby can take over.
+                timeout_ms = max(1000, int(lease.term_s * 1000))
+                self._conn.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
             ensure_schema(self._conn)
             self._load()
             self._begin_life()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
 
 from zbroker.config import DEFAULT_LEASE_S, LEASE_MAX_S, LEASE_MIN_S
 from zbroker.journal.base import JournalError, SchemaMismatch
@@ -47,6 +48,8 @@ POLL_S = 0.2
 # The share of the term after a renewal was sent during which the holder counts
 # itself active: the rest is the margin for the renewal's trip and clock rates.
 FRESH_SHARE = 0.75
+# How long a takeover or a renewal waits for the lease row's lock.
+LOCK_TIMEOUT_MS = 500
 # A standby says whom it waits for at most this often.
 STANDBY_LOG_EVERY_S = 30.0
 
@@ -112,6 +115,9 @@ class Lease:
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = connect(self.url, "lease")
+        # A takeover or a renewal waits for the lease row's lock (a commit holds it
+        # shared) no longer than this: a frozen holder must not block a standby.
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
         row = conn.execute(_ME).fetchone()
         assert row is not None
         self._me = (int(row[0]), row[1])
@@ -182,7 +188,10 @@ class Lease:
         if seen is None:
             row = conn.execute(_FIRST, self._params()).fetchone()
         elif seen.expired or seen.session_gone:
-            row = conn.execute(_TAKE, self._params(seen=seen.epoch)).fetchone()
+            try:
+                row = conn.execute(_TAKE, self._params(seen=seen.epoch)).fetchone()
+            except psycopg.errors.LockNotAvailable:
+                return None  # a commit of the holder is under way: look again
             if row is not None:
                 why = "its lease expired" if seen.expired else "its database session ended"
                 log.warning(
