@@ -670,6 +670,27 @@ def test_long_keys_and_odd_names_work(journal: Journal) -> None:
     assert ids(journal.ready("s é/\x00x" * 40, 10)) == ["t-1"]
 
 
+def test_names_with_nul_and_any_text_survive_a_commit_and_a_reopen(stores: Stores) -> None:
+    # Given a task, options and a schedule whose names, key, owner and error hold NUL
+    # and other characters a store might choke on
+    odd = "s é/\x00x\U0001f600"
+    journal = stores.open()
+    record = task(journal, "t-1", service=odd, key=odd, owner=odd, error=odd, history=[[odd]])
+    journal.put(record, [b"\x00payload"])
+    journal.put_service_options(odd, {"paused": True, odd: odd})
+    journal.put_schedule(odd, {"every_s": 5.0, "payload": b"\x00"})
+    # When they are committed, and read back after a reopen where the store survives one
+    journal.commit()
+    if stores.durable:
+        journal = stores.reopen(journal)
+    # Then every value comes back exactly
+    assert journal.get("t-1") == record
+    assert journal.find_key(odd, odd) == "t-1"
+    assert journal.payload("t-1") == [b"\x00payload"]
+    assert journal.service_options() == {odd: {"paused": True, odd: odd}}
+    assert journal.schedules() == {odd: {"every_s": 5.0, "payload": b"\x00"}}
+
+
 # ---------------------------------------------------------------- streams
 
 

@@ -104,8 +104,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             task_id text NOT NULL,
             dependent_id text NOT NULL,
             PRIMARY KEY (task_id, dependent_id))""",
-        "CREATE TABLE zb_service_options (service text PRIMARY KEY, options bytea NOT NULL)",
-        "CREATE TABLE zb_schedules (name text PRIMARY KEY, data bytea NOT NULL)",
+        # Keyed by the name's UTF-8 bytes, exact (text cannot hold NUL); the text
+        # column is the name for people (NUL shown as U+FFFD, like every text column).
+        """CREATE TABLE zb_service_options (
+            service_key bytea PRIMARY KEY, service text NOT NULL, options bytea NOT NULL)""",
+        """CREATE TABLE zb_schedules (
+            name_key bytea PRIMARY KEY, name text NOT NULL, data bytea NOT NULL)""",
         # The fence every commit runs first (module docstring).
         """CREATE FUNCTION zb_fence(held bigint) RETURNS void LANGUAGE plpgsql AS $$
         DECLARE current bigint;
@@ -199,25 +203,36 @@ _DELETES = tuple(
 )
 
 # The tables of one msgpack value per name: their key column and value column.
-_NAMED = {"zb_service_options": ("service", "options"), "zb_schedules": ("name", "data")}
+_NAMED = {"zb_service_options": ("service_key", "options"), "zb_schedules": ("name_key", "data")}
 
 # A task's columns besides `record`, in _TASK_UPSERT's order.
 _Row = tuple[Any, ...]
+
+
+def _text(value: str) -> str:
+    """`value` as a text column can hold it: PostgreSQL's text has no NUL character
+    (a peer may send one in a service name, a key or an error), shown as U+FFFD.
+    The record itself (bytea) keeps the exact value."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _text_or_none(value: str | None) -> str | None:
+    return None if value is None else _text(value)
 
 
 def _row(record: TaskRecord) -> _Row:
     not_before = record.not_before if record.state is TaskState.DELAYED else None
     return (
         record.id,
-        record.service,
+        _text(record.service),
         record.state.wire.value,
         record.seq,
         record.priority,
         record.attempt,
         record.max_attempts,
-        record.key,
-        record.owner,
-        record.error,
+        _text_or_none(record.key),
+        _text_or_none(record.owner),
+        _text_or_none(record.error),
         record.created_at,
         not_before,
         record.expires_at,
@@ -306,9 +321,11 @@ class PostgresJournal(MemoryJournal):
             super().put_chunks(task_id, int(offset), int(attempt), [bytes(data)])
         for task_id, dependent_id in cur.execute("SELECT task_id, dependent_id FROM zb_edges"):
             super().add_dependent(task_id, dependent_id)
-        for service, options in cur.execute("SELECT service, options FROM zb_service_options"):
+        for key, options in cur.execute("SELECT service_key, options FROM zb_service_options"):
+            service = bytes(key).decode()
             super().put_service_options(service, msgpack.unpackb(bytes(options)))
-        for name, data in cur.execute("SELECT name, data FROM zb_schedules"):
+        for key, data in cur.execute("SELECT name_key, data FROM zb_schedules"):
+            name = bytes(key).decode()
             super().put_schedule(name, msgpack.unpackb(bytes(data)))
         self._seq = self._stored_seq = seq
         self.stats.record_writes = 0
@@ -490,14 +507,15 @@ class PostgresJournal(MemoryJournal):
         """Upsert the msgpack `value` (packed already, or not) of `name` in `table`
         (zb_service_options or zb_schedules), or delete it for None."""
         key, column = _NAMED[table]
+        raw = name.encode()
         if value is None:
-            cur.execute(f"DELETE FROM {table} WHERE {key} = %s", (name,))
+            cur.execute(f"DELETE FROM {table} WHERE {key} = %s", (raw,))
             return
         packed = value if isinstance(value, bytes) else msgpack.packb(value, use_bin_type=True)
         cur.execute(
-            f"INSERT INTO {table} VALUES (%s, %s) ON CONFLICT ({key})"
+            f"INSERT INTO {table} VALUES (%s, %s, %s) ON CONFLICT ({key})"
             f" DO UPDATE SET {column} = EXCLUDED.{column}",
-            (name, packed),
+            (raw, _text(name), packed),
         )
 
     def _clear_pass(self) -> None:
