@@ -670,12 +670,14 @@ def test_long_keys_and_odd_names_work(journal: Journal) -> None:
     assert ids(journal.ready("s é/\x00x" * 40, 10)) == ["t-1"]
 
 
-def test_names_with_nul_and_any_text_survive_a_commit_and_a_reopen(stores: Stores) -> None:
+def test_names_with_nul_and_any_times_survive_a_commit_and_a_reopen(stores: Stores) -> None:
     # Given a task, options and a schedule whose names, key, owner and error hold NUL
     # and other characters a store might choke on
     odd = "s é/\x00x\U0001f600"
     journal = stores.open()
     record = task(journal, "t-1", service=odd, key=odd, owner=odd, error=odd, history=[[odd]])
+    # and times no calendar holds (a delay of 1e300 s, a retention as long)
+    record.expires_at, record.keep_until, record.not_before = 1e300, -1e300, 1e308
     journal.put(record, [b"\x00payload"])
     journal.put_service_options(odd, {"paused": True, odd: odd})
     journal.put_schedule(odd, {"every_s": 5.0, "payload": b"\x00"})

@@ -85,7 +85,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             idempotency_key text,
             owner text,
             error text,
-            created_at timestamptz NOT NULL,
+            created_at timestamptz,
             not_before timestamptz,
             expires_at timestamptz,
             finished_at timestamptz,
@@ -220,6 +220,16 @@ def _text_or_none(value: str | None) -> str | None:
     return None if value is None else _text(value)
 
 
+# The seconds since the epoch a timestamptz column holds (4713 BC to 294276 AD),
+# with a margin; a time past them (a peer may ask for a delay of 1e300 s) is shown
+# as NULL, the record keeping the exact value.
+_TIME_MIN_S, _TIME_MAX_S = -2.0e11, 9.0e12
+
+
+def _time(value: float | None) -> float | None:
+    return value if value is not None and _TIME_MIN_S < value < _TIME_MAX_S else None
+
+
 def _row(record: TaskRecord) -> _Row:
     not_before = record.not_before if record.state is TaskState.DELAYED else None
     return (
@@ -233,11 +243,11 @@ def _row(record: TaskRecord) -> _Row:
         _text_or_none(record.key),
         _text_or_none(record.owner),
         _text_or_none(record.error),
-        record.created_at,
-        not_before,
-        record.expires_at,
-        record.finished_at,
-        record.keep_until,
+        _time(record.created_at),
+        _time(not_before),
+        _time(record.expires_at),
+        _time(record.finished_at),
+        _time(record.keep_until),
     )
 
 
