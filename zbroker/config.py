@@ -25,6 +25,9 @@ from zbroker.protocol.access import is_local_endpoint, is_local_host
 JOURNAL_URL_SCHEMES = ("postgresql://", "postgres://")
 LEASE_MIN_S, LEASE_MAX_S = 0.5, 300.0
 DEFAULT_LEASE_S = 3.0
+# LMDB's map may grow to this (address space: the file grows only as pages are used).
+# A journal in PostgreSQL left at it holds at most a quarter of the machine's memory.
+DEFAULT_JOURNAL_MAX_BYTES = 1 << 40
 
 
 class LogLevel(enum.Enum):
@@ -58,7 +61,7 @@ class BrokerConfig:
     data_dir: Path = Path("zbroker-data")
     # The journal's map grows (doubling) up to this size; past it the broker stops
     # with a clear error rather than confirm what it cannot store.
-    journal_max_bytes: int = 1 << 40
+    journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
     # The journal in PostgreSQL (postgresql://USER@HOST:PORT/DB) instead of LMDB in
     # data_dir; brokers given the same one form an active/standby group (docs/operations.md),
     # in which the active one holds a lease renewed within `lease_s`.
@@ -274,7 +277,8 @@ OPTIONS: tuple[Option, ...] = (
         "journal_max_mib",
         int,
         "Largest size the journal may grow to, in MiB; past it the broker stops "
-        "with an error instead of confirming what it cannot store.",
+        "with an error instead of confirming what it cannot store. With --journal:"
+        " the most its copy in memory may hold (default: a quarter of the machine's memory).",
         ("journal_max_bytes",),
         unit="MiB",
         scale=1 << 20,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import time
@@ -24,7 +25,7 @@ import zmq
 import zmq.backend
 
 from zbroker import __version__, native
-from zbroker.config import BrokerConfig
+from zbroker.config import DEFAULT_JOURNAL_MAX_BYTES, BrokerConfig
 from zbroker.core import Broker
 from zbroker.core.stopping import Drain, halt_deliveries
 from zbroker.journal import Fenced, Journal, JournalError, open_journal
@@ -78,9 +79,25 @@ SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
 
 
+def memory_budget(config: BrokerConfig) -> int:
+    """The most a journal in PostgreSQL may hold in memory (its copy of the journal):
+    --journal-max-mib when given, else a quarter of the machine's memory."""
+    if config.journal_max_bytes != DEFAULT_JOURNAL_MAX_BYTES:
+        return config.journal_max_bytes
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return config.journal_max_bytes
+    return max(1 << 20, physical // 4)
+
+
 def _open_journal(config: BrokerConfig, lease: Any) -> Journal:
     options: dict[str, int] = {}
-    if config.durability.value != "memory":
+    if config.journal is not None:
+        budget = memory_budget(config)
+        log.info("journal in PostgreSQL: its copy in memory holds at most %d MiB", budget >> 20)
+        options = {"max_map_size": budget}
+    elif config.durability.value != "memory":
         options = {
             "max_map_size": config.journal_max_bytes,
             "map_size": min(256 << 20, config.journal_max_bytes),
