@@ -786,6 +786,10 @@ export interface WorkerStats {
   chunksSent: number
   /** Chunks not sent: the attempt was no longer held, or the connection was replaced. */
   chunksDropped: number
+  /**
+   * Connections opened after the first one: after silence, a DISCONNECT, or (given
+   * several endpoints) a takeover by another broker.
+   */
   reconnects: number
   malformed: number
   metricsErrors: number

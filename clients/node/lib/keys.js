@@ -145,6 +145,10 @@ function readCertificate (path) {
  * socket is all it takes). The first refusal becomes `failure`, an
  * AuthenticationFailed, and is handed to `onFailure`; `onHandshake` and
  * `onDisconnect` hear every successful handshake and every lost connection.
+ *
+ * Connected to several brokers, `onTakeover` hears, once, that a connection
+ * whose handshake had completed was lost and that handshakes completed twice or
+ * more over the socket's life (see `tookOver`).
  */
 export class HandshakeWatch {
   #endpoint
@@ -153,7 +157,11 @@ export class HandshakeWatch {
   #shaking = false // connected, handshake not done yet
   #silentCloses = 0
   #several // connected to several brokers: a silent close is a frozen or stepping-down one
+  #up = new Set() // endpoints whose current connection completed its handshake
+  #tookOverSaid = false
   failure = null
+  handshakes = 0 // completed so far, every endpoint together
+  disconnects = 0 // connections lost after their handshake completed, every endpoint together
 
   constructor (sock, endpoint, curve, hooks = {}, several = false) {
     this.#endpoint = endpoint
@@ -179,7 +187,10 @@ export class HandshakeWatch {
       case 'handshake':
         this.#shaking = false
         this.#silentCloses = 0
+        this.handshakes++
+        this.#up.add(event.address)
         this.#call('onHandshake')
+        this.#checkTakeover()
         break
       case 'handshake:error:auth':
         this.#fail(`the broker refused this key (ZAP status ${event.error?.status ?? 'unknown'}): ${REFUSED_KEY}`)
@@ -193,9 +204,30 @@ export class HandshakeWatch {
         break
       case 'disconnect':
         this.#closedInHandshake()
+        if (this.#up.delete(event.address)) this.disconnects++
         this.#call('onDisconnect')
+        this.#checkTakeover()
         break
     }
+  }
+
+  /**
+   * Whether, on a socket connected to several brokers, a connection was lost after
+   * its handshake and handshakes completed twice or more over the socket's life,
+   * in either order: another broker is up besides the one that went away (a standby
+   * took over), or the same one came back; either knows nothing of what was said on
+   * the lost connection. Two brokers both up, none lost (a group's endpoints mixed
+   * with another broker's), do not count. The twin of took_over in
+   * zbroker/client/keys.py, counting only a connection lost after its own handshake.
+   */
+  get tookOver () {
+    return this.#several && this.disconnects >= 1 && this.handshakes >= 2
+  }
+
+  #checkTakeover () {
+    if (this.#tookOverSaid || !this.tookOver) return
+    this.#tookOverSaid = true
+    this.#call('onTakeover')
   }
 
   // A connection that ended before its handshake did, with no reason given: a

@@ -3,7 +3,8 @@
 // acknowledges every task at once (one ACK per burst read), heartbeats on
 // time, reports DONE/FAIL/PROGRESS, honours CANCEL through an AbortSignal,
 // reconnects and re-registers when the broker goes silent or says
-// DISCONNECT, and stops gracefully.
+// DISCONNECT (given several brokers, also as soon as another one took over),
+// and stops gracefully.
 //
 // Outgoing ACKs and DONEs are collected during one turn of the event loop and
 // flushed together (setImmediate): the ACK first, then the results as DONES (a
@@ -89,6 +90,7 @@ import {
   connectSocket,
   isClosedSocketError,
   isSendQueueFull,
+  parseEndpoints,
   zmq
 } from './sockets.js'
 
@@ -136,6 +138,7 @@ const now = () => performance.now()
 
 export class Worker extends EventEmitter {
   #endpoint
+  #several // several endpoints (active/standby brokers): follow a takeover at once
   #service
   #handler
   #concurrency
@@ -225,6 +228,7 @@ export class Worker extends EventEmitter {
       throw new RangeError(`maxFrames must be an integer >= ${MESSAGE_OVERHEAD_FRAMES + 1} (the broker's frame cap, ${MAX_FRAMES})`)
     }
     this.#endpoint = checkEndpoint(endpoint)
+    this.#several = parseEndpoints(endpoint).length > 1
     this.#service = service
     this.#handler = handler
     this.#concurrency = concurrency
@@ -426,7 +430,12 @@ export class Worker extends EventEmitter {
         watch: {
           onFailure: (err) => {
             if (generation === this.#generation && this.#sock === sock) this.#fail(err)
-          }
+          },
+          ...(this.#several && {
+            onTakeover: () => {
+              if (generation === this.#generation && this.#sock === sock) this.#registerAgain('its broker went and another handshake completed')
+            }
+          })
         }
       }))
     } catch (err) {
@@ -445,6 +454,18 @@ export class Worker extends EventEmitter {
     this.#log.debug(`worker ${JSON.stringify(this.#service)}: READY (credit ${credit}, batch) sent to ${this.#endpoint} (connection ${generation})`)
     this.#read(sock, generation)
     this.#arm()
+  }
+
+  // Connected to several brokers, the connection in use was lost and another
+  // handshake completed (lib/keys.js, HandshakeWatch.tookOver): another broker took
+  // over, or the same one came back, and it knows nothing of this worker. Register
+  // with it now, on a new connection, instead of after `liveness` heartbeats of
+  // silence; the attempts held were the old broker's (dropped, like at any reconnect).
+  #registerAgain (why) {
+    if (this.#stopping) return // no new READY; the stop's DISCONNECT ends this connection
+    this.#log.info(`worker ${JSON.stringify(this.#service)}: ${why}: registering again`)
+    this.#drop({ disconnect: false })
+    this.#open()
   }
 
   async #read (sock, generation) {
