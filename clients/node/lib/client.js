@@ -879,6 +879,7 @@ class Channel {
   #failure = null
   #closed = false
   #several
+  #watch = null // the socket's HandshakeWatch (lib/keys.js)
 
   constructor (endpoint, hwm, maxPending, stats, credentials, onFailed) {
     this.endpoint = endpoint
@@ -886,22 +887,35 @@ class Channel {
     this.#maxPending = maxPending
     this.#stats = stats
     this.#onFailed = onFailed
-    const { sock } = connectSocket(zmq.Dealer, endpoint, {
+    const { sock, watch } = connectSocket(zmq.Dealer, endpoint, {
       hwm,
       credentials,
       watch: {
-        onDisconnect: () => { this.#lost = true },
+        onDisconnect: (wasUp) => this.#disconnected(wasUp),
         onHandshake: () => this.#reconnected(),
         onFailure: (err) => this.#failed(err)
       }
     })
     this.#sock = sock
+    this.#watch = watch
     this.#read().catch(() => {}) // #read handles its own errors
+  }
+
+  #disconnected (wasUp) {
+    // Several brokers: another one's connection may be up already (a standby took
+    // over before this one was found lost, as with a frozen broker): what was sent
+    // on the lost connection goes again now, to it. Else at the next handshake.
+    if (wasUp && this.#several && this.#watch !== null && this.#watch.up > 0) this.#resendAll()
+    else this.#lost = true
   }
 
   #reconnected () {
     this.#handshaken = true
     if (!this.#lost) return
+    this.#resendAll()
+  }
+
+  #resendAll () {
     this.#lost = false
     for (const call of [...this.#calls]) {
       this.#stats.resends++

@@ -144,7 +144,8 @@ function readCertificate (path) {
  * it connects until it closes (the observer ends with the socket: closing the
  * socket is all it takes). The first refusal becomes `failure`, an
  * AuthenticationFailed, and is handed to `onFailure`; `onHandshake` and
- * `onDisconnect` hear every successful handshake and every lost connection.
+ * `onDisconnect` hear every successful handshake and every lost connection
+ * (`onDisconnect(wasUp)`: whether its handshake had completed).
  *
  * Connected to several brokers, `onTakeover` hears, once, that a connection
  * whose handshake had completed was lost and that handshakes completed twice or
@@ -202,12 +203,14 @@ export class HandshakeWatch {
       case 'handshake:error:other': // the connection broke during the handshake (EPIPE, ECONNRESET...)
         this.#closedInHandshake()
         break
-      case 'disconnect':
+      case 'disconnect': {
         this.#closedInHandshake()
-        if (this.#up.delete(event.address)) this.disconnects++
-        this.#call('onDisconnect')
+        const wasUp = this.#up.delete(event.address)
+        if (wasUp) this.disconnects++
+        this.#call('onDisconnect', wasUp)
         this.#checkTakeover()
         break
+      }
     }
   }
 
@@ -220,6 +223,11 @@ export class HandshakeWatch {
    * with another broker's), do not count. The twin of took_over in
    * zbroker/client/keys.py, counting only a connection lost after its own handshake.
    */
+  /** How many connections are up now (their handshake completed, not lost since). */
+  get up () {
+    return this.#up.size
+  }
+
   get tookOver () {
     return this.#several && this.disconnects >= 1 && this.handshakes >= 2
   }

@@ -230,12 +230,15 @@ test('a worker registers with the broker that took over from a frozen one', asyn
     await b.start()
 
     // Then the worker registers with B once the ZMTP heartbeats dropped its connection
-    // to A, and serves a task enqueued there. (A new client: one whose call went to A
-    // just before it froze waits for its own timeout, as B's handshake came first.)
+    // to A, and serves a task the same client enqueues: its call, sent to A while A
+    // was frozen (B's handshake came first), goes again to B once A's is found lost.
+    // (Several calls: the DEALER deals them between A's connection and B's.)
+    const ids = await Promise.all(['a1', 'a2', 'a3', 'a4', 'a5', 'a6'].map((p) => client.enqueue('echo', p, { timeoutMs: 60000 })))
     await waitUntil(() => worker.stats.reconnects > 0, { timeoutMs: TAKEOVER_DEADLINE_MS, what: 'the worker registering again' })
-    const after = keep(new Client(endpoints), () => after.close())
-    const id = await after.enqueue('echo', 'after')
-    assert.equal((await after.result(id, { timeoutMs: TAKEOVER_DEADLINE_MS })).toString(), 'after')
+    for (const [i, id] of ids.entries()) {
+      assert.equal((await client.result(id, { timeoutMs: TAKEOVER_DEADLINE_MS })).toString(), `a${i + 1}`)
+    }
+    assert.ok(client.stats.resends >= 1, 'no call went again to the broker that took over')
     assert.equal(worker.stats.reconnects, 1)
     assert.ok(said.some((line) => line.includes('registering again')), said.join('\n'))
   } finally {
