@@ -124,6 +124,7 @@ class _Watch:
         "several",
         "shaking",
         "silent_closes",
+        "up",
     )
 
     def __init__(
@@ -141,7 +142,8 @@ class _Watch:
         self.silent_closes = 0
         self.shaking = False  # connected, handshake not yet done
         self.handshakes = 0  # completed so far, every endpoint together
-        self.disconnects = 0  # connections lost so far, every endpoint together
+        self.disconnects = 0  # connections lost after their handshake, every endpoint together
+        self.up: set[bytes] = set()  # endpoints whose connection completed its handshake
 
     def read(self) -> None:
         """Take every event waiting (never blocks); remember the first failure."""
@@ -156,13 +158,14 @@ class _Watch:
             self._take(dict(parse_monitor_message(frames)))
 
     def _take(self, event: dict[str, Any]) -> None:
-        kind, value = event["event"], event["value"]
+        kind, value, endpoint = event["event"], event["value"], event.get("endpoint", b"")
         if kind == zmq.EVENT_CONNECTED:
             self.shaking = True
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.shaking = False
             self.silent_closes = 0
             self.handshakes += 1
+            self.up.add(endpoint)
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self.failure = (
                 f"the broker refused this key (ZAP status {value}): it is unknown to the"
@@ -186,7 +189,9 @@ class _Watch:
                 " and this peer's certificate (docs/security.md)"
             )
         elif kind == zmq.EVENT_DISCONNECTED and not self.shaking:
-            self.disconnects += 1
+            if endpoint in self.up:  # a connection that had completed its handshake
+                self.up.discard(endpoint)
+                self.disconnects += 1
         elif kind == zmq.EVENT_DISCONNECTED and self.shaking:
             self.shaking = False
             if self.curve and not self.several:
