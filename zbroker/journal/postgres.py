@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import msgpack
@@ -164,10 +164,17 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> int:
     return version
 
 
-_TASK_UPSERT = """INSERT INTO zb_tasks VALUES (
-    %s, %s, %s, %s::int8, %s::int4, %s::int4, %s::int4, %s, %s, %s,
-    to_timestamp(%s::float8), to_timestamp(%s::float8), to_timestamp(%s::float8),
-    to_timestamp(%s::float8), to_timestamp(%s::float8), %s)
+# Tasks inserted or replaced in one statement: a column of values per parameter,
+# unnested into rows (one execute, whose arrays psycopg dumps in C, not one per task).
+_TASKS_UPSERT = """INSERT INTO zb_tasks SELECT id, service, state, seq, priority, attempt,
+    max_attempts, idempotency_key, owner, error, to_timestamp(created_at),
+    to_timestamp(not_before), to_timestamp(expires_at), to_timestamp(finished_at),
+    to_timestamp(keep_until), record
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int4[], %s::int4[],
+    %s::int4[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[],
+    %s::float8[], %s::float8[], %s::float8[], %s::bytea[])
+    AS t(id, service, state, seq, priority, attempt, max_attempts, idempotency_key, owner,
+        error, created_at, not_before, expires_at, finished_at, keep_until, record)
 ON CONFLICT (id) DO UPDATE SET service = EXCLUDED.service, state = EXCLUDED.state,
     seq = EXCLUDED.seq, priority = EXCLUDED.priority, attempt = EXCLUDED.attempt,
     max_attempts = EXCLUDED.max_attempts, idempotency_key = EXCLUDED.idempotency_key,
@@ -205,8 +212,9 @@ _DELETES = tuple(
 # The tables of one msgpack value per name: their key column and value column.
 _NAMED = {"zb_service_options": ("service_key", "options"), "zb_schedules": ("name_key", "data")}
 
-# A task's columns besides `record`, in _TASK_UPSERT's order.
+# A task's columns besides `record`, in _TASKS_UPSERT's order (`_row`).
 _Row = tuple[Any, ...]
+_TASK_COLUMNS = 15
 
 
 def _text(value: str) -> str:
@@ -249,6 +257,16 @@ def _row(record: TaskRecord) -> _Row:
         _time(record.finished_at),
         _time(record.keep_until),
     )
+
+
+def _upsert_tasks(cur: psycopg.Cursor[Any], rows: Iterable[tuple[_Row, bytes]]) -> None:
+    """Insert or replace tasks (their columns and packed record) in one statement."""
+    columns: list[list[Any]] = [[] for _ in range(_TASK_COLUMNS + 1)]
+    for row, packed in rows:
+        for column, value in zip(columns, row, strict=False):
+            column.append(value)
+        columns[_TASK_COLUMNS].append(packed)
+    cur.execute(_TASKS_UPSERT, columns)
 
 
 class PostgresJournal(MemoryJournal):
@@ -310,23 +328,24 @@ class PostgresJournal(MemoryJournal):
     # ----------------------------------------------------------------- opening
 
     def _load(self) -> None:
-        """Read every table into the copy in memory."""
+        """Read every table into the copy in memory (the big ones row by row, so that
+        no result set as large as the journal is held beside the copy)."""
         cur = self._conn.cursor(binary=True)
         meta = dict(cur.execute("SELECT key, value FROM zb_meta").fetchall())
         seq = int(meta.get("seq", 0))
         store = super().put
-        for task_id, packed in cur.execute("SELECT id, record FROM zb_tasks"):
+        for task_id, packed in cur.stream("SELECT id, record FROM zb_tasks"):
             record = unpack_record(task_id, bytes(packed))
             seq = max(seq, record.seq)
             store(record, None)
-        for task_id, frames in cur.execute("SELECT task_id, frames FROM zb_payloads"):
+        for task_id, frames in cur.stream("SELECT task_id, frames FROM zb_payloads"):
             if task_id in self._records:
                 payload = tuple(bytes(f) for f in frames)
                 self._bytes += sum(map(len, payload))
                 self._payloads[task_id] = payload
-        for task_id, frames in cur.execute("SELECT task_id, frames FROM zb_results"):
+        for task_id, frames in cur.stream("SELECT task_id, frames FROM zb_results"):
             super().put_result(task_id, [bytes(f) for f in frames])
-        rows = cur.execute('SELECT task_id, "offset", attempt, data FROM zb_chunks')
+        rows = cur.stream('SELECT task_id, "offset", attempt, data FROM zb_chunks')
         for task_id, offset, attempt, data in rows:
             super().put_chunks(task_id, int(offset), int(attempt), [bytes(data)])
         for task_id, dependent_id in cur.execute("SELECT task_id, dependent_id FROM zb_edges"):
@@ -474,7 +493,7 @@ class PostgresJournal(MemoryJournal):
             for statement in _DELETES:
                 cur.execute(statement, (gone,))
         if self._rows:
-            cur.executemany(_TASK_UPSERT, [(*row, packed) for row, packed in self._rows.values()])
+            _upsert_tasks(cur, self._rows.values())
         for changed, frames_of, upsert in (
             (self._payloads_changed, self._payloads, _PAYLOAD_UPSERT),
             (self._results_changed, self._results, _RESULT_UPSERT),
@@ -560,10 +579,10 @@ class PostgresJournal(MemoryJournal):
                 with self._conn.pipeline(), self._conn.transaction():
                     self._fence()
                     cur = self._conn.cursor(binary=True)
-                    held = [(*row, packed) for row, packed in self._held_committed.values()]
+                    held = len(self._held_committed)
                     if held:
-                        cur.executemany(_TASK_UPSERT, held)
-                        self.stats.record_writes += len(held)
+                        _upsert_tasks(cur, self._held_committed.values())
+                        self.stats.record_writes += held
                     cur.execute(_META_UPSERT, ("seq", max(self._seq, self._stored_seq)))
                     cur.execute(_META_UPSERT, ("clean", 1))
         except psycopg.Error:
