@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 import msgpack
 import psycopg
 
-from zbroker.journal._codec import unpack_record
+from zbroker.journal._codec import unpack_frames, unpack_record
 from zbroker.journal.base import (
     Durability,
     Fenced,
@@ -92,8 +92,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             keep_until timestamptz,
             record bytea NOT NULL)""",
         "CREATE INDEX zb_tasks_by_service_state ON zb_tasks (service, state)",
-        "CREATE TABLE zb_payloads (task_id text PRIMARY KEY, frames bytea[] NOT NULL)",
-        "CREATE TABLE zb_results (task_id text PRIMARY KEY, frames bytea[] NOT NULL)",
+        # Frames as one msgpack array of bin (1-5 bytes per frame), and their size.
+        """CREATE TABLE zb_payloads (
+            task_id text PRIMARY KEY, frames bytea NOT NULL, bytes bigint NOT NULL)""",
+        """CREATE TABLE zb_results (
+            task_id text PRIMARY KEY, frames bytea NOT NULL, bytes bigint NOT NULL)""",
         """CREATE TABLE zb_chunks (
             task_id text NOT NULL,
             "offset" bigint NOT NULL,
@@ -182,14 +185,11 @@ ON CONFLICT (id) DO UPDATE SET service = EXCLUDED.service, state = EXCLUDED.stat
     not_before = EXCLUDED.not_before, expires_at = EXCLUDED.expires_at,
     finished_at = EXCLUDED.finished_at, keep_until = EXCLUDED.keep_until,
     record = EXCLUDED.record"""
-_PAYLOAD_UPSERT = (
-    "INSERT INTO zb_payloads VALUES (%s, %s::bytea[]) "
-    "ON CONFLICT (task_id) DO UPDATE SET frames = EXCLUDED.frames"
-)
-_RESULT_UPSERT = (
-    "INSERT INTO zb_results VALUES (%s, %s::bytea[]) "
-    "ON CONFLICT (task_id) DO UPDATE SET frames = EXCLUDED.frames"
-)
+# Payloads or results of many tasks in one statement, as _TASKS_UPSERT.
+_FRAMES_UPSERT = """INSERT INTO {table} SELECT * FROM unnest(%s::text[], %s::bytea[], %s::int8[])
+ON CONFLICT (task_id) DO UPDATE SET frames = EXCLUDED.frames, bytes = EXCLUDED.bytes"""
+_PAYLOADS_UPSERT = _FRAMES_UPSERT.format(table="zb_payloads")
+_RESULTS_UPSERT = _FRAMES_UPSERT.format(table="zb_results")
 _CHUNK_UPSERT = (
     'INSERT INTO zb_chunks VALUES (%s, %s::int8, %s::int8, %s) ON CONFLICT (task_id, "offset") '
     "DO UPDATE SET attempt = EXCLUDED.attempt, data = EXCLUDED.data"
@@ -338,13 +338,13 @@ class PostgresJournal(MemoryJournal):
             record = unpack_record(task_id, bytes(packed))
             seq = max(seq, record.seq)
             store(record, None)
-        for task_id, frames in cur.stream("SELECT task_id, frames FROM zb_payloads"):
+        for task_id, packed in cur.stream("SELECT task_id, frames FROM zb_payloads"):
             if task_id in self._records:
-                payload = tuple(bytes(f) for f in frames)
+                payload = tuple(unpack_frames(bytes(packed)))
                 self._bytes += sum(map(len, payload))
                 self._payloads[task_id] = payload
-        for task_id, frames in cur.stream("SELECT task_id, frames FROM zb_results"):
-            super().put_result(task_id, [bytes(f) for f in frames])
+        for task_id, packed in cur.stream("SELECT task_id, frames FROM zb_results"):
+            super().put_result(task_id, unpack_frames(bytes(packed)))
         rows = cur.stream('SELECT task_id, "offset", attempt, data FROM zb_chunks')
         for task_id, offset, attempt, data in rows:
             super().put_chunks(task_id, int(offset), int(attempt), [bytes(data)])
@@ -495,12 +495,11 @@ class PostgresJournal(MemoryJournal):
         if self._rows:
             _upsert_tasks(cur, self._rows.values())
         for changed, frames_of, upsert in (
-            (self._payloads_changed, self._payloads, _PAYLOAD_UPSERT),
-            (self._results_changed, self._results, _RESULT_UPSERT),
+            (self._payloads_changed, self._payloads, _PAYLOADS_UPSERT),
+            (self._results_changed, self._results, _RESULTS_UPSERT),
         ):
             if changed:
-                rows = [(t, list(frames_of[t])) for t in changed if t in frames_of]
-                cur.executemany(upsert, rows)
+                self._upsert_frames(cur, upsert, [t for t in changed if t in frames_of], frames_of)
         if self._chunks_changed:
             self._write_chunks(cur)
         if self._edges_changed:
@@ -512,6 +511,17 @@ class PostgresJournal(MemoryJournal):
             self._write_named(cur, "zb_schedules", name, self._schedules.get(name))
         if self._seq > self._stored_seq:
             cur.execute(_META_UPSERT, ("seq", self._seq))
+
+    def _upsert_frames(
+        self,
+        cur: psycopg.Cursor[Any],
+        upsert: str,
+        ids: list[str],
+        frames_of: dict[str, tuple[bytes, ...]],
+    ) -> None:
+        pack = self._packer.frames
+        frames = [frames_of[t] for t in ids]
+        cur.execute(upsert, (ids, [pack(f) for f in frames], [sum(map(len, f)) for f in frames]))
 
     def _write_chunks(self, cur: psycopg.Cursor[Any]) -> None:
         chunks: list[tuple[str, int, int, bytes]] = []
@@ -617,7 +627,7 @@ class PostgresJournal(MemoryJournal):
             ("result", "SELECT task_id, frames FROM zb_results", self._results),
         )
         for what, query, held_frames in tables:
-            stored = {str(i): tuple(bytes(f) for f in fr) for i, fr in cur.execute(query)}
+            stored = {str(i): tuple(unpack_frames(bytes(fr))) for i, fr in cur.execute(query)}
             if stored != held_frames:
                 problems.append(f"the {what}s differ")
         chunks: dict[str, dict[int, tuple[int, bytes]]] = {}
