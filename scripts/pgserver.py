@@ -257,9 +257,11 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["run"]:
         server = PrivateServer(Path(argv[1]) if len(argv) > 1 else None)
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # sigwait takes them, nothing else
         try:
             print(server.start(), flush=True)
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            signal.sigwait(stop)
         finally:
             server.stop()
         return 0
