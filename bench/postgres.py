@@ -11,7 +11,9 @@ systems alternate so drift on the machine hits all alike:
   (LMDB) or `--journal` (PostgreSQL);
 - `<store>-sync-round-trip`: one `Client.enqueue` at a time against a fresh broker,
   the latency of each confirmed enqueue;
-- `failover`: two brokers on one PostgreSQL (default lease), a Client and a Worker
+- `failover` (and `failover-frozen`, SIGSTOP instead of SIGKILL; `failover-deep`,
+  with 100,000 tasks waiting for a service nobody serves, 10,000 with --quick):
+  two brokers on one PostgreSQL (default lease), a Client and a Worker
   given both endpoints; after some tasks through the active broker it is killed
   (SIGKILL), and two times are taken from the kill: until the standby's endpoint
   accepts connections (it took the lease, loaded the journal, bound), and until a
@@ -60,11 +62,15 @@ FAILOVER = "failover"
 # The same with the active broker frozen (SIGSTOP) instead of killed: the standby
 # waits out the lease (the default 3 s), then takes over.
 FAILOVER_FROZEN = "failover-frozen"
+# The same SIGKILL with a deep queue (Settings.deep_queue tasks waiting, no worker for
+# them): the standby reads the whole journal before it serves.
+FAILOVER_DEEP = "failover-deep"
+FAILOVERS = (FAILOVER, FAILOVER_FROZEN, FAILOVER_DEEP)
+DEEP_BATCH = 100
 SYSTEMS = (
     *(f"{store}-{kind}" for kind in TASK_KINDS for store in STORES),
     *(f"{store}-{ROUND_TRIP}" for store in STORES),
-    FAILOVER,
-    FAILOVER_FROZEN,
+    *FAILOVERS,
 )
 FAILOVER_WARM_TASKS = 50
 
@@ -81,12 +87,17 @@ def _pgserver() -> Any:
 class Settings:
     tasks: durable.Settings  # the throughput runs
     round_trips: int
+    deep_queue: int  # tasks waiting when the active broker is killed (failover-deep)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         base = durable.Settings.for_mode(quick)
         tasks = dataclasses.replace(base, tasks=5_000 if quick else 20_000)
-        return cls(tasks=tasks, round_trips=500 if quick else 2_000)
+        return cls(
+            tasks=tasks,
+            round_trips=500 if quick else 2_000,
+            deep_queue=10_000 if quick else 100_000,
+        )
 
 
 def _broker(
@@ -134,8 +145,11 @@ def _listening(port: int) -> bool:
         return False
 
 
-def run_failover(procs: ProcessGroup, url: str, how: signal.Signals) -> JSONDict:
-    """One kill (or freeze) of the active broker of a pair; the times from it."""
+def run_failover(
+    procs: ProcessGroup, url: str, how: signal.Signals, deep_queue: int = 0
+) -> JSONDict:
+    """One kill (or freeze) of the active broker of a pair; the times from it. With
+    `deep_queue`, that many tasks wait (for a service nobody serves) at the kill."""
     from zbroker.client import Client, Task, Worker
 
     with tempfile.TemporaryDirectory(prefix="zbroker-pg-fo-") as tmp:
@@ -156,6 +170,9 @@ def run_failover(procs: ProcessGroup, url: str, how: signal.Signals) -> JSONDict
         ):
             for i in range(FAILOVER_WARM_TASKS):
                 client.result(client.enqueue("jobs", b"warm%d" % i), timeout_s=30)
+            body = b"x" * 100
+            for _ in range(deep_queue // DEEP_BATCH):
+                client.enqueue_many("waiting", [body] * DEEP_BATCH)
             reconnects = worker.stats.reconnects
             killed = time.monotonic()
             os.kill(a.pid, how)
@@ -173,6 +190,7 @@ def run_failover(procs: ProcessGroup, url: str, how: signal.Signals) -> JSONDict
             if how is signal.SIGSTOP:
                 os.kill(a.pid, signal.SIGCONT)  # it steps down; the group stops it
             return {
+                "queued": deep_queue,
                 "listening_s": listening_s,
                 "first_task_s": first_task_s,
                 "worker_reconnects": worker.stats.reconnects - reconnects,
@@ -215,9 +233,10 @@ def run(options: Options, say: Say) -> JSONDict:
             ):
                 store, _, kind = system.partition("-")
                 url = server.fresh_url() if store == "postgres" else None
-                if system in (FAILOVER, FAILOVER_FROZEN):
-                    how = signal.SIGKILL if system == FAILOVER else signal.SIGSTOP
-                    figures = run_failover(procs, server.fresh_url(), how)
+                if system in FAILOVERS:
+                    how = signal.SIGSTOP if system == FAILOVER_FROZEN else signal.SIGKILL
+                    deep = settings.deep_queue if system == FAILOVER_DEEP else 0
+                    figures = run_failover(procs, server.fresh_url(), how, deep)
                 elif kind == ROUND_TRIP:
                     figures = run_round_trip(store, settings, procs, url)
                 else:
@@ -235,6 +254,7 @@ def run(options: Options, say: Say) -> JSONDict:
         "settings": {
             "tasks": dataclasses.asdict(settings.tasks),
             "round_trips": settings.round_trips,
+            "deep_queue": settings.deep_queue,
         },
         "postgresql": _server_version(pgserver),
         "runs_per_system": options.runs,
@@ -249,7 +269,7 @@ def _server_version(pgserver: Any) -> str | None:
 
 
 def _describe(record: JSONDict) -> str:
-    if record["system"] in (FAILOVER, FAILOVER_FROZEN):
+    if record["system"] in FAILOVERS:
         return (
             f"standby listening {record['listening_s']:.2f} s, first task served"
             f" {record['first_task_s']:.2f} s after the kill"
@@ -291,7 +311,7 @@ def summarize(runs: list[JSONDict]) -> JSONDict:
             "p99_us": _median(of(system, "p99_us")),
         }
     out[ROUND_TRIP] = trip
-    for system in (FAILOVER, FAILOVER_FROZEN):
+    for system in FAILOVERS:
         out[system] = {
             "listening_s": _median(of(system, "listening_s")),
             "first_task_s": _median(of(system, "first_task_s")),
@@ -326,10 +346,17 @@ def markdown(result: JSONDict) -> str:
         "| failover, median (every run) | standby listening, s | task enqueued after it done, s |",
         "|---|---:|---:|",
     ]
-    for system, what in ((FAILOVER, "SIGKILL"), (FAILOVER_FROZEN, "SIGSTOP")):
+    deep = result["settings"].get("deep_queue") or 0
+    for system, what in (
+        (FAILOVER, "SIGKILL of the active broker"),
+        (FAILOVER_FROZEN, "SIGSTOP of the active broker"),
+        (FAILOVER_DEEP, f"SIGKILL of the active broker, {fmt_count(deep)} tasks queued"),
+    ):
         fo = s[system]
+        if not fo["listening_all"]:
+            continue
         lines.append(
-            f"| {what} of the active broker | {_secs(fo['listening_s'])} "
+            f"| {what} | {_secs(fo['listening_s'])} "
             f"({_all(fo['listening_all'])}) | {_secs(fo['first_task_s'])} "
             f"({_all(fo['first_task_all'])}) |"
         )
