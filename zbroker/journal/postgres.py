@@ -300,10 +300,14 @@ class PostgresJournal(MemoryJournal):
         self._edges_changed: set[str] = set()
         self._options_changed: set[str] = set()
         self._schedules_changed: set[str] = set()
-        # Held records (rule 7): in memory only; those of committed passes are written
-        # at a clean close (the open pass's holds and ends of holds are discarded).
-        self._held: dict[str, tuple[_Row, bytes]] = {}
-        self._held_committed: dict[str, tuple[_Row, bytes]] = {}
+        # Whether the open pass changed anything the database holds (holds aside).
+        self._to_write = False
+        # Held records (rule 7): id -> the packed INFLIGHT record, in memory only.
+        # Those of committed passes are written at a clean close; the open pass's
+        # holds and ends of holds are discarded then, undone from `_held_undo`:
+        # what each id touched in the pass held before it (None: nothing).
+        self._held: dict[str, bytes] = {}
+        self._held_undo: dict[str, bytes | None] = {}
         self._stored_seq = 0
         self._conn = connect(url, "journal")
         try:
@@ -390,27 +394,43 @@ class PostgresJournal(MemoryJournal):
         new = task_id not in self._records
         super().put(record, payload)
         self._rows[task_id] = (_row(record), self._records[task_id])
-        self._held.pop(task_id, None)
+        self._end_hold(task_id)
+        self._to_write = True
         if payload is not None or new:
             self._payloads_changed.add(task_id)
 
     def hold(self, record: TaskRecord) -> None:
         super().hold(record)
         task_id = record.id
-        self._held[task_id] = (_row(record), self._records[task_id])
+        self._touch_held(task_id)
+        self._held[task_id] = self._records[task_id]
+
+    def _touch_held(self, task_id: str) -> None:
+        """Remember what `task_id` held before the open pass first changed it."""
+        if task_id not in self._held_undo:
+            self._held_undo[task_id] = self._held.get(task_id)
+
+    def _end_hold(self, task_id: str) -> bytes | None:
+        """End the hold of `task_id` (if any): the packed record it held."""
+        if task_id not in self._held:
+            return None
+        self._touch_held(task_id)
+        return self._held.pop(task_id)
 
     def put_result(self, task_id: str, frames: Sequence[bytes]) -> None:
         super().put_result(task_id, frames)
         self._results_changed.add(task_id)
+        self._to_write = True
 
     def put_chunks(self, task_id: str, offset: int, attempt: int, chunks: Sequence[bytes]) -> None:
         super().put_chunks(task_id, offset, attempt, chunks)
         if not chunks:
             return
-        held = self._held.pop(task_id, None)
-        if held is not None:
-            self._rows[task_id] = held  # never chunks without their attempt's record
+        held = self._end_hold(task_id)
+        if held is not None:  # never chunks without their attempt's record
+            self._rows[task_id] = (_row(unpack_record(task_id, held)), held)
             self.stats.record_writes += 1
+        self._to_write = True
         offsets = self._chunks_changed.get(task_id)
         if offsets is None:
             offsets = self._chunks_changed[task_id] = set()
@@ -423,7 +443,8 @@ class PostgresJournal(MemoryJournal):
         super().delete(task_id)
         self._deleted.add(task_id)
         self._rows.pop(task_id, None)
-        self._held.pop(task_id, None)
+        self._end_hold(task_id)
+        self._to_write = True
         self._payloads_changed.discard(task_id)
         self._results_changed.discard(task_id)
         self._chunks_changed.pop(task_id, None)
@@ -432,22 +453,27 @@ class PostgresJournal(MemoryJournal):
     def add_dependent(self, task_id: str, dependent_id: str) -> None:
         super().add_dependent(task_id, dependent_id)
         self._edges_changed.add(task_id)
+        self._to_write = True
 
     def drop_dependents(self, task_id: str) -> None:
         super().drop_dependents(task_id)
         self._edges_changed.add(task_id)
+        self._to_write = True
 
     def put_service_options(self, service: str, options: Mapping[str, Any]) -> None:
         super().put_service_options(service, options)
         self._options_changed.add(service)
+        self._to_write = True
 
     def put_schedule(self, name: str, data: Mapping[str, Any]) -> None:
         super().put_schedule(name, data)
         self._schedules_changed.add(name)
+        self._to_write = True
 
     def delete_schedule(self, name: str) -> None:
         super().delete_schedule(name)
         self._schedules_changed.add(name)
+        self._to_write = True
 
     def commit(self) -> None:
         self._check_open()
@@ -456,18 +482,9 @@ class PostgresJournal(MemoryJournal):
             self._fail("the lease was not renewed within its term: stepping down")
         if not self._dirty:
             return
-        if not (
-            self._rows
-            or self._deleted
-            or self._payloads_changed
-            or self._results_changed
-            or self._chunks_changed
-            or self._edges_changed
-            or self._options_changed
-            or self._schedules_changed
-        ):
+        if not self._to_write:
             MemoryJournal.commit(self)  # holds only: nothing for the database
-            self._held_committed = dict(self._held)
+            self._held_undo.clear()
             return
         started = time.perf_counter()
         try:
@@ -558,7 +575,8 @@ class PostgresJournal(MemoryJournal):
         )
 
     def _clear_pass(self) -> None:
-        self._held_committed = dict(self._held)
+        self._to_write = False
+        self._held_undo.clear()
         self._stored_seq = max(self._stored_seq, self._seq)
         self._rows.clear()
         self._deleted.clear()
@@ -589,10 +607,11 @@ class PostgresJournal(MemoryJournal):
                 with self._conn.pipeline(), self._conn.transaction():
                     self._fence()
                     cur = self._conn.cursor(binary=True)
-                    held = len(self._held_committed)
+                    held = self._committed_holds()
                     if held:
-                        _upsert_tasks(cur, self._held_committed.values())
-                        self.stats.record_writes += held
+                        rows = [(_row(unpack_record(t, r)), r) for t, r in held.items()]
+                        _upsert_tasks(cur, rows)
+                        self.stats.record_writes += len(rows)
                     cur.execute(_META_UPSERT, ("seq", max(self._seq, self._stored_seq)))
                     cur.execute(_META_UPSERT, ("clean", 1))
         except psycopg.Error:
@@ -600,8 +619,18 @@ class PostgresJournal(MemoryJournal):
         finally:
             self._conn.close()
             self._held.clear()
-            self._held_committed.clear()
+            self._held_undo.clear()
             super().close()
+
+    def _committed_holds(self) -> dict[str, bytes]:
+        """The holds as the last commit left them (the open pass's changes undone)."""
+        held = dict(self._held)
+        for task_id, before in self._held_undo.items():
+            if before is None:
+                held.pop(task_id, None)
+            else:
+                held[task_id] = before
+        return held
 
     # ------------------------------------------------------------------ checks
 
