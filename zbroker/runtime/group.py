@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from types import FrameType
 
 from zbroker.config import BrokerConfig
@@ -46,9 +45,7 @@ def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def serve_in_group(
-    config: BrokerConfig, on_active: Callable[[BrokerServer], None] | None = None
-) -> None:
+def serve_in_group(config: BrokerConfig) -> None:
     """Standby, active, and back, until a signal (module docstring). Raises what stops
     the broker for good: a schema it does not know, an endpoint it cannot bind."""
     assert config.journal is not None
@@ -75,8 +72,6 @@ def serve_in_group(
                 _back_to_standby(lease, f"the journal could not be opened: {exc}")
                 continue
             server.install_signal_handlers()
-            if on_active is not None:
-                on_active(server)
             try:
                 server.serve_forever()
             except JournalError as exc:

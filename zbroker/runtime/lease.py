@@ -54,9 +54,12 @@ LOCK_TIMEOUT_MS = 500
 STANDBY_LOG_EVERY_S = 30.0
 
 _ME = "SELECT pg_backend_pid(), backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+# The lease as a standby (and `zbroker group`) reads it: the first five columns make
+# a Holder; the rest is for people.
 _LOOK = """SELECT epoch, holder, endpoint, expires_at < clock_timestamp(),
     NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                WHERE a.pid = l.backend_pid AND a.backend_start = l.backend_start)
+                WHERE a.pid = l.backend_pid AND a.backend_start = l.backend_start),
+    acquired_at, renewed_at, extract(epoch FROM expires_at - clock_timestamp())
     FROM zb_lease l WHERE id = 1"""
 _FIRST = """INSERT INTO zb_lease VALUES (1, 1, %(holder)s, %(endpoint)s, %(pid)s,
     %(start)s, clock_timestamp(), clock_timestamp(),
@@ -285,13 +288,7 @@ def group_state(url: str) -> dict[str, Any]:
         ).fetchone()
         if row is None or not (row[0] and row[1]):
             return {"lease": None, "meta": {}, "queues": {}}
-        lease = conn.execute(
-            _LOOK.replace(
-                "FROM zb_lease l",
-                ", acquired_at, renewed_at, extract(epoch FROM expires_at - clock_timestamp())"
-                " FROM zb_lease l",
-            )
-        ).fetchone()
+        lease = conn.execute(_LOOK).fetchone()
         meta = {str(k): int(v) for k, v in conn.execute("SELECT key, value FROM zb_meta")}
         queues: dict[str, dict[str, int]] = {}
         for service, state, n in conn.execute(
