@@ -36,6 +36,17 @@ JSONDict = dict[str, Any]
 Say = Callable[[str], None]
 
 
+def load_pgserver() -> Any:
+    """scripts/pgserver.py: the one home of installing system packages (apt-get) and
+    of private PostgreSQL servers, for the tests and the benchmarks alike."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.append(scripts)
+    import pgserver as module
+
+    return module
+
+
 class BenchError(RuntimeError):
     """A run could not be completed: a process died, timed out or answered wrongly."""
 

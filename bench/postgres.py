@@ -28,7 +28,6 @@ systems (e.g. `failover`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import signal
 import socket
@@ -42,7 +41,6 @@ from typing import Any
 import durable
 from harness import (
     EN_DASH,
-    ROOT,
     BenchError,
     Child,
     JSONDict,
@@ -52,6 +50,7 @@ from harness import (
     Workload,
     fmt_count,
     free_tcp_ports,
+    load_pgserver,
     wait_for_listener,
 )
 
@@ -73,14 +72,6 @@ SYSTEMS = (
     *FAILOVERS,
 )
 FAILOVER_WARM_TASKS = 50
-
-
-def _pgserver() -> Any:
-    spec = importlib.util.spec_from_file_location("pgserver", ROOT / "scripts" / "pgserver.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -209,7 +200,7 @@ def _wait_for_standby(b: Child, timeout_s: float = 30.0) -> None:
 
 def run(options: Options, say: Say) -> JSONDict:
     settings = Settings.for_mode(options.quick)
-    pgserver = _pgserver()
+    pgserver = load_pgserver()
     say("starting a private PostgreSQL server (fsync on)")
     server = pgserver.PrivateServer(fsync=True)
     server.start()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import ROOT, BenchError, Child, ProcessGroup, Say, free_tcp_ports
+from harness import BenchError, Child, ProcessGroup, Say, free_tcp_ports, load_pgserver
 
 REDIS = "redis"
 # The same redis-server with `appendfsync always`: each reply after the AOF's fsync.
@@ -93,13 +92,8 @@ def _importable(module: str) -> bool:
 
 
 def _apt_install(packages: list[str]) -> None:
-    # One home for installing system packages: scripts/pgserver.py (stdlib only).
-    spec = importlib.util.spec_from_file_location("pgserver", ROOT / "scripts" / "pgserver.py")
-    assert spec is not None and spec.loader is not None
-    pgserver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pgserver)
     try:
-        pgserver.apt_install(packages)
+        load_pgserver().apt_install(packages)
     except RuntimeError as exc:
         raise BenchError(str(exc)) from None
 
